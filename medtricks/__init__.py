@@ -1,0 +1,63 @@
+"""medtricks: bag-of-tricks fine-tuning of pretrained CNNs on chest X-rays.
+
+Public API (imported lazily, so ``import medtricks`` is cheap)::
+
+    from medtricks import load_recipe, run_recipe
+    recipe = load_recipe("recipes/quickstart.yaml", overrides=["optim.lr=0.05"])
+    result = run_recipe(recipe)
+
+    from medtricks import create_model, apply_bn_gamma
+    model = create_model("resnet18", weights="none", num_classes=2, in_chans=1)
+    print(apply_bn_gamma(model, 0.0, stages=[-1], beta=0.0))
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # recipes and runs
+    "Recipe": "medtricks.recipe",
+    "RecipeError": "medtricks.recipe",
+    "load_recipe": "medtricks.recipe",
+    "run_recipe": "medtricks.run",
+    "RunResult": "medtricks.run",
+    # data
+    "load_card": "medtricks.data",
+    "read_image": "medtricks.data",
+    "build_manifest": "medtricks.data",
+    "build_datasets": "medtricks.data",
+    "synthesize_phantoms": "medtricks.data",
+    # models
+    "create_model": "medtricks.models",
+    "get_data_config": "medtricks.models",
+    "freeze_model": "medtricks.models",
+    # tricks
+    "find_residual_norms": "medtricks.tricks.bn_gamma",
+    "apply_bn_gamma": "medtricks.tricks.bn_gamma",
+    "apply_gamma_strategy": "medtricks.tricks.bn_gamma",
+    "register_residual_block": "medtricks.tricks.bn_gamma",
+    "GammaReport": "medtricks.tricks.bn_gamma",
+    "build_scheduler": "medtricks.tricks.schedules",
+    "build_param_groups": "medtricks.tricks.param_groups",
+    # training and evaluation
+    "fit": "medtricks.train",
+    "predict": "medtricks.train",
+    "compute_metrics": "medtricks.evaluate",
+    "MetricsResult": "medtricks.evaluate",
+    # tracking
+    "create_tracker": "medtricks.tracking",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'medtricks' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

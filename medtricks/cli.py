@@ -1,0 +1,175 @@
+"""The ``medtricks`` command. Imports are lazy so ``medtricks --help`` answers in well under 1 s."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+EPILOG = """examples:
+  medtricks run recipes/quickstart.yaml
+  medtricks run recipes/bag_of_tricks.yaml --set optim.lr=0.05 --set tricks.label_smoothing=0.1
+  medtricks run recipes/quickstart.yaml --dry-run
+  medtricks run recipes/quickstart.yaml --resume auto
+  medtricks data synth data/phantoms --n 600 --size 256
+  medtricks data check kermany-pneumonia --root ../shared/data/kermany224/train
+  medtricks gamma resnet50 --strategy zero_late
+  medtricks weights list
+"""
+
+
+def _version() -> str:
+    from medtricks import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medtricks", description="Bag-of-tricks fine-tuning of pretrained CNNs on chest X-rays.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"medtricks {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one experiment from a YAML recipe")
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key, e.g. --set optim.lr=0.05 (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="print the fully resolved recipe and exit")
+    run.add_argument("--resume", default=None, metavar="auto|RUN_DIR",
+                     help="continue the newest unfinished run of this recipe (auto) or a given run folder")
+
+    data = sub.add_parser("data", help="data tools: synthetic phantoms, dataset checks")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    synth = data_sub.add_parser("synth", help="draw a synthetic chest X-ray phantom set")
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--n", type=int, default=600, help="number of images (default 600)")
+    synth.add_argument("--classes", default="normal,bacterial,covid", help="comma-separated classes")
+    synth.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    synth.add_argument("--format", choices=["png", "dicom"], default="png")
+    synth.add_argument("--seed", type=int, default=0)
+    check = data_sub.add_parser("check", help="counts, splits, leakage, unreadable files, pitfalls")
+    check.add_argument("card", help="a data card name (see data_cards/) or a card YAML path")
+    check.add_argument("--root", required=True, help="the dataset's root folder")
+    check.add_argument("--split-seed", type=int, default=0)
+    check.add_argument("--val-fraction", type=float, default=0.15)
+    check.add_argument("--test-fraction", type=float, default=0.0)
+
+    gamma = sub.add_parser("gamma", help="show what a BN-gamma strategy would change, without training")
+    gamma.add_argument("model", help="a timm model name (or monai:NAME)")
+    gamma.add_argument("--weights", default="none")
+    gamma.add_argument("--strategy", default="zero_late",
+                       choices=["none", "zero_all", "zero_late", "one_late", "zero_late_one_rest"])
+    gamma.add_argument("--stages", type=int, nargs="+", default=None, help="stage indices (negative from the end)")
+    gamma.add_argument("--last-n-blocks", type=int, default=None)
+    gamma.add_argument("--names", nargs="+", default=None, help="fnmatch patterns on module names")
+    gamma.add_argument("--which", choices=["last", "all"], default="last")
+    gamma.add_argument("--in-chans", type=int, choices=[1, 3], default=3)
+
+    weights = sub.add_parser("weights", help="the pretrained weights zoo")
+    weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
+    weights_sub.add_parser("list", help="list weights, their source and whether they are cached")
+    fetch = weights_sub.add_parser("fetch", help="download weights into the cache (needs a network)")
+    fetch.add_argument("name", help="weights name, e.g. sin")
+    fetch.add_argument("--arch", default=None, help="architecture, e.g. resnet50")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from medtricks.recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    if args.dry_run:
+        print(dump_recipe(recipe), end="")
+        return 0
+    from medtricks.run import run_recipe
+
+    run_recipe(recipe, resume=args.resume)
+    return 0
+
+
+def _cmd_data(args, parser) -> int:
+    if args.data_command == "synth":
+        from medtricks.data import synthesize_phantoms
+
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+        path = synthesize_phantoms(args.out, n=args.n, classes=classes, size=args.size, fmt=args.format,
+                                   seed=args.seed)
+        print(f"wrote {args.n} phantom images and their manifest: {path}")
+        return 0
+    if args.data_command == "check":
+        from medtricks.data import data_check_report
+
+        print(data_check_report(args.card, args.root, split_seed=args.split_seed,
+                                val_fraction=args.val_fraction, test_fraction=args.test_fraction))
+        return 0
+    parser.parse_args(["data", "--help"])
+    return 2
+
+
+def _cmd_gamma(args) -> int:
+    from medtricks.tricks.bn_gamma import gamma_preview
+
+    print(gamma_preview(args.model, weights=args.weights, strategy=args.strategy, stages=args.stages,
+                        last_n_blocks=args.last_n_blocks, names=args.names, which=args.which,
+                        in_chans=args.in_chans))
+    return 0
+
+
+def _cmd_weights(args, parser) -> int:
+    if args.weights_command == "list":
+        from medtricks.models.weights import format_weights_table
+
+        print(format_weights_table())
+        return 0
+    if args.weights_command == "fetch":
+        from medtricks.models import fetch_weights
+
+        print(f"cached: {fetch_weights(args.name, arch=args.arch)}")
+        return 0
+    parser.parse_args(["weights", "--help"])
+    return 2
+
+
+# Errors a user can fix get one clear line, not a traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [FileNotFoundError, ValueError, KeyError]
+    try:
+        from medtricks.train.engine import NonFiniteLossError
+
+        errors.append(NonFiniteLossError)
+    except Exception:  # noqa: BLE001 - torch missing should not hide the real error
+        pass
+    return tuple(errors)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "data":
+            return _cmd_data(args, parser)
+        if args.command == "gamma":
+            return _cmd_gamma(args)
+        if args.command == "weights":
+            return _cmd_weights(args, parser)
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001
+        if isinstance(err, _user_errors()) or type(err).__name__.endswith("Error") and \
+                type(err).__module__.startswith("medtricks"):
+            print(f"medtricks {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

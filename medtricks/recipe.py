@@ -1,0 +1,420 @@
+"""Recipes: the whole experiment in one validated, resolved YAML document.
+
+A recipe is YAML with the sections below. ``base: other.yaml`` inherits from another recipe (path
+relative to the recipe file, deep-merged, chains allowed) and ``--set a.b=c`` overrides any key
+after inheritance, with the value parsed as YAML (``0.05`` → float, ``true`` → bool, ``[1, 2]`` →
+list, ``null`` → None). The resolved :class:`Recipe` is the single source of truth of a run: every
+knob the run uses is in it, and it is logged to MLflow.
+
+Example::
+
+    from medtricks.recipe import load_recipe
+    recipe = load_recipe("recipes/quickstart.yaml", overrides=["optim.lr=0.05"])
+    print(recipe.optim.lr)
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "recipe_from_dict",
+    "resolve_recipe_dict",
+    "apply_overrides",
+    "flatten_recipe",
+    "dump_recipe",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded: names the file, the key and what was expected."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must never be silently ignored).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- sections
+class ExperimentConfig(_Section):
+    name: str = "medtricks"
+    description: str = ""
+    seed: int = 0
+    output_dir: str = "runs"
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class SynthConfig(_Section):
+    n: int = Field(300, ge=6)
+    size: int = Field(64, ge=16)
+    seed: int = 0
+    format: Literal["png", "dicom"] = "png"
+
+
+class DataConfig(_Section):
+    card: str = "synthetic-phantoms"
+    root: str = "data/phantoms"
+    synth: Optional[SynthConfig] = None
+    image_size: int = Field(224, ge=8)
+    augment: Literal["cxr_light", "paper_baseline", "none"] = "cxr_light"
+    split_seed: int = 0
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    on_bad_image: Literal["error", "skip"] = "error"
+    cache_dir: Optional[str] = None
+    num_workers: int = Field(0, ge=0)
+
+
+class ResizerConfig(_Section):
+    enabled: bool = False
+    input_size: int = Field(448, ge=8)
+    output_size: int = Field(224, ge=8)
+    n_filters: int = Field(16, ge=1)
+    n_res_blocks: int = Field(1, ge=0)
+    attention: Optional[Literal["cbam"]] = None
+    interpolation: Literal["bilinear", "bicubic", "nearest", "area"] = "bilinear"
+    lr_mult: float = Field(1.0, gt=0.0)
+
+
+class ModelConfig(_Section):
+    name: str = "resnet18"
+    weights: str = "none"
+    in_chans: Literal[1, 3] = 1
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze: Optional[Union[str, list[Union[int, str]]]] = None
+    layer_decay: Optional[float] = Field(None, gt=0.0, le=1.0)
+    resizer: ResizerConfig = Field(default_factory=ResizerConfig)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class GammaRuleConfig(_Section):
+    value: float
+    stages: Optional[list[int]] = None
+    blocks: Optional[list[int]] = None
+    last_n_blocks: Optional[int] = Field(None, ge=1)
+    names: Optional[list[str]] = None
+    which: Literal["last", "all"] = "last"
+    beta: Optional[Union[float, Literal["keep"]]] = None
+
+
+class BnGammaConfig(_Section):
+    strategy: Literal["none", "zero_all", "zero_late", "one_late", "zero_late_one_rest", "rules"] = "none"
+    stages: Optional[list[int]] = None
+    blocks: Optional[list[int]] = None
+    last_n_blocks: Optional[int] = Field(None, ge=1)
+    names: Optional[list[str]] = None
+    which: Literal["last", "all"] = "last"
+    beta: Optional[Union[float, Literal["keep"]]] = None
+    rules: list[GammaRuleConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rules_need_strategy(self) -> "BnGammaConfig":
+        if self.rules and self.strategy != "rules":
+            raise ValueError("tricks.bn_gamma.rules is set but strategy is "
+                             f"{self.strategy!r}; use strategy: rules")
+        if self.strategy == "rules" and not self.rules:
+            raise ValueError("tricks.bn_gamma.strategy is 'rules' but no rules are given")
+        return self
+
+
+class TricksConfig(_Section):
+    bn_gamma: BnGammaConfig = Field(default_factory=BnGammaConfig)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    no_bias_decay: bool = False
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "nesterov", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    linear_scaling: bool = False  # lr = lr * batch_size / 256 (the paper's rule)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_lr_init: float = Field(0.0, ge=0.0)
+    milestones: list[float] = Field(default_factory=lambda: [30, 60, 90])  # epochs
+    gamma: float = Field(0.1, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    amp: Literal["none", "auto", "fp16", "bf16"] = "none"
+    channels_last: bool = False
+    device: str = "auto"
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    accumulate: int = Field(1, ge=1)
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    best_metric: str = "val/auroc"
+    best_mode: Literal["max", "min"] = "max"
+    log_every: int = Field(10, ge=1)
+    progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "mps") and not value.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu', 'mps' or 'cuda[:N]', got {value!r}")
+        return value
+
+
+class EvalConfig(_Section):
+    n_bootstrap: int = Field(1000, ge=0)
+    ci: float = Field(0.95, gt=0.0, lt=1.0)
+    plots: bool = True
+
+
+class TrackingConfig(_Section):
+    backend: Literal["mlflow", "none"] = "mlflow"
+    uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: Optional[str] = None  # default: experiment.name
+    run_name: Optional[str] = None  # default: experiment.name + short id
+    log_model: bool = True
+
+
+class AuditConfig(_Section):
+    enabled: bool = False
+    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd_linf"])
+    eps: list[float] = Field(default_factory=lambda: [0.0, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    pgd_steps: int = Field(10, ge=1)
+    corruptions: list[str] = Field(default_factory=lambda: ["all"])
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    n: int = Field(500, ge=1)
+    surrogate: Optional[str] = None
+
+
+class Recipe(_Section):
+    """A fully resolved experiment: every knob a run uses."""
+
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tricks: TricksConfig = Field(default_factory=TricksConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+
+    def tricks_on(self) -> list[str]:
+        """Names of the bag-of-tricks items this recipe switches on (for tags and tables)."""
+        on = []
+        if self.schedule.warmup_epochs > 0:
+            on.append("warmup")
+        if self.schedule.name == "cosine":
+            on.append("cosine")
+        if self.optim.linear_scaling:
+            on.append("linear_scaling")
+        if self.tricks.label_smoothing > 0:
+            on.append(f"label_smoothing={self.tricks.label_smoothing:g}")
+        if self.tricks.no_bias_decay:
+            on.append("no_bias_decay")
+        if self.tricks.bn_gamma.strategy != "none":
+            on.append(f"bn_gamma={self.tricks.bn_gamma.strategy}")
+        if self.tricks.mixup_alpha > 0:
+            on.append("mixup")
+        if self.tricks.cutmix_alpha > 0:
+            on.append("cutmix")
+        if self.tricks.ema:
+            on.append("ema")
+        if self.train.amp != "none":
+            on.append(f"amp={self.train.amp}")
+        if self.model.resizer.enabled:
+            on.append("resizer" + ("_cbam" if self.model.resizer.attention == "cbam" else ""))
+        return on
+
+
+# ---------------------------------------------------------------------------------- key checking
+def _section_model(annotation: Any) -> Optional[type[BaseModel]]:
+    """The BaseModel class inside an annotation like ``Optional[SynthConfig]``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None and typing.get_origin(annotation) is not list:
+            return found
+    return None
+
+
+def _list_item_model(annotation: Any) -> Optional[type[BaseModel]]:
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return _section_model(item)
+    for arg in typing.get_args(annotation):
+        found = _list_item_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_keys(data: Any, model: type[BaseModel], where: str, source: str) -> None:
+    """Raise a RecipeError for the first unknown key, naming its section and the closest key."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            section = where or "the top level"
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(
+                f"{source}: unknown key {key!r} in section {section!r}{hint} "
+                f"Valid keys: {', '.join(fields)}"
+            )
+        annotation = fields[key].annotation
+        sub = _section_model(annotation)
+        path = f"{where}.{key}" if where else key
+        if sub is not None and isinstance(value, dict):
+            _check_keys(value, sub, path, source)
+        item = _list_item_model(annotation)
+        if item is not None and isinstance(value, list):
+            for i, entry in enumerate(value):
+                _check_keys(entry, item, f"{path}[{i}]", source)
+
+
+# ---------------------------------------------------------------------------------- load / merge
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve_recipe_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe file and its ``base:`` chain into one merged dict (no validation yet)."""
+    path = Path(path).expanduser().resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise RecipeError(f"recipe inheritance cycle: {cycle}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for entry in bases:
+        if not isinstance(entry, str):
+            raise RecipeError(f"{path}: 'base' must be a file name or a list of them, got {entry!r}")
+        base_path = (path.parent / entry).resolve()
+        if not base_path.is_file():
+            raise RecipeError(f"{path}: base recipe {entry!r} not found (looked at {base_path})")
+        merged = _deep_merge(merged, resolve_recipe_dict(base_path, (*_chain, path)))
+    return _deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b=c`` overrides to a recipe dict; values are parsed as YAML scalars/lists."""
+    data = _deep_merge({}, data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.05")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"--set {item!r}: the key must be dotted section.key, e.g. optim.lr")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise RecipeError(f"--set {item!r}: value {raw!r} is not valid YAML: {err}") from err
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {part!r} is a value ({child!r}), not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str, data: dict) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for problem in err.errors():
+        loc = ".".join(str(p) for p in problem["loc"])
+        value: Any = data
+        for part in problem["loc"]:
+            try:
+                value = value[part]
+            except (KeyError, IndexError, TypeError):
+                value = problem.get("input")
+                break
+        msg = problem["msg"]
+        lines.append(f"  {loc} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a merged recipe dict into a :class:`Recipe` with clear error messages."""
+    _check_keys(data, Recipe, "", source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, source, data)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file, resolve its ``base:`` chain, apply ``--set`` overrides and validate.
+
+    Relative data paths stay relative to the working directory (where ``medtricks run`` is
+    started), as users expect from a command line tool.
+    """
+    data = resolve_recipe_dict(path)
+    data = apply_overrides(data, overrides)
+    source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return recipe_from_dict(data, source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what ``--dry-run`` prints and what MLflow stores)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def flatten_recipe(recipe: Recipe | dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten to ``{"optim.lr": 0.1, ...}`` for MLflow params (lists become strings)."""
+    data = recipe.model_dump(mode="json") if isinstance(recipe, BaseModel) else recipe
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_recipe(value, name + "."))
+        else:
+            flat[name] = value if not isinstance(value, (list, dict)) else str(value)
+    return flat

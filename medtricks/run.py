@@ -1,0 +1,364 @@
+"""One run: build everything a Recipe describes, fit, evaluate, log. The only place (with cli.py)
+that knows every box of the data flow.
+
+    from medtricks import load_recipe, run_recipe
+    result = run_recipe(load_recipe("recipes/quickstart.yaml"))
+    print(result.metrics.table())
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from medtricks.recipe import Recipe, dump_recipe, flatten_recipe
+from medtricks.tracking import Tracker, create_tracker
+
+__all__ = ["RunResult", "run_recipe", "find_resumable_run_dir"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: Optional[str]
+    metrics: Any  # MetricsResult of the best checkpoint on the validation split
+    test_metrics: Any = None
+    history: list[dict] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    gamma_report: Any = None
+    tracker: Optional[Tracker] = None
+
+
+# ------------------------------------------------------------------------------------ run folders
+def _state_path(run_dir: Path) -> Path:
+    return run_dir / "state.json"
+
+
+def _read_state(run_dir: Path) -> dict:
+    path = _state_path(run_dir)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(run_dir: Path, **updates) -> None:
+    state = _read_state(run_dir)
+    state.update(updates)
+    tmp = _state_path(run_dir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(_state_path(run_dir))
+
+
+def find_resumable_run_dir(recipe: Recipe) -> Optional[Path]:
+    """The newest run folder of this experiment that did not finish (has a last.pt), if any."""
+    base = Path(recipe.experiment.output_dir) / recipe.experiment.name
+    if not base.is_dir():
+        return None
+    candidates = sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)
+    for run_dir in candidates:
+        state = _read_state(run_dir)
+        if state.get("status") != "finished" and (run_dir / "checkpoints" / "last.pt").is_file():
+            return run_dir
+    return None
+
+
+def _new_run_dir(recipe: Recipe) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / f"{stamp}-{secrets.token_hex(3)}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------------------------- builders
+def build_model(recipe: Recipe, num_classes: int):
+    """Backbone (+ learnable resizer) from the ``model`` section; returns (model, data_config)."""
+    from medtricks.models import create_model, get_data_config
+
+    cfg = recipe.model
+    backbone = create_model(cfg.name, weights=cfg.weights, num_classes=num_classes, in_chans=cfg.in_chans,
+                            drop_rate=cfg.drop_rate, **cfg.kwargs)
+    data_config = get_data_config(backbone)
+    model = backbone
+    if cfg.resizer.enabled:
+        from medtricks.models.resizer import LearnableResizer, ResizerModel
+
+        resizer = LearnableResizer(in_chans=cfg.in_chans, out_size=cfg.resizer.output_size,
+                                   n_filters=cfg.resizer.n_filters, n_res_blocks=cfg.resizer.n_res_blocks,
+                                   interpolation=cfg.resizer.interpolation, attention=cfg.resizer.attention)
+        model = ResizerModel(resizer, backbone)
+        model.medtricks_info = dict(getattr(backbone, "medtricks_info", {}))
+    return model, data_config
+
+
+def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool) -> DataLoader:
+    """The one place the training sampler is made (a DistributedSampler goes here for DDP)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(f"the training split has {len(dataset)} images, fewer than train.batch_size="
+                         f"{batch_size}; mixup/cutmix need full batches: lower the batch size")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                      num_workers=num_workers, drop_last=drop_last, persistent_workers=False)
+
+
+def _eval_loader(dataset, recipe: Recipe) -> DataLoader:
+    return DataLoader(dataset, batch_size=recipe.train.batch_size, shuffle=False,
+                      num_workers=recipe.data.num_workers)
+
+
+# ----------------------------------------------------------------------------------------- run
+def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optional[Tracker] = None,
+               parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None,
+               quiet: bool = False) -> RunResult:
+    """Train, evaluate and log one recipe. ``resume``: None, ``"auto"`` or a run folder path.
+
+    With ``resume="auto"`` the newest unfinished run folder of the experiment is continued (same
+    MLflow run); when there is none a new run starts.
+    """
+    import medtricks
+
+    say = (lambda *a: None) if quiet else print
+    run_dir: Optional[Path] = None
+    if resume == "auto":
+        run_dir = find_resumable_run_dir(recipe)
+        say(f"resuming {run_dir}" if run_dir else "no unfinished run to resume: starting a new one")
+    elif resume:
+        run_dir = Path(resume)
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume {resume}: no checkpoints/last.pt in that folder")
+    resuming = run_dir is not None
+    if run_dir is None:
+        run_dir = _new_run_dir(recipe)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    state = _read_state(run_dir)
+
+    # Tracking first: an unreachable server fails here, before any training.
+    tracker = tracker or create_tracker(recipe.tracking.backend, recipe.tracking.uri)
+    run_name = recipe.tracking.run_name or f"{recipe.experiment.name}-{run_dir.name.split('-')[-1]}"
+    tags = {"medtricks.version": medtricks.__version__, "tricks": ",".join(recipe.tricks_on()) or "none",
+            "run_dir": str(run_dir), **recipe.experiment.tags, **(extra_tags or {})}
+    commit = _git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name, run_name=run_name,
+                           tags=tags, resume_run_id=state.get("run_id") if resuming else None,
+                           parent_run_id=parent_run_id)
+    _write_state(run_dir, status="running", run_id=run_id, experiment=recipe.experiment.name)
+    try:
+        result = _run(recipe, run_dir, tracker, resuming, say)
+    except BaseException as err:
+        _write_state(run_dir, status="failed", error=f"{type(err).__name__}: {err}")
+        tracker.set_tags({"medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    _write_state(run_dir, status="finished")
+    tracker.end("FINISHED")
+    result.run_id = run_id
+    return result
+
+
+def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -> RunResult:
+    # Heavy imports here, so `import medtricks` and `medtricks --help` stay fast.
+    from medtricks.data import build_datasets, export_manifest, load_card
+    from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule,
+                                    plot_reliability_diagram, plot_roc_curves)
+    from medtricks.models import freeze_model
+    from medtricks.tricks.bn_gamma import apply_gamma_strategy
+    from medtricks.tricks.losses import build_loss, build_mixup
+    from medtricks.tricks.param_groups import build_optimizer, build_param_groups
+    from medtricks.tricks.schedules import build_scheduler, lr_curve, scaled_lr
+    from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
+    from medtricks.train.engine import steps_per_epoch
+
+    device = resolve_device(recipe.train.device)
+    amp_dtype = resolve_amp(recipe.train.amp, device)
+    seed_everything(recipe.experiment.seed)
+
+    card = load_card(recipe.data.card)
+    classes = list(card.classes)
+    model, data_config = build_model(recipe, num_classes=len(classes))
+    info = dict(getattr(model, "medtricks_info", {}))
+
+    # BN-gamma strategies act on the loaded weights, before the optimizer sees the parameters.
+    gamma_report = apply_gamma_strategy(model, recipe.tricks.bn_gamma.model_dump())
+    frozen = freeze_model(model, recipe.model.freeze) if recipe.model.freeze else []
+
+    image_size = recipe.model.resizer.input_size if recipe.model.resizer.enabled else recipe.data.image_size
+    bundle = build_datasets(
+        card, recipe.data.root, image_size=image_size, mean=tuple(data_confimean),
+        std=tuple(data_confistd), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
+        split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
+        test_fraction=recipe.data.test_fraction, on_bad_image=recipe.data.on_bad_image,
+        cache_dir=recipe.data.cache_dir,
+        synth=recipe.data.synth.model_dump() if recipe.data.synth else None, progress=recipe.train.progress)
+
+    tricks = recipe.tricks
+    mixup = build_mixup(mixup_alpha=tricks.mixup_alpha, cutmix_alpha=tricks.cutmix_alpha,
+                             prob=tricks.mix_prob, label_smoothing=tricks.label_smoothing,
+                             num_classes=len(classes))
+    train_loader = make_train_loader(bundle.train, batch_size=recipe.train.batch_size, seed=recipe.experiment.seed,
+                                     num_workers=recipe.data.num_workers, drop_last=mixup is not None)
+    val_loader = _eval_loader(bundle.val, recipe)
+
+    lr = scaled_lr(recipe.optim.lr, recipe.train.batch_size, recipe.optim.linear_scaling)
+    stage_of = None
+    if recipe.model.layer_decay is not None:
+        from medtricks.models import stage_of_parameter as stage_of
+    lr_mults = {"resizer.": recipe.model.resizer.lr_mult} if recipe.model.resizer.enabled else None
+    groups = build_param_groups(model, weight_decay=recipe.optim.weight_decay,
+                                     no_bias_decay=tricks.no_bias_decay, layer_decay=recipe.model.layer_decay,
+                                     stage_of=stage_of, lr_mults=lr_mults)
+    optimizer = build_optimizer(groups, name=recipe.optim.name, lr=lr, momentum=recipe.optim.momentum,
+                                     betas=recipe.optim.betas)
+    engine_cfg = EngineConfig(
+        epochs=recipe.train.epochs, device=device, seed=recipe.experiment.seed, amp_dtype=amp_dtype,
+        channels_last=recipe.train.channels_last, grad_clip=recipe.train.grad_clip,
+        accumulate=recipe.train.accumulate, max_steps_per_epoch=recipe.train.max_steps_per_epoch,
+        best_metric=recipe.train.best_metric, best_mode=recipe.train.best_mode,
+        log_every=recipe.train.log_every, progress=recipe.train.progress)
+    updates = steps_per_epoch(train_loader, engine_cfg)
+    sched_kwargs = dict(name=recipe.schedule.name, epochs=recipe.train.epochs, steps_per_epoch=updates,
+                        warmup_epochs=recipe.schedule.warmup_epochs, warmup_lr_init=recipe.schedule.warmup_lr_init,
+                        milestones=recipe.schedule.milestones, gamma=recipe.schedule.gamma,
+                        min_lr=recipe.schedule.min_lr)
+    scheduler = build_scheduler(optimizer, **sched_kwargs)
+    loss_fn = build_loss(label_smoothing=tricks.label_smoothing, mixup=mixup)
+    ema = None
+    if tricks.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=tricks.ema_decay)
+
+    # ---- what the run is, logged before training
+    params = flatten_recipe(recipe)
+    params.update({"resolved.lr": lr, "resolved.device": str(device), "resolved.amp_dtype": str(amp_dtype),
+                   "resolved.num_classes": len(classes), "resolved.classes": ",".join(classes),
+                   "resolved.updates_per_epoch": updates, "resolved.image_size": image_size,
+                   "resolved.mean": str(tuple(data_confimean)), "resolved.std": str(tuple(data_confistd)),
+                   "weights.source": info.get("weights_source"), "weights.sha256": info.get("weights_sha256"),
+                   "bn_gamma": gamma_report.summary() if len(gamma_report) else "none",
+                   "frozen_params": len(frozen),
+                   "n_train": len(bundle.train), "n_val": len(bundle.val),
+                   "n_test": len(bundle.test) if bundle.test is not None else 0,
+                   "n_quarantined": len(bundle.quarantine)})
+    tracker.log_params(params)
+    artifacts = run_dir / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    tracker.log_artifact(run_dir / "recipe.yaml")
+    manifest_path = artifacts / "split_manifest.csv"
+    export_manifest(bundle.manifest, recipe.data.root).to_csv(manifest_path, index=False)
+    tracker.log_artifact(manifest_path, "data")
+    if len(bundle.quarantine):
+        quarantine_path = artifacts / "quarantine.csv"
+        bundle.quarantine.to_csv(quarantine_path, index=False)
+        tracker.log_artifact(quarantine_path, "data")
+        say(f"warning: {len(bundle.quarantine)} unreadable images skipped (data.on_bad_image=skip); "
+            f"listed in {quarantine_path}")
+    if len(gamma_report):
+        gamma_csv = artifacts / "bn_gamma_report.csv"
+        gamma_report.to_csv(gamma_csv)
+        tracker.log_artifact(gamma_csv, "tricks")
+        say(str(gamma_report))
+    if recipe.eval.plots:
+        tracker.log_figure(plot_lr_schedule(lr_curve(lr, **sched_kwargs), steps_per_epoch=updates),
+                           "plots/lr_schedule.png")
+
+    def evaluate_fn(eval_model) -> dict[str, float]:
+        targets, probs, loss = predict(eval_model, val_loader, device=device, amp_dtype=amp_dtype,
+                                            channels_last=recipe.train.channels_last)
+        values = compute_metrics(targets, probs, classes, n_bootstrap=0).values
+        out = {f"val/{k}": float(v) for k, v in values.items() if k != "n"}
+        out["val/loss"] = loss
+        return out
+
+    say(f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
+        f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}; run folder {run_dir}")
+    fit_result = fit(model, train_loader, val_loader, optimizer=optimizer, scheduler=scheduler,
+                          loss_fn=loss_fn, cfg=engine_cfg, evaluate_fn=evaluate_fn,
+                          checkpoint_dir=run_dir / "checkpoints", mixup=mixup, ema=ema,
+                          on_step=lambda step, m: tracker.log_metrics(m, step=step),
+                          on_epoch=lambda step, m: tracker.log_metrics(m, step=step), resume=resuming)
+
+    # ---- final evaluation of the best checkpoint, with bootstrap CIs and plots
+    best = torch.load(fit_result.best_checkpoint, map_location=device, weights_only=False)
+    eval_model = ema.module if ema is not None else model
+    eval_model.load_state_dict(best["model"])
+    final = {}
+    test_result = None
+    for split, dataset in (("val", bundle.val), ("test", bundle.test)):
+        if dataset is None or len(dataset) == 0:
+            continue
+        targets, probs, loss = predict(eval_model, _eval_loader(dataset, recipe), device=device,
+                                            amp_dtype=amp_dtype, channels_last=recipe.train.channels_last)
+        metrics = compute_metrics(targets, probs, classes, n_bootstrap=recipe.eval.n_bootstrap,
+                                       ci=recipe.eval.ci, seed=recipe.experiment.seed)
+        flat = {f"best/{split}/{k}": float(v) for k, v in metrics.to_dict().items()
+                if isinstance(v, (int, float))}
+        flat[f"best/{split}/loss"] = loss
+        tracker.log_metrics(flat, step=fit_result.steps)
+        if recipe.eval.plots:
+            tracker.log_figure(plot_confusion_matrix(targets, probs.argmax(1), classes),
+                               f"plots/{split}_confusion_matrix.png")
+            tracker.log_figure(plot_roc_curves(targets, probs, classes), f"plots/{split}_roc.png")
+            tracker.log_figure(plot_reliability_diagram(targets, probs), f"plots/{split}_reliability.png")
+        if split == "val":
+            final = metrics
+        else:
+            test_result = metrics
+    if recipe.eval.plots and recipe.model.resizer.enabled:
+        from medtricks.evaluate.resizer_plots import resizer_comparison_figure
+
+        images = torch.stack([bundle.val[i][0] for i in range(min(4, len(bundle.val)))])
+        tracker.log_figure(resizer_comparison_figure(model.resizer, images.to(device)), "plots/resizer.png")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+    # ---- the model: state dict + a model card (enough to rebuild it from the logged recipe)
+    model_dir = run_dir / "model"
+    model_dir.mkdir(exist_ok=True)
+    torch.save(eval_model.state_dict(), model_dir / "model_state.pt")
+    card_text = _model_card(recipe, classes, info, data_config, fit_result, final)
+    (model_dir / "MODEL_CARD.md").write_text(card_text)
+    if recipe.tracking.log_model:
+        tracker.log_artifact(model_dir / "model_state.pt", "model")
+        tracker.log_artifact(model_dir / "MODEL_CARD.md", "model")
+    tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
+
+    title = (f"{recipe.experiment.name} — best epoch {fit_result.best_epoch} on val "
+             f"(seed {recipe.experiment.seed}, {recipe.eval.n_bootstrap} bootstrap resamples)")
+    say(final.table(title=title))
+    if test_result is not None:
+        say(test_result.table(title=f"{recipe.experiment.name} — test split (seed {recipe.experiment.seed})"))
+    return RunResult(run_dir=run_dir, run_id=None, metrics=final, test_metrics=test_result,
+                     history=fit_result.history, best_epoch=fit_result.best_epoch,
+                     gamma_report=gamma_report, tracker=tracker)
+
+
+def _model_card(recipe: Recipe, classes, info, data_config, fit_result, metrics) -> str:
+    lines = [f"# {recipe.experiment.name}", "",
+             f"- architecture: {info.get('name', recipe.model.name)}",
+             f"- weights: {recipe.model.weights} ({info.get('weights_source')}, sha256 {info.get('weights_sha256')})",
+             f"- classes: {', '.join(classes)}",
+             f"- input: {recipe.model.in_chans} channel(s), normalize mean {tuple(data_config['mean'])} "
+             f"std {tuple(data_config['std'])}",
+             f"- resizer: {recipe.model.resizer.model_dump() if recipe.model.resizer.enabled else 'off'}",
+             f"- tricks: {', '.join(recipe.tricks_on()) or 'none'}",
+             f"- best epoch: {fit_result.best_epoch} by {recipe.train.best_metric} = {fit_result.best_value}",
+             "", "Rebuild: `medtricks.run.build_model(load_recipe('recipe.yaml'), num_classes)` then "
+             "`load_state_dict(torch.load('model_state.pt'))`.", "", "```", metrics.table() if metrics else "", "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,222 @@
+"""The training loop: AMP, EMA, gradient clipping/accumulation, checkpoint/resume, progress.
+
+The loop is plain: it takes an nn.Module, loaders, an optimizer, a timm scheduler stepped per
+update and a loss, and reports through two callbacks (``on_step``, ``on_epoch``), so it knows
+nothing about MLflow. Sampler construction and rank-0 logging sit in one place each
+(``make_train_loader`` in run.py, ``_is_main_process`` here) so DDP can be added later.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medtricks.train.predict import autocast_context
+
+__all__ = ["EngineConfig", "FitResult", "NonFiniteLossError", "fit", "seed_everything", "seed_epoch"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class EngineConfig:
+    epochs: int
+    device: torch.device
+    seed: int = 0
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    grad_clip: Optional[float] = None
+    accumulate: int = 1
+    max_steps_per_epoch: Optional[int] = None
+    best_metric: str = "val/auroc"
+    best_mode: str = "max"
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: Optional[float] = None
+    best_epoch: Optional[int] = None
+    last_checkpoint: Optional[Path] = None
+    best_checkpoint: Optional[Path] = None
+    steps: int = 0
+    resumed_from_epoch: Optional[int] = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, epoch: int, loader=None) -> None:
+    """Re-seed at every epoch start so a resumed run replays the same data order and augmentation."""
+    epoch_seed = seed * 100_003 + epoch
+    seed_everything(epoch_seed)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(epoch_seed)
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def steps_per_epoch(loader, cfg: EngineConfig) -> int:
+    """Optimizer updates per epoch (what the scheduler is sized with)."""
+    batches = len(loader)
+    if cfg.max_steps_per_epoch:
+        batches = min(batches, cfg.max_steps_per_epoch * cfg.accumulate)
+    return max(1, math.ceil(batches / cfg.accumulate))
+
+
+def _better(value: float, best: Optional[float], mode: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Optimizer, scheduler,
+        loss_fn: nn.Module, cfg: EngineConfig, evaluate_fn: Callable[[nn.Module], dict[str, float]],
+        checkpoint_dir: str | Path, mixup: Optional[Callable] = None, ema=None,
+        on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
+        on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
+        resume: bool = False) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` epochs; checkpoint every epoch; keep the best.
+
+    ``evaluate_fn(model)`` returns validation metrics such as ``{"val/auroc": 0.9, ...}``; the
+    one named ``cfg.best_metric`` chooses ``best.pt``. With ``resume=True`` and a ``last.pt`` in
+    ``checkpoint_dir`` the run continues after the last finished epoch and reaches the same result
+    as an uninterrupted run (each epoch re-seeds data order and augmentation from the seed).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    device = cfg.device
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp_dtype == torch.float16 else None
+    result = FitResult(last_checkpoint=last_path, best_checkpoint=best_path)
+    start_epoch, step = 0, 0
+
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        result.history = state["history"]
+        result.best_value, result.best_epoch = state["best_value"], state["best_epoch"]
+        result.resumed_from_epoch = state["epoch"]
+
+    updates_per_epoch = steps_per_epoch(train_loader, cfg)
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch, train_loader)
+        model.train()
+        epoch_loss, epoch_images, started = 0.0, 0, time.perf_counter()
+        max_batches = updates_per_epoch * cfg.accumulate
+        iterator = train_loader
+        bar = None
+        if cfg.progress and _is_main_process():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=min(len(train_loader), max_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       leave=False, dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for batch_index, (images, targets) in enumerate(iterator):
+            if batch_index >= max_batches:
+                break
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with autocast_context(device, cfg.amp_dtype):
+                logits = model(images)
+                loss = loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                if bar is not None:
+                    bar.close()
+                kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else \
+                    "no checkpoint was written yet (it failed in the first epoch)"
+                raise NonFiniteLossError(
+                    f"training loss is {loss.item()} at epoch {epoch + 1}, update {step}; stopping. "
+                    f"{kept}. Lower optim.lr, add warmup (schedule.warmup_epochs) or set "
+                    "train.grad_clip.")
+            (scaler.scale(loss / cfg.accumulate) if scaler else loss / cfg.accumulate).backward()
+            last_in_epoch = batch_index + 1 == min(len(train_loader), max_batches)
+            if (batch_index + 1) % cfg.accumulate == 0 or last_in_epoch:
+                if cfg.grad_clip:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                scheduler.step_update(step)
+                if ema is not None:
+                    ema.update(model, step=step)
+                if on_step and step % cfg.log_every == 0 and _is_main_process():
+                    on_step(step, {"train/loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            batch = images.shape[0]
+            epoch_loss += loss.item() * batch
+            epoch_images += batch
+            if bar is not None:
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{epoch_images / elapsed:.1f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        metrics = {"train/epoch_loss": epoch_loss / max(epoch_images, 1),
+                   "train/img_per_s": epoch_images / elapsed, "epoch": float(epoch + 1)}
+        eval_model = ema.module if ema is not None else model
+        metrics.update(evaluate_fn(eval_model))
+        result.history.append(metrics)
+        value = metrics.get(cfg.best_metric)
+        if cfg.best_metric not in metrics:
+            raise KeyError(f"train.best_metric {cfg.best_metric!r} is not among the validation "
+                           f"metrics: {sorted(metrics)}")
+        if _better(value, result.best_value, cfg.best_mode):
+            result.best_value, result.best_epoch = value, epoch + 1
+            save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
+                             "value": value}, best_path)
+        if on_epoch and _is_main_process():
+            on_epoch(step, metrics)
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(),
+            "epoch": epoch, "step": step, "history": result.history,
+            "best_value": result.best_value, "best_epoch": result.best_epoch,
+        }, last_path)
+    result.steps = step
+    return result

@@ -1,0 +1,76 @@
+"""Inference over a loader: targets, class probabilities and mean loss."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["predict", "autocast_context", "resolve_device", "resolve_amp"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for ``train.amp``: none | auto | fp16 | bf16 (fp16 needs CUDA)."""
+    if amp == "none":
+        return None
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.amp='fp16' needs a CUDA device; on CPU use 'bf16' or 'none'")
+        return torch.float16
+    raise ValueError(f"train.amp must be none, auto, fp16 or bf16, got {amp!r}")
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, *, device: torch.device | str = "cpu",
+            amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
+            progress: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray, float]:
+    """Run ``model`` in eval mode over ``loader``; return (targets, softmax probs, mean CE loss)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    targets, probs = [], []
+    total_loss, count = 0.0, 0
+    iterator = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(loader, desc=desc, leave=False)
+    try:
+        for images, labels in iterator:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device)
+            with autocast_context(device, amp_dtype):
+                logits = model(images)
+            logits = logits.float()
+            total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            count += labels.numel()
+            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+            targets.append(labels.cpu().numpy())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation loader is empty (no validation images?)")
+    return np.concatenate(targets), np.concatenate(probs), total_loss / count
