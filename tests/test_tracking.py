@@ -1,0 +1,45 @@
+"""Tracker backends: MLflow against a temporary sqlite store, the null tracker, early failure."""
+import pytest
+from mlflow.tracking import MlflowClient
+
+from medtricks.tracking import NullTracker, create_tracker
+from medtricks.tracking.mlflow_tracker import TrackingUnavailableError
+
+
+def test_mlflow_tracker_roundtrip(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = create_tracker("mlflow", uri)
+    run_id = tracker.start(experiment="exp", run_name="r1", tags={"tricks": "warmup"})
+    tracker.log_params({f"p{i}": i for i in range(150)} | {"none": None})
+    tracker.log_metrics({"train/loss": 0.5, "val/auroc": float("nan")}, step=3)
+    tracker.log_text("hello", "notes/a.txt")
+    tracker.end()
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    assert run.data.params["p149"] == "149" and run.data.params["none"] == "None"
+    assert run.data.metrics == {"train/loss": 0.5}  # NaN is not logged
+    assert run.data.tags["tricks"] == "warmup"
+    assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "notes")] == ["notes/a.txt"]
+    # resume the same run: params are not re-logged (MLflow params are immutable)
+    again = create_tracker("mlflow", uri)
+    assert again.start(experiment="exp", run_name="r1", tags={}, resume_run_id=run_id) == run_id
+    again.log_params({"p1": 1, "new": 2})
+    again.end("FAILED")
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_unreachable_server_fails_at_start():
+    tracker = create_tracker("mlflow", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(TrackingUnavailableError, match="not reachable"):
+        tracker.start(experiment="e", run_name="r", tags={})
+
+
+def test_null_tracker_records_in_memory():
+    tracker = create_tracker("none")
+    assert isinstance(tracker, NullTracker)
+    tracker.start(experiment="e", run_name="r", tags={"a": "b"})
+    tracker.log_metrics({"x": 1.0}, step=2)
+    tracker.end()
+    assert tracker.metrics["x"] == [(2, 1.0)] and tracker.status == "FINISHED"
+    with pytest.raises(ValueError, match="backend"):
+        create_tracker("wandb")
