@@ -101,7 +101,7 @@ class GammaRuleConfig(_Section):
     blocks: Optional[list[int]] = None
     last_n_blocks: Optional[int] = Field(None, ge=1)
     names: Optional[list[str]] = None
-    which: Literal["last", "all"] = "last"
+    which: Optional[Literal["last", "all"]] = None  # None: the section's `which`
     beta: Optional[Union[float, Literal["keep"]]] = None
 
 
