@@ -209,8 +209,6 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             result.best_value, result.best_epoch = value, epoch + 1
             save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
                              "value": value}, best_path)
-        if on_epoch and _is_main_process():
-            on_epoch(step, metrics)
         save_checkpoint({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -218,5 +216,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             "epoch": epoch, "step": step, "history": result.history,
             "best_value": result.best_value, "best_epoch": result.best_epoch,
         }, last_path)
+        if on_epoch and _is_main_process():  # after the checkpoint: a logging failure loses nothing
+            on_epoch(step, metrics)
     result.steps = step
     return result
