@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe
 from medtricks.tracking import Tracker, create_tracker
 
-__all__ = ["RunResult", "run_recipe", "find_resumable_run_dir"]
+__all__ = ["RunResult", "run_recipe", "find_resumable_run_dir", "TrainedModel", "load_trained", "build_model"]
 
 
 @dataclass
@@ -332,11 +332,14 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
     model_dir = run_dir / "model"
     model_dir.mkdir(exist_ok=True)
     torch.save(eval_model.state_dict(), model_dir / "model_state.pt")
+    (model_dir / "data_config.json").write_text(json.dumps(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}))
     card_text = _model_card(recipe, classes, info, data_config, fit_result, final)
     (model_dir / "MODEL_CARD.md").write_text(card_text)
     if recipe.tracking.log_model:
         tracker.log_artifact(model_dir / "model_state.pt", "model")
         tracker.log_artifact(model_dir / "MODEL_CARD.md", "model")
+        tracker.log_artifact(model_dir / "data_config.json", "model")
     tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
 
     title = (f"{recipe.experiment.name} — best epoch {fit_result.best_epoch} on val "
@@ -362,3 +365,80 @@ def _model_card(recipe: Recipe, classes, info, data_config, fit_result, metrics)
              "", "Rebuild: `medtricks.run.build_model(load_recipe('recipe.yaml'), num_classes)` then "
              "`load_state_dict(torch.load('model_state.pt'))`.", "", "```", metrics.table() if metrics else "", "```"]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- trained models
+@dataclass
+class TrainedModel:
+    """A fine-tuned model rebuilt from its run: what ``evaluate`` and ``audit`` work on."""
+
+    model: Any
+    recipe: Recipe
+    classes: list[str]
+    data_config: dict
+    run_dir: Optional[Path]
+    run_id: Optional[str]
+
+
+def _resolve_run_files(ref: str, tracking_uri: Optional[str]) -> tuple[Path, Optional[str]]:
+    """A run folder, a file inside it, or an MLflow run id → (folder with recipe.yaml and model/, run id)."""
+    path = Path(ref)
+    if path.is_file():
+        path = path.parent.parent if path.parent.name == "model" else path.parent
+    if path.is_dir():
+        if not (path / "recipe.yaml").is_file():
+            raise FileNotFoundError(f"{path} holds no recipe.yaml: not a medtricks run folder")
+        run_id = _read_state(path).get("run_id")
+        return path, run_id
+    if not all(c in "0123456789abcdef" for c in ref.lower()) or len(ref) < 8:
+        raise FileNotFoundError(f"{ref!r} is neither a run folder, a model file nor an MLflow run id")
+    from medtricks.tracking.mlflow_tracker import download_run_files, run_tag
+
+    local = run_tag(ref, "run_dir", tracking_uri)
+    if local and (Path(local) / "model" / "model_state.pt").is_file():
+        return Path(local), ref
+    import tempfile
+
+    return download_run_files(ref, Path(tempfile.mkdtemp(prefix="medtricks-run-")), tracking_uri), ref
+
+
+def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = "cpu") -> TrainedModel:
+    """Rebuild a trained model from a run folder, its ``model/model_state.pt``, or an MLflow run id.
+
+    Example::
+
+        trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
+        trained.model.eval(); print(trained.classes)
+    """
+    from medtricks.data import load_card
+    from medtricks.recipe import load_recipe
+
+    run_dir, run_id = _resolve_run_files(ref, tracking_uri)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    state_path = run_dir / "model" / "model_state.pt"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path} not found: the run did not finish, or logged no model "
+                                "(tracking.log_model: false)")
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    classes = list(load_card(recipe.data.card).classes)
+    # Random init is enough (the state dict overwrites it) and needs no weights file; fall back to
+    # the recipe's weights when their stem adaptation added tensors (e.g. a folded conv bias).
+    no_weights = recipe.model_copy(update={"model": recipe.model.model_copy(update={"weights": "none"})})
+    model, data_config = build_model(no_weights, num_classes=len(classes))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        model, data_config = build_model(recipe, num_classes=len(classes))
+        model.load_state_dict(state, strict=True)
+    # normalization is the one the run trained with (its weights decided it)
+    data_config = _trained_data_config(run_dir, data_config)
+    model.to(device).eval()
+    return TrainedModel(model=model, recipe=recipe, classes=classes, data_config=data_config,
+                        run_dir=run_dir, run_id=run_id)
+
+
+def _trained_data_config(run_dir: Path, fallback: dict) -> dict:
+    saved = run_dir / "model" / "data_config.json"
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return fallback

@@ -106,3 +106,26 @@ class MlflowTracker(Tracker):
     def end(self, status: str = "FINISHED") -> None:
         if self.client is not None and self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def download_run_files(run_id: str, dest: str | Path, uri: Optional[str] = None,
+                       paths: tuple[str, ...] = ("recipe.yaml", "model")) -> Path:
+    """Download a finished run's recipe and model artifacts into ``dest``; return ``dest``."""
+    client = MlflowClient(default_tracking_uri(uri))
+    try:
+        client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001
+        raise FileNotFoundError(f"MLflow run {run_id!r} not found at {default_tracking_uri(uri)!r}: {err}") from err
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        client.download_artifacts(run_id, path, str(dest))
+    return dest
+
+
+def run_tag(run_id: str, key: str, uri: Optional[str] = None) -> Optional[str]:
+    """One tag of a run (e.g. its local ``run_dir``), or None."""
+    try:
+        return MlflowClient(default_tracking_uri(uri)).get_run(run_id).data.tags.get(key)
+    except Exception:  # noqa: BLE001
+        return None
