@@ -199,8 +199,8 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
 
     image_size = recipe.model.resizer.input_size if recipe.model.resizer.enabled else recipe.data.image_size
     bundle = build_datasets(
-        card, recipe.data.root, image_size=image_size, mean=tuple(data_confimean),
-        std=tuple(data_confistd), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
+        card, recipe.data.root, image_size=image_size, mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
         split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
         test_fraction=recipe.data.test_fraction, on_bad_image=recipe.data.on_bad_image,
         cache_dir=recipe.data.cache_dir,
@@ -248,7 +248,7 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
     params.update({"resolved.lr": lr, "resolved.device": str(device), "resolved.amp_dtype": str(amp_dtype),
                    "resolved.num_classes": len(classes), "resolved.classes": ",".join(classes),
                    "resolved.updates_per_epoch": updates, "resolved.image_size": image_size,
-                   "resolved.mean": str(tuple(data_confimean)), "resolved.std": str(tuple(data_confistd)),
+                   "resolved.mean": str(tuple(data_config["mean"])), "resolved.std": str(tuple(data_config["std"])),
                    "weights.source": info.get("weights_source"), "weights.sha256": info.get("weights_sha256"),
                    "bn_gamma": gamma_report.summary() if len(gamma_report) else "none",
                    "frozen_params": len(frozen),

@@ -1,0 +1,88 @@
+"""End-to-end tiny runs: null tracker, a temporary sqlite MLflow store, and resume."""
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from medtricks.recipe import load_recipe
+from medtricks.run import find_resumable_run_dir, run_recipe
+from medtricks.tracking import NullTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
+        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=20",
+        "train.progress=false", "train.log_every=1", "schedule.warmup_epochs=0.5", "optim.lr=0.8"]
+
+
+def _tiny(tmp_path, *extra):
+    overrides = [*TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *extra]
+    return load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=overrides)
+
+
+def test_tiny_run_with_null_tracker(tmp_path):
+    tracker = NullTracker()
+    result = run_recipe(_tiny(tmp_path), tracker=tracker, quiet=True)
+    assert 0.0 <= result.metrics.values["auroc"] <= 1.0
+    assert set(result.metrics.ci) >= {"accuracy", "auroc"}
+    assert len(result.history) == 2 and result.best_epoch in (1, 2)
+    assert len(result.gamma_report) > 0  # zero_late touched resnet18's layer4
+    assert (result.run_dir / "checkpoints" / "last.pt").is_file()
+    assert (result.run_dir / "model" / "MODEL_CARD.md").is_file()
+    assert tracker.params["optim.lr"] == pytest.approx(0.8)
+    assert "val/auroc" in tracker.metrics and "train/loss" in tracker.metrics
+    assert "plots/val_roc.png" in tracker.artifacts
+    assert tracker.status == "FINISHED"
+
+
+def test_tiny_run_logs_to_mlflow(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_recipe(_tiny(tmp_path, f"tracking.uri={uri}"), quiet=True)
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["optim.name"] == "nesterov" and params["tricks.bn_gamma.strategy"] == "zero_late"
+    assert params["model.name"] == "resnet18" and "bn_gamma" in params
+    for key in ("val/loss", "val/accuracy", "val/balanced_accuracy", "val/auroc", "val/ece",
+                "val/sensitivity/covid", "val/specificity/normal", "train/img_per_s", "lr", "train/loss",
+                "best/val/auroc", "best/val/auroc_ci_low", "best/val/auroc_ci_high"):
+        assert key in metrics, key
+    assert "bn_gamma=zero_late" in tags["tricks"] and tags["medtricks.version"] == "0.1.0"
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"recipe.yaml", "plots", "data", "model", "tricks"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert {"plots/lr_schedule.png", "plots/val_confusion_matrix.png", "plots/val_roc.png",
+            "plots/val_reliability.png"} <= plots
+    manifest = Path(client.download_artifacts(result.run_id, "data/split_manifest.csv", str(tmp_path)))
+    text = manifest.read_text()
+    assert "patient" in text and "PHANTOM" not in text
+
+
+def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch):
+    import medtricks.train
+
+    full = run_recipe(_tiny(tmp_path, "train.epochs=3"), tracker=NullTracker(), quiet=True)
+
+    recipe = _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}")
+    real_fit = medtricks.train.fit
+
+    def killed_after_two_epochs(*args, on_epoch=None, **kwargs):
+        def on_epoch_then_die(step, metrics):
+            on_epoch(step, metrics)
+            if metrics["epoch"] == 2:
+                raise KeyboardInterrupt
+
+        return real_fit(*args, on_epoch=on_epoch_then_die, **kwargs)
+
+    monkeypatch.setattr(medtricks.train, "fit", killed_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tracker=NullTracker(), quiet=True)
+    monkeypatch.setattr(medtricks.train, "fit", real_fit)
+    unfinished = find_resumable_run_dir(recipe)
+    assert unfinished is not None
+    resumed = run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
+    assert resumed.run_dir == unfinished
+    assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], abs=1e-6)
+    assert resumed.metrics.values == pytest.approx(full.metrics.values, nan_ok=True)
+    assert find_resumable_run_dir(recipe) is None  # finished now
