@@ -13,6 +13,7 @@ EPILOG = """examples:
   medtricks data synth data/phantoms --n 600 --size 256
   medtricks data check kermany-pneumonia --root ../shared/data/kermany224/train
   medtricks gamma resnet50 --strategy zero_late
+  medtricks evaluate runs/quickstart/<id> --card kermany-pneumonia --root /data/kermany/test
   medtricks weights list
 """
 
@@ -65,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     gamma.add_argument("--which", choices=["last", "all"], default="last")
     gamma.add_argument("--in-chans", type=int, choices=[1, 3], default=3)
 
+    evaluate = sub.add_parser("evaluate", help="evaluate a trained run on any dataset a card describes")
+    evaluate.add_argument("run", help="a run folder (runs/NAME/ID), its model/model_state.pt, or an MLflow run id")
+    evaluate.add_argument("--card", required=True, help="data card name or YAML path of the evaluation data")
+    evaluate.add_argument("--root", required=True, help="root folder of the evaluation data")
+    evaluate.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                          help="all images (an external test set, the default) or one split of the card's")
+    evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    evaluate.add_argument("--n-bootstrap", type=int, default=1000)
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the run's, else $MLFLOW_TRACKING_URI)")
+    evaluate.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+
     weights = sub.add_parser("weights", help="the pretrained weights zoo")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
     weights_sub.add_parser("list", help="list weights, their source and whether they are cached")
@@ -115,6 +128,20 @@ def _cmd_gamma(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from medtricks.posthoc import evaluate_trained
+
+    report = evaluate_trained(args.run, card=args.card, root=args.root, split=args.split, tta=args.tta,
+                              n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
+                              log=not args.no_log)
+    title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}, {report.n_images} images"
+             f"{', flip TTA' if args.tta else ''}; bootstrap seed {args.seed})")
+    print(report.metrics.table(title=title))
+    if report.run_id:
+        print(f"logged to MLflow run {report.run_id}")
+    return 0
+
+
 def _cmd_weights(args, parser) -> int:
     if args.weights_command == "list":
         from medtricks.models.weights import format_weights_table
@@ -157,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_gamma(args)
         if args.command == "weights":
             return _cmd_weights(args, parser)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
               file=sys.stderr)

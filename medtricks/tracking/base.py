@@ -38,6 +38,10 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         raise NotImplementedError
 
+    def run_exists(self, run_id: str) -> bool:
+        """Whether ``run_id`` is a run in this tracker's store (to link evaluations to it)."""
+        return False
+
 
 class NullTracker(Tracker):
     """``tracking.backend: none``: keeps the last values in memory (handy in tests), logs nothing."""

@@ -103,6 +103,12 @@ class MlflowTracker(Tracker):
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
 
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            return (self.client or MlflowClient(self.uri)).get_run(run_id) is not None
+        except Exception:  # noqa: BLE001 - unknown id or another store
+            return False
+
     def end(self, status: str = "FINISHED") -> None:
         if self.client is not None and self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)

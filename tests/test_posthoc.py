@@ -1,0 +1,72 @@
+"""`medtricks evaluate`: a trained run evaluated on card-described data, logged to MLflow."""
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from medtricks.cli import main
+from medtricks.posthoc import FlipTTA, evaluate_trained
+from medtricks.recipe import load_recipe
+from medtricks.run import load_trained, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
+        "data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
+        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",
+        "train.progress=false", "schedule.warmup_epochs=0", f"data.root={tmp / 'phantoms'}",
+        f"experiment.output_dir={tmp / 'runs'}", f"tracking.uri={uri}"])
+    result = run_recipe(recipe, quiet=True)
+    return result, uri, tmp
+
+
+def test_load_trained_reproduces_the_runs_predictions(trained_run):
+    result, uri, tmp = trained_run
+    by_folder = load_trained(str(result.run_dir))
+    by_id = load_trained(result.run_id, tracking_uri=uri)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(by_folder.model(x), by_id.model(x))
+    assert by_folder.classes == ["normal", "bacterial", "covid"]
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_trained("not-a-run")
+
+
+def test_evaluate_val_split_matches_training_and_logs(trained_run):
+    result, uri, tmp = trained_run
+    report = evaluate_trained(str(result.run_dir), card="synthetic-phantoms", root=str(tmp / "phantoms"),
+                              split="val", n_bootstrap=10, tracking_uri=uri, progress=False)
+    assert report.n_images == result.metrics.values["n"]
+    assert report.metrics.values["auroc"] == pytest.approx(result.metrics.values["auroc"])
+    run = MlflowClient(uri).get_run(report.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == result.run_id
+    assert run.data.metrics["eval/auroc"] == pytest.approx(report.metrics.values["auroc"])
+    assert {a.path for a in MlflowClient(uri).list_artifacts(report.run_id, "plots")} >= {"plots/roc.png"}
+
+
+def test_evaluate_cli_all_images_with_tta(trained_run, capsys):
+    result, uri, tmp = trained_run
+    code = main(["evaluate", str(result.run_dir), "--card", "synthetic-phantoms", "--root", str(tmp / "phantoms"),
+                 "--tta", "--n-bootstrap", "10", "--no-log"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "48 images" in out and "flip TTA" in out and "95% CI" in out
+
+
+def test_flip_tta_averages_probabilities():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x = torch.rand(3, 1, 2, 2)
+    expected = (torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1)) / 2
+    assert torch.allclose(torch.softmax(FlipTTA(model)(x), 1), expected, atol=1e-6)
+
+
+def test_evaluate_rejects_a_card_with_other_classes(trained_run, tmp_path):
+    result, uri, tmp = trained_run
+    with pytest.raises(ValueError, match="classes"):
+        evaluate_trained(str(result.run_dir), card="kermany-pneumonia", root=str(tmp_path), log=False)
