@@ -1,0 +1,305 @@
+"""Torch datasets over a manifest, with MONAI's PersistentDataset as the optional decode cache.
+
+Every item goes through the same two steps, cached or not, so a cache never changes results:
+
+1. deterministic: decode (:func:`read_image`), resize the shorter side to the transform's
+   ``base_side``, quantize to 16 bits -- a MONAI ``Transform``, so ``PersistentDataset`` stores its
+   output on disk under ``cache_dir``, keyed by the file's content hash, byte size, the resize side
+   and the VOI mode;
+2. random: the albumentations preset (:mod:`medtricks.data.transforms`), never cached.
+
+:func:`build_datasets` is the one entry point a run needs: card -> manifest -> image scan (bad
+images found before training, cache filled on the way) -> leakage check -> train/val/test datasets.
+
+Example::
+
+    bundle = build_datasets("synthetic-phantoms", "data/phantoms", image_size=64, mean=(0.5,), std=(0.5,),
+                            in_chans=1, synth={"n": 300, "size": 64})
+    x, y = bundle.train[0]          # tensor (1, 64, 64), int
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+from monai.transforms import Transform  # this module is imported only when datasets are built
+
+from medtricks.data.cards import DataCard, load_card
+from medtricks.data.errors import BadImageError, DataError
+from medtricks.data.manifest import build_manifest
+from medtricks.data.readers import VOI_MODES, read_image
+from medtricks.data.splits import check_leakage, file_digest
+from medtricks.data.transforms import build_transforms
+
+_CACHE_VERSION = "v2"  # bump when the decode step changes, so old cache files are not reused
+ON_BAD_IMAGE = ("error", "skip")
+
+
+def _cache_hash(item: dict) -> bytes:
+    """PersistentDataset key: content hash + byte size + resize side + VOI mode (never the path)."""
+    return hashlib.md5(item["key"].encode()).hexdigest().encode()
+
+
+class LoadXrayd(Transform):
+    """Decode one image, resize its shorter side to ``side``, quantize to 16-bit levels.
+
+    Deterministic and a MONAI ``Transform``, so ``PersistentDataset`` caches its output. Module-level
+    (not a closure) so datasets pickle for DataLoader workers started with 'spawn'.
+    """
+
+    def __init__(self, side: Optional[int], voi: str):
+        self.side, self.voi = side, voi
+
+    def __call__(self, data: dict) -> dict:
+        image = read_image(data["path"], voi=self.voi)
+        if self.side:
+            image = resize_shorter_side(image, self.side)
+        # 16-bit steps (1.5e-5) lose nothing a radiograph holds and halve the cache; applied with and
+        # without a cache so that caching never changes results. Stored as int16 shifted by 32768:
+        # MONAI's cache would widen uint16 to int32.
+        levels = np.round(np.clip(image, 0.0, 1.0) * 65535.0) - 32768.0
+        return {**data, "image": levels.astype(np.int16)}
+
+
+def _load_transform(side: Optional[int], voi: str) -> LoadXrayd:
+    return LoadXrayd(side, voi)
+
+
+def resize_shorter_side(image: np.ndarray, side: int) -> np.ndarray:
+    """Resize so that min(H, W) == side, keeping the aspect ratio (area filter when shrinking)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    if scale == 1.0:
+        return image
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))  # cv2 wants (width, height)
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interp).astype(np.float32, copy=False)
+
+
+class _Augment:
+    """The random part: a plain callable (not a MONAI Transform), so PersistentDataset stops caching here."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, data: dict) -> dict:
+        return {**data, "image": self.transform(_to_unit_float(data["image"]))}
+
+
+def _to_unit_float(image) -> np.ndarray:
+    """int16 levels (array or cached tensor) from the decode step -> float32 (H, W) in [0, 1]."""
+    if hasattr(image, "numpy"):  # a torch tensor read back from the cache
+        image = image.numpy()
+    return (np.asarray(image, dtype=np.float32) + 32768.0) / 65535.0
+
+
+def _items(manifest: pd.DataFrame, side: Optional[int], voi: str, cached: bool) -> list[dict]:
+    if cached and "content_hash" not in manifest.columns:
+        hashes = [file_digest(p) for p in manifest["path"]]
+    else:
+        hashes = manifest["content_hash"].tolist() if "content_hash" in manifest.columns else [None] * len(manifest)
+    items = []
+    for path, target, digest in zip(manifest["path"], manifest["target"], hashes):
+        size = Path(path).stat().st_size if cached else 0
+        key = f"{digest}-{size}-{side}-{voi}-{_CACHE_VERSION}" if cached else str(path)
+        items.append({"path": str(path), "target": int(target), "key": key})
+    return items
+
+
+def _monai_dataset(items: list[dict], transforms: list, cache_dir):
+    from monai.data import PersistentDataset
+    from monai.transforms import Compose
+
+    return PersistentDataset(items, transform=Compose(transforms), cache_dir=cache_dir, hash_func=_cache_hash)
+
+
+class XrayDataset:
+    """``dataset[i] -> (tensor (C, H, W), int target)`` over the rows of a manifest.
+
+    ``transform``: from :func:`build_transforms` (its ``base_side`` sets the pre-resize) or any callable
+    taking a float32 (H, W) image. ``cache_dir``: optional folder for MONAI's PersistentDataset decode
+    cache. ``resize_to`` overrides the pre-resize side (``None``: the transform's ``base_side``, if any).
+    """
+
+    def __init__(self, manifest: pd.DataFrame, transform: Callable, *, cache_dir=None,
+                 resize_to: Optional[int] = None, voi: str = "auto"):
+        missing = {"path", "target"} - set(manifest.columns)
+        if missing:
+            raise ValueError(f"XrayDataset needs manifest columns {sorted(missing)}; got {list(manifest.columns)}")
+        if voi not in VOI_MODES:
+            raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
+        self.manifest = manifest.reset_index(drop=True)
+        self.transform = transform
+        self.side = resize_to if resize_to is not None else getattr(transform, "base_side", None)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.items = _items(self.manifest, self.side, voi, cached=self.cache_dir is not None)
+        self._dataset = _monai_dataset(self.items, [_load_transform(self.side, voi), _Augment(transform)],
+                                       self.cache_dir)
+        self.targets = [item["target"] for item in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        try:
+            item = self._dataset[int(index)]
+        except Exception as err:  # MONAI wraps errors in RuntimeError; surface the file-level problem
+            bad = _bad_image_in(err)
+            if bad is not None:
+                raise bad from None
+            raise
+        return item["image"], item["target"]
+
+    def __repr__(self) -> str:
+        return f"XrayDataset(n={len(self)}, side={self.side}, cache_dir={self.cache_dir}, transform={self.transform!r})"
+
+
+def _bad_image_in(err: BaseException) -> Optional[BadImageError]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BadImageError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@dataclass
+class DataBundle:
+    """What :func:`build_datasets` returns. ``manifest`` holds the usable rows (hashed patients);
+    ``quarantine`` the skipped files (``path``, ``label``, ``reason``; empty when none)."""
+
+    card: DataCard
+    classes: list[str]
+    manifest: pd.DataFrame
+    train: XrayDataset
+    val: Optional[XrayDataset]
+    test: Optional[XrayDataset]
+    quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "label", "reason"]))
+
+
+def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str = "auto", cache_dir=None,
+                progress: bool = True, desc: str = "checking images") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode every image once: returns (good rows + ``content_hash``/``height``/``width``, bad rows + ``reason``).
+
+    With ``cache_dir`` the decoded, resized arrays go into the same MONAI cache that
+    :class:`XrayDataset` reads, so training does not decode them again.
+    """
+    from tqdm.auto import tqdm
+
+    manifest = manifest.reset_index(drop=True)
+    bad: dict[int, str] = {}
+    hashes: list[Optional[str]] = []
+    for i, path in enumerate(manifest["path"]):  # cheap pass first: existence + content hash
+        digest = None
+        try:
+            digest = file_digest(path)
+        except FileNotFoundError:
+            bad[i] = "file not found"
+        except OSError as err:
+            bad[i] = f"cannot read file ({err.strerror or err})"
+        hashes.append(digest)
+    items = [{"path": str(p), "target": 0,
+              "key": f"{d}-{Path(p).stat().st_size}-{side}-{voi}-{_CACHE_VERSION}" if d else str(p)}
+             for p, d in zip(manifest["path"], hashes)]
+    decoder = _monai_dataset(items, [_load_transform(side, voi)], cache_dir)
+    sizes: list[tuple] = [(None, None)] * len(items)
+    for i in tqdm(range(len(items)), desc=desc, unit="img", disable=not progress, leave=False):
+        if i in bad:
+            continue
+        try:
+            sizes[i] = tuple(decoder[i]["image"].shape[:2])
+        except Exception as err:
+            found = _bad_image_in(err)
+            if found is None:
+                raise
+            bad[i] = found.problem
+    good = manifest.assign(content_hash=hashes, height=[s[0] for s in sizes], width=[s[1] for s in sizes])
+    mask = np.array([i in bad for i in range(len(manifest))], dtype=bool)
+    quarantine = pd.DataFrame({"path": manifest.loc[mask, "path"].tolist(),
+                               "label": manifest.loc[mask, "label"].tolist() if "label" in manifest else None,
+                               "reason": [bad[i] for i in np.flatnonzero(mask)]})
+    return good.loc[~mask].reset_index(drop=True), quarantine
+
+
+def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> None:
+    from medtricks.data.synthetic import MANIFEST_NAME, PARAMS_NAME, SYNTHETIC_CARD, synthesize_phantoms
+
+    if synth is None:
+        return
+    if card.name != SYNTHETIC_CARD:
+        raise ValueError(f"data.synth is only for the '{SYNTHETIC_CARD}' card; card {card.name!r} reads real data")
+    params = dict(synth)
+    if "format" in params:
+        params["fmt"] = params.pop("format")
+    allowed = {"n", "size", "seed", "fmt"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"data.synth: unknown key(s) {unknown}; expected {sorted(allowed | {'format'})}")
+    params = {k: v for k, v in params.items() if v is not None}
+    if (root / MANIFEST_NAME).is_file():
+        existing = json.loads((root / PARAMS_NAME).read_text()) if (root / PARAMS_NAME).is_file() else {}
+        differs = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
+        if differs:
+            raise ValueError(f"{root} already holds a phantom set generated with other settings "
+                             f"(existing vs asked: {differs}); delete it or choose another data.root")
+        return
+    synthesize_phantoms(root, classes=tuple(card.classes), **params)
+
+
+def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
+                   split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
+                   on_bad_image: str = "error", cache_dir=None, synth: Optional[dict] = None,
+                   progress: bool = True, voi: str = "auto") -> DataBundle:
+    """Card + root -> :class:`DataBundle` with checked, leakage-free train / val / test datasets.
+
+    Steps: (synthetic card + ``synth``: generate the set into ``root`` if absent) -> manifest ->
+    decode every image once (tqdm; fills the decode cache) -> bad images: ``on_bad_image='error'``
+    raises :class:`BadImageError` listing every bad file and its problem, ``'skip'`` moves them to
+    ``bundle.quarantine`` -> :func:`check_leakage` -> datasets (train: ``augment`` preset; val/test:
+    eval transform).
+    """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image={on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
+    card = load_card(card)
+    root = Path(root).expanduser().resolve()
+    _prepare_synthetic(card, root, synth)
+    manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
+                              test_fraction=test_fraction, on_missing="keep")
+    train_tf = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=True)
+    eval_tf = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
+    if train_tf.base_side != eval_tf.base_side:  # one cached array must serve both
+        raise AssertionError("train and eval transforms disagree on the pre-resize side")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+
+    good, quarantine = scan_images(manifest, side=train_tf.base_side, voi=voi, cache_dir=cache, progress=progress)
+    if len(quarantine) and on_bad_image == "error":
+        listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))
+        more = f"\n  ... and {len(quarantine) - 20} more" if len(quarantine) > 20 else ""
+        raise BadImageError(quarantine["path"].iloc[0],
+                            f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them, "
+                            f"or set data.on_bad_image=skip to quarantine them:\n{listed}{more}")
+    good = good.drop(columns=["height", "width"])
+    good.attrs = dict(manifest.attrs)
+    check_leakage(good)
+
+    def subset(split: str, tf) -> Optional[XrayDataset]:
+        rows = good[good["split"] == split]
+        return XrayDataset(rows, tf, cache_dir=cache, voi=voi) if len(rows) else None
+
+    train = subset("train", train_tf)
+    if train is None:
+        raise DataError(f"no training images left for card {card.name!r} under {root} "
+                        f"({len(quarantine)} quarantined); check the split settings")
+    return DataBundle(card=card, classes=list(card.classes), manifest=good, train=train,
+                      val=subset("val", eval_tf), test=subset("test", eval_tf), quarantine=quarantine)
+
+
+__all__ = ["XrayDataset", "DataBundle", "build_datasets", "scan_images", "resize_shorter_side"]

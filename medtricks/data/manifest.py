@@ -1,0 +1,310 @@
+"""Manifests: one row per image (path, label, target, patient, split), built from a card and a root.
+
+Building a manifest only lists files and reads label tables; it decodes no image, so it is fast
+even for tens of thousands of files. Patients are replaced by a salted hash before the manifest
+leaves this module; splits are computed on the raw IDs, so ``split_seed`` alone decides them.
+
+Example::
+
+    from medtricks.data import build_manifest
+    m = build_manifest("kermany-pneumonia", "../shared/data/kermany224/train", split_seed=0)
+    m.groupby(["split", "label"]).size()
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from medtricks.data.cards import DROP, SPLITS, CsvLayout, DataCard, FolderLayout, load_card
+from medtricks.data.errors import ManifestError
+from medtricks.data.splits import assign_splits
+
+MANIFEST_COLUMNS = ["path", "label", "target", "patient", "split"]
+_MAX_LISTED = 10
+
+
+# ---------------------------------------------------------------------------------------- patients
+def _cache_root() -> Path:
+    return Path(os.environ.get("MEDTRICKS_CACHE") or Path.home() / ".cache" / "medtricks").expanduser()
+
+
+def patient_salt() -> bytes:
+    """Secret salt of patient hashes: ``$MEDTRICKS_PATIENT_SALT``, else one random salt per machine.
+
+    The per-machine salt lives in ``$MEDTRICKS_CACHE/patient_salt`` (default ``~/.cache/medtricks``),
+    so hashes are stable across runs on one machine but cannot be reversed by guessing IDs elsewhere.
+    Set ``MEDTRICKS_PATIENT_SALT`` to share hashes between machines.
+    """
+    env = os.environ.get("MEDTRICKS_PATIENT_SALT")
+    if env:
+        return env.encode()
+    path = _cache_root() / "patient_salt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: two processes starting at once agree on the first salt written
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(16))
+        except FileExistsError:
+            pass
+    salt = path.read_text().strip()
+    if not salt:
+        raise RuntimeError(f"patient salt file {path} is empty; delete it (a new one is made) "
+                           "or set MEDTRICKS_PATIENT_SALT")
+    return salt.encode()
+
+
+def hash_patient(raw_id: str, card_name: str, salt: Optional[bytes] = None) -> str:
+    """Salted, keyed BLAKE2b hash of a raw patient ID (``p_`` + 16 hex characters)."""
+    key = (salt if salt is not None else patient_salt())[:64]
+    digest = hashlib.blake2b(f"{card_name}\x00{raw_id}".encode(), key=key, digest_size=8).hexdigest()
+    return f"p_{digest}"
+
+
+def _first_group(match: re.Match, name: str) -> Optional[str]:
+    if name in match.re.groupindex and match.group(name) is not None:
+        return match.group(name)
+    return match.group(1) if match.re.groups else match.group(0)
+
+
+# ---------------------------------------------------------------------------------------- listing
+def _list_folder(card: DataCard, layout: FolderLayout, root: Path, notes: Counter) -> list[dict]:
+    records = []
+    label_re = re.compile(layout.label_regex) if layout.label_regex else None
+    for path in sorted(root.glob(layout.glob)):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") or part in layout.exclude_dirs for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() not in layout.extensions:
+            notes["non-image files ignored"] += 1
+            continue
+        if len(rel.parts) < 2:
+            raise ManifestError(f"{path}: a folder-layout card expects images inside class folders under {root}, "
+                                f"found a file directly in root")
+        raw = rel.parts[-2] if layout.label_from == "parent_dir" else rel.parts[0]
+        if label_re is not None and (m := label_re.search(path.name)):
+            raw = _first_group(m, "label") or raw
+        split = next((layout.split_dirs[p] for p in rel.parts[:-1] if p in layout.split_dirs), None)
+        records.append({"path": path, "raw_label": raw, "declared_split": split, "row": None})
+    return records
+
+
+def _read_table(path: Path, layout: CsvLayout) -> pd.DataFrame:
+    if not path.is_file():
+        raise ManifestError(f"label table {path} (named in the card's layout.tables) does not exist")
+    kwargs = dict(dtype=str, keep_default_na=False)
+    if layout.sep == "whitespace":
+        kwargs["sep"] = r"\s+"
+    else:
+        kwargs["sep"] = layout.sep
+    if layout.columns:
+        kwargs.update(header=None, names=layout.columns)
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        raise ManifestError(f"cannot read label table {path}: {err}") from None
+
+
+def _index_by_name(root: Path) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    dupes = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if name in index:
+                dupes.append(name)
+            index[name] = Path(dirpath) / name
+    if dupes:
+        raise ManifestError(f"layout.locate='by_name' needs unique file names under {root}; "
+                            f"{len(dupes)} names occur twice, e.g. {dupes[:5]}")
+    return index
+
+
+def _list_csv(card: DataCard, layout: CsvLayout, root: Path, notes: Counter) -> list[dict]:
+    records = []
+    field_names = set(re.findall(r"\{([^{}:!]+)", layout.path_template))
+    split_sets = {}
+    for split, list_file in layout.split_lists.items():
+        lp = root / list_file
+        if not lp.is_file():
+            raise ManifestError(f"split list {lp} (layout.split_lists.{split}) does not exist")
+        split_sets[split] = {line.strip() for line in lp.read_text().splitlines() if line.strip()}
+    by_name = _index_by_name(root) if layout.locate == "by_name" else None
+    patient_fields = set(re.findall(r"\{([^{}:!]+)", card.patient.template or ""))
+    for table in layout.tables:
+        table_path = root / table.file
+        if not table.required and not table_path.is_file():
+            notes[f"optional table {table.file} absent"] += 1
+            continue
+        df = _read_table(table_path, layout)
+        needed = field_names | patient_fields | {layout.label_column} | {f.column for f in card.filters}
+        needed |= {c for c in (layout.split_column, card.patient.column) if c}
+        absent = sorted(needed - set(df.columns))
+        if absent:
+            raise ManifestError(f"label table {table_path} lacks column(s) {absent}; it has {list(df.columns)}")
+        for line_no, row in enumerate(df.to_dict("records"), start=2 if not layout.columns else 1):
+            if not all(f.keeps(row[f.column]) for f in card.filters):
+                failed = next(f for f in card.filters if not f.keeps(row[f.column]))
+                notes[f"rows left out by filter {failed.describe()}"] += 1
+                continue
+            rel = layout.path_template.format(**row)
+            if by_name is not None:
+                name = Path(rel).name
+                path = by_name.get(name, root / table.image_dir / rel)
+            else:
+                path = root / table.image_dir / rel
+            split = table.split
+            if layout.split_column:
+                value = row[layout.split_column]
+                split = layout.split_values.get(value, value) or split
+            for list_split, names in split_sets.items():
+                if Path(rel).name in names or rel in names:
+                    split = list_split
+            records.append({"path": path, "raw_label": row[layout.label_column], "declared_split": split,
+                            "row": row, "where": f"{table_path}:{line_no}"})
+    return records
+
+
+# ---------------------------------------------------------------------------------------- building
+def _raw_patient(card: DataCard, rec: dict, patient_re: Optional[re.Pattern]) -> str:
+    spec = card.patient
+    if spec.per_image:
+        return str(rec["path"])
+    if spec.column or spec.template:
+        value = str(rec["row"][spec.column]).strip() if spec.column else spec.template.format(**rec["row"]).strip()
+        if not value or (spec.column is None and not any(str(rec["row"][f]).strip() for f in
+                                                          re.findall(r"\{([^{}:!]+)", spec.template))):
+            raise ManifestError(f"{rec['where']}: empty patient ({spec.column or spec.template!r}) for {rec['path']}")
+        return value
+    m = patient_re.search(rec["path"].name)
+    if not m:
+        raise ManifestError(f"{rec['path']}: file name does not match the card's patient regex "
+                            f"{spec.regex!r}; expected e.g. a name the card describes")
+    return _first_group(m, "patient")
+
+
+def _summarise(items: list[str], limit: int = _MAX_LISTED) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
+                   *, on_missing: str = "error") -> pd.DataFrame:
+    """One row per image: ``path`` (absolute), ``label``, ``target``, ``patient`` (salted hash), ``split``.
+
+    ``card``: a card name, a YAML path or a :class:`DataCard`. Unknown raw labels, files missing from a
+    label table (with ``on_missing='error'``), conflicting labels for one file and file names that do
+    not match the card's patient rule are errors naming the file. Rows left out on purpose (card
+    filters, ``drop`` labels, non-image files, identical duplicate rows) are counted in
+    ``manifest.attrs['notes']``. ``on_missing='keep'`` keeps rows of missing files (the image scan
+    of :func:`build_datasets` then reports or quarantines them).
+    """
+    if on_missing not in ("error", "keep"):
+        raise ValueError(f"on_missing={on_missing!r}: expected 'error' or 'keep'")
+    card = load_card(card)
+    if card.task == "multilabel":
+        raise NotImplementedError(f"card {card.name!r} is multilabel; multilabel manifests and training are not "
+                                  "supported yet (the card is validated and documented only)")
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise ManifestError(f"data root {root} does not exist or is not a folder (card {card.name!r})")
+
+    notes: Counter = Counter()
+    lister = _list_folder if card.layout.kind == "folder" else _list_csv
+    records = lister(card, card.layout, root, notes)
+    if not records:
+        raise ManifestError(f"no images found under {root} for card {card.name!r} "
+                            f"(layout {card.layout.kind}; check the root and the card's layout)")
+
+    unknown: dict[str, list[str]] = {}
+    kept = []
+    for rec in records:
+        target = card.map_label(rec["raw_label"])
+        if target is None:
+            unknown.setdefault(rec["raw_label"], []).append(str(rec["path"]))
+        elif target == DROP:
+            notes[f"images with label {rec['raw_label']!r} dropped (card drop list)"] += 1
+        else:
+            rec["label"] = target
+            kept.append(rec)
+    if unknown:
+        details = "; ".join(f"{raw!r} ({len(p)} files, e.g. {p[0]})" for raw, p in sorted(unknown.items()))
+        raise ManifestError(f"card {card.name!r}: unknown raw label(s): {details}. Expected one of "
+                            f"{sorted(set(card.label_map) | set(card.classes))}; add them to the card's label_map "
+                            "(or to 'drop' to leave them out on purpose)")
+
+    missing = [str(r["path"]) for r in kept if not r["path"].is_file()]
+    if missing and on_missing == "error":
+        raise ManifestError(f"{len(missing)} file(s) named in the label table(s) do not exist under {root}: "
+                            f"{_summarise(missing)}")
+
+    patient_re = re.compile(card.patient.regex) if card.patient.regex else None
+    df = pd.DataFrame({
+        "path": [str(r["path"]) for r in kept],
+        "label": [r["label"] for r in kept],
+        "raw_patient": [_raw_patient(card, r, patient_re) for r in kept],
+        "declared_split": [r["declared_split"] for r in kept],
+    })
+    # A file listed twice with the same label (RSNA: one row per box) is one image; with two labels, an error.
+    conflicts = df.groupby("path")["label"].nunique()
+    conflicts = conflicts[conflicts > 1]
+    if len(conflicts):
+        raise ManifestError(f"{len(conflicts)} file(s) have conflicting labels in the label table(s): "
+                            f"{_summarise(list(conflicts.index))}")
+    n_before = len(df)
+    df = df.drop_duplicates(subset=["path"]).sort_values("path", kind="stable").reset_index(drop=True)
+    if len(df) < n_before:
+        notes["duplicate rows of one file collapsed"] += n_before - len(df)
+
+    df["split"] = assign_splits(df["label"], df["raw_patient"], df["declared_split"], seed=split_seed,
+                                val_fraction=val_fraction, test_fraction=test_fraction)
+    salt = patient_salt()
+    hashes = {raw: hash_patient(raw, card.name, salt) for raw in df["raw_patient"].unique()}
+    df["patient"] = df["raw_patient"].map(hashes)
+    df["target"] = df["label"].map({c: i for i, c in enumerate(card.classes)}).astype("int64")
+    out = df[MANIFEST_COLUMNS].copy()
+    out.attrs.update(card=card.name, root=str(root), notes=dict(notes), missing=missing,
+                     declared_splits=sorted(set(df["declared_split"].dropna())))
+    return out
+
+
+def export_manifest(manifest: pd.DataFrame, root) -> pd.DataFrame:
+    """The copy of a manifest that is safe to log: paths relative to ``root``, hashed patients, nothing else.
+
+    Note: file names are kept as they are; some datasets encode their own (public) IDs in them.
+    """
+    root = Path(root).expanduser().resolve()
+    rel = []
+    for p in manifest["path"]:
+        try:
+            rel.append(Path(p).resolve().relative_to(root).as_posix())
+        except ValueError:
+            raise ManifestError(f"{p} is not under the data root {root}; cannot export a relative path") from None
+    out = pd.DataFrame({"path": rel, "label": manifest["label"].to_numpy(),
+                        "target": manifest["target"].to_numpy(), "patient": manifest["patient"].to_numpy(),
+                        "split": manifest["split"].to_numpy()})
+    bad = [p for p in out["patient"] if not re.fullmatch(r"p_[0-9a-f]{16}", str(p))]
+    if bad:  # never export what could be a raw ID
+        raise ManifestError(f"export_manifest: patient column holds {len(bad)} value(s) that are not salted hashes")
+    return out
+
+
+def split_summary(manifest: pd.DataFrame, classes) -> pd.DataFrame:
+    """Images per split x class, plus totals and patients per split (for reports and logs)."""
+    table = pd.crosstab(manifest["split"], pd.Categorical(manifest["label"], categories=list(classes)),
+                        dropna=False)
+    table.columns = [str(c) for c in table.columns]
+    table = table.reindex([s for s in SPLITS if s in table.index])
+    table["total"] = table.sum(axis=1)
+    table["patients"] = manifest.groupby("split")["patient"].nunique().reindex(table.index).astype(int)
+    return table
+
+
+__all__ = ["build_manifest", "export_manifest", "hash_patient", "patient_salt", "split_summary",
+           "MANIFEST_COLUMNS"]

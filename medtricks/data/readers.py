@@ -1,0 +1,237 @@
+"""Read one chest X-ray (PNG / JPEG / TIFF / DICOM) as float32 (H, W) in [0, 1], bright = dense.
+
+Display convention, as a radiologist sees it: bone and mediastinum bright, aerated lung dark. DICOM
+goes through pydicom: files without a meta header, compressed transfer syntaxes (JPEG baseline,
+JPEG 2000 via pylibjpeg), rescale slope/intercept, VOI LUT or window, MONOCHROME1 inversion.
+
+Only whitelisted, non-identifying fields ever leave this module (:data:`SAFE_META_FIELDS`); DICOM
+header values such as PatientName, PatientID or dates are never copied into returned metadata.
+
+Example::
+
+    from medtricks.data import read_image
+    img = read_image("chest.dcm")          # float32, shape (H, W), values in [0, 1]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtricks.data.errors import BadImageError
+
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
+VOI_MODES = ("auto", "window", "none")
+# Fields that may appear in returned metadata: technical, never identifying.
+SAFE_META_FIELDS = ("format", "height", "width", "bits", "photometric", "modality", "view",
+                    "transfer_syntax", "voi", "inverted", "color_collapsed")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, for truly colour images
+
+
+def read_image(path: "str | Path", *, voi: str = "auto") -> np.ndarray:
+    """Decode one image to float32 ``(H, W)`` in ``[0, 1]`` (bright = dense).
+
+    ``voi`` (DICOM only): ``auto`` applies the file's VOI LUT or WindowCenter/WindowWidth when present,
+    else scales min..max; ``window`` requires WindowCenter/WindowWidth; ``none`` scales min..max.
+    Raises :class:`BadImageError` naming the file and the problem (missing, empty, truncated,
+    undecodable, no pixel data, constant, NaN).
+    """
+    return read_image_with_meta(path, voi=voi)[0]
+
+
+def read_image_with_meta(path: "str | Path", *, voi: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+    """Like :func:`read_image`, plus a metadata dict limited to :data:`SAFE_META_FIELDS`."""
+    if voi not in VOI_MODES:
+        raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
+    path = Path(path)
+    if not path.exists():
+        raise BadImageError(path, "file not found")
+    if not path.is_file():
+        raise BadImageError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
+    if _is_dicom(path):
+        image, meta = _read_dicom(path, voi)
+    else:
+        image, meta = _read_raster(path)
+    _validate_pixels(path, image)
+    meta.update(height=int(image.shape[0]), width=int(image.shape[1]))
+    return image, {k: meta[k] for k in SAFE_META_FIELDS if k in meta}
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return head[128:132] == b"DICM"
+
+
+def _validate_pixels(path: Path, image: np.ndarray) -> None:
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise BadImageError(path, f"expected a 2-D image, got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise BadImageError(path, f"{int((~np.isfinite(image)).sum())} pixels are NaN or infinite")
+    if float(image.max()) - float(image.min()) <= 1e-6:
+        raise BadImageError(path, "constant image (every pixel has the same value: no contrast to learn from)")
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    arr = arr.astype(np.float32, copy=False)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0 or finite.max() <= finite.min():
+        return arr - (finite.min() if finite.size else 0)  # constant / all-NaN: validation reports it
+    lo, hi = float(finite.min()), float(finite.max())
+    return (arr - lo) / (hi - lo)
+
+
+def _collapse_color(arr: np.ndarray) -> tuple[np.ndarray, str]:
+    """(H, W, C) -> (H, W). RGB-encoded gray keeps its exact values; real colour becomes luma."""
+    if arr.shape[-1] in (2, 4):  # gray+alpha / RGBA: alpha carries no density
+        arr = arr[..., :-1]
+    if arr.shape[-1] == 1:
+        return arr[..., 0], "single"
+    if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+        return arr[..., 0], "gray_rgb"
+    return (arr[..., :3].astype(np.float32) @ _LUMA).astype(np.float32), "luma"
+
+
+def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later in a worker
+            im = ImageOps.exif_transpose(im)
+            fmt = (im.format or path.suffix.lstrip(".")).lower()
+            mode = im.mode
+            if mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB" if mode != "1" else "L")
+            arr = np.asarray(im)
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not a readable PNG/JPEG/TIFF (unidentified image format) "
+                                  "and not a DICOM file") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt streams
+        raise BadImageError(path, f"cannot decode image ({type(err).__name__}: {err})") from None
+
+    bits = 8
+    if arr.dtype == np.uint8:
+        scaled = arr.astype(np.float32) / 255.0
+    elif arr.dtype in (np.uint16, np.dtype(">u2"), np.dtype("<u2")):
+        scaled, bits = arr.astype(np.float32) / 65535.0, 16
+    elif arr.dtype == bool:
+        scaled, bits = arr.astype(np.float32), 1
+    elif np.issubdtype(arr.dtype, np.integer):
+        # PIL mode 'I' (16-bit PNG on some Pillow versions): full 16-bit scale when it fits.
+        if arr.min() >= 0 and arr.max() <= 65535:
+            scaled, bits = arr.astype(np.float32) / 65535.0, 16
+        else:
+            scaled, bits = _minmax(arr), 32
+    else:  # float TIFF: keep [0, 1] data as is, else scale min..max
+        arr = arr.astype(np.float32)
+        finite = arr[np.isfinite(arr)]
+        in_unit = finite.size and finite.min() >= 0.0 and finite.max() <= 1.0
+        scaled, bits = (arr if in_unit else _minmax(arr)), 32
+    collapsed = "single"
+    if scaled.ndim == 3:
+        scaled, collapsed = _collapse_color(scaled)
+    return np.ascontiguousarray(scaled, dtype=np.float32), {
+        "format": fmt, "bits": bits, "photometric": "MONOCHROME2", "color_collapsed": collapsed}
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """Files without a meta header: assume the encoding pydicom read them with (implicit VR LE by default)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit is None:
+        implicit, little = True, True
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _voi_output_range(ds) -> tuple[float, float]:
+    """Output range of pydicom's VOI step, so the result maps onto [0, 1] exactly."""
+    from pydicom.pixels import apply_windowing
+
+    if "VOILUTSequence" in ds:
+        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+        return float(lut.min()), float(lut.max())
+    # Windowing clips to [y_min, y_max]; probing far outside the window returns exactly those bounds.
+    probe = apply_windowing(np.array([-1e30, 1e30]), ds)
+    return float(probe[0]), float(probe[1])
+
+
+def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict[str, Any]]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        raise BadImageError(path, f"cannot parse DICOM ({type(err).__name__}: {err})") from None
+    if "PixelData" not in ds:
+        raise BadImageError(path, "DICOM has no pixel data (no PixelData element)")
+    _ensure_transfer_syntax(ds)
+    syntax = ds.file_meta.TransferSyntaxUID
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise BadImageError(path, f"multi-frame DICOM ({frames} frames); a radiograph has one frame")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # pydicom raises many types (missing decoder, bad length, corrupt stream)
+        raise BadImageError(path, f"cannot decode DICOM pixel data (transfer syntax {syntax.name}): "
+                                  f"{type(err).__name__}: {err}") from None
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    meta: dict[str, Any] = {"format": "dicom", "bits": int(ds.get("BitsStored", 0) or 0), "photometric": photometric,
+                            "modality": str(ds.get("Modality", "")) or None,
+                            "view": str(ds.get("ViewPosition", "")) or None,
+                            "transfer_syntax": syntax.name, "inverted": False, "color_collapsed": "single"}
+    if arr.ndim == 3:  # colour DICOM (pydicom returns RGB): no VOI for colour, collapse to gray
+        image, meta["color_collapsed"] = _collapse_color(arr.astype(np.float32))
+        meta["voi"] = "minmax"
+        return _minmax(image), meta
+
+    try:
+        values = apply_modality_lut(arr, ds).astype(np.float64)
+        has_window = "WindowCenter" in ds and "WindowWidth" in ds
+        if voi == "window" and not has_window:
+            raise BadImageError(path, "voi='window' but the file has no WindowCenter/WindowWidth; "
+                                      "use voi='auto' or 'none'")
+        if voi == "window":
+            lo, hi = _voi_output_range(_without_lut(ds))
+            image = (apply_windowing(values, ds) - lo) / max(hi - lo, 1e-12)
+            meta["voi"] = "window"
+        elif voi == "auto" and ("VOILUTSequence" in ds or has_window):
+            lo, hi = _voi_output_range(ds)
+            image = (apply_voi_lut(values, ds, prefer_lut=True) - lo) / max(hi - lo, 1e-12)
+            meta["voi"] = "lut" if "VOILUTSequence" in ds else "window"
+        else:
+            image = _minmax(values)
+            meta["voi"] = "minmax"
+    except BadImageError:
+        raise
+    except Exception as err:  # e.g. WindowWidth 0, unknown VOILUTFunction
+        raise BadImageError(path, f"cannot apply rescale/VOI ({type(err).__name__}: {err})") from None
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    if photometric == "MONOCHROME1":  # MONOCHROME1: low values are bright; flip to display convention
+        image = 1.0 - image
+        meta["inverted"] = True
+    return image, meta
+
+
+def _without_lut(ds):
+    """A shallow copy of ``ds`` without a VOI LUT sequence, so only the window defines the range."""
+    if "VOILUTSequence" not in ds:
+        return ds
+    copy = ds.copy()
+    del copy.VOILUTSequence
+    return copy

@@ -1,0 +1,103 @@
+"""`medtricks data check`: a plain-text report on a data set as a card reads it.
+
+Counts per class, split and patient; image size statistics; unreadable files; duplicate images;
+patient / duplicate leakage across splits; rows left out on purpose; the card's known pitfalls.
+Patients appear only as counts (never raw IDs); file paths are shown relative to the root.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from medtricks.data.cards import load_card
+from medtricks.data.datasets import scan_images
+from medtricks.data.errors import LeakageError
+from medtricks.data.manifest import build_manifest, split_summary
+from medtricks.data.splits import check_leakage, duplicate_groups
+
+_LIST = 10
+
+
+def _rel(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: float = 0.15,
+                      test_fraction: float = 0.0, progress: bool = True, voi: str = "auto") -> str:
+    """The text ``medtricks data check CARD_OR_PATH --root DIR`` prints (decodes every image once).
+
+    Example::
+
+        print(data_check_report("kermany-pneumonia", "../shared/data/kermany224/train"))
+    """
+    card = load_card(card_or_path)
+    root = Path(root).expanduser().resolve()
+    manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
+                              test_fraction=test_fraction, on_missing="keep")
+    good, bad = scan_images(manifest, side=None, voi=voi, progress=progress, desc="decoding images")
+    notes = manifest.attrs.get("notes", {})
+    out = [f"Data check: card '{card.name}' ({card.task}: {', '.join(card.classes)})",
+           textwrap.fill(" ".join(card.description.split()), width=100, initial_indent="  ",
+                         subsequent_indent="  "),
+           f"  source: {card.source}   license: {card.license}",
+           f"  root: {root}",
+           f"  split_seed={split_seed} val_fraction={val_fraction} test_fraction={test_fraction}"
+           + (f" (declared by the data: {', '.join(manifest.attrs['declared_splits'])})"
+              if manifest.attrs.get("declared_splits") else ""),
+           "",
+           f"Images: {len(manifest)} listed, {len(good)} readable, {len(bad)} unreadable; "
+           f"patients: {manifest['patient'].nunique()}",
+           "",
+           "Images per split and class (patients per split in the last column):"]
+    table = split_summary(manifest, card.classes)
+    out += ["  " + line for line in table.to_string().splitlines()]
+    per_patient = manifest.groupby("patient").size()
+    out.append(f"  images per patient: mean {per_patient.mean():.2f}, max {int(per_patient.max())}")
+    empty = [c for c in card.classes if c not in set(manifest["label"])]
+    if empty:
+        out.append(f"  WARNING: class(es) without any image: {', '.join(empty)}")
+
+    out += ["", "Image sizes (decoded, H x W):"]
+    if len(good):
+        h, w = good["height"].astype(int).to_numpy(), good["width"].astype(int).to_numpy()
+        out.append(f"  height min/median/max {h.min()}/{int(np.median(h))}/{h.max()}; "
+                   f"width min/median/max {w.min()}/{int(np.median(w))}/{w.max()}")
+        sizes = good.groupby(["height", "width"]).size().sort_values(ascending=False)
+        common = ", ".join(f"{int(a)}x{int(b)} ({n})" for (a, b), n in sizes.head(3).items())
+        out.append(f"  {len(sizes)} distinct size(s); most common: {common}; "
+                   f"non-square: {int((h != w).sum())}")
+    else:
+        out.append("  (no readable image)")
+
+    out += ["", f"Unreadable files: {len(bad)}"]
+    for path, reason in list(zip(bad["path"], bad["reason"]))[:_LIST]:
+        out.append(f"  {_rel(path, root)}: {reason}")
+    if len(bad) > _LIST:
+        out.append(f"  ... and {len(bad) - _LIST} more")
+
+    dupes = duplicate_groups(good) if len(good) else []
+    out += ["", f"Identical files (same bytes): {len(dupes)} group(s)"]
+    for group in dupes[:_LIST]:
+        out.append("  " + ", ".join(_rel(p, root) for p in group[:4]))
+    if len(dupes) > _LIST:
+        out.append(f"  ... and {len(dupes) - _LIST} more group(s) (duplicates inside one split do not leak)")
+
+    out += ["", "Leakage across splits:"]
+    try:
+        check_leakage(good)
+        out.append("  none: no patient and no identical image in two splits")
+    except LeakageError as err:
+        out += ["  " + line.replace(str(root) + "/", "") for line in str(err).splitlines()]
+
+    out += ["", "Left out on purpose:"]
+    out += [f"  {what}: {count}" for what, count in sorted(notes.items())] or ["  nothing"]
+
+    out += ["", "Known pitfalls (from the card):"]
+    for item in card.pitfalls or ["(none recorded)"]:
+        out.append(textwrap.fill(item.strip(), width=100, initial_indent="  - ", subsequent_indent="    "))
+    return "\n".join(out)

@@ -1,0 +1,187 @@
+"""Patient-level, stratified splits and the leakage check that runs before any training.
+
+Splits group by patient (no patient in two splits) and keep class proportions close, with
+scikit-learn's ``StratifiedGroupKFold``. A split the data already declares (a split column, split
+folders or split lists) is honoured; only the splits it lacks are carved out of the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import numpy as np
+
+from medtricks.data.errors import LeakageError, ManifestError
+
+# Finer folds give fractions close to the one asked for (k of 20 folds = steps of 5 %).
+_MAX_FOLDS = 20
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"{name}={value!r}: expected a number in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction:.3g} leaves no training data; "
+                         "expected a sum below 1")
+
+
+def _folds_for(fraction: float, max_folds: int) -> tuple[int, int]:
+    """(n_splits, k): hold out k of n_splits folds, k/n_splits within 1 % of ``fraction`` when possible.
+
+    The fewest folds that reach that precision: StratifiedGroupKFold's cost grows with n_splits.
+    """
+    best = None
+    for n in range(2, max(max_folds, 2) + 1):
+        k = min(max(int(round(fraction * n)), 1), n - 1)
+        err = abs(k / n - fraction)
+        if best is None or err < best[0] - 1e-12:
+            best = (err, n, k)
+        if err <= 0.01:
+            break
+    return best[1], best[2]
+
+
+def _carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
+           what: str) -> np.ndarray:
+    """Indices (a subset of ``indices``) holding about ``fraction`` of them, whole patients only."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups[indices]))
+    if n_groups < 2:
+        raise ManifestError(f"cannot carve a {what} split: only {n_groups} patient(s) in the pool; "
+                            "a patient-level split needs at least 2")
+    # sklearn refuses more folds than the largest class has members (tiny sets).
+    largest_class = int(np.unique(labels[indices], return_counts=True)[1].max())
+    if largest_class < 2:  # one image per class: nothing to stratify, plain group shuffle
+        from sklearn.model_selection import GroupShuffleSplit
+
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        _, held_idx = next(splitter.split(indices, groups=groups[indices]))
+        return np.sort(indices[held_idx])
+    n_splits, k = _folds_for(fraction, min(_MAX_FOLDS, n_groups, max(largest_class, 2)))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    held = []
+    with warnings.catch_warnings():
+        # "The least populated class has only N members": expected on small sets; stratification is best-effort.
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, held_idx) in enumerate(splitter.split(indices, labels[indices], groups[indices])):
+            if fold >= k:
+                break
+            held.append(indices[held_idx])
+    return np.sort(np.concatenate(held))
+
+
+def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequence] = None, *, seed: int = 0,
+                  val_fraction: float = 0.15, test_fraction: float = 0.0) -> np.ndarray:
+    """Split names ('train' | 'val' | 'test') per row, grouped by ``groups`` (patients).
+
+    ``explicit`` holds a split the data declares per row (or None / '' where it declares none).
+    For 'test' then 'val': if any row declares it, the declaration is honoured; otherwise that split
+    is carved (by patient, stratified by label) from the rows declared 'train' or undeclared, taking
+    ``test_fraction`` / ``val_fraction`` of that pool. ``seed`` drives only this choice.
+
+    Example::
+
+        assign_splits(["a", "a", "b", "b"], ["p1", "p1", "p2", "p3"], val_fraction=0.34)
+    """
+    _check_fractions(val_fraction, test_fraction)
+    labels = np.asarray(labels).astype(str)
+    groups = np.asarray(groups).astype(str)
+    n = len(labels)
+    if len(groups) != n:
+        raise ValueError(f"labels ({n}) and groups ({len(groups)}) differ in length")
+    declared = np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+                         for v in (explicit if explicit is not None else [None] * n)], dtype=object)
+    bad = sorted(set(declared) - {"", "train", "val", "test"})
+    if bad:
+        raise ManifestError(f"unknown split value(s) {bad}; expected train, val or test")
+    out = np.where(declared == "", "train", declared).astype(object)
+    pool = np.flatnonzero((declared == "") | (declared == "train"))
+    pool_size = len(pool)
+    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+        if (declared == split).any() or fraction <= 0 or pool_size == 0:
+            continue
+        # Relative to what is left, so val is val_fraction of the whole pool, not of pool minus test.
+        remaining = len(pool) / pool_size
+        held = _carve(pool, labels, groups, min(fraction / remaining, 0.95), seed, split)
+        out[held] = split
+        pool = np.setdiff1d(pool, held)
+    return out.astype(str)
+
+
+def file_digest(path: str, chunk: int = 1 << 20) -> str:
+    """Content hash of one file (BLAKE2b, 128 bit, hex) — the key of duplicate checks and the decode cache."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _content_hashes(manifest) -> dict[str, str]:
+    """path -> content hash; from the manifest's ``content_hash`` column, else computed for same-size files."""
+    if "content_hash" in manifest.columns and manifest["content_hash"].notna().all():
+        return dict(zip(manifest["path"], manifest["content_hash"]))
+    by_size = defaultdict(list)
+    for path in manifest["path"]:
+        try:
+            by_size[os.stat(path).st_size].append(path)
+        except OSError as err:
+            raise LeakageError(f"leakage check cannot read {path}: {err.strerror}", [path]) from None
+    # Only files sharing a byte size can be identical: hash just those.
+    return {p: file_digest(p) for paths in by_size.values() if len(paths) > 1 for p in paths}
+
+
+def check_leakage(manifest, *, max_listed: int = 10) -> None:
+    """Raise :class:`LeakageError` if a patient, or identical image bytes, appear in two splits.
+
+    ``manifest`` needs ``path``, ``patient`` and ``split`` columns (a ``content_hash`` column is
+    used when present, else same-size files are hashed). The message names the offending files;
+    ``err.files`` lists all of them.
+    """
+    missing = {"path", "patient", "split"} - set(manifest.columns)
+    if missing:
+        raise ValueError(f"check_leakage needs manifest columns {sorted(missing)}; got {list(manifest.columns)}")
+    problems: list[str] = []
+    files: list[str] = []
+
+    splits_per_patient = manifest.groupby("patient", sort=True)["split"].nunique()
+    leaky = splits_per_patient[splits_per_patient > 1].index
+    if len(leaky):
+        problems.append(f"{len(leaky)} patient(s) appear in more than one split:")
+        for patient in leaky:
+            rows = manifest[manifest["patient"] == patient]
+            files.extend(rows["path"])
+            if len(problems) <= max_listed:
+                where = "; ".join(f"{s}: {', '.join(rows.loc[rows['split'] == s, 'path'].head(3))}"
+                                  for s in sorted(rows["split"].unique()))
+                problems.append(f"  patient {patient} -> {where}")
+
+    digests = _content_hashes(manifest)
+    by_digest = defaultdict(list)
+    for path, split in zip(manifest["path"], manifest["split"]):
+        if path in digests:
+            by_digest[digests[path]].append((path, split))
+    dupes = [entries for entries in by_digest.values() if len({s for _, s in entries}) > 1]
+    if dupes:
+        problems.append(f"{len(dupes)} identical image(s) (same bytes) appear in more than one split:")
+        for i, entries in enumerate(dupes):
+            files.extend(p for p, _ in entries)
+            if i < max_listed:
+                problems.append("  same bytes: " + ", ".join(f"{p} ({s})" for p, s in entries[:4]))
+    if problems:
+        raise LeakageError("split leakage found (fix the data or the card's patient rule):\n" + "\n".join(problems),
+                           sorted(set(files)))
+
+
+def duplicate_groups(manifest) -> list[list[str]]:
+    """Groups of files with identical bytes (any split), for reports."""
+    digests = _content_hashes(manifest)
+    groups = defaultdict(list)
+    for path, digest in digests.items():
+        groups[digest].append(path)
+    return [sorted(g) for g in groups.values() if len(g) > 1]

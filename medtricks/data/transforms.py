@@ -1,0 +1,141 @@
+"""Augmentation presets (albumentations) and the eval transform for gray chest X-rays.
+
+Presets (train=True):
+
+- ``cxr_light``: RandomResizedCrop scale 0.7-1.0, rotation uniform in +-10 deg (black border, as
+  collimation looks), brightness/contrast +-0.1. No flips: a flipped chest puts the heart on the right.
+- ``paper_baseline``: He et al. 2019's ImageNet recipe: RandomResizedCrop scale 0.08-1, ratio 3/4-4/3,
+  horizontal flip, brightness/contrast/saturation 0.4 (saturation is a no-op on gray), PCA lighting
+  noise 0.1 (FancyPCA on the gray channel).
+- ``none``: the eval transform for training too.
+
+Eval (train=False): resize the shorter side to ``image_size / crop_pct``, then center crop
+``image_size`` (``crop_pct`` 0.875 for ``paper_baseline`` as in the paper, 1.0 otherwise, so no
+anatomy at the borders is lost).
+
+Augmentation runs on the single gray channel; channels are replicated to ``in_chans`` only at the end,
+then normalized with ``mean`` / ``std``.
+
+Randomness: albumentations >= 2 keeps its own generator, independent of numpy/python seeds. So that
+DataLoader worker seeding covers it (torch seeds python's ``random`` in every worker), each call
+re-seeds the pipeline from python's ``random`` module: same seeds -> same augmentations.
+
+Example::
+
+    t = build_transforms("cxr_light", 224, mean=(0.5,), std=(0.5,), in_chans=3, train=True)
+    x = t(img)        # img: float32 (H, W) in [0, 1] -> tensor (3, 224, 224)
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+
+PRESETS = ("cxr_light", "paper_baseline", "none")
+_CROP_PCT = {"cxr_light": 1.0, "paper_baseline": 0.875, "none": 1.0}
+
+
+def eval_resize_side(preset: str, image_size: int) -> int:
+    """Shorter side before the eval center crop (also the side the decode cache stores)."""
+    return int(math.ceil(image_size / _CROP_PCT[preset] - 1e-9))
+
+
+def _train_ops(preset: str, image_size: int) -> list:
+    import albumentations as A
+    import cv2
+
+    size = (image_size, image_size)
+    if preset == "cxr_light":
+        return [A.Rotate(limit=10, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+                A.RandomResizedCrop(size=size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
+                A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=1.0)]
+    if preset == "paper_baseline":
+        return [A.RandomResizedCrop(size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
+                A.HorizontalFlip(p=0.5),
+                A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
+                A.FancyPCA(alpha=0.1, p=1.0)]
+    return _eval_ops(preset, image_size)
+
+
+def _eval_ops(preset: str, image_size: int) -> list:
+    import albumentations as A
+    import cv2
+
+    return [A.SmallestMaxSize(max_size=eval_resize_side(preset, image_size), interpolation=cv2.INTER_AREA),
+            A.CenterCrop(height=image_size, width=image_size)]
+
+
+class XrayTransform:
+    """Callable: float32 (H, W) in [0, 1] -> normalized float tensor (in_chans, size, size).
+
+    Attributes ``preset``, ``image_size``, ``train``, ``in_chans`` and ``base_side`` (the shorter side
+    images are pre-resized to before this transform; what the decode cache stores).
+    """
+
+    def __init__(self, preset: str, image_size: int, *, mean: Sequence[float], std: Sequence[float],
+                 in_chans: int, train: bool):
+        import albumentations as A
+
+        self.preset, self.image_size, self.train, self.in_chans = preset, int(image_size), bool(train), int(in_chans)
+        self.mean = _per_channel(mean, in_chans, "mean")
+        self.std = _per_channel(std, in_chans, "std")
+        if (self.std <= 0).any():
+            raise ValueError(f"std values must be > 0, got {tuple(std)}")
+        # A little larger than the eval side, so random crops at scale 1 still see the whole image.
+        self.base_side = eval_resize_side(preset, image_size)
+        ops = _train_ops(preset, image_size) if train else _eval_ops(preset, image_size)
+        self.pipeline = A.Compose(ops, seed=0)
+        self.random = train and preset != "none"
+
+    def __call__(self, image) -> "torch.Tensor":  # noqa: F821 - torch imported lazily
+        import torch
+
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim != 2:
+            raise ValueError(f"expected a gray image of shape (H, W), got shape {image.shape}")
+        if not np.issubdtype(image.dtype, np.floating):
+            raise TypeError(f"expected a float image in [0, 1] (as read_image returns), got dtype {image.dtype}")
+        if self.random:
+            self.pipeline.set_random_seed(random.getrandbits(32))
+        out = self.pipeline(image=np.ascontiguousarray(image, dtype=np.float32)[..., None])["image"]
+        out = np.clip(out.reshape(out.shape[0], out.shape[1], -1)[..., :1], 0.0, 1.0)
+        out = np.repeat(out, self.in_chans, axis=2) if self.in_chans > 1 else out
+        out = (out - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32))
+
+    def __repr__(self) -> str:
+        return (f"XrayTransform(preset={self.preset!r}, image_size={self.image_size}, train={self.train}, "
+                f"in_chans={self.in_chans}, mean={tuple(self.mean.tolist())}, std={tuple(self.std.tolist())})")
+
+
+def _per_channel(values: Sequence[float], in_chans: int, name: str) -> np.ndarray:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        values = values * in_chans  # a 1-tuple with in_chans=3 replicates
+    if len(values) != in_chans:
+        raise ValueError(f"{name} has {len(values)} values {values}; expected 1 or in_chans={in_chans}")
+    return np.asarray(values, dtype=np.float32)
+
+
+def build_transforms(preset: str, image_size: int, *, mean: Sequence[float], std: Sequence[float],
+                     in_chans: int, train: bool) -> XrayTransform:
+    """The train (``train=True``) or eval transform of a preset; see the module docstring.
+
+    Example::
+
+        train_t = build_transforms("paper_baseline", 224, mean=(0.485, 0.456, 0.406),
+                                   std=(0.229, 0.224, 0.225), in_chans=3, train=True)
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; expected one of {PRESETS}")
+    if int(image_size) < 8:
+        raise ValueError(f"image_size={image_size}: expected at least 8 pixels")
+    if int(in_chans) < 1:
+        raise ValueError(f"in_chans={in_chans}: expected 1 or more channels")
+    return XrayTransform(preset, image_size, mean=mean, std=std, in_chans=in_chans, train=train)
