@@ -68,7 +68,6 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
         test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction, on_missing="keep")
     if split != "all":
-        check_leakage(manifest)
         manifest = manifest[manifest["split"] == split]
         if not len(manifest):
             raise ValueError(f"no images in split {split!r} of {root} (card {card.name!r})")
@@ -76,6 +75,8 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     transform = build_transforms(recipe.data.augment, image_size, mean=tuple(trained.data_config["mean"]),
                                  std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
     good, quarantine = scan_images(manifest, side=transform.base_side, progress=progress)
+    if split != "all":
+        check_leakage(good)  # the split is the card's: make sure it holds no patient of another split
     if len(quarantine):
         if on_bad_image == "error":
             listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))

@@ -213,10 +213,16 @@ def test_machine_salt_file_is_created_once(tmp_path, monkeypatch):
 def test_export_manifest_is_relative_and_minimal(tmp_path):
     root = csv_set(tmp_path, _rows(12))
     m = build_manifest(csv_card(), root)
-    out = export_manifest(m, root)
+    out = export_manifest(m, root, keep_paths=True)
     assert list(out.columns) == ["path", "label", "target", "patient", "split"]
     assert out["path"].str.startswith("imgs/").all()
     assert str(tmp_path) not in out.to_csv() and "SECRETPID" not in out.to_csv()
+    # default: file names (which may carry a dataset's patient IDs) are hashed too
+    hashed = export_manifest(m, root)
+    assert list(hashed.columns) == ["image_id", "label", "target", "patient", "split"]
+    assert hashed["image_id"].str.fullmatch(r"i_[0-9a-f]{16}").all() and hashed["image_id"].is_unique
+    assert "imgs/" not in hashed.to_csv()
+    assert hashed["image_id"].tolist() == export_manifest(m, root)["image_id"].tolist()  # stable
     with pytest.raises(ManifestError, match="not under the data root"):
         export_manifest(m, tmp_path / "imgs" / "elsewhere")
     raw = m.assign(patient="SECRETPID1")

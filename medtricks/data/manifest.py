@@ -274,10 +274,13 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     return out
 
 
-def export_manifest(manifest: pd.DataFrame, root) -> pd.DataFrame:
-    """The copy of a manifest that is safe to log: paths relative to ``root``, hashed patients, nothing else.
+def export_manifest(manifest: pd.DataFrame, root, *, keep_paths: bool = False) -> pd.DataFrame:
+    """The copy of a manifest that is safe to log: hashed image IDs, hashed patients, label and split.
 
-    Note: file names are kept as they are; some datasets encode their own (public) IDs in them.
+    File names often carry the dataset's own patient IDs (Kermany ``person123_...``, RSNA
+    ``<patientId>.dcm``), so by default the relative path is replaced by ``image_id``, a salted
+    hash of it (same salt as the patient hashes: the same file gets the same ID on this machine).
+    ``keep_paths=True`` keeps the relative paths, for data whose names are known to be safe.
     """
     root = Path(root).expanduser().resolve()
     rel = []
@@ -286,7 +289,8 @@ def export_manifest(manifest: pd.DataFrame, root) -> pd.DataFrame:
             rel.append(Path(p).resolve().relative_to(root).as_posix())
         except ValueError:
             raise ManifestError(f"{p} is not under the data root {root}; cannot export a relative path") from None
-    out = pd.DataFrame({"path": rel, "label": manifest["label"].to_numpy(),
+    first = ("path", rel) if keep_paths else ("image_id", [hash_patient(r, "image").replace("p_", "i_", 1) for r in rel])
+    out = pd.DataFrame({first[0]: first[1], "label": manifest["label"].to_numpy(),
                         "target": manifest["target"].to_numpy(), "patient": manifest["patient"].to_numpy(),
                         "split": manifest["split"].to_numpy()})
     bad = [p for p in out["patient"] if not re.fullmatch(r"p_[0-9a-f]{16}", str(p))]
