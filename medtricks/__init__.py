@@ -22,6 +22,8 @@ _EXPORTS = {
     "RecipeError": "medtricks.recipe",
     "load_recipe": "medtricks.recipe",
     "run_recipe": "medtricks.run",
+    "load_trained": "medtricks.run",
+    "evaluate_trained": "medtricks.posthoc",
     "RunResult": "medtricks.run",
     # data
     "load_card": "medtricks.data",
@@ -33,6 +35,8 @@ _EXPORTS = {
     "create_model": "medtricks.models",
     "get_data_config": "medtricks.models",
     "freeze_model": "medtricks.models",
+    "LearnableResizer": "medtricks.models",
+    "ResizerModel": "medtricks.models",
     # tricks
     "find_residual_norms": "medtricks.tricks.bn_gamma",
     "apply_bn_gamma": "medtricks.tricks.bn_gamma",

@@ -86,3 +86,13 @@ def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch):
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], abs=1e-6)
     assert resumed.metrics.values == pytest.approx(full.metrics.values, nan_ok=True)
     assert find_resumable_run_dir(recipe) is None  # finished now
+
+
+def test_tiny_run_with_cbam_resizer_logs_its_figure(tmp_path):
+    tracker = NullTracker()
+    result = run_recipe(_tiny(tmp_path, "model.resizer.enabled=true", "model.resizer.input_size=48",
+                              "model.resizer.output_size=32", "model.resizer.attention=cbam",
+                              "model.resizer.lr_mult=0.5", "train.epochs=1"), tracker=tracker, quiet=True)
+    assert "plots/resizer.png" in tracker.artifacts
+    assert not any(row["name"].startswith("resizer") for row in result.gamma_report.rows)
+    assert tracker.params["resolved.image_size"] == 48

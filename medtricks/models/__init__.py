@@ -34,8 +34,10 @@ _EXPORTS = {
     "freeze_model": "freeze",
     # tweaks.py: zero-gated SE/CBAM insertion
     "add_attention": "tweaks",
-    # --- resizer.py exports: the lead adds them here, e.g. "LearnableResizer": "resizer", ---
-    # --- "ResizerModel": "resizer", "resizer_param_count": "resizer",                     ---
+    # learnable resizer (Talebi & Milanfar 2021)
+    "LearnableResizer": "resizer",
+    "ResizerModel": "resizer",
+    "resizer_param_count": "resizer",
 }
 
 __all__ = sorted(_EXPORTS)
