@@ -14,6 +14,9 @@ EPILOG = """examples:
   medtricks data check kermany-pneumonia --root ../shared/data/kermany224/train
   medtricks gamma resnet50 --strategy zero_late
   medtricks evaluate runs/quickstart/<id> --card kermany-pneumonia --root /data/kermany/test
+  medtricks ablate recipes/quickstart.yaml --tricks warmup,bn_gamma=zero_late --seeds 5
+  medtricks compare --experiment quickstart --group-by variant
+  medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
   medtricks weights list
 """
 
@@ -77,6 +80,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the run's, else $MLFLOW_TRACKING_URI)")
     evaluate.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+
+    ablate = sub.add_parser("ablate", help="multi-seed ablation of tricks with confidence intervals")
+    ablate.add_argument("recipe", help="the baseline recipe")
+    ablate.add_argument("--tricks", default=None,
+                        help="comma-separated, e.g. warmup,cosine,label_smoothing=0.1,no_bias_decay,bn_gamma=zero_late")
+    ablate.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: recipe ablation.seeds)")
+    ablate.add_argument("--mode", choices=["cumulative", "one_at_a_time", "grid"], default=None)
+    ablate.add_argument("--jobs", type=int, default=None, help="child runs in parallel (default 1)")
+    ablate.add_argument("--metric", default=None, help="metric to compare (default val/auroc)")
+    ablate.add_argument("--test", choices=["t", "wilcoxon"], default=None, help="paired test over seeds")
+    ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    compare = sub.add_parser("compare", help="side-by-side table of MLflow runs, grouped by a tag")
+    which = compare.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", default=None, help="an MLflow experiment name")
+    which.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID")
+    compare.add_argument("--metric", default="val/auroc")
+    compare.add_argument("--group-by", default=None, help="a tag or param, e.g. variant")
+    compare.add_argument("--tracking-uri", default=None)
+
+    audit = sub.add_parser("audit", help="adversarial and corruption robustness audit of a trained run")
+    audit.add_argument("run", help="a run folder, its model/model_state.pt, or an MLflow run id")
+    audit.add_argument("--card", default=None, help="evaluate on this card's data instead of the run's validation split")
+    audit.add_argument("--root", default=None, help="root of --card's data")
+    audit.add_argument("--split", choices=["all", "train", "val", "test"], default=None,
+                       help="split of the data (default: val for the run's data, all for --card)")
+    audit.add_argument("--attacks", default=None, help="comma-separated: fgsm,pgd_linf,pgd_l2,apgd_ce,autoattack,square,transfer")
+    audit.add_argument("--eps", default=None, help="comma-separated epsilons in pixel units, e.g. 0,1/255,2/255")
+    audit.add_argument("--corruptions", default=None, help="comma-separated names, 'all' or 'none'")
+    audit.add_argument("--n", type=int, default=None, help="images to audit (default: recipe audit.n)")
+    audit.add_argument("--surrogate", default=None, help="run for the transfer attack's surrogate model")
+    audit.add_argument("--tracking-uri", default=None)
+    audit.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
 
     weights = sub.add_parser("weights", help="the pretrained weights zoo")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
@@ -142,6 +178,37 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_ablate(args) -> int:
+    from medtricks.ablation.runner import ablation_settings, run_ablation
+    from medtricks.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    tricks = [t.strip() for t in args.tricks.split(",") if t.strip()] if args.tricks else None
+    result = run_ablation(recipe, **ablation_settings(recipe, tricks=tricks, seeds=args.seeds, mode=args.mode,
+                                                      metric=args.metric, jobs=args.jobs, test=args.test))
+    return 1 if result.failed else 0  # run_ablation prints the table itself
+
+
+def _cmd_compare(args) -> int:
+    from medtricks.ablation import compare_runs
+
+    print(compare_runs(experiment=args.experiment, run_ids=args.runs, metric=args.metric, group_by=args.group_by,
+                       tracking_uri=args.tracking_uri), end="")
+    return 0
+
+
+def _cmd_audit(args) -> int:
+    from medtricks.posthoc import audit_trained
+
+    report = audit_trained(args.run, card=args.card, root=args.root, split=args.split, attacks=args.attacks,
+                           eps=args.eps, corruptions=args.corruptions, n=args.n, surrogate=args.surrogate,
+                           tracking_uri=args.tracking_uri, log=not args.no_log)
+    print(report.table)
+    if report.run_id:
+        print(f"logged to MLflow run {report.run_id}")
+    return 0
+
+
 def _cmd_weights(args, parser) -> int:
     if args.weights_command == "list":
         from medtricks.models.weights import format_weights_table
@@ -186,6 +253,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_weights(args, parser)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "ablate":
+            return _cmd_ablate(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "audit":
+            return _cmd_audit(args)
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
               file=sys.stderr)

@@ -201,6 +201,24 @@ class AuditConfig(_Section):
     surrogate: Optional[str] = None
 
 
+class AblationConfig(_Section):
+    tricks: list[str] = Field(default_factory=list)
+    seeds: Union[int, list[int]] = 5
+    mode: Literal["cumulative", "one_at_a_time", "grid"] = "cumulative"
+    metric: str = "val/auroc"
+    jobs: int = Field(1, ge=1)
+    test: Literal["t", "wilcoxon"] = "t"
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("ablation.seeds must be >= 1 (a count) or a list of seeds")
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("ablation.seeds as a list must be non-empty and without repeats")
+        return value
+
+
 class Recipe(_Section):
     """A fully resolved experiment: every knob a run uses."""
 
@@ -214,6 +232,7 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
 
     def tricks_on(self) -> list[str]:
         """Names of the bag-of-tricks items this recipe switches on (for tags and tables)."""

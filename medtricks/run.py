@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -309,6 +310,10 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
         flat = {f"best/{split}/{k}": float(v) for k, v in metrics.to_dict().items()
                 if isinstance(v, (int, float))}
         flat[f"best/{split}/loss"] = loss
+        # per-image predictions: ablations pair variants image by image (paired bootstrap)
+        pred_path = artifacts / f"predictions_{split}.npz"
+        np.savez_compressed(pred_path, y_true=targets, probs=probs.astype(np.float32))
+        tracker.log_artifact(pred_path, "predictions")
         tracker.log_metrics(flat, step=fit_result.steps)
         if recipe.eval.plots:
             tracker.log_figure(plot_confusion_matrix(targets, probs.argmax(1), classes),

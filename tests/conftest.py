@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,45 @@ def real_data_dir() -> Path:
     return path
 
 
+def _mlflow_template_path() -> Path:
+    """An empty, migrated MLflow sqlite store, made once per machine and MLflow version (creating
+    one runs the schema migrations, ~10 s) and copied wherever a test needs a fresh store."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    path = Path(tempfile.gettempdir()) / f"medtricks-test-mlflow-{mlflow.__version__}.db"
+    if not path.is_file():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()
+        os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_template() -> Path:
+    return _mlflow_template_path()
+
+
+def fresh_sqlite_uri(folder: Path) -> str:
+    """A new, empty sqlite MLflow store in ``folder`` (a copy of the migrated template)."""
+    db = Path(folder) / "mlflow.db"
+    if not db.exists():
+        shutil.copy(_mlflow_template_path(), db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite store, also set as MLFLOW_TRACKING_URI; the test runs inside tmp_path."""
+    uri = fresh_sqlite_uri(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
-    """Never let a test write into the working directory's mlflow.db."""
+    """Never let a test write into the working directory's mlflow.db or the user's cache."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MEDTRICKS_CACHE", str(tmp_path / "cache"))
     yield

@@ -10,13 +10,15 @@ from medtricks.posthoc import FlipTTA, evaluate_trained
 from medtricks.recipe import load_recipe
 from medtricks.run import load_trained, run_recipe
 
+from conftest import fresh_sqlite_uri
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(tmp)
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
         "data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
         "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",

@@ -8,6 +8,8 @@ from medtricks.recipe import load_recipe
 from medtricks.run import find_resumable_run_dir, run_recipe
 from medtricks.tracking import NullTracker
 
+from conftest import fresh_sqlite_uri
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
@@ -36,7 +38,7 @@ def test_tiny_run_with_null_tracker(tmp_path):
 
 
 def test_tiny_run_logs_to_mlflow(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(tmp_path)
     result = run_recipe(_tiny(tmp_path, f"tracking.uri={uri}"), quiet=True)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
@@ -50,7 +52,7 @@ def test_tiny_run_logs_to_mlflow(tmp_path):
         assert key in metrics, key
     assert "bn_gamma=zero_late" in tags["tricks"] and tags["medtricks.version"] == "0.1.0"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"recipe.yaml", "plots", "data", "model", "tricks"} <= artifacts
+    assert {"recipe.yaml", "plots", "data", "model", "tricks", "predictions"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert {"plots/lr_schedule.png", "plots/val_confusion_matrix.png", "plots/val_roc.png",
             "plots/val_reliability.png"} <= plots

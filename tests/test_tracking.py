@@ -5,9 +5,11 @@ from mlflow.tracking import MlflowClient
 from medtricks.tracking import NullTracker, create_tracker
 from medtricks.tracking.mlflow_tracker import TrackingUnavailableError
 
+from conftest import fresh_sqlite_uri
+
 
 def test_mlflow_tracker_roundtrip(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = fresh_sqlite_uri(tmp_path)
     tracker = create_tracker("mlflow", uri)
     run_id = tracker.start(experiment="exp", run_name="r1", tags={"tricks": "warmup"})
     tracker.log_params({f"p{i}": i for i in range(150)} | {"none": None})

@@ -1,0 +1,506 @@
+"""Run a multi-seed ablation: one MLflow parent run, one child run per (variant, seed), one table.
+
+The seed of a child drives ``experiment.seed`` only (weights init, data order, augmentation); the
+patient-level split (``data.split_seed``) and the data stay fixed, so every variant sees the same
+images and variants pair up by seed. Re-running the same ablation skips the (variant, seed) children
+that already finished (found in MLflow by the ablation id) and continues interrupted ones from their
+last checkpoint.
+
+Example::
+
+    from medtricks.recipe import load_recipe
+    from medtricks.ablation import run_ablation
+
+    recipe = load_recipe("recipes/paper_baseline.yaml")
+    result = run_ablation(recipe, ["warmup", "bn_gamma=zero_late", "label_smoothing=0.1"], seeds=5)
+    print(result.markdown())
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+
+from medtricks.ablation.table import (PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_FILE, _finite, forest_figure,
+                                      format_ablation_markdown, higher_is_better, image_bootstrap_delta,
+                                      load_predictions, metric_keys, summarize_groups)
+from medtricks.ablation.variants import make_variants
+from medtricks.recipe import Recipe, apply_overrides, flatten_recipe, recipe_from_dict
+
+__all__ = ["AblationResult", "run_ablation", "ablation_settings", "ablation_id", "child_recipe"]
+
+# Recipe keys that do not change what is trained: they stay out of the ablation id, so changing the
+# tracking URI or the progress bar still resumes the same ablation. experiment.seed is set per child.
+_NOT_IDENTITY = (("tracking",), ("experiment", "seed"), ("train", "progress"), ("ablation",))
+_CHILD_COLUMNS = ["variant", "variant_index", "seed", "run_id", "value", "ci_low", "ci_high", "run_dir", "status"]
+
+
+@dataclass
+class AblationResult:
+    """What :func:`run_ablation` returns.
+
+    Attributes:
+        table: one row per variant: ``n_seeds``, ``mean``, ``ci_low``, ``ci_high`` (over seeds),
+            ``delta`` / ``delta_ci_low`` / ``delta_ci_high`` / ``delta_p_value`` / ``verdict`` (paired
+            vs the baseline), ``boot_*`` (image bootstrap), ``delta_prev*`` (cumulative mode).
+        children: one row per finished child run: variant, seed, run_id, value and its bootstrap CI.
+        failed: ``{"variant", "seed", "error"}`` for every child that failed in this call.
+    """
+
+    table: pd.DataFrame
+    children: pd.DataFrame
+    metric: str
+    mode: str
+    ablation_id: str
+    variants: list[tuple[str, list[str]]]
+    seeds: list[int]
+    parent_run_id: Optional[str] = None
+    output_dir: Optional[Path] = None
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, int]] = field(default_factory=list)
+    tricks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def labels(self) -> dict[str, str]:
+        """Row labels for display: in cumulative mode only the trick each row adds (``+ cosine``)."""
+        if self.mode != "cumulative" or len(self.tricks) != len(self.variants) - 1:
+            return {}
+        return {name: f"+ {trick}" for (name, _), trick in zip(self.variants[1:], self.tricks)}
+
+    def markdown(self) -> str:
+        """The table as Markdown, with a title and the notes (what ``medtricks ablate`` prints)."""
+        title = (f"Ablation {self.ablation_id} ({self.mode}, {len(self.seeds)} seeds: "
+                 f"{', '.join(str(s) for s in self.seeds)}) — {self.metric}")
+        return format_ablation_markdown(self.table, metric=self.metric, title=title, notes=self.notes,
+                                        labels=self.labels())
+
+    def to_csv(self, path: Optional[str | Path] = None) -> str:
+        """The table as CSV text; also written to ``path`` when given."""
+        text = self.table.to_csv(index=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+# ------------------------------------------------------------------------------------ identities
+def ablation_id(recipe: Recipe, tricks: Sequence[str], mode: str) -> str:
+    """A short stable id of (base recipe, tricks, mode): the same ablation gets the same id.
+
+    Seeds are not part of it, so ``--seeds 10`` after ``--seeds 5`` reuses the first five children.
+    """
+    data = recipe.model_dump(mode="json")
+    for path in _NOT_IDENTITY:
+        node = data
+        for part in path[:-1]:
+            node = node.get(part, {})
+        node.pop(path[-1], None)
+    blob = json.dumps({"recipe": data, "tricks": [str(t).strip() for t in tricks], "mode": mode}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:limit] or "x"
+
+
+def child_recipe(base: Recipe, overrides: list[str], *, seed: int, variant: str, variant_index: int,
+                 ablation: str, tracking_uri: Optional[str] = None) -> Recipe:
+    """The recipe of one child: the variant's overrides, the seed, and its own run folder.
+
+    Each (variant, seed) gets its own ``experiment.output_dir`` below the ablation folder, so
+    ``run_recipe(..., resume="auto")`` can only ever continue that child's own unfinished run.
+    """
+    data = apply_overrides(base.model_dump(mode="json"), overrides)
+    data["experiment"]["seed"] = int(seed)
+    out = Path(base.experiment.output_dir) / base.experiment.name / f"ablation-{ablation}" / \
+        f"v{variant_index:02d}_{_slug(variant)}_seed{seed}"
+    data["experiment"]["output_dir"] = str(out)
+    data["tracking"]["run_name"] = f"{variant} | seed {seed}"
+    if tracking_uri is not None:
+        data["tracking"]["uri"] = tracking_uri
+    return recipe_from_dict(data, source=f"ablation {ablation} variant {variant!r} seed {seed}")
+
+
+# ------------------------------------------------------------------------------------- children
+def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[str, str], quiet: bool,
+               metric: str, threads: Optional[int] = None) -> dict[str, Any]:
+    """Train one child (also the entry point of worker processes); returns plain data only."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from medtricks.run import run_recipe
+
+    recipe = Recipe.model_validate(recipe_data)
+    result = run_recipe(recipe, resume="auto", parent_run_id=parent_run_id, extra_tags=tags, quiet=quiet)
+    keys = metric_keys(metric)
+    metrics = result.metrics if keys["split"] == "val" else result.test_metrics
+    values = dict(getattr(metrics, "values", {}) or {})
+    ci = dict(getattr(metrics, "ci", {}) or {})
+    low, high = ci.get(keys["name"], (math.nan, math.nan))
+    return {"run_id": result.run_id, "run_dir": str(result.run_dir),
+            "value": float(values.get(keys["name"], math.nan)), "ci_low": float(low), "ci_high": float(high)}
+
+
+def _children_from_mlflow(experiment: str, ablation: str, uri: Optional[str], metric: str) -> pd.DataFrame:
+    """Finished children of an ablation as logged in MLflow (the latest run per variant and seed)."""
+    from medtricks.tracking.query import RunNotFoundError, get_runs
+
+    try:
+        records = get_runs(tracking_uri=uri, experiment=experiment, statuses=["FINISHED"],
+                           tags={"medtricks.ablation_id": ablation, "medtricks.role": "ablation_child"})
+    except RunNotFoundError:  # the experiment does not exist yet: nothing ran
+        return pd.DataFrame(columns=_CHILD_COLUMNS)
+    keys = metric_keys(metric)
+    rows = []
+    for r in records:
+        rows.append({"variant": r.tags.get("variant"), "variant_index": int(r.tags.get("variant_index", -1)),
+                     "seed": int(r.tags["seed"]), "run_id": r.run_id,
+                     "value": r.metrics.get(keys["value"], math.nan),
+                     "ci_low": r.metrics.get(keys["ci_low"], math.nan),
+                     "ci_high": r.metrics.get(keys["ci_high"], math.nan),
+                     "run_dir": r.tags.get("run_dir"), "status": r.status, "_start": r.start_time or 0})
+    frame = pd.DataFrame(rows, columns=[*_CHILD_COLUMNS, "_start"])
+    frame = frame.sort_values("_start", kind="stable").drop_duplicates(["variant", "seed"], keep="last")
+    return frame.drop(columns="_start").reset_index(drop=True)
+
+
+def _find_parent(experiment: str, ablation: str, uri: Optional[str]) -> Optional[str]:
+    from medtricks.tracking.query import RunNotFoundError, get_runs
+
+    try:
+        parents = get_runs(tracking_uri=uri, experiment=experiment,
+                           tags={"medtricks.ablation_id": ablation, "medtricks.role": "ablation_parent"})
+    except RunNotFoundError:
+        return None
+    return parents[-1].run_id if parents else None
+
+
+def _predictions(children: pd.DataFrame, split: str, uri: Optional[str], cache: Path,
+                 use_mlflow: bool) -> tuple[dict[tuple[str, int], tuple[Any, Any]], list[str]]:
+    """Per-image predictions of each child: its run folder first, else the MLflow artifact."""
+    found: dict[tuple[str, int], tuple[Any, Any]] = {}
+    missing: list[str] = []
+    name = PREDICTIONS_FILE.format(split=split)
+    for row in children.itertuples():
+        path = Path(row.run_dir) / "artifacts" / name if isinstance(row.run_dir, str) else None
+        if (path is None or not path.is_file()) and use_mlflow and row.run_id:
+            from medtricks.tracking.query import download_artifact
+
+            path = download_artifact(row.run_id, f"{PREDICTIONS_ARTIFACT_DIR}/{name}", cache / str(row.run_id), uri)
+        if path is None or not Path(path).is_file():
+            missing.append(f"{row.variant} seed {row.seed}")
+            continue
+        found[(row.variant, int(row.seed))] = load_predictions(path)
+    return found, missing
+
+
+def _add_image_bootstrap(table: pd.DataFrame, preds: dict, reference: str,
+                         scalar: str, n_bootstrap: int, ci: float, notes: list[str]) -> None:
+    import numpy as np
+
+    labels = [p[0] for p in preds.values()]
+    if any(len(y) != len(labels[0]) or not np.array_equal(y, labels[0]) for y in labels[1:]):
+        notes.append("image bootstrap skipped: the children's evaluation labels differ, so their images are "
+                     "not the same (was data.split_seed or the data changed between runs?)")
+        return
+    for col in ("boot_delta", "boot_ci_low", "boot_ci_high", "boot_p_value", "boot_n_seeds"):
+        table[col] = math.nan
+    ref_seeds = {s for (v, s) in preds if v == reference}
+    for i, variant in enumerate(table["variant"]):
+        if variant == reference:
+            continue
+        seeds = sorted(ref_seeds & {s for (v, s) in preds if v == variant})
+        if not seeds:
+            continue
+        res = image_bootstrap_delta(labels[0], [preds[(variant, s)][1] for s in seeds],
+                                    [preds[(reference, s)][1] for s in seeds], scalar,
+                                    n_bootstrap=n_bootstrap, ci=ci)
+        table.loc[i, ["boot_delta", "boot_ci_low", "boot_ci_high", "boot_p_value", "boot_n_seeds"]] = [
+            res["delta"], res["ci_low"], res["ci_high"], res["p_value"], len(seeds)]
+
+
+# ----------------------------------------------------------------------------------------- main
+def _resolve_seeds(seeds: int | Sequence[int], base_seed: int) -> list[int]:
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds must be a count (int >= 1) or a list of ints, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        return [base_seed + i for i in range(seeds)]
+    out = [int(s) for s in seeds]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"seeds must be a non-empty list of distinct ints, got {list(seeds)!r}")
+    return out
+
+
+_SETTINGS_DEFAULTS = {"seeds": 5, "mode": "cumulative", "metric": "val/auroc", "jobs": 1, "test": "t"}
+
+
+def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] = None,
+                      seeds: Optional[int | Sequence[int]] = None, mode: Optional[str] = None,
+                      metric: Optional[str] = None, jobs: Optional[int] = None,
+                      test: Optional[str] = None) -> dict[str, Any]:
+    """Keyword arguments for :func:`run_ablation`: command-line values over the recipe's ``ablation:``
+    section over the defaults (seeds 5, cumulative, val/auroc, 1 job, paired t).
+
+    ``tricks`` may be a comma-separated string (``--tricks warmup,bn_gamma=zero_late``).
+
+    Example::
+
+        settings = ablation_settings(recipe, tricks=args.tricks, seeds=args.seeds)
+        result = run_ablation(recipe, **settings)
+    """
+    section = getattr(recipe, "ablation", None)
+    if section is None:
+        section = {}
+    elif not isinstance(section, dict):
+        section = section.model_dump() if hasattr(section, "model_dump") else dict(section)
+    unknown = sorted(set(section) - {"tricks", *_SETTINGS_DEFAULTS})
+    if unknown:
+        raise ValueError(f"recipe section 'ablation' has unknown key(s) {unknown}; "
+                         f"valid: tricks, {', '.join(_SETTINGS_DEFAULTS)}")
+    given = {"tricks": tricks, "seeds": seeds, "mode": mode, "metric": metric, "jobs": jobs, "test": test}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            value = section.get(key)
+        if value is None:
+            value = _SETTINGS_DEFAULTS.get(key)
+        out[key] = value
+    if isinstance(out["tricks"], str):
+        out["tricks"] = [t.strip() for t in out["tricks"].split(",") if t.strip()]
+    if not out["tricks"]:
+        raise ValueError("no tricks to ablate: pass --tricks warmup,bn_gamma=zero_late,... or set "
+                         "ablation.tricks in the recipe")
+    out["tricks"] = list(out["tricks"])
+    return out
+
+
+def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int] = 5, mode: str = "cumulative",
+                 metric: str = "val/auroc", jobs: int = 1, tracking_uri: Optional[str] = None,
+                 quiet: bool = False, test: str = "t") -> AblationResult:
+    """Train every variant for every seed and build the table.
+
+    Args:
+        recipe: the baseline recipe (every variant starts from it).
+        tricks: trick specs (see :mod:`medtricks.ablation.variants`).
+        seeds: a count (seeds ``experiment.seed``, ``+1``, ...) or an explicit list of seeds.
+        mode: ``cumulative`` | ``one_at_a_time`` | ``grid``.
+        metric: the table's metric, ``val/<name>`` or ``test/<name>`` (the best checkpoint's value).
+        jobs: children trained at once; ``> 1`` uses worker processes (use a tracking server, not
+            sqlite, for many jobs).
+        tracking_uri: MLflow URI for parent and children (default: the recipe's, then
+            ``$MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db``).
+        quiet: no printing.
+        test: seed-level paired test, ``t`` or ``wilcoxon``.
+
+    Children that fail are reported in ``result.failed`` and left out of the table (re-running the
+    same command retries them); the parent run then ends ``FAILED``.
+    """
+    say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    keys = metric_keys(metric)
+    if test not in ("t", "wilcoxon"):
+        raise ValueError(f"test must be 't' or 'wilcoxon', got {test!r}")
+    if keys["split"] == "test" and recipe.data.test_fraction == 0:
+        raise ValueError(f"metric {metric!r} needs a test split but data.test_fraction is 0; use val/"
+                         f"{keys['name']} or --set data.test_fraction=0.15")
+    if isinstance(tricks, str):
+        tricks = tricks.split(",")
+    tricks = [str(t).strip() for t in tricks if str(t).strip()]
+    seed_list = _resolve_seeds(seeds, recipe.experiment.seed)
+    variants = make_variants(recipe, tricks, mode)
+    aid = ablation_id(recipe, tricks, mode)
+    experiment = recipe.tracking.experiment or recipe.experiment.name
+    use_mlflow = recipe.tracking.backend == "mlflow"
+    uri = tracking_uri or recipe.tracking.uri
+    out_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / f"ablation-{aid}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+
+    # ---- parent run (re-opened when this ablation ran before)
+    parent = None
+    parent_id: Optional[str] = None
+    done = pd.DataFrame(columns=_CHILD_COLUMNS)
+    if use_mlflow:
+        from medtricks.tracking import create_tracker
+
+        parent = create_tracker("mlflow", uri)
+        previous = _find_parent(experiment, aid, uri)
+        tags = {"medtricks.role": "ablation_parent", "medtricks.ablation_id": aid, "ablation.mode": mode,
+                "ablation.tricks": ",".join(tricks), "ablation.metric": metric,
+                "ablation.seeds": ",".join(str(s) for s in seed_list), "ablation.dir": str(out_dir)}
+        parent_id = parent.start(experiment=experiment, run_name=f"ablation {recipe.experiment.name} {aid[:6]}",
+                                 tags=tags, resume_run_id=previous)
+        if previous:
+            parent.set_tags(tags)
+        base_params = {k: v for k, v in flatten_recipe(recipe).items()
+                       if not k.startswith(("tracking.", "ablation.")) and k not in ("experiment.seed", "train.progress")}
+        parent.log_params({**base_params, "ablation.id": aid, "ablation.mode": mode,
+                           "ablation.tricks": ",".join(tricks),
+                           "ablation.variants": json.dumps(dict(variants))})
+        done = _children_from_mlflow(experiment, aid, uri, metric)
+    else:
+        notes.append("tracking.backend is 'none': no parent run, and finished children cannot be found "
+                     "again, so nothing is resumed")
+
+    # Whatever happens below, the parent run is closed with a status that says so.
+    try:
+        finished = {(v, int(s)) for v, s in zip(done["variant"], done["seed"])}
+        index = {name: i for i, (name, _) in enumerate(variants)}
+        plan = [(name, overrides, seed) for seed in seed_list for name, overrides in variants
+                if (name, seed) not in finished]  # seed-major: an interrupted ablation still pairs seeds
+        skipped = [(name, seed) for seed in seed_list for name, _ in variants if (name, seed) in finished]
+        say(f"ablation {aid} ({mode}): {len(variants)} variants x {len(seed_list)} seeds = "
+            f"{len(variants) * len(seed_list)} runs; {len(skipped)} already finished, {len(plan)} to run"
+            + (f"; parent MLflow run {parent_id} in experiment {experiment!r}" if parent_id else ""))
+        for i, (name, overrides) in enumerate(variants):
+            say(f"  v{i:02d} {name}: {' '.join(overrides) or '(base recipe)'}")
+
+        jobs_data = []
+        for name, overrides, seed in plan:
+            child = child_recipe(recipe, overrides, seed=seed, variant=name, variant_index=index[name],
+                                 ablation=aid, tracking_uri=tracking_uri)
+            tags = {"variant": name, "seed": str(seed), "variant_index": str(index[name]),
+                    "variant_overrides": " ".join(overrides) or "none", "medtricks.role": "ablation_child",
+                    "medtricks.ablation_id": aid}
+            jobs_data.append((name, seed, child.model_dump(mode="json"), tags))
+
+        results: dict[tuple[str, int], dict[str, Any]] = {}
+        failed: list[dict[str, Any]] = []
+        if jobs == 1 or len(jobs_data) <= 1:
+            for n, (name, seed, data, tags) in enumerate(jobs_data, 1):
+                say(f"[{n}/{len(jobs_data)}] {name} | seed {seed}")
+                try:
+                    results[(name, seed)] = _run_child(data, parent_run_id=parent_id, tags=tags, quiet=quiet,
+                                                       metric=metric)
+                except Exception as err:  # noqa: BLE001 - one failed child must not lose the others
+                    failed.append({"variant": name, "seed": seed, "error": f"{type(err).__name__}: {err}"})
+                    say(f"  FAILED {name} | seed {seed}: {type(err).__name__}: {err}", file=sys.stderr)
+        else:
+            results, failed = _run_parallel(jobs_data, jobs, parent_id, quiet, metric, say)
+
+        # ---- the children's numbers: from MLflow (what the UI shows), else from this call's results
+        if use_mlflow:
+            all_children = _children_from_mlflow(experiment, aid, uri, metric)
+        else:
+            all_children = pd.DataFrame([{"variant": v, "variant_index": index[v], "seed": s, "status": "FINISHED", **r}
+                                         for (v, s), r in results.items()], columns=_CHILD_COLUMNS)
+        children = all_children[all_children["seed"].isin(seed_list) & all_children["variant"].isin(index)].copy()
+        extra = len(all_children) - len(children)
+        if extra > 0:
+            notes.append(f"{extra} finished child run(s) of other seeds are not in this table (seeds asked: "
+                         f"{', '.join(str(s) for s in seed_list)})")
+        no_value = children[~children["value"].map(_finite)]
+        if len(no_value):
+            notes.append(f"{len(no_value)} child run(s) have no {keys['value']}: "
+                         + ", ".join(f"{r.variant} seed {r.seed}" for r in no_value.itertuples()))
+        children = children[children["value"].map(_finite)]
+        children["variant_index"] = children["variant"].map(index)
+        children = children.sort_values(["variant_index", "seed"]).reset_index(drop=True)
+        for f in failed:
+            notes.append(f"FAILED: {f['variant']} seed {f['seed']}: {f['error']} (re-run the same command to retry)")
+
+        table = summarize_groups(children[["variant", "seed", "value"]], [n for n, _ in variants],
+                                 reference="baseline", previous=(mode == "cumulative"), ci=recipe.eval.ci,
+                                 test=test, higher_better=higher_is_better(metric))
+        table.insert(1, "overrides", [" ".join(o) for _, o in variants])
+
+        # ---- image-level paired bootstrap from the children's saved predictions
+        if keys["scalar"] is None:
+            notes.append(f"image bootstrap: not available for {keys['name']!r} (only accuracy, balanced_accuracy, "
+                         "auroc, f1, ece)")
+        elif recipe.eval.n_bootstrap == 0:
+            notes.append("image bootstrap: eval.n_bootstrap is 0")
+        elif len(children):
+            preds, missing = _predictions(children, keys["split"], uri, out_dir / "predictions", use_mlflow)
+            if missing:
+                notes.append(f"image bootstrap: no saved {keys['split']} predictions for {len(missing)} child run(s) "
+                             f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); "
+                             "those seeds are left out of it")
+            if preds:
+                _add_image_bootstrap(table, preds, "baseline", keys["scalar"], recipe.eval.n_bootstrap,
+                                     recipe.eval.ci, notes)
+
+        result = AblationResult(table=table, children=children, metric=metric, mode=mode, ablation_id=aid,
+                                variants=variants, seeds=seed_list, parent_run_id=parent_id, output_dir=out_dir,
+                                failed=failed, skipped=skipped, notes=notes, tricks=tricks)
+        result = AblationResult(table=table, children=children, metric=metric, mode=mode, ablation_id=aid,
+                                variants=variants, seeds=seed_list, parent_run_id=parent_id, output_dir=out_dir,
+                                failed=failed, skipped=skipped, notes=notes, tricks=tricks)
+        _write_outputs(result, parent, say)
+    except BaseException as err:
+        if parent is not None:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            parent.set_tags({"ablation.status": "interrupted" if interrupted else "error",
+                             "medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
+            parent.end("KILLED" if interrupted else "FAILED")
+        raise
+    return result
+
+
+def _run_parallel(jobs_data, jobs: int, parent_id, quiet, metric, say):
+    """Children in worker processes (spawned: no CUDA/fork surprises); threads split between them."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results, failed = {}, []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_run_child, data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric,
+                               threads=threads): (name, seed) for name, seed, data, tags in jobs_data}
+        for n, future in enumerate(as_completed(futures), 1):
+            name, seed = futures[future]
+            try:
+                results[(name, seed)] = future.result()
+                say(f"[{n}/{len(futures)}] finished {name} | seed {seed}")
+            except Exception as err:  # noqa: BLE001
+                failed.append({"variant": name, "seed": seed, "error": f"{type(err).__name__}: {err}"})
+                say(f"[{n}/{len(futures)}] FAILED {name} | seed {seed}: {type(err).__name__}: {err}",
+                    file=sys.stderr)
+    return results, failed
+
+
+def _write_outputs(result: AblationResult, parent, say) -> None:
+    """Markdown, CSVs and the forest plot into the ablation folder and onto the parent run."""
+    import matplotlib.pyplot as plt
+
+    out = result.output_dir
+    md = result.markdown()
+    (out / "ablation_table.md").write_text(md)
+    result.to_csv(out / "ablation_table.csv")
+    result.children.to_csv(out / "children.csv", index=False)
+    files = [out / "ablation_table.md", out / "ablation_table.csv", out / "children.csv"]
+    if result.table["mean"].map(_finite).any():
+        fig = forest_figure(result.table, metric=result.metric, labels=result.labels())
+        fig.savefig(out / "forest.png", dpi=120, bbox_inches="tight")  # keep long labels inside
+        plt.close(fig)
+        files.append(out / "forest.png")
+    say("")
+    say(md)
+    say(f"table, CSV and forest plot: {out}")
+    if parent is None:
+        return
+    for path in files:
+        parent.log_artifact(path, "ablation")
+    metrics = {}
+    for i, row in result.table.iterrows():
+        prefix = f"ablation/v{i:02d}_{_slug(str(row['variant']))}"
+        for col in ("mean", "ci_low", "ci_high", "delta", "delta_p_value", "n_seeds"):
+            if _finite(row.get(col)):
+                metrics[f"{prefix}/{col}"] = float(row[col])
+    parent.log_metrics(metrics)
+    complete = not result.failed and len(result.children) == len(result.variants) * len(result.seeds)
+    parent.set_tags({"ablation.status": "complete" if complete else "incomplete",
+                     "ablation.failed": str(len(result.failed))})
+    parent.end("FAILED" if result.failed else "FINISHED")

@@ -1,0 +1,476 @@
+"""Ablation and comparison tables: per-seed values in, mean ± CI, paired deltas and verdicts out.
+
+Two sources of uncertainty are reported side by side:
+
+* **seeds** (the unit that matters for "does this trick help?"): mean with a Student-t interval
+  (:func:`medtricks.evaluate.stats.mean_ci`) and a paired test against the reference variant over
+  the seeds both share (:func:`medtricks.evaluate.stats.paired_comparison`, paired t or Wilcoxon);
+* **images**: a paired bootstrap over the evaluation images of the seed-averaged metric difference
+  (same resampled images for both variants and every seed), from the children's saved predictions.
+
+The verdict (helps / hurts / no evidence) comes from the seed-level test.
+
+Example::
+
+    >>> import pandas as pd
+    >>> runs = pd.DataFrame({"variant": ["baseline"] * 3 + ["+warmup"] * 3, "seed": [0, 1, 2] * 2,
+    ...                      "value": [0.80, 0.82, 0.81, 0.84, 0.85, 0.85]})
+    >>> table = summarize_groups(runs, ["baseline", "+warmup"])
+    >>> table.loc[1, "verdict"]
+    'helps'
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "metric_keys",
+    "higher_is_better",
+    "summarize_groups",
+    "image_bootstrap_delta",
+    "format_ablation_markdown",
+    "format_runs_markdown",
+    "forest_figure",
+    "markdown_table",
+    "compare_runs",
+    "PREDICTIONS_FILE",
+]
+
+# Where a run leaves its per-image predictions on an evaluation split (``{split}`` = val | test):
+# an .npz with ``y_true`` (N,) int labels and ``probs`` (N, K) softmax probabilities, written in the
+# run folder and logged as the MLflow artifact ``predictions/predictions_{split}.npz``.
+PREDICTIONS_FILE = "predictions_{split}.npz"
+PREDICTIONS_ARTIFACT_DIR = "predictions"
+
+_LOWER_IS_BETTER = ("loss", "ece")
+_TEST_NAMES = {"t": "paired t", "wilcoxon": "wilcoxon"}
+
+
+# -------------------------------------------------------------------------------------- metrics
+def metric_keys(metric: str) -> dict[str, Optional[str]]:
+    """How a table metric maps onto what a run logged.
+
+    ``val/auroc`` → value ``best/val/auroc`` (the best checkpoint, evaluated with bootstrap CIs),
+    CI ``best/val/auroc_ci_low`` / ``_ci_high``, split ``val``, image-level name ``auroc``.
+    A key already starting with ``best/`` is taken as is.
+
+    >>> metric_keys("val/auroc")["value"]
+    'best/val/auroc'
+    """
+    key = metric if isinstance(metric, str) and metric.startswith("best/") else f"best/{metric}"
+    parts = key.split("/")
+    if not isinstance(metric, str) or len(parts) < 3 or parts[1] not in ("val", "test") or not parts[2]:
+        raise ValueError(f"metric must be val/<name> or test/<name> (the best checkpoint's value, e.g. "
+                         f"val/auroc, test/accuracy, val/sensitivity/covid), got {metric!r}")
+    from medtricks.evaluate.metrics import SCALAR_METRICS
+
+    name = "/".join(parts[2:])
+    return {"value": key, "ci_low": f"{key}_ci_low", "ci_high": f"{key}_ci_high", "split": parts[1],
+            "name": name, "scalar": name if name in SCALAR_METRICS else None}
+
+
+def higher_is_better(metric: str) -> bool:
+    """``False`` for losses and calibration error, ``True`` for everything else."""
+    name = metric.rsplit("/", 1)[-1]
+    return not any(name == m or name.endswith(m) for m in _LOWER_IS_BETTER)
+
+
+# ---------------------------------------------------------------------------------- seed stats
+def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str = "variant",
+                     reference: Optional[str] = None, previous: bool = False, ci: float = 0.95,
+                     test: str = "t", higher_better: bool = True) -> pd.DataFrame:
+    """One row per group: seeds, mean and CI over seeds, and the paired delta against ``reference``.
+
+    Args:
+        runs: one row per run with columns ``group_col``, ``seed`` and ``value`` (finite).
+        order: the groups in table order; groups without any run get a row with ``n_seeds`` 0.
+        reference: the group to compare with (default: the first of ``order``).
+        previous: also compare each row with the row above (``delta_prev`` ... columns); this is how a
+            cumulative ablation shows what each added trick did.
+        ci, test, higher_better: see :func:`medtricks.evaluate.stats.paired_comparison`.
+
+    Pairing is by ``seed``: only seeds present in both groups enter a comparison (``n_paired``).
+    """
+    from medtricks.evaluate.stats import mean_ci, paired_comparison
+
+    if test not in _TEST_NAMES:
+        raise ValueError(f"test must be one of {sorted(_TEST_NAMES)}, got {test!r}")
+    missing = {group_col, "seed", "value"} - set(runs.columns)
+    if missing:
+        raise ValueError(f"runs table lacks column(s) {sorted(missing)}; has {list(runs.columns)}")
+    order = list(order)
+    reference = order[0] if reference is None else reference
+    if reference not in order:
+        raise ValueError(f"reference {reference!r} is not one of the groups {order}")
+    by_group = {g: dict(zip(df["seed"], df["value"])) for g, df in runs.groupby(group_col, sort=False)}
+    unknown = sorted(set(by_group) - set(order), key=str)
+    if unknown:
+        raise ValueError(f"runs of group(s) {unknown} are not in the table order {order}")
+    for g, df in runs.groupby(group_col, sort=False):
+        if df["seed"].duplicated().any():
+            raise ValueError(f"group {g!r} has more than one run for seed(s) "
+                             f"{sorted(df.loc[df['seed'].duplicated(), 'seed'].tolist())}; keep one per seed")
+
+    def compare(a: str, b: str, prefix: str) -> dict[str, Any]:
+        va, vb = by_group.get(a, {}), by_group.get(b, {})
+        seeds = sorted(set(va) & set(vb))
+        out = {f"{prefix}": math.nan, f"{prefix}_ci_low": math.nan, f"{prefix}_ci_high": math.nan,
+               f"{prefix}_p_value": math.nan, f"{prefix}_verdict": "", f"{prefix}_n_paired": len(seeds)}
+        if a == b or not seeds:
+            return out
+        res = paired_comparison([va[s] for s in seeds], [vb[s] for s in seeds], ci=ci, test=test,
+                                higher_is_better=higher_better)
+        out.update({f"{prefix}": res["delta_mean"], f"{prefix}_ci_low": res["ci_low"],
+                    f"{prefix}_ci_high": res["ci_high"], f"{prefix}_p_value": res["p_value"],
+                    f"{prefix}_verdict": res["verdict"]})
+        return out
+
+    rows = []
+    for i, group in enumerate(order):
+        values = by_group.get(group, {})
+        row: dict[str, Any] = {group_col: group, "n_seeds": len(values),
+                               "seeds": ",".join(str(s) for s in sorted(values))}
+        if values:
+            row["mean"], row["ci_low"], row["ci_high"] = mean_ci(list(values.values()), ci=ci)
+            row["std"] = float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else math.nan
+        else:
+            row.update(mean=math.nan, ci_low=math.nan, ci_high=math.nan, std=math.nan)
+        row.update(compare(group, reference, "delta"))
+        if previous:
+            row.update(compare(group, order[i - 1] if i else group, "delta_prev"))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table = table.rename(columns={"delta_verdict": "verdict"})
+    table.attrs.update(reference=reference, ci=ci, test=_TEST_NAMES[test])
+    return table
+
+
+# --------------------------------------------------------------------------------- image stats
+def _per_seed_metric(name: str, n_classes: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    # The same metric definitions as compute_metrics (one place defines AUROC, ECE, ...).
+    from medtricks.evaluate.metrics import _scalar_metric_fn
+
+    return _scalar_metric_fn(name, n_classes, 15)
+
+
+def image_bootstrap_delta(y_true: np.ndarray, probs_a: Sequence[np.ndarray], probs_b: Sequence[np.ndarray],
+                          metric: str, *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap over images of ``mean over seeds of metric(a_s) - metric(b_s)``.
+
+    ``probs_a[s]`` and ``probs_b[s]`` are ``(N, K)`` predictions of seed ``s`` of the two variants on
+    the same ``N`` images (same fixed split). Each resample draws one set of image indices and
+    scores every seed of both variants on it, so image difficulty cancels and the seeds' deltas are
+    averaged as in the seed-level table. Returns the dict of
+    :func:`medtricks.evaluate.metrics.paired_bootstrap_delta` (``delta``, ``ci_low``, ``ci_high``,
+    ``p_value``, ...) plus ``n_seeds``.
+    """
+    from medtricks.evaluate.metrics import paired_bootstrap_delta
+
+    if len(probs_a) != len(probs_b) or not probs_a:
+        raise ValueError(f"need the same non-zero number of seeds for both variants, got {len(probs_a)} and {len(probs_b)}")
+    y = np.asarray(y_true)
+    shapes = {np.shape(p) for p in (*probs_a, *probs_b)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != len(y):
+        raise ValueError(f"every probs array must be (N, K) with N = {len(y)} images; got shapes {sorted(shapes)}")
+    n_seeds, k = len(probs_a), next(iter(shapes))[1]
+    fn = _per_seed_metric(metric, k)
+    n_present = np.unique(y).size
+    class_averaged = metric in ("auroc", "balanced_accuracy", "f1")
+
+    # The library bootstraps one (N, C) probability array per variant. Seeds go side by side as
+    # (N, S*K), scaled by 1/S so rows still sum to 1; the metric below splits them again.
+    def stack(probs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(p, dtype=np.float64) for p in probs], axis=1) / n_seeds
+
+    def seed_mean(yy: np.ndarray, pp: np.ndarray) -> float:
+        if class_averaged and np.unique(yy).size < n_present:
+            return math.nan  # a resample that lost a class: the average changes meaning, skip it
+        per_seed = pp.reshape(len(yy), n_seeds, k) * n_seeds
+        return float(np.mean([fn(yy, per_seed[:, s, :]) for s in range(n_seeds)]))
+
+    seed_mean.__name__ = metric
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = paired_bootstrap_delta(y, stack(probs_a), stack(probs_b), seed_mean, n_bootstrap=n_bootstrap,
+                                     ci=ci, seed=seed)
+    out["n_seeds"] = n_seeds
+    return out
+
+
+def load_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(y_true, probs)`` from a run's predictions .npz (see :data:`PREDICTIONS_FILE`)."""
+    with np.load(path) as data:
+        missing = {"y_true", "probs"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: predictions file lacks array(s) {sorted(missing)}; has {data.files}")
+        return np.asarray(data["y_true"]), np.asarray(data["probs"])
+
+
+# ------------------------------------------------------------------------------------ formatting
+def _num(value: Any, digits: int = 4) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
+
+
+def _signed(value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{value:+.4f}" if math.isfinite(value) else "-"
+
+
+def _p(value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    if not math.isfinite(value):
+        return "-"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _mean_ci(mean: Any, low: Any, high: Any, n: Any = None) -> str:
+    if not _finite(mean):
+        return "-"
+    if not (_finite(low) and _finite(high)):
+        return f"{_num(mean)} (no CI{', 1 seed' if n == 1 else ''})"
+    return f"{_num(mean)} [{_num(low)}, {_num(high)}]"
+
+
+def _delta_ci(delta: Any, low: Any, high: Any) -> str:
+    if not _finite(delta):
+        return "-"
+    if not (_finite(low) and _finite(high)):
+        return f"{_signed(delta)} (no CI)"
+    return f"{_signed(delta)} [{_signed(low)}, {_signed(high)}]"
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown pipe table, columns padded so it also reads well in a terminal."""
+    cells = [[str(c).replace("|", "\\|") for c in header]] + [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str = "variant",
+                             title: Optional[str] = None, notes: Sequence[str] = (),
+                             labels: Optional[dict[str, str]] = None) -> str:
+    """The ablation table as Markdown: mean [CI] over seeds, Δ vs reference with CI, p, verdict.
+
+    Image-bootstrap columns appear when ``table`` has ``boot_delta`` values; Δ vs the previous row
+    when it has ``delta_prev`` (cumulative mode). ``labels`` maps a group to the text shown for it
+    (e.g. only the trick a cumulative row adds).
+    """
+    labels = labels or {}
+    ci = float(table.attrs.get("ci", 0.95))
+    pct = f"{100 * ci:g}%"
+    ref = table.attrs.get("reference", table[group_col].iloc[0])
+    test = table.attrs.get("test", "paired t")
+    has_prev = "delta_prev" in table.columns
+    has_boot = "boot_delta" in table.columns and table["boot_delta"].map(_finite).any()
+    header = [group_col, "seeds", f"{metric} mean [{pct} CI]", f"Δ vs {ref} [{pct} CI]", f"p ({test})"]
+    if has_boot:
+        header += [f"Δ image bootstrap [{pct} CI]", "p (bootstrap)"]
+    if has_prev:
+        header += [f"Δ vs previous [{pct} CI]", "p (prev)"]
+    header.append("verdict")
+    rows = []
+    for _, r in table.iterrows():
+        is_ref = r[group_col] == ref
+        row = [labels.get(r[group_col], r[group_col]), str(int(r["n_seeds"])), _mean_ci(r["mean"], r["ci_low"], r["ci_high"], int(r["n_seeds"])),
+               "(reference)" if is_ref else _delta_ci(r["delta"], r["delta_ci_low"], r["delta_ci_high"]),
+               "" if is_ref else _p(r["delta_p_value"])]
+        if has_boot:
+            row += ["" if is_ref else _delta_ci(r.get("boot_delta"), r.get("boot_ci_low"), r.get("boot_ci_high")),
+                    "" if is_ref else _p(r.get("boot_p_value"))]
+        if has_prev:
+            first = r[group_col] == table[group_col].iloc[0]
+            row += ["" if first else _delta_ci(r["delta_prev"], r["delta_prev_ci_low"], r["delta_prev_ci_high"]),
+                    "" if first else _p(r["delta_prev_p_value"])]
+        row.append("" if is_ref else (r["verdict"] or "no evidence"))
+        rows.append(row)
+    out = [f"### {title}", ""] if title else []
+    out.append(markdown_table(header, rows))
+    explain = [f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both "
+               f"variants share ({test} test); verdict from that test at α = {1 - ci:.2g}."]
+    if has_boot:
+        explain.append("Δ image bootstrap: paired bootstrap over the evaluation images of the seed-averaged "
+                       "difference (same resampled images for both variants).")
+    if has_prev:
+        explain.append("Cumulative: each row adds its trick to everything above it (full variant names in the "
+                       "CSV); Δ vs previous isolates the trick.")
+    out += ["", *explain]
+    if notes:
+        out += ["", "Notes:", *[f"- {n}" for n in notes]]
+    return "\n".join(out) + "\n"
+
+
+def format_runs_markdown(runs: pd.DataFrame, *, metric: str, group_col: Optional[str] = None,
+                         ci_level: Optional[float] = None) -> str:
+    """Per-run table: name, id, seed, value with the bootstrap CI that run logged, status, tricks."""
+    pct = f"{100 * ci_level:g}% " if ci_level else ""
+    header = ([group_col] if group_col else []) + ["run", "run id", "seed", metric, f"bootstrap {pct}CI",
+                                                   "status", "tricks"]
+    rows = []
+    for _, r in runs.iterrows():
+        ci_text = f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]" if _finite(r["ci_low"]) else "-"
+        rows.append(([r[group_col]] if group_col else []) +
+                    [r["run_name"], str(r["run_id"])[:12], "-" if pd.isna(r["seed"]) else str(int(r["seed"])),
+                     _num(r["value"]), ci_text, r["status"], r.get("tricks") or "-"])
+    return markdown_table(header, rows)
+
+
+def forest_figure(table: pd.DataFrame, *, metric: str, group_col: str = "variant",
+                  labels: Optional[dict[str, str]] = None):
+    """Forest plot of the table (mean and CI over seeds per row), the reference mean as a line."""
+    labels = labels or {}
+    from medtricks.evaluate.plots import plot_forest
+
+    shown = table[table["mean"].map(_finite)]
+    if shown.empty:
+        raise ValueError("no row of the table has a finite mean: nothing to plot")
+    ref = table.attrs.get("reference")
+    ref_rows = shown.loc[shown[group_col] == ref, "mean"]
+    names = [f"{labels.get(g, g)} (n={int(n)})" for g, n in zip(shown[group_col], shown["n_seeds"])]
+    ci = float(table.attrs.get("ci", 0.95))
+    return plot_forest(names, shown["mean"].tolist(), shown["ci_low"].tolist(), shown["ci_high"].tolist(),
+                       reference=float(ref_rows.iloc[0]) if len(ref_rows) else None,
+                       xlabel=f"{metric} (mean, {100 * ci:g}% CI over seeds)")
+
+
+# --------------------------------------------------------------------------------------- compare
+def _seed_of(record) -> Optional[int]:
+    raw = record.tags.get("seed", record.params.get("experiment.seed"))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def runs_frame(records, metric: str, group_by: Optional[str] = None) -> pd.DataFrame:
+    """Plain table of MLflow run records: one row per run with the metric and its logged CI."""
+    keys = metric_keys(metric)
+    rows = []
+    for r in records:
+        group = None
+        if group_by:
+            group = r.tags.get(group_by, r.params.get(group_by))
+        rows.append({"run_id": r.run_id, "run_name": r.run_name, "status": r.status,
+                     "start_time": r.start_time, "seed": _seed_of(r), "group": group,
+                     "value": r.metrics.get(keys["value"], math.nan),
+                     "ci_low": r.metrics.get(keys["ci_low"], math.nan),
+                     "ci_high": r.metrics.get(keys["ci_high"], math.nan),
+                     "tricks": r.tags.get("tricks"), "variant_index": r.tags.get("variant_index"),
+                     "ci_level": r.params.get("eval.ci")})
+    return pd.DataFrame(rows, columns=["run_id", "run_name", "status", "start_time", "seed", "group", "value",
+                                       "ci_low", "ci_high", "tricks", "variant_index", "ci_level"])
+
+
+def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str]] = None,
+                 metric: str = "val/auroc", group_by: Optional[str] = None,
+                 tracking_uri: Optional[str] = None, ci: float = 0.95, test: str = "t") -> str:
+    """The side-by-side table ``medtricks compare`` prints, read from MLflow.
+
+    Every run with the metric is listed with the bootstrap CI it logged. With ``group_by`` (a tag
+    such as ``variant``, or a param such as ``optim.lr``) runs are also aggregated per group: seeds,
+    mean with a t-CI over runs, and the paired-by-seed difference to the reference group
+    (``baseline`` when present, else the first group).
+
+    Example::
+
+        print(compare_runs(experiment="quickstart", group_by="variant"))
+    """
+    from medtricks.tracking.query import get_runs
+
+    if experiment is None and not run_ids:
+        raise ValueError("compare needs --experiment NAME or --runs ID [ID ...]")
+    keys = metric_keys(metric)
+    records = get_runs(tracking_uri=tracking_uri, experiment=experiment, run_ids=run_ids)
+    notes: list[str] = []
+    parents = [r for r in records if r.tags.get("medtricks.role") == "ablation_parent"]
+    if parents and not run_ids:
+        records = [r for r in records if r.tags.get("medtricks.role") != "ablation_parent"]
+        notes.append(f"{len(parents)} ablation parent run(s) not listed (their table is their artifact "
+                     "ablation/ablation_table.md)")
+    frame = runs_frame(records, metric, group_by)
+    where = f"experiment {experiment!r}" if experiment else f"{len(run_ids or [])} given run(s)"
+    without = frame[~frame["value"].map(_finite)]
+    if len(without):
+        listed = ", ".join(f"{r.run_name or r.run_id[:12]} ({r.status})" for r in without.itertuples())
+        notes.append(f"{len(without)} run(s) have no {keys['value']} and are left out: {listed}")
+    frame = frame[frame["value"].map(_finite)].copy()
+    if frame.empty:
+        lines = [f"No run in {where} logged {keys['value']}."] + [f"- {n}" for n in notes]
+        return "\n".join(lines) + "\n"
+
+    levels = {float(v) for v in frame["ci_level"].dropna()}
+    ci_level = levels.pop() if len(levels) == 1 else None
+    out = [f"## {metric} in {where} ({len(frame)} runs)", ""]
+    if group_by:
+        no_tag = frame["group"].isna()
+        if no_tag.any():
+            notes.append(f"{int(no_tag.sum())} run(s) have no tag or param {group_by!r}: grouped as '(none)'")
+        frame["group"] = frame["group"].fillna("(none)")
+        frame = frame.sort_values(["start_time"], kind="stable")
+        order = _group_order(frame)
+        paired = frame.dropna(subset=["seed"])
+        if len(paired) < len(frame):
+            notes.append(f"{len(frame) - len(paired)} run(s) have neither a 'seed' tag nor an experiment.seed "
+                         "param: counted in the run list only")
+        # One run per (group, seed) for the statistics: the latest (a re-run replaces an older one).
+        dupes = paired.duplicated(subset=["group", "seed"], keep="last")
+        if dupes.any():
+            notes.append(f"{int(dupes.sum())} older run(s) with the same {group_by} and seed as a later run are "
+                         "left out of the statistics")
+        stats_runs = paired[~dupes].rename(columns={"group": group_by})[[group_by, "seed", "value"]]
+        stats_runs["seed"] = stats_runs["seed"].astype(int)
+        reference = "baseline" if "baseline" in order else order[0]
+        table = summarize_groups(stats_runs, order, group_col=group_by, reference=reference, ci=ci, test=test,
+                                 higher_better=higher_is_better(metric))
+        out.append(format_ablation_markdown(table, metric=metric, group_col=group_by).rstrip())
+        out.append("")
+        shown = frame.sort_values(["group"], key=lambda s: s.map({g: i for i, g in enumerate(order)}),
+                                  kind="stable").rename(columns={"group": group_by})
+        out.append(format_runs_markdown(shown, metric=metric, group_col=group_by, ci_level=ci_level))
+    else:
+        shown = frame.sort_values("value", ascending=not higher_is_better(metric), kind="stable")
+        out.append(format_runs_markdown(shown, metric=metric, ci_level=ci_level))
+        if len(shown) > 1:
+            from medtricks.evaluate.stats import mean_ci
+
+            mean, low, high = mean_ci(shown["value"].tolist(), ci=ci)
+            out += ["", f"All {len(shown)} runs: mean {_mean_ci(mean, low, high, len(shown))} "
+                        f"({100 * ci:g}% Student-t CI over runs)."]
+    if notes:
+        out += ["", "Notes:", *[f"- {n}" for n in notes]]
+    return "\n".join(out) + "\n"
+
+
+def _group_order(frame: pd.DataFrame) -> list[str]:
+    """Groups in ablation order when runs carry ``variant_index``, else by first appearance."""
+    idx = pd.to_numeric(frame["variant_index"], errors="coerce")
+    first = frame.assign(_idx=idx).groupby("group", sort=False)["_idx"].min()
+    appearance = list(dict.fromkeys(frame["group"]))
+    return sorted(appearance, key=lambda g: (0 if _finite(first[g]) else 1,
+                                             first[g] if _finite(first[g]) else 0, appearance.index(g)))
