@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--corruptions", default=None, help="comma-separated names, 'all' or 'none'")
     audit.add_argument("--n", type=int, default=None, help="images to audit (default: recipe audit.n)")
     audit.add_argument("--surrogate", default=None, help="run for the transfer attack's surrogate model")
+    audit.add_argument("--target-class", default=None,
+                       help="targeted attacks: push every image towards this class name (default: untargeted)")
     audit.add_argument("--tracking-uri", default=None)
     audit.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
 
@@ -202,7 +204,7 @@ def _cmd_audit(args) -> int:
 
     report = audit_trained(args.run, card=args.card, root=args.root, split=args.split, attacks=args.attacks,
                            eps=args.eps, corruptions=args.corruptions, n=args.n, surrogate=args.surrogate,
-                           tracking_uri=args.tracking_uri, log=not args.no_log)
+                           target_class=args.target_class, tracking_uri=args.tracking_uri, log=not args.no_log)
     print(report.table)
     if report.run_id:
         print(f"logged to MLflow run {report.run_id}")

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset"]
+__all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset", "AuditReport", "audit_trained",
+           "audit_model", "log_audit", "parse_eps"]
 
 
 class FlipTTA(nn.Module):
@@ -136,3 +137,107 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
         tracker.end()
     return report
 
+
+
+# ------------------------------------------------------------------------------------------ audit
+@dataclass
+class AuditReport:
+    result: Any  # medtricks.audit.AuditResult
+    table: str
+    run_id: Optional[str] = None
+    n_images: int = 0
+
+
+def parse_eps(text: str) -> list[float]:
+    """``"0,0.5/255,1/255"`` → floats; fractions allowed so ε can be written in 1/255 units."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            if "/" in part:
+                num, den = part.split("/", 1)
+                values.append(float(num) / float(den))
+            else:
+                values.append(float(part))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"--eps: {part!r} is not a number or a fraction like 2/255") from None
+    return values
+
+
+def _names(value, default) -> list[str]:
+    if value is None:
+        return list(default)
+    if isinstance(value, str):
+        return [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+def audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, device, seed: int = 0,
+                surrogate: Optional[nn.Module] = None, progress: bool = True, batch_size: int = 32,
+                attacks=None, eps=None, corruptions=None, n: Optional[int] = None, target_class=None):
+    """Run :func:`medtricks.audit.run_audit` as the recipe's ``audit`` section says (arguments override)."""
+    from medtricks.audit import run_audit
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return run_audit(model, loader, classes=classes, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                     attacks=_names(attacks, audit_cfg.attacks), eps=list(eps if eps is not None else audit_cfg.eps),
+                     pgd_steps=audit_cfg.pgd_steps, corruptions=_names(corruptions, audit_cfg.corruptions),
+                     severities=audit_cfg.severities, n=n or audit_cfg.n, surrogate=surrogate, device=device,
+                     target_class=target_class if target_class is not None else audit_cfg.target_class,
+                     n_bootstrap=audit_cfg.n_bootstrap, seed=seed, progress=progress)
+
+
+def log_audit(tracker, result) -> None:
+    """Audit metrics, the JSON report and the PNG plots onto the tracker's current run."""
+    tracker.log_metrics(result.metrics, step=0)
+    tracker.log_text(result.to_json(), "audit/report.json")
+    for name, figure in result.figures().items():
+        tracker.log_figure(figure, name)
+
+
+def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] = None, split: Optional[str] = None,
+                  attacks=None, eps=None, corruptions=None, n: Optional[int] = None, surrogate: Optional[str] = None,
+                  target_class: Optional[str] = None, tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
+                  progress: bool = True) -> AuditReport:
+    """Adversarial and corruption audit of a trained run (folder, model file or MLflow run id).
+
+    Data: the run's own validation split by default, or ``card``/``root`` (all images unless
+    ``split``). Settings: the run's ``audit`` recipe section, overridden by the arguments
+    (``attacks``/``corruptions`` as lists or comma-separated strings, ``eps`` as floats or a string
+    like ``"0,1/255,2/255"``, ``target_class`` a class name for targeted attacks). With ``log=True`` everything is logged onto the audited MLflow run
+    (re-opened) when it is in this store, else onto a new run tagged ``medtricks.audited_run``.
+    """
+    from medtricks.run import load_trained
+    from medtricks.train import resolve_device
+
+    dev = resolve_device(device)
+    trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev))
+    recipe = trained.recipe
+    if card is None and root is not None:
+        raise ValueError("--root needs --card (the card that describes that data)")
+    if card is not None:
+        if root is None:
+            raise ValueError("--card needs --root (where that data lies)")
+        dataset, _ = eval_dataset(trained, card, root, split=split or "all", progress=progress)
+    else:
+        dataset, _ = eval_dataset(trained, recipe.data.card, recipe.data.root, split=split or "val", progress=progress)
+    surrogate_model = load_trained(surrogate, tracking_uri=tracking_uri, device=str(dev)).model if surrogate else None
+    eps_values = parse_eps(eps) if isinstance(eps, str) else eps
+    result = audit_model(trained.model, dataset, audit_cfg=recipe.audit, classes=trained.classes,
+                         data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
+                         surrogate=surrogate_model, progress=progress, attacks=attacks, eps=eps_values,
+                         corruptions=corruptions, n=n, target_class=target_class)
+    report = AuditReport(result=result, table=result.table(), n_images=min(len(dataset), n or recipe.audit.n))
+    if log:
+        from medtricks.tracking import create_tracker
+
+        tracker = create_tracker("mlflow", tracking_uri or recipe.tracking.uri)
+        if trained.run_id and tracker.run_exists(trained.run_id):
+            report.run_id = tracker.start(experiment="", run_name="", tags={}, resume_run_id=trained.run_id)
+        else:
+            report.run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
+                                          run_name=f"audit-{recipe.experiment.name}",
+                                          tags={"medtricks.audited_run": str(trained.run_id),
+                                                "medtricks.kind": "audit"})
+        log_audit(tracker, result)
+        tracker.end()
+    return report

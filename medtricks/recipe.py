@@ -199,6 +199,8 @@ class AuditConfig(_Section):
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     n: int = Field(500, ge=1)
     surrogate: Optional[str] = None
+    target_class: Optional[Union[int, str]] = None  # None = untargeted; a class name/index = targeted
+    n_bootstrap: int = Field(200, ge=0)
 
 
 class AblationConfig(_Section):

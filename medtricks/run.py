@@ -324,6 +324,18 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
             final = metrics
         else:
             test_result = metrics
+    if recipe.audit.enabled:
+        from medtricks.posthoc import audit_model, log_audit
+
+        surrogate = None
+        if recipe.audit.surrogate:
+            surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device)).model
+        audit_result = audit_model(eval_model, bundle.val, audit_cfg=recipe.audit, classes=classes,
+                                   data_config=data_config, device=device, seed=recipe.experiment.seed,
+                                   surrogate=surrogate, progress=recipe.train.progress,
+                                   batch_size=recipe.train.batch_size)
+        log_audit(tracker, audit_result)
+        say(audit_result.table())
     if recipe.eval.plots and recipe.model.resizer.enabled:
         from medtricks.evaluate.resizer_plots import resizer_comparison_figure
 

@@ -109,3 +109,17 @@ def test_unknown_best_metric_is_named(tmp_path):
     with pytest.raises(KeyError, match="val/auroc"):
         fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
             evaluate_fn=ev, checkpoint_dir=tmp_path)
+
+
+def test_undefined_best_metric_keeps_latest_until_defined(tmp_path):
+    model, train, val, opt, sched, cfg, ev = _setup(tmp_path, epochs=3)
+    values = iter([float("nan"), 0.4, float("nan")])
+
+    def evaluate_fn(m):  # e.g. AUROC on a validation split that lacks a class in epoch 1
+        return {"val/acc": next(values)}
+
+    with pytest.warns(RuntimeWarning, match="undefined|nan"):
+        result = fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
+                     evaluate_fn=evaluate_fn, checkpoint_dir=tmp_path)
+    assert result.best_epoch == 2 and result.best_value == 0.4
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1

@@ -72,3 +72,46 @@ def test_evaluate_rejects_a_card_with_other_classes(trained_run, tmp_path):
     result, uri, tmp = trained_run
     with pytest.raises(ValueError, match="classes"):
         evaluate_trained(str(result.run_dir), card="kermany-pneumonia", root=str(tmp_path), log=False)
+
+
+# ------------------------------------------------------------------------------------------ audit
+def test_audit_trained_logs_onto_the_audited_run(trained_run):
+    from medtricks.posthoc import audit_trained
+
+    result, uri, tmp = trained_run
+    report = audit_trained(result.run_id, attacks="fgsm", eps="0,2/255", corruptions="gaussian_noise", n=12,
+                           tracking_uri=uri, progress=False, device="cpu")
+    assert report.run_id == result.run_id  # re-opened, not a new run
+    metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
+    fgsm_keys = [k for k in metrics if k.startswith("audit/fgsm/")]
+    assert fgsm_keys and any("accuracy" in k for k in fgsm_keys)
+    assert any(k.startswith("audit/corrupt/") for k in metrics)
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(result.run_id, "audit")}
+    assert "audit/report.json" in artifacts
+    assert "accuracy" in report.table.lower()
+
+
+def test_audit_cli_rejects_a_bad_eps_and_runs_without_logging(trained_run, capsys):
+    result, uri, tmp = trained_run
+    assert main(["audit", str(result.run_dir), "--eps", "0,two/255", "--no-log"]) == 2
+    assert "two/255" in capsys.readouterr().err
+    code = main(["audit", str(result.run_dir), "--attacks", "fgsm", "--eps", "0,1/255", "--corruptions", "none",
+                 "--n", "8", "--target-class", "covid", "--no-log"])
+    assert code == 0
+    assert "fgsm_to_covid" in capsys.readouterr().out
+
+
+def test_recipe_audit_section_lands_in_the_training_run(tmp_path):
+    uri = fresh_sqlite_uri(tmp_path)
+    recipe = load_recipe(ROOT / "recipes" / "audit.yaml", overrides=[
+        "data.synth.n=32", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
+        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",
+        "train.progress=false", "schedule.warmup_epochs=0", f"data.root={tmp_path / 'phantoms'}",
+        f"experiment.output_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "audit.attacks=[fgsm]",
+        "audit.eps=[0.0,0.01]", "audit.corruptions=[contrast]", "audit.severities=[3]", "audit.n=8",
+        "audit.n_bootstrap=10"])
+    result = run_recipe(recipe, quiet=True)
+    metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
+    assert any(k.startswith("audit/fgsm/") for k in metrics)
+    assert any(k.startswith("audit/corrupt/contrast") for k in metrics)
+    assert "val/loss" in metrics  # the training metrics are on the same run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -157,13 +158,15 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             with autocast_context(device, cfg.amp_dtype):
                 logits = model(images)
                 loss = loss_fn(logits.float(), targets)
-            if not torch.isfinite(loss):
+            # One host sync per batch: the value serves the finiteness check, the epoch mean and the bar.
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
                 if bar is not None:
                     bar.close()
                 kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else \
                     "no checkpoint was written yet (it failed in the first epoch)"
                 raise NonFiniteLossError(
-                    f"training loss is {loss.item()} at epoch {epoch + 1}, update {step}; stopping. "
+                    f"training loss is {loss_value} at epoch {epoch + 1}, update {step}; stopping. "
                     f"{kept}. Lower optim.lr, add warmup (schedule.warmup_epochs) or set "
                     "train.grad_clip.")
             (scaler.scale(loss / cfg.accumulate) if scaler else loss / cfg.accumulate).backward()
@@ -184,14 +187,15 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 if ema is not None:
                     ema.update(model, step=step)
                 if on_step and step % cfg.log_every == 0 and _is_main_process():
-                    on_step(step, {"train/loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+                    on_step(step, {"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})
             batch = images.shape[0]
-            epoch_loss += loss.item() * batch
+            epoch_loss += loss_value * batch
             epoch_images += batch
             if bar is not None:
-                elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{epoch_images / elapsed:.1f}")
+                if batch_index % cfg.log_every == 0:  # formatting the postfix every batch costs time
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{epoch_images / elapsed:.1f}", refresh=False)
                 bar.update(1)
         if bar is not None:
             bar.close()
@@ -207,6 +211,15 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                            f"metrics: {sorted(metrics)}")
         if _better(value, result.best_value, cfg.best_mode):
             result.best_value, result.best_epoch = value, epoch + 1
+            save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
+                             "value": value}, best_path)
+        elif result.best_value is None:
+            # The metric is undefined (e.g. AUROC on a validation split missing a class): keep the
+            # latest epoch as "best" so the run still ends with a checkpoint, and say so.
+            warnings.warn(f"train.best_metric {cfg.best_metric!r} is {value} at epoch {epoch + 1}; keeping "
+                          "the latest epoch as the best checkpoint until it becomes defined", RuntimeWarning,
+                          stacklevel=2)
+            result.best_epoch = epoch + 1
             save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
                              "value": value}, best_path)
         save_checkpoint({

@@ -1,0 +1,144 @@
+"""Benchmark scripts: helpers (fast) and each script's --quick run (slow), so the scripts do not rot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of scripts, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import format_table, interleaved_order, ratio, results_dir, summarize  # noqa: E402
+
+
+def test_interleaved_order_rotates_so_each_contender_takes_each_place():
+    orders = interleaved_order(["a", "b", "c"], 6)
+    assert orders[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert all(sorted(order) == ["a", "b", "c"] for order in orders)
+    for position in range(3):  # over 6 repeats each name is at each position twice
+        assert sorted(order[position] for order in orders) == ["a", "a", "b", "b", "c", "c"]
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_order(["a"], 0)
+
+
+def test_summarize_and_ratio():
+    s = summarize([3.0, 1.0, 10.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
+    assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0.0) is None
+
+
+def test_format_table_is_markdown_with_readable_numbers():
+    text = format_table([{"name": "resnet18", "img/s": 1234.567, "x": 0.98765, "ok": True, "none": None}],
+                        ["name", "img/s", "x", "ok", "none"])
+    header, rule, row = text.splitlines()
+    assert header.split("|")[1].strip() == "name" and set(rule) <= {"|", "-"}
+    assert [c.strip() for c in row.strip("|").split("|")] == ["resnet18", "1,234.6", "0.988", "yes", "-"]
+
+
+def test_results_dir_uses_out_when_given(tmp_path):
+    assert results_dir(str(tmp_path / "x"), quick=True) == tmp_path / "x"
+    assert (tmp_path / "x").is_dir()
+
+
+def test_parse_importtime_keeps_top_level_modules_by_cumulative_time():
+    from benchmarks.cli_startup import parse_importtime
+
+    stderr = ("import time: self [us] | cumulative | imported package\n"
+              "import time:       100 |        100 |   _io\n"
+              "import time:       500 |       2500 | argparse\n"
+              "import time:      1500 |       4000 | medtricks\n")
+    rows = parse_importtime(stderr, top=5)
+    assert [r["module"] for r in rows] == ["medtricks", "argparse"]
+    assert rows[0]["cumulative_ms"] == 4.0 and rows[1]["self_ms"] == 0.5
+
+
+def test_all_three_training_loops_do_the_same_arithmetic():
+    """The throughput comparison is fair only if the loops compute the same thing: same model, data,
+    loss, optimizer groups and LR schedule give the same loss after the same updates."""
+    from benchmarks.train_throughput import CONTENDERS, Config, make_batches, measure
+
+    cfg = Config(model="linear", in_chans=1, batch_size=4, image_size=8, warmup=1, steps=5, progress=False)
+    batches = make_batches(cfg)
+    results = {c: measure(c, cfg, batches) for c in CONTENDERS}
+    losses = [results[c]["final_loss"] for c in CONTENDERS]
+    assert max(losses) - min(losses) < 1e-5, losses
+    assert all(results[c]["img_per_s"] > 0 and results[c]["peak_rss_mb"] > 0 for c in CONTENDERS)
+    # a different learning rate changes the loss: the check above could fail
+    other = measure("bare", Config(model="linear", in_chans=1, batch_size=4, image_size=8, warmup=1, steps=5,
+                                   lr=0.5), batches)
+    assert abs(other["final_loss"] - losses[0]) > 1e-4
+
+
+def test_config_rejects_zero_warmup():
+    from benchmarks.train_throughput import Config
+
+    with pytest.raises(ValueError, match="warmup and steps"):
+        Config(model="resnet18", in_chans=1, warmup=0)
+
+
+def _run_quick(script: str, out: Path, *extra: str, env_extra: dict | None = None) -> dict:
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", "--out", str(out),
+                           *extra], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = out / script.replace(".py", ".json")
+    assert path.is_file(), proc.stdout[-2000:]
+    payload = json.loads(path.read_text())
+    assert payload["quick"] is True
+    assert {"machine", "config", "method"} <= set(payload)
+    assert len(payload["machine"]["loadavg_start"]) == 3 and len(payload["machine"]["loadavg_end"]) == 3
+    return payload
+
+
+@pytest.mark.slow
+def test_train_throughput_quick(tmp_path):
+    payload = _run_quick("train_throughput.py", tmp_path)
+    entry = payload["results"]["resnet18/1x64"]
+    assert set(entry["img_per_s"]) == {"medtricks", "bare", "timm"}
+    assert all(v > 0 for v in entry["img_per_s"].values())
+    assert entry["ratio_vs_bare"] == pytest.approx(entry["img_per_s"]["medtricks"] / entry["img_per_s"]["bare"])
+    assert entry["ratio_vs_timm"] == pytest.approx(entry["img_per_s"]["medtricks"] / entry["img_per_s"]["timm"])
+    assert set(entry["peak_rss_mb"]) == {"medtricks", "bare", "timm"}
+    assert entry["max_final_loss_diff"] < 1e-3  # same arithmetic in all three loops
+    assert isinstance(entry["meets_targets"], bool)
+    assert set(entry["verdict"].values()) <= {"met", "within noise", "missed"}
+    assert payload["overhead"]["us_per_update"]["medtricks"] > 0
+
+
+@pytest.mark.slow
+def test_data_pipeline_quick(tmp_path):
+    payload = _run_quick("data_pipeline.py", tmp_path, env_extra={"MEDTRICKS_REAL_DATA": ""})
+    assert payload["train_img_per_s"] > 0
+    for fmt in ("jpeg", "png16", "dicom"):
+        for workers in (0, 2):
+            entry = payload["results"][f"{fmt}/workers{workers}"]
+            assert set(entry["img_per_s"]) == {"no_cache", "cache_fill", "cache_warm"}
+            assert all(v > 0 for v in entry["img_per_s"].values())
+            assert entry["cache_mb"] > 0
+            assert isinstance(entry["meets_target"], bool)
+    assert isinstance(payload["target_met"], bool)
+
+
+@pytest.mark.slow
+def test_cli_startup_quick(tmp_path):
+    payload = _run_quick("cli_startup.py", tmp_path)
+    assert payload["help_seconds"] > 0 and isinstance(payload["target_met"], bool)
+    assert "python -c pass" in payload["seconds"]
+    assert payload["slowest_imports"], "python -X importtime output was not parsed"
+
+
+def test_verdict_tells_a_real_miss_from_noise():
+    from benchmarks.train_throughput import verdict
+
+    assert verdict(1.02, 1.0, {"max": 1.05}) == "met"
+    assert verdict(0.98, 1.0, {"max": 1.03}) == "within noise"
+    assert verdict(0.90, 1.0, {"max": 0.95}) == "missed"
+    assert verdict(None, 1.0, {"max": 0.5}) == "missed"
