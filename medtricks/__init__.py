@@ -50,6 +50,17 @@ _EXPORTS = {
     "predict": "medtricks.train",
     "compute_metrics": "medtricks.evaluate",
     "MetricsResult": "medtricks.evaluate",
+    "mean_ci": "medtricks.evaluate",
+    "paired_comparison": "medtricks.evaluate",
+    # robustness audits
+    "run_audit": "medtricks.audit",
+    "AuditResult": "medtricks.audit",
+    "list_corruptions": "medtricks.audit",
+    "audit_trained": "medtricks.posthoc",
+    # ablations
+    "run_ablation": "medtricks.ablation",
+    "make_variants": "medtricks.ablation",
+    "compare_runs": "medtricks.ablation",
     # tracking
     "create_tracker": "medtricks.tracking",
 }
