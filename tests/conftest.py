@@ -69,3 +69,17 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MEDTRICKS_CACHE", str(tmp_path / "cache"))
     yield
+
+
+def randomize_norms(model, seed: int = 0):
+    """Give every BatchNorm2d "pretrained-like" values: γ in [0.5, 1.5], β != 0 (timm zero-inits some γ)."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return model

@@ -17,6 +17,8 @@ from medtricks.tricks.bn_gamma import (
     unregister_residual_block,
 )
 
+from conftest import randomize_norms
+
 timm = pytest.importorskip("timm")
 
 
@@ -29,13 +31,7 @@ def lite0() -> nn.Module:
 
 
 def _randomize_norms(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model
+    return randomize_norms(model)
 
 
 def _changed(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:

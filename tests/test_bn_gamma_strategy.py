@@ -12,6 +12,8 @@ from torch import nn
 
 from medtricks.tricks.bn_gamma import STRATEGIES, GammaNoEffectWarning, apply_gamma_strategy, gamma_preview
 
+from conftest import randomize_norms
+
 timm = pytest.importorskip("timm")
 REPO = Path(__file__).resolve().parents[1]
 LATE = ["layer4.0.bn2", "layer4.1.bn2"]
@@ -20,14 +22,7 @@ REST = [f"layer{s}.{b}.bn2" for s in range(1, 4) for b in range(2)]
 
 def pretrained_resnet18() -> nn.Module:
     """resnet18 with 'loaded' norms: γ in [0.5, 1.5], β != 0 (timm zero-inits bn2 otherwise)."""
-    model = timm.create_model("resnet18", pretrained=False, num_classes=2)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model
+    return randomize_norms(timm.create_model("resnet18", pretrained=False, num_classes=2))
 
 
 def _norm(model: nn.Module, name: str) -> nn.Module:

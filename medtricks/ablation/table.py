@@ -214,28 +214,28 @@ def load_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------ formatting
-def _num(value: Any, digits: int = 4) -> str:
+def _as_finite(value: Any) -> Optional[float]:
+    """``value`` as a finite float, or None (missing, not a number, nan/inf) so a cell shows "-"."""
     try:
         value = float(value)
     except (TypeError, ValueError):
-        return "-"
-    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    value = _as_finite(value)
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _signed(value: Any) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return f"{value:+.4f}" if math.isfinite(value) else "-"
+    value = _as_finite(value)
+    return "-" if value is None else f"{value:+.4f}"
 
 
 def _p(value: Any) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    if not math.isfinite(value):
+    value = _as_finite(value)
+    if value is None:
         return "-"
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
@@ -257,10 +257,7 @@ def _delta_ci(delta: Any, low: Any, high: Any) -> str:
 
 
 def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+    return _as_finite(value) is not None
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
