@@ -136,3 +136,26 @@ def test_compare_against_a_tracking_server(tmp_path, mlflow_template):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_compare_two_runs_pairs_them_on_the_same_images(mlflow_uri, tmp_path):
+    from medtricks.evaluate.metrics import paired_bootstrap_delta
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    good = np.clip(np.eye(2)[y] * 0.7 + rng.uniform(0, 0.3, (120, 2)), 0, 1)
+    noisy = rng.dirichlet([1, 1], 120)
+    probs = {"reference": good / good.sum(1, keepdims=True), "other": noisy}
+    ids = {}
+    for name, p in probs.items():
+        np.savez(tmp_path / "predictions_val.npz", y_true=y, probs=p)
+        t = create_tracker("mlflow", mlflow_uri)
+        ids[name] = t.start(experiment="pair", run_name=name, tags={})
+        t.log_metrics({"best/val/accuracy": float((p.argmax(1) == y).mean())})
+        t.log_artifact(tmp_path / "predictions_val.npz", "predictions")
+        t.end()
+    text = compare_runs(run_ids=[ids["reference"], ids["other"]], metric="val/accuracy", tracking_uri=mlflow_uri)
+    expected = paired_bootstrap_delta(y, probs["other"], probs["reference"], "accuracy", n_bootstrap=1000, seed=0)
+    assert "Paired on the same 120 val images: run − reference" in text
+    row = next(line for line in text.splitlines() if line.startswith("| other ") and "Δ" not in line and "[" in line)
+    assert f"{expected['delta']:+.4f}" in row and f"[{expected['ci_low']:+.4f}, {expected['ci_high']:+.4f}]" in row

@@ -459,9 +459,62 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
             mean, low, high = mean_ci(shown["value"].tolist(), ci=ci)
             out += ["", f"All {len(shown)} runs: mean {_mean_ci(mean, low, high, len(shown))} "
                         f"({100 * ci:g}% Student-t CI over runs)."]
+            reference = run_ids[0] if run_ids and run_ids[0] in set(shown["run_id"]) else \
+                shown.sort_values("start_time", kind="stable")["run_id"].iloc[0]
+            out += _paired_vs_reference(shown, reference, keys, tracking_uri, ci, notes)
     if notes:
         out += ["", "Notes:", *[f"- {n}" for n in notes]]
     return "\n".join(out) + "\n"
+
+
+def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, tracking_uri: Optional[str],
+                         ci: float, notes: list[str], n_bootstrap: int = 1000) -> list[str]:
+    """Markdown lines: each run minus ``reference`` on the same images (paired bootstrap over images).
+
+    Uses the per-image predictions every run logs; runs evaluated on other images (other labels) or
+    without predictions are named in ``notes`` instead.
+    """
+    import tempfile
+
+    from medtricks.tracking.query import download_artifact
+
+    if keys["scalar"] is None:
+        notes.append(f"no image-level paired comparison for {keys['name']!r} (not an image-level metric)")
+        return []
+    name = PREDICTIONS_FILE.format(split=keys["split"])
+    preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    without: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="medtricks-compare-") as tmp:
+        for run_id in runs["run_id"]:
+            path = download_artifact(run_id, f"{PREDICTIONS_ARTIFACT_DIR}/{name}", Path(tmp) / run_id, tracking_uri)
+            if path is None:
+                without.append(run_id[:12])
+                continue
+            preds[run_id] = load_predictions(path)
+    if without:
+        notes.append(f"{len(without)} run(s) logged no {PREDICTIONS_ARTIFACT_DIR}/{name}, so they are not in the "
+                     f"paired image comparison: {', '.join(without)}")
+    if reference not in preds:
+        return []
+    y_ref = preds[reference][0]
+    names = dict(zip(runs["run_id"], runs["run_name"]))
+    rows = []
+    for run_id, (y, probs) in preds.items():
+        if run_id == reference:
+            continue
+        if len(y) != len(y_ref) or not np.array_equal(y, y_ref):
+            notes.append(f"run {run_id[:12]} was evaluated on other images than {reference[:12]}: not paired")
+            continue
+        d = image_bootstrap_delta(y_ref, [probs], [preds[reference][1]], keys["scalar"],
+                                  n_bootstrap=n_bootstrap, ci=ci)
+        rows.append([names.get(run_id) or run_id[:12], str(run_id)[:12], _signed(d["delta"]),
+                     f"[{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]", _p(d["p_value"])])
+    if not rows:
+        return []
+    title = (f"Paired on the same {len(y_ref)} {keys['split']} images: run − {names.get(reference) or reference[:12]}"
+             f" ({reference[:12]}), {n_bootstrap} bootstrap resamples over images")
+    header = ["run", "run id", f"Δ {keys['name']}", f"{100 * ci:g}% CI", "p"]
+    return ["", title, "", markdown_table(header, rows).rstrip()]
 
 
 def _group_order(frame: pd.DataFrame) -> list[str]:
