@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run one experiment from a YAML recipe")
-    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("recipe", help="path to a recipe YAML file, or a shipped recipe's name (e.g. quickstart)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. --set optim.lr=0.05 (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print the fully resolved recipe and exit")

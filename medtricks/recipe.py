@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -411,13 +412,38 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
         raise RecipeError(_format_validation_error(err, source, data)) from None
 
 
+def shipped_recipes_dir() -> Path:
+    """``recipes/`` of the checkout, else the copy a regular install puts in ``<prefix>/share/medtricks``."""
+    checkout = Path(__file__).resolve().parents[1] / "recipes"
+    if checkout.is_dir():
+        return checkout
+    installed = Path(sys.prefix) / "share" / "medtricks" / "recipes"
+    return installed if installed.is_dir() else checkout
+
+
+def find_recipe(path: str | Path) -> Path:
+    """``path`` if it exists; a bare name such as ``quickstart`` is looked up among the shipped recipes."""
+    candidate = Path(path).expanduser()
+    if candidate.is_file() or candidate.parent != Path("."):
+        return candidate
+    shipped = shipped_recipes_dir()
+    for name in (candidate.name, f"{candidate.name}.yaml"):
+        if (shipped / name).is_file():
+            return shipped / name
+    names = sorted(p.stem for p in shipped.glob("*.yaml")) if shipped.is_dir() else []
+    raise RecipeError(f"recipe file not found: {candidate} (nor a shipped recipe of that name in {shipped}; "
+                      f"shipped: {', '.join(names) or 'none'})")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a recipe file, resolve its ``base:`` chain, apply ``--set`` overrides and validate.
+
+    ``path`` may also be a shipped recipe's name (``"quickstart"``), see :func:`find_recipe`.
 
     Relative data paths stay relative to the working directory (where ``medtricks run`` is
     started), as users expect from a command line tool.
     """
-    data = resolve_recipe_dict(path)
+    data = resolve_recipe_dict(find_recipe(path))
     data = apply_overrides(data, overrides)
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return recipe_from_dict(data, source)

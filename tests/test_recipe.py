@@ -111,3 +111,31 @@ def test_flatten_holds_every_knob():
     assert flat["tricks.bn_gamma.strategy"] == "zero_late"
     assert flat["model.resizer.enabled"] is False
     assert all("." in key for key in flat)
+
+
+def test_a_shipped_recipe_is_found_by_name_from_anywhere(tmp_path, monkeypatch):
+    from medtricks.recipe import find_recipe, load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("quickstart").name == "quickstart.yaml"
+    assert load_recipe("quickstart.yaml").experiment.name == "quickstart"
+    with pytest.raises(RecipeError, match="shipped: .*quickstart"):
+        load_recipe("quikstart")
+
+
+def test_installed_copies_are_used_without_a_checkout(tmp_path, monkeypatch):
+    """A regular (non-editable) install reads cards and recipes from <prefix>/share/medtricks."""
+    import sys
+
+    import medtricks.data.cards as cards
+    import medtricks.recipe as recipe_module
+
+    share = tmp_path / "prefix" / "share" / "medtricks"
+    (share / "data_cards").mkdir(parents=True)
+    (share / "recipes").mkdir()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.setattr(cards, "__file__", str(tmp_path / "site" / "medtricks" / "data" / "cards.py"))
+    monkeypatch.setattr(recipe_module, "__file__", str(tmp_path / "site" / "medtricks" / "recipe.py"))
+    monkeypatch.delenv("MEDTRICKS_CARDS_DIR", raising=False)
+    assert cards.cards_dir() == share / "data_cards"
+    assert recipe_module.shipped_recipes_dir() == share / "recipes"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -272,12 +273,20 @@ class DataCard(_Strict):
 
 
 def cards_dir() -> Path:
-    """Folder of the shipped cards: ``$MEDTRICKS_CARDS_DIR`` if set, else ``<repo>/data_cards``."""
+    """Folder of the shipped cards.
+
+    ``$MEDTRICKS_CARDS_DIR`` if set; else ``data_cards/`` of the checkout this package runs from
+    (editable installs); else the copy a regular install puts in ``<prefix>/share/medtricks/data_cards``.
+    """
     env = os.environ.get("MEDTRICKS_CARDS_DIR")
     if env:
         return Path(env).expanduser()
     # medtricks/data/cards.py -> repository root (same as Path(medtricks.__file__).parents[1]).
-    return Path(__file__).resolve().parents[2] / "data_cards"
+    checkout = Path(__file__).resolve().parents[2] / "data_cards"
+    if checkout.is_dir():
+        return checkout
+    installed = Path(sys.prefix) / "share" / "medtricks" / "data_cards"
+    return installed if installed.is_dir() else checkout
 
 
 def list_cards() -> list[str]:
