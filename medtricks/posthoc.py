@@ -138,7 +138,6 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
     return report
 
 
-
 # ------------------------------------------------------------------------------------------ audit
 @dataclass
 class AuditReport:
@@ -163,14 +162,6 @@ def parse_eps(text: str) -> list[float]:
     return values
 
 
-def _names(value, default) -> list[str]:
-    if value is None:
-        return list(default)
-    if isinstance(value, str):
-        return [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
-    return list(value)
-
-
 def audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, device, seed: int = 0,
                 surrogate: Optional[nn.Module] = None, progress: bool = True, batch_size: int = 32,
                 attacks=None, eps=None, corruptions=None, n: Optional[int] = None, target_class=None):
@@ -179,8 +170,8 @@ def audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, d
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return run_audit(model, loader, classes=classes, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-                     attacks=_names(attacks, audit_cfg.attacks), eps=list(eps if eps is not None else audit_cfg.eps),
-                     pgd_steps=audit_cfg.pgd_steps, corruptions=_names(corruptions, audit_cfg.corruptions),
+                     attacks=audit_cfg.attacks if attacks is None else attacks, eps=list(eps if eps is not None else audit_cfg.eps),
+                     pgd_steps=audit_cfg.pgd_steps, corruptions=audit_cfg.corruptions if corruptions is None else corruptions,
                      severities=audit_cfg.severities, n=n or audit_cfg.n, surrogate=surrogate, device=device,
                      target_class=target_class if target_class is not None else audit_cfg.target_class,
                      n_bootstrap=audit_cfg.n_bootstrap, seed=seed, progress=progress)
@@ -196,15 +187,16 @@ def log_audit(tracker, result) -> None:
 
 def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] = None, split: Optional[str] = None,
                   attacks=None, eps=None, corruptions=None, n: Optional[int] = None, surrogate: Optional[str] = None,
-                  target_class: Optional[str] = None, tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
-                  progress: bool = True) -> AuditReport:
+                  target_class: Optional[str] = None, tracking_uri: Optional[str] = None, log: bool = True,
+                  device: str = "auto", progress: bool = True) -> AuditReport:
     """Adversarial and corruption audit of a trained run (folder, model file or MLflow run id).
 
     Data: the run's own validation split by default, or ``card``/``root`` (all images unless
     ``split``). Settings: the run's ``audit`` recipe section, overridden by the arguments
     (``attacks``/``corruptions`` as lists or comma-separated strings, ``eps`` as floats or a string
-    like ``"0,1/255,2/255"``, ``target_class`` a class name for targeted attacks). With ``log=True`` everything is logged onto the audited MLflow run
-    (re-opened) when it is in this store, else onto a new run tagged ``medtricks.audited_run``.
+    like ``"0,1/255,2/255"``, ``target_class`` a class name for targeted attacks). With ``log=True``
+    everything is logged onto the audited MLflow run (re-opened) when it is in this store, else onto
+    a new run tagged ``medtricks.audited_run``.
     """
     from medtricks.run import load_trained
     from medtricks.train import resolve_device
@@ -226,7 +218,7 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
                          data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
                          surrogate=surrogate_model, progress=progress, attacks=attacks, eps=eps_values,
                          corruptions=corruptions, n=n, target_class=target_class)
-    report = AuditReport(result=result, table=result.table(), n_images=min(len(dataset), n or recipe.audit.n))
+    report = AuditReport(result=result, table=result.table(), n_images=int(result.config["n_images"]))
     if log:
         from medtricks.tracking import create_tracker
 

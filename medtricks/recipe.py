@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import difflib
-import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -414,11 +413,9 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
 
 def shipped_recipes_dir() -> Path:
     """``recipes/`` of the checkout, else the copy a regular install puts in ``<prefix>/share/medtricks``."""
-    checkout = Path(__file__).resolve().parents[1] / "recipes"
-    if checkout.is_dir():
-        return checkout
-    installed = Path(sys.prefix) / "share" / "medtricks" / "recipes"
-    return installed if installed.is_dir() else checkout
+    from medtricks._shipped import shipped_dir
+
+    return shipped_dir("recipes", Path(__file__).resolve().parents[1])
 
 
 def find_recipe(path: str | Path) -> Path:

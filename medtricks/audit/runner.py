@@ -149,8 +149,8 @@ def run_audit(
 # argument checks
 # --------------------------------------------------------------------------------------------
 def _as_names(value: Union[str, Sequence[str]], what: str) -> list[str]:
-    if isinstance(value, str):
-        value = [v for v in (s.strip() for s in value.split(",")) if v]
+    if isinstance(value, str):  # "a,b" or "none" (the CLI's way to say: no attacks / no corruptions)
+        value = [] if value.strip().lower() == "none" else [v for v in (s.strip() for s in value.split(",")) if v]
     try:
         return [str(v).strip().lower() for v in value]
     except TypeError as err:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -281,12 +280,10 @@ def cards_dir() -> Path:
     env = os.environ.get("MEDTRICKS_CARDS_DIR")
     if env:
         return Path(env).expanduser()
+    from medtricks._shipped import shipped_dir
+
     # medtricks/data/cards.py -> repository root (same as Path(medtricks.__file__).parents[1]).
-    checkout = Path(__file__).resolve().parents[2] / "data_cards"
-    if checkout.is_dir():
-        return checkout
-    installed = Path(sys.prefix) / "share" / "medtricks" / "data_cards"
-    return installed if installed.is_dir() else checkout
+    return shipped_dir("data_cards", Path(__file__).resolve().parents[2])
 
 
 def list_cards() -> list[str]:
