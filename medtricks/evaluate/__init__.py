@@ -29,6 +29,10 @@ _EXPORTS = {
     "plot_reliability_diagram": "plots",
     "plot_lr_schedule": "plots",
     "plot_forest": "plots",
+    "OperatingPoint": "operating_point",
+    "select_threshold": "operating_point",
+    "prior_shift": "operating_point",
+    "probs_at_threshold": "operating_point",
 }
 
 __all__ = sorted(_EXPORTS)
