@@ -14,6 +14,9 @@ EPILOG = """examples:
   medtricks data check kermany-pneumonia --root ../shared/data/kermany224/train
   medtricks gamma resnet50 --strategy zero_late
   medtricks evaluate runs/quickstart/<id> --card kermany-pneumonia --root /data/kermany/test
+  medtricks evaluate runs/kermany_pneumonia/<id> --card kermany-pneumonia --root /data/kermany/test --prevalence 0.4
+  medtricks ensemble runs/a/<id> runs/b/<id> --card kermany-pneumonia --root /data/kermany/test
+  medtricks compare --runs EVAL_RUN_A EVAL_RUN_B --metric eval/auroc
   medtricks ablate recipes/quickstart.yaml --tricks warmup,bn_gamma=zero_late --seeds 5
   medtricks compare --experiment quickstart --group-by variant
   medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
@@ -76,10 +79,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
                           help="all images (an external test set, the default) or one split of the card's")
     evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    evaluate.add_argument("--threshold", default="stored", metavar="stored|0.5|T",
+                          help="binary models: the operating point reported next to 0.5: the run's stored "
+                               "model/operating_point.json (default; 0.5 if the run has none) or a number in (0, 1)")
+    evaluate.add_argument("--prevalence", type=float, default=None, metavar="P",
+                          help="binary models: positive-class prevalence of this data; posteriors are prior-shifted "
+                               "from the run's training priors to [1-P, P] before the threshold (Saerens 2002)")
     evaluate.add_argument("--n-bootstrap", type=int, default=1000)
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the run's, else $MLFLOW_TRACKING_URI)")
     evaluate.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+    evaluate.add_argument("--save-predictions", default=None, metavar="FILE",
+                          help="also write the per-image predictions (y_true, probs; no file names) to this .npz")
+
+    ensemble = sub.add_parser("ensemble", help="average the probabilities of several trained runs on the same images")
+    ensemble.add_argument("runs", nargs="+", metavar="RUN", help="two or more run folders or MLflow run ids (same classes)")
+    ensemble.add_argument("--card", required=True, help="data card name or YAML path of the evaluation data")
+    ensemble.add_argument("--root", required=True, help="root folder of the evaluation data")
+    ensemble.add_argument("--split", choices=["all", "test", "val"], default="all",
+                          help="all images (default) or one split of the card's (every member must split alike)")
+    ensemble.add_argument("--tta", action="store_true", help="each member averages with the flipped image")
+    ensemble.add_argument("--prevalence", type=float, default=None, metavar="P",
+                          help="binary models: prior-shift the ensemble to positive-class prevalence P")
+    ensemble.add_argument("--n-bootstrap", type=int, default=1000)
+    ensemble.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ensemble.add_argument("--tracking-uri", default=None)
+    ensemble.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+    ensemble.add_argument("--save-predictions", default=None, metavar="FILE",
+                          help="also write the ensemble's per-image predictions to this .npz")
 
     ablate = sub.add_parser("ablate", help="multi-seed ablation of tricks with confidence intervals")
     ablate.add_argument("recipe", help="the baseline recipe")
@@ -96,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = compare.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", default=None, help="an MLflow experiment name")
     which.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID")
-    compare.add_argument("--metric", default="val/auroc")
+    compare.add_argument("--metric", default="val/auroc",
+                         help="val/<m> or test/<m> (training runs' best checkpoint), eval/<m> or eval/op/<m> "
+                              "(evaluation and ensemble runs), e.g. val/auroc, eval/op/sensitivity/pneumonia")
     compare.add_argument("--group-by", default=None, help="a tag or param, e.g. variant")
     compare.add_argument("--tracking-uri", default=None)
 
@@ -170,11 +199,28 @@ def _cmd_evaluate(args) -> int:
     from medtricks.posthoc import evaluate_trained
 
     report = evaluate_trained(args.run, card=args.card, root=args.root, split=args.split, tta=args.tta,
+                              threshold=args.threshold, prevalence=args.prevalence,
                               n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
                               log=not args.no_log)
     title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}, {report.n_images} images"
              f"{', flip TTA' if args.tta else ''}; bootstrap seed {args.seed})")
-    print(report.metrics.table(title=title))
+    print(report.table(title=title))
+    if args.save_predictions:
+        print(f"predictions: {report.save_predictions(args.save_predictions)}")
+    if report.run_id:
+        print(f"logged to MLflow run {report.run_id}")
+    return 0
+
+
+def _cmd_ensemble(args) -> int:
+    from medtricks.ensemble import ensemble_runs
+
+    report = ensemble_runs(args.runs, card=args.card, root=args.root, split=args.split, tta=args.tta,
+                           prevalence=args.prevalence, n_bootstrap=args.n_bootstrap, seed=args.seed,
+                           tracking_uri=args.tracking_uri, log=not args.no_log)
+    print(report.table())
+    if args.save_predictions:
+        print(f"predictions: {report.ensemble.save_predictions(args.save_predictions)}")
     if report.run_id:
         print(f"logged to MLflow run {report.run_id}")
     return 0
@@ -255,6 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_weights(args, parser)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "ensemble":
+            return _cmd_ensemble(args)
         if args.command == "ablate":
             return _cmd_ablate(args)
         if args.command == "compare":

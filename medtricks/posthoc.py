@@ -10,16 +10,21 @@ split out so run.py stays about training.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 __all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset", "AuditReport", "audit_trained",
-           "audit_model", "log_audit", "parse_eps"]
+           "audit_model", "log_audit", "parse_eps", "DecisionRule", "resolve_decision_rule", "load_operating_point",
+           "unpaired_bootstrap_delta", "performance_drop", "PerformanceDrop", "summarize_predictions",
+           "log_evaluation", "image_set_digest", "PREDICTIONS_EVAL_FILE"]
 
 
 class FlipTTA(nn.Module):
@@ -33,16 +38,6 @@ class FlipTTA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.model(x).float(), dim=1) + torch.softmax(self.model(x.flip(-1)).float(), dim=1)
         return torch.log(probs / 2)
-
-
-@dataclass
-class EvaluationReport:
-    metrics: Any  # MetricsResult
-    split: str
-    n_images: int
-    run_id: Optional[str] = None  # the MLflow evaluation run
-    source_run: Optional[str] = None
-    figures: dict[str, Any] = field(default_factory=dict)
 
 
 def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optional[int] = None,
@@ -86,55 +81,513 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     return XrayDataset(good.drop(columns=["height", "width"]), transform), quarantine
 
 
+# Per-image predictions of an evaluation: y_true (N,), probs (N, K) and, for binary models, probs_op
+# (N, 2: argmax = the decision at the operating point) and image_set (a digest of the ordered image
+# list). No file names, no patient IDs. Logged as the artifact predictions/predictions_eval.npz.
+PREDICTIONS_EVAL_FILE = "predictions_eval.npz"
+PREDICTIONS_ARTIFACT_DIR = "predictions"
+
+
+# ------------------------------------------------------------------------------ operating points
+@dataclass
+class DecisionRule:
+    """How a binary model decides at its operating point: an optional prior shift, then a threshold.
+
+    ``apply(probs)`` returns probabilities whose ``argmax`` is that decision (odds reweighting, see
+    :func:`medtricks.evaluate.operating_point.probs_at_threshold`), so ``compute_metrics`` on them gives
+    every decision metric at the operating point; AUROC is unchanged (both steps are monotone).
+    """
+
+    threshold: float
+    source: str  # "stored" (the run's model/operating_point.json) | "default" (0.5, none stored) | "given"
+    description: str
+    positive_index: int = 1
+    prevalence: Optional[float] = None  # deployment prevalence of classes[positive_index]
+    train_priors: Optional[list[float]] = None
+    priors_source: Optional[str] = None
+
+    def shift(self, probs: Any) -> np.ndarray:
+        """``probs`` moved from the training priors to ``prevalence`` (unchanged without one)."""
+        from medtricks.evaluate.operating_point import prior_shift
+
+        p = np.asarray(probs, dtype=np.float64)
+        if self.prevalence is None:
+            return p
+        target = [1.0 - self.prevalence] * 2
+        target[self.positive_index] = self.prevalence
+        return prior_shift(p, self.train_priors, target)
+
+    def apply(self, probs: Any, *, shift: bool = True) -> np.ndarray:
+        """Probabilities whose argmax is the decision; ``shift=False`` skips the prior shift (for data
+        at the training prevalence, such as the run's own test split)."""
+        from medtricks.evaluate.operating_point import probs_at_threshold
+
+        p = self.shift(probs) if shift else np.asarray(probs, dtype=np.float64)
+        return probs_at_threshold(p, self.threshold, positive_index=self.positive_index)
+
+    def describe(self) -> str:
+        text = self.description
+        if self.prevalence is not None:
+            pi = self.train_priors[self.positive_index]
+            text += (f"; posteriors first shifted from the training prevalence {pi:.3f} to {self.prevalence:.3f} "
+                     f"(Saerens et al. 2002; priors from {self.priors_source})")
+        return text
+
+
+def load_operating_point(run_dir: Optional[str | Path]):
+    """The run's stored :class:`~medtricks.evaluate.operating_point.OperatingPoint`, or ``None`` (runs
+    trained before operating points were stored have no ``model/operating_point.json``)."""
+    from medtricks.evaluate.operating_point import OPERATING_POINT_FILE, OperatingPoint
+
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / "model" / OPERATING_POINT_FILE
+    return OperatingPoint.from_json(path) if path.is_file() else None
+
+
+def _run_file(trained, local: str, artifact: str, tracking_uri: Optional[str], read):
+    """``read(path)`` of a file of the trained run: its folder's ``local`` path, else the MLflow
+    artifact ``artifact`` of its run (runs given by id may live only in MLflow); ``None`` if neither."""
+    run_dir = Path(trained.run_dir) if trained.run_dir is not None else None
+    if run_dir is not None and (run_dir / local).is_file():
+        return read(run_dir / local)
+    # A real run folder (state.json) is the whole truth; only a copy downloaded from MLflow (recipe and
+    # model only) sends us to the store, so --no-log never touches (or creates) a tracking database.
+    if not trained.run_id or (run_dir is not None and (run_dir / "state.json").is_file()):
+        return None
+    import tempfile
+
+    from medtricks.tracking.query import download_artifact
+
+    with tempfile.TemporaryDirectory(prefix="medtricks-run-file-") as tmp:
+        try:
+            path = download_artifact(trained.run_id, artifact, tmp, tracking_uri or trained.recipe.tracking.uri)
+        except Exception:  # noqa: BLE001 - another store, or no tracking at all: treat as absent
+            return None
+        return None if path is None else read(path)
+
+
+def _train_priors_from_manifest(trained, tracking_uri: Optional[str]) -> Optional[list[float]]:
+    """Class frequencies of the run's training split, from its logged split manifest."""
+    import pandas as pd
+
+    from medtricks.evaluate.operating_point import class_priors
+
+    frame = _run_file(trained, "artifacts/split_manifest.csv", "data/split_manifest.csv", tracking_uri, pd.read_csv)
+    if frame is None or not {"split", "target"} <= set(frame.columns):
+        return None
+    train = frame.loc[frame["split"] == "train", "target"]
+    return class_priors(train.to_numpy(), len(trained.classes)) if len(train) else None
+
+
+def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Optional[float] = None,
+                          tracking_uri: Optional[str] = None) -> Optional[DecisionRule]:
+    """The operating point ``evaluate`` applies to a trained run; ``None`` for multiclass models.
+
+    ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none,
+    which the rule's description says), or a number in (0, 1) such as ``0.5``. ``prevalence``: the
+    deployment prevalence of the positive class ``classes[1]``; the posteriors are prior-shifted from
+    the run's training priors (``train_priors`` of the operating point, else the training split of
+    its ``artifacts/split_manifest.csv``) before thresholding.
+    """
+    from medtricks.evaluate.operating_point import OPERATING_POINT_FILE
+
+    name = trained.run_id or str(trained.run_dir)
+    k = len(trained.classes)
+    spec = "stored" if threshold is None else str(threshold).strip().lower()
+    if k != 2:
+        if spec != "stored":
+            raise ValueError(f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
+                             f"{trained.classes} (decisions are argmax)")
+        if prevalence is not None:
+            raise ValueError(f"--prevalence applies to binary models; run {name} has {k} classes {trained.classes}")
+        return None
+    op = load_operating_point(trained.run_dir)
+    positive = op.positive_index if op is not None else 1
+    if spec == "stored":
+        if op is None:
+            rule = DecisionRule(threshold=0.5, source="default", positive_index=positive,
+                                description=f"threshold 0.5: the run has no model/{OPERATING_POINT_FILE} "
+                                            "(trained before operating points were stored)")
+        else:
+            rule = DecisionRule(threshold=float(op.threshold), source="stored", positive_index=positive,
+                                description=f"{op.describe()}; stored in model/{OPERATING_POINT_FILE}")
+    else:
+        try:
+            value = float(spec)
+        except ValueError:
+            value = math.nan
+        if not 0.0 < value < 1.0:  # also rejects nan
+            raise ValueError(f"--threshold must be 'stored' or a number in (0, 1) such as 0.5, got {threshold!r}")
+        rule = DecisionRule(threshold=value, source="given", positive_index=positive,
+                            description=f"threshold {value:g} (given)")
+    if prevalence is not None:
+        try:
+            value = float(prevalence)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"--prevalence must be a number in (0, 1) (the positive class's share), got {prevalence!r}")
+        priors, source = (list(op.train_priors), f"model/{OPERATING_POINT_FILE}") if op is not None and op.train_priors \
+            else (_train_priors_from_manifest(trained, tracking_uri), "the training split of artifacts/split_manifest.csv")
+        if priors is None:
+            raise ValueError(f"--prevalence needs the class priors run {name} was trained with (train_priors in "
+                             f"{trained.run_dir}/model/{OPERATING_POINT_FILE}, or its artifacts/split_manifest.csv); "
+                             "this run has neither")
+        if len(priors) != 2:
+            raise ValueError(f"train_priors of run {name} has {len(priors)} values {priors}; a binary model needs 2")
+        rule.prevalence, rule.train_priors, rule.priors_source = value, [float(v) for v in priors], source
+    return rule
+
+
+# ------------------------------------------------------------------------ drop vs internal test
+def drop_metric_fns(classes: list[str]) -> dict[str, Any]:
+    """``{name: fn(y_true, probs) -> float}`` compared between internal and external test sets:
+    accuracy, AUROC and, for a binary model, sensitivity and specificity of the positive class
+    ``classes[1]`` (per class, ``sensitivity/<class>``, for multiclass). Decisions are ``argmax``."""
+    from medtricks.evaluate.metrics import _auroc
+
+    def recall(c: int, of_class: bool):
+        def fn(y: np.ndarray, p: np.ndarray) -> float:
+            mask = (y == c) if of_class else (y != c)
+            if not mask.any():
+                return math.nan
+            return float(np.mean((p[mask].argmax(1) == c) == of_class))
+        return fn
+
+    fns: dict[str, Any] = {"accuracy": lambda y, p: float(np.mean(p.argmax(1) == y)), "auroc": _auroc}
+    if len(classes) == 2:
+        fns.update(sensitivity=recall(1, True), specificity=recall(1, False))
+    else:
+        fns.update({f"sensitivity/{c}": recall(i, True) for i, c in enumerate(classes)})
+        fns.update({f"specificity/{c}": recall(i, False) for i, c in enumerate(classes)})
+    return fns
+
+
+def _unpaired_bootstrap(y_a: np.ndarray, p_a: np.ndarray, y_b: np.ndarray, p_b: np.ndarray, fns: dict[str, Any], *,
+                        n_bootstrap: int, ci: float, seed: int, needs_all_classes=()) -> dict[str, dict[str, Any]]:
+    from medtricks.evaluate.metrics import _percentile_interval
+
+    def scores(y: np.ndarray, p: np.ndarray, n_classes: int) -> dict[str, float]:
+        out = {}
+        for name, fn in fns.items():
+            if name in needs_all_classes and np.unique(y).size < n_classes:
+                out[name] = math.nan  # a resample that lost a class: the class average changes meaning
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out[name] = float(fn(y, p))
+            except ValueError:
+                out[name] = math.nan
+        return out
+
+    na, nb = np.unique(y_a).size, np.unique(y_b).size
+    full_a, full_b = scores(y_a, p_a, na), scores(y_b, p_b, nb)
+    deltas = {name: np.full(n_bootstrap, np.nan) for name in fns}
+    rng = np.random.default_rng(seed)
+    for i in range(n_bootstrap):
+        # Unpaired: the two sets hold different images, so each is resampled on its own.
+        ia, ib = rng.integers(0, len(y_a), len(y_a)), rng.integers(0, len(y_b), len(y_b))
+        sa, sb = scores(y_a[ia], p_a[ia], na), scores(y_b[ib], p_b[ib], nb)
+        for name in fns:
+            deltas[name][i] = sa[name] - sb[name]
+    out = {}
+    for name in fns:
+        delta = full_a[name] - full_b[name]
+        valid = deltas[name][np.isfinite(deltas[name])]
+        low, high = _percentile_interval(valid, ci) if math.isfinite(delta) and valid.size else (math.nan, math.nan)
+        out[name] = {"metric": name, "value_a": full_a[name], "value_b": full_b[name], "delta": delta,
+                     "ci_low": low, "ci_high": high, "n_bootstrap": int(n_bootstrap),
+                     "n_skipped": int(n_bootstrap - valid.size)}
+    return out
+
+
+def _check_pair(y: Any, probs: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(y).astype(int), np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or y.ndim != 1 or len(y) != len(p) or not len(y):
+        raise ValueError(f"{name}: need y_true (N,) and probs (N, K) with N > 0, got shapes {y.shape} and {p.shape}")
+    return y, p
+
+
+def unpaired_bootstrap_delta(y_a: Any, probs_a: Any, y_b: Any, probs_b: Any, metric: Any = "auroc", *,
+                             n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """``metric(a) − metric(b)`` for two sets of *different* images, with an unpaired percentile
+    bootstrap CI (each set resampled independently, ``n_bootstrap`` times, seeded).
+
+    Use it where :func:`medtricks.evaluate.paired_bootstrap_delta` does not apply: the same model on
+    an internal and an external test set. ``metric``: ``accuracy``, ``balanced_accuracy``, ``auroc``,
+    ``f1``, ``ece`` or a callable ``(y_true, probs) -> float``. Resamples where the metric is undefined
+    on either side are skipped and counted (``n_skipped``).
+
+    Returns ``{"metric", "value_a", "value_b", "delta", "ci_low", "ci_high", "n_bootstrap", "n_skipped"}``.
+
+    Example::
+
+        d = unpaired_bootstrap_delta(y_internal, p_internal, y_external, p_external, "auroc")
+        print(f"AUROC drop {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+    """
+    from medtricks.evaluate.metrics import _CLASS_AVERAGED, _check_bootstrap_args, _scalar_metric_fn
+
+    ya, pa = _check_pair(y_a, probs_a, "set a")
+    yb, pb = _check_pair(y_b, probs_b, "set b")
+    if pa.shape[1] != pb.shape[1]:
+        raise ValueError(f"probs_a has {pa.shape[1]} classes but probs_b has {pb.shape[1]}")
+    _check_bootstrap_args(n_bootstrap, ci)
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+    fn = _scalar_metric_fn(metric, pa.shape[1], 15)
+    needs = (name,) if isinstance(metric, str) and metric in _CLASS_AVERAGED else ()
+    return _unpaired_bootstrap(ya, pa, yb, pb, {name: fn}, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
+                               needs_all_classes=needs)[name]
+
+
+@dataclass
+class PerformanceDrop:
+    """Internal test value, external value and ``drop = internal − external`` (positive: worse on the
+    external data) with an unpaired bootstrap CI, per metric."""
+
+    rows: list[dict[str, Any]]
+    n_internal: int
+    n_external: int
+    n_bootstrap: int
+    ci: float
+    rule: str = "argmax"
+
+    def to_metrics(self, prefix: str = "eval/drop/") -> dict[str, float]:
+        out = {}
+        for r in self.rows:
+            out[f"{prefix}{r['metric']}"] = r["delta"]
+            out[f"{prefix}{r['metric']}_ci_low"] = r["ci_low"]
+            out[f"{prefix}{r['metric']}_ci_high"] = r["ci_high"]
+        return {k: float(v) for k, v in out.items() if math.isfinite(v)}
+
+    def table(self) -> str:
+        from medtricks.ablation.table import _delta_ci, _num, markdown_table
+
+        pct = f"{100 * self.ci:g}%"
+        rows = [[r["metric"], _num(r["value_a"]), _num(r["value_b"]), _delta_ci(r["delta"], r["ci_low"], r["ci_high"])]
+                for r in self.rows]
+        head = (f"Drop vs the run's internal test split ({self.n_internal} images) on this data ({self.n_external} "
+                f"images), decisions at {self.rule}; {pct} CI from an unpaired bootstrap ({self.n_bootstrap} "
+                "resamples of each set)")
+        return head + "\n" + markdown_table(["metric", "internal test", "external", f"drop [{pct} CI]"], rows)
+
+
+def performance_drop(y_internal: Any, probs_internal: Any, y_external: Any, probs_external: Any,
+                     classes: list[str], *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
+                     rule: str = "argmax") -> PerformanceDrop:
+    """:class:`PerformanceDrop` of the metrics of :func:`drop_metric_fns` (all from one set of resamples)."""
+    from medtricks.evaluate.metrics import _check_bootstrap_args
+
+    ya, pa = _check_pair(y_internal, probs_internal, "internal test predictions")
+    yb, pb = _check_pair(y_external, probs_external, "external predictions")
+    if pa.shape[1] != len(classes) or pb.shape[1] != len(classes):
+        raise ValueError(f"internal ({pa.shape[1]}) and external ({pb.shape[1]}) predictions must both have "
+                         f"{len(classes)} class columns ({classes})")
+    _check_bootstrap_args(n_bootstrap, ci)
+    results = _unpaired_bootstrap(ya, pa, yb, pb, drop_metric_fns(classes), n_bootstrap=n_bootstrap, ci=ci,
+                                  seed=seed)
+    return PerformanceDrop(rows=list(results.values()), n_internal=len(ya), n_external=len(yb),
+                           n_bootstrap=n_bootstrap, ci=ci, rule=rule)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvaluationReport:
+    """What ``evaluate`` found. ``metrics``: at 0.5 (argmax), as always; ``metrics_op``: at the
+    operating point ``rule`` (binary models only; no ECE: reweighted probabilities are not calibrated
+    scores); ``drop``: against the run's own internal test split when it saved predictions for it."""
+
+    metrics: Any  # MetricsResult
+    split: str
+    n_images: int
+    run_id: Optional[str] = None  # the MLflow evaluation run
+    source_run: Optional[str] = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    rule: Optional[DecisionRule] = None
+    metrics_op: Any = None
+    drop: Optional[PerformanceDrop] = None
+    notes: list[str] = field(default_factory=list)
+    y_true: Optional[np.ndarray] = None
+    probs: Optional[np.ndarray] = None
+    probs_op: Optional[np.ndarray] = None
+    image_set: Optional[str] = None
+    loss: Optional[float] = None
+
+    def table(self, title: Optional[str] = None) -> str:
+        """Everything, printable: metrics at 0.5, at the operating point, the drop, notes."""
+        at_half = f"{title} — threshold 0.5 (argmax)" if title and self.rule else title
+        parts = [self.metrics.table(title=at_half)]
+        if self.metrics_op is not None:
+            parts.append(self.metrics_op.table(title=f"at the operating point: {self.rule.describe()}"))
+        if self.drop is not None:
+            parts.append(self.drop.table())
+        if self.notes:
+            parts.append("notes:\n" + "\n".join(f"- {n}" for n in self.notes))
+        return "\n\n".join(parts)
+
+    def to_metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """The flat dict logged to MLflow: ``eval/<m>``, ``eval/op/<m>``, ``eval/drop/<m>`` (+ CIs)."""
+        flat = {f"{prefix}{k}": float(v) for k, v in self.metrics.to_dict().items() if isinstance(v, (int, float))}
+        if self.loss is not None:
+            flat[f"{prefix}loss"] = float(self.loss)
+        if self.metrics_op is not None:
+            flat.update({f"{prefix}op/{k}": float(v) for k, v in self.metrics_op.to_dict().items()
+                         if isinstance(v, (int, float))})
+            flat[f"{prefix}op/threshold"] = self.rule.threshold
+        if self.drop is not None:
+            flat.update(self.drop.to_metrics(f"{prefix}drop/"))
+        return flat
+
+    def save_predictions(self, path: str | Path) -> Path:
+        """Write the per-image predictions (see :data:`PREDICTIONS_EVAL_FILE`) to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"y_true": np.asarray(self.y_true).astype(np.int64), "probs": np.asarray(self.probs, dtype=np.float32)}
+        if self.probs_op is not None:
+            arrays["probs_op"] = np.asarray(self.probs_op, dtype=np.float32)
+        if self.image_set:
+            arrays["image_set"] = np.array(self.image_set)
+        np.savez_compressed(path, **arrays)
+        return path
+
+
+def image_set_digest(dataset, root) -> str:
+    """SHA-256 of the dataset's ordered image paths relative to ``root``: equal digests mean the same
+    images in the same order, which ``compare`` and ``ensemble`` check without ever logging a name."""
+    import hashlib
+
+    root = Path(root).expanduser().resolve()
+    h = hashlib.sha256()
+    for p in dataset.manifest["path"]:
+        p = Path(p).resolve()
+        try:
+            rel = p.relative_to(root).as_posix()
+        except ValueError:
+            rel = p.as_posix()
+        h.update(rel.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _without_ece(result):
+    # After odds reweighting the probabilities only encode the decision; their ECE means nothing.
+    for key in ("ece",):
+        result.values.pop(key, None)
+        result.ci.pop(key, None)
+        result.n_skipped.pop(key, None)
+    return result
+
+
+def summarize_predictions(y_true: Any, probs: Any, classes: list[str], *, rule: Optional[DecisionRule] = None,
+                          split: str = "all", n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
+                          source_run: Optional[str] = None, figures: bool = True,
+                          loss: Optional[float] = None, image_set: Optional[str] = None) -> EvaluationReport:
+    """An :class:`EvaluationReport` from predictions: metrics with CIs at 0.5 and, with ``rule``, at the
+    operating point; confusion matrix / ROC / reliability figures unless ``figures=False``."""
+    from medtricks.evaluate import compute_metrics, plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
+
+    y, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=np.float64)
+    metrics = compute_metrics(y, probs, classes, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+    report = EvaluationReport(metrics=metrics, split=split, n_images=len(y), source_run=source_run, rule=rule,
+                              y_true=y, probs=probs, image_set=image_set, loss=loss)
+    if rule is not None:
+        report.probs_op = rule.apply(probs)
+        report.metrics_op = _without_ece(compute_metrics(y, report.probs_op, classes, n_bootstrap=n_bootstrap,
+                                                         ci=ci, seed=seed))
+    if figures:
+        report.figures = {"plots/confusion_matrix.png": plot_confusion_matrix(y, probs.argmax(1), classes),
+                          "plots/roc.png": plot_roc_curves(y, probs, classes),
+                          "plots/reliability.png": plot_reliability_diagram(y, probs)}
+        if rule is not None:
+            report.figures["plots/confusion_matrix_op.png"] = plot_confusion_matrix(y, report.probs_op.argmax(1), classes)
+    return report
+
+
+def _internal_test_predictions(trained, tracking_uri: Optional[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    from medtricks.ablation.table import load_predictions
+
+    return _run_file(trained, "artifacts/predictions_test.npz", f"{PREDICTIONS_ARTIFACT_DIR}/predictions_test.npz",
+                     tracking_uri, load_predictions)
+
+
+def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: str, run_name: str,
+                   tags: dict[str, str], params: dict[str, Any], parent_run_id: Optional[str] = None) -> Optional[str]:
+    """A new MLflow evaluation run: params, ``report.to_metrics()``, figures and the per-image
+    predictions (``predictions/predictions_eval.npz``). Returns its run id."""
+    import tempfile
+
+    from medtricks.tracking import create_tracker
+
+    tracker = create_tracker("mlflow", uri)
+    run_id = tracker.start(experiment=experiment, run_name=run_name, tags=tags,
+                           parent_run_id=parent_run_id if parent_run_id and tracker.run_exists(parent_run_id) else None)
+    rule = report.rule
+    tracker.log_params({**params, "n_images": report.n_images, "eval.ci": report.metrics.ci_level,
+                        "image_set": report.image_set,
+                        "threshold": rule.threshold if rule else "argmax",
+                        "threshold_source": rule.source if rule else "argmax",
+                        "prevalence": rule.prevalence if rule else None,
+                        "train_priors": ",".join(f"{v:.6g}" for v in rule.train_priors) if rule and rule.train_priors else None})
+    tracker.log_metrics(report.to_metrics(), step=0)
+    for name, figure in report.figures.items():
+        tracker.log_figure(figure, name)
+    with tempfile.TemporaryDirectory(prefix="medtricks-eval-") as tmp:
+        tracker.log_artifact(report.save_predictions(Path(tmp) / PREDICTIONS_EVAL_FILE), PREDICTIONS_ARTIFACT_DIR)
+    tracker.end()
+    return run_id
+
+
 def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta: bool = False,
+                     threshold: Any = "stored", prevalence: Optional[float] = None,
                      n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0, batch_size: int = 64,
                      tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
                      progress: bool = True) -> EvaluationReport:
     """Evaluate a trained run (folder, model file or MLflow run id) on a card's data, without training.
 
-    Prints nothing; returns metrics with bootstrap CIs and, with ``log=True``, logs them with
-    confusion matrix / ROC / reliability PNGs to a new MLflow evaluation run nested under the
-    trained run (tag ``medtricks.evaluated_run``).
+    Prints nothing; returns metrics with bootstrap CIs at 0.5 and, for a binary model, at its
+    operating point (see :func:`resolve_decision_rule` for ``threshold`` and ``prevalence``), and
+    the drop against the run's internal test split when the run saved its test predictions
+    (``artifacts/predictions_test.npz``). With ``log=True`` it logs metrics (``eval/<m>``,
+    ``eval/op/<m>``, ``eval/drop/<m>``), plots and per-image predictions to a new MLflow evaluation
+    run nested under the trained run (tag ``medtricks.evaluated_run``).
     """
-    from medtricks.evaluate import compute_metrics, plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
+    from medtricks.data import load_card
     from medtricks.run import load_trained
     from medtricks.train import predict, resolve_device
 
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev))
+    rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri)
     dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress)
     model = FlipTTA(trained.model) if tta else trained.model
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=trained.recipe.data.num_workers)
     targets, probs, loss = predict(model, loader, device=dev, progress=progress, desc="evaluate")
-    metrics = compute_metrics(targets, probs, trained.classes, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
-    figures = {"plots/confusion_matrix.png": plot_confusion_matrix(targets, probs.argmax(1), trained.classes),
-               "plots/roc.png": plot_roc_curves(targets, probs, trained.classes),
-               "plots/reliability.png": plot_reliability_diagram(targets, probs)}
-    report = EvaluationReport(metrics=metrics, split=split, n_images=len(dataset), source_run=trained.run_id,
-                              figures=figures)
+    report = summarize_predictions(targets, probs, trained.classes, rule=rule, split=split, n_bootstrap=n_bootstrap,
+                                   ci=ci, seed=seed, source_run=trained.run_id, loss=loss,
+                                   image_set=image_set_digest(dataset, root))
+    if rule is not None and rule.source == "default":
+        report.notes.append(rule.description)
+    internal = _internal_test_predictions(trained, tracking_uri)
+    if internal is None:
+        report.notes.append("no drop vs the internal test split: the run saved no artifacts/predictions_test.npz "
+                            "(trained without a test split, data.test_fraction 0)")
+    else:
+        y_int, p_int = internal
+        # Same decision rule on both sets; the internal split is at the training prevalence: no shift.
+        p_int = rule.apply(p_int, shift=False) if rule is not None else p_int
+        p_ext = report.probs_op if rule is not None else report.probs
+        report.drop = performance_drop(y_int, p_int, targets, p_ext, trained.classes, n_bootstrap=n_bootstrap,
+                                       ci=ci, seed=seed, rule=f"threshold {rule.threshold:.4f}" if rule else "argmax")
     if log:
-        from medtricks.tracking import create_tracker
-
-        uri = tracking_uri or trained.recipe.tracking.uri
-        tracker = create_tracker("mlflow", uri)
-        from medtricks.data import load_card
-
         card_name = load_card(card).name
-        report.run_id = tracker.start(
+        report.run_id = log_evaluation(
+            report, uri=tracking_uri or trained.recipe.tracking.uri,
             experiment=trained.recipe.tracking.experiment or trained.recipe.experiment.name,
-            run_name=f"eval-{card_name}-{split}", tags={"medtricks.evaluated_run": str(trained.run_id),
-                                                         "medtricks.kind": "evaluation"},
-            parent_run_id=trained.run_id if trained.run_id and tracker.run_exists(trained.run_id) else None)
-        tracker.log_params({"card": card_name, "root": str(Path(root).resolve()), "split": split, "tta": tta,
-                            "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id),
-                            "source_run_dir": str(trained.run_dir), "n_images": len(dataset),
-                            "n_quarantined": len(quarantine)})
-        flat = {f"eval/{k}": float(v) for k, v in metrics.to_dict().items() if isinstance(v, (int, float))}
-        flat["eval/loss"] = loss
-        tracker.log_metrics(flat, step=0)
-        for name, figure in figures.items():
-            tracker.log_figure(figure, name)
-        tracker.end()
+            run_name=f"eval-{card_name}-{split}", parent_run_id=trained.run_id,
+            tags={"medtricks.evaluated_run": str(trained.run_id), "medtricks.kind": "evaluation"},
+            params={"card": card_name, "root": str(Path(root).resolve()), "split": split, "tta": tta,
+                    "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id),
+                    "source_run_dir": str(trained.run_dir), "n_quarantined": len(quarantine)})
     return report
 
 

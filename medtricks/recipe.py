@@ -64,10 +64,12 @@ class DataConfig(_Section):
     root: str = "data/phantoms"
     synth: Optional[SynthConfig] = None
     image_size: int = Field(224, ge=8)
-    augment: Literal["cxr_light", "paper_baseline", "none"] = "cxr_light"
+    augment: Literal["cxr_light", "cxr_shift", "paper_baseline", "none"] = "cxr_light"
     split_seed: int = 0
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    # Held out from training *and* model selection; a test folder the card declares wins over it.
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    test_by: Literal["random", "id_order"] = "random"  # id_order: earliest patient IDs per series
     on_bad_image: Literal["error", "skip"] = "error"
     cache_dir: Optional[str] = None
     num_workers: int = Field(0, ge=0)
@@ -134,6 +136,8 @@ class TricksConfig(_Section):
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    # Class imbalance: inverse-frequency class weights in the loss, or a class-balanced sampler.
+    class_balance: Literal["none", "loss", "sampler"] = "none"
 
 
 class OptimConfig(_Section):
@@ -180,6 +184,15 @@ class EvalConfig(_Section):
     n_bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0.0, lt=1.0)
     plots: bool = True
+    # Binary models: the decision threshold chosen on validation and stored with the model.
+    threshold: Literal["youden", "sensitivity", "none"] = "youden"
+    target_sensitivity: Optional[float] = Field(None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _target_needs_method(self) -> "EvalConfig":
+        if self.threshold == "sensitivity" and self.target_sensitivity is None:
+            raise ValueError("eval.threshold is 'sensitivity' but eval.target_sensitivity is not set (e.g. 0.95)")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -257,6 +270,8 @@ class Recipe(_Section):
             on.append("cutmix")
         if self.tricks.ema:
             on.append("ema")
+        if self.tricks.class_balance != "none":
+            on.append(f"class_balance={self.tricks.class_balance}")
         if self.train.amp != "none":
             on.append(f"amp={self.train.amp}")
         if self.model.resizer.enabled:

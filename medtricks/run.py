@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, class_priors, probs_at_threshold,
+                                                select_threshold)
+from medtricks.evaluate.split_table import headline_keys, split_gaps, split_table
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe
 from medtricks.tracking import Tracker, create_tracker
 
@@ -105,13 +108,27 @@ def build_model(recipe: Recipe, num_classes: int):
     return model, data_config
 
 
-def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool) -> DataLoader:
-    """The one place the training sampler is made (a DistributedSampler goes here for DDP)."""
+def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool,
+                      class_balanced: bool = False) -> DataLoader:
+    """The one place the training sampler is made (a DistributedSampler goes here for DDP).
+
+    ``class_balanced``: draw images with probability 1 / (their class's count), with replacement, so
+    each class fills about the same share of every epoch (as many draws per epoch as images).
+    """
     generator = torch.Generator()
     generator.manual_seed(seed)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f"the training split has {len(dataset)} images, fewer than train.batch_size="
                          f"{batch_size}; mixup/cutmix need full batches: lower the batch size")
+    if class_balanced:
+        from medtricks.tricks.class_balance import balanced_sample_weights
+
+        # The sampler draws from the loader's generator, which the engine re-seeds every epoch (exact resume).
+        sampler = torch.utils.data.WeightedRandomSampler(balanced_sample_weights(dataset.targets),
+                                                         num_samples=len(dataset), replacement=True,
+                                                         generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
+                          num_workers=num_workers, drop_last=drop_last, persistent_workers=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
                       num_workers=num_workers, drop_last=drop_last, persistent_workers=False)
 
@@ -203,7 +220,7 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
         card, recipe.data.root, image_size=image_size, mean=tuple(data_config["mean"]),
         std=tuple(data_config["std"]), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
         split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
-        test_fraction=recipe.data.test_fraction, on_bad_image=recipe.data.on_bad_image,
+        test_fraction=recipe.data.test_fraction, test_by=recipe.data.test_by, on_bad_image=recipe.data.on_bad_image,
         cache_dir=recipe.data.cache_dir,
         synth=recipe.data.synth.model_dump() if recipe.data.synth else None, progress=recipe.train.progress)
 
@@ -212,7 +229,8 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
                              prob=tricks.mix_prob, label_smoothing=tricks.label_smoothing,
                              num_classes=len(classes))
     train_loader = make_train_loader(bundle.train, batch_size=recipe.train.batch_size, seed=recipe.experiment.seed,
-                                     num_workers=recipe.data.num_workers, drop_last=mixup is not None)
+                                     num_workers=recipe.data.num_workers, drop_last=mixup is not None,
+                                     class_balanced=tricks.class_balance == "sampler")
     val_loader = _eval_loader(bundle.val, recipe)
 
     lr = scaled_lr(recipe.optim.lr, recipe.train.batch_size, recipe.optim.linear_scaling)
@@ -237,7 +255,12 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
                         milestones=recipe.schedule.milestones, gamma=recipe.schedule.gamma,
                         min_lr=recipe.schedule.min_lr)
     scheduler = build_scheduler(optimizer, **sched_kwargs)
-    loss_fn = build_loss(label_smoothing=tricks.label_smoothing, mixup=mixup)
+    class_weights = None
+    if tricks.class_balance == "loss":
+        from medtricks.tricks.class_balance import class_weights as _class_weights
+
+        class_weights = _class_weights(bundle.train.targets, len(classes))
+    loss_fn = build_loss(label_smoothing=tricks.label_smoothing, mixup=mixup, class_weights=class_weights)
     ema = None
     if tricks.ema:
         from timm.utils import ModelEmaV3
@@ -253,6 +276,7 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
                    "weights.source": info.get("weights_source"), "weights.sha256": info.get("weights_sha256"),
                    "bn_gamma": gamma_report.summary() if len(gamma_report) else "none",
                    "frozen_params": len(frozen),
+                   "class_weights": ",".join(f"{w:.4g}" for w in class_weights) if class_weights else "none",
                    "n_train": len(bundle.train), "n_val": len(bundle.val),
                    "n_test": len(bundle.test) if bundle.test is not None else 0,
                    "n_quarantined": len(bundle.quarantine)})
@@ -300,6 +324,8 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
     eval_model.load_state_dict(best["model"])
     final = {}
     test_result = None
+    operating_point = None
+    by_split, at_op = {}, {}
     for split, dataset in (("val", bundle.val), ("test", bundle.test)):
         if dataset is None or len(dataset) == 0:
             continue
@@ -310,6 +336,16 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
         flat = {f"best/{split}/{k}": float(v) for k, v in metrics.to_dict().items()
                 if isinstance(v, (int, float))}
         flat[f"best/{split}/loss"] = loss
+        # The operating point is chosen on validation only (val comes first), then applied to test.
+        if split == "val" and len(classes) == 2 and recipe.eval.threshold != "none":
+            operating_point = choose_operating_point(targets, probs, recipe, bundle.train.targets, say)
+        if operating_point is not None:
+            at_op[split] = compute_metrics(targets, probs_at_threshold(probs, operating_point.threshold), classes,
+                                           n_bootstrap=recipe.eval.n_bootstrap, ci=recipe.eval.ci,
+                                           seed=recipe.experiment.seed)
+            flat.update({f"best/{split}/op/{k}": float(v) for k, v in at_op[split].to_dict().items()
+                         if isinstance(v, (int, float))})
+        by_split[split] = metrics
         # per-image predictions: ablations pair variants image by image (paired bootstrap)
         pred_path = artifacts / f"predictions_{split}.npz"
         np.savez_compressed(pred_path, y_true=targets, probs=probs.astype(np.float32))
@@ -324,6 +360,8 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
             final = metrics
         else:
             test_result = metrics
+    if "test" in by_split:
+        tracker.log_metrics(split_gaps(by_split, keys=headline_keys(final.values, classes[-1])), step=fit_result.steps)
     if recipe.audit.enabled:
         from medtricks.posthoc import audit_model, log_audit
 
@@ -353,20 +391,49 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
         {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}))
     card_text = _model_card(recipe, classes, info, data_config, fit_result, final)
     (model_dir / "MODEL_CARD.md").write_text(card_text)
+    if operating_point is not None:
+        operating_point.to_json(model_dir / OPERATING_POINT_FILE)
     if recipe.tracking.log_model:
+        if operating_point is not None:
+            tracker.log_artifact(model_dir / OPERATING_POINT_FILE, "model")
         tracker.log_artifact(model_dir / "model_state.pt", "model")
         tracker.log_artifact(model_dir / "MODEL_CARD.md", "model")
         tracker.log_artifact(model_dir / "data_config.json", "model")
     tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
 
-    title = (f"{recipe.experiment.name} — best epoch {fit_result.best_epoch} on val "
-             f"(seed {recipe.experiment.seed}, {recipe.eval.n_bootstrap} bootstrap resamples)")
-    say(final.table(title=title))
-    if test_result is not None:
-        say(test_result.table(title=f"{recipe.experiment.name} — test split (seed {recipe.experiment.seed})"))
+    say(_final_report(recipe, fit_result.best_epoch, classes, by_split, at_op, operating_point))
     return RunResult(run_dir=run_dir, run_id=None, metrics=final, test_metrics=test_result,
                      history=fit_result.history, best_epoch=fit_result.best_epoch,
                      gamma_report=gamma_report, tracker=tracker)
+
+
+def choose_operating_point(y_val, probs_val, recipe: Recipe, train_targets, say):
+    """The decision threshold on validation (``eval.threshold``), with the training class priors."""
+    try:
+        op = select_threshold(y_val, probs_val, method=recipe.eval.threshold,
+                              target_sensitivity=recipe.eval.target_sensitivity,
+                              train_priors=class_priors(train_targets, 2))
+    except ValueError as err:  # e.g. a validation split with one class: keep 0.5 and say why
+        say(f"warning: no operating point chosen ({err}); predictions use the 0.5 threshold")
+        return None
+    return op
+
+
+def _final_report(recipe: Recipe, best_epoch, classes, by_split: dict, at_op: dict, operating_point) -> str:
+    """Validation and test side by side (with the gap), at 0.5 and at the stored operating point."""
+    name, seed = recipe.experiment.name, recipe.experiment.seed
+    keys = headline_keys(by_split["val"].values, classes[-1] if len(classes) == 2 else None)
+    parts = [split_table(by_split, keys=keys,
+                         title=f"{name} — best epoch {best_epoch} (chosen on val), seed {seed}, "
+                               f"{'argmax' if len(classes) > 2 else 'threshold 0.5'}")]
+    if operating_point is not None:
+        parts.append(split_table(at_op, keys=[k for k in keys if k not in ("auroc", "ece")],
+                                 title=f"at the stored operating point: {operating_point.describe()} "
+                                       "(val is optimistic here: the threshold was chosen on it)"))
+    if "test" not in by_split:
+        parts.append("no test split: these numbers come from the split that chose the checkpoint and will "
+                     "flatter the model; set data.test_fraction (or give the card a test folder)")
+    return "\n\n".join(parts)
 
 
 def _model_card(recipe: Recipe, classes, info, data_config, fit_result, metrics) -> str:

@@ -54,26 +54,44 @@ _TEST_NAMES = {"t": "paired t", "wilcoxon": "wilcoxon"}
 
 
 # -------------------------------------------------------------------------------------- metrics
-def metric_keys(metric: str) -> dict[str, Optional[str]]:
+def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[str]]:
     """How a table metric maps onto what a run logged.
 
     ``val/auroc`` → value ``best/val/auroc`` (the best checkpoint, evaluated with bootstrap CIs),
     CI ``best/val/auroc_ci_low`` / ``_ci_high``, split ``val``, image-level name ``auroc``.
-    A key already starting with ``best/`` is taken as is.
+    A key already starting with ``best/`` is taken as is. With ``allow_eval`` (``compare``, not
+    ``ablate``: an ablation trains, it does not evaluate) ``eval/<m>`` and ``eval/op/<m>`` name
+    what ``medtricks evaluate`` / ``ensemble`` runs logged, paired through their
+    ``predictions_eval.npz`` (``probs``, or ``probs_op`` at the operating point).
 
     >>> metric_keys("val/auroc")["value"]
     'best/val/auroc'
+    >>> metric_keys("eval/op/accuracy", allow_eval=True)["probs_key"]
+    'probs_op'
     """
+    from medtricks.evaluate.metrics import SCALAR_METRICS
+
+    if allow_eval and isinstance(metric, str) and metric.startswith("eval/"):
+        parts = metric.split("/")
+        at_op = len(parts) > 2 and parts[1] == "op"
+        name = "/".join(parts[2:] if at_op else parts[1:])
+        if not name or parts[1] == "drop" and len(parts) > 2 and not parts[2]:
+            raise ValueError(f"metric must be eval/<name> or eval/op/<name> (e.g. eval/auroc), got {metric!r}")
+        # drop/<m> compares two image sets: no image-level pairing between runs
+        image_level = name in SCALAR_METRICS and not (at_op and name == "ece")
+        return {"value": metric, "ci_low": f"{metric}_ci_low", "ci_high": f"{metric}_ci_high", "split": "eval",
+                "name": "/".join(parts[1:]), "scalar": name if image_level else None,
+                "probs_key": "probs_op" if at_op else "probs"}
     key = metric if isinstance(metric, str) and metric.startswith("best/") else f"best/{metric}"
     parts = key.split("/")
     if not isinstance(metric, str) or len(parts) < 3 or parts[1] not in ("val", "test") or not parts[2]:
+        also = ", or eval/<name> / eval/op/<name> for evaluation runs" if allow_eval else ""
         raise ValueError(f"metric must be val/<name> or test/<name> (the best checkpoint's value, e.g. "
-                         f"val/auroc, test/accuracy, val/sensitivity/covid), got {metric!r}")
-    from medtricks.evaluate.metrics import SCALAR_METRICS
+                         f"val/auroc, test/accuracy, val/sensitivity/covid){also}, got {metric!r}")
 
     name = "/".join(parts[2:])
     return {"value": key, "ci_low": f"{key}_ci_low", "ci_high": f"{key}_ci_high", "split": parts[1],
-            "name": name, "scalar": name if name in SCALAR_METRICS else None}
+            "name": name, "scalar": name if name in SCALAR_METRICS else None, "probs_key": "probs"}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -204,13 +222,20 @@ def image_bootstrap_delta(y_true: np.ndarray, probs_a: Sequence[np.ndarray], pro
     return out
 
 
-def load_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(y_true, probs)`` from a run's predictions .npz (see :data:`PREDICTIONS_FILE`)."""
+def load_predictions(path: str | Path, probs_key: str = "probs") -> tuple[np.ndarray, np.ndarray]:
+    """``(y_true, probs)`` from a run's predictions .npz (see :data:`PREDICTIONS_FILE`);
+    ``probs_key="probs_op"`` reads an evaluation's probabilities at its operating point."""
     with np.load(path) as data:
-        missing = {"y_true", "probs"} - set(data.files)
+        missing = {"y_true", probs_key} - set(data.files)
         if missing:
             raise ValueError(f"{path}: predictions file lacks array(s) {sorted(missing)}; has {data.files}")
-        return np.asarray(data["y_true"]), np.asarray(data["probs"])
+        return np.asarray(data["y_true"]), np.asarray(data[probs_key])
+
+
+def _image_set(path: str | Path) -> Optional[str]:
+    """The ordered-image-list digest an evaluation stores with its predictions, if any."""
+    with np.load(path) as data:
+        return str(data["image_set"]) if "image_set" in data.files else None
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -367,7 +392,7 @@ def _seed_of(record) -> Optional[int]:
 
 def runs_frame(records, metric: str, group_by: Optional[str] = None) -> pd.DataFrame:
     """Plain table of MLflow run records: one row per run with the metric and its logged CI."""
-    keys = metric_keys(metric)
+    keys = metric_keys(metric, allow_eval=True)
     rows = []
     for r in records:
         group = None
@@ -389,7 +414,8 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
                  tracking_uri: Optional[str] = None, ci: float = 0.95, test: str = "t") -> str:
     """The side-by-side table ``medtricks compare`` prints, read from MLflow.
 
-    Every run with the metric is listed with the bootstrap CI it logged. With ``group_by`` (a tag
+    Every run with the metric is listed with the bootstrap CI it logged; ``eval/<m>`` and
+    ``eval/op/<m>`` read evaluation runs (``medtricks evaluate`` / ``ensemble``). With ``group_by`` (a tag
     such as ``variant``, or a param such as ``optim.lr``) runs are also aggregated per group: seeds,
     mean with a t-CI over runs, and the paired-by-seed difference to the reference group
     (``baseline`` when present, else the first group).
@@ -402,7 +428,7 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
 
     if experiment is None and not run_ids:
         raise ValueError("compare needs --experiment NAME or --runs ID [ID ...]")
-    keys = metric_keys(metric)
+    keys = metric_keys(metric, allow_eval=True)
     records = get_runs(tracking_uri=tracking_uri, experiment=experiment, run_ids=run_ids)
     notes: list[str] = []
     parents = [r for r in records if r.tags.get("medtricks.role") == "ablation_parent"]
@@ -482,7 +508,9 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, trackin
         notes.append(f"no image-level paired comparison for {keys['name']!r} (not an image-level metric)")
         return []
     name = PREDICTIONS_FILE.format(split=keys["split"])
+    probs_key = keys.get("probs_key") or "probs"
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    image_sets: dict[str, Optional[str]] = {}
     without: list[str] = []
     with tempfile.TemporaryDirectory(prefix="medtricks-compare-") as tmp:
         for run_id in runs["run_id"]:
@@ -490,7 +518,14 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, trackin
             if path is None:
                 without.append(run_id[:12])
                 continue
-            preds[run_id] = load_predictions(path)
+            with np.load(path) as data:
+                has_key = probs_key in data.files
+            if not has_key:
+                notes.append(f"run {run_id[:12]}: its {PREDICTIONS_ARTIFACT_DIR}/{name} has no {probs_key!r} "
+                             f"(a multiclass model, or an evaluation from before operating points): not paired")
+                continue
+            preds[run_id] = load_predictions(path, probs_key)
+            image_sets[run_id] = _image_set(path)
     if without:
         notes.append(f"{len(without)} run(s) logged no {PREDICTIONS_ARTIFACT_DIR}/{name}, so they are not in the "
                      f"paired image comparison: {', '.join(without)}")
@@ -503,7 +538,16 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, trackin
         if run_id == reference:
             continue
         if len(y) != len(y_ref) or not np.array_equal(y, y_ref):
-            notes.append(f"run {run_id[:12]} was evaluated on other images than {reference[:12]}: not paired")
+            notes.append(f"run {run_id[:12]} was evaluated on other images than {reference[:12]} ({len(y)} vs "
+                         f"{len(y_ref)} images{', other labels' if len(y) == len(y_ref) else ''}): no paired Δ")
+            continue
+        if image_sets.get(run_id) and image_sets.get(reference) and image_sets[run_id] != image_sets[reference]:
+            notes.append(f"run {run_id[:12]} was evaluated on other images than {reference[:12]} (same labels, but "
+                         "another image list or order): no paired Δ")
+            continue
+        if probs.shape != preds[reference][1].shape:
+            notes.append(f"run {run_id[:12]} predicts {probs.shape[1]} classes, {reference[:12]} "
+                         f"{preds[reference][1].shape[1]}: no paired Δ")
             continue
         d = image_bootstrap_delta(y_ref, [probs], [preds[reference][1]], keys["scalar"],
                                   n_bootstrap=n_bootstrap, ci=ci)

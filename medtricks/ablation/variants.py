@@ -51,6 +51,8 @@ TRICKS: dict[str, _Trick] = {
     "ema": _Trick("tricks.ema", "true", "exponential moving average of the weights"),
     "linear_scaling": _Trick("optim.linear_scaling", "true", "lr x batch_size / 256"),
     "resizer": _Trick("model.resizer.enabled", "true", "learnable resizer in front of the backbone"),
+    "class_balance": _Trick("tricks.class_balance", "loss", "class-weighted loss (default) or =sampler"),
+    "augment": _Trick("data.augment", None, "augmentation preset: cxr_light, cxr_shift, paper_baseline, none"),
 }
 
 

@@ -257,7 +257,7 @@ def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> Non
 def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
                    split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
                    on_bad_image: str = "error", cache_dir=None, synth: Optional[dict] = None,
-                   progress: bool = True, voi: str = "auto") -> DataBundle:
+                   progress: bool = True, voi: str = "auto", test_by: str = "random") -> DataBundle:
     """Card + root -> :class:`DataBundle` with checked, leakage-free train / val / test datasets.
 
     Steps: (synthetic card + ``synth``: generate the set into ``root`` if absent) -> manifest ->
@@ -272,7 +272,7 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
     root = Path(root).expanduser().resolve()
     _prepare_synthetic(card, root, synth)
     manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
-                              test_fraction=test_fraction, on_missing="keep")
+                              test_fraction=test_fraction, on_missing="keep", test_by=test_by)
     train_tf = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=True)
     eval_tf = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
     if train_tf.base_side != eval_tf.base_side:  # one cached array must serve both

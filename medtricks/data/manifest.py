@@ -195,7 +195,7 @@ def _summarise(items: list[str], limit: int = _MAX_LISTED) -> str:
 
 
 def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
-                   *, on_missing: str = "error") -> pd.DataFrame:
+                   *, on_missing: str = "error", test_by: str = "random") -> pd.DataFrame:
     """One row per image: ``path`` (absolute), ``label``, ``target``, ``patient`` (salted hash), ``split``.
 
     ``card``: a card name, a YAML path or a :class:`DataCard`. Unknown raw labels, files missing from a
@@ -263,7 +263,7 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
         notes["duplicate rows of one file collapsed"] += n_before - len(df)
 
     df["split"] = assign_splits(df["label"], df["raw_patient"], df["declared_split"], seed=split_seed,
-                                val_fraction=val_fraction, test_fraction=test_fraction)
+                                val_fraction=val_fraction, test_fraction=test_fraction, test_by=test_by)
     salt = patient_salt()
     hashes = {raw: hash_patient(raw, card.name, salt) for raw in df["raw_patient"].unique()}
     df["patient"] = df["raw_patient"].map(hashes)

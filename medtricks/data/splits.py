@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from collections import defaultdict
 from typing import Optional, Sequence
@@ -75,20 +76,60 @@ def _carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction
     return np.sort(np.concatenate(held))
 
 
+TEST_BY = ("random", "id_order")
+_DIGITS = re.compile(r"\d+")
+
+
+def _carve_by_id_order(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the *lowest-numbered* patients of every (class, ID series), about ``fraction`` of each.
+
+    A series is the patient ID with its digits masked (``IM-0115`` and ``NORMAL2-IM-0383`` are two
+    series); within a series patients are ordered by the numbers in their ID. Where IDs are issued in
+    acquisition order this holds out the earliest patients of every acquisition batch: a temporal,
+    acquisition-shifted test split instead of a random one. A patient's class is its most frequent label.
+    """
+    pool_groups = groups[indices]
+    series: dict[tuple[str, str], list[str]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    label_of: dict[str, str] = {}
+    for g in np.unique(pool_groups):
+        g_labels, g_counts = np.unique(labels[indices][pool_groups == g], return_counts=True)
+        label_of[g] = str(g_labels[np.argmax(g_counts)])
+        counts[g] = int(g_counts.sum())
+        series[(label_of[g], _DIGITS.sub("#", g))].append(g)
+    held_groups: set[str] = set()
+    for members in series.values():
+        members.sort(key=lambda g: ([int(d) for d in _DIGITS.findall(g)], g))
+        target, taken = fraction * sum(counts[g] for g in members), 0
+        for g in members:
+            if taken >= target or len(held_groups & set(members)) >= len(members) - 1:
+                break  # keep at least one patient of every series for training
+            held_groups.add(g)
+            taken += counts[g]
+    if not held_groups:
+        raise ManifestError(f"test_by=id_order: a test fraction of {fraction:.3g} holds out no patient; "
+                            "raise the fraction or use test_by=random")
+    return np.sort(indices[np.isin(pool_groups, sorted(held_groups))])
+
+
 def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequence] = None, *, seed: int = 0,
-                  val_fraction: float = 0.15, test_fraction: float = 0.0) -> np.ndarray:
+                  val_fraction: float = 0.15, test_fraction: float = 0.0, test_by: str = "random") -> np.ndarray:
     """Split names ('train' | 'val' | 'test') per row, grouped by ``groups`` (patients).
 
     ``explicit`` holds a split the data declares per row (or None / '' where it declares none).
     For 'test' then 'val': if any row declares it, the declaration is honoured; otherwise that split
     is carved (by patient, stratified by label) from the rows declared 'train' or undeclared, taking
     ``test_fraction`` / ``val_fraction`` of that pool. ``seed`` drives only this choice.
+    ``test_by="id_order"`` carves test from the lowest-numbered patients of each class and ID series
+    instead (see :func:`_carve_by_id_order`); validation stays a random patient-level split.
 
     Example::
 
         assign_splits(["a", "a", "b", "b"], ["p1", "p1", "p2", "p3"], val_fraction=0.34)
     """
     _check_fractions(val_fraction, test_fraction)
+    if test_by not in TEST_BY:
+        raise ValueError(f"test_by={test_by!r}: expected one of {TEST_BY}")
     labels = np.asarray(labels).astype(str)
     groups = np.asarray(groups).astype(str)
     n = len(labels)
@@ -107,7 +148,11 @@ def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequenc
             continue
         # Relative to what is left, so val is val_fraction of the whole pool, not of pool minus test.
         remaining = len(pool) / pool_size
-        held = _carve(pool, labels, groups, min(fraction / remaining, 0.95), seed, split)
+        share = min(fraction / remaining, 0.95)
+        if split == "test" and test_by == "id_order":
+            held = _carve_by_id_order(pool, labels, groups, share)
+        else:
+            held = _carve(pool, labels, groups, share, seed, split)
         out[held] = split
         pool = np.setdiff1d(pool, held)
     return out.astype(str)

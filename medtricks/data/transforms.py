@@ -7,6 +7,11 @@ Presets (train=True):
 - ``paper_baseline``: He et al. 2019's ImageNet recipe: RandomResizedCrop scale 0.08-1, ratio 3/4-4/3,
   horizontal flip, brightness/contrast/saturation 0.4 (saturation is a no-op on gray), PCA lighting
   noise 0.1 (FancyPCA on the gray channel).
+- ``cxr_shift``: for models that must hold on another hospital's or another batch's images:
+  ``cxr_light``'s geometry with a wider crop (scale 0.6-1, aspect 0.8-1.25, as resized copies
+  distort it) plus what differs between acquisitions — exposure and contrast +-0.2, gamma 0.7-1.5,
+  CLAHE (p 0.25, as some sites post-process), Gaussian blur (p 0.2), Gaussian noise (p 0.2) and
+  down-then-up sampling (p 0.2). No flips.
 - ``none``: the eval transform for training too.
 
 Eval (train=False): resize the shorter side to ``image_size / crop_pct``, then center crop
@@ -33,8 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-PRESETS = ("cxr_light", "paper_baseline", "none")
-_CROP_PCT = {"cxr_light": 1.0, "paper_baseline": 0.875, "none": 1.0}
+PRESETS = ("cxr_light", "cxr_shift", "paper_baseline", "none")
+_CROP_PCT = {"cxr_light": 1.0, "cxr_shift": 1.0, "paper_baseline": 0.875, "none": 1.0}
 
 
 def eval_resize_side(preset: str, image_size: int) -> int:
@@ -51,6 +56,15 @@ def _train_ops(preset: str, image_size: int) -> list:
         return [A.Rotate(limit=10, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
                 A.RandomResizedCrop(size=size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
                 A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=1.0)]
+    if preset == "cxr_shift":
+        return [A.Rotate(limit=10, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+                A.RandomResizedCrop(size=size, scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0),
+                A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0),
+                A.RandomGamma(gamma_limit=(70, 150), p=0.5),
+                A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(8, 8), p=0.25),
+                A.GaussianBlur(sigma_limit=(0.3, 1.2), p=0.2),
+                A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
+                A.Downscale(scale_range=(0.5, 0.9), p=0.2)]
     if preset == "paper_baseline":
         return [A.RandomResizedCrop(size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
                 A.HorizontalFlip(p=0.5),

@@ -111,6 +111,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     device = cfg.device
     model.to(device)
+    loss_fn = loss_fn.to(device) if isinstance(loss_fn, nn.Module) else loss_fn  # class weights live on the device
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp_dtype == torch.float16 else None

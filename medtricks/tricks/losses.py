@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -27,10 +27,20 @@ def build_mixup(*, mixup_alpha: float, cutmix_alpha: float, prob: float, label_s
                  label_smoothing=label_smoothing, num_classes=num_classes)
 
 
-def build_loss(*, label_smoothing: float, mixup: Optional[object]) -> nn.Module:
-    """Training loss: soft-target CE under mixup (smoothing is folded into its targets), else CE."""
+def build_loss(*, label_smoothing: float, mixup: Optional[object],
+               class_weights: Optional[Sequence[float]] = None) -> nn.Module:
+    """Training loss: soft-target CE under mixup (smoothing is folded into its targets), else CE
+    (with per-class ``class_weights`` when given: ``tricks.class_balance: loss``)."""
     if mixup is not None:
+        if class_weights is not None:
+            raise ValueError("tricks.class_balance: loss cannot be combined with mixup/cutmix (timm's soft-target "
+                             "loss takes no class weights); use tricks.class_balance: sampler instead")
         from timm.loss import SoftTargetCrossEntropy
 
         return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    weight = None
+    if class_weights is not None:
+        import torch
+
+        weight = torch.as_tensor(list(class_weights), dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)

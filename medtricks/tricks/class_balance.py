@@ -1,0 +1,53 @@
+"""Class imbalance: inverse-frequency loss weights or a class-balanced sampler (``tricks.class_balance``).
+
+Kermany's training split holds about three pneumonia images per normal one; trained on it as is, a
+model learns the prior and calls borderline normals pneumonia, which costs specificity on a test set
+with another prevalence. Two standard remedies (He & Garcia, IEEE TKDE 2009):
+
+- ``loss``: cross-entropy weights ``w_c = N / (K · n_c)`` (sklearn's ``compute_class_weight("balanced")``),
+  so every class contributes the same total weight;
+- ``sampler``: draw each image with probability ∝ ``1 / n_c`` (torch's ``WeightedRandomSampler``),
+  so batches are balanced on average.
+
+Both change the prior the model's probabilities are calibrated to; the stored operating point and
+``--prevalence`` (prior-shift correction) account for that at evaluation.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["class_weights", "balanced_sample_weights"]
+
+
+def _counts(targets: Sequence[int], n_classes: int) -> np.ndarray:
+    y = np.asarray(targets).astype(int)
+    if y.size == 0:
+        raise ValueError("class balancing needs training labels; the training split is empty")
+    counts = np.bincount(y, minlength=n_classes)
+    if len(counts) > n_classes:
+        raise ValueError(f"a training label {int(y.max())} is outside the {n_classes} classes")
+    return counts
+
+
+def class_weights(targets: Sequence[int], n_classes: int) -> list[float]:
+    """Per-class loss weights ``N / (K · n_c)``; a class absent from training is an error (its weight
+    would be infinite)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    counts = _counts(targets, n_classes)
+    if (counts == 0).any():
+        missing = [int(i) for i in np.flatnonzero(counts == 0)]
+        raise ValueError(f"tricks.class_balance: class index(es) {missing} have no training images")
+    y = np.asarray(targets).astype(int)
+    return [float(w) for w in compute_class_weight("balanced", classes=np.arange(n_classes), y=y)]
+
+
+def balanced_sample_weights(targets: Sequence[int]) -> "torch.Tensor":  # noqa: F821
+    """Per-image sampling weights ``1 / n_class(image)`` for ``WeightedRandomSampler``."""
+    import torch
+
+    y = np.asarray(targets).astype(int)
+    counts = _counts(y, int(y.max()) + 1 if y.size else 0)
+    return torch.as_tensor(1.0 / counts[y], dtype=torch.double)
