@@ -75,13 +75,17 @@ def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[
         parts = metric.split("/")
         at_op = len(parts) > 2 and parts[1] == "op"
         name = "/".join(parts[2:] if at_op else parts[1:])
-        if not name or parts[1] == "drop" and len(parts) > 2 and not parts[2]:
+        if not name or not all(parts[1:]):
             raise ValueError(f"metric must be eval/<name> or eval/op/<name> (e.g. eval/auroc), got {metric!r}")
-        # drop/<m> compares two image sets: no image-level pairing between runs
+        # eval/drop/<m> compares two image sets: no image-level pairing between runs
         image_level = name in SCALAR_METRICS and not (at_op and name == "ece")
         return {"value": metric, "ci_low": f"{metric}_ci_low", "ci_high": f"{metric}_ci_high", "split": "eval",
                 "name": "/".join(parts[1:]), "scalar": name if image_level else None,
                 "probs_key": "probs_op" if at_op else "probs"}
+    if isinstance(metric, str) and metric.startswith("eval/") and not allow_eval:
+        raise ValueError(f"metric {metric!r} is logged by evaluation runs (medtricks evaluate / ensemble), which "
+                         "an ablation does not make; use val/<name> or test/<name> here, and medtricks compare "
+                         "--runs EVAL_RUN ... --metric eval/<name> for evaluation runs")
     key = metric if isinstance(metric, str) and metric.startswith("best/") else f"best/{metric}"
     parts = key.split("/")
     if not isinstance(metric, str) or len(parts) < 3 or parts[1] not in ("val", "test") or not parts[2]:
