@@ -172,3 +172,24 @@ def test_binary_run_keeps_test_out_of_selection_and_stores_an_operating_point(tm
         assert key in tracker.metrics, key
     assert tracker.params["class_weights"] != "none"
     assert "model/operating_point.json" in tracker.artifacts
+
+
+def test_a_declared_test_folder_wins_over_test_fraction(tmp_path):
+    from medtricks.data import build_manifest, card_from_dict
+
+    rng = np.random.default_rng(0)
+    for split, ids in (("train", range(0, 12)), ("test", range(100, 104))):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            for i in ids:
+                (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"person{i}{cls[0]}_0.png")
+    card = card_from_dict({"name": "toy", "description": "toy", "source": "https://example.org", "license": "CC0",
+                           "citation": "none", "task": "binary", "classes": ["normal", "pneumonia"],
+                           "label_map": {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
+                           "layout": {"kind": "folder", "split_dirs": {"train": "train", "test": "test"}},
+                           "patient": {"regex": r"^(?P<patient>person\d+[NP])"}})
+    m = build_manifest(card, tmp_path, val_fraction=0.25, test_fraction=0.3, test_by="id_order")
+    test_rows = m[m["split"] == "test"]
+    assert len(test_rows) == 8 and all("/test/" in p for p in test_rows["path"])
+    assert not any("/test/" in p for p in m[m["split"] != "test"]["path"])
