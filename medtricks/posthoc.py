@@ -266,7 +266,9 @@ def drop_metric_fns(classes: list[str]) -> dict[str, Any]:
 
 def _unpaired_bootstrap(y_a: np.ndarray, p_a: np.ndarray, y_b: np.ndarray, p_b: np.ndarray, fns: dict[str, Any], *,
                         n_bootstrap: int, ci: float, seed: int, needs_all_classes=()) -> dict[str, dict[str, Any]]:
-    from medtricks.evaluate.metrics import _percentile_interval
+    from sklearn import config_context
+
+    from medtricks.evaluate.metrics import _FAST_SKLEARN, _percentile_interval
 
     def scores(y: np.ndarray, p: np.ndarray, n_classes: int) -> dict[str, float]:
         out = {}
@@ -286,12 +288,13 @@ def _unpaired_bootstrap(y_a: np.ndarray, p_a: np.ndarray, y_b: np.ndarray, p_b: 
     full_a, full_b = scores(y_a, p_a, na), scores(y_b, p_b, nb)
     deltas = {name: np.full(n_bootstrap, np.nan) for name in fns}
     rng = np.random.default_rng(seed)
-    for i in range(n_bootstrap):
-        # Unpaired: the two sets hold different images, so each is resampled on its own.
-        ia, ib = rng.integers(0, len(y_a), len(y_a)), rng.integers(0, len(y_b), len(y_b))
-        sa, sb = scores(y_a[ia], p_a[ia], na), scores(y_b[ib], p_b[ib], nb)
-        for name in fns:
-            deltas[name][i] = sa[name] - sb[name]
+    with config_context(**_FAST_SKLEARN):  # inputs were checked once above
+        for i in range(n_bootstrap):
+            # Unpaired: the two sets hold different images, so each is resampled on its own.
+            ia, ib = rng.integers(0, len(y_a), len(y_a)), rng.integers(0, len(y_b), len(y_b))
+            sa, sb = scores(y_a[ia], p_a[ia], na), scores(y_b[ib], p_b[ib], nb)
+            for name in fns:
+                deltas[name][i] = sa[name] - sb[name]
     out = {}
     for name in fns:
         delta = full_a[name] - full_b[name]
@@ -511,9 +514,10 @@ def _internal_test_predictions(trained, tracking_uri: Optional[str]) -> Optional
 
 
 def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: str, run_name: str,
-                   tags: dict[str, str], params: dict[str, Any], parent_run_id: Optional[str] = None) -> Optional[str]:
-    """A new MLflow evaluation run: params, ``report.to_metrics()``, figures and the per-image
-    predictions (``predictions/predictions_eval.npz``). Returns its run id."""
+                   tags: dict[str, str], params: dict[str, Any], parent_run_id: Optional[str] = None,
+                   texts: Optional[dict[str, str]] = None) -> Optional[str]:
+    """A new MLflow evaluation run: params, ``report.to_metrics()``, figures, ``texts`` (artifact
+    name → text) and the per-image predictions (``predictions/predictions_eval.npz``). Returns its run id."""
     import tempfile
 
     from medtricks.tracking import create_tracker
@@ -531,6 +535,8 @@ def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: 
     tracker.log_metrics(report.to_metrics(), step=0)
     for name, figure in report.figures.items():
         tracker.log_figure(figure, name)
+    for name, text in (texts or {}).items():
+        tracker.log_text(text, name)
     with tempfile.TemporaryDirectory(prefix="medtricks-eval-") as tmp:
         tracker.log_artifact(report.save_predictions(Path(tmp) / PREDICTIONS_EVAL_FILE), PREDICTIONS_ARTIFACT_DIR)
     tracker.end()
