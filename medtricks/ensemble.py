@@ -266,7 +266,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
         report.run_id = log_evaluation(
             ensemble, uri=tracking_uri or first.tracking.uri,
             experiment=first.tracking.experiment or first.experiment.name,
-            run_name=f"ensemble-{card_name}-{split}",
+            run_name=f"ensemble-{card_name}-{split}{'-tta' if tta else ''}",
             tags={"medtricks.kind": "ensemble", "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members)},
             params={"card": card_name, "root": str(Path(root).resolve()), "split": split, "tta": tta,
                     "n_bootstrap": n_bootstrap, "seed": seed, "n_members": len(members),

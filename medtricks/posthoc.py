@@ -371,8 +371,8 @@ class PerformanceDrop:
         rows = [[r["metric"], _num(r["value_a"]), _num(r["value_b"]), _delta_ci(r["delta"], r["ci_low"], r["ci_high"])]
                 for r in self.rows]
         head = (f"Drop vs the run's internal test split ({self.n_internal} images) on this data ({self.n_external} "
-                f"images), decisions at {self.rule}; {pct} CI from an unpaired bootstrap ({self.n_bootstrap} "
-                "resamples of each set)")
+                f"images), decisions at {self.rule}; drop = internal − external (positive: worse here), {pct} CI "
+                f"from an unpaired bootstrap ({self.n_bootstrap} resamples of each set)")
         return head + "\n" + markdown_table(["metric", "internal test", "external", f"drop [{pct} CI]"], rows)
 
 
@@ -589,7 +589,7 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
         report.run_id = log_evaluation(
             report, uri=tracking_uri or trained.recipe.tracking.uri,
             experiment=trained.recipe.tracking.experiment or trained.recipe.experiment.name,
-            run_name=f"eval-{card_name}-{split}", parent_run_id=trained.run_id,
+            run_name=f"eval-{card_name}-{split}{'-tta' if tta else ''}", parent_run_id=trained.run_id,
             tags={"medtricks.evaluated_run": str(trained.run_id), "medtricks.kind": "evaluation"},
             params={"card": card_name, "root": str(Path(root).resolve()), "split": split, "tta": tta,
                     "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id),
