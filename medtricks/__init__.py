@@ -52,6 +52,12 @@ _EXPORTS = {
     "MetricsResult": "medtricks.evaluate",
     "mean_ci": "medtricks.evaluate",
     "paired_comparison": "medtricks.evaluate",
+    "OperatingPoint": "medtricks.evaluate",
+    "select_threshold": "medtricks.evaluate",
+    "prior_shift": "medtricks.evaluate",
+    "probs_at_threshold": "medtricks.evaluate",
+    "ensemble_runs": "medtricks.ensemble",
+    "class_weights": "medtricks.tricks.class_balance",
     # robustness audits
     "run_audit": "medtricks.audit",
     "AuditResult": "medtricks.audit",

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split-seed", type=int, default=0)
     check.add_argument("--val-fraction", type=float, default=0.15)
     check.add_argument("--test-fraction", type=float, default=0.0)
+    check.add_argument("--test-by", choices=["random", "id_order"], default="random",
+                       help="how the test split is carved: random patients, or the lowest-numbered patients "
+                            "of every file-name ID series (earliest acquisitions)")
 
     gamma = sub.add_parser("gamma", help="show what a BN-gamma strategy would change, without training")
     gamma.add_argument("model", help="a timm model name (or monai:NAME)")
@@ -180,7 +183,8 @@ def _cmd_data(args, parser) -> int:
         from medtricks.data import data_check_report
 
         print(data_check_report(args.card, args.root, split_seed=args.split_seed,
-                                val_fraction=args.val_fraction, test_fraction=args.test_fraction))
+                                val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                test_by=args.test_by))
         return 0
     parser.parse_args(["data", "--help"])
     return 2

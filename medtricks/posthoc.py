@@ -62,7 +62,8 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     manifest = build_manifest(
         card, root, split_seed=recipe.data.split_seed if split_seed is None else split_seed,
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
-        test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction, on_missing="keep")
+        test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction,
+        test_by=recipe.data.test_by, on_missing="keep")
     if split != "all":
         manifest = manifest[manifest["split"] == split]
         if not len(manifest):

@@ -409,10 +409,12 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
 
 def choose_operating_point(y_val, probs_val, recipe: Recipe, train_targets, say):
     """The decision threshold on validation (``eval.threshold``), with the training class priors."""
+    # The prior the posteriors are calibrated to (what --prevalence shifts from): a class-balanced
+    # loss or sampler trains against equal priors, not the split's frequencies.
+    priors = [0.5, 0.5] if recipe.tricks.class_balance != "none" else class_priors(train_targets, 2)
     try:
         op = select_threshold(y_val, probs_val, method=recipe.eval.threshold,
-                              target_sensitivity=recipe.eval.target_sensitivity,
-                              train_priors=class_priors(train_targets, 2))
+                              target_sensitivity=recipe.eval.target_sensitivity, train_priors=priors)
     except ValueError as err:  # e.g. a validation split with one class: keep 0.5 and say why
         say(f"warning: no operating point chosen ({err}); predictions use the 0.5 threshold")
         return None

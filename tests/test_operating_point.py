@@ -49,9 +49,6 @@ def test_target_sensitivity_inside_a_run_of_positives_keeps_the_best_specificity
     assert np.mean(np.array(pos) >= op.threshold) >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="select_threshold uses roc_curve's default drop_intermediate=True, which "
-                   "removes the point at exactly 8/10 positives; the docstring promises the highest such threshold "
-                   "(0.6 here, sensitivity 0.8) but it returns 0.5 (sensitivity 1.0). Fix: drop_intermediate=False")
 def test_target_sensitivity_is_the_highest_threshold_that_reaches_it():
     pos, neg = list(np.linspace(0.95, 0.5, 10)), [0.4, 0.3, 0.2, 0.1]
     y = np.r_[np.ones(10), np.zeros(4)].astype(int)

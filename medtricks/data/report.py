@@ -28,7 +28,8 @@ def _rel(path: str, root: Path) -> str:
 
 
 def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: float = 0.15,
-                      test_fraction: float = 0.0, progress: bool = True, voi: str = "auto") -> str:
+                      test_fraction: float = 0.0, progress: bool = True, voi: str = "auto",
+                      test_by: str = "random") -> str:
     """The text ``medtricks data check CARD_OR_PATH --root DIR`` prints (decodes every image once).
 
     Example::
@@ -38,7 +39,7 @@ def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: 
     card = load_card(card_or_path)
     root = Path(root).expanduser().resolve()
     manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
-                              test_fraction=test_fraction, on_missing="keep")
+                              test_fraction=test_fraction, on_missing="keep", test_by=test_by)
     good, bad = scan_images(manifest, side=None, voi=voi, progress=progress, desc="decoding images")
     notes = manifest.attrs.get("notes", {})
     out = [f"Data check: card '{card.name}' ({card.task}: {', '.join(card.classes)})",

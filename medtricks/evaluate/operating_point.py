@@ -96,7 +96,8 @@ def select_threshold(y_true: Any, probs: Any, *, method: str = "youden", target_
     from sklearn.metrics import roc_curve
 
     y, score = _binary(y_true, probs, positive_index)
-    fpr, tpr, thresholds = roc_curve(y, score)
+    # every distinct score is a candidate: the default drops points a target sensitivity may need
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
     finite = np.isfinite(thresholds)  # sklearn's first threshold is +inf (nothing positive)
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
     if method == "youden":
