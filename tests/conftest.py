@@ -83,3 +83,15 @@ def randomize_norms(model, seed: int = 0):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g))
     return model
+
+
+def binary_phantom_card(folder: Path, name: str = "binary-phantoms", classes=("normal", "pneumonia")) -> Path:
+    """A binary card for two-class synthetic phantoms (the shipped phantom card with two classes)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    card = yaml.safe_load((root / "data_cards" / "synthetic-phantoms.yaml").read_text())
+    card.update(name=name, task="binary", classes=list(classes))
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(card))
+    return path

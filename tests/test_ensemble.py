@@ -15,18 +15,10 @@ from medtricks.posthoc import evaluate_trained
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 
-from conftest import fresh_sqlite_uri
+from conftest import binary_phantom_card, fresh_sqlite_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["normal", "pneumonia"]
-
-
-def _card(folder: Path, name: str, classes) -> Path:
-    card = yaml.safe_load((ROOT / "data_cards" / "synthetic-phantoms.yaml").read_text())
-    card.update(name=name, task="binary", classes=list(classes))
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(card))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ensemble")
     uri = fresh_sqlite_uri(tmp)
     synthesize_phantoms(tmp / "data", n=64, classes=CLASSES, size=40, seed=0)
-    card = _card(tmp, "binary-phantoms", CLASSES)
+    card = binary_phantom_card(tmp, "binary-phantoms", CLASSES)
     runs = []
     for i, size in enumerate((32, 40)):
         recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
@@ -101,7 +93,7 @@ def test_ensemble_threshold_falls_back_to_the_members_mean(two_runs, tmp_path):
 
 def test_ensemble_refuses_other_classes_and_other_images(two_runs, tmp_path):
     runs, uri, tmp, card = two_runs
-    swapped = _copy_run(runs[1], tmp_path / "swapped", card=str(_card(tmp_path, "swapped", CLASSES[::-1])))
+    swapped = _copy_run(runs[1], tmp_path / "swapped", card=str(binary_phantom_card(tmp_path, "swapped", CLASSES[::-1])))
     with pytest.raises(ValueError, match=r"predicts classes \['pneumonia', 'normal'\].*same classes in the same order"):
         ensemble_runs([str(runs[0].run_dir), str(swapped)], card=str(card), root=str(tmp / "data"), log=False,
                       progress=False)

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from medtricks.ablation import compare_runs
@@ -18,7 +17,7 @@ from medtricks.posthoc import (evaluate_trained, performance_drop, resolve_decis
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 
-from conftest import fresh_sqlite_uri
+from conftest import binary_phantom_card, fresh_sqlite_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,11 +155,7 @@ def binary_phantoms(folder: Path) -> Path:
 
     if not (folder / "data").is_dir():
         synthesize_phantoms(folder / "data", n=80, classes=("normal", "pneumonia"), size=32, seed=0)
-    card = yaml.safe_load((ROOT / "data_cards" / "synthetic-phantoms.yaml").read_text())
-    card.update(name="binary-phantoms", task="binary", classes=["normal", "pneumonia"])
-    path = folder / "binary-phantoms.yaml"
-    path.write_text(yaml.safe_dump(card))
-    return path
+    return binary_phantom_card(folder)
 
 
 @pytest.fixture(scope="module")
