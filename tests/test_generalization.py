@@ -193,3 +193,22 @@ def test_a_declared_test_folder_wins_over_test_fraction(tmp_path):
     test_rows = m[m["split"] == "test"]
     assert len(test_rows) == 8 and all("/test/" in p for p in test_rows["path"])
     assert not any("/test/" in p for p in m[m["split"] != "test"]["path"])
+
+
+@pytest.mark.realdata
+def test_real_kermany_id_order_test_split_holds_the_earliest_patients(real_data_dir):
+    root = real_data_dir / "kermany224"
+    if not (root / "train").is_dir():
+        pytest.skip(f"{root / 'train'} not present (see ../shared/data/README.md)")
+    from medtricks.data import build_manifest, load_card
+
+    m = build_manifest(load_card("kermany-pneumonia"), root, val_fraction=0.15, test_fraction=0.15,
+                       test_by="id_order")
+    names = m["path"].map(lambda p: Path(p).name)
+    test = names[m["split"] == "test"]
+    assert abs(len(test) / len(m) - 0.15) < 0.02
+    # the lowest-numbered patient of each series is held out, the highest is not
+    for earliest, latest in (("IM-0115-", "IM-0766-"), ("NORMAL2-IM-0383-", "NORMAL2-IM-1423-"),
+                             ("person1_", "person1945_")):
+        assert test.str.startswith(earliest).any() and not test.str.startswith(latest).any()
+    assert set(m.loc[m["split"] == "test", "patient"]).isdisjoint(m.loc[m["split"] != "test", "patient"])
