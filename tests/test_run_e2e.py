@@ -61,12 +61,15 @@ def test_tiny_run_logs_to_mlflow(tmp_path):
     assert "patient" in text and "PHANTOM" not in text
 
 
-def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("balance", ["none", "sampler"])
+def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
     import medtricks.train
 
-    full = run_recipe(_tiny(tmp_path, "train.epochs=3"), tracker=NullTracker(), quiet=True)
+    full = run_recipe(_tiny(tmp_path, "train.epochs=3", f"tricks.class_balance={balance}"), tracker=NullTracker(),
+                      quiet=True)
 
-    recipe = _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}")
+    recipe = _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}",
+                   f"tricks.class_balance={balance}")
     real_fit = medtricks.train.fit
 
     def killed_after_two_epochs(*args, on_epoch=None, **kwargs):
