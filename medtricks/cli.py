@@ -209,11 +209,7 @@ def _cmd_evaluate(args) -> int:
     title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}, {report.n_images} images"
              f"{', flip TTA' if args.tta else ''}; bootstrap seed {args.seed})")
     print(report.table(title=title))
-    if args.save_predictions:
-        print(f"predictions: {report.save_predictions(args.save_predictions)}")
-    if report.run_id:
-        print(f"logged to MLflow run {report.run_id}")
-    return 0
+    return _report_outputs(report, report, args.save_predictions)
 
 
 def _cmd_ensemble(args) -> int:
@@ -223,8 +219,13 @@ def _cmd_ensemble(args) -> int:
                            prevalence=args.prevalence, n_bootstrap=args.n_bootstrap, seed=args.seed,
                            tracking_uri=args.tracking_uri, log=not args.no_log)
     print(report.table())
-    if args.save_predictions:
-        print(f"predictions: {report.ensemble.save_predictions(args.save_predictions)}")
+    return _report_outputs(report, report.ensemble, args.save_predictions)
+
+
+def _report_outputs(report, predictions, save_path) -> int:
+    """Where an evaluation's predictions and MLflow run went (evaluate, ensemble)."""
+    if save_path:
+        print(f"predictions: {predictions.save_predictions(save_path)}")
     if report.run_id:
         print(f"logged to MLflow run {report.run_id}")
     return 0
