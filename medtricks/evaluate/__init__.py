@@ -33,6 +33,8 @@ _EXPORTS = {
     "select_threshold": "operating_point",
     "prior_shift": "operating_point",
     "probs_at_threshold": "operating_point",
+    "performance_drop": "drop",
+    "unpaired_bootstrap_delta": "drop",
 }
 
 __all__ = sorted(_EXPORTS)
