@@ -200,6 +200,7 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
     from medtricks.tricks.param_groups import build_optimizer, build_param_groups
     from medtricks.tricks.schedules import build_scheduler, lr_curve, scaled_lr
     from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
+    from medtricks.train.checkpoint import load_checkpoint
     from medtricks.train.engine import steps_per_epoch
 
     device = resolve_device(recipe.train.device)
@@ -319,7 +320,7 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
                           on_epoch=lambda step, m: tracker.log_metrics(m, step=step), resume=resuming)
 
     # ---- final evaluation of the best checkpoint, with bootstrap CIs and plots
-    best = torch.load(fit_result.best_checkpoint, map_location=device, weights_only=False)
+    best = load_checkpoint(fit_result.best_checkpoint, map_location=device)
     eval_model = ema.module if ema is not None else model
     eval_model.load_state_dict(best["model"])
     final = {}

@@ -1,0 +1,45 @@
+"""Checkpoints never run code: a planted pickle payload in a run folder is refused on resume."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from medtricks.recipe import load_recipe
+from medtricks.run import run_recipe
+from medtricks.tracking import NullTracker
+from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = {"ran": False}
+
+
+class _Payload:
+    def __reduce__(self):  # what an attacker's pickle does: call something on load
+        return (MARKER.__setitem__, ("ran", True))
+
+
+def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    save_checkpoint({"rng": state}, tmp_path / "c.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    MARKER["ran"] = False
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
+        "data.synth.n=24", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "model.weights=none",
+        "train.epochs=2", "schedule.warmup_epochs=0.5", "train.batch_size=8", "eval.n_bootstrap=0", "train.progress=false",
+        f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}"])
+    planted = tmp_path / "runs" / "quickstart" / "29990101-000000-evil00"
+    (planted / "checkpoints").mkdir(parents=True)
+    (planted / "recipe.yaml").write_text("")
+    torch.save({"model": _Payload()}, planted / "checkpoints" / "last.pt")
+    with pytest.raises(RuntimeError, match="cannot be read safely"):
+        run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
+    assert MARKER["ran"] is False
