@@ -5,7 +5,12 @@ depends on it.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
+
+# Hospital data: MLflow (>= 3.7) usage telemetry is off unless the user opts in explicitly with
+# MLFLOW_DISABLE_TELEMETRY=false. Set before any mlflow import (this package is their only importer).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from medtricks.tracking.base import NullTracker, Tracker
 
