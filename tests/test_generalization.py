@@ -212,3 +212,20 @@ def test_real_kermany_id_order_test_split_holds_the_earliest_patients(real_data_
                              ("person1_", "person1945_")):
         assert test.str.startswith(earliest).any() and not test.str.startswith(latest).any()
     assert set(m.loc[m["split"] == "test", "patient"]).isdisjoint(m.loc[m["split"] != "test", "patient"])
+
+
+def test_split_table_lists_every_class_for_multiclass_and_the_gap():
+    from medtricks.evaluate import compute_metrics
+    from medtricks.evaluate.split_table import headline_keys, split_gaps, split_table
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    probs = rng.dirichlet([1, 1, 1], 60)
+    val = compute_metrics(y, probs, ["a", "b", "c"], n_bootstrap=0)
+    test = compute_metrics(y[:30], probs[:30], ["a", "b", "c"], n_bootstrap=0)
+    keys = headline_keys(val.values)
+    assert {"sensitivity/a", "specificity/c", "accuracy", "auroc"} <= set(keys)
+    text = split_table({"val": val, "test": test}, keys=keys)
+    assert "test - val" in text and "sensitivity/b" in text
+    gaps = split_gaps({"val": val, "test": test}, keys=keys)
+    assert gaps["test-val/accuracy"] == pytest.approx(test.values["accuracy"] - val.values["accuracy"])

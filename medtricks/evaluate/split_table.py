@@ -17,10 +17,13 @@ __all__ = ["split_table", "split_gaps", "headline_keys"]
 
 def headline_keys(values: dict, positive: Optional[str] = None) -> list[str]:
     """The metrics a reader compares first: accuracy, balanced accuracy, AUROC, the positive class's
-    sensitivity and specificity (binary), F1 and ECE — in that order, those present."""
+    sensitivity and specificity (binary; every class's when ``positive`` is None), F1 and ECE — in
+    that order, those present."""
     keys = ["accuracy", "balanced_accuracy", "auroc"]
     if positive is not None:
         keys += [f"sensitivity/{positive}", f"specificity/{positive}"]
+    else:  # multiclass: every class's sensitivity and specificity
+        keys += [k for k in values if k.startswith(("sensitivity/", "specificity/"))]
     keys += ["f1", "ece"]
     return [k for k in keys if k in values]
 
