@@ -323,8 +323,6 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
     best = load_checkpoint(fit_result.best_checkpoint, map_location=device)
     eval_model = ema.module if ema is not None else model
     eval_model.load_state_dict(best["model"])
-    final = {}
-    test_result = None
     operating_point = None
     by_split, at_op = {}, {}
     for split, dataset in (("val", bundle.val), ("test", bundle.test)):
@@ -357,12 +355,10 @@ def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -
                                f"plots/{split}_confusion_matrix.png")
             tracker.log_figure(plot_roc_curves(targets, probs, classes), f"plots/{split}_roc.png")
             tracker.log_figure(plot_reliability_diagram(targets, probs), f"plots/{split}_reliability.png")
-        if split == "val":
-            final = metrics
-        else:
-            test_result = metrics
-    if "test" in by_split:
-        tracker.log_metrics(split_gaps(by_split, keys=headline_keys(final.values, classes[-1])), step=fit_result.steps)
+    final, test_result = by_split.get("val", {}), by_split.get("test")
+    if test_result is not None:
+        tracker.log_metrics(split_gaps(by_split, keys=headline_keys(final.values, _positive_class(classes))),
+                            step=fit_result.steps)
     if recipe.audit.enabled:
         from medtricks.posthoc import audit_model, log_audit
 
@@ -422,10 +418,15 @@ def choose_operating_point(y_val, probs_val, recipe: Recipe, train_targets, say)
     return op
 
 
+def _positive_class(classes) -> Optional[str]:
+    """Binary: the positive class ``classes[1]`` (whose sensitivity/specificity lead the tables); else None."""
+    return classes[1] if len(classes) == 2 else None
+
+
 def _final_report(recipe: Recipe, best_epoch, classes, by_split: dict, at_op: dict, operating_point) -> str:
     """Validation and test side by side (with the gap), at 0.5 and at the stored operating point."""
     name, seed = recipe.experiment.name, recipe.experiment.seed
-    keys = headline_keys(by_split["val"].values, classes[-1] if len(classes) == 2 else None)
+    keys = headline_keys(by_split["val"].values, _positive_class(classes))
     parts = [split_table(by_split, keys=keys,
                          title=f"{name} — best epoch {best_epoch} (chosen on val), seed {seed}, "
                                f"{'argmax' if len(classes) > 2 else 'threshold 0.5'}")]
