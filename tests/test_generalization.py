@@ -229,3 +229,21 @@ def test_split_table_lists_every_class_for_multiclass_and_the_gap():
     assert "test - val" in text and "sensitivity/b" in text
     gaps = split_gaps({"val": val, "test": test}, keys=keys)
     assert gaps["test-val/accuracy"] == pytest.approx(test.values["accuracy"] - val.values["accuracy"])
+
+
+def test_cxr_shift_preset_is_seeded_and_changes_acquisition_not_shape():
+    import random
+
+    from medtricks.data.transforms import build_transforms
+
+    img = np.random.default_rng(0).random((80, 72)).astype(np.float32)
+    t = build_transforms("cxr_shift", 48, mean=(0.5,), std=(0.5,), in_chans=1, train=True)
+    random.seed(3)
+    a = [t(img) for _ in range(8)]
+    random.seed(3)
+    b = [t(img) for _ in range(8)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # reproducible from python's random
+    assert all(x.shape == (1, 48, 48) and -1.0 <= x.min() and x.max() <= 1.0 for x in a)
+    assert len({round(float(x.mean()), 4) for x in a}) > 4  # exposure/contrast actually vary
+    eval_t = build_transforms("cxr_shift", 48, mean=(0.5,), std=(0.5,), in_chans=1, train=False)
+    assert torch.equal(eval_t(img), eval_t(img))  # evaluation is deterministic
