@@ -22,7 +22,7 @@ _EXPORTS = {
     "RecipeError": "medtricks.recipe",
     "load_recipe": "medtricks.recipe",
     "run_recipe": "medtricks.run",
-    "load_trained": "medtricks.run",
+    "load_trained": "medtricks.trained",
     "evaluate_trained": "medtricks.posthoc",
     "RunResult": "medtricks.run",
     # data

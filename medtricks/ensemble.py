@@ -192,7 +192,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     from medtricks.evaluate.metrics import paired_bootstrap_delta
     from medtricks.posthoc import (DecisionRule, FlipTTA, eval_dataset, image_set_digest, log_evaluation,
                                    resolve_decision_rule, summarize_predictions)
-    from medtricks.run import load_trained
+    from medtricks.trained import load_trained
     from medtricks.train import predict, resolve_device
     from torch.utils.data import DataLoader
 

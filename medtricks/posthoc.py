@@ -406,7 +406,7 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
     run nested under the trained run (tag ``medtricks.evaluated_run``).
     """
     from medtricks.data import load_card
-    from medtricks.run import load_trained
+    from medtricks.trained import load_trained
     from medtricks.train import predict, resolve_device
 
     dev = resolve_device(device)
@@ -505,7 +505,7 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
     everything is logged onto the audited MLflow run (re-opened) when it is in this store, else onto
     a new run tagged ``medtricks.audited_run``.
     """
-    from medtricks.run import load_trained
+    from medtricks.trained import load_trained
     from medtricks.train import resolve_device
 
     dev = resolve_device(device)

@@ -8,9 +8,7 @@ that knows every box of the data flow.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +21,9 @@ from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, class_prio
                                                 select_threshold)
 from medtricks.evaluate.split_table import headline_keys, split_gaps, split_table
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe
+from medtricks.rundir import RunDir
 from medtricks.tracking import Tracker, create_tracker
+from medtricks.trained import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
 
 __all__ = ["RunResult", "run_recipe", "find_resumable_run_dir", "TrainedModel", "load_trained", "build_model"]
 
@@ -40,42 +40,10 @@ class RunResult:
     tracker: Optional[Tracker] = None
 
 
-# ------------------------------------------------------------------------------------ run folders
-def _state_path(run_dir: Path) -> Path:
-    return run_dir / "state.json"
-
-
-def _read_state(run_dir: Path) -> dict:
-    path = _state_path(run_dir)
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_state(run_dir: Path, **updates) -> None:
-    state = _read_state(run_dir)
-    state.update(updates)
-    tmp = _state_path(run_dir).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(_state_path(run_dir))
-
-
 def find_resumable_run_dir(recipe: Recipe) -> Optional[Path]:
     """The newest run folder of this experiment that did not finish (has a last.pt), if any."""
-    base = Path(recipe.experiment.output_dir) / recipe.experiment.name
-    if not base.is_dir():
-        return None
-    candidates = sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)
-    for run_dir in candidates:
-        state = _read_state(run_dir)
-        if state.get("status") != "finished" and (run_dir / "checkpoints" / "last.pt").is_file():
-            return run_dir
-    return None
-
-
-def _new_run_dir(recipe: Recipe) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / f"{stamp}-{secrets.token_hex(3)}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+    run = RunDir.find_resumable(recipe.experiment.output_dir, recipe.experiment.name)
+    return run.path if run else None
 
 
 def _git_commit() -> Optional[str]:
@@ -88,26 +56,6 @@ def _git_commit() -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------- builders
-def build_model(recipe: Recipe, num_classes: int):
-    """Backbone (+ learnable resizer) from the ``model`` section; returns (model, data_config)."""
-    from medtricks.models import create_model, get_data_config
-
-    cfg = recipe.model
-    backbone = create_model(cfg.name, weights=cfg.weights, num_classes=num_classes, in_chans=cfg.in_chans,
-                            drop_rate=cfg.drop_rate, **cfg.kwargs)
-    data_config = get_data_config(backbone)
-    model = backbone
-    if cfg.resizer.enabled:
-        from medtricks.models.resizer import LearnableResizer, ResizerModel
-
-        resizer = LearnableResizer(in_chans=cfg.in_chans, out_size=cfg.resizer.output_size,
-                                   n_filters=cfg.resizer.n_filters, n_res_blocks=cfg.resizer.n_res_blocks,
-                                   interpolation=cfg.resizer.interpolation, attention=cfg.resizer.attention)
-        model = ResizerModel(resizer, backbone)
-        model.medtricks_info = dict(getattr(backbone, "medtricks_info", {}))
-    return model, data_config
-
-
 def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool,
                       class_balanced: bool = False) -> DataLoader:
     """The one place the training sampler is made (a DistributedSampler goes here for DDP).
@@ -150,23 +98,24 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     import medtricks
 
     say = (lambda *a: None) if quiet else print
-    run_dir: Optional[Path] = None
+    run: Optional[RunDir] = None
     if resume == "auto":
-        run_dir = find_resumable_run_dir(recipe)
-        say(f"resuming {run_dir}" if run_dir else "no unfinished run to resume: starting a new one")
+        run = RunDir.find_resumable(recipe.experiment.output_dir, recipe.experiment.name)
+        say(f"resuming {run.path}" if run else "no unfinished run to resume: starting a new one")
     elif resume:
-        run_dir = Path(resume)
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
+        run = RunDir(resume)
+        if not run.last_checkpoint.is_file():
             raise FileNotFoundError(f"--resume {resume}: no checkpoints/last.pt in that folder")
-    resuming = run_dir is not None
-    if run_dir is None:
-        run_dir = _new_run_dir(recipe)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    state = _read_state(run_dir)
+    resuming = run is not None
+    if run is None:
+        run = RunDir.create(recipe.experiment.output_dir, recipe.experiment.name)
+    run_dir = run.path
+    run.recipe.write_text(dump_recipe(recipe))
+    state = run.read_state()
 
     # Tracking first: an unreachable server fails here, before any training.
     tracker = tracker or create_tracker(recipe.tracking.backend, recipe.tracking.uri)
-    run_name = recipe.tracking.run_name or f"{recipe.experiment.name}-{run_dir.name.split('-')[-1]}"
+    run_name = recipe.tracking.run_name or f"{recipe.experiment.name}-{run.short_id}"
     tags = {"medtricks.version": medtricks.__version__, "tricks": ",".join(recipe.tricks_on()) or "none",
             "run_dir": str(run_dir), **recipe.experiment.tags, **(extra_tags or {})}
     commit = _git_commit()
@@ -175,15 +124,15 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name, run_name=run_name,
                            tags=tags, resume_run_id=state.get("run_id") if resuming else None,
                            parent_run_id=parent_run_id)
-    _write_state(run_dir, status="running", run_id=run_id, experiment=recipe.experiment.name)
+    run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name)
     try:
         result = _run(recipe, run_dir, tracker, resuming, say)
     except BaseException as err:
-        _write_state(run_dir, status="failed", error=f"{type(err).__name__}: {err}")
+        run.write_state(status="failed", error=f"{type(err).__name__}: {err}")
         tracker.set_tags({"medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
         tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    _write_state(run_dir, status="finished")
+    run.write_state(status="finished")
     tracker.end("FINISHED")
     result.run_id = run_id
     return result
@@ -453,80 +402,3 @@ def _model_card(recipe: Recipe, classes, info, data_config, fit_result, metrics)
              "", "Rebuild: `medtricks.run.build_model(load_recipe('recipe.yaml'), num_classes)` then "
              "`load_state_dict(torch.load('model_state.pt'))`.", "", "```", metrics.table() if metrics else "", "```"]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- trained models
-@dataclass
-class TrainedModel:
-    """A fine-tuned model rebuilt from its run: what ``evaluate`` and ``audit`` work on."""
-
-    model: Any
-    recipe: Recipe
-    classes: list[str]
-    data_config: dict
-    run_dir: Optional[Path]
-    run_id: Optional[str]
-
-
-def _resolve_run_files(ref: str, tracking_uri: Optional[str]) -> tuple[Path, Optional[str]]:
-    """A run folder, a file inside it, or an MLflow run id → (folder with recipe.yaml and model/, run id)."""
-    path = Path(ref)
-    if path.is_file():
-        path = path.parent.parent if path.parent.name == "model" else path.parent
-    if path.is_dir():
-        if not (path / "recipe.yaml").is_file():
-            raise FileNotFoundError(f"{path} holds no recipe.yaml: not a medtricks run folder")
-        run_id = _read_state(path).get("run_id")
-        return path, run_id
-    if not all(c in "0123456789abcdef" for c in ref.lower()) or len(ref) < 8:
-        raise FileNotFoundError(f"{ref!r} is neither a run folder, a model file nor an MLflow run id")
-    from medtricks.tracking.mlflow_tracker import download_run_files, run_tag
-
-    local = run_tag(ref, "run_dir", tracking_uri)
-    if local and (Path(local) / "model" / "model_state.pt").is_file():
-        return Path(local), ref
-    import tempfile
-
-    return download_run_files(ref, Path(tempfile.mkdtemp(prefix="medtricks-run-")), tracking_uri), ref
-
-
-def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = "cpu") -> TrainedModel:
-    """Rebuild a trained model from a run folder, its ``model/model_state.pt``, or an MLflow run id.
-
-    Example::
-
-        trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
-        trained.model.eval(); print(trained.classes)
-    """
-    from medtricks.data import load_card
-    from medtricks.recipe import load_recipe
-
-    run_dir, run_id = _resolve_run_files(ref, tracking_uri)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    state_path = run_dir / "model" / "model_state.pt"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} not found: the run did not finish, or logged no model "
-                                "(tracking.log_model: false)")
-    state = torch.load(state_path, map_location=device, weights_only=True)
-    classes = list(load_card(recipe.data.card).classes)
-    # Random init is enough (the state dict overwrites it) and needs no weights file; fall back to
-    # the recipe's weights when their stem adaptation added tensors (e.g. a folded conv bias).
-    no_weights = recipe.model_copy(update={"model": recipe.model.model_copy(update={"weights": "none"})})
-    model, data_config = build_model(no_weights, num_classes=len(classes))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        model, data_config = build_model(recipe, num_classes=len(classes))
-        model.load_state_dict(state, strict=True)
-    # normalization is the one the run trained with (its weights decided it)
-    data_config = _trained_data_config(run_dir, data_config)
-    model.to(device).eval()
-    return TrainedModel(model=model, recipe=recipe, classes=classes, data_config=data_config,
-                        run_dir=run_dir, run_id=run_id)
-
-
-def _trained_data_config(run_dir: Path, fallback: dict) -> dict:
-    saved = run_dir / "model" / "data_config.json"
-    if saved.is_file():
-        data = json.loads(saved.read_text())
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return fallback

@@ -1,0 +1,115 @@
+"""Trained models: rebuild the model a recipe describes, and load a finished run's model back.
+
+``build_model`` is what ``medtricks run`` trains; ``load_trained`` is what ``evaluate``, ``audit``
+and ``ensemble`` work on.
+
+    from medtricks.trained import load_trained
+    trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
+    trained.model.eval(); print(trained.classes)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from medtricks.data import load_card
+from medtricks.models import create_model, get_data_config
+from medtricks.models.resizer import LearnableResizer, ResizerModel
+from medtricks.recipe import Recipe, load_recipe
+from medtricks.rundir import RunDir
+
+__all__ = ["TrainedModel", "load_trained", "build_model"]
+
+
+def build_model(recipe: Recipe, num_classes: int):
+    """Backbone (+ learnable resizer) from the ``model`` section; returns (model, data_config)."""
+    cfg = recipe.model
+    backbone = create_model(cfg.name, weights=cfg.weights, num_classes=num_classes, in_chans=cfg.in_chans,
+                            drop_rate=cfg.drop_rate, **cfg.kwargs)
+    data_config = get_data_config(backbone)
+    model = backbone
+    if cfg.resizer.enabled:
+        resizer = LearnableResizer(in_chans=cfg.in_chans, out_size=cfg.resizer.output_size,
+                                   n_filters=cfg.resizer.n_filters, n_res_blocks=cfg.resizer.n_res_blocks,
+                                   interpolation=cfg.resizer.interpolation, attention=cfg.resizer.attention)
+        model = ResizerModel(resizer, backbone)
+        model.medtricks_info = dict(getattr(backbone, "medtricks_info", {}))
+    return model, data_config
+
+
+
+# ----------------------------------------------------------------------------- trained models
+@dataclass
+class TrainedModel:
+    """A fine-tuned model rebuilt from its run: what ``evaluate`` and ``audit`` work on."""
+
+    model: Any
+    recipe: Recipe
+    classes: list[str]
+    data_config: dict
+    run_dir: Optional[Path]
+    run_id: Optional[str]
+
+
+def _resolve_run_files(ref: str, tracking_uri: Optional[str]) -> tuple[Path, Optional[str]]:
+    """A run folder, a file inside it, or an MLflow run id → (folder with recipe.yaml and model/, run id)."""
+    path = Path(ref)
+    if path.exists():
+        run = RunDir.containing(path)
+        if run is None:
+            raise FileNotFoundError(f"{path} holds no recipe.yaml: not a medtricks run folder")
+        return run.path, run.read_state().get("run_id")
+    if not all(c in "0123456789abcdef" for c in ref.lower()) or len(ref) < 8:
+        raise FileNotFoundError(f"{ref!r} is neither a run folder, a model file nor an MLflow run id")
+    from medtricks.tracking.mlflow_tracker import download_run_files, run_tag
+
+    local = run_tag(ref, "run_dir", tracking_uri)
+    if local and (Path(local) / "model" / "model_state.pt").is_file():
+        return Path(local), ref
+    import tempfile
+
+    return download_run_files(ref, Path(tempfile.mkdtemp(prefix="medtricks-run-")), tracking_uri), ref
+
+
+def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = "cpu") -> TrainedModel:
+    """Rebuild a trained model from a run folder, its ``model/model_state.pt``, or an MLflow run id.
+
+    Example::
+
+        trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
+        trained.model.eval(); print(trained.classes)
+    """
+    run_dir, run_id = _resolve_run_files(ref, tracking_uri)
+    run = RunDir(run_dir)
+    recipe = load_recipe(run.recipe)
+    state_path = run.model_state
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path} not found: the run did not finish, or logged no model "
+                                "(tracking.log_model: false)")
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    classes = list(load_card(recipe.data.card).classes)
+    # Random init is enough (the state dict overwrites it) and needs no weights file; fall back to
+    # the recipe's weights when their stem adaptation added tensors (e.g. a folded conv bias).
+    no_weights = recipe.model_copy(update={"model": recipe.model.model_copy(update={"weights": "none"})})
+    model, data_config = build_model(no_weights, num_classes=len(classes))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        model, data_config = build_model(recipe, num_classes=len(classes))
+        model.load_state_dict(state, strict=True)
+    # normalization is the one the run trained with (its weights decided it)
+    data_config = _trained_data_config(run_dir, data_config)
+    model.to(device).eval()
+    return TrainedModel(model=model, recipe=recipe, classes=classes, data_config=data_config,
+                        run_dir=run_dir, run_id=run_id)
+
+
+def _trained_data_config(run_dir: Path, fallback: dict) -> dict:
+    saved = RunDir(run_dir).data_config
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return fallback
