@@ -62,6 +62,8 @@ SQUARE_QUERIES = 1000
 BUDGET_ATOL = 1e-6
 
 
+# Deliberately not a medtricks.errors.MedtricksError: it signals a bug in an attack, not input a
+# user can fix, so the CLI must show its traceback.
 class PerturbationBudgetError(AssertionError):
     """An attack returned an image outside ``[0, 1]`` or farther than ``eps`` from the original."""
 
@@ -302,6 +304,8 @@ def _n_classes(model01: nn.Module, x: torch.Tensor, n_classes: Optional[int]) ->
 
 
 def _art_classifier(model01: nn.Module, x: torch.Tensor, n_classes: int):
+    # ART (adversarial-robustness-toolbox) takes ~4 s to import: only the ART-backed attacks
+    # (apgd, square, autoattack) load it, here and below.
     from art.estimators.classification import PyTorchClassifier
 
     return PyTorchClassifier(

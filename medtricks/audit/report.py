@@ -2,8 +2,8 @@
 
 :class:`AuditResult` holds plain numbers (every metric with its bootstrap CI) and a few example
 images; :func:`corruption_error` compares it with a baseline run's result ImageNet-C style.
-Figures are built on the Agg canvas without pyplot (like ``medtricks.evaluate.plots``): no display
-needed, nothing kept alive by pyplot's registry.
+Figures are built on the Agg canvas without pyplot (``medtricks.evaluate.plots``' figure helper): no
+display needed, nothing kept alive by pyplot's registry.
 
 Metric keys (``AuditResult.metrics``)::
 
@@ -349,9 +349,8 @@ def _display(img: np.ndarray) -> np.ndarray:
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    # evaluate.plots imports matplotlib at import time (~0.5 s): loaded only when figures are drawn,
+    # so reading or tabulating an audit report does not pay for it.
+    from medtricks.evaluate.plots import _new_figure as agg_figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return agg_figure(width, height)

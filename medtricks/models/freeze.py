@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
+from medtricks.models.layout import find_backbone, stage_of_parameter
+
 __all__ = ["freeze_model", "FREEZE_KEYWORDS"]
 
 FREEZE_KEYWORDS = ("none", "stem", "all_but_head")
@@ -53,8 +55,6 @@ def _params_of_patterns(model: nn.Module, pattern: str) -> set[str]:
 
 
 def _selected(model: nn.Module, freeze: FreezeSpec) -> set[str]:
-    from medtricks.models.backbones import find_backbone, stage_of_parameter
-
     items = _as_items(freeze)
     if not items or items == ["none"]:
         return set()

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from medtricks.models.layout import stage_of_parameter
+
 __all__ = ["DoubledSigmoid", "make_zero_gated", "add_attention", "ATTENTION_KINDS"]
 
 ATTENTION_KINDS = ("se", "cbam")
@@ -98,8 +100,6 @@ def add_attention(model: nn.Module, kind: str = "se", stages: Optional[Sequence[
         ValueError: unknown kind, no eligible blocks, a block that already has attention, or a
             stage without blocks.
     """
-    from medtricks.models.backbones import stage_of_parameter
-
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention kind must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
     candidates = [(name, module, _slot_channels(module)) for name, module in model.named_modules()]

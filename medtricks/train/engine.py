@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtricks.errors import MedtricksError
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtricks.train.predict import autocast_context
 
 __all__ = ["EngineConfig", "FitResult", "NonFiniteLossError", "fit", "seed_everything", "seed_epoch"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MedtricksError, RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
