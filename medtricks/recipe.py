@@ -22,6 +22,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medtricks.errors import MedtricksError
+from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
+from medtricks.tricks.registry import load_plugins, trick_tags, tricks_config_model
+
 __all__ = [
     "Recipe",
     "RecipeError",
@@ -34,7 +38,7 @@ __all__ = [
 ]
 
 
-class RecipeError(ValueError):
+class RecipeError(MedtricksError, ValueError):
     """A recipe that cannot be loaded: names the file, the key and what was expected."""
 
 
@@ -50,6 +54,8 @@ class ExperimentConfig(_Section):
     seed: int = 0
     output_dir: str = "runs"
     tags: dict[str, str] = Field(default_factory=dict)
+    # Trick plug-ins imported before the recipe is validated: module names or .py paths (tricks/registry.py).
+    plugins: list[str] = Field(default_factory=list)
 
 
 class SynthConfig(_Section):
@@ -95,49 +101,6 @@ class ModelConfig(_Section):
     layer_decay: Optional[float] = Field(None, gt=0.0, le=1.0)
     resizer: ResizerConfig = Field(default_factory=ResizerConfig)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class GammaRuleConfig(_Section):
-    value: float
-    stages: Optional[list[int]] = None
-    blocks: Optional[list[int]] = None
-    last_n_blocks: Optional[int] = Field(None, ge=1)
-    names: Optional[list[str]] = None
-    which: Optional[Literal["last", "all"]] = None  # None: the section's `which`
-    beta: Optional[Union[float, Literal["keep"]]] = None
-
-
-class BnGammaConfig(_Section):
-    strategy: Literal["none", "zero_all", "zero_late", "one_late", "zero_late_one_rest", "rules"] = "none"
-    stages: Optional[list[int]] = None
-    blocks: Optional[list[int]] = None
-    last_n_blocks: Optional[int] = Field(None, ge=1)
-    names: Optional[list[str]] = None
-    which: Literal["last", "all"] = "last"
-    beta: Optional[Union[float, Literal["keep"]]] = None
-    rules: list[GammaRuleConfig] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _rules_need_strategy(self) -> "BnGammaConfig":
-        if self.rules and self.strategy != "rules":
-            raise ValueError("tricks.bn_gamma.rules is set but strategy is "
-                             f"{self.strategy!r}; use strategy: rules")
-        if self.strategy == "rules" and not self.rules:
-            raise ValueError("tricks.bn_gamma.strategy is 'rules' but no rules are given")
-        return self
-
-
-class TricksConfig(_Section):
-    bn_gamma: BnGammaConfig = Field(default_factory=BnGammaConfig)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    no_bias_decay: bool = False
-    mixup_alpha: float = Field(0.0, ge=0.0)
-    cutmix_alpha: float = Field(0.0, ge=0.0)
-    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
-    ema: bool = False
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
-    # Class imbalance: inverse-frequency class weights in the loss, or a class-balanced sampler.
-    class_balance: Literal["none", "loss", "sampler"] = "none"
 
 
 class OptimConfig(_Section):
@@ -240,7 +203,8 @@ class Recipe(_Section):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    tricks: TricksConfig = Field(default_factory=TricksConfig)
+    # Assembled from the trick registry: every registered trick's keys (medtricks/tricks/).
+    tricks: Any = Field(default_factory=lambda: tricks_config_model()())
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -249,34 +213,32 @@ class Recipe(_Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     ablation: AblationConfig = Field(default_factory=AblationConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _load_plugins(cls, data: Any) -> Any:
+        # Plug-ins first: their tricks add keys to the `tricks:` section validated next.
+        experiment = data.get("experiment") if isinstance(data, dict) else None
+        if isinstance(experiment, dict) and experiment.get("plugins"):
+            load_plugins(experiment["plugins"])
+        return data
+
+    @field_validator("tricks", mode="before")
+    @classmethod
+    def _tricks(cls, value: Any) -> Any:
+        model = tricks_config_model()
+        if isinstance(value, model):
+            return value
+        if isinstance(value, BaseModel):  # a section built before a plug-in registered
+            value = value.model_dump()
+        return model.model_validate({} if value is None else value)
+
+    def input_image_size(self) -> int:
+        """The size images are loaded at: the resizer's input when it is on, else ``data.image_size``."""
+        return self.model.resizer.input_size if self.model.resizer.enabled else self.data.image_size
+
     def tricks_on(self) -> list[str]:
         """Names of the bag-of-tricks items this recipe switches on (for tags and tables)."""
-        on = []
-        if self.schedule.warmup_epochs > 0:
-            on.append("warmup")
-        if self.schedule.name == "cosine":
-            on.append("cosine")
-        if self.optim.linear_scaling:
-            on.append("linear_scaling")
-        if self.tricks.label_smoothing > 0:
-            on.append(f"label_smoothing={self.tricks.label_smoothing:g}")
-        if self.tricks.no_bias_decay:
-            on.append("no_bias_decay")
-        if self.tricks.bn_gamma.strategy != "none":
-            on.append(f"bn_gamma={self.tricks.bn_gamma.strategy}")
-        if self.tricks.mixup_alpha > 0:
-            on.append("mixup")
-        if self.tricks.cutmix_alpha > 0:
-            on.append("cutmix")
-        if self.tricks.ema:
-            on.append("ema")
-        if self.tricks.class_balance != "none":
-            on.append(f"class_balance={self.tricks.class_balance}")
-        if self.train.amp != "none":
-            on.append(f"amp={self.train.amp}")
-        if self.model.resizer.enabled:
-            on.append("resizer" + ("_cbam" if self.model.resizer.attention == "cbam" else ""))
-        return on
+        return trick_tags(self)
 
 
 # ---------------------------------------------------------------------------------- key checking
@@ -289,6 +251,10 @@ def _section_model(annotation: Any) -> Optional[type[BaseModel]]:
         if found is not None and typing.get_origin(annotation) is not list:
             return found
     return None
+
+
+# Sections whose schema comes from a registry at validation time (plug-ins can add keys).
+_DYNAMIC_SECTIONS = {"tricks": tricks_config_model}
 
 
 def _list_item_model(annotation: Any) -> Optional[type[BaseModel]]:
@@ -317,7 +283,7 @@ def _check_keys(data: Any, model: type[BaseModel], where: str, source: str) -> N
                 f"Valid keys: {', '.join(fields)}"
             )
         annotation = fields[key].annotation
-        sub = _section_model(annotation)
+        sub = _DYNAMIC_SECTIONS[key]() if model is Recipe and key in _DYNAMIC_SECTIONS else _section_model(annotation)
         path = f"{where}.{key}" if where else key
         if sub is not None and isinstance(value, dict):
             _check_keys(value, sub, path, source)

@@ -17,13 +17,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, class_priors, probs_at_threshold,
-                                                select_threshold)
+import matplotlib.pyplot as plt
+
+import medtricks
+from medtricks.data import build_datasets, export_manifest, load_card
+from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule, plot_reliability_diagram,
+                                plot_roc_curves)
+from medtricks.evaluate.operating_point import class_priors, probs_at_threshold, select_threshold
+from medtricks.evaluate.resizer_plots import resizer_comparison_figure
 from medtricks.evaluate.split_table import headline_keys, split_gaps, split_table
+from medtricks.models import freeze_model, stage_of_parameter
+from medtricks.posthoc import audit_model, log_audit
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe
-from medtricks.rundir import RunDir
+from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
 from medtricks.tracking import Tracker, create_tracker
+from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
+from medtricks.train.checkpoint import load_checkpoint
+from medtricks.train.engine import evaluation_model, steps_per_epoch
 from medtricks.trained import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
+from medtricks.tricks.base import TrickContext
+from medtricks.tricks.bn_gamma_report import GammaReport
+from medtricks.tricks.class_balance import balanced_sample_weights
+from medtricks.tricks.losses import build_loss
+from medtricks.tricks.param_groups import build_optimizer, build_param_groups
+from medtricks.tricks.registry import build_tricks, merged_options
+from medtricks.tricks.schedules import build_scheduler, lr_curve, scaled_lr
 
 __all__ = ["RunResult", "run_recipe", "find_resumable_run_dir", "TrainedModel", "load_trained", "build_model"]
 
@@ -56,7 +74,7 @@ def _git_commit() -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------- builders
-def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool,
+def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool = False,
                       class_balanced: bool = False) -> DataLoader:
     """The one place the training sampler is made (a DistributedSampler goes here for DDP).
 
@@ -69,8 +87,6 @@ def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, 
         raise ValueError(f"the training split has {len(dataset)} images, fewer than train.batch_size="
                          f"{batch_size}; mixup/cutmix need full batches: lower the batch size")
     if class_balanced:
-        from medtricks.tricks.class_balance import balanced_sample_weights
-
         # The sampler draws from the loader's generator, which the engine re-seeds every epoch (exact resume).
         sampler = torch.utils.data.WeightedRandomSampler(balanced_sample_weights(dataset.targets),
                                                          num_samples=len(dataset), replacement=True,
@@ -95,8 +111,6 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     With ``resume="auto"`` the newest unfinished run folder of the experiment is continued (same
     MLflow run); when there is none a new run starts.
     """
-    import medtricks
-
     say = (lambda *a: None) if quiet else print
     run: Optional[RunDir] = None
     if resume == "auto":
@@ -126,7 +140,7 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
                            parent_run_id=parent_run_id)
     run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name)
     try:
-        result = _run(recipe, run_dir, tracker, resuming, say)
+        result = _run(recipe, run, tracker, resuming, say)
     except BaseException as err:
         run.write_state(status="failed", error=f"{type(err).__name__}: {err}")
         tracker.set_tags({"medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
@@ -138,219 +152,218 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     return result
 
 
-def _run(recipe: Recipe, run_dir: Path, tracker: Tracker, resuming: bool, say) -> RunResult:
-    # Heavy imports here, so `import medtricks` and `medtricks --help` stay fast.
-    from medtricks.data import build_datasets, export_manifest, load_card
-    from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule,
-                                    plot_reliability_diagram, plot_roc_curves)
-    from medtricks.models import freeze_model
-    from medtricks.tricks.bn_gamma import apply_gamma_strategy
-    from medtricks.tricks.losses import build_loss, build_mixup
-    from medtricks.tricks.param_groups import build_optimizer, build_param_groups
-    from medtricks.tricks.schedules import build_scheduler, lr_curve, scaled_lr
-    from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
-    from medtricks.train.checkpoint import load_checkpoint
-    from medtricks.train.engine import steps_per_epoch
-
+def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say) -> RunResult:
     device = resolve_device(recipe.train.device)
     amp_dtype = resolve_amp(recipe.train.amp, device)
     seed_everything(recipe.experiment.seed)
-
     card = load_card(recipe.data.card)
     classes = list(card.classes)
     model, data_config = build_model(recipe, num_classes=len(classes))
     info = dict(getattr(model, "medtricks_info", {}))
+    bundle = _build_data(recipe, card, data_config)
 
-    # BN-gamma strategies act on the loaded weights, before the optimizer sees the parameters.
-    gamma_report = apply_gamma_strategy(model, recipe.tricks.bn_gamma.model_dump())
+    # The tricks act on the loaded weights (BN-gamma) before the optimizer sees the parameters.
+    tricks = build_tricks(recipe, TrickContext(recipe=recipe, classes=classes, train_targets=bundle.train.targets,
+                                               device=device))
+    for trick in tricks:
+        trick.on_model(model)
     frozen = freeze_model(model, recipe.model.freeze) if recipe.model.freeze else []
+    train_loader = make_train_loader(bundle.train, batch_size=recipe.train.batch_size, seed=recipe.experiment.seed,
+                                     num_workers=recipe.data.num_workers, **merged_options(tricks, "loader_options"))
+    val_loader = _eval_loader(bundle.val, recipe)
+    engine_cfg = _engine_config(recipe, device, amp_dtype)
+    opt = _build_optimization(recipe, model, tricks, steps_per_epoch(train_loader, engine_cfg))
+    loss_fn = build_loss(**merged_options(tricks, "loss_options"))
+    for trick in tricks:
+        loss_fn = trick.wrap_loss(loss_fn)
 
-    image_size = recipe.model.resizer.input_size if recipe.model.resizer.enabled else recipe.data.image_size
-    bundle = build_datasets(
-        card, recipe.data.root, image_size=image_size, mean=tuple(data_config["mean"]),
+    _log_inputs(recipe, run, tracker, say, bundle=bundle, tricks=tricks, frozen=frozen, opt=opt,
+                device=device, amp_dtype=amp_dtype, classes=classes, data_config=data_config, info=info)
+
+    def evaluate_fn(eval_model) -> dict[str, float]:
+        targets, probs, loss = predict(eval_model, val_loader, device=device, amp_dtype=amp_dtype,
+                                       channels_last=recipe.train.channels_last)
+        values = compute_metrics(targets, probs, classes, n_bootstrap=0).values
+        return {**{f"val/{k}": float(v) for k, v in values.items() if k != "n"}, "val/loss": loss}
+
+    say(f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
+        f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}; run folder {run.path}")
+    fit_result = fit(model, train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
+                     loss_fn=loss_fn, cfg=engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
+                     tricks=tricks, on_step=lambda step, m: tracker.log_metrics(m, step=step),
+                     on_epoch=lambda step, m: tracker.log_metrics(m, step=step), resume=resuming)
+
+    # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
+    eval_model = evaluation_model(model, tricks)
+    eval_model.load_state_dict(load_checkpoint(fit_result.best_checkpoint, map_location=device)["model"])
+    final = _final_evaluation(recipe, run, tracker, say, eval_model, bundle, classes, device, amp_dtype,
+                              step=fit_result.steps, best_epoch=fit_result.best_epoch)
+    if recipe.audit.enabled:
+        _audit(recipe, tracker, say, eval_model, bundle.val, classes, data_config, device)
+    if recipe.eval.plots and recipe.model.resizer.enabled:
+        images = torch.stack([bundle.val[i][0] for i in range(min(4, len(bundle.val)))])
+        tracker.log_figure(resizer_comparison_figure(model.resizer, images.to(device)), "plots/resizer.png")
+    plt.close("all")
+    _save_model(recipe, run, tracker, eval_model, classes, info, data_config, fit_result, final)
+    tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
+    bn_gamma = next((t for t in tricks if t.name == "bn_gamma"), None)
+    return RunResult(run_dir=run.path, run_id=None, metrics=final.by_split.get("val", {}),
+                     test_metrics=final.by_split.get("test"), history=fit_result.history,
+                     best_epoch=fit_result.best_epoch, gamma_report=getattr(bn_gamma, "report", None) or
+                     GammaReport([], strategy="none"), tracker=tracker)
+
+
+# ------------------------------------------------------------------------------- run pieces
+def _build_data(recipe: Recipe, card, data_config):
+    return build_datasets(
+        card, recipe.data.root, image_size=recipe.input_image_size(), mean=tuple(data_config["mean"]),
         std=tuple(data_config["std"]), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
         split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
         test_fraction=recipe.data.test_fraction, test_by=recipe.data.test_by, on_bad_image=recipe.data.on_bad_image,
         cache_dir=recipe.data.cache_dir,
         synth=recipe.data.synth.model_dump() if recipe.data.synth else None, progress=recipe.train.progress)
 
-    tricks = recipe.tricks
-    mixup = build_mixup(mixup_alpha=tricks.mixup_alpha, cutmix_alpha=tricks.cutmix_alpha,
-                             prob=tricks.mix_prob, label_smoothing=tricks.label_smoothing,
-                             num_classes=len(classes))
-    train_loader = make_train_loader(bundle.train, batch_size=recipe.train.batch_size, seed=recipe.experiment.seed,
-                                     num_workers=recipe.data.num_workers, drop_last=mixup is not None,
-                                     class_balanced=tricks.class_balance == "sampler")
-    val_loader = _eval_loader(bundle.val, recipe)
 
+def _engine_config(recipe: Recipe, device, amp_dtype) -> EngineConfig:
+    train = recipe.train
+    return EngineConfig(epochs=train.epochs, device=device, seed=recipe.experiment.seed, amp_dtype=amp_dtype,
+                        channels_last=train.channels_last, grad_clip=train.grad_clip, accumulate=train.accumulate,
+                        max_steps_per_epoch=train.max_steps_per_epoch, best_metric=train.best_metric,
+                        best_mode=train.best_mode, log_every=train.log_every, progress=train.progress)
+
+
+@dataclass
+class _Optimization:
+    optimizer: Any
+    scheduler: Any
+    lr: float
+    updates_per_epoch: int
+    schedule_kwargs: dict
+
+
+def _build_optimization(recipe: Recipe, model, tricks, updates_per_epoch: int) -> _Optimization:
+    """Param groups (tricks add their options, e.g. no-bias-decay) -> optimizer -> per-update schedule."""
     lr = scaled_lr(recipe.optim.lr, recipe.train.batch_size, recipe.optim.linear_scaling)
-    stage_of = None
-    if recipe.model.layer_decay is not None:
-        from medtricks.models import stage_of_parameter as stage_of
-    lr_mults = {"resizer.": recipe.model.resizer.lr_mult} if recipe.model.resizer.enabled else None
-    groups = build_param_groups(model, weight_decay=recipe.optim.weight_decay,
-                                     no_bias_decay=tricks.no_bias_decay, layer_decay=recipe.model.layer_decay,
-                                     stage_of=stage_of, lr_mults=lr_mults)
+    resizer = recipe.model.resizer
+    groups = build_param_groups(model, weight_decay=recipe.optim.weight_decay, layer_decay=recipe.model.layer_decay,
+                                stage_of=stage_of_parameter if recipe.model.layer_decay is not None else None,
+                                lr_mults={"resizer.": resizer.lr_mult} if resizer.enabled else None,
+                                **merged_options(tricks, "param_options"))
     optimizer = build_optimizer(groups, name=recipe.optim.name, lr=lr, momentum=recipe.optim.momentum,
-                                     betas=recipe.optim.betas)
-    engine_cfg = EngineConfig(
-        epochs=recipe.train.epochs, device=device, seed=recipe.experiment.seed, amp_dtype=amp_dtype,
-        channels_last=recipe.train.channels_last, grad_clip=recipe.train.grad_clip,
-        accumulate=recipe.train.accumulate, max_steps_per_epoch=recipe.train.max_steps_per_epoch,
-        best_metric=recipe.train.best_metric, best_mode=recipe.train.best_mode,
-        log_every=recipe.train.log_every, progress=recipe.train.progress)
-    updates = steps_per_epoch(train_loader, engine_cfg)
-    sched_kwargs = dict(name=recipe.schedule.name, epochs=recipe.train.epochs, steps_per_epoch=updates,
-                        warmup_epochs=recipe.schedule.warmup_epochs, warmup_lr_init=recipe.schedule.warmup_lr_init,
-                        milestones=recipe.schedule.milestones, gamma=recipe.schedule.gamma,
-                        min_lr=recipe.schedule.min_lr)
-    scheduler = build_scheduler(optimizer, **sched_kwargs)
-    class_weights = None
-    if tricks.class_balance == "loss":
-        from medtricks.tricks.class_balance import class_weights as _class_weights
+                                betas=recipe.optim.betas)
+    sched = recipe.schedule
+    schedule_kwargs = dict(name=sched.name, epochs=recipe.train.epochs, steps_per_epoch=updates_per_epoch,
+                           warmup_epochs=sched.warmup_epochs, warmup_lr_init=sched.warmup_lr_init,
+                           milestones=sched.milestones, gamma=sched.gamma, min_lr=sched.min_lr)
+    return _Optimization(optimizer, build_scheduler(optimizer, **schedule_kwargs), lr, updates_per_epoch,
+                         schedule_kwargs)
 
-        class_weights = _class_weights(bundle.train.targets, len(classes))
-    loss_fn = build_loss(label_smoothing=tricks.label_smoothing, mixup=mixup, class_weights=class_weights)
-    ema = None
-    if tricks.ema:
-        from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=tricks.ema_decay)
-
-    # ---- what the run is, logged before training
+def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, tricks, frozen, opt, device,
+                amp_dtype, classes, data_config, info) -> None:
+    """What the run is, logged before training: params, recipe, split manifest, trick reports, schedule."""
     params = flatten_recipe(recipe)
-    params.update({"resolved.lr": lr, "resolved.device": str(device), "resolved.amp_dtype": str(amp_dtype),
+    params.update({"resolved.lr": opt.lr, "resolved.device": str(device), "resolved.amp_dtype": str(amp_dtype),
                    "resolved.num_classes": len(classes), "resolved.classes": ",".join(classes),
-                   "resolved.updates_per_epoch": updates, "resolved.image_size": image_size,
+                   "resolved.updates_per_epoch": opt.updates_per_epoch, "resolved.image_size": recipe.input_image_size(),
                    "resolved.mean": str(tuple(data_config["mean"])), "resolved.std": str(tuple(data_config["std"])),
                    "weights.source": info.get("weights_source"), "weights.sha256": info.get("weights_sha256"),
-                   "bn_gamma": gamma_report.summary() if len(gamma_report) else "none",
-                   "frozen_params": len(frozen),
-                   "class_weights": ",".join(f"{w:.4g}" for w in class_weights) if class_weights else "none",
-                   "n_train": len(bundle.train), "n_val": len(bundle.val),
+                   "frozen_params": len(frozen), "n_train": len(bundle.train), "n_val": len(bundle.val),
                    "n_test": len(bundle.test) if bundle.test is not None else 0,
                    "n_quarantined": len(bundle.quarantine)})
+    for trick in tricks:
+        params.update(trick.log_params())
     tracker.log_params(params)
-    artifacts = run_dir / "artifacts"
-    artifacts.mkdir(exist_ok=True)
-    tracker.log_artifact(run_dir / "recipe.yaml")
-    manifest_path = artifacts / "split_manifest.csv"
-    export_manifest(bundle.manifest, recipe.data.root).to_csv(manifest_path, index=False)
-    tracker.log_artifact(manifest_path, "data")
+    run.artifacts.mkdir(exist_ok=True)
+    tracker.log_artifact(run.recipe)
+    export_manifest(bundle.manifest, recipe.data.root).to_csv(run.split_manifest, index=False)
+    tracker.log_artifact(run.split_manifest, "data")
     if len(bundle.quarantine):
-        quarantine_path = artifacts / "quarantine.csv"
-        bundle.quarantine.to_csv(quarantine_path, index=False)
-        tracker.log_artifact(quarantine_path, "data")
+        bundle.quarantine.to_csv(run.quarantine, index=False)
+        tracker.log_artifact(run.quarantine, "data")
         say(f"warning: {len(bundle.quarantine)} unreadable images skipped (data.on_bad_image=skip); "
-            f"listed in {quarantine_path}")
-    if len(gamma_report):
-        gamma_csv = artifacts / "bn_gamma_report.csv"
-        gamma_report.to_csv(gamma_csv)
-        tracker.log_artifact(gamma_csv, "tricks")
-        say(str(gamma_report))
+            f"listed in {run.quarantine}")
+    for trick in tricks:
+        for path, folder in trick.artifacts(run):
+            tracker.log_artifact(path, folder)
+        if trick.summary():
+            say(trick.summary())
     if recipe.eval.plots:
-        tracker.log_figure(plot_lr_schedule(lr_curve(lr, **sched_kwargs), steps_per_epoch=updates),
-                           "plots/lr_schedule.png")
+        tracker.log_figure(plot_lr_schedule(lr_curve(opt.lr, **opt.schedule_kwargs),
+                                            steps_per_epoch=opt.updates_per_epoch), "plots/lr_schedule.png")
 
-    def evaluate_fn(eval_model) -> dict[str, float]:
-        targets, probs, loss = predict(eval_model, val_loader, device=device, amp_dtype=amp_dtype,
-                                            channels_last=recipe.train.channels_last)
-        values = compute_metrics(targets, probs, classes, n_bootstrap=0).values
-        out = {f"val/{k}": float(v) for k, v in values.items() if k != "n"}
-        out["val/loss"] = loss
-        return out
 
-    say(f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
-        f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}; run folder {run_dir}")
-    fit_result = fit(model, train_loader, val_loader, optimizer=optimizer, scheduler=scheduler,
-                          loss_fn=loss_fn, cfg=engine_cfg, evaluate_fn=evaluate_fn,
-                          checkpoint_dir=run_dir / "checkpoints", mixup=mixup, ema=ema,
-                          on_step=lambda step, m: tracker.log_metrics(m, step=step),
-                          on_epoch=lambda step, m: tracker.log_metrics(m, step=step), resume=resuming)
+@dataclass
+class _FinalEvaluation:
+    by_split: dict = field(default_factory=dict)  # split -> MetricsResult at argmax / 0.5
+    at_op: dict = field(default_factory=dict)  # split -> MetricsResult at the operating point
+    operating_point: Any = None
 
-    # ---- final evaluation of the best checkpoint, with bootstrap CIs and plots
-    best = load_checkpoint(fit_result.best_checkpoint, map_location=device)
-    eval_model = ema.module if ema is not None else model
-    eval_model.load_state_dict(best["model"])
-    operating_point = None
-    by_split, at_op = {}, {}
+
+def _final_evaluation(recipe: Recipe, run: RunDir, tracker: Tracker, say, eval_model, bundle, classes, device,
+                      amp_dtype, *, step: int, best_epoch) -> _FinalEvaluation:
+    """Val and test with bootstrap CIs, the operating point (chosen on val only), per-image
+    predictions, plots, the test-val gaps, and the side-by-side report."""
+    out = _FinalEvaluation()
+    ci = dict(n_bootstrap=recipe.eval.n_bootstrap, ci=recipe.eval.ci, seed=recipe.experiment.seed)
     for split, dataset in (("val", bundle.val), ("test", bundle.test)):
         if dataset is None or len(dataset) == 0:
             continue
         targets, probs, loss = predict(eval_model, _eval_loader(dataset, recipe), device=device,
-                                            amp_dtype=amp_dtype, channels_last=recipe.train.channels_last)
-        metrics = compute_metrics(targets, probs, classes, n_bootstrap=recipe.eval.n_bootstrap,
-                                       ci=recipe.eval.ci, seed=recipe.experiment.seed)
-        flat = {f"best/{split}/{k}": float(v) for k, v in metrics.to_dict().items()
-                if isinstance(v, (int, float))}
-        flat[f"best/{split}/loss"] = loss
-        # The operating point is chosen on validation only (val comes first), then applied to test.
+                                       amp_dtype=amp_dtype, channels_last=recipe.train.channels_last)
+        metrics = out.by_split[split] = compute_metrics(targets, probs, classes, **ci)
+        flat = {best_key(split, k): float(v) for k, v in metrics.to_dict().items() if isinstance(v, (int, float))}
+        flat[best_key(split, "loss")] = loss
+        # val comes first: the operating point is chosen there, then applied to test
         if split == "val" and len(classes) == 2 and recipe.eval.threshold != "none":
-            operating_point = choose_operating_point(targets, probs, recipe, bundle.train.targets, say)
-        if operating_point is not None:
-            at_op[split] = compute_metrics(targets, probs_at_threshold(probs, operating_point.threshold), classes,
-                                           n_bootstrap=recipe.eval.n_bootstrap, ci=recipe.eval.ci,
-                                           seed=recipe.experiment.seed)
-            flat.update({f"best/{split}/op/{k}": float(v) for k, v in at_op[split].to_dict().items()
+            out.operating_point = choose_operating_point(targets, probs, recipe, bundle.train.targets, say)
+        if out.operating_point is not None:
+            at_op = out.at_op[split] = compute_metrics(
+                targets, probs_at_threshold(probs, out.operating_point.threshold), classes, **ci)
+            flat.update({best_key(split, k, op=True): float(v) for k, v in at_op.to_dict().items()
                          if isinstance(v, (int, float))})
-        by_split[split] = metrics
-        # per-image predictions: ablations pair variants image by image (paired bootstrap)
-        pred_path = artifacts / f"predictions_{split}.npz"
-        np.savez_compressed(pred_path, y_true=targets, probs=probs.astype(np.float32))
-        tracker.log_artifact(pred_path, "predictions")
-        tracker.log_metrics(flat, step=fit_result.steps)
+        # per-image predictions: ablations and `compare` pair runs image by image
+        np.savez_compressed(run.predictions(split), y_true=targets, probs=probs.astype(np.float32))
+        tracker.log_artifact(run.predictions(split), PREDICTIONS_ARTIFACT_DIR)
+        tracker.log_metrics(flat, step=step)
         if recipe.eval.plots:
             tracker.log_figure(plot_confusion_matrix(targets, probs.argmax(1), classes),
                                f"plots/{split}_confusion_matrix.png")
             tracker.log_figure(plot_roc_curves(targets, probs, classes), f"plots/{split}_roc.png")
             tracker.log_figure(plot_reliability_diagram(targets, probs), f"plots/{split}_reliability.png")
-    final, test_result = by_split.get("val", {}), by_split.get("test")
-    if test_result is not None:
-        tracker.log_metrics(split_gaps(by_split, keys=headline_keys(final.values, _positive_class(classes))),
-                            step=fit_result.steps)
-    if recipe.audit.enabled:
-        from medtricks.posthoc import audit_model, log_audit
+    if "test" in out.by_split:
+        keys = headline_keys(out.by_split["val"].values, _positive_class(classes))
+        tracker.log_metrics(split_gaps(out.by_split, keys=keys), step=step)
+    say(_final_report(recipe, best_epoch, classes, out.by_split, out.at_op, out.operating_point))
+    return out
 
-        surrogate = None
-        if recipe.audit.surrogate:
-            surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device)).model
-        audit_result = audit_model(eval_model, bundle.val, audit_cfg=recipe.audit, classes=classes,
-                                   data_config=data_config, device=device, seed=recipe.experiment.seed,
-                                   surrogate=surrogate, progress=recipe.train.progress,
-                                   batch_size=recipe.train.batch_size)
-        log_audit(tracker, audit_result)
-        say(audit_result.table())
-    if recipe.eval.plots and recipe.model.resizer.enabled:
-        from medtricks.evaluate.resizer_plots import resizer_comparison_figure
 
-        images = torch.stack([bundle.val[i][0] for i in range(min(4, len(bundle.val)))])
-        tracker.log_figure(resizer_comparison_figure(model.resizer, images.to(device)), "plots/resizer.png")
-    import matplotlib.pyplot as plt
+def _audit(recipe: Recipe, tracker: Tracker, say, eval_model, dataset, classes, data_config, device) -> None:
+    surrogate = None
+    if recipe.audit.surrogate:
+        surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device)).model
+    result = audit_model(eval_model, dataset, audit_cfg=recipe.audit, classes=classes, data_config=data_config,
+                         device=device, seed=recipe.experiment.seed, surrogate=surrogate,
+                         progress=recipe.train.progress, batch_size=recipe.train.batch_size)
+    log_audit(tracker, result)
+    say(result.table())
 
-    plt.close("all")
 
-    # ---- the model: state dict + a model card (enough to rebuild it from the logged recipe)
-    model_dir = run_dir / "model"
-    model_dir.mkdir(exist_ok=True)
-    torch.save(eval_model.state_dict(), model_dir / "model_state.pt")
-    (model_dir / "data_config.json").write_text(json.dumps(
-        {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}))
-    card_text = _model_card(recipe, classes, info, data_config, fit_result, final)
-    (model_dir / "MODEL_CARD.md").write_text(card_text)
-    if operating_point is not None:
-        operating_point.to_json(model_dir / OPERATING_POINT_FILE)
+def _save_model(recipe: Recipe, run: RunDir, tracker: Tracker, eval_model, classes, info, data_config,
+                fit_result, final: _FinalEvaluation) -> None:
+    """The model: state dict, data config, operating point and a model card (enough to rebuild it)."""
+    run.model_dir.mkdir(exist_ok=True)
+    torch.save(eval_model.state_dict(), run.model_state)
+    run.data_config.write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}))
+    run.model_card.write_text(_model_card(recipe, classes, info, data_config, fit_result,
+                                          final.by_split.get("val")))
+    files = [run.model_state, run.model_card, run.data_config]
+    if final.operating_point is not None:
+        final.operating_point.to_json(run.operating_point)
+        files.insert(0, run.operating_point)
     if recipe.tracking.log_model:
-        if operating_point is not None:
-            tracker.log_artifact(model_dir / OPERATING_POINT_FILE, "model")
-        tracker.log_artifact(model_dir / "model_state.pt", "model")
-        tracker.log_artifact(model_dir / "MODEL_CARD.md", "model")
-        tracker.log_artifact(model_dir / "data_config.json", "model")
-    tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
-
-    say(_final_report(recipe, fit_result.best_epoch, classes, by_split, at_op, operating_point))
-    return RunResult(run_dir=run_dir, run_id=None, metrics=final, test_metrics=test_result,
-                     history=fit_result.history, best_epoch=fit_result.best_epoch,
-                     gamma_report=gamma_report, tracker=tracker)
+        for path in files:
+            tracker.log_artifact(path, MODEL_ARTIFACT_DIR)
 
 
 def choose_operating_point(y_val, probs_val, recipe: Recipe, train_targets, say):

@@ -19,10 +19,8 @@ Example::
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Optional
-
 from medtricks.recipe import Recipe, apply_overrides, recipe_from_dict
+from medtricks.tricks.registry import ablation_names
 
 __all__ = ["TRICKS", "MODES", "trick_overrides", "make_variants", "variant_recipe"]
 
@@ -31,29 +29,11 @@ MODES = ("cumulative", "one_at_a_time", "grid")
 MAX_GRID_VARIANTS = 32
 
 
-@dataclass(frozen=True)
-class _Trick:
-    key: str  # the recipe key the value goes to
-    default: Optional[str]  # value for the bare name; None = the spec needs "=value"
-    help: str
-
-
-# The bag-of-tricks names users type; anything else must be a raw "section.key=value" override.
-TRICKS: dict[str, _Trick] = {
-    "warmup": _Trick("schedule.warmup_epochs", "1", "linear lr warmup, epochs (default 1)"),
-    "cosine": _Trick("schedule.name", "cosine", "cosine lr decay"),
-    "label_smoothing": _Trick("tricks.label_smoothing", "0.1", "label smoothing epsilon (default 0.1)"),
-    "no_bias_decay": _Trick("tricks.no_bias_decay", "true", "no weight decay on biases and norm layers"),
-    "bn_gamma": _Trick("tricks.bn_gamma.strategy", None,
-                       "BN-gamma strategy: zero_all, zero_late, one_late, zero_late_one_rest"),
-    "mixup": _Trick("tricks.mixup_alpha", "0.2", "mixup alpha (default 0.2)"),
-    "cutmix": _Trick("tricks.cutmix_alpha", "1.0", "cutmix alpha (default 1.0)"),
-    "ema": _Trick("tricks.ema", "true", "exponential moving average of the weights"),
-    "linear_scaling": _Trick("optim.linear_scaling", "true", "lr x batch_size / 256"),
-    "resizer": _Trick("model.resizer.enabled", "true", "learnable resizer in front of the backbone"),
-    "class_balance": _Trick("tricks.class_balance", "loss", "class-weighted loss (default) or =sampler"),
-    "augment": _Trick("data.augment", None, "augmentation preset: cxr_light, cxr_shift, paper_baseline, none"),
-}
+def __getattr__(name: str):
+    # TRICKS is read from the trick registry each time, so plug-ins registered later are included.
+    if name == "TRICKS":
+        return ablation_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def trick_overrides(spec: str) -> list[str]:
@@ -69,8 +49,9 @@ def trick_overrides(spec: str) -> list[str]:
     spec = spec.strip()
     name, sep, value = spec.partition("=")
     name, value = name.strip(), value.strip()
-    if name in TRICKS:
-        trick = TRICKS[name]
+    tricks = ablation_names()
+    if name in tricks:
+        trick = tricks[name]
         if sep and not value:
             raise ValueError(f"trick {spec!r}: empty value after '='")
         if not sep:
@@ -80,7 +61,7 @@ def trick_overrides(spec: str) -> list[str]:
         return [f"{trick.key}={value}"]
     if sep and "." in name:  # a raw recipe override: validated when the variant recipe is built
         return [f"{name}={value}"]
-    known = ", ".join(sorted(TRICKS))
+    known = ", ".join(sorted(tricks))
     raise ValueError(f"unknown trick {spec!r}: expected one of {known} (optionally NAME=VALUE), "
                      "or a raw recipe override section.key=value (e.g. optim.lr=0.05)")
 
@@ -134,7 +115,8 @@ def make_variants(base: Recipe, tricks: list[str], mode: str = "cumulative") -> 
 
     Args:
         base: the resolved baseline recipe.
-        tricks: trick specs, see :data:`TRICKS`, or raw ``section.key=value`` overrides.
+        tricks: trick specs (the ``ablation`` names of the registered tricks, see
+            :func:`medtricks.tricks.registry.ablation_names`), or raw ``section.key=value`` overrides.
         mode: ``cumulative`` | ``one_at_a_time`` | ``grid``.
     """
     if mode not in MODES:

@@ -1,8 +1,8 @@
 """The training loop: AMP, EMA, gradient clipping/accumulation, checkpoint/resume, progress.
 
 The loop is plain: it takes an nn.Module, loaders, an optimizer, a timm scheduler stepped per
-update and a loss, and reports through two callbacks (``on_step``, ``on_epoch``), so it knows
-nothing about MLflow. Sampler construction and rank-0 logging sit in one place each
+update, a loss and the run's tricks (called at their points, see ``medtricks/tricks/base.py``), and
+reports through two callbacks (``on_step``, ``on_epoch``), so it knows nothing about MLflow. Sampler construction and rank-0 logging sit in one place each
 (``make_train_loader`` in run.py, ``_is_main_process`` here) so DDP can be added later.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from medtricks.errors import MedtricksError
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtricks.train.predict import autocast_context
 
-__all__ = ["EngineConfig", "FitResult", "NonFiniteLossError", "fit", "seed_everything", "seed_epoch"]
+__all__ = ["EngineConfig", "FitResult", "NonFiniteLossError", "fit", "seed_everything", "seed_epoch",
+           "evaluation_model"]
 
 
 class NonFiniteLossError(MedtricksError, RuntimeError):
@@ -86,6 +87,15 @@ def steps_per_epoch(loader, cfg: EngineConfig) -> int:
     return max(1, math.ceil(batches / cfg.accumulate))
 
 
+def evaluation_model(model: nn.Module, tricks: Sequence[Any] = ()) -> nn.Module:
+    """The model to validate and save: a trick's (EMA's averaged weights) if one provides it, else ``model``."""
+    for trick in tricks:
+        substitute = trick.eval_model(model)
+        if substitute is not None:
+            return substitute
+    return model
+
+
 def _better(value: float, best: Optional[float], mode: str) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
@@ -96,7 +106,7 @@ def _better(value: float, best: Optional[float], mode: str) -> bool:
 
 def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Optimizer, scheduler,
         loss_fn: nn.Module, cfg: EngineConfig, evaluate_fn: Callable[[nn.Module], dict[str, float]],
-        checkpoint_dir: str | Path, mixup: Optional[Callable] = None, ema=None,
+        checkpoint_dir: str | Path, tricks: Sequence[Any] = (),
         on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
         on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
         resume: bool = False) -> FitResult:
@@ -106,6 +116,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     one named ``cfg.best_metric`` chooses ``best.pt``. With ``resume=True`` and a ``last.pt`` in
     ``checkpoint_dir`` the run continues after the last finished epoch and reaches the same result
     as an uninterrupted run (each epoch re-seeds data order and augmentation from the seed).
+
+    ``tricks`` (:class:`medtricks.tricks.base.Trick` objects) act at their points: ``on_fit_start``,
+    ``on_batch``, ``after_step``, ``eval_model``, ``on_epoch_end``; their ``state_dict`` goes into
+    ``last.pt``.
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +132,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     scaler = torch.amp.GradScaler("cuda") if cfg.amp_dtype == torch.float16 else None
     result = FitResult(last_checkpoint=last_path, best_checkpoint=best_path)
     start_epoch, step = 0, 0
+    for trick in tricks:
+        trick.on_fit_start(model)
 
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, map_location=device)
@@ -126,8 +142,12 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        saved = state.get("tricks") or {}
+        if state.get("ema") is not None:  # last.pt written before tricks were plug-ins
+            saved = {"ema": state["ema"], **saved}
+        for trick in tricks:
+            if saved.get(trick.name) is not None:
+                trick.load_state_dict(saved[trick.name])
         set_rng_state(state["rng"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         result.history = state["history"]
@@ -155,8 +175,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             targets = targets.to(device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
+            for trick in tricks:
+                images, targets = trick.on_batch(images, targets)
             with autocast_context(device, cfg.amp_dtype):
                 logits = model(images)
                 loss = loss_fn(logits.float(), targets)
@@ -186,8 +206,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 scheduler.step_update(step)
-                if ema is not None:
-                    ema.update(model, step=step)
+                for trick in tricks:
+                    trick.after_step(model, step)
                 if on_step and step % cfg.log_every == 0 and _is_main_process():
                     on_step(step, {"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})
             batch = images.shape[0]
@@ -204,7 +224,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         elapsed = max(time.perf_counter() - started, 1e-9)
         metrics = {"train/epoch_loss": epoch_loss / max(epoch_images, 1),
                    "train/img_per_s": epoch_images / elapsed, "epoch": float(epoch + 1)}
-        eval_model = ema.module if ema is not None else model
+        eval_model = evaluation_model(model, tricks)
         metrics.update(evaluate_fn(eval_model))
         result.history.append(metrics)
         value = metrics.get(cfg.best_metric)
@@ -227,10 +247,12 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         save_checkpoint({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(),
+            "tricks": {t.name: t.state_dict() for t in tricks if t.state_dict() is not None}, "rng": rng_state(),
             "epoch": epoch, "step": step, "history": result.history,
             "best_value": result.best_value, "best_epoch": result.best_epoch,
         }, last_path)
+        for trick in tricks:
+            trick.on_epoch_end(epoch, metrics)
         if on_epoch and _is_main_process():  # after the checkpoint: a logging failure loses nothing
             on_epoch(step, metrics)
     result.steps = step

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Mapping, Sequence
 
@@ -53,6 +54,8 @@ __all__ = [
     "ResidualNorm",
     "apply_bn_gamma",
     "apply_gamma_strategy",
+    "check_gamma_config",
+    "GammaPlan",
     "find_residual_norms",
     "gamma_preview",
     "register_residual_block",
@@ -339,27 +342,35 @@ def _beta_for(value: float, setting: float | str | None) -> float | None:
     return float(setting)
 
 
-def apply_gamma_strategy(model: nn.Module, config: Mapping[str, Any]) -> GammaReport:
-    """Apply the recipe section ``tricks.bn_gamma`` (a plain dict) to ``model`` in place.
+@dataclass(frozen=True)
+class _GammaRule:
+    value: float
+    selectors: dict
+    which: str
+    beta: Any
+    where: str
 
-    Keys: ``strategy`` (one of :data:`STRATEGIES`; defaults to ``rules`` when ``rules`` is given,
-    else ``none``), ``stages``, ``blocks``, ``last_n_blocks``, ``names``, ``which``, ``beta``
-    (null = strategy default: β=0 where γ becomes 0, else kept; ``keep``; or a number) and
-    ``rules`` (list of dicts with ``value`` and the same selectors, applied in order).
-    "late" means ``stages: [-1]`` -- the last stage with a residual block -- unless ``stages``,
-    ``last_n_blocks`` or ``names`` is given. ``zero_late_one_rest`` sets γ=1 on every other
-    residual-branch norm (same ``which``).
 
-    Example:
-        >>> import timm
-        >>> m = timm.create_model("resnet18", pretrained=False)
-        >>> print(apply_gamma_strategy(m, {"strategy": "zero_late"}).summary())
-        zero_late: 2 layers; gamma=0 beta=0 x2 (layer4.0.bn2, layer4.1.bn2)
-        >>> r = apply_gamma_strategy(m, {"rules": [{"stages": [-1], "value": 0.0},
-        ...                                        {"stages": [-2], "value": 1.0}]})
-        >>> len(r)
-        4
+@dataclass(frozen=True)
+class GammaPlan:
+    """A checked ``tricks.bn_gamma`` section: what :func:`apply_gamma_strategy` will do (no model needed)."""
+
+    strategy: str
+    selectors: dict
+    which: str
+    beta: Any
+    rules: tuple = ()
+    where: str = "tricks.bn_gamma."
+
+
+def check_gamma_config(config: Any) -> GammaPlan:
+    """Check a ``tricks.bn_gamma`` section (a mapping, or the recipe's typed section) without a model.
+
+    The one place the section's rules live: the recipe validates with it, and
+    :func:`apply_gamma_strategy` applies what it returns. Raises ``ValueError`` naming the key.
     """
+    if hasattr(config, "model_dump"):
+        config = config.model_dump()
     where = "tricks.bn_gamma."
     if not isinstance(config, Mapping):
         raise TypeError(f"tricks.bn_gamma: expected a mapping (dict), got {type(config).__name__}")
@@ -382,10 +393,8 @@ def apply_gamma_strategy(model: nn.Module, config: Mapping[str, Any]) -> GammaRe
 
     if rules and strategy != "rules":
         raise _bad(where, "rules", rules, f"no rules with strategy '{strategy}' (use strategy: rules)")
-    if strategy == "none":
-        if given or beta is not None:
-            raise ValueError(f"tricks.bn_gamma: strategy 'none' changes nothing, but {given + (['beta'] if beta is not None else [])} are set")
-        return GammaReport([], strategy="none")
+    if strategy == "none" and (given or beta is not None):
+        raise ValueError(f"tricks.bn_gamma: strategy 'none' changes nothing, but {given + (['beta'] if beta is not None else [])} are set")
     if strategy == "zero_all" and given:
         raise ValueError(
             f"tricks.bn_gamma: strategy 'zero_all' acts on every residual block, but {given} are set; "
@@ -396,6 +405,58 @@ def apply_gamma_strategy(model: nn.Module, config: Mapping[str, Any]) -> GammaRe
             "tricks.bn_gamma: strategy 'rules' needs a non-empty 'rules' list and takes its selectors "
             f"inside each rule (got top-level {given or 'no rules'})"
         )
+
+    parsed = []
+    if strategy == "rules":
+        if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
+            raise _bad(where, "rules", rules, "a list of rule mappings")
+        for i, rule in enumerate(rules):
+            rwhere = f"{where}rules[{i}]."
+            if not isinstance(rule, Mapping):
+                raise ValueError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
+            unknown = sorted(set(rule) - set(_RULE_KEYS))
+            if unknown:
+                raise ValueError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(_RULE_KEYS)}")
+            if rule.get("value") is None:
+                raise ValueError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. 0.0 or 1.0")
+            rule_beta = _as_beta(rule.get("beta"), rwhere)
+            parsed.append(_GammaRule(
+                value=_as_float(rule["value"], rwhere, "value"),
+                selectors={"stages": _as_int_list(rule.get("stages"), rwhere, "stages"),
+                           "blocks": _as_int_list(rule.get("blocks"), rwhere, "blocks"),
+                           "last_n_blocks": _as_last_n(rule.get("last_n_blocks"), rwhere),
+                           "names": _as_patterns(rule.get("names"), rwhere, "names")},
+                which=_as_which(rule.get("which") or which, rwhere),
+                beta=beta if rule_beta is None else rule_beta,  # fall back to the section's beta
+                where=rwhere))
+    return GammaPlan(strategy=strategy, selectors=sel, which=which, beta=beta, rules=tuple(parsed), where=where)
+
+
+def apply_gamma_strategy(model: nn.Module, config: Mapping[str, Any]) -> GammaReport:
+    """Apply the recipe section ``tricks.bn_gamma`` (a plain dict) to ``model`` in place.
+
+    Keys: ``strategy`` (one of :data:`STRATEGIES`; defaults to ``rules`` when ``rules`` is given,
+    else ``none``), ``stages``, ``blocks``, ``last_n_blocks``, ``names``, ``which``, ``beta``
+    (null = strategy default: β=0 where γ becomes 0, else kept; ``keep``; or a number) and
+    ``rules`` (list of dicts with ``value`` and the same selectors, applied in order).
+    "late" means ``stages: [-1]`` -- the last stage with a residual block -- unless ``stages``,
+    ``last_n_blocks`` or ``names`` is given. ``zero_late_one_rest`` sets γ=1 on every other
+    residual-branch norm (same ``which``).
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("resnet18", pretrained=False)
+        >>> print(apply_gamma_strategy(m, {"strategy": "zero_late"}).summary())
+        zero_late: 2 layers; gamma=0 beta=0 x2 (layer4.0.bn2, layer4.1.bn2)
+        >>> r = apply_gamma_strategy(m, {"rules": [{"stages": [-1], "value": 0.0},
+        ...                                        {"stages": [-2], "value": 1.0}]})
+        >>> len(r)
+        4
+    """
+    plan = check_gamma_config(config)
+    strategy, sel, which, beta, where = plan.strategy, plan.selectors, plan.which, plan.beta, plan.where
+    if strategy == "none":
+        return GammaReport([], strategy="none")
 
     scan = scan_model(model)
     label = f"tricks.bn_gamma ({strategy})"
@@ -424,30 +485,10 @@ def apply_gamma_strategy(model: nn.Module, config: Mapping[str, Any]) -> GammaRe
         return report
 
     # strategy == "rules": applied in order, the report shows the net effect per layer.
-    if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
-        raise _bad(where, "rules", rules, "a list of rule mappings")
     report = GammaReport([], strategy="rules")
-    for i, rule in enumerate(rules):
-        rwhere = f"{where}rules[{i}]."
-        if not isinstance(rule, Mapping):
-            raise ValueError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
-        unknown = sorted(set(rule) - set(_RULE_KEYS))
-        if unknown:
-            raise ValueError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(_RULE_KEYS)}")
-        if rule.get("value") is None:
-            raise ValueError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. 0.0 or 1.0")
-        value = _as_float(rule["value"], rwhere, "value")
-        rule_sel = {
-            "stages": _as_int_list(rule.get("stages"), rwhere, "stages"),
-            "blocks": _as_int_list(rule.get("blocks"), rwhere, "blocks"),
-            "last_n_blocks": _as_last_n(rule.get("last_n_blocks"), rwhere),
-            "names": _as_patterns(rule.get("names"), rwhere, "names"),
-        }
-        rule_which = _as_which(rule.get("which") or which, rwhere)
-        rule_beta = _as_beta(rule.get("beta"), rwhere)
-        rule_beta = beta if rule_beta is None else rule_beta  # fall back to the section's beta
-        chosen = pick(rule_sel, rule_which, rwhere, f"tricks.bn_gamma rules[{i}]")
-        report = report.merged(_set_norms(scan, chosen, value, _beta_for(value, rule_beta), "rules"))
+    for i, rule in enumerate(plan.rules):
+        chosen = pick(rule.selectors, rule.which, rule.where, f"tricks.bn_gamma rules[{i}]")
+        report = report.merged(_set_norms(scan, chosen, rule.value, _beta_for(rule.value, rule.beta), "rules"))
     return report
 
 

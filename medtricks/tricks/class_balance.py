@@ -14,11 +14,16 @@ Both change the prior the model's probabilities are calibrated to; the stored op
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
+import torch
+from pydantic import Field
+from sklearn.utils.class_weight import compute_class_weight
 
-__all__ = ["class_weights", "balanced_sample_weights"]
+from medtricks.tricks.base import AblationName, Trick, register_trick
+
+__all__ = ["class_weights", "balanced_sample_weights", "ClassBalance"]
 
 
 def _counts(targets: Sequence[int], n_classes: int) -> np.ndarray:
@@ -34,8 +39,6 @@ def _counts(targets: Sequence[int], n_classes: int) -> np.ndarray:
 def class_weights(targets: Sequence[int], n_classes: int) -> list[float]:
     """Per-class loss weights ``N / (K · n_c)``; a class absent from training is an error (its weight
     would be infinite)."""
-    from sklearn.utils.class_weight import compute_class_weight
-
     counts = _counts(targets, n_classes)
     if (counts == 0).any():
         missing = [int(i) for i in np.flatnonzero(counts == 0)]
@@ -44,10 +47,37 @@ def class_weights(targets: Sequence[int], n_classes: int) -> list[float]:
     return [float(w) for w in compute_class_weight("balanced", classes=np.arange(n_classes), y=y)]
 
 
-def balanced_sample_weights(targets: Sequence[int]) -> "torch.Tensor":  # noqa: F821
+def balanced_sample_weights(targets: Sequence[int]) -> torch.Tensor:
     """Per-image sampling weights ``1 / n_class(image)`` for ``WeightedRandomSampler``."""
-    import torch
-
     y = np.asarray(targets).astype(int)
     counts = _counts(y, int(y.max()) + 1 if y.size else 0)
     return torch.as_tensor(1.0 / counts[y], dtype=torch.double)
+
+
+@register_trick
+class ClassBalance(Trick):
+    name = "class_balance"
+    order = 90
+    fields = {"class_balance": (Literal["none", "loss", "sampler"], Field("none"))}
+    ablation = {"class_balance": AblationName("tricks.class_balance", "loss",
+                                              "class-weighted loss (default) or =sampler")}
+
+    def __init__(self, recipe, ctx):
+        super().__init__(recipe, ctx)
+        self.weights = None
+        if self.config.class_balance == "loss":
+            self.weights = class_weights(ctx.train_targets, len(ctx.classes))
+
+    @classmethod
+    def tags(cls, recipe):
+        mode = recipe.tricks.class_balance
+        return [f"class_balance={mode}"] if mode != "none" else []
+
+    def loader_options(self):
+        return {"class_balanced": True} if self.config.class_balance == "sampler" else {}
+
+    def loss_options(self):
+        return {"class_weights": self.weights} if self.weights is not None else {}
+
+    def log_params(self):
+        return {"class_weights": ",".join(f"{w:.4g}" for w in self.weights) if self.weights else "none"}

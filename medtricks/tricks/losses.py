@@ -27,11 +27,12 @@ def build_mixup(*, mixup_alpha: float, cutmix_alpha: float, prob: float, label_s
                  label_smoothing=label_smoothing, num_classes=num_classes)
 
 
-def build_loss(*, label_smoothing: float, mixup: Optional[object],
+def build_loss(*, label_smoothing: float = 0.0, mixup: Optional[object] = None, soft_targets: bool = False,
                class_weights: Optional[Sequence[float]] = None) -> nn.Module:
-    """Training loss: soft-target CE under mixup (smoothing is folded into its targets), else CE
-    (with per-class ``class_weights`` when given: ``tricks.class_balance: loss``)."""
-    if mixup is not None:
+    """Training loss: soft-target CE under mixup (``soft_targets``, or a ``mixup`` object; smoothing is
+    folded into its targets), else CE (with per-class ``class_weights`` when given:
+    ``tricks.class_balance: loss``)."""
+    if soft_targets or mixup is not None:
         if class_weights is not None:
             raise ValueError("tricks.class_balance: loss cannot be combined with mixup/cutmix (timm's soft-target "
                              "loss takes no class weights); use tricks.class_balance: sampler instead")

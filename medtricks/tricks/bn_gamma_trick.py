@@ -1,0 +1,82 @@
+"""The BN-gamma trick: the recipe section ``tricks.bn_gamma``, applied to the model after its
+pretrained weights load (the functional API is :mod:`medtricks.tricks.bn_gamma`)."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.bn_gamma import STRATEGIES, apply_gamma_strategy, check_gamma_config
+
+__all__ = ["BnGammaConfig", "GammaRuleConfig", "BnGamma"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GammaRuleConfig(_Section):
+    value: float
+    stages: Optional[list[int]] = None
+    blocks: Optional[list[int]] = None
+    last_n_blocks: Optional[int] = Field(None, ge=1)
+    names: Optional[list[str]] = None
+    which: Optional[Literal["last", "all"]] = None  # None: the section's `which`
+    beta: Optional[Union[float, Literal["keep"]]] = None
+
+
+class BnGammaConfig(_Section):
+    """``tricks.bn_gamma``: types here; the rules between keys live in :func:`check_gamma_config` only."""
+
+    strategy: Literal[STRATEGIES] = "none"  # type: ignore[valid-type]
+    stages: Optional[list[int]] = None
+    blocks: Optional[list[int]] = None
+    last_n_blocks: Optional[int] = Field(None, ge=1)
+    names: Optional[list[str]] = None
+    which: Literal["last", "all"] = "last"
+    beta: Optional[Union[float, Literal["keep"]]] = None
+    rules: list[GammaRuleConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BnGammaConfig":
+        check_gamma_config(self)  # ValueError -> a recipe error naming the key
+        return self
+
+
+_STRATEGY_HELP = ", ".join(s for s in STRATEGIES if s not in ("none", "rules"))
+
+
+@register_trick
+class BnGamma(Trick):
+    name = "bn_gamma"
+    order = 60
+    fields = {"bn_gamma": (BnGammaConfig, Field(default_factory=BnGammaConfig))}
+    ablation = {"bn_gamma": AblationName("tricks.bn_gamma.strategy", None, f"BN-gamma strategy: {_STRATEGY_HELP}")}
+
+    def __init__(self, recipe, ctx):
+        super().__init__(recipe, ctx)
+        self.report = None
+
+    @classmethod
+    def tags(cls, recipe):
+        strategy = recipe.tricks.bn_gamma.strategy
+        return [f"bn_gamma={strategy}"] if strategy != "none" else []
+
+    def on_model(self, model):
+        # On the loaded weights, before the optimizer sees the parameters.
+        self.report = apply_gamma_strategy(model, self.config.bn_gamma)
+
+    def log_params(self):
+        return {"bn_gamma": self.report.summary() if self.report is not None and len(self.report) else "none"}
+
+    def summary(self):
+        return str(self.report) if self.report is not None and len(self.report) else None
+
+    def artifacts(self, run_dir):
+        if self.report is None or not len(self.report):
+            return []
+        path = run_dir.bn_gamma_report
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.report.to_csv(path)
+        return [(path, "tricks")]

@@ -1,0 +1,130 @@
+"""The trick registry: the built-in tricks, plug-ins, and what is derived from them -- the recipe's
+``tricks:`` section, the ``ablate --tricks`` names and a run's tags.
+
+Built-in tricks register when this module is imported (one import line each below). Other tricks
+register from their own file with :func:`~medtricks.tricks.base.register_trick`; to use such a file
+from ``medtricks run``, name it in the recipe's ``experiment.plugins`` list (a module name or a
+``.py`` path), or ship it in a package under the ``medtricks.tricks`` entry-point group.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+# Built-in tricks: importing the module registers its trick(s).
+import medtricks.tricks.settings  # noqa: F401  warmup, cosine, linear_scaling, amp, resizer, augment
+import medtricks.tricks.label_smoothing  # noqa: F401
+import medtricks.tricks.no_bias_decay  # noqa: F401
+import medtricks.tricks.bn_gamma_trick  # noqa: F401
+import medtricks.tricks.mixup  # noqa: F401
+import medtricks.tricks.ema  # noqa: F401
+import medtricks.tricks.class_balance  # noqa: F401
+from medtricks.errors import MedtricksError
+from medtricks.tricks.base import AblationName, Trick, TrickContext, registered_tricks
+
+__all__ = ["tricks_config_model", "build_tricks", "trick_tags", "ablation_names", "load_plugins",
+           "PluginError", "merged_options"]
+
+ENTRY_POINT_GROUP = "medtricks.tricks"
+
+
+class PluginError(MedtricksError, ImportError):
+    """A ``plugins:`` entry that cannot be imported (names the entry and why)."""
+
+
+class _TricksSection(BaseModel):
+    # Unknown keys are errors, as in every recipe section.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_models: dict[tuple, type[BaseModel]] = {}
+_entry_points_loaded = False
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as err:  # noqa: BLE001 - a broken third-party plug-in names itself
+            raise PluginError(f"trick plug-in {entry.name!r} ({entry.value}, entry point group "
+                              f"{ENTRY_POINT_GROUP!r}) failed to import: {type(err).__name__}: {err}") from err
+
+
+def load_plugins(plugins: Iterable[str]) -> None:
+    """Import trick plug-ins: module names (``my_lab.tricks``) or ``.py`` file paths (relative to the cwd)."""
+    for plugin in plugins or ():
+        if not isinstance(plugin, str) or not plugin.strip():
+            raise PluginError(f"plugins: entries must be module names or .py paths, got {plugin!r}")
+        try:
+            if plugin.endswith(".py"):
+                path = Path(plugin).expanduser().resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file {path}")
+                name = f"medtricks_plugin_{path.stem}"
+                if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(plugin)
+        except Exception as err:  # noqa: BLE001 - say which plug-in and why
+            raise PluginError(f"plugins: {plugin!r} could not be imported ({type(err).__name__}: {err}); "
+                              "give an importable module name or a path to a .py file") from err
+
+
+def tricks_config_model() -> type[BaseModel]:
+    """The pydantic model of the recipe's ``tricks:`` section: every registered trick's fields."""
+    _load_entry_points()
+    tricks = registered_tricks()
+    key = tuple(tricks)
+    if key not in _models:
+        fields: dict[str, Any] = {}
+        for cls in tricks:
+            fields.update(cls.fields)
+        _models[key] = create_model("TricksConfig", __base__=_TricksSection, **fields)
+    return _models[key]
+
+
+def trick_tags(recipe: Any) -> list[str]:
+    """Labels of every trick ``recipe`` switches on, in trick order (the run's ``tricks`` tag)."""
+    return [tag for cls in registered_tricks() for tag in cls.tags(recipe)]
+
+
+def build_tricks(recipe: Any, ctx: TrickContext) -> list[Trick]:
+    """One instance of every trick that is on in ``recipe``, in order: what the run and engine call."""
+    return [cls(recipe, ctx) for cls in registered_tricks() if cls.tags(recipe)]
+
+
+def ablation_names() -> dict[str, AblationName]:
+    """Every ``ablate --tricks`` name of every registered trick."""
+    _load_entry_points()
+    names: dict[str, AblationName] = {}
+    for cls in registered_tricks():
+        names.update(cls.ablation)
+    return names
+
+
+def merged_options(tricks: Iterable[Trick], point: str) -> dict[str, Any]:
+    """The keyword arguments the tricks contribute at an ``*_options`` point; two tricks that set the
+    same argument to different values is an error naming both."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for trick in tricks:
+        for key, value in getattr(trick, point)().items():
+            if key in merged and merged[key] != value:
+                raise ValueError(f"tricks {owner[key]!r} and {trick.name!r} both set {key!r} "
+                                 f"({merged[key]!r} vs {value!r}) at {point}; switch one of them off")
+            merged[key], owner[key] = value, trick.name
+    return merged
