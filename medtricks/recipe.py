@@ -385,6 +385,9 @@ def _format_validation_error(err: ValidationError, source: str, data: dict) -> s
 
 def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     """Validate a merged recipe dict into a :class:`Recipe` with clear error messages."""
+    experiment = data.get("experiment") if isinstance(data, dict) else None
+    if isinstance(experiment, dict) and experiment.get("plugins"):
+        load_plugins(experiment["plugins"])  # before the key check: plug-ins add keys to `tricks:`
     _check_keys(data, Recipe, "", source)
     try:
         return Recipe.model_validate(data)
