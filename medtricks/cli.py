@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from medtricks.errors import MedtricksError
+
 EPILOG = """examples:
   medtricks run recipes/quickstart.yaml
   medtricks run recipes/bag_of_tricks.yaml --set optim.lr=0.05 --set tricks.label_smoothing=0.1
@@ -19,9 +21,14 @@ EPILOG = """examples:
   medtricks compare --runs EVAL_RUN_A EVAL_RUN_B --metric eval/auroc
   medtricks ablate recipes/quickstart.yaml --tricks warmup,bn_gamma=zero_late --seeds 5
   medtricks compare --experiment quickstart --group-by variant
+  medtricks compare --experiment quickstart --runs-dir runs      # runs of tracking.backend: none
   medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
   medtricks weights list
 """
+
+
+_RUNS_DIR_HELP = ("the local run store (tracking.backend: none) to look run ids up in and, for such runs, to log "
+                  "into (default: runs for ids; the run folder's own experiment.output_dir for logging)")
 
 
 def _version() -> str:
@@ -67,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     gamma = sub.add_parser("gamma", help="show what a BN-gamma strategy would change, without training")
     gamma.add_argument("model", help="a timm model name (or monai:NAME)")
     gamma.add_argument("--weights", default="none")
-    gamma.add_argument("--strategy", default="zero_late",
-                       choices=["none", "zero_all", "zero_late", "one_late", "zero_late_one_rest"])
+    # No `choices`: the names live in medtricks.tricks.bn_gamma.STRATEGIES (importing it here would import
+    # torch on every `--help`); a wrong name is answered with the list.
+    gamma.add_argument("--strategy", default="zero_late", metavar="STRATEGY",
+                       help="a tricks.bn_gamma strategy (default zero_late; a wrong name lists the valid ones)")
     gamma.add_argument("--stages", type=int, nargs="+", default=None, help="stage indices (negative from the end)")
     gamma.add_argument("--last-n-blocks", type=int, default=None)
     gamma.add_argument("--names", nargs="+", default=None, help="fnmatch patterns on module names")
@@ -76,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     gamma.add_argument("--in-chans", type=int, choices=[1, 3], default=3)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run on any dataset a card describes")
-    evaluate.add_argument("run", help="a run folder (runs/NAME/ID), its model/model_state.pt, or an MLflow run id")
+    evaluate.add_argument("run", help="a run folder (runs/NAME/ID), its model/model_state.pt, or a run id "
+                                      "(MLflow, or the local run store under --runs-dir)")
     evaluate.add_argument("--card", required=True, help="data card name or YAML path of the evaluation data")
     evaluate.add_argument("--root", required=True, help="root folder of the evaluation data")
     evaluate.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
@@ -91,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-bootstrap", type=int, default=1000)
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the run's, else $MLFLOW_TRACKING_URI)")
-    evaluate.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+    evaluate.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
+    evaluate.add_argument("--no-log", action="store_true",
+                          help="print only; log nothing (to MLflow or the local run store, as the run's recipe says)")
     evaluate.add_argument("--save-predictions", default=None, metavar="FILE",
                           help="also write the per-image predictions (y_true, probs; no file names) to this .npz")
 
@@ -122,18 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--test", choices=["t", "wilcoxon"], default=None, help="paired test over seeds")
     ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    compare = sub.add_parser("compare", help="side-by-side table of MLflow runs, grouped by a tag")
+    compare = sub.add_parser("compare", help="side-by-side table of runs (MLflow, or the local run store of "
+                                             "tracking.backend: none with --runs-dir), grouped by a tag")
     which = compare.add_mutually_exclusive_group(required=True)
-    which.add_argument("--experiment", default=None, help="an MLflow experiment name")
+    which.add_argument("--experiment", default=None, help="an experiment name")
     which.add_argument("--runs", nargs="+", default=None, metavar="RUN_ID")
     compare.add_argument("--metric", default="val/auroc",
                          help="val/<m> or test/<m> (training runs' best checkpoint), eval/<m> or eval/op/<m> "
                               "(evaluation and ensemble runs), e.g. val/auroc, eval/op/sensitivity/pneumonia")
     compare.add_argument("--group-by", default=None, help="a tag or param, e.g. variant")
-    compare.add_argument("--tracking-uri", default=None)
+    store = compare.add_mutually_exclusive_group()
+    store.add_argument("--tracking-uri", default=None,
+                       help="read MLflow at this URI (the default store: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    store.add_argument("--runs-dir", default=None, metavar="DIR",
+                       help="read the local run store under DIR instead of MLflow: the runs of tracking.backend: none "
+                            "(DIR is their experiment.output_dir, e.g. runs)")
 
     audit = sub.add_parser("audit", help="adversarial and corruption robustness audit of a trained run")
-    audit.add_argument("run", help="a run folder, its model/model_state.pt, or an MLflow run id")
+    audit.add_argument("run", help="a run folder, its model/model_state.pt, or a run id (MLflow, or the local "
+                                   "run store under --runs-dir)")
     audit.add_argument("--card", default=None, help="evaluate on this card's data instead of the run's validation split")
     audit.add_argument("--root", default=None, help="root of --card's data")
     audit.add_argument("--split", choices=["all", "train", "val", "test"], default=None,
@@ -146,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--target-class", default=None,
                        help="targeted attacks: push every image towards this class name (default: untargeted)")
     audit.add_argument("--tracking-uri", default=None)
-    audit.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+    audit.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
+    audit.add_argument("--no-log", action="store_true",
+                       help="print only; log nothing (to MLflow or the local run store, as the run's recipe says)")
 
     weights = sub.add_parser("weights", help="the pretrained weights zoo")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
@@ -205,7 +226,7 @@ def _cmd_evaluate(args) -> int:
     report = evaluate_trained(args.run, card=args.card, root=args.root, split=args.split, tta=args.tta,
                               threshold=args.threshold, prevalence=args.prevalence,
                               n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
-                              log=not args.no_log)
+                              log=not args.no_log, runs_dir=args.runs_dir)
     title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}, {report.n_images} images"
              f"{', flip TTA' if args.tta else ''}; bootstrap seed {args.seed})")
     print(report.table(title=title))
@@ -223,11 +244,11 @@ def _cmd_ensemble(args) -> int:
 
 
 def _report_outputs(report, predictions, save_path) -> int:
-    """Where an evaluation's predictions and MLflow run went (evaluate, ensemble)."""
+    """Where an evaluation's predictions and its run in the run store went (evaluate, ensemble)."""
     if save_path:
         print(f"predictions: {predictions.save_predictions(save_path)}")
     if report.run_id:
-        print(f"logged to MLflow run {report.run_id}")
+        print(f"logged to {getattr(report, 'logged_to', None) or 'MLflow'}: run {report.run_id}")
     return 0
 
 
@@ -246,7 +267,7 @@ def _cmd_compare(args) -> int:
     from medtricks.ablation import compare_runs
 
     print(compare_runs(experiment=args.experiment, run_ids=args.runs, metric=args.metric, group_by=args.group_by,
-                       tracking_uri=args.tracking_uri), end="")
+                       tracking_uri=args.tracking_uri, runs_dir=args.runs_dir), end="")
     return 0
 
 
@@ -255,10 +276,11 @@ def _cmd_audit(args) -> int:
 
     report = audit_trained(args.run, card=args.card, root=args.root, split=args.split, attacks=args.attacks,
                            eps=args.eps, corruptions=args.corruptions, n=args.n, surrogate=args.surrogate,
-                           target_class=args.target_class, tracking_uri=args.tracking_uri, log=not args.no_log)
+                           target_class=args.target_class, tracking_uri=args.tracking_uri, log=not args.no_log,
+                           runs_dir=args.runs_dir)
     print(report.table)
     if report.run_id:
-        print(f"logged to MLflow run {report.run_id}")
+        print(f"logged to {report.logged_to or 'MLflow'}: run {report.run_id}")
     return 0
 
 
@@ -275,18 +297,6 @@ def _cmd_weights(args, parser) -> int:
         return 0
     parser.parse_args(["weights", "--help"])
     return 2
-
-
-# Errors a user can fix get one clear line, not a traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [FileNotFoundError, ValueError, KeyError]
-    try:
-        from medtricks.train.engine import NonFiniteLossError
-
-        errors.append(NonFiniteLossError)
-    except Exception:  # noqa: BLE001 - torch missing should not hide the real error
-        pass
-    return tuple(errors)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -318,12 +328,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
               file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001
-        if isinstance(err, _user_errors()) or type(err).__name__.endswith("Error") and \
-                type(err).__module__.startswith("medtricks"):
-            print(f"medtricks {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except MedtricksError as err:  # bad input a user can fix: one line; anything else is a bug (traceback)
+        print(f"medtricks {args.command}: error: {err}", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
 

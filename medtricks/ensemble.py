@@ -49,7 +49,8 @@ class EnsembleReport:
     tta: bool = False
     threshold_note: str = ""
     deltas: list[dict[str, Any]] = field(default_factory=list)
-    run_id: Optional[str] = None  # the MLflow evaluation run of the ensemble
+    run_id: Optional[str] = None  # the evaluation run of the ensemble in the run store
+    logged_to: Optional[str] = None  # that run store, in words
 
     @property
     def n_images(self) -> int:
@@ -133,6 +134,7 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
     from medtricks.ablation.table import load_predictions
     from medtricks.evaluate.operating_point import select_threshold
     from medtricks.posthoc import _run_file, load_operating_point
+    from medtricks.rundir import RunDir
 
     mean = float(np.mean([r.threshold for r in rules]))
     no_stored = [_name(t) for t, r in zip(members, rules) if r.source != "stored"]
@@ -147,10 +149,10 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
         return fall_back("the members were trained with different data or split settings (other validation images)")
     val = []
     for trained in members:
-        preds = _run_file(trained, "artifacts/predictions_val.npz", "predictions/predictions_val.npz", tracking_uri,
-                          load_predictions)
+        preds = _run_file(trained, RunDir.predictions_artifact("val"), load_predictions, tracking_uri)
         if preds is None:
-            return fall_back(f"run {_name(trained)} saved no artifacts/predictions_val.npz")
+            run = RunDir(trained.run_dir)
+            return fall_back(f"run {_name(trained)} saved no {run.predictions('val').relative_to(run.path).as_posix()}")
         val.append(preds)
     y_val = val[0][0]
     if any(len(y) != len(y_val) or not np.array_equal(y, y_val) for y, _ in val):
@@ -172,18 +174,21 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
 def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "all", tta: bool = False,
                   prevalence: Optional[float] = None, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
                   batch_size: int = 64, tracking_uri: Optional[str] = None, log: bool = True,
-                  device: str = "auto", progress: bool = True) -> EnsembleReport:
+                  device: str = "auto", progress: bool = True,
+                  runs_dir: Optional[str | Path] = None) -> EnsembleReport:
     """Evaluate the mean of several trained runs' softmax probabilities on a card's data.
 
     Args:
-        refs: two or more run folders, model files or MLflow run ids with the same classes.
+        refs: two or more run folders, model files or run ids (of the local run store under ``runs_dir``,
+            default ``runs``, or of MLflow at ``tracking_uri``) with the same classes.
         card, root, split: the evaluation data (``all`` images, or the card's ``test``/``val`` split;
             a split must hold the same images for every member, i.e. the same split settings).
         tta: every member averages with the horizontally flipped image.
         prevalence: binary models: prior-shift the ensemble (from the mean of the members' training
             priors) and every member to this positive-class prevalence before thresholding.
         log: log the ensemble like an evaluation (``eval/<m>``, ``eval/op/<m>``, plots, predictions)
-            to a new MLflow run tagged ``medtricks.kind=ensemble``; ``medtricks compare`` reads it.
+            to a new run tagged ``medtricks.kind=ensemble`` in the run store of the first member's
+            ``tracking.backend`` (MLflow, or the local run store); ``medtricks compare`` reads it.
 
     Raises:
         ValueError: fewer than two runs, different classes, or different images (lists or order).
@@ -191,7 +196,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     from medtricks.data import load_card
     from medtricks.evaluate.metrics import paired_bootstrap_delta
     from medtricks.posthoc import (DecisionRule, FlipTTA, eval_dataset, image_set_digest, log_evaluation,
-                                   resolve_decision_rule, summarize_predictions)
+                                   posthoc_store, resolve_decision_rule, summarize_predictions)
     from medtricks.trained import load_trained
     from medtricks.train import predict, resolve_device
     from torch.utils.data import DataLoader
@@ -202,7 +207,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     dev = resolve_device(device)
-    members = [load_trained(r, tracking_uri=tracking_uri, device=str(dev)) for r in refs]
+    members = [load_trained(r, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir) for r in refs]
     classes = list(members[0].classes)
     for ref, trained in zip(refs[1:], members[1:]):
         if list(trained.classes) != classes:
@@ -263,8 +268,10 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
                             classes=classes, card=card_name, split=split, tta=tta, threshold_note=note, deltas=deltas)
     if log:
         first = members[0].recipe
+        store = posthoc_store(members[0], tracking_uri, runs_dir)
+        report.logged_to = store.describe()
         report.run_id = log_evaluation(
-            ensemble, uri=tracking_uri or first.tracking.uri,
+            ensemble, uri=tracking_uri or first.tracking.uri, store=store,
             experiment=first.tracking.experiment or first.experiment.name,
             run_name=f"ensemble-{card_name}-{split}{'-tta' if tta else ''}",
             tags={"medtricks.kind": "ensemble", "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members)},

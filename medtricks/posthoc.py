@@ -21,11 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
+from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_EVAL_FILE, RunDir
 
 __all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset", "AuditReport", "audit_trained",
            "audit_model", "log_audit", "parse_eps", "DecisionRule", "resolve_decision_rule", "load_operating_point",
            "unpaired_bootstrap_delta", "performance_drop", "PerformanceDrop", "summarize_predictions",
-           "log_evaluation", "image_set_digest", "PREDICTIONS_EVAL_FILE"]
+           "log_evaluation", "image_set_digest", "PREDICTIONS_EVAL_FILE", "posthoc_store"]
 
 
 class FlipTTA(nn.Module):
@@ -85,9 +86,8 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
 
 # Per-image predictions of an evaluation: y_true (N,), probs (N, K) and, for binary models, probs_op
 # (N, 2: argmax = the decision at the operating point) and image_set (a digest of the ordered image
-# list). No file names, no patient IDs. Logged as the artifact predictions/predictions_eval.npz.
-PREDICTIONS_EVAL_FILE = "predictions_eval.npz"
-PREDICTIONS_ARTIFACT_DIR = "predictions"
+# list). No file names, no patient IDs. Logged as the artifact predictions/predictions_eval.npz
+# (PREDICTIONS_EVAL_FILE and PREDICTIONS_ARTIFACT_DIR come from medtricks.rundir).
 
 
 # ------------------------------------------------------------------------------ operating points
@@ -139,34 +139,55 @@ class DecisionRule:
 def load_operating_point(run_dir: Optional[str | Path]):
     """The run's stored :class:`~medtricks.evaluate.operating_point.OperatingPoint`, or ``None`` (runs
     trained before operating points were stored have no ``model/operating_point.json``)."""
-    from medtricks.evaluate.operating_point import OPERATING_POINT_FILE, OperatingPoint
+    from medtricks.evaluate.operating_point import OperatingPoint
 
     if run_dir is None:
         return None
-    path = Path(run_dir) / "model" / OPERATING_POINT_FILE
+    path = RunDir(run_dir).operating_point
     return OperatingPoint.from_json(path) if path.is_file() else None
 
 
-def _run_file(trained, local: str, artifact: str, tracking_uri: Optional[str], read):
-    """``read(path)`` of a file of the trained run: its folder's ``local`` path, else the MLflow
-    artifact ``artifact`` of its run (runs given by id may live only in MLflow); ``None`` if neither."""
-    run_dir = Path(trained.run_dir) if trained.run_dir is not None else None
-    if run_dir is not None and (run_dir / local).is_file():
-        return read(run_dir / local)
-    # A real run folder (state.json) is the whole truth; only a copy downloaded from MLflow (recipe and
+def _run_file(trained, artifact: str, read, tracking_uri: Optional[str] = None):
+    """``read(path)`` of a file of the trained run: the run folder's copy of the store artifact
+    ``artifact`` (``RunDir.artifact_for``), else that artifact from the store the run was found in
+    (runs given by id may live only in MLflow); ``None`` if neither."""
+    run = RunDir(trained.run_dir) if trained.run_dir is not None else None
+    if run is not None and run.artifact_for(artifact).is_file():
+        return read(run.artifact_for(artifact))
+    # A real run folder (state.json) is the whole truth; only a copy downloaded from a store (recipe and
     # model only) sends us to the store, so --no-log never touches (or creates) a tracking database.
-    if not trained.run_id or (run_dir is not None and (run_dir / "state.json").is_file()):
+    if not trained.run_id or (run is not None and run.state_file.is_file()):
+        return None
+    store = getattr(trained, "store", None)
+    if store is None and trained.recipe.tracking.backend == "mlflow":
+        from medtricks.tracking import create_store
+
+        store = create_store("mlflow", tracking_uri or trained.recipe.tracking.uri)
+    if store is None:
         return None
     import tempfile
 
-    from medtricks.tracking.query import download_artifact
-
     with tempfile.TemporaryDirectory(prefix="medtricks-run-file-") as tmp:
         try:
-            path = download_artifact(trained.run_id, artifact, tmp, tracking_uri or trained.recipe.tracking.uri)
+            path = store.download_artifact(trained.run_id, artifact, tmp)
         except Exception:  # noqa: BLE001 - another store, or no tracking at all: treat as absent
             return None
         return None if path is None else read(path)
+
+
+def posthoc_store(trained, tracking_uri: Optional[str] = None, runs_dir: Optional[str | Path] = None):
+    """The run store that results about ``trained`` (evaluations, audits, ensembles) are logged to: the
+    backend of the run's own recipe. MLflow at ``tracking_uri`` (else the recipe's URI); for
+    ``tracking.backend: none`` the local store rooted at ``runs_dir``, else where the run folder lives
+    (its ``experiment.output_dir``), else the recipe's ``experiment.output_dir``."""
+    from medtricks.tracking import create_store
+
+    recipe = trained.recipe
+    if recipe.tracking.backend == "mlflow":
+        return create_store("mlflow", tracking_uri or recipe.tracking.uri)
+    if runs_dir is None and trained.run_dir is not None and RunDir(trained.run_dir).state_file.is_file():
+        runs_dir = RunDir(trained.run_dir).output_dir
+    return create_store(recipe.tracking.backend, root=runs_dir if runs_dir is not None else recipe.experiment.output_dir)
 
 
 def _train_priors_from_manifest(trained, tracking_uri: Optional[str]) -> Optional[list[float]]:
@@ -175,7 +196,7 @@ def _train_priors_from_manifest(trained, tracking_uri: Optional[str]) -> Optiona
 
     from medtricks.evaluate.operating_point import class_priors
 
-    frame = _run_file(trained, "artifacts/split_manifest.csv", "data/split_manifest.csv", tracking_uri, pd.read_csv)
+    frame = _run_file(trained, RunDir.manifest_artifact(), pd.read_csv, tracking_uri)
     if frame is None or not {"split", "target"} <= set(frame.columns):
         return None
     train = frame.loc[frame["split"] == "train", "target"]
@@ -252,7 +273,7 @@ class EvaluationReport:
     metrics: Any  # MetricsResult
     split: str
     n_images: int
-    run_id: Optional[str] = None  # the MLflow evaluation run
+    run_id: Optional[str] = None  # the evaluation run in the run store
     source_run: Optional[str] = None
     figures: dict[str, Any] = field(default_factory=dict)
     rule: Optional[DecisionRule] = None
@@ -264,6 +285,7 @@ class EvaluationReport:
     probs_op: Optional[np.ndarray] = None
     image_set: Optional[str] = None
     loss: Optional[float] = None
+    logged_to: Optional[str] = None  # the run store of run_id, in words
 
     def table(self, title: Optional[str] = None) -> str:
         """Everything, printable: metrics at 0.5, at the operating point, the drop, notes."""
@@ -357,20 +379,22 @@ def summarize_predictions(y_true: Any, probs: Any, classes: list[str], *, rule: 
 def _internal_test_predictions(trained, tracking_uri: Optional[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
     from medtricks.ablation.table import load_predictions
 
-    return _run_file(trained, "artifacts/predictions_test.npz", f"{PREDICTIONS_ARTIFACT_DIR}/predictions_test.npz",
-                     tracking_uri, load_predictions)
+    return _run_file(trained, RunDir.predictions_artifact("test"), load_predictions, tracking_uri)
 
 
 def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: str, run_name: str,
                    tags: dict[str, str], params: dict[str, Any], parent_run_id: Optional[str] = None,
-                   texts: Optional[dict[str, str]] = None) -> Optional[str]:
-    """A new MLflow evaluation run: params, ``report.to_metrics()``, figures, ``texts`` (artifact
-    name → text) and the per-image predictions (``predictions/predictions_eval.npz``). Returns its run id."""
+                   texts: Optional[dict[str, str]] = None, store=None) -> Optional[str]:
+    """A new evaluation run in ``store`` (default: MLflow at ``uri``): params, ``report.to_metrics()``,
+    figures, ``texts`` (artifact name → text) and the per-image predictions
+    (``predictions/predictions_eval.npz``). Returns its run id."""
     import tempfile
 
-    from medtricks.tracking import create_tracker
+    if store is None:
+        from medtricks.tracking import create_store
 
-    tracker = create_tracker("mlflow", uri)
+        store = create_store("mlflow", uri)
+    tracker = store
     run_id = tracker.start(experiment=experiment, run_name=run_name, tags=tags,
                            parent_run_id=parent_run_id if parent_run_id and tracker.run_exists(parent_run_id) else None)
     rule = report.rule
@@ -395,22 +419,24 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
                      threshold: Any = "stored", prevalence: Optional[float] = None,
                      n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0, batch_size: int = 64,
                      tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
-                     progress: bool = True) -> EvaluationReport:
-    """Evaluate a trained run (folder, model file or MLflow run id) on a card's data, without training.
+                     progress: bool = True, runs_dir: Optional[str | Path] = None) -> EvaluationReport:
+    """Evaluate a trained run (folder, model file or run id) on a card's data, without training.
 
     Prints nothing; returns metrics with bootstrap CIs at 0.5 and, for a binary model, at its
     operating point (see :func:`resolve_decision_rule` for ``threshold`` and ``prevalence``), and
     the drop against the run's internal test split when the run saved its test predictions
     (``artifacts/predictions_test.npz``). With ``log=True`` it logs metrics (``eval/<m>``,
-    ``eval/op/<m>``, ``eval/drop/<m>``), plots and per-image predictions to a new MLflow evaluation
-    run nested under the trained run (tag ``medtricks.evaluated_run``).
+    ``eval/op/<m>``, ``eval/drop/<m>``), plots and per-image predictions to a new evaluation run
+    nested under the trained run (tag ``medtricks.evaluated_run``), in the run store of the trained
+    run's ``tracking.backend`` (:func:`posthoc_store`: MLflow, or the local run store). ``runs_dir``:
+    where run ids of the local store are looked up (default ``runs``) and its evaluations go.
     """
     from medtricks.data import load_card
     from medtricks.trained import load_trained
     from medtricks.train import predict, resolve_device
 
     dev = resolve_device(device)
-    trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev))
+    trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri)
     dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress)
     model = FlipTTA(trained.model) if tta else trained.model
@@ -434,8 +460,10 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
                                        ci=ci, seed=seed, rule=f"threshold {rule.threshold:.4f}" if rule else "argmax")
     if log:
         card_name = load_card(card).name
+        store = posthoc_store(trained, tracking_uri, runs_dir)
+        report.logged_to = store.describe()
         report.run_id = log_evaluation(
-            report, uri=tracking_uri or trained.recipe.tracking.uri,
+            report, uri=tracking_uri or trained.recipe.tracking.uri, store=store,
             experiment=trained.recipe.tracking.experiment or trained.recipe.experiment.name,
             run_name=f"eval-{card_name}-{split}{'-tta' if tta else ''}", parent_run_id=trained.run_id,
             tags={"medtricks.evaluated_run": str(trained.run_id), "medtricks.kind": "evaluation"},
@@ -452,6 +480,7 @@ class AuditReport:
     table: str
     run_id: Optional[str] = None
     n_images: int = 0
+    logged_to: Optional[str] = None  # the run store of run_id, in words
 
 
 def parse_eps(text: str) -> list[float]:
@@ -495,21 +524,22 @@ def log_audit(tracker, result) -> None:
 def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] = None, split: Optional[str] = None,
                   attacks=None, eps=None, corruptions=None, n: Optional[int] = None, surrogate: Optional[str] = None,
                   target_class: Optional[str] = None, tracking_uri: Optional[str] = None, log: bool = True,
-                  device: str = "auto", progress: bool = True) -> AuditReport:
-    """Adversarial and corruption audit of a trained run (folder, model file or MLflow run id).
+                  device: str = "auto", progress: bool = True, runs_dir: Optional[str | Path] = None) -> AuditReport:
+    """Adversarial and corruption audit of a trained run (folder, model file or run id).
 
     Data: the run's own validation split by default, or ``card``/``root`` (all images unless
     ``split``). Settings: the run's ``audit`` recipe section, overridden by the arguments
     (``attacks``/``corruptions`` as lists or comma-separated strings, ``eps`` as floats or a string
     like ``"0,1/255,2/255"``, ``target_class`` a class name for targeted attacks). With ``log=True``
-    everything is logged onto the audited MLflow run (re-opened) when it is in this store, else onto
-    a new run tagged ``medtricks.audited_run``.
+    everything is logged onto the audited run (re-opened) when it is in the run store of its recipe's
+    ``tracking.backend`` (:func:`posthoc_store`), else onto a new run tagged ``medtricks.audited_run``.
+    ``runs_dir``: where run ids of the local store are looked up (default ``runs``).
     """
     from medtricks.trained import load_trained
     from medtricks.train import resolve_device
 
     dev = resolve_device(device)
-    trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev))
+    trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     recipe = trained.recipe
     if card is None and root is not None:
         raise ValueError("--root needs --card (the card that describes that data)")
@@ -519,7 +549,8 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
         dataset, _ = eval_dataset(trained, card, root, split=split or "all", progress=progress)
     else:
         dataset, _ = eval_dataset(trained, recipe.data.card, recipe.data.root, split=split or "val", progress=progress)
-    surrogate_model = load_trained(surrogate, tracking_uri=tracking_uri, device=str(dev)).model if surrogate else None
+    surrogate_model = load_trained(surrogate, tracking_uri=tracking_uri, device=str(dev),
+                                   runs_dir=runs_dir).model if surrogate else None
     eps_values = parse_eps(eps) if isinstance(eps, str) else eps
     result = audit_model(trained.model, dataset, audit_cfg=recipe.audit, classes=trained.classes,
                          data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
@@ -527,9 +558,8 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
                          corruptions=corruptions, n=n, target_class=target_class)
     report = AuditReport(result=result, table=result.table(), n_images=int(result.config["n_images"]))
     if log:
-        from medtricks.tracking import create_tracker
-
-        tracker = create_tracker("mlflow", tracking_uri or recipe.tracking.uri)
+        tracker = posthoc_store(trained, tracking_uri, runs_dir)
+        report.logged_to = tracker.describe()
         if trained.run_id and tracker.run_exists(trained.run_id):
             report.run_id = tracker.start(experiment="", run_name="", tags={}, resume_run_id=trained.run_id)
         else:

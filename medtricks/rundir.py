@@ -4,6 +4,8 @@ A run folder (``<experiment.output_dir>/<experiment.name>/<stamp>-<id>/``) holds
 
     recipe.yaml                  the resolved recipe
     state.json                   status, run id in the run store, error (atomic writes)
+    store/                       the local run store (tracking.backend: none): meta.json, params.json,
+                                 metrics.jsonl; its logged artifacts stay in the homes below
     checkpoints/last.pt|best.pt  full training state / the best model (resume)
     model/                       model_state.pt, data_config.json, MODEL_CARD.md, operating_point.json
     artifacts/                   split_manifest.csv, quarantine.csv, bn_gamma_report.csv,
@@ -22,10 +24,11 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 __all__ = ["RunDir", "best_key", "ci_keys", "gap_key", "eval_key", "PREDICTIONS_FILE",
            "PREDICTIONS_ARTIFACT_DIR", "PREDICTIONS_EVAL_FILE", "OPERATING_POINT_FILE", "MODEL_ARTIFACT_DIR"]
@@ -42,6 +45,10 @@ MODEL_FILES = ("model_state.pt", "MODEL_CARD.md", "data_config.json", OPERATING_
 # store artifact folder -> local folder inside the run folder
 _ARTIFACT_HOME = {PREDICTIONS_ARTIFACT_DIR: "artifacts", "data": "artifacts", "tricks": "artifacts",
                   MODEL_ARTIFACT_DIR: "model", "": ""}
+
+# The local run store's folder inside a run folder, and the folders a search for stores never enters.
+STORE_DIR = "store"
+_LEAF_DIRS = frozenset({"checkpoints", "artifacts", "model", "plots", STORE_DIR})
 
 
 # ------------------------------------------------------------------------------------ metric keys
@@ -112,6 +119,23 @@ class RunDir:
                 return cls(candidate)
         return None
 
+    @classmethod
+    def find_stores(cls, root: str | Path) -> Iterator["RunDir"]:
+        """Every folder below ``root`` (itself included) that holds a local run store (``store/meta.json``)."""
+        root = Path(root)
+        if not root.is_dir():
+            return
+        for dirpath, dirnames, _ in os.walk(root):
+            here = cls(dirpath)
+            if STORE_DIR in dirnames and here.store_meta.is_file():
+                yield here
+            dirnames[:] = sorted(d for d in dirnames if d not in _LEAF_DIRS and not d.startswith((".", f"{STORE_DIR}.")))
+
+    @property
+    def output_dir(self) -> Path:
+        """The ``experiment.output_dir`` the folder was created under (``<output_dir>/<experiment>/<stamp>-<id>``)."""
+        return self.path.parent.parent
+
     @property
     def short_id(self) -> str:
         """The random suffix of the folder name (``d20d09``)."""
@@ -176,6 +200,25 @@ class RunDir:
 
     def predictions(self, split: str) -> Path:
         return self.artifacts / PREDICTIONS_FILE.format(split=split)
+
+    # ---- the local run store (tracking.backend: none)
+    @property
+    def store(self) -> Path:
+        return self.path / STORE_DIR
+
+    @property
+    def store_meta(self) -> Path:
+        """Run id, experiment, run name, status, start/end time, tags, parent (atomic writes)."""
+        return self.store / "meta.json"
+
+    @property
+    def store_params(self) -> Path:
+        return self.store / "params.json"
+
+    @property
+    def store_metrics(self) -> Path:
+        """One JSON line per logged value (key, step, value, time): append-only."""
+        return self.store / "metrics.jsonl"
 
     # ---- store artifact paths <-> local files
     @staticmethod

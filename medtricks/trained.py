@@ -20,7 +20,7 @@ from medtricks.data import load_card
 from medtricks.models import create_model, get_data_config
 from medtricks.models.resizer import LearnableResizer, ResizerModel
 from medtricks.recipe import Recipe, load_recipe
-from medtricks.rundir import RunDir
+from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 
 __all__ = ["TrainedModel", "load_trained", "build_model"]
 
@@ -45,7 +45,11 @@ def build_model(recipe: Recipe, num_classes: int):
 # ----------------------------------------------------------------------------- trained models
 @dataclass
 class TrainedModel:
-    """A fine-tuned model rebuilt from its run: what ``evaluate`` and ``audit`` work on."""
+    """A fine-tuned model rebuilt from its run: what ``evaluate`` and ``audit`` work on.
+
+    ``store``: the run store the run was found in by its id (``None`` for a run given as a folder);
+    ``run_dir``: its run folder, or a temporary copy of its recipe and model downloaded from the store.
+    """
 
     model: Any
     recipe: Recipe
@@ -53,37 +57,62 @@ class TrainedModel:
     data_config: dict
     run_dir: Optional[Path]
     run_id: Optional[str]
+    store: Any = None  # Optional[RunStore]
 
 
-def _resolve_run_files(ref: str, tracking_uri: Optional[str]) -> tuple[Path, Optional[str]]:
-    """A run folder, a file inside it, or an MLflow run id → (folder with recipe.yaml and model/, run id)."""
+def _resolve_run_files(ref: str, tracking_uri: Optional[str],
+                       runs_dir: Optional[str | Path] = None) -> tuple[Path, Optional[str], Any]:
+    """A run folder, a file inside it, or a run id → (folder with recipe.yaml and model/, run id, store).
+
+    A run id is looked up in the local run store under ``runs_dir`` (default ``runs``) and in MLflow
+    at ``tracking_uri``; a run whose folder is not on this machine has its recipe and model downloaded.
+    """
     path = Path(ref)
     if path.exists():
         run = RunDir.containing(path)
         if run is None:
             raise FileNotFoundError(f"{path} holds no recipe.yaml: not a medtricks run folder")
-        return run.path, run.read_state().get("run_id")
-    if not all(c in "0123456789abcdef" for c in ref.lower()) or len(ref) < 8:
-        raise FileNotFoundError(f"{ref!r} is neither a run folder, a model file nor an MLflow run id")
-    from medtricks.tracking.mlflow_tracker import download_run_files, run_tag
+        return run.path, run.read_state().get("run_id"), None
+    from medtricks.tracking import DEFAULT_RUNS_DIR, find_run
 
-    local = run_tag(ref, "run_dir", tracking_uri)
-    if local and (Path(local) / "model" / "model_state.pt").is_file():
-        return Path(local), ref
+    folder = runs_dir if runs_dir is not None else DEFAULT_RUNS_DIR
+    store = find_run(ref, tracking_uri=tracking_uri, runs_dirs=[folder])
+    if store is None:
+        from medtricks.tracking.mlflow_tracker import default_tracking_uri
+
+        raise FileNotFoundError(f"{ref!r} is neither a run folder, a model file, nor a run id of the local run store "
+                                f"under {folder} or of MLflow at {default_tracking_uri(tracking_uri)}")
+    local = store.local_run_dir(ref)
+    if local is not None and RunDir(local).model_state.is_file() and RunDir(local).recipe.is_file():
+        return Path(local), ref, store
     import tempfile
 
-    return download_run_files(ref, Path(tempfile.mkdtemp(prefix="medtricks-run-")), tracking_uri), ref
+    dest = Path(tempfile.mkdtemp(prefix="medtricks-run-"))
+    copy = RunDir(dest)
+    for artifact in (copy.recipe.name, MODEL_ARTIFACT_DIR):
+        got = store.download_artifact(ref, artifact, dest)
+        if got is None:
+            raise FileNotFoundError(f"run {ref} in {store.describe()} has no {artifact!r} artifact: it did not "
+                                    "finish, or logged no model (tracking.log_model: false)")
+        target = copy.artifact_for(artifact)
+        if Path(got).resolve() != target.resolve():  # a store that hands out files in place
+            import shutil
+
+            (shutil.copytree if Path(got).is_dir() else shutil.copy)(got, target)
+    return dest, ref, store
 
 
-def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = "cpu") -> TrainedModel:
-    """Rebuild a trained model from a run folder, its ``model/model_state.pt``, or an MLflow run id.
+def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = "cpu",
+                 runs_dir: Optional[str | Path] = None) -> TrainedModel:
+    """Rebuild a trained model from a run folder, its ``model/model_state.pt``, or a run id (of the
+    local run store under ``runs_dir``, default ``runs``, or of MLflow at ``tracking_uri``).
 
     Example::
 
         trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
         trained.model.eval(); print(trained.classes)
     """
-    run_dir, run_id = _resolve_run_files(ref, tracking_uri)
+    run_dir, run_id, store = _resolve_run_files(ref, tracking_uri, runs_dir)
     run = RunDir(run_dir)
     recipe = load_recipe(run.recipe)
     state_path = run.model_state
@@ -104,7 +133,7 @@ def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = 
     data_config = _trained_data_config(run_dir, data_config)
     model.to(device).eval()
     return TrainedModel(model=model, recipe=recipe, classes=classes, data_config=data_config,
-                        run_dir=run_dir, run_id=run_id)
+                        run_dir=run_dir, run_id=run_id, store=store)
 
 
 def _trained_data_config(run_dir: Path, fallback: dict) -> dict:

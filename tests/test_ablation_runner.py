@@ -16,6 +16,7 @@ import medtricks.run
 from medtricks.ablation import run_ablation
 from medtricks.evaluate.metrics import compute_metrics
 from medtricks.recipe import load_recipe
+from medtricks.rundir import RunDir
 from medtricks.tracking import create_tracker
 
 TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
@@ -158,8 +159,8 @@ def test_no_tracking_backend_still_builds_the_table(tmp_path, base, monkeypatch)
     recipe = base.model_copy(deep=True)
     recipe.tracking.backend = "none"
     result = run_ablation(recipe, ["warmup"], seeds=2, quiet=True)
-    assert result.parent_run_id is None and len(result.children) == 4
-    assert any("nothing is resumed" in n for n in result.notes)
+    assert result.parent_run_id is not None and len(result.children) == 4  # the local run store's parent
+    assert RunDir(result.output_dir).store_meta.is_file()  # its resume: tests/test_run_store.py
     assert (result.output_dir / "ablation_table.md").is_file() and (result.output_dir / "forest.png").is_file()
     assert not (tmp_path / "mlflow.db").exists()
 

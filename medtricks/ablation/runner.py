@@ -1,10 +1,12 @@
-"""Run a multi-seed ablation: one MLflow parent run, one child run per (variant, seed), one table.
+"""Run a multi-seed ablation: one parent run, one child run per (variant, seed), one table.
 
 The seed of a child drives ``experiment.seed`` only (weights init, data order, augmentation); the
 patient-level split (``data.split_seed``) and the data stay fixed, so every variant sees the same
-images and variants pair up by seed. Re-running the same ablation skips the (variant, seed) children
-that already finished (found in MLflow by the ablation id) and continues interrupted ones from their
-last checkpoint.
+images and variants pair up by seed. Runs go to the run store of ``tracking.backend``: MLflow, or
+for ``none`` the local run store inside the ablation folder (the parent's store is the ablation
+folder's own). Re-running the same ablation skips the (variant, seed) children that already
+finished (found in the store by the ablation id) and continues interrupted ones from their last
+checkpoint.
 
 Example::
 
@@ -28,11 +30,11 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 
-from medtricks.ablation.table import (PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_FILE, _finite, forest_figure,
-                                      format_ablation_markdown, higher_is_better, image_bootstrap_delta,
-                                      load_predictions, metric_keys, summarize_groups)
+from medtricks.ablation.table import (_finite, forest_figure, format_ablation_markdown, higher_is_better,
+                                      image_bootstrap_delta, load_predictions, metric_keys, summarize_groups)
 from medtricks.ablation.variants import make_variants
 from medtricks.recipe import Recipe, apply_overrides, flatten_recipe, recipe_from_dict
+from medtricks.rundir import RunDir
 
 __all__ = ["AblationResult", "run_ablation", "ablation_settings", "ablation_id", "child_recipe"]
 
@@ -148,13 +150,13 @@ def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[st
             "value": float(values.get(keys["name"], math.nan)), "ci_low": float(low), "ci_high": float(high)}
 
 
-def _children_from_mlflow(experiment: str, ablation: str, uri: Optional[str], metric: str) -> pd.DataFrame:
-    """Finished children of an ablation as logged in MLflow (the latest run per variant and seed)."""
-    from medtricks.tracking.query import RunNotFoundError, get_runs
+def _children_from_store(store, experiment: str, ablation: str, metric: str) -> pd.DataFrame:
+    """Finished children of an ablation as logged in the run store (the latest run per variant and seed)."""
+    from medtricks.tracking import RunNotFoundError
 
     try:
-        records = get_runs(tracking_uri=uri, experiment=experiment, statuses=["FINISHED"],
-                           tags={"medtricks.ablation_id": ablation, "medtricks.role": "ablation_child"})
+        records = store.search_runs(experiment, statuses=["FINISHED"],
+                                    tags={"medtricks.ablation_id": ablation, "medtricks.role": "ablation_child"})
     except RunNotFoundError:  # the experiment does not exist yet: nothing ran
         return pd.DataFrame(columns=_CHILD_COLUMNS)
     keys = metric_keys(metric)
@@ -165,35 +167,32 @@ def _children_from_mlflow(experiment: str, ablation: str, uri: Optional[str], me
                      "value": r.metrics.get(keys["value"], math.nan),
                      "ci_low": r.metrics.get(keys["ci_low"], math.nan),
                      "ci_high": r.metrics.get(keys["ci_high"], math.nan),
-                     "run_dir": r.tags.get("run_dir"), "status": r.status, "_start": r.start_time or 0})
+                     "run_dir": r.run_dir or r.tags.get("run_dir"), "status": r.status, "_start": r.start_time or 0})
     frame = pd.DataFrame(rows, columns=[*_CHILD_COLUMNS, "_start"])
     frame = frame.sort_values("_start", kind="stable").drop_duplicates(["variant", "seed"], keep="last")
     return frame.drop(columns="_start").reset_index(drop=True)
 
 
-def _find_parent(experiment: str, ablation: str, uri: Optional[str]) -> Optional[str]:
-    from medtricks.tracking.query import RunNotFoundError, get_runs
+def _find_parent(store, experiment: str, ablation: str) -> Optional[str]:
+    from medtricks.tracking import RunNotFoundError
 
     try:
-        parents = get_runs(tracking_uri=uri, experiment=experiment,
-                           tags={"medtricks.ablation_id": ablation, "medtricks.role": "ablation_parent"})
+        parents = store.search_runs(experiment, tags={"medtricks.ablation_id": ablation,
+                                                      "medtricks.role": "ablation_parent"})
     except RunNotFoundError:
         return None
     return parents[-1].run_id if parents else None
 
 
-def _predictions(children: pd.DataFrame, split: str, uri: Optional[str], cache: Path,
-                 use_mlflow: bool) -> tuple[dict[tuple[str, int], tuple[Any, Any]], list[str]]:
-    """Per-image predictions of each child: its run folder first, else the MLflow artifact."""
+def _predictions(children: pd.DataFrame, split: str, store, cache: Path
+                 ) -> tuple[dict[tuple[str, int], tuple[Any, Any]], list[str]]:
+    """Per-image predictions of each child: its run folder first, else the run store's artifact."""
     found: dict[tuple[str, int], tuple[Any, Any]] = {}
     missing: list[str] = []
-    name = PREDICTIONS_FILE.format(split=split)
     for row in children.itertuples():
-        path = Path(row.run_dir) / "artifacts" / name if isinstance(row.run_dir, str) else None
-        if (path is None or not path.is_file()) and use_mlflow and row.run_id:
-            from medtricks.tracking.query import download_artifact
-
-            path = download_artifact(row.run_id, f"{PREDICTIONS_ARTIFACT_DIR}/{name}", cache / str(row.run_id), uri)
+        path = RunDir(row.run_dir).predictions(split) if isinstance(row.run_dir, str) and row.run_dir else None
+        if (path is None or not path.is_file()) and row.run_id:
+            path = store.download_artifact(row.run_id, RunDir.predictions_artifact(split), cache / str(row.run_id))
         if path is None or not Path(path).is_file():
             missing.append(f"{row.variant} seed {row.seed}")
             continue
@@ -297,7 +296,8 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         jobs: children trained at once; ``> 1`` uses worker processes (use a tracking server, not
             sqlite, for many jobs).
         tracking_uri: MLflow URI for parent and children (default: the recipe's, then
-            ``$MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db``).
+            ``$MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db``). With ``tracking.backend: none``
+            parent and children go to the local run store inside the ablation folder.
         quiet: no printing.
         test: seed-level paired test, ``t`` or ``wilcoxon``.
 
@@ -320,37 +320,32 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     variants = make_variants(recipe, tricks, mode)
     aid = ablation_id(recipe, tricks, mode)
     experiment = recipe.tracking.experiment or recipe.experiment.name
-    use_mlflow = recipe.tracking.backend == "mlflow"
     uri = tracking_uri or recipe.tracking.uri
-    out_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / f"ablation-{aid}"
+    out_dir = RunDir.experiment_dir(recipe.experiment.output_dir, recipe.experiment.name) / f"ablation-{aid}"
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
 
-    # ---- parent run (re-opened when this ablation ran before)
-    parent = None
-    parent_id: Optional[str] = None
-    done = pd.DataFrame(columns=_CHILD_COLUMNS)
-    if use_mlflow:
-        from medtricks.tracking import create_tracker
+    # ---- parent run (re-opened when this ablation ran before); backend none: the ablation folder's store
+    from medtricks.tracking import create_store
 
-        parent = create_tracker("mlflow", uri)
-        previous = _find_parent(experiment, aid, uri)
-        tags = {"medtricks.role": "ablation_parent", "medtricks.ablation_id": aid, "ablation.mode": mode,
-                "ablation.tricks": ",".join(tricks), "ablation.metric": metric,
-                "ablation.seeds": ",".join(str(s) for s in seed_list), "ablation.dir": str(out_dir)}
-        parent_id = parent.start(experiment=experiment, run_name=f"ablation {recipe.experiment.name} {aid[:6]}",
-                                 tags=tags, resume_run_id=previous)
-        if previous:
-            parent.set_tags(tags)
-        base_params = {k: v for k, v in flatten_recipe(recipe).items()
-                       if not k.startswith(("tracking.", "ablation.")) and k not in ("experiment.seed", "train.progress")}
-        parent.log_params({**base_params, "ablation.id": aid, "ablation.mode": mode,
-                           "ablation.tricks": ",".join(tricks),
-                           "ablation.variants": json.dumps(dict(variants))})
-        done = _children_from_mlflow(experiment, aid, uri, metric)
-    else:
-        notes.append("tracking.backend is 'none': no parent run, and finished children cannot be found "
-                     "again, so nothing is resumed")
+    store = create_store(recipe.tracking.backend, uri, root=out_dir)
+    parent = create_store(recipe.tracking.backend, uri, root=out_dir)
+    previous = _find_parent(store, experiment, aid)
+    tags = {"medtricks.role": "ablation_parent", "medtricks.ablation_id": aid, "ablation.mode": mode,
+            "ablation.tricks": ",".join(tricks), "ablation.metric": metric,
+            "ablation.seeds": ",".join(str(s) for s in seed_list), "ablation.dir": str(out_dir),
+            "run_dir": str(out_dir)}
+    parent_id: Optional[str] = parent.start(experiment=experiment,
+                                            run_name=f"ablation {recipe.experiment.name} {aid[:6]}",
+                                            tags=tags, resume_run_id=previous)
+    if previous:
+        parent.set_tags(tags)
+    base_params = {k: v for k, v in flatten_recipe(recipe).items()
+                   if not k.startswith(("tracking.", "ablation.")) and k not in ("experiment.seed", "train.progress")}
+    parent.log_params({**base_params, "ablation.id": aid, "ablation.mode": mode,
+                       "ablation.tricks": ",".join(tricks),
+                       "ablation.variants": json.dumps(dict(variants))})
+    done = _children_from_store(store, experiment, aid, metric)
 
     # Whatever happens below, the parent run is closed with a status that says so.
     try:
@@ -361,7 +356,7 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         skipped = [(name, seed) for seed in seed_list for name, _ in variants if (name, seed) in finished]
         say(f"ablation {aid} ({mode}): {len(variants)} variants x {len(seed_list)} seeds = "
             f"{len(variants) * len(seed_list)} runs; {len(skipped)} already finished, {len(plan)} to run"
-            + (f"; parent MLflow run {parent_id} in experiment {experiment!r}" if parent_id else ""))
+            + (f"; parent run {parent_id} in experiment {experiment!r} ({store.describe()})" if parent_id else ""))
         for i, (name, overrides) in enumerate(variants):
             say(f"  v{i:02d} {name}: {' '.join(overrides) or '(base recipe)'}")
 
@@ -388,12 +383,8 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         else:
             results, failed = _run_parallel(jobs_data, jobs, parent_id, quiet, metric, say)
 
-        # ---- the children's numbers: from MLflow (what the UI shows), else from this call's results
-        if use_mlflow:
-            all_children = _children_from_mlflow(experiment, aid, uri, metric)
-        else:
-            all_children = pd.DataFrame([{"variant": v, "variant_index": index[v], "seed": s, "status": "FINISHED", **r}
-                                         for (v, s), r in results.items()], columns=_CHILD_COLUMNS)
+        # ---- the children's numbers: from the run store (what the MLflow UI / compare show)
+        all_children = _children_from_store(store, experiment, aid, metric)
         children = all_children[all_children["seed"].isin(seed_list) & all_children["variant"].isin(index)].copy()
         extra = len(all_children) - len(children)
         if extra > 0:
@@ -421,7 +412,7 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         elif recipe.eval.n_bootstrap == 0:
             notes.append("image bootstrap: eval.n_bootstrap is 0")
         elif len(children):
-            preds, missing = _predictions(children, keys["split"], uri, out_dir / "predictions", use_mlflow)
+            preds, missing = _predictions(children, keys["split"], store, out_dir / "predictions")
             if missing:
                 notes.append(f"image bootstrap: no saved {keys['split']} predictions for {len(missing)} child run(s) "
                              f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); "
@@ -430,9 +421,6 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
                 _add_image_bootstrap(table, preds, "baseline", keys["scalar"], recipe.eval.n_bootstrap,
                                      recipe.eval.ci, notes)
 
-        result = AblationResult(table=table, children=children, metric=metric, mode=mode, ablation_id=aid,
-                                variants=variants, seeds=seed_list, parent_run_id=parent_id, output_dir=out_dir,
-                                failed=failed, skipped=skipped, notes=notes, tricks=tricks)
         result = AblationResult(table=table, children=children, metric=metric, mode=mode, ablation_id=aid,
                                 variants=variants, seeds=seed_list, parent_run_id=parent_id, output_dir=out_dir,
                                 failed=failed, skipped=skipped, notes=notes, tricks=tricks)

@@ -30,6 +30,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_FILE, RunDir  # noqa: F401 - re-exported
+
 __all__ = [
     "metric_keys",
     "higher_is_better",
@@ -45,9 +47,7 @@ __all__ = [
 
 # Where a run leaves its per-image predictions on an evaluation split (``{split}`` = val | test):
 # an .npz with ``y_true`` (N,) int labels and ``probs`` (N, K) softmax probabilities, written in the
-# run folder and logged as the MLflow artifact ``predictions/predictions_{split}.npz``.
-PREDICTIONS_FILE = "predictions_{split}.npz"
-PREDICTIONS_ARTIFACT_DIR = "predictions"
+# run folder and logged as the store artifact ``RunDir.predictions_artifact(split)`` (names: medtricks.rundir).
 
 _LOWER_IS_BETTER = ("loss", "ece")
 _TEST_NAMES = {"t": "paired t", "wilcoxon": "wilcoxon"}
@@ -395,7 +395,7 @@ def _seed_of(record) -> Optional[int]:
 
 
 def runs_frame(records, metric: str, group_by: Optional[str] = None) -> pd.DataFrame:
-    """Plain table of MLflow run records: one row per run with the metric and its logged CI."""
+    """Plain table of run records: one row per run with the metric and its logged CI."""
     keys = metric_keys(metric, allow_eval=True)
     rows = []
     for r in records:
@@ -415,8 +415,12 @@ def runs_frame(records, metric: str, group_by: Optional[str] = None) -> pd.DataF
 
 def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str]] = None,
                  metric: str = "val/auroc", group_by: Optional[str] = None,
-                 tracking_uri: Optional[str] = None, ci: float = 0.95, test: str = "t") -> str:
-    """The side-by-side table ``medtricks compare`` prints, read from MLflow.
+                 tracking_uri: Optional[str] = None, ci: float = 0.95, test: str = "t",
+                 store: Any = None, runs_dir: Optional[str | Path] = None) -> str:
+    """The side-by-side table ``medtricks compare`` prints, read from a run store.
+
+    The store: ``store`` (any :class:`~medtricks.tracking.RunStore`), else the local run store under
+    ``runs_dir`` (runs of ``tracking.backend: none``), else MLflow at ``tracking_uri``.
 
     Every run with the metric is listed with the bootstrap CI it logged; ``eval/<m>`` and
     ``eval/op/<m>`` read evaluation runs (``medtricks evaluate`` / ``ensemble``). With ``group_by`` (a tag
@@ -427,13 +431,16 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
     Example::
 
         print(compare_runs(experiment="quickstart", group_by="variant"))
+        print(compare_runs(experiment="quickstart", runs_dir="runs"))  # tracking.backend: none
     """
-    from medtricks.tracking.query import get_runs
+    from medtricks.tracking import create_store
 
     if experiment is None and not run_ids:
         raise ValueError("compare needs --experiment NAME or --runs ID [ID ...]")
     keys = metric_keys(metric, allow_eval=True)
-    records = get_runs(tracking_uri=tracking_uri, experiment=experiment, run_ids=run_ids)
+    if store is None:
+        store = create_store("none", root=runs_dir) if runs_dir is not None else create_store("mlflow", tracking_uri)
+    records = store.get_runs(experiment=experiment, run_ids=run_ids)
     notes: list[str] = []
     parents = [r for r in records if r.tags.get("medtricks.role") == "ablation_parent"]
     if parents and not run_ids:
@@ -491,13 +498,13 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
                         f"({100 * ci:g}% Student-t CI over runs)."]
             reference = run_ids[0] if run_ids and run_ids[0] in set(shown["run_id"]) else \
                 shown.sort_values("start_time", kind="stable")["run_id"].iloc[0]
-            out += _paired_vs_reference(shown, reference, keys, tracking_uri, ci, notes)
+            out += _paired_vs_reference(shown, reference, keys, store, ci, notes)
     if notes:
         out += ["", "Notes:", *[f"- {n}" for n in notes]]
     return "\n".join(out) + "\n"
 
 
-def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, tracking_uri: Optional[str],
+def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, store: Any,
                          ci: float, notes: list[str], n_bootstrap: int = 1000) -> list[str]:
     """Markdown lines: each run minus ``reference`` on the same images (paired bootstrap over images).
 
@@ -506,32 +513,30 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, trackin
     """
     import tempfile
 
-    from medtricks.tracking.query import download_artifact
-
     if keys["scalar"] is None:
         notes.append(f"no image-level paired comparison for {keys['name']!r} (not an image-level metric)")
         return []
-    name = PREDICTIONS_FILE.format(split=keys["split"])
+    artifact = RunDir.predictions_artifact(keys["split"])
     probs_key = keys.get("probs_key") or "probs"
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     image_sets: dict[str, Optional[str]] = {}
     without: list[str] = []
     with tempfile.TemporaryDirectory(prefix="medtricks-compare-") as tmp:
         for run_id in runs["run_id"]:
-            path = download_artifact(run_id, f"{PREDICTIONS_ARTIFACT_DIR}/{name}", Path(tmp) / run_id, tracking_uri)
+            path = store.download_artifact(run_id, artifact, Path(tmp) / run_id)
             if path is None:
                 without.append(run_id[:12])
                 continue
             with np.load(path) as data:
                 has_key = probs_key in data.files
             if not has_key:
-                notes.append(f"run {run_id[:12]}: its {PREDICTIONS_ARTIFACT_DIR}/{name} has no {probs_key!r} "
+                notes.append(f"run {run_id[:12]}: its {artifact} has no {probs_key!r} "
                              f"(a multiclass model, or an evaluation from before operating points): not paired")
                 continue
             preds[run_id] = load_predictions(path, probs_key)
             image_sets[run_id] = _image_set(path)
     if without:
-        notes.append(f"{len(without)} run(s) logged no {PREDICTIONS_ARTIFACT_DIR}/{name}, so they are not in the "
+        notes.append(f"{len(without)} run(s) logged no {artifact}, so they are not in the "
                      f"paired image comparison: {', '.join(without)}")
     if reference not in preds:
         return []

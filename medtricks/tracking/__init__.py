@@ -1,28 +1,63 @@
-"""Experiment tracking: a small Tracker interface, an MLflow backend and a null backend.
+"""Run stores: one protocol (:class:`RunStore`) that writes a run and reads runs back, with a local
+folder implementation (``tracking.backend: none``) and an MLflow one.
 
-``create_tracker("mlflow", uri)`` imports mlflow only when asked for, so nothing else in medtricks
-depends on it.
+``create_store("mlflow", uri)`` imports mlflow only when asked for, so nothing else in medtricks
+depends on it. ``create_tracker`` is the same function under its wave-1 name.
+
+Example::
+
+    from medtricks.tracking import create_store
+    store = create_store("none", "runs")          # the local run store under runs/
+    print([r.run_name for r in store.search_runs("quickstart")])
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 # Hospital data: MLflow (>= 3.7) usage telemetry is off unless the user opts in explicitly with
 # MLFLOW_DISABLE_TELEMETRY=false. Set before any mlflow import (this package is their only importer).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from medtricks.tracking.base import NullTracker, Tracker
+from medtricks.tracking.base import (NullTracker, RunNotFoundError, RunRecord, RunStore, Tracker,  # noqa: E402
+                                     TrackingUnavailableError)
+from medtricks.tracking.local import LocalStore  # noqa: E402
 
-__all__ = ["Tracker", "NullTracker", "create_tracker"]
+__all__ = ["RunStore", "Tracker", "NullTracker", "LocalStore", "RunRecord", "RunNotFoundError",
+           "TrackingUnavailableError", "create_store", "create_tracker", "find_run", "BACKENDS", "DEFAULT_RUNS_DIR"]
+
+BACKENDS = ("mlflow", "none")
+DEFAULT_RUNS_DIR = "runs"  # experiment.output_dir's default: where the local store is looked for
 
 
-def create_tracker(backend: str = "mlflow", uri: Optional[str] = None) -> Tracker:
-    """``backend``: ``"mlflow"`` (any tracking URI) or ``"none"``."""
+def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Optional[str | Path] = None) -> RunStore:
+    """The run store of a ``tracking.backend``.
+
+    ``"mlflow"``: :class:`~medtricks.tracking.mlflow_tracker.MlflowStore` at ``uri`` (default
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``). ``"none"``: :class:`LocalStore` rooted at
+    ``root`` (pass the recipe's ``experiment.output_dir``), else at ``uri`` taken as a folder; with
+    neither, a run still lands in the ``run_dir`` tag it starts with.
+    """
     if backend == "none":
-        return NullTracker()
+        return LocalStore(root if root is not None else uri)
     if backend == "mlflow":
-        from medtricks.tracking.mlflow_tracker import MlflowTracker
+        from medtricks.tracking.mlflow_tracker import MlflowStore
 
-        return MlflowTracker(uri)
+        return MlflowStore(uri)
     raise ValueError(f"tracking.backend must be 'mlflow' or 'none', got {backend!r}")
+
+
+create_tracker = create_store  # the wave-1 name
+
+
+def find_run(run_id: str, *, tracking_uri: Optional[str] = None,
+             runs_dirs: Sequence[str | Path] = (DEFAULT_RUNS_DIR,)) -> Optional[RunStore]:
+    """The store that knows ``run_id``: the local store under each of ``runs_dirs`` first, then MLflow at
+    ``tracking_uri`` (an MLflow sqlite file or folder that does not exist is not created). ``None`` if none does."""
+    for folder in runs_dirs:
+        store = LocalStore(folder)
+        if store.has_run(run_id):
+            return store
+    store = create_store("mlflow", tracking_uri)
+    return store if store.has_run(run_id) else None
