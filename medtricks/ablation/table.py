@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_FILE, RunDir  # noqa: F401 - re-exported
+from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_FILE, RunDir, best_key, ci_keys  # noqa: F401
 
 __all__ = [
     "metric_keys",
@@ -79,7 +79,8 @@ def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[
             raise ValueError(f"metric must be eval/<name> or eval/op/<name> (e.g. eval/auroc), got {metric!r}")
         # eval/drop/<m> compares two image sets: no image-level pairing between runs
         image_level = name in SCALAR_METRICS and not (at_op and name == "ece")
-        return {"value": metric, "ci_low": f"{metric}_ci_low", "ci_high": f"{metric}_ci_high", "split": "eval",
+        low, high = ci_keys(metric)
+        return {"value": metric, "ci_low": low, "ci_high": high, "split": "eval",
                 "name": "/".join(parts[1:]), "scalar": name if image_level else None,
                 "probs_key": "probs_op" if at_op else "probs"}
     if isinstance(metric, str) and metric.startswith("eval/") and not allow_eval:
@@ -94,7 +95,9 @@ def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[
                          f"val/auroc, test/accuracy, val/sensitivity/covid){also}, got {metric!r}")
 
     name = "/".join(parts[2:])
-    return {"value": key, "ci_low": f"{key}_ci_low", "ci_high": f"{key}_ci_high", "split": parts[1],
+    key = best_key(parts[1], name)
+    low, high = ci_keys(key)
+    return {"value": key, "ci_low": low, "ci_high": high, "split": parts[1],
             "name": name, "scalar": name if name in SCALAR_METRICS else None, "probs_key": "probs"}
 
 

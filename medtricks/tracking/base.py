@@ -10,10 +10,11 @@ files in the run folders, ``tracking.backend: none``) and
 
 Example::
 
+    from medtricks.rundir import best_key
     from medtricks.tracking import create_store
     store = create_store("none", "runs")
     for run in store.search_runs("quickstart", statuses=["FINISHED"]):
-        print(run.run_id, run.metrics.get("best/val/auroc"))
+        print(run.run_id, run.metrics.get(best_key("val", "auroc")))
 """
 from __future__ import annotations
 

@@ -17,10 +17,11 @@ inferred from how an id looks.
 
 Example::
 
+    from medtricks.rundir import best_key
     from medtricks.tracking.local import LocalStore
     store = LocalStore("runs")
     for run in store.search_runs("quickstart", statuses=["FINISHED"]):
-        print(run.run_id, run.run_dir, run.metrics.get("best/val/auroc"))
+        print(run.run_id, run.run_dir, run.metrics.get(best_key("val", "auroc")))
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ class LocalStore(NullTracker):
         _write_json(self.run.store_meta, meta)
 
     def log_params(self, params):
-        super().log_params(params)
+        super().log_params({k: v for k, v in params.items() if k not in self.params})  # first value wins
         if self.run is None:
             return
         existing = _read_json(self.run.store_params) if self.run.store_params.is_file() else {}

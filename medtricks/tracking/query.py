@@ -4,9 +4,10 @@ New code asks a store (``create_store(...).get_runs(...)``), which works for the
 
 Example::
 
+    from medtricks.rundir import best_key
     from medtricks.tracking.query import get_runs
     for run in get_runs(experiment="quickstart", tags={"variant": "baseline"}):
-        print(run.run_id, run.metrics.get("best/val/auroc"))
+        print(run.run_id, run.metrics.get(best_key("val", "auroc")))
 """
 from __future__ import annotations
 
