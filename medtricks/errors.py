@@ -6,7 +6,7 @@ is a bug and keeps its traceback. Subclasses also derive from the builtin that f
 """
 from __future__ import annotations
 
-__all__ = ["MedtricksError", "ConfigError"]
+__all__ = ["MedtricksError", "ConfigError", "MissingFileError", "UnknownKeyError", "ConfigTypeError", "ResourceError"]
 
 
 class MedtricksError(Exception):
@@ -15,3 +15,22 @@ class MedtricksError(Exception):
 
 class ConfigError(MedtricksError, ValueError):
     """A bad argument or setting passed to a medtricks function (names the argument and the allowed values)."""
+
+
+class MissingFileError(MedtricksError, FileNotFoundError):
+    """A file or folder the user named (or a run needs) does not exist; the message says which and why."""
+
+
+class UnknownKeyError(MedtricksError, KeyError):
+    """A name that is not among the known ones (a metric, a registered block type); lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one reads as a sentence
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigTypeError(MedtricksError, TypeError):
+    """An argument of the wrong type (names the argument, the type expected and the type given)."""
+
+
+class ResourceError(MedtricksError, RuntimeError):
+    """A file or resource on this machine that exists but cannot be used (e.g. an unreadable checkpoint)."""

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medtricks.errors import MedtricksError
+from medtricks.errors import ConfigError, MedtricksError
 from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
 from medtricks.tricks.registry import load_plugins, trick_tags, tricks_config_model
 
@@ -139,7 +139,7 @@ class TrainConfig(_Section):
     @classmethod
     def _device(cls, value: str) -> str:
         if value not in ("auto", "cpu", "mps") and not value.startswith("cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu', 'mps' or 'cuda[:N]', got {value!r}")
+            raise ConfigError(f"device must be 'auto', 'cpu', 'mps' or 'cuda[:N]', got {value!r}")
         return value
 
 
@@ -154,7 +154,7 @@ class EvalConfig(_Section):
     @model_validator(mode="after")
     def _target_needs_method(self) -> "EvalConfig":
         if self.threshold == "sensitivity" and self.target_sensitivity is None:
-            raise ValueError("eval.threshold is 'sensitivity' but eval.target_sensitivity is not set (e.g. 0.95)")
+            raise ConfigError("eval.threshold is 'sensitivity' but eval.target_sensitivity is not set (e.g. 0.95)")
         return self
 
 
@@ -191,9 +191,9 @@ class AblationConfig(_Section):
     @classmethod
     def _seeds(cls, value):
         if isinstance(value, int) and value < 1:
-            raise ValueError("ablation.seeds must be >= 1 (a count) or a list of seeds")
+            raise ConfigError("ablation.seeds must be >= 1 (a count) or a list of seeds")
         if isinstance(value, list) and (not value or len(set(value)) != len(value)):
-            raise ValueError("ablation.seeds as a list must be non-empty and without repeats")
+            raise ConfigError("ablation.seeds as a list must be non-empty and without repeats")
         return value
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 import matplotlib.pyplot as plt
 
+from medtricks.errors import ConfigError, MissingFileError
 import medtricks
 from medtricks.data import build_datasets, export_manifest, load_card
 from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule, plot_reliability_diagram,
@@ -84,7 +85,7 @@ def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, 
     generator = torch.Generator()
     generator.manual_seed(seed)
     if drop_last and len(dataset) < batch_size:
-        raise ValueError(f"the training split has {len(dataset)} images, fewer than train.batch_size="
+        raise ConfigError(f"the training split has {len(dataset)} images, fewer than train.batch_size="
                          f"{batch_size}; mixup/cutmix need full batches: lower the batch size")
     if class_balanced:
         # The sampler draws from the loader's generator, which the engine re-seeds every epoch (exact resume).
@@ -119,7 +120,7 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     elif resume:
         run = RunDir(resume)
         if not run.last_checkpoint.is_file():
-            raise FileNotFoundError(f"--resume {resume}: no checkpoints/last.pt in that folder")
+            raise MissingFileError(f"--resume {resume}: no checkpoints/last.pt in that folder")
     resuming = run is not None
     if run is None:
         run = RunDir.create(recipe.experiment.output_dir, recipe.experiment.name)

@@ -72,7 +72,7 @@ def test_checkpoint_holds_full_state_and_best(tmp_path):
     result = fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
                  evaluate_fn=ev, checkpoint_dir=tmp_path)
     state = load_checkpoint(tmp_path / "last.pt")
-    assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "step"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "scaler", "tricks", "rng", "epoch", "step"} <= set(state)
     assert state["epoch"] == 1 and state["step"] == result.steps == 2 * len(train)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["value"] == result.best_value == max(h["val/acc"] for h in result.history)

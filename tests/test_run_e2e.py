@@ -63,14 +63,14 @@ def test_tiny_run_logs_to_mlflow(tmp_path):
 
 @pytest.mark.parametrize("balance", ["none", "sampler"])
 def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
-    import medtricks.train
+    import medtricks.run
 
     full = run_recipe(_tiny(tmp_path, "train.epochs=3", f"tricks.class_balance={balance}"), tracker=NullTracker(),
                       quiet=True)
 
     recipe = _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}",
                    f"tricks.class_balance={balance}")
-    real_fit = medtricks.train.fit
+    real_fit = medtricks.run.fit
 
     def killed_after_two_epochs(*args, on_epoch=None, **kwargs):
         def on_epoch_then_die(step, metrics):
@@ -80,10 +80,10 @@ def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
 
         return real_fit(*args, on_epoch=on_epoch_then_die, **kwargs)
 
-    monkeypatch.setattr(medtricks.train, "fit", killed_after_two_epochs)
+    monkeypatch.setattr(medtricks.run, "fit", killed_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, tracker=NullTracker(), quiet=True)
-    monkeypatch.setattr(medtricks.train, "fit", real_fit)
+    monkeypatch.setattr(medtricks.run, "fit", real_fit)
     unfinished = find_resumable_run_dir(recipe)
     assert unfinished is not None
     resumed = run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)

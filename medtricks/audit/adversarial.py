@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtricks.errors import ConfigError
+
 __all__ = [
     "ATTACKS",
     "APGD_STEPS",
@@ -90,12 +92,12 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[list[f
         mean_l = [float(v) for v in mean]
         std_l = [float(v) for v in std]
     except (TypeError, ValueError) as err:
-        raise ValueError(f"mean and std must be sequences of numbers (one per channel), got mean={mean!r} std={std!r}") from err
+        raise ConfigError(f"mean and std must be sequences of numbers (one per channel), got mean={mean!r} std={std!r}") from err
     if len(mean_l) == 0 or len(mean_l) != len(std_l):
-        raise ValueError(f"mean and std must have the same non-zero length (one value per channel), got mean={mean_l} std={std_l}")
+        raise ConfigError(f"mean and std must have the same non-zero length (one value per channel), got mean={mean_l} std={std_l}")
     bad = [s for s in std_l if not (math.isfinite(s) and s > 0)]
     if bad or not all(math.isfinite(m) for m in mean_l):
-        raise ValueError(f"std must be finite and > 0 and mean finite, got mean={mean_l} std={std_l}")
+        raise ConfigError(f"std must be finite and > 0 and mean finite, got mean={mean_l} std={std_l}")
     return mean_l, std_l
 
 
@@ -178,13 +180,13 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def _check_attack_args(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf") -> None:
     if x.dim() != 4:
-        raise ValueError(f"images must be a (N, C, H, W) batch in [0, 1], got shape {tuple(x.shape)}")
+        raise ConfigError(f"images must be a (N, C, H, W) batch in [0, 1], got shape {tuple(x.shape)}")
     if y.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape ({x.shape[0]},) (one class index per image), got {tuple(y.shape)}")
+        raise ConfigError(f"labels must have shape ({x.shape[0]},) (one class index per image), got {tuple(y.shape)}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0 (pixel intensity in [0, 1]), got {eps!r}")
+        raise ConfigError(f"eps must be a finite number >= 0 (pixel intensity in [0, 1]), got {eps!r}")
     if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        raise ConfigError(f"norm must be 'linf' or 'l2', got {norm!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def _pgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
     """PGD returning ``(x_adv, logits(x_adv))``: the final logits come free from the best-iterate bookkeeping."""
     _check_attack_args(x, y, eps, norm)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
     alpha = 2.5 * eps / steps if step_size is None else float(step_size)
     x = x.detach()
     with _frozen(model01):
@@ -299,7 +301,7 @@ def _n_classes(model01: nn.Module, x: torch.Tensor, n_classes: Optional[int]) ->
     with torch.no_grad():
         logits = model01(x[:1])
     if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"the model must return (N, K) logits with K >= 2 classes, got shape {tuple(logits.shape)}")
+        raise ConfigError(f"the model must return (N, K) logits with K >= 2 classes, got shape {tuple(logits.shape)}")
     return int(logits.shape[1])
 
 
@@ -335,15 +337,15 @@ def apgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, lo
     """
     _check_attack_args(x, y, eps)
     if loss not in ("ce", "dlr"):
-        raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
+        raise ConfigError(f"loss must be 'ce' or 'dlr', got {loss!r}")
     if eps == 0:
         return x.clone()
     if loss == "dlr":
         k = _n_classes(model01, x, None)
         if k < 3:
-            raise ValueError(f"APGD-DLR needs >= 3 classes (its loss uses the 3rd largest logit), the model has {k}; use loss='ce'")
+            raise ConfigError(f"APGD-DLR needs >= 3 classes (its loss uses the 3rd largest logit), the model has {k}; use loss='ce'")
         if targeted:
-            raise ValueError("APGD-DLR is untargeted here; use loss='ce' for a targeted APGD")
+            raise ConfigError("APGD-DLR is untargeted here; use loss='ce' for a targeted APGD")
 
     def build(estimator):
         from art.attacks.evasion import AutoProjectedGradientDescent

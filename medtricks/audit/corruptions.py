@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from medtricks.errors import ConfigError
+
 __all__ = ["CORRUPTION_PARAMS", "list_corruptions", "corrupt"]
 
 # name -> parameter per severity 1..5 (what the number means is in _APPLY's docstrings)
@@ -143,14 +145,14 @@ def corrupt(images01: torch.Tensor, name: str, severity: int, seed: int = 0) -> 
     >>> blurred = corrupt(torch.rand(2, 1, 64, 64), "gaussian_blur", 2)
     """
     if name not in _APPLY:
-        raise ValueError(f"unknown corruption {name!r}: expected one of {list_corruptions()}")
+        raise ConfigError(f"unknown corruption {name!r}: expected one of {list_corruptions()}")
     if isinstance(severity, bool) or not isinstance(severity, int) or not 0 <= severity <= 5:
-        raise ValueError(f"corruption severity must be an integer 0..5 (0 = identity), got {severity!r}")
+        raise ConfigError(f"corruption severity must be an integer 0..5 (0 = identity), got {severity!r}")
     if not isinstance(images01, torch.Tensor) or not images01.is_floating_point() or images01.dim() not in (3, 4):
         what = f"{images01.dtype} tensor of shape {tuple(images01.shape)}" if isinstance(images01, torch.Tensor) else type(images01).__name__
-        raise ValueError(f"images01 must be a float tensor (N, C, H, W) or (C, H, W) in [0, 1], got a {what}")
+        raise ConfigError(f"images01 must be a float tensor (N, C, H, W) or (C, H, W) in [0, 1], got a {what}")
     if images01.numel() and (float(images01.min()) < 0.0 or float(images01.max()) > 1.0):
-        raise ValueError(
+        raise ConfigError(
             f"images01 must be in [0, 1] (de-normalized pixels), got range [{float(images01.min()):.4g}, "
             f"{float(images01.max()):.4g}]; de-normalize first: x = x_norm * std + mean")
     if severity == 0:

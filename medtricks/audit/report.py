@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medtricks.errors import ConfigError
+
 __all__ = ["AuditResult", "AuditExamples", "corruption_error", "metric_key", "safe_name", "eps_label"]
 
 _JSON_VERSION = 1
@@ -131,12 +133,12 @@ class AuditResult:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"audit report is not valid JSON: {err}") from err
+            raise ConfigError(f"audit report is not valid JSON: {err}") from err
         missing = [k for k in ("version", "classes", "config", "clean", "attacks", "corruptions", "corruption_summary") if k not in doc]
         if missing:
-            raise ValueError(f"audit report lacks key(s) {missing}; expected the output of AuditResult.to_json()")
+            raise ConfigError(f"audit report lacks key(s) {missing}; expected the output of AuditResult.to_json()")
         if doc["version"] != _JSON_VERSION:
-            raise ValueError(f"audit report version {doc['version']!r} is not supported (expected {_JSON_VERSION})")
+            raise ConfigError(f"audit report version {doc['version']!r} is not supported (expected {_JSON_VERSION})")
 
         def floats(d: dict) -> dict[str, float]:
             return {k: (math.nan if v is None else float(v)) for k, v in d.items()}
@@ -282,17 +284,17 @@ def corruption_error(result: AuditResult, baseline: AuditResult) -> dict[str, fl
     >>> corruption_error(trick_run_audit, AuditResult.from_json(baseline_report_text))
     """
     if set(result.corruptions) != set(baseline.corruptions):
-        raise ValueError(f"result and baseline audited different corruptions: {sorted(result.corruptions)} vs "
+        raise ConfigError(f"result and baseline audited different corruptions: {sorted(result.corruptions)} vs "
                          f"{sorted(baseline.corruptions)}; audit both with the same corruptions")
     if not result.corruptions:
-        raise ValueError("no corruptions were audited: run the audit with corruptions=('all',) to compare with a baseline")
+        raise ConfigError("no corruptions were audited: run the audit with corruptions=('all',) to compare with a baseline")
     out: dict[str, float] = {}
     ces, rel = [], []
     clean_err = 1.0 - result.clean["accuracy"]
     base_clean_err = 1.0 - baseline.clean["accuracy"]
     for name, by_sev in result.corruptions.items():
         if set(by_sev) != set(baseline.corruptions[name]):
-            raise ValueError(f"corruption {name!r}: severities {sorted(by_sev)} vs baseline {sorted(baseline.corruptions[name])}")
+            raise ConfigError(f"corruption {name!r}: severities {sorted(by_sev)} vs baseline {sorted(baseline.corruptions[name])}")
         err = sum(1.0 - v["accuracy"] for v in by_sev.values())
         base = sum(1.0 - v["accuracy"] for v in baseline.corruptions[name].values())
         ce = _ratio(err, base)

@@ -17,6 +17,7 @@ import torch
 from sklearn import config_context
 from torch import nn
 
+from medtricks.errors import ConfigError
 from medtricks.audit.adversarial import (
     APGD_STEPS,
     ATTACKS,
@@ -124,11 +125,11 @@ def run_audit(
     if not corruption_list:
         severity_list = []
     if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 1:
-        raise ValueError(f"pgd_steps must be an integer >= 1, got {pgd_steps!r}")
+        raise ConfigError(f"pgd_steps must be an integer >= 1, got {pgd_steps!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-        raise ValueError(f"n must be an integer >= 1 (images to audit) or None for all, got {n!r}")
+        raise ConfigError(f"n must be an integer >= 1 (images to audit) or None for all, got {n!r}")
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
+        raise ConfigError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     target = _check_target(target_class, names)
     mean_l, std_l = _check_mean_std(mean, std)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
@@ -159,16 +160,16 @@ def _as_names(value: Union[str, Sequence[str]], what: str) -> list[str]:
     try:
         return [str(v).strip().lower() for v in value]
     except TypeError as err:
-        raise ValueError(f"{what} must be a list of names or a comma-separated string, got {value!r}") from err
+        raise ConfigError(f"{what} must be a list of names or a comma-separated string, got {value!r}") from err
 
 
 def _check_classes(classes: Sequence[str]) -> list[str]:
     if isinstance(classes, str) or not isinstance(classes, Sequence) or len(classes) < 2:
-        raise ValueError(f"classes must be a list of >= 2 class names (logit order), got {classes!r}")
+        raise ConfigError(f"classes must be a list of >= 2 class names (logit order), got {classes!r}")
     names = [str(c) for c in classes]
     safe = [safe_name(c) for c in names]
     if len(set(safe)) != len(safe):
-        raise ValueError(f"class names {names} are not unique once made MLflow-safe ({safe}); rename the classes")
+        raise ConfigError(f"class names {names} are not unique once made MLflow-safe ({safe}); rename the classes")
     return names
 
 
@@ -177,14 +178,14 @@ def _check_attacks(attacks: Union[str, Sequence[str]], surrogate: Optional[nn.Mo
     for name in _as_names(attacks, "attacks"):
         name = _ALIASES.get(name, name)
         if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}: expected any of {list(ATTACKS)} (or aliases {_ALIASES})")
+            raise ConfigError(f"unknown attack {name!r}: expected any of {list(ATTACKS)} (or aliases {_ALIASES})")
         if name in out:
-            raise ValueError(f"attack {name!r} is listed twice in attacks={attacks!r}")
+            raise ConfigError(f"attack {name!r} is listed twice in attacks={attacks!r}")
         out.append(name)
     if "transfer" in out and surrogate is None:
-        raise ValueError("attack 'transfer' needs a surrogate model (surrogate=..., e.g. another run's checkpoint)")
+        raise ConfigError("attack 'transfer' needs a surrogate model (surrogate=..., e.g. another run's checkpoint)")
     if "transfer" in out and not isinstance(surrogate, nn.Module):
-        raise ValueError(f"surrogate must be a torch.nn.Module taking normalized images, got {type(surrogate).__name__}")
+        raise ConfigError(f"surrogate must be a torch.nn.Module taking normalized images, got {type(surrogate).__name__}")
     return out
 
 
@@ -194,14 +195,14 @@ def _check_eps(eps: Sequence[float]) -> list[float]:
     values = []
     for e in eps:
         if isinstance(e, bool) or not isinstance(e, (int, float, np.floating, np.integer)) or not (0.0 <= float(e) <= 1.0):
-            raise ValueError(f"eps values must be numbers in [0, 1] (pixel intensity; 4/255 = 0.0157), got {e!r} in {list(eps)}")
+            raise ConfigError(f"eps values must be numbers in [0, 1] (pixel intensity; 4/255 = 0.0157), got {e!r} in {list(eps)}")
         values.append(float(e))
     if not values:
-        raise ValueError("eps is empty: give at least one budget, e.g. eps=(0, 1/255, 4/255)")
+        raise ConfigError("eps is empty: give at least one budget, e.g. eps=(0, 1/255, 4/255)")
     labels = [f"{e:.4f}" for e in values]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
-        raise ValueError(f"eps values {values} collide in the 4-decimal metric keys ({dupes}); use distinct budgets")
+        raise ConfigError(f"eps values {values} collide in the 4-decimal metric keys ({dupes}); use distinct budgets")
     return sorted(values)
 
 
@@ -211,9 +212,9 @@ def _check_corruptions(corruptions: Union[str, Sequence[str]]) -> list[str]:
         return list_corruptions()
     unknown = [c for c in names if c not in CORRUPTION_PARAMS]
     if unknown:
-        raise ValueError(f"unknown corruption(s) {unknown}: expected 'all' or any of {list_corruptions()}")
+        raise ConfigError(f"unknown corruption(s) {unknown}: expected 'all' or any of {list_corruptions()}")
     if len(set(names)) != len(names):
-        raise ValueError(f"a corruption is listed twice in corruptions={corruptions!r}")
+        raise ConfigError(f"a corruption is listed twice in corruptions={corruptions!r}")
     return names
 
 
@@ -221,7 +222,7 @@ def _check_severities(severities: Sequence[int]) -> list[int]:
     values = list(severities) if not isinstance(severities, int) else [severities]
     bad = [s for s in values if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= 5]
     if bad or not values or len(set(values)) != len(values):
-        raise ValueError(f"severities must be distinct integers 0..5 (0 = identity), got {severities!r}")
+        raise ConfigError(f"severities must be distinct integers 0..5 (0 = identity), got {severities!r}")
     return sorted(int(s) for s in values)
 
 
@@ -230,10 +231,10 @@ def _check_target(target_class: Optional[Union[int, str]], names: list[str]) -> 
         return None
     if isinstance(target_class, str):
         if target_class not in names:
-            raise ValueError(f"target_class {target_class!r} is not a class: expected an index or one of {names}")
+            raise ConfigError(f"target_class {target_class!r} is not a class: expected an index or one of {names}")
         return names.index(target_class)
     if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)) or not 0 <= target_class < len(names):
-        raise ValueError(f"target_class must be None or a class index 0..{len(names) - 1} ({names}), got {target_class!r}")
+        raise ConfigError(f"target_class must be None or a class index 0..{len(names) - 1} ({names}), got {target_class!r}")
     return int(target_class)
 
 
@@ -300,14 +301,14 @@ class _Job:
         finally:
             bar.close()
         if seen == 0:
-            raise ValueError("the audit loader yielded no images: nothing to audit")
+            raise ConfigError("the audit loader yielded no images: nothing to audit")
 
     def _batch(self, b, x_norm, x01, y, bar):
         k = len(y)
         with torch.no_grad():
             logits = self.model(x_norm)  # exactly what predict() computes: eps=0 == clean
         if logits.dim() != 2 or logits.shape[1] != len(self.names):
-            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for a batch of {k}; expected "
+            raise ConfigError(f"the model returned logits of shape {tuple(logits.shape)} for a batch of {k}; expected "
                              f"({k}, {len(self.names)}) for classes {self.names}")
         clean_probs = torch.softmax(logits.float(), dim=1)
         self.y.append(y.cpu().numpy())
@@ -357,7 +358,7 @@ class _Job:
         elif attack == "square":
             x_adv = square(self.model01, x01, y_attack, eps, queries=SQUARE_QUERIES, targeted=targeted, seed=seed)
         else:  # pragma: no cover - names are validated up front
-            raise ValueError(f"unknown attack {attack!r}")
+            raise ConfigError(f"unknown attack {attack!r}")
         norms = check_perturbation(x_adv, x01, budget, norm)  # the budget is asserted, never assumed
         key = (attack, eps)
         self.max_norm[key] = max(self.max_norm.get(key, 0.0), float(norms.max()))
@@ -474,29 +475,29 @@ def _expected_images(loader, n) -> Optional[int]:
 
 def _unpack(batch, index, n_classes) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise ValueError(f"loader batch {index} is a {type(batch).__name__}; expected (images, targets)")
+        raise ConfigError(f"loader batch {index} is a {type(batch).__name__}; expected (images, targets)")
     images, targets = batch[0], batch[1]
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         what = f"shape {tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"loader batch {index}: images must be a float tensor (N, C, H, W), got {what}")
+        raise ConfigError(f"loader batch {index}: images must be a float tensor (N, C, H, W), got {what}")
     targets = torch.as_tensor(targets)
     if targets.dim() != 1 or len(targets) != len(images) or targets.is_floating_point() or targets.dtype == torch.bool:
-        raise ValueError(f"loader batch {index}: targets must be {len(images)} integer class indices (shape (N,)), got "
+        raise ConfigError(f"loader batch {index}: targets must be {len(images)} integer class indices (shape (N,)), got "
                          f"{targets.dtype} of shape {tuple(targets.shape)} (one-hot or soft labels are not supported)")
     if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= n_classes):
-        raise ValueError(f"loader batch {index}: target {int(targets.max()) if int(targets.max()) >= n_classes else int(targets.min())} "
+        raise ConfigError(f"loader batch {index}: target {int(targets.max()) if int(targets.max()) >= n_classes else int(targets.min())} "
                          f"is not a class index 0..{n_classes - 1}")
     return images.float(), targets.long()
 
 
 def _denormalize(x_norm: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor, index: int) -> torch.Tensor:
     if x_norm.shape[1] != mean_t.shape[1]:
-        raise ValueError(f"loader batch {index} has {x_norm.shape[1]} channel(s) but mean/std have {mean_t.shape[1]} "
+        raise ConfigError(f"loader batch {index} has {x_norm.shape[1]} channel(s) but mean/std have {mean_t.shape[1]} "
                          "value(s); pass the normalization the loader applies, one value per channel")
     x01 = x_norm * std_t + mean_t
     lo, hi = float(x01.min()), float(x01.max())
     if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
-        raise ValueError(
+        raise ConfigError(
             f"loader batch {index} de-normalizes to [{lo:.4f}, {hi:.4f}] with mean={mean_t.flatten().tolist()} "
             f"std={std_t.flatten().tolist()}; expected pixels in [0, 1]: pass the mean/std the loader normalizes with")
     return x01.clamp(0.0, 1.0)

@@ -22,6 +22,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medtricks.errors import ConfigError
 from medtricks.data.errors import CardError
 
 SplitName = Literal["train", "val", "test"]
@@ -44,9 +45,9 @@ def _check_regex(value: Optional[str], group: str) -> Optional[str]:
     try:
         compiled = re.compile(value)
     except re.error as err:
-        raise ValueError(f"invalid regular expression {value!r}: {err}") from None
+        raise ConfigError(f"invalid regular expression {value!r}: {err}") from None
     if group not in compiled.groupindex and compiled.groups < 1:
-        raise ValueError(f"regular expression {value!r} needs a capture group (named '{group}' or the first group)")
+        raise ConfigError(f"regular expression {value!r} needs a capture group (named '{group}' or the first group)")
     return value
 
 
@@ -110,7 +111,7 @@ class CsvLayout(_Strict):
     @classmethod
     def _template(cls, value):
         if not re.search(r"\{[^{}]+\}", value):
-            raise ValueError(f"path_template {value!r} must use at least one {{column}} field")
+            raise ConfigError(f"path_template {value!r} must use at least one {{column}} field")
         return value
 
 
@@ -134,7 +135,7 @@ class PatientSpec(_Strict):
         given = [k for k in ("column", "template", "regex") if getattr(self, k)]
         given += ["per_image"] if self.per_image else []
         if len(given) != 1:
-            raise ValueError(f"set exactly one of column, template, regex, per_image (got {given or 'none'})")
+            raise ConfigError(f"set exactly one of column, template, regex, per_image (got {given or 'none'})")
         return self
 
 
@@ -150,7 +151,7 @@ class RowFilter(_Strict):
     def _exactly_one(self):
         given = [k for k in ("equals", "in_", "not_in") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"filter on {self.column!r}: set exactly one of equals, in, not_in")
+            raise ConfigError(f"filter on {self.column!r}: set exactly one of equals, in, not_in")
         return self
 
     def keeps(self, value: str) -> bool:
@@ -180,7 +181,7 @@ class LabelPattern(_Strict):
         try:
             re.compile(value)
         except re.error as err:
-            raise ValueError(f"invalid regular expression {value!r}: {err}") from None
+            raise ConfigError(f"invalid regular expression {value!r}: {err}") from None
         return value
 
 
@@ -195,7 +196,7 @@ class Normalization(_Strict):
     def _preset(cls, value):
         if isinstance(value, str):
             if value not in _NORMALIZATION_PRESETS:
-                raise ValueError(f"unknown normalization {value!r}; use one of {sorted(_NORMALIZATION_PRESETS)} "
+                raise ConfigError(f"unknown normalization {value!r}; use one of {sorted(_NORMALIZATION_PRESETS)} "
                                  "or {mean: [...], std: [...]}")
             mean, std = _NORMALIZATION_PRESETS[value]
             return {"mean": mean, "std": std}
@@ -204,9 +205,9 @@ class Normalization(_Strict):
     @model_validator(mode="after")
     def _lengths(self):
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
-            raise ValueError("mean and std need the same length, 1 or 3")
+            raise ConfigError("mean and std need the same length, 1 or 3")
         if any(s <= 0 for s in self.std):
-            raise ValueError(f"std values must be > 0, got {self.std}")
+            raise ConfigError(f"std values must be > 0, got {self.std}")
         return self
 
 
@@ -234,27 +235,27 @@ class DataCard(_Strict):
     @model_validator(mode="after")
     def _consistent(self):
         if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes has duplicates: {self.classes}")
+            raise ConfigError(f"classes has duplicates: {self.classes}")
         if DROP in self.classes:
-            raise ValueError(f"'{DROP}' is reserved (it marks raw labels left out); rename that class")
+            raise ConfigError(f"'{DROP}' is reserved (it marks raw labels left out); rename that class")
         if self.task == "binary" and len(self.classes) != 2:
-            raise ValueError(f"task 'binary' needs exactly 2 classes, got {len(self.classes)}: {self.classes}")
+            raise ConfigError(f"task 'binary' needs exactly 2 classes, got {len(self.classes)}: {self.classes}")
         allowed = set(self.classes) | {DROP}
         for raw, target in self.label_map.items():
             if target not in allowed:
-                raise ValueError(f"label_map[{raw!r}] = {target!r} is not one of the classes {self.classes} or 'drop'")
+                raise ConfigError(f"label_map[{raw!r}] = {target!r} is not one of the classes {self.classes} or 'drop'")
         for pattern in self.label_patterns:
             if pattern.to not in allowed:
-                raise ValueError(f"label_patterns: {pattern.pattern!r} -> {pattern.to!r} is not one of the classes "
+                raise ConfigError(f"label_patterns: {pattern.pattern!r} -> {pattern.to!r} is not one of the classes "
                                  f"{self.classes} or 'drop'")
         if self.layout.kind == "folder":
             if self.patient.column or self.patient.template:
-                raise ValueError("patient.column/template need a csv layout; a folder layout uses patient.regex "
+                raise ConfigError("patient.column/template need a csv layout; a folder layout uses patient.regex "
                                  "or per_image")
             if self.filters:
-                raise ValueError("filters need a csv layout (they test table columns)")
+                raise ConfigError("filters need a csv layout (they test table columns)")
         if self.layout.kind == "csv" and self.task == "multilabel" and not self.layout.label_sep:
-            raise ValueError("a multilabel csv card needs layout.label_sep (e.g. '|')")
+            raise ConfigError("a multilabel csv card needs layout.label_sep (e.g. '|')")
         return self
 
     def map_label(self, raw: str) -> Optional[str]:

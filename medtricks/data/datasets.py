@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from monai.transforms import Transform  # this module is imported only when datasets are built
 
+from medtricks.errors import ConfigError
 from medtricks.data.cards import DataCard, load_card
 from medtricks.data.errors import BadImageError, DataError
 from medtricks.data.manifest import build_manifest
@@ -132,9 +133,9 @@ class XrayDataset:
                  resize_to: Optional[int] = None, voi: str = "auto"):
         missing = {"path", "target"} - set(manifest.columns)
         if missing:
-            raise ValueError(f"XrayDataset needs manifest columns {sorted(missing)}; got {list(manifest.columns)}")
+            raise ConfigError(f"XrayDataset needs manifest columns {sorted(missing)}; got {list(manifest.columns)}")
         if voi not in VOI_MODES:
-            raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
+            raise ConfigError(f"voi={voi!r} is not one of {VOI_MODES}")
         self.manifest = manifest.reset_index(drop=True)
         self.transform = transform
         self.side = resize_to if resize_to is not None else getattr(transform, "base_side", None)
@@ -235,20 +236,20 @@ def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> Non
     if synth is None:
         return
     if card.name != SYNTHETIC_CARD:
-        raise ValueError(f"data.synth is only for the '{SYNTHETIC_CARD}' card; card {card.name!r} reads real data")
+        raise ConfigError(f"data.synth is only for the '{SYNTHETIC_CARD}' card; card {card.name!r} reads real data")
     params = dict(synth)
     if "format" in params:
         params["fmt"] = params.pop("format")
     allowed = {"n", "size", "seed", "fmt"}
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ValueError(f"data.synth: unknown key(s) {unknown}; expected {sorted(allowed | {'format'})}")
+        raise ConfigError(f"data.synth: unknown key(s) {unknown}; expected {sorted(allowed | {'format'})}")
     params = {k: v for k, v in params.items() if v is not None}
     if (root / MANIFEST_NAME).is_file():
         existing = json.loads((root / PARAMS_NAME).read_text()) if (root / PARAMS_NAME).is_file() else {}
         differs = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
         if differs:
-            raise ValueError(f"{root} already holds a phantom set generated with other settings "
+            raise ConfigError(f"{root} already holds a phantom set generated with other settings "
                              f"(existing vs asked: {differs}); delete it or choose another data.root")
         return
     synthesize_phantoms(root, classes=tuple(card.classes), **params)
@@ -267,7 +268,7 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
     eval transform).
     """
     if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image={on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
+        raise ConfigError(f"on_bad_image={on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
     card = load_card(card)
     root = Path(root).expanduser().resolve()
     _prepare_synthetic(card, root, synth)

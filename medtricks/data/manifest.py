@@ -22,6 +22,7 @@ from typing import Optional
 
 import pandas as pd
 
+from medtricks.errors import ConfigError, ResourceError
 from medtricks.data.cards import DROP, SPLITS, CsvLayout, DataCard, FolderLayout, load_card
 from medtricks.data.errors import ManifestError
 from medtricks.data.splits import assign_splits
@@ -56,7 +57,7 @@ def patient_salt() -> bytes:
             pass
     salt = path.read_text().strip()
     if not salt:
-        raise RuntimeError(f"patient salt file {path} is empty; delete it (a new one is made) "
+        raise ResourceError(f"patient salt file {path} is empty; delete it (a new one is made) "
                            "or set MEDTRICKS_PATIENT_SALT")
     return salt.encode()
 
@@ -206,7 +207,7 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     of :func:`build_datasets` then reports or quarantines them).
     """
     if on_missing not in ("error", "keep"):
-        raise ValueError(f"on_missing={on_missing!r}: expected 'error' or 'keep'")
+        raise ConfigError(f"on_missing={on_missing!r}: expected 'error' or 'keep'")
     card = load_card(card)
     if card.task == "multilabel":
         raise NotImplementedError(f"card {card.name!r} is multilabel; multilabel manifests and training are not "

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medtricks.errors import ConfigError
 from medtricks.data.errors import BadImageError
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
@@ -43,7 +44,7 @@ def read_image(path: "str | Path", *, voi: str = "auto") -> np.ndarray:
 def read_image_with_meta(path: "str | Path", *, voi: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Like :func:`read_image`, plus a metadata dict limited to :data:`SAFE_META_FIELDS`."""
     if voi not in VOI_MODES:
-        raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
+        raise ConfigError(f"voi={voi!r} is not one of {VOI_MODES}")
     path = Path(path)
     if not path.exists():
         raise BadImageError(path, "file not found")

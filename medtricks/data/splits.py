@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from medtricks.errors import ConfigError
 from medtricks.data.errors import LeakageError, ManifestError
 
 # Finer folds give fractions close to the one asked for (k of 20 folds = steps of 5 %).
@@ -24,9 +25,9 @@ _MAX_FOLDS = 20
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= float(value) < 1.0:
-            raise ValueError(f"{name}={value!r}: expected a number in [0, 1)")
+            raise ConfigError(f"{name}={value!r}: expected a number in [0, 1)")
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction:.3g} leaves no training data; "
+        raise ConfigError(f"val_fraction + test_fraction = {val_fraction + test_fraction:.3g} leaves no training data; "
                          "expected a sum below 1")
 
 
@@ -129,12 +130,12 @@ def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequenc
     """
     _check_fractions(val_fraction, test_fraction)
     if test_by not in TEST_BY:
-        raise ValueError(f"test_by={test_by!r}: expected one of {TEST_BY}")
+        raise ConfigError(f"test_by={test_by!r}: expected one of {TEST_BY}")
     labels = np.asarray(labels).astype(str)
     groups = np.asarray(groups).astype(str)
     n = len(labels)
     if len(groups) != n:
-        raise ValueError(f"labels ({n}) and groups ({len(groups)}) differ in length")
+        raise ConfigError(f"labels ({n}) and groups ({len(groups)}) differ in length")
     declared = np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
                          for v in (explicit if explicit is not None else [None] * n)], dtype=object)
     bad = sorted(set(declared) - {"", "train", "val", "test"})
@@ -190,7 +191,7 @@ def check_leakage(manifest, *, max_listed: int = 10) -> None:
     """
     missing = {"path", "patient", "split"} - set(manifest.columns)
     if missing:
-        raise ValueError(f"check_leakage needs manifest columns {sorted(missing)}; got {list(manifest.columns)}")
+        raise ConfigError(f"check_leakage needs manifest columns {sorted(missing)}; got {list(manifest.columns)}")
     problems: list[str] = []
     files: list[str] = []
 

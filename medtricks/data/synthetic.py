@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from medtricks.errors import ConfigError
+
 SYNTHETIC_CARD = "synthetic-phantoms"
 MANIFEST_NAME = "phantoms.csv"
 PARAMS_NAME = "phantoms.json"
@@ -158,16 +160,16 @@ def synthesize_phantoms(out_dir, n: int = 600, classes: Sequence[str] = ("normal
 
     classes = tuple(str(c).strip() for c in classes)
     if fmt not in FORMATS:
-        raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
+        raise ConfigError(f"fmt={fmt!r}: expected one of {FORMATS}")
     if int(n) < 1:
-        raise ValueError(f"n={n}: expected at least one image")
+        raise ConfigError(f"n={n}: expected at least one image")
     if int(size) < 16:
-        raise ValueError(f"size={size}: expected at least 16 pixels")
+        raise ConfigError(f"size={size}: expected at least 16 pixels")
     if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ValueError(f"classes={classes}: expected 2 or more distinct class names")
+        raise ConfigError(f"classes={classes}: expected 2 or more distinct class names")
     unknown = [c for c in classes if c not in LESIONS]
     if unknown:
-        raise ValueError(f"classes {unknown} have no phantom lesion; use names from {sorted(LESIONS)}")
+        raise ConfigError(f"classes {unknown} have no phantom lesion; use names from {sorted(LESIONS)}")
 
     out = Path(out_dir).expanduser()
     images = out / "images"

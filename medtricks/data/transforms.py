@@ -38,6 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
+from medtricks.errors import ConfigError, ConfigTypeError
+
 PRESETS = ("cxr_light", "cxr_shift", "paper_baseline", "none")
 _CROP_PCT = {"cxr_light": 1.0, "cxr_shift": 1.0, "paper_baseline": 0.875, "none": 1.0}
 
@@ -96,7 +98,7 @@ class XrayTransform:
         self.mean = _per_channel(mean, in_chans, "mean")
         self.std = _per_channel(std, in_chans, "std")
         if (self.std <= 0).any():
-            raise ValueError(f"std values must be > 0, got {tuple(std)}")
+            raise ConfigError(f"std values must be > 0, got {tuple(std)}")
         # A little larger than the eval side, so random crops at scale 1 still see the whole image.
         self.base_side = eval_resize_side(preset, image_size)
         ops = _train_ops(preset, image_size) if train else _eval_ops(preset, image_size)
@@ -112,9 +114,9 @@ class XrayTransform:
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
         if image.ndim != 2:
-            raise ValueError(f"expected a gray image of shape (H, W), got shape {image.shape}")
+            raise ConfigError(f"expected a gray image of shape (H, W), got shape {image.shape}")
         if not np.issubdtype(image.dtype, np.floating):
-            raise TypeError(f"expected a float image in [0, 1] (as read_image returns), got dtype {image.dtype}")
+            raise ConfigTypeError(f"expected a float image in [0, 1] (as read_image returns), got dtype {image.dtype}")
         if self.random:
             self.pipeline.set_random_seed(random.getrandbits(32))
         out = self.pipeline(image=np.ascontiguousarray(image, dtype=np.float32)[..., None])["image"]
@@ -133,7 +135,7 @@ def _per_channel(values: Sequence[float], in_chans: int, name: str) -> np.ndarra
     if len(values) == 1:
         values = values * in_chans  # a 1-tuple with in_chans=3 replicates
     if len(values) != in_chans:
-        raise ValueError(f"{name} has {len(values)} values {values}; expected 1 or in_chans={in_chans}")
+        raise ConfigError(f"{name} has {len(values)} values {values}; expected 1 or in_chans={in_chans}")
     return np.asarray(values, dtype=np.float32)
 
 
@@ -147,9 +149,9 @@ def build_transforms(preset: str, image_size: int, *, mean: Sequence[float], std
                                    std=(0.229, 0.224, 0.225), in_chans=3, train=True)
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {preset!r}; expected one of {PRESETS}")
+        raise ConfigError(f"unknown augmentation preset {preset!r}; expected one of {PRESETS}")
     if int(image_size) < 8:
-        raise ValueError(f"image_size={image_size}: expected at least 8 pixels")
+        raise ConfigError(f"image_size={image_size}: expected at least 8 pixels")
     if int(in_chans) < 1:
-        raise ValueError(f"in_chans={in_chans}: expected 1 or more channels")
+        raise ConfigError(f"in_chans={in_chans}: expected 1 or more channels")
     return XrayTransform(preset, image_size, mean=mean, std=std, in_chans=in_chans, train=train)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from medtricks.errors import ConfigError
+
 __all__ = ["drop_metric_fns", "unpaired_bootstrap_delta", "PerformanceDrop", "performance_drop"]
 
 
@@ -85,7 +87,7 @@ def _unpaired_bootstrap(y_a: np.ndarray, p_a: np.ndarray, y_b: np.ndarray, p_b: 
 def _check_pair(y: Any, probs: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     y, p = np.asarray(y).astype(int), np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or y.ndim != 1 or len(y) != len(p) or not len(y):
-        raise ValueError(f"{name}: need y_true (N,) and probs (N, K) with N > 0, got shapes {y.shape} and {p.shape}")
+        raise ConfigError(f"{name}: need y_true (N,) and probs (N, K) with N > 0, got shapes {y.shape} and {p.shape}")
     return y, p
 
 
@@ -111,7 +113,7 @@ def unpaired_bootstrap_delta(y_a: Any, probs_a: Any, y_b: Any, probs_b: Any, met
     ya, pa = _check_pair(y_a, probs_a, "set a")
     yb, pb = _check_pair(y_b, probs_b, "set b")
     if pa.shape[1] != pb.shape[1]:
-        raise ValueError(f"probs_a has {pa.shape[1]} classes but probs_b has {pb.shape[1]}")
+        raise ConfigError(f"probs_a has {pa.shape[1]} classes but probs_b has {pb.shape[1]}")
     _check_bootstrap_args(n_bootstrap, ci)
     name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     fn = _scalar_metric_fn(metric, pa.shape[1], 15)
@@ -161,7 +163,7 @@ def performance_drop(y_internal: Any, probs_internal: Any, y_external: Any, prob
     ya, pa = _check_pair(y_internal, probs_internal, "internal test predictions")
     yb, pb = _check_pair(y_external, probs_external, "external predictions")
     if pa.shape[1] != len(classes) or pb.shape[1] != len(classes):
-        raise ValueError(f"internal ({pa.shape[1]}) and external ({pb.shape[1]}) predictions must both have "
+        raise ConfigError(f"internal ({pa.shape[1]}) and external ({pb.shape[1]}) predictions must both have "
                          f"{len(classes)} class columns ({classes})")
     _check_bootstrap_args(n_bootstrap, ci)
     results = _unpaired_bootstrap(ya, pa, yb, pb, drop_metric_fns(classes), n_bootstrap=n_bootstrap, ci=ci,

@@ -29,6 +29,8 @@ import numpy as np
 from sklearn import config_context
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
+from medtricks.errors import ConfigError, ResourceError
+
 __all__ = [
     "MetricsResult",
     "compute_metrics",
@@ -55,22 +57,22 @@ _ROW_SUM_ATOL = 1e-3
 def _check_labels(y_true: Any, n_classes: int | None = None, name: str = "y_true") -> np.ndarray:
     y = np.asarray(y_true)
     if y.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of integer labels, got shape {y.shape}")
+        raise ConfigError(f"{name} must be a 1-D array of integer labels, got shape {y.shape}")
     if y.size == 0:
-        raise ValueError(f"{name} is empty: need at least one image to evaluate")
+        raise ConfigError(f"{name} is empty: need at least one image to evaluate")
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.bool_):
             y = y.astype(np.int64)
         elif np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             y = y.astype(np.int64)
         else:
-            raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype} (e.g. {y[:3]!r})")
+            raise ConfigError(f"{name} must hold integer class indices, got dtype {y.dtype} (e.g. {y[:3]!r})")
     y = y.astype(np.int64, copy=False)
     if n_classes is not None:
         bad = np.flatnonzero((y < 0) | (y >= n_classes))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(
+            raise ConfigError(
                 f"{name}[{i}] = {int(y[i])} is not a class index: expected 0..{n_classes - 1} "
                 f"for {n_classes} classes ({bad.size} bad label(s) in total)"
             )
@@ -81,18 +83,18 @@ def _check_probs(probs: Any, n: int, name: str = "probs") -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2:
         hint = " (binary: pass np.stack([1 - p, p], axis=1))" if p.ndim == 1 else ""
-        raise ValueError(f"{name} must have shape (N, K) with one column per class, got {p.shape}{hint}")
+        raise ConfigError(f"{name} must have shape (N, K) with one column per class, got {p.shape}{hint}")
     if p.shape[0] != n:
-        raise ValueError(f"{name} has {p.shape[0]} rows but y_true has {n} labels; expected one row per image")
+        raise ConfigError(f"{name} has {p.shape[0]} rows but y_true has {n} labels; expected one row per image")
     if p.shape[1] < 2:
-        raise ValueError(f"{name} must have K >= 2 columns (one per class), got {p.shape[1]}")
+        raise ConfigError(f"{name} must have K >= 2 columns (one per class), got {p.shape[1]}")
     bad = np.argwhere(~np.isfinite(p))
     if bad.size:
         i, j = (int(v) for v in bad[0])
-        raise ValueError(f"{name}[{i}, {j}] = {p[i, j]} is not finite ({len(bad)} non-finite value(s))")
+        raise ConfigError(f"{name}[{i}, {j}] = {p[i, j]} is not finite ({len(bad)} non-finite value(s))")
     if p.min() < -_ROW_SUM_ATOL or p.max() > 1 + _ROW_SUM_ATOL:
         i, j = np.unravel_index(int(np.argmax(np.abs(p - 0.5))), p.shape)
-        raise ValueError(
+        raise ConfigError(
             f"{name}[{i}, {j}] = {p[i, j]:.4g} is outside [0, 1]: expected softmax probabilities; "
             "did you pass logits? apply torch.softmax(logits, dim=1) first"
         )
@@ -100,7 +102,7 @@ def _check_probs(probs: Any, n: int, name: str = "probs") -> np.ndarray:
     off = np.flatnonzero(np.abs(sums - 1.0) > _ROW_SUM_ATOL)
     if off.size:
         i = int(off[0])
-        raise ValueError(
+        raise ConfigError(
             f"{name} row {i} sums to {sums[i]:.6g}, expected 1 (softmax probabilities; {off.size} row(s) off); "
             "did you pass logits or sigmoid outputs? apply torch.softmax(logits, dim=1) first"
         )
@@ -111,23 +113,23 @@ def _check_probs(probs: Any, n: int, name: str = "probs") -> np.ndarray:
 
 def _check_classes(classes: Sequence[str], n_classes: int) -> list[str]:
     if isinstance(classes, str) or not isinstance(classes, Sequence):
-        raise ValueError(f"classes must be a list of class names, got {classes!r}")
+        raise ConfigError(f"classes must be a list of class names, got {classes!r}")
     names = [str(c) for c in classes]
     if len(names) != n_classes:
-        raise ValueError(
+        raise ConfigError(
             f"classes has {len(names)} names {names} but probs has {n_classes} columns; expected one name per column"
         )
     if len(set(names)) != len(names):
         dupes = sorted({c for c in names if names.count(c) > 1})
-        raise ValueError(f"classes must be unique, got duplicates {dupes} in {names}")
+        raise ConfigError(f"classes must be unique, got duplicates {dupes} in {names}")
     return names
 
 
 def _check_bootstrap_args(n_bootstrap: int, ci: float) -> None:
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be an integer >= 0 (0 = no confidence intervals), got {n_bootstrap!r}")
+        raise ConfigError(f"n_bootstrap must be an integer >= 0 (0 = no confidence intervals), got {n_bootstrap!r}")
     if not (0.0 < float(ci) < 1.0):
-        raise ValueError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
+        raise ConfigError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def calibration_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndar
 
 def _calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"ECE bins must be an integer >= 1, got {n_bins!r}")
+        raise ConfigError(f"ECE bins must be an integer >= 1, got {n_bins!r}")
     # Heavy imports only when calibration is actually computed.
     import torch
 
@@ -242,7 +244,7 @@ def _scalar_metric_fn(metric: str | Callable, k: int, ece_bins: int) -> Callable
         return lambda y, p: _ece(y, p, ece_bins)
     if metric in ("accuracy", "balanced_accuracy", "f1"):
         return lambda y, p: _confusion_metrics(y, p.argmax(axis=1), k)[metric]
-    raise ValueError(f"metric must be one of {list(SCALAR_METRICS)} or a callable(y_true, probs) -> float, got {metric!r}")
+    raise ConfigError(f"metric must be one of {list(SCALAR_METRICS)} or a callable(y_true, probs) -> float, got {metric!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,9 +295,9 @@ def bootstrap_ci(
     y = np.asarray(y_true)
     p = np.asarray(probs)
     if y.ndim < 1 or len(y) == 0:
-        raise ValueError(f"y_true must be a non-empty array, got shape {y.shape}")
+        raise ConfigError(f"y_true must be a non-empty array, got shape {y.shape}")
     if p.shape[:1] != y.shape[:1]:
-        raise ValueError(f"probs has {p.shape[0] if p.ndim else 0} rows but y_true has {len(y)}; expected one row per image")
+        raise ConfigError(f"probs has {p.shape[0] if p.ndim else 0} rows but y_true has {len(y)}; expected one row per image")
     if n_bootstrap == 0:
         return (math.nan, math.nan)
     samples = np.full(n_bootstrap, np.nan)
@@ -309,7 +311,7 @@ def bootstrap_ci(
             first_error = first_error or err
     n_skipped = int(np.sum(~np.isfinite(samples)))
     if n_skipped == n_bootstrap and first_error is not None:
-        raise RuntimeError(
+        raise ResourceError(
             f"bootstrap_ci: metric_fn failed on every one of {n_bootstrap} resamples; first error: {first_error}"
         ) from first_error
     if n_skipped:
@@ -498,7 +500,7 @@ def paired_bootstrap_delta(
     pa = _check_probs(probs_a, len(y), name="probs_a")
     pb = _check_probs(probs_b, len(y), name="probs_b")
     if pa.shape != pb.shape:
-        raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must have the same shape (same images, same classes)")
+        raise ConfigError(f"probs_a {pa.shape} and probs_b {pb.shape} must have the same shape (same images, same classes)")
     y = _check_labels(y, pa.shape[1])
     _check_bootstrap_args(n_bootstrap, ci)
     fn = _scalar_metric_fn(metric, pa.shape[1], ece_bins)

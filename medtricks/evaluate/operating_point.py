@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medtricks.errors import ConfigError
+
 __all__ = ["OperatingPoint", "select_threshold", "prior_shift", "probs_at_threshold", "class_priors",
            "OPERATING_POINT_FILE"]
 
@@ -58,7 +60,7 @@ class OperatingPoint:
             data = json.loads(path.read_text())
             return cls(**data)
         except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{path}: not a medtricks operating point ({err})") from err
+            raise ConfigError(f"{path}: not a medtricks operating point ({err})") from err
 
     def describe(self) -> str:
         how = {"youden": "Youden's J on validation",
@@ -74,14 +76,14 @@ def _binary(y_true: Any, probs: Any, positive_index: int) -> tuple[np.ndarray, n
     y = np.asarray(y_true).astype(int)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 2:
-        raise ValueError(f"operating points are for binary models: probs must be (N, 2), got {p.shape}")
+        raise ConfigError(f"operating points are for binary models: probs must be (N, 2), got {p.shape}")
     if len(y) != len(p):
-        raise ValueError(f"y_true ({len(y)}) and probs ({len(p)}) differ in length")
+        raise ConfigError(f"y_true ({len(y)}) and probs ({len(p)}) differ in length")
     if not 0 <= positive_index < 2:
-        raise ValueError(f"positive_index must be 0 or 1, got {positive_index}")
+        raise ConfigError(f"positive_index must be 0 or 1, got {positive_index}")
     positives = y == positive_index
     if positives.all() or not positives.any():
-        raise ValueError("choosing a threshold needs both classes in y_true (validation split has one class)")
+        raise ConfigError("choosing a threshold needs both classes in y_true (validation split has one class)")
     return positives.astype(int), p[:, positive_index]
 
 
@@ -106,11 +108,11 @@ def select_threshold(y_true: Any, probs: Any, *, method: str = "youden", target_
         i = int(best[np.argmin(np.abs(thresholds[best] - 0.5))])
     elif method == "sensitivity":
         if target_sensitivity is None or not 0.0 < float(target_sensitivity) <= 1.0:
-            raise ValueError(f"method 'sensitivity' needs target_sensitivity in (0, 1], got {target_sensitivity!r}")
+            raise ConfigError(f"method 'sensitivity' needs target_sensitivity in (0, 1], got {target_sensitivity!r}")
         reach = np.flatnonzero(tpr >= float(target_sensitivity) - 1e-12)
         i = int(reach[0])  # thresholds decrease along the curve: the first one that reaches it
     else:
-        raise ValueError(f"unknown threshold method {method!r}; expected 'youden' or 'sensitivity'")
+        raise ConfigError(f"unknown threshold method {method!r}; expected 'youden' or 'sensitivity'")
     return OperatingPoint(threshold=float(min(max(thresholds[i], 0.0), 1.0)), method=method,
                           positive_index=positive_index,
                           target_sensitivity=None if target_sensitivity is None else float(target_sensitivity),
@@ -122,7 +124,7 @@ def class_priors(y: Any, n_classes: int) -> list[float]:
     """Class frequencies of integer labels ``y`` (what a model's posteriors were trained against)."""
     counts = np.bincount(np.asarray(y).astype(int), minlength=n_classes).astype(float)
     if counts.sum() == 0:
-        raise ValueError("no labels to count class priors from")
+        raise ConfigError("no labels to count class priors from")
     return list(counts / counts.sum())
 
 
@@ -137,14 +139,14 @@ def prior_shift(probs: Any, train_priors: Sequence[float], target_priors: Sequen
     src = np.asarray(train_priors, dtype=np.float64)
     if np.ndim(target_priors) == 0:
         if k != 2:
-            raise ValueError("a single prevalence is only meaningful for a binary model; give one prior per class")
+            raise ConfigError("a single prevalence is only meaningful for a binary model; give one prior per class")
         prevalence = float(target_priors)
         dst = np.array([1.0 - prevalence, prevalence])
     else:
         dst = np.asarray(target_priors, dtype=np.float64)
     for name, v in (("train_priors", src), ("target priors", dst)):
         if v.shape != (k,) or (v <= 0).any() or (v >= 1).any() or not np.isclose(v.sum(), 1.0):
-            raise ValueError(f"{name} must be {k} probabilities in (0, 1) summing to 1, got {v.tolist()}")
+            raise ConfigError(f"{name} must be {k} probabilities in (0, 1) summing to 1, got {v.tolist()}")
     weighted = p * (dst / src)[None, :]
     return weighted / np.maximum(weighted.sum(axis=1, keepdims=True), _EPS)
 
@@ -154,10 +156,10 @@ def probs_at_threshold(probs: Any, threshold: float, positive_index: int = 1) ->
     ``probs[:, positive_index] >= threshold``. Ranking (AUROC) is unchanged."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 2:
-        raise ValueError(f"thresholds apply to binary models: probs must be (N, 2), got {p.shape}")
+        raise ConfigError(f"thresholds apply to binary models: probs must be (N, 2), got {p.shape}")
     t = float(threshold)
     if not 0.0 < t < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        raise ConfigError(f"threshold must be in (0, 1), got {threshold!r}")
     w = np.ones(2)
     w[positive_index] = (1.0 - t) / t
     out = p * w[None, :]

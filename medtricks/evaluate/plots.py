@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medtricks.errors import ConfigError
 from medtricks.evaluate.metrics import _auroc, _calibration_bins, _check_classes, _check_labels, _check_probs
 
 __all__ = [
@@ -45,7 +46,7 @@ def plot_confusion_matrix(y_true: Any, y_pred: Any, classes: Sequence[str]) -> F
     y = _check_labels(y_true, len(names))
     pred = _check_labels(y_pred, len(names), name="y_pred")
     if len(pred) != len(y):
-        raise ValueError(f"y_pred has {len(pred)} labels but y_true has {len(y)}; expected one prediction per image")
+        raise ConfigError(f"y_pred has {len(pred)} labels but y_true has {len(y)}; expected one prediction per image")
     size = 2.5 + 0.6 * len(names)
     # "tight": constrained layout clips the y label next to an equal-aspect image with a colour bar
     fig = _new_figure(size + 1.0, size, layout="tight")
@@ -133,15 +134,15 @@ def plot_lr_schedule(lrs: Sequence[float] | Any, steps_per_epoch: int | None = N
     if lr.ndim == 1:
         lr = lr[:, None]
     if lr.ndim != 2 or lr.shape[0] == 0:
-        raise ValueError(
+        raise ConfigError(
             f"lrs must be a non-empty sequence of learning rates (or a (steps, groups) array), got shape {np.shape(lrs)}"
         )
     if not np.all(np.isfinite(lr)):
         i = int(np.argwhere(~np.isfinite(lr))[0][0])
-        raise ValueError(f"lrs[{i}] is not finite: {lr[i].tolist()}")
+        raise ConfigError(f"lrs[{i}] is not finite: {lr[i].tolist()}")
     is_count = isinstance(steps_per_epoch, (int, np.integer)) and not isinstance(steps_per_epoch, bool)
     if steps_per_epoch is not None and not (is_count and steps_per_epoch >= 1):
-        raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        raise ConfigError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
 
     fig = _new_figure(6.5, 3.5)
     ax = fig.add_subplot()
@@ -182,15 +183,15 @@ def plot_forest(
     names = [str(x) for x in labels]
     m, lo, hi = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (means, lows, highs))
     if not (len(names) == m.size == lo.size == hi.size) or not names:
-        raise ValueError(
+        raise ConfigError(
             "labels, means, lows, highs must be non-empty and equally long, "
             f"got {len(names)}, {m.size}, {lo.size}, {hi.size}"
         )
     for i in range(len(names)):
         if not math.isfinite(m[i]):
-            raise ValueError(f"means[{i}] for {names[i]!r} is not finite: {m[i]}")
+            raise ConfigError(f"means[{i}] for {names[i]!r} is not finite: {m[i]}")
         if math.isfinite(lo[i]) and math.isfinite(hi[i]) and not lo[i] <= m[i] <= hi[i]:
-            raise ValueError(f"row {names[i]!r}: expected low <= mean <= high, got {lo[i]} <= {m[i]} <= {hi[i]}")
+            raise ConfigError(f"row {names[i]!r}: expected low <= mean <= high, got {lo[i]} <= {m[i]} <= {hi[i]}")
 
     fig = _new_figure(7.0, 1.2 + 0.45 * len(names))
     ax = fig.add_subplot()

@@ -12,6 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from medtricks.errors import ConfigError, ConfigTypeError
+
 __all__ = ["resizer_comparison_figure"]
 
 
@@ -43,17 +45,17 @@ def resizer_comparison_figure(resizer: nn.Module, images: torch.Tensor, *, n: in
         >>> fig.savefig("resizer_comparison.png", dpi=100)
     """
     if not hasattr(resizer, "resize") or not callable(resizer.resize):
-        raise TypeError(
+        raise ConfigTypeError(
             f"resizer_comparison_figure: resizer must have a resize() method (a LearnableResizer), "
             f"got {type(resizer).__name__}"
         )
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(
+        raise ConfigError(
             f"resizer_comparison_figure: images must be a non-empty (N, C, H, W) tensor, got {shape}"
         )
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"resizer_comparison_figure: n must be a positive integer, got {n!r}")
+        raise ConfigError(f"resizer_comparison_figure: n must be a positive integer, got {n!r}")
 
     modes = {module: module.training for module in resizer.modules()}
     try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+from medtricks.errors import ConfigError
+
 __all__ = ["split_table", "split_gaps", "headline_keys"]
 
 
@@ -57,7 +59,7 @@ def split_table(results: dict, *, keys: Optional[Sequence[str]] = None, referenc
     other split against ``reference``. ``results`` maps split name -> MetricsResult (None skipped)."""
     results = {k: v for k, v in results.items() if v is not None}
     if reference not in results:
-        raise ValueError(f"split_table needs the reference split {reference!r}; got {sorted(results)}")
+        raise ConfigError(f"split_table needs the reference split {reference!r}; got {sorted(results)}")
     first = results[reference]
     keys = list(keys) if keys is not None else [k for k in first.values if k != "n"]
     others = [s for s in results if s != reference]

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from medtricks.errors import ConfigError
+
 __all__ = ["mean_ci", "paired_comparison"]
 
 _TESTS = {"t": "paired t", "wilcoxon": "wilcoxon"}
@@ -22,18 +24,18 @@ _TESTS = {"t": "paired t", "wilcoxon": "wilcoxon"}
 def _as_values(values: Any, name: str) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of per-seed metric values, got shape {v.shape}")
+        raise ConfigError(f"{name} must be a 1-D sequence of per-seed metric values, got shape {v.shape}")
     if v.size == 0:
-        raise ValueError(f"{name} is empty: need at least one per-seed value")
+        raise ConfigError(f"{name} is empty: need at least one per-seed value")
     bad = np.flatnonzero(~np.isfinite(v))
     if bad.size:
-        raise ValueError(f"{name}[{int(bad[0])}] = {v[bad[0]]} is not finite; a failed run must be re-run or removed explicitly")
+        raise ConfigError(f"{name}[{int(bad[0])}] = {v[bad[0]]} is not finite; a failed run must be re-run or removed explicitly")
     return v
 
 
 def _check_ci(ci: float) -> None:
     if not (0.0 < float(ci) < 1.0):
-        raise ValueError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
+        raise ConfigError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
 
 
 def mean_ci(values: Sequence[float], ci: float = 0.95) -> tuple[float, float, float]:
@@ -86,11 +88,11 @@ def paired_comparison(
         ('helps', 0.018)
     """
     if test not in _TESTS:
-        raise ValueError(f"test must be one of {sorted(_TESTS)}, got {test!r}")
+        raise ConfigError(f"test must be one of {sorted(_TESTS)}, got {test!r}")
     _check_ci(ci)
     av, bv = _as_values(a, "a"), _as_values(b, "b")
     if av.size != bv.size:
-        raise ValueError(f"a has {av.size} values and b has {bv.size}; paired comparison needs one value per seed in both")
+        raise ConfigError(f"a has {av.size} values and b has {bv.size}; paired comparison needs one value per seed in both")
     diff = av - bv
     delta = float(diff.mean())
     out: dict[str, Any] = {

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from medtricks.errors import ConfigError
 from medtricks.models import weights as zoo
 from medtricks.models.layout import classifier_names, find_backbone, first_convs, stage_of_parameter
 from medtricks.models.names import ALIASES, MONAI_ARCHS, resolve_model_name
@@ -68,7 +69,7 @@ def _build(name: str, *, num_classes: int, in_chans: int, drop_rate: float, kwar
     """A fresh model; with ``pretrained_file`` (timm only) loaded by timm's pretrained loader."""
     if name.startswith("monai:"):
         if drop_rate:
-            raise ValueError(f"drop_rate={drop_rate} is not supported for {name}; MONAI nets take "
+            raise ConfigError(f"drop_rate={drop_rate} is not supported for {name}; MONAI nets take "
                              "their own dropout options through model.kwargs (e.g. dropout_prob "
                              "for monai:densenet121)")
         return _build_monai(name, num_classes, in_chans, kwargs)
@@ -133,11 +134,11 @@ def _default_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...], tup
 
 def _check_args(num_classes: Any, in_chans: Any, drop_rate: Any) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
-        raise ValueError(f"in_chans must be a positive integer (1 for gray, 3 for RGB), got {in_chans!r}")
+        raise ConfigError(f"in_chans must be a positive integer (1 for gray, 3 for RGB), got {in_chans!r}")
     if not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
+        raise ConfigError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
 
 
 def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_chans: int = 1,
@@ -175,7 +176,7 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
     """
     _check_args(num_classes, in_chans, drop_rate)
     if not isinstance(weights, str) or not weights:
-        raise ValueError(f"weights must be 'none', one of {', '.join(zoo.WEIGHT_NAMES)} or "
+        raise ConfigError(f"weights must be 'none', one of {', '.join(zoo.WEIGHT_NAMES)} or "
                          f"'file:/path[#sha256=HEX]', got {weights!r}")
     resolved = resolve_model_name(name)
     kwargs = dict(timm_kwargs)
@@ -250,7 +251,7 @@ def _timm_pretrained_shape(name: str) -> tuple[int, int]:
 def _insert_attention(model: nn.Module, attention: Optional[str], stages: Optional[list[int]]) -> list[dict]:
     if attention is None:
         if stages is not None:
-            raise ValueError("attention_stages is set but attention is None; set attention='se' or 'cbam'")
+            raise ConfigError("attention_stages is set but attention is None; set attention='se' or 'cbam'")
         return []
     return add_attention(model, kind=attention, stages=stages)
 
@@ -353,7 +354,7 @@ def adapt_input_channels(model: nn.Module, in_chans: int, mean: tuple[float, ...
     for conv_name in first_convs:
         conv = model.get_submodule(conv_name)
         if not isinstance(conv, nn.Conv2d) or conv.weight.ndim != 4:
-            raise ValueError(f"cannot adapt input layer {conv_name!r} ({type(conv).__name__}) to "
+            raise ConfigError(f"cannot adapt input layer {conv_name!r} ({type(conv).__name__}) to "
                              f"{in_chans} channels")
         src = conv.weight.shape[1]
         exact = (in_chans == 1 and src == len(mean) and conv.groups == 1

@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
+from medtricks.errors import ConfigError
 from medtricks.models.layout import find_backbone, stage_of_parameter
 
 __all__ = ["freeze_model", "FREEZE_KEYWORDS"]
@@ -38,7 +39,7 @@ def _as_items(freeze: FreezeSpec) -> list[Union[int, str]]:
         return [freeze]
     if isinstance(freeze, (list, tuple)):
         return list(freeze)
-    raise ValueError(f"model.freeze must be null, {', '.join(map(repr, FREEZE_KEYWORDS))}, or a list "
+    raise ConfigError(f"model.freeze must be null, {', '.join(map(repr, FREEZE_KEYWORDS))}, or a list "
                      f"of stage indices / module-name patterns, got {freeze!r}")
 
 
@@ -46,7 +47,7 @@ def _params_of_patterns(model: nn.Module, pattern: str) -> set[str]:
     matched = [name for name, _ in model.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
     if not matched:
         top = ", ".join(name for name, _ in model.named_children())
-        raise ValueError(f"model.freeze pattern {pattern!r} matches no module; module names look like "
+        raise ConfigError(f"model.freeze pattern {pattern!r} matches no module; module names look like "
                          f"{top} (and dotted children such as layer1.0.conv1; fnmatch wildcards allowed)")
     names = set()
     for module_name in matched:
@@ -67,10 +68,10 @@ def _selected(model: nn.Module, freeze: FreezeSpec) -> set[str]:
         if isinstance(item, str) and item.strip().isdigit():
             item = int(item)
         if isinstance(item, bool):
-            raise ValueError(f"model.freeze: {item!r} is not a stage index or pattern")
+            raise ConfigError(f"model.freeze: {item!r} is not a stage index or pattern")
         if isinstance(item, int):
             if not 0 <= item <= head:
-                raise ValueError(f"model.freeze stage {item} out of range: this model has stages "
+                raise ConfigError(f"model.freeze stage {item} out of range: this model has stages "
                                  f"0 (stem) to {head} (head)")
             selected |= {n for n, s in stages.items() if s == item}
         elif item == "stem":
@@ -78,11 +79,11 @@ def _selected(model: nn.Module, freeze: FreezeSpec) -> set[str]:
         elif item == "all_but_head":
             selected |= {n for n, s in stages.items() if s != head}
         elif item == "none":
-            raise ValueError("model.freeze: 'none' cannot be combined with other entries")
+            raise ConfigError("model.freeze: 'none' cannot be combined with other entries")
         elif isinstance(item, str):
             selected |= _params_of_patterns(model, item)
         else:
-            raise ValueError(f"model.freeze entry {item!r}: expected a stage index, "
+            raise ConfigError(f"model.freeze entry {item!r}: expected a stage index, "
                              f"{', '.join(map(repr, FREEZE_KEYWORDS))} or a module-name pattern")
     return selected
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from medtricks.errors import ConfigError
 from medtricks.models.names import MONAI_ARCHS
 
 __all__ = ["find_backbone", "stage_of_parameter", "first_convs", "classifier_names"]
@@ -54,7 +55,7 @@ def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
     for prefix, module in model.named_modules():
         if hasattr(module, "group_matcher"):
             return prefix, module
-    raise ValueError(f"{type(model).__name__} holds no medtricks/timm backbone; build it with "
+    raise ConfigError(f"{type(model).__name__} holds no medtricks/timm backbone; build it with "
                      "medtricks.models.create_model")
 
 
@@ -64,7 +65,7 @@ def _matcher(prefix: str, backbone: nn.Module) -> Any:
         return MONAI_ARCHS[name]["matcher"]
     if hasattr(backbone, "group_matcher"):
         return backbone.group_matcher(coarse=True)
-    raise ValueError(f"no stage layout known for {type(backbone).__name__} at {prefix or 'the root'!r}")
+    raise ConfigError(f"no stage layout known for {type(backbone).__name__} at {prefix or 'the root'!r}")
 
 
 def stage_of_parameter(model: nn.Module, *, coarse: bool = True) -> dict[str, int]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from medtricks.errors import ConfigError
+
 __all__ = ["ALIASES", "MONAI_ARCHS", "resolve_model_name"]
 
 #: Recipe names that stand for another model. ``efficientnet_lite0`` means the TF-ported lite0
@@ -47,11 +49,11 @@ def resolve_model_name(name: str) -> str:
     import timm.models
 
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+        raise ConfigError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
     if name.startswith("monai:"):
         if name.lower() not in MONAI_ARCHS:
-            raise ValueError(f"unknown MONAI model {name!r}; supported: {', '.join(MONAI_ARCHS)}")
+            raise ConfigError(f"unknown MONAI model {name!r}; supported: {', '.join(MONAI_ARCHS)}")
         return name.lower()
     if name.startswith("timm:"):
         name = name[len("timm:"):]
@@ -61,6 +63,6 @@ def resolve_model_name(name: str) -> str:
     if not timm.is_model(base):
         close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model name {name!r}: not a timm model nor one of "
+        raise ConfigError(f"unknown model name {name!r}: not a timm model nor one of "
                          f"{', '.join(MONAI_ARCHS)}{hint}")
     return name

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medtricks.errors import ConfigError, ConfigTypeError
+
 __all__ = [
     "ATTENTIONS",
     "INTERPOLATIONS",
@@ -48,7 +50,7 @@ _LEAKY_SLOPE = 0.2
 
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LearnableResizer: {name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"LearnableResizer: {name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -58,7 +60,7 @@ def _check_size(value: object) -> tuple[int, int]:
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         pair = value
     else:
-        raise ValueError(
+        raise ConfigError(
             f"LearnableResizer: out_size must be an int or a (height, width) pair, got {value!r}"
         )
     for side in pair:
@@ -149,15 +151,15 @@ class LearnableResizer(nn.Module):
         _check_positive_int("in_chans", in_chans)
         _check_positive_int("n_filters", n_filters)
         if isinstance(n_res_blocks, bool) or not isinstance(n_res_blocks, int) or n_res_blocks < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"LearnableResizer: n_res_blocks must be an integer >= 0, got {n_res_blocks!r}"
             )
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"LearnableResizer: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}"
             )
         if attention not in ATTENTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"LearnableResizer: attention must be one of {ATTENTIONS}, got {attention!r}"
             )
         self.in_chans = in_chans
@@ -193,7 +195,7 @@ class LearnableResizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise ConfigError(
                 f"LearnableResizer: expected a (N, {self.in_chans}, H, W) batch, got shape {tuple(x.shape)}"
             )
         skip = self.resize(x)
@@ -225,7 +227,7 @@ class ResizerModel(nn.Module):
     def __init__(self, resizer: nn.Module, backbone: nn.Module) -> None:
         super().__init__()
         if not isinstance(resizer, nn.Module) or not isinstance(backbone, nn.Module):
-            raise TypeError(
+            raise ConfigTypeError(
                 "ResizerModel: resizer and backbone must be torch.nn.Module instances, got "
                 f"{type(resizer).__name__} and {type(backbone).__name__}"
             )
@@ -263,11 +265,11 @@ def resizer_param_count(
     """
     for name, value in (("in_chans", in_chans), ("n_filters", n_filters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"resizer_param_count: {name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"resizer_param_count: {name} must be a positive integer, got {value!r}")
     if isinstance(n_res_blocks, bool) or not isinstance(n_res_blocks, int) or n_res_blocks < 0:
-        raise ValueError(f"resizer_param_count: n_res_blocks must be an integer >= 0, got {n_res_blocks!r}")
+        raise ConfigError(f"resizer_param_count: n_res_blocks must be an integer >= 0, got {n_res_blocks!r}")
     if attention not in ATTENTIONS:
-        raise ValueError(f"resizer_param_count: attention must be one of {ATTENTIONS}, got {attention!r}")
+        raise ConfigError(f"resizer_param_count: attention must be one of {ATTENTIONS}, got {attention!r}")
     c, n, r = in_chans, n_filters, n_res_blocks
     total = 98 * c * n + c + (18 * r + 10) * n * n + (4 * r + 6) * n
     if attention == "cbam":

@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from medtricks.errors import ConfigError, MissingFileError
+
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from torch import nn
 
@@ -36,21 +38,21 @@ __all__ = [
 def parse_file_spec(spec: str) -> tuple[Path, Optional[str]]:
     """``"file:/p/ckpt.pth#sha256=ab12..."`` → ``(Path("/p/ckpt.pth"), "ab12...")``."""
     if not spec.startswith("file:"):
-        raise ValueError(f"expected 'file:/path/to/checkpoint[#sha256=HEX]', got {spec!r}")
+        raise ConfigError(f"expected 'file:/path/to/checkpoint[#sha256=HEX]', got {spec!r}")
     body = spec[len("file:"):]
     path_text, _, fragment = body.partition("#")
     expected = None
     if fragment:
         key, _, value = fragment.partition("=")
         if key != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{8,64}", value or ""):
-            raise ValueError(f"weights {spec!r}: the part after '#' must be sha256=<8 to 64 hex "
+            raise ConfigError(f"weights {spec!r}: the part after '#' must be sha256=<8 to 64 hex "
                              f"digits>, got {fragment!r}")
         expected = value.lower()
     if not path_text:
-        raise ValueError(f"weights {spec!r}: no path after 'file:'")
+        raise ConfigError(f"weights {spec!r}: no path after 'file:'")
     path = Path(path_text).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights {spec!r}: checkpoint file {path} does not exist")
+        raise MissingFileError(f"weights {spec!r}: checkpoint file {path} does not exist")
     return path, expected
 
 
@@ -76,7 +78,7 @@ def _load_file(path: Path) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named, never unsafe-loaded
-        raise ValueError(
+        raise ConfigError(
             f"cannot read checkpoint {path} with torch.load(weights_only=True): {err}. medtricks "
             "never unpickles arbitrary objects; re-save the weights as a plain state_dict "
             "(torch.save(model.state_dict(), path)) or as .safetensors.") from err
@@ -92,9 +94,9 @@ def _extract(obj: Any, path: Path) -> dict:
             if isinstance(obj.get(key), dict):
                 return _extract(obj[key], path)
         keys = ", ".join(map(str, list(obj)[:10]))
-        raise ValueError(f"checkpoint {path}: no state dict found; expected a dict of tensors or a "
+        raise ConfigError(f"checkpoint {path}: no state dict found; expected a dict of tensors or a "
                          f"dict with 'state_dict' or 'model', got keys: {keys}")
-    raise ValueError(f"checkpoint {path}: expected a state dict (dict of tensors), "
+    raise ConfigError(f"checkpoint {path}: expected a state dict (dict of tensors), "
                      f"got {type(obj).__name__}")
 
 
@@ -117,7 +119,7 @@ def _strip_wrappers(state_dict: dict, target_keys: set[str]) -> dict:
         if key not in target_keys:
             key = ".".join(p for p in key.split(".") if p not in _WRAPPER_SEGMENTS)
         if key in out:
-            raise ValueError(f"checkpoint has two tensors for {key!r} after removing "
+            raise ConfigError(f"checkpoint has two tensors for {key!r} after removing "
                              "'module.' prefixes")
         out[key] = value
     return out
@@ -161,7 +163,7 @@ def map_lite0_state_dict(source: dict, target: dict) -> dict:
     src_items = list(source.items())
     tgt_items = list(target.items())
     if len(src_items) != len(tgt_items):
-        raise ValueError(f"efficientnet-lite0 weights: {len(src_items)} tensors in the package file "
+        raise ConfigError(f"efficientnet-lite0 weights: {len(src_items)} tensors in the package file "
                          f"but {len(tgt_items)} in timm's tf_efficientnet_lite0")
     out = {}
     for index, ((src_key, value), (tgt_key, ref)) in enumerate(zip(src_items, tgt_items)):
@@ -169,7 +171,7 @@ def map_lite0_state_dict(source: dict, target: dict) -> dict:
         if index == 0 and len(src_shape) == 4 and len(tgt_shape) == 4:
             src_shape[1] = tgt_shape[1]  # the stem's input channels are adapted afterwards
         if src_shape != tgt_shape or src_key.rsplit(".", 1)[-1] != tgt_key.rsplit(".", 1)[-1]:
-            raise ValueError(f"efficientnet-lite0 weights: {src_key} {tuple(value.shape)} does not "
+            raise ConfigError(f"efficientnet-lite0 weights: {src_key} {tuple(value.shape)} does not "
                              f"map onto {tgt_key} {tuple(ref.shape)}")
         out[tgt_key] = value
     return out
@@ -202,7 +204,7 @@ def normalize_state_dict(state_dict: dict, target: dict, key_map: Optional[str] 
     out = _strip_wrappers(state_dict, set(target))
     if key_map is not None:
         if key_map not in _KEY_MAPS:
-            raise ValueError(f"unknown key_map {key_map!r}; expected lite0_ordered or "
+            raise ConfigError(f"unknown key_map {key_map!r}; expected lite0_ordered or "
                              f"{', '.join(_KEY_MAPS)}")
         out = _KEY_MAPS[key_map](out)
     return out
@@ -224,5 +226,5 @@ def load_strict(model: nn.Module, state_dict: dict, *, what: str, allow_missing:
 
         parts = [f"{label} ({len(items)}): {show(items)}" for label, items in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
-        raise ValueError(f"{what} do not fit the model: " + "; ".join(parts))
+        raise ConfigError(f"{what} do not fit the model: " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=False)  # strictness checked above

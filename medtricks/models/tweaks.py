@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from medtricks.errors import ConfigError
 from medtricks.models.layout import stage_of_parameter
 
 __all__ = ["DoubledSigmoid", "make_zero_gated", "add_attention", "ATTENTION_KINDS"]
@@ -60,7 +61,7 @@ def make_zero_gated(kind: str, channels: int, rd_ratio: float = 1.0 / 16,
         nn.init.zeros_(conv.weight)
         module.spatial.conv = conv  # replaces ConvNormAct: no BN inside the gate
         return module
-    raise ValueError(f"attention kind must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
+    raise ConfigError(f"attention kind must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
 
 
 def _slot_channels(block: nn.Module) -> Optional[int]:
@@ -101,11 +102,11 @@ def add_attention(model: nn.Module, kind: str = "se", stages: Optional[Sequence[
             stage without blocks.
     """
     if kind not in ATTENTION_KINDS:
-        raise ValueError(f"attention kind must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
+        raise ConfigError(f"attention kind must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
     candidates = [(name, module, _slot_channels(module)) for name, module in model.named_modules()]
     candidates = [(name, module, ch) for name, module, ch in candidates if ch is not None]
     if not candidates:
-        raise ValueError(f"{type(model).__name__}: no block with an attention slot found; "
+        raise ConfigError(f"{type(model).__name__}: no block with an attention slot found; "
                          "attention insertion supports timm ResNet-family and EfficientNet-family "
                          "models (blocks with an `se` slot), not MONAI nets")
     param_stage = stage_of_parameter(model)
@@ -118,13 +119,13 @@ def add_attention(model: nn.Module, kind: str = "se", stages: Optional[Sequence[
     chosen = list(stages) if stages is not None else available[-2:]
     missing = [s for s in chosen if s not in available]
     if missing:
-        raise ValueError(f"attention_stages {missing} hold no blocks; stages with blocks: {available}")
+        raise ConfigError(f"attention_stages {missing} hold no blocks; stages with blocks: {available}")
     rows = []
     for name, block, stage, channels in blocks:
         if stage not in chosen:
             continue
         if not _is_empty(block.se):
-            raise ValueError(f"block {name!r} already has attention ({type(block.se).__name__}); "
+            raise ConfigError(f"block {name!r} already has attention ({type(block.se).__name__}); "
                              "attention is only added to models that have none (e.g. use resnet50, "
                              "not seresnet50)")
         ref = next(block.parameters())

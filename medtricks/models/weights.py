@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 # torch, timm and huggingface_hub are imported inside the functions that use them (seconds to
 # import): importing the zoo itself costs nothing until a file is located, read or downloaded.
-from medtricks.errors import MedtricksError
+from medtricks.errors import ConfigError, MedtricksError
 from medtricks.models.names import resolve_model_name
 
 # Reading and mapping checkpoints moved to medtricks.models.state_dict; re-exported here because
@@ -221,7 +221,7 @@ def check_file_hash(path: str | Path, expected: Optional[str], *, what: str) -> 
     """
     digest = sha256_file(path)
     if expected and not digest.startswith(expected.lower()):
-        raise ValueError(
+        raise ConfigError(
             f"{what}: sha256 mismatch for {path}: expected a digest starting with {expected.lower()!r}, "
             f"got {digest!r}. The file is corrupt or was modified; delete it and fetch it again."
         )
@@ -235,10 +235,10 @@ def timm_imagenet_entry(arch: str) -> WeightsEntry:
 
     base, _ = timm.models.split_model_name_tag(arch)
     if not timm.is_model(base):
-        raise ValueError(f"imagenet weights: {arch!r} is not a timm model name")
+        raise ConfigError(f"imagenet weights: {arch!r} is not a timm model name")
     cfg = timm.models.get_pretrained_cfg(arch, allow_unregistered=False)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ValueError(f"imagenet weights: timm has no pretrained weights for {arch!r}")
+        raise ConfigError(f"imagenet weights: timm has no pretrained weights for {arch!r}")
     hub_id = cfg.hf_hub_id
     if hub_id:
         url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{hub_id}"
@@ -257,14 +257,14 @@ def timm_imagenet_entry(arch: str) -> WeightsEntry:
 def find_entry(name: str, arch: Optional[str] = None) -> WeightsEntry:
     """The zoo entry ``name`` for ``arch`` (aliases resolved); raise ``ValueError`` naming choices."""
     if name not in WEIGHT_NAMES:
-        raise ValueError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
+        raise ConfigError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
                          "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'")
     candidates = [e for e in ZOO if e.name == name]
     if arch is None:
         arch = _DEFAULT_ARCH.get(name)
         if arch is None:
             archs = ", ".join(e.architecture for e in candidates)
-            raise ValueError(f"weights {name!r} exist for several architectures; pass one "
+            raise ConfigError(f"weights {name!r} exist for several architectures; pass one "
                              f"(--arch): {archs} or any timm model name")
     return entry_for(name, resolve_model_name(arch))
 
@@ -272,7 +272,7 @@ def find_entry(name: str, arch: Optional[str] = None) -> WeightsEntry:
 def entry_for(name: str, resolved: str) -> WeightsEntry:
     """Like :func:`find_entry` for an already resolved model name (no alias lookup)."""
     if name not in WEIGHT_NAMES:
-        raise ValueError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
+        raise ConfigError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
                          "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'")
     candidates = [e for e in ZOO if e.name == name]
     for entry in candidates:
@@ -281,7 +281,7 @@ def entry_for(name: str, resolved: str) -> WeightsEntry:
     if name == "imagenet" and not resolved.startswith("monai:"):
         return timm_imagenet_entry(resolved)
     archs = sorted({a for e in candidates for a in (e.architecture, *e.compatible)})
-    raise ValueError(f"weights {name!r} are not available for architecture {resolved!r}; "
+    raise ConfigError(f"weights {name!r} are not available for architecture {resolved!r}; "
                      f"they exist for: {', '.join(archs)}")
 
 
@@ -413,7 +413,7 @@ def _download_entry(entry: WeightsEntry) -> Path:
         except (urllib.error.URLError, OSError) as err:  # offline, DNS, 404, disk
             errors.append(f"{url}: {err}")
         except RuntimeError as err:  # torch.hub's hash-prefix mismatch
-            raise ValueError(f"weights {entry.name!r} for {entry.architecture!r}: downloaded "
+            raise ConfigError(f"weights {entry.name!r} for {entry.architecture!r}: downloaded "
                              f"file failed its hash check ({err}); nothing was cached") from err
     raise _unavailable(entry, "download failed: " + "; ".join(errors))
 

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medtricks.errors import MissingFileError, ResourceError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
@@ -27,11 +29,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     so a planted file cannot run code on resume (everything medtricks saves is of those types)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise RuntimeError(f"checkpoint {path} cannot be read safely ({type(err).__name__}: {str(err)[:300]}); "
+        raise ResourceError(f"checkpoint {path} cannot be read safely ({type(err).__name__}: {str(err)[:300]}); "
                            "it may be truncated, or not a medtricks checkpoint (objects other than tensors and "
                            "plain values are refused)") from err
 

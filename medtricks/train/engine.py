@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtricks.errors import MedtricksError
+from medtricks.errors import MedtricksError, UnknownKeyError
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtricks.train.predict import autocast_context
 
@@ -229,7 +229,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         result.history.append(metrics)
         value = metrics.get(cfg.best_metric)
         if cfg.best_metric not in metrics:
-            raise KeyError(f"train.best_metric {cfg.best_metric!r} is not among the validation "
+            raise UnknownKeyError(f"train.best_metric {cfg.best_metric!r} is not among the validation "
                            f"metrics: {sorted(metrics)}")
         if _better(value, result.best_value, cfg.best_mode):
             result.best_value, result.best_epoch = value, epoch + 1

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtricks.errors import ConfigError
+
 __all__ = ["predict", "autocast_context", "resolve_device", "resolve_amp"]
 
 
@@ -30,9 +32,9 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
         return torch.bfloat16
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError("train.amp='fp16' needs a CUDA device; on CPU use 'bf16' or 'none'")
+            raise ConfigError("train.amp='fp16' needs a CUDA device; on CPU use 'bf16' or 'none'")
         return torch.float16
-    raise ValueError(f"train.amp must be none, auto, fp16 or bf16, got {amp!r}")
+    raise ConfigError(f"train.amp must be none, auto, fp16 or bf16, got {amp!r}")
 
 
 def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
@@ -72,5 +74,5 @@ def predict(model: nn.Module, loader, *, device: torch.device | str = "cpu",
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("the evaluation loader is empty (no validation images?)")
+        raise ConfigError("the evaluation loader is empty (no validation images?)")
     return np.concatenate(targets), np.concatenate(probs), total_loss / count

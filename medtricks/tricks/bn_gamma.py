@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from medtricks.errors import ConfigError, ConfigTypeError, ResourceError
 from medtricks.tricks.bn_gamma_blocks import (
     ModelScan,
     ResidualNorm,
@@ -251,12 +252,12 @@ def _set_norms(
     """Set γ (and β) of ``selected`` in place; checks every layer before changing any."""
     for name, norm in selected.items():
         if not isinstance(getattr(norm, "weight", None), torch.Tensor):
-            raise ValueError(
+            raise ConfigError(
                 f"norm layer '{name}' ({type(norm).__name__}) has no affine weight (gamma) to set; "
                 "build the model with affine norm layers or leave this layer out of the selection"
             )
         if beta is not None and not isinstance(getattr(norm, "bias", None), torch.Tensor):
-            raise ValueError(f"norm layer '{name}' ({type(norm).__name__}) has no bias (beta); use beta=None to keep it")
+            raise ConfigError(f"norm layer '{name}' ({type(norm).__name__}) has no bias (beta); use beta=None to keep it")
     rows = []
     with torch.no_grad():
         for name, norm in selected.items():
@@ -373,10 +374,10 @@ def check_gamma_config(config: Any) -> GammaPlan:
         config = config.model_dump()
     where = "tricks.bn_gamma."
     if not isinstance(config, Mapping):
-        raise TypeError(f"tricks.bn_gamma: expected a mapping (dict), got {type(config).__name__}")
+        raise ConfigTypeError(f"tricks.bn_gamma: expected a mapping (dict), got {type(config).__name__}")
     unknown = sorted(set(config) - set(_CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"tricks.bn_gamma: unknown keys {unknown}; allowed keys: {', '.join(_CONFIG_KEYS)}")
+        raise ConfigError(f"tricks.bn_gamma: unknown keys {unknown}; allowed keys: {', '.join(_CONFIG_KEYS)}")
     rules = config.get("rules") or []
     strategy = config.get("strategy") or ("rules" if rules else "none")
     if strategy not in STRATEGIES:
@@ -394,14 +395,14 @@ def check_gamma_config(config: Any) -> GammaPlan:
     if rules and strategy != "rules":
         raise _bad(where, "rules", rules, f"no rules with strategy '{strategy}' (use strategy: rules)")
     if strategy == "none" and (given or beta is not None):
-        raise ValueError(f"tricks.bn_gamma: strategy 'none' changes nothing, but {given + (['beta'] if beta is not None else [])} are set")
+        raise ConfigError(f"tricks.bn_gamma: strategy 'none' changes nothing, but {given + (['beta'] if beta is not None else [])} are set")
     if strategy == "zero_all" and given:
-        raise ValueError(
+        raise ConfigError(
             f"tricks.bn_gamma: strategy 'zero_all' acts on every residual block, but {given} are set; "
             "use 'zero_late' or 'rules' to select blocks"
         )
     if strategy == "rules" and (given or not rules):
-        raise ValueError(
+        raise ConfigError(
             "tricks.bn_gamma: strategy 'rules' needs a non-empty 'rules' list and takes its selectors "
             f"inside each rule (got top-level {given or 'no rules'})"
         )
@@ -413,12 +414,12 @@ def check_gamma_config(config: Any) -> GammaPlan:
         for i, rule in enumerate(rules):
             rwhere = f"{where}rules[{i}]."
             if not isinstance(rule, Mapping):
-                raise ValueError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
+                raise ConfigError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
             unknown = sorted(set(rule) - set(_RULE_KEYS))
             if unknown:
-                raise ValueError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(_RULE_KEYS)}")
+                raise ConfigError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(_RULE_KEYS)}")
             if rule.get("value") is None:
-                raise ValueError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. 0.0 or 1.0")
+                raise ConfigError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. 0.0 or 1.0")
             rule_beta = _as_beta(rule.get("beta"), rwhere)
             parsed.append(_GammaRule(
                 value=_as_float(rule["value"], rwhere, "value"),
@@ -503,7 +504,7 @@ def _build_model(model_name: str, weights: str, in_chans: int, num_classes: int)
         model = create_model(model_name, weights=weights, num_classes=num_classes, in_chans=in_chans)
         return model, "medtricks.models.create_model"
     if weights not in (None, "none"):
-        raise RuntimeError(
+        raise ResourceError(
             f"gamma_preview: weights={weights!r} needs medtricks.models.create_model, which is not "
             "available; use weights='none' to inspect the architecture only"
         )
@@ -536,7 +537,7 @@ def gamma_preview(
         >>> print(gamma_preview("resnet18", strategy="zero_late"))  # doctest: +SKIP
     """
     if strategy == "rules":
-        raise ValueError("gamma_preview: strategy 'rules' needs a recipe; preview a named strategy instead")
+        raise ConfigError("gamma_preview: strategy 'rules' needs a recipe; preview a named strategy instead")
     model, built_with = _build_model(model_name, weights, in_chans, num_classes)
     model.eval()
     config = {"strategy": strategy, "stages": stages, "blocks": blocks, "last_n_blocks": last_n_blocks,

@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from medtricks.errors import ConfigError, ConfigTypeError, UnknownKeyError
+
 __all__ = [
     "ResidualNorm",
     "find_residual_norms",
@@ -125,16 +127,16 @@ def register_residual_block(
         >>> unregister_residual_block(MyBlock)
     """
     if not (isinstance(block_type, type) and issubclass(block_type, nn.Module)):
-        raise TypeError(f"register_residual_block: block_type must be an nn.Module subclass, got {block_type!r}")
+        raise ConfigTypeError(f"register_residual_block: block_type must be an nn.Module subclass, got {block_type!r}")
     if not (isinstance(last_norm, str) and last_norm) and not callable(last_norm):
-        raise TypeError(
+        raise ConfigTypeError(
             "register_residual_block: last_norm must be a dotted attribute path such as 'bn3' "
             f"or a callable block -> norm module, got {last_norm!r}"
         )
     if has_skip is not None and not callable(has_skip):
-        raise TypeError(f"register_residual_block: has_skip must be a callable block -> bool or None, got {has_skip!r}")
+        raise ConfigTypeError(f"register_residual_block: has_skip must be a callable block -> bool or None, got {has_skip!r}")
     if isinstance(shortcut, str) or not all(isinstance(s, str) for s in shortcut):
-        raise TypeError(f"register_residual_block: shortcut must be a list of attribute names, got {shortcut!r}")
+        raise ConfigTypeError(f"register_residual_block: shortcut must be a list of attribute names, got {shortcut!r}")
     _resolve_builtins()  # so that a later lazy resolution cannot shadow this entry
     _REGISTRY[block_type] = _BlockSpec(last_norm, has_skip, tuple(shortcut))
 
@@ -143,7 +145,7 @@ def unregister_residual_block(block_type: type) -> None:
     """Remove a block type from the registry (``KeyError`` if it was not registered)."""
     _resolve_builtins()
     if block_type not in _REGISTRY:
-        raise KeyError(f"{block_type!r} is not a registered residual block type")
+        raise UnknownKeyError(f"{block_type!r} is not a registered residual block type")
     del _REGISTRY[block_type]
 
 
@@ -243,7 +245,7 @@ def _resolve_last_norm(block: _Block) -> tuple[str, nn.Module]:
         try:
             norm = block.module.get_submodule(spec.last_norm)
         except AttributeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: registered last_norm '{spec.last_norm}' does not exist ({err}); "
                 "fix it with register_residual_block"
             ) from None
@@ -253,9 +255,9 @@ def _resolve_last_norm(block: _Block) -> tuple[str, nn.Module]:
         if sub is norm:
             break
     else:
-        raise ValueError(f"{where}: the registered last_norm returned {type(norm).__name__}, not a submodule of the block")
+        raise ConfigError(f"{where}: the registered last_norm returned {type(norm).__name__}, not a submodule of the block")
     if not is_norm_layer(norm):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: the registered last norm '{sub_name}' is a {type(norm).__name__}, not a norm layer"
         )
     return _join(block.name, sub_name), norm
@@ -275,7 +277,7 @@ def _branch_norms(block: _Block) -> dict[str, nn.Module]:
 def scan_model(model: nn.Module) -> ModelScan:
     """Walk ``model`` once: registered blocks, their stages, residual norms and all norm layers."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     _resolve_builtins()
     blocks: list[_Block] = []
     norms: dict[str, nn.Module] = {}

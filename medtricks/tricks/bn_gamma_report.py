@@ -5,6 +5,8 @@ import csv
 from pathlib import Path
 from typing import Any, Iterator
 
+from medtricks.errors import ConfigError
+
 __all__ = ["GammaReport", "GammaNoEffectWarning", "REPORT_COLUMNS"]
 
 REPORT_COLUMNS: tuple[str, ...] = (
@@ -53,7 +55,7 @@ class GammaReport:
         for row in rows or []:
             missing = [c for c in REPORT_COLUMNS if c not in row]
             if missing:
-                raise ValueError(f"GammaReport row {row!r} lacks the columns {missing}")
+                raise ConfigError(f"GammaReport row {row!r} lacks the columns {missing}")
             self.rows.append({c: row[c] for c in REPORT_COLUMNS})
 
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from sklearn.utils.class_weight import compute_class_weight
 
+from medtricks.errors import ConfigError
 from medtricks.tricks.base import AblationName, Trick, register_trick
 
 __all__ = ["class_weights", "balanced_sample_weights", "ClassBalance"]
@@ -29,10 +30,10 @@ __all__ = ["class_weights", "balanced_sample_weights", "ClassBalance"]
 def _counts(targets: Sequence[int], n_classes: int) -> np.ndarray:
     y = np.asarray(targets).astype(int)
     if y.size == 0:
-        raise ValueError("class balancing needs training labels; the training split is empty")
+        raise ConfigError("class balancing needs training labels; the training split is empty")
     counts = np.bincount(y, minlength=n_classes)
     if len(counts) > n_classes:
-        raise ValueError(f"a training label {int(y.max())} is outside the {n_classes} classes")
+        raise ConfigError(f"a training label {int(y.max())} is outside the {n_classes} classes")
     return counts
 
 
@@ -42,7 +43,7 @@ def class_weights(targets: Sequence[int], n_classes: int) -> list[float]:
     counts = _counts(targets, n_classes)
     if (counts == 0).any():
         missing = [int(i) for i in np.flatnonzero(counts == 0)]
-        raise ValueError(f"tricks.class_balance: class index(es) {missing} have no training images")
+        raise ConfigError(f"tricks.class_balance: class index(es) {missing} have no training images")
     y = np.asarray(targets).astype(int)
     return [float(w) for w in compute_class_weight("balanced", classes=np.arange(n_classes), y=y)]
 

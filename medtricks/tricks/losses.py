@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from medtricks.errors import ConfigError
+
 __all__ = ["build_loss", "build_mixup", "MixupLesionWarning"]
 
 
@@ -34,7 +36,7 @@ def build_loss(*, label_smoothing: float = 0.0, mixup: Optional[object] = None, 
     ``tricks.class_balance: loss``)."""
     if soft_targets or mixup is not None:
         if class_weights is not None:
-            raise ValueError("tricks.class_balance: loss cannot be combined with mixup/cutmix (timm's soft-target "
+            raise ConfigError("tricks.class_balance: loss cannot be combined with mixup/cutmix (timm's soft-target "
                              "loss takes no class weights); use tricks.class_balance: sampler instead")
         from timm.loss import SoftTargetCrossEntropy
 

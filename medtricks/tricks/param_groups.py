@@ -6,6 +6,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from medtricks.errors import ConfigError
+
 __all__ = ["build_param_groups", "build_optimizer", "is_no_decay_param"]
 
 
@@ -52,7 +54,7 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, no_bias_decay: 
         group["params"].append(param)
         group["param_names"].append(name)
     if not groups:
-        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+        raise ConfigError("the model has no trainable parameters (is everything frozen?)")
     return list(groups.values())
 
 
@@ -67,4 +69,4 @@ def build_optimizer(param_groups: list[dict], *, name: str, lr: float, momentum:
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    raise ValueError(f"optim.name must be 'sgd', 'nesterov' or 'adamw', got {name!r}")
+    raise ConfigError(f"optim.name must be 'sgd', 'nesterov' or 'adamw', got {name!r}")

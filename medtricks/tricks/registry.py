@@ -25,7 +25,7 @@ import medtricks.tricks.bn_gamma_trick  # noqa: F401
 import medtricks.tricks.mixup  # noqa: F401
 import medtricks.tricks.ema  # noqa: F401
 import medtricks.tricks.class_balance  # noqa: F401
-from medtricks.errors import MedtricksError
+from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.tricks.base import AblationName, Trick, TrickContext, registered_tricks
 
 __all__ = ["tricks_config_model", "build_tricks", "trick_tags", "ablation_names", "load_plugins",
@@ -69,7 +69,7 @@ def load_plugins(plugins: Iterable[str]) -> None:
             if plugin.endswith(".py"):
                 path = Path(plugin).expanduser().resolve()
                 if not path.is_file():
-                    raise FileNotFoundError(f"no such file {path}")
+                    raise MissingFileError(f"no such file {path}")
                 name = f"medtricks_plugin_{path.stem}"
                 if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
                     continue
@@ -124,7 +124,7 @@ def merged_options(tricks: Iterable[Trick], point: str) -> dict[str, Any]:
     for trick in tricks:
         for key, value in getattr(trick, point)().items():
             if key in merged and merged[key] != value:
-                raise ValueError(f"tricks {owner[key]!r} and {trick.name!r} both set {key!r} "
+                raise ConfigError(f"tricks {owner[key]!r} and {trick.name!r} both set {key!r} "
                                  f"({merged[key]!r} vs {value!r}) at {point}; switch one of them off")
             merged[key], owner[key] = value, trick.name
     return merged

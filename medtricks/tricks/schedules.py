@@ -5,6 +5,8 @@ import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
+from medtricks.errors import ConfigError
+
 __all__ = ["build_scheduler", "lr_curve", "scaled_lr"]
 
 
@@ -29,7 +31,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int,
     total = max(1, int(round(epochs * steps_per_epoch)))
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup >= total:
-        raise ValueError(f"schedule.warmup_epochs={warmup_epochs} covers the whole run "
+        raise ConfigError(f"schedule.warmup_epochs={warmup_epochs} covers the whole run "
                          f"({epochs} epochs); it must be shorter than train.epochs")
     scheduler = _make(optimizer, name, total, warmup, warmup_lr_init, milestones, gamma, min_lr, steps_per_epoch)
     scheduler.step_update(0)  # LR (with each group's lr_scale) for the very first update
@@ -46,7 +48,7 @@ def _make(optimizer, name, total, warmup, warmup_lr_init, milestones, gamma, min
         return MultiStepLRScheduler(optimizer, decay_t=decay_t, decay_rate=gamma, **common)
     if name == "constant":
         return MultiStepLRScheduler(optimizer, decay_t=[total + 1], decay_rate=1.0, **common)
-    raise ValueError(f"schedule.name must be 'cosine', 'step' or 'constant', got {name!r}")
+    raise ConfigError(f"schedule.name must be 'cosine', 'step' or 'constant', got {name!r}")
 
 
 def lr_curve(base_lr: float, **schedule_kwargs) -> list[float]:
