@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medtricks.errors import ConfigError
+
 __all__ = ["EnsembleReport", "ensemble_runs", "ensemble_threshold"]
 
 _SPLITS = ("all", "test", "val")
@@ -203,15 +205,15 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
 
     refs = [str(r) for r in refs]
     if len(refs) < 2:
-        raise ValueError(f"an ensemble needs at least two runs, got {len(refs)}: {refs}")
+        raise ConfigError(f"an ensemble needs at least two runs, got {len(refs)}: {refs}")
     if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {_SPLITS}, got {split!r}")
     dev = resolve_device(device)
     members = [load_trained(r, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir) for r in refs]
     classes = list(members[0].classes)
     for ref, trained in zip(refs[1:], members[1:]):
         if list(trained.classes) != classes:
-            raise ValueError(f"run {ref} predicts classes {trained.classes} but run {refs[0]} predicts {classes}: "
+            raise ConfigError(f"run {ref} predicts classes {trained.classes} but run {refs[0]} predicts {classes}: "
                              "ensemble members must have the same classes in the same order")
     # Rules first: a bad --prevalence (a member without training priors) fails before any prediction.
     rules = [resolve_decision_rule(t, threshold="stored", prevalence=prevalence, tracking_uri=tracking_uri)
@@ -230,7 +232,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
             hint = (f"; members split the card differently (data.split_seed / val_fraction / test_fraction), so one "
                     f"member's {split} images may be another's training images: use --split all on data none of them "
                     "trained on") if split != "all" else ""
-            raise ValueError(f"run {ref} sees other images of {root} ({split}) than run {refs[0]} ({where}){hint}")
+            raise ConfigError(f"run {ref} sees other images of {root} ({split}) than run {refs[0]} ({where}){hint}")
 
     outputs = []
     for trained, dataset in zip(members, datasets):
@@ -240,7 +242,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     y = outputs[0][0]
     for ref, (targets, _, _) in zip(refs[1:], outputs[1:]):
         if not np.array_equal(targets, y):  # same paths but another label reading: a card/label_map issue
-            raise ValueError(f"run {ref} reads other labels for the same images than run {refs[0]}")
+            raise ConfigError(f"run {ref} reads other labels for the same images than run {refs[0]}")
     mean_probs = np.mean([probs for _, probs, _ in outputs], axis=0)
     image_set = image_set_digest(datasets[0], root)
 

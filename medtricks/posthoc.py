@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medtricks.errors import ConfigError
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
 from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_EVAL_FILE, RunDir
 
@@ -57,10 +58,10 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     card = load_card(card)
     unknown = sorted(set(card.classes) - set(trained.classes))
     if list(card.classes) != list(trained.classes):
-        raise ValueError(f"card {card.name!r} has classes {list(card.classes)} but the model was trained on "
+        raise ConfigError(f"card {card.name!r} has classes {list(card.classes)} but the model was trained on "
                          f"{trained.classes} (order matters){'; unknown: ' + str(unknown) if unknown else ''}")
     if split not in ("all", "train", "val", "test"):
-        raise ValueError(f"split must be all, train, val or test, got {split!r}")
+        raise ConfigError(f"split must be all, train, val or test, got {split!r}")
     manifest = build_manifest(
         card, root, split_seed=recipe.data.split_seed if split_seed is None else split_seed,
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
@@ -69,7 +70,7 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     if split != "all":
         manifest = manifest[manifest["split"] == split]
         if not len(manifest):
-            raise ValueError(f"no images in split {split!r} of {root} (card {card.name!r})")
+            raise ConfigError(f"no images in split {split!r} of {root} (card {card.name!r})")
     image_size = recipe.model.resizer.input_size if recipe.model.resizer.enabled else recipe.data.image_size
     transform = build_transforms(recipe.data.augment, image_size, mean=tuple(trained.data_config["mean"]),
                                  std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
@@ -220,10 +221,10 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
     spec = "stored" if threshold is None else str(threshold).strip().lower()
     if k != 2:
         if spec != "stored":
-            raise ValueError(f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
+            raise ConfigError(f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
                              f"{trained.classes} (decisions are argmax)")
         if prevalence is not None:
-            raise ValueError(f"--prevalence applies to binary models; run {name} has {k} classes {trained.classes}")
+            raise ConfigError(f"--prevalence applies to binary models; run {name} has {k} classes {trained.classes}")
         return None
     op = load_operating_point(trained.run_dir)
     positive = op.positive_index if op is not None else 1
@@ -241,7 +242,7 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
         except ValueError:
             value = math.nan
         if not 0.0 < value < 1.0:  # also rejects nan
-            raise ValueError(f"--threshold must be 'stored' or a number in (0, 1) such as 0.5, got {threshold!r}")
+            raise ConfigError(f"--threshold must be 'stored' or a number in (0, 1) such as 0.5, got {threshold!r}")
         rule = DecisionRule(threshold=value, source="given", positive_index=positive,
                             description=f"threshold {value:g} (given)")
     if prevalence is not None:
@@ -250,15 +251,15 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
         except (TypeError, ValueError):
             value = math.nan
         if not 0.0 < value < 1.0:
-            raise ValueError(f"--prevalence must be a number in (0, 1) (the positive class's share), got {prevalence!r}")
+            raise ConfigError(f"--prevalence must be a number in (0, 1) (the positive class's share), got {prevalence!r}")
         priors, source = (list(op.train_priors), f"model/{OPERATING_POINT_FILE}") if op is not None and op.train_priors \
             else (_train_priors_from_manifest(trained, tracking_uri), "the training split of artifacts/split_manifest.csv")
         if priors is None:
-            raise ValueError(f"--prevalence needs the class priors run {name} was trained with (train_priors in "
+            raise ConfigError(f"--prevalence needs the class priors run {name} was trained with (train_priors in "
                              f"{trained.run_dir}/model/{OPERATING_POINT_FILE}, or its artifacts/split_manifest.csv); "
                              "this run has neither")
         if len(priors) != 2:
-            raise ValueError(f"train_priors of run {name} has {len(priors)} values {priors}; a binary model needs 2")
+            raise ConfigError(f"train_priors of run {name} has {len(priors)} values {priors}; a binary model needs 2")
         rule.prevalence, rule.train_priors, rule.priors_source = value, [float(v) for v in priors], source
     return rule
 
@@ -494,7 +495,7 @@ def parse_eps(text: str) -> list[float]:
             else:
                 values.append(float(part))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"--eps: {part!r} is not a number or a fraction like 2/255") from None
+            raise ConfigError(f"--eps: {part!r} is not a number or a fraction like 2/255") from None
     return values
 
 
@@ -542,10 +543,10 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     recipe = trained.recipe
     if card is None and root is not None:
-        raise ValueError("--root needs --card (the card that describes that data)")
+        raise ConfigError("--root needs --card (the card that describes that data)")
     if card is not None:
         if root is None:
-            raise ValueError("--card needs --root (where that data lies)")
+            raise ConfigError("--card needs --root (where that data lies)")
         dataset, _ = eval_dataset(trained, card, root, split=split or "all", progress=progress)
     else:
         dataset, _ = eval_dataset(trained, recipe.data.card, recipe.data.root, split=split or "val", progress=progress)

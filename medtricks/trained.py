@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from medtricks.data import load_card
+from medtricks.errors import MissingFileError
 from medtricks.models import create_model, get_data_config
 from medtricks.models.resizer import LearnableResizer, ResizerModel
 from medtricks.recipe import Recipe, load_recipe
@@ -71,7 +72,7 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
     if path.exists():
         run = RunDir.containing(path)
         if run is None:
-            raise FileNotFoundError(f"{path} holds no recipe.yaml: not a medtricks run folder")
+            raise MissingFileError(f"{path} holds no recipe.yaml: not a medtricks run folder")
         return run.path, run.read_state().get("run_id"), None
     from medtricks.tracking import DEFAULT_RUNS_DIR, find_run
 
@@ -80,7 +81,7 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
     if store is None:
         from medtricks.tracking.mlflow_tracker import default_tracking_uri
 
-        raise FileNotFoundError(f"{ref!r} is neither a run folder, a model file, nor a run id of the local run store "
+        raise MissingFileError(f"{ref!r} is neither a run folder, a model file, nor a run id of the local run store "
                                 f"under {folder} or of MLflow at {default_tracking_uri(tracking_uri)}")
     local = store.local_run_dir(ref)
     if local is not None and RunDir(local).model_state.is_file() and RunDir(local).recipe.is_file():
@@ -92,7 +93,7 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
     for artifact in (copy.recipe.name, MODEL_ARTIFACT_DIR):
         got = store.download_artifact(ref, artifact, dest)
         if got is None:
-            raise FileNotFoundError(f"run {ref} in {store.describe()} has no {artifact!r} artifact: it did not "
+            raise MissingFileError(f"run {ref} in {store.describe()} has no {artifact!r} artifact: it did not "
                                     "finish, or logged no model (tracking.log_model: false)")
         target = copy.artifact_for(artifact)
         if Path(got).resolve() != target.resolve():  # a store that hands out files in place
@@ -117,7 +118,7 @@ def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = 
     recipe = load_recipe(run.recipe)
     state_path = run.model_state
     if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} not found: the run did not finish, or logged no model "
+        raise MissingFileError(f"{state_path} not found: the run did not finish, or logged no model "
                                 "(tracking.log_model: false)")
     state = torch.load(state_path, map_location=device, weights_only=True)
     classes = list(load_card(recipe.data.card).classes)

@@ -33,6 +33,7 @@ import pandas as pd
 from medtricks.ablation.table import (_finite, forest_figure, format_ablation_markdown, higher_is_better,
                                       image_bootstrap_delta, load_predictions, metric_keys, summarize_groups)
 from medtricks.ablation.variants import make_variants
+from medtricks.errors import ConfigError
 from medtricks.recipe import Recipe, apply_overrides, flatten_recipe, recipe_from_dict
 from medtricks.rundir import RunDir
 
@@ -228,14 +229,14 @@ def _add_image_bootstrap(table: pd.DataFrame, preds: dict, reference: str,
 # ----------------------------------------------------------------------------------------- main
 def _resolve_seeds(seeds: int | Sequence[int], base_seed: int) -> list[int]:
     if isinstance(seeds, bool):
-        raise ValueError(f"seeds must be a count (int >= 1) or a list of ints, got {seeds!r}")
+        raise ConfigError(f"seeds must be a count (int >= 1) or a list of ints, got {seeds!r}")
     if isinstance(seeds, int):
         if seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {seeds}")
+            raise ConfigError(f"seeds must be >= 1, got {seeds}")
         return [base_seed + i for i in range(seeds)]
     out = [int(s) for s in seeds]
     if not out or len(set(out)) != len(out):
-        raise ValueError(f"seeds must be a non-empty list of distinct ints, got {list(seeds)!r}")
+        raise ConfigError(f"seeds must be a non-empty list of distinct ints, got {list(seeds)!r}")
     return out
 
 
@@ -263,7 +264,7 @@ def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] =
         section = section.model_dump() if hasattr(section, "model_dump") else dict(section)
     unknown = sorted(set(section) - {"tricks", *_SETTINGS_DEFAULTS})
     if unknown:
-        raise ValueError(f"recipe section 'ablation' has unknown key(s) {unknown}; "
+        raise ConfigError(f"recipe section 'ablation' has unknown key(s) {unknown}; "
                          f"valid: tricks, {', '.join(_SETTINGS_DEFAULTS)}")
     given = {"tricks": tricks, "seeds": seeds, "mode": mode, "metric": metric, "jobs": jobs, "test": test}
     out: dict[str, Any] = {}
@@ -276,7 +277,7 @@ def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] =
     if isinstance(out["tricks"], str):
         out["tricks"] = [t.strip() for t in out["tricks"].split(",") if t.strip()]
     if not out["tricks"]:
-        raise ValueError("no tricks to ablate: pass --tricks warmup,bn_gamma=zero_late,... or set "
+        raise ConfigError("no tricks to ablate: pass --tricks warmup,bn_gamma=zero_late,... or set "
                          "ablation.tricks in the recipe")
     out["tricks"] = list(out["tricks"])
     return out
@@ -306,12 +307,12 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     """
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+        raise ConfigError(f"jobs must be an int >= 1, got {jobs!r}")
     keys = metric_keys(metric)
     if test not in ("t", "wilcoxon"):
-        raise ValueError(f"test must be 't' or 'wilcoxon', got {test!r}")
+        raise ConfigError(f"test must be 't' or 'wilcoxon', got {test!r}")
     if keys["split"] == "test" and recipe.data.test_fraction == 0:
-        raise ValueError(f"metric {metric!r} needs a test split but data.test_fraction is 0; use val/"
+        raise ConfigError(f"metric {metric!r} needs a test split but data.test_fraction is 0; use val/"
                          f"{keys['name']} or --set data.test_fraction=0.15")
     if isinstance(tricks, str):
         tricks = tricks.split(",")

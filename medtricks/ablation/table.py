@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from medtricks.errors import ConfigError
 from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_FILE, RunDir, best_key, ci_keys  # noqa: F401
 
 __all__ = [
@@ -76,7 +77,7 @@ def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[
         at_op = len(parts) > 2 and parts[1] == "op"
         name = "/".join(parts[2:] if at_op else parts[1:])
         if not name or not all(parts[1:]):
-            raise ValueError(f"metric must be eval/<name> or eval/op/<name> (e.g. eval/auroc), got {metric!r}")
+            raise ConfigError(f"metric must be eval/<name> or eval/op/<name> (e.g. eval/auroc), got {metric!r}")
         # eval/drop/<m> compares two image sets: no image-level pairing between runs
         image_level = name in SCALAR_METRICS and not (at_op and name == "ece")
         low, high = ci_keys(metric)
@@ -84,14 +85,14 @@ def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[
                 "name": "/".join(parts[1:]), "scalar": name if image_level else None,
                 "probs_key": "probs_op" if at_op else "probs"}
     if isinstance(metric, str) and metric.startswith("eval/") and not allow_eval:
-        raise ValueError(f"metric {metric!r} is logged by evaluation runs (medtricks evaluate / ensemble), which "
+        raise ConfigError(f"metric {metric!r} is logged by evaluation runs (medtricks evaluate / ensemble), which "
                          "an ablation does not make; use val/<name> or test/<name> here, and medtricks compare "
                          "--runs EVAL_RUN ... --metric eval/<name> for evaluation runs")
     key = metric if isinstance(metric, str) and metric.startswith("best/") else f"best/{metric}"
     parts = key.split("/")
     if not isinstance(metric, str) or len(parts) < 3 or parts[1] not in ("val", "test") or not parts[2]:
         also = ", or eval/<name> / eval/op/<name> for evaluation runs" if allow_eval else ""
-        raise ValueError(f"metric must be val/<name> or test/<name> (the best checkpoint's value, e.g. "
+        raise ConfigError(f"metric must be val/<name> or test/<name> (the best checkpoint's value, e.g. "
                          f"val/auroc, test/accuracy, val/sensitivity/covid){also}, got {metric!r}")
 
     name = "/".join(parts[2:])
@@ -126,21 +127,21 @@ def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str
     from medtricks.evaluate.stats import mean_ci, paired_comparison
 
     if test not in _TEST_NAMES:
-        raise ValueError(f"test must be one of {sorted(_TEST_NAMES)}, got {test!r}")
+        raise ConfigError(f"test must be one of {sorted(_TEST_NAMES)}, got {test!r}")
     missing = {group_col, "seed", "value"} - set(runs.columns)
     if missing:
-        raise ValueError(f"runs table lacks column(s) {sorted(missing)}; has {list(runs.columns)}")
+        raise ConfigError(f"runs table lacks column(s) {sorted(missing)}; has {list(runs.columns)}")
     order = list(order)
     reference = order[0] if reference is None else reference
     if reference not in order:
-        raise ValueError(f"reference {reference!r} is not one of the groups {order}")
+        raise ConfigError(f"reference {reference!r} is not one of the groups {order}")
     by_group = {g: dict(zip(df["seed"], df["value"])) for g, df in runs.groupby(group_col, sort=False)}
     unknown = sorted(set(by_group) - set(order), key=str)
     if unknown:
-        raise ValueError(f"runs of group(s) {unknown} are not in the table order {order}")
+        raise ConfigError(f"runs of group(s) {unknown} are not in the table order {order}")
     for g, df in runs.groupby(group_col, sort=False):
         if df["seed"].duplicated().any():
-            raise ValueError(f"group {g!r} has more than one run for seed(s) "
+            raise ConfigError(f"group {g!r} has more than one run for seed(s) "
                              f"{sorted(df.loc[df['seed'].duplicated(), 'seed'].tolist())}; keep one per seed")
 
     def compare(a: str, b: str, prefix: str) -> dict[str, Any]:
@@ -199,11 +200,11 @@ def image_bootstrap_delta(y_true: np.ndarray, probs_a: Sequence[np.ndarray], pro
     from medtricks.evaluate.metrics import paired_bootstrap_delta
 
     if len(probs_a) != len(probs_b) or not probs_a:
-        raise ValueError(f"need the same non-zero number of seeds for both variants, got {len(probs_a)} and {len(probs_b)}")
+        raise ConfigError(f"need the same non-zero number of seeds for both variants, got {len(probs_a)} and {len(probs_b)}")
     y = np.asarray(y_true)
     shapes = {np.shape(p) for p in (*probs_a, *probs_b)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != len(y):
-        raise ValueError(f"every probs array must be (N, K) with N = {len(y)} images; got shapes {sorted(shapes)}")
+        raise ConfigError(f"every probs array must be (N, K) with N = {len(y)} images; got shapes {sorted(shapes)}")
     n_seeds, k = len(probs_a), next(iter(shapes))[1]
     fn = _per_seed_metric(metric, k)
     n_present = np.unique(y).size
@@ -235,7 +236,7 @@ def load_predictions(path: str | Path, probs_key: str = "probs") -> tuple[np.nda
     with np.load(path) as data:
         missing = {"y_true", probs_key} - set(data.files)
         if missing:
-            raise ValueError(f"{path}: predictions file lacks array(s) {sorted(missing)}; has {data.files}")
+            raise ConfigError(f"{path}: predictions file lacks array(s) {sorted(missing)}; has {data.files}")
         return np.asarray(data["y_true"]), np.asarray(data[probs_key])
 
 
@@ -378,7 +379,7 @@ def forest_figure(table: pd.DataFrame, *, metric: str, group_col: str = "variant
 
     shown = table[table["mean"].map(_finite)]
     if shown.empty:
-        raise ValueError("no row of the table has a finite mean: nothing to plot")
+        raise ConfigError("no row of the table has a finite mean: nothing to plot")
     ref = table.attrs.get("reference")
     ref_rows = shown.loc[shown[group_col] == ref, "mean"]
     names = [f"{labels.get(g, g)} (n={int(n)})" for g, n in zip(shown[group_col], shown["n_seeds"])]
@@ -439,7 +440,7 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
     from medtricks.tracking import create_store
 
     if experiment is None and not run_ids:
-        raise ValueError("compare needs --experiment NAME or --runs ID [ID ...]")
+        raise ConfigError("compare needs --experiment NAME or --runs ID [ID ...]")
     keys = metric_keys(metric, allow_eval=True)
     if store is None:
         store = create_store("none", root=runs_dir) if runs_dir is not None else create_store("mlflow", tracking_uri)

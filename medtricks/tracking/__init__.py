@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 # MLFLOW_DISABLE_TELEMETRY=false. Set before any mlflow import (this package is their only importer).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from medtricks.errors import ConfigError  # noqa: E402
 from medtricks.tracking.base import (NullTracker, RunNotFoundError, RunRecord, RunStore, Tracker,  # noqa: E402
                                      TrackingUnavailableError)
 from medtricks.tracking.local import LocalStore  # noqa: E402
@@ -45,7 +46,7 @@ def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Op
         from medtricks.tracking.mlflow_tracker import MlflowStore
 
         return MlflowStore(uri)
-    raise ValueError(f"tracking.backend must be 'mlflow' or 'none', got {backend!r}")
+    raise ConfigError(f"tracking.backend must be 'mlflow' or 'none', got {backend!r}")
 
 
 create_tracker = create_store  # the wave-1 name

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medtricks.errors import MedtricksError
+from medtricks.errors import ConfigError, MedtricksError
 
 __all__ = ["RunStore", "Tracker", "NullTracker", "RunRecord", "RunNotFoundError", "TrackingUnavailableError",
            "RUN_STATUSES"]
@@ -158,7 +158,7 @@ class RunStore:
             RunNotFoundError: unknown experiment or run id (the message lists what exists).
         """
         if experiment is None and not run_ids:
-            raise ValueError("get_runs needs an experiment name or a list of run ids")
+            raise ConfigError("get_runs needs an experiment name or a list of run ids")
         if not run_ids:
             return self.search_runs(experiment, tags=tags, statuses=statuses)
         if experiment is not None and experiment not in self.experiments():
