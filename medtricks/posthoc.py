@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medtricks.data import build_eval_dataset, load_card
 from medtricks.errors import ConfigError
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
 from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_EVAL_FILE, RunDir
@@ -51,38 +52,23 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     ``split``: ``all`` (every image: an external test set), or ``train``/``val``/``test`` of the
     card's patient-level split (defaults: the run's own split settings).
     """
-    from medtricks.data import (BadImageError, XrayDataset, build_manifest, build_transforms, check_leakage,
-                                load_card, scan_images)
-
     recipe = trained.recipe
     card = load_card(card)
     unknown = sorted(set(card.classes) - set(trained.classes))
     if list(card.classes) != list(trained.classes):
         raise ConfigError(f"card {card.name!r} has classes {list(card.classes)} but the model was trained on "
-                         f"{trained.classes} (order matters){'; unknown: ' + str(unknown) if unknown else ''}")
-    if split not in ("all", "train", "val", "test"):
-        raise ConfigError(f"split must be all, train, val or test, got {split!r}")
-    manifest = build_manifest(
-        card, root, split_seed=recipe.data.split_seed if split_seed is None else split_seed,
+                          f"{trained.classes} (order matters){'; unknown: ' + str(unknown) if unknown else ''}")
+    dataset, quarantine = build_eval_dataset(
+        card, root, image_size=recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
+        std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
+        split=split, split_seed=recipe.data.split_seed if split_seed is None else split_seed,
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
         test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction,
-        test_by=recipe.data.test_by, on_missing="keep")
-    if split != "all":
-        manifest = manifest[manifest["split"] == split]
-        if not len(manifest):
-            raise ConfigError(f"no images in split {split!r} of {root} (card {card.name!r})")
-    image_size = recipe.model.resizer.input_size if recipe.model.resizer.enabled else recipe.data.image_size
-    transform = build_transforms(recipe.data.augment, image_size, mean=tuple(trained.data_config["mean"]),
-                                 std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
-    good, quarantine = scan_images(manifest, side=transform.base_side, progress=progress)
-    if split != "all":
-        check_leakage(good)  # the split is the card's: make sure it holds no patient of another split
+        test_by=recipe.data.test_by, on_bad_image=on_bad_image, progress=progress)
     if len(quarantine):
-        if on_bad_image == "error":
-            listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))
-            raise BadImageError(quarantine["path"].iloc[0], f"{len(quarantine)} unusable image(s):\n{listed}")
         print(f"warning: skipped {len(quarantine)} unusable images (on_bad_image=skip)")
-    return XrayDataset(good.drop(columns=["height", "width"]), transform), quarantine
+    return dataset, quarantine
+
 
 
 # Per-image predictions of an evaluation: y_true (N,), probs (N, K) and, for binary models, probs_op

@@ -31,7 +31,7 @@ from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
-from medtricks.tracking import Tracker, create_tracker
+from medtricks.tracking import Tracker, create_store
 from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
 from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
@@ -129,7 +129,7 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     state = run.read_state()
 
     # Tracking first: an unreachable server fails here, before any training.
-    tracker = tracker or create_tracker(recipe.tracking.backend, recipe.tracking.uri)
+    tracker = tracker or create_store(recipe.tracking.backend, recipe.tracking.uri, root=recipe.experiment.output_dir)
     run_name = recipe.tracking.run_name or f"{recipe.experiment.name}-{run.short_id}"
     tags = {"medtricks.version": medtricks.__version__, "tricks": ",".join(recipe.tricks_on()) or "none",
             "run_dir": str(run_dir), **recipe.experiment.tags, **(extra_tags or {})}
@@ -342,7 +342,8 @@ def _final_evaluation(recipe: Recipe, run: RunDir, tracker: Tracker, say, eval_m
 def _audit(recipe: Recipe, tracker: Tracker, say, eval_model, dataset, classes, data_config, device) -> None:
     surrogate = None
     if recipe.audit.surrogate:
-        surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device)).model
+        surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device),
+                                 runs_dir=recipe.experiment.output_dir).model
     result = audit_model(eval_model, dataset, audit_cfg=recipe.audit, classes=classes, data_config=data_config,
                          device=device, seed=recipe.experiment.seed, surrogate=surrogate,
                          progress=recipe.train.progress, batch_size=recipe.train.batch_size)

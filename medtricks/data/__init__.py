@@ -44,6 +44,7 @@ _EXPORTS = {
     "XrayDataset": "medtricks.data.datasets",
     "DataBundle": "medtricks.data.datasets",
     "build_datasets": "medtricks.data.datasets",
+    "build_eval_dataset": "medtricks.data.datasets",
     "scan_images": "medtricks.data.datasets",
     # synthetic data and reports
     "synthesize_phantoms": "medtricks.data.synthetic",

@@ -255,6 +255,46 @@ def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> Non
     synthesize_phantoms(root, classes=tuple(card.classes), **params)
 
 
+def _checked_images(manifest, card, root, *, side: int, on_bad_image: str, voi: str, cache_dir, progress: bool):
+    """Decode every image once; bad ones raise (``error``, listing each) or go to the quarantine (``skip``)."""
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ConfigError(f"on_bad_image={on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
+    good, quarantine = scan_images(manifest, side=side, voi=voi, cache_dir=cache_dir, progress=progress)
+    if len(quarantine) and on_bad_image == "error":
+        listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))
+        more = f"\n  ... and {len(quarantine) - 20} more" if len(quarantine) > 20 else ""
+        raise BadImageError(quarantine["path"].iloc[0],
+                            f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them, "
+                            f"or set data.on_bad_image=skip to quarantine them:\n{listed}{more}")
+    good = good.drop(columns=["height", "width"])
+    good.attrs = dict(manifest.attrs)
+    return good, quarantine
+
+
+def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
+                       split: str = "all", split_seed: int = 0, val_fraction: float = 0.15,
+                       test_fraction: float = 0.0, test_by: str = "random", on_bad_image: str = "error",
+                       cache_dir=None, progress: bool = True, voi: str = "auto"):
+    """One eval-transform dataset of ``root`` (every image, or one split of the card's patient-level
+    split, checked for leakage) -> ``(XrayDataset, quarantine)``: what ``medtricks evaluate`` scores."""
+    if split not in ("all", "train", "val", "test"):
+        raise ConfigError(f"split must be all, train, val or test, got {split!r}")
+    card = load_card(card)
+    manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
+                              test_fraction=test_fraction, on_missing="keep", test_by=test_by)
+    if split != "all":
+        manifest = manifest[manifest["split"] == split]
+        if not len(manifest):
+            raise DataError(f"no images in split {split!r} of {root} (card {card.name!r})")
+    transform = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+    good, quarantine = _checked_images(manifest, card, root, side=transform.base_side, on_bad_image=on_bad_image,
+                                       voi=voi, cache_dir=cache, progress=progress)
+    if split != "all":
+        check_leakage(good)  # the split is the card's: it must hold no patient of another split
+    return XrayDataset(good, transform, cache_dir=cache, voi=voi), quarantine
+
+
 def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
                    split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
                    on_bad_image: str = "error", cache_dir=None, synth: Optional[dict] = None,
@@ -267,8 +307,6 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
     ``bundle.quarantine`` -> :func:`check_leakage` -> datasets (train: ``augment`` preset; val/test:
     eval transform).
     """
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ConfigError(f"on_bad_image={on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
     card = load_card(card)
     root = Path(root).expanduser().resolve()
     _prepare_synthetic(card, root, synth)
@@ -280,15 +318,8 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
         raise AssertionError("train and eval transforms disagree on the pre-resize side")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
 
-    good, quarantine = scan_images(manifest, side=train_tf.base_side, voi=voi, cache_dir=cache, progress=progress)
-    if len(quarantine) and on_bad_image == "error":
-        listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))
-        more = f"\n  ... and {len(quarantine) - 20} more" if len(quarantine) > 20 else ""
-        raise BadImageError(quarantine["path"].iloc[0],
-                            f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them, "
-                            f"or set data.on_bad_image=skip to quarantine them:\n{listed}{more}")
-    good = good.drop(columns=["height", "width"])
-    good.attrs = dict(manifest.attrs)
+    good, quarantine = _checked_images(manifest, card, root, side=train_tf.base_side, on_bad_image=on_bad_image,
+                                       voi=voi, cache_dir=cache, progress=progress)
     check_leakage(good)
 
     def subset(split: str, tf) -> Optional[XrayDataset]:
@@ -303,4 +334,4 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
                       val=subset("val", eval_tf), test=subset("test", eval_tf), quarantine=quarantine)
 
 
-__all__ = ["XrayDataset", "DataBundle", "build_datasets", "scan_images", "resize_shorter_side"]
+__all__ = ["XrayDataset", "DataBundle", "build_datasets", "build_eval_dataset", "scan_images", "resize_shorter_side"]
