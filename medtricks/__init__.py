@@ -67,8 +67,22 @@ _EXPORTS = {
     "run_ablation": "medtricks.ablation",
     "make_variants": "medtricks.ablation",
     "compare_runs": "medtricks.ablation",
-    # tracking
+    # tricks as plug-ins
+    "Trick": "medtricks.tricks.base",
+    "TrickContext": "medtricks.tricks.base",
+    "AblationName": "medtricks.tricks.base",
+    "register_trick": "medtricks.tricks.base",
+    "registered_tricks": "medtricks.tricks.base",
+    # run folders and run stores
+    "RunDir": "medtricks.rundir",
     "create_tracker": "medtricks.tracking",
+    "create_store": "medtricks.tracking",
+    "find_run": "medtricks.tracking",
+    "RunStore": "medtricks.tracking",
+    "LocalStore": "medtricks.tracking",
+    "RunRecord": "medtricks.tracking",
+    # errors
+    "MedtricksError": "medtricks.errors",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
