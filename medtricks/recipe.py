@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medtricks._yaml import cap_text, short_repr, strict_load
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
 from medtricks.tricks.registry import load_plugins, trick_tags, tricks_config_model
@@ -42,9 +43,52 @@ class RecipeError(MedtricksError, ValueError):
     """A recipe that cannot be loaded: names the file, the key and what was expected."""
 
 
+def _number_types(annotation: Any) -> bool:
+    """True when ``annotation`` admits an int or float (``int``, ``Optional[float]``, ``Literal[1, 3]``...)
+    but not a bool: YAML ``true`` there is a mistake that pydantic's lax mode would turn into 1."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return (any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+                and not any(isinstance(a, bool) for a in args))
+    if typing.get_origin(annotation) is Union:
+        return bool(args) and bool not in args and any(_number_types(a) for a in args)
+    return False
+
+
+def _item_annotation(annotation: Any) -> Any:
+    """The item type of ``list[X]`` / ``tuple[X, ...]`` / ``tuple[X, Y]`` inside an annotation, else None."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return Union[tuple(args)] if args else None
+    if origin is Union:
+        items = [i for i in (_item_annotation(a) for a in typing.get_args(annotation)) if i is not None]
+        return Union[tuple(items)] if items else None
+    return None
+
+
 class _Section(BaseModel):
     # Unknown keys are errors (a typo must never be silently ignored).
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info) -> Any:
+        # pydantic's lax mode reads `batch_size: true` as 1: a number field takes numbers only
+        # (ints stay fine for floats, YAML lists for tuples).
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _number_types(annotation):
+            raise ConfigError(f"expected a number, got the boolean {value!r} (YAML true/false/yes/no/on/off)")
+        item = _item_annotation(annotation)
+        if isinstance(value, (list, tuple)) and item is not None and _number_types(item):
+            flags = [i for i, v in enumerate(value) if isinstance(v, bool)]
+            if flags:
+                raise ConfigError(f"item {flags[0]} is the boolean {value[flags[0]]!r}; expected a number")
+        return value
 
 
 # --------------------------------------------------------------------------------------- sections
@@ -232,6 +276,13 @@ class Recipe(_Section):
             value = value.model_dump()
         return model.model_validate({} if value is None else value)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.schedule.warmup_epochs >= self.train.epochs:
+            raise ValueError(f"schedule.warmup_epochs={self.schedule.warmup_epochs:g} must be less than "
+                             f"train.epochs={self.train.epochs}: the lr would never leave warmup")
+        return self
+
     def input_image_size(self) -> int:
         """The size images are loaded at: the resizer's input when it is on, else ``data.image_size``."""
         return self.model.resizer.input_size if self.model.resizer.enabled else self.data.image_size
@@ -307,10 +358,10 @@ def _deep_merge(base: dict, override: dict) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
+    try:  # duplicate keys and anchors/aliases are refused (medtricks/_yaml.py)
+        data = strict_load(path.read_text(), "recipe", name=str(path))
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -379,7 +430,10 @@ def _format_validation_error(err: ValidationError, source: str, data: dict) -> s
                 value = problem.get("input")
                 break
         msg = problem["msg"]
-        lines.append(f"  {loc} = {value!r}: {msg}")
+        if not problem["loc"]:  # a rule between sections: the message names the keys
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
+        lines.append(f"  {loc} = {short_repr(value)}: {cap_text(msg)}")  # values capped
     return "\n".join(lines)
 
 

@@ -7,8 +7,10 @@ that knows every box of the data flow.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import subprocess
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import matplotlib.pyplot as plt
 
-from medtricks.errors import ConfigError, MissingFileError
+from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 import medtricks
 from medtricks.data import build_datasets, export_manifest, load_card
 from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule, plot_reliability_diagram,
@@ -29,7 +31,7 @@ from medtricks.evaluate.resizer_plots import resizer_comparison_figure
 from medtricks.evaluate.split_table import headline_keys, split_gaps, split_table
 from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit
-from medtricks.recipe import Recipe, dump_recipe, flatten_recipe
+from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
 from medtricks.tracking import Tracker, create_store
 from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
@@ -113,18 +115,12 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     MLflow run); when there is none a new run starts.
     """
     say = (lambda *a: None) if quiet else print
-    run: Optional[RunDir] = None
-    if resume == "auto":
-        run = RunDir.find_resumable(recipe.experiment.output_dir, recipe.experiment.name)
-        say(f"resuming {run.path}" if run else "no unfinished run to resume: starting a new one")
-    elif resume:
-        run = RunDir(resume)
-        if not run.last_checkpoint.is_file():
-            raise MissingFileError(f"--resume {resume}: no checkpoints/last.pt in that folder")
+    run = _resume_target(recipe, resume, say)
     resuming = run is not None
+    # Everything that can fail on the recipe or the data fails here, before a run folder or a tracked run exists.
+    prep = _prepare(recipe)
     if run is None:
         run = RunDir.create(recipe.experiment.output_dir, recipe.experiment.name)
-    run_dir = run.path
     run.recipe.write_text(dump_recipe(recipe))
     state = run.read_state()
 
@@ -132,36 +128,120 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     tracker = tracker or create_store(recipe.tracking.backend, recipe.tracking.uri, root=recipe.experiment.output_dir)
     run_name = recipe.tracking.run_name or f"{recipe.experiment.name}-{run.short_id}"
     tags = {"medtricks.version": medtricks.__version__, "tricks": ",".join(recipe.tricks_on()) or "none",
-            "run_dir": str(run_dir), **recipe.experiment.tags, **(extra_tags or {})}
+            "run_dir": str(run.path), **recipe.experiment.tags, **(extra_tags or {})}
     commit = _git_commit()
     if commit:
         tags["git.commit"] = commit
     run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name, run_name=run_name,
                            tags=tags, resume_run_id=state.get("run_id") if resuming else None,
                            parent_run_id=parent_run_id)
-    run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name)
     try:
-        result = _run(recipe, run, tracker, resuming, say)
+        run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name)
+        result = _run(recipe, run, tracker, resuming, say, prep)
     except BaseException as err:
-        run.write_state(status="failed", error=f"{type(err).__name__}: {err}")
-        tracker.set_tags({"medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
-        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        try:
+            run.write_state(status="failed", error=f"{type(err).__name__}: {err}")
+        finally:  # a full disk must not leave the tracked run RUNNING
+            tracker.set_tags({"medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
+            tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    run.write_state(status="finished")
-    tracker.end("FINISHED")
+    try:
+        run.write_state(status="finished")
+    finally:
+        tracker.end("FINISHED")
     result.run_id = run_id
     return result
 
 
-def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say) -> RunResult:
+# Keys a resumed run may change: they do not alter what is trained (how it is shown, evaluated, audited).
+RESUMABLE_CHANGES = ("train.progress", "train.log_every", "data.num_workers", "data.cache_dir", "eval.",
+                     "audit.", "experiment.description", "experiment.tags", "tracking.run_name", "tracking.log_model")
+
+
+def _resume_target(recipe: Recipe, resume: Optional[str], say) -> Optional[RunDir]:
+    """The run folder to continue (``resume``: None, ``"auto"`` or a folder), refusing a finished run and a
+    recipe that differs from the stored one in anything that changes training."""
+    if not resume:
+        return None
+    if resume == "auto":
+        run = RunDir.find_resumable(recipe.experiment.output_dir, recipe.experiment.name)
+        if run is None:
+            say("no unfinished run to resume: starting a new one")
+            return None
+    else:
+        run = RunDir(resume)
+        if run.is_finished():
+            raise ConfigError(f"--resume {resume}: that run already finished; nothing to resume (start a new run "
+                              "without --resume)")
+        if not run.last_checkpoint.is_file():
+            raise MissingFileError(f"--resume {resume}: no checkpoints/last.pt in that folder")
+    blocking = [d for d in recipe_differences(load_recipe(run.recipe), recipe)
+                if not d[0].startswith(RESUMABLE_CHANGES)]
+    if blocking:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in blocking[:12])
+        raise ConfigError(f"cannot resume {run.path}: the recipe differs from the one it was started with ({listed}"
+                          f"{'; ...' if len(blocking) > 12 else ''}). A resumed run continues with its stored "
+                          "optimizer, schedule and data, so undo these changes, or run without --resume to start "
+                          "a new run")
+    say(f"resuming {run.path}")
+    return run
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for every flattened recipe key that differs."""
+    a, b = flatten_recipe(old), flatten_recipe(new)
+    return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def check_recipe(recipe: Recipe, classes: list[str]) -> None:
+    """Checks that need the card's classes or the file system (the rest is in the Recipe schema)."""
+    root = Path(recipe.data.root).expanduser()
+    if not root.exists() and recipe.data.synth is None:
+        raise MissingFileError(f"data.root {recipe.data.root!r} does not exist (from {Path.cwd()}); point it at the "
+                               f"dataset folder the card {recipe.data.card!r} describes")
+    k = len(classes)
+    probe = compute_metrics(np.arange(2 * k) % k, np.full((2 * k, k), 1 / k), classes, n_bootstrap=0)
+    known = sorted({f"val/{name}" for name in probe.values if name != "n"} | {"val/loss", "train/epoch_loss"})
+    if recipe.train.best_metric not in known:
+        close = difflib.get_close_matches(recipe.train.best_metric, known, n=1)
+        raise ConfigError(f"train.best_metric {recipe.train.best_metric!r} is not a metric the run computes"
+                          f"{f'; did you mean {close[0]!r}?' if close else ''} Known: {', '.join(known)}")
+
+
+@dataclass
+class _Prepared:
+    """Everything built from the recipe before the run folder exists (so bad input fails early)."""
+
+    device: Any
+    amp_dtype: Any
+    classes: list[str]
+    model: Any
+    data_config: dict
+    info: dict
+    bundle: Any
+    tricks: list
+    frozen: list[str]
+    train_loader: Any
+    val_loader: Any
+    engine_cfg: EngineConfig
+    opt: Any
+    loss_fn: Any
+
+
+def _prepare(recipe: Recipe) -> _Prepared:
     device = resolve_device(recipe.train.device)
     amp_dtype = resolve_amp(recipe.train.amp, device)
-    seed_everything(recipe.experiment.seed)
     card = load_card(recipe.data.card)
     classes = list(card.classes)
+    check_recipe(recipe, classes)
+    seed_everything(recipe.experiment.seed)
     model, data_config = build_model(recipe, num_classes=len(classes))
     info = dict(getattr(model, "medtricks_info", {}))
     bundle = _build_data(recipe, card, data_config)
+    if recipe.train.batch_size > len(bundle.train):
+        raise ConfigError(f"train.batch_size={recipe.train.batch_size} is larger than the training split "
+                          f"({len(bundle.train)} images): every epoch would be one short batch and the lr is scaled "
+                          "for the configured batch; lower train.batch_size")
 
     # The tricks act on the loaded weights (BN-gamma) before the optimizer sees the parameters.
     tricks = build_tricks(recipe, TrickContext(recipe=recipe, classes=classes, train_targets=bundle.train.targets,
@@ -169,6 +249,7 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say) -> 
     for trick in tricks:
         trick.on_model(model)
     frozen = freeze_model(model, recipe.model.freeze) if recipe.model.freeze else []
+    _warn_frozen_zero_gamma(tricks, frozen)
     train_loader = make_train_loader(bundle.train, batch_size=recipe.train.batch_size, seed=recipe.experiment.seed,
                                      num_workers=recipe.data.num_workers, **merged_options(tricks, "loader_options"))
     val_loader = _eval_loader(bundle.val, recipe)
@@ -178,7 +259,29 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say) -> 
     for trick in tricks:
         loss_fn = trick.wrap_loss(loss_fn)
 
-    _log_inputs(recipe, run, tracker, say, bundle=bundle, tricks=tricks, frozen=frozen, opt=opt,
+    return _Prepared(device=device, amp_dtype=amp_dtype, classes=classes, model=model, data_config=data_config,
+                     info=info, bundle=bundle, tricks=tricks, frozen=frozen, train_loader=train_loader,
+                     val_loader=val_loader, engine_cfg=engine_cfg, opt=opt, loss_fn=loss_fn)
+
+
+def _warn_frozen_zero_gamma(tricks, frozen: list[str]) -> None:
+    """A block whose gamma was set to 0 and then frozen stays the identity forever: say so."""
+    report = next((getattr(t, "report", None) for t in tricks if t.name == "bn_gamma"), None)
+    if report is None or not frozen:
+        return
+    frozen_names = set(frozen)
+    dead = [row["name"] for row in report.rows if row["new_gamma"] == 0 and f"{row['name']}.weight" in frozen_names]
+    if dead:
+        warnings.warn(f"model.freeze freezes {len(dead)} norm layer(s) whose gamma tricks.bn_gamma set to 0 "
+                      f"({', '.join(dead[:4])}{', ...' if len(dead) > 4 else ''}): those residual branches can never "
+                      "learn and stay the identity; unfreeze those stages or choose other blocks", RuntimeWarning,
+                      stacklevel=3)
+
+
+def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, prep: _Prepared) -> RunResult:
+    device, amp_dtype, classes, bundle, tricks = prep.device, prep.amp_dtype, prep.classes, prep.bundle, prep.tricks
+    model, data_config, info, opt, val_loader = prep.model, prep.data_config, prep.info, prep.opt, prep.val_loader
+    _log_inputs(recipe, run, tracker, say, bundle=bundle, tricks=tricks, frozen=prep.frozen, opt=opt,
                 device=device, amp_dtype=amp_dtype, classes=classes, data_config=data_config, info=info)
 
     def evaluate_fn(eval_model) -> dict[str, float]:
@@ -187,11 +290,18 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say) -> 
         values = compute_metrics(targets, probs, classes, n_bootstrap=0).values
         return {**{f"val/{k}": float(v) for k, v in values.items() if k != "n"}, "val/loss": loss}
 
+    # A resumed run replays the updates after its last checkpoint: log each step once.
+    logged = _last_logged_step(tracker) if resuming else 0
+
+    def log_step(step: int, metrics: dict) -> None:
+        if step > logged:
+            tracker.log_metrics(metrics, step=step)
+
     say(f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
         f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}; run folder {run.path}")
-    fit_result = fit(model, train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
-                     loss_fn=loss_fn, cfg=engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
-                     tricks=tricks, on_step=lambda step, m: tracker.log_metrics(m, step=step),
+    fit_result = fit(model, prep.train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
+                     loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
+                     tricks=tricks, on_step=log_step,
                      on_epoch=lambda step, m: tracker.log_metrics(m, step=step), resume=resuming)
 
     # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
@@ -215,6 +325,14 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say) -> 
 
 
 # ------------------------------------------------------------------------------- run pieces
+def _last_logged_step(tracker: Tracker) -> int:
+    """The last training step this run already logged (0 when the store cannot say)."""
+    try:
+        return max((step for step, _ in tracker.metric_history(tracker.run_id, "train/loss")), default=0)
+    except MedtricksError:  # an in-memory store of a new process knows nothing of the earlier one
+        return 0
+
+
 def _build_data(recipe: Recipe, card, data_config):
     return build_datasets(
         card, recipe.data.root, image_size=recipe.input_image_size(), mean=tuple(data_config["mean"]),

@@ -20,7 +20,7 @@ from medtricks.rundir import RunDir
 from medtricks.tracking import create_tracker
 
 TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=50",
+        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=50",
         "train.progress=false", "eval.plots=false", "tracking.log_model=false"]
 CLASSES = ["normal", "bacterial", "covid"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

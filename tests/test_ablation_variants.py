@@ -6,7 +6,7 @@ from medtricks.ablation.variants import make_variants, trick_overrides, variant_
 from medtricks.recipe import RecipeError, load_recipe
 
 TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=50",
+        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=50",
         "train.progress=false"]
 
 

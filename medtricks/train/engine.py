@@ -87,6 +87,19 @@ def steps_per_epoch(loader, cfg: EngineConfig) -> int:
     return max(1, math.ceil(batches / cfg.accumulate))
 
 
+def _check_finite_weights(model: nn.Module, epoch: int, last_path: Path) -> None:
+    """A finite loss can hide inf/NaN weights (e.g. an exploding lr): never checkpoint those as "good"."""
+    with torch.no_grad():
+        total = torch.stack([p.detach().float().abs().sum() for p in model.parameters()]).sum()
+    if not torch.isfinite(total):
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+        kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"the weights became non-finite at epoch {epoch + 1} ({len(bad)} tensors, e.g. "
+                                 f"{', '.join(bad[:3])}) although the loss stayed finite; not checkpointing them. "
+                                 f"{kept}. Lower optim.lr, check the schedule (schedule.gamma, warmup) or set "
+                                 "train.grad_clip.")
+
+
 def evaluation_model(model: nn.Module, tricks: Sequence[Any] = ()) -> nn.Module:
     """The model to validate and save: a trick's (EMA's averaged weights) if one provides it, else ``model``."""
     for trick in tricks:
@@ -244,6 +257,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             result.best_epoch = epoch + 1
             save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
                              "value": value}, best_path)
+        _check_finite_weights(model, epoch, last_path)
         save_checkpoint({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
