@@ -28,8 +28,19 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from torch.utils.data import DataLoader
 
+from medtricks.data import load_card
 from medtricks.errors import ConfigError
+from medtricks.evaluate.markdown import fmt_delta_ci, fmt_mean_ci, fmt_num, markdown_table
+from medtricks.evaluate.metrics import paired_bootstrap_delta
+from medtricks.evaluate.operating_point import select_threshold
+from medtricks.evaluate.paired import load_predictions
+from medtricks.posthoc import (DecisionRule, FlipTTA, _run_file, eval_dataset, image_set_digest, load_operating_point,
+                               log_evaluation, posthoc_store, resolve_decision_rule, summarize_predictions)
+from medtricks.rundir import RunDir
+from medtricks.train import predict, resolve_device
+from medtricks.trained import load_trained
 
 __all__ = ["EnsembleReport", "ensemble_runs", "ensemble_threshold"]
 
@@ -64,8 +75,6 @@ class EnsembleReport:
 
     def summary(self) -> str:
         """One Markdown row per member and one for the ensemble: headline metrics with CIs."""
-        from medtricks.ablation.table import _delta_ci, _mean_ci, _num, markdown_table
-
         binary = len(self.classes) == 2
         pct = f"{100 * self.ensemble.metrics.ci_level:g}%"
         pos = self.classes[-1]
@@ -74,7 +83,7 @@ class EnsembleReport:
             if result is None or key not in result.values:
                 return "-"
             low, high = result.ci.get(key, (math.nan, math.nan))
-            return _mean_ci(result.values[key], low, high)
+            return fmt_mean_ci(result.values[key], low, high)
 
         if binary:
             header = ["model", f"AUROC [{pct} CI]", "accuracy @0.5", "threshold", "accuracy @op",
@@ -88,13 +97,13 @@ class EnsembleReport:
             name = f"ensemble (mean of {len(self.members)})" if is_ensemble else self.member_names[i]
             row = [name, cell(report.metrics, "auroc")]
             if binary:
-                row += [cell(report.metrics, "accuracy"), _num(report.rule.threshold) if report.rule else "-",
+                row += [cell(report.metrics, "accuracy"), fmt_num(report.rule.threshold) if report.rule else "-",
                         cell(report.metrics_op, "accuracy"), cell(report.metrics_op, f"sensitivity/{pos}"),
                         cell(report.metrics_op, f"specificity/{pos}")]
             else:
                 row += [cell(report.metrics, k) for k in ("accuracy", "balanced_accuracy", "f1", "ece")]
             d = None if is_ensemble or i >= len(self.deltas) else self.deltas[i]
-            row.append("" if is_ensemble else (_delta_ci(d["delta"], d["ci_low"], d["ci_high"]) if d else "-"))
+            row.append("" if is_ensemble else (fmt_delta_ci(d["delta"], d["ci_low"], d["ci_high"]) if d else "-"))
             rows.append(row)
         return markdown_table(header, rows)
 
@@ -118,8 +127,6 @@ def _name(trained) -> str:
 
 def _data_settings(trained) -> tuple:
     """What decides a run's validation images: same settings, same val split."""
-    from medtricks.data import load_card
-
     d = trained.recipe.data
     return (load_card(d.card).name, str(Path(d.root).expanduser().resolve()), d.split_seed, d.val_fraction,
             d.test_fraction, getattr(d, "test_by", None))
@@ -133,11 +140,6 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
     every member saved them for the same validation images) or ``"members-mean"`` (the mean of the
     members' thresholds in ``rules``; ``note`` says why validation could not be used).
     """
-    from medtricks.ablation.table import load_predictions
-    from medtricks.evaluate.operating_point import select_threshold
-    from medtricks.posthoc import _run_file, load_operating_point
-    from medtricks.rundir import RunDir
-
     mean = float(np.mean([r.threshold for r in rules]))
     no_stored = [_name(t) for t, r in zip(members, rules) if r.source != "stored"]
     fallback = (f"mean of the members' stored thresholds, {mean:.4f}"
@@ -195,14 +197,6 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     Raises:
         ValueError: fewer than two runs, different classes, or different images (lists or order).
     """
-    from medtricks.data import load_card
-    from medtricks.evaluate.metrics import paired_bootstrap_delta
-    from medtricks.posthoc import (DecisionRule, FlipTTA, eval_dataset, image_set_digest, log_evaluation,
-                                   posthoc_store, resolve_decision_rule, summarize_predictions)
-    from medtricks.trained import load_trained
-    from medtricks.train import predict, resolve_device
-    from torch.utils.data import DataLoader
-
     refs = [str(r) for r in refs]
     if len(refs) < 2:
         raise ConfigError(f"an ensemble needs at least two runs, got {len(refs)}: {refs}")

@@ -20,10 +20,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medtricks.audit import run_audit
 from medtricks.data import build_eval_dataset, load_card
 from medtricks.errors import ConfigError
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
+from medtricks.evaluate.metrics import compute_metrics
+from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, OperatingPoint, class_priors, prior_shift,
+                                                probs_at_threshold)
+from medtricks.evaluate.paired import load_predictions
+from medtricks.evaluate.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
 from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_EVAL_FILE, RunDir
+from medtricks.tracking import create_store
+from medtricks.train import predict, resolve_device
+from medtricks.trained import load_trained
 
 __all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset", "AuditReport", "audit_trained",
            "audit_model", "log_audit", "parse_eps", "DecisionRule", "resolve_decision_rule", "load_operating_point",
@@ -97,8 +106,6 @@ class DecisionRule:
 
     def shift(self, probs: Any) -> np.ndarray:
         """``probs`` moved from the training priors to ``prevalence`` (unchanged without one)."""
-        from medtricks.evaluate.operating_point import prior_shift
-
         p = np.asarray(probs, dtype=np.float64)
         if self.prevalence is None:
             return p
@@ -109,8 +116,6 @@ class DecisionRule:
     def apply(self, probs: Any, *, shift: bool = True) -> np.ndarray:
         """Probabilities whose argmax is the decision; ``shift=False`` skips the prior shift (for data
         at the training prevalence, such as the run's own test split)."""
-        from medtricks.evaluate.operating_point import probs_at_threshold
-
         p = self.shift(probs) if shift else np.asarray(probs, dtype=np.float64)
         return probs_at_threshold(p, self.threshold, positive_index=self.positive_index)
 
@@ -126,8 +131,6 @@ class DecisionRule:
 def load_operating_point(run_dir: Optional[str | Path]):
     """The run's stored :class:`~medtricks.evaluate.operating_point.OperatingPoint`, or ``None`` (runs
     trained before operating points were stored have no ``model/operating_point.json``)."""
-    from medtricks.evaluate.operating_point import OperatingPoint
-
     if run_dir is None:
         return None
     path = RunDir(run_dir).operating_point
@@ -147,8 +150,6 @@ def _run_file(trained, artifact: str, read, tracking_uri: Optional[str] = None):
         return None
     store = getattr(trained, "store", None)
     if store is None and trained.recipe.tracking.backend == "mlflow":
-        from medtricks.tracking import create_store
-
         store = create_store("mlflow", tracking_uri or trained.recipe.tracking.uri)
     if store is None:
         return None
@@ -167,8 +168,6 @@ def posthoc_store(trained, tracking_uri: Optional[str] = None, runs_dir: Optiona
     backend of the run's own recipe. MLflow at ``tracking_uri`` (else the recipe's URI); for
     ``tracking.backend: none`` the local store rooted at ``runs_dir``, else where the run folder lives
     (its ``experiment.output_dir``), else the recipe's ``experiment.output_dir``."""
-    from medtricks.tracking import create_store
-
     recipe = trained.recipe
     if recipe.tracking.backend == "mlflow":
         return create_store("mlflow", tracking_uri or recipe.tracking.uri)
@@ -180,8 +179,6 @@ def posthoc_store(trained, tracking_uri: Optional[str] = None, runs_dir: Optiona
 def _train_priors_from_manifest(trained, tracking_uri: Optional[str]) -> Optional[list[float]]:
     """Class frequencies of the run's training split, from its logged split manifest."""
     import pandas as pd
-
-    from medtricks.evaluate.operating_point import class_priors
 
     frame = _run_file(trained, RunDir.manifest_artifact(), pd.read_csv, tracking_uri)
     if frame is None or not {"split", "target"} <= set(frame.columns):
@@ -200,8 +197,6 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
     the run's training priors (``train_priors`` of the operating point, else the training split of
     its ``artifacts/split_manifest.csv``) before thresholding.
     """
-    from medtricks.evaluate.operating_point import OPERATING_POINT_FILE
-
     name = trained.run_id or str(trained.run_dir)
     k = len(trained.classes)
     spec = "stored" if threshold is None else str(threshold).strip().lower()
@@ -344,8 +339,6 @@ def summarize_predictions(y_true: Any, probs: Any, classes: list[str], *, rule: 
                           loss: Optional[float] = None, image_set: Optional[str] = None) -> EvaluationReport:
     """An :class:`EvaluationReport` from predictions: metrics with CIs at 0.5 and, with ``rule``, at the
     operating point; confusion matrix / ROC / reliability figures unless ``figures=False``."""
-    from medtricks.evaluate import compute_metrics, plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
-
     y, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=np.float64)
     metrics = compute_metrics(y, probs, classes, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
     report = EvaluationReport(metrics=metrics, split=split, n_images=len(y), source_run=source_run, rule=rule,
@@ -364,8 +357,6 @@ def summarize_predictions(y_true: Any, probs: Any, classes: list[str], *, rule: 
 
 
 def _internal_test_predictions(trained, tracking_uri: Optional[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    from medtricks.ablation.table import load_predictions
-
     return _run_file(trained, RunDir.predictions_artifact("test"), load_predictions, tracking_uri)
 
 
@@ -378,8 +369,6 @@ def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: 
     import tempfile
 
     if store is None:
-        from medtricks.tracking import create_store
-
         store = create_store("mlflow", uri)
     tracker = store
     run_id = tracker.start(experiment=experiment, run_name=run_name, tags=tags,
@@ -418,10 +407,6 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
     run's ``tracking.backend`` (:func:`posthoc_store`: MLflow, or the local run store). ``runs_dir``:
     where run ids of the local store are looked up (default ``runs``) and its evaluations go.
     """
-    from medtricks.data import load_card
-    from medtricks.trained import load_trained
-    from medtricks.train import predict, resolve_device
-
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri)
@@ -489,8 +474,6 @@ def audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, d
                 surrogate: Optional[nn.Module] = None, progress: bool = True, batch_size: int = 32,
                 attacks=None, eps=None, corruptions=None, n: Optional[int] = None, target_class=None):
     """Run :func:`medtricks.audit.run_audit` as the recipe's ``audit`` section says (arguments override)."""
-    from medtricks.audit import run_audit
-
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return run_audit(model, loader, classes=classes, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
                      attacks=audit_cfg.attacks if attacks is None else attacks, eps=list(eps if eps is not None else audit_cfg.eps),
@@ -522,9 +505,6 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
     ``tracking.backend`` (:func:`posthoc_store`), else onto a new run tagged ``medtricks.audited_run``.
     ``runs_dir``: where run ids of the local store are looked up (default ``runs``).
     """
-    from medtricks.trained import load_trained
-    from medtricks.train import resolve_device
-
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     recipe = trained.recipe

@@ -29,13 +29,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pandas as pd
+import torch
 
-from medtricks.ablation.table import (_finite, forest_figure, format_ablation_markdown, higher_is_better,
-                                      image_bootstrap_delta, load_predictions, metric_keys, summarize_groups)
+# The module, not the function: run_recipe is looked up at call time, so a test (or a caller) that
+# swaps medtricks.run.run_recipe for a stand-in trainer is used by every child.
+import medtricks.run as _run
+from medtricks.ablation.table import (forest_figure, format_ablation_markdown, higher_is_better, metric_keys,
+                                      summarize_groups)
 from medtricks.ablation.variants import make_variants
 from medtricks.errors import ConfigError
+from medtricks.evaluate.markdown import is_finite
+from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
 from medtricks.recipe import Recipe, apply_overrides, flatten_recipe, recipe_from_dict
 from medtricks.rundir import RunDir
+from medtricks.tracking import RunNotFoundError, create_store
 
 __all__ = ["AblationResult", "run_ablation", "ablation_settings", "ablation_id", "child_recipe"]
 
@@ -135,13 +142,9 @@ def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[st
                metric: str, threads: Optional[int] = None) -> dict[str, Any]:
     """Train one child (also the entry point of worker processes); returns plain data only."""
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
-    from medtricks.run import run_recipe
-
     recipe = Recipe.model_validate(recipe_data)
-    result = run_recipe(recipe, resume="auto", parent_run_id=parent_run_id, extra_tags=tags, quiet=quiet)
+    result = _run.run_recipe(recipe, resume="auto", parent_run_id=parent_run_id, extra_tags=tags, quiet=quiet)
     keys = metric_keys(metric)
     metrics = result.metrics if keys["split"] == "val" else result.test_metrics
     values = dict(getattr(metrics, "values", {}) or {})
@@ -153,8 +156,6 @@ def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[st
 
 def _children_from_store(store, experiment: str, ablation: str, metric: str) -> pd.DataFrame:
     """Finished children of an ablation as logged in the run store (the latest run per variant and seed)."""
-    from medtricks.tracking import RunNotFoundError
-
     try:
         records = store.search_runs(experiment, statuses=["FINISHED"],
                                     tags={"medtricks.ablation_id": ablation, "medtricks.role": "ablation_child"})
@@ -175,8 +176,6 @@ def _children_from_store(store, experiment: str, ablation: str, metric: str) -> 
 
 
 def _find_parent(store, experiment: str, ablation: str) -> Optional[str]:
-    from medtricks.tracking import RunNotFoundError
-
     try:
         parents = store.search_runs(experiment, tags={"medtricks.ablation_id": ablation,
                                                       "medtricks.role": "ablation_parent"})
@@ -327,8 +326,6 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     notes: list[str] = []
 
     # ---- parent run (re-opened when this ablation ran before); backend none: the ablation folder's store
-    from medtricks.tracking import create_store
-
     store = create_store(recipe.tracking.backend, uri, root=out_dir)
     parent = create_store(recipe.tracking.backend, uri, root=out_dir)
     previous = _find_parent(store, experiment, aid)
@@ -391,11 +388,11 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         if extra > 0:
             notes.append(f"{extra} finished child run(s) of other seeds are not in this table (seeds asked: "
                          f"{', '.join(str(s) for s in seed_list)})")
-        no_value = children[~children["value"].map(_finite)]
+        no_value = children[~children["value"].map(is_finite)]
         if len(no_value):
             notes.append(f"{len(no_value)} child run(s) have no {keys['value']}: "
                          + ", ".join(f"{r.variant} seed {r.seed}" for r in no_value.itertuples()))
-        children = children[children["value"].map(_finite)]
+        children = children[children["value"].map(is_finite)]
         children["variant_index"] = children["variant"].map(index)
         children = children.sort_values(["variant_index", "seed"]).reset_index(drop=True)
         for f in failed:
@@ -470,7 +467,7 @@ def _write_outputs(result: AblationResult, parent, say) -> None:
     result.to_csv(out / "ablation_table.csv")
     result.children.to_csv(out / "children.csv", index=False)
     files = [out / "ablation_table.md", out / "ablation_table.csv", out / "children.csv"]
-    if result.table["mean"].map(_finite).any():
+    if result.table["mean"].map(is_finite).any():
         fig = forest_figure(result.table, metric=result.metric, labels=result.labels())
         fig.savefig(out / "forest.png", dpi=120, bbox_inches="tight")  # keep long labels inside
         plt.close(fig)
@@ -486,7 +483,7 @@ def _write_outputs(result: AblationResult, parent, say) -> None:
     for i, row in result.table.iterrows():
         prefix = f"ablation/v{i:02d}_{_slug(str(row['variant']))}"
         for col in ("mean", "ci_low", "ci_high", "delta", "delta_p_value", "n_seeds"):
-            if _finite(row.get(col)):
+            if is_finite(row.get(col)):
                 metrics[f"{prefix}/{col}"] = float(row[col])
     parent.log_metrics(metrics)
     complete = not result.failed and len(result.children) == len(result.variants) * len(result.seeds)

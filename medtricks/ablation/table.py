@@ -22,8 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +30,14 @@ import numpy as np
 import pandas as pd
 
 from medtricks.errors import ConfigError
+from medtricks.evaluate.markdown import (fmt_delta_ci, fmt_mean_ci, fmt_num, fmt_p, fmt_signed, is_finite,
+                                         markdown_table)
+from medtricks.evaluate.metrics import SCALAR_METRICS
+# image_bootstrap_delta and load_predictions moved to evaluate/paired.py; importable from here as before
+from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions, stored_image_set
+from medtricks.evaluate.stats import mean_ci, paired_comparison
 from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_FILE, RunDir, best_key, ci_keys  # noqa: F401
+from medtricks.tracking import create_store
 
 __all__ = [
     "metric_keys",
@@ -43,6 +49,7 @@ __all__ = [
     "forest_figure",
     "markdown_table",
     "compare_runs",
+    "load_predictions",
     "PREDICTIONS_FILE",
 ]
 
@@ -70,8 +77,6 @@ def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[
     >>> metric_keys("eval/op/accuracy", allow_eval=True)["probs_key"]
     'probs_op'
     """
-    from medtricks.evaluate.metrics import SCALAR_METRICS
-
     if allow_eval and isinstance(metric, str) and metric.startswith("eval/"):
         parts = metric.split("/")
         at_op = len(parts) > 2 and parts[1] == "op"
@@ -124,8 +129,6 @@ def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str
 
     Pairing is by ``seed``: only seeds present in both groups enter a comparison (``n_paired``).
     """
-    from medtricks.evaluate.stats import mean_ci, paired_comparison
-
     if test not in _TEST_NAMES:
         raise ConfigError(f"test must be one of {sorted(_TEST_NAMES)}, got {test!r}")
     missing = {group_col, "seed", "value"} - set(runs.columns)
@@ -178,131 +181,7 @@ def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str
     return table
 
 
-# --------------------------------------------------------------------------------- image stats
-def _per_seed_metric(name: str, n_classes: int) -> Callable[[np.ndarray, np.ndarray], float]:
-    # The same metric definitions as compute_metrics (one place defines AUROC, ECE, ...).
-    from medtricks.evaluate.metrics import _scalar_metric_fn
-
-    return _scalar_metric_fn(name, n_classes, 15)
-
-
-def image_bootstrap_delta(y_true: np.ndarray, probs_a: Sequence[np.ndarray], probs_b: Sequence[np.ndarray],
-                          metric: str, *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
-    """Paired bootstrap over images of ``mean over seeds of metric(a_s) - metric(b_s)``.
-
-    ``probs_a[s]`` and ``probs_b[s]`` are ``(N, K)`` predictions of seed ``s`` of the two variants on
-    the same ``N`` images (same fixed split). Each resample draws one set of image indices and
-    scores every seed of both variants on it, so image difficulty cancels and the seeds' deltas are
-    averaged as in the seed-level table. Returns the dict of
-    :func:`medtricks.evaluate.metrics.paired_bootstrap_delta` (``delta``, ``ci_low``, ``ci_high``,
-    ``p_value``, ...) plus ``n_seeds``.
-    """
-    from medtricks.evaluate.metrics import paired_bootstrap_delta
-
-    if len(probs_a) != len(probs_b) or not probs_a:
-        raise ConfigError(f"need the same non-zero number of seeds for both variants, got {len(probs_a)} and {len(probs_b)}")
-    y = np.asarray(y_true)
-    shapes = {np.shape(p) for p in (*probs_a, *probs_b)}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != len(y):
-        raise ConfigError(f"every probs array must be (N, K) with N = {len(y)} images; got shapes {sorted(shapes)}")
-    n_seeds, k = len(probs_a), next(iter(shapes))[1]
-    fn = _per_seed_metric(metric, k)
-    n_present = np.unique(y).size
-    class_averaged = metric in ("auroc", "balanced_accuracy", "f1")
-
-    # The library bootstraps one (N, C) probability array per variant. Seeds go side by side as
-    # (N, S*K), scaled by 1/S so rows still sum to 1; the metric below splits them again.
-    def stack(probs: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate([np.asarray(p, dtype=np.float64) for p in probs], axis=1) / n_seeds
-
-    def seed_mean(yy: np.ndarray, pp: np.ndarray) -> float:
-        if class_averaged and np.unique(yy).size < n_present:
-            return math.nan  # a resample that lost a class: the average changes meaning, skip it
-        per_seed = pp.reshape(len(yy), n_seeds, k) * n_seeds
-        return float(np.mean([fn(yy, per_seed[:, s, :]) for s in range(n_seeds)]))
-
-    seed_mean.__name__ = metric
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out = paired_bootstrap_delta(y, stack(probs_a), stack(probs_b), seed_mean, n_bootstrap=n_bootstrap,
-                                     ci=ci, seed=seed)
-    out["n_seeds"] = n_seeds
-    return out
-
-
-def load_predictions(path: str | Path, probs_key: str = "probs") -> tuple[np.ndarray, np.ndarray]:
-    """``(y_true, probs)`` from a run's predictions .npz (see :data:`PREDICTIONS_FILE`);
-    ``probs_key="probs_op"`` reads an evaluation's probabilities at its operating point."""
-    with np.load(path) as data:
-        missing = {"y_true", probs_key} - set(data.files)
-        if missing:
-            raise ConfigError(f"{path}: predictions file lacks array(s) {sorted(missing)}; has {data.files}")
-        return np.asarray(data["y_true"]), np.asarray(data[probs_key])
-
-
-def _image_set(path: str | Path) -> Optional[str]:
-    """The ordered-image-list digest an evaluation stores with its predictions, if any."""
-    with np.load(path) as data:
-        return str(data["image_set"]) if "image_set" in data.files else None
-
-
 # ------------------------------------------------------------------------------------ formatting
-def _as_finite(value: Any) -> Optional[float]:
-    """``value`` as a finite float, or None (missing, not a number, nan/inf) so a cell shows "-"."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    value = _as_finite(value)
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _signed(value: Any) -> str:
-    value = _as_finite(value)
-    return "-" if value is None else f"{value:+.4f}"
-
-
-def _p(value: Any) -> str:
-    value = _as_finite(value)
-    if value is None:
-        return "-"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _mean_ci(mean: Any, low: Any, high: Any, n: Any = None) -> str:
-    if not _finite(mean):
-        return "-"
-    if not (_finite(low) and _finite(high)):
-        return f"{_num(mean)} (no CI{', 1 seed' if n == 1 else ''})"
-    return f"{_num(mean)} [{_num(low)}, {_num(high)}]"
-
-
-def _delta_ci(delta: Any, low: Any, high: Any) -> str:
-    if not _finite(delta):
-        return "-"
-    if not (_finite(low) and _finite(high)):
-        return f"{_signed(delta)} (no CI)"
-    return f"{_signed(delta)} [{_signed(low)}, {_signed(high)}]"
-
-
-def _finite(value: Any) -> bool:
-    return _as_finite(value) is not None
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown pipe table, columns padded so it also reads well in a terminal."""
-    cells = [[str(c).replace("|", "\\|") for c in header]] + [[str(c).replace("|", "\\|") for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
-    return "\n".join(lines)
-
-
 def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str = "variant",
                              title: Optional[str] = None, notes: Sequence[str] = (),
                              labels: Optional[dict[str, str]] = None) -> str:
@@ -318,7 +197,7 @@ def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str
     ref = table.attrs.get("reference", table[group_col].iloc[0])
     test = table.attrs.get("test", "paired t")
     has_prev = "delta_prev" in table.columns
-    has_boot = "boot_delta" in table.columns and table["boot_delta"].map(_finite).any()
+    has_boot = "boot_delta" in table.columns and table["boot_delta"].map(is_finite).any()
     header = [group_col, "seeds", f"{metric} mean [{pct} CI]", f"Δ vs {ref} [{pct} CI]", f"p ({test})"]
     if has_boot:
         header += [f"Δ image bootstrap [{pct} CI]", "p (bootstrap)"]
@@ -328,16 +207,16 @@ def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str
     rows = []
     for _, r in table.iterrows():
         is_ref = r[group_col] == ref
-        row = [labels.get(r[group_col], r[group_col]), str(int(r["n_seeds"])), _mean_ci(r["mean"], r["ci_low"], r["ci_high"], int(r["n_seeds"])),
-               "(reference)" if is_ref else _delta_ci(r["delta"], r["delta_ci_low"], r["delta_ci_high"]),
-               "" if is_ref else _p(r["delta_p_value"])]
+        row = [labels.get(r[group_col], r[group_col]), str(int(r["n_seeds"])), fmt_mean_ci(r["mean"], r["ci_low"], r["ci_high"], int(r["n_seeds"])),
+               "(reference)" if is_ref else fmt_delta_ci(r["delta"], r["delta_ci_low"], r["delta_ci_high"]),
+               "" if is_ref else fmt_p(r["delta_p_value"])]
         if has_boot:
-            row += ["" if is_ref else _delta_ci(r.get("boot_delta"), r.get("boot_ci_low"), r.get("boot_ci_high")),
-                    "" if is_ref else _p(r.get("boot_p_value"))]
+            row += ["" if is_ref else fmt_delta_ci(r.get("boot_delta"), r.get("boot_ci_low"), r.get("boot_ci_high")),
+                    "" if is_ref else fmt_p(r.get("boot_p_value"))]
         if has_prev:
             first = r[group_col] == table[group_col].iloc[0]
-            row += ["" if first else _delta_ci(r["delta_prev"], r["delta_prev_ci_low"], r["delta_prev_ci_high"]),
-                    "" if first else _p(r["delta_prev_p_value"])]
+            row += ["" if first else fmt_delta_ci(r["delta_prev"], r["delta_prev_ci_low"], r["delta_prev_ci_high"]),
+                    "" if first else fmt_p(r["delta_prev_p_value"])]
         row.append("" if is_ref else (r["verdict"] or "no evidence"))
         rows.append(row)
     out = [f"### {title}", ""] if title else []
@@ -364,20 +243,22 @@ def format_runs_markdown(runs: pd.DataFrame, *, metric: str, group_col: Optional
                                                    "status", "tricks"]
     rows = []
     for _, r in runs.iterrows():
-        ci_text = f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]" if _finite(r["ci_low"]) else "-"
+        ci_text = f"[{fmt_num(r['ci_low'])}, {fmt_num(r['ci_high'])}]" if is_finite(r["ci_low"]) else "-"
         rows.append(([r[group_col]] if group_col else []) +
                     [r["run_name"], str(r["run_id"])[:12], "-" if pd.isna(r["seed"]) else str(int(r["seed"])),
-                     _num(r["value"]), ci_text, r["status"], r.get("tricks") or "-"])
+                     fmt_num(r["value"]), ci_text, r["status"], r.get("tricks") or "-"])
     return markdown_table(header, rows)
 
 
 def forest_figure(table: pd.DataFrame, *, metric: str, group_col: str = "variant",
                   labels: Optional[dict[str, str]] = None):
     """Forest plot of the table (mean and CI over seeds per row), the reference mean as a line."""
-    labels = labels or {}
+    # evaluate.plots imports matplotlib (~0.5 s) at import time: only the ablation's forest plot needs
+    # it, so `medtricks compare` (tables only) does not pay for it.
     from medtricks.evaluate.plots import plot_forest
 
-    shown = table[table["mean"].map(_finite)]
+    labels = labels or {}
+    shown = table[table["mean"].map(is_finite)]
     if shown.empty:
         raise ConfigError("no row of the table has a finite mean: nothing to plot")
     ref = table.attrs.get("reference")
@@ -437,8 +318,6 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
         print(compare_runs(experiment="quickstart", group_by="variant"))
         print(compare_runs(experiment="quickstart", runs_dir="runs"))  # tracking.backend: none
     """
-    from medtricks.tracking import create_store
-
     if experiment is None and not run_ids:
         raise ConfigError("compare needs --experiment NAME or --runs ID [ID ...]")
     keys = metric_keys(metric, allow_eval=True)
@@ -453,11 +332,11 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
                      "ablation/ablation_table.md)")
     frame = runs_frame(records, metric, group_by)
     where = f"experiment {experiment!r}" if experiment else f"{len(run_ids or [])} given run(s)"
-    without = frame[~frame["value"].map(_finite)]
+    without = frame[~frame["value"].map(is_finite)]
     if len(without):
         listed = ", ".join(f"{r.run_name or r.run_id[:12]} ({r.status})" for r in without.itertuples())
         notes.append(f"{len(without)} run(s) have no {keys['value']} and are left out: {listed}")
-    frame = frame[frame["value"].map(_finite)].copy()
+    frame = frame[frame["value"].map(is_finite)].copy()
     if frame.empty:
         lines = [f"No run in {where} logged {keys['value']}."] + [f"- {n}" for n in notes]
         return "\n".join(lines) + "\n"
@@ -495,10 +374,8 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
         shown = frame.sort_values("value", ascending=not higher_is_better(metric), kind="stable")
         out.append(format_runs_markdown(shown, metric=metric, ci_level=ci_level))
         if len(shown) > 1:
-            from medtricks.evaluate.stats import mean_ci
-
             mean, low, high = mean_ci(shown["value"].tolist(), ci=ci)
-            out += ["", f"All {len(shown)} runs: mean {_mean_ci(mean, low, high, len(shown))} "
+            out += ["", f"All {len(shown)} runs: mean {fmt_mean_ci(mean, low, high, len(shown))} "
                         f"({100 * ci:g}% Student-t CI over runs)."]
             reference = run_ids[0] if run_ids and run_ids[0] in set(shown["run_id"]) else \
                 shown.sort_values("start_time", kind="stable")["run_id"].iloc[0]
@@ -538,7 +415,7 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, store: 
                              f"(a multiclass model, or an evaluation from before operating points): not paired")
                 continue
             preds[run_id] = load_predictions(path, probs_key)
-            image_sets[run_id] = _image_set(path)
+            image_sets[run_id] = stored_image_set(path)
     if without:
         notes.append(f"{len(without)} run(s) logged no {artifact}, so they are not in the "
                      f"paired image comparison: {', '.join(without)}")
@@ -564,8 +441,8 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, store: 
             continue
         d = image_bootstrap_delta(y_ref, [probs], [preds[reference][1]], keys["scalar"],
                                   n_bootstrap=n_bootstrap, ci=ci)
-        rows.append([names.get(run_id) or run_id[:12], str(run_id)[:12], _signed(d["delta"]),
-                     f"[{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]", _p(d["p_value"])])
+        rows.append([names.get(run_id) or run_id[:12], str(run_id)[:12], fmt_signed(d["delta"]),
+                     f"[{fmt_signed(d['ci_low'])}, {fmt_signed(d['ci_high'])}]", fmt_p(d["p_value"])])
     if not rows:
         return []
     title = (f"Paired on the same {len(y_ref)} {keys['split']} images: run − {names.get(reference) or reference[:12]}"
@@ -579,5 +456,5 @@ def _group_order(frame: pd.DataFrame) -> list[str]:
     idx = pd.to_numeric(frame["variant_index"], errors="coerce")
     first = frame.assign(_idx=idx).groupby("group", sort=False)["_idx"].min()
     appearance = list(dict.fromkeys(frame["group"]))
-    return sorted(appearance, key=lambda g: (0 if _finite(first[g]) else 1,
-                                             first[g] if _finite(first[g]) else 0, appearance.index(g)))
+    return sorted(appearance, key=lambda g: (0 if is_finite(first[g]) else 1,
+                                             first[g] if is_finite(first[g]) else 0, appearance.index(g)))

@@ -22,6 +22,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medtricks._shipped import shipped_dir
 from medtricks.errors import ConfigError
 from medtricks.data.errors import CardError
 
@@ -281,8 +282,6 @@ def cards_dir() -> Path:
     env = os.environ.get("MEDTRICKS_CARDS_DIR")
     if env:
         return Path(env).expanduser()
-    from medtricks._shipped import shipped_dir
-
     # medtricks/data/cards.py -> repository root (same as Path(medtricks.__file__).parents[1]).
     return shipped_dir("data_cards", Path(__file__).resolve().parents[2])
 

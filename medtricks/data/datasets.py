@@ -35,6 +35,7 @@ from medtricks.data.errors import BadImageError, DataError
 from medtricks.data.manifest import build_manifest
 from medtricks.data.readers import VOI_MODES, read_image
 from medtricks.data.splits import check_leakage, file_digest
+from medtricks.data.synthetic import MANIFEST_NAME, PARAMS_NAME, SYNTHETIC_CARD, synthesize_phantoms
 from medtricks.data.transforms import build_transforms
 
 _CACHE_VERSION = "v2"  # bump when the decode step changes, so old cache files are not reused
@@ -231,8 +232,6 @@ def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str 
 
 
 def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> None:
-    from medtricks.data.synthetic import MANIFEST_NAME, PARAMS_NAME, SYNTHETIC_CARD, synthesize_phantoms
-
     if synth is None:
         return
     if card.name != SYNTHETIC_CARD:

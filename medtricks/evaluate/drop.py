@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn import config_context
 
 from medtricks.errors import ConfigError
+from medtricks.evaluate.markdown import fmt_delta_ci, fmt_num, markdown_table
+from medtricks.evaluate.metrics import (_CLASS_AVERAGED, _FAST_SKLEARN, _auroc, _check_bootstrap_args,
+                                        _percentile_interval, _scalar_metric_fn)
 
 __all__ = ["drop_metric_fns", "unpaired_bootstrap_delta", "PerformanceDrop", "performance_drop"]
 
@@ -23,8 +27,6 @@ def drop_metric_fns(classes: list[str]) -> dict[str, Any]:
     """``{name: fn(y_true, probs) -> float}`` compared between internal and external test sets:
     accuracy, AUROC and, for a binary model, sensitivity and specificity of the positive class
     ``classes[1]`` (per class, ``sensitivity/<class>``, for multiclass). Decisions are ``argmax``."""
-    from medtricks.evaluate.metrics import _auroc
-
     def recall(c: int, of_class: bool):
         def fn(y: np.ndarray, p: np.ndarray) -> float:
             mask = (y == c) if of_class else (y != c)
@@ -44,10 +46,6 @@ def drop_metric_fns(classes: list[str]) -> dict[str, Any]:
 
 def _unpaired_bootstrap(y_a: np.ndarray, p_a: np.ndarray, y_b: np.ndarray, p_b: np.ndarray, fns: dict[str, Any], *,
                         n_bootstrap: int, ci: float, seed: int, needs_all_classes=()) -> dict[str, dict[str, Any]]:
-    from sklearn import config_context
-
-    from medtricks.evaluate.metrics import _FAST_SKLEARN, _percentile_interval
-
     def scores(y: np.ndarray, p: np.ndarray, n_classes: int) -> dict[str, float]:
         out = {}
         for name, fn in fns.items():
@@ -108,8 +106,6 @@ def unpaired_bootstrap_delta(y_a: Any, probs_a: Any, y_b: Any, probs_b: Any, met
         d = unpaired_bootstrap_delta(y_internal, p_internal, y_external, p_external, "auroc")
         print(f"AUROC drop {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
     """
-    from medtricks.evaluate.metrics import _CLASS_AVERAGED, _check_bootstrap_args, _scalar_metric_fn
-
     ya, pa = _check_pair(y_a, probs_a, "set a")
     yb, pb = _check_pair(y_b, probs_b, "set b")
     if pa.shape[1] != pb.shape[1]:
@@ -143,10 +139,9 @@ class PerformanceDrop:
         return {k: float(v) for k, v in out.items() if math.isfinite(v)}
 
     def table(self) -> str:
-        from medtricks.ablation.table import _delta_ci, _num, markdown_table
-
         pct = f"{100 * self.ci:g}%"
-        rows = [[r["metric"], _num(r["value_a"]), _num(r["value_b"]), _delta_ci(r["delta"], r["ci_low"], r["ci_high"])]
+        rows = [[r["metric"], fmt_num(r["value_a"]), fmt_num(r["value_b"]),
+                 fmt_delta_ci(r["delta"], r["ci_low"], r["ci_high"])]
                 for r in self.rows]
         head = (f"Drop vs the run's internal test split ({self.n_internal} images) on this data ({self.n_external} "
                 f"images), decisions at {self.rule}; drop = internal − external (positive: worse here), {pct} CI "
@@ -158,8 +153,6 @@ def performance_drop(y_internal: Any, probs_internal: Any, y_external: Any, prob
                      classes: list[str], *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
                      rule: str = "argmax") -> PerformanceDrop:
     """:class:`PerformanceDrop` of the metrics of :func:`drop_metric_fns` (all from one set of resamples)."""
-    from medtricks.evaluate.metrics import _check_bootstrap_args
-
     ya, pa = _check_pair(y_internal, probs_internal, "internal test predictions")
     yb, pb = _check_pair(y_external, probs_external, "external predictions")
     if pa.shape[1] != len(classes) or pb.shape[1] != len(classes):

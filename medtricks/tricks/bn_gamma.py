@@ -494,7 +494,7 @@ def apply_gamma_strategy(model: nn.Module, config: Mapping[str, Any]) -> GammaRe
 
 
 def _build_model(model_name: str, weights: str, in_chans: int, num_classes: int) -> tuple[nn.Module, str]:
-    try:
+    try:  # here, not at the top: without medtricks.models the preview falls back to bare timm (tested)
         from medtricks.models import create_model
     except ImportError as err:
         if err.name not in ("medtricks.models", "medtricks"):
