@@ -74,7 +74,6 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
         if run is None:
             raise MissingFileError(f"{path} holds no recipe.yaml: not a medtricks run folder")
         return run.path, run.read_state().get("run_id"), None
-    from medtricks.tracking import DEFAULT_RUNS_DIR, find_run
 
     folder = runs_dir if runs_dir is not None else DEFAULT_RUNS_DIR
     store = find_run(ref, tracking_uri=tracking_uri, runs_dirs=[folder])

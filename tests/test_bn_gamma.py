@@ -110,15 +110,23 @@ def test_which_all_touches_every_branch_norm_but_not_the_shortcut():
     before = _snapshot(model)
     report = apply_bn_gamma(model, 0.0, stages=[-1], which="all")
     assert report.names == [f"layer4.{b}.bn{i}" for b in range(2) for i in (1, 2, 3)]
-    assert _changed(model, before) == {f"{n}.weight" for n in report.names}
+    assert _changed(model, before) == {f"{n}.{p}" for n in report.names for p in ("weight", "bias")}  # β follows γ=0
     assert "layer4.0.downsample.2.weight" in before  # ResNet-D shortcut BN exists and was left alone
 
 
-def test_beta_is_kept_unless_given():
+def test_beta_follows_gamma_zero_like_the_strategies_unless_kept_or_given():
     model = _randomize_norms(resnet18())
     before = _snapshot(model)
-    apply_bn_gamma(model, 0.0, stages=[-1])
-    assert _changed(model, before) == {"layer4.0.bn2.weight", "layer4.1.bn2.weight"}
+    apply_bn_gamma(model, 0.0, stages=[-1])  # one rule with apply_gamma_strategy: β=0 where γ=0
+    late = {"layer4.0.bn2", "layer4.1.bn2"}
+    assert _changed(model, before) == {f"{n}.{p}" for n in late for p in ("weight", "bias")}
+    assert torch.all(model.layer4[0].bn2.bias == 0)
+    model = _randomize_norms(resnet18())
+    before = _snapshot(model)
+    apply_bn_gamma(model, 0.0, stages=[-1], beta="keep")
+    assert _changed(model, before) == {f"{n}.weight" for n in late}
+    apply_bn_gamma(model, 1.0, stages=[-1])  # γ=1 keeps β by default
+    assert torch.equal(model.layer4[0].bn2.bias, before["layer4.0.bn2.bias"])
     report = apply_bn_gamma(model, 0.0, stages=[-1], beta=0.25)
     assert torch.all(model.layer4[0].bn2.bias == 0.25)
     assert [row["new_beta"] for row in report.rows] == [0.25, 0.25]

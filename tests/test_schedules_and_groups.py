@@ -12,13 +12,21 @@ from medtricks.tricks.schedules import build_scheduler, lr_curve, scaled_lr
 def test_warmup_then_cosine_key_points():
     lrs = lr_curve(0.1, name="cosine", epochs=10, steps_per_epoch=10, warmup_epochs=2, warmup_lr_init=0.001)
     assert len(lrs) == 100
-    assert lrs[0] == pytest.approx(0.001)  # iteration 0: warmup start
-    assert lrs[10] == pytest.approx(0.001 + (0.1 - 0.001) * 10 / 20)  # linear ramp
-    assert lrs[20] == pytest.approx(0.1)  # end of warmup: the base LR
-    assert lrs[60] == pytest.approx(0.05)  # cosine midpoint of the 80 decay updates
-    assert lrs[-1] == pytest.approx(0.05 * (1 + math.cos(math.pi * 79 / 80)))  # last update
-    assert lrs[-1] < 1e-3
-    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))  # monotone decay after warmup
+    # Update n (from 1) of the 20 warmup updates trains at init + n/20 (lr - init): none is spent at init.
+    assert lrs[0] == pytest.approx(0.001 + (0.1 - 0.001) * 1 / 20)
+    assert lrs[9] == pytest.approx(0.001 + (0.1 - 0.001) * 10 / 20)  # linear ramp
+    assert lrs[19] == pytest.approx(0.1)  # the last warmup update reaches the base LR
+    assert lrs[59] == pytest.approx(0.05)  # cosine midpoint of the 80 decay updates
+    assert lrs[-2] == pytest.approx(0.05 * (1 + math.cos(math.pi * 79 / 80)))
+    assert lrs[-1] == pytest.approx(0.0)  # the last update ends the cosine at min_lr
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:]))  # monotone decay after warmup
+
+
+def test_warmup_from_zero_never_spends_an_update_at_lr_zero():
+    lrs = lr_curve(0.4, name="cosine", epochs=4, steps_per_epoch=9, warmup_epochs=1)
+    assert lrs[0] == pytest.approx(0.4 / 9) and min(lrs[:9]) > 0 and lrs[8] == pytest.approx(0.4)
+    no_warmup = lr_curve(0.4, name="cosine", epochs=4, steps_per_epoch=9)
+    assert no_warmup[0] == pytest.approx(0.4)  # without warmup the first update is at the base LR, as before
 
 
 def test_step_decay_at_milestones():

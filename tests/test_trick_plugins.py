@@ -89,7 +89,8 @@ def test_the_toy_trick_in_ablate_tricks(tmp_path, toy_plugin, monkeypatch):
 
 def test_the_registry_assembles_the_recipe_section_and_the_ablation_names():
     fields = set(tricks_config_model().model_fields)
-    assert {"bn_gamma", "label_smoothing", "no_bias_decay", "mixup_alpha", "cutmix_alpha", "mix_prob", "ema",
+    assert {"bn_gamma", "label_smoothing", "label_smoothing_mode", "no_bias_decay", "mixup_alpha", "cutmix_alpha",
+            "mix_prob", "ema",
             "ema_decay", "class_balance"} == fields
     names = ablation_names()
     assert {"warmup", "cosine", "label_smoothing", "no_bias_decay", "bn_gamma", "mixup", "cutmix", "ema",
@@ -148,3 +149,23 @@ def test_options_two_tricks_disagree_on_are_an_error():
     recipe = SimpleNamespace(tricks=None)
     with pytest.raises(ValueError, match="tricks 'a' and 'b' both set 'drop_last'"):
         merged_options([A(recipe, None), B(recipe, None)], "loader_options")
+
+
+def test_label_smoothing_paper_mode_gives_the_papers_targets():
+    import torch
+
+    from medtricks.tricks.label_smoothing import effective_smoothing
+    from medtricks.tricks.losses import build_loss
+
+    logits = torch.tensor([[2.0, -1.0]])
+    target = torch.tensor([0])
+    log_p = torch.log_softmax(logits, dim=1)
+    paper = build_loss(label_smoothing=effective_smoothing(0.1, "paper", 2))(logits, target)
+    assert paper.item() == pytest.approx(-(0.9 * log_p[0, 0] + 0.1 * log_p[0, 1]).item())  # q = (0.9, 0.1)
+    torch_form = build_loss(label_smoothing=effective_smoothing(0.1, "torch", 2))(logits, target)
+    assert torch_form.item() == pytest.approx(-(0.95 * log_p[0, 0] + 0.05 * log_p[0, 1]).item())  # q = (0.95, 0.05)
+    assert effective_smoothing(0.1, "paper", 3) == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="at most 0.5"):
+        effective_smoothing(0.6, "paper", 2)
+    recipe = recipe_from_dict({"tricks": {"label_smoothing": 0.1, "label_smoothing_mode": "paper"}})
+    assert "label_smoothing=0.1(paper)" in recipe.tricks_on()

@@ -292,7 +292,7 @@ def apply_bn_gamma(
     last_n_blocks: int | None = None,
     which: str = "last",
     names: str | Sequence[str] | None = None,
-    beta: float | None = None,
+    beta: float | str | None = None,
 ) -> GammaReport:
     """Set γ of the chosen residual-branch norm layers to ``value``, in place.
 
@@ -300,8 +300,10 @@ def apply_bn_gamma(
     docstring): ``stages`` (negative = counted over residual stages), ``blocks`` (positions in a
     stage), ``last_n_blocks``, ``names`` (fnmatch patterns; alone they may pick any norm layer).
     ``which="last"`` sets the norm ending each residual branch, ``"all"`` every norm on it.
-    ``beta`` also sets β (``None``/``"keep"`` keeps it). A selection that matches nothing leaves the
-    model unchanged and warns with :class:`GammaNoEffectWarning`.
+    ``beta``: ``None`` (default) follows the strategies' rule -- β=0 wherever γ becomes 0, so the
+    block starts as the identity as He et al. intend; otherwise β is kept -- ``"keep"`` keeps β, a
+    number sets it. A selection that matches nothing leaves the model unchanged and warns with
+    :class:`GammaNoEffectWarning`.
 
     Returns:
         a :class:`GammaReport` with one row per layer set (name, stage, block, old γ mean, new γ,
@@ -310,7 +312,7 @@ def apply_bn_gamma(
     Example:
         >>> import timm
         >>> m = timm.create_model("resnet18", pretrained=False)
-        >>> report = apply_bn_gamma(m, 0.0, stages=[-1], beta=0.0)
+        >>> report = apply_bn_gamma(m, 0.0, stages=[-1])
         >>> report.names
         ['layer4.0.bn2', 'layer4.1.bn2']
         >>> float(m.layer4[1].bn2.weight.detach().abs().sum())
@@ -331,7 +333,7 @@ def apply_bn_gamma(
         label="apply_bn_gamma",
         stacklevel=3,  # warn in _select -> apply_bn_gamma -> caller
     )
-    return _set_norms(scan, selected, value, None if beta_v == _KEEP else beta_v, "apply_bn_gamma")
+    return _set_norms(scan, selected, value, _beta_for(value, beta_v), "apply_bn_gamma")
 
 
 def _beta_for(value: float, setting: float | str | None) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.label_smoothing import effective_smoothing
 from medtricks.tricks.losses import build_mixup
 
 __all__ = ["MixupCutmix"]
@@ -23,7 +24,9 @@ class MixupCutmix(Trick):
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.mixup = build_mixup(mixup_alpha=self.config.mixup_alpha, cutmix_alpha=self.config.cutmix_alpha,
-                                 prob=self.config.mix_prob, label_smoothing=self.config.label_smoothing,
+                                 prob=self.config.mix_prob,
+                                 label_smoothing=effective_smoothing(self.config.label_smoothing,
+                                                                     self.config.label_smoothing_mode, len(ctx.classes)),
                                  num_classes=len(ctx.classes))
 
     @classmethod

@@ -34,8 +34,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int,
         raise ConfigError(f"schedule.warmup_epochs={warmup_epochs} covers the whole run "
                          f"({epochs} epochs); it must be shorter than train.epochs")
     scheduler = _make(optimizer, name, total, warmup, warmup_lr_init, milestones, gamma, min_lr, steps_per_epoch)
+    if warmup > 0:
+        scheduler = OneUpdateAhead(scheduler)
     scheduler.step_update(0)  # LR (with each group's lr_scale) for the very first update
     return scheduler
+
+
+class OneUpdateAhead:
+    """A timm scheduler read one update ahead: with warmup, update ``n`` (from 1) trains at
+    ``warmup_lr_init + n/m (lr - warmup_lr_init)``, so the first update is not spent at
+    ``warmup_lr_init`` (0 by default) and the last warmup update reaches ``lr``."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def step_update(self, num_updates: int, metric=None) -> None:
+        self.scheduler.step_update(num_updates + 1, metric)
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def __getattr__(self, name: str):
+        return getattr(self.scheduler, name)
 
 
 def _make(optimizer, name, total, warmup, warmup_lr_init, milestones, gamma, min_lr, steps_per_epoch):
