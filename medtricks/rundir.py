@@ -240,13 +240,21 @@ class RunDir:
         return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
 
     def write_state(self, **updates: Any) -> dict[str, Any]:
-        """Merge ``updates`` into ``state.json`` (write to a temp file, then rename: a crash keeps the old one)."""
+        """Merge ``updates`` into ``state.json`` (write to a temp file, then rename: a crash keeps the old one;
+        a failed write, e.g. a full disk, removes the temp file and raises)."""
         state = self.read_state()
         state.update(updates)
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_file)
+        try:
+            tmp.write_text(json.dumps(state, indent=2))
+            tmp.replace(self.state_file)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
         return state
 
     def is_finished(self) -> bool:

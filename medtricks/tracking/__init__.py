@@ -22,11 +22,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from medtricks.errors import ConfigError  # noqa: E402
 from medtricks.tracking.base import (NullTracker, RunNotFoundError, RunRecord, RunStore, Tracker,  # noqa: E402
-                                     TrackingUnavailableError)
+                                     TrackingUnavailableError, TrackingWarning)
 from medtricks.tracking.local import LocalStore  # noqa: E402
 
 __all__ = ["RunStore", "Tracker", "NullTracker", "LocalStore", "RunRecord", "RunNotFoundError",
-           "TrackingUnavailableError", "create_store", "create_tracker", "find_run", "BACKENDS", "DEFAULT_RUNS_DIR"]
+           "TrackingUnavailableError", "TrackingWarning", "create_store", "create_tracker", "find_run",
+           "replay_unsent", "BACKENDS", "DEFAULT_RUNS_DIR"]
 
 BACKENDS = ("mlflow", "none")
 DEFAULT_RUNS_DIR = "runs"  # experiment.output_dir's default: where the local store is looked for
@@ -50,6 +51,15 @@ def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Op
 
 
 create_tracker = create_store  # the wave-1 name
+
+
+def replay_unsent(run_dir: str | Path, *, uri: Optional[str] = None, **options) -> int:
+    """Send the MLflow writes a run kept while its server was away (``<run_dir>/store/unsent.jsonl``),
+    in order; returns how many were sent. Same as ``python -m medtricks.tracking.replay RUN_DIR``.
+    See :func:`medtricks.tracking.mlflow_tracker.replay_unsent` (``options``: ``retry_delays``, ``budget_s``)."""
+    from medtricks.tracking.mlflow_tracker import replay_unsent as replay
+
+    return replay(run_dir, uri=uri, **options)
 
 
 def find_run(run_id: str, *, tracking_uri: Optional[str] = None,

@@ -26,13 +26,18 @@ from typing import Any, Optional, Sequence
 from medtricks.errors import ConfigError, MedtricksError
 
 __all__ = ["RunStore", "Tracker", "NullTracker", "RunRecord", "RunNotFoundError", "TrackingUnavailableError",
-           "RUN_STATUSES"]
+           "TrackingWarning", "RUN_STATUSES"]
 
 RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED")
 
 
 class TrackingUnavailableError(MedtricksError, RuntimeError):
     """The tracking store cannot be reached or read: raised at start, before any training."""
+
+
+class TrackingWarning(UserWarning):
+    """The run store did not take a write during a run: training went on and the write was kept
+    (``store.degraded`` / ``store.unsent_path`` say what is left after ``end()``)."""
 
 
 class RunNotFoundError(MedtricksError, LookupError):
@@ -81,6 +86,10 @@ class RunStore:
     """
 
     run_id: Optional[str] = None
+    #: True after ``end()`` when some writes of the run never reached the store (they wait in
+    #: ``unsent_path``; ``medtricks.tracking.replay_unsent(run_dir)`` sends them later).
+    degraded: bool = False
+    unsent_path: Optional[Path] = None
 
     # ------------------------------------------------------------------------------- write side
     def start(self, *, experiment: str, run_name: str, tags: dict[str, str],

@@ -3,29 +3,66 @@
 Write side: one run at a time, as every medtricks run logs. Read side: runs back as plain
 :class:`~medtricks.tracking.base.RunRecord`. Reading never creates a store: a sqlite file or folder
 that does not exist holds no runs.
+
+**A tracker that goes away does not stop training.** ``start()`` still fails fast when the store
+cannot be reached (:class:`TrackingUnavailableError`, before any training). After that, every write
+(``log_params``, ``log_metrics``, ``set_tags``, ``log_artifact``, ``log_figure``, ``log_text``) is
+retried with a short backoff (``retry_delays``, at most ``retry_budget_s`` per call); when it still
+fails with an error that says "not now" (connection refused, HTTP 5xx, sqlite "database is
+locked", a full disk under a local artifact store) it is *kept*: in memory and appended to
+``<run_dir>/store/unsent.jsonl`` (figures saved next to it under ``store/unsent/``, artifacts as
+their local paths), so a crash loses nothing. For ``cooldown_s`` after a failure the server is left
+alone; then the next write first sends everything kept, in order. An error that says the write
+itself is wrong (an invalid parameter, a deleted run) is raised as before.
+
+``end()`` sends what is kept (retrying for up to ``final_budget_s``) and then the final status. If
+the server never answers, the store is :attr:`~MlflowStore.degraded`: a warning names the spool file
+and the command that sends it later, ``python -m medtricks.tracking.replay RUN_DIR``
+(:func:`replay_unsent`). A resumed run (same run folder) picks up a spool a crash left and sends it.
+
+Creating a new sqlite store runs MLflow's schema migrations; two processes doing it at once fail
+(alembic). The first client of a sqlite URI is therefore created under a file lock next to the
+database (``mlflow.db.lock``).
 """
 from __future__ import annotations
 
-import math
+import contextlib
+import json
 import os
+import shutil
+import tempfile
 import time
+import warnings
+from collections import deque
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from medtricks.errors import MissingFileError
+from medtricks.rundir import RunDir
 from medtricks.tracking.base import (RunNotFoundError, RunRecord, RunStore, TrackingUnavailableError,
-                                     _finite_metrics)
+                                     TrackingWarning, _finite_metrics)
 
-__all__ = ["MlflowStore", "MlflowTracker", "default_tracking_uri", "TrackingUnavailableError", "RunNotFoundError"]
+__all__ = ["MlflowStore", "MlflowTracker", "default_tracking_uri", "replay_unsent", "TrackingUnavailableError",
+           "RunNotFoundError", "UNSENT_FILE", "REPLAY_COMMAND"]
 
 _MAX_PARAM_LEN = 6000
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per batch request
+_METRIC_BATCH = 1000
 _PAGE = 1000
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+UNSENT_FILE = "unsent.jsonl"  # in the run folder's store/ folder
+_UNSENT_FILES_DIR = "unsent"  # figures saved while the store was away, next to it
+REPLAY_COMMAND = "python -m medtricks.tracking.replay"
+# MLflow error codes that mean "this write is wrong", not "not now": retrying or keeping it cannot help.
+_PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                        "INVALID_STATE", "BAD_REQUEST", "MALFORMED_REQUEST", "ENDPOINT_NOT_FOUND"})
+_CREATE_LOCK_TIMEOUT_S = 300.0  # a schema migration takes seconds; past this, go on without the lock
 
 
 def default_tracking_uri(uri: Optional[str] = None) -> str:
@@ -53,17 +90,276 @@ def _local_path(uri: str) -> Optional[Path]:
     return None
 
 
+def _sqlite_file(uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URI (None for anything else, and for in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    name = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(name) if name and name != ":memory:" else None
+
+
+def _absolute_uri(uri: str) -> str:
+    """``uri`` with a relative sqlite file or folder made absolute (a replay may run from another folder)."""
+    db = _sqlite_file(uri)
+    if db is not None and not db.is_absolute():
+        query = uri.split("?", 1)[1] if "?" in uri else ""
+        return f"sqlite:///{db.absolute()}" + (f"?{query}" if query else "")
+    if urlparse(uri).scheme == "" and not Path(uri).is_absolute():
+        return str(Path(uri).absolute())
+    return uri
+
+
+def creation_lock_path(uri: str) -> Optional[Path]:
+    """The lock file that serializes creating the sqlite store at ``uri`` (``<db>.lock``), or None."""
+    db = _sqlite_file(uri)
+    return None if db is None else db.with_name(db.name + ".lock")
+
+
+@contextlib.contextmanager
+def _creating_store(uri: str) -> Iterator[None]:
+    """Hold the creation lock of a sqlite store (other processes that create it wait). No lock for
+    servers, or where the lock cannot be taken (a read-only folder), or after a long wait."""
+    lock_path = creation_lock_path(uri)
+    lock = None
+    if lock_path is not None and lock_path.parent.is_dir() and os.access(lock_path.parent, os.W_OK):
+        from filelock import FileLock, Timeout
+
+        candidate = FileLock(str(lock_path), timeout=_CREATE_LOCK_TIMEOUT_S)
+        try:
+            candidate.acquire()
+            lock = candidate
+        except Timeout:
+            warnings.warn(f"waited {_CREATE_LOCK_TIMEOUT_S:.0f} s for {lock_path} (another process creating the "
+                          "MLflow database); going on without it", TrackingWarning, stacklevel=3)
+        except OSError:
+            pass
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _quote(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+# ------------------------------------------------------------------------- writes that can wait
+class _Unsendable(Exception):
+    """A kept write that can never be sent (its file is gone, its record is unknown)."""
+
+
+def _transient(err: BaseException) -> bool:
+    """Whether a failed write may succeed later (keep it) rather than being wrong (raise it)."""
+    if isinstance(err, MlflowException):
+        return err.error_code not in _PERMANENT
+    if isinstance(err, _Unsendable):
+        return False
+    if isinstance(err, OSError):  # connection errors (requests'), timeouts, a full disk
+        return True
+    try:
+        import sqlalchemy.exc
+    except ImportError:  # pragma: no cover - mlflow depends on sqlalchemy
+        return False
+    return isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError))
+
+
+def _retrying(send: Callable[[], None], delays: Sequence[float], deadline: float) -> None:
+    """Call ``send``; after a transient failure wait ``delays[i]`` and try again, unless the next try
+    would start after ``deadline`` (``time.monotonic()``). The last error is raised."""
+    for delay in (*delays, None):
+        try:
+            send()
+            return
+        except Exception as err:  # noqa: BLE001 - classified below
+            if not _transient(err) or delay is None or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+
+
+def _send(client: MlflowClient, record: dict[str, Any]) -> None:
+    """Send one write record (the form kept in the spool file) to the run ``record["run_id"]``."""
+    from mlflow.entities import Metric, Param
+
+    run_id, op = record["run_id"], record.get("op")
+    if op == "params":  # params are immutable in MLflow: a resumed or replayed run skips those it has
+        existing = client.get_run(run_id).data.params
+        items = [Param(key, text) for key, text in record["params"].items() if key not in existing]
+        for i in range(0, len(items), _BATCH):
+            client.log_batch(run_id, params=items[i:i + _BATCH])
+    elif op == "metrics":
+        items = [Metric(key, value, int(ts), int(step)) for key, value, ts, step in record["metrics"]]
+        for i in range(0, len(items), _METRIC_BATCH):
+            client.log_batch(run_id, metrics=items[i:i + _METRIC_BATCH])
+    elif op == "tags":
+        for key, value in record["tags"].items():
+            client.set_tag(run_id, key, value)
+    elif op == "artifact":
+        if not Path(record["path"]).exists():
+            raise _Unsendable(f"{record['path']} no longer exists")
+        client.log_artifact(run_id, record["path"], record.get("artifact_path"))
+    elif op == "text":
+        client.log_text(run_id, record["text"], record["artifact_file"])
+    elif op == "end":
+        client.set_terminated(run_id, status=record["status"], end_time=record.get("end_time"))
+    else:
+        raise _Unsendable(f"unknown write record {op!r}")
+
+
+def _read_spool(path: Path) -> list[dict[str, Any]]:
+    """The records of a spool file; a line a crash cut short is skipped with a warning."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            warnings.warn(f"{path}:{number}: skipping a line cut short (a crash mid-write)", TrackingWarning,
+                          stacklevel=2)
+            continue
+        if isinstance(record, dict) and "run_id" in record and "op" in record:
+            records.append(record)
+    return records
+
+
+def _write_spool(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace the spool file with ``records`` (atomically); remove it, and its figure folder, when empty."""
+    if not records:
+        path.unlink(missing_ok=True)
+        folder = path.parent / _UNSENT_FILES_DIR
+        if folder.is_dir() and not any(f.is_file() for f in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _forget_file(record: dict[str, Any], spool: Optional[Path]) -> None:
+    """Delete a figure the store saved for a kept write, once it is sent (never a user's file)."""
+    if record.get("op") != "artifact" or spool is None:
+        return
+    path = Path(record["path"])
+    folder = spool.parent / _UNSENT_FILES_DIR
+    if folder in path.parents:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+
+def spool_path(run_dir: Optional[str | Path], run_id: str) -> Path:
+    """Where a run's unsent writes go: ``<run_dir>/store/unsent.jsonl``; a run without a folder uses
+    ``<tmp>/medtricks-unsent/<run_id>.jsonl``."""
+    if run_dir:
+        return RunDir(run_dir).store / UNSENT_FILE
+    return Path(tempfile.gettempdir()) / "medtricks-unsent" / f"{run_id}.jsonl"
+
+
+def _replay_target(spool: Path) -> str:
+    """What to pass to the replay command for a spool file (the run folder when it is one's)."""
+    if spool.name == UNSENT_FILE and spool.parent.name == RunDir(spool.parent.parent).store.name:
+        return str(spool.parent.parent)
+    return str(spool)
+
+
+def _has_run(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException as err:
+        if err.error_code in _NOT_FOUND:
+            return False
+        raise
+
+
+def replay_unsent(path: str | Path, *, uri: Optional[str] = None,
+                  retry_delays: Sequence[float] = (0.5, 1.0, 2.0), budget_s: float = 10.0) -> int:
+    """Send the writes a run kept while its MLflow store was away, in order, and return how many went.
+
+    ``path``: the run folder (its ``store/unsent.jsonl``) or a spool file. ``uri``: send there instead
+    of the URI each record names (the server moved). Sent records leave the spool (it is removed when
+    empty, and a ``state.json`` that says ``"tracking": "degraded"`` then says ``"replayed"``); when
+    the store still does not answer, :class:`TrackingUnavailableError` says how many remain. A store
+    that does not know the run (the wrong ``uri``) gets nothing: :class:`RunNotFoundError`, the spool
+    untouched. Running it twice is harmless: an empty or missing spool sends nothing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such run folder or spool file")
+    spool = RunDir(path).store / UNSENT_FILE if path.is_dir() else path
+    if not spool.is_file():
+        return 0
+    records = _read_spool(spool)
+    clients: dict[str, MlflowClient] = {}
+    known: set[tuple[str, str]] = set()
+    failure: Optional[BaseException] = None
+    done = sent = 0  # records dealt with (sent, or dropped as refused) / sent
+    try:
+        for record in records:
+            target = uri or record.get("uri")
+            try:
+                if target not in clients:
+                    clients[target] = MlflowStore(target)._client()
+                if (target, record["run_id"]) not in known:  # the wrong store: keep everything, say so
+                    if not _has_run(clients[target], record["run_id"]):
+                        raise RunNotFoundError(
+                            f"run {record['run_id']} is not in MLflow at {target!r}; nothing was sent from {spool}. "
+                            f"Pass the URI the run was logged to: {REPLAY_COMMAND} {_replay_target(spool)} --uri URI")
+                    known.add((target, record["run_id"]))
+                _retrying(lambda: _send(clients[target], record), retry_delays, time.monotonic() + budget_s)
+                sent += 1
+            except Exception as err:  # noqa: BLE001 - classified here
+                if isinstance(err, RunNotFoundError):
+                    raise
+                if _transient(err):
+                    failure = err
+                    break
+                warnings.warn(f"{spool}: dropping a {record.get('op')} write of run {record['run_id']} that "
+                              f"MLflow refuses ({type(err).__name__}: {err})", TrackingWarning, stacklevel=2)
+            done += 1
+            _forget_file(record, spool)
+    finally:
+        if done:
+            _write_spool(spool, records[done:])
+    remaining = records[done:]
+    if failure is not None:
+        raise TrackingUnavailableError(
+            f"MLflow at {uri or remaining[0].get('uri')!r} still does not answer "
+            f"({type(failure).__name__}: {str(failure)[:300]}); sent {sent}, {len(remaining)} writes remain in "
+            f"{spool}. Run `{REPLAY_COMMAND} {_replay_target(spool)}` again when it is back.") from failure
+    run = RunDir(spool.parent.parent) if spool.name == UNSENT_FILE else None
+    if run is not None and run.state_file.is_file() and run.read_state().get("tracking") == "degraded":
+        run.write_state(tracking="replayed")
+    return sent
+
+
 class MlflowStore(RunStore):
-    """Runs in any MLflow tracking URI (sqlite file, folder, or tracking server)."""
+    """Runs in any MLflow tracking URI (sqlite file, folder, or tracking server).
+
+    Class attributes tune how writes wait for a store that is away (set them on an instance too):
+    ``retry_delays`` / ``retry_budget_s`` per write during the run, ``final_retry_delays`` /
+    ``final_budget_s`` at ``end()``, ``cooldown_s`` = (first, longest) pause after a failure before
+    the store is tried again.
+    """
+
+    retry_delays: Sequence[float] = (0.25, 0.5, 1.0, 2.0)
+    retry_budget_s: float = 5.0
+    final_retry_delays: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    final_budget_s: float = 20.0
+    cooldown_s: tuple[float, float] = (5.0, 60.0)
 
     def __init__(self, uri: Optional[str] = None) -> None:
         self.uri = default_tracking_uri(uri)
         self.client: Optional[MlflowClient] = None
         self.run_id = None
+        self.degraded = False
+        self._reset_outbox(None)
 
     def __repr__(self) -> str:
         return f"MlflowStore({self.uri!r})"
@@ -74,7 +370,8 @@ class MlflowStore(RunStore):
     def _client(self) -> MlflowClient:
         if self.client is None:
             _http_defaults(self.uri)
-            self.client = MlflowClient(self.uri)
+            with _creating_store(self.uri):  # a new sqlite store: one process migrates it, the others wait
+                self.client = MlflowClient(self.uri)
         return self.client
 
     def _missing(self) -> bool:
@@ -114,46 +411,193 @@ class MlflowStore(RunStore):
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
+        self.degraded = False
+        self._reset_outbox(spool_path(tags.get("run_dir"), self.run_id).absolute())
+        self._pick_up_spool()
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        items = []
-        for key, value in params.items():
-            text = "None" if value is None else str(value)
-            text = text[:_MAX_PARAM_LEN]
-            if key in existing:  # params are immutable in MLflow; a resumed run re-logs the same
-                continue
-            items.append(Param(key, text))
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _BATCH])
+        texts = {key: ("None" if value is None else str(value))[:_MAX_PARAM_LEN] for key, value in params.items()}
+        self._write({"op": "params", "params": texts})
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(key, value, now, int(step or 0)) for key, value in _finite_metrics(metrics).items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        items = [[key, value, now, int(step or 0)] for key, value in _finite_metrics(metrics).items()]
+        if items:
+            self._write({"op": "metrics", "metrics": items})
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        def keep() -> dict[str, Any]:  # the figure as a file, for when the store is back
+            folder = self._spool_files / f"{time.time_ns()}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / Path(artifact_file).name
+            figure.savefig(path)
+            parent = str(Path(artifact_file).parent).replace("\\", "/")
+            return {"op": "artifact", "path": str(path), "artifact_path": None if parent == "." else parent}
+
+        self._write({"op": "figure", "artifact_file": artifact_file},
+                    send=lambda: self.client.log_figure(self.run_id, figure, artifact_file), keep=keep)
 
     def log_artifact(self, local_path, artifact_path=None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        self._write({"op": "artifact", "path": str(Path(local_path).absolute()), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._write({"op": "text", "text": text, "artifact_file": artifact_file})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self._write({"op": "tags", "tags": {key: str(value) for key, value in tags.items()}})
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.client is not None and self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+        """Send what is kept, then the final status. When the store still does not answer the run is
+        :attr:`degraded` (a warning names the spool file and the replay command) and nothing is raised."""
+        if self.client is None or self.run_id is None:
+            return
+        self._write({"op": "end", "status": status, "end_time": int(time.time() * 1000)}, final=True)
+        if self._pending:
+            self.degraded = True
+            where = (f"kept in {self._spool}" if self._spool_ok else
+                     f"kept in memory only ({self._spool} could not be written) and lost when this process ends")
+            warnings.warn(
+                f"MLflow at {self.uri} did not answer at the end of run {self.run_id} ({self._outage}): "
+                f"{len(self._pending)} writes, the final status {status} included, are {where}. The run is "
+                f"marked degraded; send them when the server is back: `{REPLAY_COMMAND} "
+                f"{_replay_target(self._spool)}` (or medtricks.tracking.replay_unsent(...)).",
+                TrackingWarning, stacklevel=2)
+
+    @property
+    def unsent_path(self) -> Optional[Path]:
+        """The spool file holding this run's unsent writes, while there are any (else None)."""
+        return self._spool if self._pending else None
+
+    @property
+    def unsent(self) -> int:
+        """How many writes of this run wait for the store."""
+        return len(self._pending)
+
+    # ----------------------------------------------------------------- writes that can wait
+    def _reset_outbox(self, spool: Optional[Path]) -> None:
+        self._record_uri = _absolute_uri(self.uri)
+        self._pending: deque[dict[str, Any]] = deque()
+        self._others: list[dict[str, Any]] = []  # spool records of other runs: left as they are
+        self._spool = spool
+        self._spool_ok = True
+        self._retry_at = 0.0
+        self._cooldown = 0.0
+        self._outage: Optional[str] = None
+
+    @property
+    def _spool_files(self) -> Path:
+        return (self._spool or spool_path(None, str(self.run_id))).parent / _UNSENT_FILES_DIR
+
+    def _pick_up_spool(self) -> None:
+        """A resumed run sends what a crashed process of it had kept."""
+        if self._spool is None or not self._spool.is_file():
+            return
+        records = _read_spool(self._spool)
+        self._others = [r for r in records if r["run_id"] != self.run_id]
+        mine = [r for r in records if r["run_id"] == self.run_id and r["op"] != "end"]  # this process ends it
+        self._pending.extend(mine)
+        if len(mine) + len(self._others) < len(records):  # an earlier end of this run (or a cut line) goes
+            try:
+                _write_spool(self._spool, [*self._others, *self._pending])
+            except OSError:
+                self._spool_ok = False
+        if mine:
+            warnings.warn(f"{self._spool}: sending {len(mine)} writes an earlier process of run {self.run_id} "
+                          "could not send", TrackingWarning, stacklevel=3)
+            self._flush(final=False)
+
+    def _write(self, record: dict[str, Any], *, send: Optional[Callable[[], None]] = None,
+               keep: Optional[Callable[[], dict[str, Any]]] = None, final: bool = False) -> None:
+        """Send one write after everything kept before it; keep it when the store is away."""
+        record = {"run_id": self.run_id, "uri": self._record_uri, **record}
+        budget = self.final_budget_s if final else self.retry_budget_s
+        deadline = time.monotonic() + budget
+        if self._pending and not self._flush(final=final, deadline=deadline):
+            self._keep(record, keep)
+            return
+        try:
+            _retrying(send or (lambda: _send(self.client, record)),
+                      self.final_retry_delays if final else self.retry_delays, deadline)
+        except Exception as err:  # noqa: BLE001 - a write that is wrong is raised as before
+            if not _transient(err):
+                raise
+            self._keep(record, keep)
+            self._failed(err)
+
+    def _keep(self, record: dict[str, Any], keep: Optional[Callable[[], dict[str, Any]]] = None) -> None:
+        if keep is not None:
+            try:
+                record = {"run_id": self.run_id, "uri": self._record_uri, **keep()}
+            except Exception as err:  # noqa: BLE001 - a figure that cannot be saved is lost, not training
+                warnings.warn(f"could not keep a {record.get('op')} write for later ({type(err).__name__}: {err}); "
+                              "it is not logged",
+                              TrackingWarning, stacklevel=3)
+                return
+        self._pending.append(record)
+        if self._spool is None:
+            return
+        try:
+            if self._spool_ok:
+                self._spool.parent.mkdir(parents=True, exist_ok=True)
+                with open(self._spool, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            else:  # the spool missed records (disk full): write it whole again
+                _write_spool(self._spool, [*self._others, *self._pending])
+                self._spool_ok = True
+        except OSError as err:
+            if self._spool_ok:
+                warnings.warn(f"cannot write {self._spool} ({type(err).__name__}: {err}): writes MLflow did not "
+                              "take are kept in memory only until it can", TrackingWarning, stacklevel=3)
+            self._spool_ok = False
+
+    def _flush(self, *, final: bool = False, deadline: Optional[float] = None) -> bool:
+        """Send kept writes in order; True when none is left. Within the cool-down after a failure the
+        store is not tried (except by ``end()``)."""
+        if not final and time.monotonic() < self._retry_at:
+            return False
+        delays = self.final_retry_delays if final else self.retry_delays
+        deadline = deadline if deadline is not None else time.monotonic() + (
+            self.final_budget_s if final else self.retry_budget_s)
+        sent = 0
+        try:
+            while self._pending:
+                record = self._pending[0]
+                try:
+                    _retrying(lambda: _send(self.client, record), delays, deadline)
+                except Exception as err:  # noqa: BLE001 - classified here
+                    if _transient(err):
+                        self._failed(err)
+                        return False
+                    warnings.warn(f"dropping a kept {record.get('op')} write that MLflow refuses "
+                                  f"({type(err).__name__}: {err})", TrackingWarning, stacklevel=3)
+                self._pending.popleft()
+                sent += 1
+                _forget_file(record, self._spool)
+        finally:
+            if sent and self._spool is not None:
+                try:
+                    _write_spool(self._spool, [*self._others, *self._pending])
+                    self._spool_ok = True
+                except OSError:
+                    self._spool_ok = False
+        if self._outage is not None:
+            warnings.warn(f"MLflow at {self.uri} answers again: sent {sent} kept writes of run {self.run_id}",
+                          TrackingWarning, stacklevel=3)
+        self._outage, self._cooldown, self._retry_at = None, 0.0, 0.0
+        return True
+
+    def _failed(self, err: BaseException) -> None:
+        """The store is away: leave it alone for a while (doubling up to ``cooldown_s[1]``); say so once."""
+        first, longest = self.cooldown_s
+        self._cooldown = min(longest, max(first, 2 * self._cooldown))
+        self._retry_at = time.monotonic() + self._cooldown
+        if self._outage is None:
+            self._outage = f"{type(err).__name__}: {str(err)[:300]}"
+            where = self._spool if self._spool is not None else "memory"
+            warnings.warn(f"MLflow at {self.uri} did not take a write ({self._outage}); training goes on, and "
+                          f"writes are kept in {where} and sent in order when it answers again",
+                          TrackingWarning, stacklevel=4)
 
     # -------------------------------------------------------------------------------- read side
     def _experiment_names(self) -> dict[str, str]:

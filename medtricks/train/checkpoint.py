@@ -15,12 +15,20 @@ __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a crash mid-write never corrupts the last good file."""
+    """Write ``state`` to ``path`` atomically: a crash mid-write never corrupts the last good file, and a
+    failed write (a full disk) leaves no partial ``.tmp`` file behind (the error is raised)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     return path
 
 
