@@ -270,6 +270,7 @@ def run_timm(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, work
     lr_scheduler = CosineLRScheduler(optimizer, t_initial=cfg.total - warmup_t, lr_min=kwargs["min_lr"],
                                      warmup_t=warmup_t, warmup_lr_init=kwargs["warmup_lr_init"],
                                      warmup_prefix=True, t_in_epochs=False, cycle_limit=1)
+    lr_scheduler.step_update(num_updates=1)  # the first update's lr, one ahead as in medtricks
     loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing).to(device)
     amp = cfg.amp_dtype()
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp) if amp else contextlib.suppress
@@ -309,7 +310,8 @@ def run_timm(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, work
                 f"Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  "
                 f"Time: {update_time_m.val:.3f}s, {update_sample_count / max(update_time_m.val, 1e-9):>7.2f}/s  "
                 f"LR: {lr:.3e}  Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})")
-        lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+        # medtricks reads the schedule one update ahead (no update spent at warmup_lr_init): match it
+        lr_scheduler.step_update(num_updates=num_updates + 1, metric=losses_m.avg)
         update_sample_count = 0
         data_start_time = time.time()
         clock(num_updates, loss)

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtricks._yaml import cap_text, short_repr, strict_load
+from medtricks._shipped import shipped_dir
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
 from medtricks.tricks.registry import load_plugins, trick_tags, tricks_config_model
@@ -451,8 +452,6 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
 
 def shipped_recipes_dir() -> Path:
     """``recipes/`` of the checkout, else the copy a regular install puts in ``<prefix>/share/medtricks``."""
-    from medtricks._shipped import shipped_dir
-
     return shipped_dir("recipes", Path(__file__).resolve().parents[1])
 
 

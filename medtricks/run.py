@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 import medtricks
-from medtricks.data import build_datasets, export_manifest, load_card
+from medtricks.data import build_datasets, export_manifest, export_quarantine, load_card, redact_paths
 from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule, plot_reliability_diagram,
                                 plot_roc_curves)
 from medtricks.evaluate.operating_point import class_priors, probs_at_threshold, select_threshold
@@ -136,21 +136,39 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
                            tags=tags, resume_run_id=state.get("run_id") if resuming else None,
                            parent_run_id=parent_run_id)
     try:
-        run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name)
+        run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name, tracking="ok")
         result = _run(recipe, run, tracker, resuming, say, prep)
     except BaseException as err:
         try:
             run.write_state(status="failed", error=f"{type(err).__name__}: {err}")
+        except OSError as state_err:  # full disk: raise the run's own error, not this one
+            warnings.warn(f"could not record the failure in {run.state_file}: {state_err}", RuntimeWarning)
         finally:  # a full disk must not leave the tracked run RUNNING
-            tracker.set_tags({"medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
-            tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            _end_tracking(run, tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                          error=f"{type(err).__name__}: {err}")
         raise
     try:
         run.write_state(status="finished")
-    finally:
-        tracker.end("FINISHED")
+    except BaseException as err:  # e.g. disk full: the tracked run ends FAILED, not stuck RUNNING
+        _end_tracking(run, tracker, "FAILED", error=f"could not write {run.state_file}: {type(err).__name__}: {err}")
+        raise
+    _end_tracking(run, tracker, "FINISHED")
     result.run_id = run_id
     return result
+
+
+def _end_tracking(run: RunDir, tracker: Tracker, status: str, error: Optional[str] = None) -> None:
+    """End the tracked run (always); a store that could not send everything marks state.json degraded."""
+    try:
+        if error:
+            tracker.set_tags({"medtricks.error": error[:5000]})
+    finally:
+        tracker.end(status)
+    if getattr(tracker, "degraded", False):
+        try:  # the store's warning already named the spool file and the replay command
+            run.write_state(tracking="degraded", unsent=str(tracker.unsent_path))
+        except OSError:
+            pass
 
 
 # Keys a resumed run may change: they do not alter what is trained (how it is shown, evaluated, audited).
@@ -398,10 +416,15 @@ def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, t
     export_manifest(bundle.manifest, recipe.data.root).to_csv(run.split_manifest, index=False)
     tracker.log_artifact(run.split_manifest, "data")
     if len(bundle.quarantine):
-        bundle.quarantine.to_csv(run.quarantine, index=False)
+        # image_id (as in the split manifest) and reasons with data paths hashed; the real paths only on the console
+        export_quarantine(bundle.quarantine, recipe.data.root).to_csv(run.quarantine, index=False)
         tracker.log_artifact(run.quarantine, "data")
         say(f"warning: {len(bundle.quarantine)} unreadable images skipped (data.on_bad_image=skip); "
-            f"listed in {run.quarantine}")
+            f"listed in {run.quarantine}:")
+        for path, reason in zip(bundle.quarantine["path"][:20], bundle.quarantine["reason"][:20]):
+            say(f"  {path}: {reason}")
+        if len(bundle.quarantine) > 20:
+            say(f"  ... and {len(bundle.quarantine) - 20} more")
     for trick in tricks:
         for path, folder in trick.artifacts(run):
             tracker.log_artifact(path, folder)

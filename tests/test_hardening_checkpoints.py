@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medtricks.recipe import load_recipe
+from medtricks.errors import ConfigError
+from medtricks.recipe import dump_recipe, load_recipe
 from medtricks.run import run_recipe
 from medtricks.tracking import NullTracker
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -38,8 +39,11 @@ def test_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
         f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}"])
     planted = tmp_path / "runs" / "quickstart" / "29990101-000000-evil00"
     (planted / "checkpoints").mkdir(parents=True)
-    (planted / "recipe.yaml").write_text("")
     torch.save({"model": _Payload()}, planted / "checkpoints" / "last.pt")
+    (planted / "recipe.yaml").write_text("")  # a planted folder with another recipe is not resumed at all
+    with pytest.raises(ConfigError, match="recipe differs"):
+        run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
+    (planted / "recipe.yaml").write_text(dump_recipe(recipe))  # one that copies the recipe reaches the checkpoint
     with pytest.raises(RuntimeError, match="cannot be read safely"):
         run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
     assert MARKER["ran"] is False
