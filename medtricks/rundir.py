@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from medtricks._atomic import atomic_path
+
 __all__ = ["RunDir", "best_key", "ci_keys", "gap_key", "eval_key", "PREDICTIONS_FILE",
            "PREDICTIONS_ARTIFACT_DIR", "PREDICTIONS_EVAL_FILE", "OPERATING_POINT_FILE", "MODEL_ARTIFACT_DIR"]
 
@@ -245,16 +247,8 @@ class RunDir:
         state = self.read_state()
         state.update(updates)
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        try:
+        with atomic_path(self.state_file) as tmp:
             tmp.write_text(json.dumps(state, indent=2))
-            tmp.replace(self.state_file)
-        except BaseException:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise
         return state
 
     def is_finished(self) -> bool:

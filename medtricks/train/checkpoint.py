@@ -1,7 +1,6 @@
 """Checkpoints that survive a crash: atomic writes and full training state."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medtricks._atomic import atomic_path
 from medtricks.errors import MissingFileError, ResourceError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
@@ -19,16 +19,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     failed write (a full disk) leaves no partial ``.tmp`` file behind (the error is raised)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
     return path
 
 
