@@ -201,12 +201,15 @@ def _cmd_data(args, parser) -> int:
         print(f"wrote {args.n} phantom images and their manifest: {path}")
         return 0
     if args.data_command == "check":
-        from medtricks.data import data_check_report
+        from medtricks.data.report import data_check
 
-        print(data_check_report(args.card, args.root, split_seed=args.split_seed,
-                                val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                                test_by=args.test_by))
-        return 0
+        check = data_check(args.card, args.root, split_seed=args.split_seed, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, test_by=args.test_by)
+        print(check.text)
+        if check.ok:
+            return 0
+        print(f"\nmedtricks data check: FAILED: {check.summary()}", flush=True)  # exit 1: CI can gate on it
+        return 1
     parser.parse_args(["data", "--help"])
     return 2
 

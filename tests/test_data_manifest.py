@@ -3,6 +3,7 @@ splits (property test over seeds), honoured explicit splits, the leakage check, 
 from __future__ import annotations
 
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def folder_card(**changes):
 
 def csv_set(root: Path, rows: list[tuple[str, str, str]], extra_cols=None) -> Path:
     for path, _, _ in rows:
-        _png(root / "imgs" / path, hash(path) % 1000)
+        _png(root / "imgs" / path, zlib.crc32(path.encode()))  # stable, distinct images (no identical bytes)
     df = pd.DataFrame(rows, columns=["file", "finding", "pid"])
     for name, values in (extra_cols or {}).items():
         df[name] = values

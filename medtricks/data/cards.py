@@ -22,6 +22,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medtricks._yaml import cap_text, strict_load
 from medtricks._shipped import shipped_dir
 from medtricks.errors import ConfigError
 from medtricks.data.errors import CardError
@@ -232,6 +233,9 @@ class DataCard(_Strict):
     image_size: int = Field(224, ge=8, description="recommended input size")
     normalization: Normalization = Field(default_factory=lambda: Normalization.model_validate("imagenet"))
     pitfalls: list[str] = Field(default_factory=list, description="shown by `medtricks data check`")
+    allow_conflicting_duplicates: bool = Field(
+        False, description="identical image bytes under two different labels stop build_manifest (a labelling "
+                           "error or a copy filed twice); true: accept them (they stay listed by `data check`)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -300,7 +304,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         # Drop the discriminator tag pydantic inserts ("layout.folder.glob" -> "layout.glob").
         loc = [str(p) for p in item["loc"] if p not in ("folder", "csv")]
         key = ".".join(loc) or "(top level)"
-        msg = item["msg"].removeprefix("Value error, ")
+        msg = cap_text(item["msg"].removeprefix("Value error, "))  # never echo a huge value
         if item["type"] == "extra_forbidden":
             msg = "unknown key (misspelled?)"
         lines.append(f"  key '{key}': {msg}")
@@ -343,8 +347,8 @@ def load_card(name_or_path: "str | Path | DataCard") -> DataCard:
                             f"{', '.join(close) or '(none)'}; or pass a path to a card YAML file")
     if not path.is_file():
         raise CardError(f"data card file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
+    try:  # duplicate keys and anchors/aliases are refused (medtricks/_yaml.py)
+        data = strict_load(path.read_text(), "data card", name=str(path))
     except yaml.YAMLError as err:
         raise CardError(f"data card {path} is not valid YAML: {err}") from None
     return card_from_dict(data, str(path))

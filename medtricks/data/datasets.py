@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,12 +34,12 @@ from medtricks.errors import ConfigError
 from medtricks.data.cards import DataCard, load_card
 from medtricks.data.errors import BadImageError, DataError
 from medtricks.data.manifest import build_manifest
-from medtricks.data.readers import VOI_MODES, read_image
+from medtricks.data.readers import VOI_MODES, BitDepthWarning, read_image
 from medtricks.data.splits import check_leakage, file_digest
 from medtricks.data.synthetic import MANIFEST_NAME, PARAMS_NAME, SYNTHETIC_CARD, synthesize_phantoms
 from medtricks.data.transforms import build_transforms
 
-_CACHE_VERSION = "v2"  # bump when the decode step changes, so old cache files are not reused
+_CACHE_VERSION = "v3"  # bump when the decode step changes, so old cache files are not reused
 ON_BAD_IMAGE = ("error", "skip")
 
 
@@ -58,14 +59,22 @@ class LoadXrayd(Transform):
         self.side, self.voi = side, voi
 
     def __call__(self, data: dict) -> dict:
-        image = read_image(data["path"], voi=self.voi)
+        # A 16-bit file holding 12-bit data warns once per file in read_image; here the note rides
+        # along with the image (and its cache entry) so scan_images warns once per dataset instead.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BitDepthWarning)
+            image = read_image(data["path"], voi=self.voi)
+        notes = [str(w.message) for w in caught if issubclass(w.category, BitDepthWarning)]
+        for w in caught:  # any other warning goes on as usual
+            if not issubclass(w.category, BitDepthWarning):
+                warnings.warn(w.message, stacklevel=2)
         if self.side:
             image = resize_shorter_side(image, self.side)
         # 16-bit steps (1.5e-5) lose nothing a radiograph holds and halve the cache; applied with and
         # without a cache so that caching never changes results. Stored as int16 shifted by 32768:
         # MONAI's cache would widen uint16 to int32.
         levels = np.round(np.clip(image, 0.0, 1.0) * 65535.0) - 32768.0
-        return {**data, "image": levels.astype(np.int16)}
+        return {**data, "image": levels.astype(np.int16), "bit_depth_note": notes[0] if notes else ""}
 
 
 def _load_transform(side: Optional[int], voi: str) -> LoadXrayd:
@@ -189,10 +198,13 @@ class DataBundle:
 
 def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str = "auto", cache_dir=None,
                 progress: bool = True, desc: str = "checking images") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Decode every image once: returns (good rows + ``content_hash``/``height``/``width``, bad rows + ``reason``).
+    """Decode every image once: returns (good rows + ``content_hash``/``height``/``width``/``bit_depth_note``,
+    bad rows + ``reason``).
 
     With ``cache_dir`` the decoded, resized arrays go into the same MONAI cache that
-    :class:`XrayDataset` reads, so training does not decode them again.
+    :class:`XrayDataset` reads, so training does not decode them again. 16-bit files read with fewer
+    bits (12-bit data, see :func:`medtricks.data.readers.read_image`) give one ``BitDepthWarning``
+    for the whole set, naming the first file; ``bit_depth_note`` says which files.
     """
     from tqdm.auto import tqdm
 
@@ -213,17 +225,26 @@ def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str 
              for p, d in zip(manifest["path"], hashes)]
     decoder = _monai_dataset(items, [_load_transform(side, voi)], cache_dir)
     sizes: list[tuple] = [(None, None)] * len(items)
+    bit_notes = [""] * len(items)
     for i in tqdm(range(len(items)), desc=desc, unit="img", disable=not progress, leave=False):
         if i in bad:
             continue
         try:
-            sizes[i] = tuple(decoder[i]["image"].shape[:2])
+            decoded = decoder[i]
+            sizes[i] = tuple(decoded["image"].shape[:2])
+            bit_notes[i] = str(decoded.get("bit_depth_note") or "")
         except Exception as err:
             found = _bad_image_in(err)
             if found is None:
                 raise
             bad[i] = found.problem
-    good = manifest.assign(content_hash=hashes, height=[s[0] for s in sizes], width=[s[1] for s in sizes])
+    reduced = [note for i, note in enumerate(bit_notes) if note and i not in bad]
+    if reduced:
+        warnings.warn(BitDepthWarning(
+            f"{len(reduced)} of {len(items)} images are 16-bit files holding fewer bits, read with the bits "
+            f"they use (README, 'Data'), e.g. {reduced[0]}"), stacklevel=2)
+    good = manifest.assign(content_hash=hashes, height=[s[0] for s in sizes], width=[s[1] for s in sizes],
+                           bit_depth_note=bit_notes)
     mask = np.array([i in bad for i in range(len(manifest))], dtype=bool)
     quarantine = pd.DataFrame({"path": manifest.loc[mask, "path"].tolist(),
                                "label": manifest.loc[mask, "label"].tolist() if "label" in manifest else None,
@@ -265,7 +286,7 @@ def _checked_images(manifest, card, root, *, side: int, on_bad_image: str, voi: 
         raise BadImageError(quarantine["path"].iloc[0],
                             f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them, "
                             f"or set data.on_bad_image=skip to quarantine them:\n{listed}{more}")
-    good = good.drop(columns=["height", "width"])
+    good = good.drop(columns=["height", "width", "bit_depth_note"])
     good.attrs = dict(manifest.attrs)
     return good, quarantine
 

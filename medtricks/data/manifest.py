@@ -1,8 +1,9 @@
 """Manifests: one row per image (path, label, target, patient, split), built from a card and a root.
 
-Building a manifest only lists files and reads label tables; it decodes no image, so it is fast
-even for tens of thousands of files. Patients are replaced by a salted hash before the manifest
-leaves this module; splits are computed on the raw IDs, so ``split_seed`` alone decides them.
+Building a manifest only lists files (following symlinked folders and files) and reads label
+tables; it decodes no image, and hashes only the bytes of files that share their byte size with
+another (to find one image filed under two labels), so it is fast even for tens of thousands of
+files. Patients are replaced by a salted hash before the manifest leaves this module; splits are computed on the raw IDs, so ``split_seed`` alone decides them.
 
 Example::
 
@@ -24,8 +25,8 @@ import pandas as pd
 
 from medtricks.errors import ConfigError, ResourceError
 from medtricks.data.cards import DROP, SPLITS, CsvLayout, DataCard, FolderLayout, load_card
-from medtricks.data.errors import ManifestError
-from medtricks.data.splits import assign_splits
+from medtricks.data.errors import LeakageError, ManifestError
+from medtricks.data.splits import assign_splits, conflicting_duplicates
 
 MANIFEST_COLUMNS = ["path", "label", "target", "patient", "split"]
 _MAX_LISTED = 10
@@ -76,12 +77,80 @@ def _first_group(match: re.Match, name: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------- listing
+def walk_files(root: Path, notes: Optional[Counter] = None, skip_dirs=()) -> list[Path]:
+    """Every file under ``root``, following symlinked folders and files; paths keep the link names.
+
+    ``pathlib.Path.glob('**')`` (Python < 3.13) does not descend into symlinked folders, so class or
+    split folders linked in from elsewhere would be skipped silently. A link back to a folder it sits
+    in (a loop) is not followed and is counted in ``notes``; two links to one folder are both listed
+    (their files are then identical bytes, which the duplicate checks see). Folders whose name starts
+    with '.' or is in ``skip_dirs`` are not entered. Broken links are counted in ``notes``.
+    """
+    files = []
+    chains = {str(root): (os.path.realpath(root),)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = chains.pop(dirpath, (os.path.realpath(dirpath),))
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith(".") or name in skip_dirs:
+                continue
+            sub = os.path.join(dirpath, name)
+            real = os.path.realpath(sub)
+            if real in chain:  # a link to one of its own ancestors: following it never ends
+                if notes is not None:
+                    notes["symlinked folders not followed (they loop back to a parent)"] += 1
+                continue
+            chains[sub] = (*chain, real)
+            keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.exists():
+                if notes is not None and not name.startswith("."):
+                    notes["broken symlinks ignored"] += 1
+                continue
+            files.append(path)
+    return sorted(files)
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A pathlib-style glob (``**`` = any number of folders, ``*``/``?``/``[..]`` within one name)
+    as a regex over POSIX paths relative to the root."""
+    out = []
+    parts = [p for p in pattern.strip("/").split("/") if p not in ("", ".")]
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append("(?:[^/]+/)*[^/]+" if last else "(?:[^/]+/)*")
+            continue
+        seg, j = "", 0
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                seg += "[^/]*"
+            elif c == "?":
+                seg += "[^/]"
+            elif c == "[" and "]" in part[j + 2:]:
+                end = part.index("]", j + 2)
+                body = part[j + 1:end].replace("\\", "\\\\")
+                seg += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
+                j = end
+            else:
+                seg += re.escape(c)
+            j += 1
+        out.append(seg + ("" if last else "/"))
+    return re.compile("".join(out) + r"\Z")
+
+
 def _list_folder(card: DataCard, layout: FolderLayout, root: Path, notes: Counter) -> list[dict]:
     records = []
     label_re = re.compile(layout.label_regex) if layout.label_regex else None
-    for path in sorted(root.glob(layout.glob)):
+    wanted = _glob_regex(layout.glob)
+    for path in walk_files(root, notes, skip_dirs=layout.exclude_dirs):
         rel = path.relative_to(root)
         if any(part.startswith(".") or part in layout.exclude_dirs for part in rel.parts) or not path.is_file():
+            continue
+        if not wanted.match(rel.as_posix()):
             continue
         if path.suffix.lower() not in layout.extensions:
             notes["non-image files ignored"] += 1
@@ -116,11 +185,10 @@ def _read_table(path: Path, layout: CsvLayout) -> pd.DataFrame:
 def _index_by_name(root: Path) -> dict[str, Path]:
     index: dict[str, Path] = {}
     dupes = []
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            if name in index:
-                dupes.append(name)
-            index[name] = Path(dirpath) / name
+    for path in walk_files(root):  # follows symlinked folders, like the folder layout
+        if path.name in index:
+            dupes.append(path.name)
+        index[path.name] = path
     if dupes:
         raise ManifestError(f"layout.locate='by_name' needs unique file names under {root}; "
                             f"{len(dupes)} names occur twice, e.g. {dupes[:5]}")
@@ -196,7 +264,8 @@ def _summarise(items: list[str], limit: int = _MAX_LISTED) -> str:
 
 
 def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
-                   *, on_missing: str = "error", test_by: str = "random") -> pd.DataFrame:
+                   *, on_missing: str = "error", test_by: str = "random",
+                   on_conflicting_duplicates: str = "error") -> pd.DataFrame:
     """One row per image: ``path`` (absolute), ``label``, ``target``, ``patient`` (salted hash), ``split``.
 
     ``card``: a card name, a YAML path or a :class:`DataCard`. Unknown raw labels, files missing from a
@@ -205,9 +274,18 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     filters, ``drop`` labels, non-image files, identical duplicate rows) are counted in
     ``manifest.attrs['notes']``. ``on_missing='keep'`` keeps rows of missing files (the image scan
     of :func:`build_datasets` then reports or quarantines them).
+
+    Identical image bytes under two different labels raise a :class:`ManifestError` (in one split)
+    or :class:`LeakageError` (across splits) listing the files, unless the card sets
+    ``allow_conflicting_duplicates`` or ``on_conflicting_duplicates='keep'`` (``medtricks data
+    check`` reports them instead); either
+    way they are in ``manifest.attrs['conflicting_duplicates']`` (groups of ``(path, label, split)``).
+    Only files that share a byte size are hashed.
     """
     if on_missing not in ("error", "keep"):
         raise ConfigError(f"on_missing={on_missing!r}: expected 'error' or 'keep'")
+    if on_conflicting_duplicates not in ("error", "keep"):
+        raise ConfigError(f"on_conflicting_duplicates={on_conflicting_duplicates!r}: expected 'error' or 'keep'")
     card = load_card(card)
     if card.task == "multilabel":
         raise NotImplementedError(f"card {card.name!r} is multilabel; multilabel manifests and training are not "
@@ -265,13 +343,26 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
 
     df["split"] = assign_splits(df["label"], df["raw_patient"], df["declared_split"], seed=split_seed,
                                 val_fraction=val_fraction, test_fraction=test_fraction, test_by=test_by)
+    conflicting = conflicting_duplicates(df)
+    if conflicting and on_conflicting_duplicates == "error" and not card.allow_conflicting_duplicates:
+        shown = "\n".join("  same bytes: " + ", ".join(f"{p} ({label}, {split})" for p, label, split in group[:4])
+                          + (f", ... ({len(group) - 4} more)" if len(group) > 4 else "")
+                          for group in conflicting[:_MAX_LISTED])
+        more = f"\n  ... and {len(conflicting) - _MAX_LISTED} more group(s)" if len(conflicting) > _MAX_LISTED else ""
+        message = (f"{len(conflicting)} image(s) appear with identical bytes under different labels "
+                   f"(card {card.name!r}, root {root}); fix the labels or remove the copies, or set "
+                   f"allow_conflicting_duplicates: true in the card if that is intended:\n{shown}{more}")
+        if any(len({split for *_, split in group}) > 1 for group in conflicting):  # in two splits: leakage too
+            raise LeakageError(message, sorted({p for group in conflicting for p, _, _ in group}))
+        raise ManifestError(message)
     salt = patient_salt()
     hashes = {raw: hash_patient(raw, card.name, salt) for raw in df["raw_patient"].unique()}
     df["patient"] = df["raw_patient"].map(hashes)
     df["target"] = df["label"].map({c: i for i, c in enumerate(card.classes)}).astype("int64")
     out = df[MANIFEST_COLUMNS].copy()
     out.attrs.update(card=card.name, root=str(root), notes=dict(notes), missing=missing,
-                     declared_splits=sorted(set(df["declared_split"].dropna())))
+                     declared_splits=sorted(set(df["declared_split"].dropna())),
+                     conflicting_duplicates=conflicting)
     return out
 
 
@@ -286,10 +377,15 @@ def export_manifest(manifest: pd.DataFrame, root, *, keep_paths: bool = False) -
     root = Path(root).expanduser().resolve()
     rel = []
     for p in manifest["path"]:
-        try:
-            rel.append(Path(p).resolve().relative_to(root).as_posix())
-        except ValueError:
-            raise ManifestError(f"{p} is not under the data root {root}; cannot export a relative path") from None
+        # The link path, not its target: a symlinked file or folder under the root may point anywhere.
+        for candidate in (Path(os.path.abspath(p)), Path(p).resolve()):
+            try:
+                rel.append(candidate.relative_to(root).as_posix())
+                break
+            except ValueError:
+                continue
+        else:
+            raise ManifestError(f"{p} is not under the data root {root}; cannot export a relative path")
     first = ("path", rel) if keep_paths else ("image_id", [hash_patient(r, "image").replace("p_", "i_", 1) for r in rel])
     out = pd.DataFrame({first[0]: first[1], "label": manifest["label"].to_numpy(),
                         "target": manifest["target"].to_numpy(), "patient": manifest["patient"].to_numpy(),

@@ -14,8 +14,13 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import struct
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -36,7 +41,9 @@ def read_image(path: "str | Path", *, voi: str = "auto") -> np.ndarray:
     ``voi`` (DICOM only): ``auto`` applies the file's VOI LUT or WindowCenter/WindowWidth when present,
     else scales min..max; ``window`` requires WindowCenter/WindowWidth; ``none`` scales min..max.
     Raises :class:`BadImageError` naming the file and the problem (missing, empty, truncated,
-    undecodable, no pixel data, constant, NaN).
+    undecodable, no pixel data, constant, NaN, more pixels than Pillow's limit -- raise it with
+    ``$MEDTRICKS_MAX_IMAGE_PIXELS``). A 16-bit PNG/TIFF is scaled by the bits it uses (PNG sBIT
+    chunk, else 12 bits when its brightest value is <= 4095), with a :class:`BitDepthWarning`.
     """
     return read_image_with_meta(path, voi=voi)[0]
 
@@ -98,11 +105,73 @@ def _collapse_color(arr: np.ndarray) -> tuple[np.ndarray, str]:
     return (arr[..., :3].astype(np.float32) @ _LUMA).astype(np.float32), "luma"
 
 
+class BitDepthWarning(UserWarning):
+    """A 16-bit PNG/TIFF whose values use fewer bits (12-bit detector data): read with that depth."""
+
+
+#: A 16-bit raster without an sBIT chunk whose brightest value is at most this is read as 12-bit data.
+TWELVE_BIT_MAX = 4095
+
+
+def _png_sbit(path: Path) -> Optional[int]:
+    """Significant bits from a PNG's sBIT chunk (the largest channel value), or None when absent."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        for _ in range(64):  # sBIT must come before IDAT; header chunks are few
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            if kind == b"sBIT":
+                data = fh.read(min(length, 4))
+                return max(data) if data else None
+            fh.seek(length + 4, 1)  # chunk data + CRC
+    return None
+
+
+def _significant_bits(path: Path, arr: np.ndarray) -> tuple[int, str]:
+    """Bits a 16-bit raster really uses and why, by this rule (README, "Data"):
+
+    1. a PNG sBIT chunk of ``b`` < 16 bits, with every value below ``2**b``: raw ``b``-bit data
+       (values above it mean the encoder scaled the data up, as the PNG spec asks: go on to 2.);
+    2. the brightest value is at most 4095: raw 12-bit data (a 16-bit image that used its range
+       would have values far above; 12-bit detector data written as-is does not);
+    3. otherwise 16.
+    """
+    top = int(arr.max()) if arr.size else 0
+    sbit = _png_sbit(path)  # None for other formats
+    if sbit is not None and 1 <= sbit < 16 and top < (1 << sbit):
+        return sbit, f"PNG sBIT chunk says {sbit} bits"
+    if top <= TWELVE_BIT_MAX:
+        return 12, f"brightest value {top} <= {TWELVE_BIT_MAX}"
+    return 16, ""
+
+
+def _pixel_limit() -> Optional[int]:
+    """``$MEDTRICKS_MAX_IMAGE_PIXELS`` (an integer, or ``none`` for no limit), else Pillow's own limit."""
+    from PIL import Image
+
+    env = os.environ.get("MEDTRICKS_MAX_IMAGE_PIXELS", "").strip()
+    if not env:
+        return Image.MAX_IMAGE_PIXELS
+    if env.lower() == "none":
+        return None
+    try:
+        return int(float(env))
+    except ValueError:
+        raise ConfigError(f"MEDTRICKS_MAX_IMAGE_PIXELS={env!r}: expected a number of pixels "
+                          "(e.g. 400000000) or 'none'") from None
+
+
 def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    limit = _pixel_limit()
     try:
-        with Image.open(path) as im:
+        with _pillow_pixel_limit(limit), Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
             im = ImageOps.exif_transpose(im)
             fmt = (im.format or path.suffix.lstrip(".")).lower()
@@ -110,6 +179,13 @@ def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
             if mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("RGB" if mode != "1" else "L")
             arr = np.asarray(im)
+    except Image.DecompressionBombError as err:  # the header claims more pixels than Pillow will decode
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(claimed.group(1)):,} pixels, " if claimed else ""
+        raise BadImageError(path, f"image is larger than the pixel limit ({size}more than {2 * (limit or 0):,}: "
+                                  "twice PIL.Image.MAX_IMAGE_PIXELS), a possible decompression bomb; if the image "
+                                  "is genuine, raise the limit with the environment variable "
+                                  "MEDTRICKS_MAX_IMAGE_PIXELS=<pixels> (or 'none'), or downscale the file") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not a readable PNG/JPEG/TIFF (unidentified image format) "
                                   "and not a DICOM file") from None
@@ -120,13 +196,13 @@ def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     if arr.dtype == np.uint8:
         scaled = arr.astype(np.float32) / 255.0
     elif arr.dtype in (np.uint16, np.dtype(">u2"), np.dtype("<u2")):
-        scaled, bits = arr.astype(np.float32) / 65535.0, 16
+        scaled, bits = _scale_16bit(path, arr)
     elif arr.dtype == bool:
         scaled, bits = arr.astype(np.float32), 1
     elif np.issubdtype(arr.dtype, np.integer):
-        # PIL mode 'I' (16-bit PNG on some Pillow versions): full 16-bit scale when it fits.
+        # PIL mode 'I' (16-bit PNG on some Pillow versions): 16-bit scale when it fits.
         if arr.min() >= 0 and arr.max() <= 65535:
-            scaled, bits = arr.astype(np.float32) / 65535.0, 16
+            scaled, bits = _scale_16bit(path, arr)
         else:
             scaled, bits = _minmax(arr), 32
     else:  # float TIFF: keep [0, 1] data as is, else scale min..max
@@ -139,6 +215,32 @@ def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         scaled, collapsed = _collapse_color(scaled)
     return np.ascontiguousarray(scaled, dtype=np.float32), {
         "format": fmt, "bits": bits, "photometric": "MONOCHROME2", "color_collapsed": collapsed}
+
+
+def _scale_16bit(path: Path, arr: np.ndarray) -> tuple[np.ndarray, int]:
+    """A 16-bit raster to [0, 1] by the bits it really uses (:func:`_significant_bits`), warning when < 16."""
+    bits, why = _significant_bits(path, arr)
+    if bits < 16:
+        warnings.warn(BitDepthWarning(f"{path}: 16-bit image holding {bits}-bit data ({why}): scaled by "
+                                      f"{(1 << bits) - 1} instead of 65535"), stacklevel=4)
+    return arr.astype(np.float32) / float((1 << bits) - 1), bits
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(limit: Optional[int]):
+    """Pillow's decompression-bomb limit set to ``limit`` for one open (restored afterwards); a no-op
+    unless ``$MEDTRICKS_MAX_IMAGE_PIXELS`` asked for another limit."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    if limit == before:
+        yield
+        return
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def _ensure_transfer_syntax(ds) -> None:

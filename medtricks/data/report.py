@@ -1,12 +1,15 @@
 """`medtricks data check`: a plain-text report on a data set as a card reads it.
 
-Counts per class, split and patient; image size statistics; unreadable files; duplicate images;
-patient / duplicate leakage across splits; rows left out on purpose; the card's known pitfalls.
-Patients appear only as counts (never raw IDs); file paths are shown relative to the root.
+Counts per class, split and patient; image size statistics; unreadable files; duplicate images
+(and identical bytes under different labels); patient / duplicate leakage across splits; rows left
+out on purpose; the card's known pitfalls. Patients appear only as counts (never raw IDs); file
+paths are shown relative to the root. :func:`data_check` also returns the problems found, which
+make ``medtricks data check`` exit 1.
 """
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,24 @@ def _rel(path: str, root: Path) -> str:
         return str(path)
 
 
+@dataclass
+class DataCheck:
+    """What :func:`data_check` found: the report ``text`` and the ``problems`` that fail the check
+    (unreadable files, split leakage, identical bytes under different labels unless the card allows
+    them), one short phrase each; ``ok`` when there are none."""
+
+    text: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line: ``"ok"`` or the problems joined by ``"; "``."""
+        return "; ".join(self.problems) if self.problems else "ok"
+
+
 def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: float = 0.15,
                       test_fraction: float = 0.0, progress: bool = True, voi: str = "auto",
                       test_by: str = "random") -> str:
@@ -36,10 +57,20 @@ def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: 
 
         print(data_check_report("kermany-pneumonia", "../shared/data/kermany224/train"))
     """
+    return data_check(card_or_path, root, split_seed=split_seed, val_fraction=val_fraction,
+                      test_fraction=test_fraction, progress=progress, voi=voi, test_by=test_by).text
+
+
+def data_check(card_or_path, root, *, split_seed: int = 0, val_fraction: float = 0.15,
+               test_fraction: float = 0.0, progress: bool = True, voi: str = "auto",
+               test_by: str = "random") -> DataCheck:
+    """:func:`data_check_report` plus the list of problems (``DataCheck``); CI gates on ``.ok``."""
     card = load_card(card_or_path)
     root = Path(root).expanduser().resolve()
     manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
-                              test_fraction=test_fraction, on_missing="keep", test_by=test_by)
+                              test_fraction=test_fraction, on_missing="keep", test_by=test_by,
+                              on_conflicting_duplicates="keep")
+    problems: list[str] = []
     good, bad = scan_images(manifest, side=None, voi=voi, progress=progress, desc="decoding images")
     notes = manifest.attrs.get("notes", {})
     out = [f"Data check: card '{card.name}' ({card.task}: {', '.join(card.classes)})",
@@ -74,8 +105,14 @@ def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: 
                    f"non-square: {int((h != w).sum())}")
     else:
         out.append("  (no readable image)")
+    reduced = [n for n in good.get("bit_depth_note", []) if n] if len(good) else []
+    if reduced:
+        out.append(f"  {len(reduced)} 16-bit file(s) hold fewer bits and are read with the bits they use, "
+                   f"e.g. {_rel(reduced[0].split(': ', 1)[0], root)}: {reduced[0].split(': ', 1)[-1]}")
 
     out += ["", f"Unreadable files: {len(bad)}"]
+    if len(bad):
+        problems.append(f"{len(bad)} unreadable file(s)")
     for path, reason in list(zip(bad["path"], bad["reason"]))[:_LIST]:
         out.append(f"  {_rel(path, root)}: {reason}")
     if len(bad) > _LIST:
@@ -88,12 +125,23 @@ def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: 
     if len(dupes) > _LIST:
         out.append(f"  ... and {len(dupes) - _LIST} more group(s) (duplicates inside one split do not leak)")
 
+    conflicting = manifest.attrs.get("conflicting_duplicates") or []
+    allowed = " (allowed by the card: allow_conflicting_duplicates)" if card.allow_conflicting_duplicates else ""
+    out += ["", f"Identical files with different labels: {len(conflicting)} group(s){allowed if conflicting else ''}"]
+    for group in conflicting[:_LIST]:
+        out.append("  " + ", ".join(f"{_rel(p, root)} ({label}, {split})" for p, label, split in group[:4]))
+    if len(conflicting) > _LIST:
+        out.append(f"  ... and {len(conflicting) - _LIST} more group(s)")
+    if conflicting and not card.allow_conflicting_duplicates:
+        problems.append(f"{len(conflicting)} group(s) of identical files with different labels")
+
     out += ["", "Leakage across splits:"]
     try:
         check_leakage(good)
         out.append("  none: no patient and no identical image in two splits")
     except LeakageError as err:
         out += ["  " + line.replace(str(root) + "/", "") for line in str(err).splitlines()]
+        problems.append(f"split leakage ({len(err.files)} file(s))")
 
     out += ["", "Left out on purpose:"]
     out += [f"  {what}: {count}" for what, count in sorted(notes.items())] or ["  nothing"]
@@ -101,4 +149,4 @@ def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: 
     out += ["", "Known pitfalls (from the card):"]
     for item in card.pitfalls or ["(none recorded)"]:
         out.append(textwrap.fill(item.strip(), width=100, initial_indent="  - ", subsequent_indent="    "))
-    return "\n".join(out)
+    return DataCheck(text="\n".join(out), problems=problems)

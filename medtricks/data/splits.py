@@ -224,6 +224,47 @@ def check_leakage(manifest, *, max_listed: int = 10) -> None:
                            sorted(set(files)))
 
 
+def _same_size_digests(paths) -> dict[str, str]:
+    """path -> content hash for the files that share their byte size with another (only those can be
+    identical); files that cannot be read are left out (the image scan reports them)."""
+    by_size = defaultdict(list)
+    for path in paths:
+        try:
+            by_size[os.stat(path).st_size].append(path)
+        except OSError:
+            continue
+    digests = {}
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        for path in group:
+            try:
+                digests[path] = file_digest(path)
+            except OSError:
+                continue
+    return digests
+
+
+def conflicting_duplicates(manifest) -> list[list[tuple[str, str, str]]]:
+    """Groups of files with identical bytes but different labels, as ``(path, label, split)`` sorted by path.
+
+    One image filed under two classes is a labelling error (or a copy that a model sees with both
+    answers). Uses the manifest's ``content_hash`` column when complete, else hashes only files that
+    share a byte size (stat first: no other file is read). ``split`` is '' when the manifest has none.
+    """
+    if "content_hash" in manifest.columns and manifest["content_hash"].notna().all():
+        digests = dict(zip(manifest["path"], manifest["content_hash"]))
+    else:
+        digests = _same_size_digests(list(manifest["path"]))
+    splits = manifest["split"] if "split" in manifest.columns else [""] * len(manifest)
+    groups: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    for path, label, split in zip(manifest["path"], manifest["label"], splits):
+        if path in digests:
+            groups[digests[path]].append((str(path), str(label), str(split)))
+    found = [sorted(g) for g in groups.values() if len({label for _, label, _ in g}) > 1]
+    return sorted(found)
+
+
 def duplicate_groups(manifest) -> list[list[str]]:
     """Groups of files with identical bytes (any split), for reports."""
     digests = _content_hashes(manifest)
