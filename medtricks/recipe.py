@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from medtricks._yaml import cap_text, short_repr, strict_load
 from medtricks._shipped import shipped_dir
+from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
 from medtricks.tricks.registry import load_plugins, trick_tags, tricks_config_model
@@ -44,52 +45,7 @@ class RecipeError(MedtricksError, ValueError):
     """A recipe that cannot be loaded: names the file, the key and what was expected."""
 
 
-def _number_types(annotation: Any) -> bool:
-    """True when ``annotation`` admits an int or float (``int``, ``Optional[float]``, ``Literal[1, 3]``...)
-    but not a bool: YAML ``true`` there is a mistake that pydantic's lax mode would turn into 1."""
-    if annotation is bool:
-        return False
-    if annotation in (int, float):
-        return True
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is Literal:
-        return (any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-                and not any(isinstance(a, bool) for a in args))
-    if typing.get_origin(annotation) is Union:
-        return bool(args) and bool not in args and any(_number_types(a) for a in args)
-    return False
-
-
-def _item_annotation(annotation: Any) -> Any:
-    """The item type of ``list[X]`` / ``tuple[X, ...]`` / ``tuple[X, Y]`` inside an annotation, else None."""
-    origin = typing.get_origin(annotation)
-    if origin in (list, tuple, set):
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return Union[tuple(args)] if args else None
-    if origin is Union:
-        items = [i for i in (_item_annotation(a) for a in typing.get_args(annotation)) if i is not None]
-        return Union[tuple(items)] if items else None
-    return None
-
-
-class _Section(BaseModel):
-    # Unknown keys are errors (a typo must never be silently ignored).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info) -> Any:
-        # pydantic's lax mode reads `batch_size: true` as 1: a number field takes numbers only
-        # (ints stay fine for floats, YAML lists for tuples).
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and _number_types(annotation):
-            raise ConfigError(f"expected a number, got the boolean {value!r} (YAML true/false/yes/no/on/off)")
-        item = _item_annotation(annotation)
-        if isinstance(value, (list, tuple)) and item is not None and _number_types(item):
-            flags = [i for i, v in enumerate(value) if isinstance(v, bool)]
-            if flags:
-                raise ConfigError(f"item {flags[0]} is the boolean {value[flags[0]]!r}; expected a number")
-        return value
+_Section = Section  # every recipe section: unknown keys and booleans-for-numbers are errors
 
 
 # --------------------------------------------------------------------------------------- sections

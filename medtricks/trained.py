@@ -22,6 +22,7 @@ from medtricks.models import create_model, get_data_config
 from medtricks.models.resizer import LearnableResizer, ResizerModel
 from medtricks.recipe import Recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
+from medtricks.tracking import DEFAULT_RUNS_DIR, find_run
 
 __all__ = ["TrainedModel", "load_trained", "build_model"]
 

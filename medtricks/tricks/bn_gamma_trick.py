@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from medtricks._schema import Section
 from medtricks.tricks.base import AblationName, Trick, register_trick
 from medtricks.tricks.bn_gamma import STRATEGIES, apply_gamma_strategy, check_gamma_config
 
 __all__ = ["BnGammaConfig", "GammaRuleConfig", "BnGamma"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section  # unknown keys and booleans for numbers are errors, as in every section
 
 
 class GammaRuleConfig(_Section):

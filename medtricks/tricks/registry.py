@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, create_model
 
 # Built-in tricks: importing the module registers its trick(s).
 import medtricks.tricks.settings  # noqa: F401  warmup, cosine, linear_scaling, amp, resizer, augment
@@ -25,6 +25,7 @@ import medtricks.tricks.bn_gamma_trick  # noqa: F401
 import medtricks.tricks.mixup  # noqa: F401
 import medtricks.tricks.ema  # noqa: F401
 import medtricks.tricks.class_balance  # noqa: F401
+from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.tricks.base import AblationName, Trick, TrickContext, registered_tricks
 
@@ -38,9 +39,7 @@ class PluginError(MedtricksError, ImportError):
     """A ``plugins:`` entry that cannot be imported (names the entry and why)."""
 
 
-class _TricksSection(BaseModel):
-    # Unknown keys are errors, as in every recipe section.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_TricksSection = Section  # unknown keys and booleans for numbers are errors, as in every section
 
 
 _models: dict[tuple, type[BaseModel]] = {}
