@@ -29,6 +29,9 @@ EPILOG = """examples:
 
 _RUNS_DIR_HELP = ("the local run store (tracking.backend: none) to look run ids up in and, for such runs, to log "
                   "into (default: runs for ids; the run folder's own experiment.output_dir for logging)")
+_TTA_HELP = ("test-time augmentation: none (default) or flip, the mean of each image and its horizontal mirror. "
+             "Flip must be named: a mirrored chest X-ray has its heart on the right, and the X-ray presets never "
+             "flip in training, so the model never saw such images (a warning says so)")
 
 
 def _version() -> str:
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--root", required=True, help="root folder of the evaluation data")
     evaluate.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
                           help="all images (an external test set, the default) or one split of the card's")
-    evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    evaluate.add_argument("--tta", nargs="?", const="", default="none", metavar="none|flip", help=_TTA_HELP)
     evaluate.add_argument("--threshold", default="stored", metavar="stored|0.5|T",
                           help="binary models: the operating point reported next to 0.5: the run's stored "
                                "model/operating_point.json (default; 0.5 if the run has none) or a number in (0, 1)")
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--root", required=True, help="root folder of the evaluation data")
     ensemble.add_argument("--split", choices=["all", "test", "val"], default="all",
                           help="all images (default) or one split of the card's (every member must split alike)")
-    ensemble.add_argument("--tta", action="store_true", help="each member averages with the flipped image")
+    ensemble.add_argument("--tta", nargs="?", const="", default="none", metavar="none|flip",
+                          help=_TTA_HELP + " (every member)")
     ensemble.add_argument("--prevalence", type=float, default=None, metavar="P",
                           help="binary models: prior-shift the ensemble to positive-class prevalence P")
     ensemble.add_argument("--n-bootstrap", type=int, default=1000)
@@ -231,7 +235,7 @@ def _cmd_evaluate(args) -> int:
                               n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
                               log=not args.no_log, runs_dir=args.runs_dir)
     title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}, {report.n_images} images"
-             f"{', flip TTA' if args.tta else ''}; bootstrap seed {args.seed})")
+             f"{', flip TTA' if args.tta == 'flip' else ''}; bootstrap seed {args.seed})")
     print(report.table(title=title))
     return _report_outputs(report, report, args.save_predictions)
 

@@ -30,14 +30,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from torch.utils.data import DataLoader
 
-from medtricks.data import load_card
+from medtricks.data import load_card, redact_paths
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import fmt_delta_ci, fmt_mean_ci, fmt_num, markdown_table
 from medtricks.evaluate.metrics import paired_bootstrap_delta
 from medtricks.evaluate.operating_point import select_threshold
 from medtricks.evaluate.paired import load_predictions
-from medtricks.posthoc import (DecisionRule, FlipTTA, _run_file, eval_dataset, image_set_digest, load_operating_point,
-                               log_evaluation, posthoc_store, resolve_decision_rule, summarize_predictions)
+from medtricks.posthoc import (DecisionRule, FlipTTA, _run_file, eval_dataset, flip_tta_warning, image_set_digest,
+                               load_operating_point, log_evaluation, posthoc_store, resolve_decision_rule,
+                               resolve_tta, summarize_predictions)
 from medtricks.rundir import RunDir
 from medtricks.train import predict, resolve_device
 from medtricks.trained import load_trained
@@ -175,7 +176,7 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
                                           f"predictions ({len(y_val)} images)"), op
 
 
-def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "all", tta: bool = False,
+def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "all", tta: Any = "none",
                   prevalence: Optional[float] = None, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
                   batch_size: int = 64, tracking_uri: Optional[str] = None, log: bool = True,
                   device: str = "auto", progress: bool = True,
@@ -187,7 +188,8 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
             default ``runs``, or of MLflow at ``tracking_uri``) with the same classes.
         card, root, split: the evaluation data (``all`` images, or the card's ``test``/``val`` split;
             a split must hold the same images for every member, i.e. the same split settings).
-        tta: every member averages with the horizontally flipped image.
+        tta: ``"none"`` (default) or ``"flip"``: every member averages with the horizontally mirrored image
+            (opt-in, with a warning: see :func:`medtricks.posthoc.resolve_tta`).
         prevalence: binary models: prior-shift the ensemble (from the mean of the members' training
             priors) and every member to this positive-class prevalence before thresholding.
         log: log the ensemble like an evaluation (``eval/<m>``, ``eval/op/<m>``, plots, predictions)
@@ -197,6 +199,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     Raises:
         ValueError: fewer than two runs, different classes, or different images (lists or order).
     """
+    tta = resolve_tta(tta) == "flip"
     refs = [str(r) for r in refs]
     if len(refs) < 2:
         raise ConfigError(f"an ensemble needs at least two runs, got {len(refs)}: {refs}")
@@ -228,6 +231,9 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
                     "trained on") if split != "all" else ""
             raise ConfigError(f"run {ref} sees other images of {root} ({split}) than run {refs[0]} ({where}){hint}")
 
+    if tta:
+        for text in dict.fromkeys(w for w in map(flip_tta_warning, members) if w):
+            print(f"warning: {text}", flush=True)
     outputs = []
     for trained, dataset in zip(members, datasets):
         model = FlipTTA(trained.model) if tta else trained.model
@@ -271,9 +277,9 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
             experiment=first.tracking.experiment or first.experiment.name,
             run_name=f"ensemble-{card_name}-{split}{'-tta' if tta else ''}",
             tags={"medtricks.kind": "ensemble", "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members)},
-            params={"card": card_name, "root": str(Path(root).resolve()), "split": split, "tta": tta,
-                    "n_bootstrap": n_bootstrap, "seed": seed, "n_members": len(members),
+            params={"card": card_name, "root": str(Path(root).resolve()), "split": split,
+                    "tta": "flip" if tta else "none", "n_bootstrap": n_bootstrap, "seed": seed, "n_members": len(members),
                     "members": ",".join(str(t.run_id) for t in members),
                     "member_dirs": ",".join(str(t.run_dir) for t in members)},
-            texts={"ensemble/report.md": report.table() + "\n"})
+            texts={"ensemble/report.md": redact_paths(report.table(), root) + "\n"})
     return report

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medtricks.audit import run_audit
-from medtricks.data import build_eval_dataset, load_card
+from medtricks.data import build_eval_dataset, load_card, redact_paths
+from medtricks.data.manifest import content_id, image_id, patient_salt
 from medtricks.errors import ConfigError
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
 from medtricks.evaluate.metrics import compute_metrics
@@ -37,12 +38,45 @@ from medtricks.trained import load_trained
 __all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset", "AuditReport", "audit_trained",
            "audit_model", "log_audit", "parse_eps", "DecisionRule", "resolve_decision_rule", "load_operating_point",
            "unpaired_bootstrap_delta", "performance_drop", "PerformanceDrop", "summarize_predictions",
-           "log_evaluation", "image_set_digest", "PREDICTIONS_EVAL_FILE", "posthoc_store"]
+           "log_evaluation", "image_set_digest", "PREDICTIONS_EVAL_FILE", "posthoc_store", "resolve_tta",
+           "flip_tta_warning", "TTA_MODES", "SplitOverlap", "split_overlap"]
+
+# --tta: "none" (default) or "flip". A bare --tta / tta=True is refused: flipping a chest X-ray is not harmless.
+TTA_MODES = ("none", "flip")
+_FLIPPING_PRESETS = ("paper_baseline",)  # data.augment presets whose training flips images horizontally
+_FLIP_EXPLAINED = ("a horizontal flip mirrors the chest: the heart and aortic arch move to the right, the liver "
+                   "to the left, and any L/R marker reads backwards; the chest X-ray presets (cxr_light, "
+                   "cxr_shift) never flip in training, so the model has not seen mirrored X-rays")
+
+
+def resolve_tta(tta: Any) -> str:
+    """``"none"`` or ``"flip"`` from a ``--tta`` value. ``None``/``False``/``"none"`` mean none; flip TTA
+    must be asked for by name (``"flip"``): ``True`` or a bare ``--tta`` is a :class:`ConfigError` that
+    explains why."""
+    if tta is None or tta is False or (isinstance(tta, str) and tta.strip().lower() == "none"):
+        return "none"
+    if isinstance(tta, str) and tta.strip().lower() == "flip":
+        return "flip"
+    given = "a bare --tta" if tta is True or tta == "" else f"--tta {tta!r}"
+    raise ConfigError(f"{given}: say which test-time augmentation: 'none' (the default) or 'flip' (the mean of "
+                      f"each image and its horizontal mirror). Flip is opt-in because {_FLIP_EXPLAINED}; "
+                      "use --tta flip (tta='flip') only if you mean it, and compare it with --tta none")
+
+
+def flip_tta_warning(trained) -> Optional[str]:
+    """The warning ``evaluate``/``ensemble`` print with ``--tta flip`` for a model trained without flips."""
+    preset = trained.recipe.data.augment
+    if preset in _FLIPPING_PRESETS:
+        return None
+    return (f"--tta flip averages every prediction with the mirrored X-ray, but {_FLIP_EXPLAINED} "
+            f"(this run trained with data.augment={preset}); compare with --tta none before trusting it")
 
 
 class FlipTTA(nn.Module):
     """Test-time augmentation: mean softmax of the image and its horizontal flip (returned as log-probs,
-    so a softmax on top gives the averaged probabilities)."""
+    so a softmax on top gives the averaged probabilities). For chest X-rays the flip mirrors the anatomy
+    (heart on the right), which models trained with the X-ray presets never saw: ``evaluate`` and
+    ``ensemble`` use it only with ``--tta flip`` and warn (:func:`resolve_tta`, :func:`flip_tta_warning`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -245,6 +279,97 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
     return rule
 
 
+# ------------------------------------------------------------------------ overlap with training
+@dataclass
+class SplitOverlap:
+    """Evaluation images found in the trained run's split manifest, per split (``train``/``val``/``test``):
+    ``images[split]``: evaluated images with identical bytes (or the same file) in that split;
+    ``patients[split]``: evaluated patients (salted hashes) in that split."""
+
+    n_images: int
+    n_patients: int
+    images: dict[str, int] = field(default_factory=dict)
+    patients: dict[str, int] = field(default_factory=dict)
+    by_bytes: bool = True  # False: the run's manifest predates content ids; files compared by path under one root
+
+    def splits(self) -> list[str]:
+        return [s for s in ("train", "val", "test") if self.images.get(s) or self.patients.get(s)]
+
+    def summary(self) -> str:
+        """``train: 40 images, 25 patients; val: 8 images, 5 patients`` ('' without overlap)."""
+        return "; ".join(f"{s}: {self.images.get(s, 0)} images, {self.patients.get(s, 0)} patients"
+                         for s in self.splits())
+
+    def messages(self, synthetic: bool = False) -> tuple[list[str], list[str]]:
+        """``(warnings, notes)``: overlap with train or val is a warning (those numbers are not from
+        unseen data), with the run's own test split a note (it is the internal, not an external, test)."""
+        warns, notes = [], []
+        how = "identical bytes" if self.by_bytes else "the same files"
+        for split in self.splits():
+            text = (f"{self.images.get(split, 0)} of {self.n_images} evaluated images ({how}) and "
+                    f"{self.patients.get(split, 0)} of {self.n_patients} patients are in the run's {split} split "
+                    "(its artifacts/split_manifest.csv)")
+            if split == "test":
+                notes.append(f"{text}: this is the run's own held-out test data, not an external set")
+                continue
+            why = ("the model was trained on them" if split == "train" else
+                   "they chose the model's checkpoint and operating point")
+            hint = ("; `medtricks data synth` with the same --n/--size/--seed redraws the run's own phantoms: use "
+                    "another --seed for an independent set" if synthetic else "")
+            warns.append(f"{text}: {why}, so these metrics overstate performance on unseen data{hint}")
+        return warns, notes
+
+
+def split_overlap(trained, manifest, root, tracking_uri: Optional[str] = None) -> Optional[SplitOverlap]:
+    """How much of an evaluation set (``manifest``: the eval dataset's rows, with hashed ``patient`` and the
+    image scan's ``content_hash``) the trained run saw: compared with its ``artifacts/split_manifest.csv``
+    (read with :func:`_run_file`), by salted content ids (identical bytes) and salted patient hashes —
+    the same salt (:func:`~medtricks.data.manifest.patient_salt`) as the run's, so this works on the
+    machine that trained it (or with a shared ``MEDTRICKS_PATIENT_SALT``). Patient hashes include the
+    card name, so patients match under the same card. Runs whose manifest has no ``content_id`` are
+    compared by file (same data root) instead. ``None`` when the run kept no split manifest."""
+    import pandas as pd
+
+    frame = _run_file(trained, RunDir.manifest_artifact(), pd.read_csv, tracking_uri)
+    if frame is None or "split" not in frame.columns:
+        return None
+    salt = patient_salt()
+    eval_patients = manifest["patient"].astype(str) if "patient" in manifest.columns else pd.Series([], dtype=str)
+    by_bytes = "content_id" in frame.columns and "content_hash" in manifest.columns
+    if by_bytes:
+        eval_keys = [content_id(h, salt) if isinstance(h, str) else None for h in manifest["content_hash"]]
+        run_keys = frame["content_id"]
+    else:
+        eval_keys, run_keys = [None] * len(manifest), pd.Series([None] * len(frame))
+        try:
+            same_root = Path(root).expanduser().resolve() == Path(trained.recipe.data.root).expanduser().resolve()
+        except (OSError, RuntimeError):
+            same_root = False
+        if same_root and "image_id" in frame.columns:
+            base = Path(root).expanduser().resolve()
+            eval_keys = []
+            for p in manifest["path"]:
+                try:
+                    eval_keys.append(image_id(Path(p).resolve().relative_to(base).as_posix(), salt))
+                except ValueError:
+                    eval_keys.append(None)
+            run_keys = frame["image_id"]
+    overlap = SplitOverlap(n_images=len(manifest), n_patients=int(eval_patients.nunique()), by_bytes=by_bytes)
+    for split in ("train", "val", "test"):
+        rows = frame["split"] == split
+        if not rows.any():
+            continue
+        keys = set(run_keys[rows].dropna().astype(str))
+        patients = set(frame.loc[rows, "patient"].astype(str)) if "patient" in frame.columns else set()
+        n_img = sum(1 for k in eval_keys if k is not None and k in keys)
+        n_pat = int(eval_patients[eval_patients.isin(patients)].nunique())
+        if n_img:
+            overlap.images[split] = n_img
+        if n_pat:
+            overlap.patients[split] = n_pat
+    return overlap
+
+
 # ----------------------------------------------------------------------------------- evaluation
 @dataclass
 class EvaluationReport:
@@ -262,6 +387,8 @@ class EvaluationReport:
     metrics_op: Any = None
     drop: Optional[PerformanceDrop] = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # printed as "warning: ..." lines, also in the table
+    overlap: Optional[SplitOverlap] = None  # evaluated images/patients the run saw (None: no split manifest)
     y_true: Optional[np.ndarray] = None
     probs: Optional[np.ndarray] = None
     probs_op: Optional[np.ndarray] = None
@@ -277,8 +404,9 @@ class EvaluationReport:
             parts.append(self.metrics_op.table(title=f"at the operating point: {self.rule.describe()}"))
         if self.drop is not None:
             parts.append(self.drop.table())
-        if self.notes:
-            parts.append("notes:\n" + "\n".join(f"- {n}" for n in self.notes))
+        if self.warnings or self.notes:
+            parts.append("notes:\n" + "\n".join([*(f"- WARNING: {w}" for w in self.warnings),
+                                                  *(f"- {n}" for n in self.notes)]))
         return "\n\n".join(parts)
 
     def to_metrics(self, prefix: str = "eval/") -> dict[str, float]:
@@ -391,14 +519,14 @@ def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: 
     return run_id
 
 
-def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta: bool = False,
+def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta: Any = "none",
                      threshold: Any = "stored", prevalence: Optional[float] = None,
                      n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0, batch_size: int = 64,
                      tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
                      progress: bool = True, runs_dir: Optional[str | Path] = None) -> EvaluationReport:
     """Evaluate a trained run (folder, model file or run id) on a card's data, without training.
 
-    Prints nothing; returns metrics with bootstrap CIs at 0.5 and, for a binary model, at its
+    Prints only ``warning:`` lines; returns metrics with bootstrap CIs at 0.5 and, for a binary model, at its
     operating point (see :func:`resolve_decision_rule` for ``threshold`` and ``prevalence``), and
     the drop against the run's internal test split when the run saved its test predictions
     (``artifacts/predictions_test.npz``). With ``log=True`` it logs metrics (``eval/<m>``,
@@ -406,17 +534,35 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
     nested under the trained run (tag ``medtricks.evaluated_run``), in the run store of the trained
     run's ``tracking.backend`` (:func:`posthoc_store`: MLflow, or the local run store). ``runs_dir``:
     where run ids of the local store are looked up (default ``runs``) and its evaluations go.
+
+    ``tta``: ``"none"`` (default) or ``"flip"`` (the mean of each image and its horizontal mirror; a
+    warning says the model never saw mirrored X-rays unless its augment preset flips; see
+    :func:`resolve_tta`). Evaluation data the run trained or selected on is found
+    (:func:`split_overlap`: identical bytes or shared patients with its split manifest) and warned
+    about: ``report.warnings``, a note in the table, and the tag ``medtricks.overlap`` on the logged run.
     """
+    tta = resolve_tta(tta)  # before anything loads: a bare --tta fails at once
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri)
     dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress)
-    model = FlipTTA(trained.model) if tta else trained.model
+    card_name = load_card(card).name
+    warns = [w for w in [flip_tta_warning(trained) if tta == "flip" else None] if w]
+    overlap = split_overlap(trained, dataset.manifest, root, tracking_uri)
+    overlap_notes = []
+    if overlap is not None:
+        more, overlap_notes = overlap.messages(synthetic=card_name == "synthetic-phantoms")
+        warns += more
+    for text in warns:
+        print(f"warning: {text}", flush=True)
+    model = FlipTTA(trained.model) if tta == "flip" else trained.model
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=trained.recipe.data.num_workers)
     targets, probs, loss = predict(model, loader, device=dev, progress=progress, desc="evaluate")
     report = summarize_predictions(targets, probs, trained.classes, rule=rule, split=split, n_bootstrap=n_bootstrap,
                                    ci=ci, seed=seed, source_run=trained.run_id, loss=loss,
                                    image_set=image_set_digest(dataset, root))
+    report.warnings, report.overlap = warns, overlap
+    report.notes.extend(overlap_notes)
     if rule is not None and rule.source == "default":
         report.notes.append(rule.description)
     internal = _internal_test_predictions(trained, tracking_uri)
@@ -431,14 +577,19 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
         report.drop = performance_drop(y_int, p_int, targets, p_ext, trained.classes, n_bootstrap=n_bootstrap,
                                        ci=ci, seed=seed, rule=f"threshold {rule.threshold:.4f}" if rule else "argmax")
     if log:
-        card_name = load_card(card).name
         store = posthoc_store(trained, tracking_uri, runs_dir)
         report.logged_to = store.describe()
+        tags = {"medtricks.evaluated_run": str(trained.run_id), "medtricks.kind": "evaluation"}
+        if overlap is not None:
+            tags["medtricks.overlap"] = overlap.summary() or "none"
+        if report.warnings or report.notes:  # the run's description in the MLflow UI; data paths hashed
+            tags["mlflow.note.content"] = redact_paths("\n".join([*(f"WARNING: {w}" for w in report.warnings),
+                                                                   *report.notes]), root)[:5000]
         report.run_id = log_evaluation(
             report, uri=tracking_uri or trained.recipe.tracking.uri, store=store,
             experiment=trained.recipe.tracking.experiment or trained.recipe.experiment.name,
-            run_name=f"eval-{card_name}-{split}{'-tta' if tta else ''}", parent_run_id=trained.run_id,
-            tags={"medtricks.evaluated_run": str(trained.run_id), "medtricks.kind": "evaluation"},
+            run_name=f"eval-{card_name}-{split}{'-tta' if tta == 'flip' else ''}", parent_run_id=trained.run_id,
+            tags=tags,
             params={"card": card_name, "root": str(Path(root).resolve()), "split": split, "tta": tta,
                     "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id),
                     "source_run_dir": str(trained.run_dir), "n_quarantined": len(quarantine)})

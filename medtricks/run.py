@@ -139,13 +139,15 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
         run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name, tracking="ok")
         result = _run(recipe, run, tracker, resuming, say, prep)
     except BaseException as err:
+        # Logged and stored with data paths hashed (file names hold patient IDs); the traceback keeps them.
+        message = redact_paths(f"{type(err).__name__}: {err}", recipe.data.root)
         try:
-            run.write_state(status="failed", error=f"{type(err).__name__}: {err}")
+            run.write_state(status="failed", error=message)
         except OSError as state_err:  # full disk: raise the run's own error, not this one
             warnings.warn(f"could not record the failure in {run.state_file}: {state_err}", RuntimeWarning)
         finally:  # a full disk must not leave the tracked run RUNNING
             _end_tracking(run, tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-                          error=f"{type(err).__name__}: {err}")
+                          error=message)
         raise
     try:
         run.write_state(status="finished")

@@ -55,10 +55,11 @@ def test_evaluate_val_split_matches_training_and_logs(trained_run):
 def test_evaluate_cli_all_images_with_tta(trained_run, capsys):
     result, uri, tmp = trained_run
     code = main(["evaluate", str(result.run_dir), "--card", "synthetic-phantoms", "--root", str(tmp / "phantoms"),
-                 "--tta", "--n-bootstrap", "10", "--no-log"])
+                 "--tta", "flip", "--n-bootstrap", "10", "--no-log"])
     assert code == 0
     out = capsys.readouterr().out
     assert "48 images" in out and "flip TTA" in out and "95% CI" in out
+    assert "warning: --tta flip averages every prediction with the mirrored X-ray" in out  # opt-in, explained
 
 
 def test_flip_tta_averages_probabilities():

@@ -242,7 +242,7 @@ def test_compare_accepts_eval_metrics_and_pairs_evaluations_of_the_same_images(b
     result, uri, tmp, card = binary_run
     common = dict(card=str(card), root=str(tmp / "data"), n_bootstrap=10, tracking_uri=uri, progress=False)
     plain = evaluate_trained(str(result.run_dir), **common)
-    tta = evaluate_trained(str(result.run_dir), tta=True, **common)
+    tta = evaluate_trained(str(result.run_dir), tta="flip", **common)
     val_only = evaluate_trained(str(result.run_dir), split="val", **common)
 
     text = compare_runs(run_ids=[plain.run_id, tta.run_id], metric="eval/auroc", tracking_uri=uri)

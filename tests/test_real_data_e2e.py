@@ -40,7 +40,7 @@ def test_kermany_slice_trains_then_evaluates_and_audits_on_held_out_files(real_d
     result = run_recipe(recipe, quiet=True)
     assert result.metrics.values["n"] >= 6
 
-    report = evaluate_trained(result.run_id, card="kermany-pneumonia", root=str(tmp_path / "test"), tta=True,
+    report = evaluate_trained(result.run_id, card="kermany-pneumonia", root=str(tmp_path / "test"), tta="flip",
                               n_bootstrap=20, tracking_uri=uri, progress=False)
     assert report.n_images == 12
     assert 0.0 <= report.metrics.values["auroc"] <= 1.0 and math.isfinite(report.metrics.values["accuracy"])

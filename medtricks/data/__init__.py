@@ -34,6 +34,8 @@ _EXPORTS = {
     # manifests and splits
     "build_manifest": "medtricks.data.manifest",
     "export_manifest": "medtricks.data.manifest",
+    "export_quarantine": "medtricks.data.manifest",
+    "redact_paths": "medtricks.data.manifest",
     "split_summary": "medtricks.data.manifest",
     "hash_patient": "medtricks.data.manifest",
     "assign_splits": "medtricks.data.splits",
