@@ -37,6 +37,7 @@ import medtricks.run as _run
 from medtricks.ablation.table import (forest_figure, format_ablation_markdown, higher_is_better, metric_keys,
                                       summarize_groups)
 from medtricks.ablation.variants import make_variants
+from medtricks.data import redact_paths
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import is_finite
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
@@ -396,7 +397,9 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         children["variant_index"] = children["variant"].map(index)
         children = children.sort_values(["variant_index", "seed"]).reset_index(drop=True)
         for f in failed:
-            notes.append(f"FAILED: {f['variant']} seed {f['seed']}: {f['error']} (re-run the same command to retry)")
+            # notes are logged with the table: data paths in error texts are hashed (no patient IDs)
+            notes.append(f"FAILED: {f['variant']} seed {f['seed']}: {redact_paths(f['error'], recipe.data.root)} "
+                         "(re-run the same command to retry)")
 
         table = summarize_groups(children[["variant", "seed", "value"]], [n for n, _ in variants],
                                  reference="baseline", previous=(mode == "cumulative"), ci=recipe.eval.ci,
@@ -427,7 +430,7 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         if parent is not None:
             interrupted = isinstance(err, KeyboardInterrupt)
             parent.set_tags({"ablation.status": "interrupted" if interrupted else "error",
-                             "medtricks.error": f"{type(err).__name__}: {err}"[:5000]})
+                             "medtricks.error": redact_paths(f"{type(err).__name__}: {err}", recipe.data.root)[:5000]})
             parent.end("KILLED" if interrupted else "FAILED")
         raise
     return result
