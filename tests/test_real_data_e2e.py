@@ -35,7 +35,7 @@ def test_kermany_slice_trains_then_evaluates_and_audits_on_held_out_files(real_d
     uri = fresh_sqlite_uri(tmp_path)
     recipe = load_recipe(ROOT / "recipes" / "kermany_pneumonia.yaml", overrides=[
         f"data.root={tmp_path / 'train'}", "data.image_size=32", "data.val_fraction=0.3", "train.epochs=1",
-        "train.batch_size=16", "train.progress=false", "eval.n_bootstrap=20", "eval.plots=false",
+        "train.batch_size=8", "train.progress=false", "eval.n_bootstrap=20", "eval.plots=false",
         f"experiment.output_dir={tmp_path / 'runs'}", f"tracking.uri={uri}"])
     result = run_recipe(recipe, quiet=True)
     assert result.metrics.values["n"] >= 6
