@@ -1,0 +1,174 @@
+"""The ``tricks.bn_gamma`` section's rules, checked without a model: one place for the recipe schema
+(:mod:`medtricks.tricks.bn_gamma_trick`) and the functional API (:mod:`medtricks.tricks.bn_gamma`).
+Every error names the key, the value and what was expected."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from medtricks.errors import ConfigError, ConfigTypeError
+
+__all__ = ["STRATEGIES", "GammaPlan", "check_gamma_config"]
+
+STRATEGIES: tuple[str, ...] = ("none", "zero_all", "zero_late", "one_late", "zero_late_one_rest", "rules")
+_WHICH = ("last", "all")
+_SELECTORS = ("stages", "blocks", "last_n_blocks", "names")
+_CONFIG_KEYS = ("strategy", *_SELECTORS, "which", "beta", "rules")
+_RULE_KEYS = ("value", *_SELECTORS, "which", "beta")
+_KEEP = "keep"
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing (every error names the key, the value and what was expected)
+# --------------------------------------------------------------------------------------------
+def _bad(where: str, key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{where}{key} = {value!r}: expected {expected}")
+
+
+def _as_float(value: Any, where: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise _bad(where, key, value, "a finite number (0.0 and 1.0 are the usual values)")
+    return float(value)
+
+
+def _as_int_list(value: Any, where: str, key: str) -> list[int] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, numbers.Integral) else value
+    if (
+        isinstance(items, (str, bytes))
+        or not isinstance(items, Sequence)
+        or not items
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items)
+    ):
+        raise _bad(where, key, value, "an integer or a non-empty list of integers (negative counts from the end), or null")
+    return [int(v) for v in items]
+
+
+def _as_patterns(value: Any, where: str, key: str) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not items or not all(isinstance(v, str) and v for v in items):
+        raise _bad(where, key, value, "a non-empty list of fnmatch patterns such as ['layer4.*.bn3'], or null")
+    return list(items)
+
+
+def _as_last_n(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise _bad(where, "last_n_blocks", value, "a positive integer or null")
+    return int(value)
+
+
+def _as_which(value: Any, where: str) -> str:
+    if value not in _WHICH:
+        raise _bad(where, "which", value, "'last' (the norm ending each residual branch) or 'all' (every norm on it)")
+    return value
+
+
+def _as_beta(value: Any, where: str, key: str = "beta") -> float | str | None:
+    """None (strategy default), 'keep', or a finite float."""
+    if value is None or value == _KEEP:
+        return value
+    if isinstance(value, str):
+        raise _bad(where, key, value, "a number, 'keep' or null")
+    return _as_float(value, where, key)
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _GammaRule:
+    value: float
+    selectors: dict
+    which: str
+    beta: Any
+    where: str
+
+
+@dataclass(frozen=True)
+class GammaPlan:
+    """A checked ``tricks.bn_gamma`` section: what :func:`apply_gamma_strategy` will do (no model needed)."""
+
+    strategy: str
+    selectors: dict
+    which: str
+    beta: Any
+    rules: tuple = ()
+    where: str = "tricks.bn_gamma."
+
+
+def check_gamma_config(config: Any) -> GammaPlan:
+    """Check a ``tricks.bn_gamma`` section (a mapping, or the recipe's typed section) without a model.
+
+    The one place the section's rules live: the recipe validates with it, and
+    :func:`apply_gamma_strategy` applies what it returns. Raises ``ValueError`` naming the key.
+    """
+    if hasattr(config, "model_dump"):
+        config = config.model_dump()
+    where = "tricks.bn_gamma."
+    if not isinstance(config, Mapping):
+        raise ConfigTypeError(f"tricks.bn_gamma: expected a mapping (dict), got {type(config).__name__}")
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"tricks.bn_gamma: unknown keys {unknown}; allowed keys: {', '.join(_CONFIG_KEYS)}")
+    rules = config.get("rules") or []
+    strategy = config.get("strategy") or ("rules" if rules else "none")
+    if strategy not in STRATEGIES:
+        raise _bad(where, "strategy", strategy, f"one of {', '.join(STRATEGIES)}")
+    sel = {
+        "stages": _as_int_list(config.get("stages"), where, "stages"),
+        "blocks": _as_int_list(config.get("blocks"), where, "blocks"),
+        "last_n_blocks": _as_last_n(config.get("last_n_blocks"), where),
+        "names": _as_patterns(config.get("names"), where, "names"),
+    }
+    which = _as_which(config.get("which") or "last", where)
+    beta = _as_beta(config.get("beta"), where)
+    given = [k for k, v in sel.items() if v is not None]
+
+    if rules and strategy != "rules":
+        raise _bad(where, "rules", rules, f"no rules with strategy '{strategy}' (use strategy: rules)")
+    if strategy == "none" and (given or beta is not None):
+        raise ConfigError(f"tricks.bn_gamma: strategy 'none' changes nothing, but {given + (['beta'] if beta is not None else [])} are set")
+    if strategy == "zero_all" and given:
+        raise ConfigError(
+            f"tricks.bn_gamma: strategy 'zero_all' acts on every residual block, but {given} are set; "
+            "use 'zero_late' or 'rules' to select blocks"
+        )
+    if strategy == "rules" and (given or not rules):
+        raise ConfigError(
+            "tricks.bn_gamma: strategy 'rules' needs a non-empty 'rules' list and takes its selectors "
+            f"inside each rule (got top-level {given or 'no rules'})"
+        )
+
+    parsed = []
+    if strategy == "rules":
+        if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
+            raise _bad(where, "rules", rules, "a list of rule mappings")
+        for i, rule in enumerate(rules):
+            rwhere = f"{where}rules[{i}]."
+            if not isinstance(rule, Mapping):
+                raise ConfigError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
+            unknown = sorted(set(rule) - set(_RULE_KEYS))
+            if unknown:
+                raise ConfigError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(_RULE_KEYS)}")
+            if rule.get("value") is None:
+                raise ConfigError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. 0.0 or 1.0")
+            rule_beta = _as_beta(rule.get("beta"), rwhere)
+            parsed.append(_GammaRule(
+                value=_as_float(rule["value"], rwhere, "value"),
+                selectors={"stages": _as_int_list(rule.get("stages"), rwhere, "stages"),
+                           "blocks": _as_int_list(rule.get("blocks"), rwhere, "blocks"),
+                           "last_n_blocks": _as_last_n(rule.get("last_n_blocks"), rwhere),
+                           "names": _as_patterns(rule.get("names"), rwhere, "names")},
+                which=_as_which(rule.get("which") or which, rwhere),
+                beta=beta if rule_beta is None else rule_beta,  # fall back to the section's beta
+                where=rwhere))
+    return GammaPlan(strategy=strategy, selectors=sel, which=which, beta=beta, rules=tuple(parsed), where=where)
