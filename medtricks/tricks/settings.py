@@ -51,7 +51,20 @@ class MixedPrecision(Trick):
 
     @classmethod
     def tags(cls, recipe):
-        return [f"amp={recipe.train.amp}"] if recipe.train.amp != "none" else []
+        """What resolves: ``amp=auto`` only where it turns autocast on (a CUDA device); an explicit
+        ``bf16``/``fp16`` is named as set (``fp16`` off CUDA fails at the start of the run)."""
+        amp = recipe.train.amp
+        if amp == "none":
+            return []
+        if amp == "auto":
+            device = str(recipe.train.device)
+            if device not in ("auto",) and not device.startswith("cuda"):
+                return []
+            import torch  # only for amp=auto; the run imports torch anyway
+
+            if not torch.cuda.is_available():
+                return []
+        return [f"amp={amp}"]
 
 
 @register_trick
