@@ -234,8 +234,9 @@ def _cmd_evaluate(args) -> int:
                               threshold=args.threshold, prevalence=args.prevalence,
                               n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
                               log=not args.no_log, runs_dir=args.runs_dir)
-    title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}, {report.n_images} images"
-             f"{', flip TTA' if args.tta == 'flip' else ''}; bootstrap seed {args.seed})")
+    # the table's own header adds the image count and the bootstrap (resamples, seed): said once
+    title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}"
+             f"{', flip TTA' if args.tta == 'flip' else ''})")
     print(report.table(title=title))
     return _report_outputs(report, report, args.save_predictions)
 

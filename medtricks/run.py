@@ -28,7 +28,7 @@ from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_
                                 plot_roc_curves)
 from medtricks.evaluate.operating_point import class_priors, probs_at_threshold, select_threshold
 from medtricks.evaluate.resizer_plots import resizer_comparison_figure
-from medtricks.evaluate.split_table import headline_keys, split_gaps, split_table
+from medtricks.evaluate.split_table import bootstrap_note, headline_keys, split_gaps, split_table
 from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
@@ -534,13 +534,15 @@ def _final_report(recipe: Recipe, best_epoch, classes, by_split: dict, at_op: di
     """Validation and test side by side (with the gap), at 0.5 and at the stored operating point."""
     name, seed = recipe.experiment.name, recipe.experiment.seed
     keys = headline_keys(by_split["val"].values, _positive_class(classes))
-    parts = [split_table(by_split, keys=keys,
+    parts = [split_table(by_split, keys=keys, ci_note=False,
                          title=f"{name} — best epoch {best_epoch} (chosen on val), seed {seed}, "
                                f"{'argmax' if len(classes) > 2 else 'threshold 0.5'}")]
     if operating_point is not None:
-        parts.append(split_table(at_op, keys=[k for k in keys if k not in ("auroc", "ece")],
+        parts.append(split_table(at_op, keys=[k for k in keys if k not in ("auroc", "ece")], ci_note=False,
                                  title=f"at the stored operating point: {operating_point.describe()} "
                                        "(val is optimistic here: the threshold was chosen on it)"))
+    if bootstrap_note(by_split["val"]):  # said once, under every table of the report
+        parts[-1] += "\n" + bootstrap_note(by_split["val"])
     if "test" not in by_split:
         parts.append("no test split: these numbers come from the split that chose the checkpoint and will "
                      "flatter the model; set data.test_fraction (or give the card a test folder)")

@@ -345,6 +345,7 @@ class MetricsResult:
     n_skipped: dict[str, int] = field(default_factory=dict)
     n_bootstrap: int = 0
     ci_level: float = 0.95
+    seed: int | None = None  # the resampling seed (None: not recorded / no bootstrap)
 
     def to_dict(self) -> dict[str, float]:
         """Flat dict for logging: every value, ``<key>_ci_low``/``<key>_ci_high`` for every CI, and
@@ -372,7 +373,8 @@ class MetricsResult:
         lines = []
         n = int(self.values.get("n", 0))
         head = f"{title}  " if title else ""
-        how = f"percentile bootstrap, {self.n_bootstrap} resamples" if self.ci else "no bootstrap"
+        seed = f", seed {self.seed}" if self.seed is not None else ""
+        how = f"percentile bootstrap, {self.n_bootstrap} resamples{seed}" if self.ci else "no bootstrap"
         lines.append(f"{head}(n={n} images, {how})")
         for i, (a, b, c) in enumerate(rows):
             lines.append(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip())
@@ -444,7 +446,8 @@ def compute_metrics(
         )
     values = _all_metrics(y, p, names, ece_bins)
 
-    result = MetricsResult(values={**values, "n": float(len(y))}, n_bootstrap=int(n_bootstrap), ci_level=float(ci))
+    result = MetricsResult(values={**values, "n": float(len(y))}, n_bootstrap=int(n_bootstrap), ci_level=float(ci),
+                           seed=int(seed) if n_bootstrap else None)
     if n_bootstrap == 0:
         return result
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from medtricks.errors import ConfigError
 
-__all__ = ["split_table", "split_gaps", "headline_keys"]
+__all__ = ["split_table", "split_gaps", "headline_keys", "bootstrap_note"]
 
 
 def headline_keys(values: dict, positive: Optional[str] = None) -> list[str]:
@@ -53,10 +53,20 @@ def _cell(res, key: str) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if math.isfinite(low) else f"{value:.3f}"
 
 
+def bootstrap_note(result) -> str:
+    """``[95% percentile-bootstrap CIs over images, 500 resamples, seed 0]`` ("" without CIs)."""
+    if not result.ci:
+        return ""
+    seed = f", seed {result.seed}" if getattr(result, "seed", None) is not None else ""
+    return f"[{100 * result.ci_level:g}% percentile-bootstrap CIs over images, {result.n_bootstrap} resamples{seed}]"
+
+
 def split_table(results: dict, *, keys: Optional[Sequence[str]] = None, reference: str = "val",
-                title: str = "") -> str:
+                title: str = "", ci_note: bool = True) -> str:
     """Aligned table: one row per metric, one column per split (value [95% CI]), then the gap of each
-    other split against ``reference``. ``results`` maps split name -> MetricsResult (None skipped)."""
+    other split against ``reference``. ``results`` maps split name -> MetricsResult (None skipped).
+    ``ci_note=False`` leaves out the line that says how the CIs were made (:func:`bootstrap_note`), for
+    a report that says it once under several tables."""
     results = {k: v for k, v in results.items() if v is not None}
     if reference not in results:
         raise ConfigError(f"split_table needs the reference split {reference!r}; got {sorted(results)}")
@@ -78,7 +88,6 @@ def split_table(results: dict, *, keys: Optional[Sequence[str]] = None, referenc
         lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
-    level = f"{100 * first.ci_level:g}%" if first.ci else ""
-    if level:
-        lines.append(f"[{level} percentile-bootstrap CIs over images, {first.n_bootstrap} resamples]")
+    if ci_note and bootstrap_note(first):
+        lines.append(bootstrap_note(first))
     return "\n".join(lines)
