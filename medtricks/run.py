@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import matplotlib.pyplot as plt
 
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
+from medtricks.console import epoch_reporter, say as console_say, where_to_look
 import medtricks
 from medtricks.data import build_datasets, export_manifest, export_quarantine, load_card, redact_paths
 from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule, plot_reliability_diagram,
@@ -33,7 +34,7 @@ from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
-from medtricks.tracking import Tracker, create_store
+from medtricks.tracking import LocalStore, Tracker, create_store
 from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
 from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
@@ -114,7 +115,7 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     With ``resume="auto"`` the newest unfinished run folder of the experiment is continued (same
     MLflow run); when there is none a new run starts.
     """
-    say = (lambda *a: None) if quiet else print
+    say = (lambda *a: None) if quiet else console_say  # tqdm.write: lines stay above a progress bar
     run = _resume_target(recipe, resume, say)
     resuming = run is not None
     # Everything that can fail on the recipe or the data fails here, before a run folder or a tracked run exists.
@@ -156,6 +157,10 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
         raise
     _end_tracking(run, tracker, "FINISHED")
     result.run_id = run_id
+    say(where_to_look(run_id, run.path, experiment=recipe.tracking.experiment or recipe.experiment.name,
+                      mlflow_uri=None if isinstance(tracker, LocalStore) else getattr(tracker, "uri", None),
+                      runs_dir=getattr(tracker, "root", None) or recipe.experiment.output_dir
+                      if isinstance(tracker, LocalStore) else None))
     return result
 
 
@@ -322,7 +327,10 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
     fit_result = fit(model, prep.train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
                      loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
                      tricks=tricks, on_step=log_step,
-                     on_epoch=lambda step, m: tracker.log_metrics(m, step=step), resume=resuming)
+                     on_epoch=epoch_reporter(lambda step, m: tracker.log_metrics(m, step=step), say,
+                                             epochs=recipe.train.epochs, best_metric=recipe.train.best_metric,
+                                             lr=lambda: opt.optimizer.param_groups[0]["lr"]),
+                     resume=resuming)
 
     # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
     eval_model = evaluation_model(model, tricks)

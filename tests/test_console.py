@@ -57,3 +57,113 @@ def test_final_report_says_the_bootstrap_once():
                          {"val": val, "test": test}, op)
     assert text.count("bootstrap") == 1 and text.count("resamples") == 1
     assert text.rstrip().endswith("50 resamples, seed 0]")
+
+
+# ------------------------------------------------------------ 1: one line per epoch that stays
+def test_epoch_line_format():
+    from medtricks.console import epoch_line
+
+    line = epoch_line({"epoch": 3.0, "train/epoch_loss": 0.75463, "val/loss": 0.52, "val/auroc": float("nan"),
+                       "val/accuracy": 0.93, "val/f1": 0.5, "train/img_per_s": 27.14},
+                      epochs=8, lr=0.0281, seconds=12.34, best_metric="val/f1")
+    assert line == ("epoch 3/8  train_loss 0.7546  val_loss 0.5200  val_auroc nan  val_accuracy 0.930  "
+                    "val_f1 0.500  lr 2.81e-02  27.1 img/s  12.3 s")
+
+
+def test_epoch_reporter_logs_then_says_through_tqdm_write(capsys):
+    from medtricks.console import epoch_reporter, say
+
+    logged = []
+    on_epoch = epoch_reporter(lambda step, m: logged.append((step, m)), say, epochs=2, lr=lambda: 0.1)
+    on_epoch(5, {"epoch": 1.0, "train/epoch_loss": 0.5})
+    assert logged == [(5, {"epoch": 1.0, "train/epoch_loss": 0.5})]
+    out = capsys.readouterr().out
+    assert out.startswith("epoch 1/2  train_loss 0.5000  lr 1.00e-01  ") and out.endswith(" s\n")
+    quiet = epoch_reporter(lambda step, m: logged.append(step), lambda *a: None, epochs=2)
+    quiet(6, {"epoch": 2.0})
+    assert logged[-1] == 6 and capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------- 2: the bar's postfix, every batch
+class _RecordingBar:
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        self.kwargs, self.postfixes, self.updates = kwargs, [], 0
+        _RecordingBar.made.append(self)
+
+    def set_postfix(self, refresh=True, **values):
+        assert refresh is False
+        self.postfixes.append(values)
+
+    def update(self, n=1):
+        self.updates += n
+
+    def close(self):
+        pass
+
+
+def test_bar_postfix_is_refreshed_every_batch(tmp_path, monkeypatch):
+    import tqdm.auto
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from medtricks.train import EngineConfig, fit
+    from medtricks.tricks.param_groups import build_optimizer, build_param_groups
+    from medtricks.tricks.schedules import build_scheduler
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    _RecordingBar.made = []
+    torch.manual_seed(0)
+    x, y = torch.randn(36, 1, 4, 4), torch.arange(36) % 2
+    train = DataLoader(TensorDataset(x, y), batch_size=4)  # 9 batches, fewer than log_every
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    opt = build_optimizer(build_param_groups(model, weight_decay=0.0), name="sgd", lr=0.01)
+    sched = build_scheduler(opt, name="cosine", epochs=1, steps_per_epoch=len(train), warmup_epochs=0)
+    cfg = EngineConfig(epochs=1, device=torch.device("cpu"), best_metric="val/loss", best_mode="min",
+                       log_every=10, progress=True)
+    fit(model, train, train, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
+        evaluate_fn=lambda m: {"val/loss": 1.0}, checkpoint_dir=tmp_path)
+    (bar,) = _RecordingBar.made
+    assert bar.kwargs["leave"] is False and bar.updates == 9
+    assert len(bar.postfixes) == 9 and len({p["loss"] for p in bar.postfixes}) > 1
+
+
+# ------------------------------------------- 1 + 3: a tiny run's epoch lines and where to look
+TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
+        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=20",
+        "train.progress=false", "schedule.warmup_epochs=0.5", "audit.enabled=false", "eval.plots=false"]
+
+
+def _tiny(tmp_path, *extra):
+    return load_recipe("quickstart", overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}",
+                                                f"experiment.output_dir={tmp_path / 'runs'}", *extra])
+
+
+def test_where_to_look_lines():
+    from medtricks.console import where_to_look
+
+    assert where_to_look("abc", "runs/q/1", experiment="q", mlflow_uri="sqlite:///mlflow.db").splitlines() == [
+        "run abc finished: runs/q/1",
+        "look at it: MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri sqlite:///mlflow.db   "
+        "# then http://127.0.0.1:5000, experiment q"]
+    assert where_to_look("abc", "r", experiment="q", mlflow_uri="http://mlflow:5000").endswith(
+        "open http://mlflow:5000 (experiment q)")
+    assert where_to_look("abc", "r", experiment="q", runs_dir="runs").endswith(
+        "medtricks compare --runs-dir runs --experiment q")
+
+
+def test_tiny_run_prints_epoch_lines_and_where_to_look(tmp_path, capsys):
+    from medtricks.run import run_recipe
+
+    result = run_recipe(_tiny(tmp_path, "tracking.backend=none"))
+    out = capsys.readouterr().out.splitlines()
+    epochs = [line for line in out if line.startswith("epoch ")]
+    assert [line.split("  ")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all(" val_auroc " in line and " lr " in line and line.endswith(" s") for line in epochs)
+    assert out[-2] == f"run {result.run_id} finished: {result.run_dir}"
+    assert out[-1] == f"look at it: medtricks compare --runs-dir {tmp_path / 'runs'} --experiment quickstart"
+    assert sum("bootstrap" in line for line in out) == 1
+
+    run_recipe(_tiny(tmp_path, "tracking.backend=none"), quiet=True)
+    assert capsys.readouterr().out == ""

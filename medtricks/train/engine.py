@@ -227,10 +227,11 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             epoch_loss += loss_value * batch
             epoch_images += batch
             if bar is not None:
-                if batch_index % cfg.log_every == 0:  # formatting the postfix every batch costs time
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{epoch_images / elapsed:.1f}", refresh=False)
+                # Every batch (a 9-batch epoch must not show the first batch for the whole epoch); cheap:
+                # refresh=False stores the postfix and update() redraws at the bar's own rate (mininterval).
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{epoch_images / elapsed:.1f}", refresh=False)
                 bar.update(1)
         if bar is not None:
             bar.close()
