@@ -63,6 +63,7 @@ _EXPORTS = {
     "AuditResult": "medtricks.audit",
     "list_corruptions": "medtricks.audit",
     "audit_trained": "medtricks.posthoc",
+    "predict_images": "medtricks.predict",
     # ablations
     "run_ablation": "medtricks.ablation",
     "make_variants": "medtricks.ablation",

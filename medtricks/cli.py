@@ -23,6 +23,7 @@ EPILOG = """examples:
   medtricks compare --experiment quickstart --group-by variant
   medtricks compare --experiment quickstart --runs-dir runs      # runs of tracking.backend: none
   medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
+  medtricks predict runs/kermany_pneumonia/<id> /data/new_xrays --out preds.csv --threshold sens=0.95
   medtricks weights list
 """
 
@@ -173,6 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-log", action="store_true",
                        help="print only; log nothing (to MLflow or the local run store, as the run's recipe says)")
 
+    predict = sub.add_parser("predict", help="predict new images (files or folders) with a trained run, as a CSV")
+    predict.add_argument("run", help="a run folder (runs/NAME/ID), its model/model_state.pt, or a run id "
+                                     "(MLflow, or the local run store under --runs-dir)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files or folders (searched recursively: PNG, JPEG, TIFF, DICOM by extension, "
+                              "DICOM also by its preamble)")
+    predict.add_argument("--out", default=None, metavar="FILE",
+                         help="the predictions CSV (default: stdout); the bad-file list goes next to it "
+                              "(FILE's stem + .bad_files.csv)")
+    predict.add_argument("--threshold", default="stored", metavar="stored|youden|sens=0.95|0.5|T",
+                         help="binary models: the operating point of the predicted class: the run's stored "
+                              "model/operating_point.json (default; 0.5 if the run has none, which is said), youden "
+                              "or sens=S chosen again on the run's stored validation predictions, or a number in (0, 1). "
+                              "Multiclass models: argmax")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    predict.add_argument("--tracking-uri", default=None, help="MLflow URI to look a run id up in")
+    predict.add_argument("--runs-dir", default=None, metavar="DIR",
+                         help="the local run store (tracking.backend: none) to look run ids up in (default: runs)")
+
     weights = sub.add_parser("weights", help="the pretrained weights zoo")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
     weights_sub.add_parser("list", help="list weights, their source and whether they are cached")
@@ -292,6 +313,18 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from medtricks.predict import predict_images, summary, write_predictions
+
+    preds, bad = predict_images(args.run, args.inputs, threshold=args.threshold, batch_size=args.batch_size,
+                                device=args.device, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir)
+    bad_path = write_predictions(preds, bad, args.out)
+    print(summary(preds, bad, bad_path), file=sys.stderr)
+    if args.out:
+        print(f"predictions: {args.out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_weights(args, parser) -> int:
     if args.weights_command == "list":
         from medtricks.models.weights import format_weights_table
@@ -332,6 +365,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_compare(args)
         if args.command == "audit":
             return _cmd_audit(args)
+        if args.command == "predict":
+            return _cmd_predict(args)
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
               file=sys.stderr)

@@ -1,0 +1,327 @@
+"""Use a trained model on new images: per-image probabilities and decisions, as a table.
+
+Orchestration like :mod:`medtricks.posthoc` (it knows the trained run, the data layer's readers and
+transforms, and the run's operating point). Images are read and preprocessed exactly as ``evaluate``
+reads them (:class:`~medtricks.data.XrayDataset` with the run's eval transform: its augment preset's
+resize and center crop, ``recipe.input_image_size()``, ``in_chans`` and the mean/std the run trained
+with); files that cannot be used are listed, never fatal.
+
+    from medtricks.predict import predict_images
+    preds, bad = predict_images("runs/kermany_pneumonia/<id>", ["/data/new_xrays"], threshold="stored")
+    preds.to_csv("preds.csv", index=False)
+
+Rows name images by their path relative to the input folder they came from (a file given directly:
+its name), never an absolute path. DICOM rows add ``sop_instance_hash``, a salted hash of the
+SOPInstanceUID (the salt of the manifest's patient hashes, :func:`~medtricks.data.manifest.patient_salt`);
+no other DICOM header value is read or written.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from medtricks.data.datasets import XrayDataset
+from medtricks.data.errors import BadImageError
+from medtricks.data.manifest import hash_patient, patient_salt, walk_files
+from medtricks.data.readers import DICOM_EXTENSIONS
+from medtricks.data.transforms import build_transforms
+from medtricks.errors import ConfigError, MissingFileError
+from medtricks.evaluate.operating_point import select_threshold
+from medtricks.evaluate.paired import load_predictions
+from medtricks.posthoc import DecisionRule, _run_file, load_operating_point, resolve_decision_rule
+from medtricks.rundir import RunDir
+from medtricks.train import resolve_device
+from medtricks.trained import load_trained
+
+__all__ = ["predict_images", "resolve_prediction_rule", "collect_images", "write_predictions", "bad_files_path",
+           "IMAGE_EXTENSIONS", "InputImage"]
+
+#: Extensions read as images in folders (case-insensitive); other files are read only if they start
+#: with the DICOM preamble (``DICM`` at byte 128), else listed as bad ("not an image").
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", *DICOM_EXTENSIONS)
+BAD_COLUMNS = ["image", "reason"]
+_MAX_LISTED = 20
+
+
+@dataclass
+class InputImage:
+    """One file to predict: ``path`` as found (link names kept), ``image`` its name relative to the input
+    folder it came from (a file given directly: its name), ``dicom`` whether it is read as DICOM."""
+
+    path: Path
+    image: str
+    base: Path  # the input folder (or, for a file given directly, its folder)
+    dicom: bool
+
+
+# ------------------------------------------------------------------------------------ thresholds
+def _parse_threshold(threshold: Any) -> tuple[str, Optional[float]]:
+    """``stored`` | ``youden`` | ``sens=0.95`` | a number → (kind, value)."""
+    spec = "stored" if threshold is None else str(threshold).strip().lower()
+    if spec in ("stored", "youden"):
+        return spec, None
+    if "=" in spec:
+        key, _, value = spec.partition("=")
+        if key.strip() in ("sens", "sensitivity"):
+            try:
+                target = float(value)
+            except ValueError:
+                target = math.nan
+            if not 0.0 < target <= 1.0:
+                raise ConfigError(f"--threshold {threshold!r}: the target sensitivity must be a number in (0, 1], "
+                                  "e.g. sens=0.95")
+            return "sensitivity", target
+    try:
+        number = float(spec)
+    except ValueError:
+        number = math.nan
+    if not 0.0 < number < 1.0:
+        raise ConfigError(f"--threshold must be stored, youden, sens=S (a target sensitivity such as sens=0.95) or "
+                          f"a number in (0, 1) such as 0.5; got {threshold!r}")
+    return "given", number
+
+
+def resolve_prediction_rule(trained, threshold: Any = "stored",
+                            tracking_uri: Optional[str] = None) -> Optional[DecisionRule]:
+    """The decision rule ``predict`` applies; ``None`` for multiclass models (argmax).
+
+    ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none, which
+    the rule's ``description`` says), ``"youden"`` or ``"sens=0.95"`` (chosen again with
+    :func:`~medtricks.evaluate.operating_point.select_threshold` on the run's stored validation predictions,
+    ``artifacts/predictions_val.npz``, from the run folder or its run store), or a number in (0, 1).
+    """
+    kind, value = _parse_threshold(threshold)
+    if kind in ("stored", "given"):
+        return resolve_decision_rule(trained, threshold=threshold if kind == "given" else "stored",
+                                     tracking_uri=tracking_uri)
+    name = trained.run_id or str(trained.run_dir)
+    k = len(trained.classes)
+    if k != 2:
+        raise ConfigError(f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
+                          f"{trained.classes} (decisions are argmax)")
+    val = _run_file(trained, RunDir.predictions_artifact("val"), load_predictions, tracking_uri)
+    if val is None:
+        raise MissingFileError(f"--threshold {threshold} is chosen on the run's validation predictions, but run {name} "
+                               f"has no {RunDir.predictions_artifact('val')} (in its folder or its run store); "
+                               "use --threshold stored or a number")
+    op_stored = load_operating_point(trained.run_dir)
+    positive = op_stored.positive_index if op_stored is not None else 1
+    y_val, p_val = val
+    op = select_threshold(y_val, p_val, method="youden" if kind == "youden" else "sensitivity",
+                          target_sensitivity=value, positive_index=positive)
+    return DecisionRule(threshold=float(op.threshold), source=op.method, positive_index=positive,
+                        description=f"{op.describe()}; recomputed from the run's stored validation predictions")
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputImage], list[dict]]:
+    """Files to predict from ``inputs`` (files and folders, folders searched recursively, each folder's files
+    in sorted order) → ``(images, not_images)``. A file given directly is always tried; in a folder, files
+    with an image extension (:data:`IMAGE_EXTENSIONS`) or the DICOM preamble are, other files are returned
+    in ``not_images`` (``image``, ``reason``), and hidden files and folders ('.' names) are skipped.
+    An input that does not exist is a :class:`~medtricks.errors.MissingFileError` naming it."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise ConfigError("no input given: name image files or folders")
+    missing = [str(p) for p in inputs if not Path(p).expanduser().exists()]
+    if missing:
+        raise MissingFileError(f"input not found: {', '.join(missing)}")
+    images: list[InputImage] = []
+    not_images: list[dict] = []
+    seen: set[str] = set()
+    for given in inputs:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            for file in walk_files(path):
+                rel = file.relative_to(path)
+                if any(part.startswith(".") for part in rel.parts) or not file.is_file():
+                    continue
+                key = os.path.realpath(file)
+                if key in seen:
+                    continue
+                seen.add(key)
+                suffix = file.suffix.lower()
+                if suffix in IMAGE_EXTENSIONS:
+                    images.append(InputImage(file, rel.as_posix(), path, suffix in DICOM_EXTENSIONS))
+                elif _has_dicom_preamble(file):
+                    images.append(InputImage(file, rel.as_posix(), path, True))
+                else:
+                    not_images.append({"image": rel.as_posix(),
+                                       "reason": "not an image (no PNG/JPEG/TIFF/DICOM extension, no DICOM preamble)"})
+        else:
+            key = os.path.realpath(path)
+            if key in seen:
+                continue
+            seen.add(key)
+            dicom = path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_preamble(path)
+            images.append(InputImage(path, path.name, path.parent, dicom))
+    return images, not_images
+
+
+def _path_forms(path: Path) -> list[str]:
+    forms = {str(path), os.path.abspath(path), os.path.realpath(path)}
+    return sorted((f.rstrip("/") for f in forms if f.rstrip("/") not in ("", ".", "/")), key=len, reverse=True)
+
+
+def _scrub(text: str, item: InputImage) -> str:
+    """A reason with the file's path (any form) replaced by its relative name and its folder by ``<input>``."""
+    for form in _path_forms(item.path):
+        text = text.replace(form, item.image)
+    for form in _path_forms(item.base):
+        text = text.replace(form, "<input>")
+    return re.sub(r"(?<![\w.<>-])/(?:[^\s/:'\"]+/)+[^\s:'\"]*", "<path>", text)  # any other absolute path
+
+
+def _sop_instance_hash(path: Path, salt: bytes) -> str:
+    """``s_`` + a salted hash of the file's SOPInstanceUID ('' when it has none); no other tag is read."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
+        uid = str(getattr(ds, "SOPInstanceUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - the pixel read reports the file if it is unusable
+        return ""
+    return hash_patient(uid, "sop_instance", salt).replace("p_", "s_", 1) if uid else ""
+
+
+# ------------------------------------------------------------------------------------ prediction
+class _Images(torch.utils.data.Dataset):
+    """``XrayDataset`` items that never raise: ``(tensor | None, index, reason)``."""
+
+    def __init__(self, dataset: XrayDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index][0], index, ""
+        except BadImageError as err:
+            return None, index, err.problem
+        except Exception as err:  # noqa: BLE001 - one unusable file is listed, never fatal
+            return None, index, f"cannot read ({type(err).__name__}: {err})"
+
+
+def _collate(batch):
+    good = [b for b in batch if b[0] is not None]
+    images = torch.stack([b[0] for b in good]) if good else None
+    return images, [b[1] for b in good], [(b[1], b[2]) for b in batch if b[0] is None]
+
+
+def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: Any = "stored",
+                   batch_size: int = 32, device: str = "auto", tracking_uri: Optional[str] = None,
+                   runs_dir: Optional[str | Path] = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict every image of ``inputs`` (image files and folders, searched recursively) with a trained run
+    (folder, model file or run id) → ``(predictions, bad_files)``.
+
+    ``predictions``: one row per usable image: ``image`` (path relative to its input folder),
+    ``sop_instance_hash`` (only when a DICOM is among them; salted hash of its SOPInstanceUID),
+    ``prob_<class>`` per class, ``predicted`` (binary: the class at the operating point, positive when
+    its probability >= the threshold; multiclass: argmax) and ``threshold`` (``argmax`` for multiclass).
+    ``threshold``: see :func:`resolve_prediction_rule` (``stored`` default, ``youden``, ``sens=0.95``, a
+    number). ``predictions.attrs["rule"]`` says which threshold was used and where it came from.
+    ``bad_files``: ``image``, ``reason`` (relative paths; unreadable, corrupt or not an image).
+    """
+    if int(batch_size) < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    items, not_images = collect_images(inputs)
+    dev = resolve_device(device)
+    trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
+    rule = resolve_prediction_rule(trained, threshold, tracking_uri)
+    recipe = trained.recipe
+    transform = build_transforms(recipe.data.augment, recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
+                                 std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
+    manifest = pd.DataFrame({"path": [str(i.path) for i in items], "target": 0})
+    dataset = _Images(XrayDataset(manifest, transform))
+    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, collate_fn=_collate,
+                        num_workers=recipe.data.num_workers if len(items) > batch_size else 0)
+    model = trained.model
+    model.eval()
+    probs = np.full((len(items), len(trained.classes)), np.nan)
+    reasons: dict[int, str] = {}
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        for images, index, bad in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+            reasons.update(dict(bad))
+            if images is None:
+                continue
+            logits = model(images.to(dev)).float()
+            probs[index] = torch.softmax(logits, dim=1).cpu().numpy()
+    ok = [i for i in range(len(items)) if i not in reasons]
+    frame = pd.DataFrame({"image": [items[i].image for i in ok]})
+    if any(items[i].dicom for i in ok):
+        salt = patient_salt()
+        frame["sop_instance_hash"] = [_sop_instance_hash(items[i].path, salt) if items[i].dicom else "" for i in ok]
+    p = probs[ok]
+    for k, name in enumerate(trained.classes):
+        frame[f"prob_{name}"] = p[:, k]
+    if rule is None:
+        frame["predicted"] = [trained.classes[j] for j in p.argmax(1)] if len(ok) else []
+        frame["threshold"] = "argmax"
+    else:
+        pos = rule.positive_index
+        positive = p[:, pos] >= rule.threshold
+        frame["predicted"] = np.where(positive, trained.classes[pos], trained.classes[1 - pos]) if len(ok) else []
+        frame["threshold"] = float(rule.threshold)
+    frame.attrs["rule"] = rule.description if rule is not None else "argmax (multiclass)"
+    frame.attrs["threshold_source"] = rule.source if rule is not None else "argmax"
+    bad_rows = [*not_images, *({"image": items[i].image, "reason": _scrub(r, items[i])} for i, r in sorted(reasons.items()))]
+    bad_frame = pd.DataFrame(bad_rows, columns=BAD_COLUMNS)
+    return frame, bad_frame
+
+
+# ---------------------------------------------------------------------------------------- output
+def bad_files_path(out: str | Path) -> Path:
+    """Where the bad-file list of ``--out preds.csv`` goes: ``preds.bad_files.csv`` next to it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.bad_files.csv")
+
+
+def write_predictions(predictions: pd.DataFrame, bad: pd.DataFrame, out: Optional[str | Path] = None,
+                      stream=None) -> Optional[Path]:
+    """Write the predictions CSV to ``out`` (``None`` or ``-``: to stdout) and, next to a file ``out``,
+    the bad-file list (:func:`bad_files_path`, always written, header only when none). Returns its path."""
+    if out is None or str(out) == "-":
+        predictions.to_csv(stream or sys.stdout, index=False)
+        return None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(out, index=False)
+    path = bad_files_path(out)
+    bad.to_csv(path, index=False)
+    return path
+
+
+def summary(predictions: pd.DataFrame, bad: pd.DataFrame, bad_path: Optional[Path] = None) -> str:
+    """The lines ``medtricks predict`` prints on stderr: the threshold used, counts, and the bad files."""
+    lines = [f"threshold: {predictions.attrs.get('rule', 'argmax')}",
+             f"predicted {len(predictions)} image(s); {len(bad)} bad file(s)"]
+    if len(bad):
+        where = f" (all in {bad_path})" if bad_path is not None else ""
+        lines.append(f"bad files, not predicted{where}:")
+        lines += [f"  {row.image}: {row.reason}" for row in bad.head(_MAX_LISTED).itertuples()]
+        if len(bad) > _MAX_LISTED:
+            lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
+    return "\n".join(lines)
