@@ -15,7 +15,8 @@ EPILOG = """examples:
   medtricks data synth data/phantoms --n 600 --size 256
   medtricks data check kermany-pneumonia --root ../shared/data/kermany224/train
   medtricks gamma resnet50 --strategy zero_late
-  medtricks evaluate runs/quickstart/<id> --card kermany-pneumonia --root /data/kermany/test
+  medtricks data synth data/phantoms_test --seed 7 --size 64 --n 200
+  medtricks evaluate runs/quickstart/<id> --card synthetic-phantoms --root data/phantoms_test
   medtricks evaluate runs/kermany_pneumonia/<id> --card kermany-pneumonia --root /data/kermany/test --prevalence 0.4
   medtricks ensemble runs/a/<id> runs/b/<id> --card kermany-pneumonia --root /data/kermany/test
   medtricks compare --runs EVAL_RUN_A EVAL_RUN_B --metric eval/auroc
@@ -77,18 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     gamma = sub.add_parser("gamma", help="show what a BN-gamma strategy would change, without training")
     gamma.add_argument("model", help="a timm model name (or monai:NAME)")
-    gamma.add_argument("--weights", default="none")
+    gamma.add_argument("--weights", default="none", metavar="WEIGHTS",
+                       help="weights to build the model with: none (default: the architecture only, nothing is "
+                            "read or downloaded), imagenet, sin, sin_in, sin_in_in or file:PATH (see "
+                            "`medtricks weights list`)")
     # No `choices`: the names live in medtricks.tricks.bn_gamma.STRATEGIES (importing it here would import
     # torch on every `--help`); a wrong name is answered with the list.
     gamma.add_argument("--strategy", default="zero_late", metavar="STRATEGY",
                        help="a tricks.bn_gamma strategy (default zero_late; a wrong name lists the valid ones)")
     gamma.add_argument("--stages", type=int, nargs="+", default=None, help="stage indices (negative from the end)")
-    gamma.add_argument("--last-n-blocks", type=int, default=None)
+    gamma.add_argument("--last-n-blocks", type=int, default=None, metavar="N",
+                       help="the last N residual blocks of the whole network")
     gamma.add_argument("--names", nargs="+", default=None, help="fnmatch patterns on module names")
-    gamma.add_argument("--which", choices=["last", "all"], default="last")
-    gamma.add_argument("--in-chans", type=int, choices=[1, 3], default=3)
+    gamma.add_argument("--which", choices=["last", "all"], default="last",
+                       help="in each chosen block: the norm ending the residual branch (last, default) or every "
+                            "norm on the branch (all)")
+    gamma.add_argument("--in-chans", type=int, choices=[1, 3], default=3,
+                       help="input channels of the model: 1 (grayscale; the first conv's RGB kernels summed) "
+                            "or 3 (default)")
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a trained run on any dataset a card describes")
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a trained run on any dataset a card describes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example (the quickstart run, then a second phantom set drawn with another seed: new images of "
+               "new patients):\n"
+               "  medtricks run quickstart                      # prints its run folder, runs/quickstart/<id>\n"
+               "  medtricks data synth data/phantoms_test --seed 7 --size 64 --n 200\n"
+               "  medtricks evaluate runs/quickstart/<id> --card synthetic-phantoms --root data/phantoms_test\n")
     evaluate.add_argument("run", help="a run folder (runs/NAME/ID), its model/model_state.pt, or a run id "
                                       "(MLflow, or the local run store under --runs-dir)")
     evaluate.add_argument("--card", required=True, help="data card name or YAML path of the evaluation data")
@@ -102,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prevalence", type=float, default=None, metavar="P",
                           help="binary models: positive-class prevalence of this data; posteriors are prior-shifted "
                                "from the run's training priors to [1-P, P] before the threshold (Saerens 2002)")
-    evaluate.add_argument("--n-bootstrap", type=int, default=1000)
+    evaluate.add_argument("--n-bootstrap", type=int, default=1000, metavar="N",
+                          help="bootstrap resamples over images for the confidence intervals (default 1000; "
+                               "0: no intervals, fast)")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the run's, else $MLFLOW_TRACKING_URI)")
     evaluate.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)

@@ -167,3 +167,56 @@ def test_tiny_run_prints_epoch_lines_and_where_to_look(tmp_path, capsys):
 
     run_recipe(_tiny(tmp_path, "tracking.backend=none"), quiet=True)
     assert capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------------------------- 6: CLI help, weights
+def _subparser(name):
+    import argparse
+
+    from medtricks.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", ["gamma", "evaluate"])
+def test_every_option_has_help(command):
+    missing = [a.option_strings[0] for a in _subparser(command)._actions if a.option_strings and not a.help]
+    assert missing == []
+
+
+def test_evaluate_help_example_parses_and_uses_a_card_of_the_quickstart():
+    import shlex
+
+    from medtricks.cli import build_parser
+
+    epilog = _subparser("evaluate").epilog
+    commands = [line.split("#")[0].split()[1:] for line in epilog.splitlines() if line.startswith("  medtricks ")]
+    assert [c[0] for c in commands] == ["run", "data", "evaluate"]
+    for argv in commands:
+        build_parser().parse_args([a.replace("<id>", "20260101-000000-000000") for a in argv])
+    assert load_recipe("quickstart").data.card == commands[2][commands[2].index("--card") + 1]
+    synth = build_parser().parse_args(commands[1])
+    assert synth.seed != 0 and synth.size == load_recipe("quickstart").data.image_size
+    assert shlex.split(" ".join(commands[2]))[-1] == synth.out
+
+
+def test_weights_list_imports_neither_torch_nor_timm():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from medtricks.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    main(['weights', 'list'])\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules, 'seresnet50' in out.getvalue())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True"]
+
+
+def test_listed_timm_weights_match_the_installed_timm():
+    from medtricks.models.weights import LISTED_TIMM_ARCHS, _listed_timm_entry, _torch_hub_dir, timm_imagenet_entry
+    import torch.hub
+
+    assert [_listed_timm_entry(a) for a in LISTED_TIMM_ARCHS] == [timm_imagenet_entry(a) for a in LISTED_TIMM_ARCHS]
+    assert str(_torch_hub_dir()) == torch.hub.get_dir()

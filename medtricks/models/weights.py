@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,19 +240,40 @@ def timm_imagenet_entry(arch: str) -> WeightsEntry:
     cfg = timm.models.get_pretrained_cfg(arch, allow_unregistered=False)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ConfigError(f"imagenet weights: timm has no pretrained weights for {arch!r}")
-    hub_id = cfg.hf_hub_id
+    return _timm_entry(base, cfg.hf_hub_id, cfg.url, tuple(cfg.mean), tuple(cfg.std))
+
+
+def _timm_entry(base: str, hub_id: Optional[str], cfg_url: Optional[str], mean, std) -> WeightsEntry:
     if hub_id:
         url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{hub_id}"
         filename = "model.safetensors"
     else:
-        url = cfg.url
+        url = cfg_url
         filename = url.rsplit("/", 1)[-1]
     return WeightsEntry(
         name="imagenet", architecture=base, url=url, filename=filename,
-        mean=tuple(cfg.mean), std=tuple(cfg.std), hf_hub_id=hub_id,
-        extra_urls=(cfg.url,) if (hub_id and cfg.url) else (), timm_hub=True,
-        description=f"timm ImageNet weights ({hub_id or cfg.url})",
+        mean=tuple(mean), std=tuple(std), hf_hub_id=hub_id,
+        extra_urls=(cfg_url,) if (hub_id and cfg_url) else (), timm_hub=True,
+        description=f"timm ImageNet weights ({hub_id or cfg_url})",
     )
+
+
+# timm's pretrained config (hf_hub_id, url; ImageNet mean/std) of the LISTED_TIMM_ARCHS, so that
+# `medtricks weights list` answers without importing timm and torch (seconds). A test compares it with
+# the installed timm's (tests/test_console.py); any other name goes through timm_imagenet_entry.
+_LISTED_TIMM_CFG = {
+    "resnet50": ("timm/resnet50.a1_in1k", "https://github.com/rwightman/pytorch-image-models/releases/download/"
+                 "v0.1-rsb-weights/resnet50_a1_0-14fe96d1.pth"),
+    "resnet50d": ("timm/resnet50d.ra2_in1k", "https://github.com/rwightman/pytorch-image-models/releases/download/"
+                  "v0.1-weights/resnet50d_ra2-464e36ba.pth"),
+    "seresnet50": ("timm/seresnet50.a1_in1k", "https://github.com/huggingface/pytorch-image-models/releases/"
+                   "download/v0.1-rsb-weights/seresnet50_a1_0-ffa00869.pth"),
+}
+
+
+def _listed_timm_entry(arch: str) -> WeightsEntry:
+    hub_id, url = _LISTED_TIMM_CFG[arch]
+    return _timm_entry(arch, hub_id, url, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def find_entry(name: str, arch: Optional[str] = None) -> WeightsEntry:
@@ -318,10 +340,18 @@ def primary_path(entry: WeightsEntry) -> Path:
     return weights_dir() / entry.filename
 
 
+def _torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()`` without importing torch (seconds) when torch is not loaded yet: then no
+    ``torch.hub.set_dir`` can have moved it from ``$TORCH_HOME/hub`` (default ``$XDG_CACHE_HOME/torch/hub``)."""
+    if "torch.hub" in sys.modules:
+        return Path(sys.modules["torch.hub"].get_dir())
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "torch")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
 def _candidate_paths(entry: WeightsEntry) -> list[Path]:
     """Local places ``entry`` may already be, in order of preference."""
-    import torch.hub
-
     if entry.package:
         path = _package_file(entry)
         return [path] if path is not None else []
@@ -332,7 +362,7 @@ def _candidate_paths(entry: WeightsEntry) -> list[Path]:
     # Direct URLs may also sit in torch.hub's cache (torchvision, timm's legacy downloads).
     for url in direct_urls:
         basename = url.rsplit("/", 1)[-1]
-        paths += [weights_dir() / basename, Path(torch.hub.get_dir()) / "checkpoints" / basename]
+        paths += [weights_dir() / basename, _torch_hub_dir() / "checkpoints" / basename]
     return list(dict.fromkeys(paths))
 
 
@@ -425,12 +455,7 @@ def list_weights() -> list[dict[str, Any]]:
     ``path`` is the cached file when there is one, else where :func:`fetch_weights` would put it.
     Example: ``[w for w in list_weights() if w["cached"]]``.
     """
-    entries = list(ZOO)
-    for arch in LISTED_TIMM_ARCHS:
-        try:
-            entries.append(timm_imagenet_entry(arch))
-        except ValueError:  # pragma: no cover - depends on the installed timm
-            continue
+    entries = list(ZOO) + [_listed_timm_entry(arch) for arch in LISTED_TIMM_ARCHS]  # no timm/torch import
     rows = []
     for entry in entries:
         found = cached_path(entry)
