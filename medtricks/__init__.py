@@ -24,6 +24,7 @@ _EXPORTS = {
     "run_recipe": "medtricks.run",
     "load_trained": "medtricks.trained",
     "evaluate_trained": "medtricks.posthoc",
+    "export_model": "medtricks.export",
     "RunResult": "medtricks.run",
     # data
     "load_card": "medtricks.data",

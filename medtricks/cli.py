@@ -24,6 +24,7 @@ EPILOG = """examples:
   medtricks compare --experiment quickstart --group-by variant
   medtricks compare --experiment quickstart --runs-dir runs      # runs of tracking.backend: none
   medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
+  medtricks export runs/quickstart/<id> --format onnx --out exports/model.onnx
   medtricks predict runs/kermany_pneumonia/<id> /data/new_xrays --out preds.csv --threshold sens=0.95
   medtricks weights list
 """
@@ -212,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--runs-dir", default=None, metavar="DIR",
                          help="the local run store (tracking.backend: none) to look run ids up in (default: runs)")
 
+    export = sub.add_parser("export", help="export a trained run as ONNX or TorchScript (preprocessing and softmax "
+                                           "inside, parity-checked, with a model card)")
+    export.add_argument("run", help="a run folder, its model/model_state.pt, or a run id (MLflow, or the local "
+                                    "run store under --runs-dir)")
+    export.add_argument("--format", dest="fmt", required=True, choices=["onnx", "torchscript"])
+    export.add_argument("--out", required=True, metavar="PATH",
+                        help="the file to write (or an existing folder: model.onnx / model.pt in it); the model "
+                             "card goes to PATH.md")
+    export.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (default 17)")
+    export.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
+    export.add_argument("--tracking-uri", default=None, help="MLflow URI to look a run id up in")
+
     weights = sub.add_parser("weights", help="the pretrained weights zoo")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
     weights_sub.add_parser("list", help="list weights, their source and whether they are cached")
@@ -343,6 +356,15 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from medtricks.export import export_model
+
+    result = export_model(args.run, args.fmt, args.out, opset=args.opset, runs_dir=args.runs_dir,
+                          tracking_uri=args.tracking_uri)
+    print(result.summary())
+    return 0
+
+
 def _cmd_weights(args, parser) -> int:
     if args.weights_command == "list":
         from medtricks.models.weights import format_weights_table
@@ -383,6 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_compare(args)
         if args.command == "audit":
             return _cmd_audit(args)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "predict":
             return _cmd_predict(args)
     except KeyboardInterrupt:
