@@ -59,7 +59,7 @@ NOT_YET_TOP_LEVEL: set = set()
 #: -> audit, with tracking and the run folder beside them). Every other module is below; a new
 #: orchestration module belongs in this list.
 TOP_LAYER = ["medtricks.cli", "medtricks.ablation", "medtricks.run", "medtricks.posthoc", "medtricks.ensemble",
-             "medtricks.trained"]
+             "medtricks.trained", "medtricks.predict", "medtricks.export"]
 
 
 # ------------------------------------------------------------------------------------ the graph
