@@ -499,6 +499,7 @@ def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: 
     if store is None:
         store = create_store("mlflow", uri)
     tracker = store
+    tags = {"medtricks.role": tags.get("medtricks.kind", "evaluation"), **tags}  # evaluation, ensemble
     run_id = tracker.start(experiment=experiment, run_name=run_name, tags=tags,
                            parent_run_id=parent_run_id if parent_run_id and tracker.run_exists(parent_run_id) else None)
     rule = report.rule
@@ -684,7 +685,7 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
             report.run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
                                           run_name=f"audit-{recipe.experiment.name}",
                                           tags={"medtricks.audited_run": str(trained.run_id),
-                                                "medtricks.kind": "audit"})
+                                                "medtricks.kind": "audit", "medtricks.role": "audit"})
         log_audit(tracker, result)
         tracker.end()
     return report

@@ -220,3 +220,49 @@ def test_listed_timm_weights_match_the_installed_timm():
 
     assert [_listed_timm_entry(a) for a in LISTED_TIMM_ARCHS] == [timm_imagenet_entry(a) for a in LISTED_TIMM_ARCHS]
     assert str(_torch_hub_dir()) == torch.hub.get_dir()
+
+
+# -------------------------------------------------- 7: experiment kind, role tags on post-hoc runs
+def test_experiments_open_on_the_runs_table(mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from medtricks.tracking.mlflow_tracker import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowStore
+
+    client = MlflowClient(mlflow_uri)
+    client.create_experiment("old")  # made before this change: no kind
+    client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("new", "old", "genai"):
+        store = MlflowStore(mlflow_uri)
+        store.start(experiment=name, run_name="r", tags={})
+        store.end()
+    kinds = {n: client.get_experiment_by_name(n).tags.get(EXPERIMENT_KIND_TAG) for n in ("new", "old", "genai")}
+    assert kinds == {"new": EXPERIMENT_KIND, "old": EXPERIMENT_KIND, "genai": "genai_development"}
+
+
+def test_posthoc_runs_carry_a_role_that_one_filter_hides(mlflow_uri, tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from medtricks.posthoc import log_evaluation
+    from medtricks.tracking.mlflow_tracker import MlflowStore
+
+    def save(path):
+        np.savez_compressed(path, y_true=np.zeros(2), probs=np.zeros((2, 2)))
+        return path
+
+    report = SimpleNamespace(rule=None, metrics=SimpleNamespace(ci_level=0.95), n_images=2, image_set="x",
+                             figures={}, to_metrics=lambda: {"eval/auroc": 0.5}, save_predictions=save)
+    training = MlflowStore(mlflow_uri)
+    train_id = training.start(experiment="q", run_name="train", tags={})
+    training.end()
+    for kind in ("evaluation", "ensemble"):
+        log_evaluation(report, uri=mlflow_uri, experiment="q", run_name=kind, tags={"medtricks.kind": kind},
+                       params={})
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("q").experiment_id
+    roles = {r.info.run_name: r.data.tags.get("medtricks.role") for r in client.search_runs([exp])}
+    assert roles == {"train": None, "evaluation": "evaluation", "ensemble": "ensemble"}
+    shown = client.search_runs([exp], filter_string="tags.`medtricks.role` IS NULL")
+    assert [r.info.run_id for r in shown] == [train_id]

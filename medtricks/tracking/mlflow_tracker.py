@@ -130,6 +130,25 @@ def replay_unsent(path: str | Path, *, uri: Optional[str] = None,
     return sent
 
 
+#: The MLflow UI (3.x) opens an experiment of this kind on its runs table instead of the GenAI overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment ``name``, created with :data:`EXPERIMENT_KIND`; an existing one without a kind
+    gets it (one a user gave another kind keeps it). Tagging never stops a run."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        try:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except MlflowException as err:  # e.g. no permission on a shared server: the UI just opens elsewhere
+            warnings.warn(f"could not tag MLflow experiment {name!r} with {EXPERIMENT_KIND_TAG}: {err}",
+                          RuntimeWarning, stacklevel=3)
+    return exp.experiment_id
+
+
 class MlflowStore(RunStore):
     """Runs in any MLflow tracking URI (sqlite file, folder, or tracking server).
 
@@ -194,8 +213,7 @@ class MlflowStore(RunStore):
             client.update_run(resume_run_id, status="RUNNING")
             self.run_id = run.info.run_id
         else:
-            exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            exp_id = _experiment_id(client, experiment)
             all_tags = dict(tags)
             all_tags["mlflow.runName"] = run_name
             if parent_run_id:
