@@ -302,7 +302,7 @@ def test_numbers_lists_and_booleans_still_validate_where_they_belong():
 
 def test_shipped_recipes_and_cards_load_with_the_strict_loader():
     root = Path(__file__).resolve().parents[1]
-    for path in sorted((root / "recipes").glob("*.yaml")):
-        load_recipe(path)
-    for path in sorted((root / "data_cards").glob("*.yaml")):
-        load_card(path)
+    recipes = [load_recipe(path) for path in sorted((root / "recipes").glob("*.yaml"))]
+    cards = [load_card(path) for path in sorted((root / "data_cards").glob("*.yaml"))]
+    assert len(recipes) >= 10 and all(r.experiment.name for r in recipes)
+    assert len(cards) >= 3 and all(c.classes for c in cards)

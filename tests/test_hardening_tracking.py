@@ -415,13 +415,14 @@ def _race(tmp_path, rounds):
     for worker, (out, err) in zip(workers, results):
         assert worker.returncode == 0 and f"created {rounds}" in out, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
-    for db in dbs:  # every database is whole: a third client opens it
-        MlflowClient(f"sqlite:///{db}").search_experiments()
+    # every database is whole: a third client opens it and finds the default experiment
+    return [len(MlflowClient(f"sqlite:///{db}").search_experiments()) for db in dbs]
 
 
 @pytest.mark.slow
 def test_two_processes_create_the_same_fresh_sqlite_store_at_once(tmp_path):
-    _race(tmp_path, rounds=4)
+    experiments = _race(tmp_path, rounds=4)
+    assert len(experiments) == 4 and all(n >= 1 for n in experiments)
 
 
 # ------------------------------------------------------------------- item 6 with a real server (slow)
