@@ -438,8 +438,9 @@ def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, t
     for trick in tricks:
         for path, folder in trick.artifacts(run):
             tracker.log_artifact(path, folder)
-        if trick.summary():
-            say(trick.summary())
+        summary = trick.summary()
+        if summary:
+            say(summary)
     if recipe.eval.plots:
         tracker.log_figure(plot_lr_schedule(lr_curve(opt.lr, **opt.schedule_kwargs),
                                             steps_per_epoch=opt.updates_per_epoch), "plots/lr_schedule.png")

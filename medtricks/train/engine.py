@@ -2,7 +2,8 @@
 
 The loop is plain: it takes an nn.Module, loaders, an optimizer, a timm scheduler stepped per
 update, a loss and the run's tricks (called at their points, see ``medtricks/tricks/base.py``), and
-reports through two callbacks (``on_step``, ``on_epoch``), so it knows nothing about MLflow. Sampler construction and rank-0 logging sit in one place each
+reports through two callbacks (``on_step``, ``on_epoch``), so it knows nothing about MLflow.
+Sampler construction and rank-0 logging sit in one place each
 (``make_train_loader`` in run.py, ``_is_main_process`` here) so DDP can be added later.
 """
 from __future__ import annotations
@@ -262,7 +263,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         save_checkpoint({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "tricks": {t.name: t.state_dict() for t in tricks if t.state_dict() is not None}, "rng": rng_state(),
+            "tricks": {t.name: saved_state for t in tricks if (saved_state := t.state_dict()) is not None},
+            "rng": rng_state(),
             "epoch": epoch, "step": step, "history": result.history,
             "best_value": result.best_value, "best_epoch": result.best_epoch,
         }, last_path)
