@@ -270,7 +270,8 @@ def _prepare(recipe: Recipe) -> _Prepared:
 
     # The tricks act on the loaded weights (BN-gamma) before the optimizer sees the parameters.
     tricks = build_tricks(recipe, TrickContext(recipe=recipe, classes=classes, train_targets=bundle.train.targets,
-                                               device=device))
+                                               device=device, mean=tuple(data_config["mean"]),
+                                               std=tuple(data_config["std"])))
     for trick in tricks:
         trick.on_model(model)
     frozen = freeze_model(model, recipe.model.freeze) if recipe.model.freeze else []

@@ -56,7 +56,7 @@ def trick_overrides(spec: str) -> list[str]:
             raise ValueError(f"trick {spec!r}: empty value after '='")
         if not sep:
             if trick.default is None:
-                raise ValueError(f"trick {spec!r} needs a value, e.g. {name}=zero_late ({trick.help})")
+                raise ValueError(f"trick {spec!r} needs a value: {name}=VALUE ({trick.help})")
             value = trick.default
         return [f"{trick.key}={value}"]
     if sep and "." in name:  # a raw recipe override: validated when the variant recipe is built

@@ -132,7 +132,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     as an uninterrupted run (each epoch re-seeds data order and augmentation from the seed).
 
     ``tricks`` (:class:`medtricks.tricks.base.Trick` objects) act at their points: ``on_fit_start``,
-    ``on_batch``, ``after_step``, ``eval_model``, ``on_epoch_end``; their ``state_dict`` goes into
+    ``on_batch``, ``extra_loss``, ``after_step``, ``eval_model``, ``on_epoch_end``; their ``state_dict`` goes into
     ``last.pt``.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -194,6 +194,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             with autocast_context(device, cfg.amp_dtype):
                 logits = model(images)
                 loss = loss_fn(logits.float(), targets)
+                for trick in tricks:
+                    extra = trick.extra_loss(model, images, targets, logits)
+                    if extra is not None:
+                        loss = loss + extra.float()
             # One host sync per batch: the value serves the finiteness check, the epoch mean and the bar.
             loss_value = loss.item()
             if not math.isfinite(loss_value):

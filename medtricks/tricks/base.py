@@ -11,7 +11,9 @@ Points, in the order a run meets them (each is optional; the default does nothin
 ``loss_options``     keyword arguments for ``build_loss`` (label smoothing, class weights, soft targets)
 ``wrap_loss``        the loss function, to wrap or replace (auxiliary losses, distillation)
 ``on_fit_start``     the model on its device, before resuming (EMA makes its copy here)
-``on_batch``         each training batch on the device, before the forward pass (mixup/cutmix)
+``on_batch``         each training batch on the device, before the forward pass (mixup/cutmix,
+                     adversarial examples)
+``extra_loss``       a term added to the batch loss, given the model, batch and logits (TRADES)
 ``after_step``       after each optimizer update (EMA)
 ``eval_model``       the model to validate and save instead of the trained one (EMA)
 ``on_epoch_end``     after validation, with the epoch's metrics
@@ -65,12 +67,16 @@ class AblationName:
 
 @dataclass
 class TrickContext:
-    """What a trick may read when it acts: the recipe, the class names, the training labels, the device."""
+    """What a trick may read when it acts: the recipe, the class names, the training labels, the device,
+    and the per-channel ``mean``/``std`` the loader normalises images with (``(x - mean) / std`` from
+    pixels ``x`` in ``[0, 1]``), for tricks that work in pixel space (adversarial training)."""
 
     recipe: Any
     classes: list[str]
     train_targets: Any = None
     device: Any = None
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,6 +142,11 @@ class Trick:
 
     def on_batch(self, images: Any, targets: Any) -> tuple[Any, Any]:
         return images, targets
+
+    def extra_loss(self, model: Any, images: Any, targets: Any, logits: Any) -> Optional[Any]:
+        """A scalar tensor added to the batch loss (inside the autocast context), or ``None``.
+        ``images``/``targets`` are what ``on_batch`` returned and ``logits`` the model's output on them."""
+        return None
 
     def after_step(self, model: Any, step: int) -> None:
         pass

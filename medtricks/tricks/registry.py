@@ -25,6 +25,7 @@ import medtricks.tricks.bn_gamma_trick  # noqa: F401
 import medtricks.tricks.mixup  # noqa: F401
 import medtricks.tricks.ema  # noqa: F401
 import medtricks.tricks.class_balance  # noqa: F401
+import medtricks.tricks.adversarial  # noqa: F401
 from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.tricks.base import AblationName, Trick, TrickContext, registered_tricks
