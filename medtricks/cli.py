@@ -213,14 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--runs-dir", default=None, metavar="DIR",
                          help="the local run store (tracking.backend: none) to look run ids up in (default: runs)")
 
-    export = sub.add_parser("export", help="export a trained run as ONNX or TorchScript (preprocessing and softmax "
-                                           "inside, parity-checked, with a model card)")
+    export = sub.add_parser("export", help="export a trained run as ONNX, TorchScript or an MLflow pyfunc model "
+                                           "(preprocessing and softmax inside, parity-checked, with a model card)")
     export.add_argument("run", help="a run folder, its model/model_state.pt, or a run id (MLflow, or the local "
                                     "run store under --runs-dir)")
-    export.add_argument("--format", dest="fmt", required=True, choices=["onnx", "torchscript"])
+    export.add_argument("--format", dest="fmt", required=True, choices=["onnx", "torchscript", "mlflow"],
+                        help="mlflow: a folder `mlflow models serve -m PATH` serves (TorchScript inside)")
     export.add_argument("--out", required=True, metavar="PATH",
                         help="the file to write (or an existing folder: model.onnx / model.pt in it); the model "
-                             "card goes to PATH.md")
+                             "card goes to PATH.md. --format mlflow: a new (or empty) folder, card inside")
     export.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (default 17)")
     export.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
     export.add_argument("--tracking-uri", default=None, help="MLflow URI to look a run id up in")

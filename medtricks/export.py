@@ -22,6 +22,11 @@ above ``tolerance`` (1e-4) is an :class:`ExportParityError` and leaves no file b
 (``<out>.md``) records classes, input contract, mean/std, the parity number, the run and its stored
 operating point.
 
+``mlflow``: an MLflow pyfunc model folder (``mlflow models serve -m <folder>``) around the same
+TorchScript file, parity-checked the same way, with the model card as ``<folder>/MODEL_CARD.md``
+(:mod:`medtricks.tracking.mlflow_model`: input the same float32 tensor, output ``prob_<class>`` and
+``predicted`` at the stored operating point).
+
 Example::
 
     from medtricks.export import export_model
@@ -33,6 +38,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -50,15 +57,17 @@ from medtricks.data.datasets import resize_shorter_side
 from medtricks.data.transforms import build_transforms, eval_resize_side
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.posthoc import load_operating_point
+from medtricks.tracking import save_mlflow_model
 from medtricks.trained import load_trained
 
 __all__ = ["FORMATS", "ExportWrapper", "ExportResult", "ExportParityError", "export_model", "prepare_input",
            "DEFAULT_OPSET", "PARITY_TOLERANCE"]
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "mlflow")
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+MLFLOW_CARD = "MODEL_CARD.md"  # the model card's name inside an MLflow model folder
 
 
 class ExportParityError(MedtricksError, RuntimeError):
@@ -263,7 +272,10 @@ def export_model(ref: str, fmt: str, out: str | Path, *, opset: int = DEFAULT_OP
         raise ConfigError(f"n_check={n_check}: expected at least one image for the parity check")
     _needs(fmt)
     out = Path(out).expanduser()
-    if out.is_dir():
+    if fmt == "mlflow":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--out {out}: exists and is not an empty folder; an MLflow model goes into a new folder")
+    elif out.is_dir():
         out = out / f"model{_SUFFIX[fmt]}"
     if not out.parent.is_dir():
         raise MissingFileError(f"{out.parent} does not exist: create the folder for --out first")
@@ -276,6 +288,8 @@ def export_model(ref: str, fmt: str, out: str | Path, *, opset: int = DEFAULT_OP
     reference = _reference_probs(trained, images)
     example = torch.from_numpy(images[:1].copy())
 
+    if fmt == "mlflow":
+        return _export_mlflow(trained, wrapper, example, images, reference, source, out, tolerance)
     with atomic_path(out) as tmp:  # the file appears only once it passed the parity check
         if fmt == "onnx":
             opset, exporter = _export_onnx(wrapper, example, tmp, opset)
@@ -283,18 +297,64 @@ def export_model(ref: str, fmt: str, out: str | Path, *, opset: int = DEFAULT_OP
         else:
             _export_torchscript(wrapper, example, tmp)
             run, exporter = _run_torchscript, 'torch.jit.trace'
-        got = run(tmp, images)  # the whole batch: also checks the free batch axis
-        got_one = run(tmp, images[:1])
-        diff = float(max(np.abs(got - reference).max(), np.abs(got_one - reference[:1]).max()))
-        if not np.isfinite(diff) or diff > tolerance:
-            raise ExportParityError(f"the exported {fmt} model's probabilities differ from the torch pipeline by "
-                                    f"max |delta prob| = {diff:.3g} > {tolerance:g} on {source}; nothing was written")
+        diff = _parity(run, tmp, images, reference, fmt, source, tolerance)
 
     result = ExportResult(path=out, card_path=out.with_name(out.name + ".md"), fmt=fmt,
                           input_shape=(None, in_chans, size, size), classes=list(trained.classes),
                           max_abs_diff=diff, n_checked=len(images), check_source=source, run_id=trained.run_id)
     result.opset = opset if fmt == 'onnx' else None
     result.card_path.write_text(_model_card(trained, result, opset, exporter))
+    return result
+
+
+def _parity(run, path: Path, images: np.ndarray, reference: np.ndarray, fmt: str, source: str,
+            tolerance: float) -> float:
+    """max |delta prob| of the written file vs the torch pipeline, whole batch and batch of 1;
+    :class:`ExportParityError` above ``tolerance``."""
+    got = run(path, images)  # the whole batch: also checks the free batch axis
+    got_one = run(path, images[:1])
+    diff = float(max(np.abs(got - reference).max(), np.abs(got_one - reference[:1]).max()))
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ExportParityError(f"the exported {fmt} model's probabilities differ from the torch pipeline by "
+                                f"max |delta prob| = {diff:.3g} > {tolerance:g} on {source}; nothing was written")
+    return diff
+
+
+def mlflow_model_info(trained) -> dict:
+    """What the MLflow model's ``info.json`` records: classes, input contract, mean/std, stored operating point."""
+    recipe = trained.recipe
+    in_chans = recipe.model.in_chans
+    op = load_operating_point(trained.run_dir)
+    return {"classes": list(trained.classes), "in_chans": in_chans, "image_size": recipe.input_image_size(),
+            "mean": [float(v) for v in _per_channel(trained.data_config["mean"], in_chans, "mean")],
+            "std": [float(v) for v in _per_channel(trained.data_config["std"], in_chans, "std")],
+            "threshold": None if op is None else float(op.threshold),
+            "positive_index": None if op is None else int(op.positive_index),
+            "operating_point": None if op is None else op.describe(),
+            "run_id": trained.run_id, "experiment": recipe.experiment.name, "medtricks_version": __version__}
+
+
+def _export_mlflow(trained, wrapper, example, images, reference, source, out: Path, tolerance: float) -> ExportResult:
+    """The TorchScript file (parity-checked) inside an MLflow pyfunc model folder, with its model card."""
+    recipe = trained.recipe
+    size, in_chans = recipe.input_image_size(), recipe.model.in_chans
+    with tempfile.TemporaryDirectory(prefix="medtricks-export-") as tmp:
+        script = Path(tmp) / "model.pt"
+        _export_torchscript(wrapper, example, script)
+        diff = _parity(_run_torchscript, script, images, reference, "mlflow", source, tolerance)
+        staging = out.with_name(out.name + ".tmp")  # the folder appears whole, or not at all
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            save_mlflow_model(staging, script, mlflow_model_info(trained))
+            result = ExportResult(path=out, card_path=out / MLFLOW_CARD, fmt="mlflow",
+                                  input_shape=(None, in_chans, size, size), classes=list(trained.classes),
+                                  max_abs_diff=diff, n_checked=len(images), check_source=source,
+                                  run_id=trained.run_id)
+            (staging / MLFLOW_CARD).write_text(_model_card(trained, result, None, "torch.jit.trace"))
+            os.replace(staging, out)  # onto a missing or empty folder
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return result
 
 
@@ -311,13 +371,17 @@ def _model_card(trained, result: ExportResult, opset: int, exporter: str) -> str
         how = (f"ONNX (opset {opset}, {exporter}, torch {torch.__version__}; checked with onnxruntime "
                f"{onnxruntime.__version__}); "
                "input name `images`, output name `probs`")
+    elif result.fmt == "mlflow":
+        how = (f"MLflow pyfunc model (a TorchScript file inside, torch {torch.__version__}); "
+               "`mlflow.pyfunc.load_model(folder)` or `mlflow models serve -m folder`; a single unnamed input "
+               "tensor, output columns `prob_<class>` and `predicted` (at the operating point below)")
     else:
         how = f"TorchScript (torch.jit.trace, torch {torch.__version__}); load with `torch.jit.load`"
     run_name = Path(trained.run_dir).name if trained.run_dir is not None else "?"
     lines = [
         f"# {recipe.experiment.name}: exported model ({result.fmt})",
         "",
-        f"- File: `{result.path.name}`, {how}.",
+        f"- {'Folder' if result.fmt == 'mlflow' else 'File'}: `{result.path.name}`, {how}.",
         f"- From run: id `{trained.run_id or '-'}`, folder `{run_name}`, model `{recipe.model.name}` "
         f"(weights `{recipe.model.weights}`{', learnable resizer' if recipe.model.resizer.enabled else ''}); "
         f"exported by medtricks {__version__}.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass, field
@@ -30,11 +31,12 @@ from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_
 from medtricks.evaluate.operating_point import class_priors, probs_at_threshold, select_threshold
 from medtricks.evaluate.resizer_plots import resizer_comparison_figure
 from medtricks.evaluate.split_table import bootstrap_note, headline_keys, split_gaps, split_table
+from medtricks.export import export_model
 from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
-from medtricks.tracking import LocalStore, Tracker, create_store
+from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, create_store
 from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
 from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
@@ -519,6 +521,26 @@ def _save_model(recipe: Recipe, run: RunDir, tracker: Tracker, eval_model, class
     if recipe.tracking.log_model:
         for path in files:
             tracker.log_artifact(path, MODEL_ARTIFACT_DIR)
+        if tracker.logs_models:
+            _log_mlflow_model(recipe, run, tracker)
+
+
+def _log_mlflow_model(recipe: Recipe, run: RunDir, tracker: Tracker) -> None:
+    """The MLflow pyfunc model (``runs:/<id>/mlflow_model``: ``mlflow models serve`` answers it), made by
+    ``export --format mlflow`` from the saved model (parity-checked). Training is over: a failure here
+    warns and tags the run, it does not fail it."""
+    try:
+        shutil.rmtree(run.mlflow_model, ignore_errors=True)  # a resumed run makes it again
+        result = export_model(str(run.path), "mlflow", run.mlflow_model)
+        tracker.log_model(run.mlflow_model, MLFLOW_MODEL_ARTIFACT_DIR)
+        tracker.set_tags({"medtricks.mlflow_model": f"{MLFLOW_MODEL_ARTIFACT_DIR} (parity max |delta prob| "
+                                                    f"{result.max_abs_diff:.1e})"})
+    except Exception as err:  # noqa: BLE001 - the trained model is saved; only its MLflow flavour is missing
+        message = f"{type(err).__name__}: {str(err)[:500]}"
+        warnings.warn(f"the MLflow model of run {run.path} was not logged ({message}); the run's model/ is; "
+                      f"make one later with `medtricks export {run.path} --format mlflow --out DIR`",
+                      RuntimeWarning, stacklevel=2)
+        tracker.set_tags({"medtricks.mlflow_model": f"not logged: {redact_paths(message, recipe.data.root)}"})
 
 
 def choose_operating_point(y_val, probs_val, recipe: Recipe, train_targets, say):

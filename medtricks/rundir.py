@@ -8,6 +8,7 @@ A run folder (``<experiment.output_dir>/<experiment.name>/<stamp>-<id>/``) holds
                                  metrics.jsonl; its logged artifacts stay in the homes below
     checkpoints/last.pt|best.pt  full training state / the best model (resume)
     model/                       model_state.pt, data_config.json, MODEL_CARD.md, operating_point.json
+    mlflow_model/                the MLflow pyfunc model (MLflow store only; logged as ``mlflow_model/``)
     artifacts/                   split_manifest.csv, quarantine.csv, bn_gamma_report.csv,
                                  predictions_<split>.npz (per-image probabilities)
 
@@ -50,7 +51,7 @@ _ARTIFACT_HOME = {PREDICTIONS_ARTIFACT_DIR: "artifacts", "data": "artifacts", "t
 
 # The local run store's folder inside a run folder, and the folders a search for stores never enters.
 STORE_DIR = "store"
-_LEAF_DIRS = frozenset({"checkpoints", "artifacts", "model", "plots", STORE_DIR})
+_LEAF_DIRS = frozenset({"checkpoints", "artifacts", "model", "mlflow_model", "plots", STORE_DIR})
 
 
 # ------------------------------------------------------------------------------------ metric keys
@@ -183,6 +184,11 @@ class RunDir:
     @property
     def operating_point(self) -> Path:
         return self.model_dir / OPERATING_POINT_FILE
+
+    @property
+    def mlflow_model(self) -> Path:
+        """The MLflow pyfunc model folder (``MLmodel``, TorchScript, info.json) a run tracked in MLflow logs."""
+        return self.path / "mlflow_model"
 
     @property
     def artifacts(self) -> Path:

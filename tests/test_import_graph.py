@@ -42,6 +42,8 @@ LAZY_IMPORTS_ALLOWED = {
     ("medtricks.tracking", "medtricks.tracking.mlflow_tracker"):
         "mlflow costs 1-2 s to import; a tracking.backend none run (and every reader of a local run "
         "store) must not pay it",
+    ("medtricks.tracking", "medtricks.tracking.mlflow_model"):
+        "the same: mlflow.pyfunc only when an MLflow model folder is written (export --format mlflow)",
     ("medtricks.trained", "medtricks.tracking.mlflow_tracker"):
         "the same: mlflow only when a run id is looked up in MLflow",
     ("medtricks.tricks.bn_gamma", "medtricks.models"):

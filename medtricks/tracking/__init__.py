@@ -27,10 +27,12 @@ from medtricks.tracking.local import LocalStore  # noqa: E402
 
 __all__ = ["RunStore", "Tracker", "NullTracker", "LocalStore", "RunRecord", "RunNotFoundError",
            "TrackingUnavailableError", "TrackingWarning", "create_store", "create_tracker", "find_run",
-           "replay_unsent", "BACKENDS", "DEFAULT_RUNS_DIR"]
+           "replay_unsent", "save_mlflow_model", "BACKENDS", "DEFAULT_RUNS_DIR", "MLFLOW_MODEL_ARTIFACT_DIR"]
 
 BACKENDS = ("mlflow", "none")
 DEFAULT_RUNS_DIR = "runs"  # experiment.output_dir's default: where the local store is looked for
+#: Where an MLflow run keeps its pyfunc model (``runs:/<id>/mlflow_model``); ``model/`` holds the state dict.
+MLFLOW_MODEL_ARTIFACT_DIR = "mlflow_model"
 
 
 def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Optional[str | Path] = None) -> RunStore:
@@ -60,6 +62,14 @@ def replay_unsent(run_dir: str | Path, *, uri: Optional[str] = None, **options) 
     from medtricks.tracking.mlflow_tracker import replay_unsent as replay
 
     return replay(run_dir, uri=uri, **options)
+
+
+def save_mlflow_model(path: str | Path, torchscript_file: str | Path, info: dict) -> Path:
+    """Write an MLflow pyfunc model folder (``mlflow models serve -m PATH``) around a TorchScript export;
+    see :func:`medtricks.tracking.mlflow_model.save_pyfunc_model` (imports mlflow only when called)."""
+    from medtricks.tracking.mlflow_model import save_pyfunc_model
+
+    return save_pyfunc_model(path, torchscript_file, info)
 
 
 def find_run(run_id: str, *, tracking_uri: Optional[str] = None,

@@ -86,6 +86,9 @@ class RunStore:
     """
 
     run_id: Optional[str] = None
+    #: Whether :meth:`log_model` keeps MLflow models (only the MLflow store does): ``medtricks run``
+    #: builds the pyfunc model folder only for such a store.
+    logs_models: bool = False
     #: True after ``end()`` when some writes of the run never reached the store (they wait in
     #: ``unsent_path``; ``medtricks.tracking.replay_unsent(run_dir)`` sends them later).
     degraded: bool = False
@@ -117,6 +120,12 @@ class RunStore:
 
     def end(self, status: str = "FINISHED") -> None:
         raise NotImplementedError
+
+    def log_model(self, model_dir: str | Path, artifact_path: str) -> bool:
+        """Log an MLflow model folder (``MLmodel`` at its top) under ``artifact_path`` of the open run, so
+        ``mlflow models serve -m runs:/<id>/<artifact_path>`` serves it. Returns whether it was logged:
+        stores that keep no MLflow models (:attr:`logs_models` False) leave it in place and return False."""
+        return False
 
     # -------------------------------------------------------------------------------- read side
     def describe(self) -> str:

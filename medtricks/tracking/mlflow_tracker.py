@@ -158,6 +158,7 @@ class MlflowStore(RunStore):
     the store is tried again.
     """
 
+    logs_models = True
     retry_delays: Sequence[float] = (0.25, 0.5, 1.0, 2.0)
     retry_budget_s: float = 5.0
     final_retry_delays: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -255,6 +256,17 @@ class MlflowStore(RunStore):
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._write({"op": "tags", "tags": {key: str(value) for key, value in tags.items()}})
+
+    def log_model(self, model_dir, artifact_path: str) -> bool:
+        """Log every file of an MLflow model folder under ``artifact_path`` (one artifact write per file,
+        so a store that is away keeps them like any other artifact: the folder must stay in place)."""
+        model_dir = Path(model_dir)
+        if not (model_dir / "MLmodel").is_file():
+            raise MissingFileError(f"{model_dir} holds no MLmodel file: not an MLflow model folder")
+        for file in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            parent = file.relative_to(model_dir).parent.as_posix()
+            self.log_artifact(file, artifact_path if parent == "." else f"{artifact_path}/{parent}")
+        return True
 
     def end(self, status: str = "FINISHED") -> None:
         """Send what is kept, then the final status. When the store still does not answer the run is
