@@ -632,7 +632,8 @@ def audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, d
                      pgd_steps=audit_cfg.pgd_steps, corruptions=audit_cfg.corruptions if corruptions is None else corruptions,
                      severities=audit_cfg.severities, n=n or audit_cfg.n, surrogate=surrogate, device=device,
                      target_class=target_class if target_class is not None else audit_cfg.target_class,
-                     n_bootstrap=audit_cfg.n_bootstrap, seed=seed, progress=progress)
+                     n_bootstrap=audit_cfg.n_bootstrap, seed=seed, progress=progress,
+                     square_queries=audit_cfg.square_queries, masking=audit_cfg.masking_checks)
 
 
 def log_audit(tracker, result) -> None:

@@ -178,6 +178,15 @@ class AuditConfig(_Section):
     surrogate: Optional[str] = None
     target_class: Optional[Union[int, str]] = None  # None = untargeted; a class name/index = targeted
     n_bootstrap: int = Field(200, ge=0)
+    square_queries: int = Field(1000, ge=1)  # Square's query budget (standard AutoAttack: 5000)
+    masking_checks: bool = True  # gradient-masking checks when pgd_linf (untargeted) runs
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, value):
+        from medtricks.audit.names import check_attack_name
+
+        return [check_attack_name(name) for name in value]  # a typo or a renamed attack fails before training
 
 
 class AblationConfig(_Section):

@@ -20,7 +20,7 @@ from medtricks.audit import (
     AuditResult,
     PerturbationBudgetError,
     apgd,
-    autoattack,
+    apgd_square,
     check_perturbation,
     corruption_error,
     fgsm,
@@ -151,14 +151,14 @@ def test_pgd_keeps_model_state(trained, val):
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
 
 
-def test_two_class_apgd_autoattack_square_do_not_crash(trained, val):
+def test_two_class_apgd_apgd_square_square_do_not_crash(trained, val):
     x01, y = val[0][:16], val[1][:16]
     model01 = normalized_model(trained, MEAN, STD)
     eps = 16 / 255
     for x_adv in (apgd(model01, x01, y, eps, steps=10, seed=0),
                   square(model01, x01, y, eps, queries=30, seed=0),
                   square(model01, x01, y, eps, queries=30, targeted=True, seed=0),
-                  autoattack(model01, x01, y, eps, apgd_steps=10, square_queries=30, seed=0)):
+                  apgd_square(model01, x01, y, eps, apgd_steps=10, square_queries=30, seed=0)):
         check_perturbation(x_adv, x01, eps)
     with torch.no_grad():
         robust = (model01(x_adv).argmax(1) == y).float().mean()
@@ -173,7 +173,7 @@ def test_dlr_used_for_three_classes():
     x01, y = _pixels(8, seed=3, n_classes=3)
     x_adv = apgd(model01, x01, y, 8 / 255, loss="dlr", steps=5)
     check_perturbation(x_adv, x01, 8 / 255)
-    check_perturbation(autoattack(model01, x01, y, 8 / 255, apgd_steps=5, square_queries=10), x01, 8 / 255)
+    check_perturbation(apgd_square(model01, x01, y, 8 / 255, apgd_steps=5, square_queries=10), x01, 8 / 255)
 
 
 # ------------------------------------------------------------------------ run_audit
@@ -260,7 +260,10 @@ def test_targeted_and_transfer(trained, loader):
     res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks=("pgd_linf", "transfer"),
                     eps=(0.0, 16 / 255), corruptions=(), surrogate=surrogate, target_class="pneumonia",
                     n_bootstrap=20, progress=False)
-    assert set(res.attacks) == {"pgd_linf_to_pneumonia", "transfer_to_pneumonia"}
+    assert set(res.attacks) == {"pgd_linf_to_pneumonia", "transfer_to_pneumonia", "worst_case_to_pneumonia"}
+    worst = res.attacks["worst_case_to_pneumonia"][16 / 255]["attack_success_rate"]
+    assert worst >= max(res.attacks[a][16 / 255]["attack_success_rate"]
+                        for a in ("pgd_linf_to_pneumonia", "transfer_to_pneumonia"))  # per image: any attack
     white = res.attacks["pgd_linf_to_pneumonia"][16 / 255]
     assert white["attack_success_rate"] > 0.5  # normals pushed to pneumonia
     # pushing towards "pneumonia" cannot hurt pneumonia images: their sensitivity stays high
@@ -270,14 +273,15 @@ def test_targeted_and_transfer(trained, loader):
     assert res.config["target_class"] == "pneumonia"
 
 
-def test_apgd_autoattack_square_in_run_audit(trained, loader, monkeypatch):
+def test_apgd_apgd_square_square_in_run_audit(trained, loader, monkeypatch):
     import medtricks.audit.runner as runner
 
     monkeypatch.setattr(runner, "APGD_STEPS", 5)
-    monkeypatch.setattr(runner, "SQUARE_QUERIES", 20)
-    res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks="apgd_ce,autoattack,square",
-                    eps=(0.0, 16 / 255), corruptions=(), n=32, n_bootstrap=0, progress=False)
-    for attack in ("apgd_ce", "autoattack", "square"):
+    res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks="apgd_ce,apgd_square,square",
+                    eps=(0.0, 16 / 255), corruptions=(), n=32, n_bootstrap=0, progress=False, square_queries=20)
+    assert res.config["square_queries"] == 20
+    assert any("no APGD-T, no FAB-T" in note for note in res.config["notes"])  # says what it leaves out
+    for attack in ("apgd_ce", "apgd_square", "square", "worst_case"):
         row = res.attacks[attack][16 / 255]
         assert row["accuracy"] <= res.clean["accuracy"]
         assert math.isnan(row["accuracy_ci_low"])  # n_bootstrap=0: no interval, key still present
@@ -296,6 +300,7 @@ def test_run_audit_restores_model_state(loader):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"attacks": ("pgd_linf", "deepfool")}, "unknown attack 'deepfool'"),
+    ({"attacks": ("autoattack",)}, "renamed 'apgd_square'.*FAB-T"),
     ({"attacks": ("transfer",)}, "needs a surrogate"),
     ({"target_class": 2}, "class index 0..1"),
     ({"eps": (1 / 255, 1.0001 / 255)}, "collide"),

@@ -36,7 +36,10 @@ _EXPORTS = {
     "pgd": "adversarial",
     "apgd": "adversarial",
     "square": "adversarial",
-    "autoattack": "adversarial",
+    "apgd_square": "adversarial",
+    "RENAMED_ATTACKS": "adversarial",
+    "masking_checks": "masking",
+    "MaskingCheck": "masking",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -45,8 +48,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from medtricks.audit.adversarial import (
         ATTACKS,
         PerturbationBudgetError,
+        RENAMED_ATTACKS,
         apgd,
-        autoattack,
+        apgd_square,
         check_perturbation,
         fgsm,
         l2_radius,
@@ -54,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         pgd,
         square,
     )
+    from medtricks.audit.masking import MaskingCheck, masking_checks
     from medtricks.audit.corruptions import CORRUPTION_PARAMS, corrupt, list_corruptions
     from medtricks.audit.report import AuditExamples, AuditResult, corruption_error
     from medtricks.audit.runner import DEFAULT_EPS, run_audit
@@ -61,6 +66,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
+    if name == "autoattack":
+        from medtricks.audit.adversarial import RENAMED_ATTACKS
+
+        raise AttributeError(RENAMED_ATTACKS[name])
     if module is None:
         raise AttributeError(f"module 'medtricks.audit' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"medtricks.audit.{module}"), name)

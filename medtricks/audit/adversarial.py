@@ -14,11 +14,15 @@ Which code runs what, and why:
   implementation of Croce & Hein (ICML 2020) and Andriushchenko et al. (ECCV 2020).
   ``torchattacks`` is not used: it pins ``requests~=2.25`` and its AutoAttack indexes the 3rd/4th
   largest logit, which crashes on 2-class models.
-* ``autoattack`` is the AutoAttack ensemble logic (run attacks in turn; an image counts as broken
-  if any attack breaks it) over ART's attacks, chosen for the number of classes: APGD-CE and
-  Square always, APGD-DLR only with >= 3 classes (its loss needs the 3rd largest logit). ART's own
-  ``AutoAttack`` class is not used because it adds DeepFool/DLR unconditionally and cannot target a
-  single chosen class.
+* ``apgd_square`` is a *reduced* AutoAttack (Croce & Hein, ICML 2020) over ART's attacks: APGD-CE,
+  APGD-DLR (only with >= 3 classes: its loss needs the 3rd largest logit), then Square, each on the
+  images no earlier attack broke; robust accuracy is the per-image worst case over them (the
+  AutoAttack rule). It is *not* the standard AutoAttack and is not called so: it leaves out APGD-T
+  and FAB-T (ART has no FAB; the reference ``autoattack`` package is not on PyPI; the targeted DLR
+  loss needs >= 4 classes, so the standard suite is undefined for a binary model), and Square runs
+  ``square_queries`` queries (1,000 by default to keep a CPU audit feasible; the standard is 5,000).
+  ART's own ``AutoAttack`` class is not used because it adds DeepFool/DLR unconditionally and cannot
+  target a single chosen class. The old name ``autoattack`` is refused with this explanation.
 
 Example:
     >>> model01 = normalized_model(model, mean=(0.5,), std=(0.25,)).eval()
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtricks.audit.names import ATTACKS, RENAMED_ATTACKS
 from medtricks.errors import ConfigError
 
 __all__ = [
@@ -51,14 +56,14 @@ __all__ = [
     "pgd",
     "apgd",
     "square",
-    "autoattack",
+    "apgd_square",
+    "RENAMED_ATTACKS",
 ]
 
-#: Attack names accepted by :func:`medtricks.audit.run_audit`.
-ATTACKS = ("fgsm", "pgd_linf", "pgd_l2", "apgd_ce", "autoattack", "square", "transfer")
 #: APGD iterations, as in AutoAttack's "standard" version (Croce & Hein 2020).
 APGD_STEPS = 100
-#: Square attack query budget (AutoAttack "standard" uses 5000; 1000 keeps a CPU audit feasible).
+#: Default Square query budget (AutoAttack "standard" uses 5000; 1000 keeps a CPU audit feasible);
+#: ``audit.square_queries`` / ``run_audit(square_queries=)`` change it.
 SQUARE_QUERIES = 1000
 # float32 rounding of x0 + delta can exceed the budget by ~1 ulp; this much is tolerated.
 BUDGET_ATOL = 1e-6
@@ -390,13 +395,14 @@ def square(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, 
     return _run_art(model01, x, y, seed, build)
 
 
-def autoattack(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, targeted: bool = False,
-               seed: int = 0, apgd_steps: int = APGD_STEPS, square_queries: int = SQUARE_QUERIES) -> torch.Tensor:
-    """AutoAttack-style L∞ evaluation (Croce & Hein 2020), safe for 2-class models.
+def apgd_square(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, targeted: bool = False,
+                seed: int = 0, apgd_steps: int = APGD_STEPS, square_queries: int = SQUARE_QUERIES) -> torch.Tensor:
+    """Reduced AutoAttack (Croce & Hein 2020), L∞, safe for 2-class models -- *not* the standard
+    AutoAttack (no APGD-T, no FAB-T, Square at ``square_queries``; see the module docstring).
 
     Runs APGD-CE, then APGD-DLR (only with >= 3 classes, untargeted), then Square, each on the
-    images no earlier attack has broken; an image is broken when any attack fools the model (as in
-    AutoAttack, unbroken images are returned unchanged, so this measures robust accuracy).
+    images no earlier attack has broken; an image is broken when any attack fools the model (the
+    AutoAttack rule: unbroken images are returned unchanged, so this measures robust accuracy).
     """
     _check_attack_args(x, y, eps)
     if eps == 0:

@@ -93,6 +93,7 @@ class AuditResult:
     corruptions: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     corruption_summary: dict[str, float] = field(default_factory=dict)
     examples: Optional[AuditExamples] = None
+    masking: list[dict[str, Any]] = field(default_factory=list)  # gradient-masking checks (check, passed, detail)
 
     # ---------------------------------------------------------------- metrics / JSON
     @property
@@ -111,6 +112,8 @@ class AuditResult:
                     out[metric_key("audit", "corrupt", corruption, str(severity), name)] = float(value)
         for name, value in self.corruption_summary.items():
             out["audit/corrupt/" + name] = float(value)
+        for check in self.masking:
+            out[metric_key("audit", "masking", check["check"].replace(":", "_"), "passed")] = float(check["passed"])
         return out
 
     def to_json(self, indent: int = 2) -> str:
@@ -123,6 +126,7 @@ class AuditResult:
             "attacks": {a: [{"eps": eps, **vals} for eps, vals in by_eps.items()] for a, by_eps in self.attacks.items()},
             "corruptions": {c: [{"severity": s, **vals} for s, vals in by_sev.items()] for c, by_sev in self.corruptions.items()},
             "corruption_summary": self.corruption_summary,
+            "masking": self.masking,
         }
         return json.dumps(_nan_to_none(doc), indent=indent, allow_nan=False)
 
@@ -148,7 +152,8 @@ class AuditResult:
         corruptions = {c: {int(r["severity"]): floats({k: v for k, v in r.items() if k != "severity"}) for r in rows}
                        for c, rows in doc["corruptions"].items()}
         return cls(classes=list(doc["classes"]), config=dict(doc["config"]), clean=floats(doc["clean"]),
-                   attacks=attacks, corruptions=corruptions, corruption_summary=floats(doc["corruption_summary"]))
+                   attacks=attacks, corruptions=corruptions, corruption_summary=floats(doc["corruption_summary"]),
+                   masking=list(doc.get("masking", [])))
 
     # ---------------------------------------------------------------- terminal table
     def table(self) -> str:
@@ -166,6 +171,9 @@ class AuditResult:
             lines += ["", *_align(rows)]
             if self.config.get("notes"):
                 lines += [f"  note: {note}" for note in self.config["notes"]]
+            for check in self.masking:
+                lines.append(f"{'  ok' if check['passed'] else 'WARNING'} gradient-masking check {check['check']}: "
+                             f"{check['detail']}")
         if self.corruptions:
             rows = [("corruption", "severity", "accuracy", "AUROC")]
             for name, by_sev in self.corruptions.items():

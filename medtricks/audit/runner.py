@@ -21,13 +21,15 @@ from medtricks.errors import ConfigError
 from medtricks.audit.adversarial import (
     APGD_STEPS,
     ATTACKS,
+    RENAMED_ATTACKS,
     SQUARE_QUERIES,
     _check_mean_std,
     _frozen,
     _pgd,
+    _is_success,
     apgd,
+    apgd_square,
     attack_norm,
-    autoattack,
     check_perturbation,
     fgsm,
     l2_radius,
@@ -35,6 +37,7 @@ from medtricks.audit.adversarial import (
     square,
 )
 from medtricks.audit.corruptions import CORRUPTION_PARAMS, corrupt, list_corruptions
+from medtricks.audit.masking import LARGE_EPS, fewer_steps, masking_checks
 from medtricks.audit.report import AuditExamples, AuditResult, safe_name
 
 # _auroc is the AUROC compute_metrics reports (binary on class 1, else macro one-vs-rest; nan when a
@@ -45,7 +48,7 @@ __all__ = ["run_audit", "DEFAULT_EPS"]
 
 #: Default ε grid in [0, 1] pixel units: 0, 0.5, 1, 2, 4, 8 grey levels of 255.
 DEFAULT_EPS = (0.0, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
-_ALIASES = {"pgd": "pgd_linf", "apgd": "apgd_ce"}
+from medtricks.audit.names import ATTACK_ALIASES as _ALIASES  # noqa: E402
 # De-normalized loader images may overshoot [0, 1] by float round-off; more means wrong mean/std.
 _RANGE_TOL = 1e-3
 _N_EXAMPLES = 4
@@ -73,6 +76,8 @@ def run_audit(
     seed: int = 0,
     n_bootstrap: int = 200,
     progress: bool = True,
+    square_queries: int = SQUARE_QUERIES,
+    masking: bool = True,
 ) -> AuditResult:
     """Audit ``model`` against adversarial attacks and image corruptions on ``loader``'s images.
 
@@ -87,7 +92,7 @@ def run_audit(
         mean, std: the loader's per-channel normalization; attacks work on ``x`` in ``[0, 1]``
             with the normalization moved inside the model, so ``eps`` is a pixel intensity.
         attacks: any of ``fgsm``, ``pgd_linf`` (alias ``pgd``), ``pgd_l2``, ``apgd_ce``,
-            ``autoattack``, ``square``, ``transfer`` (PGD-L∞ crafted on ``surrogate``, evaluated on
+            ``apgd_square`` (a reduced AutoAttack, see :func:`~medtricks.audit.adversarial.apgd_square`), ``square``, ``transfer`` (PGD-L∞ crafted on ``surrogate``, evaluated on
             ``model``); a comma-separated string is accepted; empty = no attacks.
         eps: budgets in ``[0, 1]`` pixel units (L∞; for ``pgd_l2`` the per-pixel RMS, i.e. an L2
             radius of ``eps * sqrt(C*H*W)``). ``0`` reuses the clean predictions, so its metrics
@@ -105,6 +110,14 @@ def run_audit(
         seed: seeds the random starts, noise corruptions and bootstrap.
         n_bootstrap: bootstrap resamples for the CIs (``0`` = no CIs).
         progress: show a tqdm progress bar.
+        square_queries: query budget of ``square`` and of Square inside ``apgd_square`` (standard
+            AutoAttack: 5000).
+        masking: run the gradient-masking checks (:mod:`medtricks.audit.masking`) when the audit has an
+            untargeted ``pgd_linf``: PGD with fewer steps, PGD at ε = 64/255 and random sign noise are
+            added as probes; a failed check is a ``WARNING`` line in the table and a ``RuntimeWarning``.
+
+        With two or more attacks, a ``worst_case`` row counts an image as correct at an ε only if every
+        attack failed on it there (the AutoAttack rule across the audit's attacks).
 
     Returns:
         An :class:`AuditResult`: ``.metrics`` for MLflow, ``.to_json()``, ``.figures()``, ``.table()``.
@@ -130,6 +143,8 @@ def run_audit(
         raise ConfigError(f"n must be an integer >= 1 (images to audit) or None for all, got {n!r}")
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
         raise ConfigError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
+    if isinstance(square_queries, bool) or not isinstance(square_queries, (int, np.integer)) or square_queries < 1:
+        raise ConfigError(f"square_queries must be an integer >= 1, got {square_queries!r}")
     target = _check_target(target_class, names)
     mean_l, std_l = _check_mean_std(mean, std)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
@@ -139,6 +154,8 @@ def run_audit(
 
     labels = {a: (a if target is None else f"{a}_to_{safe_name(names[target])}") for a in attack_list}
     job = _Job(names, attack_list, labels, eps_list, pgd_steps, corruption_list, severity_list, target, seed)
+    job.square_queries = int(square_queries)
+    job.masking = bool(masking) and target is None and "pgd_linf" in attack_list and any(e > 0 for e in eps_list)
     with contextlib.ExitStack() as stack:
         for module in [model] + ([surrogate] if "transfer" in attack_list else []):
             stack.enter_context(_on_device(module, device))
@@ -148,7 +165,13 @@ def run_audit(
         if "transfer" in attack_list:
             job.surrogate01 = normalized_model(surrogate, mean_l, std_l)
         job.collect(loader, n, mean_l, std_l, device, progress)
-    return job.summarize(n_bootstrap, n_requested=n, device=device)
+    result = job.summarize(n_bootstrap, n_requested=n, device=device)
+    failed = [c for c in result.masking if not c["passed"]]
+    if failed:
+        warnings.warn("possible gradient masking -- do not trust the robust accuracy until a stronger attack "
+                      "confirms it: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed), RuntimeWarning,
+                      stacklevel=2)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +200,8 @@ def _check_attacks(attacks: Union[str, Sequence[str]], surrogate: Optional[nn.Mo
     out = []
     for name in _as_names(attacks, "attacks"):
         name = _ALIASES.get(name, name)
+        if name in RENAMED_ATTACKS:
+            raise ConfigError(RENAMED_ATTACKS[name])
         if name not in ATTACKS:
             raise ConfigError(f"unknown attack {name!r}: expected any of {list(ATTACKS)} (or aliases {_ALIASES})")
         if name in out:
@@ -274,13 +299,19 @@ class _Job:
         self.examples: Optional[AuditExamples] = None
         self.image_shape: Optional[tuple[int, ...]] = None
         self.max_norm: dict[tuple[str, float], float] = {}
+        self.square_queries = SQUARE_QUERIES
+        self.masking = False
+        # gradient-masking probes: per-image correctness
+        self.probe_fewer: list[np.ndarray] = []
+        self.probe_large: list[np.ndarray] = []
+        self.probe_noise: dict[float, list[np.ndarray]] = {e: [] for e in eps if e > 0}
 
     # ------------------------------------------------------------------ collection
     def collect(self, loader, n, mean, std, device, progress):
         from tqdm.auto import tqdm
 
         expected = _expected_images(loader, n)
-        units = 1 + len(self.adv) + len(self.corrupted)
+        units = 1 + len(self.adv) + len(self.corrupted) + (2 if self.masking else 0)
         bar = tqdm(total=expected * units if expected else None, desc="audit", unit="img", disable=not progress,
                    leave=False)
         mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -326,6 +357,8 @@ class _Job:
                 if b == 0 and self.examples is None and attack == self._example_attack() and eps == self.eps[-1]:
                     self._keep_examples(attack, eps, x01, x_adv, y, clean_probs, probs)
                 bar.update(k)
+        if self.masking:
+            self._masking_probes(b, x01, y, bar)
         for ci, name in enumerate(self.corruptions):
             for severity in self.severities:
                 if severity == 0:
@@ -336,6 +369,25 @@ class _Job:
                     probs = torch.softmax(self.model01(corrupted).float(), dim=1)
                 self.corrupted[(name, severity)].append(probs.cpu().numpy())
                 bar.update(k)
+
+    def _masking_probes(self, b, x01, y, bar):
+        """PGD with fewer steps at the largest ε, PGD at ε = 64/255, random sign noise at every ε."""
+        eps_max = max(self.eps)
+        for tag, eps, steps in ((0, eps_max, fewer_steps(self.pgd_steps)), (1, LARGE_EPS, self.pgd_steps)):
+            bar.set_postfix_str(f"masking probe pgd-{steps} eps={eps * 255:.3g}/255")
+            generator = torch.Generator(device=x01.device).manual_seed(_sub_seed(self.seed, b, 2000 + tag))
+            _, logits = _pgd(self.model01, x01, y, eps, norm="linf", steps=steps, step_size=None, random_start=True,
+                             targeted=False, generator=generator)
+            (self.probe_fewer if tag == 0 else self.probe_large).append((logits.argmax(1) == y).cpu().numpy())
+            bar.update(len(y))
+        generator = torch.Generator(device=x01.device).manual_seed(_sub_seed(self.seed, b, 3000))
+        for eps in self.probe_noise:
+            broken = torch.zeros_like(y, dtype=torch.bool)
+            for _ in range(4):  # four random corners of the ε-ball
+                sign = torch.randint(0, 2, x01.shape, generator=generator, device=x01.device).to(x01.dtype) * 2 - 1
+                with torch.no_grad():
+                    broken |= _is_success(self.model01((x01 + eps * sign).clamp(0.0, 1.0)).float(), y, False)
+            self.probe_noise[eps].append((~broken).cpu().numpy())
 
     def _attack(self, attack, x01, y_attack, eps, seed):
         targeted = self.target is not None
@@ -353,10 +405,11 @@ class _Job:
             x_adv = fgsm(self.model01, x01, y_attack, eps, targeted=targeted)
         elif attack == "apgd_ce":
             x_adv = apgd(self.model01, x01, y_attack, eps, loss="ce", steps=APGD_STEPS, targeted=targeted, seed=seed)
-        elif attack == "autoattack":
-            x_adv = autoattack(self.model01, x01, y_attack, eps, targeted=targeted, seed=seed)
+        elif attack == "apgd_square":
+            x_adv = apgd_square(self.model01, x01, y_attack, eps, targeted=targeted, seed=seed,
+                                square_queries=self.square_queries)
         elif attack == "square":
-            x_adv = square(self.model01, x01, y_attack, eps, queries=SQUARE_QUERIES, targeted=targeted, seed=seed)
+            x_adv = square(self.model01, x01, y_attack, eps, queries=self.square_queries, targeted=targeted, seed=seed)
         else:  # pragma: no cover - names are validated up front
             raise ConfigError(f"unknown attack {attack!r}")
         norms = check_perturbation(x_adv, x01, budget, norm)  # the budget is asserted, never assumed
@@ -397,6 +450,15 @@ class _Job:
                 row = scored(probs, list(_ATTACK_METRICS) + per_class)
                 row.update(self._success_rate(y, clean_p, probs, n_bootstrap))
                 rows[eps] = row
+        if len(self.attacks) >= 2:
+            worst = {}
+            for eps in self.eps:
+                probs = clean_p if eps == 0 else self._worst_case([np.concatenate(self.adv[(a, eps)]) for a in self.attacks], y)
+                row = scored(probs, list(_ATTACK_METRICS) + per_class)
+                row.update(self._success_rate(y, clean_p, probs, n_bootstrap))
+                worst[eps] = row
+            attacks["worst_case" if self.target is None else f"worst_case_to_{safe_name(self.names[self.target])}"] = worst
+        masking = [c.as_dict() for c in self._masking_checks(y)] if self.masking else []
         corruptions: dict[str, dict[int, dict[str, float]]] = {}
         cells = []
         for name in self.corruptions:
@@ -408,7 +470,32 @@ class _Job:
         summary = _corruption_summary(y, clean_p, cells, clean, corruptions, n_bootstrap, self.seed) if cells else {}
         return AuditResult(classes=list(self.names), config=self._config(len(y), n_requested, n_bootstrap, device),
                            clean=clean, attacks=attacks, corruptions=corruptions, corruption_summary=summary,
-                           examples=self.examples)
+                           examples=self.examples, masking=masking)
+
+    def _worst_case(self, per_attack: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+        """Per image, the probabilities of the attack that did the most damage: one that fooled the model
+        (untargeted: wrong class; targeted: the target class) over one that did not, then the lowest
+        true-class (highest target-class) probability."""
+        stack = np.stack(per_attack)  # (attacks, N, K)
+        rows = np.arange(len(y))
+        if self.target is None:
+            fooled = stack.argmax(2) != y[None, :]
+            score = fooled * 2.0 + (1.0 - stack[:, rows, y])
+        else:
+            fooled = stack.argmax(2) == self.target
+            score = fooled * 2.0 + stack[:, :, self.target]
+        return stack[score.argmax(0), rows]
+
+    def _masking_checks(self, y: np.ndarray):
+        def correct(probs):
+            return probs.argmax(1) == y
+
+        pgd_rows = {e: correct(np.concatenate(self.adv[("pgd_linf", e)])) for e in self.eps if e > 0}
+        black_box = {a: {e: correct(np.concatenate(self.adv[(a, e)])) for e in self.eps if e > 0}
+                     for a in ("square", "transfer") if a in self.attacks}
+        black_box["random_noise"] = {e: np.concatenate(v) for e, v in self.probe_noise.items()}
+        return masking_checks(pgd_rows, pgd_steps=self.pgd_steps, correct_fewer=np.concatenate(self.probe_fewer),
+                              black_box=black_box, correct_large=np.concatenate(self.probe_large))
 
     def _success_rate(self, y, clean_p, probs, n_bootstrap) -> dict[str, float]:
         """Share of originally correct images the attack flips (targeted: to the target class,
@@ -433,10 +520,13 @@ class _Job:
         if "pgd_l2" in self.attacks and self.image_shape:
             notes.append(f"pgd_l2: eps is the per-pixel RMS; L2 radius = eps*sqrt({int(np.prod(self.image_shape))}) "
                          f"(e.g. eps 1/255 -> {l2_radius(1 / 255, self.image_shape):.3f})")
-        if "autoattack" in self.attacks:
+        if "apgd_square" in self.attacks:
             dlr = "APGD-DLR, " if len(self.names) >= 3 and self.target is None else ""
-            notes.append(f"autoattack: APGD-CE ({APGD_STEPS} it.), {dlr}Square ({SQUARE_QUERIES} queries), L-inf; "
-                         "unbroken images stay clean (robust accuracy)")
+            notes.append(f"apgd_square: APGD-CE ({APGD_STEPS} it.), {dlr}Square ({self.square_queries} queries), L-inf, "
+                         "per-image worst case; a reduced AutoAttack: no APGD-T, no FAB-T"
+                         f"{'' if self.square_queries >= 5000 else ', fewer Square queries than the standard 5000'}")
+        if len(self.attacks) >= 2:
+            notes.append("worst_case: an image counts as correct only if every attack failed on it (AutoAttack rule)")
         if "transfer" in self.attacks:
             notes.append(f"transfer: PGD-L-inf-{self.pgd_steps} crafted on the surrogate, scored on the model")
         return {
@@ -445,7 +535,7 @@ class _Job:
             "pgd_steps": self.pgd_steps,
             "pgd_step_size": "2.5 * eps / pgd_steps, random start, best iterate kept",
             "apgd_steps": APGD_STEPS,
-            "square_queries": SQUARE_QUERIES,
+            "square_queries": self.square_queries,
             "target_class": None if self.target is None else self.names[self.target],
             "corruptions": list(self.corruptions),
             "severities": list(self.severities),
