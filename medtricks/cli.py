@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "Multiclass models: argmax")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    predict.add_argument("--cam", default=None, metavar="DIR",
+                         help="also write a Grad-CAM overlay PNG per image into DIR (same relative name as the CSV's "
+                              "image column, .png; binary models: for the positive class, multiclass: the predicted "
+                              "class; at the model's input size); the CSV gains a cam column")
     predict.add_argument("--tracking-uri", default=None, help="MLflow URI to look a run id up in")
     predict.add_argument("--runs-dir", default=None, metavar="DIR",
                          help="the local run store (tracking.backend: none) to look run ids up in (default: runs)")
@@ -350,7 +354,8 @@ def _cmd_predict(args) -> int:
     from medtricks.predict import predict_images, summary, write_predictions
 
     preds, bad = predict_images(args.run, args.inputs, threshold=args.threshold, batch_size=args.batch_size,
-                                device=args.device, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir)
+                                device=args.device, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir,
+                                cam_dir=args.cam)
     bad_path = write_predictions(preds, bad, args.out)
     print(summary(preds, bad, bad_path), file=sys.stderr)
     if args.out:

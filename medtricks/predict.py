@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -40,6 +41,7 @@ from medtricks.evaluate.operating_point import select_threshold
 from medtricks.evaluate.paired import load_predictions
 from medtricks.posthoc import DecisionRule, _run_file, load_operating_point, resolve_decision_rule
 from medtricks.rundir import RunDir
+from medtricks.saliency import cam_file_name, cam_target_layer, grad_cam, save_overlay
 from medtricks.train import resolve_device
 from medtricks.trained import load_trained
 
@@ -231,7 +233,8 @@ def _collate(batch):
 
 def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: Any = "stored",
                    batch_size: int = 32, device: str = "auto", tracking_uri: Optional[str] = None,
-                   runs_dir: Optional[str | Path] = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   runs_dir: Optional[str | Path] = None, progress: bool = True,
+                   cam_dir: Optional[str | Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict every image of ``inputs`` (image files and folders, searched recursively) with a trained run
     (folder, model file or run id) → ``(predictions, bad_files)``.
 
@@ -242,6 +245,9 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     ``threshold``: see :func:`resolve_prediction_rule` (``stored`` default, ``youden``, ``sens=0.95``, a
     number). ``predictions.attrs["rule"]`` says which threshold was used and where it came from.
     ``bad_files``: ``image``, ``reason`` (relative paths; unreadable, corrupt or not an image).
+    ``cam_dir``: also write a Grad-CAM overlay PNG per image there (:mod:`medtricks.saliency`; binary
+    models: for the positive class, multiclass: for the predicted class), at the model's input size,
+    named like ``image`` with a ``.png`` extension; the ``cam`` column holds that relative name.
     """
     if int(batch_size) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -260,15 +266,18 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     model.eval()
     probs = np.full((len(items), len(trained.classes)), np.nan)
     reasons: dict[int, str] = {}
+    cams = _CamWriter(trained, cam_dir, rule, dev) if cam_dir is not None else None
     from tqdm.auto import tqdm
 
-    with torch.no_grad():
-        for images, index, bad in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
-            reasons.update(dict(bad))
-            if images is None:
-                continue
+    for images, index, bad in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+        reasons.update(dict(bad))
+        if images is None:
+            continue
+        with torch.no_grad():
             logits = model(images.to(dev)).float()
-            probs[index] = torch.softmax(logits, dim=1).cpu().numpy()
+        probs[index] = torch.softmax(logits, dim=1).cpu().numpy()
+        if cams is not None:
+            cams.write(images, [items[i].image for i in index], probs[index])
     ok = [i for i in range(len(items)) if i not in reasons]
     frame = pd.DataFrame({"image": [items[i].image for i in ok]})
     if any(items[i].dicom for i in ok):
@@ -285,11 +294,56 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
         positive = p[:, pos] >= rule.threshold
         frame["predicted"] = np.where(positive, trained.classes[pos], trained.classes[1 - pos]) if len(ok) else []
         frame["threshold"] = float(rule.threshold)
+    if cams is not None:
+        frame["cam"] = [cams.names.get(items[i].image, "") for i in ok]
+        frame.attrs["cam"] = cams.describe()
     frame.attrs["rule"] = rule.description if rule is not None else "argmax (multiclass)"
     frame.attrs["threshold_source"] = rule.source if rule is not None else "argmax"
     bad_rows = [*not_images, *({"image": items[i].image, "reason": _scrub(r, items[i])} for i, r in sorted(reasons.items()))]
     bad_frame = pd.DataFrame(bad_rows, columns=BAD_COLUMNS)
     return frame, bad_frame
+
+
+class _CamWriter:
+    """Grad-CAM overlays of predicted batches under ``cam_dir``, one PNG per image (binary: for the
+    positive class; multiclass: for the predicted class). A batch whose maps fail is warned about and
+    left without overlays, never fatal."""
+
+    def __init__(self, trained, cam_dir: str | Path, rule, device) -> None:
+        recipe = trained.recipe
+        self.model, self.classes = trained.model, list(trained.classes)
+        self.root = Path(cam_dir).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        chans = recipe.model.in_chans
+        side = recipe.model.resizer.output_size if recipe.model.resizer.enabled else recipe.input_image_size()
+        self.layer_name, self.layer = cam_target_layer(self.model, (chans, side, side))
+        self.positive = (rule.positive_index if rule is not None else 1) if len(self.classes) == 2 else None
+        self.mean = torch.tensor(trained.data_config["mean"], dtype=torch.float32).reshape(-1)[:1]
+        self.std = torch.tensor(trained.data_config["std"], dtype=torch.float32).reshape(-1)[:1]
+        self.device = device
+        self.names: dict[str, str] = {}
+        self._taken: set[str] = set()
+        self.failed: list[str] = []
+
+    def describe(self) -> str:
+        target = (f"class {self.classes[self.positive]!r} (the positive class)" if self.positive is not None
+                  else "the predicted class")
+        return f"Grad-CAM at layer {self.layer_name!r} for {target}, in {self.root}"
+
+    def write(self, images: torch.Tensor, names: list[str], probs: np.ndarray) -> None:
+        targets = [self.positive] * len(names) if self.positive is not None else list(probs.argmax(1))
+        try:
+            maps = grad_cam(self.model, self.layer, images.to(self.device), targets)
+        except Exception as err:  # noqa: BLE001 - predictions go on without these overlays
+            warnings.warn(f"Grad-CAM failed for a batch of {len(names)} image(s) ({type(err).__name__}: "
+                          f"{str(err)[:200]}); no overlays for them", RuntimeWarning, stacklevel=3)
+            self.failed += names
+            return
+        gray = (images[:, 0] * self.std + self.mean).clamp(0, 1).numpy()  # the image the model saw, channel 0
+        for name, image, heat in zip(names, gray, maps):
+            rel = cam_file_name(name, self._taken)
+            save_overlay(self.root / rel, image, heat)
+            self.names[name] = rel
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -318,6 +372,8 @@ def summary(predictions: pd.DataFrame, bad: pd.DataFrame, bad_path: Optional[Pat
     """The lines ``medtricks predict`` prints on stderr: the threshold used, counts, and the bad files."""
     lines = [f"threshold: {predictions.attrs.get('rule', 'argmax')}",
              f"predicted {len(predictions)} image(s); {len(bad)} bad file(s)"]
+    if "cam" in predictions.attrs:
+        lines.append(f"overlays: {predictions.attrs['cam']}")
     if len(bad):
         where = f" (all in {bad_path})" if bad_path is not None else ""
         lines.append(f"bad files, not predicted{where}:")
