@@ -32,6 +32,7 @@ from medtricks.evaluate.operating_point import class_priors, probs_at_threshold,
 from medtricks.evaluate.resizer_plots import resizer_comparison_figure
 from medtricks.evaluate.split_table import bootstrap_note, headline_keys, split_gaps, split_table
 from medtricks.export import export_model
+from medtricks.logged_params import run_params, tricks_summary
 from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
@@ -130,8 +131,11 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     # Tracking first: an unreachable server fails here, before any training.
     tracker = tracker or create_store(recipe.tracking.backend, recipe.tracking.uri, root=recipe.experiment.output_dir)
     run_name = recipe.tracking.run_name or f"{recipe.experiment.name}-{run.short_id}"
-    tags = {"medtricks.version": medtricks.__version__, "tricks": ",".join(recipe.tricks_on()) or "none",
-            "run_dir": str(run.path), **recipe.experiment.tags, **(extra_tags or {})}
+    # medtricks.role: train (ablation children: ablation_child, from extra_tags); variant: the recipe's
+    # experiment name unless an ablation names the variant. Post-hoc runs carry medtricks.kind instead.
+    tags = {"medtricks.version": medtricks.__version__, "tricks": tricks_summary(recipe), "run_dir": str(run.path),
+            "medtricks.role": "train", "variant": recipe.experiment.name, **recipe.experiment.tags,
+            **(extra_tags or {})}
     commit = _git_commit()
     if commit:
         tags["git.commit"] = commit
@@ -411,8 +415,9 @@ def _build_optimization(recipe: Recipe, model, tricks, updates_per_epoch: int) -
 
 def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, tricks, frozen, opt, device,
                 amp_dtype, classes, data_config, info) -> None:
-    """What the run is, logged before training: params, recipe, split manifest, trick reports, schedule."""
-    params = flatten_recipe(recipe)
+    """What the run is, logged before training: params (the sections that are on; the whole recipe is the
+    recipe.yaml artifact), recipe, split manifest, trick reports, schedule."""
+    params = run_params(recipe)
     params.update({"resolved.lr": opt.lr, "resolved.device": str(device), "resolved.amp_dtype": str(amp_dtype),
                    "resolved.num_classes": len(classes), "resolved.classes": ",".join(classes),
                    "resolved.updates_per_epoch": opt.updates_per_epoch, "resolved.image_size": recipe.input_image_size(),

@@ -41,7 +41,8 @@ from medtricks.data import redact_paths
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import is_finite
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
-from medtricks.recipe import Recipe, apply_overrides, flatten_recipe, recipe_from_dict
+from medtricks.logged_params import run_params
+from medtricks.recipe import Recipe, apply_overrides, recipe_from_dict
 from medtricks.rundir import RunDir
 from medtricks.tracking import RunNotFoundError, create_store
 
@@ -339,7 +340,7 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
                                             tags=tags, resume_run_id=previous)
     if previous:
         parent.set_tags(tags)
-    base_params = {k: v for k, v in flatten_recipe(recipe).items()
+    base_params = {k: v for k, v in run_params(recipe).items()  # the base recipe's sections that are on
                    if not k.startswith(("tracking.", "ablation.")) and k not in ("experiment.seed", "train.progress")}
     parent.log_params({**base_params, "ablation.id": aid, "ablation.mode": mode,
                        "ablation.tricks": ",".join(tricks),
