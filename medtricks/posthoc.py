@@ -401,7 +401,10 @@ class EvaluationReport:
         at_half = f"{title} — threshold 0.5 (argmax)" if title and self.rule else title
         parts = [self.metrics.table(title=at_half)]
         if self.metrics_op is not None:
-            parts.append(self.metrics_op.table(title=f"at the operating point: {self.rule.describe()}"))
+            # the same bootstrap (images, resamples, seed) as the table above: said once, there
+            same = (self.metrics_op.n_bootstrap, self.metrics_op.seed) == (self.metrics.n_bootstrap, self.metrics.seed)
+            parts.append(self.metrics_op.table(title=f"at the operating point: {self.rule.describe()}",
+                                               ci_note=not same))
         if self.drop is not None:
             parts.append(self.drop.table())
         if self.warnings or self.notes:

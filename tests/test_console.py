@@ -59,6 +59,25 @@ def test_final_report_says_the_bootstrap_once():
     assert text.rstrip().endswith("50 resamples, seed 0]")
 
 
+def test_evaluate_tables_say_the_bootstrap_once(capsys):
+    import numpy as np
+
+    from medtricks.posthoc import DecisionRule, summarize_predictions
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    p1 = np.clip(y * 0.6 + rng.random(40) * 0.4, 0, 1)
+    rule = DecisionRule(threshold=0.4, source="given", description="threshold 0.4 (given)")
+    report = summarize_predictions(y, np.stack([1 - p1, p1], 1), ["normal", "pneumonia"], rule=rule,
+                                   n_bootstrap=50, seed=3, figures=False)
+    print(report.table(title="evaluation of r on card (all)"))
+    out = capsys.readouterr().out
+    assert out.count("bootstrap") == 1 and out.count("resamples") == 1 and out.count("seed 3") == 1
+    assert "evaluation of r on card (all) — threshold 0.5 (argmax)  (n=40 images, percentile bootstrap, " \
+           "50 resamples, seed 3)" in out
+    assert "at the operating point: threshold 0.4 (given)  (n=40 images, CIs as above)" in out
+
+
 # ------------------------------------------------------------ 1: one line per epoch that stays
 def test_epoch_line_format():
     from medtricks.console import epoch_line

@@ -359,8 +359,10 @@ class MetricsResult:
                 out[f"{key}_ci_skipped"] = float(count)
         return out
 
-    def table(self, title: str | None = None) -> str:
-        """Aligned plain-text table: metric, value, CI (and notes on skipped resamples)."""
+    def table(self, title: str | None = None, *, ci_note: bool = True) -> str:
+        """Aligned plain-text table: metric, value, CI (and notes on skipped resamples). The header says
+        how the CIs were made (bootstrap, resamples, seed); ``ci_note=False`` says "CIs as above" instead,
+        for a table printed under another one with the same bootstrap."""
         ci_head = f"{100 * self.ci_level:g}% CI"
         keys = [k for k in self.values if k != "n"]
         rows = [("metric", "value", ci_head if self.ci else "")]
@@ -375,6 +377,8 @@ class MetricsResult:
         head = f"{title}  " if title else ""
         seed = f", seed {self.seed}" if self.seed is not None else ""
         how = f"percentile bootstrap, {self.n_bootstrap} resamples{seed}" if self.ci else "no bootstrap"
+        if self.ci and not ci_note:
+            how = "CIs as above"
         lines.append(f"{head}(n={n} images, {how})")
         for i, (a, b, c) in enumerate(rows):
             lines.append(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip())
