@@ -5,6 +5,9 @@ knobs of parts that are off only add flat axes there. So a run logs the flattene
 (:func:`medtricks.recipe.flatten_recipe`) *without*:
 
 - ``ablation.*``: a training run is never an ablation; the ablation's settings are on its parent run;
+- bookkeeping that is not a knob (:data:`BOOKKEEPING`: where the run folder and the tracked run go,
+  its name): it differs between every run of an ablation and would take the compare page's first
+  axes; the ``run_dir`` tag and the run's name say it;
 - the sub-keys of a section that is off -- one whose switch says so: ``enabled: false``
   (``model.resizer``, ``audit``), ``strategy: none`` (``tricks.bn_gamma``) or ``method: none``
   (``tricks.adversarial``). The switch itself stays (``audit.enabled = False``), so grouping and
@@ -24,10 +27,12 @@ from typing import Any
 
 from medtricks.recipe import Recipe, flatten_recipe
 
-__all__ = ["run_params", "tricks_summary", "off_sections", "NEVER_LOGGED", "SWITCHES"]
+__all__ = ["run_params", "tricks_summary", "off_sections", "NEVER_LOGGED", "BOOKKEEPING", "SWITCHES"]
 
 #: Recipe sections a training run never logs as params.
 NEVER_LOGGED = ("ablation",)
+#: Keys that say where a run is written and what it is called, not how it is trained.
+BOOKKEEPING = ("experiment.output_dir", "tracking.uri", "tracking.experiment", "tracking.run_name")
 #: Switch key -> the value that turns its section off.
 SWITCHES = {"enabled": False, "strategy": "none", "method": "none"}
 
@@ -63,7 +68,7 @@ def run_params(recipe: Recipe) -> dict[str, Any]:
     off = off_sections(recipe)
     params = {}
     for key, value in flatten_recipe(recipe).items():
-        if key.split(".", 1)[0] in NEVER_LOGGED:
+        if key.split(".", 1)[0] in NEVER_LOGGED or key in BOOKKEEPING:
             continue
         section = next((s for s in off if key.startswith(s + ".")), None)
         if section is not None and key != f"{section}.{off[section]}":

@@ -25,6 +25,9 @@ def test_off_sections_keep_only_their_switch():
     assert [k for k in params if k.startswith("tricks.bn_gamma.")] == ["tricks.bn_gamma.strategy"]
     assert params["tricks"] == (",".join(recipe.tricks_on()) or "none")
     assert params["optim.lr"] == recipe.optim.lr and "data.image_size" in params  # sections that are on: whole
+    # bookkeeping that differs between every run of an ablation is no knob (the compare page's axes)
+    assert not {"experiment.output_dir", "tracking.uri", "tracking.run_name", "tracking.experiment"} & set(params)
+    assert {"experiment.seed", "tracking.log_model"} <= set(params)
 
 
 def test_sections_that_are_on_are_logged_whole():
