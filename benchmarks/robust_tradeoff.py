@@ -147,9 +147,14 @@ def main(argv=None) -> int:
     columns = list(table[0]) if table else []
     print(format_table(table, columns))
     payload = {"name": "robust_tradeoff", "quick": bool(args.quick), "machine": machine_info(),
-               "recipe": "recipes/kermany_robust.yaml", "variants": {v: VARIANTS[v] for v in args.variants},
-               "seeds": args.seeds, "pgd_eps": list(PGD_EPS), "apgd_eps": list(APGD_EPS), "n": args.n,
-               "corruption_n": args.corruption_n, "apgd_n": args.apgd_n, "runs": rows, "table": table}
+               "config": {"recipe": "recipes/kermany_robust.yaml", "variants": {v: VARIANTS[v] for v in args.variants},
+                          "seeds": args.seeds, "pgd_eps": list(PGD_EPS), "apgd_eps": list(APGD_EPS), "n": args.n,
+                          "corruption_n": args.corruption_n, "apgd_n": args.apgd_n},
+               "method": "each (variant, seed) trains recipes/kermany_robust.yaml, then audits the run's test split: "
+                         "clean metrics on all of it (threshold 0.5), PGD-20 + masking checks on the first n images, "
+                         "corruptions on corruption_n, apgd_square on apgd_n; table: mean [95% t-interval] over seeds; "
+                         "train cost x = mean training wall time / standard's",
+               "runs": rows, "table": table}
     print(f"wrote {write_results(payload, out, 'robust_tradeoff')}")
     return 0
 

@@ -135,6 +135,17 @@ def test_cli_startup_quick(tmp_path):
     assert payload["slowest_imports"], "python -X importtime output was not parsed"
 
 
+@pytest.mark.slow
+def test_robust_tradeoff_quick(tmp_path):
+    payload = _run_quick("robust_tradeoff.py", tmp_path, "--seeds", "0", "--variants", "standard", "fgsm_rs@1/255")
+    assert [r["variant"] for r in payload["runs"]] == ["standard", "fgsm_rs@1/255"]
+    for row in payload["runs"]:
+        assert 0 <= row["pgd20_acc@4"] <= row["pgd_clean_accuracy"] + 1e-9  # an attack never helps
+        assert row["train_s"] > 0 and isinstance(row["masking_failed"], list)
+    assert [t["variant"] for t in payload["table"]] == ["standard", "fgsm_rs@1/255"]
+    assert payload["table"][0]["train cost x"] == "1.00"
+
+
 def test_verdict_tells_a_real_miss_from_noise():
     from benchmarks.train_throughput import verdict
 
