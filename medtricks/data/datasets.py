@@ -24,18 +24,19 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from monai.transforms import Transform  # this module is imported only when datasets are built
 
-from medtricks.errors import ConfigError
+from medtricks.errors import ConfigError, MissingFileError
 from medtricks.data.cards import DataCard, load_card
-from medtricks.data.errors import BadImageError, DataError
+from medtricks.data.class_map import apply_class_map, resolve_class_map
+from medtricks.data.errors import BadImageError, DataError, LeakageError
 from medtricks.data.manifest import build_manifest
 from medtricks.data.readers import VOI_MODES, BitDepthWarning, read_image
-from medtricks.data.splits import check_leakage, file_digest
+from medtricks.data.splits import check_leakage, file_digest, labeled_subset
 from medtricks.data.synthetic import MANIFEST_NAME, PARAMS_NAME, SYNTHETIC_CARD, synthesize_phantoms
 from medtricks.data.transforms import build_transforms
 
@@ -194,6 +195,9 @@ class DataBundle:
     val: Optional[XrayDataset]
     test: Optional[XrayDataset]
     quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "label", "reason"]))
+    # Images without a label (issue 17): the training rows ``data.label_fraction`` / ``label_count`` left
+    # unlabelled plus the folder ``data.unlabeled``; training transform, every target -1. None when there are none.
+    unlabeled: Optional["XrayDataset"] = None
 
 
 def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str = "auto", cache_dir=None,
@@ -294,31 +298,49 @@ def _checked_images(manifest, card, root, *, side: int, on_bad_image: str, voi: 
 def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
                        split: str = "all", split_seed: int = 0, val_fraction: float = 0.15,
                        test_fraction: float = 0.0, test_by: str = "random", on_bad_image: str = "error",
-                       cache_dir=None, progress: bool = True, voi: str = "auto"):
+                       cache_dir=None, progress: bool = True, voi: str = "auto",
+                       classes: Optional[Sequence[str]] = None, class_map: Optional[Mapping[str, str]] = None):
     """One eval-transform dataset of ``root`` (every image, or one split of the card's patient-level
-    split, checked for leakage) -> ``(XrayDataset, quarantine)``: what ``medtricks evaluate`` scores."""
+    split, checked for leakage) -> ``(XrayDataset, quarantine)``: what ``medtricks evaluate`` scores.
+
+    ``classes``: the model's classes, when they differ from the card's; ``class_map`` maps card classes
+    onto them (:mod:`medtricks.data.class_map`). The dataset's ``targets`` then index ``classes`` and
+    ``dataset.manifest.attrs["class_map"]``/``["dropped_by_class_map"]`` say what was done."""
     if split not in ("all", "train", "val", "test"):
         raise ConfigError(f"split must be all, train, val or test, got {split!r}")
     card = load_card(card)
+    resolved = None
+    if classes is not None or class_map:
+        model_classes = list(classes if classes is not None else card.classes)
+        resolved = resolve_class_map(card.name, card.classes, model_classes, class_map)
     manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
                               test_fraction=test_fraction, on_missing="keep", test_by=test_by)
     if split != "all":
         manifest = manifest[manifest["split"] == split]
         if not len(manifest):
             raise DataError(f"no images in split {split!r} of {root} (card {card.name!r})")
+    if resolved is not None:
+        manifest, dropped = apply_class_map(manifest, resolved, model_classes)
+        manifest.attrs.update(class_map=resolved, dropped_by_class_map=dropped)
+        if not len(manifest):
+            raise DataError(f"the class map {resolved} leaves no image of {root} (card {card.name!r}) to score")
     transform = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     good, quarantine = _checked_images(manifest, card, root, side=transform.base_side, on_bad_image=on_bad_image,
                                        voi=voi, cache_dir=cache, progress=progress)
     if split != "all":
         check_leakage(good)  # the split is the card's: it must hold no patient of another split
-    return XrayDataset(good, transform, cache_dir=cache, voi=voi), quarantine
+    dataset = XrayDataset(good, transform, cache_dir=cache, voi=voi)
+    dataset.manifest.attrs.update({k: v for k, v in manifest.attrs.items() if k in ("class_map", "dropped_by_class_map")})
+    return dataset, quarantine
 
 
 def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
                    split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
                    on_bad_image: str = "error", cache_dir=None, synth: Optional[dict] = None,
-                   progress: bool = True, voi: str = "auto", test_by: str = "random") -> DataBundle:
+                   progress: bool = True, voi: str = "auto", test_by: str = "random",
+                   label_fraction: Optional[float] = None, label_count: Optional[int] = None,
+                   unlabeled: Optional[dict] = None) -> DataBundle:
     """Card + root -> :class:`DataBundle` with checked, leakage-free train / val / test datasets.
 
     Steps: (synthetic card + ``synth``: generate the set into ``root`` if absent) -> manifest ->
@@ -326,6 +348,13 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
     raises :class:`BadImageError` listing every bad file and its problem, ``'skip'`` moves them to
     ``bundle.quarantine`` -> :func:`check_leakage` -> datasets (train: ``augment`` preset; val/test:
     eval transform).
+
+    Few labels (issue 17): ``label_fraction`` (or ``label_count`` images) keeps a stratified, patient-level
+    subset of the training split labelled (:func:`~medtricks.data.splits.labeled_subset`, seeded with
+    ``split_seed``; val and test untouched) and puts the rest of the training split in ``bundle.unlabeled``;
+    ``unlabeled={"root": ..., "card": None}`` adds every image of a folder there (no labels read; with a
+    card, the files that card lists). The manifest's ``labeled`` column says which training rows kept
+    their label; unlabelled images identical to a val/test image are a :class:`LeakageError`.
     """
     card = load_card(card)
     root = Path(root).expanduser().resolve()
@@ -346,12 +375,88 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
         rows = good[good["split"] == split]
         return XrayDataset(rows, tf, cache_dir=cache, voi=voi) if len(rows) else None
 
+    pool = []  # unlabelled manifests
+    if label_fraction is not None or label_count is not None:
+        train_rows = (good["split"] == "train").to_numpy()
+        mask = labeled_subset(good.loc[train_rows, "label"], good.loc[train_rows, "patient"],
+                              fraction=label_fraction, count=label_count, seed=split_seed)
+        labeled = np.ones(len(good), dtype=bool)
+        labeled[np.flatnonzero(train_rows)] = mask
+        good = good.assign(labeled=labeled)
+        pool.append(good.loc[~labeled].assign(target=-1))
+        good.attrs = dict(manifest.attrs)
+
+    def subset(split: str, tf) -> Optional[XrayDataset]:
+        rows = good[good["split"] == split]
+        if split == "train" and "labeled" in rows.columns:
+            rows = rows[rows["labeled"]]
+        return XrayDataset(rows, tf, cache_dir=cache, voi=voi) if len(rows) else None
+
     train = subset("train", train_tf)
     if train is None:
         raise DataError(f"no training images left for card {card.name!r} under {root} "
                         f"({len(quarantine)} quarantined); check the split settings")
+    if unlabeled is not None:
+        pool.append(_unlabeled_folder(unlabeled, good, side=train_tf.base_side, voi=voi, cache_dir=cache,
+                                      on_bad_image=on_bad_image, progress=progress))
+    pool = [rows for rows in pool if len(rows)]
+    unlabeled_set = XrayDataset(pd.concat([rows[["path", "target", "content_hash"]] for rows in pool],
+                                          ignore_index=True), train_tf,
+                                cache_dir=cache, voi=voi) if pool else None
     return DataBundle(card=card, classes=list(card.classes), manifest=good, train=train,
-                      val=subset("val", eval_tf), test=subset("test", eval_tf), quarantine=quarantine)
+                      val=subset("val", eval_tf), test=subset("test", eval_tf), quarantine=quarantine,
+                      unlabeled=unlabeled_set)
 
 
-__all__ = ["XrayDataset", "DataBundle", "build_datasets", "build_eval_dataset", "scan_images", "resize_shorter_side"]
+_UNLABELED_KEYS = {"root", "card"}
+
+
+def list_unlabeled(root, card=None) -> pd.DataFrame:
+    """The images of an unlabelled folder as a manifest (``path``, ``target`` = -1): every image file
+    under ``root`` (the image extensions of the folder layout, hidden and ``__MACOSX`` folders skipped),
+    or with ``card`` the files that card lists there, whatever their labels or splits. No image is decoded."""
+    from medtricks.data.cards import FolderLayout
+    from medtricks.data.manifest import walk_files
+
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise MissingFileError(f"data.unlabeled.root {str(root)!r} is not a folder; point it at the unlabelled images")
+    if card is not None:
+        rows = build_manifest(load_card(card), root, on_missing="keep")
+        paths = sorted(str(p) for p in rows["path"])
+    else:
+        layout = FolderLayout(kind="folder")
+        paths = [str(p) for p in walk_files(root, skip_dirs=tuple(layout.exclude_dirs))
+                 if p.suffix.lower() in layout.extensions]
+    if not paths:
+        raise DataError(f"data.unlabeled: no image files under {root} "
+                        f"({'card ' + repr(card) if card else 'extensions png, jpg, jpeg, dcm, dicom, tif, tiff'})")
+    return pd.DataFrame({"path": paths, "label": "", "target": -1})
+
+
+def _unlabeled_folder(spec: dict, labelled: pd.DataFrame, *, side, voi, cache_dir, on_bad_image: str,
+                      progress: bool) -> pd.DataFrame:
+    """``data.unlabeled``: list, decode-check (bad images as ``on_bad_image`` says) and leakage-check the folder."""
+    unknown = sorted(set(spec) - _UNLABELED_KEYS)
+    if unknown or not spec.get("root"):
+        raise ConfigError(f"data.unlabeled: expected keys {sorted(_UNLABELED_KEYS)} with a root, got {spec!r}")
+    rows = list_unlabeled(spec["root"], spec.get("card"))
+    good, bad = scan_images(rows, side=side, voi=voi, cache_dir=cache_dir, progress=progress,
+                            desc="checking unlabelled images")
+    if len(bad) and on_bad_image == "error":
+        listed = "\n".join(f"  {p}: {r}" for p, r in zip(bad["path"][:20], bad["reason"][:20]))
+        raise BadImageError(bad["path"].iloc[0], f"{len(bad)} unusable image(s) in data.unlabeled.root "
+                            f"{spec['root']}; fix or remove them, or set data.on_bad_image=skip:\n{listed}")
+    held = labelled[labelled["split"].isin(["val", "test"])]
+    held_hashes = set(held["content_hash"]) if "content_hash" in held.columns else set()
+    same = good[good["content_hash"].isin(held_hashes)]
+    if len(same):
+        raise LeakageError(f"data.unlabeled: {len(same)} image(s) are byte-identical to validation/test images "
+                           f"(e.g. {same['path'].iloc[0]}); training on them, even without labels, leaks the "
+                           "held-out images into the model. Remove them or point data.unlabeled at other images",
+                           sorted(same["path"]))
+    return good[["path", "target", "content_hash"]]
+
+
+__all__ = ["XrayDataset", "DataBundle", "build_datasets", "build_eval_dataset", "scan_images", "resize_shorter_side",
+           "list_unlabeled"]

@@ -414,6 +414,8 @@ def export_manifest(manifest: pd.DataFrame, root, *, keep_paths: bool = False) -
                         "split": manifest["split"].to_numpy()})
     if "content_hash" in manifest.columns and manifest["content_hash"].notna().all():
         out["content_id"] = [content_id(d, salt) for d in manifest["content_hash"]]
+    if "labeled" in manifest.columns:  # data.label_fraction / label_count: which training rows kept their label
+        out["labeled"] = manifest["labeled"].to_numpy()
     bad = [p for p in out["patient"] if not re.fullmatch(r"p_[0-9a-f]{16}", str(p))]
     if bad:  # never export what could be a raw ID
         raise ManifestError(f"export_manifest: patient column holds {len(bad)} value(s) that are not salted hashes")

@@ -159,6 +159,65 @@ def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequenc
     return out.astype(str)
 
 
+def labeled_subset(labels: Sequence, groups: Sequence, *, fraction: Optional[float] = None,
+                   count: Optional[int] = None, seed: int = 0) -> np.ndarray:
+    """Which rows keep their label when only ``fraction`` (or ``count`` images) of a pool is labelled:
+    a boolean mask, whole patients only, stratified by class (issue 17, ``data.label_fraction``).
+
+    Every patient gets its most frequent label; within each class the patients are shuffled with
+    ``seed`` and taken in that order until the class holds ``fraction`` of its images (``count``:
+    the class's share of ``count``, largest-remainder rounding), at least one patient per class. The
+    same labels, groups and seed give the same subset; another seed another one. A patient with
+    several images is kept or left whole, so the kept count can exceed the target by one patient.
+
+    Example::
+
+        mask = labeled_subset(["a", "a", "b", "b"], ["p1", "p2", "p3", "p4"], fraction=0.5, seed=0)
+    """
+    labels = np.asarray(labels).astype(str)
+    groups = np.asarray(groups).astype(str)
+    n = len(labels)
+    if len(groups) != n:
+        raise ConfigError(f"labels ({n}) and groups ({len(groups)}) differ in length")
+    if (fraction is None) == (count is None):
+        raise ConfigError("labeled_subset needs exactly one of fraction (0 < f <= 1) or count (>= 1)")
+    if fraction is not None and not 0.0 < float(fraction) <= 1.0:
+        raise ConfigError(f"label_fraction={fraction!r}: expected a number in (0, 1]")
+    if count is not None and not 1 <= int(count):
+        raise ConfigError(f"label_count={count!r}: expected an integer >= 1")
+    if count is not None and count > n:
+        raise ConfigError(f"label_count={count} is more than the {n} training images")
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    patient_label: dict[str, str] = {}
+    patient_size: dict[str, int] = defaultdict(int)
+    for g in np.unique(groups):
+        g_labels, g_counts = np.unique(labels[groups == g], return_counts=True)
+        patient_label[g] = str(g_labels[np.argmax(g_counts)])
+    for g in groups:
+        patient_size[g] += 1
+    classes = sorted(set(patient_label.values()))
+    images = {c: sum(patient_size[g] for g in patient_label if patient_label[g] == c) for c in classes}
+    if fraction is not None:
+        target = {c: fraction * images[c] for c in classes}
+    else:  # largest remainder: the per-class targets sum to count
+        exact = {c: count * images[c] / n for c in classes}
+        target = {c: int(np.floor(v)) for c, v in exact.items()}
+        for c in sorted(classes, key=lambda c: (-(exact[c] - target[c]), c))[: count - sum(target.values())]:
+            target[c] += 1
+    rng = np.random.default_rng([int(seed) % (2**32), 17])  # not the split's stream
+    kept: set[str] = set()
+    for c in classes:
+        members = sorted(g for g in patient_label if patient_label[g] == c)
+        taken = 0
+        for i in rng.permutation(len(members)):
+            if taken >= target[c] and taken > 0:
+                break
+            kept.add(members[i])
+            taken += patient_size[members[i]]
+    return np.isin(groups, sorted(kept))
+
+
 def file_digest(path: str, chunk: int = 1 << 20) -> str:
     """Content hash of one file (BLAKE2b, 128 bit, hex) — the key of duplicate checks and the decode cache."""
     h = hashlib.blake2b(digest_size=16)
