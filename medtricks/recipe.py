@@ -66,6 +66,14 @@ class SynthConfig(_Section):
     format: Literal["png", "dicom"] = "png"
 
 
+class UnlabeledConfig(_Section):
+    """``data.unlabeled``: a folder of images without labels (issue 17). Without ``card``: every image file
+    under ``root``; with a card: the files that card lists under ``root`` (their labels ignored)."""
+
+    root: str
+    card: Optional[str] = None
+
+
 class DataConfig(_Section):
     card: str = "synthetic-phantoms"
     root: str = "data/phantoms"
@@ -80,6 +88,18 @@ class DataConfig(_Section):
     on_bad_image: Literal["error", "skip"] = "error"
     cache_dir: Optional[str] = None
     num_workers: int = Field(0, ge=0)
+    # Few labels (issue 17): keep a stratified, patient-level share (or number of images) of the training
+    # split labelled (chosen with split_seed); the rest, and data.unlabeled, form the unlabelled pool.
+    label_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
+    label_count: Optional[int] = Field(None, ge=1)
+    unlabeled: Optional[UnlabeledConfig] = None
+
+    @model_validator(mode="after")
+    def _one_label_knob(self) -> "DataConfig":
+        if self.label_fraction is not None and self.label_count is not None:
+            raise ValueError(f"data.label_fraction={self.label_fraction} and data.label_count={self.label_count}: "
+                             "set one of them (a share of the training images, or a number of images)")
+        return self
 
 
 class ResizerConfig(_Section):

@@ -275,9 +275,12 @@ def _prepare(recipe: Recipe) -> _Prepared:
                           "for the configured batch; lower train.batch_size")
 
     # The tricks act on the loaded weights (BN-gamma) before the optimizer sees the parameters.
-    tricks = build_tricks(recipe, TrickContext(recipe=recipe, classes=classes, train_targets=bundle.train.targets,
-                                               device=device, mean=tuple(data_config["mean"]),
-                                               std=tuple(data_config["std"])))
+    # extras: the unlabelled pool (data.label_fraction / data.unlabeled) for pseudo-labelling, and the
+    # updates per epoch (set once the loader exists) for tricks that ramp by epochs.
+    ctx = TrickContext(recipe=recipe, classes=classes, train_targets=bundle.train.targets, device=device,
+                       mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                       extras={"unlabeled": bundle.unlabeled})
+    tricks = build_tricks(recipe, ctx)
     for trick in tricks:
         trick.on_model(model)
     frozen = freeze_model(model, recipe.model.freeze) if recipe.model.freeze else []
@@ -286,7 +289,8 @@ def _prepare(recipe: Recipe) -> _Prepared:
                                      num_workers=recipe.data.num_workers, **merged_options(tricks, "loader_options"))
     val_loader = _eval_loader(bundle.val, recipe)
     engine_cfg = _engine_config(recipe, device, amp_dtype)
-    opt = _build_optimization(recipe, model, tricks, steps_per_epoch(train_loader, engine_cfg))
+    ctx.extras["updates_per_epoch"] = steps_per_epoch(train_loader, engine_cfg)
+    opt = _build_optimization(recipe, model, tricks, ctx.extras["updates_per_epoch"])
     loss_fn = build_loss(**merged_options(tricks, "loss_options"))
     for trick in tricks:
         loss_fn = trick.wrap_loss(loss_fn)
@@ -375,7 +379,9 @@ def _build_data(recipe: Recipe, card, data_config):
         split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
         test_fraction=recipe.data.test_fraction, test_by=recipe.data.test_by, on_bad_image=recipe.data.on_bad_image,
         cache_dir=recipe.data.cache_dir,
-        synth=recipe.data.synth.model_dump() if recipe.data.synth else None, progress=recipe.train.progress)
+        synth=recipe.data.synth.model_dump() if recipe.data.synth else None, progress=recipe.train.progress,
+        label_fraction=recipe.data.label_fraction, label_count=recipe.data.label_count,
+        unlabeled=recipe.data.unlabeled.model_dump() if recipe.data.unlabeled else None)
 
 
 def _engine_config(recipe: Recipe, device, amp_dtype) -> EngineConfig:
@@ -425,6 +431,7 @@ def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, t
                    "weights.source": info.get("weights_source"), "weights.sha256": info.get("weights_sha256"),
                    "frozen_params": len(frozen), "n_train": len(bundle.train), "n_val": len(bundle.val),
                    "n_test": len(bundle.test) if bundle.test is not None else 0,
+                   "n_unlabeled": len(bundle.unlabeled) if bundle.unlabeled is not None else 0,
                    "n_quarantined": len(bundle.quarantine)})
     for trick in tricks:
         params.update(trick.log_params())
