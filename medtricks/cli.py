@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print only; log nothing (to MLflow or the local run store, as the run's recipe says)")
     evaluate.add_argument("--save-predictions", default=None, metavar="FILE",
                           help="also write the per-image predictions (y_true, probs; no file names) to this .npz")
+    evaluate.add_argument("--class-map", default=None, metavar="CARD_CLASS=MODEL_CLASS,...",
+                          help="score on a card whose classes differ from the model's, e.g. "
+                               "covid=pneumonia,pneumonia=pneumonia,normal=normal ('drop' leaves a class out)")
 
     ensemble = sub.add_parser("ensemble", help="average the probabilities of several trained runs on the same images")
     ensemble.add_argument("runs", nargs="+", metavar="RUN", help="two or more run folders or MLflow run ids (same classes)")
@@ -291,7 +294,7 @@ def _cmd_evaluate(args) -> int:
     report = evaluate_trained(args.run, card=args.card, root=args.root, split=args.split, tta=args.tta,
                               threshold=args.threshold, prevalence=args.prevalence,
                               n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
-                              log=not args.no_log, runs_dir=args.runs_dir)
+                              log=not args.no_log, runs_dir=args.runs_dir, class_map=args.class_map)
     # the table's own header adds the image count and the bootstrap (resamples, seed): said once
     title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}"
              f"{', flip TTA' if args.tta == 'flip' else ''})")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from medtricks.audit import run_audit
 from medtricks.data import build_eval_dataset, load_card, redact_paths
+from medtricks.data.class_map import parse_class_map
 from medtricks.data.manifest import content_id, image_id, patient_salt
 from medtricks.errors import ConfigError
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
@@ -89,29 +90,50 @@ class FlipTTA(nn.Module):
 
 def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optional[int] = None,
                  val_fraction: Optional[float] = None, test_fraction: Optional[float] = None,
-                 on_bad_image: str = "error", progress: bool = True):
+                 on_bad_image: str = "error", progress: bool = True, class_map=None):
     """The eval-transform dataset of ``root`` as ``card`` describes it, normalized as the run trained.
 
     ``split``: ``all`` (every image: an external test set), or ``train``/``val``/``test`` of the
-    card's patient-level split (defaults: the run's own split settings).
+    card's patient-level split (defaults: the run's own split settings). ``class_map``: card class ->
+    model class or ``"drop"`` (a dict or ``"covid=pneumonia,..."``), for a card whose classes differ
+    from the model's (:mod:`medtricks.data.class_map`); without one the card must have the model's
+    classes (any order).
     """
     recipe = trained.recipe
     card = load_card(card)
-    unknown = sorted(set(card.classes) - set(trained.classes))
-    if list(card.classes) != list(trained.classes):
-        raise ConfigError(f"card {card.name!r} has classes {list(card.classes)} but the model was trained on "
-                          f"{trained.classes} (order matters){'; unknown: ' + str(unknown) if unknown else ''}")
+    mapping = parse_class_map(class_map) if isinstance(class_map, str) else dict(class_map or {})
     dataset, quarantine = build_eval_dataset(
         card, root, image_size=recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
         std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
         split=split, split_seed=recipe.data.split_seed if split_seed is None else split_seed,
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
         test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction,
-        test_by=recipe.data.test_by, on_bad_image=on_bad_image, progress=progress)
+        test_by=recipe.data.test_by, on_bad_image=on_bad_image, progress=progress,
+        classes=list(trained.classes), class_map=mapping)
     if len(quarantine):
         print(f"warning: skipped {len(quarantine)} unusable images (on_bad_image=skip)")
     return dataset, quarantine
 
+
+
+def class_map_notes(dataset, targets, classes) -> list[str]:
+    """What a class map did, and which metrics a one-class evaluation set cannot define."""
+    notes = []
+    attrs = getattr(getattr(dataset, "manifest", None), "attrs", {}) or {}
+    mapping = attrs.get("class_map")
+    if mapping and any(k != v for k, v in mapping.items()):
+        notes.append("classes mapped onto the model's: " + ", ".join(f"{k} -> {v}" for k, v in mapping.items()))
+    dropped = attrs.get("dropped_by_class_map") or {}
+    if dropped:
+        notes.append("left out by the class map: " + ", ".join(f"{k} ({n} images)" for k, n in dropped.items()))
+    present = sorted({int(t) for t in np.asarray(targets).tolist()})
+    if len(present) == 1:
+        only = classes[present[0]]
+        defined = "sensitivity" if len(classes) == 2 and present[0] == 1 else "specificity" if len(classes) == 2 \
+            else f"recall of {only!r}"
+        notes.append(f"the evaluation set holds only class {only!r}: AUROC, balanced accuracy and the other class's "
+                     f"rate are undefined (shown as nan); only {defined} (= accuracy here) means something")
+    return notes
 
 
 # Per-image predictions of an evaluation: y_true (N,), probs (N, K) and, for binary models, probs_op
@@ -527,8 +549,13 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
                      threshold: Any = "stored", prevalence: Optional[float] = None,
                      n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0, batch_size: int = 64,
                      tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
-                     progress: bool = True, runs_dir: Optional[str | Path] = None) -> EvaluationReport:
+                     progress: bool = True, runs_dir: Optional[str | Path] = None,
+                     class_map: Any = None) -> EvaluationReport:
     """Evaluate a trained run (folder, model file or run id) on a card's data, without training.
+
+    ``class_map`` (``"covid=pneumonia,normal=normal"`` or a dict; ``drop`` leaves a class out) scores
+    the model on a card whose classes differ from its own (external validation on another site's
+    data); when the mapped set holds one class only, AUROC is undefined and the report says so.
 
     Prints only ``warning:`` lines; returns metrics with bootstrap CIs at 0.5 and, for a binary model, at its
     operating point (see :func:`resolve_decision_rule` for ``threshold`` and ``prevalence``), and
@@ -549,7 +576,7 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri)
-    dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress)
+    dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress, class_map=class_map)
     card_name = load_card(card).name
     warns = [w for w in [flip_tta_warning(trained) if tta == "flip" else None] if w]
     overlap = split_overlap(trained, dataset.manifest, root, tracking_uri)
@@ -567,6 +594,7 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
                                    image_set=image_set_digest(dataset, root))
     report.warnings, report.overlap = warns, overlap
     report.notes.extend(overlap_notes)
+    report.notes.extend(class_map_notes(dataset, targets, trained.classes))
     if rule is not None and rule.source == "default":
         report.notes.append(rule.description)
     internal = _internal_test_predictions(trained, tracking_uri)

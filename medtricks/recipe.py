@@ -26,6 +26,7 @@ from medtricks._yaml import cap_text, short_repr, strict_load
 from medtricks._shipped import shipped_dir
 from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError
+from medtricks.audit.names import check_attack_name
 from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
 from medtricks.tricks.registry import load_plugins, trick_tags, tricks_config_model
 
@@ -204,8 +205,6 @@ class AuditConfig(_Section):
     @field_validator("attacks")
     @classmethod
     def _attacks(cls, value):
-        from medtricks.audit.names import check_attack_name
-
         return [check_attack_name(name) for name in value]  # a typo or a renamed attack fails before training
 
 

@@ -279,7 +279,7 @@ def _prepare(recipe: Recipe) -> _Prepared:
     # updates per epoch (set once the loader exists) for tricks that ramp by epochs.
     ctx = TrickContext(recipe=recipe, classes=classes, train_targets=bundle.train.targets, device=device,
                        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-                       extras={"unlabeled": bundle.unlabeled})
+                       extras={"unlabeled": bundle.unlabeled}, load_run=load_trained)
     tricks = build_tricks(recipe, ctx)
     for trick in tricks:
         trick.on_model(model)

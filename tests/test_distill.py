@@ -13,6 +13,7 @@ from medtricks.ablation.variants import make_variants, trick_overrides
 from medtricks.errors import ConfigError
 from medtricks.recipe import load_recipe
 from medtricks.train import fit
+from medtricks.trained import load_trained
 from medtricks.tricks.base import TrickContext
 from medtricks.tricks.distill import DistillConfig, Distillation, Teacher, distillation_kl
 
@@ -147,7 +148,8 @@ def test_a_bad_teacher_is_named(tmp_path):
     from medtricks.tricks.distill import load_teacher
 
     with pytest.raises(ConfigError, match=r"tricks.distill.teacher='.*nowhere'.*not a finished run"):
-        load_teacher(str(tmp_path / "nowhere"), classes=["a", "b"], student_mean=MEAN, student_std=STD)
+        load_teacher(str(tmp_path / "nowhere"), classes=["a", "b"], student_mean=MEAN, student_std=STD,
+                     load_run=load_trained)
     with pytest.raises(ConfigError, match="cannot build the teacher model"):
         load_teacher("model:no_such_net_xyz", classes=["a", "b"], student_mean=MEAN, student_std=STD)
     teacher = load_teacher("model:resnet18", classes=["a", "b"], student_mean=MEAN, student_std=STD, student_size=32)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from medtricks.audit.names import RENAMED_ATTACKS as _RENAMED  # no torch: the names only
+
 _EXPORTS = {
     "run_audit": "runner",
     "DEFAULT_EPS": "runner",
@@ -66,10 +68,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if name == "autoattack":
-        from medtricks.audit.adversarial import RENAMED_ATTACKS
-
-        raise AttributeError(RENAMED_ATTACKS[name])
+    if name in _RENAMED:
+        raise AttributeError(_RENAMED[name])
     if module is None:
         raise AttributeError(f"module 'medtricks.audit' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"medtricks.audit.{module}"), name)

@@ -31,10 +31,10 @@ import pandas as pd
 from monai.transforms import Transform  # this module is imported only when datasets are built
 
 from medtricks.errors import ConfigError, MissingFileError
-from medtricks.data.cards import DataCard, load_card
+from medtricks.data.cards import DataCard, FolderLayout, load_card
 from medtricks.data.class_map import apply_class_map, resolve_class_map
 from medtricks.data.errors import BadImageError, DataError, LeakageError
-from medtricks.data.manifest import build_manifest
+from medtricks.data.manifest import build_manifest, walk_files
 from medtricks.data.readers import VOI_MODES, BitDepthWarning, read_image
 from medtricks.data.splits import check_leakage, file_digest, labeled_subset
 from medtricks.data.synthetic import MANIFEST_NAME, PARAMS_NAME, SYNTHETIC_CARD, synthesize_phantoms
@@ -415,9 +415,6 @@ def list_unlabeled(root, card=None) -> pd.DataFrame:
     """The images of an unlabelled folder as a manifest (``path``, ``target`` = -1): every image file
     under ``root`` (the image extensions of the folder layout, hidden and ``__MACOSX`` folders skipped),
     or with ``card`` the files that card lists there, whatever their labels or splits. No image is decoded."""
-    from medtricks.data.cards import FolderLayout
-    from medtricks.data.manifest import walk_files
-
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise MissingFileError(f"data.unlabeled.root {str(root)!r} is not a folder; point it at the unlabelled images")

@@ -44,7 +44,7 @@ Example -- a whole trick in one file, registered in one line::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from medtricks.errors import MedtricksError
 
@@ -77,6 +77,9 @@ class TrickContext:
     device: Any = None
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
+    # Loads a finished run (folder or run id) as a model, for tricks that need one (a distillation
+    # teacher); run.py gives medtricks.trained.load_trained, so tricks never import the orchestration.
+    load_run: Optional[Callable[..., Any]] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

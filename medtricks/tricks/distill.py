@@ -37,7 +37,7 @@ teacher forward (no backward) is cheap next to the student's step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from medtricks._schema import Section
-from medtricks.errors import ConfigError
+from medtricks.errors import ConfigError, MedtricksError
+from medtricks.models import create_model, get_data_config
 from medtricks.tricks.base import AblationName, Trick, register_trick
 
 __all__ = ["DistillConfig", "Distillation", "Teacher", "load_teacher", "distillation_kl", "ScaledLoss"]
@@ -122,17 +123,16 @@ class Teacher:
 
 def load_teacher(ref: str, *, classes: list[str], student_mean, student_std, device=None, weights: str = "none",
                  image_size: Optional[int] = None, student_size: Optional[int] = None,
-                 student_in_chans: int = 1, key: str = "tricks.distill.teacher") -> Teacher:
+                 student_in_chans: int = 1, key: str = "tricks.distill.teacher",
+                 load_run: Optional[Callable[..., Any]] = None) -> Teacher:
     """A :class:`Teacher` from a finished run (folder, file in it, run id) or ``model:NAME``.
 
+    ``load_run(ref, device=...)`` loads a finished run (``medtricks.trained.load_trained``, given by the
+    run through :class:`~medtricks.tricks.base.TrickContext`; tricks do not import the orchestration).
     Errors name ``key`` and what was expected (an unknown run, other classes).
     """
-    from medtricks.errors import MedtricksError
-
     ref = str(ref).strip()
     if ref.startswith(MODEL_PREFIX):
-        from medtricks.models import create_model, get_data_config
-
         name = ref[len(MODEL_PREFIX):]
         try:
             model = create_model(name, weights=weights, num_classes=len(classes), in_chans=student_in_chans)
@@ -146,10 +146,11 @@ def load_teacher(ref: str, *, classes: list[str], student_mean, student_std, dev
                           student_mean=student_mean, student_std=student_std, source=ref, classes=list(classes))
         return teacher.to(device) if device is not None else teacher
 
-    from medtricks.trained import load_trained
-
+    if load_run is None:
+        raise ConfigError(f"{key}={ref!r}: loading a finished run needs TrickContext(load_run=...) (medtricks run "
+                          "gives it); in Python pass load_run=medtricks.trained.load_trained, or use model:NAME")
     try:
-        trained = load_trained(ref, device=str(device or "cpu"))
+        trained = load_run(ref, device=str(device or "cpu"))
     except MedtricksError as err:
         raise ConfigError(f"{key}={ref!r}: not a finished run folder or run id, nor model:NAME ({err})") from err
     if list(trained.classes) != list(classes):
@@ -179,7 +180,7 @@ def teacher_for(recipe: Any, ctx: Any, ref: str, *, weights: str = "none", image
     return load_teacher(ref, classes=list(ctx.classes), student_mean=ctx.mean, student_std=ctx.std,
                         device=ctx.device, weights=weights, image_size=image_size,
                         student_size=recipe.input_image_size() if hasattr(recipe, "input_image_size") else None,
-                        student_in_chans=len(ctx.mean), key=key)
+                        student_in_chans=len(ctx.mean), key=key, load_run=ctx.load_run)
 
 
 class ScaledLoss(nn.Module):
