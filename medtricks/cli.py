@@ -26,6 +26,8 @@ EPILOG = """examples:
   medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
   medtricks export runs/quickstart/<id> --format onnx --out exports/model.onnx
   medtricks predict runs/kermany_pneumonia/<id> /data/new_xrays --out preds.csv --threshold sens=0.95
+  medtricks cka runs/a/<id> runs/b/<id> --card kermany-pneumonia --root /data/kermany/test --n 500
+  medtricks cka runs/kermany_pneumonia/<id> --vs-init --log
   medtricks weights list
 """
 
@@ -234,6 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
     export.add_argument("--tracking-uri", default=None, help="MLflow URI to look a run id up in")
 
+    cka = sub.add_parser("cka", help="CKA between the blocks of two runs, or of a run and its starting weights "
+                                     "(--vs-init): which layers did fine-tuning move")
+    cka.add_argument("runs", nargs="+", metavar="RUN", help="RUN_A [RUN_B]: run folders or run ids (one with --vs-init)")
+    cka.add_argument("--vs-init", action="store_true",
+                     help="compare RUN_A with its recipe's starting weights (pretrained, before any gamma strategy)")
+    cka.add_argument("--layers", default=None, metavar="PATTERN",
+                     help="comma-separated fnmatch patterns on module names, e.g. 'layer4.*' or 'blocks.*' "
+                          "(default: every residual block of a CNN, every transformer block of a ViT)")
+    cka.add_argument("--card", default=None, help="data card of the images (default: RUN_A's own data)")
+    cka.add_argument("--root", default=None, help="root of --card's data")
+    cka.add_argument("--split", choices=["all", "train", "val", "test"], default=None,
+                     help="split of the data (default: val for RUN_A's data, all for --card)")
+    cka.add_argument("--n", type=int, default=500, help="images (a seeded random subset; default 500)")
+    cka.add_argument("--batch-size", type=int, default=64, help="minibatch size of minibatch CKA (default 64)")
+    cka.add_argument("--method", choices=["minibatch", "linear"], default="minibatch",
+                     help="minibatch (Nguyen et al. 2021, default; little memory) or linear (Kornblith et al. "
+                          "2019 on all images at once; holds every layer's activations)")
+    cka.add_argument("--seed", type=int, default=0, help="seed of the image subset")
+    cka.add_argument("--out", default="cka", metavar="DIR", help="where cka.json and cka.png go (default: ./cka)")
+    cka.add_argument("--log", action="store_true",
+                     help="also log the heat map, JSON and per-block values to RUN_A's run store (onto RUN_A)")
+    cka.add_argument("--device", default="auto")
+    cka.add_argument("--tracking-uri", default=None)
+    cka.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
+
     weights = sub.add_parser("weights", help="the pretrained weights zoo")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
     weights_sub.add_parser("list", help="list weights, their source and whether they are cached")
@@ -353,6 +380,23 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _cmd_cka(args) -> int:
+    from medtricks.cka import cka_trained
+
+    if len(args.runs) > 2 or (args.vs_init and len(args.runs) != 1):
+        print("medtricks cka: error: give RUN_A RUN_B, or RUN_A --vs-init", file=sys.stderr)
+        return 2
+    result = cka_trained(args.runs[0], None if args.vs_init else (args.runs[1] if len(args.runs) > 1 else None),
+                         vs_init=args.vs_init, layers=args.layers, card=args.card, root=args.root, split=args.split,
+                         n=args.n, batch_size=args.batch_size, method=args.method, seed=args.seed, out_dir=args.out,
+                         log=args.log, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir, device=args.device)
+    print(result.table())
+    print("wrote " + ", ".join(str(p) for p in result.files))
+    if result.run_id:
+        print(f"logged to {result.logged_to}: run {result.run_id}")
+    return 0
+
+
 def _cmd_predict(args) -> int:
     from medtricks.predict import predict_images, summary, write_predictions
 
@@ -419,6 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_export(args)
         if args.command == "predict":
             return _cmd_predict(args)
+        if args.command == "cka":
+            return _cmd_cka(args)
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
               file=sys.stderr)

@@ -10,7 +10,7 @@ A run folder (``<experiment.output_dir>/<experiment.name>/<stamp>-<id>/``) holds
     model/                       model_state.pt, data_config.json, MODEL_CARD.md, operating_point.json
     mlflow_model/                the MLflow pyfunc model (MLflow store only; logged as ``mlflow_model/``)
     artifacts/                   split_manifest.csv, quarantine.csv, bn_gamma_report.csv,
-                                 predictions_<split>.npz (per-image probabilities)
+                                 layerscale_gamma_report.csv, predictions_<split>.npz (per-image probabilities)
 
 Artifacts logged to the run store keep a folder name (``predictions/predictions_val.npz``,
 ``data/split_manifest.csv``, ``model/model_state.pt``); :meth:`RunDir.artifact_for` maps one to its
@@ -205,6 +205,10 @@ class RunDir:
     @property
     def bn_gamma_report(self) -> Path:
         return self.artifacts / "bn_gamma_report.csv"
+
+    @property
+    def layerscale_gamma_report(self) -> Path:
+        return self.artifacts / "layerscale_gamma_report.csv"
 
     def predictions(self, split: str) -> Path:
         return self.artifacts / PREDICTIONS_FILE.format(split=split)

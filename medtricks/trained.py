@@ -23,6 +23,7 @@ from medtricks.models.resizer import LearnableResizer, ResizerModel
 from medtricks.recipe import Recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.tracking import DEFAULT_RUNS_DIR, find_run
+from medtricks.tricks.layerscale import insert_layerscale_for_state
 
 __all__ = ["TrainedModel", "load_trained", "build_model"]
 
@@ -126,9 +127,11 @@ def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = 
     # the recipe's weights when their stem adaptation added tensors (e.g. a folded conv bias).
     no_weights = recipe.model_copy(update={"model": recipe.model.model_copy(update={"weights": "none"})})
     model, data_config = build_model(no_weights, num_classes=len(classes))
+    insert_layerscale_for_state(model, state)  # tricks.layerscale_gamma.insert added LayerScale modules
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         model, data_config = build_model(recipe, num_classes=len(classes))
+        insert_layerscale_for_state(model, state)
         model.load_state_dict(state, strict=True)
     # normalization is the one the run trained with (its weights decided it)
     data_config = _trained_data_config(run_dir, data_config)

@@ -61,7 +61,7 @@ NOT_YET_TOP_LEVEL: set = set()
 #: -> audit, with tracking and the run folder beside them). Every other module is below; a new
 #: orchestration module belongs in this list.
 TOP_LAYER = ["medtricks.cli", "medtricks.ablation", "medtricks.run", "medtricks.posthoc", "medtricks.ensemble",
-             "medtricks.trained", "medtricks.predict", "medtricks.export"]
+             "medtricks.trained", "medtricks.predict", "medtricks.export", "medtricks.cka"]
 
 
 # ------------------------------------------------------------------------------------ the graph

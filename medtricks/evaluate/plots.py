@@ -25,6 +25,7 @@ __all__ = [
     "plot_reliability_diagram",
     "plot_lr_schedule",
     "plot_forest",
+    "plot_cka",
 ]
 
 
@@ -210,4 +211,33 @@ def plot_forest(
         text = f"{m[i]:.4f} [{lo[i]:.4f}, {hi[i]:.4f}]" if has_ci[i] else f"{m[i]:.4f} (no CI)"
         ax.annotate(text, xy=(1.02, row), xycoords=("axes fraction", "data"), va="center", fontsize="small")
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_cka(matrix: Any, rows: Sequence[str], cols: Sequence[str], *, title: str = "CKA",
+             xlabel: str = "B", ylabel: str = "A") -> Figure:
+    """Heat map of a CKA matrix (rows: layers of ``A``, columns: layers of ``B``), 0..1 colour scale,
+    values printed in the cells when there are few enough (``<= 16`` per side).
+
+    Example: ``plot_cka(np.eye(3), ["b0", "b1", "b2"], ["b0", "b1", "b2"]).savefig("cka.png")``
+    """
+    m = np.asarray(matrix, dtype=float)
+    if m.shape != (len(rows), len(cols)):
+        raise ConfigError(f"plot_cka: matrix of shape {m.shape} for {len(rows)} row and {len(cols)} column names")
+    size = 3.0 + 0.32 * max(len(rows), len(cols))
+    fig = _new_figure(size + 1.0, size, layout="tight")
+    ax = fig.add_subplot()
+    image = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(cols)), labels=list(cols), rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), labels=list(rows), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if max(len(rows), len(cols)) <= 16:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if np.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if m[i, j] > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="linear CKA")
     return fig

@@ -49,6 +49,9 @@ class GammaReport:
         (1, 'zero_late: 1 layers; gamma=0 beta=0 x1 (layer4.1.bn2)')
     """
 
+    #: the columns ``str()`` prints (a subclass may leave some out, e.g. LayerScale has no beta)
+    shown_columns: tuple[str, ...] = REPORT_COLUMNS
+
     def __init__(self, rows: list[dict[str, Any]] | None = None, *, strategy: str = "custom") -> None:
         self.rows: list[dict[str, Any]] = []
         self.strategy = strategy
@@ -88,11 +91,12 @@ class GammaReport:
     def __str__(self) -> str:
         if not self.rows:
             return f"{self.strategy}: no layers changed"
-        table = [list(REPORT_COLUMNS)] + [
-            [("keep" if c == "new_beta" and row[c] is None else _fmt(row[c])) for c in REPORT_COLUMNS]
+        columns = self.shown_columns
+        table = [list(columns)] + [
+            [("keep" if c == "new_beta" and row[c] is None else _fmt(row[c])) for c in columns]
             for row in self.rows
         ]
-        widths = [max(len(line[i]) for line in table) for i in range(len(REPORT_COLUMNS))]
+        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
         lines = []
         for k, line in enumerate(table):
             # Left-align names, right-align numbers.

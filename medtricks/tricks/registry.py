@@ -22,6 +22,7 @@ import medtricks.tricks.settings  # noqa: F401  warmup, cosine, linear_scaling, 
 import medtricks.tricks.label_smoothing  # noqa: F401
 import medtricks.tricks.no_bias_decay  # noqa: F401
 import medtricks.tricks.bn_gamma_trick  # noqa: F401
+import medtricks.tricks.layerscale_gamma  # noqa: F401  LayerScale-gamma strategies for ViTs (issue 20)
 import medtricks.tricks.mixup  # noqa: F401
 import medtricks.tricks.ema  # noqa: F401
 import medtricks.tricks.class_balance  # noqa: F401
