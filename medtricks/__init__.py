@@ -75,6 +75,9 @@ _EXPORTS = {
     "run_ablation": "medtricks.ablation",
     "make_variants": "medtricks.ablation",
     "compare_runs": "medtricks.ablation",
+    # few labels: Noisy Student self-training (issue 17)
+    "run_self_train": "medtricks.self_train",
+    "NoiseConfig": "medtricks.self_train",
     # tricks as plug-ins
     "Trick": "medtricks.tricks.base",
     "TrickContext": "medtricks.tricks.base",

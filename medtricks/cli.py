@@ -21,6 +21,7 @@ EPILOG = """examples:
   medtricks ensemble runs/a/<id> runs/b/<id> --card kermany-pneumonia --root /data/kermany/test
   medtricks compare --runs EVAL_RUN_A EVAL_RUN_B --metric eval/auroc
   medtricks ablate recipes/quickstart.yaml --tricks warmup,bn_gamma=zero_late --seeds 5
+  medtricks self-train recipes/quickstart.yaml --rounds 2 --set data.label_fraction=0.1
   medtricks compare --experiment quickstart --group-by variant
   medtricks compare --experiment quickstart --runs-dir runs      # runs of tracking.backend: none
   medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
@@ -162,6 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--metric", default=None, help="metric to compare (default val/auroc)")
     ablate.add_argument("--test", choices=["t", "wilcoxon"], default=None, help="paired test over seeds")
     ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    self_train = sub.add_parser(
+        "self-train", help="Noisy Student self-training: a teacher, then noised students on its pseudo-labels",
+        description="Round 0 trains the teacher on the labelled images (tricks.pseudo_label off). Each later round "
+                    "pseudo-labels the unlabelled pool (data.label_fraction < 1, data.label_count or "
+                    "data.unlabeled) with the round before (tricks.pseudo_label.teacher; its threshold/soft/weight "
+                    "from the recipe) and trains a noised student: dropout, stochastic depth where the model "
+                    "takes it, a stronger augmentation preset. One parent run, one child run per round; re-running "
+                    "the same command skips finished rounds and resumes an interrupted one.")
+    self_train.add_argument("recipe", help="the recipe of the teacher (and, with the noise, of every student)")
+    self_train.add_argument("--rounds", type=int, default=1, metavar="N",
+                            help="student rounds after the teacher (default 1: teacher + 1 student)")
+    self_train.add_argument("--drop-rate", type=float, default=0.5, metavar="P",
+                            help="students' model.drop_rate, dropout before the classifier (default 0.5, "
+                                 "as Noisy Student; 0 keeps the recipe's)")
+    self_train.add_argument("--drop-path-rate", type=float, default=0.2, metavar="P",
+                            help="students' stochastic depth, model.kwargs.drop_path_rate, where the timm model "
+                                 "takes it (default 0.2, as Noisy Student; 0 keeps the recipe's)")
+    self_train.add_argument("--augment", default="cxr_shift", metavar="PRESET|keep",
+                            help="students' data.augment: cxr_light, cxr_shift (default: the strongest X-ray "
+                                 "preset), paper_baseline, none, or keep (the recipe's)")
+    self_train.add_argument("--student", default=None, metavar="MODEL",
+                            help="students' model.name, an equal or larger model (default: the recipe's model)")
+    self_train.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the recipe's)")
+    self_train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a recipe key for every round, e.g. --set data.label_fraction=0.1")
 
     compare = sub.add_parser("compare", help="side-by-side table of runs (MLflow, or the local run store of "
                                              "tracking.backend: none with --runs-dir), grouped by a tag")
@@ -359,6 +386,22 @@ def _cmd_ablate(args) -> int:
     return 1 if result.failed else 0  # run_ablation prints the table itself
 
 
+def _cmd_self_train(args) -> int:
+    from medtricks.recipe import load_recipe
+    from medtricks.self_train import NoiseConfig, run_self_train
+
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    noise = NoiseConfig(drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
+                        augment=None if args.augment == "keep" else args.augment, student=args.student)
+    try:
+        run_self_train(recipe, args.rounds, noise=noise, tracking_uri=args.tracking_uri)
+    except KeyboardInterrupt:
+        print("interrupted: finished rounds are kept and the round in progress is checkpointed at its last "
+              "finished epoch; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0  # run_self_train prints the table itself
+
+
 def _cmd_compare(args) -> int:
     from medtricks.ablation import compare_runs
 
@@ -455,6 +498,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_ensemble(args)
         if args.command == "ablate":
             return _cmd_ablate(args)
+        if args.command == "self-train":
+            return _cmd_self_train(args)
         if args.command == "compare":
             return _cmd_compare(args)
         if args.command == "audit":

@@ -62,6 +62,7 @@ NOT_YET_TOP_LEVEL: set = set()
 #: orchestration module belongs in this list.
 TOP_LAYER = ["medtricks.cli", "medtricks.ablation", "medtricks.run", "medtricks.posthoc", "medtricks.ensemble",
              "medtricks.trained", "medtricks.predict", "medtricks.export", "medtricks.cka"]
+TOP_LAYER += ["medtricks.self_train"]  # issue 17: Noisy Student rounds (runs, a parent run, a state file)
 
 
 # ------------------------------------------------------------------------------------ the graph
