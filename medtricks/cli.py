@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--surrogate", default=None, help="run for the transfer attack's surrogate model")
     audit.add_argument("--target-class", default=None,
                        help="targeted attacks: push every image towards this class name (default: untargeted)")
+    audit.add_argument("--shortcut", action="store_true",
+                       help="the shortcut audit instead: lungs hidden / lungs only, border blanked, Grad-CAM overlays "
+                            "and Grad-CAM mass in the lung field (DeGrave et al. 2021), with a verdict line")
     audit.add_argument("--tracking-uri", default=None)
     audit.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
     audit.add_argument("--no-log", action="store_true",
@@ -416,7 +419,7 @@ def _cmd_audit(args) -> int:
     report = audit_trained(args.run, card=args.card, root=args.root, split=args.split, attacks=args.attacks,
                            eps=args.eps, corruptions=args.corruptions, n=args.n, surrogate=args.surrogate,
                            target_class=args.target_class, tracking_uri=args.tracking_uri, log=not args.no_log,
-                           runs_dir=args.runs_dir)
+                           runs_dir=args.runs_dir, shortcut=args.shortcut)
     print(report.table)
     if report.run_id:
         print(f"logged to {report.logged_to or 'MLflow'}: run {report.run_id}")

@@ -11,16 +11,19 @@ split out so run.py stays about training.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from medtricks.audit import run_audit
+from medtricks.audit.shortcut import run_shortcut_audit
 from medtricks.data import build_eval_dataset, load_card, redact_paths
 from medtricks.data.class_map import parse_class_map
 from medtricks.data.manifest import content_id, image_id, patient_salt
@@ -667,6 +670,28 @@ def audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, d
                      square_queries=audit_cfg.square_queries, masking=audit_cfg.masking_checks)
 
 
+def shortcut_audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, device, seed: int = 0,
+                         progress: bool = True, batch_size: int = 32, n: Optional[int] = None):
+    """Run :func:`medtricks.audit.shortcut.run_shortcut_audit` as the recipe's ``audit`` section says."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return run_shortcut_audit(model, loader, classes=classes, mean=tuple(data_config["mean"]),
+                              std=tuple(data_config["std"]), n=n or audit_cfg.n, border=audit_cfg.shortcut_border,
+                              n_bootstrap=audit_cfg.n_bootstrap, seed=seed, device=device, progress=progress)
+
+
+def log_shortcut(tracker, result) -> None:
+    """Shortcut-audit metrics (``audit/shortcut/...``), its JSON report and the Grad-CAM overlay PNGs."""
+    tracker.log_metrics(result.metrics, step=0)
+    tracker.log_text(result.to_json(), "audit/shortcut/report.json")
+    tracker.log_text(result.table() + "\n", "audit/shortcut/summary.txt")
+    if result.overlays:
+        with tempfile.TemporaryDirectory(prefix="medtricks-shortcut-") as folder:
+            for name, rgb in result.overlays.items():
+                path = Path(folder) / f"gradcam_{name}.png"
+                Image.fromarray(rgb).save(path)
+                tracker.log_artifact(path, "audit/shortcut")
+
+
 def log_audit(tracker, result) -> None:
     """Audit metrics, the JSON report and the PNG plots onto the tracker's current run."""
     tracker.log_metrics(result.metrics, step=0)
@@ -678,8 +703,11 @@ def log_audit(tracker, result) -> None:
 def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] = None, split: Optional[str] = None,
                   attacks=None, eps=None, corruptions=None, n: Optional[int] = None, surrogate: Optional[str] = None,
                   target_class: Optional[str] = None, tracking_uri: Optional[str] = None, log: bool = True,
-                  device: str = "auto", progress: bool = True, runs_dir: Optional[str | Path] = None) -> AuditReport:
-    """Adversarial and corruption audit of a trained run (folder, model file or run id).
+                  device: str = "auto", progress: bool = True, runs_dir: Optional[str | Path] = None,
+                  shortcut: bool = False) -> AuditReport:
+    """Adversarial and corruption audit of a trained run (folder, model file or run id); with
+    ``shortcut=True`` the shortcut audit instead (:mod:`medtricks.audit.shortcut`: lungs hidden / lungs
+    only, border blanked, Grad-CAM), logged under ``audit/shortcut/``.
 
     Data: the run's own validation split by default, or ``card``/``root`` (all images unless
     ``split``). Settings: the run's ``audit`` recipe section, overridden by the arguments
@@ -703,10 +731,15 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
     surrogate_model = load_trained(surrogate, tracking_uri=tracking_uri, device=str(dev),
                                    runs_dir=runs_dir).model if surrogate else None
     eps_values = parse_eps(eps) if isinstance(eps, str) else eps
-    result = audit_model(trained.model, dataset, audit_cfg=recipe.audit, classes=trained.classes,
-                         data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
-                         surrogate=surrogate_model, progress=progress, attacks=attacks, eps=eps_values,
-                         corruptions=corruptions, n=n, target_class=target_class)
+    if shortcut:
+        result = shortcut_audit_model(trained.model, dataset, audit_cfg=recipe.audit, classes=trained.classes,
+                                      data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
+                                      progress=progress, n=n)
+    else:
+        result = audit_model(trained.model, dataset, audit_cfg=recipe.audit, classes=trained.classes,
+                             data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
+                             surrogate=surrogate_model, progress=progress, attacks=attacks, eps=eps_values,
+                             corruptions=corruptions, n=n, target_class=target_class)
     report = AuditReport(result=result, table=result.table(), n_images=int(result.config["n_images"]))
     if log:
         tracker = posthoc_store(trained, tracking_uri, runs_dir)
@@ -718,6 +751,6 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
                                           run_name=f"audit-{recipe.experiment.name}",
                                           tags={"medtricks.audited_run": str(trained.run_id),
                                                 "medtricks.kind": "audit", "medtricks.role": "audit"})
-        log_audit(tracker, result)
+        (log_shortcut if shortcut else log_audit)(tracker, result)
         tracker.end()
     return report

@@ -201,6 +201,8 @@ class AuditConfig(_Section):
     n_bootstrap: int = Field(200, ge=0)
     square_queries: int = Field(1000, ge=1)  # Square's query budget (standard AutoAttack: 5000)
     masking_checks: bool = True  # gradient-masking checks when pgd_linf (untargeted) runs
+    shortcut: bool = False  # the shortcut audit (lungs hidden/only, border, Grad-CAM) after training
+    shortcut_border: float = Field(0.08, gt=0.0, lt=0.5)  # width of the blanked frame, fraction of the side
 
     @field_validator("attacks")
     @classmethod

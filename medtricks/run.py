@@ -34,7 +34,7 @@ from medtricks.evaluate.split_table import bootstrap_note, headline_keys, split_
 from medtricks.export import export_model
 from medtricks.logged_params import run_params, tricks_summary
 from medtricks.models import freeze_model, stage_of_parameter
-from medtricks.posthoc import audit_model, log_audit
+from medtricks.posthoc import audit_model, log_audit, log_shortcut, shortcut_audit_model
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
 from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, create_store
@@ -348,8 +348,7 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
     eval_model.load_state_dict(load_checkpoint(fit_result.best_checkpoint, map_location=device)["model"])
     final = _final_evaluation(recipe, run, tracker, say, eval_model, bundle, classes, device, amp_dtype,
                               step=fit_result.steps, best_epoch=fit_result.best_epoch)
-    if recipe.audit.enabled:
-        _audit(recipe, tracker, say, eval_model, bundle.val, classes, data_config, device)
+    _audit(recipe, tracker, say, eval_model, bundle.val, classes, data_config, device)
     if recipe.eval.plots and recipe.model.resizer.enabled:
         images = torch.stack([bundle.val[i][0] for i in range(min(4, len(bundle.val)))])
         tracker.log_figure(resizer_comparison_figure(model.resizer, images.to(device)), "plots/resizer.png")
@@ -507,15 +506,23 @@ def _final_evaluation(recipe: Recipe, run: RunDir, tracker: Tracker, say, eval_m
 
 
 def _audit(recipe: Recipe, tracker: Tracker, say, eval_model, dataset, classes, data_config, device) -> None:
-    surrogate = None
-    if recipe.audit.surrogate:
-        surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device),
-                                 runs_dir=recipe.experiment.output_dir).model
-    result = audit_model(eval_model, dataset, audit_cfg=recipe.audit, classes=classes, data_config=data_config,
-                         device=device, seed=recipe.experiment.seed, surrogate=surrogate,
-                         progress=recipe.train.progress, batch_size=recipe.train.batch_size)
-    log_audit(tracker, result)
-    say(result.table())
+    """The recipe's audits of the best checkpoint on the validation split: robustness, shortcut."""
+    if recipe.audit.enabled:
+        surrogate = None
+        if recipe.audit.surrogate:
+            surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device),
+                                     runs_dir=recipe.experiment.output_dir).model
+        result = audit_model(eval_model, dataset, audit_cfg=recipe.audit, classes=classes, data_config=data_config,
+                             device=device, seed=recipe.experiment.seed, surrogate=surrogate,
+                             progress=recipe.train.progress, batch_size=recipe.train.batch_size)
+        log_audit(tracker, result)
+        say(result.table())
+    if recipe.audit.shortcut:
+        shortcut = shortcut_audit_model(eval_model, dataset, audit_cfg=recipe.audit, classes=classes,
+                                        data_config=data_config, device=device, seed=recipe.experiment.seed,
+                                        progress=recipe.train.progress, batch_size=recipe.train.batch_size)
+        log_shortcut(tracker, shortcut)
+        say(shortcut.table())
 
 
 def _save_model(recipe: Recipe, run: RunDir, tracker: Tracker, eval_model, classes, info, data_config,
