@@ -48,6 +48,8 @@ __all__ = ["lung_field_mask", "hide_lungs", "lungs_only", "blank_border", "run_s
 
 #: Lungs-hidden AUROC whose CI lower bound above this flags a shortcut (0.5 = chance).
 LUNGS_HIDDEN_AUROC = 0.65
+#: Smallest feature-map side at which Grad-CAM can tell the lung field from the rest of the image.
+MIN_CAM_GRID = 4
 #: Border-blanking AUROC drop whose CI lower bound above this flags a shortcut.
 BORDER_DROP = 0.02
 _CI = 0.95
@@ -142,7 +144,7 @@ class ShortcutResult:
         lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
         lines.append(f"border blanked: AUROC drop {fmt(self.border_drop, 'value')}")
         lines.append(f"Grad-CAM share in the lung field: {fmt(self.cam_lung_share, 'value')} "
-                     f"(the field is {c['lung_area']:.0%} of the image)")
+                     f"(the field is {c['lung_area']:.0%} of the image); {c.get('grad_cam', '')}")
         lines.append(self.verdict)
         return "\n".join(lines)
 
@@ -239,12 +241,13 @@ def run_shortcut_audit(model: nn.Module, loader: Any, *, classes: Sequence[str],
     border_drop = _paired_drop(y, p["clean"], p["border_blanked"], n_bootstrap, seed)
     lung_area = float(mask.mean())
     cam_share, overlays = {"value": math.nan, "value_ci_low": math.nan, "value_ci_high": math.nan}, {}
+    cam_note = "Grad-CAM not run (cam=False)"
     if cam:
-        cam_share, overlays = _cam_probe(model, torch.cat(xs), y, p["clean"], mask, mean_l, std_l, device,
+        cam_share, overlays, cam_note = _cam_probe(model, torch.cat(xs), y, p["clean"], mask, mean_l, std_l, device,
                                          n_overlays, n_bootstrap, seed)
     flags, verdict = _verdict(variants, border_drop, cam_share, lung_area)
     config = {"n_images": int(seen), "n_requested": n, "border": float(border), "lung_area": lung_area,
-              "fill_grey": fill,
+              "fill_grey": fill, "grad_cam": cam_note,
               "lung_field": "ellipses at x=0.30/0.70, y=0.50 of the side, semi-axes 0.17 w x 0.30 h"
               if lung_mask is None else "given mask", "n_bootstrap": int(n_bootstrap), "seed": seed,
               "thresholds": {"lungs_hidden_auroc_ci_low": LUNGS_HIDDEN_AUROC, "border_drop_ci_low": BORDER_DROP}}
@@ -259,14 +262,21 @@ def _cam_probe(model, x01, y, clean_probs, mask, mean, std, device, n_overlays, 
     target = np.ones_like(pred) if clean_probs.shape[1] == 2 else pred
     norm = (x01 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     _, layer = cam_target_layer(model, input_shape=tuple(norm.shape[1:]))
+    grid = _feature_grid(model, layer, norm[:1].to(device))
+    empty = {"value": math.nan, "value_ci_low": math.nan, "value_ci_high": math.nan}
+    if min(grid) < MIN_CAM_GRID:
+        return empty, {}, (f"Grad-CAM skipped: the model's last feature map is {grid[0]}x{grid[1]} at this input size, "
+                           f"too coarse to tell the lungs from the rest (needs >= {MIN_CAM_GRID}x{MIN_CAM_GRID})")
     maps = []
     for start in range(0, len(norm), 16):
         maps.append(grad_cam(model, layer, norm[start:start + 16].to(device), [int(t) for t in target[start:start + 16]]))
     heat = np.concatenate(maps).astype(np.float64)  # (N, H, W) in [0, 1]
     total = heat.reshape(len(heat), -1).sum(1)
     inside = (heat * mask[None]).reshape(len(heat), -1).sum(1)
-    share = np.where(total > 0, inside / np.maximum(total, 1e-12), np.nan)
+    flat = heat.reshape(len(heat), -1).std(1) < 1e-6  # an all-zero (or constant) map locates nothing
+    share = np.where((total > 0) & ~flat, inside / np.maximum(total, 1e-12), np.nan)
     valid = share[np.isfinite(share)]
+    note = f"Grad-CAM at a {grid[0]}x{grid[1]} feature map; {int(flat.sum())} of {len(heat)} maps flat (left out)"
     out = {"value": float(valid.mean()) if valid.size else math.nan, "value_ci_low": math.nan,
            "value_ci_high": math.nan}
     if valid.size > 1 and n_bootstrap:
@@ -280,7 +290,23 @@ def _cam_probe(model, x01, y, clean_probs, mask, mean, std, device, n_overlays, 
         order = [i for i in np.argsort(-confidence) if chosen[i]][:n_overlays]
         for rank, i in enumerate(order):
             overlays[f"{kind}_{rank + 1}_p{confidence[i]:.2f}"] = overlay(gray[i], heat[i])
-    return out, overlays
+    return out, overlays, note
+
+
+def _feature_grid(model, layer, image) -> tuple[int, int]:
+    """Height and width of ``layer``'s output for one image."""
+    seen = {}
+
+    def hook(_module, _inputs, output):  # returns None: a forward hook's return value replaces the output
+        seen.setdefault("shape", tuple(output.shape[-2:]))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model.eval()(image)
+    finally:
+        handle.remove()
+    return seen.get("shape", (0, 0))
 
 
 def _verdict(variants, border_drop, cam_share, lung_area) -> tuple[dict[str, bool], str]:
