@@ -95,8 +95,11 @@ def _one(variant: str, seed: int, args, out: Path, tmp: Path) -> dict[str, Any]:
 def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from medtricks.evaluate.stats import mean_ci
 
+    import statistics
+
+    # Medians: one run slowed by other work on the machine must not set the cost ratio.
     base_cost = [r["train_s"] for r in rows if r["variant"] == "standard"]
-    base = sum(base_cost) / len(base_cost) if base_cost else math.nan
+    base = statistics.median(base_cost) if base_cost else math.nan
     columns = [k for k in rows[0] if k.startswith(("clean_", "pgd20_", "apgd_square_acc", "mean_corruption"))]
     out = []
     for variant in VARIANTS:
@@ -109,7 +112,7 @@ def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if values:
                 mean, low, high = mean_ci(values)
                 line[col] = f"{mean:.3f} [{low:.3f}, {high:.3f}]" if math.isfinite(low) else f"{mean:.3f}"
-        line["train cost x"] = f"{(sum(r['train_s'] for r in mine) / len(mine)) / base:.2f}" if base == base else "n/a"
+        line["train cost x"] = f"{statistics.median(r['train_s'] for r in mine) / base:.2f}" if base == base else "n/a"
         line["masking warnings"] = sum(len(r["masking_failed"]) for r in mine)
         out.append(line)
     return out
