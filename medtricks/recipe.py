@@ -15,6 +15,8 @@ Example::
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -39,6 +41,7 @@ __all__ = [
     "apply_overrides",
     "flatten_recipe",
     "dump_recipe",
+    "recipe_digest",
 ]
 
 
@@ -485,3 +488,16 @@ def flatten_recipe(recipe: Recipe | dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value if not isinstance(value, (list, dict)) else str(value)
     return flat
+
+
+def recipe_digest(recipe: "Recipe", *, ignore: tuple[tuple[str, ...], ...] = (), **extra: Any) -> str:
+    """A short stable id of ``recipe`` without the keys in ``ignore`` (paths like ``("train", "progress")``)
+    plus ``extra`` values: the same experiment gets the same id (ablation and self-training folders)."""
+    data = recipe.model_dump(mode="json")
+    for path in ignore:
+        node = data
+        for part in path[:-1]:
+            node = node.get(part, {})
+        node.pop(path[-1], None)
+    blob = json.dumps({"recipe": data, **extra}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

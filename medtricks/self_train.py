@@ -46,7 +46,6 @@ Example::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
@@ -62,7 +61,7 @@ from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import fmt_mean_ci, fmt_num, is_finite, markdown_table
 from medtricks.logged_params import run_params
 from medtricks.models.names import resolve_model_name
-from medtricks.recipe import Recipe, apply_overrides, recipe_from_dict
+from medtricks.recipe import Recipe, apply_overrides, recipe_digest, recipe_from_dict
 from medtricks.rundir import RunDir, best_key, ci_keys
 from medtricks.run import run_recipe  # looked up at call time: tests wrap medtricks.self_train.run_recipe
 from medtricks.tracking import RunNotFoundError, create_store
@@ -215,14 +214,7 @@ def plan_rounds(recipe: Recipe, rounds: int, noise: Optional[NoiseConfig] = None
 
 def self_train_id(recipe: Recipe, noise: NoiseConfig) -> str:
     """A short stable id of (recipe, noise): the same self-training gets the same folder and parent run."""
-    data = recipe.model_dump(mode="json")
-    for path in _NOT_IDENTITY:
-        node = data
-        for part in path[:-1]:
-            node = node.get(part, {})
-        node.pop(path[-1], None)
-    blob = json.dumps({"recipe": data, "noise": asdict(noise)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return recipe_digest(recipe, ignore=_NOT_IDENTITY, noise=asdict(noise))
 
 
 def round_recipe(base: Recipe, plan: RoundPlan, *, teacher: Optional[str], out_dir: str | Path,

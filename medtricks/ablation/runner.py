@@ -19,7 +19,6 @@ Example::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -42,7 +41,7 @@ from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import is_finite
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
 from medtricks.logged_params import run_params
-from medtricks.recipe import Recipe, apply_overrides, recipe_from_dict
+from medtricks.recipe import Recipe, apply_overrides, recipe_digest, recipe_from_dict
 from medtricks.rundir import RunDir
 from medtricks.tracking import RunNotFoundError, create_store
 
@@ -107,14 +106,7 @@ def ablation_id(recipe: Recipe, tricks: Sequence[str], mode: str) -> str:
 
     Seeds are not part of it, so ``--seeds 10`` after ``--seeds 5`` reuses the first five children.
     """
-    data = recipe.model_dump(mode="json")
-    for path in _NOT_IDENTITY:
-        node = data
-        for part in path[:-1]:
-            node = node.get(part, {})
-        node.pop(path[-1], None)
-    blob = json.dumps({"recipe": data, "tricks": [str(t).strip() for t in tricks], "mode": mode}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return recipe_digest(recipe, ignore=_NOT_IDENTITY, tricks=[str(t).strip() for t in tricks], mode=mode)
 
 
 def _slug(text: str, limit: int = 40) -> str:
