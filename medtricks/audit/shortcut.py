@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from medtricks.audit.adversarial import _check_mean_std, _frozen, normalized_model
-from medtricks.audit.report import metric_key
+from medtricks.audit.report import _align, _nan_to_none, _with_ci, metric_key
 from medtricks.errors import ConfigError
 from medtricks.evaluate.metrics import _auroc, bootstrap_ci, compute_metrics
 from medtricks.saliency import cam_target_layer, grad_cam, overlay
@@ -127,36 +127,19 @@ class ShortcutResult:
         return json.dumps(_nan_to_none(doc), indent=2, allow_nan=False)
 
     def table(self) -> str:
-        def fmt(d, key):
-            v, lo, hi = d.get(key, math.nan), d.get(f"{key}_ci_low", math.nan), d.get(f"{key}_ci_high", math.nan)
-            if not math.isfinite(v):
-                return "n/a"
-            return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else f"{v:.3f}"
-
         c = self.config
         lines = [f"Shortcut audit: n={c['n_images']} images, {100 * _CI:g}% percentile bootstrap "
                  f"({c['n_bootstrap']} resamples); lung field = fixed ellipses ({c['lung_area']:.0%} of the image), "
                  f"border = {c['border']:.0%} frame"]
         rows = [("variant", "AUROC", "accuracy")]
-        for variant, values in self.variants.items():
-            rows.append((variant, fmt(values, "auroc"), fmt(values, "accuracy")))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
-        lines.append(f"border blanked: AUROC drop {fmt(self.border_drop, 'value')}")
-        lines.append(f"Grad-CAM share in the lung field: {fmt(self.cam_lung_share, 'value')} "
+        rows += [(variant, _with_ci(values, "auroc"), _with_ci(values, "accuracy"))
+                 for variant, values in self.variants.items()]
+        lines += _align(rows)
+        lines.append(f"border blanked: AUROC drop {_with_ci(self.border_drop, 'value')}")
+        lines.append(f"Grad-CAM share in the lung field: {_with_ci(self.cam_lung_share, 'value')} "
                      f"(the field is {c['lung_area']:.0%} of the image); {c.get('grad_cam', '')}")
         lines.append(self.verdict)
         return "\n".join(lines)
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _scored(y, probs, classes, n_bootstrap, seed) -> dict[str, float]:
