@@ -44,6 +44,18 @@ def test_cumulative_adds_each_trick_on_top(base):
     assert base.schedule.name == "step"  # the base recipe is not changed
 
 
+def test_a_bundle_is_one_step_of_the_table(base):
+    variants = make_variants(base, ["warmup+cosine+label_smoothing=0.1", "bn_gamma=zero_late"])
+    assert [name for name, _ in variants] == [
+        "baseline", "+warmup+cosine+label_smoothing=0.1", "+warmup+cosine+label_smoothing=0.1 +bn_gamma=zero_late"]
+    assert variants[1][1] == ["schedule.warmup_epochs=1", "schedule.name=cosine", "tricks.label_smoothing=0.1"]
+    assert trick_overrides("optim.lr=1e+3") == ["optim.lr=1e+3"]  # '+' inside a value is not a bundle
+    with pytest.raises(ValueError, match="sets \\['schedule.warmup_epochs'\\] twice"):
+        trick_overrides("warmup+warmup=2")
+    with pytest.raises(ValueError, match="unknown trick 'warmpu'"):
+        trick_overrides("cosine+warmpu")
+
+
 def test_one_at_a_time_changes_one_thing(base):
     variants = make_variants(base, ["warmup", "label_smoothing=0.1", "bn_gamma=zero_all"], mode="one_at_a_time")
     assert variants == [("baseline", []), ("+warmup", ["schedule.warmup_epochs=1"]),

@@ -146,6 +146,30 @@ def test_robust_tradeoff_quick(tmp_path):
     assert payload["table"][0]["train cost x"] == "1.00"
 
 
+@pytest.mark.slow
+def test_label_efficiency_quick(tmp_path):
+    payload = _run_quick("label_efficiency.py", tmp_path, "--seeds", "0", "1")
+    table = {(t["labels"], t["variant"]) for t in payload["table"]}
+    assert table == {(f, v) for f in ("30%", "100%") for v in ("baseline", "tricks")} | \
+        {("30%", "noisy_student"), ("30%", "distill")}
+    ns = [r for r in payload["runs"] if r["variant"] == "noisy_student"]
+    assert len(ns) == 2 and all(len(r["pseudo_kept"]) == 2 for r in ns)  # two student rounds per seed
+    for row in payload["runs"]:
+        assert 0.0 <= row["auroc"] <= 1.0 and row["train_s"] > 0
+    # The distill rows learn from the 100 % tricks run of their own seed.
+    teachers = {r["seed"]: r["run_dir"] for r in payload["runs"] if r["fraction"] == 1.0 and r["variant"] == "tricks"}
+    for row in (r for r in payload["runs"] if r["variant"] == "distill"):
+        recipe = (Path(row["run_dir"]) / "recipe.yaml").read_text()
+        assert teachers[row["seed"]] in recipe
+
+
+def test_label_efficiency_baseline_drops_the_schedule_tricks_only():
+    from benchmarks.label_efficiency import baseline_overrides
+
+    assert baseline_overrides(20) == ["schedule.name=step", "schedule.warmup_epochs=0", "tricks.no_bias_decay=false",
+                                      "schedule.milestones=[10,15]"]
+
+
 def test_verdict_tells_a_real_miss_from_noise():
     from benchmarks.train_throughput import verdict
 

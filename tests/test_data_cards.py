@@ -10,7 +10,7 @@ import yaml
 
 from medtricks.data import CardError, DataCard, card_from_dict, cards_dir, list_cards, load_card
 
-SHIPPED = {"kermany-pneumonia", "kermany-pneumonia-3class", "ieee8023-covid", "covid19-radiography",
+SHIPPED = {"kermany-pneumonia", "kermany-pneumonia-3class", "ieee8023-covid", "ieee8023-covid-binary", "covid19-radiography",
            "rsna-pneumonia", "covidx", "nih-chestxray14", "synthetic-phantoms"}
 
 
@@ -55,6 +55,10 @@ def test_ieee8023_label_rules():
     assert card.map_label("No Finding") == "normal"
     assert card.map_label("todo") == "drop"
     assert card.map_label("Something new") is None
+    binary = load_card("ieee8023-covid-binary")
+    assert binary.classes == ["other", "covid"] and binary.task == "binary"  # positive class last
+    assert binary.map_label("COVID-19, ARDS") == "covid" and binary.map_label("No Finding") == "other"
+    assert binary.map_label("Pneumonia/Bacterial/Streptococcus") == "other" and binary.map_label("todo") == "drop"
 
 
 def test_unknown_name_lists_available_cards_closest_first():
