@@ -25,8 +25,8 @@ The variants (recipes/kermany_label_efficiency.yaml, 48 px):
   this row is an upper reference for what a label-efficient method could reach, not a method a user
   with few labels can run.
 
-Epochs scale with the fraction (100 %: 1, 10 %: 6, 2 %: 20) so that every run makes a similar number
-of updates (~60-115 steps of 32 images); the labelled subset is drawn with ``data.split_seed`` and is
+Epochs scale with the fraction (100 %: 1, 10 %: 5, 2 %: 15) so that every run makes a similar order
+of updates (~45-115 steps of 32 labelled images); the labelled subset is drawn with ``data.split_seed`` and is
 the same for every seed (seeds vary the training only).
 
 Resumable: each (fraction, variant, seed) writes ``<out>/label_efficiency_runs/<name>.json`` when it
@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info, now, results_dir, write_results
 
 RECIPE = REPO_ROOT / "recipes" / "kermany_label_efficiency.yaml"
-FRACTIONS = {0.02: 20, 0.1: 6, 1.0: 1}  # labelled fraction -> epochs (similar number of updates)
+FRACTIONS = {0.02: 15, 0.1: 5, 1.0: 1}  # labelled fraction -> epochs (similar number of updates)
 QUICK_FRACTIONS = {0.3: 2, 1.0: 1}
 VARIANTS = ("baseline", "tricks", "noisy_student", "distill")
 ROUNDS = 2
@@ -78,6 +78,8 @@ def _recipe(fraction: float, epochs: int, seed: int, extra: list[str], args, out
         overrides += [o.format(tmp=tmp) for o in QUICK]
     elif args.data_root:
         overrides.append(f"data.root={args.data_root}")
+    if args.cache_dir:
+        overrides.append(f"data.cache_dir={args.cache_dir}")
     return load_recipe(RECIPE, overrides=overrides)
 
 
@@ -247,6 +249,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--data-root", default=None, help="folder holding train/ (default: the recipe's)")
+    parser.add_argument("--cache-dir", default=None, help="data.cache_dir shared by every run (decode once)")
     args = parser.parse_args(argv)
     from medtricks.data import load_card
     from medtricks.recipe import load_recipe

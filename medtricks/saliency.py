@@ -37,10 +37,14 @@ def _backbone(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def cam_target_layer(model: nn.Module, input_shape: Sequence[int]) -> tuple[str, nn.Module]:
+def cam_target_layer(model: nn.Module, input_shape: Sequence[int], *, min_grid: int = 1) -> tuple[str, nn.Module]:
     """``(name, module)`` of the layer Grad-CAM reads: the last feature map before global pooling (see the
     module docstring). ``input_shape``: ``(C, H, W)`` of the backbone's input (the resizer's output size
     when there is one; any size the backbone accepts works).
+
+    ``min_grid``: when that map is smaller than ``min_grid`` x ``min_grid`` (a small input: EfficientNet's
+    last map is 3x3 at 96 px), the deepest module whose output is at least that fine instead -- a whole
+    stage where timm's ``feature_info`` names them: coarser semantics, but a map that tells regions apart.
 
     Raises:
         MedtricksError: no module of the model returns a spatial feature map.
@@ -74,6 +78,18 @@ def cam_target_layer(model: nn.Module, input_shape: Sequence[int]) -> tuple[str,
         raise MedtricksError(f"Grad-CAM: no layer of {type(backbone).__name__} returns a spatial feature map "
                              f"for an input of shape {tuple(input_shape)}")
     layer = found[-1]  # the outermost module that returns it (modules finish after their children)
+    grid = dict((m, out) for m, out in outputs)[layer].shape[-2:]
+    if min(grid) < min_grid:
+        finer = [m for m, out in outputs if out.dim() == 4 and min(out.shape[-2:]) >= min_grid
+                 and out.shape[-3] > 1]  # channels > 1: not an attention or mask map
+        # timm lists its stage outputs (feature_info): prefer a whole stage to a layer inside a block.
+        stages = {info.get("module") for info in getattr(backbone, "feature_info", None) or []
+                  if isinstance(info, dict)}
+        finer = [m for m in finer if names[m] in stages] or finer
+        if not finer:
+            raise MedtricksError(f"Grad-CAM: no layer of {type(backbone).__name__} has a feature map of at least "
+                                 f"{min_grid}x{min_grid} for an input of shape {tuple(input_shape)}")
+        layer = finer[-1]
     return names[layer], layer
 
 

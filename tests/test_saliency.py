@@ -15,6 +15,7 @@ from medtricks.models.resizer import LearnableResizer, ResizerModel
 from medtricks.predict import predict_images
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
+from medtricks.errors import MedtricksError
 from medtricks.saliency import cam_file_name, cam_target_layer, grad_cam
 
 from conftest import binary_phantom_card
@@ -30,6 +31,22 @@ def test_target_layer_is_the_last_feature_map_before_pooling(arch, expected):
     name, layer = cam_target_layer(model, (1, 64, 64))
     assert name == expected
     assert dict(model.named_modules())[name] is layer
+
+
+def test_small_inputs_fall_back_to_the_deepest_map_fine_enough():
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=2, in_chans=1)
+    assert cam_target_layer(model, (1, 96, 96))[0] == "bn2"  # 3x3 at 96 px
+    name, layer = cam_target_layer(model, (1, 96, 96), min_grid=4)
+    assert name == "blocks.4"  # the stride-16 stage: 6x6
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, 96, 96))
+    handle.remove()
+    assert seen == [(6, 6)]
+    assert cam_target_layer(model, (1, 224, 224), min_grid=4)[0] == "bn2"  # 7x7: the last map is fine
+    with pytest.raises(MedtricksError, match="at least 64x64"):
+        cam_target_layer(model, (1, 96, 96), min_grid=64)
 
 
 def test_target_layer_inside_a_resizer_and_maps_in_unit_range():

@@ -39,7 +39,7 @@ from torch import nn
 
 from medtricks.audit.adversarial import _check_mean_std, _frozen, normalized_model
 from medtricks.audit.report import _align, _nan_to_none, _with_ci, metric_key
-from medtricks.errors import ConfigError
+from medtricks.errors import ConfigError, MedtricksError
 from medtricks.evaluate.metrics import _auroc, bootstrap_ci, compute_metrics
 from medtricks.saliency import cam_target_layer, grad_cam, overlay
 
@@ -244,12 +244,15 @@ def _cam_probe(model, x01, y, clean_probs, mask, mean, std, device, n_overlays, 
     # Binary: the positive class's map; multiclass: the predicted class's (as `predict --cam`).
     target = np.ones_like(pred) if clean_probs.shape[1] == 2 else pred
     norm = (x01 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    _, layer = cam_target_layer(model, input_shape=tuple(norm.shape[1:]))
-    grid = _feature_grid(model, layer, norm[:1].to(device))
+    # The last feature map, or (small inputs) the deepest one of at least MIN_CAM_GRID^2 cells.
+    last_name, _ = cam_target_layer(model, input_shape=tuple(norm.shape[1:]))
     empty = {"value": math.nan, "value_ci_low": math.nan, "value_ci_high": math.nan}
-    if min(grid) < MIN_CAM_GRID:
-        return empty, {}, (f"Grad-CAM skipped: the model's last feature map is {grid[0]}x{grid[1]} at this input size, "
-                           f"too coarse to tell the lungs from the rest (needs >= {MIN_CAM_GRID}x{MIN_CAM_GRID})")
+    try:
+        name, layer = cam_target_layer(model, input_shape=tuple(norm.shape[1:]), min_grid=MIN_CAM_GRID)
+    except MedtricksError:
+        return empty, {}, (f"Grad-CAM skipped: no feature map of the model is {MIN_CAM_GRID}x{MIN_CAM_GRID} or finer "
+                           f"at this input size, too coarse to tell the lungs from the rest")
+    grid = _feature_grid(model, layer, norm[:1].to(device))
     maps = []
     for start in range(0, len(norm), 16):
         maps.append(grad_cam(model, layer, norm[start:start + 16].to(device), [int(t) for t in target[start:start + 16]]))
@@ -259,7 +262,10 @@ def _cam_probe(model, x01, y, clean_probs, mask, mean, std, device, n_overlays, 
     flat = heat.reshape(len(heat), -1).std(1) < 1e-6  # an all-zero (or constant) map locates nothing
     share = np.where((total > 0) & ~flat, inside / np.maximum(total, 1e-12), np.nan)
     valid = share[np.isfinite(share)]
-    note = f"Grad-CAM at a {grid[0]}x{grid[1]} feature map; {int(flat.sum())} of {len(heat)} maps flat (left out)"
+    where = "" if name == last_name else (f" ({name}: the last feature map, {last_name}, is coarser than "
+                                          f"{MIN_CAM_GRID}x{MIN_CAM_GRID} at this input size)")
+    note = (f"Grad-CAM at a {grid[0]}x{grid[1]} feature map{where}; {int(flat.sum())} of {len(heat)} maps flat "
+            "(left out)")
     out = {"value": float(valid.mean()) if valid.size else math.nan, "value_ci_low": math.nan,
            "value_ci_high": math.nan}
     if valid.size > 1 and n_bootstrap:
