@@ -215,7 +215,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 if cfg.grad_clip:
                     if scaler:
                         scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    # Every parameter the optimizer updates: the model's and a trick's own (DRLoc's head).
+                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()

@@ -7,6 +7,8 @@ Points, in the order a run meets them (each is optional; the default does nothin
 ``__init__``         the recipe and a :class:`TrickContext` (classes, training labels, device)
 ``on_model``         the built model, after the pretrained weights load (BN-gamma)
 ``param_options``    keyword arguments for ``build_param_groups`` (no-bias-decay)
+``trainable_modules`` modules the trick trains besides the model (DRLoc's head): their parameters join
+                     the run's optimizer (same options, schedule, clipping, GradScaler), never the model
 ``loader_options``   keyword arguments for the training loader (class-balanced sampler, drop_last)
 ``loss_options``     keyword arguments for ``build_loss`` (label smoothing, class weights, soft targets)
 ``wrap_loss``        the loss function, to wrap or replace (auxiliary losses, distillation)
@@ -129,6 +131,13 @@ class Trick:
         pass
 
     def param_options(self) -> dict[str, Any]:
+        return {}
+
+    def trainable_modules(self) -> dict[str, Any]:
+        """``{name: nn.Module}`` the trick trains besides the model (called after ``on_model``, on the
+        device already). Their parameters go into the run's optimizer with the model's param options, so the
+        schedule, gradient clipping, AMP's GradScaler and the optimizer state in ``last.pt`` cover them; they
+        are never saved with the model -- keep their weights in :meth:`state_dict`."""
         return {}
 
     def loader_options(self) -> dict[str, Any]:
