@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from typing import Optional, Sequence
 
@@ -12,6 +14,7 @@ EPILOG = """examples:
   medtricks run recipes/bag_of_tricks.yaml --set optim.lr=0.05 --set tricks.label_smoothing=0.1
   medtricks run recipes/quickstart.yaml --dry-run
   medtricks run recipes/quickstart.yaml --resume auto
+  medtricks run recipes/bag_of_tricks.yaml --nproc 4          # data-parallel: 4 processes (GPUs) via torchrun
   medtricks data synth data/phantoms --n 600 --size 256
   medtricks data check kermany-pneumonia --root ../shared/data/kermany224/train
   medtricks gamma resnet50 --strategy zero_late
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the fully resolved recipe and exit")
     run.add_argument("--resume", default=None, metavar="auto|RUN_DIR",
                      help="continue the newest unfinished run of this recipe (auto) or a given run folder")
+    run.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="train data-parallel in N processes on this machine (one per GPU; gloo processes on CPU): "
+                          "runs `python -m torch.distributed.run --standalone --nproc-per-node N -m medtricks run "
+                          "RECIPE ...` with the other arguments. train.batch_size is per process")
 
     data = sub.add_parser("data", help="data tools: synthetic phantoms, dataset checks")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -303,14 +310,44 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     from medtricks.recipe import dump_recipe, load_recipe
 
-    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    recipe = load_recipe(args.recipe, overrides=args.overrides)  # a bad recipe fails here, before any launch
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0
+    if args.nproc is not None and args.nproc != 1:
+        return _launch_torchrun(args)
     from medtricks.run import run_recipe
 
     run_recipe(recipe, resume=args.resume)
     return 0
+
+
+def torchrun_command(args) -> list[str]:
+    """What ``medtricks run RECIPE --nproc N ...`` runs: torchrun (``torch.distributed.run``) on this machine,
+    starting N processes of ``medtricks run RECIPE ...`` (the same arguments, without ``--nproc``)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "medtricks", "run", args.recipe]
+    for override in args.overrides:
+        command += ["--set", override]
+    if args.resume:
+        command += ["--resume", args.resume]
+    return command
+
+
+def _launch_torchrun(args) -> int:
+    if args.nproc < 1:
+        print(f"medtricks run: error: --nproc {args.nproc}: expected 1 or more processes", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("medtricks run: error: --nproc inside a torchrun launch; give the process count to torchrun or to "
+              "--nproc, not both", file=sys.stderr)
+        return 2
+    process = subprocess.Popen(torchrun_command(args))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C: let it stop its workers (epochs are checkpointed)
+        process.wait()
+        raise
 
 
 def _cmd_data(args, parser) -> int:
@@ -486,6 +523,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command != "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"medtricks {args.command}: error: only `medtricks run` trains data-parallel under torchrun; run "
+              f"`medtricks {args.command}` without torchrun", file=sys.stderr)
+        return 2
     try:
         if args.command == "run":
             return _cmd_run(args)

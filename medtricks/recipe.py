@@ -134,7 +134,7 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    linear_scaling: bool = False  # lr = lr * batch_size / 256 (the paper's rule)
+    linear_scaling: bool = False  # lr = lr * batch_size / 256 (the paper's rule; torchrun: x the processes)
 
 
 class ScheduleConfig(_Section):
@@ -148,7 +148,7 @@ class ScheduleConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # per process under torchrun
     amp: Literal["none", "auto", "fp16", "bf16"] = "none"
     channels_last: bool = False
     device: str = "auto"
@@ -159,6 +159,8 @@ class TrainConfig(_Section):
     best_mode: Literal["max", "min"] = "max"
     log_every: int = Field(10, ge=1)
     progress: bool = True
+    # torchrun (several processes): BatchNorm statistics over the global batch (CUDA only); no effect in one process
+    sync_bn: bool = False
 
     @field_validator("device")
     @classmethod

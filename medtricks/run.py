@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import shutil
 import subprocess
 import warnings
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 import matplotlib.pyplot as plt
 
@@ -38,7 +39,7 @@ from medtricks.posthoc import audit_model, log_audit, log_shortcut, shortcut_aud
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
 from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, create_store
-from medtricks.train import EngineConfig, fit, predict, resolve_amp, resolve_device, seed_everything
+from medtricks.train import EngineConfig, distributed, fit, predict, resolve_amp, resolve_device, seed_everything
 from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
 from medtricks.trained import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
@@ -82,14 +83,30 @@ def _git_commit() -> Optional[str]:
 
 # ------------------------------------------------------------------------------------- builders
 def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, drop_last: bool = False,
-                      class_balanced: bool = False) -> DataLoader:
-    """The one place the training sampler is made (a DistributedSampler goes here for DDP).
+                      class_balanced: bool = False, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    """The one place the training sampler is made.
 
     ``class_balanced``: draw images with probability 1 / (their class's count), with replacement, so
     each class fills about the same share of every epoch (as many draws per epoch as images).
+
+    ``num_replicas`` > 1 (torchrun): a ``DistributedSampler``; process ``rank`` takes every
+    ``num_replicas``-th image of one permutation of the split (padded with repeats to equal slices, so
+    every process makes the same number of updates). The engine calls its ``set_epoch`` with the epoch
+    seed each epoch: the same seed gives the same order, and a resumed run replays it.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if num_replicas > 1:
+        if class_balanced:
+            raise ConfigError("tricks.class_balance=sampler does not run data-parallel (torchrun) yet: use "
+                              "tricks.class_balance=loss, or train in one process")
+        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=0)
+        if drop_last and len(sampler) < batch_size:
+            raise ConfigError(f"each of the {num_replicas} processes gets {len(sampler)} training images, fewer "
+                              f"than train.batch_size={batch_size} (per process); mixup/cutmix need full batches: "
+                              "lower the batch size")
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
+                          num_workers=num_workers, drop_last=drop_last, persistent_workers=False)
     if drop_last and len(dataset) < batch_size:
         raise ConfigError(f"the training split has {len(dataset)} images, fewer than train.batch_size="
                          f"{batch_size}; mixup/cutmix need full batches: lower the batch size")
@@ -117,14 +134,33 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
 
     With ``resume="auto"`` the newest unfinished run folder of the experiment is continued (same
     MLflow run); when there is none a new run starts.
+
+    Under torchrun (``torchrun --nproc-per-node N -m medtricks run RECIPE``) every process calls this
+    inside one process group: rank 0 makes the run folder, logs, checkpoints, validates and prints, and
+    returns the full result; the others train their slice of the data in step with it and return a
+    result without metrics.
     """
-    say = (lambda *a: None) if quiet else console_say  # tqdm.write: lines stay above a progress bar
+    with distributed.process_group(_device(recipe)), warnings.catch_warnings():
+        if not distributed.is_main():
+            warnings.simplefilter("ignore")  # rank 0 says it once
+        return _run_recipe(recipe, resume=resume, tracker=tracker, parent_run_id=parent_run_id,
+                           extra_tags=extra_tags, quiet=quiet)
+
+
+def _run_recipe(recipe: Recipe, *, resume, tracker, parent_run_id, extra_tags, quiet) -> RunResult:
+    main = distributed.is_main()
+    say = (lambda *a: None) if quiet or not main else console_say  # tqdm.write: lines stay above a progress bar
+    # torchrun: every process checks (a refusal stops them all alike); nothing is written before _prepare's barrier
     run = _resume_target(recipe, resume, say)
     resuming = run is not None
     # Everything that can fail on the recipe or the data fails here, before a run folder or a tracked run exists.
     prep = _prepare(recipe)
-    if run is None:
+    if main and run is None:
         run = RunDir.create(recipe.experiment.output_dir, recipe.experiment.name)
+    if distributed.world_size() > 1:  # torchrun: rank 0 made (or chose) the run folder; the others train into it
+        path, resuming = distributed.broadcast((str(run.path), resuming) if main else None)
+        if not main:
+            return _follow(RunDir(path), resuming, prep)
     run.recipe.write_text(dump_recipe(recipe))
     state = run.read_state()
 
@@ -143,7 +179,9 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
                            tags=tags, resume_run_id=state.get("run_id") if resuming else None,
                            parent_run_id=parent_run_id)
     try:
-        run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name, tracking="ok")
+        world = distributed.world_size()  # kept (when > 1) so a resume can refuse another process count
+        run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name, tracking="ok",
+                        **({"world_size": world} if world > 1 else {}))
         result = _run(recipe, run, tracker, resuming, say, prep)
     except BaseException as err:
         # Logged and stored with data paths hashed (file names hold patient IDs); the traceback keeps them.
@@ -206,6 +244,12 @@ def _resume_target(recipe: Recipe, resume: Optional[str], say) -> Optional[RunDi
                               "without --resume)")
         if not run.last_checkpoint.is_file():
             raise MissingFileError(f"--resume {resume}: no checkpoints/last.pt in that folder")
+    stored_world, world = run.read_state().get("world_size", 1), distributed.world_size()
+    if stored_world != world:
+        how = f"--nproc {stored_world} (torchrun --nproc-per-node {stored_world})" if stored_world > 1 else \
+            "in one process (no --nproc, no torchrun)"
+        raise ConfigError(f"cannot resume {run.path}: it was trained by {stored_world} process(es), this launch has "
+                          f"{world}; the data order, the global batch and the lr depend on it: resume it {how}")
     blocking = [d for d in recipe_differences(load_recipe(run.recipe), recipe)
                 if not d[0].startswith(RESUMABLE_CHANGES)]
     if blocking:
@@ -259,8 +303,13 @@ class _Prepared:
     loss_fn: Any
 
 
+def _device(recipe: Recipe) -> torch.device:
+    """``train.device`` resolved; under torchrun with CUDA, this process's ``cuda:LOCAL_RANK``."""
+    return distributed.local_device(resolve_device(recipe.train.device), recipe.train.device)
+
+
 def _prepare(recipe: Recipe) -> _Prepared:
-    device = resolve_device(recipe.train.device)
+    device = _device(recipe)
     amp_dtype = resolve_amp(recipe.train.amp, device)
     card = load_card(recipe.data.card)
     classes = list(card.classes)
@@ -268,11 +317,14 @@ def _prepare(recipe: Recipe) -> _Prepared:
     seed_everything(recipe.experiment.seed)
     model, data_config = build_model(recipe, num_classes=len(classes))
     info = dict(getattr(model, "medtricks_info", {}))
-    bundle = _build_data(recipe, card, data_config)
-    if recipe.train.batch_size > len(bundle.train):
+    with distributed.main_first():  # torchrun: rank 0 draws the phantoms / fills the cache, the others read them
+        bundle = _build_data(recipe, card, data_config)
+    world = distributed.world_size()
+    if recipe.train.batch_size > math.ceil(len(bundle.train) / world):  # each process's slice of the split
+        per = f" / {world} processes" if world > 1 else ""
         raise ConfigError(f"train.batch_size={recipe.train.batch_size} is larger than the training split "
-                          f"({len(bundle.train)} images): every epoch would be one short batch and the lr is scaled "
-                          "for the configured batch; lower train.batch_size")
+                          f"({len(bundle.train)} images{per}): every epoch would be one short batch and the lr is "
+                          "scaled for the configured batch; lower train.batch_size")
 
     # The tricks act on the loaded weights (BN-gamma) before the optimizer sees the parameters.
     # extras: the unlabelled pool (data.label_fraction / data.unlabeled) for pseudo-labelling, and the
@@ -283,10 +335,17 @@ def _prepare(recipe: Recipe) -> _Prepared:
     tricks = build_tricks(recipe, ctx)
     for trick in tricks:
         trick.on_model(model)
+    own_modules = [trick.name for trick in tricks if trick.trainable_modules()] if world > 1 else []
+    if own_modules:  # DDP averages the gradients of the model it wraps, not those of a trick's own module
+        raise ConfigError(f"tricks {', '.join(own_modules)} train a module of their own next to the model (e.g. "
+                          "DRLoc's head), which does not run data-parallel (torchrun) yet: switch it off or train "
+                          "in one process")
     frozen = freeze_model(model, recipe.model.freeze) if recipe.model.freeze else []
     _warn_frozen_zero_gamma(tricks, frozen)
+    model = distributed.sync_batchnorm(model, device, recipe.train.sync_bn)  # torchrun only: BN over the global batch
     train_loader = make_train_loader(bundle.train, batch_size=recipe.train.batch_size, seed=recipe.experiment.seed,
-                                     num_workers=recipe.data.num_workers, **merged_options(tricks, "loader_options"))
+                                     num_workers=recipe.data.num_workers, num_replicas=world, rank=distributed.rank(),
+                                     **merged_options(tricks, "loader_options"))
     val_loader = _eval_loader(bundle.val, recipe)
     engine_cfg = _engine_config(recipe, device, amp_dtype)
     ctx.extras["updates_per_epoch"] = steps_per_epoch(train_loader, engine_cfg)
@@ -333,8 +392,11 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
         if step > logged:
             tracker.log_metrics(metrics, step=step)
 
+    world = distributed.world_size()
+    parallel = (f" x {world} processes (global batch {recipe.train.batch_size * world}, validation on rank 0)"
+                if world > 1 else "")
     say(f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
-        f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}; run folder {run.path}")
+        f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}{parallel}; run folder {run.path}")
     fit_result = fit(model, prep.train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
                      loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
                      tricks=tricks, on_step=log_step,
@@ -362,6 +424,17 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
                      GammaReport([], strategy="none"), tracker=tracker)
 
 
+def _follow(run: RunDir, resuming: bool, prep: _Prepared) -> RunResult:
+    """A torchrun process other than rank 0: trains its slice of every epoch in step with rank 0 (DDP
+    averages the gradients; rank 0 validates and broadcasts the metrics); writes, logs and prints nothing."""
+    opt = prep.opt
+    fit_result = fit(prep.model, prep.train_loader, prep.val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
+                     loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=lambda model: {},  # rank 0 validates
+                     checkpoint_dir=run.checkpoints, tricks=prep.tricks, resume=resuming)
+    return RunResult(run_dir=run.path, run_id=None, metrics=None, history=fit_result.history,
+                     best_epoch=fit_result.best_epoch)
+
+
 # ------------------------------------------------------------------------------- run pieces
 def _last_logged_step(tracker: Tracker) -> int:
     """The last training step this run already logged (0 when the store cannot say)."""
@@ -378,7 +451,8 @@ def _build_data(recipe: Recipe, card, data_config):
         split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
         test_fraction=recipe.data.test_fraction, test_by=recipe.data.test_by, on_bad_image=recipe.data.on_bad_image,
         cache_dir=recipe.data.cache_dir,
-        synth=recipe.data.synth.model_dump() if recipe.data.synth else None, progress=recipe.train.progress,
+        synth=recipe.data.synth.model_dump() if recipe.data.synth else None,
+        progress=recipe.train.progress and distributed.is_main(),
         label_fraction=recipe.data.label_fraction, label_count=recipe.data.label_count,
         unlabeled=recipe.data.unlabeled.model_dump() if recipe.data.unlabeled else None)
 
@@ -401,8 +475,10 @@ class _Optimization:
 
 
 def _build_optimization(recipe: Recipe, model, tricks, updates_per_epoch: int) -> _Optimization:
-    """Param groups (tricks add their options, e.g. no-bias-decay) -> optimizer -> per-update schedule."""
-    lr = scaled_lr(recipe.optim.lr, recipe.train.batch_size, recipe.optim.linear_scaling)
+    """Param groups (tricks add their options, e.g. no-bias-decay) -> optimizer -> per-update schedule.
+
+    Linear scaling uses the global batch: ``train.batch_size`` (per process) x the torchrun processes."""
+    lr = scaled_lr(recipe.optim.lr, recipe.train.batch_size * distributed.world_size(), recipe.optim.linear_scaling)
     resizer = recipe.model.resizer
     groups = build_param_groups(model, weight_decay=recipe.optim.weight_decay, layer_decay=recipe.model.layer_decay,
                                 stage_of=stage_of_parameter if recipe.model.layer_decay is not None else None,
@@ -427,6 +503,9 @@ def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, t
     """What the run is, logged before training: params (the sections that are on; the whole recipe is the
     recipe.yaml artifact), recipe, split manifest, trick reports, schedule."""
     params = run_params(recipe)
+    world = distributed.world_size()
+    if world > 1:  # torchrun: train.batch_size is per process
+        params.update({"resolved.world_size": world, "resolved.global_batch_size": recipe.train.batch_size * world})
     params.update({"resolved.lr": opt.lr, "resolved.device": str(device), "resolved.amp_dtype": str(amp_dtype),
                    "resolved.num_classes": len(classes), "resolved.classes": ",".join(classes),
                    "resolved.updates_per_epoch": opt.updates_per_epoch, "resolved.image_size": recipe.input_image_size(),

@@ -63,6 +63,7 @@ NOT_YET_TOP_LEVEL: set = set()
 TOP_LAYER = ["medtricks.cli", "medtricks.ablation", "medtricks.run", "medtricks.posthoc", "medtricks.ensemble",
              "medtricks.trained", "medtricks.predict", "medtricks.export", "medtricks.cka"]
 TOP_LAYER += ["medtricks.self_train"]  # issue 17: Noisy Student rounds (runs, a parent run, a state file)
+TOP_LAYER += ["medtricks.__main__"]  # issue 18: `python -m medtricks` / `torchrun -m medtricks` (calls cli.main)
 
 
 # ------------------------------------------------------------------------------------ the graph

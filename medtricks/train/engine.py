@@ -3,8 +3,9 @@
 The loop is plain: it takes an nn.Module, loaders, an optimizer, a timm scheduler stepped per
 update, a loss and the run's tricks (called at their points, see ``medtricks/tricks/base.py``), and
 reports through two callbacks (``on_step``, ``on_epoch``), so it knows nothing about MLflow.
-Sampler construction and rank-0 logging sit in one place each
-(``make_train_loader`` in run.py, ``_is_main_process`` here) so DDP can be added later.
+Under torchrun (``medtricks.train.distributed``) the loop trains through ``DistributedDataParallel``,
+logs, checkpoints and validates on rank 0 only, and every process sees rank 0's validation metrics
+and the loss averaged over all processes; with one process none of that happens.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from medtricks.errors import MedtricksError, UnknownKeyError
+import medtricks.train.distributed as distributed
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtricks.train.predict import autocast_context
 
@@ -66,18 +69,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_epoch(seed: int, epoch: int, loader=None) -> None:
-    """Re-seed at every epoch start so a resumed run replays the same data order and augmentation."""
+def seed_epoch(seed: int, epoch: int, loader=None, rank: int = 0) -> None:
+    """Re-seed at every epoch start so a resumed run replays the same data order and augmentation.
+
+    Data-parallel (``rank`` > 0 or a loader with a ``DistributedSampler``): the sampler's permutation is
+    drawn from the same epoch seed in every process (each takes its own slice of it); augmentation,
+    dropout and mixup draw from the epoch seed offset by the rank, so processes do not repeat each
+    other's draws. Rank 0 (and a single process) seeds exactly as without DDP.
+    """
     epoch_seed = seed * 100_003 + epoch
-    seed_everything(epoch_seed)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler(seed=0): permutation seeded with 0 + epoch_seed
+        sampler.set_epoch(epoch_seed)
+    process_seed = epoch_seed + rank * 1_000_003
+    seed_everything(process_seed)
     generator = getattr(loader, "generator", None)
     if generator is not None:
-        generator.manual_seed(epoch_seed)
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+        generator.manual_seed(process_seed)
 
 
 def steps_per_epoch(loader, cfg: EngineConfig) -> int:
@@ -134,9 +142,17 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     ``tricks`` (:class:`medtricks.tricks.base.Trick` objects) act at their points: ``on_fit_start``,
     ``on_batch``, ``extra_loss``, ``after_step``, ``eval_model``, ``on_epoch_end``; their ``state_dict`` goes into
     ``last.pt``.
+
+    Under torchrun every process calls ``fit`` with its slice of the data (a ``DistributedSampler``): the
+    forward/backward passes go through ``DistributedDataParallel``; tricks, EMA, checkpoints and
+    ``evaluate_fn`` see the unwrapped ``model``. Rank 0 alone validates (on the whole validation split),
+    writes the checkpoints and calls ``on_step``/``on_epoch``; the others wait for its metrics. The loss
+    that is logged, checked for NaN and averaged into ``train/epoch_loss`` is the mean over all processes.
     """
+    main = distributed.is_main()
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     device = cfg.device
     model.to(device)
@@ -168,15 +184,18 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         result.best_value, result.best_epoch = state["best_value"], state["best_epoch"]
         result.resumed_from_epoch = state["epoch"]
 
-    updates_per_epoch = steps_per_epoch(train_loader, cfg)
+    # DDP: rank 0's weights (resumed ones included) are broadcast here; gradients are averaged at each backward.
+    train_model = distributed.wrap(model, device)
+    ddp = train_model is not model
+    updates_per_epoch = steps_per_epoch(train_loader, cfg)  # per process: its slice of the epoch
     for epoch in range(start_epoch, cfg.epochs):
-        seed_epoch(cfg.seed, epoch, train_loader)
-        model.train()
+        seed_epoch(cfg.seed, epoch, train_loader, rank=distributed.rank())
+        train_model.train()
         epoch_loss, epoch_images, started = 0.0, 0, time.perf_counter()
         max_batches = updates_per_epoch * cfg.accumulate
         iterator = train_loader
         bar = None
-        if cfg.progress and _is_main_process():
+        if cfg.progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=min(len(train_loader), max_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -191,8 +210,13 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 images = images.contiguous(memory_format=torch.channels_last)
             for trick in tricks:
                 images, targets = trick.on_batch(images, targets)
-            with autocast_context(device, cfg.amp_dtype):
-                logits = model(images)
+            last_in_epoch = batch_index + 1 == min(len(train_loader), max_batches)
+            updating = (batch_index + 1) % cfg.accumulate == 0 or last_in_epoch
+            # DDP: accumulated micro-batches are averaged once, in the backward before the update (no_sync
+            # covers the forward pass: that is where DDP decides whether the next backward synchronizes).
+            with train_model.no_sync() if ddp and not updating else nullcontext(), \
+                    autocast_context(device, cfg.amp_dtype):
+                logits = train_model(images)
                 loss = loss_fn(logits.float(), targets)
                 for trick in tricks:
                     extra = trick.extra_loss(model, images, targets, logits)
@@ -200,6 +224,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                         loss = loss + extra.float()
             # One host sync per batch: the value serves the finiteness check, the epoch mean and the bar.
             loss_value = loss.item()
+            batch = images.shape[0]
+            if ddp:  # the mean over every process's images: all processes stop together on a NaN, rank 0 logs it
+                loss_sum, images_seen = distributed.sum_across([loss_value * batch, float(batch)])
+                loss_value, batch = loss_sum / images_seen, int(images_seen)
             if not math.isfinite(loss_value):
                 if bar is not None:
                     bar.close()
@@ -210,8 +238,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                     f"{kept}. Lower optim.lr, add warmup (schedule.warmup_epochs) or set "
                     "train.grad_clip.")
             (scaler.scale(loss / cfg.accumulate) if scaler else loss / cfg.accumulate).backward()
-            last_in_epoch = batch_index + 1 == min(len(train_loader), max_batches)
-            if (batch_index + 1) % cfg.accumulate == 0 or last_in_epoch:
+            if updating:
                 if cfg.grad_clip:
                     if scaler:
                         scaler.unscale_(optimizer)
@@ -227,9 +254,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 scheduler.step_update(step)
                 for trick in tricks:
                     trick.after_step(model, step)
-                if on_step and step % cfg.log_every == 0 and _is_main_process():
+                if on_step and step % cfg.log_every == 0 and main:
                     on_step(step, {"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})
-            batch = images.shape[0]
             epoch_loss += loss_value * batch
             epoch_images += batch
             if bar is not None:
@@ -245,7 +271,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         metrics = {"train/epoch_loss": epoch_loss / max(epoch_images, 1),
                    "train/img_per_s": epoch_images / elapsed, "epoch": float(epoch + 1)}
         eval_model = evaluation_model(model, tricks)
-        metrics.update(evaluate_fn(eval_model))
+        # DDP: rank 0 validates the model it saves, on the whole split; the others wait for its metrics here.
+        metrics.update(distributed.broadcast(evaluate_fn(eval_model) if main else None))
         result.history.append(metrics)
         value = metrics.get(cfg.best_metric)
         if cfg.best_metric not in metrics:
@@ -253,29 +280,32 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                            f"metrics: {sorted(metrics)}")
         if _better(value, result.best_value, cfg.best_mode):
             result.best_value, result.best_epoch = value, epoch + 1
-            save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
-                             "value": value}, best_path)
+            if main:
+                save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
+                                 "value": value}, best_path)
         elif result.best_value is None:
             # The metric is undefined (e.g. AUROC on a validation split missing a class): keep the
             # latest epoch as "best" so the run still ends with a checkpoint, and say so.
-            warnings.warn(f"train.best_metric {cfg.best_metric!r} is {value} at epoch {epoch + 1}; keeping "
-                          "the latest epoch as the best checkpoint until it becomes defined", RuntimeWarning,
-                          stacklevel=2)
+            if main:
+                warnings.warn(f"train.best_metric {cfg.best_metric!r} is {value} at epoch {epoch + 1}; keeping "
+                              "the latest epoch as the best checkpoint until it becomes defined", RuntimeWarning,
+                              stacklevel=2)
+                save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
+                                 "value": value}, best_path)
             result.best_epoch = epoch + 1
-            save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
-                             "value": value}, best_path)
-        _check_finite_weights(model, epoch, last_path)
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "tricks": {t.name: saved_state for t in tricks if (saved_state := t.state_dict()) is not None},
-            "rng": rng_state(),
-            "epoch": epoch, "step": step, "history": result.history,
-            "best_value": result.best_value, "best_epoch": result.best_epoch,
-        }, last_path)
+        _check_finite_weights(model, epoch, last_path)  # the same weights in every process: all stop together
+        if main:  # DDP: rank 0's RNG state; every process re-seeds from the epoch seed at the next epoch anyway
+            save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "tricks": {t.name: saved_state for t in tricks if (saved_state := t.state_dict()) is not None},
+                "rng": rng_state(),
+                "epoch": epoch, "step": step, "history": result.history,
+                "best_value": result.best_value, "best_epoch": result.best_epoch,
+            }, last_path)
         for trick in tricks:
             trick.on_epoch_end(epoch, metrics)
-        if on_epoch and _is_main_process():  # after the checkpoint: a logging failure loses nothing
+        if on_epoch and main:  # after the checkpoint: a logging failure loses nothing
             on_epoch(step, metrics)
     result.steps = step
     return result
