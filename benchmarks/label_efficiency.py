@@ -26,8 +26,8 @@ The variants (recipes/kermany_label_efficiency.yaml, 48 px):
   with few labels can run.
 
 Epochs scale with the fraction (100 %: 1, 10 %: 4, 2 %: 12) so that every run makes a similar order
-of updates (~30-115 steps of 32 labelled images; what fits a 2-core CPU); the labelled subset is drawn with ``data.split_seed`` and is
-the same for every seed (seeds vary the training only).
+of updates (~30-115 steps of 32 labelled images; what fits a 2-core CPU); the labelled subset is drawn
+with ``data.split_seed`` and is the same for every seed (seeds vary the training only).
 
 Resumable: each (fraction, variant, seed) writes ``<out>/label_efficiency_runs/<name>.json`` when it
 finishes and ``self-train`` skips its finished rounds; runs use the local run store
