@@ -80,6 +80,21 @@ def test_cache_gives_identical_items_and_skips_decoding(phantoms, tmp_path, monk
     assert len(again.train) == len(cached.train) and again.train[0][0].shape == (1, 32, 32)
 
 
+def test_cached_items_keep_their_own_labels(phantoms, tmp_path):
+    # The image scan fills the cache first with every item labelled 0; a dataset must still return the
+    # labels of its own manifest (a bug once returned the cached 0 for every image).
+    cache = tmp_path / "cache"
+    bundle = build_datasets("synthetic-phantoms", phantoms, cache_dir=cache, **KW)
+    for split in (bundle.train, bundle.val):
+        labels = [split[i][1] for i in range(len(split))]
+        assert labels == split.targets and len(set(labels)) > 1
+    # the same bytes under another label (a copy in another folder) get that label, from the same cache entry
+    m = build_manifest("synthetic-phantoms", phantoms).head(4)
+    t = build_transforms("none", 32, mean=(0.5,), std=(0.5,), in_chans=1, train=False)
+    relabelled = m.assign(target=[(int(v) + 1) % 3 for v in m["target"]])
+    assert [XrayDataset(relabelled, t, cache_dir=cache)[i][1] for i in range(4)] == relabelled["target"].tolist()
+
+
 def test_cache_key_follows_content_not_path(phantoms, tmp_path):
     cache = tmp_path / "cache"
     m = build_manifest("synthetic-phantoms", phantoms)

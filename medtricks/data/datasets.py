@@ -167,7 +167,9 @@ class XrayDataset:
             if bad is not None:
                 raise bad from None
             raise
-        return item["image"], item["target"]
+        # The label comes from this dataset's manifest, never from the cache: a cache entry is keyed by the
+        # image's content and written by whichever pass decoded it first (the image scan labels every item 0).
+        return item["image"], self.targets[int(index)]
 
     def __repr__(self) -> str:
         return f"XrayDataset(n={len(self)}, side={self.side}, cache_dir={self.cache_dir}, transform={self.transform!r})"
