@@ -80,6 +80,73 @@ def _as_beta(value: Any, where: str, key: str = "beta") -> float | str | None:
 
 
 # --------------------------------------------------------------------------------------------
+# the parts every gamma-strategy section shares (tricks.bn_gamma, tricks.layerscale_gamma)
+# --------------------------------------------------------------------------------------------
+def section_mapping(config: Any, section: str, allowed: Sequence[str]) -> Mapping:
+    """The section as a mapping (a recipe's typed section is dumped); unknown keys are an error naming them."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump()
+    if not isinstance(config, Mapping):
+        raise ConfigTypeError(f"{section}: expected a mapping (dict), got {type(config).__name__}")
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{section}: unknown keys {unknown}; allowed keys: {', '.join(allowed)}")
+    return config
+
+
+def section_strategy(config: Mapping, where: str) -> tuple[str, Any]:
+    """``(strategy, rules)``: the strategy defaults to ``rules`` when rules are given, else ``none``."""
+    rules = config.get("rules") or []
+    strategy = config.get("strategy") or ("rules" if rules else "none")
+    if strategy not in STRATEGIES:
+        raise _bad(where, "strategy", strategy, f"one of {', '.join(STRATEGIES)}")
+    return strategy, rules
+
+
+def check_selection(section: str, strategy: str, rules: Any, given: list[str], also_set: list[str], *,
+                    zero_all_acts_on: str) -> None:
+    """What a strategy may be combined with: rules only with ``rules`` (which takes its selectors inside
+    each rule), nothing with ``none`` (``also_set``: other keys that would change something), no
+    selectors with ``zero_all``."""
+    where = f"{section}."
+    if rules and strategy != "rules":
+        raise _bad(where, "rules", rules, f"no rules with strategy '{strategy}' (use strategy: rules)")
+    if strategy == "none" and (given or also_set):
+        raise ConfigError(f"{section}: strategy 'none' changes nothing, but {given + also_set} are set")
+    if strategy == "zero_all" and given:
+        raise ConfigError(f"{section}: strategy 'zero_all' acts on {zero_all_acts_on}, but {given} are set; "
+                          "use 'zero_late' or 'rules' to select blocks")
+    if strategy == "rules" and (given or not rules):
+        raise ConfigError(f"{section}: strategy 'rules' needs a non-empty 'rules' list and takes its selectors "
+                          f"inside each rule (got top-level {given or 'no rules'})")
+
+
+def rule_mappings(rules: Any, where: str, allowed: Sequence[str], value_hint: str):
+    """``(rule, its key prefix)`` for every rule of a ``rules`` list, each checked to be a mapping of known
+    keys with a ``value``."""
+    if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
+        raise _bad(where, "rules", rules, "a list of rule mappings")
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, Mapping):
+            raise ConfigError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
+        unknown = sorted(set(rule) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(allowed)}")
+        if rule.get("value") is None:
+            raise ConfigError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. {value_hint}")
+        yield rule, f"{where}rules[{i}]."
+
+
+def block_selectors(config: Mapping, where: str, *, stages: bool) -> dict:
+    """The block selectors of a section or rule, parsed (``stages`` only where the model has stages)."""
+    sel = {"stages": _as_int_list(config.get("stages"), where, "stages")} if stages else {}
+    sel.update({"blocks": _as_int_list(config.get("blocks"), where, "blocks"),
+                "last_n_blocks": _as_last_n(config.get("last_n_blocks"), where),
+                "names": _as_patterns(config.get("names"), where, "names")})
+    return sel
+
+
+# --------------------------------------------------------------------------------------------
 # selection
 # --------------------------------------------------------------------------------------------
 
@@ -111,63 +178,21 @@ def check_gamma_config(config: Any) -> GammaPlan:
     The one place the section's rules live: the recipe validates with it, and
     :func:`apply_gamma_strategy` applies what it returns. Raises ``ValueError`` naming the key.
     """
-    if hasattr(config, "model_dump"):
-        config = config.model_dump()
     where = "tricks.bn_gamma."
-    if not isinstance(config, Mapping):
-        raise ConfigTypeError(f"tricks.bn_gamma: expected a mapping (dict), got {type(config).__name__}")
-    unknown = sorted(set(config) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"tricks.bn_gamma: unknown keys {unknown}; allowed keys: {', '.join(_CONFIG_KEYS)}")
-    rules = config.get("rules") or []
-    strategy = config.get("strategy") or ("rules" if rules else "none")
-    if strategy not in STRATEGIES:
-        raise _bad(where, "strategy", strategy, f"one of {', '.join(STRATEGIES)}")
-    sel = {
-        "stages": _as_int_list(config.get("stages"), where, "stages"),
-        "blocks": _as_int_list(config.get("blocks"), where, "blocks"),
-        "last_n_blocks": _as_last_n(config.get("last_n_blocks"), where),
-        "names": _as_patterns(config.get("names"), where, "names"),
-    }
+    config = section_mapping(config, "tricks.bn_gamma", _CONFIG_KEYS)
+    strategy, rules = section_strategy(config, where)
+    sel = block_selectors(config, where, stages=True)
     which = _as_which(config.get("which") or "last", where)
     beta = _as_beta(config.get("beta"), where)
     given = [k for k, v in sel.items() if v is not None]
-
-    if rules and strategy != "rules":
-        raise _bad(where, "rules", rules, f"no rules with strategy '{strategy}' (use strategy: rules)")
-    if strategy == "none" and (given or beta is not None):
-        raise ConfigError(f"tricks.bn_gamma: strategy 'none' changes nothing, but {given + (['beta'] if beta is not None else [])} are set")
-    if strategy == "zero_all" and given:
-        raise ConfigError(
-            f"tricks.bn_gamma: strategy 'zero_all' acts on every residual block, but {given} are set; "
-            "use 'zero_late' or 'rules' to select blocks"
-        )
-    if strategy == "rules" and (given or not rules):
-        raise ConfigError(
-            "tricks.bn_gamma: strategy 'rules' needs a non-empty 'rules' list and takes its selectors "
-            f"inside each rule (got top-level {given or 'no rules'})"
-        )
-
+    check_selection("tricks.bn_gamma", strategy, rules, given, ["beta"] if beta is not None else [],
+                    zero_all_acts_on="every residual block")
     parsed = []
     if strategy == "rules":
-        if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
-            raise _bad(where, "rules", rules, "a list of rule mappings")
-        for i, rule in enumerate(rules):
-            rwhere = f"{where}rules[{i}]."
-            if not isinstance(rule, Mapping):
-                raise ConfigError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
-            unknown = sorted(set(rule) - set(_RULE_KEYS))
-            if unknown:
-                raise ConfigError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(_RULE_KEYS)}")
-            if rule.get("value") is None:
-                raise ConfigError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. 0.0 or 1.0")
+        for rule, rwhere in rule_mappings(rules, where, _RULE_KEYS, "0.0 or 1.0"):
             rule_beta = _as_beta(rule.get("beta"), rwhere)
             parsed.append(_GammaRule(
-                value=_as_float(rule["value"], rwhere, "value"),
-                selectors={"stages": _as_int_list(rule.get("stages"), rwhere, "stages"),
-                           "blocks": _as_int_list(rule.get("blocks"), rwhere, "blocks"),
-                           "last_n_blocks": _as_last_n(rule.get("last_n_blocks"), rwhere),
-                           "names": _as_patterns(rule.get("names"), rwhere, "names")},
+                value=_as_float(rule["value"], rwhere, "value"), selectors=block_selectors(rule, rwhere, stages=True),
                 which=_as_which(rule.get("which") or which, rwhere),
                 beta=beta if rule_beta is None else rule_beta,  # fall back to the section's beta
                 where=rwhere))

@@ -51,6 +51,11 @@ from medtricks.tricks.bn_gamma_config import (
     _as_last_n,
     _as_patterns,
     _bad,
+    block_selectors,
+    check_selection,
+    rule_mappings,
+    section_mapping,
+    section_strategy,
 )
 from medtricks.tricks.bn_gamma_report import GammaNoEffectWarning, GammaReport
 
@@ -334,56 +339,23 @@ def check_layerscale_config(config: Any) -> LayerScalePlan:
     model; raises ``ValueError`` naming the key. Keys: ``strategy`` (one of :data:`STRATEGIES`),
     ``blocks``, ``last_n_blocks``, ``names``, ``branch``, ``insert`` and ``rules`` (a list of dicts
     with ``value`` and the same selectors, applied in order)."""
-    if hasattr(config, "model_dump"):
-        config = config.model_dump()
     where = _SECTION
-    if not isinstance(config, Mapping):
-        raise ConfigTypeError(f"tricks.layerscale_gamma: expected a mapping (dict), got {type(config).__name__}")
-    unknown = sorted(set(config) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"tricks.layerscale_gamma: unknown keys {unknown}; allowed keys: {', '.join(_CONFIG_KEYS)}")
-    rules = config.get("rules") or []
-    strategy = config.get("strategy") or ("rules" if rules else "none")
-    if strategy not in STRATEGIES:
-        raise _bad(where, "strategy", strategy, f"one of {', '.join(STRATEGIES)}")
-    sel = {"blocks": _as_int_list(config.get("blocks"), where, "blocks"),
-           "last_n_blocks": _as_last_n(config.get("last_n_blocks"), where),
-           "names": _as_patterns(config.get("names"), where, "names")}
+    config = section_mapping(config, "tricks.layerscale_gamma", _CONFIG_KEYS)
+    strategy, rules = section_strategy(config, where)
+    sel = block_selectors(config, where, stages=False)
     branch = _as_branch(config.get("branch") or "both", where)
     insert = config.get("insert", False)
     if not isinstance(insert, bool):
         raise _bad(where, "insert", insert, "true or false")
     given = [k for k, v in sel.items() if v is not None]
-    if rules and strategy != "rules":
-        raise _bad(where, "rules", rules, f"no rules with strategy '{strategy}' (use strategy: rules)")
-    if strategy == "none" and (given or insert):
-        raise ConfigError(f"tricks.layerscale_gamma: strategy 'none' changes nothing, but "
-                          f"{given + (['insert'] if insert else [])} are set")
-    if strategy == "zero_all" and given:
-        raise ConfigError(f"tricks.layerscale_gamma: strategy 'zero_all' acts on every block, but {given} are set; "
-                          "use 'zero_late' or 'rules' to select blocks")
-    if strategy == "rules" and (given or not rules):
-        raise ConfigError("tricks.layerscale_gamma: strategy 'rules' needs a non-empty 'rules' list and takes its "
-                          f"selectors inside each rule (got top-level {given or 'no rules'})")
+    check_selection("tricks.layerscale_gamma", strategy, rules, given, ["insert"] if insert else [],
+                    zero_all_acts_on="every block")
     parsed = []
     if strategy == "rules":
-        if not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
-            raise _bad(where, "rules", rules, "a list of rule mappings")
-        for i, rule in enumerate(rules):
-            rwhere = f"{where}rules[{i}]."
-            if not isinstance(rule, Mapping):
-                raise ConfigError(f"{where}rules[{i}] = {rule!r}: expected a mapping with 'value' and selectors")
-            unknown = sorted(set(rule) - set(_RULE_KEYS))
-            if unknown:
-                raise ConfigError(f"{where}rules[{i}]: unknown keys {unknown}; allowed keys: {', '.join(_RULE_KEYS)}")
-            if rule.get("value") is None:
-                raise ConfigError(f"{where}rules[{i}].value is missing: expected the gamma value to set, e.g. 0.0")
-            parsed.append(_Rule(
-                value=_as_float(rule["value"], rwhere, "value"),
-                selectors={"blocks": _as_int_list(rule.get("blocks"), rwhere, "blocks"),
-                           "last_n_blocks": _as_last_n(rule.get("last_n_blocks"), rwhere),
-                           "names": _as_patterns(rule.get("names"), rwhere, "names")},
-                branch=_as_branch(rule.get("branch") or branch, rwhere), where=rwhere))
+        for rule, rwhere in rule_mappings(rules, where, _RULE_KEYS, "0.0"):
+            parsed.append(_Rule(value=_as_float(rule["value"], rwhere, "value"),
+                                selectors=block_selectors(rule, rwhere, stages=False),
+                                branch=_as_branch(rule.get("branch") or branch, rwhere), where=rwhere))
     return LayerScalePlan(strategy=strategy, selectors=sel, branch=branch, insert=insert, rules=tuple(parsed))
 
 
