@@ -7,15 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import medtricks.run
 from medtricks.audit.adversarial import normalized_model, pgd
 from medtricks.errors import ConfigError
 from medtricks.recipe import RecipeError
 from medtricks.run import run_recipe
-from medtricks.tricks.adversarial import AdversarialConfig, AdversarialTraining, adversarial_batch, trades_attack
+from medtricks.tricks.adversarial import AdversarialConfig, AdversarialTraining, trades_attack
 from medtricks.tricks.base import TrickContext
 
-from test_hardening_run import _killed, _tiny
+from test_hardening_run import _tiny, killed_then_resumed
 
 MEAN, STD = (0.5,), (0.25,)
 
@@ -176,12 +175,7 @@ def test_a_recipe_trains_with_fgsm_rs_tags_it_and_resumes_exactly(tmp_path, monk
     full = run_recipe(_tiny(tmp_path, *extra), quiet=True)
     assert "adversarial=fgsm_rs@2/255" in full.tracker.tags["tricks"]
     assert full.tracker.params["adversarial.resolved_alpha"] == "2.5/255"
-    recipe = _tiny(tmp_path, *extra, f"experiment.output_dir={tmp_path / 'r2'}")
-    real_fit = _killed(monkeypatch, after_epoch=1)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, quiet=True)
-    monkeypatch.setattr(medtricks.run, "fit", real_fit)
-    resumed = run_recipe(recipe, resume="auto", quiet=True)
+    resumed = killed_then_resumed(monkeypatch, _tiny(tmp_path, *extra, f"experiment.output_dir={tmp_path / 'r2'}"))
     assert [h["train/epoch_loss"] for h in resumed.history] == \
         pytest.approx([h["train/epoch_loss"] for h in full.history], abs=1e-6)
 

@@ -21,7 +21,7 @@ from medtricks.tricks.registry import build_tricks
 from medtricks.tricks.drloc import (Drloc, DrlocConfig, DrlocHead, drloc_loss, features_to_grid, pair_features,
                                     relative_targets, sample_positions, token_grid)
 
-from test_hardening_run import _killed, _tiny
+from test_hardening_run import _tiny, killed_then_resumed
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ["model.name=vit_tiny_patch16_224", "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, "
@@ -274,12 +274,7 @@ def test_a_recipe_trains_with_drloc_tags_it_and_resumes_exactly(tmp_path, monkey
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
         assert not any("trunk" in k or k.startswith("out") for k in state)
-    recipe = _tiny(tmp_path, *extra, f"experiment.output_dir={tmp_path / 'r2'}")
-    real_fit = _killed(monkeypatch, after_epoch=1)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, quiet=True)
-    monkeypatch.setattr(medtricks.run, "fit", real_fit)
-    resumed = run_recipe(recipe, resume="auto", quiet=True)
+    resumed = killed_then_resumed(monkeypatch, _tiny(tmp_path, *extra, f"experiment.output_dir={tmp_path / 'r2'}"))
     assert [h["train/epoch_loss"] for h in resumed.history] == \
         pytest.approx([h["train/epoch_loss"] for h in full.history], abs=1e-6)
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], abs=1e-6)

@@ -51,6 +51,15 @@ def _killed(monkeypatch, *, at_step=None, after_epoch=None):
     return real_fit
 
 
+def killed_then_resumed(monkeypatch, recipe):
+    """Run ``recipe``, kill it after its first epoch, then resume it (``--resume auto``): the resumed result."""
+    real_fit = _killed(monkeypatch, after_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, quiet=True)
+    monkeypatch.setattr(medtricks.run, "fit", real_fit)
+    return run_recipe(recipe, resume="auto", quiet=True)
+
+
 def _runs(tmp_path):
     base = tmp_path / "runs"
     return sorted(p for p in base.rglob("state.json")) if base.exists() else []
@@ -135,11 +144,7 @@ def test_ema_trains_and_resumes_exactly(tmp_path, monkeypatch):
     state = torch.load(full.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert set(state["tricks"]) == {"ema"}
     recipe = _tiny(tmp_path, "tricks.ema=true", "tricks.ema_decay=0.5", f"experiment.output_dir={tmp_path / 'r2'}")
-    real_fit = _killed(monkeypatch, after_epoch=1)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, quiet=True)
-    monkeypatch.setattr(medtricks.run, "fit", real_fit)
-    resumed = run_recipe(recipe, resume="auto", quiet=True)
+    resumed = killed_then_resumed(monkeypatch, recipe)
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], abs=1e-6)
 
 
