@@ -231,12 +231,11 @@ def goal(rows: list[dict[str, Any]]) -> Optional[str]:
     from medtricks.evaluate.stats import mean_ci
 
     ns = [r["auroc"] for r in rows if r["fraction"] == 0.1 and r["variant"] == "noisy_student"]
-    full = [r["auroc"] for r in rows if r["fraction"] >= 1.0 and r["variant"] in ("baseline", "tricks")]
-    if not ns or not full:
+    full = {v: [r["auroc"] for r in rows if r["fraction"] >= 1.0 and r["variant"] == v] for v in ("baseline", "tricks")}
+    full_means = [statistics.mean(values) for values in full.values() if values]
+    if not ns or not full_means:
         return None
-    gap = max(statistics.mean([r["auroc"] for r in rows if r["fraction"] >= 1.0 and r["variant"] == v])
-              for v in ("baseline", "tricks") if any(r["fraction"] >= 1.0 and r["variant"] == v for r in rows)) \
-        - statistics.mean(ns)
+    gap = max(full_means) - statistics.mean(ns)
     reached = gap <= 0.01
     mean, low, high = mean_ci(ns)
     return (f"goal (10 % labels, Noisy Student within 0.01 AUROC of the best fully supervised mean): "

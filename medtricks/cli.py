@@ -334,11 +334,16 @@ def torchrun_command(args) -> list[str]:
     return command
 
 
+def _under_torchrun() -> bool:
+    # The environment check of medtricks.train.distributed.launched(), without importing torch for every command.
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _launch_torchrun(args) -> int:
     if args.nproc < 1:
         print(f"medtricks run: error: --nproc {args.nproc}: expected 1 or more processes", file=sys.stderr)
         return 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _under_torchrun():
         print("medtricks run: error: --nproc inside a torchrun launch; give the process count to torchrun or to "
               "--nproc, not both", file=sys.stderr)
         return 2
@@ -523,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command != "run" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.command != "run" and _under_torchrun():
         print(f"medtricks {args.command}: error: only `medtricks run` trains data-parallel under torchrun; run "
               f"`medtricks {args.command}` without torchrun", file=sys.stderr)
         return 2

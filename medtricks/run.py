@@ -480,14 +480,13 @@ def _build_optimization(recipe: Recipe, model, tricks, updates_per_epoch: int) -
     Linear scaling uses the global batch: ``train.batch_size`` (per process) x the torchrun processes."""
     lr = scaled_lr(recipe.optim.lr, recipe.train.batch_size * distributed.world_size(), recipe.optim.linear_scaling)
     resizer = recipe.model.resizer
+    options = merged_options(tricks, "param_options")
     groups = build_param_groups(model, weight_decay=recipe.optim.weight_decay, layer_decay=recipe.model.layer_decay,
                                 stage_of=stage_of_parameter if recipe.model.layer_decay is not None else None,
-                                lr_mults={"resizer.": resizer.lr_mult} if resizer.enabled else None,
-                                **merged_options(tricks, "param_options"))
+                                lr_mults={"resizer.": resizer.lr_mult} if resizer.enabled else None, **options)
     for trick in tricks:  # modules a trick trains next to the model (DRLoc's head): same options, no layer decay
         for module in trick.trainable_modules().values():
-            groups += build_param_groups(module, weight_decay=recipe.optim.weight_decay,
-                                         **merged_options(tricks, "param_options"))
+            groups += build_param_groups(module, weight_decay=recipe.optim.weight_decay, **options)
     optimizer = build_optimizer(groups, name=recipe.optim.name, lr=lr, momentum=recipe.optim.momentum,
                                 betas=recipe.optim.betas)
     sched = recipe.schedule

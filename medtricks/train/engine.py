@@ -188,6 +188,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     train_model = distributed.wrap(model, device)
     ddp = train_model is not model
     updates_per_epoch = steps_per_epoch(train_loader, cfg)  # per process: its slice of the epoch
+    # Clipping covers every parameter the optimizer updates: the model's and a trick's own (DRLoc's head).
+    clipped = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in range(start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch, train_loader, rank=distributed.rank())
         train_model.train()
@@ -242,8 +244,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 if cfg.grad_clip:
                     if scaler:
                         scaler.unscale_(optimizer)
-                    # Every parameter the optimizer updates: the model's and a trick's own (DRLoc's head).
-                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                    nn.utils.clip_grad_norm_(clipped, cfg.grad_clip)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
