@@ -166,7 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated, e.g. warmup,cosine,label_smoothing=0.1,no_bias_decay,bn_gamma=zero_late")
     ablate.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: recipe ablation.seeds)")
     ablate.add_argument("--mode", choices=["cumulative", "one_at_a_time", "grid"], default=None)
-    ablate.add_argument("--jobs", type=int, default=None, help="child runs in parallel (default 1)")
+    ablate.add_argument("--jobs", type=int, default=None,
+                        help="child runs in parallel on this machine, local executor (default 1)")
+    ablate.add_argument("--executor", choices=["local", "ray"], default=None,
+                        help="where the children train: this machine (default) or a Ray cluster, one task each")
+    ablate.add_argument("--address", default=None, metavar="auto|ray://HOST:10001",
+                        help="Ray: the cluster to join (default: a local Ray started for this command)")
+    ablate.add_argument("--cpus-per-run", type=float, default=None, metavar="N",
+                        help="Ray: CPUs (and torch threads) per child (default 1)")
+    ablate.add_argument("--gpus-per-run", type=float, default=None, metavar="N",
+                        help="Ray: GPUs per child (default 0)")
+    ablate.add_argument("--retries", type=int, default=None, metavar="N",
+                        help="Ray: restarts of a child whose worker died; it resumes from its checkpoint (default 2)")
     ablate.add_argument("--metric", default=None, help="metric to compare (default val/auroc)")
     ablate.add_argument("--test", choices=["t", "wilcoxon"], default=None, help="paired test over seeds")
     ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -427,7 +438,10 @@ def _cmd_ablate(args) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     tricks = [t.strip() for t in args.tricks.split(",") if t.strip()] if args.tricks else None
     result = run_ablation(recipe, **ablation_settings(recipe, tricks=tricks, seeds=args.seeds, mode=args.mode,
-                                                      metric=args.metric, jobs=args.jobs, test=args.test))
+                                                      metric=args.metric, jobs=args.jobs, test=args.test,
+                                                      executor=args.executor, address=args.address,
+                                                      cpus_per_run=args.cpus_per_run,
+                                                      gpus_per_run=args.gpus_per_run, retries=args.retries))
     return 1 if result.failed else 0  # run_ablation prints the table itself
 
 

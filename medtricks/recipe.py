@@ -222,6 +222,12 @@ class AblationConfig(_Section):
     metric: str = "val/auroc"
     jobs: int = Field(1, ge=1)
     test: Literal["t", "wilcoxon"] = "t"
+    # Where the children train (medtricks/ablation/executors.py): not part of what is trained.
+    executor: Literal["local", "ray"] = "local"
+    address: Optional[str] = None
+    cpus_per_run: float = Field(1.0, ge=0)
+    gpus_per_run: float = Field(0.0, ge=0)
+    retries: int = Field(2, ge=0)
 
     @field_validator("seeds")
     @classmethod

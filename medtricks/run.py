@@ -385,12 +385,22 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
         values = compute_metrics(targets, probs, classes, n_bootstrap=0).values
         return {**{f"val/{k}": float(v) for k, v in values.items() if k != "n"}, "val/loss": loss}
 
-    # A resumed run replays the updates after its last checkpoint: log each step once.
+    # A resumed run replays the updates after its last checkpoint, and the engine hands the checkpointed
+    # epoch over again (it may have died before logging it): log each step and each epoch once.
     logged = _last_logged_step(tracker) if resuming else 0
+    logged_epoch = _last_logged_step(tracker, "epoch") if resuming else 0
 
     def log_step(step: int, metrics: dict) -> None:
         if step > logged:
             tracker.log_metrics(metrics, step=step)
+
+    report_epoch = epoch_reporter(lambda step, m: tracker.log_metrics(m, step=step), say,
+                                  epochs=recipe.train.epochs, best_metric=recipe.train.best_metric,
+                                  lr=lambda: opt.optimizer.param_groups[0]["lr"])
+
+    def log_epoch(step: int, metrics: dict) -> None:
+        if step > logged_epoch:
+            report_epoch(step, metrics)
 
     world = distributed.world_size()
     parallel = (f" x {world} processes (global batch {recipe.train.batch_size * world}, validation on rank 0)"
@@ -400,9 +410,7 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
     fit_result = fit(model, prep.train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
                      loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
                      tricks=tricks, on_step=log_step,
-                     on_epoch=epoch_reporter(lambda step, m: tracker.log_metrics(m, step=step), say,
-                                             epochs=recipe.train.epochs, best_metric=recipe.train.best_metric,
-                                             lr=lambda: opt.optimizer.param_groups[0]["lr"]),
+                     on_epoch=log_epoch,
                      resume=resuming)
 
     # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
@@ -436,10 +444,10 @@ def _follow(run: RunDir, resuming: bool, prep: _Prepared) -> RunResult:
 
 
 # ------------------------------------------------------------------------------- run pieces
-def _last_logged_step(tracker: Tracker) -> int:
-    """The last training step this run already logged (0 when the store cannot say)."""
+def _last_logged_step(tracker: Tracker, key: str = "train/loss") -> int:
+    """The last training step at which this run already logged ``key`` (0 when the store cannot say)."""
     try:
-        return max((step for step, _ in tracker.metric_history(tracker.run_id, "train/loss")), default=0)
+        return max((step for step, _ in tracker.metric_history(tracker.run_id, key)), default=0)
     except MedtricksError:  # an in-memory store of a new process knows nothing of the earlier one
         return 0
 

@@ -117,7 +117,8 @@ def test_settings_merge_cli_over_recipe_over_defaults(base):
 
     assert ablation_settings(base, tricks="warmup, bn_gamma=zero_late") == {
         "tricks": ["warmup", "bn_gamma=zero_late"], "seeds": 5, "mode": "cumulative", "metric": "val/auroc",
-        "jobs": 1, "test": "t"}
+        "jobs": 1, "test": "t", "executor": "local", "address": None, "cpus_per_run": 1.0, "gpus_per_run": 0.0,
+        "retries": 2}
     with pytest.raises(ValueError, match="no tricks to ablate"):
         ablation_settings(base)
     with_section = base.model_copy()

@@ -177,3 +177,11 @@ def test_verdict_tells_a_real_miss_from_noise():
     assert verdict(0.98, 1.0, {"max": 1.03}) == "within noise"
     assert verdict(0.90, 1.0, {"max": 0.95}) == "missed"
     assert verdict(None, 1.0, {"max": 0.5}) == "missed"
+
+
+@pytest.mark.slow
+def test_executors_quick(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'medtricks[ray]')")
+    payload = _run_quick("executors.py", tmp_path, "--repeats", "1")
+    assert [r["executor"] for r in payload["table"]] == ["local", "local --jobs 2", "ray --cpus-per-run 1"]
+    assert all(r["wall_s"] > 0 for r in payload["table"]) and payload["ray_startup_seconds"]["median"] > 0

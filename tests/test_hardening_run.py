@@ -105,6 +105,33 @@ def test_steps_replayed_after_a_resume_are_logged_once(tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4, 5, 6], steps  # step 4 was replayed after the resume, and logged once
 
 
+def test_an_epoch_checkpointed_but_not_logged_is_logged_once_after_the_resume(tmp_path, monkeypatch):
+    """Killed after epoch 1's checkpoint but before its metrics reached the store (kill -9, a lost Ray
+    worker): the resumed run logs epoch 1 from the checkpoint, and every epoch exactly once."""
+    recipe = _tiny(tmp_path, "train.epochs=3")
+    real_fit = medtricks.run.fit
+
+    def dies_before_logging(*args, on_epoch=None, **kwargs):
+        def die(step, metrics):
+            raise KeyboardInterrupt  # the checkpoint is on disk, the epoch's metrics are not logged
+
+        return real_fit(*args, on_epoch=die, **kwargs)
+
+    monkeypatch.setattr(medtricks.run, "fit", dies_before_logging)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, quiet=True)
+    monkeypatch.setattr(medtricks.run, "fit", real_fit)
+    result = run_recipe(recipe, resume="auto", quiet=True)
+    store = result.tracker
+    epochs = [value for _, value in store.metric_history(store.run_id, "epoch")]
+    assert epochs == [1.0, 2.0, 3.0], epochs
+    assert len(store.metric_history(store.run_id, "val/auroc")) == 3
+    # and a resume after a logged epoch does not log it twice (the replay is skipped)
+    recipe2 = _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}")
+    again = killed_then_resumed(monkeypatch, recipe2)
+    assert [v for _, v in again.tracker.metric_history(again.tracker.run_id, "epoch")] == [1.0, 2.0, 3.0]
+
+
 # ---- item 5: fail before a run folder or tracked run exists
 @pytest.mark.parametrize("overrides, error, message", [
     (["data.card=no-such-card"], MedtricksError, "no-such-card"),

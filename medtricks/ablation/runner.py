@@ -33,6 +33,7 @@ import torch
 # The module, not the function: run_recipe is looked up at call time, so a test (or a caller) that
 # swaps medtricks.run.run_recipe for a stand-in trainer is used by every child.
 import medtricks.run as _run
+from medtricks.ablation.executors import ExecutorSettings, run_children
 from medtricks.ablation.table import (forest_figure, format_ablation_markdown, higher_is_better, metric_keys,
                                       summarize_groups)
 from medtricks.ablation.variants import make_variants
@@ -233,15 +234,18 @@ def _resolve_seeds(seeds: int | Sequence[int], base_seed: int) -> list[int]:
     return out
 
 
-_SETTINGS_DEFAULTS = {"seeds": 5, "mode": "cumulative", "metric": "val/auroc", "jobs": 1, "test": "t"}
+_SETTINGS_DEFAULTS = {"seeds": 5, "mode": "cumulative", "metric": "val/auroc", "jobs": 1, "test": "t",
+                      "executor": "local", "address": None, "cpus_per_run": 1.0, "gpus_per_run": 0.0, "retries": 2}
 
 
 def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] = None,
                       seeds: Optional[int | Sequence[int]] = None, mode: Optional[str] = None,
                       metric: Optional[str] = None, jobs: Optional[int] = None,
-                      test: Optional[str] = None) -> dict[str, Any]:
+                      test: Optional[str] = None, executor: Optional[str] = None, address: Optional[str] = None,
+                      cpus_per_run: Optional[float] = None, gpus_per_run: Optional[float] = None,
+                      retries: Optional[int] = None) -> dict[str, Any]:
     """Keyword arguments for :func:`run_ablation`: command-line values over the recipe's ``ablation:``
-    section over the defaults (seeds 5, cumulative, val/auroc, 1 job, paired t).
+    section over the defaults (seeds 5, cumulative, val/auroc, 1 job, paired t, the local executor).
 
     ``tricks`` may be a comma-separated string (``--tricks warmup,bn_gamma=zero_late``).
 
@@ -259,7 +263,9 @@ def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] =
     if unknown:
         raise ConfigError(f"recipe section 'ablation' has unknown key(s) {unknown}; "
                          f"valid: tricks, {', '.join(_SETTINGS_DEFAULTS)}")
-    given = {"tricks": tricks, "seeds": seeds, "mode": mode, "metric": metric, "jobs": jobs, "test": test}
+    given = {"tricks": tricks, "seeds": seeds, "mode": mode, "metric": metric, "jobs": jobs, "test": test,
+             "executor": executor, "address": address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
+             "retries": retries}
     out: dict[str, Any] = {}
     for key, value in given.items():
         if value is None:
@@ -278,7 +284,8 @@ def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] =
 
 def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int] = 5, mode: str = "cumulative",
                  metric: str = "val/auroc", jobs: int = 1, tracking_uri: Optional[str] = None,
-                 quiet: bool = False, test: str = "t") -> AblationResult:
+                 quiet: bool = False, test: str = "t", executor: str = "local", address: Optional[str] = None,
+                 cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, retries: int = 2) -> AblationResult:
     """Train every variant for every seed and build the table.
 
     Args:
@@ -287,8 +294,14 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
         seeds: a count (seeds ``experiment.seed``, ``+1``, ...) or an explicit list of seeds.
         mode: ``cumulative`` | ``one_at_a_time`` | ``grid``.
         metric: the table's metric, ``val/<name>`` or ``test/<name>`` (the best checkpoint's value).
-        jobs: children trained at once; ``> 1`` uses worker processes (use a tracking server, not
-            sqlite, for many jobs).
+        jobs: children trained at once by the local executor; ``> 1`` uses worker processes (use a
+            tracking server, not sqlite, for many jobs).
+        executor: ``local`` (this machine) or ``ray`` (each child a Ray task; see
+            :mod:`medtricks.ablation.executors`).
+        address: Ray only: ``None`` starts a local Ray for the call, ``auto`` joins this machine's
+            cluster, ``ray://host:10001`` connects a Ray Client.
+        cpus_per_run, gpus_per_run: Ray only: resources (and torch threads) per child.
+        retries: Ray only: restarts of a child whose worker died; it resumes from its checkpoint.
         tracking_uri: MLflow URI for parent and children (default: the recipe's, then
             ``$MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db``). With ``tracking.backend: none``
             parent and children go to the local run store inside the ablation folder.
@@ -299,8 +312,8 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     same command retries them); the parent run then ends ``FAILED``.
     """
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ConfigError(f"jobs must be an int >= 1, got {jobs!r}")
+    executor = ExecutorSettings(name=executor, jobs=jobs, address=address, cpus_per_run=cpus_per_run,
+                                gpus_per_run=gpus_per_run, retries=retries)
     keys = metric_keys(metric)
     if test not in ("t", "wilcoxon"):
         raise ConfigError(f"test must be 't' or 'wilcoxon', got {test!r}")
@@ -361,19 +374,7 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
                     "medtricks.ablation_id": aid}
             jobs_data.append((name, seed, child.model_dump(mode="json"), tags))
 
-        results: dict[tuple[str, int], dict[str, Any]] = {}
-        failed: list[dict[str, Any]] = []
-        if jobs == 1 or len(jobs_data) <= 1:
-            for n, (name, seed, data, tags) in enumerate(jobs_data, 1):
-                say(f"[{n}/{len(jobs_data)}] {name} | seed {seed}")
-                try:
-                    results[(name, seed)] = _run_child(data, parent_run_id=parent_id, tags=tags, quiet=quiet,
-                                                       metric=metric)
-                except Exception as err:  # noqa: BLE001 - one failed child must not lose the others
-                    failed.append({"variant": name, "seed": seed, "error": f"{type(err).__name__}: {err}"})
-                    say(f"  FAILED {name} | seed {seed}: {type(err).__name__}: {err}", file=sys.stderr)
-        else:
-            results, failed = _run_parallel(jobs_data, jobs, parent_id, quiet, metric, say)
+        _, failed = run_children(jobs_data, executor, parent_id=parent_id, quiet=quiet, metric=metric, say=say)
 
         # ---- the children's numbers: from the run store (what the MLflow UI / compare show)
         all_children = _children_from_store(store, experiment, aid, metric)
@@ -427,30 +428,6 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
             parent.end("KILLED" if interrupted else "FAILED")
         raise
     return result
-
-
-def _run_parallel(jobs_data, jobs: int, parent_id, quiet, metric, say):
-    """Children in worker processes (spawned: no CUDA/fork surprises); threads split between them."""
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    results, failed = {}, []
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_run_child, data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric,
-                               threads=threads): (name, seed) for name, seed, data, tags in jobs_data}
-        for n, future in enumerate(as_completed(futures), 1):
-            name, seed = futures[future]
-            try:
-                results[(name, seed)] = future.result()
-                say(f"[{n}/{len(futures)}] finished {name} | seed {seed}")
-            except Exception as err:  # noqa: BLE001
-                failed.append({"variant": name, "seed": seed, "error": f"{type(err).__name__}: {err}"})
-                say(f"[{n}/{len(futures)}] FAILED {name} | seed {seed}: {type(err).__name__}: {err}",
-                    file=sys.stderr)
-    return results, failed
 
 
 def _write_outputs(result: AblationResult, parent, say) -> None:

@@ -183,6 +183,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         result.history = state["history"]
         result.best_value, result.best_epoch = state["best_value"], state["best_epoch"]
         result.resumed_from_epoch = state["epoch"]
+        if on_epoch and main and result.history:
+            # The process may have died between this checkpoint and the epoch's logging (kill -9, a lost
+            # Ray worker): hand the checkpointed epoch to on_epoch again; run.py skips what its store has.
+            on_epoch(step, result.history[-1])
 
     # DDP: rank 0's weights (resumed ones included) are broadcast here; gradients are averaged at each backward.
     train_model = distributed.wrap(model, device)

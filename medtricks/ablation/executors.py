@@ -1,0 +1,213 @@
+"""Where an ablation's children train: in this process, in local worker processes, or on a Ray cluster.
+
+Every executor takes the same list of children (``(variant, seed, recipe data, tags)``) and returns
+the same ``(results, failed)`` pair, so the parent run, the resume logic and the table do not care
+where a child trained. A child is always :func:`medtricks.ablation.runner._run_child`: it trains with
+``resume="auto"`` in its own run folder, so a child that is retried after its worker died continues
+from its last checkpoint and its MLflow run (the run id lives in the run folder) instead of starting
+a second one.
+
+Ray (``executor="ray"``): each child is one Ray task with ``num_cpus=cpus_per_run`` and
+``num_gpus=gpus_per_run``; Ray retries a task whose worker process or node died (``retries`` times,
+``max_retries`` in Ray's terms); an exception raised by the training itself is not retried (it would
+fail again) and is reported like a failed local child. ``address=None`` starts a local Ray on this
+machine for the call and stops it afterwards; ``"auto"`` joins the cluster this machine belongs to
+(``ray start --head`` / ``ray start --address ...``); ``"ray://host:10001"`` connects a Ray Client.
+On a cluster the run folders (``experiment.output_dir``) and data must be on a filesystem every node
+sees under the same path, and tracking must be a server (``tracking.uri: http://host:5000``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from medtricks.errors import ConfigError
+
+__all__ = ["ExecutorSettings", "EXECUTORS", "run_children"]
+
+EXECUTORS = ("local", "ray")
+# Environment a child needs to see what the driver sees: the tracking store and its credentials,
+# the patient-ID salt (the same hashes), caches and offline switches. Ray workers start from the raylet
+# (or another node), not from this process, so they are given these explicitly.
+_FORWARDED_ENV_PREFIXES = ("MEDTRICKS_", "MLFLOW_")
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """How children are trained.
+
+    Attributes:
+        name: ``local`` (this process, or ``jobs`` spawned worker processes) or ``ray``.
+        jobs: local worker processes (``local`` only; Ray schedules by ``cpus_per_run``).
+        address: Ray only: ``None`` (a local Ray started for the call), ``auto`` or ``ray://host:port``.
+        cpus_per_run: Ray only: CPUs reserved per child; also its torch thread count.
+        gpus_per_run: Ray only: GPUs reserved per child (Ray sets ``CUDA_VISIBLE_DEVICES``).
+        retries: Ray only: how often a child whose worker died is started again (resuming).
+    """
+
+    name: str = "local"
+    jobs: int = 1
+    address: Optional[str] = None
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.name not in EXECUTORS:
+            raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {self.name!r}")
+        if not isinstance(self.jobs, int) or isinstance(self.jobs, bool) or self.jobs < 1:
+            raise ConfigError(f"jobs must be an int >= 1, got {self.jobs!r}")
+        if self.name == "ray" and self.jobs != 1:
+            raise ConfigError(f"jobs={self.jobs} is for the local executor; with executor 'ray' the cluster "
+                              "runs as many children at once as its CPUs/GPUs allow: set cpus_per_run "
+                              "(--cpus-per-run) / gpus_per_run instead")
+        if self.name == "local":
+            changed = [k for k, v in (("address", self.address), ("cpus_per_run", self.cpus_per_run != 1.0),
+                                      ("gpus_per_run", self.gpus_per_run != 0.0), ("retries", self.retries != 2))
+                       if v]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} only apply to executor 'ray' (got executor 'local'); "
+                                  "add --executor ray or drop them")
+        for key in ("cpus_per_run", "gpus_per_run"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+        if self.cpus_per_run <= 0 and self.gpus_per_run <= 0:
+            raise ConfigError("a Ray child needs cpus_per_run > 0 or gpus_per_run > 0")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ConfigError(f"retries must be an int >= 0, got {self.retries!r}")
+        if self.address is not None and not (self.address == "auto" or ":" in self.address):
+            raise ConfigError(f"address must be 'auto', 'ray://host:10001' or 'host:6379', got {self.address!r}")
+
+
+def run_children(children: list, settings: ExecutorSettings, *, parent_id: Optional[str], quiet: bool,
+                 metric: str, say: Callable[..., None]) -> tuple[dict, list]:
+    """Train ``children`` (``(variant, seed, recipe_data, tags)``) with ``settings``.
+
+    Returns ``({(variant, seed): child result}, [{"variant", "seed", "error"}, ...])``.
+    """
+    if settings.name == "ray":
+        return _run_ray(children, settings, parent_id, metric, say)
+    if settings.jobs == 1 or len(children) <= 1:
+        return _run_here(children, parent_id, quiet, metric, say)
+    return _run_processes(children, settings.jobs, parent_id, metric, say)
+
+
+def _child():
+    # Imported at call time: run_ablation's module imports this one.
+    from medtricks.ablation.runner import _run_child
+    return _run_child
+
+
+def _failure(name, seed, err) -> dict[str, Any]:
+    return {"variant": name, "seed": seed, "error": f"{type(err).__name__}: {err}"}
+
+
+def _run_here(children, parent_id, quiet, metric, say):
+    results, failed = {}, []
+    for n, (name, seed, data, tags) in enumerate(children, 1):
+        say(f"[{n}/{len(children)}] {name} | seed {seed}")
+        try:
+            results[(name, seed)] = _child()(data, parent_run_id=parent_id, tags=tags, quiet=quiet, metric=metric)
+        except Exception as err:  # noqa: BLE001 - one failed child must not lose the others
+            failed.append(_failure(name, seed, err))
+            say(f"  FAILED {name} | seed {seed}: {type(err).__name__}: {err}", file=sys.stderr)
+    return results, failed
+
+
+def _run_processes(children, jobs, parent_id, metric, say):
+    """Children in worker processes (spawned: no CUDA/fork surprises); threads split between them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results, failed = {}, []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_child(), data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric,
+                               threads=threads): (name, seed) for name, seed, data, tags in children}
+        for n, future in enumerate(as_completed(futures), 1):
+            name, seed = futures[future]
+            try:
+                results[(name, seed)] = future.result()
+                say(f"[{n}/{len(futures)}] finished {name} | seed {seed}")
+            except Exception as err:  # noqa: BLE001
+                failed.append(_failure(name, seed, err))
+                say(f"[{n}/{len(futures)}] FAILED {name} | seed {seed}: {type(err).__name__}: {err}",
+                    file=sys.stderr)
+    return results, failed
+
+
+# ------------------------------------------------------------------------------------------- Ray
+def _import_ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError("executor 'ray' needs Ray, which is not installed: pip install 'medtricks[ray]' "
+                          "(or pip install ray; 'ray[client]' for a ray:// address)") from err
+    return ray
+
+
+def _ray_child(data: dict, parent_id: Optional[str], tags: dict, metric: str, threads: int,
+               cwd: str) -> dict[str, Any]:
+    """One child inside a Ray worker: the driver's working directory (relative data roots, a
+    ``sqlite:///mlflow.db`` URI) where this node has it, then the same child function as locally."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    return _child()(data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric, threads=threads)
+
+
+def _run_ray(children, settings: ExecutorSettings, parent_id, metric, say):
+    ray = _import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        options: dict[str, Any] = {}
+        if settings.address is None:
+            # A throw-away local cluster: no dashboard, quiet logs, every core of this machine.
+            options.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+        else:
+            options["address"] = settings.address
+        try:
+            ray.init(log_to_driver=False, configure_logging=False, **options)
+        except ConnectionError as err:
+            raise ConfigError(f"cannot reach the Ray cluster at address {settings.address!r}: {err}; start one "
+                              "with `ray start --head` or leave --address out for a local Ray") from err
+        started_here = True
+    try:
+        resources = ray.cluster_resources()
+        if settings.cpus_per_run > resources.get("CPU", 0) or settings.gpus_per_run > resources.get("GPU", 0):
+            raise ConfigError(f"each child asks for {settings.cpus_per_run:g} CPU and {settings.gpus_per_run:g} GPU "
+                              f"but the Ray cluster has {resources.get('CPU', 0):g} CPU and "
+                              f"{resources.get('GPU', 0):g} GPU in all: no child could ever start")
+        env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
+        task = ray.remote(_ray_child).options(num_cpus=settings.cpus_per_run, num_gpus=settings.gpus_per_run,
+                                              max_retries=settings.retries, retry_exceptions=False,
+                                              runtime_env={"env_vars": env} if env else None)
+        threads = max(1, int(settings.cpus_per_run))
+        cwd = os.getcwd()
+        refs = {task.remote(data, parent_id, tags, metric, threads, cwd): (name, seed)
+                for name, seed, data, tags in children}
+        at_once = int(resources.get("CPU", 0) // settings.cpus_per_run) if settings.cpus_per_run else len(refs)
+        say(f"Ray: {len(refs)} children on {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU "
+            f"(up to {max(1, at_once)} at once; a child whose worker dies is retried {settings.retries} time(s))")
+        results, failed = {}, []
+        pending = list(refs)
+        n = 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            n += 1
+            name, seed = refs[ready[0]]
+            try:
+                results[(name, seed)] = ray.get(ready[0])
+                say(f"[{n}/{len(refs)}] finished {name} | seed {seed}")
+            except Exception as err:  # noqa: BLE001 - a training error, or a worker that died every retry
+                cause = getattr(err, "cause", None)
+                failure = _failure(name, seed, cause if isinstance(cause, BaseException) else err)
+                failed.append(failure)
+                say(f"[{n}/{len(refs)}] FAILED {name} | seed {seed}: {failure['error']}", file=sys.stderr)
+        return results, failed
+    finally:
+        if started_here:
+            ray.shutdown()
