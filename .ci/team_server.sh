@@ -26,7 +26,8 @@ as_db_user() {  # PostgreSQL refuses to run as root: use the package's postgres 
 }
 
 if [ "$cmd" = stop ]; then
-  [ -f "$dir/mlflow.pid" ] && kill "$(cat "$dir/mlflow.pid")" 2>/dev/null || true
+  # the server and its worker processes: one process group (setsid)
+  [ -f "$dir/mlflow.pid" ] && kill -- "-$(cat "$dir/mlflow.pid")" 2>/dev/null || true
   bin="$(pg_bin || true)"
   if [ -n "$bin" ] && [ -d "$dir/pgdata" ]; then as_db_user "$bin/pg_ctl" -D "$dir/pgdata" -m fast stop >&2 || true; fi
   exit 0
@@ -41,6 +42,7 @@ if [ -z "$(pg_bin || true)" ]; then
 fi
 bin="$(pg_bin)"
 mkdir -p "$dir/artifacts" "$dir/sock"
+chmod 755 "$dir"  # the postgres account must reach its data folder inside it
 if [ "$(id -u)" = 0 ]; then chown postgres "$dir/sock"; fi
 if [ ! -d "$dir/pgdata" ]; then
   mkdir -p "$dir/pgdata"
@@ -57,7 +59,7 @@ pg_uri="postgresql://mlflow@127.0.0.1:$pg_port/mlflow"
 
 # MLflow creates its tables on first start; artifacts are proxied (--artifacts-destination), so clients
 # need no access to the folder, only to the server.
-MLFLOW_DISABLE_TELEMETRY=true nohup mlflow server --backend-store-uri "$pg_uri" \
+MLFLOW_DISABLE_TELEMETRY=true setsid nohup mlflow server --backend-store-uri "$pg_uri" \
   --artifacts-destination "$dir/artifacts" --host 127.0.0.1 --port "$ml_port" --workers 2 \
   >"$dir/mlflow.log" 2>&1 &
 echo $! >"$dir/mlflow.pid"

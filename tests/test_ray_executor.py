@@ -94,6 +94,7 @@ def kill_plugin(tmp_path):
     unregister_trick("kill_once")
 
 
+@pytest.mark.slow  # ~60 s; CI runs the same kill-and-retry through tests/test_team_server.py
 def test_ray_two_workers_retry_a_killed_child(mlflow_uri, tmp_path, kill_plugin):
     """2 variants x 2 seeds on a local Ray with 2 one-CPU workers; the seed-1 child that trains first is
     SIGKILLed after its first epoch. Ray starts it again, it resumes, and every child is one FINISHED

@@ -10,6 +10,7 @@ Example::
     recipe = load_recipe("recipes/ablation_bag_of_tricks.yaml")
     print(make_variants(recipe, ["warmup", "bn_gamma=zero_late"]))
     result = run_ablation(recipe, ["warmup", "bn_gamma=zero_late"], seeds=3)
+    result = run_ablation(recipe, ["warmup"], seeds=3, executor="ray", cpus_per_run=1)  # children on Ray
     print(compare_runs(experiment=recipe.experiment.name, group_by="variant"))
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ _EXPORTS = {
     "AblationResult": "runner",
     "run_ablation": "runner",
     "ablation_id": "runner",
+    "ExecutorSettings": "executors",
     "compare_runs": "table",
     "summarize_groups": "table",
     "image_bootstrap_delta": "table",
