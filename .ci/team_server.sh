@@ -27,7 +27,12 @@ as_db_user() {  # PostgreSQL refuses to run as root: use the package's postgres 
 
 if [ "$cmd" = stop ]; then
   # the server and its worker processes: one process group (setsid)
-  [ -f "$dir/mlflow.pid" ] && kill -- "-$(cat "$dir/mlflow.pid")" 2>/dev/null || true
+  if [ -f "$dir/mlflow.pid" ]; then
+    group="$(cat "$dir/mlflow.pid")"
+    kill -- "-$group" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$group" 2>/dev/null || break; sleep 0.5; done
+    kill -9 -- "-$group" 2>/dev/null || true  # still there after 10 s: no graceful end
+  fi
   bin="$(pg_bin || true)"
   if [ -n "$bin" ] && [ -d "$dir/pgdata" ]; then as_db_user "$bin/pg_ctl" -D "$dir/pgdata" -m fast stop >&2 || true; fi
   exit 0

@@ -55,7 +55,7 @@ def test_executor_settings_refuse_what_does_not_apply():
         ExecutorSettings(name="dask")
     with pytest.raises(ConfigError, match="jobs=2 is for the local executor"):
         ExecutorSettings(name="ray", jobs=2)
-    with pytest.raises(ConfigError, match="address, cpus_per_run only apply to executor 'ray'"):
+    with pytest.raises(ConfigError, match="address, cpus_per_run: Ray-only setting"):
         ExecutorSettings(address="auto", cpus_per_run=2)
     with pytest.raises(ConfigError, match="cpus_per_run must be a number >= 0"):
         ExecutorSettings(name="ray", cpus_per_run=-1)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from medtricks.cli import main
+from medtricks.tricks.base import unregister_trick
 
 from test_ray_executor import KILL_ONCE
 
@@ -43,7 +44,14 @@ def _runs(experiment: str, role: str) -> list[tuple[str, str]]:
                 "WHERE e.name = %s AND r.lifecycle_stage = 'active'", role, experiment)
 
 
-def test_recipe_ablation_compare_and_evaluate_against_the_team_server(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def kill_plugin_name():
+    yield "kill_once"
+    unregister_trick("kill_once")  # the recipe's plug-in registered it in this process
+
+
+def test_recipe_ablation_compare_and_evaluate_against_the_team_server(tmp_path, monkeypatch, capsys,
+                                                                     kill_plugin_name):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'medtricks[ray]')")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", SERVER)  # what a lab sets once; tracking.uri works the same

@@ -2,7 +2,7 @@
 
 Every executor takes the same list of children (``(variant, seed, recipe data, tags)``) and returns
 the same ``(results, failed)`` pair, so the parent run, the resume logic and the table do not care
-where a child trained. A child is always :func:`medtricks.ablation.runner._run_child`: it trains with
+where a child trained. A child is always :func:`_run_child`: it trains with
 ``resume="auto"`` in its own run folder, so a child that is retried after its worker died continues
 from its last checkpoint and its MLflow run (the run id lives in the run folder) instead of starting
 a second one.
@@ -18,12 +18,20 @@ sees under the same path, and tracking must be a server (``tracking.uri: http://
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
+
+# The module, not the function: run_recipe is looked up at call time, so a test (or a caller) that
+# swaps medtricks.run.run_recipe for a stand-in trainer is used by every child.
+import medtricks.run as _run
+from medtricks.ablation.table import metric_keys
 from medtricks.errors import ConfigError
+from medtricks.recipe import Recipe
 
 __all__ = ["ExecutorSettings", "EXECUTORS", "run_children"]
 
@@ -68,7 +76,7 @@ class ExecutorSettings:
                                       ("gpus_per_run", self.gpus_per_run != 0.0), ("retries", self.retries != 2))
                        if v]
             if changed:
-                raise ConfigError(f"{', '.join(changed)} only apply to executor 'ray' (got executor 'local'); "
+                raise ConfigError(f"{', '.join(changed)}: Ray-only setting(s), but the executor is 'local'; "
                                   "add --executor ray or drop them")
         for key in ("cpus_per_run", "gpus_per_run"):
             value = getattr(self, key)
@@ -95,10 +103,20 @@ def run_children(children: list, settings: ExecutorSettings, *, parent_id: Optio
     return _run_processes(children, settings.jobs, parent_id, metric, say)
 
 
-def _child():
-    # Imported at call time: run_ablation's module imports this one.
-    from medtricks.ablation.runner import _run_child
-    return _run_child
+def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[str, str], quiet: bool,
+               metric: str, threads: Optional[int] = None) -> dict[str, Any]:
+    """Train one child (also the entry point of worker processes and Ray tasks); returns plain data only."""
+    if threads:
+        torch.set_num_threads(threads)
+    recipe = Recipe.model_validate(recipe_data)
+    result = _run.run_recipe(recipe, resume="auto", parent_run_id=parent_run_id, extra_tags=tags, quiet=quiet)
+    keys = metric_keys(metric)
+    metrics = result.metrics if keys["split"] == "val" else result.test_metrics
+    values = dict(getattr(metrics, "values", {}) or {})
+    ci = dict(getattr(metrics, "ci", {}) or {})
+    low, high = ci.get(keys["name"], (math.nan, math.nan))
+    return {"run_id": result.run_id, "run_dir": str(result.run_dir),
+            "value": float(values.get(keys["name"], math.nan)), "ci_low": float(low), "ci_high": float(high)}
 
 
 def _failure(name, seed, err) -> dict[str, Any]:
@@ -110,7 +128,7 @@ def _run_here(children, parent_id, quiet, metric, say):
     for n, (name, seed, data, tags) in enumerate(children, 1):
         say(f"[{n}/{len(children)}] {name} | seed {seed}")
         try:
-            results[(name, seed)] = _child()(data, parent_run_id=parent_id, tags=tags, quiet=quiet, metric=metric)
+            results[(name, seed)] = _run_child(data, parent_run_id=parent_id, tags=tags, quiet=quiet, metric=metric)
         except Exception as err:  # noqa: BLE001 - one failed child must not lose the others
             failed.append(_failure(name, seed, err))
             say(f"  FAILED {name} | seed {seed}: {type(err).__name__}: {err}", file=sys.stderr)
@@ -126,7 +144,7 @@ def _run_processes(children, jobs, parent_id, metric, say):
     results, failed = {}, []
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_child(), data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric,
+        futures = {pool.submit(_run_child, data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric,
                                threads=threads): (name, seed) for name, seed, data, tags in children}
         for n, future in enumerate(as_completed(futures), 1):
             name, seed = futures[future]
@@ -156,7 +174,7 @@ def _ray_child(data: dict, parent_id: Optional[str], tags: dict, metric: str, th
     ``sqlite:///mlflow.db`` URI) where this node has it, then the same child function as locally."""
     if os.path.isdir(cwd):
         os.chdir(cwd)
-    return _child()(data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric, threads=threads)
+    return _run_child(data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric, threads=threads)
 
 
 def _run_ray(children, settings: ExecutorSettings, parent_id, metric, say):

@@ -22,17 +22,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pandas as pd
-import torch
 
-# The module, not the function: run_recipe is looked up at call time, so a test (or a caller) that
-# swaps medtricks.run.run_recipe for a stand-in trainer is used by every child.
-import medtricks.run as _run
 from medtricks.ablation.executors import ExecutorSettings, run_children
 from medtricks.ablation.table import (forest_figure, format_ablation_markdown, higher_is_better, metric_keys,
                                       summarize_groups)
@@ -133,22 +128,6 @@ def child_recipe(base: Recipe, overrides: list[str], *, seed: int, variant: str,
 
 
 # ------------------------------------------------------------------------------------- children
-def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[str, str], quiet: bool,
-               metric: str, threads: Optional[int] = None) -> dict[str, Any]:
-    """Train one child (also the entry point of worker processes); returns plain data only."""
-    if threads:
-        torch.set_num_threads(threads)
-    recipe = Recipe.model_validate(recipe_data)
-    result = _run.run_recipe(recipe, resume="auto", parent_run_id=parent_run_id, extra_tags=tags, quiet=quiet)
-    keys = metric_keys(metric)
-    metrics = result.metrics if keys["split"] == "val" else result.test_metrics
-    values = dict(getattr(metrics, "values", {}) or {})
-    ci = dict(getattr(metrics, "ci", {}) or {})
-    low, high = ci.get(keys["name"], (math.nan, math.nan))
-    return {"run_id": result.run_id, "run_dir": str(result.run_dir),
-            "value": float(values.get(keys["name"], math.nan)), "ci_low": float(low), "ci_high": float(high)}
-
-
 def _children_from_store(store, experiment: str, ablation: str, metric: str) -> pd.DataFrame:
     """Finished children of an ablation as logged in the run store (the latest run per variant and seed)."""
     try:
