@@ -196,9 +196,12 @@ def _run_ray(children, settings: ExecutorSettings, parent_id, metric, say):
     try:
         resources = ray.cluster_resources()
         if settings.cpus_per_run > resources.get("CPU", 0) or settings.gpus_per_run > resources.get("GPU", 0):
-            raise ConfigError(f"each child asks for {settings.cpus_per_run:g} CPU and {settings.gpus_per_run:g} GPU "
-                              f"but the Ray cluster has {resources.get('CPU', 0):g} CPU and "
-                              f"{resources.get('GPU', 0):g} GPU in all: no child could ever start")
+            short = (f"each child asks for {settings.cpus_per_run:g} CPU and {settings.gpus_per_run:g} GPU but the "
+                     f"Ray cluster has {resources.get('CPU', 0):g} CPU and {resources.get('GPU', 0):g} GPU in all")
+            if started_here and settings.address is None:  # the local Ray of this call cannot grow
+                raise ConfigError(f"{short}: no child could ever start")
+            # A cluster of its own may autoscale: wait for it, but say why nothing starts yet.
+            say(f"warning: {short} now; the children wait until the cluster scales up", file=sys.stderr)
         env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
         task = ray.remote(_ray_child).options(num_cpus=settings.cpus_per_run, num_gpus=settings.gpus_per_run,
                                               max_retries=settings.retries, retry_exceptions=False,
