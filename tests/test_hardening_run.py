@@ -30,8 +30,9 @@ def _tiny(tmp_path, *extra):
                                   f"experiment.output_dir={tmp_path / 'runs'}", *extra])
 
 
-def _killed(monkeypatch, *, at_step=None, after_epoch=None):
-    """Make the next run die (KeyboardInterrupt) after a given logged step or finished epoch."""
+def _killed(monkeypatch, *, at_step=None, after_epoch=None, before_logging_epoch=None):
+    """Make the next run die (KeyboardInterrupt) after a given logged step or finished epoch, or after
+    an epoch's checkpoint but before its metrics are logged (``before_logging_epoch``)."""
     real_fit = medtricks.run.fit
 
     def dying_fit(*args, on_step=None, on_epoch=None, **kwargs):
@@ -41,6 +42,8 @@ def _killed(monkeypatch, *, at_step=None, after_epoch=None):
                 raise KeyboardInterrupt
 
         def epoch_then_die(step, metrics):
+            if metrics["epoch"] == before_logging_epoch:
+                raise KeyboardInterrupt
             on_epoch(step, metrics)
             if after_epoch is not None and metrics["epoch"] == after_epoch:
                 raise KeyboardInterrupt
@@ -109,15 +112,7 @@ def test_an_epoch_checkpointed_but_not_logged_is_logged_once_after_the_resume(tm
     """Killed after epoch 1's checkpoint but before its metrics reached the store (kill -9, a lost Ray
     worker): the resumed run logs epoch 1 from the checkpoint, and every epoch exactly once."""
     recipe = _tiny(tmp_path, "train.epochs=3")
-    real_fit = medtricks.run.fit
-
-    def dies_before_logging(*args, on_epoch=None, **kwargs):
-        def die(step, metrics):
-            raise KeyboardInterrupt  # the checkpoint is on disk, the epoch's metrics are not logged
-
-        return real_fit(*args, on_epoch=die, **kwargs)
-
-    monkeypatch.setattr(medtricks.run, "fit", dies_before_logging)
+    real_fit = _killed(monkeypatch, before_logging_epoch=1)  # last.pt of epoch 1 is on disk, its metrics are not
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, quiet=True)
     monkeypatch.setattr(medtricks.run, "fit", real_fit)
