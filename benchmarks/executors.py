@@ -34,8 +34,8 @@ CONTENDERS = {
 }
 # Each child: resnet18 from scratch on 200 64-px phantoms, 3 epochs (~20 s on 2 cores).
 FULL = ["data.synth.n=200", "data.synth.size=64", "data.image_size=64", "train.epochs=3"]
-QUICK = ["data.synth.n=40", "data.synth.size=32", "data.image_size=32", "train.epochs=1",
-         "train.max_steps_per_epoch=1"]
+QUICK = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "train.epochs=2",
+         "train.max_steps_per_epoch=1"]  # 2 epochs: the quickstart recipe warms up for 1
 COMMON = ["model.name=resnet18", "model.weights=none", "train.batch_size=16", "eval.n_bootstrap=0",
           "train.progress=false", "eval.plots=false", "tracking.backend=none", "tricks.bn_gamma.strategy=none"]
 
