@@ -54,9 +54,10 @@ def _killed(monkeypatch, *, at_step=None, after_epoch=None, before_logging_epoch
     return real_fit
 
 
-def killed_then_resumed(monkeypatch, recipe):
-    """Run ``recipe``, kill it after its first epoch, then resume it (``--resume auto``): the resumed result."""
-    real_fit = _killed(monkeypatch, after_epoch=1)
+def killed_then_resumed(monkeypatch, recipe, **where):
+    """Run ``recipe``, kill it (after its first epoch, or where ``where`` says: the options of ``_killed``),
+    then resume it (``--resume auto``): the resumed result."""
+    real_fit = _killed(monkeypatch, **(where or {"after_epoch": 1}))
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, quiet=True)
     monkeypatch.setattr(medtricks.run, "fit", real_fit)
@@ -98,11 +99,8 @@ def test_resume_of_a_finished_run_refuses_and_leaves_it_finished(tmp_path):
 
 def test_steps_replayed_after_a_resume_are_logged_once(tmp_path, monkeypatch):
     recipe = _tiny(tmp_path)  # 48 phantoms: 41 train images, 3 updates per epoch at batch 16
-    real_fit = _killed(monkeypatch, at_step=4)  # mid epoch 2: step 4 is logged, the epoch is not checkpointed
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, quiet=True)
-    monkeypatch.setattr(medtricks.run, "fit", real_fit)
-    result = run_recipe(recipe, resume="auto", quiet=True)
+    # killed mid epoch 2: step 4 is logged, the epoch is not checkpointed
+    result = killed_then_resumed(monkeypatch, recipe, at_step=4)
     store = result.tracker
     steps = [step for step, _ in store.metric_history(store.run_id, "train/loss")]
     assert steps == [1, 2, 3, 4, 5, 6], steps  # step 4 was replayed after the resume, and logged once
@@ -112,11 +110,8 @@ def test_an_epoch_checkpointed_but_not_logged_is_logged_once_after_the_resume(tm
     """Killed after epoch 1's checkpoint but before its metrics reached the store (kill -9, a lost Ray
     worker): the resumed run logs epoch 1 from the checkpoint, and every epoch exactly once."""
     recipe = _tiny(tmp_path, "train.epochs=3")
-    real_fit = _killed(monkeypatch, before_logging_epoch=1)  # last.pt of epoch 1 is on disk, its metrics are not
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, quiet=True)
-    monkeypatch.setattr(medtricks.run, "fit", real_fit)
-    result = run_recipe(recipe, resume="auto", quiet=True)
+    # killed with last.pt of epoch 1 on disk but its metrics not logged
+    result = killed_then_resumed(monkeypatch, recipe, before_logging_epoch=1)
     store = result.tracker
     epochs = [value for _, value in store.metric_history(store.run_id, "epoch")]
     assert epochs == [1.0, 2.0, 3.0], epochs
