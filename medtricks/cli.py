@@ -315,7 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = weights_sub.add_parser("fetch", help="download weights into the cache (needs a network)")
     fetch.add_argument("name", help="weights name, e.g. sin")
     fetch.add_argument("--arch", default=None, help="architecture, e.g. resnet50")
+    for name in ("run", "ablate", "self-train"):  # commands that read the user's own recipe
+        sub.choices[name].add_argument(
+            "--allow-plugins", action="store_true",
+            help="import the recipe's experiment.plugins (Python code that runs with your permissions); without "
+                 "it a recipe that names plug-ins is refused. Same as MEDTRICKS_ALLOW_PLUGINS=1")
+    for name in ("evaluate", "ensemble", "audit", "predict", "export", "cka"):  # commands that load a stored run
+        sub.choices[name].add_argument(
+            "--plugin", action="append", default=[], metavar="MODULE|FILE.py",
+            help="import this trick plug-in first (repeatable); a stored run's own plug-in list is never imported")
     return parser
+
+
+def _opt_in_plugins(args) -> None:
+    """Plug-ins run only when the user says so on this command line (``--allow-plugins`` / ``--plugin``)."""
+    from medtricks.tricks.registry import allow_plugins, load_plugins
+
+    if getattr(args, "allow_plugins", False):
+        allow_plugins()  # also for the processes it starts: torchrun ranks, ablation workers, Ray
+    if getattr(args, "plugin", None):
+        load_plugins(args.plugin)
 
 
 def _cmd_run(args) -> int:
@@ -500,13 +519,15 @@ def _cmd_cka(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from medtricks.predict import predict_images, summary, write_predictions
+    from medtricks.predict import check_outputs, predict_images, require_predictions, summary, write_predictions
 
+    check_outputs(args.inputs, out=args.out, cam_dir=args.cam)  # before any work: never overwrite an input
     preds, bad = predict_images(args.run, args.inputs, threshold=args.threshold, batch_size=args.batch_size,
                                 device=args.device, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir,
                                 cam_dir=args.cam)
     bad_path = write_predictions(preds, bad, args.out)
     print(summary(preds, bad, bad_path), file=sys.stderr)
+    require_predictions(preds, bad, bad_path)  # all inputs bad: an error (the bad-file list is written)
     if args.out:
         print(f"predictions: {args.out}", file=sys.stderr)
     return 0
@@ -547,6 +568,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"`medtricks {args.command}` without torchrun", file=sys.stderr)
         return 2
     try:
+        _opt_in_plugins(args)
         if args.command == "run":
             return _cmd_run(args)
         if args.command == "data":

@@ -8,6 +8,9 @@ knobs of parts that are off only add flat axes there. So a run logs the flattene
 - bookkeeping that is not a knob (:data:`BOOKKEEPING`: where the run folder and the tracked run go,
   its name): it differs between every run of an ablation and would take the compare page's first
   axes; the ``run_dir`` tag and the run's name say it;
+- nothing of a data folder's path: ``data.root``, ``data.cache_dir`` and ``data.unlabeled.root`` are logged
+  as :func:`~medtricks.data.folder_id` (``r_`` + a salted hash), since folder names can hold patient
+  names (the run folder's recipe.yaml keeps the real path, for resuming and evaluating on this machine);
 - the sub-keys of a section that is off -- one whose switch says so: ``enabled: false``
   (``model.resizer``, ``audit``), ``strategy: none`` (``tricks.bn_gamma``) or ``method: none``
   (``tricks.adversarial``). The switch itself stays (``audit.enabled = False``), so grouping and
@@ -25,14 +28,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from medtricks.data.manifest import folder_id
 from medtricks.recipe import Recipe, flatten_recipe
 
-__all__ = ["run_params", "tricks_summary", "off_sections", "NEVER_LOGGED", "BOOKKEEPING", "SWITCHES"]
+__all__ = ["run_params", "tricks_summary", "off_sections", "NEVER_LOGGED", "BOOKKEEPING", "SWITCHES", "DATA_FOLDERS"]
 
 #: Recipe sections a training run never logs as params.
 NEVER_LOGGED = ("ablation",)
 #: Keys that say where a run is written and what it is called, not how it is trained.
 BOOKKEEPING = ("experiment.output_dir", "tracking.uri", "tracking.experiment", "tracking.run_name")
+#: Recipe keys that hold a data folder: logged as a salted hash of the path.
+DATA_FOLDERS = ("data.root", "data.cache_dir", "data.unlabeled.root")
 #: Switch key -> the value that turns its section off.
 SWITCHES = {"enabled": False, "strategy": "none", "method": "none"}
 
@@ -73,6 +79,6 @@ def run_params(recipe: Recipe) -> dict[str, Any]:
         section = next((s for s in off if key.startswith(s + ".")), None)
         if section is not None and key != f"{section}.{off[section]}":
             continue
-        params[key] = value
+        params[key] = folder_id(value) if key in DATA_FOLDERS and value else value
     params["tricks"] = tricks_summary(recipe)
     return params

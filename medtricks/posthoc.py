@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from medtricks.audit import run_audit
 from medtricks.audit.shortcut import run_shortcut_audit
-from medtricks.data import build_eval_dataset, load_card, redact_paths
+from medtricks.data import build_eval_dataset, folder_id, load_card, redact_paths
 from medtricks.data.class_map import parse_class_map
 from medtricks.data.manifest import content_id, image_id, patient_salt
 from medtricks.errors import ConfigError
@@ -625,7 +625,7 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
             experiment=trained.recipe.tracking.experiment or trained.recipe.experiment.name,
             run_name=f"eval-{card_name}-{split}{'-tta' if tta == 'flip' else ''}", parent_run_id=trained.run_id,
             tags=tags,
-            params={"card": card_name, "root": str(Path(root).resolve()), "split": split, "tta": tta,
+            params={"card": card_name, "root": folder_id(root), "split": split, "tta": tta,
                     "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id),
                     "source_run_dir": str(trained.run_dir), "n_quarantined": len(quarantine)})
     return report

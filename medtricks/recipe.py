@@ -30,11 +30,12 @@ from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.audit.names import check_attack_name
 from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
-from medtricks.tricks.registry import load_plugins, trick_tags, tricks_config_model
+from medtricks.tricks.registry import ignoring_recipe_plugins, load_recipe_plugins, trick_tags, tricks_config_model
 
 __all__ = [
     "Recipe",
     "RecipeError",
+    "load_run_recipe",
     "load_recipe",
     "recipe_from_dict",
     "resolve_recipe_dict",
@@ -50,23 +51,53 @@ class RecipeError(MedtricksError, ValueError):
 
 
 _Section = Section  # every recipe section: unknown keys and booleans-for-numbers are errors
+#: Seeds (experiment.seed, data.split_seed, data.synth.seed, ablation.seeds) are 0 <= seed < 2**32: numpy's
+#: legacy seeding and scikit-learn's random_state take no more, and default_rng refuses negatives.
+SEED_LIMIT = 2**32
+
+
+def check_run_name(value: str, key: str = "experiment.name") -> str:
+    """``value`` if it can name one folder inside ``experiment.output_dir``; else a ConfigError naming ``key``.
+
+    Refused: an empty name, path separators (``/``, ``\\``), ``.``/``..`` and other names starting with ``.``
+    (hidden folders, which the run-store search skips), a drive (``C:``) and control characters."""
+    reason = None
+    if not value.strip():
+        reason = "it is empty"
+    elif "/" in value or "\\" in value:
+        reason = "it holds a path separator"
+    elif value.startswith("."):
+        reason = "it starts with '.' ('..' leaves the output folder; '.name' is a hidden folder)"
+    elif ":" in value[:2] or any(ord(c) < 32 for c in value):
+        reason = "it holds a drive or a control character"
+    if reason:
+        raise ConfigError(f"{key}={value!r} cannot name a run folder: {reason}. The run folder is "
+                          f"<experiment.output_dir>/<{key}>/...; use a plain name such as 'quickstart' "
+                          "(put folders in experiment.output_dir)")
+    return value
 
 
 # --------------------------------------------------------------------------------------- sections
 class ExperimentConfig(_Section):
     name: str = "medtricks"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     output_dir: str = "runs"
     tags: dict[str, str] = Field(default_factory=dict)
     # Trick plug-ins imported before the recipe is validated: module names or .py paths (tricks/registry.py).
     plugins: list[str] = Field(default_factory=list)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, value: str) -> str:
+        # The run folder is <output_dir>/<name>/<stamp>-<id>: a name must stay one folder inside output_dir.
+        return check_run_name(value, "experiment.name")
+
 
 class SynthConfig(_Section):
     n: int = Field(300, ge=6)
     size: int = Field(64, ge=16)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     format: Literal["png", "dicom"] = "png"
 
 
@@ -84,7 +115,7 @@ class DataConfig(_Section):
     synth: Optional[SynthConfig] = None
     image_size: int = Field(224, ge=8)
     augment: Literal["cxr_light", "cxr_shift", "paper_baseline", "none"] = "cxr_light"
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     # Held out from training *and* model selection; a test folder the card declares wins over it.
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -157,6 +188,10 @@ class TrainConfig(_Section):
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
     best_metric: str = "val/auroc"
     best_mode: Literal["max", "min"] = "max"
+    # Epochs whose best_metric ties (e.g. val AUROC 1.000 twice) are told apart by this metric (null: the
+    # earlier epoch stays best).
+    best_tiebreak: Optional[str] = "val/loss"
+    best_tiebreak_mode: Literal["max", "min"] = "min"
     log_every: int = Field(10, ge=1)
     progress: bool = True
     # torchrun (several processes): BatchNorm statistics over the global batch (CUDA only); no effect in one process
@@ -236,6 +271,8 @@ class AblationConfig(_Section):
             raise ConfigError("ablation.seeds must be >= 1 (a count) or a list of seeds")
         if isinstance(value, list) and (not value or len(set(value)) != len(value)):
             raise ConfigError("ablation.seeds as a list must be non-empty and without repeats")
+        if isinstance(value, list) and any(not 0 <= seed < SEED_LIMIT for seed in value):
+            raise ConfigError(f"ablation.seeds: every seed must be 0 <= seed < 2**32 ({SEED_LIMIT}), got {value}")
         return value
 
 
@@ -261,7 +298,7 @@ class Recipe(_Section):
         # Plug-ins first: their tricks add keys to the `tricks:` section validated next.
         experiment = data.get("experiment") if isinstance(data, dict) else None
         if isinstance(experiment, dict) and experiment.get("plugins"):
-            load_plugins(experiment["plugins"])
+            load_recipe_plugins(experiment["plugins"])  # only with the user's opt-in
         return data
 
     @field_validator("tricks", mode="before")
@@ -439,7 +476,8 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     """Validate a merged recipe dict into a :class:`Recipe` with clear error messages."""
     experiment = data.get("experiment") if isinstance(data, dict) else None
     if isinstance(experiment, dict) and experiment.get("plugins"):
-        load_plugins(experiment["plugins"])  # before the key check: plug-ins add keys to `tricks:`
+        # before the key check: plug-ins add keys to `tricks:`; imported only with the user's opt-in
+        load_recipe_plugins(experiment["plugins"], source)
     _check_keys(data, Recipe, "", source)
     try:
         return Recipe.model_validate(data)
@@ -478,6 +516,27 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     data = apply_overrides(data, overrides)
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return recipe_from_dict(data, source)
+
+
+def load_run_recipe(path: str | Path) -> Recipe:
+    """A stored run's ``recipe.yaml`` (a run folder you may have received, or a tracking server's copy).
+
+    Its ``experiment.plugins`` list is never imported, even with ``--allow-plugins``: loading a model
+    must not run code that a file beside it names. Import a plug-in you trust yourself first (``import
+    my_lab.tricks``; on the command line ``--plugin``).
+    """
+    with ignoring_recipe_plugins():
+        try:
+            return load_recipe(path)
+        except RecipeError as err:
+            try:
+                listed = (yaml.safe_load(Path(path).read_text()) or {}).get("experiment", {}).get("plugins")
+            except Exception:  # noqa: BLE001 - the recipe error above says what is wrong with the file
+                listed = None
+            if not listed:
+                raise
+            raise RecipeError(f"{err}\n  the run's recipe names plug-ins {listed}, which medtricks never imports from "
+                              "a stored run; if you trust them, name them yourself with --plugin") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

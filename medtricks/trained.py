@@ -17,15 +17,19 @@ from typing import Any, Optional
 import torch
 
 from medtricks.data import load_card
-from medtricks.errors import MissingFileError
+from medtricks.errors import MedtricksError, MissingFileError
 from medtricks.models import create_model, get_data_config
 from medtricks.models.resizer import LearnableResizer, ResizerModel
-from medtricks.recipe import Recipe, load_recipe
+from medtricks.recipe import Recipe, load_run_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.tracking import DEFAULT_RUNS_DIR, find_run
 from medtricks.tricks.layerscale import insert_layerscale_for_state
 
-__all__ = ["TrainedModel", "load_trained", "build_model"]
+__all__ = ["TrainedModel", "load_trained", "build_model", "ModelFileError"]
+
+
+class ModelFileError(MedtricksError):
+    """A run's model file that cannot be loaded safely (refused by ``torch.load(weights_only=True)``)."""
 
 
 def build_model(recipe: Recipe, num_classes: int):
@@ -116,12 +120,17 @@ def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = 
     """
     run_dir, run_id, store = _resolve_run_files(ref, tracking_uri, runs_dir)
     run = RunDir(run_dir)
-    recipe = load_recipe(run.recipe)
+    recipe = load_run_recipe(run.recipe)  # its plug-in list is never imported
     state_path = run.model_state
     if not state_path.is_file():
         raise MissingFileError(f"{state_path} not found: the run did not finish, or logged no model "
                                 "(tracking.log_model: false)")
-    state = torch.load(state_path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - never retried unsafely; one line, not torch's advice
+        raise ModelFileError(f"{state_path} was refused ({type(err).__name__}): it holds objects other than tensors "
+                             "and plain values, or is damaged, and medtricks never unpickles such a file (it could run "
+                             "code); use the model_state.pt that a medtricks run wrote") from None
     classes = list(load_card(recipe.data.card).classes)
     # Random init is enough (the state dict overwrites it) and needs no weights file; fall back to
     # the recipe's weights when their stem adaptation added tensors (e.g. a folded conv bias).

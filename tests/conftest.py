@@ -68,6 +68,8 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     """Never let a test write into the working directory's mlflow.db or the user's cache."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MEDTRICKS_CACHE", str(tmp_path / "cache"))
+    # Plug-ins are opt-in; a test that opts in (--allow-plugins sets this) must not leak it to the next.
+    monkeypatch.setenv("MEDTRICKS_ALLOW_PLUGINS", "0")  # restored (unset) after the test
     yield
 
 

@@ -261,12 +261,12 @@ def test_two_processes_resume_where_they_stopped_and_reach_the_same_weights(tmp_
     reference = torch.load(_only_run(two_processes[0]).last_checkpoint, weights_only=True)
     (tmp_path / "stop.py").write_text(STOP)
     overrides = [*_overrides(tmp_path, 16, data=two_processes[0]), f"experiment.plugins=[{tmp_path / 'stop.py'}]"]
-    stopped = _torchrun(tmp_path, overrides, env={"STOP_AFTER_EPOCH": "1"})
+    stopped = _torchrun(tmp_path, overrides, env={"STOP_AFTER_EPOCH": "1", "MEDTRICKS_ALLOW_PLUGINS": "1"})
     assert stopped.returncode != 0
     run = _only_run(tmp_path)
     assert torch.load(run.last_checkpoint, weights_only=True)["epoch"] == 0
 
-    resumed = _torchrun(tmp_path, overrides, "--resume", "auto")
+    resumed = _torchrun(tmp_path, overrides, "--resume", "auto", "--allow-plugins")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert _only_run(tmp_path).path == run.path and run.read_state()["status"] == "finished"
     final = torch.load(run.last_checkpoint, weights_only=True)

@@ -87,7 +87,8 @@ def test_recipe_section_and_missing_ray_are_clear(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def kill_plugin(tmp_path):
+def kill_plugin(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTRICKS_ALLOW_PLUGINS", "1")  # the user opted in; Ray workers get it forwarded
     path = tmp_path / "kill_once_trick.py"
     path.write_text(KILL_ONCE)
     yield path

@@ -70,7 +70,7 @@ def test_recipe_ablation_compare_and_evaluate_against_the_team_server(tmp_path, 
     # 2. an ablation, 2 variants x 2 seeds, children in 2 one-CPU Ray workers logging at once; the first
     #    seed-1 child is SIGKILLed after epoch 1 and retried by Ray (it resumes its own run)
     marker = tmp_path / "killed.pid"
-    args = ["ablate", str(RECIPES / "quickstart.yaml"), "--tricks", "mixup=0.2", "--seeds", "2",
+    args = ["ablate", str(RECIPES / "quickstart.yaml"), "--allow-plugins", "--tricks", "mixup=0.2", "--seeds", "2",
             "--executor", "ray", "--cpus-per-run", "1",
             *(a for o in [*common, "tracking.log_model=false", f"experiment.plugins=[{plugin}]",
                           f"tricks.kill_once={marker}"] for a in ("--set", o))]

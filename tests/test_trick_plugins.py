@@ -41,7 +41,8 @@ TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.na
 
 
 @pytest.fixture
-def toy_plugin(tmp_path):
+def toy_plugin(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTRICKS_ALLOW_PLUGINS", "1")  # the user opted in (--allow-plugins)
     path = tmp_path / "loss_scale_trick.py"
     path.write_text(TOY_TRICK)
     yield path
@@ -118,7 +119,8 @@ def test_registration_errors_name_the_clash():
         register_trick(object)
 
 
-def test_a_missing_plugin_is_named(tmp_path):
+def test_a_missing_plugin_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTRICKS_ALLOW_PLUGINS", "1")
     with pytest.raises(PluginError, match="no_such_trick_module"):
         recipe_from_dict({"experiment": {"plugins": ["no_such_trick_module"]}})
     with pytest.raises(PluginError, match="missing.py"):

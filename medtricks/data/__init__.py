@@ -36,6 +36,7 @@ _EXPORTS = {
     "export_manifest": "medtricks.data.manifest",
     "export_quarantine": "medtricks.data.manifest",
     "redact_paths": "medtricks.data.manifest",
+    "folder_id": "medtricks.data.manifest",
     "split_summary": "medtricks.data.manifest",
     "hash_patient": "medtricks.data.manifest",
     "assign_splits": "medtricks.data.splits",

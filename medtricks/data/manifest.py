@@ -372,6 +372,14 @@ def image_id(rel_path: str, salt: Optional[bytes] = None) -> str:
     return hash_patient(rel_path, "image", salt).replace("p_", "i_", 1)
 
 
+def folder_id(folder, salt: Optional[bytes] = None) -> str:
+    """The logged form of a data folder (``data.root``, ``evaluate --root``): ``r_`` + a salted hash of its
+    absolute path. Folder names can hold patient names; the same folder gets the same ID on this machine,
+    so runs on one data set still group together in the MLflow UI."""
+    path = os.path.abspath(os.path.expanduser(str(folder)))
+    return hash_patient(path, "folder", salt).replace("p_", "r_", 1)
+
+
 def content_id(digest: str, salt: Optional[bytes] = None) -> str:
     """The logged form of a file's content hash (``content_hash`` of :func:`~medtricks.data.scan_images`):
     ``c_`` + a salted hash of it, so identical bytes can be matched on this machine (``evaluate`` finds
@@ -552,4 +560,5 @@ def split_summary(manifest: pd.DataFrame, classes) -> pd.DataFrame:
 
 
 __all__ = ["build_manifest", "export_manifest", "export_quarantine", "redact_paths", "image_id", "content_id",
+           "folder_id",
            "hash_patient", "patient_salt", "split_summary", "MANIFEST_COLUMNS", "REDACTED_ROOT"]

@@ -5,11 +5,20 @@ Built-in tricks register when this module is imported (one import line each belo
 register from their own file with :func:`~medtricks.tricks.base.register_trick`; to use such a file
 from ``medtricks run``, name it in the recipe's ``experiment.plugins`` list (a module name or a
 ``.py`` path), or ship it in a package under the ``medtricks.tricks`` entry-point group.
+
+A plug-in is code that runs with your permissions, so a recipe's ``plugins:`` list is imported only
+when the user opts in at the command line (``--allow-plugins``, which sets ``MEDTRICKS_ALLOW_PLUGINS=1``
+for the processes it starts) and never from a stored run's recipe (``predict``, ``export``,
+``evaluate``... load a run's model with :func:`ignoring_recipe_plugins`; they take ``--plugin`` for a
+plug-in the user names explicitly). Installed packages' entry points are trusted like any import.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import importlib.util
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -35,9 +44,15 @@ from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.tricks.base import AblationName, Trick, TrickContext, registered_tricks
 
 __all__ = ["tricks_config_model", "build_tricks", "trick_tags", "ablation_names", "load_plugins",
-           "PluginError", "merged_options"]
+           "PluginError", "merged_options", "load_recipe_plugins", "plugins_allowed", "allow_plugins", "ignoring_recipe_plugins",
+           "ALLOW_PLUGINS_ENV"]
 
 ENTRY_POINT_GROUP = "medtricks.tricks"
+#: Set to ``1`` to let recipes' ``experiment.plugins`` run (what ``--allow-plugins`` does).
+ALLOW_PLUGINS_ENV = "MEDTRICKS_ALLOW_PLUGINS"
+# Set while a stored run's recipe is read: its plug-in list is data, never imported.
+_ignoring_recipe_plugins: contextvars.ContextVar[bool] = contextvars.ContextVar("ignoring_recipe_plugins",
+                                                                                 default=False)
 
 
 class PluginError(MedtricksError, ImportError):
@@ -64,8 +79,47 @@ def _load_entry_points() -> None:
                               f"{ENTRY_POINT_GROUP!r}) failed to import: {type(err).__name__}: {err}") from err
 
 
+def plugins_allowed() -> bool:
+    """Whether recipes may import their ``experiment.plugins`` (``$MEDTRICKS_ALLOW_PLUGINS`` is ``1``)."""
+    return os.environ.get(ALLOW_PLUGINS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def allow_plugins() -> None:
+    """Opt in for this process and the processes it starts (torchrun ranks, ablation workers, Ray)."""
+    os.environ[ALLOW_PLUGINS_ENV] = "1"
+
+
+@contextlib.contextmanager
+def ignoring_recipe_plugins():
+    """Within this block, a recipe's ``experiment.plugins`` list is not imported (reading a stored run)."""
+    token = _ignoring_recipe_plugins.set(True)
+    try:
+        yield
+    finally:
+        _ignoring_recipe_plugins.reset(token)
+
+
+def load_recipe_plugins(plugins: Iterable[str], source: str = "the recipe") -> None:
+    """Import a recipe's ``experiment.plugins`` if the user opted in; a stored run's list is skipped.
+
+    Raises :class:`PluginError` (no code run) when the user did not opt in.
+    """
+    plugins = list(plugins or ())
+    if not plugins or _ignoring_recipe_plugins.get():
+        return
+    if not plugins_allowed():
+        raise PluginError(f"{source} names experiment.plugins {plugins}: a plug-in is Python code that runs with "
+                          f"your permissions, so medtricks imports none unless you opt in; if you trust it, pass "
+                          f"--allow-plugins (or set {ALLOW_PLUGINS_ENV}=1)")
+    load_plugins(plugins)
+
+
 def load_plugins(plugins: Iterable[str]) -> None:
-    """Import trick plug-ins: module names (``my_lab.tricks``) or ``.py`` file paths (relative to the cwd)."""
+    """Import trick plug-ins: module names (``my_lab.tricks``) or ``.py`` file paths (relative to the cwd).
+
+    This imports unconditionally (the caller named them: ``--plugin``, or Python code); a recipe's list
+    goes through :func:`load_recipe_plugins`, which asks for the user's opt-in first.
+    """
     for plugin in plugins or ():
         if not isinstance(plugin, str) or not plugin.strip():
             raise PluginError(f"plugins: entries must be module names or .py paths, got {plugin!r}")
