@@ -105,7 +105,7 @@ def test_coverage_under_optional_stopping(kind, effect):
 
 # ------------------------------------------------------------------------------------------ run_ablation
 TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=0",
+        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=0",
         "train.progress=false", "eval.plots=false", "tracking.log_model=false"]
 
 

@@ -74,6 +74,7 @@ class AblationResult:
     skipped: list[tuple[str, int]] = field(default_factory=list)
     tricks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sequential: Optional[dict[str, Any]] = None  # seeds until the answer is clear: looks, boundary, stop
 
     def labels(self) -> dict[str, str]:
         """Row labels for display: in cumulative mode only the trick each row adds (``+ cosine``)."""
@@ -85,6 +86,8 @@ class AblationResult:
         """The table as Markdown, with a title and the notes (what ``medtricks ablate`` prints)."""
         title = (f"Ablation {self.ablation_id} ({self.mode}, {len(self.seeds)} seeds: "
                  f"{', '.join(str(s) for s in self.seeds)}) — {self.metric}")
+        if self.sequential:
+            title += f" — seeds until ±{self.sequential['until_ci']:g} (max {self.sequential['max_seeds']})"
         return format_ablation_markdown(self.table, metric=self.metric, title=title, notes=self.notes,
                                         labels=self.labels())
 
@@ -206,10 +209,13 @@ def _resolve_seeds(seeds: int | Sequence[int], base_seed: int) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
             raise ConfigError(f"seeds must be >= 1, got {seeds}")
-        return [base_seed + i for i in range(seeds)]
-    out = [int(s) for s in seeds]
+        out = [base_seed + i for i in range(seeds)]
+    else:
+        out = [int(s) for s in seeds]
     if not out or len(set(out)) != len(out):
         raise ConfigError(f"seeds must be a non-empty list of distinct ints, got {list(seeds)!r}")
+    if not all(0 <= s < 2**32 for s in out):  # recipe.SEED_LIMIT: numpy / scikit-learn take no more
+        raise ConfigError(f"seeds {out[0]}..{out[-1]}: every child's experiment.seed must be 0 <= seed < 2**32")
     return out
 
 
@@ -222,9 +228,14 @@ def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] =
                       metric: Optional[str] = None, jobs: Optional[int] = None,
                       test: Optional[str] = None, executor: Optional[str] = None, address: Optional[str] = None,
                       cpus_per_run: Optional[float] = None, gpus_per_run: Optional[float] = None,
-                      retries: Optional[int] = None) -> dict[str, Any]:
+                      retries: Optional[int] = None, until_ci: Optional[float] = None,
+                      max_seeds: Optional[int] = None, seed_step: Optional[int] = None,
+                      boundary: Optional[str] = None) -> dict[str, Any]:
     """Keyword arguments for :func:`run_ablation`: command-line values over the recipe's ``ablation:``
     section over the defaults (seeds 5, cumulative, val/auroc, 1 job, paired t, the local executor).
+
+    ``until_ci`` / ``max_seeds`` / ``seed_step`` / ``boundary`` (seeds until the answer is clear, see
+    :mod:`medtricks.ablation.sequential`) come from the caller only; they are passed through as given.
 
     ``tricks`` may be a comma-separated string (``--tricks warmup,bn_gamma=zero_late``).
 
@@ -258,13 +269,20 @@ def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] =
         raise ConfigError("no tricks to ablate: pass --tricks warmup,bn_gamma=zero_late,... or set "
                          "ablation.tricks in the recipe")
     out["tricks"] = list(out["tricks"])
+    if until_ci is not None:
+        out.update(until_ci=until_ci, max_seeds=max_seeds, seed_step=seed_step, boundary=boundary or "pocock")
+    elif max_seeds is not None or seed_step is not None:
+        raise ConfigError("--max-seeds / --seed-step only apply with --until-ci W (seeds until every Δ interval is "
+                         "within ±W or excludes 0)")
     return out
 
 
 def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int] = 5, mode: str = "cumulative",
                  metric: str = "val/auroc", jobs: int = 1, tracking_uri: Optional[str] = None,
                  quiet: bool = False, test: str = "t", executor: str = "local", address: Optional[str] = None,
-                 cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, retries: int = 2) -> AblationResult:
+                 cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, retries: int = 2,
+                 until_ci: Optional[float] = None, max_seeds: Optional[int] = None, seed_step: Optional[int] = None,
+                 boundary: str = "pocock") -> AblationResult:
     """Train every variant for every seed and build the table.
 
     Args:
@@ -286,6 +304,14 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
             parent and children go to the local run store inside the ablation folder.
         quiet: no printing.
         test: seed-level paired test, ``t`` or ``wilcoxon``.
+        until_ci: seeds until the answer is clear: train ``seeds`` (a count, >= 2) seeds, then
+            ``seed_step`` (default: ``seeds``) more per round, up to ``max_seeds``, and stop after the
+            first round at which every variant's Δ vs the baseline has a 95 % (``eval.ci``) interval of
+            half-width <= ``until_ci`` or excluding 0. The intervals are group-sequential repeated
+            confidence intervals (``boundary``: ``pocock`` or ``obrien_fleming`` over the fixed look
+            schedule; see :mod:`medtricks.ablation.sequential`), so their coverage holds whichever
+            round the rule stops at. The table's ``delta_ci_*`` and verdict are then those intervals
+            (the fixed-n t-interval stays in ``delta_fixed_ci_*``); resuming re-reads finished rounds.
 
     Children that fail are reported in ``result.failed`` and left out of the table (re-running the
     same command retries them); the parent run then ends ``FAILED``.
@@ -302,7 +328,24 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     if isinstance(tricks, str):
         tricks = tricks.split(",")
     tricks = [str(t).strip() for t in tricks if str(t).strip()]
-    seed_list = _resolve_seeds(seeds, recipe.experiment.seed)
+    looks: Optional[list[int]] = None
+    if until_ci is not None:
+        from medtricks.ablation.sequential import BOUNDARIES, look_schedule
+
+        if max_seeds is None:
+            raise ConfigError("until_ci needs max_seeds (--max-seeds N): the most seeds per variant to train")
+        if not isinstance(seeds, int) or isinstance(seeds, bool):
+            raise ConfigError(f"with until_ci, seeds must be a count (the first round's seeds), got {seeds!r}")
+        if boundary not in BOUNDARIES:
+            raise ConfigError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
+        if not (isinstance(until_ci, (int, float)) and not isinstance(until_ci, bool) and until_ci > 0):
+            raise ConfigError(f"until_ci (the wanted half-width W of every Δ interval) must be > 0, got {until_ci!r}")
+        looks = look_schedule(seeds, max_seeds, seed_step)  # fixed before any seed trains
+        all_seeds = _resolve_seeds(max_seeds, recipe.experiment.seed)
+        seed_list = all_seeds[:looks[0]]
+    else:
+        seed_list = _resolve_seeds(seeds, recipe.experiment.seed)
+        all_seeds = seed_list
     variants = make_variants(recipe, tricks, mode)
     aid = ablation_id(recipe, tricks, mode)
     experiment = recipe.tracking.experiment or recipe.experiment.name
@@ -329,31 +372,64 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     parent.log_params({**base_params, "ablation.id": aid, "ablation.mode": mode,
                        "ablation.tricks": ",".join(tricks),
                        "ablation.variants": json.dumps(dict(variants))})
-    done = _children_from_store(store, experiment, aid, metric)
+    sequential: Optional[dict[str, Any]] = None
+    decision = None
 
     # Whatever happens below, the parent run is closed with a status that says so.
     try:
-        finished = {(v, int(s)) for v, s in zip(done["variant"], done["seed"])}
         index = {name: i for i, (name, _) in enumerate(variants)}
-        plan = [(name, overrides, seed) for seed in seed_list for name, overrides in variants
-                if (name, seed) not in finished]  # seed-major: an interrupted ablation still pairs seeds
-        skipped = [(name, seed) for seed in seed_list for name, _ in variants if (name, seed) in finished]
-        say(f"ablation {aid} ({mode}): {len(variants)} variants x {len(seed_list)} seeds = "
-            f"{len(variants) * len(seed_list)} runs; {len(skipped)} already finished, {len(plan)} to run"
-            + (f"; parent run {parent_id} in experiment {experiment!r} ({store.describe()})" if parent_id else ""))
-        for i, (name, overrides) in enumerate(variants):
-            say(f"  v{i:02d} {name}: {' '.join(overrides) or '(base recipe)'}")
+        failed: list[dict[str, Any]] = []
+        skipped: list[tuple[str, int]] = []
+        # One round without until_ci; with it, one round per look of the fixed schedule (finished
+        # children of earlier calls are found in the store, so a re-run replays the same decisions).
+        for look, n_round in enumerate(looks or [len(seed_list)]):
+            round_seeds = all_seeds[:n_round] if looks else seed_list
+            done = _children_from_store(store, experiment, aid, metric)
+            finished = {(v, int(s)) for v, s in zip(done["variant"], done["seed"])}
+            plan = [(name, overrides, seed) for seed in round_seeds for name, overrides in variants
+                    if (name, seed) not in finished]  # seed-major: an interrupted ablation still pairs seeds
+            skipped += [(name, seed) for seed in round_seeds for name, _ in variants
+                        if (name, seed) in finished and (name, seed) not in skipped]
+            rounds = f", round {look + 1}/{len(looks)} (seeds until ±{until_ci:g})" if looks else ""
+            say(f"ablation {aid} ({mode}{rounds}): {len(variants)} variants x {len(round_seeds)} seeds = "
+                f"{len(variants) * len(round_seeds)} runs; {len(round_seeds) * len(variants) - len(plan)} already "
+                f"finished, {len(plan)} to run"
+                + (f"; parent run {parent_id} in experiment {experiment!r} ({store.describe()})"
+                   if parent_id and look == 0 else ""))
+            if look == 0:
+                for i, (name, overrides) in enumerate(variants):
+                    say(f"  v{i:02d} {name}: {' '.join(overrides) or '(base recipe)'}")
 
-        jobs_data = []
-        for name, overrides, seed in plan:
-            child = child_recipe(recipe, overrides, seed=seed, variant=name, variant_index=index[name],
-                                 ablation=aid, tracking_uri=tracking_uri)
-            tags = {"variant": name, "seed": str(seed), "variant_index": str(index[name]),
-                    "variant_overrides": " ".join(overrides) or "none", "medtricks.role": "ablation_child",
-                    "medtricks.ablation_id": aid}
-            jobs_data.append((name, seed, child.model_dump(mode="json"), tags))
+            jobs_data = []
+            for name, overrides, seed in plan:
+                child = child_recipe(recipe, overrides, seed=seed, variant=name, variant_index=index[name],
+                                     ablation=aid, tracking_uri=tracking_uri)
+                tags = {"variant": name, "seed": str(seed), "variant_index": str(index[name]),
+                        "variant_overrides": " ".join(overrides) or "none", "medtricks.role": "ablation_child",
+                        "medtricks.ablation_id": aid}
+                jobs_data.append((name, seed, child.model_dump(mode="json"), tags))
 
-        _, failed = run_children(jobs_data, executor, parent_id=parent_id, quiet=quiet, metric=metric, say=say)
+            _, round_failed = run_children(jobs_data, executor, parent_id=parent_id, quiet=quiet, metric=metric,
+                                           say=say)
+            failed += round_failed
+            seed_list = round_seeds
+            if not looks:
+                break
+            decision = _sequential_decision(_children_from_store(store, experiment, aid, metric), variants,
+                                            round_seeds, looks, until_ci, recipe.eval.ci, boundary)
+            if decision is None:
+                notes.append(f"seeds until ±{until_ci:g}: stopped at round {look + 1} because some children of "
+                             "seeds " + ", ".join(str(s) for s in round_seeds) + " failed or logged no value; "
+                             "re-run the same command to retry and continue")
+                break
+            say(f"  {decision.describe()}")
+            if decision.stop:
+                break
+        if looks:
+            sequential = {"until_ci": until_ci, "max_seeds": max_seeds, "looks": looks, "boundary": boundary,
+                          "n_seeds": len(seed_list), "look": decision.look if decision else None,
+                          "stopped": bool(decision and decision.stop), "reason": decision.reason if decision else
+                          "children failed"}
 
         # ---- the children's numbers: from the run store (what the MLflow UI / compare show)
         all_children = _children_from_store(store, experiment, aid, metric)
@@ -378,6 +454,8 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
                                  reference="baseline", previous=(mode == "cumulative"), ci=recipe.eval.ci,
                                  test=test, higher_better=higher_is_better(metric))
         table.insert(1, "overrides", [" ".join(o) for _, o in variants])
+        if decision is not None:
+            _apply_sequential(table, decision, higher_is_better(metric), boundary, until_ci, notes)
 
         # ---- image-level paired bootstrap from the children's saved predictions
         if keys["scalar"] is None:
@@ -397,7 +475,8 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
 
         result = AblationResult(table=table, children=children, metric=metric, mode=mode, ablation_id=aid,
                                 variants=variants, seeds=seed_list, parent_run_id=parent_id, output_dir=out_dir,
-                                failed=failed, skipped=skipped, notes=notes, tricks=tricks)
+                                failed=failed, skipped=skipped, notes=notes, tricks=tricks,
+                                sequential=sequential)
         _write_outputs(result, parent, say)
     except BaseException as err:
         if parent is not None:
@@ -407,6 +486,44 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
             parent.end("KILLED" if interrupted else "FAILED")
         raise
     return result
+
+
+def _sequential_decision(children: pd.DataFrame, variants: list[tuple[str, list[str]]], seeds: list[int],
+                         looks: list[int], width: float, ci: float, boundary: str):
+    """The group-sequential decision on the paired differences of ``seeds``; ``None`` when a child is missing."""
+    from medtricks.ablation.sequential import sequential_look
+
+    values = {(v, int(s)): x for v, s, x in zip(children["variant"], children["seed"], children["value"])}
+    diffs: dict[str, list[float]] = {}
+    for name, _ in variants[1:]:
+        pairs = [(values.get((name, s)), values.get(("baseline", s))) for s in seeds]
+        if any(a is None or b is None or not (is_finite(a) and is_finite(b)) for a, b in pairs):
+            return None
+        diffs[name] = [float(a) - float(b) for a, b in pairs]
+    return sequential_look(diffs, looks, width=width, ci=ci, kind=boundary)
+
+
+def _apply_sequential(table: pd.DataFrame, decision, higher_better: bool, boundary: str, width: float,
+                      notes: list[str]) -> None:
+    """Replace the table's fixed-n Δ interval and verdict with the repeated CI of the look it stopped at."""
+    import numpy as np
+
+    for col in ("delta_ci_low", "delta_ci_high", "delta_p_value"):
+        table[col.replace("delta_", "delta_fixed_")] = table[col]
+    for i, variant in enumerate(table["variant"]):
+        row = decision.rows.get(variant)
+        if row is None:
+            continue
+        table.loc[i, ["delta_ci_low", "delta_ci_high"]] = [row["low"], row["high"]]
+        table.loc[i, "delta_p_value"] = np.nan  # a fixed-n p-value is not valid after optional stopping
+        verdict = "no evidence"
+        if row["excludes_zero"]:
+            verdict = "helps" if (row["mean"] > 0) == higher_better else "hurts"
+        table.loc[i, "verdict"] = verdict
+    table.attrs["interval"] = f"repeated CI, {boundary}"
+    notes.append(f"Seeds until ±{width:g}: {decision.describe()}. Δ intervals are group-sequential repeated "
+                 f"confidence intervals ({boundary} boundary over the looks fixed in advance), valid at "
+                 "whichever look the rule stopped; the fixed-n t-interval is in the CSV (delta_fixed_ci_*).")
 
 
 def _write_outputs(result: AblationResult, parent, say) -> None:
@@ -439,6 +556,11 @@ def _write_outputs(result: AblationResult, parent, say) -> None:
                 metrics[f"{prefix}/{col}"] = float(row[col])
     parent.log_metrics(metrics)
     complete = not result.failed and len(result.children) == len(result.variants) * len(result.seeds)
-    parent.set_tags({"ablation.status": "complete" if complete else "incomplete",
-                     "ablation.failed": str(len(result.failed))})
+    tags = {"ablation.status": "complete" if complete else "incomplete", "ablation.failed": str(len(result.failed)),
+            "ablation.seeds": ",".join(str(s) for s in result.seeds)}
+    if result.sequential:
+        tags.update({"ablation.until_ci": f"{result.sequential['until_ci']:g}",
+                     "ablation.sequential": f"{result.sequential['boundary']}, looks "
+                                            f"{result.sequential['looks']}: {result.sequential['reason']}"[:5000]})
+    parent.set_tags(tags)
     parent.end("FAILED" if result.failed else "FINISHED")

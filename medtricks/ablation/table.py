@@ -198,7 +198,9 @@ def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str
     test = table.attrs.get("test", "paired t")
     has_prev = "delta_prev" in table.columns
     has_boot = "boot_delta" in table.columns and table["boot_delta"].map(is_finite).any()
-    header = [group_col, "seeds", f"{metric} mean [{pct} CI]", f"Δ vs {ref} [{pct} CI]", f"p ({test})"]
+    interval = table.attrs.get("interval")  # "repeated CI, pocock" after seeds-until-clear (sequential.py)
+    header = [group_col, "seeds", f"{metric} mean [{pct} CI]", f"Δ vs {ref} [{pct} {interval or 'CI'}]",
+              f"p ({test})"]
     if has_boot:
         header += [f"Δ image bootstrap [{pct} CI]", "p (bootstrap)"]
     if has_prev:
@@ -223,6 +225,10 @@ def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str
     out.append(markdown_table(header, rows))
     explain = [f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both "
                f"variants share ({test} test); verdict from that test at α = {1 - ci:.2g}."]
+    if interval:
+        explain = [f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both variants "
+                   f"share, with its {pct} group-sequential {interval} (no fixed-n p-value: the number of seeds "
+                   "was chosen by looking); verdict: helps / hurts when that interval excludes 0."]
     if has_boot:
         explain.append("Δ image bootstrap: paired bootstrap over the evaluation images of the seed-averaged "
                        "difference (same resampled images for both variants).")
