@@ -51,11 +51,11 @@ import torch
 from torch import nn
 
 from medtricks import __version__
-from medtricks._atomic import atomic_path
+from medtricks._atomic import atomic_paths, write_bytes
 from medtricks.data import build_eval_dataset, synthesize_phantoms
 from medtricks.data.datasets import resize_shorter_side
 from medtricks.data.transforms import build_transforms, eval_resize_side
-from medtricks.errors import ConfigError, MedtricksError, MissingFileError
+from medtricks.errors import ConfigError, MedtricksError, MissingFileError, ResourceError
 from medtricks.posthoc import load_operating_point
 from medtricks.tracking import save_mlflow_model
 from medtricks.trained import load_trained
@@ -243,10 +243,14 @@ def _run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Trace and save; the archive is built in memory and written by Python, so a full disk is an
+    ``OSError`` (``torch.jit.save`` to a path aborts the whole process on a failed write: rc 134)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
         traced = torch.jit.trace(wrapper, (example,), check_trace=False)
-        torch.jit.save(traced, str(path))  # (torch.jit is deprecated in favour of torch.export, still supported)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)  # (torch.jit is deprecated in favour of torch.export, still supported)
+    write_bytes(path, buffer.getbuffer())
 
 
 def _run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
@@ -290,21 +294,32 @@ def export_model(ref: str, fmt: str, out: str | Path, *, opset: int = DEFAULT_OP
 
     if fmt == "mlflow":
         return _export_mlflow(trained, wrapper, example, images, reference, source, out, tolerance)
-    with atomic_path(out) as tmp:  # the file appears only once it passed the parity check
-        if fmt == "onnx":
-            opset, exporter = _export_onnx(wrapper, example, tmp, opset)
-            run = _run_onnx
-        else:
-            _export_torchscript(wrapper, example, tmp)
-            run, exporter = _run_torchscript, 'torch.jit.trace'
-        diff = _parity(run, tmp, images, reference, fmt, source, tolerance)
-
-    result = ExportResult(path=out, card_path=out.with_name(out.name + ".md"), fmt=fmt,
-                          input_shape=(None, in_chans, size, size), classes=list(trained.classes),
-                          max_abs_diff=diff, n_checked=len(images), check_source=source, run_id=trained.run_id)
-    result.opset = opset if fmt == 'onnx' else None
-    result.card_path.write_text(_model_card(trained, result, opset, exporter))
+    card_path = out.with_name(out.name + ".md")
+    try:
+        # the file and its card appear together, once the file passed the parity check; the temporary
+        # files have unique names beside them and are removed on any failure
+        with atomic_paths(out, card_path) as (tmp, card_tmp):
+            if fmt == "onnx":
+                opset, exporter = _export_onnx(wrapper, example, tmp, opset)
+                run = _run_onnx
+            else:
+                _export_torchscript(wrapper, example, tmp)
+                run, exporter = _run_torchscript, 'torch.jit.trace'
+            diff = _parity(run, tmp, images, reference, fmt, source, tolerance)
+            result = ExportResult(path=out, card_path=card_path, fmt=fmt,
+                                  input_shape=(None, in_chans, size, size), classes=list(trained.classes),
+                                  max_abs_diff=diff, n_checked=len(images), check_source=source,
+                                  run_id=trained.run_id)
+            result.opset = opset if fmt == 'onnx' else None
+            write_bytes(card_tmp, _model_card(trained, result, opset, exporter).encode())
+    except OSError as err:
+        raise _write_error(out, err) from None
     return result
+
+
+def _write_error(out: Path, err: OSError) -> ResourceError:
+    return ResourceError(f"cannot write the export {out} ({err.strerror or err or type(err).__name__}); nothing was "
+                         "written and anything already at that path is unchanged")
 
 
 def _parity(run, path: Path, images: np.ndarray, reference: np.ndarray, fmt: str, source: str,
@@ -336,14 +351,22 @@ def mlflow_model_info(trained) -> dict:
 
 def _export_mlflow(trained, wrapper, example, images, reference, source, out: Path, tolerance: float) -> ExportResult:
     """The TorchScript file (parity-checked) inside an MLflow pyfunc model folder, with its model card."""
+    try:
+        return _write_mlflow(trained, wrapper, example, images, reference, source, out, tolerance)
+    except OSError as err:
+        raise _write_error(out, err) from None
+
+
+def _write_mlflow(trained, wrapper, example, images, reference, source, out: Path, tolerance: float) -> ExportResult:
     recipe = trained.recipe
     size, in_chans = recipe.input_image_size(), recipe.model.in_chans
     with tempfile.TemporaryDirectory(prefix="medtricks-export-") as tmp:
         script = Path(tmp) / "model.pt"
         _export_torchscript(wrapper, example, script)
         diff = _parity(_run_torchscript, script, images, reference, "mlflow", source, tolerance)
-        staging = out.with_name(out.name + ".tmp")  # the folder appears whole, or not at all
-        shutil.rmtree(staging, ignore_errors=True)
+        # the folder appears whole, or not at all: built in a new folder of our own beside it (never one
+        # that was there before), renamed onto ``out``, removed on any failure
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         try:
             save_mlflow_model(staging, script, mlflow_model_info(trained))
             result = ExportResult(path=out, card_path=out / MLFLOW_CARD, fmt="mlflow",

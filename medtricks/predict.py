@@ -17,6 +17,7 @@ no other DICOM header value is read or written.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -31,12 +32,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from medtricks._atomic import csv_safe, write_csvs
 from medtricks.data.datasets import XrayDataset
 from medtricks.data.errors import BadImageError
-from medtricks.data.manifest import hash_patient, patient_salt, walk_files
+from medtricks.data.manifest import hash_patient, patient_salt
 from medtricks.data.readers import DICOM_EXTENSIONS
 from medtricks.data.transforms import build_transforms
-from medtricks.errors import ConfigError, MissingFileError
+from medtricks.errors import ConfigError, MedtricksError, MissingFileError, ResourceError
 from medtricks.evaluate.operating_point import select_threshold
 from medtricks.evaluate.paired import load_predictions
 from medtricks.posthoc import DecisionRule, _run_file, load_operating_point, resolve_decision_rule
@@ -45,8 +47,8 @@ from medtricks.saliency import cam_file_name, cam_target_layer, grad_cam, save_o
 from medtricks.train import resolve_device
 from medtricks.trained import load_trained
 
-__all__ = ["predict_images", "resolve_prediction_rule", "collect_images", "write_predictions", "bad_files_path",
-           "IMAGE_EXTENSIONS", "InputImage"]
+__all__ = ["predict_images", "resolve_prediction_rule", "collect_images", "check_outputs", "write_predictions",
+           "bad_files_path", "require_predictions", "NothingPredictedError", "IMAGE_EXTENSIONS", "InputImage"]
 
 #: Extensions read as images in folders (case-insensitive); other files are read only if they start
 #: with the DICOM preamble (``DICM`` at byte 128), else listed as bad ("not an image").
@@ -135,12 +137,56 @@ def _has_dicom_preamble(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
+def _link_problem(path: Path) -> str:
+    """Why a name that is a symbolic link cannot be read ('' when its target is usable)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link points back at itself); not read"
+        return "broken symbolic link (its target does not exist); not read"
+    return ""
+
+
+def _walk_inputs(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every file under ``root`` like :func:`~medtricks.data.manifest.walk_files` (symlinked folders
+    followed, link names kept, '.' names skipped, sorted), plus what such a walk passes over silently:
+    ``(path, reason)`` for broken links, link loops, folder links back to a parent and unreadable folders."""
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    chains = {str(root): (os.path.realpath(root),)}
+
+    def unreadable(err: OSError) -> None:
+        problems.append((Path(err.filename), f"folder cannot be read ({err.strerror or type(err).__name__}); "
+                                             "its files were not predicted"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        chain = chains.pop(dirpath, (os.path.realpath(dirpath),))
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            sub = os.path.join(dirpath, name)
+            real = os.path.realpath(sub)
+            if real in chain:  # a link to one of its own ancestors: following it never ends
+                problems.append((Path(sub), "symbolic link to a folder that contains it (a loop); not followed"))
+                continue
+            chains[sub] = (*chain, real)
+            keep.append(name)
+        dirnames[:] = keep
+        files += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
+    return sorted(files), sorted(problems)
+
+
 def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputImage], list[dict]]:
     """Files to predict from ``inputs`` (files and folders, folders searched recursively, each folder's files
     in sorted order) → ``(images, not_images)``. A file given directly is always tried; in a folder, files
-    with an image extension (:data:`IMAGE_EXTENSIONS`) or the DICOM preamble are, other files are returned
-    in ``not_images`` (``image``, ``reason``), and hidden files and folders ('.' names) are skipped.
-    An input that does not exist is a :class:`~medtricks.errors.MissingFileError` naming it."""
+    with an image extension (:data:`IMAGE_EXTENSIONS`) or the DICOM preamble are, and every other name is
+    returned in ``not_images`` (``image``, ``reason``): files that are not images, broken symbolic links,
+    link loops, folder links back to a parent, unreadable folders, and things that are not regular files.
+    Hidden files and folders ('.' names) are skipped. A link and its target are two inputs (two rows);
+    the same name reached twice (a folder given twice) is one. An input that does not exist is a
+    :class:`~medtricks.errors.MissingFileError` naming it."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not inputs:
@@ -151,33 +197,89 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputImage
     images: list[InputImage] = []
     not_images: list[dict] = []
     seen: set[str] = set()
+
+    def bad(file: Path, image: str, reason: str) -> None:
+        not_images.append({"image": image, "reason": reason, "path": file})
+
     for given in inputs:
         path = Path(given).expanduser()
         if path.is_dir():
-            for file in walk_files(path):
+            files, problems = _walk_inputs(path)
+            for file, reason in problems:
+                key = os.path.abspath(file)
+                if key not in seen:
+                    seen.add(key)
+                    bad(file, file.relative_to(path).as_posix() if file != path else path.name, reason)
+            for file in files:
                 rel = file.relative_to(path)
-                if any(part.startswith(".") for part in rel.parts) or not file.is_file():
-                    continue
-                key = os.path.realpath(file)
+                key = os.path.abspath(file)  # the name, not its target: a link and its target are both rows
                 if key in seen:
                     continue
                 seen.add(key)
+                problem = _link_problem(file) if file.is_symlink() else ""
+                if problem:
+                    bad(file, rel.as_posix(), problem)
+                    continue
+                if not file.is_file():
+                    bad(file, rel.as_posix(), "not a regular file (a pipe, socket or device); not read")
+                    continue
                 suffix = file.suffix.lower()
                 if suffix in IMAGE_EXTENSIONS:
                     images.append(InputImage(file, rel.as_posix(), path, suffix in DICOM_EXTENSIONS))
                 elif _has_dicom_preamble(file):
                     images.append(InputImage(file, rel.as_posix(), path, True))
                 else:
-                    not_images.append({"image": rel.as_posix(),
-                                       "reason": "not an image (no PNG/JPEG/TIFF/DICOM extension, no DICOM preamble)"})
+                    bad(file, rel.as_posix(), "not an image (no PNG/JPEG/TIFF/DICOM extension, no DICOM preamble)")
         else:
-            key = os.path.realpath(path)
+            key = os.path.abspath(path)
             if key in seen:
                 continue
             seen.add(key)
+            if not path.is_file():
+                bad(path, path.name, "not a regular file (a pipe, socket or device); not read")
+                continue
             dicom = path.suffix.lower() in DICOM_EXTENSIONS or _has_dicom_preamble(path)
             images.append(InputImage(path, path.name, path.parent, dicom))
     return images, not_images
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(inputs: Sequence[str | os.PathLike], out: Optional[str | Path] = None,
+                  cam_dir: Optional[str | Path] = None) -> None:
+    """Refuse outputs that are, or would overwrite, an input, before any work: the predictions CSV ``out``
+    or its bad-file list (:func:`bad_files_path`) on an input file, an ``out`` that is a folder, and a
+    ``cam_dir`` (overlays are written under it) that is an input folder or holds an input file. Raises a
+    :class:`~medtricks.errors.ConfigError` naming the path."""
+    if out is None and cam_dir is None:
+        return
+    items, not_images = collect_images(inputs)
+    files = [i.path for i in items] + [b["path"] for b in not_images if Path(b["path"]).is_file()]
+    if out is not None and str(out) != "-":
+        out = Path(out).expanduser()
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; name the predictions CSV file (e.g. {out / 'predictions.csv'})")
+        for target, what in ((out, "--out"), (bad_files_path(out), f"the bad-file list of --out {out}")):
+            if target.exists() and any(_same_file(target, f) for f in files):
+                raise ConfigError(f"{what}: {target} is one of the input files and would be overwritten; "
+                                  "write the predictions elsewhere")
+    if cam_dir is not None:
+        cam = Path(os.path.realpath(Path(cam_dir).expanduser()))
+        folders = [Path(os.path.realpath(Path(g).expanduser())) for g in inputs if Path(g).expanduser().is_dir()]
+        for folder in folders:
+            if cam == folder:
+                raise ConfigError(f"--cam {cam_dir} is the input folder {folder}: the overlays would overwrite "
+                                  "its images; choose another folder")
+        for file in files:
+            real = Path(os.path.realpath(file))
+            if cam in real.parents:
+                raise ConfigError(f"--cam {cam_dir} holds the input {file}: an overlay could overwrite it; "
+                                  "choose a folder outside the inputs")
 
 
 def _path_forms(path: Path) -> list[str]:
@@ -251,6 +353,7 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     """
     if int(batch_size) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    check_outputs(inputs, cam_dir=cam_dir)  # before the model loads: overlays never overwrite an input
     items, not_images = collect_images(inputs)
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
@@ -342,7 +445,12 @@ class _CamWriter:
         gray = (images[:, 0] * self.std + self.mean).clamp(0, 1).numpy()  # the image the model saw, channel 0
         for name, image, heat in zip(names, gray, maps):
             rel = cam_file_name(name, self._taken)
-            save_overlay(self.root / rel, image, heat)
+            try:
+                save_overlay(self.root / rel, image, heat)
+            except OSError as err:
+                raise ResourceError(f"cannot write the Grad-CAM overlay {self.root / rel} "
+                                    f"({err.strerror or err or type(err).__name__}); no predictions CSV was "
+                                    "written") from None
             self.names[name] = rel
 
 
@@ -353,19 +461,43 @@ def bad_files_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.bad_files.csv")
 
 
+class NothingPredictedError(MedtricksError, ValueError):
+    """Every input was unusable (or there was none): nothing was predicted."""
+
+
 def write_predictions(predictions: pd.DataFrame, bad: pd.DataFrame, out: Optional[str | Path] = None,
                       stream=None) -> Optional[Path]:
     """Write the predictions CSV to ``out`` (``None`` or ``-``: to stdout) and, next to a file ``out``,
-    the bad-file list (:func:`bad_files_path`, always written, header only when none). Returns its path."""
+    the bad-file list (:func:`bad_files_path`, always written, header only when none). Returns its path.
+
+    The two files are written as a pair (:func:`medtricks._atomic.write_csvs`): both are replaced, or
+    neither is -- a full disk leaves the previous pair as it was and raises a
+    :class:`~medtricks.errors.ResourceError` naming the file. Text cells that a spreadsheet would run as a
+    formula (a file named ``=cmd|...png``) get a leading single quote (OWASP CSV injection)."""
     if out is None or str(out) == "-":
-        predictions.to_csv(stream or sys.stdout, index=False)
+        csv_safe(predictions).to_csv(stream or sys.stdout, index=False)
         return None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(out, index=False)
+    out = Path(out).expanduser()
     path = bad_files_path(out)
-    bad.to_csv(path, index=False)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_csvs({out: predictions, path: bad})
+    except OSError as err:
+        raise ResourceError(f"cannot write {out} and {path} ({err.strerror or err or type(err).__name__}); "
+                            "neither was replaced: any previous ones are unchanged") from None
     return path
+
+
+def require_predictions(predictions: pd.DataFrame, bad: pd.DataFrame, bad_path: Optional[Path] = None) -> None:
+    """:class:`NothingPredictedError` when no image could be predicted (all inputs bad, or none found)."""
+    if len(predictions):
+        return
+    if not len(bad):
+        raise NothingPredictedError("no image found in the inputs: nothing was predicted")
+    first = bad.iloc[0]
+    where = f"; all listed in {bad_path}" if bad_path is not None else ""
+    raise NothingPredictedError(f"none of the {len(bad)} input file(s) could be predicted (e.g. {first['image']}: "
+                                f"{first['reason']}){where}")
 
 
 def summary(predictions: pd.DataFrame, bad: pd.DataFrame, bad_path: Optional[Path] = None) -> str:

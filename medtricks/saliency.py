@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medtricks._atomic import atomic_path
 from medtricks.errors import ConfigError, MedtricksError
 
 __all__ = ["cam_target_layer", "grad_cam", "overlay", "save_overlay", "cam_file_name"]
@@ -116,10 +117,12 @@ def overlay(gray: np.ndarray, heat: np.ndarray, *, image_weight: float = 0.5) ->
 
 
 def save_overlay(path: str | Path, gray: np.ndarray, heat: np.ndarray) -> Path:
-    """Write :func:`overlay` as a PNG at ``path`` (folders made as needed)."""
+    """Write :func:`overlay` as a PNG at ``path`` (folders made as needed), atomically: a failed write (a
+    full disk) raises ``OSError`` and leaves no partial file (a previous one at ``path`` is kept)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(gray, heat)).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(overlay(gray, heat)).save(tmp, format="PNG")
     return path
 
 
