@@ -180,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Ray: restarts of a child whose worker died; it resumes from its checkpoint (default 2)")
     ablate.add_argument("--metric", default=None, help="metric to compare (default val/auroc)")
     ablate.add_argument("--test", choices=["t", "wilcoxon"], default=None, help="paired test over seeds")
+    ablate.add_argument("--until-ci", type=float, default=None, metavar="W",
+                        help="seeds until the answer is clear: after --seeds seeds, add rounds of --seed-step seeds "
+                             "until every delta's 95%% interval is within +-W or excludes 0, or --max-seeds is reached; "
+                             "intervals are group-sequential repeated CIs (Pocock or O'Brien-Fleming boundary over the "
+                             "fixed look schedule; Jennison & Turnbull), valid whenever it stops")
+    ablate.add_argument("--max-seeds", type=int, default=None, metavar="N", help="--until-ci: the most seeds per variant")
+    ablate.add_argument("--seed-step", type=int, default=None, metavar="K",
+                        help="--until-ci: seeds added per round (default: --seeds)")
+    ablate.add_argument("--boundary", choices=["pocock", "obrien_fleming"], default=None,
+                        help="--until-ci: group-sequential boundary (default pocock)")
     ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     self_train = sub.add_parser(
@@ -460,7 +470,9 @@ def _cmd_ablate(args) -> int:
                                                       metric=args.metric, jobs=args.jobs, test=args.test,
                                                       executor=args.executor, address=args.address,
                                                       cpus_per_run=args.cpus_per_run,
-                                                      gpus_per_run=args.gpus_per_run, retries=args.retries))
+                                                      gpus_per_run=args.gpus_per_run, retries=args.retries,
+                                                      until_ci=args.until_ci, max_seeds=args.max_seeds,
+                                                      seed_step=args.seed_step, boundary=args.boundary))
     return 1 if result.failed else 0  # run_ablation prints the table itself
 
 
