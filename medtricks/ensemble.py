@@ -22,7 +22,9 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,7 +40,7 @@ from medtricks.evaluate.operating_point import select_threshold
 from medtricks.evaluate.paired import load_predictions
 from medtricks.posthoc import (DecisionRule, FlipTTA, _run_file, eval_dataset, flip_tta_warning, image_set_digest,
                                load_operating_point, log_evaluation, posthoc_store, resolve_decision_rule,
-                               resolve_tta, summarize_predictions)
+                               resolve_tta, split_overlap, summarize_predictions)
 from medtricks.rundir import RunDir
 from medtricks.train import predict, resolve_device
 from medtricks.trained import load_trained
@@ -133,6 +135,35 @@ def _data_settings(trained) -> tuple:
             d.test_fraction, getattr(d, "test_by", None))
 
 
+def _model_digest(trained) -> str:
+    """SHA-256 of the run's ``model/model_state.pt`` bytes (two runs with one digest are one model)."""
+    digest = hashlib.sha256()
+    with open(RunDir(trained.run_dir).model_state, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def refuse_duplicate_members(refs: Sequence[str], members: Sequence[Any]) -> None:
+    """:class:`~medtricks.errors.ConfigError` naming both runs when one run is given twice (same folder or
+    run id) or two runs hold the same model (identical ``model_state.pt`` bytes, e.g. a copied folder):
+    the "mean of 2" would be one model counted twice."""
+    seen: dict[Any, str] = {}
+    for ref, trained in zip(refs, members):
+        run_dir = os.path.realpath(trained.run_dir) if trained.run_dir is not None else None
+        keys = [("run", run_dir), ("id", trained.run_id), ("model", _model_digest(trained))]
+        for kind, value in keys:
+            if value is None:
+                continue
+            if (kind, value) in seen:
+                first = seen[(kind, value)]
+                why = ("are the same run" if kind != "model" else
+                       "hold the same model (identical model/model_state.pt bytes)")
+                raise ConfigError(f"runs {first} and {ref} {why}: an ensemble of one model counted twice is not "
+                                  "an ensemble; give distinct runs")
+            seen[(kind, value)] = ref
+
+
 def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
                        tracking_uri: Optional[str] = None) -> tuple[float, str, str, Optional[Any]]:
     """The ensemble's decision threshold for binary members: ``(threshold, source, note, operating_point)``.
@@ -207,6 +238,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
         raise ConfigError(f"split must be one of {_SPLITS}, got {split!r}")
     dev = resolve_device(device)
     members = [load_trained(r, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir) for r in refs]
+    refuse_duplicate_members(refs, members)
     classes = list(members[0].classes)
     for ref, trained in zip(refs[1:], members[1:]):
         if list(trained.classes) != classes:
@@ -231,9 +263,19 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
                     "trained on") if split != "all" else ""
             raise ConfigError(f"run {ref} sees other images of {root} ({split}) than run {refs[0]} ({where}){hint}")
 
-    if tta:
-        for text in dict.fromkeys(w for w in map(flip_tta_warning, members) if w):
-            print(f"warning: {text}", flush=True)
+    card_name = load_card(card).name
+    warns = [w for w in map(flip_tta_warning, members) if w] if tta else []
+    overlap_notes, overlap_tags = [], []
+    for trained, dataset in zip(members, datasets):  # evaluate's check, per member: data it trained or selected on
+        overlap = split_overlap(trained, dataset.manifest, root, tracking_uri)
+        if overlap is not None:
+            more, notes = overlap.messages(synthetic=card_name == "synthetic-phantoms")
+            warns += [f"member {_name(trained)}: {w}" for w in more]
+            overlap_notes += [f"member {_name(trained)}: {n}" for n in notes]
+            overlap_tags.append(f"{_name(trained)}: {overlap.summary() or 'none'}")
+    warns = list(dict.fromkeys(warns))
+    for text in warns:
+        print(f"warning: {text}", flush=True)
     outputs = []
     for trained, dataset in zip(members, datasets):
         model = FlipTTA(trained.model) if tta else trained.model
@@ -265,7 +307,8 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
                                      ci=ci, seed=seed, figures=log, image_set=image_set)
     deltas = [paired_bootstrap_delta(y, mean_probs, probs, "auroc", n_bootstrap=n_bootstrap, ci=ci, seed=seed)
               for _, probs, _ in outputs]
-    card_name = load_card(card).name
+    ensemble.warnings = warns
+    ensemble.notes.extend(overlap_notes)
     report = EnsembleReport(ensemble=ensemble, members=member_reports, member_names=[_name(t) for t in members],
                             classes=classes, card=card_name, split=split, tta=tta, threshold_note=note, deltas=deltas)
     if log:
@@ -276,7 +319,8 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
             ensemble, uri=tracking_uri or first.tracking.uri, store=store,
             experiment=first.tracking.experiment or first.experiment.name,
             run_name=f"ensemble-{card_name}-{split}{'-tta' if tta else ''}",
-            tags={"medtricks.kind": "ensemble", "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members)},
+            tags={"medtricks.kind": "ensemble", "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members),
+                  **({"medtricks.overlap": " | ".join(overlap_tags)[:5000]} if overlap_tags else {})},
             params={"card": card_name, "root": str(Path(root).resolve()), "split": split,
                     "tta": "flip" if tta else "none", "n_bootstrap": n_bootstrap, "seed": seed, "n_members": len(members),
                     "members": ",".join(str(t.run_id) for t in members),
