@@ -38,7 +38,7 @@ from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit, log_shortcut, shortcut_audit_model
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
-from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, create_store
+from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, check_store, create_store
 from medtricks.train import EngineConfig, distributed, fit, predict, resolve_amp, resolve_device, seed_everything
 from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
@@ -154,6 +154,8 @@ def _run_recipe(recipe: Recipe, *, resume, tracker, parent_run_id, extra_tags, q
     run = _resume_target(recipe, resume, say)
     resuming = run is not None
     # Everything that can fail on the recipe or the data fails here, before a run folder or a tracked run exists.
+    if tracker is None:  # an unknown or unreachable tracking URI: one line, in seconds
+        check_store(recipe.tracking.backend, recipe.tracking.uri)
     prep = _prepare(recipe)
     if main and run is None:
         run = RunDir.create(recipe.experiment.output_dir, recipe.experiment.name)

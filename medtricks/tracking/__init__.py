@@ -24,10 +24,11 @@ from medtricks.errors import ConfigError  # noqa: E402
 from medtricks.tracking.base import (NullTracker, RunNotFoundError, RunRecord, RunStore, Tracker,  # noqa: E402
                                      TrackingUnavailableError, TrackingWarning)
 from medtricks.tracking.local import LocalStore  # noqa: E402
+from medtricks.tracking.uri import CHECK_TIMEOUT_S, check_tracking_uri  # noqa: E402
 
 __all__ = ["RunStore", "Tracker", "NullTracker", "LocalStore", "RunRecord", "RunNotFoundError",
-           "TrackingUnavailableError", "TrackingWarning", "create_store", "create_tracker", "find_run",
-           "replay_unsent", "save_mlflow_model", "BACKENDS", "DEFAULT_RUNS_DIR", "MLFLOW_MODEL_ARTIFACT_DIR"]
+           "TrackingUnavailableError", "TrackingWarning", "create_store", "create_tracker", "check_store",
+           "find_run", "replay_unsent", "save_mlflow_model", "BACKENDS", "DEFAULT_RUNS_DIR", "MLFLOW_MODEL_ARTIFACT_DIR"]
 
 BACKENDS = ("mlflow", "none")
 DEFAULT_RUNS_DIR = "runs"  # experiment.output_dir's default: where the local store is looked for
@@ -53,6 +54,18 @@ def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Op
 
 
 create_tracker = create_store  # the wave-1 name
+
+
+def check_store(backend: str = "mlflow", uri: Optional[str] = None, *, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Fail in seconds, in one line, when a run could not be tracked: an unknown ``tracking.backend`` or
+    tracking-URI scheme (:class:`~medtricks.errors.ConfigError`), or a tracking server / database that does not
+    answer within ``timeout`` (:class:`TrackingUnavailableError`). ``run.py`` calls it before the run folder
+    exists. The local store (``none``) and local MLflow stores (sqlite, folders) pass without a check."""
+    if backend == "none":
+        return
+    if backend != "mlflow":
+        raise ConfigError(f"tracking.backend must be 'mlflow' or 'none', got {backend!r}")
+    check_tracking_uri(uri, timeout=timeout)
 
 
 def replay_unsent(run_dir: str | Path, *, uri: Optional[str] = None, **options) -> int:

@@ -47,14 +47,10 @@ from medtricks.tracking.mlflow_io import (REPLAY_COMMAND, UNSENT_FILE, creation_
                                        _write_spool, spool_path)
 from medtricks.tracking.base import (RunNotFoundError, RunRecord, RunStore, TrackingUnavailableError,
                                      TrackingWarning, _finite_metrics)
+from medtricks.tracking.uri import check_scheme, check_tracking_uri, default_tracking_uri
 
 __all__ = ["MlflowStore", "MlflowTracker", "default_tracking_uri", "replay_unsent", "TrackingUnavailableError",
            "RunNotFoundError", "UNSENT_FILE", "REPLAY_COMMAND", "creation_lock_path"]
-
-def default_tracking_uri(uri: Optional[str] = None) -> str:
-    """Recipe value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the cwd."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-
 
 def _http_defaults(uri: str) -> None:
     """A tracking server that is down must fail in seconds, not after minutes of retries (the one place
@@ -167,6 +163,7 @@ class MlflowStore(RunStore):
 
     def __init__(self, uri: Optional[str] = None) -> None:
         self.uri = default_tracking_uri(uri)
+        check_scheme(self.uri)  # an unknown scheme: one line listing the supported ones, not MLflow's KeyError
         self.client: Optional[MlflowClient] = None
         self.run_id = None
         self.degraded = False
@@ -196,7 +193,9 @@ class MlflowStore(RunStore):
 
     # ------------------------------------------------------------------------------- write side
     def _check_reachable(self) -> None:
-        # A remote server that is down must fail now, not after hours of training.
+        # A remote server that is down must fail now, not after hours of training: first the quick check
+        # (seconds, one line), then MLflow itself (making the client connects to a database).
+        check_tracking_uri(self.uri)
         try:
             self._client().search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - any failure here means "cannot track"
@@ -207,8 +206,8 @@ class MlflowStore(RunStore):
 
     def start(self, *, experiment, run_name, tags, resume_run_id=None, parent_run_id=None):
         mlflow.set_tracking_uri(self.uri)
-        client = self._client()
         self._check_reachable()
+        client = self._client()
         if resume_run_id:
             run = client.get_run(resume_run_id)
             client.update_run(resume_run_id, status="RUNNING")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import numpy as np
@@ -13,11 +14,31 @@ from medtricks.errors import ConfigError
 __all__ = ["predict", "autocast_context", "resolve_device", "resolve_amp"]
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU. A device this machine does not have (``cuda`` without CUDA,
+    ``cuda:N`` past the GPU count, ``mps`` off Apple silicon) or a name that is no device is a
+    :class:`ConfigError` here, before a model, a run folder or a tracked run exists."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {str(device)!r} is not a device: expected auto, cpu, mps, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else ", a CPU-only build"
+            raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}{build}); use cpu, or auto (CUDA when there is one)")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {str(device)!r}: this machine shows {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    elif resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {str(device)!r}: MPS (Apple-silicon GPU) is not available on this machine; "
+                              "use cpu, or auto")
+    return resolved
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:

@@ -1,0 +1,182 @@
+"""Issue 31, items 13-17: errors that came late or wrong now come first, in one line.
+
+13 seeds out of range and devices this machine lacks fail at validation (before a run folder);
+14 unknown or unreachable tracking URIs fail in seconds, before a run folder; 15 a Ray address that
+does not answer times out with a message; 16 a refused ``run --nproc`` says so once; 17 advice that can
+be followed (cka, evaluate), bad YAML, ``evaluate --threshold youden``, ``--class-map ",,,"`` and a
+truncated DICOM.
+"""
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medtricks.cli import main
+from medtricks.errors import ConfigError
+from medtricks.recipe import RecipeError, load_recipe
+from medtricks.tracking import TrackingUnavailableError, check_store
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
+        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=0",
+        "train.progress=false", "eval.plots=false", "tracking.log_model=false"]
+
+
+def _sets(*overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _run_tiny(tmp_path, *overrides):
+    return main(["run", QUICKSTART, *_sets(*TINY, f"data.root={tmp_path / 'phantoms'}",
+                                          f"experiment.output_dir={tmp_path / 'runs'}", *overrides)])
+
+
+def _one_line_error(capsys, command="run") -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"medtricks {command}: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- item 13: seeds and devices
+@pytest.mark.parametrize("key,value", [("experiment.seed", -1), ("experiment.seed", 2**32),
+                                       ("experiment.seed", 10**30), ("data.split_seed", -1),
+                                       ("data.synth.seed", 2**40), ("ablation.seeds", [0, -3])])
+def test_a_seed_out_of_range_fails_the_dry_run(capsys, key, value):
+    assert main(["run", QUICKSTART, "--set", f"{key}={value}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and key in err and ("2**32" in err or str(2**32) in err or ">= 0" in err
+                                                      or "greater than or equal to 0" in err)
+
+
+def test_the_largest_seed_is_accepted():
+    recipe = load_recipe(QUICKSTART, overrides=[f"experiment.seed={2**32 - 1}", f"data.split_seed={2**32 - 1}"])
+    assert recipe.experiment.seed == 2**32 - 1
+    from medtricks.ablation.runner import _resolve_seeds
+
+    with pytest.raises(ConfigError, match="2\\*\\*32"):
+        _resolve_seeds(3, 2**32 - 2)  # the children's seeds would pass the limit
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_train_device_cuda_without_cuda_fails_before_a_run_folder(tmp_path, capsys):
+    assert _run_tiny(tmp_path, "train.device=cuda", "tracking.backend=none") == 2
+    line = _one_line_error(capsys)
+    assert "'cuda'" in line and "CUDA is not available" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_device_this_machine_lacks_is_refused(monkeypatch):
+    from medtricks.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="2 CUDA device"):
+        resolve_device("cuda:7")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="MPS"):
+        resolve_device("mps")
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("gpu0")
+
+
+def test_predict_on_a_missing_gpu_is_one_line(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    assert main(["predict", str(tmp_path / "no-run"), str(image), "--device", "cuda:99"]) == 2
+    assert "cuda:99" in _one_line_error(capsys, "predict")
+
+
+# ---- item 14: tracking URIs
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+class _Silent:
+    """A TCP port that takes connections and never answers (a firewall, a hung server)."""
+
+    def __enter__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_an_unknown_scheme_lists_the_supported_ones_before_a_run_folder(tmp_path, capsys):
+    assert _run_tiny(tmp_path, "tracking.uri=bogus://x") == 2
+    line = _one_line_error(capsys)
+    assert "'bogus://'" in line and "postgresql://" in line and "sqlite:///" in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "phantoms").exists()
+
+
+def test_an_unreachable_database_fails_in_seconds_before_a_run_folder(tmp_path, capsys):
+    started = time.monotonic()
+    assert _run_tiny(tmp_path, f"tracking.uri=postgresql://me:s3cret@127.0.0.1:{_closed_port()}/mlflow") == 2
+    line = _one_line_error(capsys)
+    assert "not reachable" in line and "s3cret" not in line and "tracking.backend=none" in line
+    assert time.monotonic() - started < 60  # MLflow alone retried for about two minutes
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "http"])
+def test_a_server_that_never_answers_times_out(scheme):
+    with _Silent() as port:
+        started = time.monotonic()
+        with pytest.raises(TrackingUnavailableError, match="not reachable"):
+            check_store("mlflow", f"{scheme}://me@127.0.0.1:{port}/db" if scheme == "postgresql"
+                        else f"http://127.0.0.1:{port}", timeout=1.0)
+        assert time.monotonic() - started < 10
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    status = 404
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status,ok", [(200, True), (404, True), (503, False)])
+def test_an_http_server_must_answer_below_500(status, ok):
+    handler = type("Handler", (_Answer,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        if ok:
+            check_store("mlflow", uri, timeout=2.0)
+        else:
+            with pytest.raises(TrackingUnavailableError, match="HTTP 503"):
+                check_store("mlflow", uri, timeout=2.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_local_stores_and_the_local_backend_pass_unchecked(tmp_path):
+    check_store("none", "bogus://x")  # tracking.backend: none never reads the URI
+    check_store("mlflow", f"sqlite:///{tmp_path / 'x.db'}")
+    check_store("mlflow", str(tmp_path / "mlruns"))
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_reading_from_an_unknown_scheme_is_one_line(capsys):
+    assert main(["compare", "--experiment", "e", "--tracking-uri", "bogus://x"]) == 2
+    assert "unknown scheme" in _one_line_error(capsys, "compare")
