@@ -174,7 +174,7 @@ def _cell(value: Any) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A Markdown table of ``rows`` (dicts) restricted to ``columns``; floats get 3 significant
-    digits below 10 and one decimal above, None prints as ``-``. Paste-ready for the README."""
+    digits below 10 and one decimal above, None prints as ``-``. Paste-ready for the docs pages."""
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = lambda items: "| " + " | ".join(s.ljust(w) for s, w in zip(items, widths)) + " |"  # noqa: E731

@@ -248,7 +248,7 @@ def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str 
     if reduced:
         warnings.warn(BitDepthWarning(
             f"{len(reduced)} of {len(items)} images are 16-bit files holding fewer bits, read with the bits "
-            f"they use (README, 'Data'), e.g. {reduced[0]}"), stacklevel=2)
+            f"they use (docs/data-and-models.md), e.g. {reduced[0]}"), stacklevel=2)
     good = manifest.assign(content_hash=hashes, height=[s[0] for s in sizes], width=[s[1] for s in sizes],
                            bit_depth_note=bit_notes)
     mask = np.array([i in bad for i in range(len(manifest))], dtype=bool)

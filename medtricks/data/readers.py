@@ -133,7 +133,7 @@ def _png_sbit(path: Path) -> Optional[int]:
 
 
 def _significant_bits(path: Path, arr: np.ndarray) -> tuple[int, str]:
-    """Bits a 16-bit raster really uses and why, by this rule (README, "Data"):
+    """Bits a 16-bit raster really uses and why, by this rule (docs/data-and-models.md):
 
     1. a PNG sBIT chunk of ``b`` < 16 bits, with every value below ``2**b``: raw ``b``-bit data
        (values above it mean the encoder scaled the data up, as the PNG spec asks: go on to 2.);

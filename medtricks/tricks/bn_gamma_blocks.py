@@ -338,7 +338,8 @@ def find_residual_norms(model: nn.Module) -> list[ResidualNorm]:
     Example:
         >>> import timm
         >>> m = timm.create_model("resnet18", pretrained=False)
-        >>> [(r.name, r.stage, r.block, r.last_norm_name) for r in find_residual_norms(m)][-1]
+        >>> last = find_residual_norms(m)[-1]
+        >>> (last.name, last.stage, last.block, last.last_norm_name)
         ('layer4.1', 3, 1, 'layer4.1.bn2')
     """
     return scan_model(model).residual
