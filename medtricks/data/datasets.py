@@ -373,10 +373,6 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
                                        voi=voi, cache_dir=cache, progress=progress)
     check_leakage(good)
 
-    def subset(split: str, tf) -> Optional[XrayDataset]:
-        rows = good[good["split"] == split]
-        return XrayDataset(rows, tf, cache_dir=cache, voi=voi) if len(rows) else None
-
     pool = []  # unlabelled manifests
     if label_fraction is not None or label_count is not None:
         train_rows = (good["split"] == "train").to_numpy()

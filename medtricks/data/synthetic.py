@@ -64,7 +64,6 @@ def _draw(size: int, anat: dict, lesion, rng: np.random.Generator, lesion_plan: 
     x = 0.5 + xc * np.cos(angle) + yc * np.sin(angle)
     y = 0.5 - xc * np.sin(angle) + yc * np.cos(angle)
 
-    soft = 2.0 / size
     body = _ellipse(x, y, 0.5, 0.58, anat["body_w"], anat["body_h"], 0.04)
     img = 0.04 + body * (anat["tissue"] - 0.04)
     lungs = []
