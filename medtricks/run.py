@@ -318,6 +318,10 @@ def _prepare(recipe: Recipe) -> _Prepared:
     check_recipe(recipe, classes)
     seed_everything(recipe.experiment.seed)
     model, data_config = build_model(recipe, num_classes=len(classes))
+    # Common random numbers (issue 28): a new head is drawn from a seed derived from experiment.seed only, so
+    # every ablation variant of one seed starts from the same head whatever was built or drawn before it.
+    from medtricks.models.reinit import init_new_head
+    init_new_head(model, recipe.experiment.seed)
     info = dict(getattr(model, "medtricks_info", {}))
     with distributed.main_first():  # torchrun: rank 0 draws the phantoms / fills the cache, the others read them
         bundle = _build_data(recipe, card, data_config)
