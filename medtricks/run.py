@@ -13,11 +13,13 @@ import math
 import shutil
 import subprocess
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -27,6 +29,7 @@ from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.console import epoch_reporter, say as console_say, where_to_look
 import medtricks
 from medtricks.data import build_datasets, export_manifest, export_quarantine, load_card, redact_paths
+from medtricks.data.splits import changed_splits, describe_data_changes, rows_fingerprint, split_fingerprint
 from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule, plot_reliability_diagram,
                                 plot_roc_curves)
 from medtricks.evaluate.operating_point import class_priors, probs_at_threshold, select_threshold
@@ -147,18 +150,28 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
                            extra_tags=extra_tags, quiet=quiet)
 
 
-def _run_recipe(recipe: Recipe, *, resume, tracker, parent_run_id, extra_tags, quiet) -> RunResult:
+def _run_recipe(recipe: Recipe, **kwargs) -> RunResult:
+    # The run folder's lock (rank 0), from choosing the folder until the run ends: a second process on it
+    # (two `--resume auto` at once) fails at once instead of training the same epochs again.
+    with ExitStack() as held:
+        return _run_held(recipe, held, **kwargs)
+
+
+def _run_held(recipe: Recipe, held: ExitStack, *, resume, tracker, parent_run_id, extra_tags, quiet) -> RunResult:
     main = distributed.is_main()
     say = (lambda *a: None) if quiet or not main else console_say  # tqdm.write: lines stay above a progress bar
     # torchrun: every process checks (a refusal stops them all alike); nothing is written before _prepare's barrier
-    run = _resume_target(recipe, resume, say)
+    run = _resume_target(recipe, resume, say, held if main else None)
     resuming = run is not None
     # Everything that can fail on the recipe or the data fails here, before a run folder or a tracked run exists.
     if tracker is None:  # an unknown or unreachable tracking URI: one line, in seconds
         check_store(recipe.tracking.backend, recipe.tracking.uri)
     prep = _prepare(recipe)
+    if resuming:  # before anything is written: a refused resume leaves recipe.yaml, split_manifest.csv as they were
+        _check_resume_data(run, recipe, prep)
     if main and run is None:
         run = RunDir.create(recipe.experiment.output_dir, recipe.experiment.name)
+        held.enter_context(run.locked())
     if distributed.world_size() > 1:  # torchrun: rank 0 made (or chose) the run folder; the others train into it
         path, resuming = distributed.broadcast((str(run.path), resuming) if main else None)
         if not main:
@@ -229,9 +242,10 @@ RESUMABLE_CHANGES = ("train.progress", "train.log_every", "data.num_workers", "d
                      "audit.", "experiment.description", "experiment.tags", "tracking.run_name", "tracking.log_model")
 
 
-def _resume_target(recipe: Recipe, resume: Optional[str], say) -> Optional[RunDir]:
+def _resume_target(recipe: Recipe, resume: Optional[str], say, held: Optional[ExitStack] = None) -> Optional[RunDir]:
     """The run folder to continue (``resume``: None, ``"auto"`` or a folder), refusing a finished run and a
-    recipe that differs from the stored one in anything that changes training."""
+    recipe that differs from the stored one in anything that changes training. With ``held`` the folder's
+    lock is taken into it first: a folder another process trains into is refused at once."""
     if not resume:
         return None
     if resume == "auto":
@@ -246,6 +260,11 @@ def _resume_target(recipe: Recipe, resume: Optional[str], say) -> Optional[RunDi
                               "without --resume)")
         if not run.last_checkpoint.is_file():
             raise MissingFileError(f"--resume {resume}: no checkpoints/last.pt in that folder")
+    if held is not None:
+        held.enter_context(run.locked())
+        if run.is_finished():  # it finished while this process looked
+            raise ConfigError(f"--resume {resume}: {run.path} has just finished; nothing to resume (start a new run "
+                              "without --resume)")
     stored_world, world = run.read_state().get("world_size", 1), distributed.world_size()
     if stored_world != world:
         how = f"--nproc {stored_world} (torchrun --nproc-per-node {stored_world})" if stored_world > 1 else \
@@ -262,6 +281,54 @@ def _resume_target(recipe: Recipe, resume: Optional[str], say) -> Optional[RunDi
                           "a new run")
     say(f"resuming {run.path}")
     return run
+
+
+def _unlabeled_rows(bundle):
+    return getattr(bundle.unlabeled, "manifest", None) if bundle.unlabeled is not None else None
+
+
+def _check_resume_data(run: RunDir, recipe: Recipe, prep: "_Prepared") -> None:
+    """Refuse to resume on other data than the checkpoint was trained on (its ``data_fingerprint``: per split,
+    the images, labels, bytes and patient grouping), naming the splits that changed and a few images.
+
+    A ``last.pt`` of a version without the fingerprint is checked against the run's ``split_manifest.csv``
+    (files, labels and splits; salted, so on this machine only), and resumes with a warning when that
+    matches or cannot be read: refusing would strand every unfinished run of that version."""
+    stored = load_checkpoint(run.last_checkpoint).get("data_fingerprint")
+    current = prep.data_fingerprint
+    manifest = prep.bundle.manifest
+    stored_rows = _read_split_manifest(run)
+    current_rows = export_manifest(manifest, recipe.data.root)
+    legacy = stored is None
+    if legacy:
+        if stored_rows is None or not set(stored_rows["image_id"]) & set(current_rows["image_id"]):
+            warnings.warn(f"{run.last_checkpoint} was written by an older medtricks without a data fingerprint and "
+                          f"{run.split_manifest} cannot be compared here: resuming without checking that the data "
+                          "is the same", RuntimeWarning, stacklevel=3)
+            return
+        stored, current = rows_fingerprint(stored_rows), rows_fingerprint(current_rows)
+    if not changed_splits(stored, current):
+        if legacy:
+            warnings.warn(f"{run.last_checkpoint} was written by an older medtricks without a data fingerprint; the "
+                          f"data matches {run.split_manifest} (files, labels, splits; image bytes not checked)",
+                          RuntimeWarning, stacklevel=3)
+        return
+    names = dict(zip(current_rows["image_id"], export_manifest(manifest, recipe.data.root, keep_paths=True)["path"]))
+    changes = describe_data_changes(stored, current, stored_rows=stored_rows, current_rows=current_rows, names=names)
+    hint = (" Images no longer in the data are named by their image_id in the run's artifacts/split_manifest.csv "
+            "(a run folder keeps no file names).") if "(no longer in the data)" in changes else ""
+    raise ConfigError(f"cannot resume {run.path}: its data changed since the checkpoint (data.root "
+                      f"{recipe.data.root}; {changes}). A resumed run must train and choose its best epoch on the data "
+                      f"it started with: restore that data, or run without --resume to start a new run on this data.{hint}")
+
+
+def _read_split_manifest(run: RunDir) -> Optional[pd.DataFrame]:
+    """The run's exported split manifest (salted image IDs, labels, splits), if it can be read."""
+    try:
+        rows = pd.read_csv(run.split_manifest, dtype=str, keep_default_na=False)
+    except (OSError, ValueError):
+        return None
+    return rows if {"image_id", "label", "split"} <= set(rows.columns) else None
 
 
 def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
@@ -283,6 +350,12 @@ def check_recipe(recipe: Recipe, classes: list[str]) -> None:
         close = difflib.get_close_matches(recipe.train.best_metric, known, n=1)
         raise ConfigError(f"train.best_metric {recipe.train.best_metric!r} is not a metric the run computes"
                           f"{f'; did you mean {close[0]!r}?' if close else ''} Known: {', '.join(known)}")
+    tiebreak = recipe.train.best_tiebreak
+    if tiebreak is not None and tiebreak not in known:
+        close = difflib.get_close_matches(tiebreak, known, n=1)
+        raise ConfigError(f"train.best_tiebreak {tiebreak!r} is not a metric the run computes"
+                          f"{f'; did you mean {close[0]!r}?' if close else ''} Known: {', '.join(known)} (or null: "
+                          "no tie-break)")
 
 
 @dataclass
@@ -303,6 +376,7 @@ class _Prepared:
     engine_cfg: EngineConfig
     opt: Any
     loss_fn: Any
+    data_fingerprint: dict = field(default_factory=dict)  # stored in last.pt; a resume checks its data against it
 
 
 def _device(recipe: Recipe) -> torch.device:
@@ -362,7 +436,8 @@ def _prepare(recipe: Recipe) -> _Prepared:
 
     return _Prepared(device=device, amp_dtype=amp_dtype, classes=classes, model=model, data_config=data_config,
                      info=info, bundle=bundle, tricks=tricks, frozen=frozen, train_loader=train_loader,
-                     val_loader=val_loader, engine_cfg=engine_cfg, opt=opt, loss_fn=loss_fn)
+                     val_loader=val_loader, engine_cfg=engine_cfg, opt=opt, loss_fn=loss_fn,
+                     data_fingerprint=split_fingerprint(bundle.manifest, recipe.data.root, _unlabeled_rows(bundle)))
 
 
 def _warn_frozen_zero_gamma(tricks, frozen: list[str]) -> None:
@@ -417,7 +492,7 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
                      loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
                      tricks=tricks, on_step=log_step,
                      on_epoch=log_epoch,
-                     resume=resuming)
+                     resume=resuming, checkpoint_extra={"data_fingerprint": prep.data_fingerprint})
 
     # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
     eval_model = evaluation_model(model, tricks)
@@ -476,7 +551,8 @@ def _engine_config(recipe: Recipe, device, amp_dtype) -> EngineConfig:
     return EngineConfig(epochs=train.epochs, device=device, seed=recipe.experiment.seed, amp_dtype=amp_dtype,
                         channels_last=train.channels_last, grad_clip=train.grad_clip, accumulate=train.accumulate,
                         max_steps_per_epoch=train.max_steps_per_epoch, best_metric=train.best_metric,
-                        best_mode=train.best_mode, log_every=train.log_every, progress=train.progress)
+                        best_mode=train.best_mode, best_tiebreak=train.best_tiebreak,
+                        best_tiebreak_mode=train.best_tiebreak_mode, log_every=train.log_every, progress=train.progress)
 
 
 @dataclass
@@ -705,7 +781,9 @@ def _model_card(recipe: Recipe, classes, info, data_config, fit_result, metrics)
              f"std {tuple(data_config['std'])}",
              f"- resizer: {recipe.model.resizer.model_dump() if recipe.model.resizer.enabled else 'off'}",
              f"- tricks: {', '.join(recipe.tricks_on()) or 'none'}",
-             f"- best epoch: {fit_result.best_epoch} by {recipe.train.best_metric} = {fit_result.best_value}",
+             f"- best epoch: {fit_result.best_epoch} by {recipe.train.best_metric} = {fit_result.best_value}"
+             + (f" (ties broken by {recipe.train.best_tiebreak}, {recipe.train.best_tiebreak_mode}: "
+                f"{fit_result.best_tiebreak_value})" if recipe.train.best_tiebreak else ""),
              "", "Rebuild: `medtricks.run.build_model(load_recipe('recipe.yaml'), num_classes)` then "
              "`load_state_dict(torch.load('model_state.pt'))`.", "", "```", metrics.table() if metrics else "", "```"]
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ A run folder (``<experiment.output_dir>/<experiment.name>/<stamp>-<id>/``) holds
 
     recipe.yaml                  the resolved recipe
     state.json                   status, run id in the run store, error (atomic writes)
+    run.lock, run.lock.pid       held by the process training into the folder (one at a time), its pid
     store/                       the local run store (tracking.backend: none): meta.json, params.json,
                                  metrics.jsonl; its logged artifacts stay in the homes below
     checkpoints/last.pt|best.pt  full training state / the best model (resume)
@@ -24,14 +25,17 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from medtricks._atomic import atomic_path
+from medtricks.errors import ConfigError, ResourceError
 
 __all__ = ["RunDir", "best_key", "ci_keys", "gap_key", "eval_key", "PREDICTIONS_FILE",
            "PREDICTIONS_ARTIFACT_DIR", "PREDICTIONS_EVAL_FILE", "OPERATING_POINT_FILE", "MODEL_ARTIFACT_DIR"]
@@ -91,6 +95,11 @@ class RunDir:
     # ---- creation and lookup
     @staticmethod
     def experiment_dir(output_dir: str | Path, experiment: str) -> Path:
+        """``<output_dir>/<experiment>``; an experiment name that is not one plain folder name is refused
+        (the recipe refuses it first: ``experiment.name``)."""
+        if not experiment or experiment.startswith(".") or Path(experiment).name != experiment or "\\" in experiment:
+            raise ConfigError(f"experiment.name={experiment!r} cannot name a run folder inside {output_dir}: use a "
+                              "plain name without path separators and not starting with '.'")
         return Path(output_dir) / experiment
 
     @classmethod
@@ -134,6 +143,45 @@ class RunDir:
                 yield here
             dirnames[:] = sorted(d for d in dirnames if d not in _LEAF_DIRS and not d.startswith((".", f"{STORE_DIR}.")))
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["RunDir"]:
+        """Hold the run folder's lock (``run.lock``, an OS file lock through ``filelock``) while the block runs.
+
+        A second process on a locked folder fails at once with a :class:`ResourceError` naming the folder and
+        the holder's pid (from ``run.lock.pid``, written once the lock is held). The OS releases the lock
+        when its process dies (``kill -9`` included), so a stale ``run.lock`` never blocks; the pid file a
+        killed process leaves is overwritten by the next holder."""
+        from filelock import FileLock, Timeout
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.lock_file), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ResourceError(f"run folder {self.path} is in use by another medtricks process "
+                                f"({self.lock_holder() or 'pid unknown'}); wait for it to end, or stop it") from None
+        mine = f"pid {os.getpid()} on {socket.gethostname()}"
+        try:
+            try:
+                self.lock_pid_file.write_text(mine + "\n")
+            except OSError:  # only the message of a second process loses the pid
+                pass
+            yield self
+        finally:
+            try:
+                if self.lock_holder() == mine:
+                    self.lock_pid_file.unlink()
+            except OSError:
+                pass
+            lock.release()
+
+    def lock_holder(self) -> Optional[str]:
+        """``"pid 123 on host"`` of the process that holds (or last held) the run folder's lock, if written."""
+        try:
+            return self.lock_pid_file.read_text().strip() or None
+        except OSError:
+            return None
+
     @property
     def output_dir(self) -> Path:
         """The ``experiment.output_dir`` the folder was created under (``<output_dir>/<experiment>/<stamp>-<id>``)."""
@@ -152,6 +200,15 @@ class RunDir:
     @property
     def state_file(self) -> Path:
         return self.path / "state.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (an OS lock) by the process that trains into the folder: :meth:`locked`."""
+        return self.path / "run.lock"
+
+    @property
+    def lock_pid_file(self) -> Path:
+        return self.path / "run.lock.pid"
 
     @property
     def checkpoints(self) -> Path:

@@ -331,3 +331,130 @@ def duplicate_groups(manifest) -> list[list[str]]:
     for path, digest in digests.items():
         groups[digest].append(path)
     return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+# ------------------------------------------------------------------------------------ data fingerprint
+FINGERPRINT_VERSION = 1
+_SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def _relative_posix(path, root) -> str:
+    """``path`` relative to ``root`` (POSIX), the link path first; the absolute path if it is not under it."""
+    for candidate in (os.path.abspath(os.path.expanduser(str(path))), os.path.realpath(str(path))):
+        rel = os.path.relpath(candidate, root)
+        if not rel.startswith(".."):
+            return rel.replace(os.sep, "/")
+    return str(path)
+
+
+def split_fingerprint(manifest, root, unlabeled=None) -> dict:
+    """What a resumed run checks its data against: per split, the number of rows and a SHA-256 over its
+    rows sorted by path.
+
+    A row is (path relative to ``root``, label, content hash of the image bytes, patient group, labelled
+    flag). The content hash is the image scan's ``content_hash`` (every file is read by that scan anyway),
+    so an image replaced under the same name counts as a change; modification times are left out on
+    purpose (a copy or ``touch`` changes them, not the data). The patient group is the patient's rank of
+    first appearance in the sorted split, not its salted hash: the fingerprint is the same on every
+    machine (the hash salt is per machine) and holds nothing derived from a patient ID. ``unlabeled``
+    (rows with ``content_hash``: the unlabelled pool of ``data.unlabeled``) adds an ``unlabeled`` entry
+    hashed over its sorted content hashes. Nothing in the fingerprint can be read back as a path or an ID.
+    """
+    root = os.path.realpath(os.path.expanduser(str(root)))
+    digests = manifest["content_hash"] if "content_hash" in manifest.columns else [None] * len(manifest)
+    labeled = manifest["labeled"] if "labeled" in manifest.columns else [None] * len(manifest)
+    rows: dict[str, list[tuple[str, str, str, str, str]]] = defaultdict(list)
+    for path, label, patient, split, digest, kept in zip(manifest["path"], manifest["label"], manifest["patient"],
+                                                         manifest["split"], digests, labeled):
+        flag = "" if kept is None else str(int(bool(kept)))
+        rows[str(split)].append((_relative_posix(path, root), str(label), str(digest or ""), str(patient), flag))
+    splits: dict[str, dict] = {}
+    for split in sorted(rows, key=lambda s: (_SPLIT_ORDER.get(s, 9), s)):
+        h = hashlib.sha256()
+        groups: dict[str, int] = {}
+        for rel, label, digest, patient, flag in sorted(rows[split]):
+            group = groups.setdefault(patient, len(groups))
+            h.update(f"{rel}\t{label}\t{digest}\t{group}\t{flag}\n".encode())
+        splits[split] = {"n": len(rows[split]), "sha256": h.hexdigest()}
+    if unlabeled is not None and len(unlabeled):
+        h = hashlib.sha256()
+        for digest in sorted(str(d or "") for d in unlabeled["content_hash"]):
+            h.update(f"{digest}\n".encode())
+        splits["unlabeled"] = {"n": len(unlabeled), "sha256": h.hexdigest()}
+    return {"version": FINGERPRINT_VERSION, "splits": splits}
+
+
+def changed_splits(stored: dict, current: dict) -> list[str]:
+    """The splits (``train``, ``val``, ``test``, ``unlabeled``) whose fingerprints differ."""
+    a, b = stored.get("splits", {}), current.get("splits", {})
+    return [s for s in sorted(set(a) | set(b), key=lambda s: (_SPLIT_ORDER.get(s, 9), s)) if a.get(s) != b.get(s)]
+
+
+def describe_data_changes(stored: dict, current: dict, *, stored_rows=None, current_rows=None,
+                          names: Optional[dict] = None, max_listed: int = 3) -> str:
+    """What changed between two fingerprints, one clause per split: ``val: 9 -> 7 images (2 removed, 0
+    added; removed e.g. i_3f.. (no longer in the data), ...)``.
+
+    ``stored_rows`` / ``current_rows``: exported split manifests (``image_id``, ``label``, ``split``, and
+    ``content_id`` when both have it) that name the rows; ``names`` maps an ``image_id`` of the current
+    data to its relative path. Without them (or when the stored IDs were salted on another machine)
+    only the counts are given."""
+    names = names or {}
+    a, b = stored.get("splits", {}), current.get("splits", {})
+    rows_known = stored_rows is not None and current_rows is not None and \
+        bool(set(stored_rows["image_id"]) & set(current_rows["image_id"]))
+    clauses = []
+    for split in changed_splits(stored, current):
+        n_old, n_new = a.get(split, {}).get("n", 0), b.get(split, {}).get("n", 0)
+        head = f"{split}: {n_old} -> {n_new} images"
+        if not rows_known or split == "unlabeled":
+            clauses.append(f"{head}, other contents")
+            continue
+        old = stored_rows[stored_rows["split"] == split].set_index("image_id")
+        new = current_rows[current_rows["split"] == split].set_index("image_id")
+        moved_to = dict(zip(current_rows["image_id"], current_rows["split"]))
+        # images gone from the data first (what a user deleted), then those moved to another split; by name
+        removed = sorted(set(old.index) - set(new.index), key=lambda i: (i in moved_to, names.get(i, i)))
+        added = sorted(set(new.index) - set(old.index), key=lambda i: names.get(i, i))
+        both = sorted(set(old.index) & set(new.index), key=lambda i: names.get(i, i))
+        relabelled = [i for i in both if str(old.at[i, "label"]) != str(new.at[i, "label"])]
+        rewritten = [i for i in both if "content_id" in old.columns and "content_id" in new.columns
+                     and str(old.at[i, "content_id"]) != str(new.at[i, "content_id"])]
+
+        def shown(ids, what):
+            listed = [names.get(i, f"{i} (no longer in the data)") +
+                      (f" (now in {moved_to[i]})" if what == "removed" and i in moved_to else "")
+                      for i in ids[:max_listed]]
+            return f"{what} e.g. " + ", ".join(listed) + (", ..." if len(ids) > max_listed else "")
+
+        gone = sum(i not in moved_to for i in removed)
+        counts = [f"{len(removed)} removed" + (f" ({gone} no longer in the data)" if gone else ""),
+                  f"{len(added)} added"]
+        examples = [shown(removed, "removed")] if removed else []
+        examples += [shown(added, "added")] if added else []
+        if relabelled:
+            counts.append(f"{len(relabelled)} relabelled")
+            examples.append(shown(relabelled, "relabelled"))
+        if rewritten:
+            counts.append(f"{len(rewritten)} with other image bytes")
+            examples.append(shown(rewritten, "rewritten"))
+        if not (removed or added or relabelled or rewritten):
+            counts = ["the same files and labels; image bytes or patient grouping differ"]
+        clauses.append(f"{head} ({', '.join(counts)}" + (f"; {'; '.join(examples)}" if examples else "") + ")")
+    return "; ".join(clauses)
+
+
+def rows_fingerprint(rows) -> dict:
+    """A fingerprint of an exported split manifest (``image_id``, ``label``, ``split``): per split, the count
+    and a SHA-256 over its sorted (image ID, label) pairs. The IDs are salted per machine, so two of these
+    compare only on one machine (a checkpoint older than :func:`split_fingerprint` is checked this way)."""
+    by_split: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for image, label, split in zip(rows["image_id"], rows["label"], rows["split"]):
+        by_split[str(split)].append((str(image), str(label)))
+    splits = {}
+    for split in sorted(by_split, key=lambda s: (_SPLIT_ORDER.get(s, 9), s)):
+        h = hashlib.sha256()
+        for image, label in sorted(by_split[split]):
+            h.update(f"{image}\t{label}\n".encode())
+        splits[split] = {"n": len(by_split[split]), "sha256": h.hexdigest()}
+    return {"version": 0, "splits": splits}

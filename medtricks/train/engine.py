@@ -47,6 +47,9 @@ class EngineConfig:
     max_steps_per_epoch: Optional[int] = None
     best_metric: str = "val/auroc"
     best_mode: str = "max"
+    # Epochs tied on best_metric: the one better on this metric wins (None: the earlier epoch stays best).
+    best_tiebreak: Optional[str] = None
+    best_tiebreak_mode: str = "min"
     log_every: int = 10
     progress: bool = True
 
@@ -56,6 +59,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_value: Optional[float] = None
     best_epoch: Optional[int] = None
+    best_tiebreak_value: Optional[float] = None  # the best epoch's value of cfg.best_tiebreak
     last_checkpoint: Optional[Path] = None
     best_checkpoint: Optional[Path] = None
     steps: int = 0
@@ -126,22 +130,50 @@ def _better(value: float, best: Optional[float], mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
+def _tied(value: Optional[float], best: Optional[float]) -> bool:
+    """Equal selection values (AUROC 1.000 at two epochs); float noise of a few ulps counts as equal."""
+    if value is None or best is None or not (math.isfinite(value) and math.isfinite(best)):
+        return False
+    return math.isclose(value, best, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def _new_best(metrics: dict, result: "FitResult", cfg: EngineConfig) -> bool:
+    """Whether this epoch's ``metrics`` beat the best epoch so far: ``cfg.best_metric`` first; on a tie,
+    ``cfg.best_tiebreak`` (the earlier epoch stays best when that ties too or is not set)."""
+    value = metrics.get(cfg.best_metric)
+    if _tied(value, result.best_value):
+        if cfg.best_tiebreak is None:
+            return False
+        tiebreak = metrics.get(cfg.best_tiebreak)
+        return tiebreak is not None and result.best_tiebreak_value is not None and \
+            _better(tiebreak, result.best_tiebreak_value, cfg.best_tiebreak_mode)
+    return _better(value, result.best_value, cfg.best_mode)
+
+
+def _tiebreak_of(history: list, best_epoch: Optional[int], cfg: EngineConfig) -> Optional[float]:
+    """The best epoch's tie-break value from the history (a last.pt written before the tie-break was stored)."""
+    if cfg.best_tiebreak is None or not best_epoch or best_epoch > len(history):
+        return None
+    return history[best_epoch - 1].get(cfg.best_tiebreak)
+
+
 def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Optimizer, scheduler,
         loss_fn: nn.Module, cfg: EngineConfig, evaluate_fn: Callable[[nn.Module], dict[str, float]],
         checkpoint_dir: str | Path, tricks: Sequence[Any] = (),
         on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
         on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, checkpoint_extra: Optional[dict[str, Any]] = None) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs; checkpoint every epoch; keep the best.
 
     ``evaluate_fn(model)`` returns validation metrics such as ``{"val/auroc": 0.9, ...}``; the
-    one named ``cfg.best_metric`` chooses ``best.pt``. With ``resume=True`` and a ``last.pt`` in
+    one named ``cfg.best_metric`` chooses ``best.pt`` (ties broken by ``cfg.best_tiebreak``). With ``resume=True`` and a ``last.pt`` in
     ``checkpoint_dir`` the run continues after the last finished epoch and reaches the same result
     as an uninterrupted run (each epoch re-seeds data order and augmentation from the seed).
 
     ``tricks`` (:class:`medtricks.tricks.base.Trick` objects) act at their points: ``on_fit_start``,
     ``on_batch``, ``extra_loss``, ``after_step``, ``eval_model``, ``on_epoch_end``; their ``state_dict`` goes into
-    ``last.pt``.
+    ``last.pt``. ``checkpoint_extra`` (plain values) is stored in every ``last.pt`` as well (run.py: the
+    data fingerprint a resume checks).
 
     Under torchrun every process calls ``fit`` with its slice of the data (a ``DistributedSampler``): the
     forward/backward passes go through ``DistributedDataParallel``; tricks, EMA, checkpoints and
@@ -182,6 +214,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         start_epoch, step = state["epoch"] + 1, state["step"]
         result.history = state["history"]
         result.best_value, result.best_epoch = state["best_value"], state["best_epoch"]
+        result.best_tiebreak_value = state["best_tiebreak_value"] if "best_tiebreak_value" in state else \
+            _tiebreak_of(result.history, result.best_epoch, cfg)
         result.resumed_from_epoch = state["epoch"]
         if on_epoch and main and result.history:
             # The process may have died between this checkpoint and the epoch's logging (kill -9, a lost
@@ -283,8 +317,9 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         if cfg.best_metric not in metrics:
             raise UnknownKeyError(f"train.best_metric {cfg.best_metric!r} is not among the validation "
                            f"metrics: {sorted(metrics)}")
-        if _better(value, result.best_value, cfg.best_mode):
+        if _new_best(metrics, result, cfg):
             result.best_value, result.best_epoch = value, epoch + 1
+            result.best_tiebreak_value = metrics.get(cfg.best_tiebreak) if cfg.best_tiebreak else None
             if main:
                 save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
                                  "value": value}, best_path)
@@ -298,6 +333,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
                                  "value": value}, best_path)
             result.best_epoch = epoch + 1
+            result.best_tiebreak_value = metrics.get(cfg.best_tiebreak) if cfg.best_tiebreak else None
         _check_finite_weights(model, epoch, last_path)  # the same weights in every process: all stop together
         if main:  # DDP: rank 0's RNG state; every process re-seeds from the epoch seed at the next epoch anyway
             save_checkpoint({
@@ -307,6 +343,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 "rng": rng_state(),
                 "epoch": epoch, "step": step, "history": result.history,
                 "best_value": result.best_value, "best_epoch": result.best_epoch,
+                "best_tiebreak": cfg.best_tiebreak, "best_tiebreak_value": result.best_tiebreak_value,
+                **(checkpoint_extra or {}),
             }, last_path)
         for trick in tricks:
             trick.on_epoch_end(epoch, metrics)
