@@ -4,7 +4,9 @@ Orchestration like :mod:`medtricks.posthoc` (it knows the trained run, the data 
 transforms, and the run's operating point). Images are read and preprocessed exactly as ``evaluate``
 reads them (:class:`~medtricks.data.XrayDataset` with the run's eval transform: its augment preset's
 resize and center crop, ``recipe.input_image_size()``, ``in_chans`` and the mean/std the run trained
-with); files that cannot be used are listed, never fatal.
+with); files that cannot be used are listed, never fatal (``medtricks predict`` fails only when none
+could be predicted, after writing the list). Outputs never overwrite an input (:func:`check_outputs`);
+the CSV and its bad-file list are written as a pair, atomically, with formula-like cells quoted.
 
     from medtricks.predict import predict_images
     preds, bad = predict_images("runs/kermany_pneumonia/<id>", ["/data/new_xrays"], threshold="stored")
