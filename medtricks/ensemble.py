@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from torch.utils.data import DataLoader
 
-from medtricks.data import load_card, redact_paths
+from medtricks.data import folder_id, load_card, redact_paths
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import fmt_delta_ci, fmt_mean_ci, fmt_num, markdown_table
 from medtricks.evaluate.metrics import paired_bootstrap_delta
@@ -321,7 +321,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
             run_name=f"ensemble-{card_name}-{split}{'-tta' if tta else ''}",
             tags={"medtricks.kind": "ensemble", "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members),
                   **({"medtricks.overlap": " | ".join(overlap_tags)[:5000]} if overlap_tags else {})},
-            params={"card": card_name, "root": str(Path(root).resolve()), "split": split,
+            params={"card": card_name, "root": folder_id(root), "split": split,
                     "tta": "flip" if tta else "none", "n_bootstrap": n_bootstrap, "seed": seed, "n_members": len(members),
                     "members": ",".join(str(t.run_id) for t in members),
                     "member_dirs": ",".join(str(t.run_dir) for t in members)},
