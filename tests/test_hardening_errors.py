@@ -180,3 +180,51 @@ def test_local_stores_and_the_local_backend_pass_unchecked(tmp_path):
 def test_reading_from_an_unknown_scheme_is_one_line(capsys):
     assert main(["compare", "--experiment", "e", "--tracking-uri", "bogus://x"]) == 2
     assert "unknown scheme" in _one_line_error(capsys, "compare")
+
+
+# ---- item 15: Ray addresses
+def _ablate(tmp_path, *args):
+    return main(["ablate", QUICKSTART, "--tricks", "mixup=0.2", "--seeds", "1", "--executor", "ray", *args,
+                 *_sets(f"experiment.output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'phantoms'}")])
+
+
+@pytest.mark.parametrize("address,message", [
+    ("127.0.0.1:{closed}", "Connection refused"),
+    ("garbage::::", "address must be 'auto'"),
+])
+def test_a_ray_address_that_cannot_be_joined_is_one_line_before_the_parent_run(tmp_path, capsys, address,
+                                                                               message):
+    pytest.importorskip("ray")
+    started = time.monotonic()
+    assert _ablate(tmp_path, "--address", address.format(closed=_closed_port())) == 2
+    assert message in _one_line_error(capsys, "ablate")
+    assert time.monotonic() - started < 60 and not (tmp_path / "runs").exists()
+
+
+def test_a_ray_client_address_without_ray_client_is_one_line(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import importlib.util
+
+    if importlib.util.find_spec("grpc") is not None:
+        pytest.skip("ray[client] is installed here")
+    assert _ablate(tmp_path, "--address", "ray://127.0.0.1:10001") == 2
+    assert "pip install 'ray[client]'" in _one_line_error(capsys, "ablate")
+
+
+def test_a_ray_port_that_never_answers_or_is_not_ray_times_out():
+    pytest.importorskip("ray")
+    from medtricks.ablation.executors import ExecutorSettings
+
+    with _Silent() as port:
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match="no answer within 1 s"):
+            ExecutorSettings(name="ray", address=f"127.0.0.1:{port}").check_reachable(timeout=1.0)
+        assert time.monotonic() - started < 5
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match="not as a Ray server"):
+            ExecutorSettings(name="ray", address=f"127.0.0.1:{server.server_address[1]}").check_reachable(2.0)
+    finally:
+        server.shutdown()
+        server.server_close()

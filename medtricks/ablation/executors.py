@@ -18,8 +18,10 @@ sees under the same path, and tracking must be a server (``tracking.uri: http://
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -40,6 +42,9 @@ EXECUTORS = ("local", "ray")
 # the patient-ID salt (the same hashes), caches and offline switches. Ray workers start from the raylet
 # (or another node), not from this process, so they are given these explicitly.
 _FORWARDED_ENV_PREFIXES = ("MEDTRICKS_", "MLFLOW_")
+#: Seconds a Ray address has to accept a connection and answer as a gRPC server (check_reachable).
+RAY_CONNECT_TIMEOUT_S = 10.0
+_ADDRESS_FORMS = "'auto', 'ray://host:10001' (Ray Client) or 'host:6379' (the cluster's GCS)"
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,25 @@ class ExecutorSettings:
             raise ConfigError("a Ray child needs cpus_per_run > 0 or gpus_per_run > 0")
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ConfigError(f"retries must be an int >= 0, got {self.retries!r}")
-        if self.address is not None and not (self.address == "auto" or ":" in self.address):
-            raise ConfigError(f"address must be 'auto', 'ray://host:10001' or 'host:6379', got {self.address!r}")
+        if self.address is not None:
+            _host_port(self.address)  # a malformed address fails here, in one line (Ray's own error is a traceback)
+
+    def check_reachable(self, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+        """Ray with an ``address``: fail in about ``timeout`` seconds, in one line, when the cluster cannot be
+        joined: Ray (or, for ``ray://``, Ray Client) not installed, or nothing at ``host:port`` that answers
+        as a Ray server does (gRPC). Called before the ablation's parent run exists; ``ray.init`` itself
+        waits about two minutes for a silent port, and forever for some."""
+        if self.name != "ray" or self.address is None:
+            return
+        _import_ray()
+        if self.address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+            raise ConfigError(f"address {self.address!r} is a Ray Client address, which needs Ray Client: pip install "
+                              "'ray[client]' (or give the cluster's GCS address host:6379 on a machine of the "
+                              "cluster, or auto)")
+        target = _host_port(self.address)
+        if target is None:  # auto: Ray finds the cluster of this machine itself (and says so when there is none)
+            return
+        _check_grpc_server(self.address, *target, timeout=timeout)
 
 
 def run_children(children: list, settings: ExecutorSettings, *, parent_id: Optional[str], quiet: bool,
@@ -159,6 +181,46 @@ def _run_processes(children, jobs, parent_id, metric, say):
 
 
 # ------------------------------------------------------------------------------------------- Ray
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    """``(host, port)`` of a Ray address (``ray://host:port`` or ``host:port``); None for ``auto``."""
+    if address == "auto":
+        return None
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    bad = "/@ []" if host.startswith("[") and host.endswith("]") else "/:@ []"  # [IPv6]:port
+    host = host[1:-1] if bad == "/@ []" else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in bad):
+        raise ConfigError(f"address must be {_ADDRESS_FORMS}, got {address!r}")
+    return host, int(port)
+
+
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, a Ray Client server)
+# answers with a SETTINGS frame of its own at once.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _check_grpc_server(address: str, host: str, port: int, *, timeout: float) -> None:
+    fix = "start it with `ray start --head`, check the host and port, or leave --address out for a local Ray"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.timeout:
+        raise ConfigError(f"cannot reach the Ray cluster at address {address!r}: no answer within {timeout:g} s; "
+                          f"{fix}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot reach the Ray cluster at address {address!r}: {host}:{port}: "
+                          f"{err.strerror or err}; {fix}") from None
+    if len(head) < 9 or head[3] != 4:  # not an HTTP/2 SETTINGS frame: some other service, or it hung up
+        raise ConfigError(f"address {address!r}: {host}:{port} answers, but not as a Ray server (gRPC); {fix}")
+
+
 def _import_ray():
     try:
         import ray
@@ -186,6 +248,7 @@ def _run_ray(children, settings: ExecutorSettings, parent_id, metric, say):
             # A throw-away local cluster: no dashboard, quiet logs, every core of this machine.
             options.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
         else:
+            settings.check_reachable()  # ray.init would wait minutes (or for ever) on an address that is not Ray
             options["address"] = settings.address
         try:
             ray.init(log_to_driver=False, configure_logging=False, **options)

@@ -39,7 +39,7 @@ from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
 from medtricks.logged_params import run_params
 from medtricks.recipe import Recipe, apply_overrides, recipe_digest, recipe_from_dict
 from medtricks.rundir import RunDir
-from medtricks.tracking import RunNotFoundError, create_store
+from medtricks.tracking import RunNotFoundError, check_store, create_store
 
 __all__ = ["AblationResult", "run_ablation", "ablation_settings", "ablation_id", "child_recipe"]
 
@@ -350,6 +350,10 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     aid = ablation_id(recipe, tricks, mode)
     experiment = recipe.tracking.experiment or recipe.experiment.name
     uri = tracking_uri or recipe.tracking.uri
+    # One line, in seconds, before the ablation folder or the parent run exists: a tracking URI or a Ray
+    # address that does not answer
+    check_store(recipe.tracking.backend, uri)
+    executor.check_reachable()
     out_dir = RunDir.experiment_dir(recipe.experiment.output_dir, recipe.experiment.name) / f"ablation-{aid}"
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
