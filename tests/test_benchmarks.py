@@ -185,3 +185,18 @@ def test_executors_quick(tmp_path):
     payload = _run_quick("executors.py", tmp_path, "--repeats", "1")
     assert [r["executor"] for r in payload["table"]] == ["local", "local --jobs 2", "ray --cpus-per-run 1"]
     assert all(r["wall_s"] > 0 for r in payload["table"]) and payload["ray_startup_seconds"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_gamma_study_quick(tmp_path):
+    payload = _run_quick("gamma_study.py", tmp_path, "--seeds", "2", "--until-ci", "0.5", "--max-seeds", "2",
+                         "--variants", "zero_late", "reinit_late")
+    rows = payload["rows"]
+    assert [r["variant"] for r in rows] == ["none", "zero_late", "reinit_late"]
+    for row in rows:
+        assert {"dataset", "backbone", "label_fraction", "variant", "n_seeds", "auroc_mean", "delta_auroc",
+                "delta_ci_low", "delta_ci_high"} <= set(row)
+        assert row["n_seeds"] == 2 and 0.0 <= row["auroc_mean"] <= 1.0
+    for row in rows[1:]:
+        assert row["delta_ci_low"] <= row["delta_auroc"] <= row["delta_ci_high"]
+        assert row["interval"].startswith("repeated CI")

@@ -1,0 +1,161 @@
+"""Where γ belongs (issue 28): every BN-γ placement, and forgetting the late stages, against keeping
+everything, on Kermany at labelled fractions 2 %, 10 % and 100 % -- paired Δ test AUROC with intervals.
+
+Each (backbone, fraction) cell is one ``medtricks ablate`` (:func:`medtricks.ablation.run_ablation`,
+``one_at_a_time`` against ``none``, metric ``test/auroc``) of recipes/kermany_label_efficiency.yaml
+(48 px, EfficientNet-Lite0 with offline ImageNet weights, the patient-level id_order test split, warmup on
+in every variant) with these variants:
+
+- ``none``: γ and every weight as loaded (the reference);
+- ``zero_late``: γ = 0 (β = 0) on the last BN of every residual block of the last residual stage;
+- ``zero_late2``: the same over the last two residual stages (``rules``: ``{value: 0, stages: [-2, -1]}``);
+- ``one_late``: γ = 1 there; ``zero_late_one_rest``: zero late, γ = 1 on every other block; ``zero_all``:
+  γ = 0 in every residual block (the paper's from-scratch trick);
+- ``reinit_late``: the last residual stage re-initialised with timm's init (Transfusion-style).
+
+Common random numbers: the variants of a seed share the data order, augmentations, label subset (drawn with
+``data.split_seed``) and new head. Seeds until the answer is clear: with ``--until-ci`` each cell trains
+``--seeds`` seeds, then more in rounds up to ``--max-seeds``, until every Δ's 95 % group-sequential
+repeated CI (Pocock) is within ±W or excludes 0 (W = ``--until-ci``, doubled at 2 % labels as the issue
+asks: ±0.01 at 10 % / 100 %, ±0.02 at 2 %). Without it, a fixed ``--seeds`` and paired t-intervals.
+
+    python -m benchmarks.gamma_study --until-ci 0.01 --max-seeds 12     # the study (hours of CPU)
+    python -m benchmarks.gamma_study --fractions 0.1 --seeds 3           # one cell, fixed seeds
+    python -m benchmarks.gamma_study --quick --out /tmp/g                # phantoms, tiny model: a smoke run
+
+Resumable: every child run lives in the ablation's own run store under ``<out>/runs``; re-running the same
+command skips finished children and replays the same stopping decisions. Runs go one after the other
+(two trainings on two cores slow each other). Writes ``<out>/gamma_study.json``: one row per (dataset,
+backbone, label_fraction, variant) with ``n_seeds``, ``auroc_mean``, ``delta_auroc``, ``delta_ci_low``,
+``delta_ci_high`` (Δ vs ``none``, paired by seed), the verdict, the interval kind and the wall time.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info, now, results_dir, write_results
+from benchmarks.label_efficiency import RECIPE, _recipe
+
+FRACTIONS = {0.02: 12, 0.1: 4, 1.0: 2}  # labelled fraction -> epochs (similar updates; >= 2 for the warmup epoch)
+QUICK_FRACTIONS = {1.0: 2}
+# study name -> ablate trick spec (one_at_a_time against the base recipe, which is `none`)
+VARIANTS: dict[str, str] = {
+    "zero_late": "bn_gamma=zero_late",
+    "zero_late2": "tricks.bn_gamma.strategy=rules+tricks.bn_gamma.rules=[{value: 0, stages: [-2, -1]}]",
+    "one_late": "bn_gamma=one_late",
+    "zero_late_one_rest": "bn_gamma=zero_late_one_rest",
+    "zero_all": "bn_gamma=zero_all",
+    "reinit_late": "reinit_late",
+}
+BACKBONES = {"efficientnet_lite0": ["model.name=efficientnet_lite0", "model.weights=imagenet"]}
+ROW_KEYS = ("dataset", "backbone", "label_fraction", "variant", "n_seeds", "auroc_mean", "delta_auroc",
+            "delta_ci_low", "delta_ci_high")
+
+
+def _finite(value: Any) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: float) -> list[dict[str, Any]]:
+    """The study's rows of one ablation result: ``none`` first, then each variant (Δ vs ``none``)."""
+    names = {"baseline": "none", **{f"+{spec}": name for name, spec in VARIANTS.items()}}
+    interval = result.table.attrs.get("interval") or "paired t"
+    rows = []
+    for _, r in result.table.iterrows():
+        variant = names.get(r["variant"], r["variant"])
+        reference = variant == "none"
+        rows.append({"dataset": dataset, "backbone": backbone, "label_fraction": fraction, "variant": variant,
+                     "n_seeds": int(r["n_seeds"]), "auroc_mean": _finite(r["mean"]),
+                     "delta_auroc": 0.0 if reference else _finite(r["delta"]),
+                     "delta_ci_low": None if reference else _finite(r["delta_ci_low"]),
+                     "delta_ci_high": None if reference else _finite(r["delta_ci_high"]),
+                     "verdict": "" if reference else (r.get("verdict") or "no evidence"),
+                     "interval": interval, "ablation_id": result.ablation_id,
+                     "stopped": (result.sequential or {}).get("reason"), "cell_wall_s": round(seconds, 1)})
+    return rows
+
+
+def run_cell(backbone: str, fraction: float, epochs: int, variants: list[str], args, out: Path,
+             tmp: Path) -> tuple[Any, float]:
+    """One (backbone, fraction) ablation; resumable through its run store."""
+    from medtricks.ablation import run_ablation
+
+    extra = ["schedule.warmup_epochs=1", "eval.plots=false", "tracking.log_model=false"]
+    if not args.quick:
+        extra += BACKBONES[backbone]
+    base = _recipe(fraction, epochs, 0, extra, args, out, tmp)  # seeds 0, 1, ... (set per child)
+    width = None
+    if args.until_ci is not None:
+        width = args.until_ci * (2 if fraction <= 0.02 else 1)
+    started = time.perf_counter()
+    print(f"{now()} {backbone} @ {fraction:.0%} labels: {len(variants) + 1} variants", flush=True)
+    result = run_ablation(base, [VARIANTS[v] for v in variants], seeds=args.seeds, mode="one_at_a_time",
+                          metric="test/auroc", quiet=not args.verbose, until_ci=width,
+                          max_seeds=args.max_seeds if width is not None else None, boundary=args.boundary)
+    if result.failed:
+        raise RuntimeError(f"{len(result.failed)} child run(s) failed in {backbone} @ {fraction:.0%}; re-run the "
+                           f"same command to retry: {result.failed[:3]}")
+    return result, time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (the first round with --until-ci)")
+    parser.add_argument("--until-ci", type=float, default=None, metavar="W",
+                        help="seeds until every Δ's 95%% repeated CI is within ±W or excludes 0 (2W at 2%% labels)")
+    parser.add_argument("--max-seeds", type=int, default=12, help="with --until-ci: the most seeds per variant")
+    parser.add_argument("--boundary", choices=["pocock", "obrien_fleming"], default="pocock")
+    parser.add_argument("--fractions", type=float, nargs="+", default=None, help="labelled fractions (default all)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--data-root", default=None, help="folder holding train/ (default: the recipe's)")
+    parser.add_argument("--cache-dir", default=None, help="data.cache_dir shared by every run (decode once)")
+    parser.add_argument("--verbose", action="store_true", help="print each ablation's table and progress")
+    args = parser.parse_args(argv)
+
+    fractions = dict(QUICK_FRACTIONS if args.quick else FRACTIONS)
+    if args.fractions:
+        unknown = [f for f in args.fractions if f not in fractions]
+        if unknown:
+            parser.error(f"--fractions {unknown}: choose from {sorted(fractions)}")
+        fractions = {f: fractions[f] for f in args.fractions}
+    out = results_dir(args.out, args.quick)
+    tmp = out / "gamma_study_tmp"
+    dataset = "phantoms" if args.quick else "kermany"
+    backbones = ["resnet18 (random init, quick)"] if args.quick else args.backbones
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for backbone in backbones:
+        for fraction in sorted(fractions):
+            result, seconds = run_cell(backbone, fraction, fractions[fraction], args.variants, args, out, tmp)
+            rows += cell_rows(result, dataset=dataset, backbone=backbone, fraction=fraction, seconds=seconds)
+            print(f"  {seconds / 60:.1f} min; {(result.sequential or {}).get('reason', '')}", flush=True)
+    table = [{k: ("-" if r[k] is None else r[k]) for k in (*ROW_KEYS, "verdict")} for r in rows]
+    print(format_table(table, [*ROW_KEYS, "verdict"]))
+    payload = {"name": "gamma_study", "quick": bool(args.quick), "machine": machine_info(),
+               "config": {"recipe": str(RECIPE.relative_to(REPO_ROOT)), "fractions_epochs": fractions,
+                          "variants": {v: VARIANTS[v] for v in args.variants}, "backbones": backbones,
+                          "seeds": args.seeds, "until_ci": args.until_ci, "max_seeds": args.max_seeds,
+                          "boundary": args.boundary},
+               "method": "one medtricks ablate (one_at_a_time vs none, metric test/auroc, warmup in every variant) per "
+                         "(backbone, fraction); Δ = paired difference over seeds with common random numbers; with "
+                         "until_ci the interval is a group-sequential repeated CI, else a paired t-interval",
+               "total_wall_s": round(time.perf_counter() - started, 1), "rows": rows}
+    print(f"wrote {write_results(payload, out, 'gamma_study')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
