@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the newest unfinished run of this recipe (auto) or a given run folder")
     run.add_argument("--nproc", type=int, default=None, metavar="N",
                      help="train data-parallel in N processes on this machine (one per GPU; gloo processes on CPU): "
-                          "runs `python -m torch.distributed.run --standalone --nproc-per-node N -m medtricks run "
-                          "RECIPE ...` with the other arguments. train.batch_size is per process")
+                          "runs torchrun, `python -m medtricks.train.torchrun --standalone --nproc-per-node N -m "
+                          "medtricks run RECIPE ...` with the other arguments (torch.distributed.run that reports a "
+                          "failure of its processes once). train.batch_size is per process")
 
     data = sub.add_parser("data", help="data tools: synthetic phantoms, dataset checks")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -363,9 +364,10 @@ def _cmd_run(args) -> int:
 
 
 def torchrun_command(args) -> list[str]:
-    """What ``medtricks run RECIPE --nproc N ...`` runs: torchrun (``torch.distributed.run``) on this machine,
-    starting N processes of ``medtricks run RECIPE ...`` (the same arguments, without ``--nproc``)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+    """What ``medtricks run RECIPE --nproc N ...`` runs: torchrun (``torch.distributed.run``, through
+    ``medtricks.train.torchrun``, which says a failure of the processes once) on this machine, starting N
+    processes of ``medtricks run RECIPE ...`` (the same arguments, without ``--nproc``)."""
+    command = [sys.executable, "-m", "medtricks.train.torchrun", "--standalone", "--nproc-per-node", str(args.nproc),
                "-m", "medtricks", "run", args.recipe]
     for override in args.overrides:
         command += ["--set", override]
@@ -377,6 +379,12 @@ def torchrun_command(args) -> list[str]:
 def _under_torchrun() -> bool:
     # The environment check of medtricks.train.distributed.launched(), without importing torch for every command.
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _record_failure(**failure) -> bool:
+    from medtricks.train.distributed import record_failure
+
+    return record_failure(**failure)
 
 
 def _launch_torchrun(args) -> int:
@@ -612,8 +620,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 130
     except MedtricksError as err:  # bad input a user can fix: one line; anything else is a bug (traceback)
-        print(f"medtricks {args.command}: error: {err}", file=sys.stderr)
+        message = f"medtricks {args.command}: error: {err}"
+        if not (_under_torchrun() and _record_failure(message=message)):  # --nproc: the launcher says it once
+            print(message, file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - a bug: its traceback, from the --nproc launcher unless another process
+        if _under_torchrun():  # stopped on a user-fixable error (this one then only lost its peer)
+            import traceback
+
+            if _record_failure(traceback_text=f"[rank {os.environ.get('RANK', '?')}] {traceback.format_exc()}"):
+                return 1
+        raise
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -51,7 +51,7 @@ def test_nproc_launches_torchrun_with_the_other_arguments(monkeypatch):
     monkeypatch.setattr(medtricks.run, "run_recipe", lambda *a, **k: pytest.fail("trained in the launcher"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["run", "quickstart", "--set", "optim.lr=0.05", "--nproc", "2", "--resume", "auto"]) == 0
-    assert _FakeLauncher.commands == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+    assert _FakeLauncher.commands == [[sys.executable, "-m", "medtricks.train.torchrun", "--standalone",
                                        "--nproc-per-node", "2", "-m", "medtricks", "run", "quickstart",
                                        "--set", "optim.lr=0.05", "--resume", "auto"]]
 

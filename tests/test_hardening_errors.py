@@ -228,3 +228,54 @@ def test_a_ray_port_that_never_answers_or_is_not_ray_times_out():
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- item 16: run --nproc says a refusal once
+def test_the_nproc_launcher_says_a_refusal_of_every_process_once(monkeypatch, capsys):
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from medtricks.train import distributed
+
+    message = "medtricks run: error: train.batch_size=16 is larger than the training split (41 images / 3 processes)"
+
+    def three_processes_refuse(args):
+        for rank in range(3):  # what each process's `medtricks run` does on a MedtricksError under the launcher
+            monkeypatch.setenv("WORLD_SIZE", "3")
+            monkeypatch.setenv("RANK", str(rank))
+            assert distributed.record_failure(message=message)
+        monkeypatch.delenv("WORLD_SIZE")
+        raise ChildFailedError("medtricks", {0: ProcessFailure(0, 1, 2, "<N/A>")})
+
+    monkeypatch.setattr(torchrun, "run", three_processes_refuse)
+    assert distributed.launch(["--standalone", "--nproc-per-node", "3", "-m", "medtricks", "run", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(message) == 1 and "Traceback" not in err and "ChildFailedError" not in err
+
+
+def test_a_process_under_the_launcher_leaves_its_error_and_prints_nothing(tmp_path, monkeypatch, capsys):
+    from medtricks.train.distributed import RANK_ERRORS_ENV
+
+    monkeypatch.setenv(RANK_ERRORS_ENV, str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    assert main(["run", QUICKSTART, "--set", "experiment.seed=-1"]) == 2
+    assert capsys.readouterr().err == ""
+    assert "experiment.seed" in (tmp_path / "rank2.json").read_text()
+
+
+@pytest.mark.slow
+def test_run_nproc_3_with_a_too_large_batch_prints_one_message(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    out = subprocess.run([sys.executable, "-m", "medtricks", "run", QUICKSTART, "--nproc", "3",
+                          *_sets(*TINY, "tracking.backend=none", f"data.root={tmp_path / 'phantoms'}",
+                                 f"experiment.output_dir={tmp_path / 'runs'}")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.count("train.batch_size=16 is larger") == 1 and "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) < 10, out.stderr

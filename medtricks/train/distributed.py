@@ -12,10 +12,13 @@ alone writes the run folder, logs, checkpoints, validates and prints. The backen
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +28,8 @@ from torch import nn
 from medtricks.errors import ConfigError
 
 __all__ = ["launched", "world_size", "rank", "local_rank", "is_main", "local_device", "process_group", "barrier",
-           "main_first", "broadcast", "sum_across", "wrap", "sync_batchnorm", "TIMEOUT"]
+           "main_first", "broadcast", "sum_across", "wrap", "sync_batchnorm", "TIMEOUT", "launch", "record_failure",
+           "RANK_ERRORS_ENV"]
 
 #: How long a collective waits for the other processes (rank 0 validates alone while the others wait).
 TIMEOUT = timedelta(minutes=30)
@@ -161,3 +165,86 @@ def sync_batchnorm(model: nn.Module, device: torch.device, enabled: bool) -> nn.
                           "tensors (gloo). On CPU set train.sync_bn=false (each process then normalizes with the "
                           "statistics of its own train.batch_size images)")
     return convert_sync_batchnorm(model)
+
+
+# ------------------------------------------------------------------------------- the --nproc launcher
+#: Set by :func:`launch` for the processes it starts: a folder where each process that fails leaves what
+#: went wrong (``rank<N>.json``), so the launcher says it once instead of N times under torchrun's traceback.
+RANK_ERRORS_ENV = "MEDTRICKS_RANK_ERRORS"
+
+
+def record_failure(message: Optional[str] = None, traceback_text: Optional[str] = None) -> bool:
+    """In a process started by :func:`launch`: leave this process's failure for the launcher to report, a
+    user-fixable ``message`` (a :class:`~medtricks.errors.MedtricksError` line) or a bug's ``traceback_text``.
+    True when it was left (the caller then prints nothing); False outside such a launch or if it could
+    not be written (the caller prints as usual)."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if not folder or not launched():
+        return False
+    record = {"rank": int(os.environ.get("RANK", "0")), "message": message, "traceback": traceback_text}
+    path = Path(folder) / f"rank{record['rank']}.json"
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
+
+
+def _failures(folder: Path) -> list[dict]:
+    records = []
+    for path in sorted(folder.glob("rank*.json"), key=lambda p: int(p.stem[4:]) if p.stem[4:].isdigit() else 0):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records
+
+
+def _quiet_elastic_logs() -> None:
+    """torchrun's agent logs every failed or stopped worker; the launcher reports failures itself."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def launch(argv: list[str]) -> int:
+    """``torchrun`` (``torch.distributed.run`` with ``argv``) in this process, reporting a failure once:
+    when the processes stopped on a user-fixable error (each said why through :func:`record_failure`),
+    its one line (each distinct one once) and exit 2; when one crashed, its traceback; otherwise
+    torchrun's own failure summary. ``medtricks run --nproc N`` runs this."""
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(argv)
+    _quiet_elastic_logs()
+    with tempfile.TemporaryDirectory(prefix="medtricks-ranks-") as folder:
+        os.environ[RANK_ERRORS_ENV] = folder  # the processes torchrun starts inherit it
+        try:
+            run(args)
+            return 0
+        except SignalException as err:  # Ctrl-C / SIGTERM: torchrun stopped its workers (epochs are checkpointed)
+            print(f"medtricks run: stopped by {err.sigval.name}: the last finished epoch is checkpointed; "
+                  "continue with --resume auto", file=sys.stderr)
+            return 130
+        except ChildFailedError as err:
+            failures = _failures(Path(folder))
+            messages = list(dict.fromkeys(f["message"] for f in failures if f.get("message")))
+            if messages:  # a user-fixable error; other processes that crashed only stopped with it
+                for message in messages:
+                    print(message, file=sys.stderr)
+                return 2
+            crashes = list(dict.fromkeys(f["traceback"] for f in failures if f.get("traceback")))
+            for text in crashes:
+                print(text, end="" if text.endswith("\n") else "\n", file=sys.stderr)
+            if not crashes:  # killed by a signal, out of memory ...: torchrun's summary says which process
+                print(err.format_msg(), file=sys.stderr)
+            return 1
+        finally:
+            os.environ.pop(RANK_ERRORS_ENV, None)
