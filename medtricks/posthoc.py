@@ -27,6 +27,8 @@ from medtricks.audit.shortcut import run_shortcut_audit
 from medtricks.data import build_eval_dataset, folder_id, load_card, redact_paths
 from medtricks.data.class_map import parse_class_map
 from medtricks.data.manifest import content_id, image_id, patient_salt
+from medtricks.deploy.fit import apply_temperature
+from medtricks.deploy.profiles import load_site_profile, site_profile_path
 from medtricks.errors import ConfigError
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
 from medtricks.evaluate.metrics import compute_metrics
@@ -93,14 +95,16 @@ class FlipTTA(nn.Module):
 
 def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optional[int] = None,
                  val_fraction: Optional[float] = None, test_fraction: Optional[float] = None,
-                 on_bad_image: str = "error", progress: bool = True, class_map=None):
+                 on_bad_image: str = "error", progress: bool = True, class_map=None,
+                 skip_hint: Optional[str] = None):
     """The eval-transform dataset of ``root`` as ``card`` describes it, normalized as the run trained.
 
     ``split``: ``all`` (every image: an external test set), or ``train``/``val``/``test`` of the
     card's patient-level split (defaults: the run's own split settings). ``class_map``: card class ->
     model class or ``"drop"`` (a dict or ``"covid=pneumonia,..."``), for a card whose classes differ
     from the model's (:mod:`medtricks.data.class_map`); without one the card must have the model's
-    classes (any order).
+    classes (any order). ``skip_hint``: how the calling command asks for ``on_bad_image="skip"``, named
+    when an image is unusable (None: it cannot).
     """
     recipe = trained.recipe
     card = load_card(card)
@@ -112,7 +116,7 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
         test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction,
         test_by=recipe.data.test_by, on_bad_image=on_bad_image, progress=progress,
-        classes=list(trained.classes), class_map=mapping)
+        classes=list(trained.classes), class_map=mapping, skip_hint=skip_hint)
     if len(quarantine):
         print(f"warning: skipped {len(quarantine)} unusable images (on_bad_image=skip)")
     return dataset, quarantine
@@ -162,6 +166,12 @@ class DecisionRule:
     prevalence: Optional[float] = None  # deployment prevalence of classes[positive_index]
     train_priors: Optional[list[float]] = None
     priors_source: Optional[str] = None
+    temperature: float = 1.0  # a site profile's temperature, applied before the shift and the threshold
+    site: Optional[str] = None  # the site profile this rule comes from (``--site``)
+
+    def calibrate(self, probs: Any) -> np.ndarray:
+        """``probs`` temperature-scaled (a site profile's temperature; unchanged at 1)."""
+        return apply_temperature(probs, self.temperature)
 
     def shift(self, probs: Any) -> np.ndarray:
         """``probs`` moved from the training priors to ``prevalence`` (unchanged without one)."""
@@ -175,7 +185,8 @@ class DecisionRule:
     def apply(self, probs: Any, *, shift: bool = True) -> np.ndarray:
         """Probabilities whose argmax is the decision; ``shift=False`` skips the prior shift (for data
         at the training prevalence, such as the run's own test split)."""
-        p = self.shift(probs) if shift else np.asarray(probs, dtype=np.float64)
+        p = self.calibrate(probs)
+        p = self.shift(p) if shift else p
         return probs_at_threshold(p, self.threshold, positive_index=self.positive_index)
 
     def describe(self) -> str:
@@ -247,18 +258,23 @@ def _train_priors_from_manifest(trained, tracking_uri: Optional[str]) -> Optiona
 
 
 def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Optional[float] = None,
-                          tracking_uri: Optional[str] = None) -> Optional[DecisionRule]:
+                          tracking_uri: Optional[str] = None, site: Optional[str] = None,
+                          runs_dir: Optional[str | Path] = None) -> Optional[DecisionRule]:
     """The operating point ``evaluate`` applies to a trained run; ``None`` for multiclass models.
 
     ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none,
     which the rule's description says), or a number in (0, 1) such as ``0.5``. ``prevalence``: the
     deployment prevalence of the positive class ``classes[1]``; the posteriors are prior-shifted from
     the run's training priors (``train_priors`` of the operating point, else the training split of
-    its ``artifacts/split_manifest.csv``) before thresholding.
+    its ``artifacts/split_manifest.csv``) before thresholding. ``site``: the run's site profile of that
+    name (``model/sites/<site>.json`` or its run store, :mod:`medtricks.deploy.profiles`): its temperature,
+    threshold and prior shift; ``prevalence`` then moves from the profile's own prevalence.
     """
     name = trained.run_id or str(trained.run_dir)
     k = len(trained.classes)
     spec = "stored" if threshold is None else str(threshold).strip().lower()
+    if site is not None:
+        return _site_rule(trained, site, spec=spec, prevalence=prevalence, tracking_uri=tracking_uri, runs_dir=runs_dir)
     if k != 2:
         if spec != "stored":
             raise ConfigError(f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
@@ -301,6 +317,40 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
         if len(priors) != 2:
             raise ConfigError(f"train_priors of run {name} has {len(priors)} values {priors}; a binary model needs 2")
         rule.prevalence, rule.train_priors, rule.priors_source = value, [float(v) for v in priors], source
+    return rule
+
+
+def _site_rule(trained, site: str, *, spec: str, prevalence: Optional[float], tracking_uri: Optional[str],
+               runs_dir: Optional[str | Path]) -> DecisionRule:
+    """The decision rule of the run's site profile ``site`` (see :func:`resolve_decision_rule`)."""
+    name = trained.run_id or str(trained.run_dir)
+    if len(trained.classes) != 2:
+        raise ConfigError(f"--site applies to binary models; run {name} has {len(trained.classes)} classes")
+    if spec != "stored":
+        raise ConfigError(f"--site {site} brings its own threshold; leave out --threshold {spec}")
+    local = trained.run_dir is not None and site_profile_path(trained.run_dir, site).is_file()
+    store = None if local or not trained.run_id else posthoc_store(trained, tracking_uri, runs_dir)
+    profile = load_site_profile(trained, site, store=store)
+    rule = DecisionRule(threshold=float(profile.threshold), source="site", positive_index=profile.positive_index,
+                        description=profile.describe(), temperature=float(profile.temperature), site=profile.name)
+    if profile.shift_from and profile.prevalence is not None:
+        rule.prevalence, rule.train_priors = float(profile.prevalence), [float(v) for v in profile.shift_from]
+        rule.priors_source = f"site profile {profile.name!r}"
+    if prevalence is not None:
+        try:
+            value = float(prevalence)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"--prevalence must be a number in (0, 1) (the positive class's share), got {prevalence!r}")
+        base = rule.train_priors
+        if base is None:  # calibrated on a labelled sample: the probabilities are at the sample's prevalence
+            if profile.prevalence is None:
+                raise ConfigError(f"--prevalence with --site {site}: the profile records no prevalence to shift from")
+            pi = float(profile.prevalence)
+            base = [1.0 - pi, pi] if profile.positive_index == 1 else [pi, 1.0 - pi]
+        rule.prevalence, rule.train_priors = value, base
+        rule.priors_source = f"site profile {profile.name!r}"
     return rule
 
 
@@ -553,12 +603,15 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
                      n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0, batch_size: int = 64,
                      tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
                      progress: bool = True, runs_dir: Optional[str | Path] = None,
-                     class_map: Any = None) -> EvaluationReport:
+                     class_map: Any = None, site: Optional[str] = None,
+                     on_bad_image: str = "error") -> EvaluationReport:
     """Evaluate a trained run (folder, model file or run id) on a card's data, without training.
 
     ``class_map`` (``"covid=pneumonia,normal=normal"`` or a dict; ``drop`` leaves a class out) scores
     the model on a card whose classes differ from its own (external validation on another site's
     data); when the mapped set holds one class only, AUROC is undefined and the report says so.
+    ``on_bad_image``: ``"error"`` (default: an unreadable or corrupt image stops the evaluation, listing
+    each) or ``"skip"`` (they are left out, counted in a warning and the logged ``n_quarantined``).
 
     Prints only ``warning:`` lines; returns metrics with bootstrap CIs at 0.5 and, for a binary model, at its
     operating point (see :func:`resolve_decision_rule` for ``threshold`` and ``prevalence``), and
@@ -571,15 +624,19 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
 
     ``tta``: ``"none"`` (default) or ``"flip"`` (the mean of each image and its horizontal mirror; a
     warning says the model never saw mirrored X-rays unless its augment preset flips; see
-    :func:`resolve_tta`). Evaluation data the run trained or selected on is found
+    :func:`resolve_tta`). ``site``: decide with the run's site profile of that name (``medtricks calibrate``;
+    see :func:`resolve_decision_rule`). Evaluation data the run trained or selected on is found
     (:func:`split_overlap`: identical bytes or shared patients with its split manifest) and warned
     about: ``report.warnings``, a note in the table, and the tag ``medtricks.overlap`` on the logged run.
     """
     tta = resolve_tta(tta)  # before anything loads: a bare --tta fails at once
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
-    rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri)
-    dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress, class_map=class_map)
+    rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri,
+                                 site=site, runs_dir=runs_dir)
+    dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress, class_map=class_map,
+                                       on_bad_image=on_bad_image,
+                                       skip_hint="pass --on-bad-image skip (on_bad_image='skip' in Python)")
     card_name = load_card(card).name
     warns = [w for w in [flip_tta_warning(trained) if tta == "flip" else None] if w]
     overlap = split_overlap(trained, dataset.manifest, root, tracking_uri)
@@ -626,7 +683,7 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
             run_name=f"eval-{card_name}-{split}{'-tta' if tta == 'flip' else ''}", parent_run_id=trained.run_id,
             tags=tags,
             params={"card": card_name, "root": folder_id(root), "split": split, "tta": tta,
-                    "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id),
+                    "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id), "site": site,
                     "source_run_dir": str(trained.run_dir), "n_quarantined": len(quarantine)})
     return report
 

@@ -98,14 +98,19 @@ def _parse_threshold(threshold: Any) -> tuple[str, Optional[float]]:
 
 
 def resolve_prediction_rule(trained, threshold: Any = "stored",
-                            tracking_uri: Optional[str] = None) -> Optional[DecisionRule]:
+                            tracking_uri: Optional[str] = None, site: Optional[str] = None,
+                            runs_dir: Optional[str | Path] = None) -> Optional[DecisionRule]:
     """The decision rule ``predict`` applies; ``None`` for multiclass models (argmax).
 
     ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none, which
     the rule's ``description`` says), ``"youden"`` or ``"sens=0.95"`` (chosen again with
     :func:`~medtricks.evaluate.operating_point.select_threshold` on the run's stored validation predictions,
     ``artifacts/predictions_val.npz``, from the run folder or its run store), or a number in (0, 1).
+    ``site``: the run's site profile of that name (``medtricks calibrate``): its temperature and threshold.
     """
+    if site is not None:
+        return resolve_decision_rule(trained, threshold=threshold, tracking_uri=tracking_uri, site=site,
+                                     runs_dir=runs_dir)
     kind, value = _parse_threshold(threshold)
     if kind in ("stored", "given"):
         return resolve_decision_rule(trained, threshold=threshold if kind == "given" else "stored",
@@ -338,7 +343,7 @@ def _collate(batch):
 def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: Any = "stored",
                    batch_size: int = 32, device: str = "auto", tracking_uri: Optional[str] = None,
                    runs_dir: Optional[str | Path] = None, progress: bool = True,
-                   cam_dir: Optional[str | Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   cam_dir: Optional[str | Path] = None, site: Optional[str] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict every image of ``inputs`` (image files and folders, searched recursively) with a trained run
     (folder, model file or run id) → ``(predictions, bad_files)``.
 
@@ -352,6 +357,9 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     ``cam_dir``: also write a Grad-CAM overlay PNG per image there (:mod:`medtricks.saliency`; binary
     models: for the positive class, multiclass: for the predicted class), at the model's input size,
     named like ``image`` with a ``.png`` extension; the ``cam`` column holds that relative name.
+    ``site``: decide with the run's site profile of that name (:mod:`medtricks.deploy.profiles`): the
+    ``prob_<class>`` columns are then its temperature-scaled (and, for an EM profile, prior-shifted)
+    probabilities, and ``threshold`` is the profile's.
     """
     if int(batch_size) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -359,7 +367,7 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     items, not_images = collect_images(inputs)
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
-    rule = resolve_prediction_rule(trained, threshold, tracking_uri)
+    rule = resolve_prediction_rule(trained, threshold, tracking_uri, site=site, runs_dir=runs_dir)
     recipe = trained.recipe
     transform = build_transforms(recipe.data.augment, recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
                                  std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
@@ -389,6 +397,8 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
         salt = patient_salt()
         frame["sop_instance_hash"] = [_sop_instance_hash(items[i].path, salt) if items[i].dicom else "" for i in ok]
     p = probs[ok]
+    if rule is not None and rule.site is not None and len(ok):
+        p = rule.shift(rule.calibrate(p))  # the site's probabilities: temperature, then its prior shift
     for k, name in enumerate(trained.classes):
         frame[f"prob_{name}"] = p[:, k]
     if rule is None:
