@@ -30,6 +30,9 @@ EPILOG = """examples:
   medtricks audit runs/quickstart/<id> --attacks fgsm,pgd_linf --corruptions all
   medtricks export runs/quickstart/<id> --format onnx --out exports/model.onnx
   medtricks predict runs/kermany_pneumonia/<id> /data/new_xrays --out preds.csv --threshold sens=0.95
+  medtricks calibrate runs/kermany_pneumonia/<id> --card kermany-pneumonia --root /data/site_a --name site-a
+  medtricks predict runs/kermany_pneumonia/<id> /data/new_xrays --site site-a
+  medtricks adapt runs/kermany_pneumonia/<id> --root /data/site_a_images --method adabn
   medtricks cka runs/a/<id> runs/b/<id> --card kermany-pneumonia --root /data/kermany/test --n 500
   medtricks cka runs/kermany_pneumonia/<id> --vs-init --log
   medtricks weights list
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prevalence", type=float, default=None, metavar="P",
                           help="binary models: positive-class prevalence of this data; posteriors are prior-shifted "
                                "from the run's training priors to [1-P, P] before the threshold (Saerens 2002)")
+    evaluate.add_argument("--site", default=None, metavar="NAME",
+                          help="binary models: decide with the run's site profile NAME (`medtricks calibrate` / "
+                               "`adapt --method em-prior`): its temperature, threshold and prior shift")
     evaluate.add_argument("--n-bootstrap", type=int, default=1000, metavar="N",
                           help="bootstrap resamples over images for the confidence intervals (default 1000; "
                                "0: no intervals, fast)")
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "model/operating_point.json (default; 0.5 if the run has none, which is said), youden "
                               "or sens=S chosen again on the run's stored validation predictions, or a number in (0, 1). "
                               "Multiclass models: argmax")
+    predict.add_argument("--site", default=None, metavar="NAME",
+                         help="binary models: decide with the run's site profile NAME (`medtricks calibrate`): "
+                              "prob_ columns temperature-scaled, the profile's threshold")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     predict.add_argument("--cam", default=None, metavar="DIR",
@@ -281,6 +290,51 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tracking-uri", default=None, help="MLflow URI to look a run id up in")
     predict.add_argument("--runs-dir", default=None, metavar="DIR",
                          help="the local run store (tracking.backend: none) to look run ids up in (default: runs)")
+
+    calibrate = sub.add_parser(
+        "calibrate", help="fit a binary run's threshold, temperature and prevalence on a labelled site sample "
+                          "(a named site profile for evaluate/predict --site)")
+    calibrate.add_argument("run", help="a run folder, its model/model_state.pt, or a run id (MLflow, or the local "
+                                       "run store under --runs-dir)")
+    calibrate.add_argument("--card", required=True, help="data card name or YAML path of the site sample")
+    calibrate.add_argument("--root", required=True, help="root folder of the labelled site sample")
+    calibrate.add_argument("--name", default="site", help="the site profile's name (default: site); "
+                                                          "model/sites/NAME.json in the run")
+    calibrate.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
+                           help="the most specific threshold with site sensitivity >= S (default: Youden's J)")
+    calibrate.add_argument("--n-bootstrap", type=int, default=200, metavar="N",
+                           help="patient-level bootstrap resamples for the intervals (default 200)")
+    calibrate.add_argument("--folds", type=int, default=5, help="patient-level cross-fitting folds (default 5)")
+    calibrate.add_argument("--min-per-class", type=int, default=20, metavar="N",
+                           help="refuse a sample with fewer images of a class (default 20)")
+    calibrate.add_argument("--seed", type=int, default=0, help="bootstrap and fold seed")
+    calibrate.add_argument("--class-map", default=None, metavar="CARD_CLASS=MODEL_CLASS,...",
+                           help="a site card whose classes differ from the model's (see evaluate --class-map)")
+    calibrate.add_argument("--tracking-uri", default=None)
+    calibrate.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
+    calibrate.add_argument("--no-log", action="store_true", help="store the profile in the run folder only")
+
+    adapt = sub.add_parser(
+        "adapt", help="adapt a trained run to a site's unlabelled images: em-prior (a site profile), adabn or tent "
+                      "(a new run that records its parent)")
+    adapt.add_argument("run", help="a run folder, its model/model_state.pt, or a run id")
+    adapt.add_argument("--root", required=True, help="folder of the site's images (labels not needed; searched "
+                                                     "recursively like predict's inputs)")
+    adapt.add_argument("--method", required=True, choices=["em-prior", "adabn", "tent"],
+                       help="em-prior: site prevalence by EM (Saerens 2002), stored as a site profile; adabn: "
+                            "BatchNorm statistics re-estimated on the images; tent: BatchNorm affine parameters "
+                            "by entropy minimisation (Wang 2021)")
+    adapt.add_argument("--name", default=None, help="em-prior: the site profile's name (default: em-prior)")
+    adapt.add_argument("--steps", type=int, default=1, help="tent: passes over the images (default 1)")
+    adapt.add_argument("--lr", type=float, default=1e-3, help="tent: SGD learning rate (default 0.001)")
+    adapt.add_argument("--batch-size", type=int, default=32)
+    adapt.add_argument("--seed", type=int, default=0, help="tent batch order; em-prior bootstrap")
+    adapt.add_argument("--out-dir", default=None, metavar="DIR",
+                       help="adabn/tent: where the new run folder goes (default: beside the parent run)")
+    adapt.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    adapt.add_argument("--tracking-uri", default=None)
+    adapt.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
+    adapt.add_argument("--no-log", action="store_true", help="write the run folder only; log nothing")
 
     export = sub.add_parser("export", help="export a trained run as ONNX, TorchScript or an MLflow pyfunc model "
                                            "(preprocessing and softmax inside, parity-checked, with a model card)")
@@ -439,7 +493,7 @@ def _cmd_evaluate(args) -> int:
     from medtricks.posthoc import evaluate_trained
 
     report = evaluate_trained(args.run, card=args.card, root=args.root, split=args.split, tta=args.tta,
-                              threshold=args.threshold, prevalence=args.prevalence,
+                              threshold=args.threshold, prevalence=args.prevalence, site=args.site,
                               n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
                               log=not args.no_log, runs_dir=args.runs_dir, class_map=args.class_map)
     # the table's own header adds the image count and the bootstrap (resamples, seed): said once
@@ -544,12 +598,42 @@ def _cmd_predict(args) -> int:
     check_outputs(args.inputs, out=args.out, cam_dir=args.cam)  # before any work: never overwrite an input
     preds, bad = predict_images(args.run, args.inputs, threshold=args.threshold, batch_size=args.batch_size,
                                 device=args.device, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir,
-                                cam_dir=args.cam)
+                                cam_dir=args.cam, site=args.site)
     bad_path = write_predictions(preds, bad, args.out)
     print(summary(preds, bad, bad_path), file=sys.stderr)
     require_predictions(preds, bad, bad_path)  # all inputs bad: an error (the bad-file list is written)
     if args.out:
         print(f"predictions: {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from medtricks.deploy.calibrate import calibrate_site
+
+    result = calibrate_site(args.run, card=args.card, root=args.root, name=args.name,
+                            target_sensitivity=args.target_sensitivity, n_bootstrap=args.n_bootstrap,
+                            folds=args.folds, seed=args.seed, min_per_class=args.min_per_class,
+                            tracking_uri=args.tracking_uri, log=not args.no_log, runs_dir=args.runs_dir,
+                            class_map=args.class_map)
+    for text in result.warnings:
+        print(f"warning: {text}", file=sys.stderr)
+    print(result.profile.table())
+    if result.path is not None:
+        print(f"site profile: {result.path} (use: evaluate/predict --site {result.profile.name})")
+    if result.logged_run:
+        print(f"logged to {result.logged_to}: run {result.logged_run}")
+    return 0
+
+
+def _cmd_adapt(args) -> int:
+    from medtricks.deploy.adapt import adapt_run
+
+    result = adapt_run(args.run, root=args.root, method=args.method, name=args.name, steps=args.steps, lr=args.lr,
+                       batch_size=args.batch_size, seed=args.seed, device=args.device, tracking_uri=args.tracking_uri,
+                       log=not args.no_log, runs_dir=args.runs_dir, output_dir=args.out_dir)
+    print(result.summary())
+    if result.logged_to and result.run_id:
+        print(f"logged to {result.logged_to}: run {result.run_id}")
     return 0
 
 
@@ -613,6 +697,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_export(args)
         if args.command == "predict":
             return _cmd_predict(args)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args)
+        if args.command == "adapt":
+            return _cmd_adapt(args)
         if args.command == "cka":
             return _cmd_cka(args)
     except KeyboardInterrupt:
