@@ -60,7 +60,7 @@ def _images(batch: Any) -> torch.Tensor:
 
 def adabn(model: nn.Module, batches: Iterable[Any], *, device: str | torch.device = "cpu") -> AdaptReport:
     """Re-estimate every BatchNorm layer's running statistics on ``batches`` (images, or ``(images, ...)``
-    tuples), as a cumulative average over all images; parameters are untouched. The model is left in eval mode."""
+    tuples), as an average over all images (each image weighs the same); parameters are untouched. The model is left in eval mode."""
     layers = bn_layers(model)
     if not layers:
         raise ValueError("adabn: the model has no BatchNorm layers")
@@ -72,13 +72,14 @@ def adabn(model: nn.Module, batches: Iterable[Any], *, device: str | torch.devic
         if m.running_mean is None:
             raise ValueError("adabn: a BatchNorm layer without running statistics (track_running_stats=False)")
         m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every image weighs the same
         m.train()
     n = 0
     try:
         with torch.no_grad():
             for batch in batches:
                 x = _images(batch).to(device)
+                for _, m in layers:  # running = mean over all images so far (every image weighs the same)
+                    m.momentum = len(x) / (n + len(x))
                 model(x)
                 n += len(x)
     finally:
