@@ -194,16 +194,16 @@ def cross_fit(y: Any, probs: Any, groups: Any, *, method: str = "youden", target
         held_pos[out_idx] = scaled[:, positive_index] >= fitted["threshold"]
         fold_of[out_idx] = k
 
-    def summary(pos: np.ndarray, calibrated: Optional[np.ndarray]) -> dict[str, float]:
-        out = decision_metrics(y, pos, positive_index)
+    def summary(yy: np.ndarray, pos: np.ndarray, calibrated: Optional[np.ndarray]) -> dict[str, float]:
+        out = decision_metrics(yy, pos, positive_index)
         if calibrated is not None:
-            out["ece"] = expected_calibration_error(y, calibrated)
-            out["nll"] = nll(y, calibrated)
+            out["ece"] = expected_calibration_error(yy, calibrated)
+            out["nll"] = nll(yy, calibrated)
         return out
 
     stored_pos = p[:, positive_index] >= stored_threshold if stored_threshold is not None else None
     result: dict[str, Any] = {"folds": int(folds), "n_images": int(len(y)),
-                              "site": summary(held_pos, held_probs),
+                              "site": summary(y, held_pos, held_probs),
                               "uncalibrated": {"ece": expected_calibration_error(y, p), "nll": nll(y, p)}}
     if stored_pos is not None:
         result["stored"] = {"threshold": float(stored_threshold), **decision_metrics(y, stored_pos, positive_index)}
@@ -211,7 +211,7 @@ def cross_fit(y: Any, probs: Any, groups: Any, *, method: str = "youden", target
     draws: dict[str, list[float]] = {}
     for _ in range(int(n_bootstrap)):
         idx = patient_bootstrap_indices(groups, rng)
-        for key, value in summary(held_pos[idx], held_probs[idx]).items():
+        for key, value in summary(y[idx], held_pos[idx], held_probs[idx]).items():
             draws.setdefault(f"site/{key}", []).append(value)
         if stored_pos is not None:
             for key, value in decision_metrics(y[idx], stored_pos[idx], positive_index).items():
