@@ -7,11 +7,15 @@
   hundreds of megabytes before anything could check it.
 
 Both raise ``yaml.YAMLError`` subclasses carrying the line, so callers keep their one
-``except yaml.YAMLError`` and their own error type (``RecipeError``, ``CardError``).
+``except yaml.YAMLError`` and their own error type (``RecipeError``, ``CardError``). So do two traps of
+the file rather than the YAML: nesting deeper than :data:`MAX_DEPTH` levels (PyYAML recurses once per
+level and would die with a ``RecursionError`` traceback), and bytes that are not UTF-8 text
+(:func:`read_yaml_text` says where).
 """
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -21,6 +25,24 @@ from yaml.nodes import MappingNode
 
 #: Longest text of a value echoed into an error message (the rest is elided).
 MAX_ECHO = 200
+#: Deepest nesting of lists/mappings a recipe or card may have (real ones use fewer than 10 levels).
+MAX_DEPTH = 100
+
+
+class YAMLFileError(yaml.YAMLError):
+    """A YAML file that cannot be read as text, or is nested too deeply: the message says where."""
+
+
+def read_yaml_text(path) -> str:
+    """The text of a YAML file, which must be UTF-8 (YAML's own default); otherwise a
+    :class:`YAMLFileError` naming the first byte that is not, and the line it is on."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise YAMLFileError(f"not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}); "
+                            "save the file as UTF-8") from None
 
 
 def short_repr(value: Any, limit: int = MAX_ECHO) -> str:
@@ -48,6 +70,18 @@ class StrictSafeLoader(yaml.SafeLoader):
     what = "this file"
 
     def compose_node(self, parent, index):
+        depth = getattr(self, "_depth", 0) + 1
+        if depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise YAMLFileError(f"nested deeper than {MAX_DEPTH} levels (line {mark.line + 1}, column "
+                                f"{mark.column + 1}); a {self.what} needs a few")
+        self._depth = depth
+        try:
+            return self._compose_checked(parent, index)
+        finally:
+            self._depth = depth - 1
+
+    def _compose_checked(self, parent, index):
         event = self.peek_event()
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
@@ -101,7 +135,11 @@ def strict_load(text: str, what: str = "this file", name: Optional[str] = None) 
     if name is not None:
         stream = io.StringIO(text)
         stream.name = str(name)
-    return yaml.load(stream, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(stream, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # a deep structure MAX_DEPTH did not catch (the constructor recurses too)
+        raise YAMLFileError(f"nested too deeply to read (more than {MAX_DEPTH} levels)") from None
 
 
-__all__ = ["MAX_ECHO", "StrictSafeLoader", "cap_text", "short_repr", "strict_load"]
+__all__ = ["MAX_DEPTH", "MAX_ECHO", "StrictSafeLoader", "YAMLFileError", "cap_text", "read_yaml_text", "short_repr",
+           "strict_load"]

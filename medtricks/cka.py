@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from medtricks.data import load_card
 from medtricks.errors import ConfigError
 from medtricks.evaluate.cka import MinibatchCKA, linear_cka
 from medtricks.evaluate.plots import plot_cka
@@ -232,6 +233,17 @@ def _label(trained, ref: str) -> str:
     return Path(ref).name or str(ref)
 
 
+def _labels_unused(card_name: str, trained) -> Optional[dict[str, str]]:
+    """CKA compares activations and never reads a label: a card whose classes differ from the model's is
+    read with each class the model lacks labelled as the model's first class (every image kept; no class
+    map to give)."""
+    classes = list(load_card(card_name).classes)
+    model_classes = list(trained.classes)
+    if set(classes) == set(model_classes):
+        return None
+    return {c: c if c in model_classes else model_classes[0] for c in classes}
+
+
 def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = False,
                 layers: Optional[str | Sequence[str]] = None, card: Optional[str] = None, root: Optional[str] = None,
                 split: Optional[str] = None, n: int = 500, batch_size: int = 64, method: str = "minibatch",
@@ -257,7 +269,8 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
     split = split or ("all" if card is not None else "val")
     split_opts = dict(split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
                       test_fraction=recipe.data.test_fraction)
-    ds_a, _ = eval_dataset(a, card_name, data_root, split=split, progress=progress, **split_opts)
+    ds_a, _ = eval_dataset(a, card_name, data_root, split=split, progress=progress,
+                           class_map=_labels_unused(card_name, a), **split_opts)
 
     if vs_init:
         # seeded as `medtricks run` seeds before it builds: weights none / a new head start exactly as the run did
@@ -269,7 +282,8 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
         b = load_trained(run_b, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
         model_b, label_b = b.model, _label(b, run_b)
         # run A's split settings, so that both runs see the very same images
-        ds_b, _ = eval_dataset(b, card_name, data_root, split=split, progress=progress, **split_opts)
+        ds_b, _ = eval_dataset(b, card_name, data_root, split=split, progress=progress,
+                               class_map=_labels_unused(card_name, b), **split_opts)
         if len(ds_b) != len(ds_a) or image_set_digest(ds_a, data_root) != image_set_digest(ds_b, data_root):
             raise ConfigError(f"runs {run_a} and {run_b} do not see the same images of {card_name} ({split}); "
                               "give --card/--root with --split all")

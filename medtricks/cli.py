@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
                           help="all images (an external test set, the default) or one split of the card's")
     evaluate.add_argument("--tta", nargs="?", const="", default="none", metavar="none|flip", help=_TTA_HELP)
-    evaluate.add_argument("--threshold", default="stored", metavar="stored|0.5|T",
+    evaluate.add_argument("--threshold", default="stored", metavar="stored|youden|sens=0.95|0.5|T",
                           help="binary models: the operating point reported next to 0.5: the run's stored "
-                               "model/operating_point.json (default; 0.5 if the run has none) or a number in (0, 1)")
+                               "model/operating_point.json (default; 0.5 if the run has none), youden or sens=S "
+                               "chosen again on the run's stored validation predictions, or a number in (0, 1) "
+                               "(the forms predict takes)")
     evaluate.add_argument("--prevalence", type=float, default=None, metavar="P",
                           help="binary models: positive-class prevalence of this data; posteriors are prior-shifted "
                                "from the run's training priors to [1-P, P] before the threshold (Saerens 2002)")
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--class-map", default=None, metavar="CARD_CLASS=MODEL_CLASS,...",
                           help="score on a card whose classes differ from the model's, e.g. "
                                "covid=pneumonia,pneumonia=pneumonia,normal=normal ('drop' leaves a class out)")
+    evaluate.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                          help="an unreadable or corrupt image: stop and list them (error, default) or leave them "
+                               "out of the scores (skip; counted in a warning and the logged n_quarantined)")
 
     ensemble = sub.add_parser("ensemble", help="average the probabilities of several trained runs on the same images")
     ensemble.add_argument("runs", nargs="+", metavar="RUN", help="two or more run folders or MLflow run ids (same classes)")
@@ -495,7 +500,8 @@ def _cmd_evaluate(args) -> int:
     report = evaluate_trained(args.run, card=args.card, root=args.root, split=args.split, tta=args.tta,
                               threshold=args.threshold, prevalence=args.prevalence, site=args.site,
                               n_bootstrap=args.n_bootstrap, seed=args.seed, tracking_uri=args.tracking_uri,
-                              log=not args.no_log, runs_dir=args.runs_dir, class_map=args.class_map)
+                              log=not args.no_log, runs_dir=args.runs_dir, class_map=args.class_map,
+                              on_bad_image=args.on_bad_image)
     # the table's own header adds the image count and the bootstrap (resamples, seed): said once
     title = (f"evaluation of {report.source_run or args.run} on {args.card} ({args.split}"
              f"{', flip TTA' if args.tta == 'flip' else ''})")

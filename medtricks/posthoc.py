@@ -29,11 +29,11 @@ from medtricks.data.class_map import parse_class_map
 from medtricks.data.manifest import content_id, image_id, patient_salt
 from medtricks.deploy.fit import apply_temperature
 from medtricks.deploy.profiles import load_site_profile, site_profile_path
-from medtricks.errors import ConfigError
+from medtricks.errors import ConfigError, MissingFileError
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
 from medtricks.evaluate.metrics import compute_metrics
-from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, OperatingPoint, class_priors, prior_shift,
-                                                probs_at_threshold)
+from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, OperatingPoint, class_priors, parse_threshold,
+                                                prior_shift, probs_at_threshold, select_threshold)
 from medtricks.evaluate.paired import load_predictions
 from medtricks.evaluate.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
 from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_EVAL_FILE, RunDir
@@ -263,7 +263,10 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
     """The operating point ``evaluate`` applies to a trained run; ``None`` for multiclass models.
 
     ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none,
-    which the rule's description says), or a number in (0, 1) such as ``0.5``. ``prevalence``: the
+    which the rule's description says), ``"youden"`` or ``"sens=0.95"`` (chosen again with
+    :func:`~medtricks.evaluate.operating_point.select_threshold` on the run's stored validation predictions,
+    ``artifacts/predictions_val.npz``, from the run folder or its run store), or a number in (0, 1) such
+    as ``0.5`` (:func:`~medtricks.evaluate.operating_point.parse_threshold`, as ``predict``). ``prevalence``: the
     deployment prevalence of the positive class ``classes[1]``; the posteriors are prior-shifted from
     the run's training priors (``train_priors`` of the operating point, else the training split of
     its ``artifacts/split_manifest.csv``) before thresholding. ``site``: the run's site profile of that
@@ -293,14 +296,20 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
             rule = DecisionRule(threshold=float(op.threshold), source="stored", positive_index=positive,
                                 description=f"{op.describe()}; stored in model/{OPERATING_POINT_FILE}")
     else:
-        try:
-            value = float(spec)
-        except ValueError:
-            value = math.nan
-        if not 0.0 < value < 1.0:  # also rejects nan
-            raise ConfigError(f"--threshold must be 'stored' or a number in (0, 1) such as 0.5, got {threshold!r}")
-        rule = DecisionRule(threshold=value, source="given", positive_index=positive,
-                            description=f"threshold {value:g} (given)")
+        kind, value = parse_threshold(threshold)
+        if kind == "given":
+            rule = DecisionRule(threshold=value, source="given", positive_index=positive,
+                                description=f"threshold {value:g} (given)")
+        else:  # youden / sens=S: chosen again on the run's stored validation predictions
+            val = _run_file(trained, RunDir.predictions_artifact("val"), load_predictions, tracking_uri)
+            if val is None:
+                raise MissingFileError(f"--threshold {threshold} is chosen on the run's validation predictions, but "
+                                       f"run {name} has no {RunDir.predictions_artifact('val')} (in its folder or its "
+                                       "run store); use --threshold stored or a number")
+            chosen = select_threshold(*val, method=kind, target_sensitivity=value, positive_index=positive)
+            rule = DecisionRule(threshold=float(chosen.threshold), source=chosen.method, positive_index=positive,
+                                description=f"{chosen.describe()}; recomputed from the run's stored validation "
+                                            "predictions")
     if prevalence is not None:
         try:
             value = float(prevalence)

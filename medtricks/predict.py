@@ -20,7 +20,6 @@ no other DICOM header value is read or written.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import re
 import sys
@@ -41,10 +40,7 @@ from medtricks.data.manifest import hash_patient, patient_salt
 from medtricks.data.readers import DICOM_EXTENSIONS
 from medtricks.data.transforms import build_transforms
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError, ResourceError
-from medtricks.evaluate.operating_point import select_threshold
-from medtricks.evaluate.paired import load_predictions
-from medtricks.posthoc import DecisionRule, _run_file, load_operating_point, resolve_decision_rule
-from medtricks.rundir import RunDir
+from medtricks.posthoc import DecisionRule, resolve_decision_rule
 from medtricks.saliency import cam_file_name, cam_target_layer, grad_cam, save_overlay
 from medtricks.train import resolve_device
 from medtricks.trained import load_trained
@@ -71,67 +67,18 @@ class InputImage:
 
 
 # ------------------------------------------------------------------------------------ thresholds
-def _parse_threshold(threshold: Any) -> tuple[str, Optional[float]]:
-    """``stored`` | ``youden`` | ``sens=0.95`` | a number → (kind, value)."""
-    spec = "stored" if threshold is None else str(threshold).strip().lower()
-    if spec in ("stored", "youden"):
-        return spec, None
-    if "=" in spec:
-        key, _, value = spec.partition("=")
-        if key.strip() in ("sens", "sensitivity"):
-            try:
-                target = float(value)
-            except ValueError:
-                target = math.nan
-            if not 0.0 < target <= 1.0:
-                raise ConfigError(f"--threshold {threshold!r}: the target sensitivity must be a number in (0, 1], "
-                                  "e.g. sens=0.95")
-            return "sensitivity", target
-    try:
-        number = float(spec)
-    except ValueError:
-        number = math.nan
-    if not 0.0 < number < 1.0:
-        raise ConfigError(f"--threshold must be stored, youden, sens=S (a target sensitivity such as sens=0.95) or "
-                          f"a number in (0, 1) such as 0.5; got {threshold!r}")
-    return "given", number
-
-
 def resolve_prediction_rule(trained, threshold: Any = "stored",
                             tracking_uri: Optional[str] = None, site: Optional[str] = None,
                             runs_dir: Optional[str | Path] = None) -> Optional[DecisionRule]:
     """The decision rule ``predict`` applies; ``None`` for multiclass models (argmax).
 
     ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none, which
-    the rule's ``description`` says), ``"youden"`` or ``"sens=0.95"`` (chosen again with
-    :func:`~medtricks.evaluate.operating_point.select_threshold` on the run's stored validation predictions,
-    ``artifacts/predictions_val.npz``, from the run folder or its run store), or a number in (0, 1).
+    the rule's ``description`` says), ``"youden"`` or ``"sens=0.95"`` (chosen again on the run's stored
+    validation predictions), or a number in (0, 1): the forms ``evaluate`` takes too
+    (:func:`~medtricks.posthoc.resolve_decision_rule`).
     ``site``: the run's site profile of that name (``medtricks calibrate``): its temperature and threshold.
     """
-    if site is not None:
-        return resolve_decision_rule(trained, threshold=threshold, tracking_uri=tracking_uri, site=site,
-                                     runs_dir=runs_dir)
-    kind, value = _parse_threshold(threshold)
-    if kind in ("stored", "given"):
-        return resolve_decision_rule(trained, threshold=threshold if kind == "given" else "stored",
-                                     tracking_uri=tracking_uri)
-    name = trained.run_id or str(trained.run_dir)
-    k = len(trained.classes)
-    if k != 2:
-        raise ConfigError(f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
-                          f"{trained.classes} (decisions are argmax)")
-    val = _run_file(trained, RunDir.predictions_artifact("val"), load_predictions, tracking_uri)
-    if val is None:
-        raise MissingFileError(f"--threshold {threshold} is chosen on the run's validation predictions, but run {name} "
-                               f"has no {RunDir.predictions_artifact('val')} (in its folder or its run store); "
-                               "use --threshold stored or a number")
-    op_stored = load_operating_point(trained.run_dir)
-    positive = op_stored.positive_index if op_stored is not None else 1
-    y_val, p_val = val
-    op = select_threshold(y_val, p_val, method="youden" if kind == "youden" else "sensitivity",
-                          target_sensitivity=value, positive_index=positive)
-    return DecisionRule(threshold=float(op.threshold), source=op.method, positive_index=positive,
-                        description=f"{op.describe()}; recomputed from the run's stored validation predictions")
+    return resolve_decision_rule(trained, threshold=threshold, tracking_uri=tracking_uri, site=site, runs_dir=runs_dir)
 
 
 # ---------------------------------------------------------------------------------------- inputs

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from medtricks._yaml import cap_text, short_repr, strict_load
+from medtricks._yaml import cap_text, read_yaml_text, short_repr, strict_load
 from medtricks._shipped import shipped_dir
 from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError
@@ -394,7 +394,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:  # duplicate keys and anchors/aliases are refused (medtricks/_yaml.py)
-        data = strict_load(path.read_text(), "recipe", name=str(path))
+        data = strict_load(read_yaml_text(path), "recipe", name=str(path))
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if data is None:

@@ -184,7 +184,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     cases["truncated jpeg"] = (_truncate(tmp_path / "t.jpeg"), "truncated")
     cases["no pixel data"] = (write_dicom(tmp_path / "nopix.dcm", ramp(), pixel_data=False), "no pixel data")
     write_dicom(tmp_path / "tdcm.dcm", ramp(64, 64))
-    cases["truncated dicom"] = (_truncate(tmp_path / "tdcm.dcm"), "cannot")
+    cases["truncated dicom"] = (_truncate(tmp_path / "tdcm.dcm"), "truncated")
     Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "const.png")
     cases["constant"] = (tmp_path / "const.png", "constant image")
     Image.fromarray(np.array([[np.nan, 1.0], [0.0, 0.5]], np.float32)).save(tmp_path / "nan.tif")

@@ -279,3 +279,117 @@ def test_run_nproc_3_with_a_too_large_batch_prints_one_message(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.count("train.batch_size=16 is larger") == 1 and "Traceback" not in out.stderr
     assert len(out.stderr.splitlines()) < 10, out.stderr
+
+
+# ---- item 17: advice that can be followed
+def test_non_utf8_and_deeply_nested_recipes_are_one_line_naming_the_file(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("experiment:\n  name: café\n".encode("latin-1"))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("experiment: " + "[" * 10000 + "]" * 10000 + "\n")
+    for path, words in ((latin1, "not UTF-8"), (deep, "nested deeper than")):
+        with pytest.raises(RecipeError, match=words) as err:
+            load_recipe(path)
+        assert str(path) in str(err.value)
+        assert main(["run", str(path), "--dry-run"]) == 2
+        assert words in _one_line_error(capsys)
+
+
+def test_a_data_card_that_is_not_utf8_is_a_card_error(tmp_path):
+    from medtricks.data.cards import load_card
+    from medtricks.errors import MedtricksError
+
+    card = tmp_path / "card.yaml"
+    card.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(MedtricksError, match="not UTF-8"):
+        load_card(str(card))
+
+
+@pytest.mark.parametrize("text", [",,,", "", " , ", "covid=pneumonia,,normal=normal"])
+def test_a_class_map_without_entries_is_refused(text):
+    from medtricks.data.class_map import parse_class_map
+
+    with pytest.raises(ConfigError, match="--class-map"):
+        parse_class_map(text)
+    assert parse_class_map(None) == {}
+
+
+def test_a_truncated_dicom_is_called_truncated(tmp_path):
+    from medtricks.data.errors import BadImageError
+    from medtricks.data.readers import read_image
+
+    from test_data_readers import ramp, write_dicom
+
+    whole = write_dicom(tmp_path / "whole.dcm", ramp(64, 64)).read_bytes()
+    for cut in (200, 400, len(whole) // 2, len(whole) - 10):  # in the file meta, the header, the pixels
+        path = tmp_path / f"cut{cut}.dcm"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(BadImageError, match="truncated or corrupt"):
+            read_image(path)
+    with pytest.raises(BadImageError, match="no PixelData element\\): not an image"):  # whole, but no pixels
+        read_image(write_dicom(tmp_path / "nopix.dcm", ramp(), pixel_data=False))
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory):
+    """A tiny finished binary run (tracking none) and a folder of its data to evaluate on."""
+    from conftest import binary_phantom_card
+    from medtricks.data import synthesize_phantoms
+    from medtricks.run import run_recipe
+
+    tmp = tmp_path_factory.mktemp("binary")
+    synthesize_phantoms(tmp / "phantoms", n=64, classes=("normal", "pneumonia"), size=32, seed=0)
+    card = binary_phantom_card(tmp)
+    recipe = load_recipe(QUICKSTART, overrides=[
+        *TINY, "data.synth=null", "data.val_fraction=0.25", "train.epochs=1", "schedule.warmup_epochs=0",
+        f"data.card={card}", f"data.root={tmp / 'phantoms'}", f"experiment.output_dir={tmp / 'runs'}",
+        "tracking.backend=none"])
+    result = run_recipe(recipe, quiet=True)
+    return result, tmp, card
+
+
+def _evaluate(run, card, root, *extra):
+    return main(["evaluate", str(run.run_dir), "--card", str(card), "--root", str(root), "--no-log",
+                 "--n-bootstrap", "0", *extra])
+
+
+@pytest.mark.slow
+def test_evaluate_takes_the_threshold_forms_predict_takes(binary_run, capsys):
+    result, tmp, card = binary_run
+    for spec in ("youden", "sens=0.9", "0.3"):
+        assert _evaluate(result, card, tmp / "phantoms", "--threshold", spec) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert ("Youden" in out or "youden" in out) if spec == "youden" else True
+    assert _evaluate(result, card, tmp / "phantoms", "--threshold", "sens=2") == 2
+    assert "target sensitivity" in _one_line_error(capsys, "evaluate")
+    assert _evaluate(result, card, tmp / "phantoms", "--class-map", ",,,") == 2
+    assert "maps no class" in _one_line_error(capsys, "evaluate")
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_corrupt_image_offers_its_own_option(binary_run, capsys):
+    import shutil
+
+    result, tmp, card = binary_run
+    root = tmp / "corrupt"
+    if not root.exists():
+        shutil.copytree(tmp / "phantoms", root)
+        victim = sorted((root / "images").glob("*.png"))[0]
+        victim.write_bytes(victim.read_bytes()[:100])
+    assert _evaluate(result, card, root) == 2
+    err = capsys.readouterr().err
+    assert "--on-bad-image skip" in err and "data.on_bad_image" not in err and "Traceback" not in err
+    assert _evaluate(result, card, root, "--on-bad-image", "skip") == 0
+    assert "skipped 1 unusable" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cka_reads_a_card_with_other_classes_without_a_class_map(binary_run, tmp_path, capsys):
+    from medtricks.data import synthesize_phantoms
+
+    result, tmp, _ = binary_run
+    synthesize_phantoms(tmp_path / "three", n=12, size=32, seed=3)  # normal / bacterial / covid
+    assert main(["cka", str(result.run_dir), "--vs-init", "--card", "synthetic-phantoms", "--root",
+                 str(tmp_path / "three"), "--n", "8", "--batch-size", "4", "--out", str(tmp_path / "cka")]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "cka" / "cka_vs_init.json").is_file()

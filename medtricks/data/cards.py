@@ -22,7 +22,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medtricks._yaml import cap_text, strict_load
+from medtricks._yaml import cap_text, read_yaml_text, strict_load
 from medtricks._shipped import shipped_dir
 from medtricks.errors import ConfigError
 from medtricks.data.errors import CardError
@@ -348,7 +348,7 @@ def load_card(name_or_path: "str | Path | DataCard") -> DataCard:
     if not path.is_file():
         raise CardError(f"data card file {path} does not exist")
     try:  # duplicate keys and anchors/aliases are refused (medtricks/_yaml.py)
-        data = strict_load(path.read_text(), "data card", name=str(path))
+        data = strict_load(read_yaml_text(path), "data card", name=str(path))
     except yaml.YAMLError as err:
         raise CardError(f"data card {path} is not valid YAML: {err}") from None
     return card_from_dict(data, str(path))

@@ -23,11 +23,20 @@ DROP = "drop"
 
 
 def parse_class_map(text: Optional[str]) -> dict[str, str]:
-    """``"a=x,b=y,c=drop"`` -> ``{"a": "x", "b": "y", "c": "drop"}``; ``None``/empty -> ``{}``."""
-    if not text or not text.strip():
+    """``"a=x,b=y,c=drop"`` -> ``{"a": "x", "b": "y", "c": "drop"}``; ``None`` -> ``{}``. A map with no entry
+    (``""``, ``",,,"``) or an empty entry (``"a=x,,b=y"``) is an error: it would score as if none was given."""
+    if text is None:
         return {}
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise ConfigError(f"--class-map {text!r} maps no class: give CARD_CLASS=MODEL_CLASS pairs separated by "
+                          f"commas (e.g. covid=pneumonia,normal=normal; covid={DROP} leaves a class out), or leave "
+                          "--class-map out")
+    if not all(parts):
+        raise ConfigError(f"--class-map {text!r} has an empty entry (two commas in a row, or one at an end): give "
+                          "CARD_CLASS=MODEL_CLASS pairs separated by single commas")
     out: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+    for part in parts:
         source, sep, target = part.partition("=")
         source, target = source.strip(), target.strip()
         if not sep or not source or not target:

@@ -281,8 +281,10 @@ def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> Non
     synthesize_phantoms(root, classes=tuple(card.classes), **params)
 
 
-def _checked_images(manifest, card, root, *, side: int, on_bad_image: str, voi: str, cache_dir, progress: bool):
-    """Decode every image once; bad ones raise (``error``, listing each) or go to the quarantine (``skip``)."""
+def _checked_images(manifest, card, root, *, side: int, on_bad_image: str, voi: str, cache_dir, progress: bool,
+                    skip_hint: Optional[str] = "set data.on_bad_image=skip"):
+    """Decode every image once; bad ones raise (``error``, listing each) or go to the quarantine (``skip``).
+    ``skip_hint``: how the caller's user asks for ``skip`` (None: they cannot), said in the error."""
     if on_bad_image not in ON_BAD_IMAGE:
         raise ConfigError(f"on_bad_image={on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
     good, quarantine = scan_images(manifest, side=side, voi=voi, cache_dir=cache_dir, progress=progress)
@@ -290,8 +292,8 @@ def _checked_images(manifest, card, root, *, side: int, on_bad_image: str, voi: 
         listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))
         more = f"\n  ... and {len(quarantine) - 20} more" if len(quarantine) > 20 else ""
         raise BadImageError(quarantine["path"].iloc[0],
-                            f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them, "
-                            f"or set data.on_bad_image=skip to quarantine them:\n{listed}{more}")
+                            f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them"
+                            f"{f', or {skip_hint} to leave them out' if skip_hint else ''}:\n{listed}{more}")
     good = good.drop(columns=["height", "width", "bit_depth_note"])
     good.attrs = dict(manifest.attrs)
     return good, quarantine
@@ -301,13 +303,16 @@ def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int,
                        split: str = "all", split_seed: int = 0, val_fraction: float = 0.15,
                        test_fraction: float = 0.0, test_by: str = "random", on_bad_image: str = "error",
                        cache_dir=None, progress: bool = True, voi: str = "auto",
-                       classes: Optional[Sequence[str]] = None, class_map: Optional[Mapping[str, str]] = None):
+                       classes: Optional[Sequence[str]] = None, class_map: Optional[Mapping[str, str]] = None,
+                       skip_hint: Optional[str] = None):
     """One eval-transform dataset of ``root`` (every image, or one split of the card's patient-level
     split, checked for leakage) -> ``(XrayDataset, quarantine)``: what ``medtricks evaluate`` scores.
 
     ``classes``: the model's classes, when they differ from the card's; ``class_map`` maps card classes
     onto them (:mod:`medtricks.data.class_map`). The dataset's ``targets`` then index ``classes`` and
-    ``dataset.manifest.attrs["class_map"]``/``["dropped_by_class_map"]`` say what was done."""
+    ``dataset.manifest.attrs["class_map"]``/``["dropped_by_class_map"]`` say what was done. ``skip_hint``:
+    how the calling command skips unusable images (``--on-bad-image skip``), named in the error; None: it
+    cannot, and the error says only to fix or remove them."""
     if split not in ("all", "train", "val", "test"):
         raise ConfigError(f"split must be all, train, val or test, got {split!r}")
     card = load_card(card)
@@ -329,7 +334,7 @@ def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int,
     transform = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     good, quarantine = _checked_images(manifest, card, root, side=transform.base_side, on_bad_image=on_bad_image,
-                                       voi=voi, cache_dir=cache, progress=progress)
+                                       voi=voi, cache_dir=cache, progress=progress, skip_hint=skip_hint)
     if split != "all":
         check_leakage(good)  # the split is the card's: it must hold no patient of another split
     dataset = XrayDataset(good, transform, cache_dir=cache, voi=voi)

@@ -278,15 +278,24 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict[str, Any]]:
 
     try:
         ds = pydicom.dcmread(path, force=True)
+    except struct.error:  # a tag or length cut off by the end of the file
+        raise BadImageError(path, f"truncated or corrupt DICOM: the file ({_size(path)}) ends inside an element "
+                                  "header; copy it again from its source") from None
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
         raise BadImageError(path, f"cannot parse DICOM ({type(err).__name__}: {err})") from None
     if "PixelData" not in ds:
-        raise BadImageError(path, "DICOM has no pixel data (no PixelData element)")
+        if _ends_early(path, ds):
+            raise BadImageError(path, f"truncated or corrupt DICOM: the file ({_size(path)}) ends before its pixel "
+                                      "data (an element is cut off; no PixelData element); copy it again from its source")
+        raise BadImageError(path, "DICOM has no pixel data (no PixelData element): not an image file")
     _ensure_transfer_syntax(ds)
     syntax = ds.file_meta.TransferSyntaxUID
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise BadImageError(path, f"multi-frame DICOM ({frames} frames); a radiograph has one frame")
+    short = _short_native_pixels(ds)
+    if short:
+        raise BadImageError(path, f"truncated or corrupt DICOM: {short}; copy it again from its source")
     try:
         arr = ds.pixel_array
     except Exception as err:  # pydicom raises many types (missing decoder, bad length, corrupt stream)
@@ -329,6 +338,67 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict[str, Any]]:
         image = 1.0 - image
         meta["inverted"] = True
     return image, meta
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size} bytes"
+    except OSError:
+        return "size unknown"
+
+
+def _ends_early(path: Path, ds) -> bool:
+    """True when the data set of ``path`` stops inside an element (a file cut short): pydicom (``force``)
+    reads up to the cut without a word. A file that ends exactly between two elements reads as complete."""
+    from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    implicit = getattr(syntax, "is_implicit_VR", True) if syntax is not None else True
+    little = getattr(syntax, "is_little_endian", True) if syntax is not None else True
+    if len(ds) == 0:  # a file meta (or less) and no data set at all
+        return True
+    try:
+        if getattr(ds, "preamble", None) is None and path.stat().st_size < 132 + 4:  # cut inside the preamble
+            return True
+    except OSError:
+        return True
+    try:
+        size = path.stat().st_size
+        group_length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
+        if group_length is not None and 132 + 12 + int(group_length) > size:  # cut inside the file meta
+            return True
+        with open(path, "rb") as fp:
+            read_preamble(fp, True)
+            _read_file_meta_info(fp)
+            for elem in data_element_generator(fp, implicit, little, defer_size=None):
+                length = getattr(elem, "length", 0)
+                value = getattr(elem, "value", None)
+                if length != 0xFFFFFFFF and isinstance(value, (bytes, bytearray)) and len(value) < length:
+                    return True
+            return fp.tell() < size
+    except Exception:  # noqa: BLE001 - anything that stops the walk is a file that does not end where it should
+        return True
+
+
+def _short_native_pixels(ds) -> str:
+    """Uncompressed pixel data shorter than Rows x Columns x samples x BitsAllocated need: what is missing
+    ('' when it is complete, or compressed: the decoder judges that)."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if getattr(syntax, "is_compressed", True):
+        return ""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        have = len(ds.PixelData)
+    except Exception:  # noqa: BLE001 - a missing attribute: pydicom's decoder says what
+        return ""
+    need = (rows * cols * samples * frames * bits + 7) // 8
+    if have >= need:
+        return ""
+    return f"its pixel data holds {have} of the {need} bytes {rows} x {cols} x {bits}-bit pixels need (the file is cut short)"
 
 
 def _without_lut(ds):

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 from medtricks.errors import ConfigError
 
 __all__ = ["OperatingPoint", "select_threshold", "prior_shift", "probs_at_threshold", "class_priors",
-           "OPERATING_POINT_FILE"]
+           "parse_threshold", "OPERATING_POINT_FILE"]
 
 # Written next to model_state.pt in a run's model/ folder.
 OPERATING_POINT_FILE = "operating_point.json"
@@ -118,6 +119,34 @@ def select_threshold(y_true: Any, probs: Any, *, method: str = "youden", target_
                           target_sensitivity=None if target_sensitivity is None else float(target_sensitivity),
                           val_sensitivity=float(tpr[i]), val_specificity=float(1.0 - fpr[i]),
                           train_priors=[float(v) for v in train_priors] if train_priors is not None else [])
+
+
+def parse_threshold(threshold: Any) -> tuple[str, Optional[float]]:
+    """A ``--threshold`` of ``evaluate`` or ``predict``: ``stored`` | ``youden`` | ``sens=0.95`` (also
+    ``sensitivity=0.95``) | a number in (0, 1) -> ``(kind, value)``: ``("stored", None)``,
+    ``("youden", None)``, ``("sensitivity", 0.95)`` or ``("given", 0.3)``."""
+    spec = "stored" if threshold is None else str(threshold).strip().lower()
+    if spec in ("stored", "youden"):
+        return spec, None
+    if "=" in spec:
+        key, _, value = spec.partition("=")
+        if key.strip() in ("sens", "sensitivity"):
+            try:
+                target = float(value)
+            except ValueError:
+                target = math.nan
+            if not 0.0 < target <= 1.0:
+                raise ConfigError(f"--threshold {threshold!r}: the target sensitivity must be a number in (0, 1], "
+                                  "e.g. sens=0.95")
+            return "sensitivity", target
+    try:
+        number = float(spec)
+    except ValueError:
+        number = math.nan
+    if not 0.0 < number < 1.0:  # also rejects nan
+        raise ConfigError(f"--threshold must be stored, youden, sens=S (a target sensitivity such as sens=0.95) or "
+                          f"a number in (0, 1) such as 0.5; got {threshold!r}")
+    return "given", number
 
 
 def class_priors(y: Any, n_classes: int) -> list[float]:
