@@ -3,6 +3,7 @@ augmentations, order) and start from the same new head, whatever the tricks buil
 sees another batch. A probe trick records the first training batch as the engine hands it over (before any
 other trick's on_batch) and the head at on_fit_start, then stops the run."""
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,21 @@ def test_variants_of_one_seed_share_first_batch_and_head(tmp_path, probe, monkey
     for name, s in seen.items():
         assert all(torch.equal(a, b) for a, b in zip(ref, s["head"])), name
     assert not all(torch.equal(a, b) for a, b in zip(ref, other["head"]))
+
+
+def test_a_new_head_after_a_pretrained_load_keeps_pytorchs_default_scale():
+    """The common-random-numbers redraw must not change the head's distribution: after a pretrained load
+    timm makes a plain nn.Linear (std ~ 1/sqrt(3 fan_in)); EfficientNet's constructor init is ~20x wider
+    and wrecked the quickstart (val accuracy 0.93 -> 0.67)."""
+    import math
+
+    from medtricks.models.reinit import init_new_head
+    from medtricks.recipe import load_recipe
+    from medtricks.trained import build_model
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    model, _ = build_model(recipe, num_classes=3)
+    assert model.medtricks_info["head"] == "new"
+    assert init_new_head(model, 0) == ["classifier"]
+    expected = 1 / math.sqrt(3 * model.classifier.in_features)
+    assert abs(float(model.classifier.weight.std()) - expected) < 0.2 * expected

@@ -114,6 +114,12 @@ def init_new_head(model: nn.Module, seed: int) -> list[str]:
 
     Only when the model's head is new (``medtricks_info["head"]`` is ``"new"`` or ``"random"``); a
     pretrained head that already fits is left alone. Returns the qualified names re-drawn.
+
+    The head keeps the distribution it was built with: a head made after a pretrained load (``"new"``) is
+    what timm's ``reset_classifier`` makes, a plain ``nn.Linear`` with PyTorch's default init (weight std
+    ≈ 1/√(3·fan_in)); a model without pretrained weights (``"random"``) gets its family's constructor init.
+    (EfficientNet's constructor init, uniform ±1/√fan_out, is ~20x wider for a 3-class head on 1280
+    features: on top of pretrained features it blows the first logits up.)
     """
     prefix, backbone = find_backbone(model)
     info = getattr(backbone, "medtricks_info", {})
@@ -123,5 +129,6 @@ def init_new_head(model: nn.Module, seed: int) -> list[str]:
     names = [f"{dot}{c}" for c in classifier_names(backbone, info.get("name", ""))]
     names = [n for n in names if any(True for _ in model.get_submodule(n).parameters())]
     if names:
-        reinit_modules(model, names, seed=derive_seed(seed, "head"), family=init_family(model))
+        family = init_family(model) if info.get("head") == "random" else "torch_default"
+        reinit_modules(model, names, seed=derive_seed(seed, "head"), family=family)
     return names
