@@ -39,7 +39,7 @@ from medtricks.export import export_model
 from medtricks.logged_params import run_params, tricks_summary
 from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.posthoc import audit_model, log_audit, log_shortcut, shortcut_audit_model
-from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_recipe
+from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_run_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
 from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, check_store, create_store
 from medtricks.train import EngineConfig, distributed, fit, predict, resolve_amp, resolve_device, seed_everything
@@ -271,7 +271,7 @@ def _resume_target(recipe: Recipe, resume: Optional[str], say, held: Optional[Ex
             "in one process (no --nproc, no torchrun)"
         raise ConfigError(f"cannot resume {run.path}: it was trained by {stored_world} process(es), this launch has "
                           f"{world}; the data order, the global batch and the lr depend on it: resume it {how}")
-    blocking = [d for d in recipe_differences(load_recipe(run.recipe), recipe)
+    blocking = [d for d in recipe_differences(load_run_recipe(run.recipe), recipe)
                 if not d[0].startswith(RESUMABLE_CHANGES)]
     if blocking:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in blocking[:12])
