@@ -280,6 +280,12 @@ def test_calibrate_stores_a_profile_that_round_trips_through_mlflow_and_the_loca
                                      run_id="parent123", name="site-b")
     assert again.to_dict() == profile.to_dict()
 
+    # the command line
+    from medtricks.cli import main
+
+    assert main(["calibrate", str(result.run_dir), "--card", str(card), "--root", str(tmp / "site"), "--name",
+                 "cli-site", "--n-bootstrap", "5", "--folds", "3", "--no-log"]) == 0
+    assert site_profile_path(result.run_dir, "cli-site").is_file()
     # too small a sample: says so, stores nothing
     with pytest.raises(SiteSampleError, match="too small to calibrate safely"):
         calibrate_site(str(result.run_dir), card=str(card), root=str(tmp / "site"), name="tiny",
@@ -388,3 +394,8 @@ def test_adapt_em_prior_stores_a_profile_that_shifts_the_prior(site_run, monkeyp
     assert (result.run_dir / "model" / "sites" / "em-b.json").is_file()
     rule = resolve_decision_rule(load_trained(str(result.run_dir)), site="em-b")
     assert rule.prevalence == profile.prevalence and rule.train_priors == profile.shift_from
+    from medtricks.cli import main
+
+    assert main(["adapt", str(result.run_dir), "--root", str(tmp / "site" / "images"), "--method", "em-prior",
+                 "--name", "em-cli", "--no-log"]) == 0
+    assert (result.run_dir / "model" / "sites" / "em-cli.json").is_file()
