@@ -38,6 +38,7 @@ from medtricks.evaluate.split_table import bootstrap_note, headline_keys, split_
 from medtricks.export import export_model
 from medtricks.logged_params import run_params, tricks_summary
 from medtricks.models import freeze_model, stage_of_parameter
+from medtricks.models.reinit import init_new_head
 from medtricks.posthoc import audit_model, log_audit, log_shortcut, shortcut_audit_model
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_run_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
@@ -394,7 +395,6 @@ def _prepare(recipe: Recipe) -> _Prepared:
     model, data_config = build_model(recipe, num_classes=len(classes))
     # Common random numbers (issue 28): a new head is drawn from a seed derived from experiment.seed only, so
     # every ablation variant of one seed starts from the same head whatever was built or drawn before it.
-    from medtricks.models.reinit import init_new_head
     init_new_head(model, recipe.experiment.seed)
     info = dict(getattr(model, "medtricks_info", {}))
     with distributed.main_first():  # torchrun: rank 0 draws the phantoms / fills the cache, the others read them

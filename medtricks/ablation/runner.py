@@ -33,6 +33,7 @@ from medtricks.ablation.table import (forest_figure, format_ablation_markdown, h
                                       summarize_groups)
 from medtricks.ablation.variants import make_variants
 from medtricks.data import redact_paths
+from medtricks.ablation.sequential import BOUNDARIES, look_schedule, sequential_look
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import is_finite
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
@@ -330,7 +331,6 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     tricks = [str(t).strip() for t in tricks if str(t).strip()]
     looks: Optional[list[int]] = None
     if until_ci is not None:
-        from medtricks.ablation.sequential import BOUNDARIES, look_schedule
 
         if max_seeds is None:
             raise ConfigError("until_ci needs max_seeds (--max-seeds N): the most seeds per variant to train")
@@ -495,7 +495,6 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
 def _sequential_decision(children: pd.DataFrame, variants: list[tuple[str, list[str]]], seeds: list[int],
                          looks: list[int], width: float, ci: float, boundary: str):
     """The group-sequential decision on the paired differences of ``seeds``; ``None`` when a child is missing."""
-    from medtricks.ablation.sequential import sequential_look
 
     values = {(v, int(s)): x for v, s, x in zip(children["variant"], children["seed"], children["value"])}
     diffs: dict[str, list[float]] = {}

@@ -39,6 +39,7 @@ from torch import nn
 from medtricks._schema import Section
 from medtricks.errors import ConfigError
 from medtricks.models.reinit import derive_seed, reinit_modules
+from medtricks.tricks.bn_gamma_blocks import scan_model
 from medtricks.tricks.base import AblationName, Trick, register_trick
 
 __all__ = ["ReinitLateConfig", "ReinitReport", "ReinitLate", "reinit_late", "late_stage_names"]
@@ -100,7 +101,6 @@ class ReinitReport:
 
 def late_stage_names(model: nn.Module, stages: Union[int, list[str]]) -> list[str]:
     """Qualified names of the modules ``stages`` selects: the last N stages with residual blocks, or names."""
-    from medtricks.tricks.bn_gamma_blocks import scan_model
 
     scan = scan_model(model)
     known = ", ".join(s.name for s in scan.stages if s.name) or "(none found)"
