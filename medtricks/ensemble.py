@@ -250,7 +250,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
 
     datasets = []
     for ref, trained in zip(refs, members):
-        dataset, _ = eval_dataset(trained, card, root, split=split, progress=progress)
+        dataset, _ = eval_dataset(trained, card, root, split=split, progress=progress, class_map_option=None)
         datasets.append(dataset)
     paths0 = [str(Path(p).resolve()) for p in datasets[0].manifest["path"]]
     for ref, dataset in zip(refs[1:], datasets[1:]):

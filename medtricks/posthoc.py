@@ -96,7 +96,7 @@ class FlipTTA(nn.Module):
 def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optional[int] = None,
                  val_fraction: Optional[float] = None, test_fraction: Optional[float] = None,
                  on_bad_image: str = "error", progress: bool = True, class_map=None,
-                 skip_hint: Optional[str] = None):
+                 skip_hint: Optional[str] = None, class_map_option: Optional[str] = "--class-map"):
     """The eval-transform dataset of ``root`` as ``card`` describes it, normalized as the run trained.
 
     ``split``: ``all`` (every image: an external test set), or ``train``/``val``/``test`` of the
@@ -104,7 +104,8 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     model class or ``"drop"`` (a dict or ``"covid=pneumonia,..."``), for a card whose classes differ
     from the model's (:mod:`medtricks.data.class_map`); without one the card must have the model's
     classes (any order). ``skip_hint``: how the calling command asks for ``on_bad_image="skip"``, named
-    when an image is unusable (None: it cannot).
+    when an image is unusable (None: it cannot); ``class_map_option``: how it takes a class map, named when
+    the card's classes differ (None: it takes none).
     """
     recipe = trained.recipe
     card = load_card(card)
@@ -116,7 +117,7 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
         test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction,
         test_by=recipe.data.test_by, on_bad_image=on_bad_image, progress=progress,
-        classes=list(trained.classes), class_map=mapping, skip_hint=skip_hint)
+        classes=list(trained.classes), class_map=mapping, skip_hint=skip_hint, class_map_option=class_map_option)
     if len(quarantine):
         print(f"warning: skipped {len(quarantine)} unusable images (on_bad_image=skip)")
     return dataset, quarantine
@@ -791,7 +792,8 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
     if card is not None:
         if root is None:
             raise ConfigError("--card needs --root (where that data lies)")
-        dataset, _ = eval_dataset(trained, card, root, split=split or "all", progress=progress)
+        dataset, _ = eval_dataset(trained, card, root, split=split or "all", progress=progress,
+                                  class_map_option=None)  # audit takes no class map
     else:
         dataset, _ = eval_dataset(trained, recipe.data.card, recipe.data.root, split=split or "val", progress=progress)
     surrogate_model = load_trained(surrogate, tracking_uri=tracking_uri, device=str(dev),

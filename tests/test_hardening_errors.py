@@ -393,3 +393,19 @@ def test_cka_reads_a_card_with_other_classes_without_a_class_map(binary_run, tmp
                  str(tmp_path / "three"), "--n", "8", "--batch-size", "4", "--out", str(tmp_path / "cka")]) == 0, \
         capsys.readouterr().err
     assert (tmp_path / "cka" / "cka_vs_init.json").is_file()
+
+
+@pytest.mark.slow
+def test_commands_without_a_class_map_do_not_advise_one(binary_run, tmp_path):
+    from medtricks.data import synthesize_phantoms
+    from medtricks.posthoc import eval_dataset
+    from medtricks.trained import load_trained
+
+    result, _, _ = binary_run
+    synthesize_phantoms(tmp_path / "three", n=12, size=32, seed=3)
+    trained = load_trained(str(result.run_dir))
+    with pytest.raises(ConfigError, match="--class-map CARD_CLASS=MODEL_CLASS"):  # evaluate: its own option
+        eval_dataset(trained, "synthetic-phantoms", tmp_path / "three", progress=False)
+    with pytest.raises(ConfigError, match="model's classes only") as err:  # audit, ensemble: none
+        eval_dataset(trained, "synthetic-phantoms", tmp_path / "three", progress=False, class_map_option=None)
+    assert "map them with" not in str(err.value)

@@ -235,7 +235,7 @@ def test_evaluate_cli_prints_both_thresholds_and_refuses_bad_options(binary_run,
     assert (tmp_path / "p.npz").is_file()
     assert main(["evaluate", str(result.run_dir), "--card", str(card), "--root", str(tmp / "data"),
                  "--threshold", "high", "--no-log"]) == 2
-    assert "--threshold must be 'stored' or a number in (0, 1)" in capsys.readouterr().err
+    assert "--threshold must be stored, youden, sens=S" in capsys.readouterr().err  # the forms predict takes
 
 
 def test_compare_accepts_eval_metrics_and_pairs_evaluations_of_the_same_images(binary_run):

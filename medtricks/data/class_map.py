@@ -49,9 +49,10 @@ def parse_class_map(text: Optional[str]) -> dict[str, str]:
 
 
 def resolve_class_map(card_name: str, card_classes: Sequence[str], model_classes: Sequence[str],
-                      class_map: Optional[Mapping[str, str]]) -> dict[str, str]:
+                      class_map: Optional[Mapping[str, str]], option: Optional[str] = "--class-map") -> dict[str, str]:
     """Every card class -> a model class or :data:`DROP`. Without a map the names must match one to one
-    (same set); with one, unmapped card classes keep their name if the model has it, else it is an error."""
+    (same set); with one, unmapped card classes keep their name if the model has it, else it is an error.
+    ``option``: how the calling command takes a map, suggested in the error (None: it takes none)."""
     card_classes, model_classes = list(card_classes), list(model_classes)
     class_map = dict(class_map or {})
     unknown_source = sorted(set(class_map) - set(card_classes))
@@ -62,6 +63,10 @@ def resolve_class_map(card_name: str, card_classes: Sequence[str], model_classes
     if bad_target:
         raise ConfigError(f"class map targets {bad_target} are not classes of the model {model_classes} "
                           f"(or '{DROP}')")
+    if not class_map and set(card_classes) != set(model_classes) and option is None:
+        raise ConfigError(f"card {card_name!r} has classes {card_classes} but the model was trained on "
+                          f"{model_classes}; this command scores a card with the model's classes only "
+                          "(`medtricks evaluate --class-map` scores one whose classes differ)")
     if not class_map and set(card_classes) != set(model_classes):
         example = ",".join(f"{c}={c if c in model_classes else model_classes[-1]}" for c in card_classes)
         raise ConfigError(f"card {card_name!r} has classes {card_classes} but the model was trained on "

@@ -304,7 +304,7 @@ def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int,
                        test_fraction: float = 0.0, test_by: str = "random", on_bad_image: str = "error",
                        cache_dir=None, progress: bool = True, voi: str = "auto",
                        classes: Optional[Sequence[str]] = None, class_map: Optional[Mapping[str, str]] = None,
-                       skip_hint: Optional[str] = None):
+                       skip_hint: Optional[str] = None, class_map_option: Optional[str] = "--class-map"):
     """One eval-transform dataset of ``root`` (every image, or one split of the card's patient-level
     split, checked for leakage) -> ``(XrayDataset, quarantine)``: what ``medtricks evaluate`` scores.
 
@@ -312,14 +312,15 @@ def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int,
     onto them (:mod:`medtricks.data.class_map`). The dataset's ``targets`` then index ``classes`` and
     ``dataset.manifest.attrs["class_map"]``/``["dropped_by_class_map"]`` say what was done. ``skip_hint``:
     how the calling command skips unusable images (``--on-bad-image skip``), named in the error; None: it
-    cannot, and the error says only to fix or remove them."""
+    cannot, and the error says only to fix or remove them. ``class_map_option``: likewise, how it takes a
+    class map (None: it takes none)."""
     if split not in ("all", "train", "val", "test"):
         raise ConfigError(f"split must be all, train, val or test, got {split!r}")
     card = load_card(card)
     resolved = None
     if classes is not None or class_map:
         model_classes = list(classes if classes is not None else card.classes)
-        resolved = resolve_class_map(card.name, card.classes, model_classes, class_map)
+        resolved = resolve_class_map(card.name, card.classes, model_classes, class_map, option=class_map_option)
     manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
                               test_fraction=test_fraction, on_missing="keep", test_by=test_by)
     if split != "all":

@@ -286,7 +286,8 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict[str, Any]]:
     if "PixelData" not in ds:
         if _ends_early(path, ds):
             raise BadImageError(path, f"truncated or corrupt DICOM: the file ({_size(path)}) ends before its pixel "
-                                      "data (an element is cut off; no PixelData element); copy it again from its source")
+                                      "data (an element is cut off; no PixelData element); copy it again from its "
+                                      "source")
         raise BadImageError(path, "DICOM has no pixel data (no PixelData element): not an image file")
     _ensure_transfer_syntax(ds)
     syntax = ds.file_meta.TransferSyntaxUID
@@ -398,7 +399,8 @@ def _short_native_pixels(ds) -> str:
     need = (rows * cols * samples * frames * bits + 7) // 8
     if have >= need:
         return ""
-    return f"its pixel data holds {have} of the {need} bytes {rows} x {cols} x {bits}-bit pixels need (the file is cut short)"
+    return (f"its pixel data holds {have} of the {need} bytes {rows} x {cols} x {bits}-bit pixels need (the file is "
+            "cut short)")
 
 
 def _without_lut(ds):

@@ -20,7 +20,8 @@ from urllib.parse import SplitResult, urlsplit
 from medtricks.errors import ConfigError
 from medtricks.tracking.base import TrackingUnavailableError
 
-__all__ = ["default_tracking_uri", "check_tracking_uri", "uri_scheme", "check_scheme", "SUPPORTED_SCHEMES", "CHECK_TIMEOUT_S"]
+__all__ = ["default_tracking_uri", "check_tracking_uri", "uri_scheme", "check_scheme", "SUPPORTED_SCHEMES",
+           "CHECK_TIMEOUT_S"]
 
 #: Seconds a server or database has to answer the check (a TCP connect, then one request or login).
 CHECK_TIMEOUT_S = 5.0
