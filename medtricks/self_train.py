@@ -64,7 +64,7 @@ from medtricks.models.names import resolve_model_name
 from medtricks.recipe import Recipe, apply_overrides, recipe_digest, recipe_from_dict
 from medtricks.rundir import RunDir, best_key, ci_keys
 from medtricks.run import run_recipe  # looked up at call time: tests wrap medtricks.self_train.run_recipe
-from medtricks.tracking import RunNotFoundError, create_store
+from medtricks.tracking import RunNotFoundError, check_store, create_store
 
 __all__ = ["NoiseConfig", "RoundPlan", "SelfTrainResult", "run_self_train", "plan_rounds", "round_overrides",
            "round_recipe", "self_train_id", "check_unlabeled_pool", "supports_drop_path", "plot_rounds",
@@ -410,6 +410,7 @@ def run_self_train(recipe: Recipe, rounds: int = 1, *, noise: Optional[NoiseConf
     sid = self_train_id(recipe, noise)
     experiment = recipe.tracking.experiment or recipe.experiment.name
     uri = tracking_uri or recipe.tracking.uri
+    check_store(recipe.tracking.backend, uri)  # an unreachable tracking URI: one line, before the folder exists
     out_dir = RunDir.experiment_dir(recipe.experiment.output_dir, recipe.experiment.name) / f"self-train-{sid}"
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _read_state(out_dir)

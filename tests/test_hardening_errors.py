@@ -409,3 +409,12 @@ def test_commands_without_a_class_map_do_not_advise_one(binary_run, tmp_path):
     with pytest.raises(ConfigError, match="model's classes only") as err:  # audit, ensemble: none
         eval_dataset(trained, "synthetic-phantoms", tmp_path / "three", progress=False, class_map_option=None)
     assert "map them with" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", [["ablate", "--tricks", "mixup=0.2", "--seeds", "1"], ["self-train", "--set", "data.label_fraction=0.5"]])
+def test_ablate_and_self_train_check_the_tracking_uri_before_their_folder(tmp_path, capsys, command):
+    name, *rest = command
+    assert main([name, QUICKSTART, *rest, *_sets(f"experiment.output_dir={tmp_path / 'runs'}",
+                                                 f"data.root={tmp_path / 'phantoms'}", "tracking.uri=bogus://x")]) == 2
+    assert "unknown scheme" in _one_line_error(capsys, name)
+    assert not (tmp_path / "runs").exists()
