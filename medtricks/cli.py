@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--split", choices=["all", "train", "val", "test"], default=None,
                        help="split of the data (default: val for the run's data, all for --card)")
     audit.add_argument("--attacks", default=None, help="comma-separated: fgsm,pgd_linf,pgd_l2,apgd_ce,apgd_square,square,transfer "
-                       "(apgd_square: a reduced AutoAttack, see the README)")
+                       "(apgd_square: a reduced AutoAttack, see docs/robustness.md)")
     audit.add_argument("--eps", default=None, help="comma-separated epsilons in pixel units, e.g. 0,1/255,2/255")
     audit.add_argument("--corruptions", default=None, help="comma-separated names, 'all' or 'none'")
     audit.add_argument("--n", type=int, default=None, help="images to audit (default: recipe audit.n)")
