@@ -516,7 +516,9 @@ class EvaluationReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"y_true": np.asarray(self.y_true).astype(np.int64), "probs": np.asarray(self.probs, dtype=np.float32)}
         if self.probs_op is not None:
-            arrays["probs_op"] = np.asarray(self.probs_op, dtype=np.float32)
+            # float64: the rule puts images on the threshold at exactly 0.5 vs 0.5 +- tiny; float32 rounding
+            # would tie them and flip their decision when compare re-reads the file
+            arrays["probs_op"] = np.asarray(self.probs_op, dtype=np.float64)
         if self.image_set:
             arrays["image_set"] = np.array(self.image_set)
         np.savez_compressed(path, **arrays)
