@@ -35,7 +35,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable

@@ -2,9 +2,6 @@
 resume, failures. The fast tests stand in a deterministic trainer for run_recipe (orchestration
 only); the slow test trains real tiny models."""
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 

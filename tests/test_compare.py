@@ -1,16 +1,12 @@
 """`medtricks compare`: side-by-side tables read back from MLflow (sqlite, and a tracking server)."""
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from medtricks.ablation import compare_runs
@@ -68,7 +64,7 @@ def test_compare_groups_by_tag_and_pairs_by_seed(mlflow_uri):
     diff = np.subtract(warm, base)
     d_low, d_high = stats.t.interval(0.95, df=2, loc=diff.mean(), scale=stats.sem(diff))
     row = next(line for line in text.splitlines() if line.startswith("| +warmup ") and "(reference)" not in line)
-    assert f"| 3 " in row and f"{mean:.4f} [{low:.4f}, {high:.4f}]" in row
+    assert "| 3 " in row and f"{mean:.4f} [{low:.4f}, {high:.4f}]" in row
     assert f"{diff.mean():+.4f} [{d_low:+.4f}, {d_high:+.4f}]" in row
     assert f"{stats.ttest_rel(warm, base).pvalue:.3f}" in row
     lines = text.splitlines()

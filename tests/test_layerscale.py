@@ -1,6 +1,5 @@
 """LayerScale-gamma strategies (issue 20): exactly the selected blocks change, the report, the
 no-effect warning, the error for a ViT without LayerScale, insertion and the recipe trick."""
-import warnings
 
 import pytest
 import timm

@@ -2,7 +2,6 @@
 so the MLflow compare page's axes are knobs that matter and one filter shows the training runs (issue 21, item 4)."""
 from pathlib import Path
 
-import pytest
 
 from medtricks.logged_params import off_sections, run_params
 from medtricks.recipe import load_recipe

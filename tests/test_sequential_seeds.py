@@ -13,7 +13,6 @@ from medtricks.ablation.runner import ablation_settings
 from medtricks.ablation.sequential import (critical_values, look_schedule, repeated_ci, run_sequence,
                                            sequential_look)
 from medtricks.errors import ConfigError
-from medtricks.evaluate.metrics import compute_metrics
 from medtricks.recipe import load_recipe
 from medtricks.tracking import create_tracker
 

@@ -9,7 +9,7 @@ from medtricks.ablation.variants import make_variants, trick_overrides
 from medtricks.cli import main
 from medtricks.recipe import RecipeError, load_recipe, recipe_from_dict
 from medtricks.run import run_recipe
-from medtricks.tricks.base import AblationName, Trick, TrickRegistryError, register_trick, unregister_trick
+from medtricks.tricks.base import Trick, TrickRegistryError, register_trick, unregister_trick
 from medtricks.tricks.registry import PluginError, ablation_names, trick_tags, tricks_config_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -92,11 +92,12 @@ def test_the_registry_assembles_the_recipe_section_and_the_ablation_names():
     fields = set(tricks_config_model().model_fields)
     assert {"bn_gamma", "label_smoothing", "label_smoothing_mode", "no_bias_decay", "mixup_alpha", "cutmix_alpha",
             "mix_prob", "ema",
-            "ema_decay", "class_balance", "adversarial", "distill", "pseudo_label", "layerscale_gamma", "drloc"} == fields
+            "ema_decay", "class_balance", "adversarial", "distill", "pseudo_label", "layerscale_gamma", "drloc",
+            "reinit_late"} == fields
     names = ablation_names()
     assert {"warmup", "cosine", "label_smoothing", "no_bias_decay", "bn_gamma", "mixup", "cutmix", "ema",
             "linear_scaling", "resizer", "class_balance", "augment", "adversarial", "distill",
-            "pseudo_label", "layerscale_gamma", "drloc"} == set(names)
+            "pseudo_label", "layerscale_gamma", "drloc", "reinit_late"} == set(names)
     recipe = load_recipe(RECIPES / "quickstart.yaml")
     assert trick_tags(recipe) == recipe.tricks_on()
     assert recipe.tricks_on()[:3] == ["warmup", "cosine", "linear_scaling"]

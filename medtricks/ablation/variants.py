@@ -24,10 +24,11 @@ from __future__ import annotations
 import itertools
 import re
 
+from medtricks.errors import ConfigError
 from medtricks.recipe import Recipe, apply_overrides, recipe_from_dict
 from medtricks.tricks.registry import ablation_names
 
-__all__ = ["TRICKS", "MODES", "trick_overrides", "make_variants", "variant_recipe"]
+__all__ = ["TRICKS", "MODES", "trick_overrides", "make_variants", "variant_recipe"]  # noqa: F822 - TRICKS via __getattr__
 
 MODES = ("cumulative", "one_at_a_time", "grid")
 # A grid of k on/off tricks has 2**k variants, each trained for every seed: keep it small.
@@ -52,18 +53,18 @@ def trick_overrides(spec: str) -> list[str]:
     ['schedule.warmup_epochs=1', 'tricks.label_smoothing=0.1']
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"trick spec must be a non-empty string, got {spec!r}")
+        raise ConfigError(f"trick spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     # Split a bundle on '+' before a name only, so a value such as 1e+3 stays whole.
     parts = [p.strip() for p in _BUNDLE_SPLIT.split(spec)]
     if len(parts) > 1:
         if any(not p for p in parts):
-            raise ValueError(f"trick bundle {spec!r} has an empty member; join specs as a+b+c")
+            raise ConfigError(f"trick bundle {spec!r} has an empty member; join specs as a+b+c")
         per_part = [_single_trick_overrides(p) for p in parts]
         keys = [k for overrides in per_part for k in _override_keys(overrides)]
         clashes = sorted({k for k in keys if keys.count(k) > 1})
         if clashes:
-            raise ValueError(f"trick bundle {spec!r} sets {clashes} twice; a bundle's members must touch different keys")
+            raise ConfigError(f"trick bundle {spec!r} sets {clashes} twice; a bundle's members must touch different keys")
         return _combine(per_part)
     return _single_trick_overrides(spec)
 
@@ -78,16 +79,16 @@ def _single_trick_overrides(spec: str) -> list[str]:
     if name in tricks:
         trick = tricks[name]
         if sep and not value:
-            raise ValueError(f"trick {spec!r}: empty value after '='")
+            raise ConfigError(f"trick {spec!r}: empty value after '='")
         if not sep:
             if trick.default is None:
-                raise ValueError(f"trick {spec!r} needs a value: {name}=VALUE ({trick.help})")
+                raise ConfigError(f"trick {spec!r} needs a value: {name}=VALUE ({trick.help})")
             value = trick.default
         return [f"{trick.key}={value}"]
     if sep and "." in name:  # a raw recipe override: validated when the variant recipe is built
         return [f"{name}={value}"]
     known = ", ".join(sorted(tricks))
-    raise ValueError(f"unknown trick {spec!r}: expected one of {known} (optionally NAME=VALUE), "
+    raise ConfigError(f"unknown trick {spec!r}: expected one of {known} (optionally NAME=VALUE), "
                      "or a raw recipe override section.key=value (e.g. optim.lr=0.05)")
 
 
@@ -145,15 +146,15 @@ def make_variants(base: Recipe, tricks: list[str], mode: str = "cumulative") -> 
         mode: ``cumulative`` | ``one_at_a_time`` | ``grid``.
     """
     if mode not in MODES:
-        raise ValueError(f"ablation mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ConfigError(f"ablation mode must be one of {', '.join(MODES)}, got {mode!r}")
     if isinstance(tricks, str):
         tricks = [t for t in tricks.split(",") if t.strip()]
     specs = [str(t).strip() for t in tricks]
     if not specs:
-        raise ValueError("an ablation needs at least one trick, e.g. --tricks warmup,bn_gamma=zero_late")
+        raise ConfigError("an ablation needs at least one trick, e.g. --tricks warmup,bn_gamma=zero_late")
     dupes = sorted({s for s in specs if specs.count(s) > 1})
     if dupes:
-        raise ValueError(f"trick(s) listed more than once: {dupes}")
+        raise ConfigError(f"trick(s) listed more than once: {dupes}")
     per_trick = [trick_overrides(s) for s in specs]
 
     variants: list[tuple[str, list[str]]] = [("baseline", [])]
@@ -169,7 +170,7 @@ def make_variants(base: Recipe, tricks: list[str], mode: str = "cumulative") -> 
         for members in factors:
             n_variants *= len(members) + 1
         if n_variants > MAX_GRID_VARIANTS:
-            raise ValueError(f"grid of {len(specs)} tricks gives {n_variants} variants (more than "
+            raise ConfigError(f"grid of {len(specs)} tricks gives {n_variants} variants (more than "
                              f"{MAX_GRID_VARIANTS}); use mode cumulative or one_at_a_time, or fewer tricks")
         # Each factor is off (None) or one of its tricks; the all-off combination is the baseline.
         combos = [sorted(i for i in choice if i is not None)
@@ -184,7 +185,7 @@ def make_variants(base: Recipe, tricks: list[str], mode: str = "cumulative") -> 
         recipe = variant_recipe(base, overrides, name=name)
         key = recipe.model_dump_json()
         if key in seen:
-            raise ValueError(
+            raise ConfigError(
                 f"ablation variant {name!r} (overrides {overrides}) trains exactly the same recipe as "
                 f"{seen[key]!r}: the base recipe already has that trick. Start from a recipe without it "
                 "(e.g. recipes/paper_baseline.yaml) or switch it off with --set")
