@@ -468,7 +468,7 @@ def _format_validation_error(err: ValidationError, source: str, data: dict) -> s
         if not problem["loc"]:  # a rule between sections: the message names the keys
             lines.append(f"  {msg.removeprefix('Value error, ')}")
             continue
-        lines.append(f"  {loc} = {short_repr(value)}: {cap_text(msg)}")  # values capped
+        lines.append(f"  {loc} = {short_repr(value)}: {cap_text(msg.removeprefix('Value error, '))}")  # values capped
     return "\n".join(lines)
 
 
