@@ -109,6 +109,37 @@ def run_cell(backbone: str, fraction: float, epochs: int, variants: list[str], a
     return result, time.perf_counter() - started
 
 
+def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The study's figure: Δ test AUROC vs ``none`` with its 95 % interval, one panel per label budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted({r["label_fraction"] for r in rows})
+    fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 3.6), sharey=True, squeeze=False)
+    for ax, fraction in zip(axes[0], fractions):
+        cell = [r for r in rows if r["label_fraction"] == fraction and r["variant"] != "none"]
+        for y, r in enumerate(cell):
+            low, high, delta = r["delta_ci_low"], r["delta_ci_high"], r["delta_auroc"]
+            if None in (low, high, delta):
+                continue
+            clear = low > 0 or high < 0
+            ax.errorbar(delta, y, xerr=[[delta - low], [high - delta]], fmt="o", capsize=3,
+                        color="tab:red" if clear else "tab:gray")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+        ax.set_yticks(range(len(cell)), [r["variant"] for r in cell])
+        n = max((r["n_seeds"] for r in cell), default=0)
+        ax.set_title(f"{fraction:.0%} labels ({n} seeds)")
+        ax.set_xlabel("Δ test AUROC vs none (95 % CI)")
+    fig.suptitle(f"Where γ belongs: {rows[0]['backbone']} on {rows[0]['dataset']} (grey: interval includes 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (the first round with --until-ci)")
@@ -153,6 +184,8 @@ def main(argv=None) -> int:
                          "until_ci the interval is a group-sequential repeated CI, else a paired t-interval",
                "total_wall_s": round(time.perf_counter() - started, 1), "rows": rows}
     print(f"wrote {write_results(payload, out, 'gamma_study')}")
+    if rows:
+        print(f"wrote {plot_rows(rows, out / 'gamma_study.png')}")
     return 0
 
 
