@@ -109,6 +109,42 @@ def run_cell(backbone: str, fraction: float, epochs: int, variants: list[str], a
     return result, time.perf_counter() - started
 
 
+def site_scores(result, site_root: str, card: str) -> dict[tuple[str, int], float]:
+    """AUROC of every child run of one cell on a second, shifted test set (the deployment-site sample):
+    ``{(table variant name, seed): auroc}``. No model selection ever saw these images."""
+    from medtricks.posthoc import evaluate_trained
+
+    scores = {}
+    for child in result.children.itertuples():
+        report = evaluate_trained(str(child.run_dir), card=card, root=site_root, n_bootstrap=0, log=False,
+                                  progress=False)
+        scores[(child.variant, int(child.seed))] = float(report.metrics.values["auroc"])
+    return scores
+
+
+def site_rows(rows: list[dict[str, Any]], scores: dict[tuple[str, int], float]) -> None:
+    """Add ``site_auroc_mean`` and the paired Δ vs ``none`` on the site sample (t-interval over seeds) to the
+    rows of one cell, in place."""
+    from medtricks.evaluate.stats import mean_ci, paired_comparison
+
+    names = {"baseline": "none", **{f"+{spec}": name for name, spec in VARIANTS.items()}}
+    by_variant: dict[str, dict[int, float]] = {}
+    for (variant, seed), value in scores.items():
+        by_variant.setdefault(names.get(variant, variant), {})[seed] = value
+    reference = by_variant.get("none", {})
+    for row in rows:
+        values = by_variant.get(row["variant"], {})
+        seeds = sorted(set(values) & set(reference))
+        row["site_auroc_mean"] = _finite(mean_ci([values[s] for s in sorted(values)])[0]) if values else None
+        if row["variant"] == "none" or len(seeds) < 2:
+            row.update(site_delta_auroc=0.0 if row["variant"] == "none" else None, site_delta_ci_low=None,
+                       site_delta_ci_high=None)
+            continue
+        comparison = paired_comparison([values[s] for s in seeds], [reference[s] for s in seeds])
+        row.update(site_delta_auroc=_finite(comparison["delta_mean"]), site_delta_ci_low=_finite(comparison["ci_low"]),
+                   site_delta_ci_high=_finite(comparison["ci_high"]))
+
+
 def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     """The study's figure: Δ test AUROC vs ``none`` with its 95 % interval, one panel per label budget."""
     import matplotlib
@@ -152,6 +188,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--data-root", default=None, help="folder holding train/ (default: the recipe's)")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir shared by every run (decode once)")
+    parser.add_argument("--site", default=None, metavar="DIR",
+                        help="also score every run on this second, shifted test set (e.g. ../shared/data/kermany224_site)")
+    parser.add_argument("--site-card", default="kermany-pneumonia", help="data card of --site (default kermany-pneumonia)")
     parser.add_argument("--verbose", action="store_true", help="print each ablation's table and progress")
     args = parser.parse_args(argv)
 
@@ -170,7 +209,10 @@ def main(argv=None) -> int:
     for backbone in backbones:
         for fraction in sorted(fractions):
             result, seconds = run_cell(backbone, fraction, fractions[fraction], args.variants, args, out, tmp)
-            rows += cell_rows(result, dataset=dataset, backbone=backbone, fraction=fraction, seconds=seconds)
+            cell = cell_rows(result, dataset=dataset, backbone=backbone, fraction=fraction, seconds=seconds)
+            if args.site:
+                site_rows(cell, site_scores(result, args.site, args.site_card))
+            rows += cell
             print(f"  {seconds / 60:.1f} min; {(result.sequential or {}).get('reason', '')}", flush=True)
     table = [{k: ("-" if r[k] is None else r[k]) for k in (*ROW_KEYS, "verdict")} for r in rows]
     print(format_table(table, [*ROW_KEYS, "verdict"]))

@@ -200,3 +200,19 @@ def test_gamma_study_quick(tmp_path):
     for row in rows[1:]:
         assert row["delta_ci_low"] <= row["delta_auroc"] <= row["delta_ci_high"]
         assert row["interval"].startswith("repeated CI")
+
+
+def test_gamma_study_site_rows_pair_seeds_against_none():
+    from benchmarks.gamma_study import site_rows
+
+    rows = [{"variant": "none"}, {"variant": "zero_late"}, {"variant": "reinit_late"}]
+    scores = {("baseline", 0): 0.80, ("baseline", 1): 0.90, ("baseline", 2): 0.85,
+              ("+bn_gamma=zero_late", 0): 0.82, ("+bn_gamma=zero_late", 1): 0.92, ("+bn_gamma=zero_late", 2): 0.87,
+              ("+reinit_late", 0): 0.70}
+    site_rows(rows, scores)
+    none, zero, reinit = rows
+    assert none["site_auroc_mean"] == pytest.approx(0.85) and none["site_delta_auroc"] == 0.0
+    # the same +0.02 on every seed: the paired interval is that point, however far apart the seeds are
+    assert zero["site_delta_auroc"] == pytest.approx(0.02)
+    assert zero["site_delta_ci_low"] == pytest.approx(0.02) and zero["site_delta_ci_high"] == pytest.approx(0.02)
+    assert reinit["site_delta_auroc"] is None  # one seed: no paired interval
