@@ -398,12 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _opt_in_plugins(args) -> None:
-    """Plug-ins run only when the user says so on this command line (``--allow-plugins`` / ``--plugin``)."""
-    from medtricks.tricks.registry import allow_plugins, load_plugins
-
+    """Plug-ins run only when the user says so on this command line (``--allow-plugins`` / ``--plugin``).
+    The registry (it imports torch) is imported only then: ``weights list`` and ``--help`` stay light."""
     if getattr(args, "allow_plugins", False):
+        from medtricks.tricks.registry import allow_plugins
+
         allow_plugins()  # also for the processes it starts: torchrun ranks, ablation workers, Ray
     if getattr(args, "plugin", None):
+        from medtricks.tricks.registry import load_plugins
+
         load_plugins(args.plugin)
 
 
