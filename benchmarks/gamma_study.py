@@ -31,17 +31,17 @@ backbone, label_fraction, variant) with ``n_seeds``, ``auroc_mean``, ``delta_aur
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info, now, results_dir, write_results
 from benchmarks.label_efficiency import RECIPE, _recipe
+from medtricks.evaluate.markdown import as_finite
 
 FRACTIONS = {0.02: 12, 0.1: 4, 1.0: 2}  # labelled fraction -> epochs (similar updates; >= 2 for the warmup epoch)
 QUICK_FRACTIONS = {1.0: 2}
@@ -59,14 +59,6 @@ ROW_KEYS = ("dataset", "backbone", "label_fraction", "variant", "n_seeds", "auro
             "delta_ci_low", "delta_ci_high")
 
 
-def _finite(value: Any) -> Optional[float]:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: float) -> list[dict[str, Any]]:
     """The study's rows of one ablation result: ``none`` first, then each variant (Δ vs ``none``)."""
     names = {"baseline": "none", **{f"+{spec}": name for name, spec in VARIANTS.items()}}
@@ -76,10 +68,10 @@ def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: 
         variant = names.get(r["variant"], r["variant"])
         reference = variant == "none"
         rows.append({"dataset": dataset, "backbone": backbone, "label_fraction": fraction, "variant": variant,
-                     "n_seeds": int(r["n_seeds"]), "auroc_mean": _finite(r["mean"]),
-                     "delta_auroc": 0.0 if reference else _finite(r["delta"]),
-                     "delta_ci_low": None if reference else _finite(r["delta_ci_low"]),
-                     "delta_ci_high": None if reference else _finite(r["delta_ci_high"]),
+                     "n_seeds": int(r["n_seeds"]), "auroc_mean": as_finite(r["mean"]),
+                     "delta_auroc": 0.0 if reference else as_finite(r["delta"]),
+                     "delta_ci_low": None if reference else as_finite(r["delta_ci_low"]),
+                     "delta_ci_high": None if reference else as_finite(r["delta_ci_high"]),
                      "verdict": "" if reference else (r.get("verdict") or "no evidence"),
                      "interval": interval, "ablation_id": result.ablation_id,
                      "stopped": (result.sequential or {}).get("reason"), "cell_wall_s": round(seconds, 1)})
@@ -135,14 +127,14 @@ def site_rows(rows: list[dict[str, Any]], scores: dict[tuple[str, int], float]) 
     for row in rows:
         values = by_variant.get(row["variant"], {})
         seeds = sorted(set(values) & set(reference))
-        row["site_auroc_mean"] = _finite(mean_ci([values[s] for s in sorted(values)])[0]) if values else None
+        row["site_auroc_mean"] = as_finite(mean_ci([values[s] for s in sorted(values)])[0]) if values else None
         if row["variant"] == "none" or len(seeds) < 2:
             row.update(site_delta_auroc=0.0 if row["variant"] == "none" else None, site_delta_ci_low=None,
                        site_delta_ci_high=None)
             continue
         comparison = paired_comparison([values[s] for s in seeds], [reference[s] for s in seeds])
-        row.update(site_delta_auroc=_finite(comparison["delta_mean"]), site_delta_ci_low=_finite(comparison["ci_low"]),
-                   site_delta_ci_high=_finite(comparison["ci_high"]))
+        row.update(site_delta_auroc=as_finite(comparison["delta_mean"]), site_delta_ci_low=as_finite(comparison["ci_low"]),
+                   site_delta_ci_high=as_finite(comparison["ci_high"]))
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -312,12 +312,7 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
                                 description=f"{chosen.describe()}; recomputed from the run's stored validation "
                                             "predictions")
     if prevalence is not None:
-        try:
-            value = float(prevalence)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"--prevalence must be a number in (0, 1) (the positive class's share), got {prevalence!r}")
+        value = _prevalence(prevalence)
         priors, source = (list(op.train_priors), f"model/{OPERATING_POINT_FILE}") if op is not None and op.train_priors \
             else (_train_priors_from_manifest(trained, tracking_uri), "the training split of artifacts/split_manifest.csv")
         if priors is None:
@@ -328,6 +323,17 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
             raise ConfigError(f"train_priors of run {name} has {len(priors)} values {priors}; a binary model needs 2")
         rule.prevalence, rule.train_priors, rule.priors_source = value, [float(v) for v in priors], source
     return rule
+
+
+def _prevalence(prevalence: Any) -> float:
+    """``--prevalence`` as a number in (0, 1), or a one-line error."""
+    try:
+        value = float(prevalence)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"--prevalence must be a number in (0, 1) (the positive class's share), got {prevalence!r}")
+    return value
 
 
 def _site_rule(trained, site: str, *, spec: str, prevalence: Optional[float], tracking_uri: Optional[str],
@@ -347,12 +353,7 @@ def _site_rule(trained, site: str, *, spec: str, prevalence: Optional[float], tr
         rule.prevalence, rule.train_priors = float(profile.prevalence), [float(v) for v in profile.shift_from]
         rule.priors_source = f"site profile {profile.name!r}"
     if prevalence is not None:
-        try:
-            value = float(prevalence)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"--prevalence must be a number in (0, 1) (the positive class's share), got {prevalence!r}")
+        value = _prevalence(prevalence)
         base = rule.train_priors
         if base is None:  # calibrated on a labelled sample: the probabilities are at the sample's prevalence
             if profile.prevalence is None:
