@@ -168,6 +168,15 @@ class OptimConfig(_Section):
     linear_scaling: bool = False  # lr = lr * batch_size / 256 (the paper's rule; torchrun: x the processes)
 
 
+class ProgressiveResizeConfig(_Section):
+    """Progressive resizing (fast.ai; FixRes, Touvron et al. 2019): low resolution first, the test resolution last."""
+    start: int = Field(96, ge=8)  # the first epoch's image size
+    end: Optional[int] = Field(None, ge=8)  # the last epochs' size; null = data.image_size (the test resolution)
+    final_epochs: int = Field(1, ge=0)  # epochs at `end` after the ramp
+    scale_batch: bool = True  # batch x (end/size)^2 at smaller sizes (memory stays flat), lr scaled with it
+    multiple: int = Field(16, ge=1)  # ramp sizes rounded down to a multiple of this
+
+
 class ScheduleConfig(_Section):
     name: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
@@ -175,6 +184,13 @@ class ScheduleConfig(_Section):
     milestones: list[float] = Field(default_factory=lambda: [30, 60, 90])  # epochs
     gamma: float = Field(0.1, gt=0.0)
     min_lr: float = Field(0.0, ge=0.0)
+    progressive_resize: Optional[ProgressiveResizeConfig] = None
+
+
+class CacheFrozenConfig(_Section):
+    """Train on cached features of the frozen early stages (model.freeze); see medtricks.train.frozen_cache."""
+    views: int = Field(2, ge=1)  # augmented views per training image, drawn once, epoch e uses view e mod views
+    dtype: Literal["float16", "float32"] = "float16"
 
 
 class TrainConfig(_Section):
@@ -196,6 +212,7 @@ class TrainConfig(_Section):
     progress: bool = True
     # torchrun (several processes): BatchNorm statistics over the global batch (CUDA only); no effect in one process
     sync_bn: bool = False
+    cache_frozen: Optional[CacheFrozenConfig] = None
 
     @field_validator("device")
     @classmethod
@@ -316,6 +333,26 @@ class Recipe(_Section):
         if self.schedule.warmup_epochs >= self.train.epochs:
             raise ValueError(f"schedule.warmup_epochs={self.schedule.warmup_epochs:g} must be less than "
                              f"train.epochs={self.train.epochs}: the lr would never leave warmup")
+        progressive = self.schedule.progressive_resize
+        if progressive is not None:
+            end = progressive.end or self.data.image_size
+            if progressive.start > end:
+                raise ValueError(f"schedule.progressive_resize.start={progressive.start} is larger than its end "
+                                 f"({end}): it ramps up to the test resolution")
+            if progressive.final_epochs > self.train.epochs:
+                raise ValueError(f"schedule.progressive_resize.final_epochs={progressive.final_epochs} is more than "
+                                 f"train.epochs={self.train.epochs}")
+            if self.model.resizer.enabled:
+                raise ValueError("schedule.progressive_resize and model.resizer both set the input size; use one")
+        if self.train.cache_frozen is not None and not self.model.freeze:
+            raise ValueError("train.cache_frozen caches the frozen early stages, but model.freeze is not set: "
+                             "freeze the stem and early stages, e.g. model.freeze: [0, 1, 2, 3]")
+        if self.train.cache_frozen is not None and progressive is not None:
+            raise ValueError("train.cache_frozen and schedule.progressive_resize cannot be combined: "
+                             "schedule.progressive_resize changes the image size every epoch, the cache holds one size")
+        if self.train.cache_frozen is not None and self.model.resizer.enabled:
+            raise ValueError("train.cache_frozen cannot be used with model.resizer: the resizer trains in front of "
+                             "the backbone, so nothing at the front is frozen")
         return self
 
     def input_image_size(self) -> int:

@@ -46,6 +46,7 @@ from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, c
 from medtricks.train import EngineConfig, distributed, fit, predict, resolve_amp, resolve_device, seed_everything
 from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
+from medtricks.train.fast import prepare_cached_prefix, progressive_loader
 from medtricks.trained import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
 from medtricks.tricks.base import TrickContext
 from medtricks.tricks.bn_gamma_report import GammaReport
@@ -378,6 +379,7 @@ class _Prepared:
     opt: Any
     loss_fn: Any
     data_fingerprint: dict = field(default_factory=dict)  # stored in last.pt; a resume checks its data against it
+    cached: Any = None  # train.cache_frozen: medtricks.train.fast.CachedPrefix
 
 
 def _device(recipe: Recipe) -> torch.device:
@@ -423,10 +425,24 @@ def _prepare(recipe: Recipe) -> _Prepared:
     frozen = freeze_model(model, recipe.model.freeze) if recipe.model.freeze else []
     _warn_frozen_zero_gamma(tricks, frozen)
     model = distributed.sync_batchnorm(model, device, recipe.train.sync_bn)  # torchrun only: BN over the global batch
-    train_loader = make_train_loader(bundle.train, batch_size=recipe.train.batch_size, seed=recipe.experiment.seed,
-                                     num_workers=recipe.data.num_workers, num_replicas=world, rank=distributed.rank(),
-                                     **merged_options(tricks, "loader_options"))
-    val_loader = _eval_loader(bundle.val, recipe)
+    loader_options = merged_options(tricks, "loader_options")
+
+    def train_loader_of(dataset, batch_size: int, num_workers: int = recipe.data.num_workers):
+        return make_train_loader(dataset, batch_size=batch_size, seed=recipe.experiment.seed, num_workers=num_workers,
+                                 num_replicas=world, rank=distributed.rank(), **loader_options)
+
+    cached = None
+    if recipe.train.cache_frozen is not None:  # issue 29: train the unfrozen rest on cached prefix features
+        cached = prepare_cached_prefix(recipe, model, bundle, tricks, device=device, amp_dtype=amp_dtype,
+                                       world_size=world)
+        train_loader = train_loader_of(cached.train_views, recipe.train.batch_size, num_workers=0)  # in memory
+        val_loader = cached.val_loader(recipe.train.batch_size)
+    elif recipe.schedule.progressive_resize is not None:
+        train_loader = progressive_loader(recipe, bundle, data_config, train_loader_of)
+        val_loader = _eval_loader(bundle.val, recipe)
+    else:
+        train_loader = train_loader_of(bundle.train, recipe.train.batch_size)
+        val_loader = _eval_loader(bundle.val, recipe)
     engine_cfg = _engine_config(recipe, device, amp_dtype)
     ctx.extras["updates_per_epoch"] = steps_per_epoch(train_loader, engine_cfg)
     opt = _build_optimization(recipe, model, tricks, ctx.extras["updates_per_epoch"])
@@ -436,7 +452,7 @@ def _prepare(recipe: Recipe) -> _Prepared:
 
     return _Prepared(device=device, amp_dtype=amp_dtype, classes=classes, model=model, data_config=data_config,
                      info=info, bundle=bundle, tricks=tricks, frozen=frozen, train_loader=train_loader,
-                     val_loader=val_loader, engine_cfg=engine_cfg, opt=opt, loss_fn=loss_fn,
+                     val_loader=val_loader, engine_cfg=engine_cfg, opt=opt, loss_fn=loss_fn, cached=cached,
                      data_fingerprint=split_fingerprint(bundle.manifest, recipe.data.root, _unlabeled_rows(bundle)))
 
 
@@ -460,8 +476,20 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
     _log_inputs(recipe, run, tracker, say, bundle=bundle, tricks=tricks, frozen=prep.frozen, opt=opt,
                 device=device, amp_dtype=amp_dtype, classes=classes, data_config=data_config, info=info)
 
+    if prep.cached is not None:
+        tracker.log_params(prep.cached.params())
+        say(f"frozen prefix cached: training from {prep.cached.split.cut} on; "
+            f"{recipe.train.cache_frozen.views} view(s) per image, {prep.cached.megabytes:.0f} MB in memory")
+    if hasattr(prep.train_loader, "sizes"):  # progressive resizing
+        tracker.log_params({"resolved.progressive_sizes": ",".join(map(str, prep.train_loader.sizes)),
+                            "resolved.progressive_batches": ",".join(map(str, prep.train_loader.batches))})
+        say("progressive resizing: image size by epoch " + ", ".join(map(str, prep.train_loader.sizes)) +
+            "; batch " + ", ".join(map(str, prep.train_loader.batches)))
+
     def evaluate_fn(eval_model) -> dict[str, float]:
-        targets, probs, loss = predict(eval_model, val_loader, device=device, amp_dtype=amp_dtype,
+        # cache_frozen: val_loader yields cached prefix features, so the rest of eval_model (or EMA's copy) runs
+        module = prep.cached.eval_module(eval_model) if prep.cached is not None else eval_model
+        targets, probs, loss = predict(module, val_loader, device=device, amp_dtype=amp_dtype,
                                        channels_last=recipe.train.channels_last)
         values = compute_metrics(targets, probs, classes, n_bootstrap=0).values
         return {**{f"val/{k}": float(v) for k, v in values.items() if k != "n"}, "val/loss": loss}
@@ -492,7 +520,8 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
                      loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
                      tricks=tricks, on_step=log_step,
                      on_epoch=log_epoch,
-                     resume=resuming, checkpoint_extra={"data_fingerprint": prep.data_fingerprint})
+                     resume=resuming, checkpoint_extra={"data_fingerprint": prep.data_fingerprint},
+                     train_module=prep.cached.train_module if prep.cached is not None else None)
 
     # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
     eval_model = evaluation_model(model, tricks)

@@ -156,6 +156,12 @@ class XrayDataset:
                                        self.cache_dir)
         self.targets = [item["target"] for item in self.items]
 
+    def set_transform(self, transform: Callable) -> None:
+        """Swap the random part (progressive resizing: a train transform of another size). The decode step and
+        its cache are unchanged: the new transform must start from the same pre-resized images."""
+        augment = next(t for t in self._dataset.transform.transforms if isinstance(t, _Augment))
+        augment.transform = self.transform = transform
+
     def __len__(self) -> int:
         return len(self.items)
 

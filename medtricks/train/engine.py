@@ -100,6 +100,30 @@ def steps_per_epoch(loader, cfg: EngineConfig) -> int:
     return max(1, math.ceil(batches / cfg.accumulate))
 
 
+def _set_epoch(loader, epoch: int) -> None:
+    """Tell a loader or its dataset which epoch comes (progressive sizes, the cached view to serve)."""
+    for target in (loader, getattr(loader, "dataset", None)):
+        if target is not None and callable(getattr(target, "set_epoch", None)) and \
+                not isinstance(target, torch.utils.data.DataLoader):
+            target.set_epoch(epoch)
+
+
+def _nominal_updates(loader, cfg: EngineConfig) -> int:
+    """Updates per epoch at the nominal batch size: what the lr schedule was sized with."""
+    batches = loader.nominal_batches
+    if cfg.max_steps_per_epoch:
+        batches = min(batches, cfg.max_steps_per_epoch * cfg.accumulate)
+    return max(1, math.ceil(batches / cfg.accumulate))
+
+
+def _schedule_at(scheduler, optimizer, epoch: int, update: int, updates: int, nominal: int, scale: float) -> None:
+    """Set the lr for the next update: position ``epoch + update/updates`` of the schedule, times ``scale``."""
+    scheduler.step_update(int(round(nominal * (epoch + update / max(1, updates)))))
+    if scale != 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+
+
 def _check_finite_weights(model: nn.Module, epoch: int, last_path: Path) -> None:
     """A finite loss can hide inf/NaN weights (e.g. an exploding lr): never checkpoint those as "good"."""
     with torch.no_grad():
@@ -162,7 +186,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         checkpoint_dir: str | Path, tricks: Sequence[Any] = (),
         on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
         on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
-        resume: bool = False, checkpoint_extra: Optional[dict[str, Any]] = None) -> FitResult:
+        resume: bool = False, checkpoint_extra: Optional[dict[str, Any]] = None,
+        train_module: Optional[nn.Module] = None) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs; checkpoint every epoch; keep the best.
 
     ``evaluate_fn(model)`` returns validation metrics such as ``{"val/auroc": 0.9, ...}``; the
@@ -180,6 +205,13 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     ``evaluate_fn`` see the unwrapped ``model``. Rank 0 alone validates (on the whole validation split),
     writes the checkpoints and calls ``on_step``/``on_epoch``; the others wait for its metrics. The loss
     that is logged, checked for NaN and averaged into ``train/epoch_loss`` is the mean over all processes.
+
+    ``train_module`` (default ``model``): what the training batches go through, when it is not ``model``
+    itself — a :class:`~medtricks.train.frozen_cache.SuffixModel` sharing ``model``'s trainable layers and fed
+    cached features. ``model`` is still what is checkpointed, averaged (EMA) and validated. A training loader
+    (or its dataset) with ``set_epoch`` is told each epoch before it is iterated (cached views, progressive
+    resizing); one with ``lr_scale`` (progressive resizing) has the lr schedule stepped in fractions of an epoch
+    and scaled by ``lr_scale(epoch)``.
     """
     main = distributed.is_main()
     checkpoint_dir = Path(checkpoint_dir)
@@ -223,13 +255,20 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             on_epoch(step, result.history[-1])
 
     # DDP: rank 0's weights (resumed ones included) are broadcast here; gradients are averaged at each backward.
-    train_model = distributed.wrap(model, device)
+    train_model = distributed.wrap(train_module if train_module is not None else model, device)
     ddp = train_model is not model
-    updates_per_epoch = steps_per_epoch(train_loader, cfg)  # per process: its slice of the epoch
+    # Progressive resizing: the batch (so the updates per epoch) changes by epoch; the lr schedule stays in epochs.
+    progressive = hasattr(train_loader, "lr_scale")
+    nominal_updates = _nominal_updates(train_loader, cfg) if progressive else None
     # Clipping covers every parameter the optimizer updates: the model's and a trick's own (DRLoc's head).
     clipped = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in range(start_epoch, cfg.epochs):
+        _set_epoch(train_loader, epoch)
+        updates_per_epoch = steps_per_epoch(train_loader, cfg)  # per process: its slice of the epoch
         seed_epoch(cfg.seed, epoch, train_loader, rank=distributed.rank())
+        if progressive:
+            _schedule_at(scheduler, optimizer, epoch, 0, updates_per_epoch, nominal_updates,
+                         train_loader.lr_scale(epoch))
         train_model.train()
         epoch_loss, epoch_images, started = 0.0, 0, time.perf_counter()
         max_batches = updates_per_epoch * cfg.accumulate
@@ -290,7 +329,12 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                scheduler.step_update(step)
+                if progressive:
+                    _schedule_at(scheduler, optimizer, epoch, (batch_index + 1) // cfg.accumulate if not last_in_epoch
+                                 else updates_per_epoch, updates_per_epoch, nominal_updates,
+                                 train_loader.lr_scale(epoch))
+                else:
+                    scheduler.step_update(step)
                 for trick in tricks:
                     trick.after_step(model, step)
                 if on_step and step % cfg.log_every == 0 and main:
