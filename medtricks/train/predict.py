@@ -64,11 +64,16 @@ def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model: nn.Module, loader, *, device: torch.device | str = "cpu",
             amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
             progress: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray, float]:
-    """Run ``model`` in eval mode over ``loader``; return (targets, softmax probs, mean CE loss)."""
+    """Run ``model`` in eval mode over ``loader``; return (targets, softmax probs, mean CE loss).
+
+    Runs under ``torch.inference_mode()`` (no autograd bookkeeping at all; ``benchmarks/cpu_paths.py``:
+    not slower than ``torch.no_grad()``). Everything it returns is numpy or a float, so no caller can
+    backpropagate through it; a tensor a model would create and keep during this forward pass would be an
+    inference tensor, unusable in a later training step (no medtricks model keeps one)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
