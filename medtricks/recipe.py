@@ -213,6 +213,9 @@ class TrainConfig(_Section):
     # torchrun (several processes): BatchNorm statistics over the global batch (CUDA only); no effect in one process
     sync_bn: bool = False
     cache_frozen: Optional[CacheFrozenConfig] = None
+    # torch.compile for the training forward: auto = on CUDA only (on a CPU its compile time outweighs the gain
+    # in a run of a few hundred updates: benchmarks/cpu_paths.py); a failure falls back to eager with a warning
+    compile: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("device")
     @classmethod

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -380,6 +381,7 @@ class _Prepared:
     loss_fn: Any
     data_fingerprint: dict = field(default_factory=dict)  # stored in last.pt; a resume checks its data against it
     cached: Any = None  # train.cache_frozen: medtricks.train.fast.CachedPrefix
+    timings: dict = field(default_factory=dict)  # seconds per phase of the run, logged as time/<phase>_s
 
 
 def _device(recipe: Recipe) -> torch.device:
@@ -399,8 +401,10 @@ def _prepare(recipe: Recipe) -> _Prepared:
     # every ablation variant of one seed starts from the same head whatever was built or drawn before it.
     init_new_head(model, recipe.experiment.seed)
     info = dict(getattr(model, "medtricks_info", {}))
+    started = time.perf_counter()
     with distributed.main_first():  # torchrun: rank 0 draws the phantoms / fills the cache, the others read them
         bundle = _build_data(recipe, card, data_config)
+    timings = {"data": time.perf_counter() - started}
     world = distributed.world_size()
     if recipe.train.batch_size > math.ceil(len(bundle.train) / world):  # each process's slice of the split
         per = f" / {world} processes" if world > 1 else ""
@@ -433,8 +437,10 @@ def _prepare(recipe: Recipe) -> _Prepared:
 
     cached = None
     if recipe.train.cache_frozen is not None:  # issue 29: train the unfrozen rest on cached prefix features
+        started = time.perf_counter()
         cached = prepare_cached_prefix(recipe, model, bundle, tricks, device=device, amp_dtype=amp_dtype,
                                        world_size=world)
+        timings["frozen_prefix_cache"] = time.perf_counter() - started
         train_loader = train_loader_of(cached.train_views, recipe.train.batch_size, num_workers=0)  # in memory
         val_loader = cached.val_loader(recipe.train.batch_size)
     elif recipe.schedule.progressive_resize is not None:
@@ -453,6 +459,7 @@ def _prepare(recipe: Recipe) -> _Prepared:
     return _Prepared(device=device, amp_dtype=amp_dtype, classes=classes, model=model, data_config=data_config,
                      info=info, bundle=bundle, tricks=tricks, frozen=frozen, train_loader=train_loader,
                      val_loader=val_loader, engine_cfg=engine_cfg, opt=opt, loss_fn=loss_fn, cached=cached,
+                     timings=timings,
                      data_fingerprint=split_fingerprint(bundle.manifest, recipe.data.root, _unlabeled_rows(bundle)))
 
 
@@ -516,6 +523,8 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
                 if world > 1 else "")
     say(f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
         f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}{parallel}; run folder {run.path}")
+    timings = prep.timings
+    started = time.perf_counter()
     fit_result = fit(model, prep.train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
                      loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
                      tricks=tricks, on_step=log_step,
@@ -524,16 +533,25 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
                      train_module=prep.cached.train_module if prep.cached is not None else None)
 
     # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
+    timings["training"], started = time.perf_counter() - started, time.perf_counter()
+    if fit_result.compile_report:
+        tracker.set_tags({"compile": fit_result.compile_report.get("reason", "")[:250]})
     eval_model = evaluation_model(model, tricks)
     eval_model.load_state_dict(load_checkpoint(fit_result.best_checkpoint, map_location=device)["model"])
     final = _final_evaluation(recipe, run, tracker, say, eval_model, bundle, classes, device, amp_dtype,
                               step=fit_result.steps, best_epoch=fit_result.best_epoch)
+    timings["final_evaluation"], started = time.perf_counter() - started, time.perf_counter()
     _audit(recipe, tracker, say, eval_model, bundle.val, classes, data_config, device)
+    timings["audit"], started = time.perf_counter() - started, time.perf_counter()
     if recipe.eval.plots and recipe.model.resizer.enabled:
         images = torch.stack([bundle.val[i][0] for i in range(min(4, len(bundle.val)))])
         tracker.log_figure(resizer_comparison_figure(model.resizer, images.to(device)), "plots/resizer.png")
     plt.close("all")
     _save_model(recipe, run, tracker, eval_model, classes, info, data_config, fit_result, final)
+    timings["saving"] = time.perf_counter() - started
+    # Where the run's time went (a resumed run: this process's share), so a slow phase is visible in the MLflow UI.
+    tracker.log_metrics({f"time/{phase}_s": seconds for phase, seconds in timings.items()}, step=fit_result.steps)
+    say("time: " + ", ".join(f"{phase.replace('_', ' ')} {seconds:.0f} s" for phase, seconds in timings.items()))
     tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
     bn_gamma = next((t for t in tricks if t.name == "bn_gamma"), None)
     return RunResult(run_dir=run.path, run_id=None, metrics=final.by_split.get("val", {}),
@@ -581,7 +599,8 @@ def _engine_config(recipe: Recipe, device, amp_dtype) -> EngineConfig:
                         channels_last=train.channels_last, grad_clip=train.grad_clip, accumulate=train.accumulate,
                         max_steps_per_epoch=train.max_steps_per_epoch, best_metric=train.best_metric,
                         best_mode=train.best_mode, best_tiebreak=train.best_tiebreak,
-                        best_tiebreak_mode=train.best_tiebreak_mode, log_every=train.log_every, progress=train.progress)
+                        best_tiebreak_mode=train.best_tiebreak_mode, log_every=train.log_every, progress=train.progress,
+                        compile=train.compile)
 
 
 @dataclass

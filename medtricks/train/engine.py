@@ -24,6 +24,7 @@ from torch import nn
 
 from medtricks.errors import MedtricksError, UnknownKeyError
 import medtricks.train.distributed as distributed
+from medtricks.train.compile import compile_for_training
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtricks.train.predict import autocast_context
 
@@ -52,6 +53,7 @@ class EngineConfig:
     best_tiebreak_mode: str = "min"
     log_every: int = 10
     progress: bool = True
+    compile: str = "off"  # auto | on | off: torch.compile for the training forward (medtricks.train.compile)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class FitResult:
     best_checkpoint: Optional[Path] = None
     steps: int = 0
     resumed_from_epoch: Optional[int] = None
+    compile_report: dict = field(default_factory=dict)  # train.compile: {mode, compiled, reason}
 
 
 def seed_everything(seed: int) -> None:
@@ -255,8 +258,11 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             on_epoch(step, result.history[-1])
 
     # DDP: rank 0's weights (resumed ones included) are broadcast here; gradients are averaged at each backward.
-    train_model = distributed.wrap(train_module if train_module is not None else model, device)
-    ddp = train_model is not model
+    forward_module = train_module if train_module is not None else model
+    train_model = distributed.wrap(forward_module, device)
+    ddp = train_model is not forward_module
+    # The training forward only: checkpoints, EMA and validation keep the eager model (no second graph).
+    train_model, result.compile_report = compile_for_training(train_model, cfg.compile, device)
     # Progressive resizing: the batch (so the updates per epoch) changes by epoch; the lr schedule stays in epochs.
     progressive = hasattr(train_loader, "lr_scale")
     nominal_updates = _nominal_updates(train_loader, cfg) if progressive else None

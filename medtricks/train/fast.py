@@ -63,11 +63,13 @@ def prepare_cached_prefix(recipe, model: torch.nn.Module, bundle, tricks, *, dev
                     progressive=recipe.schedule.progressive_resize is not None, world_size=world_size)
     warn_single_view(config.views, recipe.data.augment)
     model.to(device)
+    if recipe.train.channels_last:  # as the engine will: a channels_last input on contiguous weights is slow
+        model.to(memory_format=torch.channels_last)
     sample = torch.stack([bundle.train[i][0] for i in range(min(2, len(bundle.train)))]).to(device)
     split = split_frozen_prefix(model, sample=sample)
     dtype = getattr(torch, config.dtype)
     seed = recipe.experiment.seed
-    common = dict(dtype=dtype, device=device, batch_size=max(recipe.train.batch_size, 64),
+    common = dict(dtype=dtype, device=device, batch_size=recipe.train.batch_size,
                   num_workers=recipe.data.num_workers, channels_last=recipe.train.channels_last, amp_dtype=amp_dtype,
                   progress=recipe.train.progress)
     train_views = build_cached_views(split, bundle.train, views=config.views,

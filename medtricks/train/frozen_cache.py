@@ -39,6 +39,9 @@ import torch
 from torch import nn
 
 from medtricks.errors import ConfigError
+from medtricks.train.engine import seed_everything
+from medtricks.train.predict import autocast_context
+from medtricks.tricks.base import Trick
 
 __all__ = ["FrozenSplit", "split_frozen_prefix", "SuffixModel", "CachedViews", "build_cached_views",
            "check_cacheable", "cache_bytes"]
@@ -61,6 +64,21 @@ class FrozenSplit:
         for _, unit in self.units[:self.n_frozen]:
             x = unit(x)
         return x
+
+    def inference_prefix(self) -> nn.Module:
+        """A copy of the prefix for computing the cache: timm's ``FrozenBatchNorm`` (two elementwise passes, a
+        memory-bound cost on a CPU) turned back into eval-mode BatchNorm (one fused kernel; the same
+        normalisation with the same statistics, equal to float rounding): EfficientNet-Lite0's prefix ~1.8x
+        faster on the 2-core CPU."""
+        import copy
+
+        from timm.utils.model import unfreeze_batch_norm_2d
+
+        prefix = nn.Sequential(*[copy.deepcopy(unit) for _, unit in self.units[:self.n_frozen]])
+        prefix = unfreeze_batch_norm_2d(prefix).eval()
+        for parameter in prefix.parameters():
+            parameter.requires_grad_(False)
+        return prefix
 
     def rest(self, x: torch.Tensor) -> torch.Tensor:
         for _, unit in self.units[self.n_frozen:]:
@@ -183,10 +201,10 @@ def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view:
                        desc: str = "caching frozen prefix") -> CachedViews:
     """Run the frozen prefix over ``views`` augmented passes of ``dataset`` (in index order; pass ``v`` seeded
     with ``seed_of_view(v)``) and keep the features on the CPU in ``dtype``."""
-    from medtricks.train.engine import seed_everything
-    from medtricks.train.predict import autocast_context
-
     n = len(dataset)
+    prefix = split.inference_prefix().to(device)
+    if channels_last:
+        prefix.to(memory_format=torch.channels_last)
     store: Optional[torch.Tensor] = None
     bar = None
     if progress:
@@ -207,7 +225,7 @@ def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view:
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast_context(device, amp_dtype):
-                    features = split.prefix(images)
+                    features = prefix(images)
                 if store is None:
                     store = torch.empty((views, n, *features.shape[1:]), dtype=dtype)
                 store[view, start:start + len(features)] = features.to("cpu", dtype)
@@ -228,8 +246,6 @@ _IMAGE_HOOKS = ("on_batch", "extra_loss")
 
 def check_cacheable(*, tricks: Sequence[Any], resizer: bool, progressive: bool, world_size: int) -> None:
     """Refuse, with the reason, what cannot train on cached features (see the module docstring)."""
-    from medtricks.tricks.base import Trick
-
     reasons = []
     touching = [t.name for t in tricks
                 if any(getattr(type(t), hook, None) is not getattr(Trick, hook) for hook in _IMAGE_HOOKS)]
