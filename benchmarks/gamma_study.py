@@ -22,6 +22,13 @@ asks: ±0.01 at 10 % / 100 %, ±0.02 at 2 %). Without it, a fixed ``--seeds`` an
     python -m benchmarks.gamma_study --until-ci 0.01 --max-seeds 12     # the study (hours of CPU)
     python -m benchmarks.gamma_study --fractions 0.1 --seeds 3           # one cell, fixed seeds
     python -m benchmarks.gamma_study --quick --out /tmp/g                # phantoms, tiny model: a smoke run
+    python -m benchmarks.gamma_study --fast --fractions 0.1 --until-ci 0.01   # late placements on cached features
+
+``--fast`` (issue 29) trains every run on cached features of the frozen stem and first four stages
+(``train.cache_frozen``, as ``recipes/kermany_pneumonia_fast.yaml``): only the placements inside the trained
+last stages (zero_late, zero_late2, one_late, reinit_late) run, and the answer is about that regime (a
+frozen, ImageNet-normalised early network), written to ``gamma_study_fast.json``, never merged with the
+full fine-tuning rows.
 
 Resumable: every child run lives in the ablation's own run store under ``<out>/runs``; re-running the same
 command skips finished children and replays the same stopping decisions. Runs go one after the other
@@ -55,6 +62,10 @@ VARIANTS: dict[str, str] = {
     "reinit_late": "reinit_late",
 }
 BACKBONES = {"efficientnet_lite0": ["model.name=efficientnet_lite0", "model.weights=imagenet"]}
+# --fast (issue 29): the stem and first four stages frozen and cached (recipes/kermany_pneumonia_fast.yaml's path).
+# Only placements inside the trained last stages keep their meaning there; the others are refused.
+FAST = ["model.freeze=[0, 1, 2, 3, 4]", "train.cache_frozen.views=2", "train.channels_last=true"]
+FAST_VARIANTS = ("zero_late", "zero_late2", "one_late", "reinit_late")
 ROW_KEYS = ("dataset", "backbone", "label_fraction", "variant", "n_seeds", "auroc_mean", "delta_auroc",
             "delta_ci_low", "delta_ci_high")
 
@@ -86,6 +97,8 @@ def run_cell(backbone: str, fraction: float, epochs: int, variants: list[str], a
     extra = ["schedule.warmup_epochs=1", "eval.plots=false", "tracking.log_model=false"]
     if not args.quick:
         extra += BACKBONES[backbone]
+    if args.fast:
+        extra += FAST
     base = _recipe(fraction, epochs, 0, extra, args, out, tmp)  # seeds 0, 1, ... (set per child)
     width = None
     if args.until_ci is not None:
@@ -184,7 +197,16 @@ def main(argv=None) -> int:
                         help="also score every run on this second, shifted test set (e.g. ../shared/data/kermany224_site)")
     parser.add_argument("--site-card", default="kermany-pneumonia", help="data card of --site (default kermany-pneumonia)")
     parser.add_argument("--verbose", action="store_true", help="print each ablation's table and progress")
+    parser.add_argument("--fast", action="store_true",
+                        help="train on cached features of the frozen stem + first four stages (train.cache_frozen); "
+                             f"variants {', '.join(FAST_VARIANTS)} only; results go to gamma_study_fast.json")
     args = parser.parse_args(argv)
+    if args.fast:
+        outside = [v for v in args.variants if v not in FAST_VARIANTS]
+        if outside and args.variants != list(VARIANTS):
+            parser.error(f"--fast freezes the early stages, where {', '.join(outside)} change γ (a zero γ there would "
+                         "stay zero): run them without --fast")
+        args.variants = [v for v in args.variants if v in FAST_VARIANTS]
 
     fractions = dict(QUICK_FRACTIONS if args.quick else FRACTIONS)
     if args.fractions:
@@ -217,9 +239,11 @@ def main(argv=None) -> int:
                          "(backbone, fraction); Δ = paired difference over seeds with common random numbers; with "
                          "until_ci the interval is a group-sequential repeated CI, else a paired t-interval",
                "total_wall_s": round(time.perf_counter() - started, 1), "rows": rows}
-    print(f"wrote {write_results(payload, out, 'gamma_study')}")
+    name = "gamma_study_fast" if args.fast else "gamma_study"
+    payload["name"], payload["config"]["fast"] = name, FAST if args.fast else None
+    print(f"wrote {write_results(payload, out, name)}")
     if rows:
-        print(f"wrote {plot_rows(rows, out / 'gamma_study.png')}")
+        print(f"wrote {plot_rows(rows, out / f'{name}.png')}")
     return 0
 
 

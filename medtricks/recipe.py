@@ -184,7 +184,7 @@ class ScheduleConfig(_Section):
     milestones: list[float] = Field(default_factory=lambda: [30, 60, 90])  # epochs
     gamma: float = Field(0.1, gt=0.0)
     min_lr: float = Field(0.0, ge=0.0)
-    progressive_resize: Optional[ProgressiveResizeConfig] = None
+    progressive_resize: Optional[ProgressiveResizeConfig] = None  # low resolution first, the test resolution last
 
 
 class CacheFrozenConfig(_Section):
@@ -212,7 +212,7 @@ class TrainConfig(_Section):
     progress: bool = True
     # torchrun (several processes): BatchNorm statistics over the global batch (CUDA only); no effect in one process
     sync_bn: bool = False
-    cache_frozen: Optional[CacheFrozenConfig] = None
+    cache_frozen: Optional[CacheFrozenConfig] = None  # train on cached features of the frozen early stages
     # torch.compile for the training forward: auto = on CUDA only (on a CPU its compile time outweighs the gain
     # in a run of a few hundred updates: benchmarks/cpu_paths.py); a failure falls back to eager with a warning
     compile: Literal["auto", "on", "off"] = "auto"

@@ -202,6 +202,26 @@ def test_gamma_study_quick(tmp_path):
         assert row["interval"].startswith("repeated CI")
 
 
+@pytest.mark.slow
+def test_gamma_study_fast_quick_runs_late_placements_on_cached_features(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gamma_study.py"), "--quick", "--out",
+                           str(tmp_path), "--seeds", "2", "--fast"], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "gamma_study_fast.json").read_text())
+    assert payload["name"] == "gamma_study_fast" and payload["config"]["fast"]
+    assert [r["variant"] for r in payload["rows"]] == ["none", "zero_late", "zero_late2", "one_late", "reinit_late"]
+    assert not (tmp_path / "gamma_study.json").exists()  # never merged with the full fine-tuning rows
+
+
+def test_gamma_study_fast_refuses_placements_in_the_frozen_stages(capsys):
+    from benchmarks.gamma_study import main
+
+    with pytest.raises(SystemExit):
+        main(["--fast", "--variants", "zero_all", "--quick"])
+    assert "zero_all" in capsys.readouterr().err
+
+
 def test_gamma_study_site_rows_pair_seeds_against_none():
     from benchmarks.gamma_study import site_rows
 
