@@ -48,6 +48,7 @@ from medtricks.train import EngineConfig, distributed, fit, predict, resolve_amp
 from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
 from medtricks.train.fast import prepare_cached_prefix, progressive_loader
+from medtricks.train.frozen_cache import with_fused_frozen_norms
 from medtricks.trained import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
 from medtricks.tricks.base import TrickContext
 from medtricks.tricks.bn_gamma_report import GammaReport
@@ -538,8 +539,8 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
         tracker.set_tags({"compile": fit_result.compile_report.get("reason", "")[:250]})
     eval_model = evaluation_model(model, tricks)
     eval_model.load_state_dict(load_checkpoint(fit_result.best_checkpoint, map_location=device)["model"])
-    final = _final_evaluation(recipe, run, tracker, say, eval_model, bundle, classes, device, amp_dtype,
-                              step=fit_result.steps, best_epoch=fit_result.best_epoch)
+    final = _final_evaluation(recipe, run, tracker, say, with_fused_frozen_norms(eval_model), bundle, classes, device,
+                              amp_dtype, step=fit_result.steps, best_epoch=fit_result.best_epoch)
     timings["final_evaluation"], started = time.perf_counter() - started, time.perf_counter()
     _audit(recipe, tracker, say, eval_model, bundle.val, classes, data_config, device)
     timings["audit"], started = time.perf_counter() - started, time.perf_counter()

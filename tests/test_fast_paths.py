@@ -269,3 +269,17 @@ def test_progressive_run_trains_at_the_scheduled_sizes(tmp_path):
     assert tracker.params["resolved.progressive_sizes"] == "16,24,32"
     assert tracker.params["resolved.progressive_batches"] == "41,24,16"  # 41 training images cap the first epoch's batch
     assert len(result.history) == 3 and result.metrics is not None
+
+
+def test_fused_frozen_norms_copy_predicts_the_same_and_leaves_the_model_alone():
+    from medtricks.train.frozen_cache import with_fused_frozen_norms
+
+    model = _frozen_resnet().eval()
+    fused = with_fused_frozen_norms(model)
+    assert fused is not model
+    x = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+    assert "FrozenBatchNorm" in type(model.bn1).__name__  # the saved model keeps its frozen layers
+    unfrozen = create_model("resnet18", num_classes=2, in_chans=1)
+    assert with_fused_frozen_norms(unfrozen) is unfrozen
