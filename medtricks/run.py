@@ -49,6 +49,7 @@ from medtricks.train.checkpoint import load_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
 from medtricks.train.fast import prepare_cached_prefix, progressive_loader
 from medtricks.train.frozen_cache import with_fused_frozen_norms
+from medtricks.train.progressive import ProgressiveLoader
 from medtricks.trained import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
 from medtricks.tricks.base import TrickContext
 from medtricks.tricks.bn_gamma_report import GammaReport
@@ -488,7 +489,7 @@ def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, pre
         tracker.log_params(prep.cached.params())
         say(f"frozen prefix cached: training from {prep.cached.split.cut} on; "
             f"{recipe.train.cache_frozen.views} view(s) per image, {prep.cached.megabytes:.0f} MB in memory")
-    if hasattr(prep.train_loader, "sizes"):  # progressive resizing
+    if isinstance(prep.train_loader, ProgressiveLoader):
         tracker.log_params({"resolved.progressive_sizes": ",".join(map(str, prep.train_loader.sizes)),
                             "resolved.progressive_batches": ",".join(map(str, prep.train_loader.batches))})
         say("progressive resizing: image size by epoch " + ", ".join(map(str, prep.train_loader.sizes)) +

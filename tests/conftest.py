@@ -97,3 +97,17 @@ def binary_phantom_card(folder: Path, name: str = "binary-phantoms", classes=("n
     path = Path(folder) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(card))
     return path
+
+
+def fit_killed_after_epoch(real_fit, epoch: int):
+    """``medtricks.run.fit`` that logs epoch ``epoch`` and then dies (KeyboardInterrupt), as a kill would after the
+    checkpoint: monkeypatch it in, run, then resume with the real ``fit``."""
+    def killed(*args, on_epoch=None, **kwargs):
+        def on_epoch_then_die(step, metrics):
+            on_epoch(step, metrics)
+            if metrics["epoch"] == epoch:
+                raise KeyboardInterrupt
+
+        return real_fit(*args, on_epoch=on_epoch_then_die, **kwargs)
+
+    return killed

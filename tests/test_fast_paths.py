@@ -20,6 +20,8 @@ from medtricks.train.progressive import ProgressiveLoader, progressive_batches, 
 from medtricks.tricks.param_groups import build_optimizer, build_param_groups
 from medtricks.tricks.schedules import build_scheduler
 
+from conftest import fit_killed_after_epoch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -218,14 +220,7 @@ def test_cached_run_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     recipe = _tiny(tmp_path, f"experiment.output_dir={tmp_path / 'runs2'}")
     real_fit = medtricks.run.fit
 
-    def killed_after_two_epochs(*args, on_epoch=None, **kwargs):
-        def on_epoch_then_die(step, metrics):
-            on_epoch(step, metrics)
-            if metrics["epoch"] == 2:
-                raise KeyboardInterrupt
-        return real_fit(*args, on_epoch=on_epoch_then_die, **kwargs)
-
-    monkeypatch.setattr(medtricks.run, "fit", killed_after_two_epochs)
+    monkeypatch.setattr(medtricks.run, "fit", fit_killed_after_epoch(real_fit, 2))
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, tracker=NullTracker(), quiet=True)
     monkeypatch.setattr(medtricks.run, "fit", real_fit)

@@ -8,7 +8,7 @@ from medtricks.recipe import load_recipe
 from medtricks.run import find_resumable_run_dir, run_recipe
 from medtricks.tracking import NullTracker
 
-from conftest import fresh_sqlite_uri
+from conftest import fit_killed_after_epoch, fresh_sqlite_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,15 +72,7 @@ def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
                    f"tricks.class_balance={balance}")
     real_fit = medtricks.run.fit
 
-    def killed_after_two_epochs(*args, on_epoch=None, **kwargs):
-        def on_epoch_then_die(step, metrics):
-            on_epoch(step, metrics)
-            if metrics["epoch"] == 2:
-                raise KeyboardInterrupt
-
-        return real_fit(*args, on_epoch=on_epoch_then_die, **kwargs)
-
-    monkeypatch.setattr(medtricks.run, "fit", killed_after_two_epochs)
+    monkeypatch.setattr(medtricks.run, "fit", fit_killed_after_epoch(real_fit, 2))
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, tracker=NullTracker(), quiet=True)
     monkeypatch.setattr(medtricks.run, "fit", real_fit)

@@ -95,9 +95,9 @@ def seed_epoch(seed: int, epoch: int, loader=None, rank: int = 0) -> None:
         generator.manual_seed(process_seed)
 
 
-def steps_per_epoch(loader, cfg: EngineConfig) -> int:
-    """Optimizer updates per epoch (what the scheduler is sized with)."""
-    batches = len(loader)
+def steps_per_epoch(loader, cfg: EngineConfig, batches: Optional[int] = None) -> int:
+    """Optimizer updates per epoch (what the scheduler is sized with); ``batches``: instead of ``len(loader)``."""
+    batches = len(loader) if batches is None else batches
     if cfg.max_steps_per_epoch:
         batches = min(batches, cfg.max_steps_per_epoch * cfg.accumulate)
     return max(1, math.ceil(batches / cfg.accumulate))
@@ -106,17 +106,8 @@ def steps_per_epoch(loader, cfg: EngineConfig) -> int:
 def _set_epoch(loader, epoch: int) -> None:
     """Tell a loader or its dataset which epoch comes (progressive sizes, the cached view to serve)."""
     for target in (loader, getattr(loader, "dataset", None)):
-        if target is not None and callable(getattr(target, "set_epoch", None)) and \
-                not isinstance(target, torch.utils.data.DataLoader):
+        if callable(getattr(target, "set_epoch", None)):
             target.set_epoch(epoch)
-
-
-def _nominal_updates(loader, cfg: EngineConfig) -> int:
-    """Updates per epoch at the nominal batch size: what the lr schedule was sized with."""
-    batches = loader.nominal_batches
-    if cfg.max_steps_per_epoch:
-        batches = min(batches, cfg.max_steps_per_epoch * cfg.accumulate)
-    return max(1, math.ceil(batches / cfg.accumulate))
 
 
 def _schedule_at(scheduler, optimizer, epoch: int, update: int, updates: int, nominal: int, scale: float) -> None:
@@ -265,7 +256,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     train_model, result.compile_report = compile_for_training(train_model, cfg.compile, device)
     # Progressive resizing: the batch (so the updates per epoch) changes by epoch; the lr schedule stays in epochs.
     progressive = hasattr(train_loader, "lr_scale")
-    nominal_updates = _nominal_updates(train_loader, cfg) if progressive else None
+    nominal_updates = steps_per_epoch(train_loader, cfg, train_loader.nominal_batches) if progressive else None
     # Clipping covers every parameter the optimizer updates: the model's and a trick's own (DRLoc's head).
     clipped = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in range(start_epoch, cfg.epochs):

@@ -46,13 +46,9 @@ class CachedPrefix:
 
     def eval_module(self, eval_model: torch.nn.Module) -> SuffixModel:
         """The rest of ``eval_model`` (the model itself, or EMA's copy) cut where the cache was."""
-        if eval_model is self.split_model:
+        if eval_model is self.train_module.model:
             return self.train_module
         return suffix_of(eval_model, self.split.n_frozen)
-
-    @property
-    def split_model(self) -> torch.nn.Module:
-        return self.train_module.model
 
 
 def prepare_cached_prefix(recipe, model: torch.nn.Module, bundle, tricks, *, device: torch.device,

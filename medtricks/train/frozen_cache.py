@@ -254,7 +254,9 @@ def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view:
     if not torch.isfinite(store).all():  # float16 overflow: features beyond +-65504
         raise ConfigError("train.cache_frozen: the cached features overflow float16; set "
                           "train.cache_frozen.dtype: float32")
-    return CachedViews(store, getattr(dataset, "targets", [int(dataset[i][1]) for i in range(n)]))
+    # Only a dataset without ``targets`` is read again for its labels (a default argument would read every one).
+    targets = dataset.targets if hasattr(dataset, "targets") else [int(dataset[i][1]) for i in range(n)]
+    return CachedViews(store, targets)
 
 
 _IMAGE_HOOKS = ("on_batch", "extra_loss")
