@@ -28,6 +28,7 @@ _EXPORTS = {
     "BadImageError": "medtricks.data.errors",
     "ManifestError": "medtricks.data.errors",
     "LeakageError": "medtricks.data.errors",
+    "UnseenLabelWarning": "medtricks.data.errors",
     # readers
     "read_image": "medtricks.data.readers",
     "read_image_with_meta": "medtricks.data.readers",

@@ -30,6 +30,8 @@ from medtricks.data.errors import CardError
 SplitName = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DROP = "drop"
+#: ``unknown_labels`` policy that stops on a raw label the card does not know (the default).
+UNKNOWN_ERROR = "error"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -227,6 +229,11 @@ class DataCard(_Strict):
     label_map: dict[str, str] = Field(default_factory=dict, description="raw label -> class (or 'drop')")
     label_patterns: list[LabelPattern] = Field(default_factory=list)
     drop: list[str] = Field(default_factory=list, description="raw labels left out on purpose (counted)")
+    unknown_labels: str = Field(
+        "error", description="raw labels that neither label_map, classes, drop nor label_patterns know: 'error' "
+                             "(stop, naming them and their files), 'drop' (leave them out) or a class name (map them "
+                             "to it); 'drop' and a class are counted in the manifest's notes and reported by "
+                             "`medtricks data check` and `medtricks run`, never silent")
     layout: Annotated[Union[FolderLayout, CsvLayout], Field(discriminator="kind")]
     patient: PatientSpec
     filters: list[RowFilter] = Field(default_factory=list)
@@ -249,6 +256,9 @@ class DataCard(_Strict):
         for raw, target in self.label_map.items():
             if target not in allowed:
                 raise ConfigError(f"label_map[{raw!r}] = {target!r} is not one of the classes {self.classes} or 'drop'")
+        if self.unknown_labels not in allowed | {UNKNOWN_ERROR}:
+            raise ConfigError(f"unknown_labels: {self.unknown_labels!r} is not '{UNKNOWN_ERROR}', '{DROP}' or one of "
+                             f"the classes {self.classes}")
         for pattern in self.label_patterns:
             if pattern.to not in allowed:
                 raise ConfigError(f"label_patterns: {pattern.pattern!r} -> {pattern.to!r} is not one of the classes "
@@ -275,6 +285,11 @@ class DataCard(_Strict):
             if re.fullmatch(pattern.pattern, raw):
                 return pattern.to
         return None
+
+    def map_unseen_label(self, raw: str) -> Optional[str]:
+        """The class (or ``'drop'``) the ``unknown_labels`` policy gives a raw label :meth:`map_label` does not
+        know; None under ``unknown_labels: error``."""
+        return None if self.unknown_labels == UNKNOWN_ERROR else self.unknown_labels
 
 
 def cards_dir() -> Path:

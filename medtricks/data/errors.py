@@ -39,3 +39,8 @@ class LeakageError(DataError):
     def __init__(self, message: str, files: list[str]):
         self.files = list(files)
         super().__init__(message)
+
+
+class UnseenLabelWarning(UserWarning):
+    """Raw labels a card does not name were mapped or left out by its ``unknown_labels`` policy (counted in the
+    manifest's notes); the message lists them with their counts."""

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import secrets
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,7 @@ import pandas as pd
 
 from medtricks.errors import ConfigError, ResourceError
 from medtricks.data.cards import DROP, SPLITS, CsvLayout, DataCard, FolderLayout, load_card
-from medtricks.data.errors import LeakageError, ManifestError
+from medtricks.data.errors import LeakageError, ManifestError, UnseenLabelWarning
 from medtricks.data.splits import assign_splits, conflicting_duplicates
 
 MANIFEST_COLUMNS = ["path", "label", "target", "patient", "split"]
@@ -265,7 +266,7 @@ def _summarise(items: list[str], limit: int = _MAX_LISTED) -> str:
 
 def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
                    *, on_missing: str = "error", test_by: str = "random",
-                   on_conflicting_duplicates: str = "error") -> pd.DataFrame:
+                   on_conflicting_duplicates: str = "error", unknown_labels: Optional[str] = None) -> pd.DataFrame:
     """One row per image: ``path`` (absolute), ``label``, ``target``, ``patient`` (salted hash), ``split``.
 
     ``card``: a card name, a YAML path or a :class:`DataCard`. Unknown raw labels, files missing from a
@@ -281,12 +282,18 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     check`` reports them instead); either
     way they are in ``manifest.attrs['conflicting_duplicates']`` (groups of ``(path, label, split)``).
     Only files that share a byte size are hashed.
+
+    Raw labels the card does not name follow its ``unknown_labels`` policy (``unknown_labels`` here overrides
+    it): ``error`` stops naming them; ``drop`` or a class leaves them out or maps them, counted in ``notes``,
+    listed with their counts in ``manifest.attrs['unseen_labels']`` and warned about (:class:`UnseenLabelWarning`).
     """
     if on_missing not in ("error", "keep"):
         raise ConfigError(f"on_missing={on_missing!r}: expected 'error' or 'keep'")
     if on_conflicting_duplicates not in ("error", "keep"):
         raise ConfigError(f"on_conflicting_duplicates={on_conflicting_duplicates!r}: expected 'error' or 'keep'")
     card = load_card(card)
+    if unknown_labels is not None and unknown_labels != card.unknown_labels:
+        card = type(card).model_validate({**card.model_dump(by_alias=True), "unknown_labels": unknown_labels})
     if card.task == "multilabel":
         raise NotImplementedError(f"card {card.name!r} is multilabel; multilabel manifests and training are not "
                                   "supported yet (the card is validated and documented only)")
@@ -302,21 +309,37 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
                             f"(layout {card.layout.kind}; check the root and the card's layout)")
 
     unknown: dict[str, list[str]] = {}
+    unseen: Counter = Counter()
     kept = []
     for rec in records:
         target = card.map_label(rec["raw_label"])
         if target is None:
-            unknown.setdefault(rec["raw_label"], []).append(str(rec["path"]))
-        elif target == DROP:
-            notes[f"images with label {rec['raw_label']!r} dropped (card drop list)"] += 1
+            target = card.map_unseen_label(rec["raw_label"])
+            if target is None:
+                unknown.setdefault(rec["raw_label"], []).append(str(rec["path"]))
+                continue
+            unseen[rec["raw_label"]] += 1
+        if target == DROP:
+            why = "card unknown_labels" if rec["raw_label"] in unseen else "card drop list"
+            notes[f"images with label {rec['raw_label']!r} dropped ({why})"] += 1
         else:
             rec["label"] = target
             kept.append(rec)
     if unknown:
         details = "; ".join(f"{raw!r} ({len(p)} files, e.g. {p[0]})" for raw, p in sorted(unknown.items()))
         raise ManifestError(f"card {card.name!r}: unknown raw label(s): {details}. Expected one of "
-                            f"{sorted(set(card.label_map) | set(card.classes))}; add them to the card's label_map "
-                            "(or to 'drop' to leave them out on purpose)")
+                            f"{sorted(set(card.label_map) | set(card.classes))} or a match of its label_patterns; "
+                            "add them to the card's label_map (or to 'drop' to leave them out on purpose), or set "
+                            "the card's unknown_labels to a class or 'drop' for every label it does not know")
+    if unseen:
+        for raw, count in unseen.items():
+            if card.unknown_labels != DROP:
+                notes[f"images with unseen label {raw!r} mapped to {card.unknown_labels!r} (card unknown_labels)"] += count
+        listed = ", ".join(f"{raw!r} ({n})" for raw, n in sorted(unseen.items()))
+        warnings.warn(f"card {card.name!r}: {sum(unseen.values())} image(s) carry raw label(s) the card does not "
+                      f"name: {listed}; unknown_labels: {card.unknown_labels!r} "
+                      f"{'left them out' if card.unknown_labels == DROP else 'mapped them to that class'}",
+                      UnseenLabelWarning, stacklevel=2)
 
     missing = [str(r["path"]) for r in kept if not r["path"].is_file()]
     if missing and on_missing == "error":
@@ -361,6 +384,7 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     df["target"] = df["label"].map({c: i for i, c in enumerate(card.classes)}).astype("int64")
     out = df[MANIFEST_COLUMNS].copy()
     out.attrs.update(card=card.name, root=str(root), notes=dict(notes), missing=missing,
+                     unseen_labels={str(raw): int(n) for raw, n in sorted(unseen.items())},
                      declared_splits=sorted(set(df["declared_split"].dropna())),
                      conflicting_duplicates=conflicting)
     return out

@@ -9,14 +9,15 @@ make ``medtricks data check`` exit 1.
 from __future__ import annotations
 
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medtricks.data.cards import load_card
+from medtricks.data.cards import DROP, UNKNOWN_ERROR, load_card
 from medtricks.data.datasets import scan_images
-from medtricks.data.errors import LeakageError
+from medtricks.data.errors import LeakageError, UnseenLabelWarning
 from medtricks.data.manifest import build_manifest, split_summary
 from medtricks.data.splits import check_leakage, duplicate_groups
 
@@ -67,9 +68,12 @@ def data_check(card_or_path, root, *, split_seed: int = 0, val_fraction: float =
     """:func:`data_check_report` plus the list of problems (``DataCheck``); CI gates on ``.ok``."""
     card = load_card(card_or_path)
     root = Path(root).expanduser().resolve()
-    manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
-                              test_fraction=test_fraction, on_missing="keep", test_by=test_by,
-                              on_conflicting_duplicates="keep")
+    with warnings.catch_warnings():  # the report lists unseen labels itself
+        warnings.simplefilter("ignore", UnseenLabelWarning)
+        manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
+                                  test_fraction=test_fraction, on_missing="keep", test_by=test_by,
+                                  on_conflicting_duplicates="keep",
+                                  unknown_labels=DROP if card.unknown_labels == UNKNOWN_ERROR else None)
     problems: list[str] = []
     good, bad = scan_images(manifest, side=None, voi=voi, progress=progress, desc="decoding images")
     notes = manifest.attrs.get("notes", {})
@@ -142,6 +146,17 @@ def data_check(card_or_path, root, *, split_seed: int = 0, val_fraction: float =
     except LeakageError as err:
         out += ["  " + line.replace(str(root) + "/", "") for line in str(err).splitlines()]
         problems.append(f"split leakage ({len(err.files)} file(s))")
+
+    unseen = manifest.attrs.get("unseen_labels") or {}
+    policy = card.unknown_labels
+    verb = {UNKNOWN_ERROR: "would stop a run (card unknown_labels: error; left out of this check)",
+            DROP: "left out by the card's unknown_labels"}.get(policy, f"mapped to {policy!r} by the card's unknown_labels")
+    out += ["", f"Raw labels the card does not name: {len(unseen)}"
+            + (f" ({sum(unseen.values())} image(s) {verb})" if unseen else "")]
+    if unseen and policy == UNKNOWN_ERROR:
+        problems.append(f"{len(unseen)} raw label(s) the card does not name: add them to its label_map, label_patterns "
+                        "or drop, or set its unknown_labels")
+    out += [f"  {raw!r}: {count}" for raw, count in sorted(unseen.items(), key=lambda kv: (-kv[1], kv[0]))]
 
     out += ["", "Left out on purpose:"]
     out += [f"  {what}: {count}" for what, count in sorted(notes.items())] or ["  nothing"]
