@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="students' stochastic depth, model.kwargs.drop_path_rate, where the timm model "
                                  "takes it (default 0.2, as Noisy Student; 0 keeps the recipe's)")
     self_train.add_argument("--augment", default="cxr_shift", metavar="PRESET|keep",
-                            help="students' data.augment: cxr_light, cxr_shift (default: the strongest X-ray "
-                                 "preset), paper_baseline, none, or keep (the recipe's)")
+                            help="students' data.augment: an augmentation preset (cxr_light, cxr_shift: the default, the "
+                                 "strongest photometric X-ray preset, cxr_lungfield, paper_baseline, none), or keep "
+                                 "(the recipe's)")
     self_train.add_argument("--student", default=None, metavar="MODEL",
                             help="students' model.name, an equal or larger model (default: the recipe's model)")
     self_train.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the recipe's)")

@@ -29,6 +29,8 @@ from medtricks._shipped import shipped_dir
 from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.audit.names import check_attack_name
+from medtricks.data.transforms import PRESETS as AUGMENT_PRESETS
+from medtricks.models.weights import WEIGHT_NAMES
 from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
 from medtricks.tricks.registry import ignoring_recipe_plugins, load_recipe_plugins, trick_tags, tricks_config_model
 
@@ -43,6 +45,8 @@ __all__ = [
     "flatten_recipe",
     "dump_recipe",
     "recipe_digest",
+    "check_weights_spec",
+    "RUN_WEIGHTS_PREFIX",
 ]
 
 
@@ -114,7 +118,7 @@ class DataConfig(_Section):
     root: str = "data/phantoms"
     synth: Optional[SynthConfig] = None
     image_size: int = Field(224, ge=8)
-    augment: Literal["cxr_light", "cxr_shift", "paper_baseline", "none"] = "cxr_light"
+    augment: Literal[AUGMENT_PRESETS] = "cxr_light"  # medtricks.data.transforms
     split_seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     # Held out from training *and* model selection; a test folder the card declares wins over it.
@@ -148,6 +152,30 @@ class ResizerConfig(_Section):
     lr_mult: float = Field(1.0, gt=0.0)
 
 
+#: ``model.weights: run:<run folder or run id>``: start from a finished medtricks run (medtricks/chained.py).
+RUN_WEIGHTS_PREFIX = "run:"
+
+
+def check_weights_spec(value: str, key: str = "model.weights") -> str:
+    """``value`` if it names a weights source; else a ConfigError naming ``key`` and the accepted forms.
+
+    Accepted: ``none``, a zoo name (``imagenet``, ``sin``, ``sin_in``, ``sin_in_in``),
+    ``file:/path/ckpt.pth[#sha256=HEX]`` and ``run:<run folder or run id>``. Whether the file or run
+    exists is checked when the model is built (a stored run's recipe must load on any machine)."""
+    if value == "none" or value in WEIGHT_NAMES:
+        return value
+    for prefix, what in (("file:", "a checkpoint path: file:/path/ckpt.pth[#sha256=HEX]"),
+                         (RUN_WEIGHTS_PREFIX, "a finished run: run:<run folder> or run:<run id>")):
+        if value.startswith(prefix):
+            if not value[len(prefix):].partition("#")[0].strip():
+                raise ConfigError(f"{key}={value!r} names nothing after {prefix!r}; expected {what}")
+            return value
+    close = difflib.get_close_matches(value, ["none", *WEIGHT_NAMES], n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown {key} {value!r}{hint}; expected 'none', one of {', '.join(WEIGHT_NAMES)}, "
+                      f"'file:/path/to/checkpoint.pth[#sha256=HEX]' or '{RUN_WEIGHTS_PREFIX}<run folder or run id>'")
+
+
 class ModelConfig(_Section):
     name: str = "resnet18"
     weights: str = "none"
@@ -157,6 +185,15 @@ class ModelConfig(_Section):
     layer_decay: Optional[float] = Field(None, gt=0.0, le=1.0)
     resizer: ResizerConfig = Field(default_factory=ResizerConfig)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, value: Any) -> Any:
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("run", "file"):
+            # `--set model.weights=run:` or `weights: run: x` reads as a YAML mapping
+            raise ConfigError(f"model.weights={value!r} was read as a mapping: write it as one string, "
+                              f"{next(iter(value))}:<...> with no space after the colon (quote it if needed)")
+        return check_weights_spec(value) if isinstance(value, str) else value
 
 
 class OptimConfig(_Section):

@@ -57,6 +57,7 @@ import pandas as pd
 
 from medtricks._atomic import atomic_path
 from medtricks.data import redact_paths
+from medtricks.data.transforms import PRESETS as AUGMENT_PRESETS
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import fmt_mean_ci, fmt_num, is_finite, markdown_table
 from medtricks.logged_params import run_params
@@ -71,7 +72,6 @@ __all__ = ["NoiseConfig", "RoundPlan", "SelfTrainResult", "run_self_train", "pla
            "STATE_FILE"]
 
 STATE_FILE = "self_train_state.json"
-AUGMENT_PRESETS = ("cxr_light", "cxr_shift", "paper_baseline", "none")  # = medtricks.data.transforms.PRESETS
 # Keys that do not change what is trained: out of the self-training id (as in ablations).
 _NOT_IDENTITY = (("tracking",), ("train", "progress"), ("ablation",))
 _METRICS = ("auroc", "accuracy")
@@ -87,7 +87,7 @@ class NoiseConfig:
         drop_rate: ``model.drop_rate`` of every student (0 leaves the recipe's value).
         drop_path_rate: ``model.kwargs.drop_path_rate`` (stochastic depth) where the timm model takes it
             (0 leaves the recipe's value).
-        augment: ``data.augment`` of every student, one of cxr_light, cxr_shift, paper_baseline, none;
+        augment: ``data.augment`` of every student, one of :data:`medtricks.data.transforms.PRESETS`;
             ``None`` keeps the recipe's preset. Default ``cxr_shift`` (the strongest X-ray preset;
             paper_baseline is ImageNet's, with horizontal flips).
         student: ``model.name`` of every student (an equal or larger model); ``None`` = the recipe's model.

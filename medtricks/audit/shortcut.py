@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from medtricks.audit.adversarial import _check_mean_std, _frozen, normalized_model
+from medtricks.data.lung_field import lung_field_mask
 from medtricks.audit.report import _align, _nan_to_none, _with_ci, metric_key
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.evaluate.metrics import _auroc, bootstrap_ci, compute_metrics
@@ -53,16 +54,6 @@ MIN_CAM_GRID = 4
 #: Border-blanking AUROC drop whose CI lower bound above this flags a shortcut.
 BORDER_DROP = 0.02
 _CI = 0.95
-
-
-def lung_field_mask(height: int, width: int) -> np.ndarray:
-    """The fixed lung field as a boolean ``(height, width)`` mask (see the module docstring)."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    y, x = (yy + 0.5) / height, (xx + 0.5) / width
-    mask = np.zeros((height, width), dtype=bool)
-    for cx in (0.30, 0.70):
-        mask |= ((x - cx) / 0.17) ** 2 + ((y - 0.50) / 0.30) ** 2 <= 1.0
-    return mask
 
 
 def _fill(x01: torch.Tensor, region: torch.Tensor, value: Optional[float]) -> torch.Tensor:

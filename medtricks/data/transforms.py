@@ -4,6 +4,9 @@ Presets (train=True):
 
 - ``cxr_light``: RandomResizedCrop scale 0.7-1.0, rotation uniform in +-10 deg (black border, as
   collimation looks), brightness/contrast +-0.1. No flips: a flipped chest puts the heart on the right.
+- ``cxr_lungfield``: against source shortcuts (DeGrave et al. 2021): ``cxr_light``, then half of the
+  images lose, to one random grey, either everything outside a randomly widened fixed lung field or
+  bands along their edges (text, markers, film edges); see :mod:`medtricks.data.lung_field`. No flips.
 - ``paper_baseline``: He et al. 2019's ImageNet recipe: RandomResizedCrop scale 0.08-1, ratio 3/4-4/3,
   horizontal flip, brightness/contrast/saturation 0.4 (saturation is a no-op on gray), PCA lighting
   noise 0.1 (FancyPCA on the gray channel).
@@ -40,8 +43,8 @@ import numpy as np
 
 from medtricks.errors import ConfigError, ConfigTypeError
 
-PRESETS = ("cxr_light", "cxr_shift", "paper_baseline", "none")
-_CROP_PCT = {"cxr_light": 1.0, "cxr_shift": 1.0, "paper_baseline": 0.875, "none": 1.0}
+PRESETS = ("cxr_light", "cxr_shift", "cxr_lungfield", "paper_baseline", "none")
+_CROP_PCT = {"cxr_light": 1.0, "cxr_shift": 1.0, "cxr_lungfield": 1.0, "paper_baseline": 0.875, "none": 1.0}
 
 
 def eval_resize_side(preset: str, image_size: int) -> int:
@@ -67,6 +70,10 @@ def _train_ops(preset: str, image_size: int) -> list:
                 A.GaussianBlur(sigma_limit=(0.3, 1.2), p=0.2),
                 A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
                 A.Downscale(scale_range=(0.5, 0.9), p=0.2)]
+    if preset == "cxr_lungfield":
+        from medtricks.data.lung_field import OutsideLungErasing
+
+        return _train_ops("cxr_light", image_size) + [OutsideLungErasing(p=0.5)]
     if preset == "paper_baseline":
         return [A.RandomResizedCrop(size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
                 A.HorizontalFlip(p=0.5),

@@ -6,6 +6,7 @@ and says when it is on (the run's ``tricks`` tag).
 """
 from __future__ import annotations
 
+from medtricks.data.transforms import PRESETS
 from medtricks.tricks.base import AblationName, Trick, register_trick
 
 __all__ = ["Warmup", "Cosine", "LinearScaling", "MixedPrecision", "Resizer", "Augment"]
@@ -86,4 +87,4 @@ class Augment(Trick):
     name = "augment"
     order = 220
     ablation = {"augment": AblationName("data.augment", None,
-                                        "augmentation preset: cxr_light, cxr_shift, paper_baseline, none")}
+                                        "augmentation preset: " + ", ".join(PRESETS))}
