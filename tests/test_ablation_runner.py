@@ -205,3 +205,27 @@ def test_real_two_by_two_ablation(mlflow_uri, base):
     more = run_ablation(recipe, ["mixup=0.2"], seeds=3, quiet=True)
     assert len(more.skipped) == 4 and len(_children(mlflow_uri)[1]) == 6
     assert more.table["n_seeds"].tolist() == [3, 3] and more.parent_run_id == result.parent_run_id
+
+
+def test_resplit_draws_each_seeds_own_split_and_is_another_ablation(tmp_path, base, monkeypatch):
+    """ablation.resplit (repeated hold-out, issue 35): seed s trains and tests every variant on split s."""
+    from medtricks.ablation.runner import ablation_id, child_recipe
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    class Recording(FakeTrainer):
+        def __call__(self, recipe, **kwargs):
+            seen.append((kwargs["extra_tags"]["variant"], recipe.experiment.seed, recipe.data.split_seed))
+            return super().__call__(recipe, **kwargs)
+
+    monkeypatch.setattr(medtricks.run, "run_recipe", Recording())
+    recipe = base.model_copy(deep=True)
+    recipe.tracking.backend = "none"
+    fixed_id = ablation_id(recipe, ["warmup"], "cumulative")
+    recipe.ablation.resplit = True
+    assert ablation_id(recipe, ["warmup"], "cumulative") != fixed_id  # never mixed with fixed-split children
+    assert child_recipe(recipe, [], seed=7, variant="baseline", variant_index=0, ablation="x").data.split_seed == 7
+    result = run_ablation(recipe, ["warmup"], seeds=2, quiet=True)
+    assert sorted(seen) == [("+warmup", 0, 0), ("+warmup", 1, 1), ("baseline", 0, 0), ("baseline", 1, 1)]
+    assert any("ablation.resplit" in note for note in result.notes)

@@ -2,7 +2,10 @@
 
 The seed of a child drives ``experiment.seed`` only (weights init, data order, augmentation); the
 patient-level split (``data.split_seed``) and the data stay fixed, so every variant sees the same
-images and variants pair up by seed. Runs go to the run store of ``tracking.backend``: MLflow, or
+images and variants pair up by seed. ``ablation.resplit: true`` (repeated hold-out, for sets of a few
+hundred images whose one test split cannot decide anything) lets the seed draw the split too: every
+variant of seed s trains and is tested on split s, so variants still pair up by seed and the intervals
+include which patients were held out. Runs go to the run store of ``tracking.backend``: MLflow, or
 for ``none`` the local run store inside the ablation folder (the parent's store is the ablation
 folder's own). Re-running the same ablation skips the (variant, seed) children that already
 finished (found in the store by the ablation id) and continues interrupted ones from their last
@@ -106,7 +109,8 @@ def ablation_id(recipe: Recipe, tricks: Sequence[str], mode: str) -> str:
 
     Seeds are not part of it, so ``--seeds 10`` after ``--seeds 5`` reuses the first five children.
     """
-    return recipe_digest(recipe, ignore=_NOT_IDENTITY, tricks=[str(t).strip() for t in tricks], mode=mode)
+    extra = {"resplit": True} if recipe.ablation.resplit else {}  # another protocol: other children
+    return recipe_digest(recipe, ignore=_NOT_IDENTITY, tricks=[str(t).strip() for t in tricks], mode=mode, **extra)
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -122,6 +126,8 @@ def child_recipe(base: Recipe, overrides: list[str], *, seed: int, variant: str,
     """
     data = apply_overrides(base.model_dump(mode="json"), overrides)
     data["experiment"]["seed"] = int(seed)
+    if base.ablation.resplit:  # repeated hold-out: the seed draws the patient split too (paired by seed still)
+        data["data"]["split_seed"] = int(seed)
     out = Path(base.experiment.output_dir) / base.experiment.name / f"ablation-{ablation}" / \
         f"v{variant_index:02d}_{_slug(variant)}_seed{seed}"
     data["experiment"]["output_dir"] = str(out)
@@ -467,6 +473,9 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
                          "auroc, f1, ece)")
         elif recipe.eval.n_bootstrap == 0:
             notes.append("image bootstrap: eval.n_bootstrap is 0")
+        elif recipe.ablation.resplit:
+            notes.append("image bootstrap: not used with ablation.resplit (each seed tests its own patients); the "
+                         "seed-level interval, which covers the choice of test patients, is the one to read")
         elif len(children):
             preds, missing = _predictions(children, keys["split"], store, out_dir / "predictions")
             if missing:
