@@ -314,6 +314,9 @@ class AblationConfig(_Section):
     metric: str = "val/auroc"
     jobs: int = Field(1, ge=1)
     test: Literal["t", "wilcoxon"] = "t"
+    # Repeated hold-out for small sets: each seed also draws its own patient-level split (data.split_seed = seed),
+    # so the intervals cover which patients land in the test split, not only the training noise.
+    resplit: bool = False
     # Where the children train (medtricks/ablation/executors.py): not part of what is trained.
     executor: Literal["local", "ray"] = "local"
     address: Optional[str] = None
