@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import matplotlib.pyplot as plt
 
+from medtricks.chained import describe_lineage
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.console import epoch_reporter, say as console_say, where_to_look
 import medtricks
@@ -654,6 +655,11 @@ def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, t
                    "n_test": len(bundle.test) if bundle.test is not None else 0,
                    "n_unlabeled": len(bundle.unlabeled) if bundle.unlabeled is not None else 0,
                    "n_quarantined": len(bundle.quarantine)})
+    lineage = info.get("lineage")
+    if lineage:  # model.weights: run:...: the run it started from, and what that run started from
+        params.update({"lineage.parent_run": lineage["parent_run_id"] or lineage["parent_run_dir"],
+                       "lineage.parent_recipe_digest": lineage["parent_recipe_digest"],
+                       "lineage.parent_weights": lineage["parent_weights"]})
     for trick in tricks:
         params.update(trick.log_params())
     tracker.log_params(params)
@@ -826,6 +832,7 @@ def _model_card(recipe: Recipe, classes, info, data_config, fit_result, metrics)
     lines = [f"# {recipe.experiment.name}", "",
              f"- architecture: {info.get('name', recipe.model.name)}",
              f"- weights: {recipe.model.weights} ({info.get('weights_source')}, sha256 {info.get('weights_sha256')})",
+             *([f"- parent run: {describe_lineage(info)}"] if info.get("lineage") else []),
              f"- classes: {', '.join(classes)}",
              f"- input: {recipe.model.in_chans} channel(s), normalize mean {tuple(data_config['mean'])} "
              f"std {tuple(data_config['std'])}",

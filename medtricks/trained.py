@@ -1,7 +1,7 @@
 """Trained models: rebuild the model a recipe describes, and load a finished run's model back.
 
-``build_model`` is what ``medtricks run`` trains; ``load_trained`` is what ``evaluate``, ``audit``
-and ``ensemble`` work on.
+``build_model`` is what ``medtricks run`` trains (``model.weights: run:<run>`` starts it from a finished
+run: :mod:`medtricks.chained`); ``load_trained`` is what ``evaluate``, ``audit`` and ``ensemble`` work on.
 
     from medtricks.trained import load_trained
     trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
@@ -9,15 +9,14 @@ and ``ensemble`` work on.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
+from medtricks.chained import ModelFileError, apply_parent_run, load_parent_run, parent_ref, read_model_state
+from medtricks.chained import trained_data_config as _trained_data_config
 from medtricks.data import load_card
-from medtricks.errors import MedtricksError, MissingFileError
+from medtricks.errors import MissingFileError
 from medtricks.models import create_model, get_data_config
 from medtricks.models.resizer import LearnableResizer, ResizerModel
 from medtricks.recipe import Recipe, load_run_recipe
@@ -28,13 +27,27 @@ from medtricks.tricks.layerscale import insert_layerscale_for_state
 __all__ = ["TrainedModel", "load_trained", "build_model", "ModelFileError"]
 
 
-class ModelFileError(MedtricksError):
-    """A run's model file that cannot be loaded safely (refused by ``torch.load(weights_only=True)``)."""
+def _with_weights(recipe: Recipe, weights: str) -> Recipe:
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"weights": weights})})
 
 
 def build_model(recipe: Recipe, num_classes: int):
-    """Backbone (+ learnable resizer) from the ``model`` section; returns (model, data_config)."""
+    """Backbone (+ learnable resizer) from the ``model`` section; returns (model, data_config).
+
+    ``model.weights: run:<run folder or run id>`` starts from a finished run's model (a run id is looked up
+    in the local run store under ``experiment.output_dir``, then in MLflow): see
+    :func:`medtricks.chained.apply_parent_run`.
+    """
     cfg = recipe.model
+    ref = parent_ref(cfg.weights)
+    if ref is not None:
+        uri = recipe.tracking.uri if recipe.tracking.backend == "mlflow" else None
+        run_dir, run_id, store = _resolve_run_files(ref, uri, recipe.experiment.output_dir)
+        local = store.local_run_dir(ref) if store is not None else None
+        downloaded = store is not None and (local is None or Path(local).resolve() != Path(run_dir).resolve())
+        parent = load_parent_run(run_dir, ref=ref, run_id=run_id, downloaded=downloaded)
+        model, data_config = build_model(_with_weights(recipe, "none"), num_classes)
+        return model, apply_parent_run(model, recipe, parent, data_config)
     backbone = create_model(cfg.name, weights=cfg.weights, num_classes=num_classes, in_chans=cfg.in_chans,
                             drop_rate=cfg.drop_rate, **cfg.kwargs)
     data_config = get_data_config(backbone)
@@ -121,21 +134,12 @@ def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = 
     run_dir, run_id, store = _resolve_run_files(ref, tracking_uri, runs_dir)
     run = RunDir(run_dir)
     recipe = load_run_recipe(run.recipe)  # its plug-in list is never imported
-    state_path = run.model_state
-    if not state_path.is_file():
-        raise MissingFileError(f"{state_path} not found: the run did not finish, or logged no model "
-                                "(tracking.log_model: false)")
-    try:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - never retried unsafely; one line, not torch's advice
-        raise ModelFileError(f"{state_path} was refused ({type(err).__name__}): it holds objects other than tensors "
-                             "and plain values, or is damaged, and medtricks never unpickles such a file (it could run "
-                             "code); use the model_state.pt that a medtricks run wrote") from None
+    state = read_model_state(run.model_state, device)
     classes = list(load_card(recipe.data.card).classes)
     # Random init is enough (the state dict overwrites it) and needs no weights file; fall back to
     # the recipe's weights when their stem adaptation added tensors (e.g. a folded conv bias).
-    no_weights = recipe.model_copy(update={"model": recipe.model.model_copy(update={"weights": "none"})})
-    model, data_config = build_model(no_weights, num_classes=len(classes))
+    # A chained run (weights run:...) is rebuilt the same way: its parent run is not needed any more.
+    model, data_config = build_model(_with_weights(recipe, "none"), num_classes=len(classes))
     insert_layerscale_for_state(model, state)  # tricks.layerscale_gamma.insert added LayerScale modules
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -147,11 +151,3 @@ def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = 
     model.to(device).eval()
     return TrainedModel(model=model, recipe=recipe, classes=classes, data_config=data_config,
                         run_dir=run_dir, run_id=run_id, store=store)
-
-
-def _trained_data_config(run_dir: Path, fallback: dict) -> dict:
-    saved = RunDir(run_dir).data_config
-    if saved.is_file():
-        data = json.loads(saved.read_text())
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return fallback
