@@ -41,6 +41,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medtricks.data import lung_field
 from medtricks.errors import ConfigError, ConfigTypeError
 
 PRESETS = ("cxr_light", "cxr_shift", "cxr_lungfield", "paper_baseline", "none")
@@ -71,9 +72,7 @@ def _train_ops(preset: str, image_size: int) -> list:
                 A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
                 A.Downscale(scale_range=(0.5, 0.9), p=0.2)]
     if preset == "cxr_lungfield":
-        from medtricks.data.lung_field import OutsideLungErasing
-
-        return _train_ops("cxr_light", image_size) + [OutsideLungErasing(p=0.5)]
+        return _train_ops("cxr_light", image_size) + [lung_field.OutsideLungErasing(p=0.5)]
     if preset == "paper_baseline":
         return [A.RandomResizedCrop(size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
                 A.HorizontalFlip(p=0.5),
