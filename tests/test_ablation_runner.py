@@ -209,7 +209,7 @@ def test_real_two_by_two_ablation(mlflow_uri, base):
 
 def test_resplit_draws_each_seeds_own_split_and_is_another_ablation(tmp_path, base, monkeypatch):
     """ablation.resplit (repeated hold-out, issue 35): seed s trains and tests every variant on split s."""
-    from medtricks.ablation.runner import ablation_id, child_recipe
+    from medtricks.ablation.runner import ablation_id, ablation_settings, child_recipe
 
     monkeypatch.chdir(tmp_path)
     seen = []
@@ -224,6 +224,7 @@ def test_resplit_draws_each_seeds_own_split_and_is_another_ablation(tmp_path, ba
     recipe.tracking.backend = "none"
     fixed_id = ablation_id(recipe, ["warmup"], "cumulative")
     recipe.ablation.resplit = True
+    assert ablation_settings(recipe, tricks="warmup")["tricks"] == ["warmup"]  # the key passes the settings check
     assert ablation_id(recipe, ["warmup"], "cumulative") != fixed_id  # never mixed with fixed-split children
     assert child_recipe(recipe, [], seed=7, variant="baseline", variant_index=0, ablation="x").data.split_seed == 7
     result = run_ablation(recipe, ["warmup"], seeds=2, quiet=True)

@@ -256,7 +256,8 @@ def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] =
         section = {}
     elif not isinstance(section, dict):
         section = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    unknown = sorted(set(section) - {"tricks", *_SETTINGS_DEFAULTS})
+    # resplit is read from the recipe by run_ablation itself (it changes the children's recipes)
+    unknown = sorted(set(section) - {"tricks", "resplit", *_SETTINGS_DEFAULTS})
     if unknown:
         raise ConfigError(f"recipe section 'ablation' has unknown key(s) {unknown}; "
                          f"valid: tricks, {', '.join(_SETTINGS_DEFAULTS)}")
