@@ -123,6 +123,19 @@ class RunDir:
         return None
 
     @classmethod
+    def newest_finished(cls, folder: str | Path) -> Optional["RunDir"]:
+        """The newest finished run folder (with its model) directly inside an experiment folder
+        (``<output_dir>/<experiment>``), if any; run folders sort by their time stamp."""
+        folder = Path(folder)
+        if not folder.is_dir() or (folder / "recipe.yaml").is_file():
+            return None
+        for path in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
+            run = cls(path)
+            if run.recipe.is_file() and run.model_state.is_file() and run.is_finished():
+                return run
+        return None
+
+    @classmethod
     def containing(cls, path: str | Path) -> Optional["RunDir"]:
         """The run folder a path points at or into (the folder, its ``model/`` or a file there), if it is one."""
         path = Path(path)

@@ -35,12 +35,15 @@ def build_model(recipe: Recipe, num_classes: int):
     """Backbone (+ learnable resizer) from the ``model`` section; returns (model, data_config).
 
     ``model.weights: run:<run folder or run id>`` starts from a finished run's model (a run id is looked up
-    in the local run store under ``experiment.output_dir``, then in MLflow): see
+    in the local run store under ``experiment.output_dir``, then in MLflow; an experiment folder such as
+    ``runs/kermany_pneumonia`` means its newest finished run, recorded in the lineage): see
     :func:`medtricks.chained.apply_parent_run`.
     """
     cfg = recipe.model
     ref = parent_ref(cfg.weights)
     if ref is not None:
+        newest = RunDir.newest_finished(ref)  # an experiment folder (runs/kermany_pneumonia): its newest finished run
+        ref = str(newest.path) if newest is not None else ref
         uri = recipe.tracking.uri if recipe.tracking.backend == "mlflow" else None
         run_dir, run_id, store = _resolve_run_files(ref, uri, recipe.experiment.output_dir)
         local = store.local_run_dir(ref) if store is not None else None

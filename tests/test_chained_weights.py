@@ -95,6 +95,20 @@ def test_a_run_id_is_found_in_the_local_run_store(parent):
     assert model.medtricks_info["lineage"]["parent_run_id"] == result.run_id
 
 
+def test_an_experiment_folder_means_its_newest_finished_run(parent, tmp_path):
+    result, state, folder = parent
+    experiment = result.run_dir.parent  # <output_dir>/pneumonia
+    unfinished = experiment / "99999999-999999-ffffff"  # newer by its stamp, but never finished
+    (unfinished / "model").mkdir(parents=True)
+    try:
+        shutil.copy(result.run_dir / "recipe.yaml", unfinished / "recipe.yaml")
+        model, _ = build_model(_child(tmp_path, str(experiment)), num_classes=3)
+    finally:
+        shutil.rmtree(unfinished)
+    assert model.medtricks_info["lineage"]["parent_run_dir"] == str(result.run_dir.resolve())
+    assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("model.name=resnet34", r"model.name='resnet18'.*model.name='resnet34'"),
     ("model.in_chans=3", r"model.in_chans=1.*model.in_chans=3"),
