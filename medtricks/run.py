@@ -655,6 +655,13 @@ def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, t
                    "n_test": len(bundle.test) if bundle.test is not None else 0,
                    "n_unlabeled": len(bundle.unlabeled) if bundle.unlabeled is not None else 0,
                    "n_quarantined": len(bundle.quarantine)})
+    unseen = bundle.manifest.attrs.get("unseen_labels") or {}  # the card's unknown_labels policy acted on these
+    params["n_unseen_label_images"] = sum(unseen.values())
+    if unseen:
+        policy = bundle.card.unknown_labels
+        say(f"data: {sum(unseen.values())} image(s) carry raw labels card {bundle.card.name!r} does not name, "
+            f"{'left out' if policy == 'drop' else f'labelled {policy!r}'} by its unknown_labels: "
+            + ", ".join(f"{raw!r} ({n})" for raw, n in sorted(unseen.items())))
     lineage = info.get("lineage")
     if lineage:  # model.weights: run:...: the run it started from, and what that run started from
         params.update({"lineage.parent_run": lineage["parent_run_id"] or lineage["parent_run_dir"],

@@ -100,3 +100,32 @@ def test_card_from_dict_default_is_error():
                            "task": "binary", "classes": ["a", "b"], "layout": {"kind": "folder"},
                            "patient": {"per_image": True}})
     assert card.unknown_labels == "error" and card.map_unseen_label("zzz") is None
+
+
+def test_a_run_reports_and_logs_the_images_its_card_policy_mapped(tmp_path, capsys):
+    """The phantoms' 'covid' label is unseen by a normal/pneumonia card that maps 'bacterial' only: the run says
+    so on the console and logs how many images the policy labelled."""
+    import json
+
+    import yaml
+
+    from medtricks.data import synthesize_phantoms
+    from medtricks.recipe import load_recipe
+    from medtricks.run import run_recipe
+    from tests.test_chained_weights import ROOT, TINY
+
+    card = yaml.safe_load((ROOT / "data_cards" / "synthetic-phantoms.yaml").read_text())
+    card.update(name="pneumonia-phantoms", task="binary", classes=["normal", "pneumonia"],
+                label_map={"bacterial": "pneumonia"}, unknown_labels="pneumonia")
+    path = tmp_path / "pneumonia-phantoms.yaml"
+    path.write_text(yaml.safe_dump(card))
+    synthesize_phantoms(tmp_path / "phantoms", n=48, size=32, seed=0)
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
+        *TINY, "model.weights=none", f"data.card={path}", f"data.root={tmp_path / 'phantoms'}", "data.synth=null",
+        f"experiment.output_dir={tmp_path / 'runs'}"])
+    with pytest.warns(UnseenLabelWarning, match="'covid'"):
+        result = run_recipe(recipe, quiet=False)
+    assert "carry raw labels card 'pneumonia-phantoms'" in capsys.readouterr().out
+    params = json.loads((result.run_dir / "store" / "params.json").read_text())
+    covid = pd.read_csv(tmp_path / "phantoms" / "phantoms.csv")["label"].eq("covid").sum()
+    assert int(params["n_unseen_label_images"]) == covid > 0
