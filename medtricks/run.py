@@ -30,6 +30,7 @@ from medtricks.chained import describe_lineage
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.console import epoch_reporter, say as console_say, where_to_look
 import medtricks
+from medtricks._atomic import write_csvs
 from medtricks.data import build_datasets, export_manifest, export_quarantine, load_card, redact_paths
 from medtricks.data.splits import changed_splits, describe_data_changes, rows_fingerprint, split_fingerprint
 from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_schedule, plot_reliability_diagram,
@@ -46,7 +47,7 @@ from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_run_recip
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
 from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, check_store, create_store
 from medtricks.train import EngineConfig, distributed, fit, predict, resolve_amp, resolve_device, seed_everything
-from medtricks.train.checkpoint import load_checkpoint
+from medtricks.train.checkpoint import load_checkpoint, save_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
 from medtricks.train.fast import prepare_cached_prefix, progressive_loader
 from medtricks.train.frozen_cache import with_fused_frozen_norms
@@ -672,11 +673,11 @@ def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, t
     tracker.log_params(params)
     run.artifacts.mkdir(exist_ok=True)
     tracker.log_artifact(run.recipe)
-    export_manifest(bundle.manifest, recipe.data.root).to_csv(run.split_manifest, index=False)
+    write_csvs({run.split_manifest: export_manifest(bundle.manifest, recipe.data.root)})  # atomic, spreadsheet-safe
     tracker.log_artifact(run.split_manifest, "data")
     if len(bundle.quarantine):
         # image_id (as in the split manifest) and reasons with data paths hashed; the real paths only on the console
-        export_quarantine(bundle.quarantine, recipe.data.root).to_csv(run.quarantine, index=False)
+        write_csvs({run.quarantine: export_quarantine(bundle.quarantine, recipe.data.root)})
         tracker.log_artifact(run.quarantine, "data")
         say(f"warning: {len(bundle.quarantine)} unreadable images skipped (data.on_bad_image=skip); "
             f"listed in {run.quarantine}:")
@@ -764,7 +765,7 @@ def _save_model(recipe: Recipe, run: RunDir, tracker: Tracker, eval_model, class
                 fit_result, final: _FinalEvaluation) -> None:
     """The model: state dict, data config, operating point and a model card (enough to rebuild it)."""
     run.model_dir.mkdir(exist_ok=True)
-    torch.save(eval_model.state_dict(), run.model_state)
+    save_checkpoint(eval_model.state_dict(), run.model_state)  # atomic; a full disk is one clear error
     run.data_config.write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}))
     run.model_card.write_text(_model_card(recipe, classes, info, data_config, fit_result,
                                           final.by_split.get("val")))

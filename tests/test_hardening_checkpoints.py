@@ -47,3 +47,26 @@ def test_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="cannot be read safely"):
         run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
     assert MARKER["ran"] is False
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    """torch's own file writer turns ENOSPC into an opaque RuntimeError; through a Python file it is a
+    one-line ResourceError naming the checkpoint, and the previous checkpoint survives."""
+    import builtins
+    import os
+
+    import medtricks.train.checkpoint as checkpoint
+    from medtricks.errors import ResourceError
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint({"epoch": 1}, path)
+    real_open = builtins.open
+    monkeypatch.setattr(checkpoint, "open", lambda f, mode="r", *a, **k: real_open(
+        "/dev/full" if "w" in mode else f, mode, *a, **k), raising=False)
+    with pytest.raises(ResourceError, match=r"last\.pt could not be written \(No space left on device\); the "
+                                            r"previous checkpoint there is kept") as info:
+        checkpoint.save_checkpoint({"epoch": 2, "w": torch.zeros(100_000)}, path)
+    assert "\n" not in str(info.value)
+    assert checkpoint.load_checkpoint(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

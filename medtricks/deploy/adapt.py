@@ -49,6 +49,7 @@ from medtricks.posthoc import _train_priors_from_manifest, load_operating_point,
 from medtricks.predict import collect_images
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.train import predict, resolve_device
+from medtricks.train.checkpoint import save_checkpoint
 from medtricks.trained import load_trained
 
 __all__ = ["adapt_run", "AdaptResult", "ADAPT_METHODS", "ADAPTATION_FILE", "site_images"]
@@ -205,8 +206,7 @@ def adapt_run(ref: str, *, root: str, method: str, name: Optional[str] = None, s
         parent.output_dir if parent.state_file.is_file() else Path(trained.recipe.experiment.output_dir))
     child = RunDir.create(base, trained.recipe.experiment.name)
     _copy_parent(parent, child)
-    with atomic_path(child.model_state) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    save_checkpoint({k: v.detach().cpu() for k, v in model.state_dict().items()}, child.model_state)
     record = {"format": "medtricks-adaptation/1", "method": method, "parent_run_id": trained.run_id,
               "parent_run_dir": str(parent.path), "settings": settings, "site_root": folder_id(root),
               "n_images": len(ids), "image_set": _id_digest(ids), "image_ids": ids,

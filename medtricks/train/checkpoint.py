@@ -1,6 +1,7 @@
 """Checkpoints that survive a crash: atomic writes and full training state."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,17 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     failed write (a full disk) leaves no partial ``.tmp`` file behind (the error is raised)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            # Through a Python file: a full disk is an OSError (ENOSPC) here; torch's own writer would raise
+            # an opaque RuntimeError ("unexpected pos") instead.
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        kept = "the previous checkpoint there is kept" if path.is_file() else "nothing was written there"
+        raise ResourceError(f"checkpoint {path} could not be written ({err.strerror or err}); {kept}: free space "
+                            "(or set experiment.output_dir to another disk) and resume with --resume auto") from err
     return path
 
 
