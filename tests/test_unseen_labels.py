@@ -129,3 +129,16 @@ def test_a_run_reports_and_logs_the_images_its_card_policy_mapped(tmp_path, caps
     params = json.loads((result.run_dir / "store" / "params.json").read_text())
     covid = pd.read_csv(tmp_path / "phantoms" / "phantoms.csv")["label"].eq("covid").sum()
     assert int(params["n_unseen_label_images"]) == covid > 0
+
+
+def test_covid_folder_card_reads_a_one_class_external_set_and_names_an_unmapped_folder(tmp_path):
+    """The card for a Hannover-style external check: another site's COVID-19 images in covid/, no patient IDs."""
+    from tests.test_data_manifest import _png
+
+    for i in range(4):
+        _png(tmp_path / "site" / "COVID-19" / f"{i}.png", i)
+    m = build_manifest("covid-folder", tmp_path / "site", val_fraction=0.25)
+    assert set(m["label"]) == {"covid"} and len(m) == 4 and m["patient"].nunique() == 4  # one patient per image
+    _png(tmp_path / "site" / "Pneumothorax" / "x.png", 9)
+    with pytest.raises(ManifestError, match="'Pneumothorax'"):
+        build_manifest("covid-folder", tmp_path / "site")
