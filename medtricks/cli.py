@@ -7,7 +7,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from medtricks.errors import MedtricksError
+from medtricks.errors import ConfigError, MedtricksError
 
 EPILOG = """examples:
   medtricks run recipes/quickstart.yaml
@@ -33,6 +33,7 @@ EPILOG = """examples:
   medtricks calibrate runs/kermany_pneumonia/<id> --card kermany-pneumonia --root /data/site_a --name site-a
   medtricks predict runs/kermany_pneumonia/<id> /data/new_xrays --site site-a
   medtricks adapt runs/kermany_pneumonia/<id> --root /data/site_a_images --method adabn
+  medtricks adapt runs/kermany_pneumonia/<id> --method finetune --card kermany-pneumonia --root /data/site_a
   medtricks cka runs/a/<id> runs/b/<id> --card kermany-pneumonia --root /data/kermany/test --n 500
   medtricks cka runs/kermany_pneumonia/<id> --vs-init --log
   medtricks weights list
@@ -321,22 +322,40 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--no-log", action="store_true", help="store the profile in the run folder only")
 
     adapt = sub.add_parser(
-        "adapt", help="adapt a trained run to a site's unlabelled images: em-prior (a site profile), adabn or tent "
-                      "(a new run that records its parent)")
+        "adapt", help="adapt a trained run to a new site: em-prior (a site profile), adabn or tent on unlabelled "
+                      "images, finetune on labelled ones (cross-fitted by patient); a new run that records its parent")
     adapt.add_argument("run", help="a run folder, its model/model_state.pt, or a run id")
-    adapt.add_argument("--root", required=True, help="folder of the site's images (labels not needed; searched "
-                                                     "recursively like predict's inputs)")
-    adapt.add_argument("--method", required=True, choices=["em-prior", "adabn", "tent"],
+    adapt.add_argument("--root", required=True, help="folder of the site's images (em-prior/adabn/tent: labels not "
+                                                     "needed, searched recursively like predict's inputs; finetune: "
+                                                     "the labelled sample as --card describes it)")
+    adapt.add_argument("--method", required=True, choices=["em-prior", "adabn", "tent", "finetune"],
                        help="em-prior: site prevalence by EM (Saerens 2002), stored as a site profile; adabn: "
                             "BatchNorm statistics re-estimated on the images; tent: BatchNorm affine parameters "
-                            "by entropy minimisation (Wang 2021)")
+                            "by entropy minimisation (Wang 2021); finetune: the run fine-tuned on labelled site "
+                            "images, measured by patient-level cross-fitting, then trained on all of them")
+    adapt.add_argument("--card", default=None, help="finetune (required): data card name or YAML path of the "
+                                                    "labelled site sample; its classes must be the run's")
     adapt.add_argument("--name", default=None, help="em-prior: the site profile's name (default: em-prior)")
     adapt.add_argument("--steps", type=int, default=1, help="tent: passes over the images (default 1)")
-    adapt.add_argument("--lr", type=float, default=1e-3, help="tent: SGD learning rate (default 0.001)")
-    adapt.add_argument("--batch-size", type=int, default=32)
-    adapt.add_argument("--seed", type=int, default=0, help="tent batch order; em-prior bootstrap")
+    adapt.add_argument("--lr", type=float, default=None,
+                       help="tent: SGD learning rate (default 0.001); finetune: optim.lr (default: the run's x 0.1; "
+                            "linear scaling, when its recipe uses it, applies on top)")
+    adapt.add_argument("--batch-size", type=int, default=None,
+                       help="adabn/tent (default 32); finetune: train.batch_size (default: the run's)")
+    adapt.add_argument("--seed", type=int, default=0, help="tent batch order; em-prior bootstrap; finetune: the "
+                                                           "folds and the bootstrap")
+    adapt.add_argument("--folds", type=int, default=5, help="finetune: patient-level cross-fitting folds (default 5)")
+    adapt.add_argument("--epochs", type=int, default=3, help="finetune: training epochs (default 3)")
+    adapt.add_argument("--freeze", default=None, metavar="0,1,2",
+                       help="finetune: model.freeze as timm stage indices (0 = stem) or module patterns, or none "
+                            "(default: the run's own)")
+    adapt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="finetune: any other recipe key of the fine-tuning runs (repeatable)")
+    adapt.add_argument("--n-bootstrap", type=int, default=None, metavar="N",
+                       help="bootstrap resamples of the intervals (em-prior default 200; finetune default 1000)")
     adapt.add_argument("--out-dir", default=None, metavar="DIR",
-                       help="adabn/tent: where the new run folder goes (default: beside the parent run)")
+                       help="where the new run folder goes (default: beside the parent run); finetune: also its "
+                            "cross-fit folder finetune-<id>/ (a rerun skips the folds it finished)")
     adapt.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     adapt.add_argument("--tracking-uri", default=None)
     adapt.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
@@ -636,14 +655,41 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_adapt(args) -> int:
+    if args.method == "finetune":
+        return _cmd_finetune(args)
+    given = [flag for flag, value in (("--card", args.card), ("--freeze", args.freeze), ("--set", args.overrides))
+             if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: for --method finetune only (labelled site images); --method "
+                          f"{args.method} adapts to unlabelled images")
     from medtricks.deploy.adapt import adapt_run
 
-    result = adapt_run(args.run, root=args.root, method=args.method, name=args.name, steps=args.steps, lr=args.lr,
-                       batch_size=args.batch_size, seed=args.seed, device=args.device, tracking_uri=args.tracking_uri,
-                       log=not args.no_log, runs_dir=args.runs_dir, output_dir=args.out_dir)
+    result = adapt_run(args.run, root=args.root, method=args.method, name=args.name, steps=args.steps,
+                       lr=1e-3 if args.lr is None else args.lr, batch_size=args.batch_size or 32, seed=args.seed,
+                       n_bootstrap=200 if args.n_bootstrap is None else args.n_bootstrap, device=args.device,
+                       tracking_uri=args.tracking_uri, log=not args.no_log, runs_dir=args.runs_dir,
+                       output_dir=args.out_dir)
     print(result.summary())
     if result.logged_to and result.run_id:
         print(f"logged to {result.logged_to}: run {result.run_id}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    if not args.card:
+        raise ConfigError("--method finetune learns from labelled site images: name their data card with --card C "
+                          "(its classes must be the run's), e.g. `medtricks adapt RUN --method finetune --card "
+                          "kermany-pneumonia --root SITE`")
+    from medtricks.deploy.finetune import finetune_run, parse_freeze
+
+    result = finetune_run(args.run, card=args.card, root=args.root, folds=args.folds, epochs=args.epochs, lr=args.lr,
+                          freeze=parse_freeze(args.freeze), overrides=args.overrides, seed=args.seed,
+                          n_bootstrap=1000 if args.n_bootstrap is None else args.n_bootstrap,
+                          batch_size=args.batch_size, output_dir=args.out_dir, tracking_uri=args.tracking_uri,
+                          runs_dir=args.runs_dir, log=not args.no_log, device=args.device)
+    for text in result.warnings:
+        print(f"warning: {text}", file=sys.stderr)
+    print(result.summary())
     return 0
 
 

@@ -9,6 +9,9 @@
   model predicts one image at a time like any run (TENT as published keeps normalising by each test
   batch; the adaptation record says so).
 
+With *labelled* site images, ``finetune`` (``medtricks adapt RUN --method finetune --card C --root SITE``)
+fine-tunes the run on them, cross-fitted by patient: :func:`medtricks.deploy.finetune.finetune_run`.
+
 ``adabn`` and ``tent`` write a new run folder beside the parent's (same experiment): the parent's
 recipe, data config, operating point and split manifest (so ``evaluate`` still finds the parent's
 training data in an evaluation set), the adapted ``model_state.pt``, and ``model/adaptation.json``:
@@ -52,9 +55,10 @@ from medtricks.train import predict, resolve_device
 from medtricks.train.checkpoint import save_checkpoint
 from medtricks.trained import load_trained
 
-__all__ = ["adapt_run", "AdaptResult", "ADAPT_METHODS", "ADAPTATION_FILE", "site_images"]
+__all__ = ["adapt_run", "AdaptResult", "ADAPT_METHODS", "LABELLED_METHODS", "ADAPTATION_FILE", "site_images"]
 
-ADAPT_METHODS = ("em-prior", "adabn", "tent")
+ADAPT_METHODS = ("em-prior", "adabn", "tent")  # unlabelled site images: adapt_run
+LABELLED_METHODS = ("finetune",)  # labelled site images (a data card): medtricks.deploy.finetune.finetune_run
 ADAPTATION_FILE = "adaptation.json"  # model/adaptation.json of an adapted run
 
 
@@ -156,9 +160,12 @@ def adapt_run(ref: str, *, root: str, method: str, name: Optional[str] = None, s
     ``em-prior`` stores the site profile ``name`` (default ``em-prior``) in the run; ``adabn``/``tent``
     write a new run under ``output_dir`` (default: beside the parent, same experiment). ``steps``,
     ``lr``: TENT's passes over the images and SGD learning rate; ``seed``: TENT's batch order."""
+    if method in LABELLED_METHODS:
+        raise ConfigError(f"--method {method} learns from labelled site images: it needs their data card "
+                          "(`medtricks adapt RUN --method finetune --card C --root SITE`, or in Python "
+                          "medtricks.deploy.finetune.finetune_run(RUN, card=C, root=SITE))")
     if method not in ADAPT_METHODS:
-        raise ConfigError(f"--method {method!r}: expected one of {', '.join(ADAPT_METHODS)} "
-                          "(finetune on labelled site images is not built yet)")
+        raise ConfigError(f"--method {method!r}: expected one of {', '.join(ADAPT_METHODS + LABELLED_METHODS)}")
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     parent_name = trained.run_id or str(trained.run_dir)
