@@ -7,6 +7,8 @@
 - :mod:`~medtricks.deploy.bn` — AdaBN and TENT (BatchNorm surgery, in place, with a report).
 - :mod:`~medtricks.deploy.calibrate` — ``medtricks calibrate`` (a labelled site sample).
 - :mod:`~medtricks.deploy.adapt` — ``medtricks adapt`` (unlabelled site images: em-prior, adabn, tent).
+- :mod:`~medtricks.deploy.finetune` — ``medtricks adapt --method finetune``: fine-tuning on a labelled site
+  sample, patient-level cross-fitted, then once on the whole sample (a run that records its parent).
 
 Names are loaded on first use (``from medtricks.deploy import calibrate_site``), so the lower layers
 (``posthoc`` reads profiles) never import the orchestration.
@@ -27,6 +29,7 @@ _EXPORTS = {
     "calibrate_site": "medtricks.deploy.calibrate",
     "calibrate_predictions": "medtricks.deploy.calibrate",
     "adapt_run": "medtricks.deploy.adapt",
+    "finetune_run": "medtricks.deploy.finetune",
 }
 
 __all__ = sorted(_EXPORTS)
