@@ -28,6 +28,7 @@ import medtricks.tracking.mlflow_tracker as mt
 from medtricks.rundir import RunDir
 from medtricks.tracking import TrackingUnavailableError, TrackingWarning, create_store, replay_unsent
 from medtricks.tracking.replay import main as replay_main
+from medtricks.errors import ResourceError
 from medtricks.train.checkpoint import load_checkpoint, save_checkpoint
 
 from conftest import fresh_sqlite_uri
@@ -343,8 +344,8 @@ def _disk_full_after_a_few_bytes(path, *args, **kwargs):
 def test_save_checkpoint_leaves_no_tmp_file_when_the_disk_is_full(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint({"epoch": 1}, path)
-    monkeypatch.setattr(torch, "save", lambda state, f, *a, **k: _disk_full_after_a_few_bytes(f))
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(torch, "save", lambda state, f, *a, **k: _disk_full_after_a_few_bytes(f.name))
+    with pytest.raises(ResourceError, match="No space left"):  # one line naming the checkpoint (not an OSError)
         save_checkpoint({"epoch": 2}, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
     monkeypatch.undo()
