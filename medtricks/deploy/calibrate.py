@@ -117,6 +117,27 @@ def calibrate_predictions(y: Any, probs: Any, groups: Any, *, name: str, classes
                        stored_threshold=stored_threshold, notes=notes)
 
 
+def check_site_overlap(trained, manifest, root, tracking_uri: Optional[str], run_name: str, *, why: str) -> list[str]:
+    """Refuse a site sample that shares images or patients with the run's training/validation data
+    (:class:`SiteOverlapError`, ending with ``why``); return the warnings (no split manifest to check against,
+    overlap with the run's internal test split)."""
+    warnings: list[str] = []
+    overlap = split_overlap(trained, manifest, root, tracking_uri)
+    if overlap is None:
+        warnings.append(f"run {run_name} kept no split manifest: whether the site sample shares images or patients "
+                        "with its training data cannot be checked")
+        return warnings
+    seen = {s: (overlap.images.get(s, 0), overlap.patients.get(s, 0)) for s in ("train", "val")
+            if overlap.images.get(s) or overlap.patients.get(s)}
+    if seen:
+        raise SiteOverlapError(
+            f"the site sample shares data with run {run_name}'s own training/validation data ("
+            + "; ".join(f"{s}: {i} identical images, {p} patients" for s, (i, p) in seen.items()) + f"): {why}")
+    if overlap.images.get("test") or overlap.patients.get("test"):
+        warnings.append(f"the site sample shares {overlap.summary()} with the run's own internal test split")
+    return warnings
+
+
 def calibrate_site(ref: str, *, card: str, root: str, name: str = "site", target_sensitivity: Optional[float] = None,
                    n_bootstrap: int = 200, ci: float = 0.95, folds: int = 5, seed: int = 0, batch_size: int = 64,
                    min_per_class: int = MIN_PER_CLASS, tracking_uri: Optional[str] = None, log: bool = True,
@@ -134,23 +155,10 @@ def calibrate_site(ref: str, *, card: str, root: str, name: str = "site", target
         raise ConfigError(f"calibrate applies to binary models; run {run_name} has {len(trained.classes)} classes "
                           f"{trained.classes}")
     dataset, quarantine = eval_dataset(trained, card, root, split="all", progress=progress, class_map=class_map)
-    warnings: list[str] = []
-    overlap = split_overlap(trained, dataset.manifest, root, tracking_uri)
-    if overlap is None:
-        warnings.append(f"run {run_name} kept no split manifest: whether the site sample shares images or patients "
-                        "with its training data cannot be checked")
-    else:
-        seen = {s: (overlap.images.get(s, 0), overlap.patients.get(s, 0)) for s in ("train", "val")
-                if overlap.images.get(s) or overlap.patients.get(s)}
-        if seen:
-            raise SiteOverlapError(
-                f"the site sample shares data with run {run_name}'s own training/validation data ("
-                + "; ".join(f"{s}: {i} identical images, {p} patients" for s, (i, p) in seen.items())
-                + "): a threshold and temperature fitted on images the model trained or was selected on are not a "
-                  "site calibration. Remove those images (their patients) from the sample, or use images of other "
-                  "patients")
-        if overlap.images.get("test") or overlap.patients.get("test"):
-            warnings.append(f"the site sample shares {overlap.summary()} with the run's own internal test split")
+    warnings = check_site_overlap(
+        trained, dataset.manifest, root, tracking_uri, run_name,
+        why="a threshold and temperature fitted on images the model trained or was selected on are not a site "
+            "calibration. Remove those images (their patients) from the sample, or use images of other patients")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=trained.recipe.data.num_workers)
     y, probs, _ = predict(trained.model, loader, device=dev, progress=progress, desc="calibrate")
     op = load_operating_point(trained.run_dir)

@@ -69,13 +69,14 @@ from medtricks.console import say
 from medtricks.data import assign_splits, folder_id, load_card
 from medtricks.data.manifest import image_id, patient_salt
 from medtricks.deploy.adapt import ADAPTATION_FILE
-from medtricks.deploy.calibrate import SiteOverlapError, SiteSampleError
+from medtricks.deploy.calibrate import SiteSampleError, check_site_overlap
+from medtricks.deploy.fit import patient_folds
 from medtricks.errors import ConfigError
 from medtricks.evaluate.metrics import compute_metrics
 from medtricks.evaluate.operating_point import OperatingPoint, probs_at_threshold, select_threshold
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
 from medtricks.export import export_model
-from medtricks.posthoc import eval_dataset, load_operating_point, split_overlap
+from medtricks.posthoc import eval_dataset, load_operating_point
 from medtricks.recipe import Recipe, apply_overrides, load_run_recipe, recipe_digest, recipe_from_dict
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.run import run_recipe
@@ -163,23 +164,6 @@ def finetune_recipe(parent: Recipe, *, weights: str, card: str, root: str, epoch
 
 
 # ------------------------------------------------------------------------------------- splits
-def patient_folds(y: Any, groups: Any, folds: int, seed: int = 0) -> np.ndarray:
-    """The fold (0..folds-1) of every image: whole patients per fold, stratified by class where possible
-    (scikit-learn's ``StratifiedGroupKFold``, shuffled with ``seed``)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    y, groups = np.asarray(y).astype(int), np.asarray(groups).astype(str)
-    if int(folds) < 2:
-        raise ConfigError(f"--folds must be >= 2, got {folds!r}")
-    fold_of = np.full(len(y), -1)
-    splitter = StratifiedGroupKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class": stratification is best-effort
-        for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
-            fold_of[held] = k
-    return fold_of
-
-
 def fold_splits(y: Any, groups: Any, fold_of: np.ndarray, k: int, *, val_fraction: float,
                 split_seed: int = 0) -> np.ndarray:
     """``train`` / ``val`` / ``test`` per image for fold ``k``: fold ``k`` is the test; ``val_fraction`` of the
@@ -576,21 +560,9 @@ def finetune_run(ref: str, *, card: str, root: str, folds: int = 5, epochs: int 
     # ---- the site sample, scored out of the box (every check before any training)
     dataset, _ = eval_dataset(trained, card, root, split="all", progress=progress)
     manifest = dataset.manifest.reset_index(drop=True)
-    overlap = split_overlap(trained, manifest, root, tracking_uri)
-    if overlap is None:
-        warn.append(f"run {parent_name} kept no split manifest: whether the site sample shares images or patients "
-                    "with its training data cannot be checked")
-    else:
-        seen = {s: (overlap.images.get(s, 0), overlap.patients.get(s, 0)) for s in ("train", "val")
-                if overlap.images.get(s) or overlap.patients.get(s)}
-        if seen:
-            raise SiteOverlapError(
-                f"the site sample shares data with run {parent_name}'s own training/validation data ("
-                + "; ".join(f"{s}: {i} identical images, {p} patients" for s, (i, p) in seen.items())
-                + "): its out-of-the-box scores there are not a site measurement. Remove those images (their "
-                  "patients) from the sample")
-        if overlap.images.get("test") or overlap.patients.get("test"):
-            warn.append(f"the site sample shares {overlap.summary()} with the run's own internal test split")
+    warn += check_site_overlap(trained, manifest, root, tracking_uri, parent_name,
+                               why="its out-of-the-box scores there are not a site measurement. Remove those images "
+                                   "(their patients) from the sample")
     duplicates = _duplicate_bytes(manifest)
     if duplicates:
         raise SiteSampleError(f"{duplicates} image(s) of the site sample are filed (identical bytes) under two "

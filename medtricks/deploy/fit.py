@@ -19,6 +19,7 @@ Example::
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from medtricks.errors import ConfigError
 from medtricks.evaluate.operating_point import select_threshold
 
-__all__ = ["apply_temperature", "fit_temperature", "em_prior", "fit_site", "bootstrap_site", "cross_fit",
+__all__ = ["patient_folds", "apply_temperature", "fit_temperature", "em_prior", "fit_site", "bootstrap_site", "cross_fit",
            "patient_bootstrap_indices", "decision_metrics", "expected_calibration_error", "nll"]
 
 _EPS = 1e-12
@@ -164,6 +165,23 @@ def bootstrap_site(y: Any, probs: Any, groups: Any, *, method: str = "youden",
     return {k: _interval(v, ci) for k, v in draws.items()}
 
 
+def patient_folds(y: Any, groups: Any, folds: int, seed: int = 0) -> np.ndarray:
+    """The fold (0..folds-1) of every image: whole patients per fold, stratified by class where possible
+    (scikit-learn's ``StratifiedGroupKFold``, shuffled with ``seed``)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = np.asarray(y).astype(int), np.asarray(groups).astype(str)
+    if int(folds) < 2:
+        raise ConfigError(f"folds must be >= 2, got {folds!r}")
+    fold_of = np.full(len(y), -1)
+    splitter = StratifiedGroupKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class": stratification is best-effort
+        for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+            fold_of[held] = k
+    return fold_of
+
+
 def cross_fit(y: Any, probs: Any, groups: Any, *, method: str = "youden", target_sensitivity: Optional[float] = None,
               positive_index: int = 1, stored_threshold: Optional[float] = None, folds: int = 5, seed: int = 0,
               n_bootstrap: int = 200, ci: float = 0.95) -> dict[str, Any]:
@@ -174,16 +192,14 @@ def cross_fit(y: Any, probs: Any, groups: Any, *, method: str = "youden", target
     sensitivity, specificity, accuracy, ECE and NLL, with patient-bootstrap intervals; the same numbers
     for the run's own ``stored_threshold`` (no temperature) on the same images are the comparison.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     y = np.asarray(y).astype(int)
     p = np.asarray(probs, dtype=np.float64)
     groups = np.asarray(groups)
-    splitter = StratifiedGroupKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
     held_pos = np.zeros(len(y), dtype=bool)
     held_probs = np.zeros_like(p)
-    fold_of = np.full(len(y), -1)
-    for k, (fit_idx, out_idx) in enumerate(splitter.split(p, y, groups)):
+    fold_of = patient_folds(y, groups, folds, seed)
+    for k in range(int(folds)):
+        fit_idx, out_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         if len(np.unique(y[fit_idx])) < 2:
             raise ConfigError(f"cross-fitting fold {k + 1} of {folds} has one class only in its fitting part: "
                               "too few patients of a class for this many folds")
