@@ -175,7 +175,7 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
 
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     fractions = sorted({r["label_fraction"] for r in rows})
-    fig, axes = plt.subplots(len(backbones), len(fractions), figsize=(4.2 * len(fractions), 3.6 * len(backbones)),
+    fig, axes = plt.subplots(len(backbones), len(fractions), figsize=(max(4.2 * len(fractions), 6.0), 3.6 * len(backbones)),
                              sharey=True, squeeze=False)
     for panels, backbone in zip(axes, backbones):
         for ax, fraction in zip(panels, fractions):
@@ -195,7 +195,8 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.set_title(f"{backbone}: {fraction:.0%} labels ({n} seeds)" if len(backbones) > 1
                          else f"{fraction:.0%} labels ({n} seeds)")
             ax.set_xlabel("Δ test AUROC vs none (95 % CI)")
-    fig.suptitle(f"Where γ belongs: {', '.join(backbones)} on {rows[0]['dataset']} (grey: interval includes 0)")
+    fig.suptitle(f"Where γ belongs: {', '.join(backbones)} on {rows[0]['dataset']}\n(grey: interval includes 0)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -125,7 +125,8 @@ def load_parent_run(run_dir: str | Path, *, ref: Optional[str] = None, run_id: O
 
 
 def _check_fits(recipe: Recipe, parent: ParentRun) -> None:
-    """Architecture, input channels and resizer of the child equal the parent's (ConfigError naming both)."""
+    """Architecture, input channels, resizer and ViT locality layers of the child equal the parent's (ConfigError
+    naming both)."""
     spec, child, mother = recipe.model.weights, recipe.model, parent.recipe.model
     where = f"model.weights={spec!r}: the parent run"
     if resolve_model_name(child.name) != resolve_model_name(mother.name):
@@ -138,6 +139,11 @@ def _check_fits(recipe: Recipe, parent: ParentRun) -> None:
         raise ConfigError(f"{where} trained model.resizer.enabled={mother.resizer.enabled} but this recipe has "
                           f"model.resizer.enabled={child.resizer.enabled}: set model.resizer.enabled: "
                           f"{str(mother.resizer.enabled).lower()}")
+    for key in ("spt", "lsa"):  # SPT and LSA change the layers (and their tensors): the parent's must be the same
+        theirs, ours = getattr(mother.vit, key), getattr(child.vit, key)
+        if theirs != ours:
+            raise ConfigError(f"{where} trained model.vit.{key}={theirs} but this recipe has model.vit.{key}={ours}: "
+                              f"set model.vit.{key}: {str(theirs).lower()}")
 
 
 def _backbone(model: nn.Module) -> tuple[str, nn.Module]:

@@ -152,6 +152,14 @@ class ResizerConfig(_Section):
     lr_mult: float = Field(1.0, gt=0.0)
 
 
+class VitConfig(_Section):
+    """``model.vit``: locality for a timm ViT/DeiT trained on little data (Lee, Lee & Song 2021, "Vision Transformer
+    for Small-Size Datasets"; docs/vit-small-data.md). Other models are refused when the model is built."""
+
+    spt: bool = False  # Shifted Patch Tokenization: patches of the image + 4 half-patch diagonal shifts (weights: none)
+    lsa: bool = False  # Locality Self-Attention: learnable softmax temperature, no attention of a token to itself
+
+
 #: ``model.weights: run:<run folder or run id>``: start from a finished medtricks run (medtricks/chained.py).
 RUN_WEIGHTS_PREFIX = "run:"
 
@@ -184,6 +192,7 @@ class ModelConfig(_Section):
     freeze: Optional[Union[str, list[Union[int, str]]]] = None
     layer_decay: Optional[float] = Field(None, gt=0.0, le=1.0)
     resizer: ResizerConfig = Field(default_factory=ResizerConfig)
+    vit: VitConfig = Field(default_factory=VitConfig)
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("weights", mode="before")
@@ -637,14 +646,22 @@ def flatten_recipe(recipe: Recipe | dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+#: Bump when a schema default changes meaning (see :func:`recipe_digest`). 2: defaults left out of the id.
+_DIGEST_VERSION = 2
+
+
 def recipe_digest(recipe: "Recipe", *, ignore: tuple[tuple[str, ...], ...] = (), **extra: Any) -> str:
     """A short stable id of ``recipe`` without the keys in ``ignore`` (paths like ``("train", "progress")``)
-    plus ``extra`` values: the same experiment gets the same id (ablation and self-training folders)."""
-    data = recipe.model_dump(mode="json")
+    plus ``extra`` values: the same experiment gets the same id (ablation and self-training folders).
+
+    Keys left at their schema default do not enter the id, so a medtricks release that adds a key (off by
+    default) keeps every existing ablation resumable; a release that changes a default bumps
+    ``_DIGEST_VERSION`` so that old and new experiments never share an id."""
+    data = recipe.model_dump(mode="json", exclude_defaults=True)
     for path in ignore:
         node = data
         for part in path[:-1]:
             node = node.get(part, {})
         node.pop(path[-1], None)
-    blob = json.dumps({"recipe": data, **extra}, sort_keys=True)
+    blob = json.dumps({"recipe": data, "digest_version": _DIGEST_VERSION, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -52,7 +52,7 @@ def build_model(recipe: Recipe, num_classes: int):
         model, data_config = build_model(_with_weights(recipe, "none"), num_classes)
         return model, apply_parent_run(model, recipe, parent, data_config)
     backbone = create_model(cfg.name, weights=cfg.weights, num_classes=num_classes, in_chans=cfg.in_chans,
-                            drop_rate=cfg.drop_rate, **cfg.kwargs)
+                            drop_rate=cfg.drop_rate, spt=cfg.vit.spt, lsa=cfg.vit.lsa, **cfg.kwargs)
     data_config = get_data_config(backbone)
     model = backbone
     if cfg.resizer.enabled:

@@ -128,3 +128,18 @@ def test_settings_merge_cli_over_recipe_over_defaults(base):
     object.__setattr__(with_section, "ablation", {"tricks": ["ema"], "seed": 3})
     with pytest.raises(ValueError, match="unknown key.*seed"):
         ablation_settings(with_section)
+
+
+def test_ablation_id_survives_keys_left_at_their_default(base):
+    """A release that adds a key (off by default) must not orphan an ablation: keys at their schema
+    default stay out of the id, a key set to anything else enters it."""
+    from medtricks.recipe import Recipe, recipe_digest
+
+    aid = ablation_id(base, ["warmup"], "cumulative")
+    data = base.model_dump(mode="json")
+    data["model"]["vit"] = {"spt": False, "lsa": False}     # written out at its default
+    data["train"]["cache_frozen"] = None
+    assert ablation_id(Recipe.model_validate(data), ["warmup"], "cumulative") == aid
+    data["model"]["vit"] = {"spt": False, "lsa": True}
+    assert ablation_id(Recipe.model_validate(data), ["warmup"], "cumulative") != aid
+    assert recipe_digest(base) != recipe_digest(base, tricks=["warmup"])

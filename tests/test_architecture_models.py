@@ -24,7 +24,7 @@ def test_weights_still_exports_the_state_dict_helpers():
     from medtricks.models import state_dict, weights
 
     for name in ("parse_file_spec", "read_state_dict", "normalize_state_dict", "default_key_map",
-                 "map_lite0_state_dict"):
+                 "map_lite_state_dict"):
         assert getattr(weights, name) is getattr(state_dict, name)
         assert name in weights.__all__
     for name in weights.__all__:

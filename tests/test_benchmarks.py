@@ -236,3 +236,38 @@ def test_gamma_study_site_rows_pair_seeds_against_none():
     assert zero["site_delta_auroc"] == pytest.approx(0.02)
     assert zero["site_delta_ci_low"] == pytest.approx(0.02) and zero["site_delta_ci_high"] == pytest.approx(0.02)
     assert reinit["site_delta_auroc"] is None  # one seed: no paired interval
+
+
+def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_path):
+    """--backbones efficientnet_lite1 efficientnet_lite2: each cell's base recipe builds that backbone with its
+    offline ImageNet weights; the rows (and the figure's panel rows) are keyed by backbone."""
+    import types
+
+    import pandas as pd
+
+    import medtricks.ablation
+    from benchmarks import gamma_study
+
+    seen = []
+
+    def fake_ablation(base, tricks, **kwargs):
+        seen.append((base.model.name, base.model.weights, tricks))
+        table = pd.DataFrame([{"variant": "baseline", "n_seeds": 2, "mean": 0.9, "delta": 0.0},
+                              {"variant": "+bn_gamma=zero_late", "n_seeds": 2, "mean": 0.91, "delta": 0.01,
+                               "delta_ci_low": -0.01, "delta_ci_high": 0.03, "verdict": "no evidence"}])
+        return types.SimpleNamespace(table=table, failed=[], ablation_id=base.model.name, sequential=None)
+
+    monkeypatch.setattr(medtricks.ablation, "run_ablation", fake_ablation)
+    assert gamma_study.main(["--backbones", "efficientnet_lite1", "efficientnet_lite2", "--fractions", "0.1",
+                             "--variants", "zero_late", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    assert seen == [("efficientnet_lite1", "imagenet", ["bn_gamma=zero_late"]),
+                    ("efficientnet_lite2", "imagenet", ["bn_gamma=zero_late"])]
+    payload = json.loads((tmp_path / "gamma_study.json").read_text())
+    assert [(r["backbone"], r["variant"]) for r in payload["rows"]] == [
+        ("efficientnet_lite1", "none"), ("efficientnet_lite1", "zero_late"),
+        ("efficientnet_lite2", "none"), ("efficientnet_lite2", "zero_late")]
+    assert payload["config"]["backbones"] == ["efficientnet_lite1", "efficientnet_lite2"]
+    assert (tmp_path / "gamma_study.png").is_file()
+    seen.clear()  # without --backbones: Lite0 only, as before Lite1/Lite2 were added
+    gamma_study.main(["--fractions", "0.1", "--variants", "zero_late", "--out", str(tmp_path / "default")])
+    assert [name for name, *_ in seen] == ["efficientnet_lite0"]

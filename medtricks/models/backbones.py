@@ -33,6 +33,7 @@ from medtricks.models.state_dict import (
     read_state_dict,
 )
 from medtricks.models.tweaks import add_attention
+from medtricks.models.vit_locality import check_locality, locality_kwargs, use_locality_attention
 
 # ALIASES, MONAI_ARCHS, resolve_model_name (names.py), stage_of_parameter and find_backbone
 # (layout.py) live below this module and are re-exported: they were defined here before.
@@ -143,7 +144,8 @@ def _check_args(num_classes: Any, in_chans: Any, drop_rate: Any) -> None:
 
 def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_chans: int = 1,
                  drop_rate: float = 0.0, attention: Optional[str] = None,
-                 attention_stages: Optional[list[int]] = None, **timm_kwargs: Any) -> nn.Module:
+                 attention_stages: Optional[list[int]] = None, spt: bool = False, lsa: bool = False,
+                 **timm_kwargs: Any) -> nn.Module:
     """Build ``name`` with ``weights``, a ``num_classes`` head and ``in_chans`` input channels.
 
     Args:
@@ -162,12 +164,16 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
         drop_rate: dropout before the classifier (timm models).
         attention: ``"se"`` or ``"cbam"`` inserts zero-gated attention into late stages (see
             :func:`medtricks.models.tweaks.add_attention`); ``attention_stages`` picks the stages.
+        spt, lsa: Shifted Patch Tokenization / Locality Self-Attention (Lee et al. 2021) for a timm
+            ViT/DeiT (:mod:`medtricks.models.vit_locality`); other models are refused. SPT needs
+            ``weights="none"``; LSA with pretrained weights converts the loaded attention layers (the
+            temperature starts at their fixed scale).
         **timm_kwargs: passed to ``timm.create_model`` (or the MONAI constructor).
 
     Returns:
         The model, with ``model.medtricks_info`` (plain dict: ``name, weights, weights_source,
         weights_sha256, mean, std, input_size, in_chans, num_classes, head, input_adaptation,
-        attention, attention_blocks``).
+        attention, attention_blocks, spt, lsa``).
 
     Raises:
         ValueError: bad argument, weights that do not fit, hash mismatch.
@@ -180,6 +186,9 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
                          f"'file:/path[#sha256=HEX]', got {weights!r}")
     resolved = resolve_model_name(name)
     kwargs = dict(timm_kwargs)
+    # SPT/LSA layers go to timm's constructor (refused before anything is built or fetched for a
+    # non-ViT or SPT with pretrained weights); LSA on pretrained weights is converted after the load.
+    kwargs.update(locality_kwargs(resolved, spt=spt, lsa=lsa, weights=weights, kwargs=kwargs))
     mean, std, size = _default_stats(resolved)
     source, sha256, head, adaptation = None, None, "random", None
 
@@ -219,6 +228,9 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
             adaptation = adapt_input_channels(model, in_chans, src_mean, src_std,
                                               first_convs=first_convs(model, resolved))
 
+    if lsa and weights != "none":
+        use_locality_attention(model)
+    check_locality(model, resolved, spt=spt, lsa=lsa)
     mean, std = channel_stats(tuple(mean), tuple(std), in_chans)
     model.medtricks_info = {
         "name": resolved,
@@ -234,6 +246,8 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
         "input_adaptation": adaptation,
         "attention": attention,
         "attention_blocks": [row["module"] for row in inserted],
+        "spt": bool(spt),
+        "lsa": bool(lsa),
     }
     return model
 

