@@ -150,7 +150,7 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
 
     Args:
         name: any timm model name (``resnet50``, ``resnet50d``, ``seresnet50``, ``name.tag``);
-            ``efficientnet_lite0`` is an alias of ``tf_efficientnet_lite0`` (``timm:NAME`` skips
+            ``efficientnet_lite0|1|2`` are aliases of ``tf_efficientnet_lite0|1|2`` (``timm:NAME`` skips
             aliases); ``monai:densenet121`` and ``monai:resnet18|34|50`` build MONAI 2D nets.
         weights: ``none`` (random init, the only way to get one), ``imagenet``, ``sin``,
             ``sin_in``, ``sin_in_in`` (ResNet-50, Geirhos et al. 2019), or
