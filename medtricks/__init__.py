@@ -38,6 +38,8 @@ _EXPORTS = {
     "freeze_model": "medtricks.models",
     "LearnableResizer": "medtricks.models",
     "ResizerModel": "medtricks.models",
+    "ShiftedPatchEmbed": "medtricks.models",
+    "LocalitySelfAttention": "medtricks.models",
     # tricks
     "find_residual_norms": "medtricks.tricks.bn_gamma",
     "apply_bn_gamma": "medtricks.tricks.bn_gamma",
@@ -57,6 +59,7 @@ _EXPORTS = {
     "linear_cka": "medtricks.evaluate.cka",
     "minibatch_cka": "medtricks.evaluate.cka",
     "cka_trained": "medtricks.cka",
+    "attention_maps": "medtricks.attention",
     "mean_ci": "medtricks.evaluate",
     "paired_comparison": "medtricks.evaluate",
     "OperatingPoint": "medtricks.evaluate",

@@ -7,8 +7,17 @@ of a run and its starting weights, on the same images.
 
 Layers: by default every residual block of a CNN (the block finder of the BN-gamma strategies,
 :mod:`medtricks.tricks.bn_gamma_blocks`) or every transformer block of a ViT (that of the
-LayerScale-gamma strategies); ``layers`` (fnmatch patterns on qualified module names) picks others.
-Each selected module's output is captured with a forward hook and flattened per image.
+LayerScale-gamma strategies); ``granularity="stage"`` takes each CNN stage's output instead (``layer1``
+.. ``layer4``; a ViT keeps its blocks); ``layers`` (fnmatch patterns on qualified module names) picks
+others, for both runs, or for run A only when ``layers_b`` picks run B's. Each selected module's output
+is captured with a forward hook and flattened per image, so a ViT block's tokens ``(N, C)`` and a CNN
+stage's map ``(C, h, w)`` compare alike: CKA needs only each layer's ``n x n`` Gram matrix.
+
+Across architectures (``medtricks cka RUN_VIT RUN_CNN --granularity stage``): each model gets the images
+through its own evaluation transform (its own image size and normalization), and the two runs must read
+the same image files in the same order (:func:`~medtricks.posthoc.image_set_digest` compares the paths),
+which the same ``card``/``root``/``split`` with run A's split settings give. The heat map then has no
+diagonal; the table lists, for each layer of A, the layer of B most like it.
 
 Data: ``card``/``root`` (every image, or ``split``) or, by default, the *validation* split of run A's
 own data (``split`` overrides). The same ``n`` images (a seeded random subset) go through both models,
@@ -46,43 +55,54 @@ from medtricks.evaluate.plots import plot_cka
 from medtricks.posthoc import eval_dataset, image_set_digest, posthoc_store
 from medtricks.train import resolve_device, seed_everything
 from medtricks.trained import build_model, load_trained
-from medtricks.tricks.bn_gamma_blocks import find_residual_norms
+from medtricks.tricks.bn_gamma_blocks import find_residual_norms, find_stages
 from medtricks.tricks.layerscale import find_layerscale
 
-__all__ = ["CKAResult", "cka_trained", "default_layers", "select_layers", "capture_cka", "METHODS"]
+__all__ = ["CKAResult", "cka_trained", "default_layers", "select_layers", "capture_cka", "METHODS", "GRANULARITIES"]
 
 METHODS = ("minibatch", "linear")
+GRANULARITIES = ("block", "stage")
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """The modules whose outputs CKA compares by default: every transformer block (ViT) or every
-    residual block (CNN); a model with neither: its top-level children."""
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"--granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+
+
+def default_layers(model: nn.Module, granularity: str = "block") -> list[str]:
+    """The modules whose outputs CKA compares by default: every transformer block (ViT, either
+    granularity), every residual block (CNN, ``granularity="block"``) or every stage container (CNN,
+    ``"stage"``: :func:`~medtricks.tricks.bn_gamma_blocks.find_stages`); a model with neither: its
+    top-level children."""
+    _check_granularity(granularity)
     blocks = list(dict.fromkeys(s.block_name for s in find_layerscale(model)))
     if blocks:
         return blocks
-    blocks = [r.name for r in find_residual_norms(model)]
+    blocks = [r.name for r in find_residual_norms(model)] if granularity == "block" else find_stages(model)
     if blocks:
         return blocks
     return [name for name, _ in model.named_children()]
 
 
-def select_layers(model: nn.Module, patterns: Optional[str | Sequence[str]] = None) -> list[str]:
+def select_layers(model: nn.Module, patterns: Optional[str | Sequence[str]] = None, *, granularity: str = "block",
+                  option: str = "--layers") -> list[str]:
     """Module names picked by fnmatch ``patterns`` (a list, or a comma-separated string), in model
-    order; ``None``: :func:`default_layers`. A pattern that matches nothing is an error naming it."""
+    order; ``None``: :func:`default_layers` at ``granularity``. A pattern that matches nothing is an error
+    naming it (and ``option``, the command-line option that gave it)."""
     if patterns is None:
-        layers = default_layers(model)
+        layers = default_layers(model, granularity)
     else:
         pats = [p.strip() for p in patterns.split(",")] if isinstance(patterns, str) else list(patterns)
         pats = [p for p in pats if p]
         names = [n for n, _ in model.named_modules() if n]
         for p in pats:
             if not any(fnmatchcase(n, p) for n in names):
-                example = ", ".join(default_layers(model)[:3])
-                raise ConfigError(f"--layers pattern {p!r} matches no module of the model (its blocks are named "
+                example = ", ".join(default_layers(model, granularity)[:3])
+                raise ConfigError(f"{option} pattern {p!r} matches no module of the model (its blocks are named "
                                   f"like {example})")
         layers = [n for n in names if any(fnmatchcase(n, p) for p in pats)]
     if not layers:
-        raise ConfigError("no layer selected for CKA; give --layers PATTERN")
+        raise ConfigError(f"no layer selected for CKA; give {option} PATTERN")
     return layers
 
 
@@ -161,14 +181,22 @@ class CKAResult:
     data: str
     batch_size: int
     vs_init: bool = False
+    granularity: str = "block"
+    model_a: str = ""
+    model_b: str = ""
     logged_to: Optional[str] = None
     run_id: Optional[str] = None
     files: list[Path] = field(default_factory=list)
 
     @property
+    def cross_architecture(self) -> bool:
+        """Whether A and B are different architectures (their layers do not pair up one to one)."""
+        return bool(self.model_a and self.model_b and self.model_a != self.model_b)
+
+    @property
     def diagonal(self) -> Optional[list[float]]:
-        """CKA of layer i of A with layer i of B, when both have the same layer names."""
-        if self.layers_a != self.layers_b:
+        """CKA of layer i of A with layer i of B, when both are the same architecture with the same layer names."""
+        if self.layers_a != self.layers_b or self.cross_architecture:
             return None
         return [float(self.matrix[i, i]) for i in range(len(self.layers_a))]
 
@@ -177,7 +205,7 @@ class CKAResult:
                 f"of {self.label_a} vs {self.label_b} on {self.n_images} images ({self.data})")
         diag = self.diagonal
         if diag is None:
-            return head + f"\n{len(self.layers_a)} x {len(self.layers_b)} layers: see the heat map / JSON"
+            return head + "\n" + self._best_matches()
         width = max(len("layer"), *(len(n) for n in self.layers_a))
         lines = [head, f"{'layer'.ljust(width)}  {'CKA':>6}  {'1-CKA':>6}", f"{'-' * width}  ------  ------"]
         lines += [f"{n.ljust(width)}  {v:6.3f}  {1 - v:6.3f}" for n, v in zip(self.layers_a, diag)]
@@ -188,17 +216,34 @@ class CKAResult:
                 lines.append(f"moved most by fine-tuning: {lowest[1]} (CKA {lowest[0]:.3f} with its starting weights)")
         return "\n".join(lines)
 
+    def _best_matches(self) -> str:
+        """For each layer of A, the layer of B most like it (the heat map's brightest cell in each row)."""
+        width = max(len("layer of A"), *(len(n) for n in self.layers_a))
+        lines = [f"{len(self.layers_a)} x {len(self.layers_b)} layers (heat map / JSON); most similar layer of B:",
+                 f"{'layer of A'.ljust(width)}  {'CKA':>6}  layer of B", f"{'-' * width}  ------  ----------"]
+        for name, row in zip(self.layers_a, self.matrix):
+            finite = [(v, j) for j, v in enumerate(row) if math.isfinite(v)]
+            if finite:
+                value, j = max(finite)
+                lines.append(f"{name.ljust(width)}  {value:6.3f}  {self.layers_b[j]}")
+            else:
+                lines.append(f"{name.ljust(width)}  {'nan':>6}  -")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {"method": self.method, "batch_size": self.batch_size, "n_images": self.n_images, "data": self.data,
-                "a": self.label_a, "b": self.label_b, "vs_init": self.vs_init, "layers_a": self.layers_a,
+                "a": self.label_a, "b": self.label_b, "model_a": self.model_a, "model_b": self.model_b,
+                "granularity": self.granularity, "vs_init": self.vs_init, "layers_a": self.layers_a,
                 "layers_b": self.layers_b,
                 "matrix": [[None if not math.isfinite(v) else float(v) for v in row] for row in self.matrix],
                 "diagonal": self.diagonal}
 
     def figure(self):
         title = (f"CKA {self.label_a} vs {self.label_b}\n{self.method}, {self.n_images} images ({self.data})")
-        return plot_cka(self.matrix, self.layers_a, self.layers_b, title=title, ylabel=self.label_a,
-                        xlabel=self.label_b)
+        ylabel, xlabel = self.label_a, self.label_b
+        if self.cross_architecture:
+            ylabel, xlabel = f"{ylabel} ({self.model_a})", f"{xlabel} ({self.model_b})"
+        return plot_cka(self.matrix, self.layers_a, self.layers_b, title=title, ylabel=ylabel, xlabel=xlabel)
 
     def save(self, out_dir: str | Path, stem: str = "cka") -> list[Path]:
         """Write ``<stem>.json`` and ``<stem>.png`` into ``out_dir``; returns the paths."""
@@ -245,7 +290,8 @@ def _labels_unused(card_name: str, trained) -> Optional[dict[str, str]]:
 
 
 def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = False,
-                layers: Optional[str | Sequence[str]] = None, card: Optional[str] = None, root: Optional[str] = None,
+                layers: Optional[str | Sequence[str]] = None, layers_b: Optional[str | Sequence[str]] = None,
+                granularity: str = "block", card: Optional[str] = None, root: Optional[str] = None,
                 split: Optional[str] = None, n: int = 500, batch_size: int = 64, method: str = "minibatch",
                 seed: int = 0, out_dir: Optional[str | Path] = None, log: bool = False,
                 tracking_uri: Optional[str] = None, runs_dir: Optional[str | Path] = None, device: str = "auto",
@@ -253,11 +299,17 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
     """CKA between the layers of two trained runs (folders or run ids), or of one run and its starting
     weights (``vs_init=True``), on the same ``n`` images. Writes ``cka.json``/``cka.png`` into ``out_dir``
     when given; with ``log=True`` logs them (and the diagonal as metrics) to run A's run store, onto run A
-    when that store has it (as ``audit`` does), else onto a new run tagged ``medtricks.cka_of``."""
+    when that store has it (as ``audit`` does), else onto a new run tagged ``medtricks.cka_of``.
+
+    ``layers``: fnmatch patterns for both runs, or for run A only when ``layers_b`` gives run B's.
+    ``granularity``: ``block`` (default: residual blocks of a CNN) or ``stage`` (each CNN stage's output);
+    a ViT's layers are its blocks either way. A and B may be different architectures (a ViT and a CNN,
+    trained at different image sizes): see the module docstring."""
     if (run_b is None) == (not vs_init):
         raise ConfigError("give a second run (RUN_B) or --vs-init, not both and not neither")
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    _check_granularity(granularity)
     if n < 4 or batch_size < 4:
         raise ConfigError(f"--n {n} and --batch-size {batch_size}: expected at least 4 each (unbiased HSIC)")
     if (card is None) != (root is None):
@@ -278,9 +330,10 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
         model_b, _ = build_model(recipe, num_classes=len(a.classes))
         model_b.to(dev).eval()
         ds_b, label_b = ds_a, f"{_label(a, run_a)} at init ({recipe.model.weights})"
+        name_b = recipe.model.name
     else:
         b = load_trained(run_b, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
-        model_b, label_b = b.model, _label(b, run_b)
+        model_b, label_b, name_b = b.model, _label(b, run_b), b.recipe.model.name
         # run A's split settings, so that both runs see the very same images
         ds_b, _ = eval_dataset(b, card_name, data_root, split=split, progress=progress,
                                class_map=_labels_unused(card_name, b), **split_opts)
@@ -295,15 +348,17 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
     bs = min(batch_size, count)
     loader_a = DataLoader(Subset(ds_a, idx), batch_size=bs, shuffle=False)
     loader_b = DataLoader(Subset(ds_b, idx), batch_size=bs, shuffle=False)
-    layers_a = select_layers(a.model, layers)
-    layers_b = select_layers(model_b, layers)
+    layers_a = select_layers(a.model, layers, granularity=granularity)
+    layers_b = (select_layers(model_b, layers_b, granularity=granularity, option="--layers-b") if layers_b is not None
+                else select_layers(model_b, layers, granularity=granularity))
     a.model.eval()
     matrix = capture_cka(a.model, model_b, loader_a, loader_b, layers_a, layers_b, method=method, device=dev,
                          progress=progress)
     used = count if method == "linear" else count - (count % bs if count % bs < 4 else 0)
     result = CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b, label_a=_label(a, run_a),
                        label_b=label_b, method=method, n_images=used, data=f"{card_name} {split}",
-                       batch_size=bs, vs_init=vs_init)
+                       batch_size=bs, vs_init=vs_init, granularity=granularity, model_a=recipe.model.name,
+                       model_b=name_b)
     stem = "cka_vs_init" if vs_init else "cka"
     if out_dir is not None:
         result.save(out_dir, stem)

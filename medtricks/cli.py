@@ -36,6 +36,8 @@ EPILOG = """examples:
   medtricks adapt runs/kermany_pneumonia/<id> --method finetune --card kermany-pneumonia --root /data/site_a
   medtricks cka runs/a/<id> runs/b/<id> --card kermany-pneumonia --root /data/kermany/test --n 500
   medtricks cka runs/kermany_pneumonia/<id> --vs-init --log
+  medtricks cka runs/vit/<id> runs/resnet/<id> --granularity stage
+  medtricks attention runs/vit/<id> --images /data/xrays --out attention
   medtricks weights list
 """
 
@@ -381,7 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compare RUN_A with its recipe's starting weights (pretrained, before any gamma strategy)")
     cka.add_argument("--layers", default=None, metavar="PATTERN",
                      help="comma-separated fnmatch patterns on module names, e.g. 'layer4.*' or 'blocks.*' "
-                          "(default: every residual block of a CNN, every transformer block of a ViT)")
+                          "(default: every residual block of a CNN, every transformer block of a ViT); for both "
+                          "runs, or RUN_A only when --layers-b is given")
+    cka.add_argument("--layers-b", default=None, metavar="PATTERN",
+                     help="patterns for RUN_B's modules (another architecture: e.g. RUN_A a ViT, RUN_B a ResNet)")
+    cka.add_argument("--granularity", choices=["block", "stage"], default="block",
+                     help="CNN layers by default: every residual block (default) or each stage's output (layer1..4; "
+                          "readable against a ViT's 12 blocks); a ViT's layers are its blocks either way")
     cka.add_argument("--card", default=None, help="data card of the images (default: RUN_A's own data)")
     cka.add_argument("--root", default=None, help="root of --card's data")
     cka.add_argument("--split", choices=["all", "train", "val", "test"], default=None,
@@ -399,6 +407,28 @@ def build_parser() -> argparse.ArgumentParser:
     cka.add_argument("--tracking-uri", default=None)
     cka.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
 
+    attention = sub.add_parser("attention", help="where a trained run looks: ViT attention maps, rollout and "
+                                                 "attention distance; CNN per-stage activation maps")
+    attention.add_argument("run", help="a run folder (runs/NAME/ID), its model/model_state.pt, or a run id")
+    attention.add_argument("--images", nargs="+", required=True, metavar="FILE_OR_DIR",
+                           help="image files or folders (searched recursively: PNG, JPEG, TIFF, DICOM), read and "
+                                "preprocessed as the run evaluates")
+    attention.add_argument("--out", default="attention", metavar="DIR",
+                           help="where attention.json, attention.npz, attention_distance.png (ViT) and "
+                                "maps/<image>.png go (default: ./attention)")
+    attention.add_argument("--layers", default=None, metavar="PATTERN",
+                           help="comma-separated fnmatch patterns: ViT blocks to draw (e.g. 'blocks.1*'; the rollout "
+                                "always runs through every block), CNN modules (default: each stage's output)")
+    attention.add_argument("--max-images", type=int, default=16, metavar="N",
+                           help="use at most N images, the first in sorted order (default 16)")
+    attention.add_argument("--batch-size", type=int, default=8)
+    attention.add_argument("--log", action="store_true",
+                           help="also log the figures, JSON and (ViT) attention_distance/<block> metrics to the run's "
+                                "run store (onto the run)")
+    attention.add_argument("--device", default="auto")
+    attention.add_argument("--tracking-uri", default=None)
+    attention.add_argument("--runs-dir", default=None, metavar="DIR", help=_RUNS_DIR_HELP)
+
     weights = sub.add_parser("weights", help="the pretrained weights zoo")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="WEIGHTS_COMMAND")
     weights_sub.add_parser("list", help="list weights, their source and whether they are cached")
@@ -410,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--allow-plugins", action="store_true",
             help="import the recipe's experiment.plugins (Python code that runs with your permissions); without "
                  "it a recipe that names plug-ins is refused. Same as MEDTRICKS_ALLOW_PLUGINS=1")
-    for name in ("evaluate", "ensemble", "audit", "predict", "export", "cka"):  # commands that load a stored run
+    # commands that load a stored run
+    for name in ("evaluate", "ensemble", "audit", "predict", "export", "cka", "attention"):
         sub.choices[name].add_argument(
             "--plugin", action="append", default=[], metavar="MODULE|FILE.py",
             help="import this trick plug-in first (repeatable); a stored run's own plug-in list is never imported")
@@ -611,11 +642,27 @@ def _cmd_cka(args) -> int:
         print("medtricks cka: error: give RUN_A RUN_B, or RUN_A --vs-init", file=sys.stderr)
         return 2
     result = cka_trained(args.runs[0], None if args.vs_init else (args.runs[1] if len(args.runs) > 1 else None),
-                         vs_init=args.vs_init, layers=args.layers, card=args.card, root=args.root, split=args.split,
+                         vs_init=args.vs_init, layers=args.layers, layers_b=args.layers_b,
+                         granularity=args.granularity, card=args.card, root=args.root, split=args.split,
                          n=args.n, batch_size=args.batch_size, method=args.method, seed=args.seed, out_dir=args.out,
                          log=args.log, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir, device=args.device)
     print(result.table())
     print("wrote " + ", ".join(str(p) for p in result.files))
+    if result.run_id:
+        print(f"logged to {result.logged_to}: run {result.run_id}")
+    return 0
+
+
+def _cmd_attention(args) -> int:
+    from medtricks.attention import attention_maps
+
+    result = attention_maps(args.run, args.images, layers=args.layers, out_dir=args.out, log=args.log,
+                            batch_size=args.batch_size, max_images=args.max_images, device=args.device,
+                            tracking_uri=args.tracking_uri, runs_dir=args.runs_dir)
+    print(result.table())
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} file(s) that are not images (listed in attention.json)", file=sys.stderr)
+    print(f"wrote {len(result.files)} file(s) into {args.out}")
     if result.run_id:
         print(f"logged to {result.logged_to}: run {result.run_id}")
     return 0
@@ -759,6 +806,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_adapt(args)
         if args.command == "cka":
             return _cmd_cka(args)
+        if args.command == "attention":
+            return _cmd_attention(args)
     except KeyboardInterrupt:
         print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
               file=sys.stderr)

@@ -46,6 +46,7 @@ from medtricks.train import resolve_device
 from medtricks.trained import load_trained
 
 __all__ = ["predict_images", "resolve_prediction_rule", "collect_images", "check_outputs", "write_predictions",
+           "eval_transform",
            "bad_files_path", "require_predictions", "NothingPredictedError", "IMAGE_EXTENSIONS", "InputImage"]
 
 #: Extensions read as images in folders (case-insensitive); other files are read only if they start
@@ -263,6 +264,14 @@ def _sop_instance_hash(path: Path, salt: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------ prediction
+def eval_transform(trained):
+    """The run's evaluation transform: its augment preset's resize and center crop at
+    ``recipe.input_image_size()``, its ``in_chans`` and the mean/std it trained with (what ``evaluate`` uses)."""
+    recipe = trained.recipe
+    return build_transforms(recipe.data.augment, recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
+                            std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
+
+
 class _Images(torch.utils.data.Dataset):
     """``XrayDataset`` items that never raise: ``(tensor | None, index, reason)``."""
 
@@ -316,10 +325,8 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
     rule = resolve_prediction_rule(trained, threshold, tracking_uri, site=site, runs_dir=runs_dir)
     recipe = trained.recipe
-    transform = build_transforms(recipe.data.augment, recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
-                                 std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
     manifest = pd.DataFrame({"path": [str(i.path) for i in items], "target": 0})
-    dataset = _Images(XrayDataset(manifest, transform))
+    dataset = _Images(XrayDataset(manifest, eval_transform(trained)))
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, collate_fn=_collate,
                         num_workers=recipe.data.num_workers if len(items) > batch_size else 0)
     model = trained.model

@@ -64,6 +64,7 @@ TOP_LAYER = ["medtricks.cli", "medtricks.ablation", "medtricks.run", "medtricks.
 TOP_LAYER += ["medtricks.self_train"]  # issue 17: Noisy Student rounds (runs, a parent run, a state file)
 TOP_LAYER += ["medtricks.__main__"]  # issue 18: `python -m medtricks` / `torchrun -m medtricks` (calls cli.main)
 TOP_LAYER += ["medtricks.deploy.calibrate", "medtricks.deploy.adapt"]  # issue 30: site calibration / adaptation
+TOP_LAYER += ["medtricks.attention"]  # issue 32: `medtricks attention` (a trained run, image files, its run store)
 TOP_LAYER += ["medtricks.deploy.finetune"]  # issue 30: fine-tuning on a labelled site sample (cross-fitted runs)
 
 

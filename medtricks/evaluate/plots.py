@@ -224,8 +224,11 @@ def plot_cka(matrix: Any, rows: Sequence[str], cols: Sequence[str], *, title: st
     m = np.asarray(matrix, dtype=float)
     if m.shape != (len(rows), len(cols)):
         raise ConfigError(f"plot_cka: matrix of shape {m.shape} for {len(rows)} row and {len(cols)} column names")
-    size = 3.0 + 0.32 * max(len(rows), len(cols))
-    fig = _new_figure(size + 1.0, size, layout="tight")
+    # each side sized by its own layer count: 12 ViT blocks against 4 CNN stages stay readable
+    longest = max((len(str(c)) for c in cols), default=1)
+    width = max(4.5, 2.4 + 0.42 * len(cols) + 0.06 * max((len(str(r)) for r in rows), default=1))
+    height = max(3.5, 1.6 + 0.32 * len(rows) + 0.06 * longest)
+    fig = _new_figure(width, height, layout="tight")
     ax = fig.add_subplot()
     image = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto")
     ax.set_xticks(range(len(cols)), labels=list(cols), rotation=90, fontsize=7)
@@ -237,7 +240,7 @@ def plot_cka(matrix: Any, rows: Sequence[str], cols: Sequence[str], *, title: st
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6 if len(cols) > 8 else 7,
                             color="black" if m[i, j] > 0.6 else "white")
     fig.colorbar(image, ax=ax, label="linear CKA")
     return fig

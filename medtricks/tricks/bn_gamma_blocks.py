@@ -26,6 +26,7 @@ from medtricks.errors import ConfigError, ConfigTypeError, UnknownKeyError
 __all__ = [
     "ResidualNorm",
     "find_residual_norms",
+    "find_stages",
     "register_residual_block",
     "unregister_residual_block",
     "is_norm_layer",
@@ -343,6 +344,20 @@ def find_residual_norms(model: nn.Module) -> list[ResidualNorm]:
         ('layer4.1', 3, 1, 'layer4.1.bn2')
     """
     return scan_model(model).residual
+
+
+def find_stages(model: nn.Module) -> list[str]:
+    """Qualified names of the stage containers of ``model`` (the modules that hold its registered blocks,
+    residual or not), in model order: ``layer1`` .. ``layer4`` for a ResNet, ``blocks.0`` .. ``blocks.6``
+    for an EfficientNet; a model that is itself one block has none. The output of each is what
+    ``medtricks cka --granularity stage`` and ``medtricks attention`` read of a CNN.
+
+    Example:
+        >>> import timm
+        >>> find_stages(timm.create_model("resnet18", pretrained=False))
+        ['layer1', 'layer2', 'layer3', 'layer4']
+    """
+    return [stage.name for stage in scan_model(model).stages if stage.name]
 
 
 def iter_stage_lines(scan: ModelScan) -> Iterator[str]:
