@@ -8,6 +8,7 @@ sensitivity and specificity (at the recipe's operating point: Youden's J on vali
     python -m benchmarks.label_efficiency                      # real Kermany data (recipe's data.root)
     python -m benchmarks.label_efficiency --seeds 0 1 2
     python -m benchmarks.label_efficiency --quick --out /tmp/b # phantoms, tiny model: a smoke run
+    python -m benchmarks.label_efficiency --variants baseline tricks fixmatch   # FixMatch against its references
 
 The variants (recipes/kermany_label_efficiency.yaml, 48 px):
 
@@ -23,7 +24,10 @@ The variants (recipes/kermany_label_efficiency.yaml, 48 px):
   seed (T = 4, alpha 0.5 on the labelled images) and the same teacher's soft labels on the whole unlabelled
   pool (``tricks.pseudo_label`` with ``teacher``, ``soft``, threshold 0): the teacher had every label, so
   this row is an upper reference for what a label-efficient method could reach, not a method a user
-  with few labels can run.
+  with few labels can run;
+- ``fixmatch`` (issue 33; not in the default ``--variants``, add it by name): ``recipes/kermany_fixmatch.yaml``
+  -- the ``tricks`` recipe plus ``tricks.fixmatch`` (threshold 0.95, mu 7, lambda_u 1, strong view
+  ``cxr_strong``) on the unlabelled pool; fractions below 100 % only (at 100 % there is no pool).
 
 Epochs scale with the fraction (100 %: 1, 10 %: 4, 2 %: 12) so that every run makes a similar order
 of updates (~30-115 steps of 32 labelled images; what fits a 2-core CPU); the labelled subset is drawn
@@ -49,9 +53,11 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info, now, results_dir, write_results
 
 RECIPE = REPO_ROOT / "recipes" / "kermany_label_efficiency.yaml"
+FIXMATCH_RECIPE = REPO_ROOT / "recipes" / "kermany_fixmatch.yaml"  # RECIPE + tricks.fixmatch
 FRACTIONS = {0.02: 12, 0.1: 4, 1.0: 1}  # labelled fraction -> epochs (similar number of updates)
 QUICK_FRACTIONS = {0.3: 2, 1.0: 1}
-VARIANTS = ("baseline", "tricks", "noisy_student", "distill")
+VARIANTS = ("baseline", "tricks", "noisy_student", "distill", "fixmatch")
+DEFAULT_VARIANTS = ("baseline", "tricks", "noisy_student", "distill")  # the table in docs/few-labels.md
 ROUNDS = 2
 DISTILL = ["tricks.distill.temperature=4", "tricks.distill.alpha=0.5", "tricks.pseudo_label.enabled=true",
            "tricks.pseudo_label.soft=true", "tricks.pseudo_label.threshold=0.0"]
@@ -68,7 +74,8 @@ def baseline_overrides(epochs: int) -> list[str]:
             f"schedule.milestones=[{epochs / 2:g},{epochs * 0.75:g}]"]
 
 
-def _recipe(fraction: float, epochs: int, seed: int, extra: list[str], args, out: Path, tmp: Path):
+def _recipe(fraction: float, epochs: int, seed: int, extra: list[str], args, out: Path, tmp: Path,
+            recipe: Path = RECIPE):
     from medtricks.recipe import load_recipe
 
     overrides = [f"experiment.seed={seed}", "tracking.backend=none", f"experiment.output_dir={out / 'runs'}",
@@ -80,7 +87,7 @@ def _recipe(fraction: float, epochs: int, seed: int, extra: list[str], args, out
         overrides.append(f"data.root={args.data_root}")
     if args.cache_dir:
         overrides.append(f"data.cache_dir={args.cache_dir}")
-    return load_recipe(RECIPE, overrides=overrides)
+    return load_recipe(recipe, overrides=overrides)
 
 
 def test_metrics(run_dir: str | Path, positive: str) -> dict[str, float]:
@@ -137,10 +144,10 @@ def run_seed(seed: int, fractions: dict[float, int], variants, args, out: Path, 
     per_run.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
 
-    def plain(fraction: float, variant: str, extra: list[str]) -> dict[str, Any]:
+    def plain(fraction: float, variant: str, extra: list[str], recipe: Path = RECIPE) -> dict[str, Any]:
         def make() -> dict[str, Any]:
             print(f"{now()} {variant} @ {fraction:.0%} seed {seed}: training ...", flush=True)
-            run_dir, seconds = _train(_recipe(fraction, fractions[fraction], seed, extra, args, out, tmp))
+            run_dir, seconds = _train(_recipe(fraction, fractions[fraction], seed, extra, args, out, tmp, recipe))
             row = {"fraction": fraction, "variant": variant, "seed": seed, "run_dir": run_dir, "train_s": seconds,
                    **test_metrics(run_dir, positive)}
             print(f"  {seconds:.0f} s, test AUROC {row['auroc']:.3f}", flush=True)
@@ -182,6 +189,8 @@ def run_seed(seed: int, fractions: dict[float, int], variants, args, out: Path, 
                 raise RuntimeError("the distill variant needs the 100 % fraction (its teacher)")
             rows.append(plain(fraction, "distill", [f"tricks.distill.teacher={teacher}",
                                                     f"tricks.pseudo_label.teacher={teacher}", *DISTILL]))
+        if "fixmatch" in variants:
+            rows.append(plain(fraction, "fixmatch", [], FIXMATCH_RECIPE))
     return rows
 
 
@@ -246,7 +255,7 @@ def goal(rows: list[dict[str, Any]]) -> Optional[str]:
 def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--data-root", default=None, help="folder holding train/ (default: the recipe's)")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir shared by every run (decode once)")
     args = parser.parse_args(argv)
@@ -272,10 +281,11 @@ def main(argv=None) -> int:
                "config": {"recipe": str(RECIPE.relative_to(REPO_ROOT)), "fractions_epochs": fractions,
                           "variants": args.variants, "seeds": args.seeds, "rounds": ROUNDS,
                           "baseline": baseline_overrides(0)[:3], "distill": DISTILL, "positive_class": positive},
-               "method": "each (fraction, variant, seed) trains recipes/kermany_label_efficiency.yaml (see the "
-                         "module docstring for the variants); metrics from the run's held-out test split: AUROC, "
-                         "and accuracy/sensitivity/specificity at the stored operating point; table: mean [95% "
-                         "t-interval] over seeds, paired Δ over seeds; train min = median wall time per row",
+               "method": "each (fraction, variant, seed) trains recipes/kermany_label_efficiency.yaml (fixmatch: "
+                         "recipes/kermany_fixmatch.yaml; see the module docstring for the variants); metrics from "
+                         "the run's held-out test split: AUROC, and accuracy/sensitivity/specificity at the stored "
+                         "operating point; table: mean [95% t-interval] over seeds, paired Δ over seeds; train min = "
+                         "median wall time per row",
                "goal": verdict, "runs": rows, "table": table}
     print(f"wrote {write_results(payload, out, 'label_efficiency')}")
     return 0

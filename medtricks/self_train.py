@@ -7,10 +7,16 @@ round's teacher. A round is an ordinary ``medtricks run`` of a recipe with a few
 (:func:`round_overrides`):
 
 - ``tricks.pseudo_label.enabled=true`` and ``tricks.pseudo_label.teacher=<round k-1's run folder>``:
-  the teacher labels the unlabelled batches in eval mode (no dropout, no stochastic depth), and
-  images whose top probability reaches ``tricks.pseudo_label.threshold`` join the loss (hard arg-max
-  labels, or the teacher's probabilities with ``tricks.pseudo_label.soft=true``; the recipe's
-  ``threshold``/``soft``/``weight``/``weight_ramp`` are used as they are);
+  as in the paper, the teacher is not noised: it labels each unlabelled image *clean* -- the run's
+  evaluation transform (pre-resize, center crop, normalisation; no augmentation) -- in eval mode (no
+  dropout, no stochastic depth), while the student trains on the *augmented* view of the same image
+  (:mod:`medtricks.tricks.pseudo_label`; the run logs ``pseudo_label.teacher_input: clean``). Images
+  whose top probability reaches ``tricks.pseudo_label.threshold`` join the loss (hard arg-max labels,
+  or the teacher's probabilities with ``tricks.pseudo_label.soft=true``; ``weighting: confidence``
+  weighs each by the teacher's top probability; the recipe's ``threshold``/``soft``/``weighting``/
+  ``weight``/``weight_ramp`` are used as they are). The teacher labels online, batch by batch; with a
+  frozen eval-mode teacher and a deterministic clean view that gives the labels of the paper's one
+  pass over the pool, at the cost of one teacher forward per unlabelled batch;
 - the noise (:class:`NoiseConfig`; the paper's values by default): ``model.drop_rate`` (dropout
   before the classifier, 0.5), ``model.kwargs.drop_path_rate`` (stochastic depth, 0.2; only where
   the timm model takes it — ResNets, EfficientNets, ConvNeXts, ViTs — else left out with a note),
@@ -22,6 +28,21 @@ round's teacher. A round is an ordinary ``medtricks run`` of a recipe with a few
 The labelled/unlabelled split is the recipe's (``data.label_fraction`` / ``data.label_count`` /
 ``data.unlabeled``): every round sees the same labelled images and the same pool, and the same
 validation split.
+
+Where this still differs from Noisy Student (Xie et al. 2020):
+
+- the student is the teacher's architecture unless ``NoiseConfig.student`` names a larger one (the paper
+  grows it every iteration, EfficientNet-B7 → L2), and each student starts from the recipe's weights
+  (ImageNet, ...), not from scratch nor from the teacher;
+- no data balancing: the paper keeps (duplicating or dropping) the same number of pseudo-labelled images
+  per class; here the pool is used as it comes, filtered by the threshold (and weighted by confidence
+  with ``weighting: confidence``);
+- the recipe's defaults, not the paper's: hard labels (``soft: false``; the paper's default is soft,
+  ``--set tricks.pseudo_label.soft=true``), a 0.95 threshold (the paper's filter is 0.3), an
+  unlabelled batch of ``train.batch_size`` (the paper's is several times the labelled one), and the
+  noise is an X-ray augmentation preset (``cxr_shift``), not RandAugment;
+- the paper's iterations: it runs three teacher → student iterations on JFT's 300 M unlabelled images,
+  with long schedules; ``--rounds`` sets how many here, each an ordinary run of the recipe's length.
 
 Tracking: one parent run (role ``self_train_parent``) and one child run per round (role
 ``self_train_child``, tag ``round``), in MLflow or, with ``tracking.backend: none``, in the local run
@@ -212,9 +233,15 @@ def plan_rounds(recipe: Recipe, rounds: int, noise: Optional[NoiseConfig] = None
     return plans
 
 
+# What the students' teacher labels (tricks.pseudo_label): part of the id, so that a self-training folder
+# whose rounds were labelled from the augmented view (before the teacher saw clean images) is never continued.
+TEACHER_INPUT = "clean"
+
+
 def self_train_id(recipe: Recipe, noise: NoiseConfig) -> str:
-    """A short stable id of (recipe, noise): the same self-training gets the same folder and parent run."""
-    return recipe_digest(recipe, ignore=_NOT_IDENTITY, noise=asdict(noise))
+    """A short stable id of (recipe, noise, the teacher's input): the same self-training gets the same
+    folder and parent run."""
+    return recipe_digest(recipe, ignore=_NOT_IDENTITY, noise=asdict(noise), teacher_input=TEACHER_INPUT)
 
 
 def round_recipe(base: Recipe, plan: RoundPlan, *, teacher: Optional[str], out_dir: str | Path,
@@ -432,6 +459,7 @@ def run_self_train(recipe: Recipe, rounds: int = 1, *, noise: Optional[NoiseConf
     base_params = {k: v for k, v in run_params(recipe).items()
                    if not k.startswith(("tracking.", "ablation.")) and k != "train.progress"}
     parent.log_params({**base_params, "self_train.id": sid, "self_train.student": student,
+                       "self_train.teacher_input": TEACHER_INPUT,
                        **{f"self_train.noise.{k}": ("keep" if v is None else v) for k, v in asdict(noise).items()
                           if k != "student"}})
 

@@ -1,8 +1,10 @@
 """Issue 17, item 4: Noisy Student self-training -- the round plan (pure), the pool check, the table and
 plot, three real rounds with their teachers and noise, a kill in round 1 then a rerun that skips round 0
-and resumes round 1, and the `self-train` command with tracking off and with an sqlite MLflow store."""
+and resumes round 1, and the `self-train` command with tracking off and with an sqlite MLflow store.
+Issue 33: the teacher's input (clean) is in the self-training id and in the runs' params."""
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +16,7 @@ import medtricks.run
 import medtricks.self_train as st
 from medtricks.cli import main
 from medtricks.errors import ConfigError
+from medtricks.recipe import recipe_digest
 from medtricks.rundir import RunDir
 from medtricks.self_train import (NoiseConfig, plan_rounds, plot_rounds, round_overrides, round_recipe,
                                   run_self_train, self_train_id, supports_drop_path)
@@ -61,6 +64,11 @@ def test_the_plan_gives_the_teacher_no_pseudo_labels_and_every_student_the_noise
     other_tracking = _tiny(tmp_path, *FEW, "tracking.backend=mlflow")
     assert self_train_id(recipe, NoiseConfig()) == self_train_id(other_tracking, NoiseConfig())
     assert self_train_id(recipe, NoiseConfig()) != self_train_id(recipe, NoiseConfig(drop_rate=0.3))
+    # issue 33: the teacher's input is part of the id, so a folder whose students were labelled from the
+    # augmented view (the id without it) is never continued by a clean-teacher self-training
+    assert st.TEACHER_INPUT == "clean"
+    assert self_train_id(recipe, NoiseConfig()) != recipe_digest(recipe, ignore=st._NOT_IDENTITY,
+                                                                 noise=asdict(NoiseConfig()))
 
 
 def test_without_an_unlabelled_pool_the_error_names_the_keys(tmp_path):
@@ -212,3 +220,6 @@ def test_the_command_with_an_sqlite_mlflow_store(tmp_path, capsys):
     assert png is not None and Path(png).is_file()
     student = next(c for c in children if c.tags["round"] == "1")
     assert student.params.get("model.drop_rate") == "0.5" and student.params.get("data.augment") == "cxr_light"
+    # the student's teacher labelled the clean (eval-transform) view; both runs say so
+    assert student.params.get("pseudo_label.teacher_input") == "clean"
+    assert parent.params.get("self_train.teacher_input") == "clean"

@@ -92,12 +92,12 @@ def test_the_registry_assembles_the_recipe_section_and_the_ablation_names():
     fields = set(tricks_config_model().model_fields)
     assert {"bn_gamma", "label_smoothing", "label_smoothing_mode", "no_bias_decay", "mixup_alpha", "cutmix_alpha",
             "mix_prob", "ema",
-            "ema_decay", "class_balance", "adversarial", "distill", "pseudo_label", "layerscale_gamma", "drloc",
-            "reinit_late"} == fields
+            "ema_decay", "class_balance", "adversarial", "distill", "pseudo_label", "fixmatch", "layerscale_gamma",
+            "drloc", "reinit_late"} == fields
     names = ablation_names()
     assert {"warmup", "cosine", "label_smoothing", "no_bias_decay", "bn_gamma", "mixup", "cutmix", "ema",
             "linear_scaling", "resizer", "class_balance", "augment", "adversarial", "distill",
-            "pseudo_label", "layerscale_gamma", "drloc", "reinit_late"} == set(names)
+            "pseudo_label", "fixmatch", "layerscale_gamma", "drloc", "reinit_late"} == set(names)
     recipe = load_recipe(RECIPES / "quickstart.yaml")
     assert trick_tags(recipe) == recipe.tricks_on()
     assert recipe.tricks_on()[:3] == ["warmup", "cosine", "linear_scaling"]

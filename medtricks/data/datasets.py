@@ -149,6 +149,7 @@ class XrayDataset:
             raise ConfigError(f"voi={voi!r} is not one of {VOI_MODES}")
         self.manifest = manifest.reset_index(drop=True)
         self.transform = transform
+        self.voi = voi
         self.side = resize_to if resize_to is not None else getattr(transform, "base_side", None)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.items = _items(self.manifest, self.side, voi, cached=self.cache_dir is not None)
@@ -161,6 +162,12 @@ class XrayDataset:
         its cache are unchanged: the new transform must start from the same pre-resized images."""
         augment = next(t for t in self._dataset.transform.transforms if isinstance(t, _Augment))
         augment.transform = self.transform = transform
+
+    def with_transform(self, transform: Callable) -> "XrayDataset":
+        """A new dataset over the same rows, decode settings (pre-resize side, VOI) and cache, with another
+        random part; this one is left as it is. E.g. a transform returning two views of each image (the
+        pseudo-label trick's augmented + clean pair)."""
+        return XrayDataset(self.manifest, transform, cache_dir=self.cache_dir, resize_to=self.side, voi=self.voi)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -205,6 +212,8 @@ class DataBundle:
     quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "label", "reason"]))
     # Images without a label (issue 17): the training rows ``data.label_fraction`` / ``label_count`` left
     # unlabelled plus the folder ``data.unlabeled``; training transform, every target -1. None when there are none.
+    # Its manifest's ``withheld_target`` column keeps the label that label_fraction / label_count withheld (-1 for
+    # the folder's images): for monitoring pseudo-labels only, never a training target.
     unlabeled: Optional["XrayDataset"] = None
 
 
@@ -365,7 +374,8 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
 
     Few labels (issue 17): ``label_fraction`` (or ``label_count`` images) keeps a stratified, patient-level
     subset of the training split labelled (:func:`~medtricks.data.splits.labeled_subset`, seeded with
-    ``split_seed``; val and test untouched) and puts the rest of the training split in ``bundle.unlabeled``;
+    ``split_seed``; val and test untouched) and puts the rest of the training split in ``bundle.unlabeled``
+    (every target -1; the withheld label in its manifest's ``withheld_target``, for monitoring only);
     ``unlabeled={"root": ..., "card": None}`` adds every image of a folder there (no labels read; with a
     card, the files that card lists). The manifest's ``labeled`` column says which training rows kept
     their label; unlabelled images identical to a val/test image are a :class:`LeakageError`.
@@ -393,7 +403,8 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
         labeled = np.ones(len(good), dtype=bool)
         labeled[np.flatnonzero(train_rows)] = mask
         good = good.assign(labeled=labeled)
-        pool.append(good.loc[~labeled].assign(target=-1))
+        withheld = good.loc[~labeled]
+        pool.append(withheld.assign(withheld_target=withheld["target"].astype(int), target=-1))
         good.attrs = dict(manifest.attrs)
 
     def subset(split: str, tf) -> Optional[XrayDataset]:
@@ -410,8 +421,9 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
         pool.append(_unlabeled_folder(unlabeled, good, side=train_tf.base_side, voi=voi, cache_dir=cache,
                                       on_bad_image=on_bad_image, progress=progress))
     pool = [rows for rows in pool if len(rows)]
-    unlabeled_set = XrayDataset(pd.concat([rows[["path", "target", "content_hash"]] for rows in pool],
-                                          ignore_index=True), train_tf,
+    columns = ["path", "target", "withheld_target", "content_hash"]
+    pool = [rows if "withheld_target" in rows.columns else rows.assign(withheld_target=-1) for rows in pool]
+    unlabeled_set = XrayDataset(pd.concat([rows[columns] for rows in pool], ignore_index=True), train_tf,
                                 cache_dir=cache, voi=voi) if pool else None
     return DataBundle(card=card, classes=list(card.classes), manifest=good, train=train,
                       val=subset("val", eval_tf), test=subset("test", eval_tf), quarantine=quarantine,

@@ -15,6 +15,12 @@ Presets (train=True):
   distort it) plus what differs between acquisitions — exposure and contrast +-0.2, gamma 0.7-1.5,
   CLAHE (p 0.25, as some sites post-process), Gaussian blur (p 0.2), Gaussian noise (p 0.2) and
   down-then-up sampling (p 0.2). No flips.
+- ``cxr_strong``: the strong view of FixMatch (``tricks.fixmatch.strong``), RandAugment-style (Cubuk et al.
+  2020, as FixMatch uses it): ``cxr_light``'s crop, then 2 ops drawn per image (without replacement) from
+  brightness/contrast +-0.3, gamma 0.6-1.6, CLAHE, sharpen, Gaussian blur, rotation +-15 deg, shear +-15 deg,
+  translation +-10 %, Gaussian noise, posterize (4-8 bits), equalize -- each at a magnitude drawn per image
+  from its range -- then Cutout (one CoarseDropout hole of 5-50 % of each side, filled with mid grey 0.5).
+  No flips: a flipped chest X-ray shows dextrocardia, an anatomy the model must not learn as normal.
 - ``none``: the eval transform for training too.
 
 Eval (train=False): resize the shorter side to ``image_size / crop_pct``, then center crop
@@ -44,8 +50,11 @@ import numpy as np
 from medtricks.data import lung_field
 from medtricks.errors import ConfigError, ConfigTypeError
 
-PRESETS = ("cxr_light", "cxr_shift", "cxr_lungfield", "paper_baseline", "none")
-_CROP_PCT = {"cxr_light": 1.0, "cxr_shift": 1.0, "cxr_lungfield": 1.0, "paper_baseline": 0.875, "none": 1.0}
+PRESETS = ("cxr_light", "cxr_shift", "cxr_lungfield", "cxr_strong", "paper_baseline", "none")
+_CROP_PCT = {"cxr_light": 1.0, "cxr_shift": 1.0, "cxr_lungfield": 1.0, "cxr_strong": 1.0, "paper_baseline": 0.875,
+             "none": 1.0}
+#: RandAugment-style ops of ``cxr_strong`` drawn per image (``A.SomeOf``), and how many.
+STRONG_OPS_PER_IMAGE = 2
 
 
 def eval_resize_side(preset: str, image_size: int) -> int:
@@ -73,12 +82,36 @@ def _train_ops(preset: str, image_size: int) -> list:
                 A.Downscale(scale_range=(0.5, 0.9), p=0.2)]
     if preset == "cxr_lungfield":
         return _train_ops("cxr_light", image_size) + [lung_field.OutsideLungErasing(p=0.5)]
+    if preset == "cxr_strong":
+        return [A.RandomResizedCrop(size=size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
+                A.SomeOf(_strong_ops(), n=STRONG_OPS_PER_IMAGE, replace=False, p=1.0),
+                A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(0.05, 0.5),
+                                hole_width_range=(0.05, 0.5), fill=0.5, p=1.0)]
     if preset == "paper_baseline":
         return [A.RandomResizedCrop(size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
                 A.HorizontalFlip(p=0.5),
                 A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
                 A.FancyPCA(alpha=0.1, p=1.0)]
     return _eval_ops(preset, image_size)
+
+
+def _strong_ops() -> list:
+    """``cxr_strong``'s op list: photometric and small geometric changes a chest X-ray can show (no flips)."""
+    import albumentations as A
+    import cv2
+
+    border = dict(border_mode=cv2.BORDER_CONSTANT, fill=0)  # black, as collimation looks
+    return [A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=1.0),
+            A.RandomGamma(gamma_limit=(60, 160), p=1.0),
+            A.CLAHE(clip_limit=(1.0, 4.0), tile_grid_size=(8, 8), p=1.0),
+            A.Sharpen(alpha=(0.1, 0.5), lightness=(0.9, 1.1), p=1.0),
+            A.GaussianBlur(sigma_limit=(0.3, 1.5), p=1.0),
+            A.Affine(rotate=(-15, 15), **border, p=1.0),
+            A.Affine(shear={"x": (-15, 15), "y": (-15, 15)}, **border, p=1.0),
+            A.Affine(translate_percent={"x": (-0.1, 0.1), "y": (-0.1, 0.1)}, **border, p=1.0),
+            A.GaussNoise(std_range=(0.01, 0.05), p=1.0),
+            A.Posterize(num_bits=(4, 8), p=1.0),
+            A.Equalize(p=1.0)]
 
 
 def _eval_ops(preset: str, image_size: int) -> list:
@@ -134,6 +167,25 @@ class XrayTransform:
     def __repr__(self) -> str:
         return (f"XrayTransform(preset={self.preset!r}, image_size={self.image_size}, train={self.train}, "
                 f"in_chans={self.in_chans}, mean={tuple(self.mean.tolist())}, std={tuple(self.std.tolist())})")
+
+
+class MultiView:
+    """Callable: one image -> a tuple of views, ``(t(image) for t in transforms)``: independent random views of
+    the *same* image (FixMatch's weak and strong view). A DataLoader collates the items into a list of batches,
+    one per transform. ``base_side`` is the first transform's. Module-level, so datasets using it pickle for
+    DataLoader workers."""
+
+    def __init__(self, *transforms):
+        if not transforms:
+            raise ConfigError("MultiView needs at least one transform")
+        self.transforms = transforms
+        self.base_side = getattr(transforms[0], "base_side", None)
+
+    def __call__(self, image) -> tuple:
+        return tuple(transform(image) for transform in self.transforms)
+
+    def __repr__(self) -> str:
+        return f"MultiView({', '.join(repr(t) for t in self.transforms)})"
 
 
 def _per_channel(values: Sequence[float], in_chans: int, name: str) -> np.ndarray:

@@ -38,6 +38,7 @@ import medtricks.tricks.class_balance  # noqa: F401
 import medtricks.tricks.adversarial  # noqa: F401
 import medtricks.tricks.distill  # noqa: F401  knowledge distillation (issue 17)
 import medtricks.tricks.pseudo_label  # noqa: F401  pseudo-labels on the unlabelled pool (issue 17)
+import medtricks.tricks.fixmatch  # noqa: F401  FixMatch: weak-view labels train the strong view (issue 33)
 import medtricks.tricks.drloc  # noqa: F401  DRLoc relative-localization loss for ViTs (issue 20)
 import medtricks.tricks.reinit_late  # noqa: F401  re-initialise late stages, Transfusion-style (issue 28)
 from medtricks._schema import Section

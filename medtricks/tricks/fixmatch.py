@@ -1,0 +1,243 @@
+"""FixMatch as a trick (Sohn et al., NeurIPS 2020):
+``tricks.fixmatch: {enabled: true, threshold: 0.95, mu: 7, lambda_u: 1.0, strong: cxr_strong}``.
+
+Every training batch (each micro-batch with ``train.accumulate``) also draws ``mu · B`` unlabelled images
+(``B`` = ``train.batch_size``) from the pool that ``data.label_fraction`` / ``data.label_count`` /
+``data.unlabeled`` leave (``TrickContext.extras["unlabeled"]``), each in two views of the *same* image: a **weak** view -- the run's own training augmentation
+(``data.augment``, e.g. ``cxr_light``'s crop, rotation and exposure; no flips) -- and a **strong** view, the
+``strong`` preset (default ``cxr_strong``: RandAugment-style ops and Cutout, see
+:mod:`medtricks.data.transforms`). The model predicts the weak view without gradient; its arg-max is the
+pseudo-label ``ŷ_i`` and its top probability ``c_i`` the confidence. The strong view trains::
+
+    loss = supervised + lambda_u · (1 / (mu B)) · Σ_i 1[c_i >= threshold] · CE(model(strong_i), ŷ_i)
+
+averaged over all ``mu · B`` images, masked ones counting zero (the paper's normalisation: a strict
+threshold also lowers the term's weight while few images pass). Hard labels, no ramp, as in the paper.
+
+Model mode for the weak view: **train mode**, as in the paper -- BatchNorm normalises the weak batch with its
+own statistics (the paper's model labels in train mode too), and the running statistics see the weak and the
+strong batches, as they see the paper's concatenated batch. Dropout and stochastic depth, if the recipe sets
+them, are active in that pass as well. Two deliberate differences from the paper's one forward pass over
+``[labelled, weak, strong]``: the engine forwards the labelled batch itself, and the weak and strong views go
+through the model as two batches (weak under ``no_grad``, then strong), so each batch is normalised with its
+own statistics and no gradient flows through the weak view's share of shared batch statistics. No EMA of the
+weights here: the paper evaluates an EMA model, which is ``tricks.ema`` (the labels come from the trained
+model, as in the paper). When no image passes the threshold the strong view still goes through the model
+(under ``no_grad``: the same BatchNorm statistics and random draws, no wasted backward) and the term is 0.
+
+The unlabelled stream: a loader of its own over the pool, re-made with
+:class:`~medtricks.data.transforms.MultiView` (weak, strong) so that each item gives both views of one image,
+shuffled by its own generator and augmented from its own Python ``random`` state, both re-seeded at the first
+unlabelled batch of every epoch from the epoch's seed (``torch.initial_seed()`` after
+:func:`~medtricks.train.engine.seed_epoch`). So a resumed run draws the same batches (the engine replays the
+interrupted epoch from its seed; nothing of the trick needs to be in ``last.pt``), the stream is the same
+whatever ``lambda_u`` is (common random numbers), and drawing it does not move the labelled loader's random
+draws: at ``lambda_u: 0`` the batch is drawn but no view goes through the model, and the run trains exactly
+as without the trick. A pool smaller than ``mu · B`` gives all its images each step.
+
+Logged per epoch: ``train/fixmatch_mask_rate`` (the share of unlabelled images at or above the threshold) and,
+where the pool knows the labels ``data.label_fraction`` withheld (its manifest's ``withheld_target``, read for
+this monitoring only, never trained on), ``train/fixmatch_label_acc`` (accuracy of the pseudo-labels that
+passed the mask: what the strong view trains on) and ``train/fixmatch_label_acc_all`` (of every weak-view
+arg-max). Params: ``fixmatch.n_unlabeled``, ``fixmatch.unlabeled_batch`` (``mu · B`` or the pool),
+``fixmatch.n_withheld_labels``.
+
+Refused (:class:`~medtricks.errors.ConfigError` at the start of a run, or a recipe error at load): no
+unlabelled pool, ``threshold`` outside (0, 1], ``mu`` < 1, a ``strong`` preset that does not exist, fewer than
+2 unlabelled images per step (BatchNorm in train mode), and ``tricks.pseudo_label`` on at the same time (two
+losses on the same unlabelled images, labelled two different ways).
+
+Python::
+
+    from medtricks.tricks.fixmatch import fixmatch_loss
+    loss, labels, mask = fixmatch_loss(weak_logits, strong_logits, threshold=0.95)
+"""
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch.utils.data import DataLoader, Dataset
+
+from medtricks._schema import Section
+from medtricks.data.transforms import PRESETS, MultiView, build_transforms
+from medtricks.errors import ConfigError
+from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.pseudo_label import pseudo_label_loss, pseudo_targets
+
+__all__ = ["FixMatchConfig", "FixMatch", "fixmatch_loss"]
+
+_SEED_OFFSET = 15_485_863  # the unlabelled stream is neither the training loader's nor pseudo_label's
+
+
+class FixMatchConfig(Section):
+    """``tricks.fixmatch``."""
+
+    enabled: bool = False
+    threshold: float = Field(0.95, gt=0.0, le=1.0)  # confidence a weak-view prediction needs to become a label
+    mu: int = Field(7, ge=1)  # unlabelled images per labelled image in a step (mu · train.batch_size)
+    lambda_u: float = Field(1.0, ge=0.0)  # weight of the unlabelled term
+    strong: Literal[PRESETS] = "cxr_strong"  # type: ignore[valid-type]  # augmentation preset of the strong view
+
+
+def fixmatch_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
+                  threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabelled term → ``(loss, pseudo-labels, mask)``: the weak view's arg-max as the label, kept
+    where its top probability is ``>= threshold``, cross-entropy of the strong view's logits against it, summed
+    over the kept images and divided by the *whole* batch (``mu · B``). ``weak_logits`` are detached."""
+    labels, mask = pseudo_targets(weak_logits.detach(), threshold)
+    return pseudo_label_loss(strong_logits, labels, mask), labels, mask
+
+
+class _Indexed(Dataset):
+    """``dataset[i] -> (views, i)``: the pool's images with their index (for the withheld labels), its target
+    (always -1) dropped. Module-level, so it pickles for DataLoader workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        views, _ = self.dataset[index]
+        return views, index
+
+
+def _withheld_targets(pool):
+    """The labels ``data.label_fraction`` withheld from the pool's images (-1 where unknown), or None."""
+    manifest = getattr(pool, "manifest", None)
+    if manifest is None or "withheld_target" not in getattr(manifest, "columns", ()):
+        return None
+    return torch.tensor(manifest["withheld_target"].astype("int64").to_numpy(copy=True), dtype=torch.long)
+
+
+def _like(batch: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``batch`` in the labelled batch's memory format (channels_last when the engine uses it)."""
+    if batch.dim() == 4 and images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
+            and not images.is_contiguous():
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+@register_trick
+class FixMatch(Trick):
+    name = "fixmatch"
+    order = 87  # after pseudo_label: both add terms to the loss (and are never on together)
+    fields = {"fixmatch": (FixMatchConfig, Field(default_factory=FixMatchConfig))}
+    ablation = {"fixmatch": AblationName("tricks.fixmatch.enabled", "true",
+                                         "FixMatch on the unlabelled pool (data.label_fraction / data.unlabeled): "
+                                         "weak-view pseudo-labels train the strong view; tricks.fixmatch.*")}
+
+    def __init__(self, recipe, ctx):
+        super().__init__(recipe, ctx)
+        self.cfg: FixMatchConfig = self.config.fixmatch
+        pseudo = getattr(self.config, "pseudo_label", None)
+        if getattr(pseudo, "enabled", False):
+            raise ConfigError("tricks.fixmatch and tricks.pseudo_label.enabled are both on: both add a loss on the "
+                              "same unlabelled images, labelled two different ways; switch one off "
+                              "(--set tricks.pseudo_label.enabled=false or --set tricks.fixmatch.enabled=false)")
+        self.pool = ctx.extras.get("unlabeled")
+        if self.pool is None or len(self.pool) == 0:
+            raise ConfigError("tricks.fixmatch needs unlabelled images: set data.label_fraction (or "
+                              "data.label_count) below the whole training split, or data.unlabeled: {root: FOLDER}")
+        weak = getattr(self.pool, "transform", None)
+        needed = ("image_size", "in_chans", "mean", "std")
+        if not callable(getattr(self.pool, "with_transform", None)) or not all(hasattr(weak, k) for k in needed):
+            raise ConfigError("tricks.fixmatch needs the unlabelled pool as an image dataset it can draw a second view "
+                              "from (medtricks.data.XrayDataset with its training transform); got "
+                              f"{type(self.pool).__name__}")
+        self.strong = build_transforms(self.cfg.strong, weak.image_size, mean=tuple(float(v) for v in weak.mean),
+                                       std=tuple(float(v) for v in weak.std), in_chans=weak.in_chans, train=True)
+        train = getattr(recipe, "train", None)
+        self.batch_size = min(self.cfg.mu * (getattr(train, "batch_size", None) or 32), len(self.pool))
+        if self.batch_size < 2:
+            raise ConfigError(f"tricks.fixmatch: the unlabelled pool holds {len(self.pool)} image(s); the weak view "
+                              "goes through the model in train mode, whose BatchNorm needs at least 2 images per step")
+        self.withheld = _withheld_targets(self.pool)
+        data = getattr(recipe, "data", None)
+        self.generator = torch.Generator()
+        self.loader = DataLoader(_Indexed(self.pool.with_transform(MultiView(weak, self.strong))),
+                                 batch_size=self.batch_size, shuffle=True, generator=self.generator,
+                                 num_workers=getattr(data, "num_workers", 0) or 0, drop_last=True)
+        self._iter = None
+        self._py_state = None
+        self._reset_counts()
+
+    @classmethod
+    def tags(cls, recipe):
+        cfg = recipe.tricks.fixmatch
+        return [f"fixmatch@{cfg.threshold:g}"] if cfg.enabled else []
+
+    def log_params(self):
+        known = int((self.withheld >= 0).sum()) if self.withheld is not None else 0
+        return {"fixmatch.n_unlabeled": len(self.pool), "fixmatch.unlabeled_batch": self.batch_size,
+                "fixmatch.n_withheld_labels": known}
+
+    # ---- the unlabelled stream
+    def _next_batch(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weak, strong, index)`` of the next ``mu · B`` unlabelled images; the draw runs on the trick's own
+        generator and Python ``random`` state, so the rest of the run's random numbers do not move."""
+        outer = random.getstate()
+        try:
+            if self._iter is None:  # first unlabelled batch of the epoch
+                seed = (torch.initial_seed() + _SEED_OFFSET) % (2**63)
+                self.generator.manual_seed(seed)
+                self._py_state = random.Random(seed).getstate()
+                self._iter = iter(self.loader)
+            random.setstate(self._py_state)
+            try:
+                (weak, strong), index = next(self._iter)
+            except StopIteration:  # the pool is smaller than an epoch of batches: go round again
+                self._iter = iter(self.loader)
+                (weak, strong), index = next(self._iter)
+            self._py_state = random.getstate()
+        finally:
+            random.setstate(outer)
+        return weak.to(device, non_blocking=True), strong.to(device, non_blocking=True), index
+
+    def extra_loss(self, model, images, targets, logits):
+        weak, strong, index = self._next_batch(images.device)  # drawn even at lambda_u 0 (common random numbers)
+        if self.cfg.lambda_u == 0:
+            return None
+        weak, strong = _like(weak, images), _like(strong, images)
+        with torch.no_grad():  # the label: train mode, as the paper (see the module docstring)
+            weak_logits = model(weak).float()
+        labels, mask = pseudo_targets(weak_logits, self.cfg.threshold)
+        self._count(labels, mask, index)
+        if not bool(mask.any()):
+            with torch.no_grad():  # the term is 0: the forward for BatchNorm's statistics, no backward
+                model(strong)
+            return None
+        return self.cfg.lambda_u * pseudo_label_loss(model(strong), labels, mask)
+
+    # ---- monitoring
+    def _reset_counts(self) -> None:
+        self._seen = self._passed = 0
+        self._known = self._known_right = self._known_passed = self._known_passed_right = 0
+
+    def _count(self, labels: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> None:
+        labels, mask = labels.cpu(), mask.cpu()
+        self._seen += int(mask.numel())
+        self._passed += int(mask.sum())
+        if self.withheld is None:
+            return
+        truth = self.withheld[index]
+        known = truth >= 0
+        right = (labels == truth) & known
+        self._known += int(known.sum())
+        self._known_right += int(right.sum())
+        self._known_passed += int((known & mask).sum())
+        self._known_passed_right += int((right & mask).sum())
+
+    def on_epoch_end(self, epoch, metrics):
+        if self._seen:
+            metrics["train/fixmatch_mask_rate"] = self._passed / self._seen
+        if self._known:
+            metrics["train/fixmatch_label_acc_all"] = self._known_right / self._known
+        if self._known_passed:
+            metrics["train/fixmatch_label_acc"] = self._known_passed_right / self._known_passed
+        self._reset_counts()
+        self._iter = None  # the next epoch re-seeds the unlabelled stream
