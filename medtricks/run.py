@@ -106,6 +106,10 @@ def make_train_loader(dataset, *, batch_size: int, seed: int, num_workers: int, 
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # A last batch of one image cannot train through BatchNorm (one value per channel at a 1x1 feature map):
+    # leave that one image out of the epoch (another one each epoch: the order is shuffled).
+    per_process = -(-len(dataset) // num_replicas) if num_replicas > 1 else len(dataset)
+    drop_last = drop_last or (per_process > 1 and per_process % batch_size == 1)
     if num_replicas > 1:
         if class_balanced:
             raise ConfigError("tricks.class_balance=sampler does not run data-parallel (torchrun) yet: use "

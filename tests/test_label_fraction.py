@@ -91,6 +91,33 @@ def test_build_datasets_leaves_val_test_untouched_and_pools_the_rest(phantoms):
     assert full.unlabeled is None
 
 
+def test_the_labelled_subset_does_not_depend_on_the_machine_s_patient_salt(phantoms, monkeypatch):
+    # The salt is secret and per machine: a subset keyed on salted hashes would differ between machines
+    # (and between test sessions), while split_seed alone must decide it, as it decides the splits.
+    root, _ = phantoms
+    picked = []
+    for salt in ("one-machine", "another-machine"):
+        monkeypatch.setenv("MEDTRICKS_PATIENT_SALT", salt)
+        few = build_datasets("synthetic-phantoms", root, label_fraction=0.4, **KW)
+        m = few.manifest.sort_values("path")
+        picked.append(list(m["labeled"]))
+    assert picked[0] == picked[1]
+
+
+def test_a_last_batch_of_one_image_is_left_out_so_batchnorm_can_train():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from medtricks.run import make_train_loader
+
+    data = TensorDataset(torch.zeros(33, 1), torch.zeros(33))
+    sizes = [len(y) for _, y in make_train_loader(data, batch_size=16, seed=0, num_workers=0)]
+    assert sizes == [16, 16]
+    sizes = [len(y) for _, y in make_train_loader(TensorDataset(torch.zeros(34, 1), torch.zeros(34)),
+                                                 batch_size=16, seed=0, num_workers=0)]
+    assert sizes == [16, 16, 2]  # only a lone image is left out
+
+
 def test_an_unlabelled_folder_without_labels_loads(phantoms, tmp_path):
     root, full = phantoms
     folder = tmp_path / "unlabelled" / "site_b"  # nested, no class folders, a stray text file

@@ -398,8 +398,14 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
     pool = []  # unlabelled manifests
     if label_fraction is not None or label_count is not None:
         train_rows = (good["split"] == "train").to_numpy()
-        mask = labeled_subset(good.loc[train_rows, "label"], good.loc[train_rows, "patient"],
-                              fraction=label_fraction, count=label_count, seed=split_seed)
+        # Patients are keyed by their first image's path under the root, not by the salted hash: the salt
+        # differs between machines, and the subset must depend on split_seed alone (as the splits do).
+        rows = good.loc[train_rows]
+        relative = rows["path"].map(lambda p: Path(p).resolve().relative_to(root).as_posix()
+                                    if Path(p).resolve().is_relative_to(root) else str(p))
+        patient_key = relative.groupby(rows["patient"]).transform("min")
+        mask = labeled_subset(rows["label"], patient_key, fraction=label_fraction, count=label_count,
+                              seed=split_seed)
         labeled = np.ones(len(good), dtype=bool)
         labeled[np.flatnonzero(train_rows)] = mask
         good = good.assign(labeled=labeled)
