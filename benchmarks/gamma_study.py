@@ -176,11 +176,14 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     fractions = sorted({r["label_fraction"] for r in rows})
     fig, axes = plt.subplots(len(backbones), len(fractions), figsize=(max(4.2 * len(fractions), 6.0), 3.6 * len(backbones)),
-                             sharey=True, squeeze=False)
+                             squeeze=False)
     for panels, backbone in zip(axes, backbones):
         for ax, fraction in zip(panels, fractions):
             cell = [r for r in rows if r["backbone"] == backbone and r["label_fraction"] == fraction
                     and r["variant"] != "none"]
+            if not cell:  # a (backbone, budget) the study did not run
+                ax.axis("off")
+                continue
             for y, r in enumerate(cell):
                 low, high, delta = r["delta_ci_low"], r["delta_ci_high"], r["delta_auroc"]
                 if None in (low, high, delta):
@@ -192,7 +195,7 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.xaxis.set_major_locator(plt.MaxNLocator(4))
             ax.set_yticks(range(len(cell)), [r["variant"] for r in cell])
             n = max((r["n_seeds"] for r in cell), default=0)
-            ax.set_title(f"{backbone}: {fraction:.0%} labels ({n} seeds)" if len(backbones) > 1
+            ax.set_title(f"{backbone.removeprefix('efficientnet_')}: {fraction:.0%} labels ({n} seeds)" if len(backbones) > 1
                          else f"{fraction:.0%} labels ({n} seeds)")
             ax.set_xlabel("Δ test AUROC vs none (95 % CI)")
     fig.suptitle(f"Where γ belongs: {', '.join(backbones)} on {rows[0]['dataset']}\n(grey: interval includes 0)",

@@ -271,3 +271,26 @@ def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_
     seen.clear()  # without --backbones: Lite0 only, as before Lite1/Lite2 were added
     gamma_study.main(["--fractions", "0.1", "--variants", "zero_late", "--out", str(tmp_path / "default")])
     assert [name for name, *_ in seen] == ["efficientnet_lite0"]
+
+
+def test_the_gamma_study_figure_labels_every_panel_and_leaves_cells_it_did_not_run_blank(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from benchmarks.gamma_study import plot_rows
+
+    def row(backbone, fraction, variant, delta):
+        return {"dataset": "kermany", "backbone": backbone, "label_fraction": fraction, "variant": variant,
+                "n_seeds": 5, "delta_auroc": delta, "delta_ci_low": delta - 0.01, "delta_ci_high": delta + 0.01}
+
+    rows = [row("lite0", f, v, d) for f in (0.1, 1.0) for v, d in (("none", 0.0), ("zero_late", 0.0),
+                                                                    ("reinit_late", 0.02))]
+    rows += [row("lite1", 0.1, v, d) for v, d in (("none", 0.0), ("reinit_late", 0.02))]
+    figures = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k))[1])
+    assert plot_rows(rows, tmp_path / "g.png").stat().st_size > 0
+    axes = figures[0].axes
+    labels = [[t.get_text() for t in ax.get_yticklabels()] for ax in axes if ax.axison]
+    assert labels == [["zero_late", "reinit_late"]] * 2 + [["reinit_late"]]
+    assert sum(not ax.axison for ax in axes) == 1  # lite1 at 100 %: not run
