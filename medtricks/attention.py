@@ -42,7 +42,7 @@ from medtricks.errors import ConfigError, ResourceError
 from medtricks.evaluate.attention_capture import AttentionProbe, StageProbe, VitLayout, cnn_stages, find_vit
 from medtricks.evaluate.attention_plots import plot_attention_distance, plot_cnn_stages, plot_vit_attention
 from medtricks.evaluate.attention_stats import attention_rollout, class_token_maps, mean_attention_distance
-from medtricks.posthoc import posthoc_store
+from medtricks.posthoc import posthoc_store, start_posthoc_run
 from medtricks.predict import check_outputs, collect_images, eval_transform
 from medtricks.saliency import cam_file_name
 from medtricks.train import resolve_device
@@ -334,13 +334,8 @@ def _log(result: AttentionResult, trained, tracking_uri, runs_dir) -> None:
     """As ``medtricks cka`` logs: onto the run when its store has it, else onto a new run tagged with it."""
     store = posthoc_store(trained, tracking_uri, runs_dir)
     result.logged_to = store.describe()
-    recipe = trained.recipe
-    if trained.run_id and store.run_exists(trained.run_id):
-        result.run_id = store.start(experiment="", run_name="", tags={}, resume_run_id=trained.run_id)
-    else:
-        result.run_id = store.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
-                                    run_name=f"attention-{recipe.experiment.name}",
-                                    tags={"medtricks.attention_of": str(trained.run_id), "medtricks.kind": "attention"})
+    result.run_id = start_posthoc_run(store, trained, kind="attention",
+                                      tags={"medtricks.attention_of": str(trained.run_id)})
     try:
         kept = result.files
         with tempfile.TemporaryDirectory(prefix="medtricks-attention-") as tmp:

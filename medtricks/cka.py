@@ -52,7 +52,7 @@ from medtricks.data import load_card
 from medtricks.errors import ConfigError
 from medtricks.evaluate.cka import MinibatchCKA, linear_cka
 from medtricks.evaluate.plots import plot_cka
-from medtricks.posthoc import eval_dataset, image_set_digest, posthoc_store
+from medtricks.posthoc import eval_dataset, image_set_digest, posthoc_store, start_posthoc_run
 from medtricks.train import resolve_device, seed_everything
 from medtricks.trained import build_model, load_trained
 from medtricks.tricks.bn_gamma_blocks import find_residual_norms, find_stages
@@ -372,13 +372,7 @@ def _log(result: CKAResult, trained, stem: str, tracking_uri, runs_dir) -> None:
 
     store = posthoc_store(trained, tracking_uri, runs_dir)
     result.logged_to = store.describe()
-    recipe = trained.recipe
-    if trained.run_id and store.run_exists(trained.run_id):
-        result.run_id = store.start(experiment="", run_name="", tags={}, resume_run_id=trained.run_id)
-    else:
-        result.run_id = store.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
-                                    run_name=f"cka-{recipe.experiment.name}",
-                                    tags={"medtricks.cka_of": str(trained.run_id), "medtricks.kind": "cka"})
+    result.run_id = start_posthoc_run(store, trained, kind="cka", tags={"medtricks.cka_of": str(trained.run_id)})
     try:
         kept = result.files
         with tempfile.TemporaryDirectory(prefix="medtricks-cka-") as tmp:

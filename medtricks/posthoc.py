@@ -247,6 +247,17 @@ def posthoc_store(trained, tracking_uri: Optional[str] = None, runs_dir: Optiona
     return create_store(recipe.tracking.backend, root=runs_dir if runs_dir is not None else recipe.experiment.output_dir)
 
 
+def start_posthoc_run(store, trained, *, kind: str, tags: dict[str, str]) -> str:
+    """Open the run that a result about ``trained`` is logged to: the trained run itself when ``store``
+    holds it, else a new run named ``<kind>-<experiment>`` in the run's experiment, tagged with ``tags``
+    and ``medtricks.kind``. Returns its id; the caller ends it."""
+    recipe = trained.recipe
+    if trained.run_id and store.run_exists(trained.run_id):
+        return store.start(experiment="", run_name="", tags={}, resume_run_id=trained.run_id)
+    return store.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
+                       run_name=f"{kind}-{recipe.experiment.name}", tags={**tags, "medtricks.kind": kind})
+
+
 def _train_priors_from_manifest(trained, tracking_uri: Optional[str]) -> Optional[list[float]]:
     """Class frequencies of the run's training split, from its logged split manifest."""
     import pandas as pd
@@ -815,13 +826,8 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
     if log:
         tracker = posthoc_store(trained, tracking_uri, runs_dir)
         report.logged_to = tracker.describe()
-        if trained.run_id and tracker.run_exists(trained.run_id):
-            report.run_id = tracker.start(experiment="", run_name="", tags={}, resume_run_id=trained.run_id)
-        else:
-            report.run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
-                                          run_name=f"audit-{recipe.experiment.name}",
-                                          tags={"medtricks.audited_run": str(trained.run_id),
-                                                "medtricks.kind": "audit", "medtricks.role": "audit"})
+        report.run_id = start_posthoc_run(tracker, trained, kind="audit", tags={
+            "medtricks.audited_run": str(trained.run_id), "medtricks.role": "audit"})
         (log_shortcut if shortcut else log_audit)(tracker, result)
         tracker.end()
     return report

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,8 +402,7 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
         # Patients are keyed by their first image's path under the root, not by the salted hash: the salt
         # differs between machines, and the subset must depend on split_seed alone (as the splits do).
         rows = good.loc[train_rows]
-        relative = rows["path"].map(lambda p: Path(p).resolve().relative_to(root).as_posix()
-                                    if Path(p).resolve().is_relative_to(root) else str(p))
+        relative = rows["path"].map(lambda p: os.path.relpath(p, root))
         patient_key = relative.groupby(rows["patient"]).transform("min")
         mask = labeled_subset(rows["label"], patient_key, fraction=label_fraction, count=label_count,
                               seed=split_seed)

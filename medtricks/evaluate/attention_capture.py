@@ -114,7 +114,24 @@ def attention_probs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-class AttentionProbe:
+class _Hooks:
+    """The hooks a probe registered in ``self.handles``, removed by ``close`` or on leaving a ``with``."""
+
+    handles: list
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class AttentionProbe(_Hooks):
     """Forward pre-hooks on every attention module of ``layout``: after a forward, ``probs[name]`` holds the
     weights ``(B, heads, N, N)`` of each block (float32, on the model's device) and ``input_size`` the
     ``(H, W)`` the patch embedding saw. A context manager (the hooks are removed on exit)."""
@@ -139,17 +156,6 @@ class AttentionProbe:
                 self.probs[layer.name] = attention_probs(module, x).float()
         return hook
 
-    def __enter__(self) -> "AttentionProbe":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
 
 def cnn_stages(model: nn.Module) -> list[str]:
     """Stage names of a CNN (see the module docstring); a :class:`ConfigError` when it has none."""
@@ -167,7 +173,7 @@ def cnn_stages(model: nn.Module) -> list[str]:
                       "knows (registered residual blocks or timm feature_info); name modules with --layers")
 
 
-class StageProbe:
+class StageProbe(_Hooks):
     """Forward hooks on the modules ``names``: after a forward, ``maps[name]`` holds the mean over channels of
     the absolute output, ``(B, h, w)`` (float32, on the model's device). A context manager."""
 
@@ -184,14 +190,3 @@ class StageProbe:
                                   "map; pick stages or blocks of the CNN")
             self.maps[name] = output.detach().abs().float().mean(1)
         return hook
-
-    def __enter__(self) -> "StageProbe":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
