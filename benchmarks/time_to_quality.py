@@ -276,7 +276,7 @@ class TestCurve:
         import torch
         from sklearn.metrics import roc_auc_score
 
-        from medtricks.train.predict import predict
+        from medtricks.train.inference import predict
 
         states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
                   torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -424,11 +424,11 @@ def _mlflow_store(scratch: Path) -> None:
 def run_recipe_arm(args, arm: str, seed: int, clock: Clock, scratch: Path) -> dict[str, Any]:
     """Arms (b) and (c): a shipped recipe through medtricks' Python API, scored on the test split after each epoch."""
     import medtricks.run as run_module
-    import medtricks.tracking.mlflow_tracker  # noqa: F401 - imported before the clock, like every other module
+    import medtricks.tracking.mlflow_store  # noqa: F401 - imported before the clock, like every other module
     from medtricks.data import build_datasets, load_card
     from medtricks.recipe import load_recipe
     from medtricks.train import resolve_device
-    from medtricks.trained import build_model
+    from medtricks.posthoc.load import build_model
 
     path = args.recipe[arm]
     overrides = recipe_overrides(args, arm, seed, scratch)

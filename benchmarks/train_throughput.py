@@ -197,9 +197,9 @@ def build_model(cfg: Config):
 def run_medtricks(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, workdir: Path) -> None:
     """``medtricks.train.fit`` for one epoch of ``cfg.total`` updates; the clock is its ``on_step``."""
     from medtricks.train import EngineConfig, fit
-    from medtricks.tricks.losses import build_loss
-    from medtricks.tricks.param_groups import build_optimizer, build_param_groups
-    from medtricks.tricks.schedules import build_scheduler
+    from medtricks.train.losses import build_loss
+    from medtricks.train.param_groups import build_optimizer, build_param_groups
+    from medtricks.train.schedules import build_scheduler
 
     groups = build_param_groups(model, weight_decay=cfg.weight_decay, no_bias_decay=True)
     optimizer = build_optimizer(groups, name="sgd", lr=cfg.lr, momentum=cfg.momentum)
@@ -219,7 +219,7 @@ def run_bare(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, work
     import torch
     from torch import nn
 
-    from medtricks.tricks.schedules import lr_curve
+    from medtricks.train.schedules import lr_curve
 
     device = cfg.torch_device()
     model.to(device)

@@ -1,14 +1,14 @@
 """Chained fine-tuning: start a run from a finished medtricks run (``model.weights: run:<run folder or id>``).
 
 Intermediate-domain transfer (ImageNet → a pneumonia run → COVID-19): the child recipe names the parent
-run, and :func:`medtricks.trained.build_model` builds the child's architecture with random weights, then
+run, and :func:`medtricks.posthoc.load.build_model` builds the child's architecture with random weights, then
 loads every tensor of the parent's ``model/model_state.pt`` into it strictly (names and shapes checked),
 except the classifier head when the classes differ (names or order): that head stays new. The child
 normalizes its images as the parent was trained (the parent's ``model/data_config.json``), and its
 ``medtricks_info["lineage"]`` records where the weights came from (logged as ``lineage.*`` params).
 
 This module reads the parent's files; finding a run by its id in a run store is
-:func:`medtricks.trained._resolve_run_files`'s job (it calls :func:`load_parent_run` with the folder).
+:func:`medtricks.posthoc.load._resolve_run_files`'s job (it calls :func:`load_parent_run` with the folder).
 
 Example::
 
@@ -35,7 +35,7 @@ from medtricks.models.state_dict import load_strict
 from medtricks.models.weights import WEIGHT_NAMES, entry_for, sha256_file
 from medtricks.recipe import RUN_WEIGHTS_PREFIX, Recipe, load_run_recipe, recipe_digest
 from medtricks.rundir import RunDir
-from medtricks.tricks.layerscale import insert_layerscale_for_state
+from medtricks.gamma.layerscale import insert_layerscale_for_state
 
 __all__ = ["ParentRun", "ModelFileError", "parent_ref", "load_parent_run", "apply_parent_run", "read_model_state",
            "trained_data_config", "describe_lineage"]

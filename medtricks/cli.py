@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights to build the model with: none (default: the architecture only, nothing is "
                             "read or downloaded), imagenet, sin, sin_in, sin_in_in or file:PATH (see "
                             "`medtricks weights list`)")
-    # No `choices`: the names live in medtricks.tricks.bn_gamma.STRATEGIES (importing it here would import
+    # No `choices`: the names live in medtricks.gamma.bn.STRATEGIES (importing it here would import
     # torch on every `--help`); a wrong name is answered with the list.
     gamma.add_argument("--strategy", default="zero_late", metavar="STRATEGY",
                        help="a tricks.bn_gamma strategy (default zero_late; a wrong name lists the valid ones)")
@@ -540,7 +540,7 @@ def _cmd_data(args, parser) -> int:
 
 
 def _cmd_gamma(args) -> int:
-    from medtricks.tricks.bn_gamma import gamma_preview
+    from medtricks.gamma.bn import gamma_preview
 
     print(gamma_preview(args.model, weights=args.weights, strategy=args.strategy, stages=args.stages,
                         last_n_blocks=args.last_n_blocks, names=args.names, which=args.which,
@@ -564,7 +564,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_ensemble(args) -> int:
-    from medtricks.ensemble import ensemble_runs
+    from medtricks.posthoc.ensemble import ensemble_runs
 
     report = ensemble_runs(args.runs, card=args.card, root=args.root, split=args.split, tta=args.tta,
                            prevalence=args.prevalence, n_bootstrap=args.n_bootstrap, seed=args.seed,
@@ -636,7 +636,7 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_cka(args) -> int:
-    from medtricks.cka import cka_trained
+    from medtricks.posthoc.representations import cka_trained
 
     if len(args.runs) > 2 or (args.vs_init and len(args.runs) != 1):
         print("medtricks cka: error: give RUN_A RUN_B, or RUN_A --vs-init", file=sys.stderr)
@@ -654,7 +654,7 @@ def _cmd_cka(args) -> int:
 
 
 def _cmd_attention(args) -> int:
-    from medtricks.attention import attention_maps
+    from medtricks.posthoc.attention import attention_maps
 
     result = attention_maps(args.run, args.images, layers=args.layers, out_dir=args.out, log=args.log,
                             batch_size=args.batch_size, max_images=args.max_images, device=args.device,
@@ -669,7 +669,7 @@ def _cmd_attention(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from medtricks.predict import check_outputs, predict_images, require_predictions, summary, write_predictions
+    from medtricks.posthoc.predict import check_outputs, predict_images, require_predictions, summary, write_predictions
 
     check_outputs(args.inputs, out=args.out, cam_dir=args.cam)  # before any work: never overwrite an input
     preds, bad = predict_images(args.run, args.inputs, threshold=args.threshold, batch_size=args.batch_size,
@@ -741,7 +741,7 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from medtricks.export import export_model
+    from medtricks.posthoc.export import export_model
 
     result = export_model(args.run, args.fmt, args.out, opset=args.opset, runs_dir=args.runs_dir,
                           tracking_uri=args.tracking_uri)

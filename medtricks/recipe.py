@@ -28,10 +28,10 @@ from medtricks._yaml import cap_text, read_yaml_text, short_repr, strict_load
 from medtricks._shipped import shipped_dir
 from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError
-from medtricks.audit.names import check_attack_name
+from medtricks.audit.attack_names import check_attack_name
 from medtricks.data.transforms import PRESETS as AUGMENT_PRESETS
 from medtricks.models.weights import WEIGHT_NAMES
-from medtricks.tricks.bn_gamma_trick import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
+from medtricks.tricks.bn_gamma import BnGammaConfig, GammaRuleConfig  # noqa: F401 - re-exported
 from medtricks.tricks.registry import ignoring_recipe_plugins, load_recipe_plugins, trick_tags, tricks_config_model
 
 __all__ = [

@@ -38,28 +38,28 @@ from medtricks.evaluate import (compute_metrics, plot_confusion_matrix, plot_lr_
 from medtricks.evaluate.operating_point import class_priors, probs_at_threshold, select_threshold
 from medtricks.evaluate.resizer_plots import resizer_comparison_figure
 from medtricks.evaluate.split_table import bootstrap_note, headline_keys, split_gaps, split_table
-from medtricks.export import export_model
+from medtricks.posthoc.export import export_model
 from medtricks.logged_params import run_params, tricks_summary
 from medtricks.models import freeze_model, stage_of_parameter
 from medtricks.models.reinit import init_new_head
 from medtricks.posthoc import audit_model, log_audit, log_shortcut, shortcut_audit_model
 from medtricks.recipe import Recipe, dump_recipe, flatten_recipe, load_run_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
-from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, Tracker, check_store, create_store
+from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, LocalStore, RunStore, check_store, create_store
 from medtricks.train import EngineConfig, distributed, fit, predict, resolve_amp, resolve_device, seed_everything
 from medtricks.train.checkpoint import load_checkpoint, save_checkpoint
 from medtricks.train.engine import evaluation_model, steps_per_epoch
 from medtricks.train.fast import prepare_cached_prefix, progressive_loader
 from medtricks.train.frozen_cache import with_fused_frozen_norms
 from medtricks.train.progressive import ProgressiveLoader
-from medtricks.trained import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
+from medtricks.posthoc.load import TrainedModel, build_model, load_trained  # noqa: F401 - re-exported
 from medtricks.tricks.base import TrickContext
-from medtricks.tricks.bn_gamma_report import GammaReport
+from medtricks.gamma.report import GammaReport
 from medtricks.tricks.class_balance import balanced_sample_weights
-from medtricks.tricks.losses import build_loss
-from medtricks.tricks.param_groups import build_optimizer, build_param_groups
+from medtricks.train.losses import build_loss
+from medtricks.train.param_groups import build_optimizer, build_param_groups
 from medtricks.tricks.registry import build_tricks, merged_options
-from medtricks.tricks.schedules import build_scheduler, lr_curve, scaled_lr
+from medtricks.train.schedules import build_scheduler, lr_curve, scaled_lr
 
 __all__ = ["RunResult", "run_recipe", "find_resumable_run_dir", "TrainedModel", "load_trained", "build_model"]
 
@@ -73,7 +73,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: Optional[int] = None
     gamma_report: Any = None
-    tracker: Optional[Tracker] = None
+    tracker: Optional[RunStore] = None
 
 
 def find_resumable_run_dir(recipe: Recipe) -> Optional[Path]:
@@ -141,7 +141,7 @@ def _eval_loader(dataset, recipe: Recipe) -> DataLoader:
 
 
 # ----------------------------------------------------------------------------------------- run
-def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optional[Tracker] = None,
+def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optional[RunStore] = None,
                parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None,
                quiet: bool = False) -> RunResult:
     """Train, evaluate and log one recipe. ``resume``: None, ``"auto"`` or a run folder path.
@@ -234,7 +234,7 @@ def _run_held(recipe: Recipe, held: ExitStack, *, resume, tracker, parent_run_id
     return result
 
 
-def _end_tracking(run: RunDir, tracker: Tracker, status: str, error: Optional[str] = None) -> None:
+def _end_tracking(run: RunDir, tracker: RunStore, status: str, error: Optional[str] = None) -> None:
     """End the tracked run (always); a store that could not send everything marks state.json degraded."""
     try:
         if error:
@@ -485,7 +485,7 @@ def _warn_frozen_zero_gamma(tricks, frozen: list[str]) -> None:
                       stacklevel=3)
 
 
-def _run(recipe: Recipe, run: RunDir, tracker: Tracker, resuming: bool, say, prep: _Prepared) -> RunResult:
+def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, prep: _Prepared) -> RunResult:
     device, amp_dtype, classes, bundle, tricks = prep.device, prep.amp_dtype, prep.classes, prep.bundle, prep.tricks
     model, data_config, info, opt, val_loader = prep.model, prep.data_config, prep.info, prep.opt, prep.val_loader
     _log_inputs(recipe, run, tracker, say, bundle=bundle, tricks=tricks, frozen=prep.frozen, opt=opt,
@@ -580,7 +580,7 @@ def _follow(run: RunDir, resuming: bool, prep: _Prepared) -> RunResult:
 
 
 # ------------------------------------------------------------------------------- run pieces
-def _last_logged_step(tracker: Tracker, key: str = "train/loss") -> int:
+def _last_logged_step(tracker: RunStore, key: str = "train/loss") -> int:
     """The last training step at which this run already logged ``key`` (0 when the store cannot say)."""
     try:
         return max((step for step, _ in tracker.metric_history(tracker.run_id, key)), default=0)
@@ -643,7 +643,7 @@ def _build_optimization(recipe: Recipe, model, tricks, updates_per_epoch: int) -
                          schedule_kwargs)
 
 
-def _log_inputs(recipe: Recipe, run: RunDir, tracker: Tracker, say, *, bundle, tricks, frozen, opt, device,
+def _log_inputs(recipe: Recipe, run: RunDir, tracker: RunStore, say, *, bundle, tricks, frozen, opt, device,
                 amp_dtype, classes, data_config, info) -> None:
     """What the run is, logged before training: params (the sections that are on; the whole recipe is the
     recipe.yaml artifact), recipe, split manifest, trick reports, schedule."""
@@ -707,7 +707,7 @@ class _FinalEvaluation:
     operating_point: Any = None
 
 
-def _final_evaluation(recipe: Recipe, run: RunDir, tracker: Tracker, say, eval_model, bundle, classes, device,
+def _final_evaluation(recipe: Recipe, run: RunDir, tracker: RunStore, say, eval_model, bundle, classes, device,
                       amp_dtype, *, step: int, best_epoch) -> _FinalEvaluation:
     """Val and test with bootstrap CIs, the operating point (chosen on val only), per-image
     predictions, plots, the test-val gaps, and the side-by-side report."""
@@ -745,7 +745,7 @@ def _final_evaluation(recipe: Recipe, run: RunDir, tracker: Tracker, say, eval_m
     return out
 
 
-def _audit(recipe: Recipe, tracker: Tracker, say, eval_model, dataset, classes, data_config, device) -> None:
+def _audit(recipe: Recipe, tracker: RunStore, say, eval_model, dataset, classes, data_config, device) -> None:
     """The recipe's audits of the best checkpoint on the validation split: robustness, shortcut."""
     if recipe.audit.enabled:
         surrogate = None
@@ -765,7 +765,7 @@ def _audit(recipe: Recipe, tracker: Tracker, say, eval_model, dataset, classes, 
         say(shortcut.table())
 
 
-def _save_model(recipe: Recipe, run: RunDir, tracker: Tracker, eval_model, classes, info, data_config,
+def _save_model(recipe: Recipe, run: RunDir, tracker: RunStore, eval_model, classes, info, data_config,
                 fit_result, final: _FinalEvaluation) -> None:
     """The model: state dict, data config, operating point and a model card (enough to rebuild it)."""
     run.model_dir.mkdir(exist_ok=True)
@@ -784,7 +784,7 @@ def _save_model(recipe: Recipe, run: RunDir, tracker: Tracker, eval_model, class
             _log_mlflow_model(recipe, run, tracker)
 
 
-def _log_mlflow_model(recipe: Recipe, run: RunDir, tracker: Tracker) -> None:
+def _log_mlflow_model(recipe: Recipe, run: RunDir, tracker: RunStore) -> None:
     """The MLflow pyfunc model (``runs:/<id>/mlflow_model``: ``mlflow models serve`` answers it), made by
     ``export --format mlflow`` from the saved model (parity-checked). Training is over: a failure here
     warns and tags the run, it does not fail it."""

@@ -82,7 +82,7 @@ from medtricks.data.transforms import PRESETS as AUGMENT_PRESETS
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import fmt_mean_ci, fmt_num, is_finite, markdown_table
 from medtricks.logged_params import run_params
-from medtricks.models.names import resolve_model_name
+from medtricks.models.model_names import resolve_model_name
 from medtricks.recipe import Recipe, apply_overrides, recipe_digest, recipe_from_dict
 from medtricks.rundir import RunDir, best_key, ci_keys
 from medtricks.run import run_recipe  # looked up at call time: tests wrap medtricks.self_train.run_recipe

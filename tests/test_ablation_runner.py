@@ -14,7 +14,7 @@ from medtricks.ablation import run_ablation
 from medtricks.evaluate.metrics import compute_metrics
 from medtricks.recipe import load_recipe
 from medtricks.rundir import RunDir
-from medtricks.tracking import create_tracker
+from medtricks.tracking import create_store
 
 TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
         "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=50",
@@ -40,7 +40,7 @@ class FakeTrainer:
     def __call__(self, recipe, *, resume=None, tracker=None, parent_run_id=None, extra_tags=None, quiet=False):
         seed = recipe.experiment.seed
         self.calls.append((extra_tags["variant"], seed, resume))
-        tracker = create_tracker(recipe.tracking.backend, recipe.tracking.uri)
+        tracker = create_store(recipe.tracking.backend, recipe.tracking.uri)
         run_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / "run"
         (run_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name,

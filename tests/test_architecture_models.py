@@ -32,7 +32,7 @@ def test_weights_still_exports_the_state_dict_helpers():
 
 
 def test_backbones_still_exports_names_and_layout():
-    from medtricks.models import backbones, layout, names
+    from medtricks.models import backbones, layout, model_names as names
 
     assert backbones.resolve_model_name is names.resolve_model_name
     assert backbones.ALIASES is names.ALIASES and backbones.MONAI_ARCHS is names.MONAI_ARCHS
@@ -51,7 +51,7 @@ def test_package_exports_resolve():
 
 
 def test_weights_zoo_imports_without_torch():
-    code = ("import sys; import medtricks.models.weights, medtricks.models.state_dict, medtricks.models.names; "
+    code = ("import sys; import medtricks.models.weights, medtricks.models.state_dict, medtricks.models.model_names; "
             "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

@@ -170,7 +170,7 @@ def test_cka_of_features_with_a_known_relation_across_widths():
 
 
 def test_cka_capture_between_a_vit_and_a_cnn_at_different_image_sizes():
-    from medtricks.cka import CKAResult, capture_cka, default_layers, select_layers
+    from medtricks.posthoc.representations import CKAResult, capture_cka, default_layers, select_layers
 
     vit = tiny_vit()
     torch.manual_seed(1)

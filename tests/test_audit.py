@@ -348,9 +348,9 @@ def test_report_json_table_and_figures(pgd_vs_fgsm, trained, loader):
 
 
 def test_metrics_accepted_by_mlflow(pgd_vs_fgsm):
-    from medtricks.tracking import create_tracker
+    from medtricks.tracking import create_store
 
-    tracker = create_tracker("mlflow")  # conftest points MLFLOW_TRACKING_URI at a temporary sqlite store
+    tracker = create_store("mlflow")  # conftest points MLFLOW_TRACKING_URI at a temporary sqlite store
     tracker.start(experiment="audit-test", run_name="audit", tags={})
     tracker.log_metrics(pgd_vs_fgsm.metrics)
     logged = tracker.client.get_run(tracker.run_id).data.metrics

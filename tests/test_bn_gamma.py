@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from medtricks.tricks.bn_gamma import (
+from medtricks.gamma.bn import (
     GammaNoEffectWarning,
     GammaReport,
     apply_bn_gamma,
@@ -310,11 +310,11 @@ def test_report_kept_beta_is_empty_in_csv_and_summary_is_short(tmp_path):
 
 
 # ---------------------------------------------------------------- docs
-@pytest.mark.parametrize("module", ["bn_gamma", "bn_gamma_blocks", "bn_gamma_report"])
+@pytest.mark.parametrize("module", ["bn", "blocks", "report"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
 
-    mod = importlib.import_module(f"medtricks.tricks.{module}")
+    mod = importlib.import_module(f"medtricks.gamma.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

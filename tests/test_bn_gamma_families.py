@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from medtricks.tricks.bn_gamma import apply_gamma_strategy, find_residual_norms
-from medtricks.tricks.bn_gamma_blocks import is_norm_layer
+from medtricks.gamma.bn import apply_gamma_strategy, find_residual_norms
+from medtricks.gamma.blocks import is_norm_layer
 
 timm = pytest.importorskip("timm")
 

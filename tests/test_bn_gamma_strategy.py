@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from medtricks.tricks.bn_gamma import STRATEGIES, GammaNoEffectWarning, apply_gamma_strategy, gamma_preview
+from medtricks.gamma.bn import STRATEGIES, GammaNoEffectWarning, apply_gamma_strategy, gamma_preview
 
 from conftest import randomize_norms
 

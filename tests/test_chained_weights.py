@@ -16,8 +16,8 @@ import yaml
 from medtricks.errors import ConfigError, MissingFileError
 from medtricks.recipe import RecipeError, load_recipe, recipe_digest, load_run_recipe
 from medtricks.run import _prepare, find_resumable_run_dir, run_recipe
-from medtricks.trained import build_model, load_trained
-from medtricks.tracking import NullTracker
+from medtricks.posthoc.load import build_model, load_trained
+from medtricks.tracking import NullStore
 
 from conftest import binary_phantom_card, fit_killed_after_epoch
 
@@ -168,12 +168,12 @@ def test_chained_run_logs_lineage_resumes_after_a_kill_and_loads_without_its_par
     real_fit = medtricks.run.fit
     monkeypatch.setattr(medtricks.run, "fit", fit_killed_after_epoch(real_fit, 1))
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, tracker=NullTracker(), quiet=True)
+        run_recipe(recipe, tracker=NullStore(), quiet=True)
     monkeypatch.setattr(medtricks.run, "fit", real_fit)
     unfinished = find_resumable_run_dir(recipe)
     assert unfinished is not None
 
-    tracker = NullTracker()
+    tracker = NullStore()
     resumed = run_recipe(recipe, resume="auto", tracker=tracker, quiet=True)
     assert resumed.run_dir == unfinished and len(resumed.history) == 2
     parent_recipe = load_run_recipe(copy / "recipe.yaml")

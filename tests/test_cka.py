@@ -91,7 +91,7 @@ def test_accumulator_matrix_over_layers(xy):
 def test_hooks_on_vit_blocks_default_layers():
     import timm
 
-    from medtricks.cka import capture_cka, default_layers
+    from medtricks.posthoc.representations import capture_cka, default_layers
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
                               init_values=1e-5, num_classes=2).eval()

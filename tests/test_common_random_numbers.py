@@ -102,7 +102,7 @@ def test_a_new_head_after_a_pretrained_load_keeps_pytorchs_default_scale():
 
     from medtricks.models.reinit import init_new_head
     from medtricks.recipe import load_recipe
-    from medtricks.trained import build_model
+    from medtricks.posthoc.load import build_model
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
     model, _ = build_model(recipe, num_classes=3)

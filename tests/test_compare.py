@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from medtricks.ablation import compare_runs
-from medtricks.tracking import create_tracker
+from medtricks.tracking import create_store
 from medtricks.tracking.query import RunNotFoundError, get_runs
 
 VALUES = {("baseline", 0): 0.80, ("baseline", 1): 0.83, ("baseline", 2): 0.81,
@@ -20,11 +20,11 @@ VALUES = {("baseline", 0): 0.80, ("baseline", 1): 0.83, ("baseline", 2): 0.81,
 def _log_runs(uri, experiment="exp"):
     """Six finished runs (two variants x three seeds) with bootstrap CIs, a failed run, a parent."""
     ids = {}
-    parent = create_tracker("mlflow", uri)
+    parent = create_store("mlflow", uri)
     parent_id = parent.start(experiment=experiment, run_name="ablation", tags={"medtricks.role": "ablation_parent"})
     parent.end()
     for i, ((variant, seed), value) in enumerate(VALUES.items()):
-        t = create_tracker("mlflow", uri)
+        t = create_store("mlflow", uri)
         ids[(variant, seed)] = t.start(experiment=experiment, run_name=f"{variant} | seed {seed}",
                                        tags={"variant": variant, "seed": str(seed), "tricks": variant.strip("+") or "none",
                                              "variant_index": "0" if variant == "baseline" else "1"},
@@ -33,7 +33,7 @@ def _log_runs(uri, experiment="exp"):
         t.log_metrics({"best/val/auroc": value, "best/val/auroc_ci_low": value - 0.05,
                        "best/val/auroc_ci_high": value + 0.04, "best/val/ece": 0.1 - value / 10})
         t.end()
-    failed = create_tracker("mlflow", uri)
+    failed = create_store("mlflow", uri)
     ids["failed"] = failed.start(experiment=experiment, run_name="crashed", tags={"variant": "+warmup"})
     failed.end("FAILED")
     return ids
@@ -145,7 +145,7 @@ def test_compare_two_runs_pairs_them_on_the_same_images(mlflow_uri, tmp_path):
     ids = {}
     for name, p in probs.items():
         np.savez(tmp_path / "predictions_val.npz", y_true=y, probs=p)
-        t = create_tracker("mlflow", mlflow_uri)
+        t = create_store("mlflow", mlflow_uri)
         ids[name] = t.start(experiment="pair", run_name=name, tags={})
         t.log_metrics({"best/val/accuracy": float((p.argmax(1) == y).mean())})
         t.log_artifact(tmp_path / "predictions_val.npz", "predictions")

@@ -128,8 +128,8 @@ def test_bar_postfix_is_refreshed_every_batch(tmp_path, monkeypatch):
     from torch.utils.data import DataLoader, TensorDataset
 
     from medtricks.train import EngineConfig, fit
-    from medtricks.tricks.param_groups import build_optimizer, build_param_groups
-    from medtricks.tricks.schedules import build_scheduler
+    from medtricks.train.param_groups import build_optimizer, build_param_groups
+    from medtricks.train.schedules import build_scheduler
 
     monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
     _RecordingBar.made = []
@@ -245,7 +245,7 @@ def test_listed_timm_weights_match_the_installed_timm():
 def test_experiments_open_on_the_runs_table(mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from medtricks.tracking.mlflow_tracker import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowStore
+    from medtricks.tracking.mlflow_store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowStore
 
     client = MlflowClient(mlflow_uri)
     client.create_experiment("old")  # made before this change: no kind
@@ -265,7 +265,7 @@ def test_posthoc_runs_carry_a_role_that_one_filter_hides(mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from medtricks.posthoc import log_evaluation
-    from medtricks.tracking.mlflow_tracker import MlflowStore
+    from medtricks.tracking.mlflow_store import MlflowStore
 
     def save(path):
         np.savez_compressed(path, y_true=np.zeros(2), probs=np.zeros((2, 2)))

@@ -245,7 +245,7 @@ def test_calibrate_stores_a_profile_that_round_trips_through_mlflow_and_the_loca
     from medtricks.deploy.profiles import (SiteProfile, load_logged_site_profile, load_site_profile,
                                            log_site_profile, site_profile_path)
     from medtricks.tracking import create_store
-    from medtricks.trained import load_trained
+    from medtricks.posthoc.load import load_trained
 
     result, uri, tmp, card = site_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -310,7 +310,7 @@ def test_predict_and_evaluate_use_the_site_profiles_threshold(site_run, monkeypa
     from medtricks.cli import main
     from medtricks.deploy.fit import apply_temperature
     from medtricks.posthoc import evaluate_trained
-    from medtricks.predict import predict_images
+    from medtricks.posthoc.predict import predict_images
 
     result, uri, tmp, card = site_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -351,7 +351,7 @@ def test_adapt_adabn_and_tent_write_runs_that_record_their_parent_and_load_like_
 
     from medtricks.deploy.adapt import adapt_run
     from medtricks.posthoc import evaluate_trained
-    from medtricks.trained import load_trained
+    from medtricks.posthoc.load import load_trained
 
     result, uri, tmp, card = site_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -383,7 +383,7 @@ def test_adapt_adabn_and_tent_write_runs_that_record_their_parent_and_load_like_
 def test_adapt_em_prior_stores_a_profile_that_shifts_the_prior(site_run, monkeypatch):
     from medtricks.deploy.adapt import adapt_run
     from medtricks.posthoc import resolve_decision_rule
-    from medtricks.trained import load_trained
+    from medtricks.posthoc.load import load_trained
 
     result, uri, tmp, card = site_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

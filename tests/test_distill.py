@@ -13,7 +13,7 @@ from medtricks.ablation.variants import make_variants, trick_overrides
 from medtricks.errors import ConfigError
 from medtricks.recipe import load_recipe
 from medtricks.train import fit
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 from medtricks.tricks.base import TrickContext
 from medtricks.tricks.distill import DistillConfig, Distillation, Teacher, distillation_kl
 

@@ -293,7 +293,7 @@ def test_bad_settings_are_refused_with_the_key(override, key):
 def test_off_by_default_tags_ablation_name_and_the_shipped_recipe():
     from medtricks.ablation.variants import trick_overrides
     from medtricks.recipe import dump_recipe
-    from medtricks.trained import build_model
+    from medtricks.posthoc.load import build_model
     from medtricks.tricks.registry import ablation_names
 
     plain = load_recipe(ROOT / "recipes" / "quickstart.yaml")

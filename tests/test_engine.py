@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medtricks.train import EngineConfig, NonFiniteLossError, fit, predict
 from medtricks.train.checkpoint import load_checkpoint
-from medtricks.tricks.param_groups import build_optimizer, build_param_groups
-from medtricks.tricks.schedules import build_scheduler
+from medtricks.train.param_groups import build_optimizer, build_param_groups
+from medtricks.train.schedules import build_scheduler
 
 
 def _data(n=48, seed=0):

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from medtricks.ablation import compare_runs
 from medtricks.cli import main
-from medtricks.ensemble import ensemble_runs
+from medtricks.posthoc.ensemble import ensemble_runs
 from medtricks.evaluate.operating_point import OPERATING_POINT_FILE, OperatingPoint, select_threshold
 from medtricks.posthoc import evaluate_trained
 from medtricks.recipe import load_recipe

@@ -8,10 +8,10 @@ import torch
 
 from medtricks.cli import main
 from medtricks.errors import ConfigError, MedtricksError
-from medtricks.export import export_model, prepare_input
+from medtricks.posthoc.export import export_model, prepare_input
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_bad_format_and_missing_run(trained_run, tmp_path, capsys):
 
 
 def test_parity_failure_writes_nothing(trained_run, tmp_path):
-    from medtricks.export import ExportParityError
+    from medtricks.posthoc.export import ExportParityError
 
     result, _ = trained_run
     with pytest.raises(ExportParityError, match="max \\|delta prob\\|"):
@@ -146,7 +146,7 @@ def test_resizer_model_exports_to_onnx_with_its_antialiased_resize(tmp_path):
     """The TorchScript-based exporter has no antialiased bilinear resize: the torch.export one takes over."""
     import onnxruntime as ort
 
-    from medtricks.export import ExportWrapper, _export_onnx
+    from medtricks.posthoc.export import ExportWrapper, _export_onnx
     from medtricks.models import create_model
     from medtricks.models.resizer import LearnableResizer, ResizerModel
 

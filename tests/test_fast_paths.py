@@ -12,13 +12,13 @@ from medtricks.errors import ConfigError
 from medtricks.models import create_model, freeze_model
 from medtricks.recipe import load_recipe
 from medtricks.run import find_resumable_run_dir, make_train_loader, run_recipe
-from medtricks.tracking import NullTracker
+from medtricks.tracking import NullStore
 from medtricks.train import EngineConfig, fit, predict
 from medtricks.train.frozen_cache import (CachedViews, FrozenSplit, SuffixModel, build_cached_views,
                                           split_frozen_prefix)
 from medtricks.train.progressive import ProgressiveLoader, progressive_batches, progressive_sizes
-from medtricks.tricks.param_groups import build_optimizer, build_param_groups
-from medtricks.tricks.schedules import build_scheduler
+from medtricks.train.param_groups import build_optimizer, build_param_groups
+from medtricks.train.schedules import build_scheduler
 
 from conftest import fit_killed_after_epoch
 
@@ -215,16 +215,16 @@ def _tiny(tmp_path, *extra):
 def test_cached_run_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import medtricks.run
 
-    full = run_recipe(_tiny(tmp_path), tracker=NullTracker(), quiet=True)
+    full = run_recipe(_tiny(tmp_path), tracker=NullStore(), quiet=True)
     assert len(full.history) == 3
     recipe = _tiny(tmp_path, f"experiment.output_dir={tmp_path / 'runs2'}")
     real_fit = medtricks.run.fit
 
     monkeypatch.setattr(medtricks.run, "fit", fit_killed_after_epoch(real_fit, 2))
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, tracker=NullTracker(), quiet=True)
+        run_recipe(recipe, tracker=NullStore(), quiet=True)
     monkeypatch.setattr(medtricks.run, "fit", real_fit)
-    resumed = run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
+    resumed = run_recipe(recipe, resume="auto", tracker=NullStore(), quiet=True)
     assert [h["train/epoch_loss"] for h in resumed.history] == pytest.approx(
         [h["train/epoch_loss"] for h in full.history], rel=1e-6)
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], rel=1e-6)
@@ -232,7 +232,7 @@ def test_cached_run_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 
 
 def test_cached_run_logs_where_it_cut_and_what_it_holds(tmp_path):
-    tracker = NullTracker()
+    tracker = NullStore()
     run_recipe(_tiny(tmp_path, "train.epochs=1"), tracker=tracker, quiet=True)
     assert tracker.params["resolved.cache_frozen.first_trained"] == "layer3.0"
     assert tracker.params["resolved.cache_frozen.megabytes"] > 0
@@ -244,7 +244,7 @@ def test_cached_run_logs_where_it_cut_and_what_it_holds(tmp_path):
 ])
 def test_what_the_cache_cannot_honour_is_refused(tmp_path, extra, message):
     with pytest.raises(Exception, match=message):
-        run_recipe(_tiny(tmp_path, *extra), tracker=NullTracker(), quiet=True)
+        run_recipe(_tiny(tmp_path, *extra), tracker=NullStore(), quiet=True)
 
 
 def test_cache_without_freeze_and_bad_progressive_settings_fail_at_load(tmp_path):
@@ -257,7 +257,7 @@ def test_cache_without_freeze_and_bad_progressive_settings_fail_at_load(tmp_path
 
 
 def test_progressive_run_trains_at_the_scheduled_sizes(tmp_path):
-    tracker = NullTracker()
+    tracker = NullStore()
     result = run_recipe(_tiny(tmp_path, "train.cache_frozen=null", "model.freeze=null",
                               "schedule.progressive_resize.start=16", "schedule.progressive_resize.multiple=8"),
                         tracker=tracker, quiet=True)

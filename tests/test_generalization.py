@@ -9,9 +9,9 @@ from PIL import Image
 from medtricks.data import ManifestError, assign_splits
 from medtricks.recipe import RecipeError, load_recipe
 from medtricks.run import make_train_loader, run_recipe
-from medtricks.tracking import NullTracker
+from medtricks.tracking import NullStore
 from medtricks.tricks.class_balance import balanced_sample_weights, class_weights
-from medtricks.tricks.losses import build_loss
+from medtricks.train.losses import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ def test_binary_run_keeps_test_out_of_selection_and_stores_an_operating_point(tm
         "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=20",
         "train.progress=false", "tricks.bn_gamma.strategy=none", "tricks.class_balance=loss",
         f"experiment.output_dir={tmp_path / 'runs'}", "optim.lr=0.4"])
-    tracker = NullTracker()
+    tracker = NullStore()
     result = run_recipe(recipe, tracker=tracker)
     out = capsys.readouterr().out
     manifest = result.run_dir / "artifacts" / "split_manifest.csv"

@@ -7,7 +7,7 @@ import torch
 from medtricks.errors import ConfigError
 from medtricks.recipe import dump_recipe, load_recipe
 from medtricks.run import run_recipe
-from medtricks.tracking import NullTracker
+from medtricks.tracking import NullStore
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +42,10 @@ def test_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     torch.save({"model": _Payload()}, planted / "checkpoints" / "last.pt")
     (planted / "recipe.yaml").write_text("")  # a planted folder with another recipe is not resumed at all
     with pytest.raises(ConfigError, match="recipe differs"):
-        run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
+        run_recipe(recipe, resume="auto", tracker=NullStore(), quiet=True)
     (planted / "recipe.yaml").write_text(dump_recipe(recipe))  # one that copies the recipe reaches the checkpoint
     with pytest.raises(RuntimeError, match="cannot be read safely"):
-        run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
+        run_recipe(recipe, resume="auto", tracker=NullStore(), quiet=True)
     assert MARKER["ran"] is False
 
 

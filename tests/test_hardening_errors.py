@@ -399,7 +399,7 @@ def test_cka_reads_a_card_with_other_classes_without_a_class_map(binary_run, tmp
 def test_commands_without_a_class_map_do_not_advise_one(binary_run, tmp_path):
     from medtricks.data import synthesize_phantoms
     from medtricks.posthoc import eval_dataset
-    from medtricks.trained import load_trained
+    from medtricks.posthoc.load import load_trained
 
     result, _, _ = binary_run
     synthesize_phantoms(tmp_path / "three", n=12, size=32, seed=3)

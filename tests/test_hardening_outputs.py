@@ -15,11 +15,11 @@ import torch
 import medtricks._atomic
 from medtricks._atomic import csv_safe, write_csvs
 from medtricks.cli import main
-from medtricks.ensemble import ensemble_runs
+from medtricks.posthoc.ensemble import ensemble_runs
 from medtricks.errors import ConfigError, MedtricksError, ResourceError
-from medtricks.export import export_model
+from medtricks.posthoc.export import export_model
 from medtricks.posthoc import evaluate_trained
-from medtricks.predict import (NothingPredictedError, bad_files_path, collect_images, predict_images,
+from medtricks.posthoc.predict import (NothingPredictedError, bad_files_path, collect_images, predict_images,
                                require_predictions, write_predictions)
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe

@@ -14,7 +14,7 @@ from medtricks.data import folder_id
 from medtricks.logged_params import run_params
 from medtricks.recipe import RecipeError, load_recipe
 from medtricks.run import run_recipe
-from medtricks.trained import ModelFileError, load_trained
+from medtricks.posthoc.load import ModelFileError, load_trained
 from medtricks.tricks.registry import PluginError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
-import medtricks.tracking.mlflow_tracker as mt
+import medtricks.tracking.mlflow_store as mt
 from medtricks.rundir import RunDir
 from medtricks.tracking import TrackingUnavailableError, TrackingWarning, create_store, replay_unsent
 from medtricks.tracking.replay import main as replay_main
@@ -392,7 +392,7 @@ def test_creating_a_sqlite_store_waits_for_the_lock_next_to_the_database(tmp_pat
 
 RACE_WORKER = textwrap.dedent("""
     import os, sys, time
-    from medtricks.tracking.mlflow_tracker import MlflowStore
+    from medtricks.tracking.mlflow_store import MlflowStore
     me, sync, *dbs = sys.argv[1:]
     for i, db in enumerate(dbs):
         open(os.path.join(sync, f"{i}-{me}"), "w").close()

@@ -6,8 +6,8 @@ import timm
 import torch
 
 from medtricks.errors import ConfigError
-from medtricks.tricks.bn_gamma import GammaNoEffectWarning
-from medtricks.tricks.layerscale import (
+from medtricks.gamma.bn import GammaNoEffectWarning
+from medtricks.gamma.layerscale import (
     apply_layerscale_gamma,
     apply_layerscale_strategy,
     check_layerscale_config,

@@ -10,7 +10,7 @@ import torch
 
 from medtricks.models import create_model, format_weights_table, get_data_config, list_weights
 from medtricks.models import weights as zoo
-from medtricks.models.names import resolve_model_name
+from medtricks.models.model_names import resolve_model_name
 from medtricks.models.weights import LITE_PACKAGES, WeightsUnavailableError
 
 # (recipe name, timm name, tensors, parameters with a 1000-class RGB head, sha256 of the package's file)

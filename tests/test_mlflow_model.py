@@ -17,11 +17,11 @@ import torch
 from medtricks.cli import main
 from medtricks.data import build_eval_dataset, synthesize_phantoms
 from medtricks.errors import ConfigError
-from medtricks.export import export_model
+from medtricks.posthoc.export import export_model
 from medtricks.posthoc import load_operating_point
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 from conftest import binary_phantom_card, fresh_sqlite_uri
 
@@ -101,11 +101,11 @@ def test_logged_model_loads_from_runs_uri_and_matches_torch(mlflow_run):
 
 
 def test_local_store_runs_keep_no_mlflow_model(tmp_path):
-    from medtricks.tracking import LocalStore, NullTracker
-    from medtricks.tracking.mlflow_tracker import MlflowStore
+    from medtricks.tracking import LocalStore, NullStore
+    from medtricks.tracking.mlflow_store import MlflowStore
 
-    assert not LocalStore(tmp_path).logs_models and not NullTracker().logs_models and MlflowStore.logs_models
-    assert NullTracker().log_model(tmp_path, "mlflow_model") is False
+    assert not LocalStore(tmp_path).logs_models and not NullStore().logs_models and MlflowStore.logs_models
+    assert NullStore().log_model(tmp_path, "mlflow_model") is False
 
 
 def test_export_format_mlflow_writes_a_servable_folder(mlflow_run, tmp_path, capsys):

@@ -71,7 +71,7 @@ def test_mlflow_run_logs_sections_that_are_on_and_one_filter_shows_training_runs
     from mlflow.tracking import MlflowClient
 
     from medtricks.posthoc import log_evaluation
-    from medtricks.tracking.mlflow_tracker import MlflowStore
+    from medtricks.tracking.mlflow_store import MlflowStore
 
     recipe = _tiny(tmp_path, "tracking.backend=mlflow", f"tracking.uri={mlflow_uri}")
     result = run_recipe(recipe, quiet=True)

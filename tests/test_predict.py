@@ -11,7 +11,7 @@ from medtricks.cli import main
 from medtricks.data import synthesize_phantoms
 from medtricks.errors import MedtricksError
 from medtricks.evaluate.operating_point import OPERATING_POINT_FILE, select_threshold
-from medtricks.predict import bad_files_path, predict_images
+from medtricks.posthoc.predict import bad_files_path, predict_images
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 

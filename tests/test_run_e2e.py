@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 
 from medtricks.recipe import load_recipe
 from medtricks.run import find_resumable_run_dir, run_recipe
-from medtricks.tracking import NullTracker
+from medtricks.tracking import NullStore
 
 from conftest import fit_killed_after_epoch, fresh_sqlite_uri
 
@@ -23,7 +23,7 @@ def _tiny(tmp_path, *extra):
 
 
 def test_tiny_run_with_null_tracker(tmp_path):
-    tracker = NullTracker()
+    tracker = NullStore()
     result = run_recipe(_tiny(tmp_path), tracker=tracker, quiet=True)
     assert 0.0 <= result.metrics.values["auroc"] <= 1.0
     assert set(result.metrics.ci) >= {"accuracy", "auroc"}
@@ -65,7 +65,7 @@ def test_tiny_run_logs_to_mlflow(tmp_path):
 def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
     import medtricks.run
 
-    full = run_recipe(_tiny(tmp_path, "train.epochs=3", f"tricks.class_balance={balance}"), tracker=NullTracker(),
+    full = run_recipe(_tiny(tmp_path, "train.epochs=3", f"tricks.class_balance={balance}"), tracker=NullStore(),
                       quiet=True)
 
     recipe = _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}",
@@ -74,11 +74,11 @@ def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
 
     monkeypatch.setattr(medtricks.run, "fit", fit_killed_after_epoch(real_fit, 2))
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, tracker=NullTracker(), quiet=True)
+        run_recipe(recipe, tracker=NullStore(), quiet=True)
     monkeypatch.setattr(medtricks.run, "fit", real_fit)
     unfinished = find_resumable_run_dir(recipe)
     assert unfinished is not None
-    resumed = run_recipe(recipe, resume="auto", tracker=NullTracker(), quiet=True)
+    resumed = run_recipe(recipe, resume="auto", tracker=NullStore(), quiet=True)
     assert resumed.run_dir == unfinished
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], abs=1e-6)
     assert resumed.metrics.values == pytest.approx(full.metrics.values, nan_ok=True)
@@ -86,7 +86,7 @@ def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
 
 
 def test_tiny_run_with_cbam_resizer_logs_its_figure(tmp_path):
-    tracker = NullTracker()
+    tracker = NullStore()
     result = run_recipe(_tiny(tmp_path, "model.resizer.enabled=true", "model.resizer.input_size=48",
                               "model.resizer.output_size=32", "model.resizer.attention=cbam",
                               "model.resizer.lr_mult=0.5", "train.epochs=1"), tracker=tracker, quiet=True)

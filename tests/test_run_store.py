@@ -17,8 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import medtricks.run  # noqa: E402
 from medtricks.rundir import RunDir  # noqa: E402
-from medtricks.tracking import (LocalStore, NullTracker, RunNotFoundError, create_store,  # noqa: E402
-                                create_tracker, find_run)
+from medtricks.tracking import (LocalStore, NullStore, RunNotFoundError, create_store, find_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ def _log_run(store, run_dir, *, variant, value, status="FINISHED", parent=None):
 
 def test_local_store_round_trips_params_metrics_tags_and_artifacts(tmp_path):
     store = create_store("none", root=tmp_path / "runs")
-    assert isinstance(store, LocalStore) and isinstance(store, NullTracker) and create_tracker is create_store
+    assert isinstance(store, LocalStore) and isinstance(store, NullStore) and create_store is create_store
     run_id = store.start(experiment="exp", run_name="first", tags={"variant": "baseline", "seed": 0})
     run = RunDir(store.local_run_dir(run_id))
     assert run.path.parent == tmp_path / "runs" / "exp" and len(run_id) == 32  # a new folder under the root
@@ -58,7 +57,7 @@ def test_local_store_round_trips_params_metrics_tags_and_artifacts(tmp_path):
     store.set_tags({"best_epoch": 2})
     store.end()
 
-    # the in-memory view, as NullTracker's
+    # the in-memory view, as NullStore's
     assert store.params["optim.lr"] == 0.1 and store.metrics["train/loss"] == [(1, 1.0), (2, 0.5), (1, 0.7)]
     assert store.status == "FINISHED" and store.tags["best_epoch"] == "2"
     assert set(store.artifacts) >= {"predictions/preds.npz", "data/split_manifest.csv", "plots/roc.png", "notes/a.txt"}
@@ -291,7 +290,7 @@ def test_compare_prints_the_local_store_table(local_ablation, capsys):
 
 def test_load_trained_evaluate_and_audit_on_local_store_runs(local_ablation, monkeypatch):
     from medtricks.posthoc import audit_trained, evaluate_trained
-    from medtricks.trained import load_trained
+    from medtricks.posthoc.load import load_trained
 
     tmp, result = local_ablation["tmp"], local_ablation["result"]
     monkeypatch.chdir(tmp)

@@ -12,7 +12,7 @@ from PIL import Image
 from medtricks.cli import main
 from medtricks.data import synthesize_phantoms
 from medtricks.models.resizer import LearnableResizer, ResizerModel
-from medtricks.predict import predict_images
+from medtricks.posthoc.predict import predict_images
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 from medtricks.errors import MedtricksError
@@ -109,7 +109,7 @@ def test_predict_cam_writes_one_overlay_per_image(cam_run, tmp_path, capsys):
 
 def test_heat_maps_differ_between_images(cam_run, tmp_path):
     from medtricks.saliency import grad_cam as cam_fn
-    from medtricks.trained import load_trained
+    from medtricks.posthoc.load import load_trained
 
     result, tmp, new = cam_run
     preds, bad = predict_images(str(result.run_dir), [new], cam_dir=tmp_path / "c", progress=False)
@@ -122,7 +122,7 @@ def test_heat_maps_differ_between_images(cam_run, tmp_path):
 
 
 def test_a_failing_cam_batch_is_warned_not_fatal(cam_run, tmp_path, monkeypatch):
-    import medtricks.predict as predict_module
+    import medtricks.posthoc.predict as predict_module
 
     result, tmp, new = cam_run
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from medtricks.tricks.param_groups import build_optimizer, build_param_groups
-from medtricks.tricks.schedules import build_scheduler, lr_curve, scaled_lr
+from medtricks.train.param_groups import build_optimizer, build_param_groups
+from medtricks.train.schedules import build_scheduler, lr_curve, scaled_lr
 
 
 def test_warmup_then_cosine_key_points():

@@ -14,7 +14,7 @@ from medtricks.ablation.sequential import (critical_values, look_schedule, repea
                                            sequential_look)
 from medtricks.errors import ConfigError
 from medtricks.recipe import load_recipe
-from medtricks.tracking import create_tracker
+from medtricks.tracking import create_store
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -119,7 +119,7 @@ class PairedTrainer:
     def __call__(self, recipe, *, resume=None, tracker=None, parent_run_id=None, extra_tags=None, quiet=False):
         seed = recipe.experiment.seed
         self.calls.append((extra_tags["variant"], seed))
-        tracker = create_tracker(recipe.tracking.backend, recipe.tracking.uri)
+        tracker = create_store(recipe.tracking.backend, recipe.tracking.uri)
         run_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name,

@@ -159,7 +159,7 @@ def test_label_smoothing_paper_mode_gives_the_papers_targets():
     import torch
 
     from medtricks.tricks.label_smoothing import effective_smoothing
-    from medtricks.tricks.losses import build_loss
+    from medtricks.train.losses import build_loss
 
     logits = torch.tensor([[2.0, -1.0]])
     target = torch.tensor([0])

@@ -14,7 +14,7 @@ from medtricks.logged_params import run_params
 from medtricks.models import LocalitySelfAttention, ShiftedPatchEmbed, create_model
 from medtricks.models.vit_locality import SHIFT_DIRECTIONS, use_locality_attention
 from medtricks.recipe import RecipeError, load_recipe
-from medtricks.trained import build_model
+from medtricks.posthoc.load import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)

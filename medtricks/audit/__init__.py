@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from medtricks.audit.names import RENAMED_ATTACKS as _RENAMED  # no torch: the names only
+from medtricks.audit.attack_names import RENAMED_ATTACKS as _RENAMED  # no torch: the names only
 
 _EXPORTS = {
     "run_audit": "runner",

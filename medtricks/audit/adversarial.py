@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtricks.audit.names import ATTACKS, RENAMED_ATTACKS
+from medtricks.audit.attack_names import ATTACKS, RENAMED_ATTACKS
 from medtricks.errors import ConfigError
 
 __all__ = [

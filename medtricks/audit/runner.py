@@ -48,7 +48,7 @@ __all__ = ["run_audit", "DEFAULT_EPS"]
 
 #: Default ε grid in [0, 1] pixel units: 0, 0.5, 1, 2, 4, 8 grey levels of 255.
 DEFAULT_EPS = (0.0, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
-from medtricks.audit.names import ATTACK_ALIASES as _ALIASES  # noqa: E402
+from medtricks.audit.attack_names import ATTACK_ALIASES as _ALIASES  # noqa: E402
 # De-normalized loader images may overshoot [0, 1] by float round-off; more means wrong mean/std.
 _RANGE_TOL = 1e-3
 _N_EXAMPLES = 4

@@ -49,11 +49,11 @@ from medtricks.deploy.fit import em_prior
 from medtricks.deploy.profiles import SiteProfile, check_site_name, log_site_profile, save_site_profile
 from medtricks.errors import ConfigError, MissingFileError
 from medtricks.posthoc import _train_priors_from_manifest, load_operating_point, posthoc_store
-from medtricks.predict import collect_images
+from medtricks.posthoc.predict import collect_images
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.train import predict, resolve_device
 from medtricks.train.checkpoint import save_checkpoint
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["adapt_run", "AdaptResult", "ADAPT_METHODS", "LABELLED_METHODS", "ADAPTATION_FILE", "site_images"]
 
@@ -87,7 +87,7 @@ class AdaptResult:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Site images with a dummy label (``(image, 0)``), as ``medtricks.train.predict`` expects."""
+    """Site images with a dummy label (``(image, 0)``), as ``medtricks.train.inference`` expects."""
 
     def __init__(self, dataset: XrayDataset) -> None:
         self.dataset = dataset

@@ -35,7 +35,7 @@ from medtricks.errors import ConfigError, MedtricksError
 from medtricks.posthoc import (eval_dataset, image_set_digest, load_operating_point, posthoc_store,
                                split_overlap, _train_priors_from_manifest)
 from medtricks.train import predict, resolve_device
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["calibrate_site", "calibrate_predictions", "CalibrationResult", "SiteSampleError", "SiteOverlapError",
            "MIN_PER_CLASS"]

@@ -75,14 +75,14 @@ from medtricks.errors import ConfigError
 from medtricks.evaluate.metrics import compute_metrics
 from medtricks.evaluate.operating_point import OperatingPoint, probs_at_threshold, select_threshold
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
-from medtricks.export import export_model
+from medtricks.posthoc.export import export_model
 from medtricks.posthoc import eval_dataset, load_operating_point
 from medtricks.recipe import Recipe, apply_overrides, load_run_recipe, recipe_digest, recipe_from_dict
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.run import run_recipe
 from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, create_store
 from medtricks.train import predict, resolve_device
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["finetune_run", "FinetuneResult", "finetune_recipe", "patient_folds", "fold_splits", "crossfit_metrics",
            "parse_freeze", "CHECKPOINT_METRIC", "THRESHOLD_METHOD", "RULES"]
@@ -395,7 +395,7 @@ def _fold_recipe(common: dict, *, card_path: Path, crossfit_dir: Path, k: int) -
 
 def _keep_parent_files(files: RunDir, run_id: Optional[str], out: Path) -> Path:
     """A parent found by its run id in a run store, with no folder on this machine: its recipe and model (the
-    temporary copy :func:`~medtricks.trained.load_trained` made) kept in ``<out>/finetune-parents/<run id>/``, so
+    temporary copy :func:`~medtricks.posthoc.load.load_trained` made) kept in ``<out>/finetune-parents/<run id>/``, so
     every fold run and a rerun start from the same files (``state.json`` keeps the run id for the lineage)."""
     keep = RunDir(out / "finetune-parents" / str(run_id))
     if not (keep.model_state.is_file() and keep.recipe.is_file()):

@@ -17,7 +17,7 @@ Any other attention class is refused naming it (its weights cannot be recomputed
 embeddings, windows...) unless it has ``attention_probs``. Attention masks are not supported.
 
 **CNN** (:func:`cnn_stages`): the stage containers of the BN-gamma block finder
-(:func:`~medtricks.tricks.bn_gamma_blocks.find_stages`: ``layer1..4``, ``blocks.0..6``), else the modules
+(:func:`~medtricks.gamma.blocks.find_stages`: ``layer1..4``, ``blocks.0..6``), else the modules
 timm's ``feature_info`` names. :class:`StageProbe` keeps, per stage, the mean over channels of the
 absolute activation ``(B, h, w)`` (outputs taken as ``(B, C, h, w)``): where the stage responds strongly,
 whatever the sign (an EfficientNet stage ends in a linear projection, whose channel-mean would cancel).
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from medtricks.errors import ConfigError, MedtricksError
-from medtricks.tricks.bn_gamma_blocks import find_stages
+from medtricks.gamma.blocks import find_stages
 
 __all__ = ["AttentionLayer", "VitLayout", "find_vit", "attention_probs", "AttentionProbe", "cnn_stages",
            "StageProbe"]

@@ -21,8 +21,8 @@ _EXPORTS = {
     "create_model": "backbones",
     "get_data_config": "backbones",
     "channel_stats": "backbones",
-    # names.py: aliases and timm:/monai: prefixes
-    "resolve_model_name": "names",
+    # model_names.py: aliases and timm:/monai: prefixes
+    "resolve_model_name": "model_names",
     # layout.py: backbone, stages of a built model
     "stage_of_parameter": "layout",
     "find_backbone": "layout",

@@ -24,7 +24,7 @@ from torch import nn
 from medtricks.errors import ConfigError
 from medtricks.models import weights as zoo
 from medtricks.models.layout import classifier_names, find_backbone, first_convs, stage_of_parameter
-from medtricks.models.names import ALIASES, MONAI_ARCHS, resolve_model_name
+from medtricks.models.model_names import ALIASES, MONAI_ARCHS, resolve_model_name
 from medtricks.models.state_dict import (
     default_key_map,
     load_strict,

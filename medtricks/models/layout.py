@@ -2,7 +2,7 @@
 
 Shared by the model factory (:mod:`medtricks.models.backbones`), freezing
 (:mod:`medtricks.models.freeze`) and attention insertion (:mod:`medtricks.models.tweaks`); depends
-only on :mod:`medtricks.models.names`, so none of those modules import each other for it.
+only on :mod:`medtricks.models.model_names`, so none of those modules import each other for it.
 
 Example::
 
@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from medtricks.errors import ConfigError
-from medtricks.models.names import MONAI_ARCHS
+from medtricks.models.model_names import MONAI_ARCHS
 
 __all__ = ["find_backbone", "stage_of_parameter", "first_convs", "classifier_names"]
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 # torch, timm and huggingface_hub are imported inside the functions that use them (seconds to
 # import): importing the zoo itself costs nothing until a file is located, read or downloaded.
 from medtricks.errors import ConfigError, MedtricksError
-from medtricks.models.names import ALIASES, resolve_model_name
+from medtricks.models.model_names import ALIASES, resolve_model_name
 
 # Reading and mapping checkpoints moved to medtricks.models.state_dict; re-exported here because
 # they were public names of this module.

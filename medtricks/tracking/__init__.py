@@ -2,7 +2,7 @@
 folder implementation (``tracking.backend: none``) and an MLflow one.
 
 ``create_store("mlflow", uri)`` imports mlflow only when asked for, so nothing else in medtricks
-depends on it. ``create_tracker`` is the same function under its wave-1 name.
+depends on it.
 
 Example::
 
@@ -21,13 +21,13 @@ from typing import Optional, Sequence
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from medtricks.errors import ConfigError  # noqa: E402
-from medtricks.tracking.base import (NullTracker, RunNotFoundError, RunRecord, RunStore, Tracker,  # noqa: E402
+from medtricks.tracking.base import (NullStore, RunNotFoundError, RunRecord, RunStore,  # noqa: E402
                                      TrackingUnavailableError, TrackingWarning)
 from medtricks.tracking.local import LocalStore  # noqa: E402
 from medtricks.tracking.uri import CHECK_TIMEOUT_S, check_tracking_uri  # noqa: E402
 
-__all__ = ["RunStore", "Tracker", "NullTracker", "LocalStore", "RunRecord", "RunNotFoundError",
-           "TrackingUnavailableError", "TrackingWarning", "create_store", "create_tracker", "check_store",
+__all__ = ["RunStore", "NullStore", "LocalStore", "RunRecord", "RunNotFoundError",
+           "TrackingUnavailableError", "TrackingWarning", "create_store", "check_store",
            "find_run", "replay_unsent", "save_mlflow_model", "BACKENDS", "DEFAULT_RUNS_DIR", "MLFLOW_MODEL_ARTIFACT_DIR"]
 
 BACKENDS = ("mlflow", "none")
@@ -39,7 +39,7 @@ MLFLOW_MODEL_ARTIFACT_DIR = "mlflow_model"
 def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Optional[str | Path] = None) -> RunStore:
     """The run store of a ``tracking.backend``.
 
-    ``"mlflow"``: :class:`~medtricks.tracking.mlflow_tracker.MlflowStore` at ``uri`` (default
+    ``"mlflow"``: :class:`~medtricks.tracking.mlflow_store.MlflowStore` at ``uri`` (default
     ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``). ``"none"``: :class:`LocalStore` rooted at
     ``root`` (pass the recipe's ``experiment.output_dir``), else at ``uri`` taken as a folder; with
     neither, a run still lands in the ``run_dir`` tag it starts with.
@@ -47,13 +47,12 @@ def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Op
     if backend == "none":
         return LocalStore(root if root is not None else uri)
     if backend == "mlflow":
-        from medtricks.tracking.mlflow_tracker import MlflowStore
+        from medtricks.tracking.mlflow_store import MlflowStore
 
         return MlflowStore(uri)
     raise ConfigError(f"tracking.backend must be 'mlflow' or 'none', got {backend!r}")
 
 
-create_tracker = create_store  # the wave-1 name
 
 
 def check_store(backend: str = "mlflow", uri: Optional[str] = None, *, timeout: float = CHECK_TIMEOUT_S) -> None:
@@ -71,8 +70,8 @@ def check_store(backend: str = "mlflow", uri: Optional[str] = None, *, timeout: 
 def replay_unsent(run_dir: str | Path, *, uri: Optional[str] = None, **options) -> int:
     """Send the MLflow writes a run kept while its server was away (``<run_dir>/store/unsent.jsonl``),
     in order; returns how many were sent. Same as ``python -m medtricks.tracking.replay RUN_DIR``.
-    See :func:`medtricks.tracking.mlflow_tracker.replay_unsent` (``options``: ``retry_delays``, ``budget_s``)."""
-    from medtricks.tracking.mlflow_tracker import replay_unsent as replay
+    See :func:`medtricks.tracking.mlflow_store.replay_unsent` (``options``: ``retry_delays``, ``budget_s``)."""
+    from medtricks.tracking.mlflow_store import replay_unsent as replay
 
     return replay(run_dir, uri=uri, **options)
 

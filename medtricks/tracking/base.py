@@ -5,8 +5,8 @@ run of the store: ``get_run``, ``search_runs``, ``metric_history``, ``download_a
 ``local_run_dir``, ``has_run``). Everything read comes back as plain data (:class:`RunRecord`), so
 callers never see a backend. Implementations: :class:`~medtricks.tracking.local.LocalStore` (plain
 files in the run folders, ``tracking.backend: none``) and
-:class:`~medtricks.tracking.mlflow_tracker.MlflowStore` (any MLflow URI).
-:class:`NullTracker` keeps one run in memory and writes nothing (tests).
+:class:`~medtricks.tracking.mlflow_store.MlflowStore` (any MLflow URI).
+:class:`NullStore` keeps one run in memory and writes nothing (tests).
 
 Example::
 
@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from medtricks.errors import ConfigError, MedtricksError
 
-__all__ = ["RunStore", "Tracker", "NullTracker", "RunRecord", "RunNotFoundError", "TrackingUnavailableError",
+__all__ = ["RunStore", "NullStore", "RunRecord", "RunNotFoundError", "TrackingUnavailableError",
            "TrackingWarning", "RUN_STATUSES"]
 
 RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED")
@@ -136,7 +136,7 @@ class RunStore:
         """Whether ``run_id`` is a run of this store (never raises for an unknown id)."""
         return False
 
-    def run_exists(self, run_id: str) -> bool:  # the name Tracker had
+    def run_exists(self, run_id: str) -> bool:  # the name RunStore had
         return self.has_run(run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
@@ -197,10 +197,9 @@ class RunStore:
         return f"experiment {experiment!r} not found in {self.describe()} (experiments there: {known})"
 
 
-Tracker = RunStore  # the write-only name of wave 1; every store is a Tracker
 
 
-class NullTracker(RunStore):
+class NullStore(RunStore):
     """Keeps the current run in memory (``.params``, ``.metrics``, ``.tags``, ``.artifacts``,
     ``.status``: handy in tests) and writes nothing anywhere. Its read side knows no runs."""
 

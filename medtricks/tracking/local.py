@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from medtricks.rundir import RunDir
-from medtricks.tracking.base import NullTracker, RunNotFoundError, RunRecord, _finite_metrics
+from medtricks.tracking.base import NullStore, RunNotFoundError, RunRecord, _finite_metrics
 
 __all__ = ["LocalStore"]
 
@@ -97,12 +97,12 @@ def _latest(rows: Iterator[dict]) -> dict[str, float]:
     return {key: value for key, (_, value) in latest.items()}
 
 
-class LocalStore(NullTracker):
+class LocalStore(NullStore):
     """Runs as files in their own run folders, below ``root`` (``experiment.output_dir``).
 
     Write side: :meth:`start` opens the run in ``tags["run_dir"]`` when given (``run.py`` sets it), else
     in a new folder ``<root>/<experiment>/<stamp>-<id>``; without either it keeps the run in memory
-    only (like :class:`~medtricks.tracking.base.NullTracker`). The in-memory view (``.params``,
+    only (like :class:`~medtricks.tracking.base.NullStore`). The in-memory view (``.params``,
     ``.metrics``, ``.tags``, ``.artifacts``, ``.status``) holds what this object logged.
 
     Read side: every run whose folder is below ``root`` (and the run this object writes).

@@ -1,4 +1,4 @@
-"""MLflow store plumbing under :mod:`medtricks.tracking.mlflow_tracker`: local paths of sqlite/file
+"""MLflow store plumbing under :mod:`medtricks.tracking.mlflow_store`: local paths of sqlite/file
 URIs, the lock that serializes creating a sqlite store, and the retry / spool helpers that keep a
 run's writes while its tracking server is away (see the store's docstring)."""
 from __future__ import annotations

@@ -7,7 +7,7 @@ needs no medtricks install. It wraps the TorchScript file ``medtricks export`` w
 
 - **input**: one float32 tensor ``(N, in_chans, S, S)``, values in [0, 1], ``S`` the run's input size
   (see ``info.json``/the signature); as a scoring-server request ``{"inputs": [...nested lists...]}``.
-  The resize and center crop happen before (``medtricks.export.prepare_input``), as for the ONNX and
+  The resize and center crop happen before (``medtricks.posthoc.export.prepare_input``), as for the ONNX and
   TorchScript exports.
 - **output**: a DataFrame, one row per image: ``prob_<class>`` per class (in the card's class order)
   and ``predicted``, the class at the run's stored operating point (binary: ``prob_<positive> >=

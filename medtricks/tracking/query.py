@@ -1,4 +1,4 @@
-"""Read runs back from MLflow as plain records: thin wrappers over :class:`~medtricks.tracking.mlflow_tracker.MlflowStore`.
+"""Read runs back from MLflow as plain records: thin wrappers over :class:`~medtricks.tracking.mlflow_store.MlflowStore`.
 
 New code asks a store (``create_store(...).get_runs(...)``), which works for the local store too.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from medtricks.tracking.base import RunNotFoundError, RunRecord, TrackingUnavailableError
-from medtricks.tracking.mlflow_tracker import MlflowStore
+from medtricks.tracking.mlflow_store import MlflowStore
 
 __all__ = ["RunRecord", "get_runs", "download_artifact", "RunNotFoundError", "TrackingUnavailableError"]
 

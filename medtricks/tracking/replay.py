@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from medtricks.errors import MedtricksError
-from medtricks.tracking.mlflow_tracker import replay_unsent
+from medtricks.tracking.mlflow_store import replay_unsent
 
 __all__ = ["main"]
 

@@ -26,7 +26,7 @@ from medtricks.errors import MedtricksError, UnknownKeyError
 import medtricks.train.distributed as distributed
 from medtricks.train.compile import compile_for_training
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medtricks.train.predict import autocast_context
+from medtricks.train.inference import autocast_context
 
 __all__ = ["EngineConfig", "FitResult", "NonFiniteLossError", "fit", "seed_everything", "seed_epoch",
            "evaluation_model"]

@@ -40,7 +40,7 @@ from torch import nn
 
 from medtricks.errors import ConfigError
 from medtricks.train.engine import seed_everything
-from medtricks.train.predict import autocast_context
+from medtricks.train.inference import autocast_context
 from medtricks.tricks.base import Trick
 
 __all__ = ["FrozenSplit", "split_frozen_prefix", "with_fused_frozen_norms", "SuffixModel", "CachedViews", "build_cached_views",

@@ -1,33 +1,35 @@
-"""Bag-of-tricks pieces: BN-gamma strategies, schedules, parameter groups, losses.
+"""The bag-of-tricks plug-ins: one module per recipe key under ``tricks:`` (``tricks.bn_gamma`` is
+:mod:`medtricks.tricks.bn_gamma`, ...), each a :class:`~medtricks.tricks.base.Trick` registered in
+:mod:`medtricks.tricks.registry`.
 
-Imported lazily so ``import medtricks.tricks`` stays cheap::
+The functional pieces the plug-ins call live below them: the γ library (BN-γ and LayerScale-γ
+strategies) in :mod:`medtricks.gamma`, the schedule, parameter-group and loss builders next to the
+engine in :mod:`medtricks.train`. Imported lazily so ``import medtricks.tricks`` stays cheap::
 
-    from medtricks.tricks import apply_bn_gamma, find_residual_norms
-    report = apply_bn_gamma(model, 0.0, stages=[-1])
-    print(report)
+    from medtricks.tricks import Trick, register_trick
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "find_residual_norms": "bn_gamma",
-    "apply_bn_gamma": "bn_gamma",
-    "apply_gamma_strategy": "bn_gamma",
-    "register_residual_block": "bn_gamma",
-    "unregister_residual_block": "bn_gamma",
-    "GammaNoEffectWarning": "bn_gamma",
-    "STRATEGIES": "bn_gamma",
-    "gamma_preview": "bn_gamma",
-    "GammaReport": "bn_gamma",
-    "ResidualNorm": "bn_gamma",
-    "build_scheduler": "schedules",
-    "lr_curve": "schedules",
-    "scaled_lr": "schedules",
-    "build_param_groups": "param_groups",
-    "build_optimizer": "param_groups",
-    "build_loss": "losses",
-    "build_mixup": "losses",
+    "Trick": "base",
+    "TrickContext": "base",
+    "AblationName": "base",
+    "register_trick": "base",
+    "unregister_trick": "base",
+    "registered_tricks": "base",
+}
+
+#: Names that lived here before the γ library and the builders got their own homes (0.x layout).
+_MOVED = {
+    "find_residual_norms": "medtricks.gamma", "apply_bn_gamma": "medtricks.gamma",
+    "apply_gamma_strategy": "medtricks.gamma", "register_residual_block": "medtricks.gamma",
+    "unregister_residual_block": "medtricks.gamma", "GammaNoEffectWarning": "medtricks.gamma",
+    "STRATEGIES": "medtricks.gamma", "gamma_preview": "medtricks.gamma", "GammaReport": "medtricks.gamma",
+    "ResidualNorm": "medtricks.gamma", "build_scheduler": "medtricks.train", "lr_curve": "medtricks.train",
+    "scaled_lr": "medtricks.train", "build_param_groups": "medtricks.train", "build_optimizer": "medtricks.train",
+    "build_loss": "medtricks.train", "build_mixup": "medtricks.train",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -37,4 +39,7 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         return getattr(module, name)
+    if name in _MOVED:
+        raise AttributeError(f"medtricks.tricks.{name} moved: import it from {_MOVED[name]} "
+                             f"(`from {_MOVED[name]} import {name}`) or from medtricks itself")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,7 +80,7 @@ class TrickContext:
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
     # Loads a finished run (folder or run id) as a model, for tricks that need one (a distillation
-    # teacher); run.py gives medtricks.trained.load_trained, so tricks never import the orchestration.
+    # teacher); run.py gives medtricks.posthoc.load.load_trained, so tricks never import the orchestration.
     load_run: Optional[Callable[..., Any]] = None
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ term is whatever loss the run builds (label smoothing, mixup's soft targets, cla
 The teacher is
 
 * a finished medtricks run: its folder, a file in it, or its run id (local run store or MLflow,
-  :func:`medtricks.trained.load_trained`); its classes must be the student's; or
+  :func:`medtricks.posthoc.load.load_trained`); its classes must be the student's; or
 * a model spec ``model:NAME`` (any name ``medtricks.models.create_model`` takes) with ``weights``
   (``file:/path/ckpt.pth`` ...) -- a head for the student's classes must be in those weights to teach
   anything.
@@ -127,7 +127,7 @@ def load_teacher(ref: str, *, classes: list[str], student_mean, student_std, dev
                  load_run: Optional[Callable[..., Any]] = None) -> Teacher:
     """A :class:`Teacher` from a finished run (folder, file in it, run id) or ``model:NAME``.
 
-    ``load_run(ref, device=...)`` loads a finished run (``medtricks.trained.load_trained``, given by the
+    ``load_run(ref, device=...)`` loads a finished run (``medtricks.posthoc.load.load_trained``, given by the
     run through :class:`~medtricks.tricks.base.TrickContext`; tricks do not import the orchestration).
     Errors name ``key`` and what was expected (an unknown run, other classes).
     """
@@ -148,7 +148,7 @@ def load_teacher(ref: str, *, classes: list[str], student_mean, student_std, dev
 
     if load_run is None:
         raise ConfigError(f"{key}={ref!r}: loading a finished run needs TrickContext(load_run=...) (medtricks run "
-                          "gives it); in Python pass load_run=medtricks.trained.load_trained, or use model:NAME")
+                          "gives it); in Python pass load_run=medtricks.posthoc.load.load_trained, or use model:NAME")
     try:
         trained = load_run(ref, device=str(device or "cpu"))
     except MedtricksError as err:

@@ -1,5 +1,5 @@
 """The LayerScale-γ trick: the recipe section ``tricks.layerscale_gamma``, applied to a vision
-transformer after its weights load (the functional API is :mod:`medtricks.tricks.layerscale`).
+transformer after its weights load (the functional API is :mod:`medtricks.gamma.layerscale`).
 
     tricks:
       layerscale_gamma: {strategy: zero_late}                 # last ⌈n/4⌉ blocks start as the identity
@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from medtricks._schema import Section
 from medtricks.tricks.base import AblationName, Trick, register_trick
-from medtricks.tricks.layerscale import STRATEGIES, apply_layerscale_strategy, check_layerscale_config
+from medtricks.gamma.layerscale import STRATEGIES, apply_layerscale_strategy, check_layerscale_config
 
 __all__ = ["LayerScaleGammaConfig", "LayerScaleRuleConfig", "LayerScaleGamma"]
 

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from medtricks.tricks.base import AblationName, Trick, register_trick
 from medtricks.tricks.label_smoothing import effective_smoothing
-from medtricks.tricks.losses import build_mixup
+from medtricks.train.losses import build_mixup
 
 __all__ = ["MixupCutmix"]
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, create_model
 import medtricks.tricks.settings  # noqa: F401  warmup, cosine, linear_scaling, amp, resizer, augment
 import medtricks.tricks.label_smoothing  # noqa: F401
 import medtricks.tricks.no_bias_decay  # noqa: F401
-import medtricks.tricks.bn_gamma_trick  # noqa: F401
+import medtricks.tricks.bn_gamma  # noqa: F401
 import medtricks.tricks.layerscale_gamma  # noqa: F401  LayerScale-gamma strategies for ViTs (issue 20)
 import medtricks.tricks.mixup  # noqa: F401
 import medtricks.tricks.ema  # noqa: F401

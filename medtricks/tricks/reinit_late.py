@@ -39,7 +39,7 @@ from torch import nn
 from medtricks._schema import Section
 from medtricks.errors import ConfigError
 from medtricks.models.reinit import derive_seed, reinit_modules
-from medtricks.tricks.bn_gamma_blocks import scan_model
+from medtricks.gamma.blocks import scan_model
 from medtricks.tricks.base import AblationName, Trick, register_trick
 
 __all__ = ["ReinitLateConfig", "ReinitReport", "ReinitLate", "reinit_late", "late_stage_names"]

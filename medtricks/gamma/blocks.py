@@ -1,6 +1,6 @@
 """Find the residual blocks of a CNN and the norm layers that end their residual branches.
 
-This is the "where" half of the BN-gamma strategies (:mod:`medtricks.tricks.bn_gamma` is the
+This is the "where" half of the BN-gamma strategies (:mod:`medtricks.gamma.bn` is the
 "what"). A small registry maps block classes to the norm layer that ends their residual branch;
 built-in entries cover timm ResNet/ResNeXt/SE-ResNet/ResNet-D, timm EfficientNet/MobileNet blocks,
 timm RegNet, torchvision ResNet and MONAI ResNet. Users add their own block types with

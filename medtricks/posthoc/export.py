@@ -29,7 +29,7 @@ TorchScript file, parity-checked the same way, with the model card as ``<folder>
 
 Example::
 
-    from medtricks.export import export_model
+    from medtricks.posthoc.export import export_model
     result = export_model("runs/quickstart/20261201-101406-d20d09", "onnx", "exports/model.onnx")
     print(result.max_abs_diff, result.card_path)
 """
@@ -58,7 +58,7 @@ from medtricks.data.transforms import build_transforms, eval_resize_side
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError, ResourceError
 from medtricks.posthoc import load_operating_point
 from medtricks.tracking import save_mlflow_model
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["FORMATS", "ExportWrapper", "ExportResult", "ExportParityError", "export_model", "prepare_input",
            "DEFAULT_OPSET", "PARITY_TOLERANCE"]
@@ -417,7 +417,7 @@ def _model_card(trained, result: ExportResult, opset: int, exporter: str) -> str
         "",
         f"- `images`: float32, shape {_shape_text(result.input_shape)}, values in [0, 1]; N (batch) is free, "
         f"the height and width are fixed at {size}.",
-        "- Before the graph (the caller; `medtricks.export.prepare_input` does exactly this): decode to a gray "
+        "- Before the graph (the caller; `medtricks.posthoc.export.prepare_input` does exactly this): decode to a gray "
         "float image in [0, 1] (`medtricks.data.read_image`: DICOM VOI/windowing, MONOCHROME1 inverted, bit "
         f"depth), resize the shorter side to {side} px (OpenCV area filter when shrinking, linear when "
         f"enlarging), round to 16-bit levels, center crop {size} x {size}, repeat the gray channel {in_chans} "

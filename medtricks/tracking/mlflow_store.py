@@ -49,7 +49,7 @@ from medtricks.tracking.base import (RunNotFoundError, RunRecord, RunStore, Trac
                                      TrackingWarning, _finite_metrics)
 from medtricks.tracking.uri import check_scheme, check_tracking_uri, default_tracking_uri
 
-__all__ = ["MlflowStore", "MlflowTracker", "default_tracking_uri", "replay_unsent", "TrackingUnavailableError",
+__all__ = ["MlflowStore", "default_tracking_uri", "replay_unsent", "TrackingUnavailableError",
            "RunNotFoundError", "UNSENT_FILE", "REPLAY_COMMAND", "creation_lock_path"]
 
 def _http_defaults(uri: str) -> None:
@@ -509,4 +509,3 @@ class MlflowStore(RunStore):
         return Path(folder) if folder and Path(folder).is_dir() else None
 
 
-MlflowTracker = MlflowStore  # the wave-1 name

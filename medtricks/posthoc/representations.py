@@ -1,12 +1,12 @@
 """``medtricks cka``: which layers did fine-tuning move? CKA between the blocks of two trained runs, or
 of a run and its starting weights, on the same images.
 
-    from medtricks.cka import cka_trained
+    from medtricks.posthoc.representations import cka_trained
     result = cka_trained("runs/kermany/<id>", vs_init=True, n=500)
     print(result.table()); result.save("cka_out")
 
 Layers: by default every residual block of a CNN (the block finder of the BN-gamma strategies,
-:mod:`medtricks.tricks.bn_gamma_blocks`) or every transformer block of a ViT (that of the
+:mod:`medtricks.gamma.blocks`) or every transformer block of a ViT (that of the
 LayerScale-gamma strategies); ``granularity="stage"`` takes each CNN stage's output instead (``layer1``
 .. ``layer4``; a ViT keeps its blocks); ``layers`` (fnmatch patterns on qualified module names) picks
 others, for both runs, or for run A only when ``layers_b`` picks run B's. Each selected module's output
@@ -28,7 +28,7 @@ of a test split is needed, and none is used unless asked for.
 ``batch_size``, memory O(batch^2) per layer) or ``linear`` (Kornblith et al. 2019 on all ``n`` images at
 once; holds every selected layer's activations in memory).
 
-``vs_init``: model B is run A's recipe rebuilt with its starting weights (:func:`medtricks.trained.
+``vs_init``: model B is run A's recipe rebuilt with its starting weights (:func:`medtricks.posthoc.load.
 build_model` after seeding with ``experiment.seed`` as ``medtricks run`` does: the pretrained weights as
 loaded, and the same random head, *before* any gamma strategy), so the diagonal reads "how much did
 fine-tuning change block i" (1 = unchanged).
@@ -54,9 +54,9 @@ from medtricks.evaluate.cka import MinibatchCKA, linear_cka
 from medtricks.evaluate.plots import plot_cka
 from medtricks.posthoc import eval_dataset, image_set_digest, posthoc_store, start_posthoc_run
 from medtricks.train import resolve_device, seed_everything
-from medtricks.trained import build_model, load_trained
-from medtricks.tricks.bn_gamma_blocks import find_residual_norms, find_stages
-from medtricks.tricks.layerscale import find_layerscale
+from medtricks.posthoc.load import build_model, load_trained
+from medtricks.gamma.blocks import find_residual_norms, find_stages
+from medtricks.gamma.layerscale import find_layerscale
 
 __all__ = ["CKAResult", "cka_trained", "default_layers", "select_layers", "capture_cka", "METHODS", "GRANULARITIES"]
 
@@ -72,7 +72,7 @@ def _check_granularity(granularity: str) -> None:
 def default_layers(model: nn.Module, granularity: str = "block") -> list[str]:
     """The modules whose outputs CKA compares by default: every transformer block (ViT, either
     granularity), every residual block (CNN, ``granularity="block"``) or every stage container (CNN,
-    ``"stage"``: :func:`~medtricks.tricks.bn_gamma_blocks.find_stages`); a model with neither: its
+    ``"stage"``: :func:`~medtricks.gamma.blocks.find_stages`); a model with neither: its
     top-level children."""
     _check_granularity(granularity)
     blocks = list(dict.fromkeys(s.block_name for s in find_layerscale(model)))

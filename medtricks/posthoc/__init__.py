@@ -38,8 +38,8 @@ from medtricks.evaluate.paired import load_predictions
 from medtricks.evaluate.plots import plot_confusion_matrix, plot_reliability_diagram, plot_roc_curves
 from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_EVAL_FILE, RunDir
 from medtricks.tracking import create_store
-from medtricks.train import predict, resolve_device
-from medtricks.trained import load_trained
+from medtricks.train import predict as predict_loader, resolve_device  # `predict` is the submodule here
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset", "AuditReport", "audit_trained",
            "audit_model", "log_audit", "parse_eps", "DecisionRule", "resolve_decision_rule", "load_operating_point",
@@ -672,7 +672,7 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
         print(f"warning: {text}", flush=True)
     model = FlipTTA(trained.model) if tta == "flip" else trained.model
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=trained.recipe.data.num_workers)
-    targets, probs, loss = predict(model, loader, device=dev, progress=progress, desc="evaluate")
+    targets, probs, loss = predict_loader(model, loader, device=dev, progress=progress, desc="evaluate")
     report = summarize_predictions(targets, probs, trained.classes, rule=rule, split=split, n_bootstrap=n_bootstrap,
                                    ci=ci, seed=seed, source_run=trained.run_id, loss=loss,
                                    image_set=image_set_digest(dataset, root))

@@ -5,7 +5,7 @@ maps of a CNN, over the X-rays you give it.
     result = attention_maps("runs/vit/<id>", ["/data/xrays"], out_dir="attention_out")
     print(result.table())
 
-Images are read as ``medtricks predict`` reads them (:func:`medtricks.predict.collect_images`: files and
+Images are read as ``medtricks predict`` reads them (:func:`medtricks.posthoc.predict.collect_images`: files and
 folders, PNG/JPEG/TIFF/DICOM) and preprocessed with the run's own evaluation transform, so the model sees
 what ``evaluate`` feeds it. An image that cannot be read is an error naming it.
 
@@ -43,10 +43,10 @@ from medtricks.evaluate.attention_capture import AttentionProbe, StageProbe, Vit
 from medtricks.evaluate.attention_plots import plot_attention_distance, plot_cnn_stages, plot_vit_attention
 from medtricks.evaluate.attention_stats import attention_rollout, class_token_maps, mean_attention_distance
 from medtricks.posthoc import posthoc_store, start_posthoc_run
-from medtricks.predict import check_outputs, collect_images, eval_transform
+from medtricks.posthoc.predict import check_outputs, collect_images, eval_transform
 from medtricks.saliency import cam_file_name
 from medtricks.train import resolve_device
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["attention_maps", "AttentionResult", "RESIDUAL"]
 

@@ -3,7 +3,7 @@
 ``build_model`` is what ``medtricks run`` trains (``model.weights: run:<run>`` starts it from a finished
 run: :mod:`medtricks.chained`); ``load_trained`` is what ``evaluate``, ``audit`` and ``ensemble`` work on.
 
-    from medtricks.trained import load_trained
+    from medtricks.posthoc.load import load_trained
     trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
     trained.model.eval(); print(trained.classes)
 """
@@ -22,7 +22,7 @@ from medtricks.models.resizer import LearnableResizer, ResizerModel
 from medtricks.recipe import Recipe, load_run_recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.tracking import DEFAULT_RUNS_DIR, find_run
-from medtricks.tricks.layerscale import insert_layerscale_for_state
+from medtricks.gamma.layerscale import insert_layerscale_for_state
 
 __all__ = ["TrainedModel", "load_trained", "build_model", "ModelFileError"]
 
@@ -100,7 +100,7 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
     folder = runs_dir if runs_dir is not None else DEFAULT_RUNS_DIR
     store = find_run(ref, tracking_uri=tracking_uri, runs_dirs=[folder])
     if store is None:
-        from medtricks.tracking.mlflow_tracker import default_tracking_uri
+        from medtricks.tracking.mlflow_store import default_tracking_uri
 
         raise MissingFileError(f"{ref!r} is neither a run folder, a model file, nor a run id of the local run store "
                                 f"under {folder} or of MLflow at {default_tracking_uri(tracking_uri)}")

@@ -15,7 +15,7 @@ metrics at an operating point:
 
 Example::
 
-    from medtricks.ensemble import ensemble_runs
+    from medtricks.posthoc.ensemble import ensemble_runs
     report = ensemble_runs(["runs/a/20261123-101500-a1b2c3", "runs/b/20261124-090000-d4e5f6"],
                            card="kermany-pneumonia", root="/data/kermany/test", log=False)
     print(report.table())
@@ -43,7 +43,7 @@ from medtricks.posthoc import (DecisionRule, FlipTTA, _run_file, eval_dataset, f
                                resolve_tta, split_overlap, summarize_predictions)
 from medtricks.rundir import RunDir
 from medtricks.train import predict, resolve_device
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["EnsembleReport", "ensemble_runs", "ensemble_threshold"]
 

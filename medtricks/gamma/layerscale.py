@@ -3,7 +3,7 @@
 A LayerScale (CaiT, Touvron et al. 2021) multiplies each residual branch of a transformer block by a
 learnable per-channel vector γ: ``x = x + γ1 * attn(norm1(x))``, ``x = x + γ2 * mlp(norm2(x))``.
 γ=0 makes the block the identity, exactly (no β to worry about, unlike BatchNorm), and γ=1 is a
-block without LayerScale. As with :mod:`medtricks.tricks.bn_gamma`, the strategies act on the
+block without LayerScale. As with :mod:`medtricks.gamma.bn`, the strategies act on the
 *built and loaded* model, in place, and may target only late blocks.
 
 Where γ lives (found by structure, not by model name):
@@ -29,7 +29,7 @@ A model without LayerScale (``init_values=None``) is an error that names it -- u
 ``insert=True``: then an ``nn.Identity`` ``ls1``/``ls2`` of a *selected* block is replaced by a
 :class:`timm.layers.LayerScale` holding the value to set (unselected blocks stay without one). The
 model's state dict then has extra ``<block>.ls1.gamma`` tensors; :func:`insert_layerscale_for_state`
-adds the same modules before such a state dict is loaded (``medtricks.trained.load_trained`` calls it).
+adds the same modules before such a state dict is loaded (``medtricks.posthoc.load.load_trained`` calls it).
 Only ``ls1``/``ls2`` blocks whose LayerScale acts on the last dimension (ViT-style) can be inserted.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from medtricks.errors import ConfigError, ConfigTypeError
-from medtricks.tricks.bn_gamma_config import (
+from medtricks.gamma.config import (
     STRATEGIES,
     _as_float,
     _as_int_list,
@@ -57,7 +57,7 @@ from medtricks.tricks.bn_gamma_config import (
     section_mapping,
     section_strategy,
 )
-from medtricks.tricks.bn_gamma_report import GammaNoEffectWarning, GammaReport
+from medtricks.gamma.report import GammaNoEffectWarning, GammaReport
 
 __all__ = [
     "STRATEGIES",
@@ -81,7 +81,7 @@ _SECTION = "tricks.layerscale_gamma."
 
 
 class LayerScaleReport(GammaReport):
-    """A :class:`~medtricks.tricks.bn_gamma.GammaReport` of LayerScale γ's (``stage`` is the
+    """A :class:`~medtricks.gamma.bn.GammaReport` of LayerScale γ's (``stage`` is the
     position of the block's container, ``block`` the block's position over the whole model; β
     columns are always empty: LayerScale has none)."""
 

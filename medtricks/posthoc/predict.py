@@ -8,7 +8,7 @@ with); files that cannot be used are listed, never fatal (``medtricks predict`` 
 could be predicted, after writing the list). Outputs never overwrite an input (:func:`check_outputs`);
 the CSV and its bad-file list are written as a pair, atomically, with formula-like cells quoted.
 
-    from medtricks.predict import predict_images
+    from medtricks.posthoc.predict import predict_images
     preds, bad = predict_images("runs/kermany_pneumonia/<id>", ["/data/new_xrays"], threshold="stored")
     preds.to_csv("preds.csv", index=False)
 
@@ -43,7 +43,7 @@ from medtricks.errors import ConfigError, MedtricksError, MissingFileError, Reso
 from medtricks.posthoc import DecisionRule, resolve_decision_rule
 from medtricks.saliency import cam_file_name, cam_target_layer, grad_cam, save_overlay
 from medtricks.train import resolve_device
-from medtricks.trained import load_trained
+from medtricks.posthoc.load import load_trained
 
 __all__ = ["predict_images", "resolve_prediction_rule", "collect_images", "check_outputs", "write_predictions",
            "eval_transform",

@@ -6,7 +6,7 @@ time, so the weights zoo (:mod:`medtricks.models.weights`) and the model factory
 
 Example::
 
-    >>> from medtricks.models.names import resolve_model_name
+    >>> from medtricks.models.model_names import resolve_model_name
     >>> resolve_model_name("efficientnet_lite0")
     'tf_efficientnet_lite0'
 """

@@ -1,5 +1,5 @@
 """The ``tricks.bn_gamma`` section's rules, checked without a model: one place for the recipe schema
-(:mod:`medtricks.tricks.bn_gamma_trick`) and the functional API (:mod:`medtricks.tricks.bn_gamma`).
+(:mod:`medtricks.tricks.bn_gamma`) and the functional API (:mod:`medtricks.gamma.bn`).
 Every error names the key, the value and what was expected."""
 from __future__ import annotations
 
