@@ -68,10 +68,18 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
             match = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
             if match and not stripped.startswith(("def ", "@", "return")):
                 text = match.group(2) or " ".join(above)
+                text = re.sub(r"\bnoqa.*|\btype:\s*ignore(\[[^\]]*\])?\s*#?", "", text).strip()  # linter marks
                 if text:
-                    found[match.group(1)] = re.sub(r"\bnoqa.*", "", text).strip()
+                    found[match.group(1)] = text
             above = []
     return found
+
+
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell: one line, ``|`` escaped, and ``<...>`` outside code spans shown
+    as text (``<output_dir>`` would be read as an HTML tag and vanish)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
 
 
 def _rows(model: type[BaseModel], prefix: str, out: list[str]) -> None:
@@ -82,7 +90,7 @@ def _rows(model: type[BaseModel], prefix: str, out: list[str]) -> None:
         if sub is not None and name != "tricks":
             nested.append((f"{prefix}{name}", sub))
             continue
-        doc = (field.description or comments.get(name, "")).replace("\n", " ").replace("|", "\\|")
+        doc = _cell(field.description or comments.get(name, ""))
         out.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default(field)} | {doc} |")
     for path, sub in nested:
         doc = " ".join((sub.__doc__ or "").split())

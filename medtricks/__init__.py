@@ -9,6 +9,12 @@ Public API (imported lazily, so ``import medtricks`` is cheap)::
     from medtricks import create_model, apply_bn_gamma
     model = create_model("resnet18", weights="none", num_classes=2, in_chans=1)
     print(apply_bn_gamma(model, 0.0, stages=[-1], beta=0.0))
+
+The package in layers, top to bottom (docs/architecture.md has the table; tests/test_import_graph.py
+keeps the line between the orchestration and the rest): ``cli`` → the orchestration (``run``,
+``self_train``, ``ablation``, ``deploy``, ``posthoc``: everything that works on a finished run) → the
+building blocks (``recipe``, ``data``, ``models``, ``gamma``, ``tricks``, ``train``, ``evaluate``,
+``audit``, ``tracking``, ``rundir``) → the foundations (``errors``, ``_defaults``, ``_atomic``, ...).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ _EXPORTS = {
     "load_recipe": "medtricks.recipe",
     "run_recipe": "medtricks.run",
     "load_trained": "medtricks.posthoc.load",
-    "evaluate_trained": "medtricks.posthoc",
+    "evaluate_trained": "medtricks.posthoc.evaluation",
     "export_model": "medtricks.posthoc.export",
     "RunResult": "medtricks.run",
     # data
@@ -72,7 +78,7 @@ _EXPORTS = {
     "run_audit": "medtricks.audit",
     "AuditResult": "medtricks.audit",
     "list_corruptions": "medtricks.audit",
-    "audit_trained": "medtricks.posthoc",
+    "audit_trained": "medtricks.posthoc.auditing",
     "predict_images": "medtricks.posthoc.predict",
     # ablations
     "run_ablation": "medtricks.ablation",

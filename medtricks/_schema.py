@@ -1,4 +1,4 @@
-"""The base of every recipe section, shared by recipe.py and the trick plug-ins' own sections."""
+"""The base of every recipe section, shared by medtricks.recipe and the trick plug-ins' own sections."""
 from __future__ import annotations
 
 import typing

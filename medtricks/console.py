@@ -14,11 +14,13 @@ import math
 import time
 from typing import Callable, Optional
 
+from medtricks._defaults import DEFAULT_METRIC
+
 __all__ = ["say", "epoch_line", "epoch_reporter", "where_to_look"]
 
 # metric key -> (label, format), in the order printed; the best metric is added when it is another one
 _SHOWN = (("train/epoch_loss", "train_loss", ".4f"), ("val/loss", "val_loss", ".4f"),
-          ("val/auroc", "val_auroc", ".3f"), ("val/accuracy", "val_accuracy", ".3f"))
+          (DEFAULT_METRIC, DEFAULT_METRIC.replace("/", "_"), ".3f"), ("val/accuracy", "val_accuracy", ".3f"))
 
 
 def say(*parts) -> None:

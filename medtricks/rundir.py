@@ -10,8 +10,8 @@ A run folder (``<experiment.output_dir>/<experiment.name>/<stamp>-<id>/``) holds
     checkpoints/last.pt|best.pt  full training state / the best model (resume)
     model/                       model_state.pt, data_config.json, MODEL_CARD.md, operating_point.json
     mlflow_model/                the MLflow pyfunc model (MLflow store only; logged as ``mlflow_model/``)
-    artifacts/                   split_manifest.csv, quarantine.csv, bn_gamma_report.csv,
-                                 layerscale_gamma_report.csv, predictions_<split>.npz (per-image probabilities)
+    artifacts/                   split_manifest.csv, quarantine.csv, predictions_<split>.npz (per-image
+                                 probabilities), <trick>_report.csv (what a trick changed, e.g. the BN-γ layers)
 
 Artifacts logged to the run store keep a folder name (``predictions/predictions_val.npz``,
 ``data/split_manifest.csv``, ``model/model_state.pt``); :meth:`RunDir.artifact_for` maps one to its
@@ -272,13 +272,9 @@ class RunDir:
     def quarantine(self) -> Path:
         return self.artifacts / "quarantine.csv"
 
-    @property
-    def bn_gamma_report(self) -> Path:
-        return self.artifacts / "bn_gamma_report.csv"
-
-    @property
-    def layerscale_gamma_report(self) -> Path:
-        return self.artifacts / "layerscale_gamma_report.csv"
+    def trick_report(self, trick: str) -> Path:
+        """The report a trick writes of what it changed (``artifacts/<trick>_report.csv``), logged to ``tricks/``."""
+        return self.artifacts / f"{trick}_report.csv"
 
     def predictions(self, split: str) -> Path:
         return self.artifacts / PREDICTIONS_FILE.format(split=split)

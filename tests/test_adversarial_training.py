@@ -50,7 +50,7 @@ def test_the_attack_in_training_respects_the_budget_and_the_box_and_touches_no_s
     images = (pixels - 0.5) / 0.25
     targets = torch.randint(0, 2, (8,))
     before = _stats(model)
-    adv, same_targets = trick.on_batch(images, targets)
+    adv, same_targets = trick.transform_batch(images, targets)
     adv01 = adv * 0.25 + 0.5
     assert torch.equal(same_targets, targets)
     assert adv01.min() >= -1e-6 and adv01.max() <= 1 + 1e-6
@@ -76,7 +76,7 @@ def test_trades_attack_in_eval_mode_and_its_loss_by_hand():
     pixels = torch.rand(6, 1, 10, 10)
     images, targets = (pixels - 0.5) / 0.25, torch.tensor([0, 1, 0, 1, 0, 1])
     before = _stats(model)
-    out, _ = trick.on_batch(images, targets)
+    out, _ = trick.transform_batch(images, targets)
     assert torch.equal(out, images)  # TRADES trains on the clean batch (+ a KL term)
     assert modes and not any(modes)  # clean probabilities and the attack: eval mode, as the reference code
     x_adv = trick._x_adv.clone()
@@ -134,7 +134,7 @@ def _train_toy(method):
         batch = torch.arange(step * 64, step * 64 + 64) % 512
         xb, yb = images[batch], y[batch]
         if trick:
-            xb, yb = trick.on_batch(xb, yb)
+            xb, yb = trick.transform_batch(xb, yb)
         loss = F.cross_entropy(model(xb), yb)
         optimizer.zero_grad()
         loss.backward()

@@ -94,7 +94,7 @@ def test_perturbation_budget_error_is_a_bug_not_a_user_error():
 
 
 def test_audit_uses_the_evaluate_auroc():
-    from medtricks.audit import runner
+    from medtricks.audit import scoring as runner
     from medtricks.evaluate import metrics
 
     assert runner._auroc is metrics._auroc

@@ -274,9 +274,9 @@ def test_targeted_and_transfer(trained, loader):
 
 
 def test_apgd_apgd_square_square_in_run_audit(trained, loader, monkeypatch):
-    import medtricks.audit.runner as runner
+    import medtricks.audit.sweep as sweep
 
-    monkeypatch.setattr(runner, "APGD_STEPS", 5)
+    monkeypatch.setattr(sweep, "APGD_STEPS", 5)
     res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks="apgd_ce,apgd_square,square",
                     eps=(0.0, 16 / 255), corruptions=(), n=32, n_bootstrap=0, progress=False, square_queries=20)
     assert res.config["square_queries"] == 20

@@ -15,7 +15,8 @@ import yaml
 
 from medtricks.errors import ConfigError, MissingFileError
 from medtricks.recipe import RecipeError, load_recipe, recipe_digest, load_run_recipe
-from medtricks.run import _prepare, find_resumable_run_dir, run_recipe
+from medtricks.run import find_resumable_run_dir, run_recipe
+from medtricks.run.prepare import prepare_run as _prepare
 from medtricks.posthoc.load import build_model, load_trained
 from medtricks.tracking import NullStore
 

@@ -1,7 +1,7 @@
 """Common random numbers (issue 28): the variants of one seed see the same first batch (images, labels,
 augmentations, order) and start from the same new head, whatever the tricks build or draw; another seed
 sees another batch. A probe trick records the first training batch as the engine hands it over (before any
-other trick's on_batch) and the head at on_fit_start, then stops the run."""
+other trick's transform_batch) and the head at on_fit_start, then stops the run."""
 import hashlib
 from pathlib import Path
 
@@ -24,7 +24,7 @@ SEEN: dict = {}
 
 class CrnProbe(Trick):
     name = "crn_probe"
-    order = -10_000  # before every other trick's on_batch (mixup would change the images)
+    order = -10_000  # before every other trick's transform_batch (mixup would change the images)
     fields = {"crn_probe": (str, Field(""))}
 
     @classmethod
@@ -35,7 +35,7 @@ class CrnProbe(Trick):
         head = model.get_classifier() if hasattr(model, "get_classifier") else None
         SEEN.setdefault(self.config.crn_probe, {})["head"] = [p.detach().clone() for p in head.parameters()]
 
-    def on_batch(self, images, targets):
+    def transform_batch(self, images, targets):
         digest = hashlib.sha256(images.detach().cpu().numpy().tobytes() + targets.cpu().numpy().tobytes()).hexdigest()
         SEEN[self.config.crn_probe]["batch"] = digest
         raise _Stop
@@ -80,7 +80,7 @@ def test_variants_of_one_seed_share_first_batch_and_head(tmp_path, probe, monkey
             torch.randn(12345)
         return real_build(recipe, num_classes=num_classes)
 
-    monkeypatch.setattr(medtricks.run, "build_model", build)
+    monkeypatch.setattr(medtricks.run.prepare, "build_model", build)
     seen = {name: _first_batch(tmp_path, f"{name}-0", 0, o) for name, o in VARIANTS.items()}
     seen["draws_first"] = _first_batch(tmp_path, "draws_first-0", 0, [])
     other = _first_batch(tmp_path, "baseline-1", 1, [])

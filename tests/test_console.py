@@ -45,7 +45,7 @@ def test_final_report_says_the_bootstrap_once():
     from types import SimpleNamespace
 
     from medtricks.evaluate.split_table import split_table
-    from medtricks.run import _final_report
+    from medtricks.run.finish import final_report as _final_report
 
     val, test = _metrics(), _metrics(seed=1)
     assert "percentile-bootstrap" not in split_table({"val": val, "test": test}, ci_note=False)

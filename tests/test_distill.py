@@ -55,7 +55,7 @@ def test_the_loss_is_the_hand_computed_value(monkeypatch):
     T, a = 2.0, 0.3
     teacher = Teacher(_Fixed(z_t), mean=MEAN, std=STD, in_chans=1, image_size=4, student_mean=MEAN, student_std=STD)
     trick = _trick(monkeypatch, teacher, temperature=T, alpha=a)
-    loss_fn = trick.wrap_loss(nn.CrossEntropyLoss())
+    loss_fn = trick.transform_loss_fn(nn.CrossEntropyLoss())
     images = torch.zeros(2, 1, 4, 4)
     total = loss_fn(z_s, y) + trick.extra_loss(None, images, y, z_s)
 
@@ -77,7 +77,7 @@ def test_alpha_one_is_plain_training(monkeypatch):
                       student_std=STD)
     trick = _trick(monkeypatch, teacher, alpha=1.0)
     loss = nn.CrossEntropyLoss()
-    assert trick.wrap_loss(loss) is loss and trick.extra_loss(None, torch.zeros(2, 1, 4, 4), None, None) is None
+    assert trick.transform_loss_fn(loss) is loss and trick.extra_loss(None, torch.zeros(2, 1, 4, 4), None, None) is None
 
 
 def test_the_teacher_gets_no_gradient_and_stays_in_eval_mode_through_training(monkeypatch, tmp_path):
@@ -96,7 +96,7 @@ def test_the_teacher_gets_no_gradient_and_stays_in_eval_mode_through_training(mo
 
     monkeypatch.setattr(Teacher, "__call__", spy)
     model, train, val, opt, sched, cfg, ev = _setup(tmp_path, epochs=2)
-    fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=trick.wrap_loss(nn.CrossEntropyLoss()), cfg=cfg,
+    fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=trick.transform_loss_fn(nn.CrossEntropyLoss()), cfg=cfg,
         evaluate_fn=ev, checkpoint_dir=tmp_path / "ckpt", tricks=[trick])
     assert len(calls) == 2 * len(train)
     assert all(mode is False and out_grad is False for mode, _, out_grad in calls)

@@ -16,7 +16,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 from torch.utils.data import Dataset
 
-import medtricks.cli
+import medtricks.cli.training
 import medtricks.run
 from medtricks.cli import main
 from medtricks.errors import ConfigError
@@ -25,6 +25,7 @@ from medtricks.rundir import RunDir
 from medtricks.run import make_train_loader, run_recipe
 from medtricks.train import distributed
 from medtricks.train.engine import seed_epoch
+from medtricks.tricks.class_balance import balanced_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -47,7 +48,7 @@ class _FakeLauncher:
 
 def test_nproc_launches_torchrun_with_the_other_arguments(monkeypatch):
     _FakeLauncher.commands = []
-    monkeypatch.setattr(medtricks.cli.subprocess, "Popen", _FakeLauncher)
+    monkeypatch.setattr(medtricks.cli.training.subprocess, "Popen", _FakeLauncher)
     monkeypatch.setattr(medtricks.run, "run_recipe", lambda *a, **k: pytest.fail("trained in the launcher"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["run", "quickstart", "--set", "optim.lr=0.05", "--nproc", "2", "--resume", "auto"]) == 0
@@ -58,7 +59,7 @@ def test_nproc_launches_torchrun_with_the_other_arguments(monkeypatch):
 
 def test_without_nproc_nothing_is_launched(monkeypatch):
     _FakeLauncher.commands, trained = [], []
-    monkeypatch.setattr(medtricks.cli.subprocess, "Popen", _FakeLauncher)
+    monkeypatch.setattr(medtricks.cli.training.subprocess, "Popen", _FakeLauncher)
     monkeypatch.setattr(medtricks.run, "run_recipe", lambda recipe, resume=None: trained.append(resume))
     assert main(["run", "quickstart", "--resume", "auto"]) == 0
     assert main(["run", "quickstart", "--nproc", "1"]) == 0  # one process: no launcher needed
@@ -140,7 +141,7 @@ def test_each_process_takes_its_slice_of_one_seeded_permutation_per_epoch():
     assert _epoch_order(loaders[0], 5, 0, 0) != _epoch_order(loaders[0], 5, 1, 0)
     assert len(loaders[0]) == len(loaders[1]) == 2  # 5 images each: the same number of updates
     with pytest.raises(ConfigError, match="class_balance=sampler"):
-        make_train_loader(data, batch_size=3, seed=5, num_workers=0, class_balanced=True, num_replicas=2, rank=0)
+        make_train_loader(data, batch_size=3, seed=5, num_workers=0, sampler=balanced_sampler, num_replicas=2, rank=0)
 
 
 def test_seed_epoch_of_rank_zero_is_the_one_process_seeding():

@@ -72,3 +72,14 @@ def test_the_recipe_reference_lists_every_key_and_trick():
         assert f"`{key}" in reference, f"the recipe reference lacks {key}"
     for name in ablation_names():
         assert f"`{name}`" in reference
+
+
+def test_the_recipe_reference_says_what_each_key_outside_tricks_means():
+    """Every key row of the reference, outside ``tricks``, has a non-empty "meaning" column (the schema's
+    descriptions; tests/test_recipe.py checks that the schema has them)."""
+    reference = _generator().recipe_reference()
+    rows = {line.split("`")[1]: line for line in reference.splitlines() if line.startswith("| `")}
+    keys = [key for key in rows if "." in key and not key.startswith("tricks.")]  # not the tricks' table
+    assert len(keys) > 50
+    empty = [key for key in keys if re.search(r"\|\s*\|\s*$", rows[key])]
+    assert not empty, f"recipe reference rows without a meaning: {empty}"

@@ -175,7 +175,7 @@ def test_the_training_forward_features_are_kept_without_a_second_pass():
     model.patch_embed.register_forward_hook(lambda *a: passes.append(1))
     images, targets = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
     model.train()
-    images, targets = trick.on_batch(images, targets)
+    images, targets = trick.transform_batch(images, targets)
     logits = model(images)
     torch.manual_seed(7)
     kept = trick.extra_loss(model, images, targets, logits)
@@ -185,7 +185,7 @@ def test_the_training_forward_features_are_kept_without_a_second_pass():
     again = 0.5 * drloc_loss(token_grid(model, images), trick.head, 16)  # the same pairs on a second pass
     assert kept.item() == pytest.approx(again.item(), rel=1e-6)
     # later passes of other tricks (TRADES, pseudo-labels) in the same batch are not kept
-    trick.on_batch(images, targets)
+    trick.transform_batch(images, targets)
     model(images)
     model(torch.zeros_like(images))
     assert trick._seen == 1 and torch.equal(trick._captured, model.forward_features(images))
@@ -199,7 +199,7 @@ def test_behind_a_learnable_resizer_and_in_ce_mode():
     model = ResizerModel(LearnableResizer(in_chans=1, out_size=32), tiny_vit())
     trick = _trick(recipe, model)
     assert trick.grid == (4, 4) and trick.head.out_rows.out_features == 7
-    images, targets = trick.on_batch(torch.randn(2, 1, 48, 48), torch.tensor([0, 1]))
+    images, targets = trick.transform_batch(torch.randn(2, 1, 48, 48), torch.tensor([0, 1]))
     model.train()
     loss = trick.extra_loss(model, images, targets, model(images))
     assert torch.isfinite(loss) and loss.item() > 0
@@ -215,8 +215,8 @@ def test_the_head_trains_in_the_runs_optimizer_and_stays_out_of_the_model():
     trick = next(t for t in tricks if t.name == "drloc")
     trick.on_model(model)
     trick.on_fit_start(model)
-    assert set(trick.trainable_modules()) == {"drloc_head"}
-    opt = medtricks.run._build_optimization(recipe, model, tricks, updates_per_epoch=5)
+    assert set(trick.extra_modules()) == {"drloc_head"}
+    opt = medtricks.run.prepare.build_optimization(recipe, model, tricks, updates_per_epoch=5)
     head_params = set(trick.head.parameters())
     in_optimizer = {p for group in opt.optimizer.param_groups for p in group["params"]}
     assert head_params <= in_optimizer and set(model.parameters()) <= in_optimizer
@@ -225,7 +225,7 @@ def test_the_head_trains_in_the_runs_optimizer_and_stays_out_of_the_model():
     assert {decay[id(p)] for p in trick.head.parameters()} == {0.0, 1e-4}  # no-bias-decay applies to the head
     assert not any("trunk" in k or "drloc" in k for k in model.state_dict())  # export never sees the head
     before = [p.detach().clone() for p in trick.head.parameters()]
-    images, targets = trick.on_batch(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1]))
+    images, targets = trick.transform_batch(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1]))
     model.train()
     loss = trick.extra_loss(model, images, targets, model(images))
     loss.backward()

@@ -10,7 +10,7 @@ from medtricks.data import ManifestError, assign_splits
 from medtricks.recipe import RecipeError, load_recipe
 from medtricks.run import make_train_loader, run_recipe
 from medtricks.tracking import NullStore
-from medtricks.tricks.class_balance import balanced_sample_weights, class_weights
+from medtricks.tricks.class_balance import balanced_sample_weights, balanced_sampler, class_weights
 from medtricks.train.losses import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_balanced_sampler_draws_classes_equally_and_reproducibly():
     targets = [0] * 900 + [1] * 100
     assert balanced_sample_weights(targets)[0].item() == pytest.approx(1 / 900)
     loader = make_train_loader(_Targets(targets), batch_size=100, seed=3, num_workers=0, drop_last=False,
-                               class_balanced=True)
+                               sampler=balanced_sampler)
     drawn = torch.cat([y for _, y in loader])
     assert len(drawn) == 1000 and 0.44 < drawn.float().mean().item() < 0.56  # ~10 % without balancing
     loader.generator.manual_seed(11)

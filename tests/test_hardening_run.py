@@ -140,7 +140,7 @@ def test_bad_runs_fail_before_any_run_folder(tmp_path, overrides, error, message
 class _Explode(Trick):
     name = "explode"
 
-    def after_step(self, model, step):
+    def on_step_end(self, model, step):
         with torch.no_grad():
             next(model.parameters()).fill_(math.inf)
 
@@ -192,4 +192,4 @@ def test_ema_copy_is_made_after_the_model_moves(tmp_path):
 def test_freezing_zero_gamma_blocks_warns(tmp_path):
     recipe = _tiny(tmp_path, "tricks.bn_gamma.strategy=zero_late", "model.freeze=all_but_head")
     with pytest.warns(RuntimeWarning, match="can never learn"):
-        medtricks.run._prepare(recipe)
+        medtricks.run.prepare.prepare_run(recipe)

@@ -66,6 +66,9 @@ TOP_LAYER += ["medtricks.__main__"]  # issue 18: `python -m medtricks` / `torchr
 TOP_LAYER += ["medtricks.deploy.calibrate", "medtricks.deploy.adapt"]  # issue 30: site calibration / adaptation
 TOP_LAYER += ["medtricks.posthoc.attention"]  # issue 32: `medtricks attention` (a trained run, image files, its run store)
 TOP_LAYER += ["medtricks.deploy.finetune"]  # issue 30: fine-tuning on a labelled site sample (cross-fitted runs)
+TOP_LAYER += ["medtricks.deploy.finetune_folds"]  # its fold and final run folders (resumable runs)
+TOP_LAYER += ["medtricks.run.prepare", "medtricks.run.resume", "medtricks.run.inputs",
+              "medtricks.run.finish"]  # issue 34: run.py split by concern (medtricks.run covers them too)
 
 
 # ------------------------------------------------------------------------------------ the graph

@@ -133,9 +133,9 @@ def test_the_current_model_labels_in_eval_mode_and_trains_on():
 def test_the_weight_ramps_over_epochs_of_updates():
     trick = _trick(weight=3.0, weight_ramp=2.0, extras={"updates_per_epoch": 5})
     assert trick.current_weight() == 0.0
-    trick.after_step(None, 5)
+    trick.on_step_end(None, 5)
     assert trick.current_weight() == pytest.approx(1.5)
-    trick.after_step(None, 40)
+    trick.on_step_end(None, 40)
     assert trick.current_weight() == 3.0
     resumed = _trick(weight=3.0, weight_ramp=2.0, extras={"updates_per_epoch": 5})
     resumed.load_state_dict(trick.state_dict())

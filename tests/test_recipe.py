@@ -128,14 +128,39 @@ def test_installed_copies_are_used_without_a_checkout(tmp_path, monkeypatch):
     import sys
 
     import medtricks.data.cards as cards
-    import medtricks.recipe as recipe_module
+    import medtricks.recipe.load as recipe_module
 
     share = tmp_path / "prefix" / "share" / "medtricks"
     (share / "data_cards").mkdir(parents=True)
     (share / "recipes").mkdir()
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
     monkeypatch.setattr(cards, "__file__", str(tmp_path / "site" / "medtricks" / "data" / "cards.py"))
-    monkeypatch.setattr(recipe_module, "__file__", str(tmp_path / "site" / "medtricks" / "recipe.py"))
+    monkeypatch.setattr(recipe_module, "__file__", str(tmp_path / "site" / "medtricks" / "recipe" / "load.py"))
     monkeypatch.delenv("MEDTRICKS_CARDS_DIR", raising=False)
     assert cards.cards_dir() == share / "data_cards"
     assert recipe_module.shipped_recipes_dir() == share / "recipes"
+
+
+def _sections(model, prefix=""):
+    """(dotted key, field) of every key of ``model`` and of the sections nested in it, ``tricks`` left out."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        if not prefix and name == "tricks":  # each trick's keys are the trick's (medtricks/tricks/)
+            continue
+        yield prefix + name, field
+        for sub in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                yield from _sections(sub, f"{prefix}{name}.")
+
+
+def test_every_recipe_key_says_what_it_means():
+    """The recipe reference's "meaning" column is the fields' descriptions: none may be missing."""
+    from medtricks.recipe import Recipe
+
+    keys = dict(_sections(Recipe))
+    assert {"experiment.seed", "data.synth.n", "model.resizer.enabled", "ablation.retries"} <= set(keys)
+    missing = sorted(key for key, field in keys.items() if not (field.description or "").strip())
+    assert not missing, f"recipe keys without a description (Field(description=...)): {missing}"

@@ -16,7 +16,7 @@ from medtricks.posthoc.predict import predict_images
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 from medtricks.errors import MedtricksError
-from medtricks.saliency import cam_file_name, cam_target_layer, grad_cam
+from medtricks.audit.saliency import cam_file_name, cam_target_layer, grad_cam
 
 from conftest import binary_phantom_card
 
@@ -108,7 +108,7 @@ def test_predict_cam_writes_one_overlay_per_image(cam_run, tmp_path, capsys):
 
 
 def test_heat_maps_differ_between_images(cam_run, tmp_path):
-    from medtricks.saliency import grad_cam as cam_fn
+    from medtricks.audit.saliency import grad_cam as cam_fn
     from medtricks.posthoc.load import load_trained
 
     result, tmp, new = cam_run

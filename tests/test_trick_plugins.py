@@ -9,7 +9,8 @@ from medtricks.ablation.variants import make_variants, trick_overrides
 from medtricks.cli import main
 from medtricks.recipe import RecipeError, load_recipe, recipe_from_dict
 from medtricks.run import run_recipe
-from medtricks.tricks.base import Trick, TrickRegistryError, register_trick, unregister_trick
+from medtricks.tricks.base import (RENAMED_POINTS, Trick, TrickRegistryError, register_trick, registered_tricks,
+                                  unregister_trick)
 from medtricks.tricks.registry import PluginError, ablation_names, trick_tags, tricks_config_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -28,7 +29,7 @@ TOY_TRICK = textwrap.dedent('''
         def tags(cls, recipe):
             return [f"loss_scale={recipe.tricks.loss_scale:g}"] if recipe.tricks.loss_scale != 1 else []
 
-        def wrap_loss(self, loss_fn):
+        def transform_loss_fn(self, loss_fn):
             return lambda logits, targets: self.config.loss_scale * loss_fn(logits, targets)
 
     register_trick(LossScale)
@@ -118,6 +119,26 @@ def test_registration_errors_name_the_clash():
         register_trick(SameName)
     with pytest.raises(TrickRegistryError, match="expects a Trick subclass"):
         register_trick(object)
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED_POINTS.items()))
+def test_a_trick_defining_a_point_by_its_old_name_is_refused_when_it_registers(old, new):
+    old_style = type("OldStyle", (Trick,), {"name": "old_style", old: lambda self, *args: None})
+    with pytest.raises(TrickRegistryError, match=rf"OldStyle defines .* {old}\(\) is now {new}\(\)"):
+        register_trick(old_style)
+    assert "old_style" not in {cls.name for cls in registered_tricks()}  # refused, not half-registered
+    inherited = type("Inherited", (old_style,), {"name": "inherited"})  # an old name from a base class too
+    with pytest.raises(TrickRegistryError, match=rf"{old}\(\) is now {new}\(\)"):
+        register_trick(inherited)
+
+
+def test_a_plugin_file_written_against_the_old_names_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTRICKS_ALLOW_PLUGINS", "1")
+    path = tmp_path / "old_loss_scale.py"
+    path.write_text(TOY_TRICK.replace("def transform_loss_fn(", "def wrap_loss("))
+    with pytest.raises(PluginError, match=r"wrap_loss\(\) is now transform_loss_fn\(\)"):
+        recipe_from_dict({"experiment": {"plugins": [str(path)]}})
+    assert "loss_scale" not in {cls.name for cls in registered_tricks()}
 
 
 def test_a_missing_plugin_is_named(tmp_path, monkeypatch):

@@ -32,6 +32,8 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 
 from medtricks.ablation.executors import ExecutorSettings, run_children
+from medtricks.ablation.settings import ABLATION_DEFAULTS as _DEFAULTS
+from medtricks.ablation.settings import ablation_settings
 from medtricks.ablation.table import (forest_figure, format_ablation_markdown, higher_is_better, metric_keys,
                                       summarize_groups)
 from medtricks.ablation.variants import make_variants
@@ -41,7 +43,7 @@ from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import is_finite
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions
 from medtricks.logged_params import run_params
-from medtricks.recipe import Recipe, apply_overrides, recipe_digest, recipe_from_dict
+from medtricks.recipe import SEED_LIMIT, Recipe, apply_overrides, recipe_digest, recipe_from_dict
 from medtricks.rundir import RunDir
 from medtricks.tracking import RunNotFoundError, check_store, create_store
 
@@ -221,75 +223,38 @@ def _resolve_seeds(seeds: int | Sequence[int], base_seed: int) -> list[int]:
         out = [int(s) for s in seeds]
     if not out or len(set(out)) != len(out):
         raise ConfigError(f"seeds must be a non-empty list of distinct ints, got {list(seeds)!r}")
-    if not all(0 <= s < 2**32 for s in out):  # recipe.SEED_LIMIT: numpy / scikit-learn take no more
+    if not all(0 <= s < SEED_LIMIT for s in out):  # numpy / scikit-learn take no more
         raise ConfigError(f"seeds {out[0]}..{out[-1]}: every child's experiment.seed must be 0 <= seed < 2**32")
     return out
 
 
-_SETTINGS_DEFAULTS = {"seeds": 5, "mode": "cumulative", "metric": "val/auroc", "jobs": 1, "test": "t",
-                      "executor": "local", "address": None, "cpus_per_run": 1.0, "gpus_per_run": 0.0, "retries": 2}
+def _seed_rounds(seeds: int | Sequence[int], base_seed: int, *, until_ci: Optional[float], max_seeds: Optional[int],
+                 seed_step: Optional[int], boundary: str) -> tuple[Optional[list[int]], list[int], list[int]]:
+    """``(looks, all_seeds, first_round_seeds)``: without ``until_ci`` one round of ``seeds`` (``looks`` None);
+    with it, the look schedule (seeds per variant at each look, fixed before any seed trains) up to ``max_seeds``."""
+    if until_ci is None:
+        seed_list = _resolve_seeds(seeds, base_seed)
+        return None, seed_list, seed_list
+    if max_seeds is None:
+        raise ConfigError("until_ci needs max_seeds (--max-seeds N): the most seeds per variant to train")
+    if not isinstance(seeds, int) or isinstance(seeds, bool):
+        raise ConfigError(f"with until_ci, seeds must be a count (the first round's seeds), got {seeds!r}")
+    if boundary not in BOUNDARIES:
+        raise ConfigError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
+    if not (isinstance(until_ci, (int, float)) and not isinstance(until_ci, bool) and until_ci > 0):
+        raise ConfigError(f"until_ci (the wanted half-width W of every Δ interval) must be > 0, got {until_ci!r}")
+    looks = look_schedule(seeds, max_seeds, seed_step)
+    all_seeds = _resolve_seeds(max_seeds, base_seed)
+    return looks, all_seeds, all_seeds[:looks[0]]
 
 
-def ablation_settings(recipe: Recipe, *, tricks: Optional[str | Sequence[str]] = None,
-                      seeds: Optional[int | Sequence[int]] = None, mode: Optional[str] = None,
-                      metric: Optional[str] = None, jobs: Optional[int] = None,
-                      test: Optional[str] = None, executor: Optional[str] = None, address: Optional[str] = None,
-                      cpus_per_run: Optional[float] = None, gpus_per_run: Optional[float] = None,
-                      retries: Optional[int] = None, until_ci: Optional[float] = None,
-                      max_seeds: Optional[int] = None, seed_step: Optional[int] = None,
-                      boundary: Optional[str] = None) -> dict[str, Any]:
-    """Keyword arguments for :func:`run_ablation`: command-line values over the recipe's ``ablation:``
-    section over the defaults (seeds 5, cumulative, val/auroc, 1 job, paired t, the local executor).
-
-    ``until_ci`` / ``max_seeds`` / ``seed_step`` / ``boundary`` (seeds until the answer is clear, see
-    :mod:`medtricks.ablation.sequential`) come from the caller only; they are passed through as given.
-
-    ``tricks`` may be a comma-separated string (``--tricks warmup,bn_gamma=zero_late``).
-
-    Example::
-
-        settings = ablation_settings(recipe, tricks=args.tricks, seeds=args.seeds)
-        result = run_ablation(recipe, **settings)
-    """
-    section = getattr(recipe, "ablation", None)
-    if section is None:
-        section = {}
-    elif not isinstance(section, dict):
-        section = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    # resplit is read from the recipe by run_ablation itself (it changes the children's recipes)
-    unknown = sorted(set(section) - {"tricks", "resplit", *_SETTINGS_DEFAULTS})
-    if unknown:
-        raise ConfigError(f"recipe section 'ablation' has unknown key(s) {unknown}; "
-                         f"valid: tricks, {', '.join(_SETTINGS_DEFAULTS)}")
-    given = {"tricks": tricks, "seeds": seeds, "mode": mode, "metric": metric, "jobs": jobs, "test": test,
-             "executor": executor, "address": address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run,
-             "retries": retries}
-    out: dict[str, Any] = {}
-    for key, value in given.items():
-        if value is None:
-            value = section.get(key)
-        if value is None:
-            value = _SETTINGS_DEFAULTS.get(key)
-        out[key] = value
-    if isinstance(out["tricks"], str):
-        out["tricks"] = [t.strip() for t in out["tricks"].split(",") if t.strip()]
-    if not out["tricks"]:
-        raise ConfigError("no tricks to ablate: pass --tricks warmup,bn_gamma=zero_late,... or set "
-                         "ablation.tricks in the recipe")
-    out["tricks"] = list(out["tricks"])
-    if until_ci is not None:
-        out.update(until_ci=until_ci, max_seeds=max_seeds, seed_step=seed_step, boundary=boundary or "pocock")
-    elif max_seeds is not None or seed_step is not None:
-        raise ConfigError("--max-seeds / --seed-step only apply with --until-ci W (seeds until every Δ interval is "
-                         "within ±W or excludes 0)")
-    return out
-
-
-def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int] = 5, mode: str = "cumulative",
-                 metric: str = "val/auroc", jobs: int = 1, tracking_uri: Optional[str] = None,
-                 quiet: bool = False, test: str = "t", executor: str = "local", address: Optional[str] = None,
-                 cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, retries: int = 2,
-                 until_ci: Optional[float] = None, max_seeds: Optional[int] = None, seed_step: Optional[int] = None,
+def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int] = _DEFAULTS.seeds,
+                 mode: str = _DEFAULTS.mode, metric: str = _DEFAULTS.metric, jobs: int = _DEFAULTS.jobs,
+                 tracking_uri: Optional[str] = None, quiet: bool = False, test: str = _DEFAULTS.test,
+                 executor: str = _DEFAULTS.executor, address: Optional[str] = _DEFAULTS.address,
+                 cpus_per_run: float = _DEFAULTS.cpus_per_run, gpus_per_run: float = _DEFAULTS.gpus_per_run,
+                 retries: int = _DEFAULTS.retries, until_ci: Optional[float] = None,
+                 max_seeds: Optional[int] = None, seed_step: Optional[int] = None,
                  boundary: str = "pocock") -> AblationResult:
     """Train every variant for every seed and build the table.
 
@@ -336,23 +301,8 @@ def run_ablation(recipe: Recipe, tricks: list[str], *, seeds: int | Sequence[int
     if isinstance(tricks, str):
         tricks = tricks.split(",")
     tricks = [str(t).strip() for t in tricks if str(t).strip()]
-    looks: Optional[list[int]] = None
-    if until_ci is not None:
-
-        if max_seeds is None:
-            raise ConfigError("until_ci needs max_seeds (--max-seeds N): the most seeds per variant to train")
-        if not isinstance(seeds, int) or isinstance(seeds, bool):
-            raise ConfigError(f"with until_ci, seeds must be a count (the first round's seeds), got {seeds!r}")
-        if boundary not in BOUNDARIES:
-            raise ConfigError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}")
-        if not (isinstance(until_ci, (int, float)) and not isinstance(until_ci, bool) and until_ci > 0):
-            raise ConfigError(f"until_ci (the wanted half-width W of every Δ interval) must be > 0, got {until_ci!r}")
-        looks = look_schedule(seeds, max_seeds, seed_step)  # fixed before any seed trains
-        all_seeds = _resolve_seeds(max_seeds, recipe.experiment.seed)
-        seed_list = all_seeds[:looks[0]]
-    else:
-        seed_list = _resolve_seeds(seeds, recipe.experiment.seed)
-        all_seeds = seed_list
+    looks, all_seeds, seed_list = _seed_rounds(seeds, recipe.experiment.seed, until_ci=until_ci,
+                                               max_seeds=max_seeds, seed_step=seed_step, boundary=boundary)
     variants = make_variants(recipe, tricks, mode)
     aid = ablation_id(recipe, tricks, mode)
     experiment = recipe.tracking.experiment or recipe.experiment.name

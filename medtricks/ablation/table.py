@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from medtricks._defaults import DEFAULT_METRIC
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import (fmt_delta_ci, fmt_mean_ci, fmt_num, fmt_p, fmt_signed, is_finite,
                                          markdown_table)
@@ -328,7 +329,7 @@ def runs_frame(records, metric: str, group_by: Optional[str] = None) -> pd.DataF
 
 
 def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str]] = None,
-                 metric: str = "val/auroc", group_by: Optional[str] = None,
+                 metric: str = DEFAULT_METRIC, group_by: Optional[str] = None,
                  tracking_uri: Optional[str] = None, ci: float = 0.95, test: str = "t",
                  store: Any = None, runs_dir: Optional[str | Path] = None) -> str:
     """The side-by-side table ``medtricks compare`` prints, read from a run store.

@@ -10,7 +10,7 @@ site exposes its films -- rather than the lungs. Four probes, every number with 
     with the lungs hidden (AUROC well above chance) reads something else: flagged.
 (b) **border**: a frame of ``border`` (default 8 %) of the side on each edge is filled with that grey (where markers, text and film edges sit). A clear AUROC drop (paired bootstrap CI of the drop
     above ``border_drop``) means the border carried the decision: flagged.
-(c) **Grad-CAM overlays** (the ``grad-cam`` package, :mod:`medtricks.saliency`) of the most confident
+(c) **Grad-CAM overlays** (the ``grad-cam`` package, :mod:`medtricks.audit.saliency`) of the most confident
     right and wrong predictions, one PNG each, for a reader to look at.
 (d) **Grad-CAM mass in the lung field**: the share of each image's (non-negative, per-image normalised)
     map inside the lung field, averaged over images; for scale, the lung field covers
@@ -40,9 +40,9 @@ from torch import nn
 from medtricks.audit.adversarial import _check_mean_std, _frozen, normalized_model
 from medtricks.data.lung_field import lung_field_mask
 from medtricks.audit.report import _align, _nan_to_none, _with_ci, metric_key
+from medtricks.audit.saliency import cam_target_layer, grad_cam, overlay
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.evaluate.metrics import _auroc, bootstrap_ci, compute_metrics
-from medtricks.saliency import cam_target_layer, grad_cam, overlay
 
 __all__ = ["lung_field_mask", "hide_lungs", "lungs_only", "blank_border", "run_shortcut_audit", "ShortcutResult",
            "LUNGS_HIDDEN_AUROC", "BORDER_DROP"]
@@ -217,8 +217,9 @@ def run_shortcut_audit(model: nn.Module, loader: Any, *, classes: Sequence[str],
     cam_share, overlays = {"value": math.nan, "value_ci_low": math.nan, "value_ci_high": math.nan}, {}
     cam_note = "Grad-CAM not run (cam=False)"
     if cam:
-        cam_share, overlays, cam_note = _cam_probe(model, torch.cat(xs), y, p["clean"], mask, mean_l, std_l, device,
-                                         n_overlays, n_bootstrap, seed)
+        cam_share, overlays, cam_note = _cam_probe(model, torch.cat(xs), y, p["clean"], mask, mean=mean_l, std=std_l,
+                                                   device=device, n_overlays=n_overlays, n_bootstrap=n_bootstrap,
+                                                   seed=seed)
     flags, verdict = _verdict(variants, border_drop, cam_share, lung_area)
     config = {"n_images": int(seen), "n_requested": n, "border": float(border), "lung_area": lung_area,
               "fill_grey": fill, "grad_cam": cam_note,
@@ -229,7 +230,7 @@ def run_shortcut_audit(model: nn.Module, loader: Any, *, classes: Sequence[str],
                           cam_lung_share=cam_share, flags=flags, verdict=verdict, overlays=overlays)
 
 
-def _cam_probe(model, x01, y, clean_probs, mask, mean, std, device, n_overlays, n_bootstrap, seed):
+def _cam_probe(model, x01, y, clean_probs, mask, *, mean, std, device, n_overlays, n_bootstrap, seed):
     """(c) overlays of the most confident right and wrong predictions; (d) Grad-CAM mass in the lung field."""
     pred = clean_probs.argmax(1)
     # Binary: the positive class's map; multiclass: the predicted class's (as `predict --cam`).

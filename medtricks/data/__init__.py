@@ -34,12 +34,12 @@ _EXPORTS = {
     "read_image_with_meta": "medtricks.data.readers",
     # manifests and splits
     "build_manifest": "medtricks.data.manifest",
-    "export_manifest": "medtricks.data.manifest",
-    "export_quarantine": "medtricks.data.manifest",
-    "redact_paths": "medtricks.data.manifest",
-    "folder_id": "medtricks.data.manifest",
     "split_summary": "medtricks.data.manifest",
-    "hash_patient": "medtricks.data.manifest",
+    "export_manifest": "medtricks.data.redaction",
+    "export_quarantine": "medtricks.data.redaction",
+    "redact_paths": "medtricks.data.redaction",
+    "folder_id": "medtricks.data.hashed_ids",
+    "hash_patient": "medtricks.data.hashed_ids",
     "assign_splits": "medtricks.data.splits",
     "check_leakage": "medtricks.data.splits",
     # transforms and datasets

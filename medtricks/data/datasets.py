@@ -35,7 +35,8 @@ from medtricks.errors import ConfigError, MissingFileError
 from medtricks.data.cards import DataCard, FolderLayout, load_card
 from medtricks.data.class_map import apply_class_map, resolve_class_map
 from medtricks.data.errors import BadImageError, DataError, LeakageError
-from medtricks.data.manifest import build_manifest, walk_files
+from medtricks.data.file_listing import walk_files
+from medtricks.data.manifest import build_manifest
 from medtricks.data.readers import VOI_MODES, BitDepthWarning, read_image
 from medtricks.data.splits import check_leakage, file_digest, labeled_subset
 from medtricks.data.synthetic import MANIFEST_NAME, PARAMS_NAME, SYNTHETIC_CARD, synthesize_phantoms
@@ -218,6 +219,21 @@ class DataBundle:
     unlabeled: Optional["XrayDataset"] = None
 
 
+@dataclass(frozen=True)
+class _ImageCheck:
+    """How :func:`build_datasets` / :func:`build_eval_dataset` decode and check every image, handed unchanged to
+    the image scan and the datasets: one pre-resize side, VOI mode and decode cache serve them all."""
+
+    side: Optional[int]  # the transforms' pre-resize side
+    voi: str
+    cache_dir: Optional[Path]
+    on_bad_image: str
+    progress: bool
+
+    def dataset(self, manifest: pd.DataFrame, transform: Callable) -> XrayDataset:
+        return XrayDataset(manifest, transform, cache_dir=self.cache_dir, voi=self.voi)
+
+
 def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str = "auto", cache_dir=None,
                 progress: bool = True, desc: str = "checking images") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode every image once: returns (good rows + ``content_hash``/``height``/``width``/``bit_depth_note``,
@@ -297,14 +313,14 @@ def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> Non
     synthesize_phantoms(root, classes=tuple(card.classes), **params)
 
 
-def _checked_images(manifest, card, root, *, side: int, on_bad_image: str, voi: str, cache_dir, progress: bool,
-                    skip_hint: Optional[str] = "set data.on_bad_image=skip"):
+def _checked_images(manifest, card, root, check: _ImageCheck, skip_hint: Optional[str] = "set data.on_bad_image=skip"):
     """Decode every image once; bad ones raise (``error``, listing each) or go to the quarantine (``skip``).
     ``skip_hint``: how the caller's user asks for ``skip`` (None: they cannot), said in the error."""
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ConfigError(f"on_bad_image={on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
-    good, quarantine = scan_images(manifest, side=side, voi=voi, cache_dir=cache_dir, progress=progress)
-    if len(quarantine) and on_bad_image == "error":
+    if check.on_bad_image not in ON_BAD_IMAGE:
+        raise ConfigError(f"on_bad_image={check.on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
+    good, quarantine = scan_images(manifest, side=check.side, voi=check.voi, cache_dir=check.cache_dir,
+                                   progress=check.progress)
+    if len(quarantine) and check.on_bad_image == "error":
         listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))
         more = f"\n  ... and {len(quarantine) - 20} more" if len(quarantine) > 20 else ""
         raise BadImageError(quarantine["path"].iloc[0],
@@ -349,12 +365,12 @@ def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int,
         if not len(manifest):
             raise DataError(f"the class map {resolved} leaves no image of {root} (card {card.name!r}) to score")
     transform = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
-    good, quarantine = _checked_images(manifest, card, root, side=transform.base_side, on_bad_image=on_bad_image,
-                                       voi=voi, cache_dir=cache, progress=progress, skip_hint=skip_hint)
+    check = _ImageCheck(side=transform.base_side, voi=voi, on_bad_image=on_bad_image, progress=progress,
+                        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
+    good, quarantine = _checked_images(manifest, card, root, check, skip_hint=skip_hint)
     if split != "all":
         check_leakage(good)  # the split is the card's: it must hold no patient of another split
-    dataset = XrayDataset(good, transform, cache_dir=cache, voi=voi)
+    dataset = check.dataset(good, transform)
     dataset.manifest.attrs.update({k: v for k, v in manifest.attrs.items() if k in ("class_map", "dropped_by_class_map")})
     return dataset, quarantine
 
@@ -390,10 +406,10 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
     eval_tf = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
     if train_tf.base_side != eval_tf.base_side:  # one cached array must serve both
         raise AssertionError("train and eval transforms disagree on the pre-resize side")
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else None
+    check = _ImageCheck(side=train_tf.base_side, voi=voi, on_bad_image=on_bad_image, progress=progress,
+                        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
 
-    good, quarantine = _checked_images(manifest, card, root, side=train_tf.base_side, on_bad_image=on_bad_image,
-                                       voi=voi, cache_dir=cache, progress=progress)
+    good, quarantine = _checked_images(manifest, card, root, check)
     check_leakage(good)
 
     pool = []  # unlabelled manifests
@@ -417,20 +433,19 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
         rows = good[good["split"] == split]
         if split == "train" and "labeled" in rows.columns:
             rows = rows[rows["labeled"]]
-        return XrayDataset(rows, tf, cache_dir=cache, voi=voi) if len(rows) else None
+        return check.dataset(rows, tf) if len(rows) else None
 
     train = subset("train", train_tf)
     if train is None:
         raise DataError(f"no training images left for card {card.name!r} under {root} "
                         f"({len(quarantine)} quarantined); check the split settings")
     if unlabeled is not None:
-        pool.append(_unlabeled_folder(unlabeled, good, side=train_tf.base_side, voi=voi, cache_dir=cache,
-                                      on_bad_image=on_bad_image, progress=progress))
+        pool.append(_unlabeled_folder(unlabeled, good, check))
     pool = [rows for rows in pool if len(rows)]
     columns = ["path", "target", "withheld_target", "content_hash"]
     pool = [rows if "withheld_target" in rows.columns else rows.assign(withheld_target=-1) for rows in pool]
-    unlabeled_set = XrayDataset(pd.concat([rows[columns] for rows in pool], ignore_index=True), train_tf,
-                                cache_dir=cache, voi=voi) if pool else None
+    unlabeled_set = check.dataset(pd.concat([rows[columns] for rows in pool], ignore_index=True),
+                                  train_tf) if pool else None
     return DataBundle(card=card, classes=list(card.classes), manifest=good, train=train,
                       val=subset("val", eval_tf), test=subset("test", eval_tf), quarantine=quarantine,
                       unlabeled=unlabeled_set)
@@ -459,16 +474,15 @@ def list_unlabeled(root, card=None) -> pd.DataFrame:
     return pd.DataFrame({"path": paths, "label": "", "target": -1})
 
 
-def _unlabeled_folder(spec: dict, labelled: pd.DataFrame, *, side, voi, cache_dir, on_bad_image: str,
-                      progress: bool) -> pd.DataFrame:
+def _unlabeled_folder(spec: dict, labelled: pd.DataFrame, check: _ImageCheck) -> pd.DataFrame:
     """``data.unlabeled``: list, decode-check (bad images as ``on_bad_image`` says) and leakage-check the folder."""
     unknown = sorted(set(spec) - _UNLABELED_KEYS)
     if unknown or not spec.get("root"):
         raise ConfigError(f"data.unlabeled: expected keys {sorted(_UNLABELED_KEYS)} with a root, got {spec!r}")
     rows = list_unlabeled(spec["root"], spec.get("card"))
-    good, bad = scan_images(rows, side=side, voi=voi, cache_dir=cache_dir, progress=progress,
+    good, bad = scan_images(rows, side=check.side, voi=check.voi, cache_dir=check.cache_dir, progress=check.progress,
                             desc="checking unlabelled images")
-    if len(bad) and on_bad_image == "error":
+    if len(bad) and check.on_bad_image == "error":
         listed = "\n".join(f"  {p}: {r}" for p, r in zip(bad["path"][:20], bad["reason"][:20]))
         raise BadImageError(bad["path"].iloc[0], f"{len(bad)} unusable image(s) in data.unlabeled.root "
                             f"{spec['root']}; fix or remove them, or set data.on_bad_image=skip:\n{listed}")

@@ -1,9 +1,11 @@
 """Manifests: one row per image (path, label, target, patient, split), built from a card and a root.
 
-Building a manifest only lists files (following symlinked folders and files) and reads label
-tables; it decodes no image, and hashes only the bytes of files that share their byte size with
-another (to find one image filed under two labels), so it is fast even for tens of thousands of
-files. Patients are replaced by a salted hash before the manifest leaves this module; splits are computed on the raw IDs, so ``split_seed`` alone decides them.
+Building a manifest only lists files (:mod:`medtricks.data.file_listing`: following symlinked folders
+and files) and reads label tables; it decodes no image, and hashes only the bytes of files that share
+their byte size with another (to find one image filed under two labels), so it is fast even for tens of
+thousands of files. Patients are replaced by a salted hash (:mod:`medtricks.data.hashed_ids`) before the
+manifest leaves this module; splits are computed on the raw IDs, so ``split_seed`` alone decides them.
+The copies that are safe to log are made in :mod:`medtricks.data.redaction`.
 
 Example::
 
@@ -13,10 +15,7 @@ Example::
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import secrets
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -24,224 +23,18 @@ from typing import Optional
 
 import pandas as pd
 
-from medtricks.errors import ConfigError, ResourceError
-from medtricks.data.cards import DROP, SPLITS, CsvLayout, DataCard, FolderLayout, load_card
+from medtricks.errors import ConfigError
+from medtricks.data.cards import DROP, SPLITS, DataCard, load_card
 from medtricks.data.errors import LeakageError, ManifestError, UnseenLabelWarning
+from medtricks.data.file_listing import _first_group, list_records
+from medtricks.data.hashed_ids import content_id, folder_id, hash_patient, image_id, patient_salt
+from medtricks.data.redaction import REDACTED_ROOT, export_manifest, export_quarantine, redact_paths
 from medtricks.data.splits import assign_splits, conflicting_duplicates
 
 MANIFEST_COLUMNS = ["path", "label", "target", "patient", "split"]
 _MAX_LISTED = 10
 
 
-# ---------------------------------------------------------------------------------------- patients
-def _cache_root() -> Path:
-    return Path(os.environ.get("MEDTRICKS_CACHE") or Path.home() / ".cache" / "medtricks").expanduser()
-
-
-def patient_salt() -> bytes:
-    """Secret salt of patient hashes: ``$MEDTRICKS_PATIENT_SALT``, else one random salt per machine.
-
-    The per-machine salt lives in ``$MEDTRICKS_CACHE/patient_salt`` (default ``~/.cache/medtricks``),
-    so hashes are stable across runs on one machine but cannot be reversed by guessing IDs elsewhere.
-    Set ``MEDTRICKS_PATIENT_SALT`` to share hashes between machines.
-    """
-    env = os.environ.get("MEDTRICKS_PATIENT_SALT")
-    if env:
-        return env.encode()
-    path = _cache_root() / "patient_salt"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # O_EXCL: two processes starting at once agree on the first salt written
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(16))
-        except FileExistsError:
-            pass
-    salt = path.read_text().strip()
-    if not salt:
-        raise ResourceError(f"patient salt file {path} is empty; delete it (a new one is made) "
-                           "or set MEDTRICKS_PATIENT_SALT")
-    return salt.encode()
-
-
-def hash_patient(raw_id: str, card_name: str, salt: Optional[bytes] = None) -> str:
-    """Salted, keyed BLAKE2b hash of a raw patient ID (``p_`` + 16 hex characters)."""
-    key = (salt if salt is not None else patient_salt())[:64]
-    digest = hashlib.blake2b(f"{card_name}\x00{raw_id}".encode(), key=key, digest_size=8).hexdigest()
-    return f"p_{digest}"
-
-
-def _first_group(match: re.Match, name: str) -> Optional[str]:
-    if name in match.re.groupindex and match.group(name) is not None:
-        return match.group(name)
-    return match.group(1) if match.re.groups else match.group(0)
-
-
-# ---------------------------------------------------------------------------------------- listing
-def walk_files(root: Path, notes: Optional[Counter] = None, skip_dirs=()) -> list[Path]:
-    """Every file under ``root``, following symlinked folders and files; paths keep the link names.
-
-    ``pathlib.Path.glob('**')`` (Python < 3.13) does not descend into symlinked folders, so class or
-    split folders linked in from elsewhere would be skipped silently. A link back to a folder it sits
-    in (a loop) is not followed and is counted in ``notes``; two links to one folder are both listed
-    (their files are then identical bytes, which the duplicate checks see). Folders whose name starts
-    with '.' or is in ``skip_dirs`` are not entered. Broken links are counted in ``notes``.
-    """
-    files = []
-    chains = {str(root): (os.path.realpath(root),)}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        chain = chains.pop(dirpath, (os.path.realpath(dirpath),))
-        keep = []
-        for name in sorted(dirnames):
-            if name.startswith(".") or name in skip_dirs:
-                continue
-            sub = os.path.join(dirpath, name)
-            real = os.path.realpath(sub)
-            if real in chain:  # a link to one of its own ancestors: following it never ends
-                if notes is not None:
-                    notes["symlinked folders not followed (they loop back to a parent)"] += 1
-                continue
-            chains[sub] = (*chain, real)
-            keep.append(name)
-        dirnames[:] = keep
-        for name in filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink() and not path.exists():
-                if notes is not None and not name.startswith("."):
-                    notes["broken symlinks ignored"] += 1
-                continue
-            files.append(path)
-    return sorted(files)
-
-
-def _glob_regex(pattern: str) -> re.Pattern:
-    """A pathlib-style glob (``**`` = any number of folders, ``*``/``?``/``[..]`` within one name)
-    as a regex over POSIX paths relative to the root."""
-    out = []
-    parts = [p for p in pattern.strip("/").split("/") if p not in ("", ".")]
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append("(?:[^/]+/)*[^/]+" if last else "(?:[^/]+/)*")
-            continue
-        seg, j = "", 0
-        while j < len(part):
-            c = part[j]
-            if c == "*":
-                seg += "[^/]*"
-            elif c == "?":
-                seg += "[^/]"
-            elif c == "[" and "]" in part[j + 2:]:
-                end = part.index("]", j + 2)
-                body = part[j + 1:end].replace("\\", "\\\\")
-                seg += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
-                j = end
-            else:
-                seg += re.escape(c)
-            j += 1
-        out.append(seg + ("" if last else "/"))
-    return re.compile("".join(out) + r"\Z")
-
-
-def _list_folder(card: DataCard, layout: FolderLayout, root: Path, notes: Counter) -> list[dict]:
-    records = []
-    label_re = re.compile(layout.label_regex) if layout.label_regex else None
-    wanted = _glob_regex(layout.glob)
-    for path in walk_files(root, notes, skip_dirs=layout.exclude_dirs):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") or part in layout.exclude_dirs for part in rel.parts) or not path.is_file():
-            continue
-        if not wanted.match(rel.as_posix()):
-            continue
-        if path.suffix.lower() not in layout.extensions:
-            notes["non-image files ignored"] += 1
-            continue
-        if len(rel.parts) < 2:
-            raise ManifestError(f"{path}: a folder-layout card expects images inside class folders under {root}, "
-                                f"found a file directly in root")
-        raw = rel.parts[-2] if layout.label_from == "parent_dir" else rel.parts[0]
-        if label_re is not None and (m := label_re.search(path.name)):
-            raw = _first_group(m, "label") or raw
-        split = next((layout.split_dirs[p] for p in rel.parts[:-1] if p in layout.split_dirs), None)
-        records.append({"path": path, "raw_label": raw, "declared_split": split, "row": None})
-    return records
-
-
-def _read_table(path: Path, layout: CsvLayout) -> pd.DataFrame:
-    if not path.is_file():
-        raise ManifestError(f"label table {path} (named in the card's layout.tables) does not exist")
-    kwargs = dict(dtype=str, keep_default_na=False)
-    if layout.sep == "whitespace":
-        kwargs["sep"] = r"\s+"
-    else:
-        kwargs["sep"] = layout.sep
-    if layout.columns:
-        kwargs.update(header=None, names=layout.columns)
-    try:
-        return pd.read_csv(path, **kwargs)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        raise ManifestError(f"cannot read label table {path}: {err}") from None
-
-
-def _index_by_name(root: Path) -> dict[str, Path]:
-    index: dict[str, Path] = {}
-    dupes = []
-    for path in walk_files(root):  # follows symlinked folders, like the folder layout
-        if path.name in index:
-            dupes.append(path.name)
-        index[path.name] = path
-    if dupes:
-        raise ManifestError(f"layout.locate='by_name' needs unique file names under {root}; "
-                            f"{len(dupes)} names occur twice, e.g. {dupes[:5]}")
-    return index
-
-
-def _list_csv(card: DataCard, layout: CsvLayout, root: Path, notes: Counter) -> list[dict]:
-    records = []
-    field_names = set(re.findall(r"\{([^{}:!]+)", layout.path_template))
-    split_sets = {}
-    for split, list_file in layout.split_lists.items():
-        lp = root / list_file
-        if not lp.is_file():
-            raise ManifestError(f"split list {lp} (layout.split_lists.{split}) does not exist")
-        split_sets[split] = {line.strip() for line in lp.read_text().splitlines() if line.strip()}
-    by_name = _index_by_name(root) if layout.locate == "by_name" else None
-    patient_fields = set(re.findall(r"\{([^{}:!]+)", card.patient.template or ""))
-    for table in layout.tables:
-        table_path = root / table.file
-        if not table.required and not table_path.is_file():
-            notes[f"optional table {table.file} absent"] += 1
-            continue
-        df = _read_table(table_path, layout)
-        needed = field_names | patient_fields | {layout.label_column} | {f.column for f in card.filters}
-        needed |= {c for c in (layout.split_column, card.patient.column) if c}
-        absent = sorted(needed - set(df.columns))
-        if absent:
-            raise ManifestError(f"label table {table_path} lacks column(s) {absent}; it has {list(df.columns)}")
-        for line_no, row in enumerate(df.to_dict("records"), start=2 if not layout.columns else 1):
-            if not all(f.keeps(row[f.column]) for f in card.filters):
-                failed = next(f for f in card.filters if not f.keeps(row[f.column]))
-                notes[f"rows left out by filter {failed.describe()}"] += 1
-                continue
-            rel = layout.path_template.format(**row)
-            if by_name is not None:
-                name = Path(rel).name
-                path = by_name.get(name, root / table.image_dir / rel)
-            else:
-                path = root / table.image_dir / rel
-            split = table.split
-            if layout.split_column:
-                value = row[layout.split_column]
-                split = layout.split_values.get(value, value) or split
-            for list_split, names in split_sets.items():
-                if Path(rel).name in names or rel in names:
-                    split = list_split
-            records.append({"path": path, "raw_label": row[layout.label_column], "declared_split": split,
-                            "row": row, "where": f"{table_path}:{line_no}"})
-    return records
-
-
-# ---------------------------------------------------------------------------------------- building
 def _raw_patient(card: DataCard, rec: dict, patient_re: Optional[re.Pattern]) -> str:
     spec = card.patient
     if spec.per_image:
@@ -302,8 +95,7 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
         raise ManifestError(f"data root {root} does not exist or is not a folder (card {card.name!r})")
 
     notes: Counter = Counter()
-    lister = _list_folder if card.layout.kind == "folder" else _list_csv
-    records = lister(card, card.layout, root, notes)
+    records = list_records(card, root, notes)
     if not records:
         raise ManifestError(f"no images found under {root} for card {card.name!r} "
                             f"(layout {card.layout.kind}; check the root and the card's layout)")
@@ -390,188 +182,6 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     return out
 
 
-def image_id(rel_path: str, salt: Optional[bytes] = None) -> str:
-    """The logged name of a file: ``i_`` + a salted hash of its POSIX path relative to the data root
-    (same salt as the patient hashes: the same file gets the same ID on this machine)."""
-    return hash_patient(rel_path, "image", salt).replace("p_", "i_", 1)
-
-
-def folder_id(folder, salt: Optional[bytes] = None) -> str:
-    """The logged form of a data folder (``data.root``, ``evaluate --root``): ``r_`` + a salted hash of its
-    absolute path. Folder names can hold patient names; the same folder gets the same ID on this machine,
-    so runs on one data set still group together in the MLflow UI."""
-    path = os.path.abspath(os.path.expanduser(str(folder)))
-    return hash_patient(path, "folder", salt).replace("p_", "r_", 1)
-
-
-def content_id(digest: str, salt: Optional[bytes] = None) -> str:
-    """The logged form of a file's content hash (``content_hash`` of :func:`~medtricks.data.scan_images`):
-    ``c_`` + a salted hash of it, so identical bytes can be matched on this machine (``evaluate`` finds
-    training images in its data) while the log cannot be checked against an image found elsewhere."""
-    return hash_patient(str(digest), "bytes", salt).replace("p_", "c_", 1)
-
-
-def _relative(path, root: Path) -> Optional[str]:
-    """``path`` as a POSIX path relative to ``root`` (the link path first, then its target), or ``None``."""
-    # The link path, not its target: a symlinked file or folder under the root may point anywhere.
-    for candidate in (Path(os.path.abspath(os.path.expanduser(str(path)))), Path(path).expanduser().resolve()):
-        try:
-            return candidate.relative_to(root).as_posix()
-        except ValueError:
-            continue
-    return None
-
-
-def export_manifest(manifest: pd.DataFrame, root, *, keep_paths: bool = False) -> pd.DataFrame:
-    """The copy of a manifest that is safe to log: hashed image IDs, hashed patients, label and split.
-
-    File names often carry the dataset's own patient IDs (Kermany ``person123_...``, RSNA
-    ``<patientId>.dcm``), so by default the relative path is replaced by ``image_id``, a salted
-    hash of it (same salt as the patient hashes: the same file gets the same ID on this machine).
-    ``keep_paths=True`` keeps the relative paths, for data whose names are known to be safe. A
-    manifest with a complete ``content_hash`` column (after the image scan) also gets ``content_id``
-    (:func:`content_id`): what ``medtricks evaluate`` compares to find training images in its data.
-    """
-    root = Path(root).expanduser().resolve()
-    salt = patient_salt()
-    rel = []
-    for p in manifest["path"]:
-        r = _relative(p, root)
-        if r is None:
-            raise ManifestError(f"{p} is not under the data root {root}; cannot export a relative path") from None
-        rel.append(r)
-    first = ("path", rel) if keep_paths else ("image_id", [image_id(r, salt) for r in rel])
-    out = pd.DataFrame({first[0]: first[1], "label": manifest["label"].to_numpy(),
-                        "target": manifest["target"].to_numpy(), "patient": manifest["patient"].to_numpy(),
-                        "split": manifest["split"].to_numpy()})
-    if "content_hash" in manifest.columns and manifest["content_hash"].notna().all():
-        out["content_id"] = [content_id(d, salt) for d in manifest["content_hash"]]
-    if "labeled" in manifest.columns:  # data.label_fraction / label_count: which training rows kept their label
-        out["labeled"] = manifest["labeled"].to_numpy()
-    bad = [p for p in out["patient"] if not re.fullmatch(r"p_[0-9a-f]{16}", str(p))]
-    if bad:  # never export what could be a raw ID
-        raise ManifestError(f"export_manifest: patient column holds {len(bad)} value(s) that are not salted hashes")
-    return out
-
-
-# ------------------------------------------------------------------------------------- redaction
-REDACTED_ROOT = "<data root>"
-_TOKEN = re.compile(r"[^\s'\"`<>|,;()\[\]{}]+")
-_STOP = " \t:,;)]}>'\""  # where a path in a message may end (it may hold spaces)
-_FILE_NAME = re.compile(r"[^/]+\.[A-Za-z][A-Za-z0-9]{1,4}")  # a bare name such as MRN123_1.png
-_MAX_INDEXED = 500_000
-
-
-class _Redactor:
-    """Replaces paths under one data root in texts; the file-name index is built once, when needed."""
-
-    def __init__(self, root) -> None:
-        given = os.path.expanduser(str(root))
-        self.root = Path(given).resolve()
-        self.salt = patient_salt()
-        forms = {given, os.path.abspath(given), str(self.root), os.path.realpath(given)}
-        forms = sorted({f.rstrip("/") for f in forms if f.rstrip("/") not in ("", ".", "..")}, key=len, reverse=True)
-        self.prefixed = (re.compile(r"(?<![\w.~/-])(?:" + "|".join(re.escape(f) for f in forms) + r")(/[^\n'\"`<>|]*)")
-                         if forms else None)
-        self._names: Optional[dict[str, list[str]]] = None
-
-    def hashed(self, rel: str) -> str:
-        return f"{REDACTED_ROOT}/{image_id(rel.strip('/'), self.salt)}"
-
-    def names(self) -> dict[str, list[str]]:
-        """File name -> relative paths of every file under the root with that name."""
-        if self._names is None:
-            self._names = {}
-            n = 0
-            for dirpath, _, filenames in os.walk(self.root):  # a missing root lists nothing
-                for name in filenames:
-                    rel = Path(dirpath, name).relative_to(self.root).as_posix()
-                    self._names.setdefault(name, []).append(rel)
-                n += len(filenames)
-                if n >= _MAX_INDEXED:
-                    break
-        return self._names
-
-    def _under_root(self, rel: str) -> bool:
-        """Whether ``rel`` names an existing file or folder under the root (not the root itself)."""
-        if not rel.strip("/"):
-            return False
-        try:
-            full = os.path.normpath(self.root / rel)
-            return full.startswith(str(self.root).rstrip("/") + "/") and os.path.lexists(full)
-        except (OSError, ValueError):
-            return False
-
-    def _prefixed(self, match: re.Match) -> str:
-        tail = match.group(1)
-        # The longest stretch that names an existing path (file names may hold spaces), else up to the first stop.
-        cuts = sorted({i for i, c in enumerate(tail) if c in _STOP} | {len(tail)}, reverse=True)
-        end = next((cut for cut in cuts if self._under_root(tail[:cut].rstrip(".").lstrip("/"))), cuts[-1])
-        path = tail[:end].rstrip(".")
-        if not path.strip("/"):  # the root itself: not patient data, and logged as a param anyway
-            return match.group(0)[:len(match.group(0)) - len(tail)] + self._sub_prefixed(tail)
-        return self.hashed(path.lstrip("/")) + self._sub_prefixed(tail[len(path):])
-
-    def _sub_prefixed(self, text: str) -> str:
-        return self.prefixed.sub(self._prefixed, text) if self.prefixed is not None else text
-
-    def _relative(self, match: re.Match) -> str:
-        token = match.group(0)
-        if token.startswith(("i_", "p_", "c_")):  # already a hash
-            return token
-        stripped = token.rstrip(".:")
-        rest = token[len(stripped):]
-        if ("/" in stripped or "." in stripped) and not stripped.startswith("/") and self._under_root(stripped):
-            return self.hashed(stripped) + rest
-        if "/" not in stripped and _FILE_NAME.fullmatch(stripped):
-            found = self.names().get(stripped)
-            if found:
-                return self.hashed(found[0] if len(found) == 1 else stripped) + rest
-        return token
-
-    def __call__(self, text) -> str:
-        if text is None:
-            return text
-        text = str(text)
-        return _TOKEN.sub(self._relative, self._sub_prefixed(text))
-
-
-def redact_paths(text: str, root) -> str:
-    """``text`` with every path under the data ``root`` replaced by ``<data root>/i_<hash>`` (the file's
-    :func:`image_id`, as in the logged split manifest and quarantine list).
-
-    Absolute paths (the root as given, absolute or resolved), paths relative to the root and bare
-    file names of files under the root are replaced; the root itself and other paths are kept. For
-    messages that are logged (the ``medtricks.error`` tag, ``state.json``): file names often hold
-    patient IDs. Example::
-
-        redact_paths("BadImageError: /data/cxr/NORMAL/MRN123_1.png: truncated", "/data/cxr")
-        # 'BadImageError: <data root>/i_3f0c9a6b1d2e4f70: truncated'
-
-    Fails closed: if the text cannot be checked (no salt, an unreadable root) the whole text is withheld.
-    """
-    try:
-        return _Redactor(root)(text)
-    except Exception as err:  # noqa: BLE001 - called while reporting another error: never raise, never leak
-        return f"[message withheld: its paths could not be redacted ({type(err).__name__})]"
-
-
-def export_quarantine(quarantine: pd.DataFrame, root) -> pd.DataFrame:
-    """The copy of a quarantine list (``path``, ``label``, ``reason``) that is safe to log: ``image_id``
-    (:func:`image_id`, as in the split manifest), ``label`` and ``reason`` with paths redacted
-    (:func:`redact_paths`). A path outside the root gets the hash of its absolute path."""
-    redact = _Redactor(root)
-    ids = []
-    for p in quarantine["path"]:
-        rel = _relative(p, redact.root)
-        ids.append(image_id(rel if rel is not None else os.path.abspath(str(p)), redact.salt))
-    out = pd.DataFrame({"image_id": ids})
-    if "label" in quarantine.columns:
-        out["label"] = quarantine["label"].to_numpy()
-    out["reason"] = [redact(r) for r in quarantine["reason"]] if "reason" in quarantine.columns else ""
-    return out
-
-
 def split_summary(manifest: pd.DataFrame, classes) -> pd.DataFrame:
     """Images per split x class, plus totals and patients per split (for reports and logs)."""
     table = pd.crosstab(manifest["split"], pd.Categorical(manifest["label"], categories=list(classes)),
@@ -583,6 +193,7 @@ def split_summary(manifest: pd.DataFrame, classes) -> pd.DataFrame:
     return table
 
 
+# The IDs and the logged copies live in hashed_ids / redaction; re-exported here, where other layers import them.
 __all__ = ["build_manifest", "export_manifest", "export_quarantine", "redact_paths", "image_id", "content_id",
            "folder_id",
            "hash_patient", "patient_salt", "split_summary", "MANIFEST_COLUMNS", "REDACTED_ROOT"]

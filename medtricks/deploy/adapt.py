@@ -48,7 +48,8 @@ from medtricks.deploy.bn import AdaptReport, adabn, tent
 from medtricks.deploy.fit import em_prior
 from medtricks.deploy.profiles import SiteProfile, check_site_name, log_site_profile, save_site_profile
 from medtricks.errors import ConfigError, MissingFileError
-from medtricks.posthoc import _train_priors_from_manifest, load_operating_point, posthoc_store
+from medtricks.posthoc.decision import load_operating_point, train_priors_from_manifest
+from medtricks.posthoc.store import posthoc_store
 from medtricks.posthoc.predict import collect_images
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.train import predict, resolve_device
@@ -129,7 +130,7 @@ def _em_profile(trained, probs: np.ndarray, *, name: str, tracking_uri: Optional
                 ci: float, seed: int) -> SiteProfile:
     op = load_operating_point(trained.run_dir)
     priors = list(op.train_priors) if op is not None and op.train_priors else \
-        _train_priors_from_manifest(trained, tracking_uri)
+        train_priors_from_manifest(trained, tracking_uri)
     if priors is None or len(priors) != 2:
         raise ConfigError(f"--method em-prior needs the class priors run {trained.run_id or trained.run_dir} was "
                           "trained with (train_priors in model/operating_point.json, or artifacts/split_manifest.csv)")

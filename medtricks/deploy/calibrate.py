@@ -32,8 +32,10 @@ from medtricks.data import folder_id, load_card
 from medtricks.deploy.fit import bootstrap_site, cross_fit, em_prior, fit_site
 from medtricks.deploy.profiles import SiteProfile, check_site_name, log_site_profile, save_site_profile
 from medtricks.errors import ConfigError, MedtricksError
-from medtricks.posthoc import (eval_dataset, image_set_digest, load_operating_point, posthoc_store,
-                               split_overlap, _train_priors_from_manifest)
+from medtricks.posthoc.decision import load_operating_point, train_priors_from_manifest
+from medtricks.posthoc.evaluation import eval_dataset, image_set_digest
+from medtricks.posthoc.overlap import split_overlap
+from medtricks.posthoc.store import posthoc_store
 from medtricks.train import predict, resolve_device
 from medtricks.posthoc.load import load_trained
 
@@ -164,7 +166,7 @@ def calibrate_site(ref: str, *, card: str, root: str, name: str = "site", target
     op = load_operating_point(trained.run_dir)
     positive = op.positive_index if op is not None else 1
     train_priors = list(op.train_priors) if op is not None and op.train_priors else \
-        _train_priors_from_manifest(trained, tracking_uri)
+        train_priors_from_manifest(trained, tracking_uri)
     groups = dataset.manifest["patient"].astype(str).to_numpy()
     profile = calibrate_predictions(y, probs, groups, name=name, classes=list(trained.classes),
                                     target_sensitivity=target_sensitivity, positive_index=positive,

@@ -256,7 +256,7 @@ def load_logged_site_profile(store, *, experiment: str, run_id: Optional[str], n
 
 def load_site_profile(trained, name: str, *, store=None) -> SiteProfile:
     """Profile ``name`` of a trained run: its folder's ``model/sites/<name>.json``, else the newest one logged
-    for the run in ``store`` (pass the run's store: :func:`medtricks.posthoc.posthoc_store`)."""
+    for the run in ``store`` (pass the run's store: :func:`medtricks.posthoc.store.posthoc_store`)."""
     check_site_name(name)
     run_dir = getattr(trained, "run_dir", None)
     if run_dir is not None:

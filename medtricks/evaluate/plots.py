@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medtricks._defaults import DEFAULT_METRIC
 from medtricks.errors import ConfigError
 from medtricks.evaluate.metrics import _auroc, _calibration_bins, _check_classes, _check_labels, _check_probs
 
@@ -173,7 +174,7 @@ def plot_forest(
     highs: Sequence[float],
     *,
     reference: float | None = None,
-    xlabel: str = "val/auroc",
+    xlabel: str = DEFAULT_METRIC,
 ) -> Figure:
     """Forest plot: one row per variant (top to bottom in the given order), the mean as a dot and
     its CI as a bar, the numbers at the right; ``reference`` (e.g. the baseline mean) as a dashed

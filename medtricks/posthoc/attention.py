@@ -42,9 +42,9 @@ from medtricks.errors import ConfigError, ResourceError
 from medtricks.evaluate.attention_capture import AttentionProbe, StageProbe, VitLayout, cnn_stages, find_vit
 from medtricks.evaluate.attention_plots import plot_attention_distance, plot_cnn_stages, plot_vit_attention
 from medtricks.evaluate.attention_stats import attention_rollout, class_token_maps, mean_attention_distance
-from medtricks.posthoc import posthoc_store, start_posthoc_run
+from medtricks.posthoc.store import posthoc_store, start_posthoc_run
 from medtricks.posthoc.predict import check_outputs, collect_images, eval_transform
-from medtricks.saliency import cam_file_name
+from medtricks.audit.saliency import cam_file_name
 from medtricks.train import resolve_device
 from medtricks.posthoc.load import load_trained
 

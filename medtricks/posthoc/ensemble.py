@@ -38,9 +38,11 @@ from medtricks.evaluate.markdown import fmt_delta_ci, fmt_mean_ci, fmt_num, mark
 from medtricks.evaluate.metrics import paired_bootstrap_delta
 from medtricks.evaluate.operating_point import select_threshold
 from medtricks.evaluate.paired import load_predictions
-from medtricks.posthoc import (DecisionRule, FlipTTA, _run_file, eval_dataset, flip_tta_warning, image_set_digest,
-                               load_operating_point, log_evaluation, posthoc_store, resolve_decision_rule,
-                               resolve_tta, split_overlap, summarize_predictions)
+from medtricks.posthoc.decision import DecisionRule, load_operating_point, resolve_decision_rule
+from medtricks.posthoc.evaluation import eval_dataset, image_set_digest, log_evaluation, summarize_predictions
+from medtricks.posthoc.overlap import split_overlap
+from medtricks.posthoc.store import posthoc_store, run_file
+from medtricks.posthoc.tta import FlipTTA, flip_tta_warning, resolve_tta
 from medtricks.rundir import RunDir
 from medtricks.train import predict, resolve_device
 from medtricks.posthoc.load import load_trained
@@ -53,7 +55,7 @@ _SPLITS = ("all", "test", "val")
 @dataclass
 class EnsembleReport:
     """Members and ensemble on the same images. ``ensemble`` and ``members`` are
-    :class:`~medtricks.posthoc.EvaluationReport` (metrics at 0.5, at the operating point, predictions);
+    :class:`~medtricks.posthoc.evaluation.EvaluationReport` (metrics at 0.5, at the operating point, predictions);
     ``deltas[i]``: paired bootstrap of ensemble − member ``i`` (AUROC)."""
 
     ensemble: Any  # EvaluationReport
@@ -185,7 +187,7 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
         return fall_back("the members were trained with different data or split settings (other validation images)")
     val = []
     for trained in members:
-        preds = _run_file(trained, RunDir.predictions_artifact("val"), load_predictions, tracking_uri)
+        preds = run_file(trained, RunDir.predictions_artifact("val"), load_predictions, tracking_uri)
         if preds is None:
             run = RunDir(trained.run_dir)
             return fall_back(f"run {_name(trained)} saved no {run.predictions('val').relative_to(run.path).as_posix()}")
@@ -220,7 +222,7 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
         card, root, split: the evaluation data (``all`` images, or the card's ``test``/``val`` split;
             a split must hold the same images for every member, i.e. the same split settings).
         tta: ``"none"`` (default) or ``"flip"``: every member averages with the horizontally mirrored image
-            (opt-in, with a warning: see :func:`medtricks.posthoc.resolve_tta`).
+            (opt-in, with a warning: see :func:`medtricks.posthoc.tta.resolve_tta`).
         prevalence: binary models: prior-shift the ensemble (from the mean of the members' training
             priors) and every member to this positive-class prevalence before thresholding.
         log: log the ensemble like an evaluation (``eval/<m>``, ``eval/op/<m>``, plots, predictions)

@@ -56,7 +56,7 @@ from medtricks.data import build_eval_dataset, synthesize_phantoms
 from medtricks.data.datasets import resize_shorter_side
 from medtricks.data.transforms import build_transforms, eval_resize_side
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError, ResourceError
-from medtricks.posthoc import load_operating_point
+from medtricks.posthoc.decision import load_operating_point
 from medtricks.tracking import save_mlflow_model
 from medtricks.posthoc.load import load_trained
 

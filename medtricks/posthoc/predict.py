@@ -40,8 +40,8 @@ from medtricks.data.manifest import hash_patient, patient_salt
 from medtricks.data.readers import DICOM_EXTENSIONS
 from medtricks.data.transforms import build_transforms
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError, ResourceError
-from medtricks.posthoc import DecisionRule, resolve_decision_rule
-from medtricks.saliency import cam_file_name, cam_target_layer, grad_cam, save_overlay
+from medtricks.posthoc.decision import DecisionRule, resolve_decision_rule
+from medtricks.audit.saliency import cam_file_name, cam_target_layer, grad_cam, save_overlay
 from medtricks.train import resolve_device
 from medtricks.posthoc.load import load_trained
 
@@ -76,7 +76,7 @@ def resolve_prediction_rule(trained, threshold: Any = "stored",
     ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none, which
     the rule's ``description`` says), ``"youden"`` or ``"sens=0.95"`` (chosen again on the run's stored
     validation predictions), or a number in (0, 1): the forms ``evaluate`` takes too
-    (:func:`~medtricks.posthoc.resolve_decision_rule`).
+    (:func:`~medtricks.posthoc.decision.resolve_decision_rule`).
     ``site``: the run's site profile of that name (``medtricks calibrate``): its temperature and threshold.
     """
     return resolve_decision_rule(trained, threshold=threshold, tracking_uri=tracking_uri, site=site, runs_dir=runs_dir)
@@ -310,7 +310,7 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     ``threshold``: see :func:`resolve_prediction_rule` (``stored`` default, ``youden``, ``sens=0.95``, a
     number). ``predictions.attrs["rule"]`` says which threshold was used and where it came from.
     ``bad_files``: ``image``, ``reason`` (relative paths; unreadable, corrupt or not an image).
-    ``cam_dir``: also write a Grad-CAM overlay PNG per image there (:mod:`medtricks.saliency`; binary
+    ``cam_dir``: also write a Grad-CAM overlay PNG per image there (:mod:`medtricks.audit.saliency`; binary
     models: for the positive class, multiclass: for the predicted class), at the model's input size,
     named like ``image`` with a ``.png`` extension; the ``cam`` column holds that relative name.
     ``site``: decide with the run's site profile of that name (:mod:`medtricks.deploy.profiles`): the

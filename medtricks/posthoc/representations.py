@@ -15,7 +15,7 @@ stage's map ``(C, h, w)`` compare alike: CKA needs only each layer's ``n x n`` G
 
 Across architectures (``medtricks cka RUN_VIT RUN_CNN --granularity stage``): each model gets the images
 through its own evaluation transform (its own image size and normalization), and the two runs must read
-the same image files in the same order (:func:`~medtricks.posthoc.image_set_digest` compares the paths),
+the same image files in the same order (:func:`~medtricks.posthoc.evaluation.image_set_digest` compares the paths),
 which the same ``card``/``root``/``split`` with run A's split settings give. The heat map then has no
 diagonal; the table lists, for each layer of A, the layer of B most like it.
 
@@ -52,7 +52,8 @@ from medtricks.data import load_card
 from medtricks.errors import ConfigError
 from medtricks.evaluate.cka import MinibatchCKA, linear_cka
 from medtricks.evaluate.plots import plot_cka
-from medtricks.posthoc import eval_dataset, image_set_digest, posthoc_store, start_posthoc_run
+from medtricks.posthoc.evaluation import eval_dataset, image_set_digest
+from medtricks.posthoc.store import posthoc_store, start_posthoc_run
 from medtricks.train import resolve_device, seed_everything
 from medtricks.posthoc.load import build_model, load_trained
 from medtricks.gamma.blocks import find_residual_norms, find_stages

@@ -19,6 +19,9 @@ from typing import Optional, Sequence
 # Hospital data: MLflow (>= 3.7) usage telemetry is off unless the user opts in explicitly with
 # MLFLOW_DISABLE_TELEMETRY=false. Set before any mlflow import (this package is their only importer).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow draws a "Downloading artifacts" progress bar for every artifact read back (operating point,
+# manifests): noise in the middle of a run, and the files are local or tiny. Opt back in with =true.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from medtricks.errors import ConfigError  # noqa: E402
 from medtricks.tracking.base import (NullStore, RunNotFoundError, RunRecord, RunStore,  # noqa: E402

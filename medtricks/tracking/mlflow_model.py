@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
@@ -56,6 +57,23 @@ def _pin(version: str) -> str:
     return re.split(r"[+]", version)[0]
 
 
+@contextlib.contextmanager
+def _without_type_hint_advice():
+    """Drop MLflow's "add type hints to the predict method" advice. A warnings filter cannot: MLflow
+    switches UserWarnings back on inside its own check (``filter_user_warnings_once``)."""
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if "Add type hints to the `predict` method" not in str(message):
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def save_pyfunc_model(path: str | Path, torchscript_file: str | Path, info: dict[str, Any]) -> Path:
     """Write an MLflow pyfunc model folder at ``path`` (which must not exist, or be empty) from a
     TorchScript file (``medtricks export --format torchscript``'s contract) and the run's ``info``.
@@ -76,7 +94,7 @@ def save_pyfunc_model(path: str | Path, torchscript_file: str | Path, info: dict
     with tempfile.TemporaryDirectory(prefix="medtricks-mlflow-") as tmp:
         info_file = Path(tmp) / "info.json"
         info_file.write_text(json.dumps(info, indent=2))
-        with warnings.catch_warnings():  # "add type hints" / "no input example": the signature is explicit
+        with warnings.catch_warnings(), _without_type_hint_advice():  # the signature is explicit
             warnings.simplefilter("ignore", UserWarning)
             mlflow.pyfunc.save_model(str(path), python_model=str(CODE_FILE),
                                      artifacts={"torchscript": str(torchscript_file), "info": str(info_file)},

@@ -27,6 +27,7 @@ import medtricks.train.distributed as distributed
 from medtricks.train.compile import compile_for_training
 from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtricks.train.inference import autocast_context
+from medtricks.tricks.base import saved_trick_states
 
 __all__ = ["EngineConfig", "FitResult", "NonFiniteLossError", "fit", "seed_everything", "seed_epoch",
            "evaluation_model"]
@@ -132,11 +133,10 @@ def _check_finite_weights(model: nn.Module, epoch: int, last_path: Path) -> None
 
 
 def evaluation_model(model: nn.Module, tricks: Sequence[Any] = ()) -> nn.Module:
-    """The model to validate and save: a trick's (EMA's averaged weights) if one provides it, else ``model``."""
+    """The model to validate and save: ``model`` through the tricks' ``transform_eval_model`` (EMA's averaged
+    weights), or ``model`` itself."""
     for trick in tricks:
-        substitute = trick.eval_model(model)
-        if substitute is not None:
-            return substitute
+        model = trick.transform_eval_model(model)
     return model
 
 
@@ -190,9 +190,9 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
     as an uninterrupted run (each epoch re-seeds data order and augmentation from the seed).
 
     ``tricks`` (:class:`medtricks.tricks.base.Trick` objects) act at their points: ``on_fit_start``,
-    ``on_batch``, ``extra_loss``, ``after_step``, ``eval_model``, ``on_epoch_end``; their ``state_dict`` goes into
-    ``last.pt``. ``checkpoint_extra`` (plain values) is stored in every ``last.pt`` as well (run.py: the
-    data fingerprint a resume checks).
+    ``transform_batch``, ``extra_loss``, ``on_step_end``, ``transform_eval_model``, ``on_epoch_end``; their
+    ``state_dict`` goes into ``last.pt``. ``checkpoint_extra`` (plain values) is stored in every ``last.pt`` as
+    well (the run's: the data fingerprint a resume checks).
 
     Under torchrun every process calls ``fit`` with its slice of the data (a ``DistributedSampler``): the
     forward/backward passes go through ``DistributedDataParallel``; tricks, EMA, checkpoints and
@@ -230,9 +230,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-        saved = state.get("tricks") or {}
-        if state.get("ema") is not None:  # last.pt written before tricks were plug-ins
-            saved = {"ema": state["ema"], **saved}
+        saved = saved_trick_states(state)  # by trick name; a last.pt from before tricks were plug-ins too
         for trick in tricks:
             if saved.get(trick.name) is not None:
                 trick.load_state_dict(saved[trick.name])
@@ -245,7 +243,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         result.resumed_from_epoch = state["epoch"]
         if on_epoch and main and result.history:
             # The process may have died between this checkpoint and the epoch's logging (kill -9, a lost
-            # Ray worker): hand the checkpointed epoch to on_epoch again; run.py skips what its store has.
+            # Ray worker): hand the checkpointed epoch to on_epoch again; the run skips what its store has.
             on_epoch(step, result.history[-1])
 
     # DDP: rank 0's weights (resumed ones included) are broadcast here; gradients are averaged at each backward.
@@ -285,7 +283,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             for trick in tricks:
-                images, targets = trick.on_batch(images, targets)
+                images, targets = trick.transform_batch(images, targets)
             last_in_epoch = batch_index + 1 == min(len(train_loader), max_batches)
             updating = (batch_index + 1) % cfg.accumulate == 0 or last_in_epoch
             # DDP: accumulated micro-batches are averaged once, in the backward before the update (no_sync
@@ -333,7 +331,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 else:
                     scheduler.step_update(step)
                 for trick in tricks:
-                    trick.after_step(model, step)
+                    trick.on_step_end(model, step)
                 if on_step and step % cfg.log_every == 0 and main:
                     on_step(step, {"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})
             epoch_loss += loss_value * batch

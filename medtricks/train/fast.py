@@ -1,6 +1,6 @@
 """Assembly of the fast paths for one run (issue 29): the cached frozen prefix and progressive resizing.
 
-run.py calls these with its recipe and built objects; the pieces live in
+:mod:`medtricks.run.prepare` calls these with its recipe and built objects; the pieces live in
 :mod:`medtricks.train.frozen_cache` and :mod:`medtricks.train.progressive`.
 """
 from __future__ import annotations

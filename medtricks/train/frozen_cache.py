@@ -259,7 +259,7 @@ def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view:
     return CachedViews(store, targets)
 
 
-_IMAGE_HOOKS = ("on_batch", "extra_loss")
+_IMAGE_HOOKS = ("transform_batch", "extra_loss")
 
 
 def check_cacheable(*, tricks: Sequence[Any], resizer: bool, progressive: bool, world_size: int) -> None:

@@ -59,8 +59,8 @@ class ProgressiveLoader:
     :meth:`set_epoch` before each epoch and scales the lr by :meth:`lr_scale`.
 
     ``set_size(size)`` switches the dataset's train transform; ``make_loader(batch_size)`` builds the
-    epoch's DataLoader (run.py: the one sampler factory, so class balancing and seeding stay as without
-    progressive resizing)."""
+    epoch's DataLoader (``make_train_loader``: the one sampler factory, so class balancing and seeding stay as
+    without progressive resizing)."""
 
     def __init__(self, dataset, *, sizes: Sequence[int], batches: Sequence[int], batch_size: int,
                  set_size: Callable[[int], None], make_loader: Callable[[int], object]):

@@ -219,9 +219,9 @@ class AdversarialTraining(Trick):
                               f"has {mean.shape[1]} (mean {tuple(mean.flatten().tolist())})")
         return mean, std
 
-    def on_batch(self, images, targets):
+    def transform_batch(self, images, targets):
         if self.model is None:
-            raise RuntimeError("AdversarialTraining.on_batch before on_fit_start: the engine gives the model there")
+            raise RuntimeError("AdversarialTraining.transform_batch before on_fit_start: the engine gives the model there")
         mean, std = self._stats(images)
         x01 = _to_pixels(images.float(), mean, std)
         if self.cfg.method == "trades":

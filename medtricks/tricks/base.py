@@ -1,28 +1,15 @@
 """What a trick is: one class that owns its recipe keys, its ablation names, its tag, and the points
-where it acts on a run. The engine and ``run.py`` call the points; neither knows which tricks exist.
+where it acts on a run. The run (``medtricks/run/``) and the engine call the points; neither knows which
+tricks exist (``tests/test_core_knows_no_trick.py``).
 
-Points, in the order a run meets them (each is optional; the default does nothing):
-
-===================  ========================================================================
-``__init__``         the recipe and a :class:`TrickContext` (classes, training labels, device)
-``on_model``         the built model, after the pretrained weights load (BN-gamma)
-``param_options``    keyword arguments for ``build_param_groups`` (no-bias-decay)
-``trainable_modules`` modules the trick trains besides the model (DRLoc's head): their parameters join
-                     the run's optimizer (same options, schedule, clipping, GradScaler), never the model
-``loader_options``   keyword arguments for the training loader (class-balanced sampler, drop_last)
-``loss_options``     keyword arguments for ``build_loss`` (label smoothing, class weights, soft targets)
-``wrap_loss``        the loss function, to wrap or replace (auxiliary losses, distillation)
-``on_fit_start``     the model on its device, before resuming (EMA makes its copy here)
-``on_batch``         each training batch on the device, before the forward pass (mixup/cutmix,
-                     adversarial examples)
-``extra_loss``       a term added to the batch loss, given the model, batch and logits (TRADES)
-``after_step``       after each optimizer update (EMA)
-``eval_model``       the model to validate and save instead of the trained one (EMA)
-``on_epoch_end``     after validation, with the epoch's metrics
-``state_dict``       what ``last.pt`` must keep so a resumed run is exact
-===================  ========================================================================
-
-A trick with no points (``warmup``, ``cosine``...) only names core recipe keys for ``ablate`` and tags.
+The points follow one naming scheme -- ``on_<event>`` (told, returns nothing), ``<thing>_options`` (keyword
+arguments for a core builder, merged over the tricks), ``transform_<thing>`` (returns the value the run goes
+on with), ``extra_<thing>`` (something added next to the core's own) -- and are listed once, in the order a
+run meets them, with when each is called, what it receives and returns and which built-in tricks use it, in
+the table of ``docs/plugins.md`` (the "Trick plug-ins" page of the documentation). Each is optional; the
+default does nothing. A trick with no points (``warmup``, ``cosine``...) only names core recipe keys for
+``ablate`` and tags. A class that defines a point by its name before that scheme (``RENAMED_POINTS``) is
+refused by :func:`register_trick`.
 
 Example -- a whole trick in one file, registered in one line::
 
@@ -38,7 +25,7 @@ Example -- a whole trick in one file, registered in one line::
         def tags(cls, recipe):
             return [f"loss_scale={recipe.tricks.loss_scale:g}"] if recipe.tricks.loss_scale != 1 else []
 
-        def wrap_loss(self, loss_fn):
+        def transform_loss_fn(self, loss_fn):
             return lambda logits, targets: self.config.loss_scale * loss_fn(logits, targets)
 
     register_trick(LossScale)
@@ -51,7 +38,7 @@ from typing import Any, Callable, ClassVar, Optional
 from medtricks.errors import MedtricksError
 
 __all__ = ["Trick", "TrickContext", "AblationName", "register_trick", "unregister_trick", "registered_tricks",
-           "TrickRegistryError"]
+           "TrickRegistryError", "find_trick", "saved_trick_states", "RENAMED_POINTS"]
 
 
 class TrickRegistryError(MedtricksError, ValueError):
@@ -80,14 +67,14 @@ class TrickContext:
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
     # Loads a finished run (folder or run id) as a model, for tricks that need one (a distillation
-    # teacher); run.py gives medtricks.posthoc.load.load_trained, so tricks never import the orchestration.
+    # teacher); the run gives medtricks.posthoc.load.load_trained, so tricks never import the orchestration.
     load_run: Optional[Callable[..., Any]] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Trick:
     """One bag-of-tricks item. Subclass it, fill the class attributes, override the points it acts at
-    (see the module docstring), and :func:`register_trick` it.
+    (docs/plugins.md), and :func:`register_trick` it.
 
     Class attributes:
         name: unique name of the trick.
@@ -126,54 +113,101 @@ class Trick:
         """A text the run prints after the trick acted on the model (e.g. the BN-gamma table)."""
         return None
 
-    # ---- points (see the module docstring for when each is called)
-    def on_model(self, model: Any) -> None:
-        pass
+    #: What the trick reports about what it did once it acted (e.g. the layers a γ strategy changed), or
+    #: ``None``; a run hands it to the user as ``RunResult.report(name)`` (``RunResult.trick_reports``).
+    report: Any = None
+    #: A ``RunResult`` attribute that read this trick's report before ``RunResult.report(name)`` existed;
+    #: still answered, with a ``DeprecationWarning`` (``RunResult.gamma_report``: ``report("bn_gamma")``).
+    deprecated_result_attribute: ClassVar[Optional[str]] = None
 
-    def param_options(self) -> dict[str, Any]:
+    @classmethod
+    def empty_report(cls) -> Any:
+        """What ``RunResult.report(name)`` gives when the trick did not act or reported nothing (``None``)."""
+        return None
+
+    # ---- points, in the order a run meets them (docs/plugins.md: when each is called, and why)
+    def on_model(self, model: Any) -> None:
+        """The built model, after the pretrained weights load, before freezing and the optimizer (BN-γ)."""
+
+    def on_freeze(self, model: Any, frozen: list[str]) -> None:
+        """After ``model.freeze`` (also when it froze nothing): ``frozen`` names the frozen parameters."""
+
+    def loader_options(self) -> dict[str, Any]:
+        """Keyword arguments for the training loader (``make_train_loader``): ``drop_last``, ``sampler``."""
         return {}
 
-    def trainable_modules(self) -> dict[str, Any]:
+    def param_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_param_groups`` (no-bias-decay)."""
+        return {}
+
+    def extra_modules(self) -> dict[str, Any]:
         """``{name: nn.Module}`` the trick trains besides the model (called after ``on_model``, on the
         device already). Their parameters go into the run's optimizer with the model's param options, so the
         schedule, gradient clipping, AMP's GradScaler and the optimizer state in ``last.pt`` cover them; they
         are never saved with the model -- keep their weights in :meth:`state_dict`."""
         return {}
 
-    def loader_options(self) -> dict[str, Any]:
-        return {}
-
     def loss_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_loss`` (label smoothing, class weights, soft targets)."""
         return {}
 
-    def wrap_loss(self, loss_fn: Any) -> Any:
+    def transform_loss_fn(self, loss_fn: Any) -> Any:
+        """The loss function to train with, given the built one (distillation scales it)."""
         return loss_fn
 
     def on_fit_start(self, model: Any) -> None:
-        pass
+        """The model on its device, before a resume loads ``last.pt`` (EMA makes its copy here)."""
 
-    def on_batch(self, images: Any, targets: Any) -> tuple[Any, Any]:
+    def transform_batch(self, images: Any, targets: Any) -> tuple[Any, Any]:
+        """Each training batch on the device, before the forward pass: the batch to train on (mixup/cutmix,
+        adversarial examples)."""
         return images, targets
 
     def extra_loss(self, model: Any, images: Any, targets: Any, logits: Any) -> Optional[Any]:
         """A scalar tensor added to the batch loss (inside the autocast context), or ``None``.
-        ``images``/``targets`` are what ``on_batch`` returned and ``logits`` the model's output on them."""
+        ``images``/``targets`` are what ``transform_batch`` returned and ``logits`` the model's output on them."""
         return None
 
-    def after_step(self, model: Any, step: int) -> None:
-        pass
+    def on_step_end(self, model: Any, step: int) -> None:
+        """After each optimizer update; ``step`` counts the updates (EMA averages here)."""
 
-    def eval_model(self, model: Any) -> Optional[Any]:
-        return None
+    def transform_eval_model(self, model: Any) -> Any:
+        """The model to validate, select and save, given the trained one (EMA: its averaged copy)."""
+        return model
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        pass
+        """After validation and the checkpoint, with the epoch's metrics (a trick may add its own to them)."""
+
+    def operating_point_options(self) -> dict[str, Any]:
+        """Keyword arguments for choosing the decision threshold on validation
+        (:func:`medtricks.evaluate.operating_point.select_threshold`), e.g. the class priors trained against."""
+        return {}
 
     def state_dict(self) -> Optional[dict[str, Any]]:
+        """What ``last.pt`` must keep so a resumed run is exact (``None``: nothing)."""
         return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Resuming: what :meth:`state_dict` returned, after :meth:`on_fit_start`."""
+
+
+#: Points renamed to the one naming scheme (old name -> new name); a trick class defining an old one is refused.
+RENAMED_POINTS = {"on_batch": "transform_batch", "after_step": "on_step_end", "wrap_loss": "transform_loss_fn",
+                  "eval_model": "transform_eval_model", "trainable_modules": "extra_modules"}
+
+
+#: Top-level keys of a ``last.pt`` written before tricks were plug-ins -> the trick whose state they hold.
+_LEGACY_STATE_KEYS = {"ema": "ema"}
+
+
+def saved_trick_states(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The tricks' states in a ``last.pt`` by trick name (its ``tricks`` entry), including those an older
+    medtricks kept at the checkpoint's top level: what the engine hands each trick's ``load_state_dict``."""
+    saved = dict(checkpoint.get("tricks") or {})
+    for key, trick in _LEGACY_STATE_KEYS.items():
+        if checkpoint.get(key) is not None:
+            saved = {trick: checkpoint[key], **saved}
+    return saved
 
 
 _REGISTRY: dict[str, type[Trick]] = {}
@@ -187,6 +221,13 @@ def register_trick(cls: type[Trick]) -> type[Trick]:
     """
     if not (isinstance(cls, type) and issubclass(cls, Trick)):
         raise TrickRegistryError(f"register_trick expects a Trick subclass, got {cls!r}")
+    renamed = [(old, new) for old, new in RENAMED_POINTS.items()
+               if any(old in vars(k) for k in cls.__mro__ if k not in (Trick, object))]
+    if renamed:
+        listed = ", ".join(f"{old}() is now {new}()" for old, new in renamed)
+        raise TrickRegistryError(f"trick class {cls.__module__}.{cls.__qualname__} defines a trick point by its old "
+                                 f"name, which the run no longer calls: {listed}. Rename the method (the points and "
+                                 "their names: docs/plugins.md)")
     if not cls.name or not cls.name.isidentifier():
         raise TrickRegistryError(f"{cls.__qualname__}.name must be a python identifier, got {cls.name!r}")
     previous = _REGISTRY.get(cls.name)
@@ -211,6 +252,11 @@ def register_trick(cls: type[Trick]) -> type[Trick]:
 def unregister_trick(name: str) -> None:
     """Remove a trick (tests, notebooks); unknown names are ignored."""
     _REGISTRY.pop(name, None)
+
+
+def find_trick(name: str) -> Optional[type[Trick]]:
+    """The registered trick class called ``name``, if any."""
+    return _REGISTRY.get(name)
 
 
 def registered_tricks() -> list[type[Trick]]:

@@ -2,6 +2,7 @@
 pretrained weights load (the functional API is :mod:`medtricks.gamma.bn`)."""
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
@@ -9,6 +10,7 @@ from pydantic import Field, model_validator
 from medtricks._schema import Section
 from medtricks.tricks.base import AblationName, Trick, register_trick
 from medtricks.gamma.bn import STRATEGIES, apply_gamma_strategy, check_gamma_config
+from medtricks.gamma.report import GammaReport
 
 __all__ = ["BnGammaConfig", "GammaRuleConfig", "BnGamma"]
 
@@ -53,10 +55,15 @@ class BnGamma(Trick):
     order = 60
     fields = {"bn_gamma": (BnGammaConfig, Field(default_factory=BnGammaConfig))}
     ablation = {"bn_gamma": AblationName("tricks.bn_gamma.strategy", None, f"BN-gamma strategy: {_STRATEGY_HELP}")}
+    deprecated_result_attribute = "gamma_report"  # RunResult.gamma_report (0.x): RunResult.report("bn_gamma")
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.report = None
+
+    @classmethod
+    def empty_report(cls):
+        return GammaReport([], strategy="none")
 
     @classmethod
     def tags(cls, recipe):
@@ -67,6 +74,19 @@ class BnGamma(Trick):
         # On the loaded weights, before the optimizer sees the parameters.
         self.report = apply_gamma_strategy(model, self.config.bn_gamma)
 
+    def on_freeze(self, model, frozen):
+        """A block whose gamma was set to 0 and then frozen stays the identity forever: say so."""
+        if self.report is None or not frozen:
+            return
+        frozen_names = set(frozen)
+        dead = [row["name"] for row in self.report.rows
+                if row["new_gamma"] == 0 and f"{row['name']}.weight" in frozen_names]
+        if dead:
+            warnings.warn(f"model.freeze freezes {len(dead)} norm layer(s) whose gamma tricks.bn_gamma set to 0 "
+                          f"({', '.join(dead[:4])}{', ...' if len(dead) > 4 else ''}): those residual branches can "
+                          "never learn and stay the identity; unfreeze those stages or choose other blocks",
+                          RuntimeWarning, stacklevel=3)
+
     def log_params(self):
         return {"bn_gamma": self.report.summary() if self.report is not None and len(self.report) else "none"}
 
@@ -76,7 +96,7 @@ class BnGamma(Trick):
     def artifacts(self, run_dir):
         if self.report is None or not len(self.report):
             return []
-        path = run_dir.bn_gamma_report
+        path = run_dir.trick_report(self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.report.to_csv(path)
         return [(path, "tricks")]

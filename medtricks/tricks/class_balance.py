@@ -10,7 +10,8 @@ with another prevalence. Two standard remedies (He & Garcia, IEEE TKDE 2009):
   so batches are balanced on average.
 
 Both change the prior the model's probabilities are calibrated to; the stored operating point and
-``--prevalence`` (prior-shift correction) account for that at evaluation.
+``--prevalence`` (prior-shift correction) account for that at evaluation (``operating_point_options``:
+equal priors).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from medtricks.errors import ConfigError
 from medtricks.tricks.base import AblationName, Trick, register_trick
 
-__all__ = ["class_weights", "balanced_sample_weights", "ClassBalance"]
+__all__ = ["class_weights", "balanced_sample_weights", "balanced_sampler", "ClassBalance"]
 
 
 def _counts(targets: Sequence[int], n_classes: int) -> np.ndarray:
@@ -55,6 +56,19 @@ def balanced_sample_weights(targets: Sequence[int]) -> torch.Tensor:
     return torch.as_tensor(1.0 / counts[y], dtype=torch.double)
 
 
+def balanced_sampler(dataset, *, generator: torch.Generator, num_replicas: int = 1,
+                     rank: int = 0) -> torch.utils.data.Sampler:
+    """The training sampler of ``class_balance: sampler`` (``make_train_loader(sampler=...)``): draws images
+    with probability 1 / (their class's count), with replacement, so each class fills about the same share of
+    every epoch (as many draws per epoch as images). It draws from the loader's ``generator``, which the
+    engine re-seeds every epoch (exact resume). Not data-parallel (``num_replicas`` > 1) yet."""
+    if num_replicas > 1:
+        raise ConfigError("tricks.class_balance=sampler does not run data-parallel (torchrun) yet: use "
+                          "tricks.class_balance=loss, or train in one process")
+    return torch.utils.data.WeightedRandomSampler(balanced_sample_weights(dataset.targets), num_samples=len(dataset),
+                                                  replacement=True, generator=generator)
+
+
 @register_trick
 class ClassBalance(Trick):
     name = "class_balance"
@@ -75,7 +89,13 @@ class ClassBalance(Trick):
         return [f"class_balance={mode}"] if mode != "none" else []
 
     def loader_options(self):
-        return {"class_balanced": True} if self.config.class_balance == "sampler" else {}
+        return {"sampler": balanced_sampler} if self.config.class_balance == "sampler" else {}
+
+    def operating_point_options(self):
+        # The prior the posteriors are calibrated to (what --prevalence shifts from): a class-balanced loss or
+        # sampler trains against equal priors, not the split's frequencies.
+        k = len(self.ctx.classes)
+        return {"train_priors": [1 / k] * k}
 
     def loss_options(self):
         return {"class_weights": self.weights} if self.weights is not None else {}

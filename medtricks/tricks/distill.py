@@ -11,7 +11,7 @@ and the term is 0 when the student matches the teacher), averaged over the batch
 ``T²`` so that its gradient keeps the scale of the hard-label term when ``T`` changes. ``a = 1`` is
 plain training; He et al. add the two terms unweighted (``a = 0.5`` up to a factor 2, with T = 20). The CE
 term is whatever loss the run builds (label smoothing, mixup's soft targets, class weights), scaled by
-``a`` (``wrap_loss``); the KL term is added by ``extra_loss``, where the teacher's logits are computed.
+``a`` (``transform_loss_fn``); the KL term is added by ``extra_loss``, where the teacher's logits are computed.
 
 The teacher is
 
@@ -221,7 +221,7 @@ class Distillation(Trick):
     def on_fit_start(self, model):
         self.teacher.to(next(model.parameters()).device)
 
-    def wrap_loss(self, loss_fn):
+    def transform_loss_fn(self, loss_fn):
         return loss_fn if self.cfg.alpha == 1.0 else ScaledLoss(loss_fn, self.cfg.alpha)
 
     def extra_loss(self, model, images, targets, logits):

@@ -25,16 +25,16 @@ model, naming it (:func:`token_grid`).
 **No second forward pass.** When the trick meets the model it runs one probe image through
 ``forward_features`` with a forward hook on every module and finds the module whose output *is* the
 features (ViT and Swin: ``norm``; ResNet: ``layer4``; EfficientNet: ``bn2``). During training a hook
-on that module, armed in ``on_batch`` and removed after the training forward has gone through it,
+on that module, armed in ``transform_batch`` and removed after the training forward has gone through it,
 keeps the features of that forward for ``extra_loss``; so the term costs the MLP only. A model
 whose features come out of no module (a reshape after the last module) gets ``forward_features``
 run a second time in ``extra_loss`` (said once as a warning and in the ``drloc.features`` param).
-The hook exists only between ``on_batch`` and the training forward: EMA's copy of the model, the
+The hook exists only between ``transform_batch`` and the training forward: EMA's copy of the model, the
 attacks of adversarial training and validation never see it.
 
 **The head lives in the trick, not in the model.** It is built in ``on_model`` (``C`` from the probe),
 its initial weights drawn from the experiment seed in a forked RNG (switching DRLoc on does not move
-any other random draw). The trick hands it to the run through the ``trainable_modules`` point: its
+any other random draw). The trick hands it to the run through the ``extra_modules`` point: its
 parameters join the run's optimizer (same optimizer, learning rate and schedule, weight decay with
 no-bias-decay, gradient clipping, AMP's GradScaler), and the optimizer state in ``last.pt`` covers
 them; the head's weights are in the trick's ``state_dict``, so a resumed run is exact (the pairs are
@@ -303,7 +303,7 @@ def _backbone_input_size(recipe: Any, backbone: nn.Module) -> int:
 @register_trick
 class Drloc(Trick):
     name = "drloc"
-    # Its on_batch arms the feature hook: it must come after every on_batch that runs the model
+    # Its transform_batch arms the feature hook: it must come after every transform_batch that runs the model
     # (adversarial, 75); the hook then keeps the first pass through the feature module, the training
     # forward, and not the later passes of TRADES (75) or pseudo-labelling (86) in extra_loss.
     order = 95
@@ -371,7 +371,7 @@ class Drloc(Trick):
             self.head = DrlocHead(channels, self.grid, self.cfg.mode)
 
     # ---- the head is trained by the run's optimizer
-    def trainable_modules(self):
+    def extra_modules(self):
         return {} if self.head is None else {"drloc_head": self.head}
 
     def on_fit_start(self, model):
@@ -398,7 +398,7 @@ class Drloc(Trick):
             self._captured = output
             self._disarm()
 
-    def on_batch(self, images, targets):
+    def transform_batch(self, images, targets):
         self._disarm()
         self._captured, self._seen = None, 0
         if self._feature_module is not None:

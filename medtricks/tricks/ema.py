@@ -28,10 +28,10 @@ class Ema(Trick):
     def on_fit_start(self, model):
         self.ema = ModelEmaV3(model, decay=self.config.ema_decay)  # a copy on the model's device
 
-    def after_step(self, model, step):
+    def on_step_end(self, model, step):
         self.ema.update(model, step=step)
 
-    def eval_model(self, model):
+    def transform_eval_model(self, model):
         return self.ema.module
 
     def state_dict(self):

@@ -77,7 +77,7 @@ class LayerScaleGamma(Trick):
     def artifacts(self, run_dir):
         if self.report is None or not len(self.report):
             return []
-        path = run_dir.layerscale_gamma_report
+        path = run_dir.trick_report(self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.report.to_csv(path)
         return [(path, "tricks")]

@@ -40,5 +40,5 @@ class MixupCutmix(Trick):
     def loss_options(self):
         return {"soft_targets": True}
 
-    def on_batch(self, images, targets):
+    def transform_batch(self, images, targets):
         return self.mixup(images, targets)

@@ -245,7 +245,7 @@ class PseudoLabel(Trick):
         weights = pseudo_weights(labeller, self.cfg.threshold, self.cfg.weighting)
         return weight * pseudo_label_loss(model(noised), labels, weights)
 
-    def after_step(self, model, step):
+    def on_step_end(self, model, step):
         self.step = step
 
     def on_epoch_end(self, epoch, metrics):

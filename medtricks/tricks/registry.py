@@ -177,7 +177,7 @@ def ablation_names() -> dict[str, AblationName]:
 
 
 def merged_options(tricks: Iterable[Trick], point: str) -> dict[str, Any]:
-    """The keyword arguments the tricks contribute at an ``*_options`` point; two tricks that set the
+    """The keyword arguments the tricks contribute at an ``*_options`` point (``loader_options``...); two tricks that set the
     same argument to different values is an error naming both."""
     merged: dict[str, Any] = {}
     owner: dict[str, str] = {}

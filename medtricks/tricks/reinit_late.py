@@ -204,7 +204,7 @@ class ReinitLate(Trick):
     def artifacts(self, run_dir):
         if self.report is None:
             return []
-        path = Path(run_dir.artifacts) / "reinit_late_report.csv"
+        path = run_dir.trick_report(self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.report.to_csv(path)
         return [(path, "tricks")]

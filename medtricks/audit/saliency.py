@@ -10,9 +10,10 @@ part of the model the gradient runs through; the target layer is in its backbone
 
 Maps have the model's input size ``S x S`` (the image after the eval transform's resize and center
 crop: what the model saw), scaled to [0, 1] per image, and are drawn over that image
-(``show_cam_on_image``, jet colour map, half weight).
+(``show_cam_on_image``, jet colour map, half weight). Read by the shortcut audit
+(:mod:`medtricks.audit.shortcut`) and by ``medtricks predict --cam`` (:mod:`medtricks.posthoc.predict`).
 
-    from medtricks.saliency import cam_target_layer, grad_cam, save_overlay
+    from medtricks.audit.saliency import cam_target_layer, grad_cam, save_overlay
     name, layer = cam_target_layer(model, input_shape=(1, 224, 224))
     maps = grad_cam(model, layer, images, classes=[1] * len(images))   # (N, S, S) in [0, 1]
 """
