@@ -8,6 +8,7 @@ for a timm ResNet-18 (random weights, nothing downloaded), prints a table and wr
     python benchmarks/audit_cost.py --quick    # ResNet-18, 64 px, 16 images (seconds; used by a slow test)
     python benchmarks/audit_cost.py --device cuda --images 256 --batch-size 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(n_images, 1, size, size, generator=g).to(device)
     labels = torch.randint(0, 2, (n_images,), generator=g).to(device)
-    batches = [(images[i:i + args.batch_size], labels[i:i + args.batch_size]) for i in range(0, n_images, args.batch_size)]
+    batches = [
+        (images[i : i + args.batch_size], labels[i : i + args.batch_size]) for i in range(0, n_images, args.batch_size)
+    ]
     eps = 2 / 255
 
     def clean():
@@ -93,8 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
     def run_pgd():
         gen = torch.Generator(device=device).manual_seed(0)
         for x, y in batches:  # _pgd returns the final logits too: no extra scoring pass
-            _pgd(model01, x, y, eps, norm="linf", steps=args.steps, step_size=None, random_start=True,
-                 targeted=False, generator=gen)
+            _pgd(
+                model01,
+                x,
+                y,
+                eps,
+                norm="linf",
+                steps=args.steps,
+                step_size=None,
+                random_start=True,
+                targeted=False,
+                generator=gen,
+            )
 
     t_clean = _timed(clean, device, repeats)
     t_fb = _timed(forward_backward, device, repeats)
@@ -102,12 +115,25 @@ def main(argv: list[str] | None = None) -> dict:
     t_pgd = _timed(run_pgd, device, repeats)
     ratio = t_pgd / t_clean
     result = {
-        "model": args.model, "image_size": size, "channels": 1, "images": n_images, "batch_size": args.batch_size,
-        "device": str(device), "threads": torch.get_num_threads(), "repeats": repeats, "quick": args.quick,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "model": args.model,
+        "image_size": size,
+        "channels": 1,
+        "images": n_images,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
         "pgd_steps": args.steps,
         "seconds": {"clean_pass": t_clean, "forward_backward_pass": t_fb, "fgsm": t_fgsm, f"pgd_{args.steps}": t_pgd},
-        "ratio_to_clean": {"forward_backward_pass": t_fb / t_clean, "fgsm": t_fgsm / t_clean, f"pgd_{args.steps}": ratio},
+        "ratio_to_clean": {
+            "forward_backward_pass": t_fb / t_clean,
+            "fgsm": t_fgsm / t_clean,
+            f"pgd_{args.steps}": ratio,
+        },
         "pgd_in_forward_backward_passes": t_pgd / t_fb,
         "issue_estimate_k_plus_1": args.steps + 1,
         "model_estimate": args.steps * (t_fb / t_clean) + 1,  # k input-gradient steps + 1 scoring pass
@@ -118,16 +144,20 @@ def main(argv: list[str] | None = None) -> dict:
     for name, sec in result["seconds"].items():
         rows.append((name, f"{sec:.3f}", f"{sec / t_clean:.1f}", f"{n_images / sec:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"audit cost: {args.model} {size}px, {n_images} images, batch {args.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads, median of {repeats}")
+    print(
+        f"audit cost: {args.model} {size}px, {n_images} images, batch {args.batch_size}, {device}, "
+        f"{torch.get_num_threads()} threads, median of {repeats}"
+    )
     for i, r in enumerate(rows):
         print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             print("-" * (sum(widths) + 6))
-    print(f"PGD-{args.steps} / clean = {ratio:.1f}x (issue estimate {args.steps + 1}x; "
-          f"k x (fwd+bwd)/clean + 1 = {result['model_estimate']:.1f}x; target <= {TARGET_RATIO:g}x: "
-          f"{'met' if result['within_target'] else 'NOT met'}); "
-          f"= {t_pgd / t_fb:.1f} forward+backward passes")
+    print(
+        f"PGD-{args.steps} / clean = {ratio:.1f}x (issue estimate {args.steps + 1}x; "
+        f"k x (fwd+bwd)/clean + 1 = {result['model_estimate']:.1f}x; target <= {TARGET_RATIO:g}x: "
+        f"{'met' if result['within_target'] else 'NOT met'}); "
+        f"= {t_pgd / t_fb:.1f} forward+backward passes"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -15,6 +15,7 @@ Run (from the repository root)::
     python -m benchmarks.cli_startup            # full: 10 runs each
     python -m benchmarks.cli_startup --quick    # 2 runs each
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,17 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `medtricks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (REPO_ROOT, base_parser, format_table, interleaved_order, machine_info, ratio,
-                               results_dir, summarize, write_results)
+from benchmarks.common import (
+    REPO_ROOT,
+    base_parser,
+    format_table,
+    interleaved_order,
+    machine_info,
+    ratio,
+    results_dir,
+    summarize,
+    write_results,
+)
 
 NAME = "cli_startup"
 TARGET_S = 1.0
@@ -79,7 +89,7 @@ def parse_importtime(stderr: str, top: int = 10) -> list[dict[str, Any]]:
     for line in stderr.splitlines():
         if not line.startswith("import time:") or "imported package" in line:
             continue
-        parts = line[len("import time:"):].split("|")
+        parts = line[len("import time:") :].split("|")
         if len(parts) != 3:
             continue
         name = parts[2].rstrip()
@@ -90,8 +100,14 @@ def parse_importtime(stderr: str, top: int = 10) -> list[dict[str, Any]]:
 
 
 def slowest_imports(top: int = 10) -> list[dict[str, Any]]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "medtricks.cli", "--help"],
-                          capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "medtricks.cli", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     return parse_importtime(proc.stderr, top)
 
 
@@ -119,17 +135,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     floor = summary["python -c pass"]["median"]
     help_s = summary[main_name]["median"]
     payload = {
-        "benchmark": NAME, "quick": bool(args.quick),
+        "benchmark": NAME,
+        "quick": bool(args.quick),
         "method": "wall time of a fresh subprocess from spawn to exit; interleaved runs; median",
         "config": {"repeats": args.repeats, "console_script": console_script(), "commands": cmds},
         "target": {"help_seconds_below": TARGET_S},
-        "help_seconds": help_s, "target_met": help_s < TARGET_S,
+        "help_seconds": help_s,
+        "target_met": help_s < TARGET_S,
         "help_minus_interpreter_s": help_s - floor,
         "help_vs_torch_import": ratio(help_s, summary["python -c 'import torch'"]["median"]),
-        "seconds": summary, "slowest_imports": slowest_imports(), "machine": machine,
+        "seconds": summary,
+        "slowest_imports": slowest_imports(),
+        "machine": machine,
     }
-    rows = [{"command": name, "median s": s["median"], "min s": s["min"], "max s": s["max"], "runs": s["n"]}
-            for name, s in summary.items()]
+    rows = [
+        {"command": name, "median s": s["median"], "min s": s["min"], "max s": s["max"], "runs": s["n"]}
+        for name, s in summary.items()
+    ]
     print(format_table(rows, list(rows[0])))
     print(f"{main_name}: {help_s:.3f} s median (target < {TARGET_S:.0f} s: {'met' if help_s < TARGET_S else 'MISSED'})")
     path = write_results(payload, results_dir(args.out, args.quick), NAME)

@@ -12,6 +12,7 @@ Example::
     summarize([3.0, 1.0, 2.0])["median"]          # 2.0
     interleaved_order(["a", "b", "c"], 2)          # [['a', 'b', 'c'], ['b', 'c', 'a']]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,37 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 
-__all__ = ["REPO_ROOT", "RESULTS_DIR", "base_parser", "results_dir", "machine_info", "load_average",
-           "summarize", "ratio", "interleaved_order", "peak_rss_mb", "current_rss_mb", "now",
-           "format_table", "write_results"]
+__all__ = [
+    "REPO_ROOT",
+    "RESULTS_DIR",
+    "base_parser",
+    "results_dir",
+    "machine_info",
+    "load_average",
+    "summarize",
+    "ratio",
+    "interleaved_order",
+    "peak_rss_mb",
+    "current_rss_mb",
+    "now",
+    "format_table",
+    "write_results",
+]
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark script shares (``--quick``, ``--out``)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny configuration that runs in seconds (smoke test, not a measurement)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help=f"folder for the JSON result (default {RESULTS_DIR.relative_to(REPO_ROOT)}, "
-                             f"or {QUICK_RESULTS_DIR.relative_to(REPO_ROOT)} with --quick)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny configuration that runs in seconds (smoke test, not a measurement)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"folder for the JSON result (default {RESULTS_DIR.relative_to(REPO_ROOT)}, "
+        f"or {QUICK_RESULTS_DIR.relative_to(REPO_ROOT)} with --quick)",
+    )
     return parser
 
 
@@ -83,10 +102,16 @@ def _cpu_model() -> str:
 
 def _git_commit() -> Optional[str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}{'+dirty' if dirty else ''}" if commit else None
@@ -125,8 +150,13 @@ def summarize(values: Iterable[float]) -> dict[str, Any]:
     values = [float(v) for v in values]
     if not values:
         raise ValueError("summarize() needs at least one measurement, got none")
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
-            "values": values}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
 
 
 def ratio(numerator: float, denominator: float) -> Optional[float]:
@@ -142,7 +172,7 @@ def interleaved_order(names: Sequence[str], repeats: int) -> list[list[str]]:
         raise ValueError("interleaved_order() needs at least one name")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    return [names[r % len(names):] + names[:r % len(names)] for r in range(repeats)]
+    return [names[r % len(names) :] + names[: r % len(names)] for r in range(repeats)]
 
 
 def peak_rss_mb() -> float:
@@ -178,8 +208,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = lambda items: "| " + " | ".join(s.ljust(w) for s, w in zip(items, widths)) + " |"  # noqa: E731
-    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] +
-                     [line(r) for r in cells])
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
 
 
 def write_results(payload: dict[str, Any], out_dir: Path, name: str) -> Path:
@@ -191,4 +220,3 @@ def write_results(payload: dict[str, Any], out_dir: Path, name: str) -> Path:
     path = Path(out_dir) / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
-

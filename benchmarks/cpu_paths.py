@@ -35,6 +35,7 @@ Run (from the repository root)::
     python -m benchmarks.cpu_paths            # full: ~10 min on 2 CPU cores (4 cold + 4 warm compilations)
     python -m benchmarks.cpu_paths --quick    # smoke test: resnet18 at 32², 2 updates, one compilation
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,17 @@ from typing import Any, Callable, Optional
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `medtricks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (base_parser, format_table, interleaved_order, load_average, machine_info, ratio,
-                               results_dir, summarize, write_results)
+from benchmarks.common import (
+    base_parser,
+    format_table,
+    interleaved_order,
+    load_average,
+    machine_info,
+    ratio,
+    results_dir,
+    summarize,
+    write_results,
+)
 
 NAME = "cpu_paths"
 MODELS = ("efficientnet_lite0", "resnet18")
@@ -67,10 +77,10 @@ class Config:
     model: str
     image_size: int
     batch_size: int = 32
-    warmup: int = 1           # untimed updates per contender after its first COMPILE_STEPS
-    steps: int = 2            # timed updates per contender per round
-    eval_batches: int = 2     # timed evaluation batches per contender per round
-    repeats: int = 5          # interleaved rounds
+    warmup: int = 1  # untimed updates per contender after its first COMPILE_STEPS
+    steps: int = 2  # timed updates per contender per round
+    eval_batches: int = 2  # timed evaluation batches per contender per round
+    repeats: int = 5  # interleaved rounds
     warm_compile: bool = True
     lr: float = 0.01
 
@@ -83,8 +93,13 @@ def make_batches(cfg: Config, n: int = 2) -> list[tuple[Any, Any]]:
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(cfg.batch_size, 1, cfg.image_size, cfg.image_size, generator=gen),
-             torch.randint(0, 2, (cfg.batch_size,), generator=gen)) for _ in range(n)]
+    return [
+        (
+            torch.randn(cfg.batch_size, 1, cfg.image_size, cfg.image_size, generator=gen),
+            torch.randint(0, 2, (cfg.batch_size,), generator=gen),
+        )
+        for _ in range(n)
+    ]
 
 
 def build_model(name: str):
@@ -152,12 +167,18 @@ def _compiled_trainer(base, cfg: Config, batches) -> tuple[Trainer, float, dict[
 def measure_training(cfg: Config, say: Callable[[str], None] = print) -> dict[str, Any]:
     base = build_model(cfg.model)
     batches = make_batches(cfg)
-    trainers = {name: Trainer(name, copy.deepcopy(base), cfg, batches) for name in TRAIN_CONTENDERS if name != "compile"}
+    trainers = {
+        name: Trainer(name, copy.deepcopy(base), cfg, batches) for name in TRAIN_CONTENDERS if name != "compile"
+    }
     first = {name: t.timed(COMPILE_STEPS) for name, t in trainers.items()}
     say(f"  {cfg.key}: compiling (cold cache) ...")
     compiled, cold_s, report = _compiled_trainer(base, cfg, batches)
-    compile_info: dict[str, Any] = {"cold_first_steps_s": cold_s, "warm_first_steps_s": None,
-                                    "eager_first_steps_s": first["eager"], "report": dict(report)}
+    compile_info: dict[str, Any] = {
+        "cold_first_steps_s": cold_s,
+        "warm_first_steps_s": None,
+        "eager_first_steps_s": first["eager"],
+        "report": dict(report),
+    }
     if cfg.warm_compile and report["compiled"]:
         say(f"  {cfg.key}: compiling again (warm cache) ...")
         del compiled
@@ -172,8 +193,9 @@ def measure_training(cfg: Config, say: Callable[[str], None] = print) -> dict[st
     for order in interleaved_order(TRAIN_CONTENDERS, cfg.repeats):
         for name in order:
             seconds[name].append(trainers[name].timed(cfg.steps) / cfg.steps)
-    compile_info["report_after"] = dict(trainers["compile"].forward.report) \
-        if hasattr(trainers["compile"].forward, "report") else dict(report)
+    compile_info["report_after"] = (
+        dict(trainers["compile"].forward.report) if hasattr(trainers["compile"].forward, "report") else dict(report)
+    )
     img_s = {name: cfg.batch_size / summarize(seconds[name])["median"] for name in TRAIN_CONTENDERS}
     paired = {name: [e / s for e, s in zip(seconds["eager"], seconds[name])] for name in TRAIN_CONTENDERS}
     s_eager, s_compiled = (summarize(seconds[n])["median"] for n in ("eager", "compile"))
@@ -235,8 +257,9 @@ def measure_eval(cfg: Config) -> dict[str, Any]:
         "img_per_s": img_s,
         "s_per_batch": {name: summarize(v) for name, v in seconds.items()},
         "ratio_vs_no_grad": {name: ratio(img_s[name], img_s["no_grad"]) for name in EVAL_CONTENDERS},
-        "paired_ratios_vs_no_grad": {name: [r / s for r, s in zip(seconds["no_grad"], seconds[name])]
-                                     for name in EVAL_CONTENDERS},
+        "paired_ratios_vs_no_grad": {
+            name: [r / s for r, s in zip(seconds["no_grad"], seconds[name])] for name in EVAL_CONTENDERS
+        },
         "max_abs_logit_diff_vs_no_grad": {name: float((outputs[name] - ref).abs().max()) for name in EVAL_CONTENDERS},
     }
 
@@ -255,11 +278,17 @@ def decide(results: dict[str, Any], run_updates: int) -> dict[str, Any]:
 
     def pays(which: str) -> bool:
         values = [p[f"{which}_break_even_updates"] for p in per_config.values()]
-        return all(p["compiled"] for p in per_config.values()) and \
-            all(v is not None and v <= run_updates for v in values)
+        return all(p["compiled"] for p in per_config.values()) and all(
+            v is not None and v <= run_updates for v in values
+        )
 
-    return {"run_updates": run_updates, "per_config": per_config, "pays_cold": pays("cold"), "pays_warm": pays("warm"),
-            "cpu_auto_compiles": pays("cold")}
+    return {
+        "run_updates": run_updates,
+        "per_config": per_config,
+        "pays_cold": pays("cold"),
+        "pays_warm": pays("warm"),
+        "cpu_auto_compiles": pays("cold"),
+    }
 
 
 def _parser():
@@ -270,11 +299,18 @@ def _parser():
     parser.add_argument("--steps", type=int, default=2, help="timed updates per contender per round")
     parser.add_argument("--eval-batches", type=int, default=2, help="timed eval batches per contender per round")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--run-updates", type=int, default=300,
-                        help="the run length the compile decision is judged on (updates, compile time included)")
+    parser.add_argument(
+        "--run-updates",
+        type=int,
+        default=300,
+        help="the run length the compile decision is judged on (updates, compile time included)",
+    )
     parser.add_argument("--no-warm-compile", action="store_true", help="skip the second (warm-cache) compilation")
-    parser.add_argument("--keep-inductor-cache", action="store_true",
-                        help="use the usual inductor cache instead of a fresh one (compile times are then not cold)")
+    parser.add_argument(
+        "--keep-inductor-cache",
+        action="store_true",
+        help="use the usual inductor cache instead of a fresh one (compile times are then not cold)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser
 
@@ -294,14 +330,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.models, args.sizes, args.steps, args.eval_batches, args.repeats = ["resnet18"], [32], 2, 2, 2
         args.no_warm_compile = True
     machine = machine_info(timm=timm.__version__, bf16_cpu_flags=_bf16_flags())
-    print(f"CPU paths on {machine['cpu']} ({machine['logical_cpus']} CPUs, {machine['torch_threads']} torch threads), "
-          f"load {machine['loadavg_start']}")
+    print(
+        f"CPU paths on {machine['cpu']} ({machine['logical_cpus']} CPUs, {machine['torch_threads']} torch threads), "
+        f"load {machine['loadavg_start']}"
+    )
     results: dict[str, Any] = {}
     configs = []
     for model in args.models:
         for size in args.sizes:
-            cfg = Config(model=model, image_size=size, batch_size=args.batch_size, steps=args.steps,
-                         eval_batches=args.eval_batches, repeats=args.repeats, warm_compile=not args.no_warm_compile)
+            cfg = Config(
+                model=model,
+                image_size=size,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                eval_batches=args.eval_batches,
+                repeats=args.repeats,
+                warm_compile=not args.no_warm_compile,
+            )
             configs.append(cfg)
             started, load_before = time.perf_counter(), load_average()
             results[cfg.key] = {"train": measure_training(cfg), "eval": measure_eval(cfg)}
@@ -314,36 +359,63 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     train_rows, eval_rows = [], []
     for key, entry in results.items():
         t, e, c = entry["train"], entry["eval"], entry["train"]["compile"]
-        train_rows.append({"model/size": key, "eager img/s": t["img_per_s"]["eager"],
-                           **{f"{n} x": t["ratio_vs_eager"][n] for n in TRAIN_CONTENDERS[1:]},
-                           "compile s cold": c.get("cold_overhead_s"), "compile s warm": c.get("warm_overhead_s"),
-                           "break-even cold": c.get("cold_break_even_updates"),
-                           "break-even warm": c.get("warm_break_even_updates")})
-        eval_rows.append({"model/size": key, "no_grad img/s": e["img_per_s"]["no_grad"],
-                          **{f"{n} x": e["ratio_vs_no_grad"][n] for n in EVAL_CONTENDERS[1:]}})
+        train_rows.append(
+            {
+                "model/size": key,
+                "eager img/s": t["img_per_s"]["eager"],
+                **{f"{n} x": t["ratio_vs_eager"][n] for n in TRAIN_CONTENDERS[1:]},
+                "compile s cold": c.get("cold_overhead_s"),
+                "compile s warm": c.get("warm_overhead_s"),
+                "break-even cold": c.get("cold_break_even_updates"),
+                "break-even warm": c.get("warm_break_even_updates"),
+            }
+        )
+        eval_rows.append(
+            {
+                "model/size": key,
+                "no_grad img/s": e["img_per_s"]["no_grad"],
+                **{f"{n} x": e["ratio_vs_no_grad"][n] for n in EVAL_CONTENDERS[1:]},
+            }
+        )
     payload = {
-        "benchmark": NAME, "quick": bool(args.quick),
-        "method": ("training: s per update (zero_grad+forward+CE+backward+SGD step), median over interleaved rounds "
-                   "of `steps` updates after COMPILE_STEPS=2 + `warmup` untimed ones; compile overhead = wall time of "
-                   "the compiled copy's first 2 updates minus eager's first 2, cold = empty inductor cache, warm = "
-                   "after torch._dynamo.reset() with the caches on disk; break-even = overhead / (eager - compiled s "
-                   "per update). eval: s per batch of the eval-mode model, median over interleaved rounds; ratios "
-                   "are of medians, x > 1 faster than eager / no_grad"),
-        "config": {**{k: v for k, v in asdict(configs[0]).items() if k not in ("model", "image_size")},
-                   "models": args.models, "sizes": args.sizes, "in_chans": 1, "num_classes": 2, "weights": "none",
-                   "optimizer": "SGD momentum 0.9", "train_contenders": list(TRAIN_CONTENDERS),
-                   "eval_contenders": list(EVAL_CONTENDERS), "run_updates": args.run_updates,
-                   "inductor_cache": "kept" if args.keep_inductor_cache else "fresh (cold)"},
-        "machine": machine, "results": results, "decision": decision,
-        "table_train": train_rows, "table_eval": eval_rows,
+        "benchmark": NAME,
+        "quick": bool(args.quick),
+        "method": (
+            "training: s per update (zero_grad+forward+CE+backward+SGD step), median over interleaved rounds "
+            "of `steps` updates after COMPILE_STEPS=2 + `warmup` untimed ones; compile overhead = wall time of "
+            "the compiled copy's first 2 updates minus eager's first 2, cold = empty inductor cache, warm = "
+            "after torch._dynamo.reset() with the caches on disk; break-even = overhead / (eager - compiled s "
+            "per update). eval: s per batch of the eval-mode model, median over interleaved rounds; ratios "
+            "are of medians, x > 1 faster than eager / no_grad"
+        ),
+        "config": {
+            **{k: v for k, v in asdict(configs[0]).items() if k not in ("model", "image_size")},
+            "models": args.models,
+            "sizes": args.sizes,
+            "in_chans": 1,
+            "num_classes": 2,
+            "weights": "none",
+            "optimizer": "SGD momentum 0.9",
+            "train_contenders": list(TRAIN_CONTENDERS),
+            "eval_contenders": list(EVAL_CONTENDERS),
+            "run_updates": args.run_updates,
+            "inductor_cache": "kept" if args.keep_inductor_cache else "fresh (cold)",
+        },
+        "machine": machine,
+        "results": results,
+        "decision": decision,
+        "table_train": train_rows,
+        "table_eval": eval_rows,
     }
     path = write_results(payload, results_dir(args.out, args.quick), NAME)
     print("\ntraining, img/s of eager and speed-up x (> 1 faster); compile overhead s; break-even updates")
     print(format_table(train_rows, list(train_rows[0])))
     print("\nevaluation, img/s under no_grad and speed-up x")
     print(format_table(eval_rows, list(eval_rows[0])))
-    print(f"\ncompile pays within {args.run_updates} updates in every configuration: cold cache "
-          f"{decision['pays_cold']}, warm cache {decision['pays_warm']}")
+    print(
+        f"\ncompile pays within {args.run_updates} updates in every configuration: cold cache "
+        f"{decision['pays_cold']}, warm cache {decision['pays_warm']}"
+    )
     print(f"wrote {path}")
     return payload
 

@@ -27,6 +27,7 @@ Run (from the repository root)::
     python -m benchmarks.data_pipeline --quick    # seconds, smoke test
     MEDTRICKS_REAL_DATA=../shared/data python -m benchmarks.data_pipeline
 """
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,9 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> dict[str, lis
 
     from medtricks.data import read_image, synthesize_phantoms
 
-    csv_path = synthesize_phantoms(folder / "dicom", n=n, classes=("normal", "pneumonia"), size=size,
-                                   fmt="dicom", seed=seed)
+    csv_path = synthesize_phantoms(
+        folder / "dicom", n=n, classes=("normal", "pneumonia"), size=size, fmt="dicom", seed=seed
+    )
     with open(csv_path, newline="") as fh:
         dicoms = [folder / "dicom" / row["path"] for row in csv.DictReader(fh)]
     paths: dict[str, list[Path]] = {"jpeg": [], "png16": [], "dicom": dicoms}
@@ -101,8 +103,14 @@ def one_pass(dataset, *, workers: int, batch_size: int, seed: int = 0) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
     started = time.perf_counter()
     count = sum(int(targets.shape[0]) for _images, targets in loader)
     elapsed = time.perf_counter() - started
@@ -111,8 +119,9 @@ def one_pass(dataset, *, workers: int, batch_size: int, seed: int = 0) -> float:
     return count / elapsed
 
 
-def measure_format(paths: list[Path], transform, *, workers: int, batch_size: int, repeats: int,
-                   scratch: Path) -> dict[str, Any]:
+def measure_format(
+    paths: list[Path], transform, *, workers: int, batch_size: int, repeats: int, scratch: Path
+) -> dict[str, Any]:
     """The three modes for one list of files and one worker count; img/s summaries per mode."""
     batch_size = min(batch_size, len(paths))
     plain = _dataset(paths, transform, cache_dir=None)
@@ -122,18 +131,23 @@ def measure_format(paths: list[Path], transform, *, workers: int, batch_size: in
     fill = one_pass(cached, workers=workers, batch_size=batch_size)
     warm = summarize(one_pass(cached, workers=workers, batch_size=batch_size, seed=r + 1) for r in range(repeats))
     cache_mb = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) / 2**20
-    return {"n_images": len(paths), "workers": workers,
-            "img_per_s": {"no_cache": no_cache["median"], "cache_fill": fill, "cache_warm": warm["median"]},
-            "runs": {"no_cache": no_cache, "cache_warm": warm}, "cache_mb": cache_mb,
-            "source_mb": sum(Path(p).stat().st_size for p in paths) / 2**20}
+    return {
+        "n_images": len(paths),
+        "workers": workers,
+        "img_per_s": {"no_cache": no_cache["median"], "cache_fill": fill, "cache_warm": warm["median"]},
+        "runs": {"no_cache": no_cache, "cache_warm": warm},
+        "cache_mb": cache_mb,
+        "source_mb": sum(Path(p).stat().st_size for p in paths) / 2**20,
+    }
 
 
 def train_rate(model: str, image_size: int, batch_size: int, steps: int) -> float:
     """The medtricks engine's training img/s for ``model`` on 1-channel random tensors."""
     from benchmarks.train_throughput import Config, make_batches, measure
 
-    cfg = Config(model=model, in_chans=1, batch_size=batch_size, image_size=image_size, warmup=1, steps=steps,
-                 progress=False)
+    cfg = Config(
+        model=model, in_chans=1, batch_size=batch_size, image_size=image_size, warmup=1, steps=steps, progress=False
+    )
     return measure("medtricks", cfg, make_batches(cfg))["img_per_s"]
 
 
@@ -147,8 +161,9 @@ def _parser():
     parser.add_argument("--repeats", type=int, default=3, help="passes per mode (median; default 3)")
     parser.add_argument("--preset", default="cxr_light", help="augmentation preset (default cxr_light)")
     parser.add_argument("--model", default="resnet18", help="model whose training rate the loader must beat")
-    parser.add_argument("--train-rate", type=float, default=None,
-                        help="training img/s to compare with, instead of measuring it")
+    parser.add_argument(
+        "--train-rate", type=float, default=None, help="training img/s to compare with, instead of measuring it"
+    )
     parser.add_argument("--train-steps", type=int, default=3, help="timed updates for the training rate")
     return parser
 
@@ -164,8 +179,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     from medtricks.data import build_transforms
 
-    machine = machine_info(albumentations=albumentations.__version__, monai=monai.__version__,
-                           pydicom=pydicom.__version__)
+    machine = machine_info(
+        albumentations=albumentations.__version__, monai=monai.__version__, pydicom=pydicom.__version__
+    )
     print(f"data pipeline on {machine['cpu']} ({machine['logical_cpus']} CPUs), load {machine['loadavg_start']}")
     # Gray-ImageNet statistics; the values do not change the cost.
     transform = build_transforms(args.preset, args.image_size, mean=(0.449,), std=(0.226,), in_chans=1, train=True)
@@ -188,35 +204,62 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             sets.update(real_images(Path(real_root).expanduser(), args.n))
         for fmt, paths in sets.items():
             for workers in args.workers:
-                entry = measure_format(paths, transform, workers=workers, batch_size=args.batch_size,
-                                       repeats=args.repeats, scratch=scratch)
+                entry = measure_format(
+                    paths, transform, workers=workers, batch_size=args.batch_size, repeats=args.repeats, scratch=scratch
+                )
                 entry["format"] = fmt
-                entry["source"] = "real" if fmt in ("kermany_jpeg", "real_dicom") else \
-                    f"phantom {args.source_size}x{args.source_size}"
+                entry["source"] = (
+                    "real"
+                    if fmt in ("kermany_jpeg", "real_dicom")
+                    else f"phantom {args.source_size}x{args.source_size}"
+                )
                 entry["ratio_to_train"] = {m: ratio(entry["img_per_s"][m], train_img_s) for m in MODES}
                 entry["meets_target"] = (entry["ratio_to_train"]["cache_warm"] or 0.0) >= TARGET_RATIO
                 results[f"{fmt}/workers{workers}"] = entry
-                print(f"  {fmt:12s} workers={workers}: " +
-                      ", ".join(f"{m} {entry['img_per_s'][m]:,.1f}" for m in MODES) + " img/s")
+                print(
+                    f"  {fmt:12s} workers={workers}: "
+                    + ", ".join(f"{m} {entry['img_per_s'][m]:,.1f}" for m in MODES)
+                    + " img/s"
+                )
 
     synthetic = [e for e in results.values() if e["format"] in FORMATS]
     payload = {
-        "benchmark": NAME, "quick": bool(args.quick),
-        "method": ("one shuffled DataLoader pass per measurement (new iterator, worker start-up included); "
-                   "no_cache and cache_warm: median of repeats; cache_fill: the first pass into an empty "
-                   "MONAI decode cache; files in the OS page cache; loader and training measured separately"),
-        "config": {"n": args.n, "source_size": args.source_size, "image_size": args.image_size,
-                   "batch_size": args.batch_size, "workers": args.workers, "repeats": args.repeats,
-                   "preset": args.preset, "in_chans": 1},
-        "train_img_per_s": train_img_s, "train_rate_source": train_source,
+        "benchmark": NAME,
+        "quick": bool(args.quick),
+        "method": (
+            "one shuffled DataLoader pass per measurement (new iterator, worker start-up included); "
+            "no_cache and cache_warm: median of repeats; cache_fill: the first pass into an empty "
+            "MONAI decode cache; files in the OS page cache; loader and training measured separately"
+        ),
+        "config": {
+            "n": args.n,
+            "source_size": args.source_size,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "repeats": args.repeats,
+            "preset": args.preset,
+            "in_chans": 1,
+        },
+        "train_img_per_s": train_img_s,
+        "train_rate_source": train_source,
         "target": {"ratio_to_train_cache_warm": TARGET_RATIO},
         "target_met": bool(synthetic) and all(e["meets_target"] for e in synthetic),
-        "machine": machine, "results": results,
+        "machine": machine,
+        "results": results,
     }
-    rows = [{"format": e["format"], "workers": e["workers"], "n": e["n_images"],
-             **{f"{m} img/s": e["img_per_s"][m] for m in MODES},
-             "warm / train": e["ratio_to_train"]["cache_warm"], "cache MiB": e["cache_mb"],
-             ">= 3x": e["meets_target"]} for e in results.values()]
+    rows = [
+        {
+            "format": e["format"],
+            "workers": e["workers"],
+            "n": e["n_images"],
+            **{f"{m} img/s": e["img_per_s"][m] for m in MODES},
+            "warm / train": e["ratio_to_train"]["cache_warm"],
+            "cache MiB": e["cache_mb"],
+            ">= 3x": e["meets_target"],
+        }
+        for e in results.values()
+    ]
     print(f"training rate: {train_img_s:.2f} img/s ({train_source})")
     print(format_table(rows, list(rows[0])))
     path = write_results(payload, results_dir(args.out, args.quick), NAME)

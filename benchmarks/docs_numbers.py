@@ -10,6 +10,7 @@ validation AUROC after every epoch, the epoch the run kept, its validation metri
 the command's wall time and peak memory, and the machine and its load. tests/test_docs_numbers.py fails when a
 page's number differs from this file; after rerunning the script, update the pages it names.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,7 +67,7 @@ def _run(workdir: Path, quick: bool) -> tuple[float, float, str]:
     if proc.returncode != 0:
         sys.exit(f"the quickstart failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child: the run itself
-    return wall, peak_kib / 1024 ** 2, proc.stdout
+    return wall, peak_kib / 1024**2, proc.stdout
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -86,17 +87,28 @@ def read_run(workdir: Path) -> dict[str, Any]:
     top = max(auroc.values())
     return {
         "run_folder": str(run_dir.relative_to(workdir)),
-        "recipe": {"images": recipe["data"]["synth"]["n"], "image_size": recipe["data"]["image_size"],
-                   "epochs": recipe["train"]["epochs"], "seed": recipe["experiment"]["seed"],
-                   "model": recipe["model"]["name"], "bn_gamma": recipe["tricks"]["bn_gamma"]["strategy"],
-                   "best_tiebreak": recipe["train"].get("best_tiebreak")},
+        "recipe": {
+            "images": recipe["data"]["synth"]["n"],
+            "image_size": recipe["data"]["image_size"],
+            "epochs": recipe["train"]["epochs"],
+            "seed": recipe["experiment"]["seed"],
+            "model": recipe["model"]["name"],
+            "bn_gamma": recipe["tricks"]["bn_gamma"]["strategy"],
+            "best_tiebreak": recipe["train"].get("best_tiebreak"),
+        },
         "val_images": int(metrics["best/val/n"]),
         "val_auroc_by_epoch": [auroc[e] for e in sorted(auroc)],
         "epochs_at_top_val_auroc": [e for e in sorted(auroc) if auroc[e] == top],
         "best_epoch": int(run.data.tags["best_epoch"]),
-        "best_val": {name: {"value": metrics[f"best/val/{name}"], "ci_low": metrics.get(f"best/val/{name}_ci_low"),
-                            "ci_high": metrics.get(f"best/val/{name}_ci_high")} for name in METRICS},
-        "phase_seconds": {k[len("time/"):-2]: v for k, v in metrics.items() if k.startswith("time/")},
+        "best_val": {
+            name: {
+                "value": metrics[f"best/val/{name}"],
+                "ci_low": metrics.get(f"best/val/{name}_ci_low"),
+                "ci_high": metrics.get(f"best/val/{name}_ci_high"),
+            }
+            for name in METRICS
+        },
+        "phase_seconds": {k[len("time/") : -2]: v for k, v in metrics.items() if k.startswith("time/")},
     }
 
 
@@ -109,20 +121,27 @@ def main(argv=None) -> int:
         wall, peak_gib, stdout = _run(workdir, args.quick)
         numbers = read_run(workdir)
     payload = {
-        "name": NAME, "quick": args.quick, "machine": info,
+        "name": NAME,
+        "quick": args.quick,
+        "machine": info,
         "command": " ".join(COMMAND + (QUICK if args.quick else [])),
         "recipe_sha256": recipe_fingerprint(),
         "method": "the README's command in a fresh process and working folder (a copy of recipes/, MLflow's default "
-                  "sqlite:///mlflow.db there, no MLFLOW_TRACKING_URI); wall time of the whole command, peak RSS of "
-                  "it (ru_maxrss of the child); metrics from the run's MLflow record",
-        "wall_s": round(wall, 1), "peak_rss_gib": round(peak_gib, 2), **numbers,
-        "printed_tail": stdout.strip().splitlines()[-25:], "finished_at": now(),
+        "sqlite:///mlflow.db there, no MLFLOW_TRACKING_URI); wall time of the whole command, peak RSS of "
+        "it (ru_maxrss of the child); metrics from the run's MLflow record",
+        "wall_s": round(wall, 1),
+        "peak_rss_gib": round(peak_gib, 2),
+        **numbers,
+        "printed_tail": stdout.strip().splitlines()[-25:],
+        "finished_at": now(),
     }
     path = write_results(payload, results_dir(args.out, args.quick), NAME)
     best = numbers["best_val"]
-    print(f"quickstart: {wall:.0f} s, peak {peak_gib:.2f} GiB, best epoch {numbers['best_epoch']}, "
-          f"val accuracy {best['accuracy']['value']:.3f}, AUROC {best['auroc']['value']:.3f}, "
-          f"ECE {best['ece']['value']:.3f} -> {path}")
+    print(
+        f"quickstart: {wall:.0f} s, peak {peak_gib:.2f} GiB, best epoch {numbers['best_epoch']}, "
+        f"val accuracy {best['accuracy']['value']:.3f}, AUROC {best['auroc']['value']:.3f}, "
+        f"ECE {best['ece']['value']:.3f} -> {path}"
+    )
     return 0
 
 

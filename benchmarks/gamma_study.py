@@ -42,6 +42,7 @@ command skips finished children and replays the same stopping decisions. Runs go
 backbone, label_fraction, variant) with ``n_seeds``, ``auroc_mean``, ``delta_auroc``, ``delta_ci_low``,
 ``delta_ci_high`` (Δ vs ``none``, paired by seed), the verdict, the interval kind and the wall time.
 """
+
 from __future__ import annotations
 
 import sys
@@ -78,8 +79,17 @@ BACKBONES = {
 # Only placements inside the trained last stages keep their meaning there; the others are refused.
 FAST = ["model.freeze=[0, 1, 2, 3, 4]", "train.cache_frozen.views=2", "train.channels_last=true"]
 FAST_VARIANTS = ("zero_late", "zero_late2", "one_late", "reinit_late")
-ROW_KEYS = ("dataset", "backbone", "label_fraction", "variant", "n_seeds", "auroc_mean", "delta_auroc",
-            "delta_ci_low", "delta_ci_high")
+ROW_KEYS = (
+    "dataset",
+    "backbone",
+    "label_fraction",
+    "variant",
+    "n_seeds",
+    "auroc_mean",
+    "delta_auroc",
+    "delta_ci_low",
+    "delta_ci_high",
+)
 
 
 def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: float) -> list[dict[str, Any]]:
@@ -90,22 +100,33 @@ def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: 
     for _, r in result.table.iterrows():
         variant = names.get(r["variant"], r["variant"])
         reference = variant == "none"
-        rows.append({"dataset": dataset, "backbone": backbone, "label_fraction": fraction, "variant": variant,
-                     "n_seeds": int(r["n_seeds"]), "auroc_mean": as_finite(r["mean"]),
-                     "delta_auroc": 0.0 if reference else as_finite(r["delta"]),
-                     "delta_ci_low": None if reference else as_finite(r["delta_ci_low"]),
-                     "delta_ci_high": None if reference else as_finite(r["delta_ci_high"]),
-                     "verdict": "" if reference else (r.get("verdict") or "no evidence"),
-                     # Welch interval of the same runs, ignoring the pairing: what common random numbers bought
-                     "delta_unpaired_ci_low": None if reference else as_finite(r.get("delta_unpaired_ci_low")),
-                     "delta_unpaired_ci_high": None if reference else as_finite(r.get("delta_unpaired_ci_high")),
-                     "interval": interval, "ablation_id": result.ablation_id,
-                     "stopped": (result.sequential or {}).get("reason"), "cell_wall_s": round(seconds, 1)})
+        rows.append(
+            {
+                "dataset": dataset,
+                "backbone": backbone,
+                "label_fraction": fraction,
+                "variant": variant,
+                "n_seeds": int(r["n_seeds"]),
+                "auroc_mean": as_finite(r["mean"]),
+                "delta_auroc": 0.0 if reference else as_finite(r["delta"]),
+                "delta_ci_low": None if reference else as_finite(r["delta_ci_low"]),
+                "delta_ci_high": None if reference else as_finite(r["delta_ci_high"]),
+                "verdict": "" if reference else (r.get("verdict") or "no evidence"),
+                # Welch interval of the same runs, ignoring the pairing: what common random numbers bought
+                "delta_unpaired_ci_low": None if reference else as_finite(r.get("delta_unpaired_ci_low")),
+                "delta_unpaired_ci_high": None if reference else as_finite(r.get("delta_unpaired_ci_high")),
+                "interval": interval,
+                "ablation_id": result.ablation_id,
+                "stopped": (result.sequential or {}).get("reason"),
+                "cell_wall_s": round(seconds, 1),
+            }
+        )
     return rows
 
 
-def run_cell(backbone: str, fraction: float, epochs: int, variants: list[str], args, out: Path,
-             tmp: Path) -> tuple[Any, float]:
+def run_cell(
+    backbone: str, fraction: float, epochs: int, variants: list[str], args, out: Path, tmp: Path
+) -> tuple[Any, float]:
     """One (backbone, fraction) ablation; resumable through its run store."""
     from medtricks.ablation import run_ablation
 
@@ -120,12 +141,22 @@ def run_cell(backbone: str, fraction: float, epochs: int, variants: list[str], a
         width = args.until_ci * (2 if fraction <= 0.02 else 1)
     started = time.perf_counter()
     print(f"{now()} {backbone} @ {fraction:.0%} labels: {len(variants) + 1} variants", flush=True)
-    result = run_ablation(base, [VARIANTS[v] for v in variants], seeds=args.seeds, mode="one_at_a_time",
-                          metric="test/auroc", quiet=not args.verbose, until_ci=width,
-                          max_seeds=args.max_seeds if width is not None else None, boundary=args.boundary)
+    result = run_ablation(
+        base,
+        [VARIANTS[v] for v in variants],
+        seeds=args.seeds,
+        mode="one_at_a_time",
+        metric="test/auroc",
+        quiet=not args.verbose,
+        until_ci=width,
+        max_seeds=args.max_seeds if width is not None else None,
+        boundary=args.boundary,
+    )
     if result.failed:
-        raise RuntimeError(f"{len(result.failed)} child run(s) failed in {backbone} @ {fraction:.0%}; re-run the "
-                           f"same command to retry: {result.failed[:3]}")
+        raise RuntimeError(
+            f"{len(result.failed)} child run(s) failed in {backbone} @ {fraction:.0%}; re-run the "
+            f"same command to retry: {result.failed[:3]}"
+        )
     return result, time.perf_counter() - started
 
 
@@ -136,8 +167,9 @@ def site_scores(result, site_root: str, card: str) -> dict[tuple[str, int], floa
 
     scores = {}
     for child in result.children.itertuples():
-        report = evaluate_trained(str(child.run_dir), card=card, root=site_root, n_bootstrap=0, log=False,
-                                  progress=False)
+        report = evaluate_trained(
+            str(child.run_dir), card=card, root=site_root, n_bootstrap=0, log=False, progress=False
+        )
         scores[(child.variant, int(child.seed))] = float(report.metrics.values["auroc"])
     return scores
 
@@ -157,12 +189,18 @@ def site_rows(rows: list[dict[str, Any]], scores: dict[tuple[str, int], float]) 
         seeds = sorted(set(values) & set(reference))
         row["site_auroc_mean"] = as_finite(mean_ci([values[s] for s in sorted(values)])[0]) if values else None
         if row["variant"] == "none" or len(seeds) < 2:
-            row.update(site_delta_auroc=0.0 if row["variant"] == "none" else None, site_delta_ci_low=None,
-                       site_delta_ci_high=None)
+            row.update(
+                site_delta_auroc=0.0 if row["variant"] == "none" else None,
+                site_delta_ci_low=None,
+                site_delta_ci_high=None,
+            )
             continue
         comparison = paired_comparison([values[s] for s in seeds], [reference[s] for s in seeds])
-        row.update(site_delta_auroc=as_finite(comparison["delta_mean"]), site_delta_ci_low=as_finite(comparison["ci_low"]),
-                   site_delta_ci_high=as_finite(comparison["ci_high"]))
+        row.update(
+            site_delta_auroc=as_finite(comparison["delta_mean"]),
+            site_delta_ci_low=as_finite(comparison["ci_low"]),
+            site_delta_ci_high=as_finite(comparison["ci_high"]),
+        )
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -175,12 +213,16 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
 
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     fractions = sorted({r["label_fraction"] for r in rows})
-    fig, axes = plt.subplots(len(backbones), len(fractions), figsize=(max(4.2 * len(fractions), 6.0), 3.6 * len(backbones)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(backbones), len(fractions), figsize=(max(4.2 * len(fractions), 6.0), 3.6 * len(backbones)), squeeze=False
+    )
     for panels, backbone in zip(axes, backbones):
         for ax, fraction in zip(panels, fractions):
-            cell = [r for r in rows if r["backbone"] == backbone and r["label_fraction"] == fraction
-                    and r["variant"] != "none"]
+            cell = [
+                r
+                for r in rows
+                if r["backbone"] == backbone and r["label_fraction"] == fraction and r["variant"] != "none"
+            ]
             if not cell:  # a (backbone, budget) the study did not run
                 ax.axis("off")
                 continue
@@ -189,17 +231,27 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
                 if None in (low, high, delta):
                     continue
                 clear = low > 0 or high < 0
-                ax.errorbar(delta, y, xerr=[[delta - low], [high - delta]], fmt="o", capsize=3,
-                            color="tab:red" if clear else "tab:gray")
+                ax.errorbar(
+                    delta,
+                    y,
+                    xerr=[[delta - low], [high - delta]],
+                    fmt="o",
+                    capsize=3,
+                    color="tab:red" if clear else "tab:gray",
+                )
             ax.axvline(0, color="black", lw=0.8)
             ax.xaxis.set_major_locator(plt.MaxNLocator(4))
             ax.set_yticks(range(len(cell)), [r["variant"] for r in cell])
             n = max((r["n_seeds"] for r in cell), default=0)
-            ax.set_title(f"{backbone.removeprefix('efficientnet_')}: {fraction:.0%} labels ({n} seeds)" if len(backbones) > 1
-                         else f"{fraction:.0%} labels ({n} seeds)")
+            ax.set_title(
+                f"{backbone.removeprefix('efficientnet_')}: {fraction:.0%} labels ({n} seeds)"
+                if len(backbones) > 1
+                else f"{fraction:.0%} labels ({n} seeds)"
+            )
             ax.set_xlabel("Δ test AUROC vs none (95 % CI)")
-    fig.suptitle(f"Where γ belongs: {', '.join(backbones)} on {rows[0]['dataset']}\n(grey: interval includes 0)",
-                 fontsize=10)
+    fig.suptitle(
+        f"Where γ belongs: {', '.join(backbones)} on {rows[0]['dataset']}\n(grey: interval includes 0)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -209,29 +261,50 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
 def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (the first round with --until-ci)")
-    parser.add_argument("--until-ci", type=float, default=None, metavar="W",
-                        help="seeds until every Δ's 95%% repeated CI is within ±W or excludes 0 (2W at 2%% labels)")
+    parser.add_argument(
+        "--until-ci",
+        type=float,
+        default=None,
+        metavar="W",
+        help="seeds until every Δ's 95%% repeated CI is within ±W or excludes 0 (2W at 2%% labels)",
+    )
     parser.add_argument("--max-seeds", type=int, default=12, help="with --until-ci: the most seeds per variant")
     parser.add_argument("--boundary", choices=["pocock", "obrien_fleming"], default="pocock")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="labelled fractions (default all)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES)[:1], choices=list(BACKBONES),
-                        help="backbones, one after the other (default efficientnet_lite0); rows are keyed by backbone")
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=list(BACKBONES)[:1],
+        choices=list(BACKBONES),
+        help="backbones, one after the other (default efficientnet_lite0); rows are keyed by backbone",
+    )
     parser.add_argument("--data-root", default=None, help="folder holding train/ (default: the recipe's)")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir shared by every run (decode once)")
-    parser.add_argument("--site", default=None, metavar="DIR",
-                        help="also score every run on this second, shifted test set (e.g. ../shared/data/kermany224_site)")
-    parser.add_argument("--site-card", default="kermany-pneumonia", help="data card of --site (default kermany-pneumonia)")
+    parser.add_argument(
+        "--site",
+        default=None,
+        metavar="DIR",
+        help="also score every run on this second, shifted test set (e.g. ../shared/data/kermany224_site)",
+    )
+    parser.add_argument(
+        "--site-card", default="kermany-pneumonia", help="data card of --site (default kermany-pneumonia)"
+    )
     parser.add_argument("--verbose", action="store_true", help="print each ablation's table and progress")
-    parser.add_argument("--fast", action="store_true",
-                        help="train on cached features of the frozen stem + first four stages (train.cache_frozen); "
-                             f"variants {', '.join(FAST_VARIANTS)} only; results go to gamma_study_fast.json")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="train on cached features of the frozen stem + first four stages (train.cache_frozen); "
+        f"variants {', '.join(FAST_VARIANTS)} only; results go to gamma_study_fast.json",
+    )
     args = parser.parse_args(argv)
     if args.fast:
         outside = [v for v in args.variants if v not in FAST_VARIANTS]
         if outside and args.variants != list(VARIANTS):
-            parser.error(f"--fast freezes the early stages, where {', '.join(outside)} change γ (a zero γ there would "
-                         "stay zero): run them without --fast")
+            parser.error(
+                f"--fast freezes the early stages, where {', '.join(outside)} change γ (a zero γ there would "
+                "stay zero): run them without --fast"
+            )
         args.variants = [v for v in args.variants if v in FAST_VARIANTS]
 
     fractions = dict(QUICK_FRACTIONS if args.quick else FRACTIONS)
@@ -256,15 +329,26 @@ def main(argv=None) -> int:
             print(f"  {seconds / 60:.1f} min; {(result.sequential or {}).get('reason', '')}", flush=True)
     table = [{k: ("-" if r[k] is None else r[k]) for k in (*ROW_KEYS, "verdict")} for r in rows]
     print(format_table(table, [*ROW_KEYS, "verdict"]))
-    payload = {"name": "gamma_study", "quick": bool(args.quick), "machine": machine_info(),
-               "config": {"recipe": str(RECIPE.relative_to(REPO_ROOT)), "fractions_epochs": fractions,
-                          "variants": {v: VARIANTS[v] for v in args.variants}, "backbones": backbones,
-                          "seeds": args.seeds, "until_ci": args.until_ci, "max_seeds": args.max_seeds,
-                          "boundary": args.boundary},
-               "method": "one medtricks ablate (one_at_a_time vs none, metric test/auroc, warmup in every variant) per "
-                         "(backbone, fraction); Δ = paired difference over seeds with common random numbers; with "
-                         "until_ci the interval is a group-sequential repeated CI, else a paired t-interval",
-               "total_wall_s": round(time.perf_counter() - started, 1), "rows": rows}
+    payload = {
+        "name": "gamma_study",
+        "quick": bool(args.quick),
+        "machine": machine_info(),
+        "config": {
+            "recipe": str(RECIPE.relative_to(REPO_ROOT)),
+            "fractions_epochs": fractions,
+            "variants": {v: VARIANTS[v] for v in args.variants},
+            "backbones": backbones,
+            "seeds": args.seeds,
+            "until_ci": args.until_ci,
+            "max_seeds": args.max_seeds,
+            "boundary": args.boundary,
+        },
+        "method": "one medtricks ablate (one_at_a_time vs none, metric test/auroc, warmup in every variant) per "
+        "(backbone, fraction); Δ = paired difference over seeds with common random numbers; with "
+        "until_ci the interval is a group-sequential repeated CI, else a paired t-interval",
+        "total_wall_s": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
     name = "gamma_study_fast" if args.fast else "gamma_study"
     payload["name"], payload["config"]["fast"] = name, FAST if args.fast else None
     print(f"wrote {write_results(payload, out, name)}")

@@ -37,6 +37,7 @@ Resumable: each (fraction, variant, seed) writes ``<out>/label_efficiency_runs/<
 finishes and ``self-train`` skips its finished rounds; runs use the local run store
 (``tracking.backend: none``), one after the other (two trainings on two cores slow each other 5-10x).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,28 +60,55 @@ QUICK_FRACTIONS = {0.3: 2, 1.0: 1}
 VARIANTS = ("baseline", "tricks", "noisy_student", "distill", "fixmatch")
 DEFAULT_VARIANTS = ("baseline", "tricks", "noisy_student", "distill")  # the table in docs/few-labels.md
 ROUNDS = 2
-DISTILL = ["tricks.distill.temperature=4", "tricks.distill.alpha=0.5", "tricks.pseudo_label.enabled=true",
-           "tricks.pseudo_label.soft=true", "tricks.pseudo_label.threshold=0.0"]
-QUICK = ["data.root={tmp}/phantoms", "data.synth.n=120", "data.synth.size=32", "data.image_size=32",
-         "data.card=synthetic-phantoms", "model.name=resnet18", "model.weights=none", "model.in_chans=1",
-         "train.batch_size=16", "eval.n_bootstrap=50", "data.test_by=random", "tricks.class_balance=none",
-         "eval.threshold=none"]
+DISTILL = [
+    "tricks.distill.temperature=4",
+    "tricks.distill.alpha=0.5",
+    "tricks.pseudo_label.enabled=true",
+    "tricks.pseudo_label.soft=true",
+    "tricks.pseudo_label.threshold=0.0",
+]
+QUICK = [
+    "data.root={tmp}/phantoms",
+    "data.synth.n=120",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "data.card=synthetic-phantoms",
+    "model.name=resnet18",
+    "model.weights=none",
+    "model.in_chans=1",
+    "train.batch_size=16",
+    "eval.n_bootstrap=50",
+    "data.test_by=random",
+    "tricks.class_balance=none",
+    "eval.threshold=none",
+]
 METRICS = ("auroc", "accuracy", "sensitivity", "specificity")
 
 
 def baseline_overrides(epochs: int) -> list[str]:
     """The supervised baseline: step decay at 1/2 and 3/4 of training, no warmup, decay on every parameter."""
-    return ["schedule.name=step", "schedule.warmup_epochs=0", "tricks.no_bias_decay=false",
-            f"schedule.milestones=[{epochs / 2:g},{epochs * 0.75:g}]"]
+    return [
+        "schedule.name=step",
+        "schedule.warmup_epochs=0",
+        "tricks.no_bias_decay=false",
+        f"schedule.milestones=[{epochs / 2:g},{epochs * 0.75:g}]",
+    ]
 
 
-def _recipe(fraction: float, epochs: int, seed: int, extra: list[str], args, out: Path, tmp: Path,
-            recipe: Path = RECIPE):
+def _recipe(
+    fraction: float, epochs: int, seed: int, extra: list[str], args, out: Path, tmp: Path, recipe: Path = RECIPE
+):
     from medtricks.recipe import load_recipe
 
-    overrides = [f"experiment.seed={seed}", "tracking.backend=none", f"experiment.output_dir={out / 'runs'}",
-                 "train.progress=false", f"train.epochs={epochs}",
-                 f"data.label_fraction={'null' if fraction >= 1.0 else fraction}", *extra]
+    overrides = [
+        f"experiment.seed={seed}",
+        "tracking.backend=none",
+        f"experiment.output_dir={out / 'runs'}",
+        "train.progress=false",
+        f"train.epochs={epochs}",
+        f"data.label_fraction={'null' if fraction >= 1.0 else fraction}",
+        *extra,
+    ]
     if args.quick:
         overrides += [o.format(tmp=tmp) for o in QUICK]
     elif args.data_root:
@@ -103,10 +131,14 @@ def test_metrics(run_dir: str | Path, positive: str) -> dict[str, float]:
     op = "best/test/op/" if "best/test/op/accuracy" in last else "best/test/"
     if "best/test/auroc" not in last:
         raise RuntimeError(f"{run_dir}: no best/test/auroc in its run store (the recipe needs a test split)")
-    return {"auroc": last["best/test/auroc"], "accuracy": last[op + "accuracy"],
-            "sensitivity": last.get(f"{op}sensitivity/{positive}", math.nan),
-            "specificity": last.get(f"{op}specificity/{positive}", math.nan),
-            "n_test": last.get("best/test/n", math.nan), "operating_point": op.endswith("op/")}
+    return {
+        "auroc": last["best/test/auroc"],
+        "accuracy": last[op + "accuracy"],
+        "sensitivity": last.get(f"{op}sensitivity/{positive}", math.nan),
+        "specificity": last.get(f"{op}specificity/{positive}", math.nan),
+        "n_test": last.get("best/test/n", math.nan),
+        "operating_point": op.endswith("op/"),
+    }
 
 
 def _train(recipe) -> tuple[str, float]:
@@ -122,9 +154,16 @@ def _self_train(recipe) -> tuple[list[dict[str, Any]], float]:
 
     started = time.perf_counter()
     result = run_self_train(recipe, rounds=ROUNDS, quiet=True)
-    rows = [{"round": int(r["round"]), "run_dir": str(r["run_dir"]),
-             "pseudo_kept": None if r.get("pseudo_kept") is None or r.get("pseudo_kept") != r.get("pseudo_kept")
-             else float(r["pseudo_kept"])} for r in result.table.to_dict("records")]
+    rows = [
+        {
+            "round": int(r["round"]),
+            "run_dir": str(r["run_dir"]),
+            "pseudo_kept": None
+            if r.get("pseudo_kept") is None or r.get("pseudo_kept") != r.get("pseudo_kept")
+            else float(r["pseudo_kept"]),
+        }
+        for r in result.table.to_dict("records")
+    ]
     return rows, time.perf_counter() - started
 
 
@@ -137,8 +176,9 @@ def _cached(path: Path, make) -> dict[str, Any]:
     return row
 
 
-def run_seed(seed: int, fractions: dict[float, int], variants, args, out: Path, tmp: Path,
-             positive: str) -> list[dict[str, Any]]:
+def run_seed(
+    seed: int, fractions: dict[float, int], variants, args, out: Path, tmp: Path, positive: str
+) -> list[dict[str, Any]]:
     """Every (fraction, variant) of one seed; the 100 % ``tricks`` run first (the distillation teacher)."""
     per_run = out / "label_efficiency_runs"
     per_run.mkdir(parents=True, exist_ok=True)
@@ -148,10 +188,17 @@ def run_seed(seed: int, fractions: dict[float, int], variants, args, out: Path, 
         def make() -> dict[str, Any]:
             print(f"{now()} {variant} @ {fraction:.0%} seed {seed}: training ...", flush=True)
             run_dir, seconds = _train(_recipe(fraction, fractions[fraction], seed, extra, args, out, tmp, recipe))
-            row = {"fraction": fraction, "variant": variant, "seed": seed, "run_dir": run_dir, "train_s": seconds,
-                   **test_metrics(run_dir, positive)}
+            row = {
+                "fraction": fraction,
+                "variant": variant,
+                "seed": seed,
+                "run_dir": run_dir,
+                "train_s": seconds,
+                **test_metrics(run_dir, positive),
+            }
             print(f"  {seconds:.0f} s, test AUROC {row['auroc']:.3f}", flush=True)
             return row
+
         return _cached(per_run / f"{variant}-f{fraction:g}-s{seed}.json", make)
 
     ordered = sorted(fractions, reverse=True)  # 100 % first: its tricks run teaches the distill rows
@@ -167,28 +214,50 @@ def run_seed(seed: int, fractions: dict[float, int], variants, args, out: Path, 
                 rows.append(row)
             continue
         if "tricks" in variants or "noisy_student" in variants:
+
             def make_ns(fraction=fraction, epochs=epochs) -> dict[str, Any]:
                 print(f"{now()} self-train ({ROUNDS} rounds) @ {fraction:.0%} seed {seed} ...", flush=True)
                 rounds, seconds = _self_train(_recipe(fraction, epochs, seed, [], args, out, tmp))
                 print(f"  {seconds:.0f} s for {len(rounds)} runs", flush=True)
                 return {"fraction": fraction, "seed": seed, "rounds": rounds, "train_s": seconds}
+
             ns = _cached(per_run / f"self_train-f{fraction:g}-s{seed}.json", make_ns)
             by_round = {r["round"]: r for r in ns["rounds"]}
             share = ns["train_s"] / max(len(by_round), 1)  # self-train wall time split evenly over its runs
             if "tricks" in variants:
-                rows.append({"fraction": fraction, "variant": "tricks", "seed": seed, "train_s": share,
-                             "run_dir": by_round[0]["run_dir"], **test_metrics(by_round[0]["run_dir"], positive)})
+                rows.append(
+                    {
+                        "fraction": fraction,
+                        "variant": "tricks",
+                        "seed": seed,
+                        "train_s": share,
+                        "run_dir": by_round[0]["run_dir"],
+                        **test_metrics(by_round[0]["run_dir"], positive),
+                    }
+                )
             if "noisy_student" in variants:
                 last = by_round[max(by_round)]
-                rows.append({"fraction": fraction, "variant": "noisy_student", "seed": seed,
-                             "train_s": share * (len(by_round)), "run_dir": last["run_dir"],
-                             "pseudo_kept": [by_round[k]["pseudo_kept"] for k in sorted(by_round) if k > 0],
-                             **test_metrics(last["run_dir"], positive)})
+                rows.append(
+                    {
+                        "fraction": fraction,
+                        "variant": "noisy_student",
+                        "seed": seed,
+                        "train_s": share * (len(by_round)),
+                        "run_dir": last["run_dir"],
+                        "pseudo_kept": [by_round[k]["pseudo_kept"] for k in sorted(by_round) if k > 0],
+                        **test_metrics(last["run_dir"], positive),
+                    }
+                )
         if "distill" in variants:
             if teacher is None:
                 raise RuntimeError("the distill variant needs the 100 % fraction (its teacher)")
-            rows.append(plain(fraction, "distill", [f"tricks.distill.teacher={teacher}",
-                                                    f"tricks.pseudo_label.teacher={teacher}", *DISTILL]))
+            rows.append(
+                plain(
+                    fraction,
+                    "distill",
+                    [f"tricks.distill.teacher={teacher}", f"tricks.pseudo_label.teacher={teacher}", *DISTILL],
+                )
+            )
         if "fixmatch" in variants:
             rows.append(plain(fraction, "fixmatch", [], FIXMATCH_RECIPE))
     return rows
@@ -219,17 +288,22 @@ def summarize(rows: list[dict[str, Any]], fractions, variants) -> list[dict[str,
     for fraction in sorted(fractions):
         base = [r for r in rows if r["fraction"] == fraction and r["variant"] == "baseline"]
         for variant in variants:
-            mine = sorted((r for r in rows if r["fraction"] == fraction and r["variant"] == variant),
-                          key=lambda r: r["seed"])
+            mine = sorted(
+                (r for r in rows if r["fraction"] == fraction and r["variant"] == variant), key=lambda r: r["seed"]
+            )
             if not mine:
                 continue
-            line: dict[str, Any] = {"labels": f"{fraction:.0%}", "variant": variant,
-                                    "seeds": ",".join(str(r["seed"]) for r in mine)}
+            line: dict[str, Any] = {
+                "labels": f"{fraction:.0%}",
+                "variant": variant,
+                "seeds": ",".join(str(r["seed"]) for r in mine),
+            }
             for metric in METRICS:
                 line[metric] = fmt([r[metric] for r in mine])
             line["Δ AUROC vs baseline"] = "(reference)" if variant == "baseline" else delta(mine, base)
-            line["Δ AUROC vs 100% baseline"] = "(reference)" if fraction >= 1.0 and variant == "baseline" \
-                else delta(mine, full_base)
+            line["Δ AUROC vs 100% baseline"] = (
+                "(reference)" if fraction >= 1.0 and variant == "baseline" else delta(mine, full_base)
+            )
             line["train min (median)"] = f"{statistics.median(r['train_s'] for r in mine) / 60:.1f}"
             out.append(line)
     return out
@@ -247,9 +321,11 @@ def goal(rows: list[dict[str, Any]]) -> Optional[str]:
     gap = max(full_means) - statistics.mean(ns)
     reached = gap <= 0.01
     mean, low, high = mean_ci(ns)
-    return (f"goal (10 % labels, Noisy Student within 0.01 AUROC of the best fully supervised mean): "
-            f"{'reached' if reached else 'not reached'} -- Noisy Student {mean:.3f} [{low:.3f}, {high:.3f}], "
-            f"gap {gap:+.3f}")
+    return (
+        f"goal (10 % labels, Noisy Student within 0.01 AUROC of the best fully supervised mean): "
+        f"{'reached' if reached else 'not reached'} -- Noisy Student {mean:.3f} [{low:.3f}, {high:.3f}], "
+        f"gap {gap:+.3f}"
+    )
 
 
 def main(argv=None) -> int:
@@ -277,16 +353,29 @@ def main(argv=None) -> int:
     verdict = goal(rows)
     if verdict:
         print(verdict)
-    payload = {"name": "label_efficiency", "quick": bool(args.quick), "machine": machine_info(),
-               "config": {"recipe": str(RECIPE.relative_to(REPO_ROOT)), "fractions_epochs": fractions,
-                          "variants": args.variants, "seeds": args.seeds, "rounds": ROUNDS,
-                          "baseline": baseline_overrides(0)[:3], "distill": DISTILL, "positive_class": positive},
-               "method": "each (fraction, variant, seed) trains recipes/kermany_label_efficiency.yaml (fixmatch: "
-                         "recipes/kermany_fixmatch.yaml; see the module docstring for the variants); metrics from "
-                         "the run's held-out test split: AUROC, and accuracy/sensitivity/specificity at the stored "
-                         "operating point; table: mean [95% t-interval] over seeds, paired Δ over seeds; train min = "
-                         "median wall time per row",
-               "goal": verdict, "runs": rows, "table": table}
+    payload = {
+        "name": "label_efficiency",
+        "quick": bool(args.quick),
+        "machine": machine_info(),
+        "config": {
+            "recipe": str(RECIPE.relative_to(REPO_ROOT)),
+            "fractions_epochs": fractions,
+            "variants": args.variants,
+            "seeds": args.seeds,
+            "rounds": ROUNDS,
+            "baseline": baseline_overrides(0)[:3],
+            "distill": DISTILL,
+            "positive_class": positive,
+        },
+        "method": "each (fraction, variant, seed) trains recipes/kermany_label_efficiency.yaml (fixmatch: "
+        "recipes/kermany_fixmatch.yaml; see the module docstring for the variants); metrics from "
+        "the run's held-out test split: AUROC, and accuracy/sensitivity/specificity at the stored "
+        "operating point; table: mean [95% t-interval] over seeds, paired Δ over seeds; train min = "
+        "median wall time per row",
+        "goal": verdict,
+        "runs": rows,
+        "table": table,
+    }
     print(f"wrote {write_results(payload, out, 'label_efficiency')}")
     return 0
 

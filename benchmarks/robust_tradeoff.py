@@ -13,6 +13,7 @@ Resumable: each (variant, seed) writes ``<out>/robust_tradeoff_runs/<variant>-s<
 finishes; a rerun skips those. Runs use the local run store (``tracking.backend: none``), one after
 the other (two trainings on two cores slow each other 5-10x).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,30 +32,61 @@ VARIANTS: dict[str, list[str]] = {
     "standard": [],
     "fgsm_rs@1/255": ["tricks.adversarial.method=fgsm_rs", "tricks.adversarial.eps=0.00392157"],
     "fgsm_rs@2/255": ["tricks.adversarial.method=fgsm_rs", "tricks.adversarial.eps=0.00784314"],
-    "trades@1/255": ["tricks.adversarial.method=trades", "tricks.adversarial.eps=0.00392157",
-                     "tricks.adversarial.steps=3"],  # 3 attack steps, not the paper's 10: a 2-core CPU budget
+    "trades@1/255": [
+        "tricks.adversarial.method=trades",
+        "tricks.adversarial.eps=0.00392157",
+        "tricks.adversarial.steps=3",
+    ],  # 3 attack steps, not the paper's 10: a 2-core CPU budget
 }
 PGD_EPS = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255)
 APGD_EPS = (1 / 255,)
-QUICK = ["data.root={tmp}/phantoms", "data.synth.n=80", "data.synth.size=32", "data.image_size=32",
-         "data.card=synthetic-phantoms", "model.name=resnet18", "model.weights=none", "model.in_chans=1",
-         "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=50", "data.test_by=random",
-         "tricks.class_balance=none", "eval.threshold=none", "audit.n_bootstrap=20", "audit.square_queries=50"]
+QUICK = [
+    "data.root={tmp}/phantoms",
+    "data.synth.n=80",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "data.card=synthetic-phantoms",
+    "model.name=resnet18",
+    "model.weights=none",
+    "model.in_chans=1",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "eval.n_bootstrap=50",
+    "data.test_by=random",
+    "tricks.class_balance=none",
+    "eval.threshold=none",
+    "audit.n_bootstrap=20",
+    "audit.square_queries=50",
+]
 
 
 def _audit(run_dir: Path, *, attacks: str, eps, n: int, corruptions: str) -> Any:
     from medtricks.posthoc import audit_trained
 
-    return audit_trained(str(run_dir), split="test", attacks=attacks, eps=list(eps), corruptions=corruptions, n=n,
-                         log=True, device="cpu", progress=False).result
+    return audit_trained(
+        str(run_dir),
+        split="test",
+        attacks=attacks,
+        eps=list(eps),
+        corruptions=corruptions,
+        n=n,
+        log=True,
+        device="cpu",
+        progress=False,
+    ).result
 
 
 def _one(variant: str, seed: int, args, out: Path, tmp: Path) -> dict[str, Any]:
     from medtricks.recipe import load_recipe
     from medtricks.run import run_recipe
 
-    overrides = [f"experiment.seed={seed}", "tracking.backend=none", f"experiment.output_dir={out / 'runs'}",
-                 "train.progress=false", *VARIANTS[variant]]
+    overrides = [
+        f"experiment.seed={seed}",
+        "tracking.backend=none",
+        f"experiment.output_dir={out / 'runs'}",
+        "train.progress=false",
+        *VARIANTS[variant],
+    ]
     if args.quick:
         overrides += [o.format(tmp=tmp) for o in QUICK]
     elif args.data_root:
@@ -69,19 +101,29 @@ def _one(variant: str, seed: int, args, out: Path, tmp: Path) -> dict[str, Any]:
     started = time.perf_counter()
     pgd = _audit(result.run_dir, attacks="pgd_linf", eps=(0.0, *PGD_EPS), n=args.n, corruptions="none")
     corr = _audit(result.run_dir, attacks="none", eps=(0.0,), n=args.corruption_n, corruptions="all")
-    apgd = _audit(result.run_dir, attacks="apgd_square", eps=(0.0, *APGD_EPS), n=args.apgd_n,
-                  corruptions="none") if args.apgd_n else None
+    apgd = (
+        _audit(result.run_dir, attacks="apgd_square", eps=(0.0, *APGD_EPS), n=args.apgd_n, corruptions="none")
+        if args.apgd_n
+        else None
+    )
     audit_s = time.perf_counter() - started
-    row: dict[str, Any] = {"variant": variant, "seed": seed, "run_dir": str(result.run_dir), "train_s": train_s,
-                           "audit_s": audit_s, "clean_accuracy": test["accuracy"], "clean_auroc": test["auroc"],
-                           "clean_sensitivity": test.get(f"sensitivity/{classes[-1]}", math.nan)
-                           if classes else math.nan,
-                           "n_test_images": int(test.get("n", 0)),
-                           "mean_corruption_accuracy": corr.corruption_summary.get("mean/accuracy", math.nan),
-                           "corruption_n": int(corr.config["n_images"]),
-                           "masking_failed": [c["check"] for c in pgd.masking if not c["passed"]],
-                           "masking": pgd.masking, "pgd_n": int(pgd.config["n_images"]),
-                           "pgd_clean_accuracy": pgd.clean["accuracy"]}
+    row: dict[str, Any] = {
+        "variant": variant,
+        "seed": seed,
+        "run_dir": str(result.run_dir),
+        "train_s": train_s,
+        "audit_s": audit_s,
+        "clean_accuracy": test["accuracy"],
+        "clean_auroc": test["auroc"],
+        "clean_sensitivity": test.get(f"sensitivity/{classes[-1]}", math.nan) if classes else math.nan,
+        "n_test_images": int(test.get("n", 0)),
+        "mean_corruption_accuracy": corr.corruption_summary.get("mean/accuracy", math.nan),
+        "corruption_n": int(corr.config["n_images"]),
+        "masking_failed": [c["check"] for c in pgd.masking if not c["passed"]],
+        "masking": pgd.masking,
+        "pgd_n": int(pgd.config["n_images"]),
+        "pgd_clean_accuracy": pgd.clean["accuracy"],
+    }
     for eps in PGD_EPS:
         row[f"pgd20_acc@{eps * 255:g}"] = pgd.attacks["pgd_linf"][eps]["accuracy"]
     if apgd is not None:
@@ -144,20 +186,35 @@ def main(argv=None) -> int:
             row = _one(variant, seed, args, out, tmp)
             path.write_text(json.dumps(row, indent=2))
             rows.append(row)
-            print(f"  train {row['train_s']:.0f} s, audit {row['audit_s']:.0f} s, clean AUROC {row['clean_auroc']:.3f}, "
-                  f"PGD-20@1/255 acc {row['pgd20_acc@1']:.3f}", flush=True)
+            print(
+                f"  train {row['train_s']:.0f} s, audit {row['audit_s']:.0f} s, clean AUROC {row['clean_auroc']:.3f}, "
+                f"PGD-20@1/255 acc {row['pgd20_acc@1']:.3f}",
+                flush=True,
+            )
     table = _summary(rows)
     columns = list(table[0]) if table else []
     print(format_table(table, columns))
-    payload = {"name": "robust_tradeoff", "quick": bool(args.quick), "machine": machine_info(),
-               "config": {"recipe": "recipes/kermany_robust.yaml", "variants": {v: VARIANTS[v] for v in args.variants},
-                          "seeds": args.seeds, "pgd_eps": list(PGD_EPS), "apgd_eps": list(APGD_EPS), "n": args.n,
-                          "corruption_n": args.corruption_n, "apgd_n": args.apgd_n},
-               "method": "each (variant, seed) trains recipes/kermany_robust.yaml, then audits the run's test split: "
-                         "clean metrics on all of it (threshold 0.5), PGD-20 + masking checks on the first n images, "
-                         "corruptions on corruption_n, apgd_square on apgd_n; table: mean [95% t-interval] over seeds; "
-                         "train cost x = mean training wall time / standard's",
-               "runs": rows, "table": table}
+    payload = {
+        "name": "robust_tradeoff",
+        "quick": bool(args.quick),
+        "machine": machine_info(),
+        "config": {
+            "recipe": "recipes/kermany_robust.yaml",
+            "variants": {v: VARIANTS[v] for v in args.variants},
+            "seeds": args.seeds,
+            "pgd_eps": list(PGD_EPS),
+            "apgd_eps": list(APGD_EPS),
+            "n": args.n,
+            "corruption_n": args.corruption_n,
+            "apgd_n": args.apgd_n,
+        },
+        "method": "each (variant, seed) trains recipes/kermany_robust.yaml, then audits the run's test split: "
+        "clean metrics on all of it (threshold 0.5), PGD-20 + masking checks on the first n images, "
+        "corruptions on corruption_n, apgd_square on apgd_n; table: mean [95% t-interval] over seeds; "
+        "train cost x = mean training wall time / standard's",
+        "runs": rows,
+        "table": table,
+    }
     print(f"wrote {write_results(payload, out, 'robust_tradeoff')}")
     return 0
 

@@ -30,6 +30,7 @@ Resumable: each (arm, seed) writes ``<work>/<arm>-s<seed>.json`` when it finishe
 (sqlite) and run folder live in a temporary folder that is deleted afterwards. Writes
 ``<out>/time_to_quality.json`` and prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,25 +50,55 @@ from typing import Any, Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info, now, peak_rss_mb, results_dir, \
-    write_results
+from benchmarks.common import (
+    REPO_ROOT,
+    base_parser,
+    format_table,
+    machine_info,
+    now,
+    peak_rss_mb,
+    results_dir,
+    write_results,
+)
 
 NAME = "time_to_quality"
 ARMS = ("plain", "shipped", "fast")
-RECIPES = {"shipped": REPO_ROOT / "recipes" / "kermany_pneumonia.yaml",
-           "fast": REPO_ROOT / "recipes" / "kermany_pneumonia_fast.yaml"}
+RECIPES = {
+    "shipped": REPO_ROOT / "recipes" / "kermany_pneumonia.yaml",
+    "fast": REPO_ROOT / "recipes" / "kermany_pneumonia_fast.yaml",
+}
 DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "kermany224"
 CARD = "kermany-pneumonia"
 AUROC_BAR = 0.990  # the fixed quality every arm races to
 TARGETS = {"speedup_vs_plain": 3.0, "fast_total_wall_s": 180, "fast_auroc_within_shipped": 0.005, "peak_rss_gib": 4}
 # The recipes' splits (recipes/kermany_pneumonia.yaml), used by the plain arm too.
 SPLITS = {"split_seed": 0, "val_fraction": 0.15, "test_fraction": 0.15, "test_by": "id_order"}
-PLAIN = {"model": "efficientnet_lite0", "weights": "imagenet", "in_chans": 1, "image_size": 224, "augment": "cxr_light",
-         "optimizer": "AdamW", "lr": 5e-4, "weight_decay": 0.05, "schedule": "cosine per update (CosineAnnealingLR)",
-         "batch_size": 32, "loss": "cross-entropy", "num_workers": 0}
+PLAIN = {
+    "model": "efficientnet_lite0",
+    "weights": "imagenet",
+    "in_chans": 1,
+    "image_size": 224,
+    "augment": "cxr_light",
+    "optimizer": "AdamW",
+    "lr": 5e-4,
+    "weight_decay": 0.05,
+    "schedule": "cosine per update (CosineAnnealingLR)",
+    "batch_size": 32,
+    "loss": "cross-entropy",
+    "num_workers": 0,
+}
 # --quick: two-class phantoms drawn once under <out>/time_to_quality_tmp, 32 px, 2 epochs of 2 updates.
-QUICK = {"n": 120, "size": 32, "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "test_by": "random",
-         "epochs": 2, "max_steps_per_epoch": 2, "n_bootstrap": 20}
+QUICK = {
+    "n": 120,
+    "size": 32,
+    "image_size": 32,
+    "val_fraction": 0.25,
+    "test_fraction": 0.25,
+    "test_by": "random",
+    "epochs": 2,
+    "max_steps_per_epoch": 2,
+    "n_bootstrap": 20,
+}
 EPS = 1e-12  # "reaches" tolerates float noise: a value equal to the target reaches it
 
 METHOD = (
@@ -89,7 +120,8 @@ METHOD = (
     "plain, the best epoch or earlier for a recipe). speedup_vs_plain = mean over plain seeds of time_to_own_final_s "
     "/ mean over fast seeds of the time to reach plain's mean final_test_auroc (null when a fast seed never reaches "
     "it); speedup_vs_shipped the same with shipped in plain's place. Intervals: mean and 95% Student-t interval over "
-    "seeds; fast_minus_shipped_auroc pairs the seeds.")
+    "seeds; fast_minus_shipped_auroc pairs the seeds."
+)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -123,13 +155,19 @@ def time_to(runs: Sequence[dict[str, Any]], target: Optional[float]) -> dict[str
         return {"target": None, "mean_s": None, "per_seed_s": [], "reached": 0, "n": len(runs), "never": len(runs)}
     per_seed = [first_time(r["curve"], target) for r in runs]
     reached = [t for t in per_seed if t is not None]
-    return {"target": target, "mean_s": sum(reached) / len(reached) if reached and len(reached) == len(per_seed)
-            else None, "per_seed_s": per_seed, "reached": len(reached), "n": len(per_seed),
-            "never": len(per_seed) - len(reached)}
+    return {
+        "target": target,
+        "mean_s": sum(reached) / len(reached) if reached and len(reached) == len(per_seed) else None,
+        "per_seed_s": per_seed,
+        "reached": len(reached),
+        "n": len(per_seed),
+        "never": len(per_seed) - len(reached),
+    }
 
 
-def speedup(reference: Sequence[dict[str, Any]], contender: Sequence[dict[str, Any]], ref_name: str,
-            name: str = "fast") -> dict[str, Any]:
+def speedup(
+    reference: Sequence[dict[str, Any]], contender: Sequence[dict[str, Any]], ref_name: str, name: str = "fast"
+) -> dict[str, Any]:
     """``reference``'s mean time to its own final AUROC over ``contender``'s mean time to reach the reference's
     mean final AUROC (see METHOD)."""
     if not reference or not contender:
@@ -138,24 +176,37 @@ def speedup(reference: Sequence[dict[str, Any]], contender: Sequence[dict[str, A
     own = [first_time(r["curve"], r["final_test_auroc"]) for r in reference]
     ref_time = sum(own) / len(own)  # never None: a run reaches its own final value at the latest at that epoch
     theirs = time_to(contender, target)
-    out = {"target_auroc": target, f"{ref_name}_time_to_own_final_s": ref_time,
-           f"{name}_time_to_target_s": theirs["mean_s"], f"{name}_per_seed_s": theirs["per_seed_s"]}
+    out = {
+        "target_auroc": target,
+        f"{ref_name}_time_to_own_final_s": ref_time,
+        f"{name}_time_to_target_s": theirs["mean_s"],
+        f"{name}_per_seed_s": theirs["per_seed_s"],
+    }
     if theirs["mean_s"] is None:
-        return {"value": None, "why": f"{name} did not reach {ref_name}'s mean final test AUROC {target:.4f} in "
-                                      f"{theirs['never']} of {theirs['n']} seed(s)", **out}
+        return {
+            "value": None,
+            "why": f"{name} did not reach {ref_name}'s mean final test AUROC {target:.4f} in "
+            f"{theirs['never']} of {theirs['n']} seed(s)",
+            **out,
+        }
     return {"value": ref_time / theirs["mean_s"] if theirs["mean_s"] > 0 else None, **out}
 
 
 def summarize_arm(runs: Sequence[dict[str, Any]], plain_target: Optional[float]) -> dict[str, Any]:
     finals = [r["final_test_auroc"] for r in runs]
     own = [first_time(r["curve"], r["final_test_auroc"]) for r in runs]
-    return {"seeds": [r["seed"] for r in runs], "final_test_auroc": t_interval(finals),
-            "total_wall_s": t_interval([r["total_wall_s"] for r in runs]),
-            f"time_to_{AUROC_BAR:.3f}_s": time_to(runs, AUROC_BAR),
-            "time_to_plain_final_s": time_to(runs, plain_target),
-            "time_to_own_final_s": t_interval(own),
-            "peak_rss_mb": {"max": max(r["peak_rss_mb"] for r in runs),
-                            "mean": sum(r["peak_rss_mb"] for r in runs) / len(runs)}}
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "final_test_auroc": t_interval(finals),
+        "total_wall_s": t_interval([r["total_wall_s"] for r in runs]),
+        f"time_to_{AUROC_BAR:.3f}_s": time_to(runs, AUROC_BAR),
+        "time_to_plain_final_s": time_to(runs, plain_target),
+        "time_to_own_final_s": t_interval(own),
+        "peak_rss_mb": {
+            "max": max(r["peak_rss_mb"] for r in runs),
+            "mean": sum(r["peak_rss_mb"] for r in runs) / len(runs),
+        },
+    }
 
 
 def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
@@ -177,21 +228,30 @@ def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, 
         low = paired["ci_low"]
         margin = -TARGETS["fast_auroc_within_shipped"]
         paired["interval_decides"] = None if low is None else bool(low >= margin or paired["ci_high"] < margin)
-    met: dict[str, Optional[bool]] = {"speedup_vs_plain": None if vs_plain["value"] is None
-                                      else vs_plain["value"] >= TARGETS["speedup_vs_plain"],
-                                      "fast_total_wall_s": None, "fast_auroc_within_shipped": None,
-                                      "peak_rss_gib": None}
+    met: dict[str, Optional[bool]] = {
+        "speedup_vs_plain": None if vs_plain["value"] is None else vs_plain["value"] >= TARGETS["speedup_vs_plain"],
+        "fast_total_wall_s": None,
+        "fast_auroc_within_shipped": None,
+        "peak_rss_gib": None,
+    }
     if fast:
         met["fast_total_wall_s"] = summary["fast"]["total_wall_s"]["mean"] <= TARGETS["fast_total_wall_s"]
         met["peak_rss_gib"] = summary["fast"]["peak_rss_mb"]["max"] < TARGETS["peak_rss_gib"] * 1024
         if shipped:
-            met["fast_auroc_within_shipped"] = (summary["fast"]["final_test_auroc"]["mean"]
-                                                >= summary["shipped"]["final_test_auroc"]["mean"]
-                                                - TARGETS["fast_auroc_within_shipped"])
+            met["fast_auroc_within_shipped"] = (
+                summary["fast"]["final_test_auroc"]["mean"]
+                >= summary["shipped"]["final_test_auroc"]["mean"] - TARGETS["fast_auroc_within_shipped"]
+            )
     splits = {r.get("test_split") for r in runs}
-    return {"summary": summary, "speedup_vs_plain": vs_plain, "speedup_vs_shipped": vs_shipped,
-            "fast_minus_shipped_auroc": paired, "same_test_split": len(splits) == 1,
-            "targets": dict(TARGETS), "targets_met": met}
+    return {
+        "summary": summary,
+        "speedup_vs_plain": vs_plain,
+        "speedup_vs_shipped": vs_shipped,
+        "fast_minus_shipped_auroc": paired,
+        "same_test_split": len(splits) == 1,
+        "targets": dict(TARGETS),
+        "targets_met": met,
+    }
 
 
 def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -208,11 +268,18 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     rows = []
     for arm, s in summary.items():
-        rows.append({"arm": arm, "seeds": len(s["seeds"]), "final test AUROC": ci(s["final_test_auroc"], 4),
-                     "total wall s": ci(s["total_wall_s"], 0), f"s to {AUROC_BAR:.3f}": reach(s[f"time_to_{AUROC_BAR:.3f}_s"]),
-                     "s to plain's final": reach(s["time_to_plain_final_s"]),
-                     "s to own final": ci(s["time_to_own_final_s"], 0),
-                     "peak RSS MiB (max)": f"{s['peak_rss_mb']['max']:,.0f}"})
+        rows.append(
+            {
+                "arm": arm,
+                "seeds": len(s["seeds"]),
+                "final test AUROC": ci(s["final_test_auroc"], 4),
+                "total wall s": ci(s["total_wall_s"], 0),
+                f"s to {AUROC_BAR:.3f}": reach(s[f"time_to_{AUROC_BAR:.3f}_s"]),
+                "s to plain's final": reach(s["time_to_plain_final_s"]),
+                "s to own final": ci(s["time_to_own_final_s"], 0),
+                "peak RSS MiB (max)": f"{s['peak_rss_mb']['max']:,.0f}",
+            }
+        )
     return rows
 
 
@@ -254,8 +321,9 @@ class TestCurve:
         from torch.utils.data import DataLoader
 
         # Its own generator: iterating this loader draws nothing from the global RNG the training uses.
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                                 generator=torch.Generator())
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=0, generator=torch.Generator()
+        )
         self.clock = clock
         self.points: list[dict[str, Any]] = []
 
@@ -266,8 +334,11 @@ class TestCurve:
         with self.clock.paused():
             auroc = self.score(model, device)
         self.points.append({"epoch": len(self.points) + 1, "wall_s": round(wall, 3), "test_auroc": auroc})
-        print(f"    epoch {len(self.points)}: {wall:.1f} s on the clock, test AUROC "
-              f"{'n/a' if auroc is None else f'{auroc:.4f}'}", flush=True)
+        print(
+            f"    epoch {len(self.points)}: {wall:.1f} s on the clock, test AUROC "
+            f"{'n/a' if auroc is None else f'{auroc:.4f}'}",
+            flush=True,
+        )
 
     def score(self, model, device) -> Optional[float]:
         import random
@@ -278,8 +349,12 @@ class TestCurve:
 
         from medtricks.train.inference import predict
 
-        states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        states = (
+            torch.get_rng_state(),
+            np.random.get_state(),
+            random.getstate(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        )
         try:
             targets, probs, _ = predict(model, self.loader, device=device)
         finally:  # the benchmark's scoring must not change what the run draws next
@@ -297,8 +372,10 @@ def _split_fingerprint(bundle, root) -> dict[str, Any]:
     """sha256 over the sorted test image paths (relative to the data root): equal in every arm."""
     rows = bundle.manifest[bundle.manifest["split"] == "test"]
     root = Path(root).expanduser().resolve()
-    names = sorted(str(Path(p).resolve().relative_to(root)) if Path(p).resolve().is_relative_to(root) else str(p)
-                   for p in rows["path"])
+    names = sorted(
+        str(Path(p).resolve().relative_to(root)) if Path(p).resolve().is_relative_to(root) else str(p)
+        for p in rows["path"]
+    )
     return {"test_split": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16], "n_test": len(names)}
 
 
@@ -309,8 +386,10 @@ def _check_scored(curve: TestCurve, card) -> None:
 
 def _binary_classes(classes: Sequence[str], card) -> None:
     if len(classes) != 2:
-        raise SystemExit(f"card {card!r} has {len(classes)} classes ({', '.join(classes)}); the benchmark scores "
-                         "the AUROC of a binary task's positive class (column 1)")
+        raise SystemExit(
+            f"card {card!r} has {len(classes)} classes ({', '.join(classes)}); the benchmark scores "
+            "the AUROC of a binary task's positive class (column 1)"
+        )
 
 
 def run_plain(args, seed: int, clock: Clock) -> dict[str, Any]:
@@ -331,15 +410,29 @@ def run_plain(args, seed: int, clock: Clock) -> dict[str, Any]:
     _binary_classes(classes, card)
     image_size = QUICK["image_size"] if quick else PLAIN["image_size"]
     splits = dict(SPLITS, **({k: QUICK[k] for k in ("val_fraction", "test_fraction", "test_by")} if quick else {}))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     epochs = args.epochs_plain
     max_steps = QUICK["max_steps_per_epoch"] if quick else None
 
     def data(model):
         config = get_data_config(model)
-        return build_datasets(card, args.root, image_size=image_size, mean=config["mean"], std=config["std"],
-                              in_chans=PLAIN["in_chans"], augment=PLAIN["augment"], progress=False, **splits)
+        return build_datasets(
+            card,
+            args.root,
+            image_size=image_size,
+            mean=config["mean"],
+            std=config["std"],
+            in_chans=PLAIN["in_chans"],
+            augment=PLAIN["augment"],
+            progress=False,
+            **splits,
+        )
 
     # Before the clock: the test split the benchmark scores on (the arm builds its own copy on the clock).
     reference = data(create_model(PLAIN["model"], weights=PLAIN["weights"], num_classes=2, in_chans=PLAIN["in_chans"]))
@@ -349,13 +442,11 @@ def run_plain(args, seed: int, clock: Clock) -> dict[str, Any]:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    model = create_model(PLAIN["model"], weights=PLAIN["weights"], num_classes=len(classes),
-                         in_chans=PLAIN["in_chans"])
+    model = create_model(PLAIN["model"], weights=PLAIN["weights"], num_classes=len(classes), in_chans=PLAIN["in_chans"])
     bundle = data(model)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    loader = DataLoader(bundle.train, batch_size=PLAIN["batch_size"], shuffle=True, num_workers=0,
-                        generator=generator)
+    loader = DataLoader(bundle.train, batch_size=PLAIN["batch_size"], shuffle=True, num_workers=0, generator=generator)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PLAIN["lr"], weight_decay=PLAIN["weight_decay"])
     per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
@@ -376,29 +467,53 @@ def run_plain(args, seed: int, clock: Clock) -> dict[str, Any]:
     _sync(device)
     total = clock.elapsed()
     _check_scored(curve, args.card)
-    return {"curve": curve.points, "final_test_auroc": curve.points[-1]["test_auroc"], "best_epoch": epochs,
-            "total_wall_s": round(total, 3), "n_train": len(bundle.train), "image_size": image_size,
-            "device": str(device), "updates": epochs * per_epoch, **_split_fingerprint(reference, args.root)}
+    return {
+        "curve": curve.points,
+        "final_test_auroc": curve.points[-1]["test_auroc"],
+        "best_epoch": epochs,
+        "total_wall_s": round(total, 3),
+        "n_train": len(bundle.train),
+        "image_size": image_size,
+        "device": str(device),
+        "updates": epochs * per_epoch,
+        **_split_fingerprint(reference, args.root),
+    }
 
 
 def recipe_overrides(args, arm: str, seed: int, scratch: Path) -> list[str]:
     """The ``--set`` overrides of a recipe arm: seed, data root, a temporary run folder and MLflow store."""
     from medtricks.recipe import load_recipe
 
-    overrides = [f"experiment.seed={seed}", f"data.root={args.root}", f"experiment.output_dir={scratch / 'runs'}",
-                 "tracking.backend=mlflow", f"tracking.uri=sqlite:///{scratch / 'mlflow.db'}", "train.progress=false"]
+    overrides = [
+        f"experiment.seed={seed}",
+        f"data.root={args.root}",
+        f"experiment.output_dir={scratch / 'runs'}",
+        "tracking.backend=mlflow",
+        f"tracking.uri=sqlite:///{scratch / 'mlflow.db'}",
+        "train.progress=false",
+    ]
     if args.device != "auto":
         overrides.append(f"train.device={args.device}")
     if args.quick:
-        overrides += [f"data.card={args.card}", "data.synth=null", f"data.image_size={QUICK['image_size']}",
-                      f"data.val_fraction={QUICK['val_fraction']}", f"data.test_fraction={QUICK['test_fraction']}",
-                      f"data.test_by={QUICK['test_by']}", f"train.epochs={QUICK['epochs']}",
-                      f"train.max_steps_per_epoch={QUICK['max_steps_per_epoch']}",
-                      f"eval.n_bootstrap={QUICK['n_bootstrap']}", "tracking.log_model=false"]
+        overrides += [
+            f"data.card={args.card}",
+            "data.synth=null",
+            f"data.image_size={QUICK['image_size']}",
+            f"data.val_fraction={QUICK['val_fraction']}",
+            f"data.test_fraction={QUICK['test_fraction']}",
+            f"data.test_by={QUICK['test_by']}",
+            f"train.epochs={QUICK['epochs']}",
+            f"train.max_steps_per_epoch={QUICK['max_steps_per_epoch']}",
+            f"eval.n_bootstrap={QUICK['n_bootstrap']}",
+            "tracking.log_model=false",
+        ]
     recipe = load_recipe(args.recipe[arm], overrides=overrides)
     if args.quick and recipe.schedule.progressive_resize is not None:  # ramps to 32 px from 32 px
-        overrides += [f"schedule.progressive_resize.start={QUICK['image_size']}", "schedule.progressive_resize.end=null",
-                      "schedule.progressive_resize.final_epochs=1"]
+        overrides += [
+            f"schedule.progressive_resize.start={QUICK['image_size']}",
+            "schedule.progressive_resize.end=null",
+            "schedule.progressive_resize.final_epochs=1",
+        ]
     if args.quick and recipe.schedule.warmup_epochs >= QUICK["epochs"]:
         overrides.append("schedule.warmup_epochs=1")
     if recipe.data.cache_dir is not None:  # a cold decode cache in every run: filling it is part of its cost
@@ -439,14 +554,26 @@ def run_recipe_arm(args, arm: str, seed: int, clock: Clock, scratch: Path) -> di
     # Before the clock: the run's test split, built as medtricks.run builds it (no decode cache: filling the run's
     # own cache here would make its run cheaper).
     _, data_config = build_model(recipe, num_classes=len(classes))
-    reference = build_datasets(data.card, data.root, image_size=recipe.input_image_size(),
-                               mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-                               in_chans=recipe.model.in_chans, augment=data.augment, split_seed=data.split_seed,
-                               val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-                               test_by=data.test_by, on_bad_image=data.on_bad_image, progress=False)
+    reference = build_datasets(
+        data.card,
+        data.root,
+        image_size=recipe.input_image_size(),
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        in_chans=recipe.model.in_chans,
+        augment=data.augment,
+        split_seed=data.split_seed,
+        val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction,
+        test_by=data.test_by,
+        on_bad_image=data.on_bad_image,
+        progress=False,
+    )
     if reference.test is None:
-        raise SystemExit(f"{path}: the recipe builds no test split (data.test_fraction is 0 and {data.root} has no "
-                         "test/ folder); the benchmark needs one")
+        raise SystemExit(
+            f"{path}: the recipe builds no test split (data.test_fraction is 0 and {data.root} has no "
+            "test/ folder); the benchmark needs one"
+        )
     curve = TestCurve(reference.test, clock, batch_size=recipe.train.batch_size)
     _mlflow_store(scratch)
 
@@ -473,17 +600,27 @@ def run_recipe_arm(args, arm: str, seed: int, clock: Clock, scratch: Path) -> di
     finally:
         run_module.fit = original_fit
     if not curve.points:
-        raise SystemExit(f"{path}: the run never called medtricks.run.fit's evaluate_fn, so no test curve was "
-                         "recorded; this benchmark's hook needs updating for how run.py trains now")
+        raise SystemExit(
+            f"{path}: the run never called medtricks.run.fit's evaluate_fn, so no test curve was "
+            "recorded; this benchmark's hook needs updating for how run.py trains now"
+        )
     _check_scored(curve, data.card)
     best = result.best_epoch or len(curve.points)
     test = result.test_metrics.values if result.test_metrics is not None else {}
-    return {"curve": curve.points, "final_test_auroc": curve.points[best - 1]["test_auroc"], "best_epoch": best,
-            "run_test_auroc": float(test["auroc"]) if "auroc" in test else None, "total_wall_s": round(total, 3),
-            "n_train": len(reference.train), "image_size": recipe.data.image_size,
-            "device": str(resolve_device(recipe.train.device)), "recipe": _relative(path), "recipe_sha256": _sha256(path),
-            "overrides": [o.replace(str(scratch), "<scratch>") for o in overrides],
-            **_split_fingerprint(reference, data.root)}
+    return {
+        "curve": curve.points,
+        "final_test_auroc": curve.points[best - 1]["test_auroc"],
+        "best_epoch": best,
+        "run_test_auroc": float(test["auroc"]) if "auroc" in test else None,
+        "total_wall_s": round(total, 3),
+        "n_train": len(reference.train),
+        "image_size": recipe.data.image_size,
+        "device": str(resolve_device(recipe.train.device)),
+        "recipe": _relative(path),
+        "recipe_sha256": _sha256(path),
+        "overrides": [o.replace(str(scratch), "<scratch>") for o in overrides],
+        **_split_fingerprint(reference, data.root),
+    }
 
 
 def child_main(args) -> int:
@@ -496,8 +633,15 @@ def child_main(args) -> int:
         row = run_plain(args, args.seed, clock)
     else:
         row = run_recipe_arm(args, args.one, args.seed, clock, scratch)
-    row = {"arm": args.one, "seed": args.seed, **row, "peak_rss_mb": round(peak_rss_mb(), 1),
-           "process_s": round(time.perf_counter() - began, 1), "key": run_key(args, args.one), "finished_at": now()}
+    row = {
+        "arm": args.one,
+        "seed": args.seed,
+        **row,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "process_s": round(time.perf_counter() - began, 1),
+        "key": run_key(args, args.one),
+        "finished_at": now(),
+    }
     path = Path(args.json)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(row, indent=2))
@@ -518,8 +662,12 @@ def _relative(path: Path) -> str:
 
 def run_key(args, arm: str) -> dict[str, Any]:
     """What a stored (arm, seed) result depends on; a rerun reuses it only when this is unchanged."""
-    key: dict[str, Any] = {"quick": bool(args.quick), "root": str(args.root), "card": str(args.card),
-                           "device": args.device}
+    key: dict[str, Any] = {
+        "quick": bool(args.quick),
+        "root": str(args.root),
+        "card": str(args.card),
+        "device": args.device,
+    }
     if arm == "plain":
         key["epochs_plain"] = args.epochs_plain
     else:
@@ -546,23 +694,48 @@ def _quick_data(tmp: Path) -> tuple[Path, Path]:
 def _check_inputs(args, parser: argparse.ArgumentParser) -> None:
     root = Path(args.root)
     if not args.quick and not (root / "train").is_dir():
-        parser.error(f"--root {root} has no train/ folder: put the Kermany pediatric pneumonia training images there "
-                     f"as {root}/train/NORMAL/*.jpeg and {root}/train/PNEUMONIA/*.jpeg (the team keeps a 224 px copy "
-                     "at ../shared/data/kermany224 next to the repository; see ../shared/data/README.md), pass "
-                     "--root DIR, or run --quick (phantoms)")
+        parser.error(
+            f"--root {root} has no train/ folder: put the Kermany pediatric pneumonia training images there "
+            f"as {root}/train/NORMAL/*.jpeg and {root}/train/PNEUMONIA/*.jpeg (the team keeps a 224 px copy "
+            "at ../shared/data/kermany224 next to the repository; see ../shared/data/README.md), pass "
+            "--root DIR, or run --quick (phantoms)"
+        )
     for arm in ("shipped", "fast"):
         if arm in args.arms and not Path(args.recipe[arm]).is_file():
             written = " (issue 29's fast recipe: not written yet?)" if arm == "fast" else ""
             others = [a for a in args.arms if a != arm] or [a for a in ARMS if a != arm]
-            parser.error(f"--recipe-{arm} {args.recipe[arm]} does not exist{written}: pass --recipe-{arm} PATH, or "
-                         f"leave the arm out (--arms {' '.join(others)})")
+            parser.error(
+                f"--recipe-{arm} {args.recipe[arm]} does not exist{written}: pass --recipe-{arm} PATH, or "
+                f"leave the arm out (--arms {' '.join(others)})"
+            )
 
 
 def _child_command(args, arm: str, seed: int, json_path: Path, scratch: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.time_to_quality", "--one", arm, "--seed", str(seed), "--json",
-           str(json_path), "--scratch", str(scratch), "--root", str(args.root), "--card", str(args.card),
-           "--epochs-plain", str(args.epochs_plain), "--recipe-shipped", str(args.recipe["shipped"]),
-           "--recipe-fast", str(args.recipe["fast"]), "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.time_to_quality",
+        "--one",
+        arm,
+        "--seed",
+        str(seed),
+        "--json",
+        str(json_path),
+        "--scratch",
+        str(scratch),
+        "--root",
+        str(args.root),
+        "--card",
+        str(args.card),
+        "--epochs-plain",
+        str(args.epochs_plain),
+        "--recipe-shipped",
+        str(args.recipe["shipped"]),
+        "--recipe-fast",
+        str(args.recipe["fast"]),
+        "--device",
+        args.device,
+    ]
     return cmd + (["--quick"] if args.quick else [])
 
 
@@ -577,8 +750,10 @@ def run_all(args, work: Path) -> tuple[list[dict[str, Any]], list[str]]:
             if path.is_file():
                 row = json.loads(path.read_text())
                 if row.get("key") != run_key(args, arm):
-                    raise SystemExit(f"{path} was measured with another configuration ({row.get('key')} vs now "
-                                     f"{run_key(args, arm)}): delete it, or pass another --work folder")
+                    raise SystemExit(
+                        f"{path} was measured with another configuration ({row.get('key')} vs now "
+                        f"{run_key(args, arm)}): delete it, or pass another --work folder"
+                    )
                 print(f"{arm} seed {seed}: done earlier ({path.name})", flush=True)
                 rows.append(row)
                 continue
@@ -587,30 +762,43 @@ def run_all(args, work: Path) -> tuple[list[dict[str, Any]], list[str]]:
             with tempfile.TemporaryDirectory(prefix=f"ttq-{arm}-s{seed}-") as scratch:
                 proc = subprocess.run(_child_command(args, arm, seed, path, Path(scratch)), cwd=scratch, env=env)
             if proc.returncode != 0 or not path.is_file():
-                print(f"  {arm} seed {seed} FAILED (exit {proc.returncode}); see above. Rerun the same command to "
-                      "retry it (finished runs are kept)", flush=True)
+                print(
+                    f"  {arm} seed {seed} FAILED (exit {proc.returncode}); see above. Rerun the same command to "
+                    "retry it (finished runs are kept)",
+                    flush=True,
+                )
                 failed.append(f"{arm}-s{seed}")
                 continue
             row = json.loads(path.read_text())
-            print(f"  {row['total_wall_s']:.1f} s, final test AUROC {row['final_test_auroc']}, peak RSS "
-                  f"{row['peak_rss_mb']:,.0f} MiB", flush=True)
+            print(
+                f"  {row['total_wall_s']:.1f} s, final test AUROC {row['final_test_auroc']}, peak RSS "
+                f"{row['peak_rss_mb']:,.0f} MiB",
+                flush=True,
+            )
             rows.append(row)
     return rows, failed
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--root", default=None,
-                        help="Kermany folder holding train/NORMAL and train/PNEUMONIA (default ../shared/data/"
-                             "kermany224 next to the repository)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="Kermany folder holding train/NORMAL and train/PNEUMONIA (default ../shared/data/"
+        "kermany224 next to the repository)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--epochs-plain", type=int, default=None, help="epochs of the plain arm (default 3; --quick 2)")
     parser.add_argument("--recipe-shipped", default=str(RECIPES["shipped"]), help="recipe of the shipped arm")
     parser.add_argument("--recipe-fast", default=str(RECIPES["fast"]), help="recipe of the fast arm")
     parser.add_argument("--device", default="auto", help="auto (the recipes' default), cpu or cuda[:N], every arm")
-    parser.add_argument("--work", default=None, metavar="DIR",
-                        help="per-(arm, seed) results, reused by a rerun (default <out>/time_to_quality_work)")
+    parser.add_argument(
+        "--work",
+        default=None,
+        metavar="DIR",
+        help="per-(arm, seed) results, reused by a rerun (default <out>/time_to_quality_work)",
+    )
     parser.add_argument("--one", choices=ARMS, default=None, help=argparse.SUPPRESS)  # child: one run
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -622,8 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.recipe = {"shipped": Path(args.recipe_shipped).expanduser().resolve(),
-                   "fast": Path(args.recipe_fast).expanduser().resolve()}
+    args.recipe = {
+        "shipped": Path(args.recipe_shipped).expanduser().resolve(),
+        "fast": Path(args.recipe_fast).expanduser().resolve(),
+    }
     if args.epochs_plain is None:
         args.epochs_plain = QUICK["epochs"] if args.quick else 3
     if args.one:
@@ -655,21 +845,44 @@ def main(argv=None) -> int:
     for name in ("speedup_vs_plain", "speedup_vs_shipped"):
         entry = result.get(name) or {}
         value = entry.get("value")
-        print(f"{name}: {'-' if value is None else f'{value:.2f}x'}{'  (' + entry['why'] + ')' if 'why' in entry else ''}")
+        print(
+            f"{name}: {'-' if value is None else f'{value:.2f}x'}{'  (' + entry['why'] + ')' if 'why' in entry else ''}"
+        )
     if result:
-        print("targets met: " + ", ".join(f"{k} {'-' if v is None else 'yes' if v else 'NO'}"
-                                          for k, v in result["targets_met"].items()))
-    payload = {"name": NAME, "quick": bool(args.quick), "machine": machine,
-               "config": {"root": _relative(Path(args.root)), "card": _relative(Path(args.card)) if args.quick else CARD,
-                          "arms": args.arms, "seeds": args.seeds, "epochs_plain": args.epochs_plain,
-                          "device": args.device, "auroc_bar": AUROC_BAR, "splits": SPLITS if not args.quick else
-                          {**SPLITS, **{k: QUICK[k] for k in ("val_fraction", "test_fraction", "test_by")}},
-                          "plain": PLAIN, "quick": QUICK if args.quick else None,
-                          "recipes": {arm: {"path": _relative(args.recipe[arm]), "sha256": _sha256(args.recipe[arm])}
-                                      for arm in ("shipped", "fast") if arm in args.arms},
-                          "work": str(work)},
-               "method": METHOD, "runs": rows, **result, "failed": failed,
-               "total_wall_s": round(time.perf_counter() - started, 1)}
+        print(
+            "targets met: "
+            + ", ".join(f"{k} {'-' if v is None else 'yes' if v else 'NO'}" for k, v in result["targets_met"].items())
+        )
+    payload = {
+        "name": NAME,
+        "quick": bool(args.quick),
+        "machine": machine,
+        "config": {
+            "root": _relative(Path(args.root)),
+            "card": _relative(Path(args.card)) if args.quick else CARD,
+            "arms": args.arms,
+            "seeds": args.seeds,
+            "epochs_plain": args.epochs_plain,
+            "device": args.device,
+            "auroc_bar": AUROC_BAR,
+            "splits": SPLITS
+            if not args.quick
+            else {**SPLITS, **{k: QUICK[k] for k in ("val_fraction", "test_fraction", "test_by")}},
+            "plain": PLAIN,
+            "quick": QUICK if args.quick else None,
+            "recipes": {
+                arm: {"path": _relative(args.recipe[arm]), "sha256": _sha256(args.recipe[arm])}
+                for arm in ("shipped", "fast")
+                if arm in args.arms
+            },
+            "work": str(work),
+        },
+        "method": METHOD,
+        "runs": rows,
+        **result,
+        "failed": failed,
+        "total_wall_s": round(time.perf_counter() - started, 1),
+    }
     print(f"wrote {write_results(payload, out, NAME)}")
     return 1 if failed else 0
 

@@ -35,6 +35,7 @@ Run (from the repository root)::
     python -m benchmarks.train_throughput --quick    # seconds, smoke test
     python -m benchmarks.train_throughput --device cuda --amp bf16 --channels-last
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,18 @@ from typing import Any, Callable, Optional
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `medtricks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (base_parser, current_rss_mb, format_table, interleaved_order, machine_info,
-                               peak_rss_mb, ratio, results_dir, summarize, write_results)
+from benchmarks.common import (
+    base_parser,
+    current_rss_mb,
+    format_table,
+    interleaved_order,
+    machine_info,
+    peak_rss_mb,
+    ratio,
+    results_dir,
+    summarize,
+    write_results,
+)
 
 NAME = "train_throughput"
 CONTENDERS = ("medtricks", "bare", "timm")
@@ -90,8 +101,10 @@ class Config:
 
     def __post_init__(self):
         if self.warmup < 1 or self.steps < 1:
-            raise ValueError(f"warmup and steps must be >= 1 (the clock starts at update `warmup`), "
-                             f"got warmup={self.warmup}, steps={self.steps}")
+            raise ValueError(
+                f"warmup and steps must be >= 1 (the clock starts at update `warmup`), "
+                f"got warmup={self.warmup}, steps={self.steps}"
+            )
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
 
@@ -115,8 +128,14 @@ class Config:
 
     def schedule_kwargs(self) -> dict[str, Any]:
         """``medtricks.tricks.build_scheduler`` arguments: one epoch of ``total`` updates."""
-        return dict(name="cosine", epochs=1, steps_per_epoch=self.total, warmup_epochs=self.warmup_fraction,
-                    warmup_lr_init=self.lr * 0.01, min_lr=0.0)
+        return dict(
+            name="cosine",
+            epochs=1,
+            steps_per_epoch=self.total,
+            warmup_epochs=self.warmup_fraction,
+            warmup_lr_init=self.lr * 0.01,
+            min_lr=0.0,
+        )
 
 
 class SyntheticLoader:
@@ -175,8 +194,10 @@ def make_batches(cfg: Config, seed: int = 0) -> list:
 
     gen = torch.Generator().manual_seed(seed)
     shape = (cfg.batch_size, cfg.in_chans, cfg.image_size, cfg.image_size)
-    return [(torch.randn(shape, generator=gen), torch.randint(0, 2, (cfg.batch_size,), generator=gen))
-            for _ in range(cfg.distinct_batches)]
+    return [
+        (torch.randn(shape, generator=gen), torch.randint(0, 2, (cfg.batch_size,), generator=gen))
+        for _ in range(cfg.distinct_batches)
+    ]
 
 
 def build_model(cfg: Config):
@@ -188,8 +209,7 @@ def build_model(cfg: Config):
 
     torch.manual_seed(0)
     if cfg.model == LINEAR:
-        return torch.nn.Sequential(torch.nn.Flatten(),
-                                   torch.nn.Linear(cfg.in_chans * cfg.image_size ** 2, 2))
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(cfg.in_chans * cfg.image_size**2, 2))
     return create_model(cfg.model, weights="none", num_classes=2, in_chans=cfg.in_chans)
 
 
@@ -204,14 +224,29 @@ def run_medtricks(cfg: Config, model, loader: SyntheticLoader, clock: StepClock,
     groups = build_param_groups(model, weight_decay=cfg.weight_decay, no_bias_decay=True)
     optimizer = build_optimizer(groups, name="sgd", lr=cfg.lr, momentum=cfg.momentum)
     scheduler = build_scheduler(optimizer, **cfg.schedule_kwargs())
-    engine_cfg = EngineConfig(epochs=1, device=cfg.torch_device(), seed=0, amp_dtype=cfg.amp_dtype(),
-                              channels_last=cfg.channels_last, max_steps_per_epoch=cfg.total, log_every=1,
-                              progress=cfg.progress)
+    engine_cfg = EngineConfig(
+        epochs=1,
+        device=cfg.torch_device(),
+        seed=0,
+        amp_dtype=cfg.amp_dtype(),
+        channels_last=cfg.channels_last,
+        max_steps_per_epoch=cfg.total,
+        log_every=1,
+        progress=cfg.progress,
+    )
     with contextlib.redirect_stderr(io.StringIO()):  # the tqdm bar is drawn (its cost counts), not shown
-        fit(model, loader, None, optimizer=optimizer, scheduler=scheduler,
-            loss_fn=build_loss(label_smoothing=cfg.label_smoothing, mixup=None), cfg=engine_cfg,
-            evaluate_fn=lambda _model: {"val/auroc": 0.0}, checkpoint_dir=workdir,
-            on_step=lambda update, metrics: clock(update, metrics["train/loss"]))
+        fit(
+            model,
+            loader,
+            None,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=build_loss(label_smoothing=cfg.label_smoothing, mixup=None),
+            cfg=engine_cfg,
+            evaluate_fn=lambda _model: {"val/auroc": 0.0},
+            checkpoint_dir=workdir,
+            on_step=lambda update, metrics: clock(update, metrics["train/loss"]),
+        )
 
 
 def run_bare(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, workdir: Path) -> None:
@@ -228,8 +263,11 @@ def run_bare(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, work
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+    )
     lrs = lr_curve(cfg.lr, **cfg.schedule_kwargs())  # the same warmup + cosine values, computed up front
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     amp = cfg.amp_dtype()
@@ -263,13 +301,21 @@ def run_timm(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, work
         model.to(memory_format=torch.channels_last)
     # timm's "momentum" is SGD with classical momentum ("sgd" would be Nesterov); its default
     # filter_bias_and_bn puts biases and 1-D parameters in a no-decay group, as medtricks does.
-    optimizer = create_optimizer_v2(model, opt="momentum", lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
+    optimizer = create_optimizer_v2(
+        model, opt="momentum", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
     kwargs = cfg.schedule_kwargs()
     warmup_t = int(round(kwargs["warmup_epochs"] * cfg.total))
-    lr_scheduler = CosineLRScheduler(optimizer, t_initial=cfg.total - warmup_t, lr_min=kwargs["min_lr"],
-                                     warmup_t=warmup_t, warmup_lr_init=kwargs["warmup_lr_init"],
-                                     warmup_prefix=True, t_in_epochs=False, cycle_limit=1)
+    lr_scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=cfg.total - warmup_t,
+        lr_min=kwargs["min_lr"],
+        warmup_t=warmup_t,
+        warmup_lr_init=kwargs["warmup_lr_init"],
+        warmup_prefix=True,
+        t_in_epochs=False,
+        cycle_limit=1,
+    )
     lr_scheduler.step_update(num_updates=1)  # the first update's lr, one ahead as in medtricks
     loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing).to(device)
     amp = cfg.amp_dtype()
@@ -306,10 +352,11 @@ def run_timm(cfg: Config, model, loader: SyntheticLoader, clock: StepClock, work
             lr = sum(lrl) / len(lrl)
             _timm_logger.info(
                 f"Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} "
-                f"({100. * update_idx / max(updates_per_epoch - 1, 1):>3.0f}%)]  "
+                f"({100.0 * update_idx / max(updates_per_epoch - 1, 1):>3.0f}%)]  "
                 f"Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  "
                 f"Time: {update_time_m.val:.3f}s, {update_sample_count / max(update_time_m.val, 1e-9):>7.2f}/s  "
-                f"LR: {lr:.3e}  Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})")
+                f"LR: {lr:.3e}  Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})"
+            )
         # medtricks reads the schedule one update ahead (no update spent at warmup_lr_init): match it
         lr_scheduler.step_update(num_updates=num_updates + 1, metric=losses_m.avg)
         update_sample_count = 0
@@ -331,8 +378,13 @@ def measure(contender: str, cfg: Config, batches: list) -> dict[str, Any]:
         RUNNERS[contender](cfg, model, SyntheticLoader(batches, cfg.total), clock, Path(workdir))
     del model
     gc.collect()
-    return {"img_per_s": cfg.steps * cfg.batch_size / clock.seconds, "seconds": clock.seconds,
-            "final_loss": clock.final_loss, "peak_rss_mb": clock.peak_rss_mb, "rss_before_mb": rss_before}
+    return {
+        "img_per_s": cfg.steps * cfg.batch_size / clock.seconds,
+        "seconds": clock.seconds,
+        "final_loss": clock.final_loss,
+        "peak_rss_mb": clock.peak_rss_mb,
+        "rss_before_mb": rss_before,
+    }
 
 
 def compare(cfg: Config, repeats: int, *, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -345,16 +397,22 @@ def compare(cfg: Config, repeats: int, *, say: Callable[[str], None] = print) ->
             say(f"  {cfg.key} repeat {r + 1}/{repeats} {contender:9s} {runs[contender][-1]['img_per_s']:8.2f} img/s")
     rates = {c: summarize(run["img_per_s"] for run in runs[c]) for c in CONTENDERS}
     medians = {c: rates[c]["median"] for c in CONTENDERS}
-    paired = {other: summarize(m["img_per_s"] / o["img_per_s"] for m, o in zip(runs["medtricks"], runs[other]))
-              for other in ("bare", "timm")}
+    paired = {
+        other: summarize(m["img_per_s"] / o["img_per_s"] for m, o in zip(runs["medtricks"], runs[other]))
+        for other in ("bare", "timm")
+    }
     losses = {c: runs[c][0]["final_loss"] for c in CONTENDERS}
     out = {
-        "model": cfg.model, "in_chans": cfg.in_chans, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+        "model": cfg.model,
+        "in_chans": cfg.in_chans,
+        "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size,
         "img_per_s": medians,
         "ratio_vs_bare": ratio(medians["medtricks"], medians["bare"]),
         "ratio_vs_timm": ratio(medians["medtricks"], medians["timm"]),
         "timm_vs_bare": ratio(medians["timm"], medians["bare"]),
-        "paired_ratio_vs_bare": paired["bare"], "paired_ratio_vs_timm": paired["timm"],
+        "paired_ratio_vs_bare": paired["bare"],
+        "paired_ratio_vs_timm": paired["timm"],
         "img_per_s_runs": rates,
         "seconds_per_update": {c: 1.0 / medians[c] * cfg.batch_size for c in CONTENDERS},
         "final_loss": losses,
@@ -375,10 +433,24 @@ def verdict(value: Optional[float], target: float, paired: dict[str, Any]) -> st
 
 # ------------------------------------------------------------------------------- peak RSS probes
 def _probe_args(contender: str, cfg: Config) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--rss-probe", contender, "--models", cfg.model,
-            "--in-chans", str(cfg.in_chans), "--batch-size", str(cfg.batch_size), "--image-size",
-            str(cfg.image_size), "--device", cfg.device, "--amp", cfg.amp] + \
-        (["--channels-last"] if cfg.channels_last else [])
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--rss-probe",
+        contender,
+        "--models",
+        cfg.model,
+        "--in-chans",
+        str(cfg.in_chans),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--image-size",
+        str(cfg.image_size),
+        "--device",
+        cfg.device,
+        "--amp",
+        cfg.amp,
+    ] + (["--channels-last"] if cfg.channels_last else [])
 
 
 def rss_probe(contender: str, cfg: Config, timeout: float = 900) -> dict[str, Any]:
@@ -386,8 +458,9 @@ def rss_probe(contender: str, cfg: Config, timeout: float = 900) -> dict[str, An
     its RSS just before training (model and batches built), so ``loop_rss_mb`` is what training adds."""
     proc = subprocess.run(_probe_args(contender, cfg), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"peak-RSS probe for {contender} on {cfg.key} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"peak-RSS probe for {contender} on {cfg.key} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+        )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"peak-RSS probe for {contender} on {cfg.key} printed no JSON:\n{proc.stdout[-2000:]}")
@@ -396,8 +469,11 @@ def rss_probe(contender: str, cfg: Config, timeout: float = 900) -> dict[str, An
 
 def _probe_main(contender: str, cfg: Config) -> None:
     result = measure(contender, replace(cfg, warmup=1, steps=1), make_batches(cfg))
-    print(json.dumps({"contender": contender, "peak_rss_mb": result["peak_rss_mb"],
-                      "rss_before_mb": result["rss_before_mb"]}))
+    print(
+        json.dumps(
+            {"contender": contender, "peak_rss_mb": result["peak_rss_mb"], "rss_before_mb": result["rss_before_mb"]}
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -430,8 +506,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.quick:
         args.models, args.in_chans = args.models[:1], args.in_chans[:1]
         args.batch_size, args.image_size, args.steps, args.repeats = 4, 64, 2, 2
-    base = dict(batch_size=args.batch_size, image_size=args.image_size, warmup=args.warmup, steps=args.steps,
-                device=args.device, amp=args.amp, channels_last=args.channels_last, progress=not args.no_progress)
+    base = dict(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        warmup=args.warmup,
+        steps=args.steps,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        progress=not args.no_progress,
+    )
     if args.rss_probe:
         _probe_main(args.rss_probe, Config(model=args.models[0], in_chans=args.in_chans[0], **base))
         return {}
@@ -439,8 +523,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     import timm
 
     machine = machine_info(timm=timm.__version__)
-    print(f"training throughput on {machine['cpu']} ({machine['logical_cpus']} CPUs, {machine['torch_threads']} "
-          f"torch threads, device {args.device}), load {machine['loadavg_start']}")
+    print(
+        f"training throughput on {machine['cpu']} ({machine['logical_cpus']} CPUs, {machine['torch_threads']} "
+        f"torch threads, device {args.device}), load {machine['loadavg_start']}"
+    )
     results: dict[str, Any] = {}
     for model_name in args.models:
         for in_chans in args.in_chans:
@@ -454,41 +540,74 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     overhead = None
     if not args.no_overhead:
-        tiny = Config(model=LINEAR, in_chans=1, batch_size=2, image_size=8, warmup=20,
-                      steps=100 if args.quick else 1000, device=args.device, progress=not args.no_progress)
+        tiny = Config(
+            model=LINEAR,
+            in_chans=1,
+            batch_size=2,
+            image_size=8,
+            warmup=20,
+            steps=100 if args.quick else 1000,
+            device=args.device,
+            progress=not args.no_progress,
+        )
         small = compare(tiny, args.repeats, say=lambda s: None)
         per_update = {c: 1e6 * tiny.batch_size / small["img_per_s"][c] for c in CONTENDERS}
         # The engine once more without its tqdm bar, to split the bar's cost from the loop's.
         quiet = compare(replace(tiny, progress=False), args.repeats, say=lambda s: None)
         per_update["medtricks_no_progress"] = 1e6 * tiny.batch_size / quiet["img_per_s"]["medtricks"]
-        overhead = {"config": asdict(tiny), "us_per_update": per_update,
-                    "medtricks_minus_bare_us": per_update["medtricks"] - per_update["bare"],
-                    "medtricks_minus_timm_us": per_update["medtricks"] - per_update["timm"],
-                    "progress_bar_us": per_update["medtricks"] - per_update["medtricks_no_progress"],
-                    "final_loss": small["final_loss"]}
+        overhead = {
+            "config": asdict(tiny),
+            "us_per_update": per_update,
+            "medtricks_minus_bare_us": per_update["medtricks"] - per_update["bare"],
+            "medtricks_minus_timm_us": per_update["medtricks"] - per_update["timm"],
+            "progress_bar_us": per_update["medtricks"] - per_update["medtricks_no_progress"],
+            "final_loss": small["final_loss"],
+        }
 
     payload = {
-        "benchmark": NAME, "quick": bool(args.quick),
-        "method": ("img/s over timed optimizer updates only (clock read in a per-update callback at update "
-                   "`warmup` and `warmup+steps`; engine: on_step with log_every=1); interleaved repeats in one "
-                   "process, median; ratios = medtricks median / other median; peak RSS from a fresh process "
-                   "per contender, read at its last update"),
-        "config": {**base, "repeats": args.repeats, "contenders": list(CONTENDERS), "optimizer": "SGD momentum 0.9",
-                   "lr": Config.lr, "weight_decay": Config.weight_decay, "label_smoothing": Config.label_smoothing,
-                   "schedule": "warmup 25% + cosine, per update"},
-        "targets": TARGETS, "machine": machine, "results": results, "overhead": overhead,
+        "benchmark": NAME,
+        "quick": bool(args.quick),
+        "method": (
+            "img/s over timed optimizer updates only (clock read in a per-update callback at update "
+            "`warmup` and `warmup+steps`; engine: on_step with log_every=1); interleaved repeats in one "
+            "process, median; ratios = medtricks median / other median; peak RSS from a fresh process "
+            "per contender, read at its last update"
+        ),
+        "config": {
+            **base,
+            "repeats": args.repeats,
+            "contenders": list(CONTENDERS),
+            "optimizer": "SGD momentum 0.9",
+            "lr": Config.lr,
+            "weight_decay": Config.weight_decay,
+            "label_smoothing": Config.label_smoothing,
+            "schedule": "warmup 25% + cosine, per update",
+        },
+        "targets": TARGETS,
+        "machine": machine,
+        "results": results,
+        "overhead": overhead,
     }
     rows = []
     for key, entry in results.items():
         rss = entry.get("peak_rss_mb") or {}
-        rows.append({"model/input": key, **{f"{c} img/s": entry["img_per_s"][c] for c in CONTENDERS},
-                     "x bare": entry["ratio_vs_bare"], "x timm": entry["ratio_vs_timm"],
-                     **{f"RSS {c} MiB": rss.get(c) for c in CONTENDERS},
-                     "vs bare": entry["verdict"]["ratio_vs_bare"], "vs timm": entry["verdict"]["ratio_vs_timm"]})
+        rows.append(
+            {
+                "model/input": key,
+                **{f"{c} img/s": entry["img_per_s"][c] for c in CONTENDERS},
+                "x bare": entry["ratio_vs_bare"],
+                "x timm": entry["ratio_vs_timm"],
+                **{f"RSS {c} MiB": rss.get(c) for c in CONTENDERS},
+                "vs bare": entry["verdict"]["ratio_vs_bare"],
+                "vs timm": entry["verdict"]["ratio_vs_timm"],
+            }
+        )
     print(format_table(rows, list(rows[0]) if rows else ["model/input"]))
     if overhead:
-        print("fixed cost per update (one Linear layer, 1x8x8, batch 2): " +
-              ", ".join(f"{c} {v:,.0f} us" for c, v in overhead["us_per_update"].items()))
+        print(
+            "fixed cost per update (one Linear layer, 1x8x8, batch 2): "
+            + ", ".join(f"{c} {v:,.0f} us" for c, v in overhead["us_per_update"].items())
+        )
     path = write_results(payload, results_dir(args.out, args.quick), NAME)
     print(f"wrote {path}")
     return payload

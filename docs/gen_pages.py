@@ -5,6 +5,7 @@
   from the trick registry with its ``ablate --tricks`` names;
 - ``api.md``: one mkdocstrings entry per name of the public API (``medtricks._EXPORTS``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _site_links(text: str) -> str:
-    text = text.replace("](docs/)", "](index.md)").replace("](docs/", "](").replace("](CHANGELOG.md)", "](changelog.md)")
+    text = (
+        text.replace("](docs/)", "](index.md)").replace("](docs/", "](").replace("](CHANGELOG.md)", "](changelog.md)")
+    )
     return text
 
 
@@ -103,22 +106,43 @@ def recipe_reference() -> str:
     from medtricks.tricks.base import registered_tricks
     from medtricks.tricks.registry import tricks_config_model
 
-    out = ["# Recipe reference", "",
-           "Generated from `medtricks.recipe.Recipe` and the trick registry when the site is built. A recipe may "
-           "set any key below; `--set section.key=value` overrides one from the command line.", ""]
+    out = [
+        "# Recipe reference",
+        "",
+        "Generated from `medtricks.recipe.Recipe` and the trick registry when the site is built. A recipe may "
+        "set any key below; `--set section.key=value` overrides one from the command line.",
+        "",
+    ]
     for name, field in Recipe.model_fields.items():
         if name == "tricks":
             continue
         sub = _section_model(field.annotation)
-        out += [f"## `{name}`", "", " ".join((sub.__doc__ or "").split()) if sub else "", "",
-                "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [
+            f"## `{name}`",
+            "",
+            " ".join((sub.__doc__ or "").split()) if sub else "",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         _rows(sub, f"{name}.", out)
         out.append("")
-    out += ["## `tricks`", "", "Assembled from the registered tricks (built-ins and plug-ins); each trick owns its keys.",
-            "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    out += [
+        "## `tricks`",
+        "",
+        "Assembled from the registered tricks (built-ins and plug-ins); each trick owns its keys.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     _rows(tricks_config_model(), "tricks.", out)
-    out += ["", "### Tricks and their `ablate --tricks` names", "", "| trick | ablate name | sets | default value | what it does |",
-            "|---|---|---|---|---|"]
+    out += [
+        "",
+        "### Tricks and their `ablate --tricks` names",
+        "",
+        "| trick | ablate name | sets | default value | what it does |",
+        "|---|---|---|---|---|",
+    ]
     for cls in registered_tricks():
         doc = " ".join((cls.__doc__ or "").split()).split(". ")[0].replace("|", "\\|")
         names = cls.ablation or {"": None}
@@ -126,9 +150,11 @@ def recipe_reference() -> str:
             if spec is None:
                 out.append(f"| `{cls.name}` | – | – | – | {doc} |")
             else:
-                out.append(f"| `{cls.name}` | `{ablate_name}` | `{spec.key}` | "
-                           f"{'`' + spec.default + '`' if spec.default is not None else 'give NAME=VALUE'} | "
-                           f"{spec.help.replace('|', chr(92) + '|')} |")
+                out.append(
+                    f"| `{cls.name}` | `{ablate_name}` | `{spec.key}` | "
+                    f"{'`' + spec.default + '`' if spec.default is not None else 'give NAME=VALUE'} | "
+                    f"{spec.help.replace('|', chr(92) + '|')} |"
+                )
     return "\n".join(out) + "\n"
 
 
@@ -139,8 +165,15 @@ def api_reference() -> str:
     for name in medtricks._EXPORTS:
         obj = getattr(medtricks, name)  # where it is defined (packages re-export lazily)
         where = f"{getattr(obj, '__module__', None) or medtricks._EXPORTS[name]}.{getattr(obj, '__qualname__', name)}"
-        out += [f"## `{name}`", "", f"::: {where}", "    options:", "      show_root_heading: false",
-                "      show_source: false", ""]
+        out += [
+            f"## `{name}`",
+            "",
+            f"::: {where}",
+            "    options:",
+            "      show_root_heading: false",
+            "      show_source: false",
+            "",
+        ]
     return "\n".join(out)
 
 

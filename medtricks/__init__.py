@@ -16,6 +16,7 @@ keeps the line between the orchestration and the rest): ``cli`` → the orchestr
 building blocks (``recipe``, ``data``, ``models``, ``gamma``, ``tricks``, ``train``, ``evaluate``,
 ``audit``, ``tracking``, ``rundir``) → the foundations (``errors``, ``_defaults``, ``_atomic``, ...).
 """
+
 from __future__ import annotations
 
 import importlib

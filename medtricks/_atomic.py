@@ -9,6 +9,7 @@ of one target never share a temporary file.
 are replaced or none is. :func:`write_csvs` writes data frames that way, with every text cell made safe
 for spreadsheets (:func:`csv_safe`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Mapping
 
-__all__ = ["atomic_path", "atomic_paths", "temp_path", "write_bytes", "csv_safe", "write_csvs",
-           "FORMULA_PREFIXES"]
+__all__ = ["atomic_path", "atomic_paths", "temp_path", "write_bytes", "csv_safe", "write_csvs", "FORMULA_PREFIXES"]
 
 
 def temp_path(path: str | Path, suffix: str = ".tmp") -> Path:

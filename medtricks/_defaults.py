@@ -4,6 +4,7 @@ The recipe schema (:mod:`medtricks.recipe`) uses them for its defaults; code bel
 engine, plots, the command line, the ablation tables) uses the same constant, so a default is changed in
 one place.
 """
+
 from __future__ import annotations
 
 __all__ = ["DEFAULT_METRIC"]

@@ -1,4 +1,5 @@
 """The base of every recipe section, shared by medtricks.recipe and the trick plug-ins' own sections."""
+
 from __future__ import annotations
 
 import typing
@@ -20,8 +21,9 @@ def _number_types(annotation: Any) -> bool:
         return True
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is Literal:
-        return (any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-                and not any(isinstance(a, bool) for a in args))
+        return any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) and not any(
+            isinstance(a, bool) for a in args
+        )
     if typing.get_origin(annotation) is Union:
         return bool(args) and bool not in args and any(_number_types(a) for a in args)
     return False

@@ -1,4 +1,5 @@
 """Where the files shipped beside the package live: the checkout, or a regular install's copy."""
+
 from __future__ import annotations
 
 import sys

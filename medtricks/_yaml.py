@@ -12,6 +12,7 @@ the file rather than the YAML: nesting deeper than :data:`MAX_DEPTH` levels (PyY
 level and would die with a ``RecursionError`` traceback), and bytes that are not UTF-8 text
 (:func:`read_yaml_text` says where).
 """
+
 from __future__ import annotations
 
 import io
@@ -41,8 +42,9 @@ def read_yaml_text(path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise YAMLFileError(f"not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}); "
-                            "save the file as UTF-8") from None
+        raise YAMLFileError(
+            f"not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}); save the file as UTF-8"
+        ) from None
 
 
 def short_repr(value: Any, limit: int = MAX_ECHO) -> str:
@@ -73,8 +75,10 @@ class StrictSafeLoader(yaml.SafeLoader):
         depth = getattr(self, "_depth", 0) + 1
         if depth > MAX_DEPTH:
             mark = self.peek_event().start_mark
-            raise YAMLFileError(f"nested deeper than {MAX_DEPTH} levels (line {mark.line + 1}, column "
-                                f"{mark.column + 1}); a {self.what} needs a few")
+            raise YAMLFileError(
+                f"nested deeper than {MAX_DEPTH} levels (line {mark.line + 1}, column "
+                f"{mark.column + 1}); a {self.what} needs a few"
+            )
         self._depth = depth
         try:
             return self._compose_checked(parent, index)
@@ -87,11 +91,13 @@ class StrictSafeLoader(yaml.SafeLoader):
         if anchor is not None:
             kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
             raise ComposerError(
-                None, None,
+                None,
+                None,
                 f"found YAML {kind}{short_repr(anchor, 60)[1:-1]}: anchors and aliases are not allowed in a "
-                f"{self.what}; write the value out" + (" (a recipe can inherit with `base:`)"
-                                                     if self.what == "recipe" else ""),
-                event.start_mark)
+                f"{self.what}; write the value out"
+                + (" (a recipe can inherit with `base:`)" if self.what == "recipe" else ""),
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -108,9 +114,12 @@ class StrictSafeLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 if first is not None:
                     raise ConstructorError(
-                        "while reading a mapping", node.start_mark,
+                        "while reading a mapping",
+                        node.start_mark,
                         f"duplicate key {short_repr(key, 80)} (first on line {first}, again on line {line}); "
-                        "YAML would silently keep the last one: remove one of them", key_node.start_mark)
+                        "YAML would silently keep the last one: remove one of them",
+                        key_node.start_mark,
+                    )
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -141,5 +150,13 @@ def strict_load(text: str, what: str = "this file", name: Optional[str] = None) 
         raise YAMLFileError(f"nested too deeply to read (more than {MAX_DEPTH} levels)") from None
 
 
-__all__ = ["MAX_DEPTH", "MAX_ECHO", "StrictSafeLoader", "YAMLFileError", "cap_text", "read_yaml_text", "short_repr",
-           "strict_load"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_ECHO",
+    "StrictSafeLoader",
+    "YAMLFileError",
+    "cap_text",
+    "read_yaml_text",
+    "short_repr",
+    "strict_load",
+]

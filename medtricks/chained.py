@@ -16,6 +16,7 @@ Example::
     parent = load_parent_run("runs/kermany_pneumonia/20261201-101406-d20d09")
     print(parent.recipe.model.name, parent.classes, parent.data_config["mean"])
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,16 @@ from medtricks.recipe import RUN_WEIGHTS_PREFIX, Recipe, load_run_recipe, recipe
 from medtricks.rundir import RunDir
 from medtricks.gamma.layerscale import insert_layerscale_for_state
 
-__all__ = ["ParentRun", "ModelFileError", "parent_ref", "load_parent_run", "apply_parent_run", "read_model_state",
-           "trained_data_config", "describe_lineage"]
+__all__ = [
+    "ParentRun",
+    "ModelFileError",
+    "parent_ref",
+    "load_parent_run",
+    "apply_parent_run",
+    "read_model_state",
+    "trained_data_config",
+    "describe_lineage",
+]
 
 
 class ModelFileError(MedtricksError):
@@ -49,7 +58,7 @@ def parent_ref(weights: str) -> Optional[str]:
     """The run reference of ``model.weights: run:<ref>`` (``None`` for other weights)."""
     if not isinstance(weights, str) or not weights.startswith(RUN_WEIGHTS_PREFIX):
         return None
-    ref = weights[len(RUN_WEIGHTS_PREFIX):].strip()
+    ref = weights[len(RUN_WEIGHTS_PREFIX) :].strip()
     if not ref:
         raise ConfigError(f"model.weights={weights!r} names no run: write run:<run folder> or run:<run id>")
     return ref
@@ -59,14 +68,17 @@ def read_model_state(path: Path, device: str = "cpu") -> dict:
     """A run's ``model_state.pt`` with ``torch.load(weights_only=True)``; a file that holds anything but
     tensors and plain values is refused (:class:`ModelFileError`), never unpickled."""
     if not Path(path).is_file():
-        raise MissingFileError(f"{path} not found: the run did not finish, or logged no model "
-                               "(tracking.log_model: false)")
+        raise MissingFileError(
+            f"{path} not found: the run did not finish, or logged no model (tracking.log_model: false)"
+        )
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - never retried unsafely; one line, not torch's advice
-        raise ModelFileError(f"{path} was refused ({type(err).__name__}): it holds objects other than tensors "
-                             "and plain values, or is damaged, and medtricks never unpickles such a file (it could run "
-                             "code); use the model_state.pt that a medtricks run wrote") from None
+        raise ModelFileError(
+            f"{path} was refused ({type(err).__name__}): it holds objects other than tensors "
+            "and plain values, or is damaged, and medtricks never unpickles such a file (it could run "
+            "code); use the model_state.pt that a medtricks run wrote"
+        ) from None
 
 
 def trained_data_config(run_dir: Path, fallback: dict) -> dict:
@@ -99,8 +111,9 @@ class ParentRun:
     lineage: dict = field(default_factory=dict)
 
 
-def load_parent_run(run_dir: str | Path, *, ref: Optional[str] = None, run_id: Optional[str] = None,
-                    downloaded: bool = False) -> ParentRun:
+def load_parent_run(
+    run_dir: str | Path, *, ref: Optional[str] = None, run_id: Optional[str] = None, downloaded: bool = False
+) -> ParentRun:
     """Read a finished run's recipe, classes (from its data card), model state (safely) and data config.
 
     ``run_dir`` is a run folder (a folder holding ``recipe.yaml`` and ``model/model_state.pt``);
@@ -116,12 +129,25 @@ def load_parent_run(run_dir: str | Path, *, ref: Optional[str] = None, run_id: O
     classes = list(load_card(recipe.data.card).classes)
     saved = trained_data_config(files.path, {}) or None
     folder = None if downloaded else files.path.resolve()
-    lineage = {"parent_run_id": run_id, "parent_run_dir": str(folder) if folder else None,
-               "parent_recipe_digest": recipe_digest(recipe), "parent_weights": recipe.model.weights,
-               "parent_classes": classes}
-    return ParentRun(ref=ref or str(run_dir), files_dir=files.path, run_dir=folder, run_id=run_id, recipe=recipe,
-                     classes=classes, state=state, sha256=sha256_file(files.model_state), data_config=saved,
-                     lineage=lineage)
+    lineage = {
+        "parent_run_id": run_id,
+        "parent_run_dir": str(folder) if folder else None,
+        "parent_recipe_digest": recipe_digest(recipe),
+        "parent_weights": recipe.model.weights,
+        "parent_classes": classes,
+    }
+    return ParentRun(
+        ref=ref or str(run_dir),
+        files_dir=files.path,
+        run_dir=folder,
+        run_id=run_id,
+        recipe=recipe,
+        classes=classes,
+        state=state,
+        sha256=sha256_file(files.model_state),
+        data_config=saved,
+        lineage=lineage,
+    )
 
 
 def _check_fits(recipe: Recipe, parent: ParentRun) -> None:
@@ -130,20 +156,28 @@ def _check_fits(recipe: Recipe, parent: ParentRun) -> None:
     spec, child, mother = recipe.model.weights, recipe.model, parent.recipe.model
     where = f"model.weights={spec!r}: the parent run"
     if resolve_model_name(child.name) != resolve_model_name(mother.name):
-        raise ConfigError(f"{where} trained model.name={mother.name!r} but this recipe has model.name={child.name!r}; "
-                          f"a run's weights load only into its own architecture: set model.name: {mother.name}")
+        raise ConfigError(
+            f"{where} trained model.name={mother.name!r} but this recipe has model.name={child.name!r}; "
+            f"a run's weights load only into its own architecture: set model.name: {mother.name}"
+        )
     if child.in_chans != mother.in_chans:
-        raise ConfigError(f"{where} trained model.in_chans={mother.in_chans} but this recipe has "
-                          f"model.in_chans={child.in_chans}: set model.in_chans: {mother.in_chans}")
+        raise ConfigError(
+            f"{where} trained model.in_chans={mother.in_chans} but this recipe has "
+            f"model.in_chans={child.in_chans}: set model.in_chans: {mother.in_chans}"
+        )
     if child.resizer.enabled != mother.resizer.enabled:
-        raise ConfigError(f"{where} trained model.resizer.enabled={mother.resizer.enabled} but this recipe has "
-                          f"model.resizer.enabled={child.resizer.enabled}: set model.resizer.enabled: "
-                          f"{str(mother.resizer.enabled).lower()}")
+        raise ConfigError(
+            f"{where} trained model.resizer.enabled={mother.resizer.enabled} but this recipe has "
+            f"model.resizer.enabled={child.resizer.enabled}: set model.resizer.enabled: "
+            f"{str(mother.resizer.enabled).lower()}"
+        )
     for key in ("spt", "lsa"):  # SPT and LSA change the layers (and their tensors): the parent's must be the same
         theirs, ours = getattr(mother.vit, key), getattr(child.vit, key)
         if theirs != ours:
-            raise ConfigError(f"{where} trained model.vit.{key}={theirs} but this recipe has model.vit.{key}={ours}: "
-                              f"set model.vit.{key}: {str(theirs).lower()}")
+            raise ConfigError(
+                f"{where} trained model.vit.{key}={theirs} but this recipe has model.vit.{key}={ours}: "
+                f"set model.vit.{key}: {str(theirs).lower()}"
+            )
 
 
 def _backbone(model: nn.Module) -> tuple[str, nn.Module]:
@@ -198,17 +232,24 @@ def apply_parent_run(model: nn.Module, recipe: Recipe, parent: ParentRun, data_c
         heads = _head_keys(model, name)
         state = {k: v for k, v in state.items() if k not in heads}
         allow = heads
-    load_strict(model, state, what=f"weights {spec!r} ({parent.files_dir / 'model' / 'model_state.pt'})",
-                allow_missing=allow)
+    load_strict(
+        model, state, what=f"weights {spec!r} ({parent.files_dir / 'model' / 'model_state.pt'})", allow_missing=allow
+    )
     if parent.data_config is not None:
         mean, std = tuple(parent.data_config["mean"]), tuple(parent.data_config["std"])
     else:
         mean, std = _recipe_stats(parent, data_config)
     _, backbone = _backbone(model)
     info = dict(getattr(backbone, "medtricks_info", {}))
-    info.update(weights=spec, weights_source=str(parent.run_dir) if parent.run_dir else f"run:{parent.run_id}",
-                weights_sha256=parent.sha256, head="pretrained" if same_classes else "new", mean=mean, std=std,
-                lineage=dict(parent.lineage))
+    info.update(
+        weights=spec,
+        weights_source=str(parent.run_dir) if parent.run_dir else f"run:{parent.run_id}",
+        weights_sha256=parent.sha256,
+        head="pretrained" if same_classes else "new",
+        mean=mean,
+        std=std,
+        lineage=dict(parent.lineage),
+    )
     backbone.medtricks_info = info
     if model is not backbone:
         model.medtricks_info = dict(info)
@@ -220,6 +261,8 @@ def describe_lineage(info: dict[str, Any]) -> Optional[str]:
     lineage = info.get("lineage")
     if not lineage:
         return None
-    return (f"{lineage.get('parent_run_id') or lineage.get('parent_run_dir')} (recipe digest "
-            f"{lineage.get('parent_recipe_digest')}, its weights: {lineage.get('parent_weights')}, classes: "
-            f"{', '.join(lineage.get('parent_classes') or [])})")
+    return (
+        f"{lineage.get('parent_run_id') or lineage.get('parent_run_dir')} (recipe digest "
+        f"{lineage.get('parent_recipe_digest')}, its weights: {lineage.get('parent_weights')}, classes: "
+        f"{', '.join(lineage.get('parent_classes') or [])})"
+    )

@@ -4,6 +4,7 @@ The CLI prints a :class:`MedtricksError` as one line (``medtricks run: error: ..
 is a bug and keeps its traceback. Subclasses also derive from the builtin that fits (``ValueError``,
 ``FileNotFoundError`` ...), so ``except ValueError`` in user code keeps working.
 """
+
 from __future__ import annotations
 
 __all__ = ["MedtricksError", "ConfigError", "MissingFileError", "UnknownKeyError", "ConfigTypeError", "ResourceError"]

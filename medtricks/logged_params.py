@@ -24,6 +24,7 @@ of truth for every knob.
     params = run_params(load_recipe("recipes/quickstart.yaml"))
     assert "ablation.jobs" not in params and params["audit.enabled"] is False
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -58,8 +59,10 @@ def off_sections(recipe: Recipe | dict) -> dict[str, str]:
             if not isinstance(value, dict):
                 continue
             path = f"{prefix}{key}"
-            switch = next((k for k, off in SWITCHES.items() if k in value and value[k] == off
-                           and type(value[k]) is type(off)), None)
+            switch = next(
+                (k for k, off in SWITCHES.items() if k in value and value[k] == off and type(value[k]) is type(off)),
+                None,
+            )
             if switch is not None:
                 found[path] = switch
             else:

@@ -23,6 +23,7 @@ Example::
     run = RunDir("runs/quickstart/20261201-101406-d20d09")
     print(run.read_state()["status"], run.predictions("val"), best_key("val", "auroc"))
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,18 @@ from typing import Any, Iterator, Optional
 from medtricks._atomic import atomic_path
 from medtricks.errors import ConfigError, ResourceError
 
-__all__ = ["RunDir", "best_key", "ci_keys", "gap_key", "eval_key", "PREDICTIONS_FILE",
-           "PREDICTIONS_ARTIFACT_DIR", "PREDICTIONS_EVAL_FILE", "OPERATING_POINT_FILE", "MODEL_ARTIFACT_DIR"]
+__all__ = [
+    "RunDir",
+    "best_key",
+    "ci_keys",
+    "gap_key",
+    "eval_key",
+    "PREDICTIONS_FILE",
+    "PREDICTIONS_ARTIFACT_DIR",
+    "PREDICTIONS_EVAL_FILE",
+    "OPERATING_POINT_FILE",
+    "MODEL_ARTIFACT_DIR",
+]
 
 # Per-image predictions (y_true, probs) of the best checkpoint on one split: ablations and `compare`
 # pair runs image by image from these.
@@ -50,8 +61,13 @@ MODEL_ARTIFACT_DIR = "model"
 MODEL_FILES = ("model_state.pt", "MODEL_CARD.md", "data_config.json", OPERATING_POINT_FILE)
 
 # store artifact folder -> local folder inside the run folder
-_ARTIFACT_HOME = {PREDICTIONS_ARTIFACT_DIR: "artifacts", "data": "artifacts", "tricks": "artifacts",
-                  MODEL_ARTIFACT_DIR: "model", "": ""}
+_ARTIFACT_HOME = {
+    PREDICTIONS_ARTIFACT_DIR: "artifacts",
+    "data": "artifacts",
+    "tricks": "artifacts",
+    MODEL_ARTIFACT_DIR: "model",
+    "": "",
+}
 
 # The local run store's folder inside a run folder, and the folders a search for stores never enters.
 STORE_DIR = "store"
@@ -98,8 +114,10 @@ class RunDir:
         """``<output_dir>/<experiment>``; an experiment name that is not one plain folder name is refused
         (the recipe refuses it first: ``experiment.name``)."""
         if not experiment or experiment.startswith(".") or Path(experiment).name != experiment or "\\" in experiment:
-            raise ConfigError(f"experiment.name={experiment!r} cannot name a run folder inside {output_dir}: use a "
-                              "plain name without path separators and not starting with '.'")
+            raise ConfigError(
+                f"experiment.name={experiment!r} cannot name a run folder inside {output_dir}: use a "
+                "plain name without path separators and not starting with '.'"
+            )
         return Path(output_dir) / experiment
 
     @classmethod
@@ -154,7 +172,9 @@ class RunDir:
             here = cls(dirpath)
             if STORE_DIR in dirnames and here.store_meta.is_file():
                 yield here
-            dirnames[:] = sorted(d for d in dirnames if d not in _LEAF_DIRS and not d.startswith((".", f"{STORE_DIR}.")))
+            dirnames[:] = sorted(
+                d for d in dirnames if d not in _LEAF_DIRS and not d.startswith((".", f"{STORE_DIR}."))
+            )
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["RunDir"]:
@@ -171,8 +191,10 @@ class RunDir:
         try:
             lock.acquire()
         except Timeout:
-            raise ResourceError(f"run folder {self.path} is in use by another medtricks process "
-                                f"({self.lock_holder() or 'pid unknown'}); wait for it to end, or stop it") from None
+            raise ResourceError(
+                f"run folder {self.path} is in use by another medtricks process "
+                f"({self.lock_holder() or 'pid unknown'}); wait for it to end, or stop it"
+            ) from None
         mine = f"pid {os.getpid()} on {socket.gethostname()}"
         try:
             try:

@@ -65,6 +65,7 @@ Example::
     result = run_self_train(recipe, rounds=2, noise=NoiseConfig(drop_rate=0.3))
     print(result.markdown())
 """
+
 from __future__ import annotations
 
 import json
@@ -88,9 +89,20 @@ from medtricks.rundir import RunDir, best_key, ci_keys
 from medtricks.run import run_recipe  # looked up at call time: tests wrap medtricks.self_train.run_recipe
 from medtricks.tracking import RunNotFoundError, check_store, create_store
 
-__all__ = ["NoiseConfig", "RoundPlan", "SelfTrainResult", "run_self_train", "plan_rounds", "round_overrides",
-           "round_recipe", "self_train_id", "check_unlabeled_pool", "supports_drop_path", "plot_rounds",
-           "STATE_FILE"]
+__all__ = [
+    "NoiseConfig",
+    "RoundPlan",
+    "SelfTrainResult",
+    "run_self_train",
+    "plan_rounds",
+    "round_overrides",
+    "round_recipe",
+    "self_train_id",
+    "check_unlabeled_pool",
+    "supports_drop_path",
+    "plot_rounds",
+    "STATE_FILE",
+]
 
 STATE_FILE = "self_train_state.json"
 # Keys that do not change what is trained: out of the self-training id (as in ablations).
@@ -125,8 +137,10 @@ class NoiseConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"self-train noise {key} must be a number in [0, 1), got {value!r}")
         if self.augment is not None and self.augment not in AUGMENT_PRESETS:
-            raise ConfigError(f"self-train noise augment must be one of {', '.join(AUGMENT_PRESETS)} "
-                              f"(or keep: the recipe's data.augment), got {self.augment!r}")
+            raise ConfigError(
+                f"self-train noise augment must be one of {', '.join(AUGMENT_PRESETS)} "
+                f"(or keep: the recipe's data.augment), got {self.augment!r}"
+            )
         if self.student is not None and (not isinstance(self.student, str) or not self.student.strip()):
             raise ConfigError(f"self-train student must be a model name (model.name), got {self.student!r}")
 
@@ -173,7 +187,8 @@ def check_unlabeled_pool(recipe: Recipe) -> None:
             "self-training needs an unlabelled pool for the students' pseudo-labels, and this recipe has none: "
             f"data.label_fraction is {data.label_fraction!r}, data.label_count is {data.label_count!r} and "
             "data.unlabeled is null. Set data.label_fraction below 1 (e.g. --set data.label_fraction=0.1), "
-            "data.label_count, or data.unlabeled: {root: FOLDER_OF_UNLABELLED_IMAGES}")
+            "data.label_count, or data.unlabeled: {root: FOLDER_OF_UNLABELLED_IMAGES}"
+        )
 
 
 @dataclass
@@ -207,8 +222,9 @@ def round_overrides(round_index: int, noise: NoiseConfig, *, drop_path: bool = T
     return out
 
 
-def plan_rounds(recipe: Recipe, rounds: int, noise: Optional[NoiseConfig] = None, *,
-                drop_path: Optional[bool] = None) -> list[RoundPlan]:
+def plan_rounds(
+    recipe: Recipe, rounds: int, noise: Optional[NoiseConfig] = None, *, drop_path: Optional[bool] = None
+) -> list[RoundPlan]:
     """Rounds ``0..rounds``: the teacher, then ``rounds`` noised students, each labelled by the round before.
 
     ``drop_path``: whether the student model takes stochastic depth; ``None`` asks timm
@@ -225,8 +241,10 @@ def plan_rounds(recipe: Recipe, rounds: int, noise: Optional[NoiseConfig] = None
         if noise.drop_path_rate and not drop_path:
             notes.append(f"{student} takes no drop_path_rate: the students get no stochastic depth")
     if noise.drop_rate and student.startswith("monai:"):
-        raise ConfigError(f"self-train noise drop_rate={noise.drop_rate:g}: MONAI model {student} takes no "
-                          "model.drop_rate; pass drop_rate 0 (--drop-rate 0) and set its own dropout via model.kwargs")
+        raise ConfigError(
+            f"self-train noise drop_rate={noise.drop_rate:g}: MONAI model {student} takes no "
+            "model.drop_rate; pass drop_rate 0 (--drop-rate 0) and set its own dropout via model.kwargs"
+        )
     plans = [RoundPlan(0, None, round_overrides(0, noise))]
     for k in range(1, rounds + 1):
         plans.append(RoundPlan(k, k - 1, round_overrides(k, noise, drop_path=drop_path), list(notes)))
@@ -244,8 +262,9 @@ def self_train_id(recipe: Recipe, noise: NoiseConfig) -> str:
     return recipe_digest(recipe, ignore=_NOT_IDENTITY, noise=asdict(noise), teacher_input=TEACHER_INPUT)
 
 
-def round_recipe(base: Recipe, plan: RoundPlan, *, teacher: Optional[str], out_dir: str | Path,
-                 tracking_uri: Optional[str] = None) -> Recipe:
+def round_recipe(
+    base: Recipe, plan: RoundPlan, *, teacher: Optional[str], out_dir: str | Path, tracking_uri: Optional[str] = None
+) -> Recipe:
     """The recipe of one round: its overrides, its teacher's run folder, its own output folder
     (``<out_dir>/round<k>``, so ``resume="auto"`` can only continue that round's own run)."""
     if plan.teacher_round is not None and not teacher:
@@ -254,18 +273,36 @@ def round_recipe(base: Recipe, plan: RoundPlan, *, teacher: Optional[str], out_d
     if teacher:  # set as a string, not parsed as YAML: a folder name may hold ':' or '#'
         data["tricks"]["pseudo_label"]["teacher"] = str(teacher)
     data["experiment"]["output_dir"] = str(Path(out_dir) / f"round{plan.index}")
-    data["tracking"]["run_name"] = f"{base.experiment.name} round {plan.index}" + \
-        (" (teacher)" if plan.index == 0 else " (student)")
+    data["tracking"]["run_name"] = f"{base.experiment.name} round {plan.index}" + (
+        " (teacher)" if plan.index == 0 else " (student)"
+    )
     if tracking_uri is not None:
         data["tracking"]["uri"] = tracking_uri
     return recipe_from_dict(data, source=f"self-train round {plan.index}")
 
 
 # ----------------------------------------------------------------------------------------- result
-_COLUMNS = ["round", "model", "teacher_round", "val_auroc", "val_auroc_ci_low", "val_auroc_ci_high",
-            "val_accuracy", "val_accuracy_ci_low", "val_accuracy_ci_high", "test_auroc", "test_auroc_ci_low",
-            "test_auroc_ci_high", "test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high",
-            "pseudo_kept", "run_id", "run_dir", "ran"]
+_COLUMNS = [
+    "round",
+    "model",
+    "teacher_round",
+    "val_auroc",
+    "val_auroc_ci_low",
+    "val_auroc_ci_high",
+    "val_accuracy",
+    "val_accuracy_ci_low",
+    "val_accuracy_ci_high",
+    "test_auroc",
+    "test_auroc_ci_low",
+    "test_auroc_ci_high",
+    "test_accuracy",
+    "test_accuracy_ci_low",
+    "test_accuracy_ci_high",
+    "pseudo_kept",
+    "run_id",
+    "run_dir",
+    "ran",
+]
 
 
 @dataclass
@@ -296,18 +333,25 @@ class SelfTrainResult:
         header += ["pseudo kept"]
         rows = []
         for r in self.table.itertuples():
-            row = [r.round, r.model, "-" if r.teacher_round is None or not is_finite(r.teacher_round)
-                   else f"round {int(r.teacher_round)}",
-                   fmt_mean_ci(r.val_auroc, r.val_auroc_ci_low, r.val_auroc_ci_high),
-                   fmt_mean_ci(r.val_accuracy, r.val_accuracy_ci_low, r.val_accuracy_ci_high)]
+            row = [
+                r.round,
+                r.model,
+                "-" if r.teacher_round is None or not is_finite(r.teacher_round) else f"round {int(r.teacher_round)}",
+                fmt_mean_ci(r.val_auroc, r.val_auroc_ci_low, r.val_auroc_ci_high),
+                fmt_mean_ci(r.val_accuracy, r.val_accuracy_ci_low, r.val_accuracy_ci_high),
+            ]
             if has_test:
-                row += [fmt_mean_ci(r.test_auroc, r.test_auroc_ci_low, r.test_auroc_ci_high),
-                        fmt_mean_ci(r.test_accuracy, r.test_accuracy_ci_low, r.test_accuracy_ci_high)]
+                row += [
+                    fmt_mean_ci(r.test_auroc, r.test_auroc_ci_low, r.test_auroc_ci_high),
+                    fmt_mean_ci(r.test_accuracy, r.test_accuracy_ci_low, r.test_accuracy_ci_high),
+                ]
             row += [fmt_num(r.pseudo_kept, 3)]
             rows.append(row)
         notes = list(self.notes)
-        notes.append("val: the split that also chose each round's checkpoint, not held out"
-                     + ("" if has_test else "; set data.test_fraction for held-out numbers"))
+        notes.append(
+            "val: the split that also chose each round's checkpoint, not held out"
+            + ("" if has_test else "; set data.test_fraction for held-out numbers")
+        )
         notes.append("pseudo kept: share of unlabelled images above tricks.pseudo_label.threshold in the last epoch")
         title = f"Noisy Student self-training {self.self_train_id} ({self.rounds} student round(s))"
         return "\n".join([f"### {title}", "", markdown_table(header, rows), "", *[f"- {n}" for n in notes]])
@@ -333,8 +377,15 @@ def plot_rounds(table: pd.DataFrame):
             low = pd.to_numeric(table[f"{col}_ci_low"], errors="coerce")
             high = pd.to_numeric(table[f"{col}_ci_high"], errors="coerce")
             err = [(values - low).clip(lower=0).fillna(0).tolist(), (high - values).clip(lower=0).fillna(0).tolist()]
-            ax.errorbar(rounds, values.tolist(), yerr=err, marker=marker, linestyle=styles[split], capsize=3,
-                        label=f"{split} {metric}")
+            ax.errorbar(
+                rounds,
+                values.tolist(),
+                yerr=err,
+                marker=marker,
+                linestyle=styles[split],
+                capsize=3,
+                label=f"{split} {metric}",
+            )
     ax.set_xticks(rounds)
     ax.set_xticklabels(["0\n(teacher)" if r == 0 else str(r) for r in rounds])
     ax.set_xlabel("round")
@@ -404,8 +455,14 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- main
-def run_self_train(recipe: Recipe, rounds: int = 1, *, noise: Optional[NoiseConfig] = None,
-                   tracking_uri: Optional[str] = None, quiet: bool = False) -> SelfTrainResult:
+def run_self_train(
+    recipe: Recipe,
+    rounds: int = 1,
+    *,
+    noise: Optional[NoiseConfig] = None,
+    tracking_uri: Optional[str] = None,
+    quiet: bool = False,
+) -> SelfTrainResult:
     """Noisy Student: train the teacher (round 0), then ``rounds`` noised students, each pseudo-labelling
     the unlabelled pool with the round before; see the module docstring.
 
@@ -427,11 +484,15 @@ def run_self_train(recipe: Recipe, rounds: int = 1, *, noise: Optional[NoiseConf
     notes = list(plans[-1].notes)
     student = noise.student or recipe.model.name
     if noise.student and noise.student != recipe.model.name:
-        teacher_n, student_n = _param_count(recipe.model.name, recipe.model.in_chans), \
-            _param_count(noise.student, recipe.model.in_chans)
+        teacher_n, student_n = (
+            _param_count(recipe.model.name, recipe.model.in_chans),
+            _param_count(noise.student, recipe.model.in_chans),
+        )
         if teacher_n and student_n and student_n < teacher_n:
-            message = (f"the student {noise.student} ({student_n:,} parameters) is smaller than the teacher "
-                       f"{recipe.model.name} ({teacher_n:,}): Noisy Student wants an equal or larger student")
+            message = (
+                f"the student {noise.student} ({student_n:,} parameters) is smaller than the teacher "
+                f"{recipe.model.name} ({teacher_n:,}): Noisy Student wants an equal or larger student"
+            )
             warnings.warn(message, UserWarning, stacklevel=2)
             notes.append(message)
     sid = self_train_id(recipe, noise)
@@ -448,29 +509,57 @@ def run_self_train(recipe: Recipe, rounds: int = 1, *, noise: Optional[NoiseConf
     previous = state.get("parent_run_id")
     if previous and not parent.has_run(previous):
         previous = None
-    tags = {"medtricks.role": "self_train_parent", "medtricks.self_train_id": sid,
-            "self_train.rounds": str(rounds), "self_train.dir": str(out_dir), "run_dir": str(out_dir)}
-    parent_id = parent.start(experiment=experiment, run_name=f"self-train {recipe.experiment.name} {sid[:6]}",
-                             tags=tags, resume_run_id=previous)
+    tags = {
+        "medtricks.role": "self_train_parent",
+        "medtricks.self_train_id": sid,
+        "self_train.rounds": str(rounds),
+        "self_train.dir": str(out_dir),
+        "run_dir": str(out_dir),
+    }
+    parent_id = parent.start(
+        experiment=experiment,
+        run_name=f"self-train {recipe.experiment.name} {sid[:6]}",
+        tags=tags,
+        resume_run_id=previous,
+    )
     if previous:
         parent.set_tags(tags)
     state["parent_run_id"] = parent_id
     _write_state(out_dir, state)
-    base_params = {k: v for k, v in run_params(recipe).items()
-                   if not k.startswith(("tracking.", "ablation.")) and k != "train.progress"}
-    parent.log_params({**base_params, "self_train.id": sid, "self_train.student": student,
-                       "self_train.teacher_input": TEACHER_INPUT,
-                       **{f"self_train.noise.{k}": ("keep" if v is None else v) for k, v in asdict(noise).items()
-                          if k != "student"}})
+    base_params = {
+        k: v
+        for k, v in run_params(recipe).items()
+        if not k.startswith(("tracking.", "ablation.")) and k != "train.progress"
+    }
+    parent.log_params(
+        {
+            **base_params,
+            "self_train.id": sid,
+            "self_train.student": student,
+            "self_train.teacher_input": TEACHER_INPUT,
+            **{
+                f"self_train.noise.{k}": ("keep" if v is None else v)
+                for k, v in asdict(noise).items()
+                if k != "student"
+            },
+        }
+    )
 
     try:
         done = sum(1 for p in plans if (state["rounds"].get(str(p.index)) or {}).get("status") == "finished")
-        say(f"self-train {sid}: round 0 (teacher) + {rounds} noised student round(s); {done} already finished"
-            + (f"; parent run {parent_id} in experiment {experiment!r} ({parent.describe()})" if parent_id else ""))
+        say(
+            f"self-train {sid}: round 0 (teacher) + {rounds} noised student round(s); {done} already finished"
+            + (f"; parent run {parent_id} in experiment {experiment!r} ({parent.describe()})" if parent_id else "")
+        )
         for plan in plans:
-            say(f"  round {plan.index}: {' '.join(plan.overrides)}"
-                + (f" tricks.pseudo_label.teacher=<round {plan.teacher_round}>" if plan.teacher_round is not None
-                   else ""))
+            say(
+                f"  round {plan.index}: {' '.join(plan.overrides)}"
+                + (
+                    f" tricks.pseudo_label.teacher=<round {plan.teacher_round}>"
+                    if plan.teacher_round is not None
+                    else ""
+                )
+            )
         for note in notes:
             say(f"  note: {note}")
         rows: list[dict[str, Any]] = []
@@ -488,40 +577,57 @@ def run_self_train(recipe: Recipe, rounds: int = 1, *, noise: Optional[NoiseConf
             if adopted is not None:  # finished, but killed before the state file was written
                 run_id = adopted.read_state().get("run_id")
                 try:
-                    store = create_store(child.tracking.backend, child.tracking.uri,
-                                         root=child.experiment.output_dir)
+                    store = create_store(child.tracking.backend, child.tracking.uri, root=child.experiment.output_dir)
                     row = {**_row_from_record(store.get_run(run_id), plan, model, adopted.path), "ran": False}
                     say(f"round {plan.index}: finished before ({adopted.path}), skipped")
                 except (RunNotFoundError, KeyError):
                     row = None
             if row is None:
-                say(f"round {plan.index}" + (" (teacher, labelled images only)" if plan.index == 0 else
-                                             f" (noised student, pseudo-labels from round {plan.teacher_round})"))
-                child_tags = {"medtricks.role": "self_train_child", "medtricks.self_train_id": sid,
-                              "round": str(plan.index), "teacher_round": str(plan.teacher_round)
-                              if plan.teacher_round is not None else "none",
-                              "round_overrides": " ".join(plan.overrides)}
-                result = run_recipe(child, resume="auto", parent_run_id=parent_id, extra_tags=child_tags,
-                                    quiet=quiet)
+                say(
+                    f"round {plan.index}"
+                    + (
+                        " (teacher, labelled images only)"
+                        if plan.index == 0
+                        else f" (noised student, pseudo-labels from round {plan.teacher_round})"
+                    )
+                )
+                child_tags = {
+                    "medtricks.role": "self_train_child",
+                    "medtricks.self_train_id": sid,
+                    "round": str(plan.index),
+                    "teacher_round": str(plan.teacher_round) if plan.teacher_round is not None else "none",
+                    "round_overrides": " ".join(plan.overrides),
+                }
+                result = run_recipe(child, resume="auto", parent_run_id=parent_id, extra_tags=child_tags, quiet=quiet)
                 row = {**_row_from_result(result, plan, model), "ran": True}
-                step_metrics = {f"self_train/{k}": float(row[k]) for k in
-                                ("val_auroc", "val_accuracy", "test_auroc", "test_accuracy", "pseudo_kept")
-                                if is_finite(row.get(k))}
+                step_metrics = {
+                    f"self_train/{k}": float(row[k])
+                    for k in ("val_auroc", "val_accuracy", "test_auroc", "test_accuracy", "pseudo_kept")
+                    if is_finite(row.get(k))
+                }
                 parent.log_metrics(step_metrics, step=plan.index)
-            state["rounds"][str(plan.index)] = {"status": "finished", "run_dir": row["run_dir"],
-                                                "run_id": row["run_id"],
-                                                "row": _json_safe({k: v for k, v in row.items() if k != "ran"})}
+            state["rounds"][str(plan.index)] = {
+                "status": "finished",
+                "run_dir": row["run_dir"],
+                "run_id": row["run_id"],
+                "row": _json_safe({k: v for k, v in row.items() if k != "ran"}),
+            }
             _write_state(out_dir, state)
             rows.append(row)
 
         table = pd.DataFrame(rows, columns=_COLUMNS)
-        result = SelfTrainResult(table=table, self_train_id=sid, rounds=rounds, parent_run_id=parent_id,
-                                 output_dir=out_dir, notes=notes)
+        result = SelfTrainResult(
+            table=table, self_train_id=sid, rounds=rounds, parent_run_id=parent_id, output_dir=out_dir, notes=notes
+        )
         _write_outputs(result, parent, say)
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt)
-        parent.set_tags({"self_train.status": "interrupted" if interrupted else "error",
-                         "medtricks.error": redact_paths(f"{type(err).__name__}: {err}", recipe.data.root)[:5000]})
+        parent.set_tags(
+            {
+                "self_train.status": "interrupted" if interrupted else "error",
+                "medtricks.error": redact_paths(f"{type(err).__name__}: {err}", recipe.data.root)[:5000],
+            }
+        )
         parent.end("KILLED" if interrupted else "FAILED")
         raise
     return result
@@ -544,6 +650,11 @@ def _write_outputs(result: SelfTrainResult, parent, say) -> None:
     for path in files:
         parent.log_artifact(path, "self_train")
     final = result.table.iloc[-1]
-    parent.set_tags({"self_train.status": "complete", "self_train.final_run_dir": str(final["run_dir"]),
-                     "self_train.final_run_id": str(final["run_id"])})
+    parent.set_tags(
+        {
+            "self_train.status": "complete",
+            "self_train.final_run_dir": str(final["run_dir"]),
+            "self_train.final_run_id": str(final["run_id"]),
+        }
+    )
     parent.end("FINISHED")

@@ -1,4 +1,5 @@
 """Shared pytest fixtures: real-data location and small-data helpers."""
+
 from __future__ import annotations
 
 import os
@@ -102,6 +103,7 @@ def binary_phantom_card(folder: Path, name: str = "binary-phantoms", classes=("n
 def fit_killed_after_epoch(real_fit, epoch: int):
     """``medtricks.run.fit`` that logs epoch ``epoch`` and then dies (KeyboardInterrupt), as a kill would after the
     checkpoint: monkeypatch it in, run, then resume with the real ``fit``."""
+
     def killed(*args, on_epoch=None, **kwargs):
         def on_epoch_then_die(step, metrics):
             on_epoch(step, metrics)

@@ -1,6 +1,7 @@
 """run_ablation: one parent, one child per (variant, seed), a table equal to the children's metrics,
 resume, failures. The fast tests stand in a deterministic trainer for run_recipe (orchestration
 only); the slow test trains real tiny models."""
+
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,17 +17,29 @@ from medtricks.recipe import load_recipe
 from medtricks.rundir import RunDir
 from medtricks.tracking import create_store
 
-TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=50",
-        "train.progress=false", "eval.plots=false", "tracking.log_model=false"]
+TINY = [
+    "data.synth.n=60",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.n_bootstrap=50",
+    "train.progress=false",
+    "eval.plots=false",
+    "tracking.log_model=false",
+]
 CLASSES = ["normal", "bacterial", "covid"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture
 def base(tmp_path):
-    return load_recipe(RECIPES / "paper_baseline.yaml",
-                       overrides=[*TINY, f"experiment.output_dir={tmp_path / 'runs'}", "experiment.name=abl"])
+    return load_recipe(
+        RECIPES / "paper_baseline.yaml",
+        overrides=[*TINY, f"experiment.output_dir={tmp_path / 'runs'}", "experiment.name=abl"],
+    )
 
 
 class FakeTrainer:
@@ -43,9 +56,12 @@ class FakeTrainer:
         tracker = create_store(recipe.tracking.backend, recipe.tracking.uri)
         run_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / "run"
         (run_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
-                               run_name=recipe.tracking.run_name, parent_run_id=parent_run_id,
-                               tags={"run_dir": str(run_dir), **extra_tags})
+        run_id = tracker.start(
+            experiment=recipe.tracking.experiment or recipe.experiment.name,
+            run_name=recipe.tracking.run_name,
+            parent_run_id=parent_run_id,
+            tags={"run_dir": str(run_dir), **extra_tags},
+        )
         if self.fail_on == (extra_tags["variant"], seed):
             tracker.end("FAILED")
             raise RuntimeError("simulated out of memory")
@@ -79,7 +95,11 @@ def test_ablation_parent_children_table_and_resume(mlflow_uri, base, monkeypatch
     assert result.parent_run_id == parent.info.run_id and parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {parent.info.run_id}
     assert sorted((r.data.tags["variant"], r.data.tags["seed"]) for r in kids) == [
-        ("+warmup", "0"), ("+warmup", "1"), ("baseline", "0"), ("baseline", "1")]
+        ("+warmup", "0"),
+        ("+warmup", "1"),
+        ("baseline", "0"),
+        ("baseline", "1"),
+    ]
     assert {r.data.tags["medtricks.ablation_id"] for r in kids} == {result.ablation_id}
     # every child resumes its own folder only; the seed is the only thing that differs within a variant
     assert all(resume == "auto" for _, _, resume in fake.calls)
@@ -91,19 +111,28 @@ def test_ablation_parent_children_table_and_resume(mlflow_uri, base, monkeypatch
         assert table.loc[variant, "mean"] == pytest.approx(np.mean([logged[(variant, s)] for s in (0, 1)]))
         assert table.loc[variant, "n_seeds"] == 2
     assert table.loc["+warmup", "delta"] == pytest.approx(
-        np.mean([logged[("+warmup", s)] - logged[("baseline", s)] for s in (0, 1)]))
+        np.mean([logged[("+warmup", s)] - logged[("baseline", s)] for s in (0, 1)])
+    )
     child_rows = result.children.set_index(["variant", "seed"])
     for (variant, seed), value in logged.items():
         assert child_rows.loc[(variant, seed), "value"] == pytest.approx(value)
     assert math.isfinite(table.loc["+warmup", "boot_delta"]) and table.loc["+warmup", "boot_delta"] > 0
-    assert table.loc["+warmup", "boot_ci_low"] <= table.loc["+warmup", "boot_delta"] <= table.loc["+warmup", "boot_ci_high"]
+    assert (
+        table.loc["+warmup", "boot_ci_low"]
+        <= table.loc["+warmup", "boot_delta"]
+        <= table.loc["+warmup", "boot_ci_high"]
+    )
 
     # printed and logged: markdown, CSV, forest plot
     printed = capsys.readouterr().out
     assert "| + warmup " in printed and "val/auroc mean [95% CI]" in printed
     artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent.info.run_id, "ablation")}
-    assert artifacts == {"ablation/ablation_table.md", "ablation/ablation_table.csv", "ablation/children.csv",
-                         "ablation/forest.png"}
+    assert artifacts == {
+        "ablation/ablation_table.md",
+        "ablation/ablation_table.csv",
+        "ablation/children.csv",
+        "ablation/forest.png",
+    }
     assert "+warmup" in result.to_csv() and result.markdown().count("| + warmup ") == 1
     assert parent.data.metrics["ablation/v01_warmup/mean"] == pytest.approx(table.loc["+warmup", "mean"])
 
@@ -180,10 +209,18 @@ def test_bad_arguments_fail_before_training(base, monkeypatch):
 def test_real_two_by_two_ablation(mlflow_uri, base):
     """2 variants x 2 seeds of real tiny training on synthetic phantoms (two worker processes),
     then a resume that adds a third seed."""
-    root = Path(mlflow_uri[len("sqlite:///"):]).parent
-    recipe = load_recipe(RECIPES / "quickstart.yaml", overrides=[
-        *TINY, "train.epochs=2", "experiment.name=abl", f"experiment.output_dir={root / 'runs'}",
-        f"data.root={root / 'phantoms'}", "tricks.bn_gamma.strategy=none"])
+    root = Path(mlflow_uri[len("sqlite:///") :]).parent
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml",
+        overrides=[
+            *TINY,
+            "train.epochs=2",
+            "experiment.name=abl",
+            f"experiment.output_dir={root / 'runs'}",
+            f"data.root={root / 'phantoms'}",
+            "tricks.bn_gamma.strategy=none",
+        ],
+    )
     result = run_ablation(recipe, ["mixup=0.2"], seeds=2, jobs=2, quiet=True)
     parents, kids = _children(mlflow_uri)
     assert len(parents) == 1 and len(kids) == 4 and not result.failed
@@ -196,7 +233,8 @@ def test_real_two_by_two_ablation(mlflow_uri, base):
     for variant in ("baseline", "+mixup=0.2"):
         assert table.loc[variant, "mean"] == pytest.approx(np.mean([logged[(variant, s)] for s in (0, 1)]))
     assert table.loc["+mixup=0.2", "delta"] == pytest.approx(
-        np.mean([logged[("+mixup=0.2", s)] - logged[("baseline", s)] for s in (0, 1)]))
+        np.mean([logged[("+mixup=0.2", s)] - logged[("baseline", s)] for s in (0, 1)])
+    )
     saved = all((Path(d) / "artifacts" / "predictions_val.npz").is_file() for d in result.children["run_dir"])
     if saved:  # run.py keeps per-image predictions: the image bootstrap is in the table
         assert math.isfinite(table.loc["+mixup=0.2", "boot_delta"])

@@ -1,4 +1,5 @@
 """Ablation statistics against scipy on known data, and the image-level paired bootstrap."""
+
 import math
 
 import numpy as np
@@ -7,8 +8,13 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from medtricks.ablation.table import (format_ablation_markdown, higher_is_better, image_bootstrap_delta,
-                                      metric_keys, summarize_groups)
+from medtricks.ablation.table import (
+    format_ablation_markdown,
+    higher_is_better,
+    image_bootstrap_delta,
+    metric_keys,
+    summarize_groups,
+)
 from medtricks.evaluate.metrics import paired_bootstrap_delta
 
 BASE = [0.80, 0.82, 0.81, 0.79, 0.83]
@@ -123,7 +129,14 @@ def test_markdown_carries_seeds_mean_and_ci():
     lines = md.splitlines()
     assert lines[0] == "### demo"
     header = lines[2]
-    for col in ("seeds", "val/auroc mean [95% CI]", "Δ vs baseline [95% CI]", "p (paired t)", "Δ vs previous", "verdict"):
+    for col in (
+        "seeds",
+        "val/auroc mean [95% CI]",
+        "Δ vs baseline [95% CI]",
+        "p (paired t)",
+        "Δ vs previous",
+        "verdict",
+    ):
         assert col in header
     warm = next(line for line in lines if line.startswith("| +warmup "))
     row = table.set_index("variant").loc["+warmup"]
@@ -144,17 +157,24 @@ def test_unpaired_interval_is_welch_and_pairing_gain_is_reported():
     gains = []
     for name in ("+warmup", "+warmup +cosine"):
         r = table.set_index("variant").loc[name]
-        gains.append((r["delta_unpaired_ci_high"] - r["delta_unpaired_ci_low"]) / (r["delta_ci_high"] - r["delta_ci_low"]))
+        gains.append(
+            (r["delta_unpaired_ci_high"] - r["delta_unpaired_ci_low"]) / (r["delta_ci_high"] - r["delta_ci_low"])
+        )
     from medtricks.ablation.table import pairing_gain
+
     assert pairing_gain(table) == pytest.approx(float(np.median(gains)))
     assert f"{pairing_gain(table):.2g}x narrower" in format_ablation_markdown(table, metric="test/auroc")
 
 
 def test_pairing_gain_below_one_when_seeds_anticorrelate():
     # a variant whose seed effects run against the baseline's: pairing widens the interval, and the table says so
-    runs = pd.DataFrame([("baseline", s, v) for s, v in enumerate([0.80, 0.82, 0.84, 0.86])]
-                        + [("+x", s, v) for s, v in enumerate([0.86, 0.84, 0.82, 0.80])], columns=["variant", "seed", "value"])
+    runs = pd.DataFrame(
+        [("baseline", s, v) for s, v in enumerate([0.80, 0.82, 0.84, 0.86])]
+        + [("+x", s, v) for s, v in enumerate([0.86, 0.84, 0.82, 0.80])],
+        columns=["variant", "seed", "value"],
+    )
     from medtricks.ablation.table import pairing_gain
+
     table = summarize_groups(runs, ["baseline", "+x"])
     assert pairing_gain(table) < 1.0
     one = summarize_groups(runs[runs.seed == 0], ["baseline", "+x"])  # one seed: no interval, no gain

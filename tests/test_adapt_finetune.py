@@ -4,6 +4,7 @@ cross-fitted by patient, then once on every site image.
 One tiny parent (resnet18, binary phantoms at 32 px, one epoch, local run store) and one cross-fit through the
 command line (3 folds, 1 epoch) are made once per module; the other tests read them, or rerun the command.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,14 +31,42 @@ def _one_salt(monkeypatch):
 
 
 def _args(parent_dir, card, site, out, *extra):
-    return ["adapt", str(parent_dir), "--method", "finetune", "--card", str(card), "--root", str(site), "--folds",
-            str(FOLDS), "--epochs", "1", "--batch-size", "8", "--n-bootstrap", "20", "--out-dir", str(out), *extra]
+    return [
+        "adapt",
+        str(parent_dir),
+        "--method",
+        "finetune",
+        "--card",
+        str(card),
+        "--root",
+        str(site),
+        "--folds",
+        str(FOLDS),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--n-bootstrap",
+        "20",
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def _kwargs(parent_dir, card, site, out):
     """The Python call that is the same cross-fit as :func:`_args`."""
-    return dict(ref=str(parent_dir), card=str(card), root=str(site), folds=FOLDS, epochs=1, batch_size=8,
-                n_bootstrap=20, output_dir=str(out), progress=False)
+    return dict(
+        ref=str(parent_dir),
+        card=str(card),
+        root=str(site),
+        folds=FOLDS,
+        epochs=1,
+        batch_size=8,
+        n_bootstrap=20,
+        output_dir=str(out),
+        progress=False,
+    )
 
 
 def _counting(monkeypatch):
@@ -69,12 +98,28 @@ def crossfit(tmp_path_factory):
         synthesize_phantoms(tmp / "data", n=60, classes=("normal", "pneumonia"), size=32, seed=0)
         synthesize_phantoms(tmp / "site", n=60, classes=("normal", "pneumonia"), size=32, seed=5)
         card = binary_phantom_card(tmp)
-        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-            f"data.card={card}", "data.synth=null", f"data.root={tmp / 'data'}", "data.image_size=32",
-            "data.val_fraction=0.25", "data.test_fraction=0.2", "model.name=resnet18", "model.weights=none",
-            "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=0", "eval.plots=false",
-            "train.progress=false", "schedule.warmup_epochs=0", "tracking.backend=none",
-            f"experiment.output_dir={tmp / 'runs'}", "experiment.name=parent"])
+        recipe = load_recipe(
+            ROOT / "recipes" / "quickstart.yaml",
+            overrides=[
+                f"data.card={card}",
+                "data.synth=null",
+                f"data.root={tmp / 'data'}",
+                "data.image_size=32",
+                "data.val_fraction=0.25",
+                "data.test_fraction=0.2",
+                "model.name=resnet18",
+                "model.weights=none",
+                "train.epochs=1",
+                "train.batch_size=16",
+                "eval.n_bootstrap=0",
+                "eval.plots=false",
+                "train.progress=false",
+                "schedule.warmup_epochs=0",
+                "tracking.backend=none",
+                f"experiment.output_dir={tmp / 'runs'}",
+                "experiment.name=parent",
+            ],
+        )
         parent = run_recipe(recipe, quiet=True)
         calls = _counting(mp)
         out, err = io.StringIO(), io.StringIO()
@@ -118,9 +163,17 @@ def test_patient_folds_are_patient_disjoint_stratified_and_cover_every_image():
 def test_cli_prints_the_comparison_and_trains_every_fold_then_the_final_run(crossfit):
     text = crossfit["out"]
     assert [c["name"] for c in crossfit["calls"]] == [f"fold{k}" for k in range(1, FOLDS + 1)] + ["parent-finetune"]
-    for needed in ("out-of-the-box", "fine-tuned", "Youden on each fold's validation part", "threshold 0.5",
-                   "parent's stored threshold", "Δ AUROC fine-tuned − out-of-the-box", f"in {FOLDS} folds",
-                   f"final run: {_final(crossfit)}", "mean of the fold Youden thresholds"):
+    for needed in (
+        "out-of-the-box",
+        "fine-tuned",
+        "Youden on each fold's validation part",
+        "threshold 0.5",
+        "parent's stored threshold",
+        "Δ AUROC fine-tuned − out-of-the-box",
+        f"in {FOLDS} folds",
+        f"final run: {_final(crossfit)}",
+        "mean of the fold Youden thresholds",
+    ):
         assert needed in text, needed
     assert str(crossfit["tmp"] / "site") not in text  # the site folder is named by its salted id only
 
@@ -128,21 +181,24 @@ def test_cli_prints_the_comparison_and_trains_every_fold_then_the_final_run(cros
 def test_the_folds_are_patient_disjoint_and_score_every_site_image_exactly_once(crossfit):
     from medtricks.data import build_manifest, export_manifest
 
-    site = export_manifest(build_manifest(crossfit["card"], crossfit["tmp"] / "site", val_fraction=0.2),
-                           crossfit["tmp"] / "site")
+    site = export_manifest(
+        build_manifest(crossfit["card"], crossfit["tmp"] / "site", val_fraction=0.2), crossfit["tmp"] / "site"
+    )
     held, test_patients = [], []
     for run in _fold_runs(crossfit):
         rows = pd.read_csv(run / "artifacts" / "split_manifest.csv")
         test = rows[rows["split"] == "test"]
         assert set(test["patient"]).isdisjoint(rows.loc[rows["split"] != "test", "patient"])  # patient-disjoint
-        assert set(rows.loc[rows["split"] == "val", "patient"]).isdisjoint(rows.loc[rows["split"] == "train", "patient"])
+        assert set(rows.loc[rows["split"] == "val", "patient"]).isdisjoint(
+            rows.loc[rows["split"] == "train", "patient"]
+        )
         assert len(rows) == len(site)  # every fold run sees the whole sample, split three ways
         held += list(test["image_id"])
         test_patients.append(set(test["patient"]))
         y = np.load(run / "artifacts" / "predictions_test.npz")["y_true"]
         assert len(y) == len(test)
     assert sorted(held) == sorted(site["image_id"])  # every image held out exactly once
-    assert all(a.isdisjoint(b) for i, a in enumerate(test_patients) for b in test_patients[i + 1:])
+    assert all(a.isdisjoint(b) for i, a in enumerate(test_patients) for b in test_patients[i + 1 :])
     record = json.loads((_final(crossfit) / "model" / "adaptation.json").read_text())
     assert sum(f["n_test"] for f in record["crossfit"]["fold_runs"]) == len(site) == record["sample"]["n_images"]
 
@@ -196,18 +252,37 @@ def test_a_card_with_other_classes_and_finetune_without_a_card_are_refused(cross
     parent, tmp = crossfit["parent"], crossfit["tmp"]
     other = binary_phantom_card(tmp_path, name="other-phantoms", classes=("normal", "bacterial"))
     with pytest.raises(ConfigError, match=r"\['normal', 'bacterial'\].*\['normal', 'pneumonia'\]"):
-        finetune_run(str(parent.run_dir), card=str(other), root=str(tmp / "site"), output_dir=str(tmp_path),
-                     progress=False)
+        finetune_run(
+            str(parent.run_dir), card=str(other), root=str(tmp / "site"), output_dir=str(tmp_path), progress=False
+        )
     assert not any(tmp_path.glob("finetune-*"))  # refused before anything was written
     assert main(["adapt", str(parent.run_dir), "--method", "finetune", "--root", str(tmp / "site")]) == 2
     assert "--card" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--card C"):
         adapt_run(str(parent.run_dir), root=str(tmp / "site"), method="finetune")
     with pytest.raises(ConfigError, match="data.root"):
-        finetune_run(str(parent.run_dir), card=str(crossfit["card"]), root=str(tmp / "site"),
-                     overrides=["data.root=/elsewhere"], progress=False)
-    assert main(["adapt", str(parent.run_dir), "--method", "adabn", "--root", str(tmp / "site"), "--card",
-                 str(crossfit["card"])]) == 2
+        finetune_run(
+            str(parent.run_dir),
+            card=str(crossfit["card"]),
+            root=str(tmp / "site"),
+            overrides=["data.root=/elsewhere"],
+            progress=False,
+        )
+    assert (
+        main(
+            [
+                "adapt",
+                str(parent.run_dir),
+                "--method",
+                "adabn",
+                "--root",
+                str(tmp / "site"),
+                "--card",
+                str(crossfit["card"]),
+            ]
+        )
+        == 2
+    )
     assert "for --method finetune only" in capsys.readouterr().err
 
 
@@ -230,7 +305,9 @@ def test_the_same_command_again_skips_finished_folds_and_continues_an_interrupte
     resumed = finetune_run(overrides=["eval.plots=false"], **kwargs)
     assert [(c["name"], c["resume"]) for c in calls] == [("fold2", "auto")] and resumed.trained_folds == 1
     assert json.loads((fold2 / "state.json").read_text())["status"] == "finished"  # the same folder, continued
-    assert resumed.metrics["models"]["finetuned"]["auroc"] == first["crossfit"]["metrics"]["models"]["finetuned"]["auroc"]
+    assert (
+        resumed.metrics["models"]["finetuned"]["auroc"] == first["crossfit"]["metrics"]["models"]["finetuned"]["auroc"]
+    )
     # other settings are another cross-fit: a new folder, nothing of this one reused
     other = finetune_run(overrides=["eval.plots=false", "optim.lr=0.001"], **{**kwargs, "folds": 2})
     assert other.crossfit_dir != again.crossfit_dir and other.trained_folds == 2 and not other.final_reused

@@ -1,5 +1,6 @@
 """Issue 19: adversarial training as a trick (PGD-AT, FGSM-RS, TRADES) -- budget, box, untouched
 optimizer/BN state, TRADES' loss by hand, robustness gained on a toy task, recipe and ablate."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -21,15 +22,17 @@ MEAN, STD = (0.5,), (0.25,)
 
 def _conv_model(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
 
 
 def _trick(method, **kw):
     cfg = AdversarialConfig(method=method, **kw)
     recipe = SimpleNamespace(tricks=SimpleNamespace(adversarial=cfg, mixup_alpha=0.0, cutmix_alpha=0.0))
-    return AdversarialTraining(recipe, TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"),
-                                                    mean=MEAN, std=STD))
+    return AdversarialTraining(
+        recipe, TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"), mean=MEAN, std=STD)
+    )
 
 
 def _stats(model):
@@ -85,8 +88,12 @@ def test_trades_attack_in_eval_mode_and_its_loss_by_hand():
         assert torch.equal(value, before[key]), key
     logits = model(images)
     extra = trick.extra_loss(model, images, targets, logits)
-    by_hand = 6.0 * (F.softmax(logits, 1) * (F.log_softmax(logits, 1)
-                                            - F.log_softmax(model((x_adv - 0.5) / 0.25), 1))).sum(1).mean()
+    by_hand = (
+        6.0
+        * (F.softmax(logits, 1) * (F.log_softmax(logits, 1) - F.log_softmax(model((x_adv - 0.5) / 0.25), 1)))
+        .sum(1)
+        .mean()
+    )
     assert extra.item() == pytest.approx(by_hand.item(), rel=1e-5, abs=1e-7)
     assert trick.extra_loss(model, images, targets, logits) is None  # one KL term per attacked batch
 
@@ -164,8 +171,9 @@ def test_bad_adversarial_settings_are_refused_with_the_key():
         AdversarialConfig(method="trades", ratio=0.5)
     with pytest.raises(ValueError):
         AdversarialConfig(method="pgd", eps=2.0)  # eps is a pixel intensity in [0, 1]
-    recipe = SimpleNamespace(tricks=SimpleNamespace(adversarial=AdversarialConfig(method="trades"),
-                                                    mixup_alpha=0.2, cutmix_alpha=0.0))
+    recipe = SimpleNamespace(
+        tricks=SimpleNamespace(adversarial=AdversarialConfig(method="trades"), mixup_alpha=0.2, cutmix_alpha=0.0)
+    )
     with pytest.raises(ConfigError, match="'trades' cannot be combined with tricks.mixup_alpha"):
         AdversarialTraining(recipe, TrickContext(recipe=recipe, classes=["a", "b"], mean=MEAN, std=STD))
 
@@ -176,8 +184,9 @@ def test_a_recipe_trains_with_fgsm_rs_tags_it_and_resumes_exactly(tmp_path, monk
     assert "adversarial=fgsm_rs@2/255" in full.tracker.tags["tricks"]
     assert full.tracker.params["adversarial.resolved_alpha"] == "2.5/255"
     resumed = killed_then_resumed(monkeypatch, _tiny(tmp_path, *extra, f"experiment.output_dir={tmp_path / 'r2'}"))
-    assert [h["train/epoch_loss"] for h in resumed.history] == \
-        pytest.approx([h["train/epoch_loss"] for h in full.history], abs=1e-6)
+    assert [h["train/epoch_loss"] for h in resumed.history] == pytest.approx(
+        [h["train/epoch_loss"] for h in full.history], abs=1e-6
+    )
 
 
 def test_trades_with_mixup_is_a_recipe_error(tmp_path):

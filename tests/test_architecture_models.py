@@ -1,5 +1,6 @@
 """Layout of medtricks.models / medtricks.audit after the split: names stay where they were
 importable, modules stay small and cheap to import, errors derive from MedtricksError."""
+
 from __future__ import annotations
 
 import subprocess
@@ -23,8 +24,13 @@ def test_models_modules_stay_small(path):
 def test_weights_still_exports_the_state_dict_helpers():
     from medtricks.models import state_dict, weights
 
-    for name in ("parse_file_spec", "read_state_dict", "normalize_state_dict", "default_key_map",
-                 "map_lite_state_dict"):
+    for name in (
+        "parse_file_spec",
+        "read_state_dict",
+        "normalize_state_dict",
+        "default_key_map",
+        "map_lite_state_dict",
+    ):
         assert getattr(weights, name) is getattr(state_dict, name)
         assert name in weights.__all__
     for name in weights.__all__:
@@ -51,8 +57,10 @@ def test_package_exports_resolve():
 
 
 def test_weights_zoo_imports_without_torch():
-    code = ("import sys; import medtricks.models.weights, medtricks.models.state_dict, medtricks.models.model_names; "
-            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    code = (
+        "import sys; import medtricks.models.weights, medtricks.models.state_dict, medtricks.models.model_names; "
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -63,9 +71,15 @@ def _error_classes():
     from medtricks.models.weights import WeightsUnavailableError
     from medtricks.train.engine import NonFiniteLossError
 
-    user_errors = [(DataError, ValueError), (CardError, ValueError), (BadImageError, ValueError),
-                   (ManifestError, ValueError), (LeakageError, ValueError),
-                   (WeightsUnavailableError, FileNotFoundError), (NonFiniteLossError, RuntimeError)]
+    user_errors = [
+        (DataError, ValueError),
+        (CardError, ValueError),
+        (BadImageError, ValueError),
+        (ManifestError, ValueError),
+        (LeakageError, ValueError),
+        (WeightsUnavailableError, FileNotFoundError),
+        (NonFiniteLossError, RuntimeError),
+    ]
     return user_errors, PerturbationBudgetError
 
 

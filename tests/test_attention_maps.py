@@ -1,5 +1,6 @@
 """Issue 32: attention maps of a ViT (rollout, mean attention distance, the recomputed timm weights),
 per-stage maps of a CNN, `medtricks attention`, and CKA across architectures (ViT blocks vs CNN stages)."""
+
 import json
 import math
 from pathlib import Path
@@ -13,8 +14,13 @@ from torch import nn
 
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.evaluate.attention_capture import AttentionProbe, StageProbe, attention_probs, cnn_stages, find_vit
-from medtricks.evaluate.attention_stats import (attention_rollout, class_token_maps, mean_attention_distance,
-                                                normalise_maps, patch_distances)
+from medtricks.evaluate.attention_stats import (
+    attention_rollout,
+    class_token_maps,
+    mean_attention_distance,
+    normalise_maps,
+    patch_distances,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +77,10 @@ def test_uniform_attention_distance_is_the_mean_pairwise_distance_and_ignores_th
     attn[:, 1, :, 1:] = 0.3 / (g * g)
     d = mean_attention_distance(attn, (g, g), p, num_prefix_tokens=1)
     assert d.shape == (1, 2) and torch.allclose(d, torch.full((1, 2), brute, dtype=torch.float64))
-    assert torch.allclose(patch_distances((g, g), (p, p)),
-                          torch.tensor([[math.dist(a, b) for b in centres] for a in centres], dtype=torch.float64))
+    assert torch.allclose(
+        patch_distances((g, g), (p, p)),
+        torch.tensor([[math.dist(a, b) for b in centres] for a in centres], dtype=torch.float64),
+    )
 
 
 def test_local_attention_distances_identity_zero_neighbours_one_patch():
@@ -82,8 +90,9 @@ def test_local_attention_distances_identity_zero_neighbours_one_patch():
     neighbours = torch.zeros(g * g, g * g)
     for i in range(g):
         for j in range(g):
-            near = [(i + di, j + dj) for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1))
-                    if 0 <= i + di < g and 0 <= j + dj < g]
+            near = [
+                (i + di, j + dj) for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)) if 0 <= i + di < g and 0 <= j + dj < g
+            ]
             for a, b in near:
                 neighbours[i * g + j, a * g + b] = 1.0 / len(near)
     assert mean_attention_distance(neighbours[None, None], (g, g), p).item() == pytest.approx(p)
@@ -178,8 +187,8 @@ def test_cka_capture_between_a_vit_and_a_cnn_at_different_image_sizes():
     assert default_layers(cnn, "stage") == ["layer1", "layer2", "layer3", "layer4"]
     assert len(default_layers(cnn)) == 8 and default_layers(vit, "stage") == default_layers(vit)
     images = torch.rand(16, 3, 48, 48)
-    loader_a = [(images[i:i + 8, :, 8:40, 8:40], None) for i in (0, 8)]  # 32 px for the ViT
-    loader_b = [(images[i:i + 8], None) for i in (0, 8)]  # the same images at 48 px for the CNN
+    loader_a = [(images[i : i + 8, :, 8:40, 8:40], None) for i in (0, 8)]  # 32 px for the ViT
+    loader_b = [(images[i : i + 8], None) for i in (0, 8)]  # the same images at 48 px for the CNN
     layers_a, layers_b = default_layers(vit), select_layers(cnn, granularity="stage")
     m = capture_cka(vit, cnn, loader_a, loader_b, layers_a, layers_b, method="linear")
     assert m.shape == (3, 4) and np.all((m > 0) & (m <= 1 + 1e-9))
@@ -187,9 +196,20 @@ def test_cka_capture_between_a_vit_and_a_cnn_at_different_image_sizes():
         select_layers(cnn, "blocks.*", option="--layers-b")
     with pytest.raises(ConfigError, match="--granularity 'layer'"):
         default_layers(cnn, "layer")
-    result = CKAResult(matrix=m, layers_a=layers_a, layers_b=layers_b, label_a="vit", label_b="cnn", method="linear",
-                       n_images=16, data="test", batch_size=8, granularity="stage", model_a="vit_tiny_patch16_224",
-                       model_b="resnet18")
+    result = CKAResult(
+        matrix=m,
+        layers_a=layers_a,
+        layers_b=layers_b,
+        label_a="vit",
+        label_b="cnn",
+        method="linear",
+        n_images=16,
+        data="test",
+        batch_size=8,
+        granularity="stage",
+        model_a="vit_tiny_patch16_224",
+        model_b="resnet18",
+    )
     assert result.diagonal is None and result.metrics() == {}
     table = result.table()
     assert "most similar layer of B" in table and "blocks.2" in table
@@ -211,18 +231,36 @@ def _tiny_run(tmp, *extra):
     from medtricks.recipe import load_recipe
     from medtricks.run import run_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=24", "data.synth.size=32", "data.image_size=32", "model.weights=none", "train.epochs=1",
-        "train.batch_size=8", "eval.n_bootstrap=10", "train.progress=false", "schedule.warmup_epochs=0",
-        f"data.root={tmp / 'phantoms'}", f"experiment.output_dir={tmp / 'runs'}", "tracking.backend=none", *extra])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=24",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"data.root={tmp / 'phantoms'}",
+            f"experiment.output_dir={tmp / 'runs'}",
+            "tracking.backend=none",
+            *extra,
+        ],
+    )
     return run_recipe(recipe, quiet=True)
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attention")
-    vit = _tiny_run(tmp, "model.name=vit_tiny_patch16_224", "tricks.bn_gamma.strategy=none",
-                    "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}")
+    vit = _tiny_run(
+        tmp,
+        "model.name=vit_tiny_patch16_224",
+        "tricks.bn_gamma.strategy=none",
+        "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
+    )
     cnn = _tiny_run(tmp, "model.name=resnet18", "data.image_size=48")  # another architecture and image size
     return vit, cnn, tmp
 
@@ -235,14 +273,17 @@ def test_attention_command_on_a_vit_and_a_cnn_run(two_runs, capsys):
     vit, cnn, tmp = two_runs
     images = tmp / "phantoms" / "images"
     out = tmp / "att_vit"
-    assert main(["attention", str(vit.run_dir), "--images", str(images), "--max-images", "3", "--out", str(out),
-                 "--log"]) == 0
+    assert (
+        main(["attention", str(vit.run_dir), "--images", str(images), "--max-images", "3", "--out", str(out), "--log"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "mean attention distance" in text and "blocks.1" in text and "logged to" in text
     saved = json.loads((out / "attention.json").read_text())
     assert saved["kind"] == "vit" and saved["layers"] == ["blocks.0", "blocks.1"] and saved["grid"] == [4, 4]
-    assert len(saved["images"]) == 3 and all(Path(i).suffix == ".png" and not Path(i).is_absolute()
-                                             for i in saved["images"])
+    assert len(saved["images"]) == 3 and all(
+        Path(i).suffix == ".png" and not Path(i).is_absolute() for i in saved["images"]
+    )
     per_layer = saved["mean_attention_distance"]["per_layer"]
     assert len(per_layer) == 2 and all(0 < d < 8 * math.hypot(3, 3) for d in per_layer)
     assert np.array(saved["rollout"]["per_image"][saved["images"][0]]).shape == (4, 4)
@@ -273,14 +314,52 @@ def test_cka_command_between_a_vit_and_a_cnn_trained_at_other_sizes(two_runs, ca
 
     vit, cnn, tmp = two_runs
     out = tmp / "cka_cross"
-    assert main(["cka", str(vit.run_dir), str(cnn.run_dir), "--granularity", "stage", "--split", "all",
-                 "--n", "16", "--batch-size", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "cka",
+                str(vit.run_dir),
+                str(cnn.run_dir),
+                "--granularity",
+                "stage",
+                "--split",
+                "all",
+                "--n",
+                "16",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "most similar layer of B" in capsys.readouterr().out
     saved = json.loads((out / "cka.json").read_text())
     assert saved["layers_a"] == ["blocks.0", "blocks.1"]
     assert saved["layers_b"] == ["layer1", "layer2", "layer3", "layer4"]
     assert saved["diagonal"] is None and saved["model_b"] == "resnet18"
-    assert main(["cka", str(vit.run_dir), str(cnn.run_dir), "--layers", "blocks.1", "--layers-b", "layer4",
-                 "--split", "all", "--n", "8", "--batch-size", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "cka",
+                str(vit.run_dir),
+                str(cnn.run_dir),
+                "--layers",
+                "blocks.1",
+                "--layers-b",
+                "layer4",
+                "--split",
+                "all",
+                "--n",
+                "8",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = json.loads((out / "cka.json").read_text())
     assert saved["layers_a"] == ["blocks.1"] and saved["layers_b"] == ["layer4"]

@@ -3,6 +3,7 @@
 A tiny CNN is trained for a few steps on a synthetic 2-class problem (a bright central blob =
 "pneumonia") at 24 px; attacks at 8-16 grey levels flip it, smaller budgets do not.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,9 +56,17 @@ def _normalized(x01: torch.Tensor) -> torch.Tensor:
 
 def _cnn(n_classes: int = 2, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, n_classes))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, n_classes),
+    )
 
 
 def _train(seed: int = 0, n_classes: int = 2) -> nn.Module:
@@ -95,8 +104,18 @@ def loader(val) -> DataLoader:
 def pgd_vs_fgsm(trained, val) -> AuditResult:
     x01, y = val
     dl = DataLoader(TensorDataset(_normalized(x01), y), batch_size=32)
-    return run_audit(trained, dl, classes=CLASSES, mean=MEAN, std=STD, attacks=("fgsm", "pgd_linf", "pgd_l2"),
-                     eps=EPS, corruptions=(), n_bootstrap=100, progress=False)
+    return run_audit(
+        trained,
+        dl,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=("fgsm", "pgd_linf", "pgd_l2"),
+        eps=EPS,
+        corruptions=(),
+        n_bootstrap=100,
+        progress=False,
+    )
 
 
 # ------------------------------------------------------------------------ the attacks themselves
@@ -155,10 +174,12 @@ def test_two_class_apgd_apgd_square_square_do_not_crash(trained, val):
     x01, y = val[0][:16], val[1][:16]
     model01 = normalized_model(trained, MEAN, STD)
     eps = 16 / 255
-    for x_adv in (apgd(model01, x01, y, eps, steps=10, seed=0),
-                  square(model01, x01, y, eps, queries=30, seed=0),
-                  square(model01, x01, y, eps, queries=30, targeted=True, seed=0),
-                  apgd_square(model01, x01, y, eps, apgd_steps=10, square_queries=30, seed=0)):
+    for x_adv in (
+        apgd(model01, x01, y, eps, steps=10, seed=0),
+        square(model01, x01, y, eps, queries=30, seed=0),
+        square(model01, x01, y, eps, queries=30, targeted=True, seed=0),
+        apgd_square(model01, x01, y, eps, apgd_steps=10, square_queries=30, seed=0),
+    ):
         check_perturbation(x_adv, x01, eps)
     with torch.no_grad():
         robust = (model01(x_adv).argmax(1) == y).float().mean()
@@ -178,8 +199,19 @@ def test_dlr_used_for_three_classes():
 
 # ------------------------------------------------------------------------ run_audit
 def test_eps_zero_equals_clean_metrics_exactly(trained, loader):
-    res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks=("fgsm", "pgd_linf"),
-                    eps=(0.0, 2 / 255), corruptions=(), n_bootstrap=50, seed=3, progress=False)
+    res = run_audit(
+        trained,
+        loader,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=("fgsm", "pgd_linf"),
+        eps=(0.0, 2 / 255),
+        corruptions=(),
+        n_bootstrap=50,
+        seed=3,
+        progress=False,
+    )
     y, probs, _ = predict(trained, loader)
     ref = compute_metrics(y, probs, CLASSES, n_bootstrap=50, seed=3)
     for attack in ("fgsm", "pgd_linf"):
@@ -196,8 +228,10 @@ def test_pgd_not_weaker_than_fgsm_and_accuracy_falls_with_eps(pgd_vs_fgsm):
     res = pgd_vs_fgsm
     for eps in EPS:
         assert res.attacks["pgd_linf"][eps]["accuracy"] <= res.attacks["fgsm"][eps]["accuracy"]
-    assert res.attacks["pgd_linf"][16 / 255]["accuracy"] < res.attacks["fgsm"][16 / 255]["accuracy"] or \
-        res.attacks["fgsm"][16 / 255]["accuracy"] == 0.0
+    assert (
+        res.attacks["pgd_linf"][16 / 255]["accuracy"] < res.attacks["fgsm"][16 / 255]["accuracy"]
+        or res.attacks["fgsm"][16 / 255]["accuracy"] == 0.0
+    )
     for attack, by_eps in res.attacks.items():
         accs = [by_eps[e]["accuracy"] for e in EPS]
         for prev, e, cur in zip(accs, EPS[1:], accs[1:]):
@@ -219,17 +253,38 @@ def test_metric_keys_are_mlflow_safe_and_complete(pgd_vs_fgsm):
 
 
 def test_class_names_made_mlflow_safe(trained, loader):
-    res = run_audit(trained, loader, classes=["normal", "viral (covid/sars)=1"], mean=MEAN, std=STD,
-                    attacks=("fgsm",), eps=(0, 1 / 255), corruptions=(), n=32, n_bootstrap=0,
-                    target_class=1, progress=False)
+    res = run_audit(
+        trained,
+        loader,
+        classes=["normal", "viral (covid/sars)=1"],
+        mean=MEAN,
+        std=STD,
+        attacks=("fgsm",),
+        eps=(0, 1 / 255),
+        corruptions=(),
+        n=32,
+        n_bootstrap=0,
+        target_class=1,
+        progress=False,
+    )
     assert all(MLFLOW_SAFE.match(k) for k in res.metrics)
     assert "audit/fgsm_to_viral _covid_sars__1/eps_0.0039/sensitivity/viral _covid_sars__1" in res.metrics
 
 
 def test_corruptions_summary_and_truncation(trained, loader):
-    res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks=(),
-                    corruptions=("gaussian_noise", "contrast"), severities=(0, 3, 5), n=40, n_bootstrap=30,
-                    progress=False)
+    res = run_audit(
+        trained,
+        loader,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=(),
+        corruptions=("gaussian_noise", "contrast"),
+        severities=(0, 3, 5),
+        n=40,
+        n_bootstrap=30,
+        progress=False,
+    )
     assert res.config["n_images"] == 40 and not res.attacks
     m = res.metrics
     for name in ("gaussian_noise", "contrast"):
@@ -240,7 +295,11 @@ def test_corruptions_summary_and_truncation(trained, loader):
     assert m["audit/corrupt/mean/accuracy"] == pytest.approx(np.mean(cells))
     drop = (res.clean["accuracy"] - np.mean(cells)) / res.clean["accuracy"]
     assert m["audit/corrupt/relative_drop/accuracy"] == pytest.approx(drop)
-    assert m["audit/corrupt/mean/accuracy_ci_low"] <= m["audit/corrupt/mean/accuracy"] <= m["audit/corrupt/mean/accuracy_ci_high"]
+    assert (
+        m["audit/corrupt/mean/accuracy_ci_low"]
+        <= m["audit/corrupt/mean/accuracy"]
+        <= m["audit/corrupt/mean/accuracy_ci_high"]
+    )
     assert "audit/corrupt/mean/auroc" in m
     # ImageNet-C corruption error: 1 against itself; against a worse baseline it is the error ratio
     assert corruption_error(res, res)["audit/corrupt/mce"] == pytest.approx(1.0)
@@ -252,18 +311,33 @@ def test_corruptions_summary_and_truncation(trained, loader):
     err = {c: sum(1 - v["accuracy"] for v in res.corruptions[c].values()) for c in res.corruptions}
     base = {c: sum(1 - v["accuracy"] for v in worse.corruptions[c].values()) for c in res.corruptions}
     assert ce["audit/corrupt/ce/contrast"] == pytest.approx(err["contrast"] / base["contrast"])
-    assert ce["audit/corrupt/mce"] == pytest.approx(np.mean([err[c] / base[c] for c in err])) and ce["audit/corrupt/mce"] < 1
+    assert (
+        ce["audit/corrupt/mce"] == pytest.approx(np.mean([err[c] / base[c] for c in err]))
+        and ce["audit/corrupt/mce"] < 1
+    )
 
 
 def test_targeted_and_transfer(trained, loader):
     surrogate = _train(seed=1)
-    res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks=("pgd_linf", "transfer"),
-                    eps=(0.0, 16 / 255), corruptions=(), surrogate=surrogate, target_class="pneumonia",
-                    n_bootstrap=20, progress=False)
+    res = run_audit(
+        trained,
+        loader,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=("pgd_linf", "transfer"),
+        eps=(0.0, 16 / 255),
+        corruptions=(),
+        surrogate=surrogate,
+        target_class="pneumonia",
+        n_bootstrap=20,
+        progress=False,
+    )
     assert set(res.attacks) == {"pgd_linf_to_pneumonia", "transfer_to_pneumonia", "worst_case_to_pneumonia"}
     worst = res.attacks["worst_case_to_pneumonia"][16 / 255]["attack_success_rate"]
-    assert worst >= max(res.attacks[a][16 / 255]["attack_success_rate"]
-                        for a in ("pgd_linf_to_pneumonia", "transfer_to_pneumonia"))  # per image: any attack
+    assert worst >= max(
+        res.attacks[a][16 / 255]["attack_success_rate"] for a in ("pgd_linf_to_pneumonia", "transfer_to_pneumonia")
+    )  # per image: any attack
     white = res.attacks["pgd_linf_to_pneumonia"][16 / 255]
     assert white["attack_success_rate"] > 0.5  # normals pushed to pneumonia
     # pushing towards "pneumonia" cannot hurt pneumonia images: their sensitivity stays high
@@ -277,8 +351,20 @@ def test_apgd_apgd_square_square_in_run_audit(trained, loader, monkeypatch):
     import medtricks.audit.sweep as sweep
 
     monkeypatch.setattr(sweep, "APGD_STEPS", 5)
-    res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks="apgd_ce,apgd_square,square",
-                    eps=(0.0, 16 / 255), corruptions=(), n=32, n_bootstrap=0, progress=False, square_queries=20)
+    res = run_audit(
+        trained,
+        loader,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks="apgd_ce,apgd_square,square",
+        eps=(0.0, 16 / 255),
+        corruptions=(),
+        n=32,
+        n_bootstrap=0,
+        progress=False,
+        square_queries=20,
+    )
     assert res.config["square_queries"] == 20
     assert any("no APGD-T, no FAB-T" in note for note in res.config["notes"])  # says what it leaves out
     for attack in ("apgd_ce", "apgd_square", "square", "worst_case"):
@@ -292,28 +378,52 @@ def test_run_audit_restores_model_state(loader):
     model[0].bias.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
     bn_mean = model[1].running_mean.clone()
-    run_audit(model, loader, classes=CLASSES, mean=MEAN, std=STD, attacks=("pgd_linf",), eps=(0, 4 / 255),
-              corruptions=("jpeg",), severities=(2,), n=32, n_bootstrap=0, progress=False)
+    run_audit(
+        model,
+        loader,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=("pgd_linf",),
+        eps=(0, 4 / 255),
+        corruptions=("jpeg",),
+        severities=(2,),
+        n=32,
+        n_bootstrap=0,
+        progress=False,
+    )
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     assert torch.equal(model[1].running_mean, bn_mean)  # eval mode during the audit: BN stats frozen
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"attacks": ("pgd_linf", "deepfool")}, "unknown attack 'deepfool'"),
-    ({"attacks": ("autoattack",)}, "renamed 'apgd_square'.*FAB-T"),
-    ({"attacks": ("transfer",)}, "needs a surrogate"),
-    ({"target_class": 2}, "class index 0..1"),
-    ({"eps": (1 / 255, 1.0001 / 255)}, "collide"),
-    ({"eps": (-0.1,)}, r"numbers in \[0, 1\]"),
-    ({"corruptions": ("fog",)}, "unknown corruption"),
-    ({"severities": (6,)}, "0..5"),
-    ({"mean": (0.0,), "std": (1.0,)}, "de-normalizes to"),
-    ({"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}, "1 channel"),
-    ({"classes": ["normal", "pneumonia", "covid"]}, "expected \\(32, 3\\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"attacks": ("pgd_linf", "deepfool")}, "unknown attack 'deepfool'"),
+        ({"attacks": ("autoattack",)}, "renamed 'apgd_square'.*FAB-T"),
+        ({"attacks": ("transfer",)}, "needs a surrogate"),
+        ({"target_class": 2}, "class index 0..1"),
+        ({"eps": (1 / 255, 1.0001 / 255)}, "collide"),
+        ({"eps": (-0.1,)}, r"numbers in \[0, 1\]"),
+        ({"corruptions": ("fog",)}, "unknown corruption"),
+        ({"severities": (6,)}, "0..5"),
+        ({"mean": (0.0,), "std": (1.0,)}, "de-normalizes to"),
+        ({"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}, "1 channel"),
+        ({"classes": ["normal", "pneumonia", "covid"]}, "expected \\(32, 3\\)"),
+    ],
+)
 def test_bad_arguments_are_named(trained, loader, kwargs, message):
-    args = dict(classes=CLASSES, mean=MEAN, std=STD, attacks=("fgsm",), eps=(0, 1 / 255), corruptions=(),
-                n=32, n_bootstrap=0, progress=False)
+    args = dict(
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=("fgsm",),
+        eps=(0, 1 / 255),
+        corruptions=(),
+        n=32,
+        n_bootstrap=0,
+        progress=False,
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         run_audit(trained, loader, **args)
@@ -321,9 +431,20 @@ def test_bad_arguments_are_named(trained, loader, kwargs, message):
 
 # ------------------------------------------------------------------------ report
 def test_report_json_table_and_figures(pgd_vs_fgsm, trained, loader):
-    res = run_audit(trained, loader, classes=CLASSES, mean=MEAN, std=STD, attacks=("pgd_linf",),
-                    eps=(0, 16 / 255), corruptions=("gaussian_blur", "brightness"), severities=(1, 5), n=32,
-                    n_bootstrap=20, progress=False)
+    res = run_audit(
+        trained,
+        loader,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=("pgd_linf",),
+        eps=(0, 16 / 255),
+        corruptions=("gaussian_blur", "brightness"),
+        severities=(1, 5),
+        n=32,
+        n_bootstrap=20,
+        progress=False,
+    )
     text = res.to_json()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     back = AuditResult.from_json(text)
@@ -336,14 +457,22 @@ def test_report_json_table_and_figures(pgd_vs_fgsm, trained, loader):
     assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", table)
 
     figs = res.figures()
-    assert set(figs) == {"audit/accuracy_vs_eps.png", "audit/auroc_vs_eps.png", "audit/corruption_heatmap.png",
-                         "audit/examples.png"}
+    assert set(figs) == {
+        "audit/accuracy_vs_eps.png",
+        "audit/auroc_vs_eps.png",
+        "audit/corruption_heatmap.png",
+        "audit/examples.png",
+    }
     for fig in figs.values():
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=50)
         assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n" and len(buf.getvalue()) > 2000
     assert res.examples is not None and res.examples.adversarial.shape == (4, 1, SIZE, SIZE)
-    assert set(back.figures()) == {"audit/accuracy_vs_eps.png", "audit/auroc_vs_eps.png", "audit/corruption_heatmap.png"}
+    assert set(back.figures()) == {
+        "audit/accuracy_vs_eps.png",
+        "audit/auroc_vs_eps.png",
+        "audit/corruption_heatmap.png",
+    }
     assert set(pgd_vs_fgsm.figures()) == {"audit/accuracy_vs_eps.png", "audit/auroc_vs_eps.png", "audit/examples.png"}
 
 
@@ -361,8 +490,18 @@ def test_metrics_accepted_by_mlflow(pgd_vs_fgsm):
 
 
 def test_same_seed_same_audit(trained, loader):
-    args = dict(classes=CLASSES, mean=MEAN, std=STD, attacks=("pgd_linf",), eps=(0, 8 / 255),
-                corruptions=("poisson_noise",), severities=(4,), n=32, n_bootstrap=20, progress=False)
+    args = dict(
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=("pgd_linf",),
+        eps=(0, 8 / 255),
+        corruptions=("poisson_noise",),
+        severities=(4,),
+        n=32,
+        n_bootstrap=20,
+        progress=False,
+    )
     a, b = run_audit(trained, loader, seed=7, **args), run_audit(trained, loader, seed=7, **args)
     assert a.to_json() == b.to_json()
     assert np.array_equal(a.examples.adversarial, b.examples.adversarial)

@@ -1,4 +1,5 @@
 """Image corruptions: identity at severity 0, every corruption changes the image and stays in [0, 1]."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,9 @@ def test_each_severity_changes_image_within_range(name, channels, size):
         assert (out - x).abs().mean() > 1e-3, (name, severity)
 
 
-@pytest.mark.parametrize("name", ["gaussian_noise", "poisson_noise", "gaussian_blur", "contrast", "brightness",
-                                  "gamma", "downsample"])
+@pytest.mark.parametrize(
+    "name", ["gaussian_noise", "poisson_noise", "gaussian_blur", "contrast", "brightness", "gamma", "downsample"]
+)
 def test_harm_grows_with_severity(name):
     x = _phantom(size=64)
     change = [float((corrupt(x, name, s, seed=0) - x).abs().mean()) for s in range(1, 6)]

@@ -1,4 +1,5 @@
 """benchmarks/audit_cost.py --quick: runs, writes its JSON, and PGD-k costs about k input-gradient passes."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,5 +1,6 @@
 """Issue 19 item 4: gradient-masking checks -- they fire on a model that hides its gradients behind a
 non-differentiable quantisation layer, stay quiet on an honestly trained one, and read right by hand."""
+
 import math
 
 import numpy as np
@@ -33,8 +34,19 @@ def loader():
 
 
 def _audit(model, loader, attacks=("pgd_linf",), **kw):
-    return run_audit(model, loader, classes=CLASSES, mean=MEAN, std=STD, attacks=attacks,
-                     eps=(0.0, 8 / 255, 16 / 255), corruptions=(), n_bootstrap=0, progress=False, **kw)
+    return run_audit(
+        model,
+        loader,
+        classes=CLASSES,
+        mean=MEAN,
+        std=STD,
+        attacks=attacks,
+        eps=(0.0, 8 / 255, 16 / 255),
+        corruptions=(),
+        n_bootstrap=0,
+        progress=False,
+        **kw,
+    )
 
 
 def test_checks_fire_on_a_model_that_masks_its_gradients(model, loader):
@@ -68,11 +80,17 @@ def test_the_checks_by_hand():
     strong[:20] = True  # PGD-k leaves 10% correct
     weak = np.zeros(n, dtype=bool)
     weak[:60] = True  # PGD with fewer steps: 30%
-    ok = masking_checks({4 / 255: strong}, pgd_steps=10, correct_fewer=weak, black_box={"square": {4 / 255: weak}},
-                        correct_large=np.zeros(n, dtype=bool))
+    ok = masking_checks(
+        {4 / 255: strong},
+        pgd_steps=10,
+        correct_fewer=weak,
+        black_box={"square": {4 / 255: weak}},
+        correct_large=np.zeros(n, dtype=bool),
+    )
     assert [c.passed for c in ok] == [True, True, True]
-    bad = masking_checks({4 / 255: weak}, pgd_steps=10, correct_fewer=strong,
-                         black_box={"square": {4 / 255: strong}}, correct_large=weak)
+    bad = masking_checks(
+        {4 / 255: weak}, pgd_steps=10, correct_fewer=strong, black_box={"square": {4 / 255: strong}}, correct_large=weak
+    )
     assert [c.check for c in bad] == ["more_steps", "black_box:square", "large_eps"]
     assert not any(c.passed for c in bad)
     assert "PGD-10 leaves accuracy 0.300, PGD-2 0.100" in bad[0].detail

@@ -1,5 +1,6 @@
 """Issue 16 item 4: the shortcut audit flags a model that reads a planted border marker, and not one
 that reads the lungs (hand-built models on phantom-like images, so the verdicts are known)."""
+
 import json
 
 import numpy as np
@@ -62,8 +63,15 @@ def test_the_image_probes():
 
 
 def test_a_planted_border_marker_is_flagged():
-    res = run_shortcut_audit(RegionModel(region=1), _images(marker=True), classes=["normal", "covid"], mean=MEAN,
-                             std=STD, n_bootstrap=100, progress=False)
+    res = run_shortcut_audit(
+        RegionModel(region=1),
+        _images(marker=True),
+        classes=["normal", "covid"],
+        mean=MEAN,
+        std=STD,
+        n_bootstrap=100,
+        progress=False,
+    )
     assert res.variants["clean"]["auroc"] == pytest.approx(1.0)
     assert res.flags == {"lungs_hidden": True, "border": True, "cam_outside_lungs": True}
     assert res.variants["border_blanked"]["auroc"] < 0.7
@@ -74,8 +82,15 @@ def test_a_planted_border_marker_is_flagged():
 
 
 def test_a_model_that_reads_the_lungs_is_not_flagged():
-    res = run_shortcut_audit(RegionModel(region=0), _images(lesion=True), classes=["normal", "covid"], mean=MEAN,
-                             std=STD, n_bootstrap=100, progress=False)
+    res = run_shortcut_audit(
+        RegionModel(region=0),
+        _images(lesion=True),
+        classes=["normal", "covid"],
+        mean=MEAN,
+        std=STD,
+        n_bootstrap=100,
+        progress=False,
+    )
     assert res.variants["clean"]["auroc"] > 0.95
     assert res.variants["lungs_hidden"]["auroc_ci_low"] < 0.65  # no signal left without the lungs
     assert res.flags == {"lungs_hidden": False, "border": False, "cam_outside_lungs": False}

@@ -1,4 +1,5 @@
 """Benchmark scripts: helpers (fast) and each script's --quick run (slow), so the scripts do not rot."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ def test_summarize_and_ratio():
 
 
 def test_format_table_is_markdown_with_readable_numbers():
-    text = format_table([{"name": "resnet18", "img/s": 1234.567, "x": 0.98765, "ok": True, "none": None}],
-                        ["name", "img/s", "x", "ok", "none"])
+    text = format_table(
+        [{"name": "resnet18", "img/s": 1234.567, "x": 0.98765, "ok": True, "none": None}],
+        ["name", "img/s", "x", "ok", "none"],
+    )
     header, rule, row = text.splitlines()
     assert header.split("|")[1].strip() == "name" and set(rule) <= {"|", "-"}
     assert [c.strip() for c in row.strip("|").split("|")] == ["resnet18", "1,234.6", "0.988", "yes", "-"]
@@ -49,10 +52,12 @@ def test_results_dir_uses_out_when_given(tmp_path):
 def test_parse_importtime_keeps_top_level_modules_by_cumulative_time():
     from benchmarks.cli_startup import parse_importtime
 
-    stderr = ("import time: self [us] | cumulative | imported package\n"
-              "import time:       100 |        100 |   _io\n"
-              "import time:       500 |       2500 | argparse\n"
-              "import time:      1500 |       4000 | medtricks\n")
+    stderr = (
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:       100 |        100 |   _io\n"
+        "import time:       500 |       2500 | argparse\n"
+        "import time:      1500 |       4000 | medtricks\n"
+    )
     rows = parse_importtime(stderr, top=5)
     assert [r["module"] for r in rows] == ["medtricks", "argparse"]
     assert rows[0]["cumulative_ms"] == 4.0 and rows[1]["self_ms"] == 0.5
@@ -70,8 +75,9 @@ def test_all_three_training_loops_do_the_same_arithmetic():
     assert max(losses) - min(losses) < 1e-5, losses
     assert all(results[c]["img_per_s"] > 0 and results[c]["peak_rss_mb"] > 0 for c in CONTENDERS)
     # a different learning rate changes the loss: the check above could fail
-    other = measure("bare", Config(model="linear", in_chans=1, batch_size=4, image_size=8, warmup=1, steps=5,
-                                   lr=0.5), batches)
+    other = measure(
+        "bare", Config(model="linear", in_chans=1, batch_size=4, image_size=8, warmup=1, steps=5, lr=0.5), batches
+    )
     assert abs(other["final_loss"] - losses[0]) > 1e-4
 
 
@@ -86,8 +92,14 @@ def _run_quick(script: str, out: Path, *extra: str, env_extra: dict | None = Non
     import os
 
     env = dict(os.environ, **(env_extra or {}))
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", "--out", str(out),
-                           *extra], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = out / script.replace(".py", ".json")
     assert path.is_file(), proc.stdout[-2000:]
@@ -150,8 +162,10 @@ def test_robust_tradeoff_quick(tmp_path):
 def test_label_efficiency_quick(tmp_path):
     payload = _run_quick("label_efficiency.py", tmp_path, "--seeds", "0", "1")
     table = {(t["labels"], t["variant"]) for t in payload["table"]}
-    assert table == {(f, v) for f in ("30%", "100%") for v in ("baseline", "tricks")} | \
-        {("30%", "noisy_student"), ("30%", "distill")}
+    assert table == {(f, v) for f in ("30%", "100%") for v in ("baseline", "tricks")} | {
+        ("30%", "noisy_student"),
+        ("30%", "distill"),
+    }
     ns = [r for r in payload["runs"] if r["variant"] == "noisy_student"]
     assert len(ns) == 2 and all(len(r["pseudo_kept"]) == 2 for r in ns)  # two student rounds per seed
     for row in payload["runs"]:
@@ -166,8 +180,12 @@ def test_label_efficiency_quick(tmp_path):
 def test_label_efficiency_baseline_drops_the_schedule_tricks_only():
     from benchmarks.label_efficiency import baseline_overrides
 
-    assert baseline_overrides(20) == ["schedule.name=step", "schedule.warmup_epochs=0", "tricks.no_bias_decay=false",
-                                      "schedule.milestones=[10,15]"]
+    assert baseline_overrides(20) == [
+        "schedule.name=step",
+        "schedule.warmup_epochs=0",
+        "tricks.no_bias_decay=false",
+        "schedule.milestones=[10,15]",
+    ]
 
 
 def test_verdict_tells_a_real_miss_from_noise():
@@ -189,13 +207,33 @@ def test_executors_quick(tmp_path):
 
 @pytest.mark.slow
 def test_gamma_study_quick(tmp_path):
-    payload = _run_quick("gamma_study.py", tmp_path, "--seeds", "2", "--until-ci", "0.5", "--max-seeds", "2",
-                         "--variants", "zero_late", "reinit_late")
+    payload = _run_quick(
+        "gamma_study.py",
+        tmp_path,
+        "--seeds",
+        "2",
+        "--until-ci",
+        "0.5",
+        "--max-seeds",
+        "2",
+        "--variants",
+        "zero_late",
+        "reinit_late",
+    )
     rows = payload["rows"]
     assert [r["variant"] for r in rows] == ["none", "zero_late", "reinit_late"]
     for row in rows:
-        assert {"dataset", "backbone", "label_fraction", "variant", "n_seeds", "auroc_mean", "delta_auroc",
-                "delta_ci_low", "delta_ci_high"} <= set(row)
+        assert {
+            "dataset",
+            "backbone",
+            "label_fraction",
+            "variant",
+            "n_seeds",
+            "auroc_mean",
+            "delta_auroc",
+            "delta_ci_low",
+            "delta_ci_high",
+        } <= set(row)
         assert row["n_seeds"] == 2 and 0.0 <= row["auroc_mean"] <= 1.0
     for row in rows[1:]:
         assert row["delta_ci_low"] <= row["delta_auroc"] <= row["delta_ci_high"]
@@ -204,9 +242,22 @@ def test_gamma_study_quick(tmp_path):
 
 @pytest.mark.slow
 def test_gamma_study_fast_quick_runs_late_placements_on_cached_features(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gamma_study.py"), "--quick", "--out",
-                           str(tmp_path), "--seeds", "2", "--fast"], capture_output=True, text=True, cwd=REPO_ROOT,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "gamma_study.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--seeds",
+            "2",
+            "--fast",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "gamma_study_fast.json").read_text())
     assert payload["name"] == "gamma_study_fast" and payload["config"]["fast"]
@@ -226,9 +277,15 @@ def test_gamma_study_site_rows_pair_seeds_against_none():
     from benchmarks.gamma_study import site_rows
 
     rows = [{"variant": "none"}, {"variant": "zero_late"}, {"variant": "reinit_late"}]
-    scores = {("baseline", 0): 0.80, ("baseline", 1): 0.90, ("baseline", 2): 0.85,
-              ("+bn_gamma=zero_late", 0): 0.82, ("+bn_gamma=zero_late", 1): 0.92, ("+bn_gamma=zero_late", 2): 0.87,
-              ("+reinit_late", 0): 0.70}
+    scores = {
+        ("baseline", 0): 0.80,
+        ("baseline", 1): 0.90,
+        ("baseline", 2): 0.85,
+        ("+bn_gamma=zero_late", 0): 0.82,
+        ("+bn_gamma=zero_late", 1): 0.92,
+        ("+bn_gamma=zero_late", 2): 0.87,
+        ("+reinit_late", 0): 0.70,
+    }
     site_rows(rows, scores)
     none, zero, reinit = rows
     assert none["site_auroc_mean"] == pytest.approx(0.85) and none["site_delta_auroc"] == 0.0
@@ -252,20 +309,52 @@ def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_
 
     def fake_ablation(base, tricks, **kwargs):
         seen.append((base.model.name, base.model.weights, tricks))
-        table = pd.DataFrame([{"variant": "baseline", "n_seeds": 2, "mean": 0.9, "delta": 0.0},
-                              {"variant": "+bn_gamma=zero_late", "n_seeds": 2, "mean": 0.91, "delta": 0.01,
-                               "delta_ci_low": -0.01, "delta_ci_high": 0.03, "verdict": "no evidence"}])
+        table = pd.DataFrame(
+            [
+                {"variant": "baseline", "n_seeds": 2, "mean": 0.9, "delta": 0.0},
+                {
+                    "variant": "+bn_gamma=zero_late",
+                    "n_seeds": 2,
+                    "mean": 0.91,
+                    "delta": 0.01,
+                    "delta_ci_low": -0.01,
+                    "delta_ci_high": 0.03,
+                    "verdict": "no evidence",
+                },
+            ]
+        )
         return types.SimpleNamespace(table=table, failed=[], ablation_id=base.model.name, sequential=None)
 
     monkeypatch.setattr(medtricks.ablation, "run_ablation", fake_ablation)
-    assert gamma_study.main(["--backbones", "efficientnet_lite1", "efficientnet_lite2", "--fractions", "0.1",
-                             "--variants", "zero_late", "--seeds", "2", "--out", str(tmp_path)]) == 0
-    assert seen == [("efficientnet_lite1", "imagenet", ["bn_gamma=zero_late"]),
-                    ("efficientnet_lite2", "imagenet", ["bn_gamma=zero_late"])]
+    assert (
+        gamma_study.main(
+            [
+                "--backbones",
+                "efficientnet_lite1",
+                "efficientnet_lite2",
+                "--fractions",
+                "0.1",
+                "--variants",
+                "zero_late",
+                "--seeds",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert seen == [
+        ("efficientnet_lite1", "imagenet", ["bn_gamma=zero_late"]),
+        ("efficientnet_lite2", "imagenet", ["bn_gamma=zero_late"]),
+    ]
     payload = json.loads((tmp_path / "gamma_study.json").read_text())
     assert [(r["backbone"], r["variant"]) for r in payload["rows"]] == [
-        ("efficientnet_lite1", "none"), ("efficientnet_lite1", "zero_late"),
-        ("efficientnet_lite2", "none"), ("efficientnet_lite2", "zero_late")]
+        ("efficientnet_lite1", "none"),
+        ("efficientnet_lite1", "zero_late"),
+        ("efficientnet_lite2", "none"),
+        ("efficientnet_lite2", "zero_late"),
+    ]
     assert payload["config"]["backbones"] == ["efficientnet_lite1", "efficientnet_lite2"]
     assert (tmp_path / "gamma_study.png").is_file()
     seen.clear()  # without --backbones: Lite0 only, as before Lite1/Lite2 were added
@@ -279,16 +368,26 @@ def test_the_gamma_study_figure_labels_every_panel_and_leaves_cells_it_did_not_r
     from benchmarks.gamma_study import plot_rows
 
     def row(backbone, fraction, variant, delta):
-        return {"dataset": "kermany", "backbone": backbone, "label_fraction": fraction, "variant": variant,
-                "n_seeds": 5, "delta_auroc": delta, "delta_ci_low": delta - 0.01, "delta_ci_high": delta + 0.01}
+        return {
+            "dataset": "kermany",
+            "backbone": backbone,
+            "label_fraction": fraction,
+            "variant": variant,
+            "n_seeds": 5,
+            "delta_auroc": delta,
+            "delta_ci_low": delta - 0.01,
+            "delta_ci_high": delta + 0.01,
+        }
 
-    rows = [row("lite0", f, v, d) for f in (0.1, 1.0) for v, d in (("none", 0.0), ("zero_late", 0.0),
-                                                                    ("reinit_late", 0.02))]
+    rows = [
+        row("lite0", f, v, d) for f in (0.1, 1.0) for v, d in (("none", 0.0), ("zero_late", 0.0), ("reinit_late", 0.02))
+    ]
     rows += [row("lite1", 0.1, v, d) for v, d in (("none", 0.0), ("reinit_late", 0.02))]
     figures = []
     real_savefig = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k))[1])
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k))[1]
+    )
     assert plot_rows(rows, tmp_path / "g.png").stat().st_size > 0
     axes = figures[0].axes
     labels = [[t.get_text() for t in ax.get_yticklabels()] for ax in axes if ax.axison]

@@ -1,4 +1,5 @@
 """apply_bn_gamma selection rules, the registry, and GammaReport."""
+
 from __future__ import annotations
 
 import csv
@@ -94,7 +95,9 @@ def test_name_patterns_alone_and_combined():
     assert apply_bn_gamma(resnet18(), 1.0, names="layer4.0.downsample.*").names == ["layer4.0.downsample.1"]
     # combined, it filters what the other selectors picked (which="all": bn1 and bn2 of layer4)
     assert apply_bn_gamma(resnet18(), 1.0, stages=[-1], which="all", names=["*.bn1"]).names == [
-        "layer4.0.bn1", "layer4.1.bn1"]
+        "layer4.0.bn1",
+        "layer4.1.bn1",
+    ]
 
 
 def test_name_pattern_on_a_model_without_residual_blocks():
@@ -231,7 +234,10 @@ def test_registry_adds_a_block_type_with_has_skip():
     try:
         found = find_residual_norms(_tiny_net())
         assert [(r.name, r.stage, r.block, r.last_norm_name) for r in found] == [
-            ("1.0", 0, 0, "1.0.n2"), ("1.1", 0, 1, "1.1.n2"), ("2.1", 1, 1, "2.1.n2")]
+            ("1.0", 0, 0, "1.0.n2"),
+            ("1.1", 0, 1, "1.1.n2"),
+            ("2.1", 1, 1, "2.1.n2"),
+        ]
         assert list(found[0].norms) == ["1.0.n1", "1.0.n2"]
         model = _tiny_net()
         x = torch.randn(2, 4, 8, 8)

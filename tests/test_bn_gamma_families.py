@@ -1,5 +1,6 @@
 """BN-gamma strategies per model family: the right layers are found, exactly they change, and
 zero_all makes every residual block return act(shortcut(x))."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -28,8 +29,15 @@ def _monai_resnet(block: str, layers: list[int], shortcut_type: str = "B") -> Ca
     def build() -> nn.Module:
         from monai.networks.nets import ResNet
 
-        return ResNet(block=block, layers=layers, block_inplanes=[8, 16, 32, 64], spatial_dims=2,
-                      n_input_channels=3, num_classes=2, shortcut_type=shortcut_type)
+        return ResNet(
+            block=block,
+            layers=layers,
+            block_inplanes=[8, 16, 32, 64],
+            spatial_dims=2,
+            n_input_channels=3,
+            num_classes=2,
+            shortcut_type=shortcut_type,
+        )
 
     return build
 
@@ -52,19 +60,35 @@ def _identity(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 FAMILIES = {
     "timm_resnet18": (_timm("resnet18"), 8, ["layer4.0.bn2", "layer4.1.bn2"], _act_after_shortcut("act2")),
     "timm_resnet26d": (_timm("resnet26d"), 8, ["layer4.0.bn3", "layer4.1.bn3"], _act_after_shortcut("act3")),
-    "timm_seresnext26d": (_timm("seresnext26d_32x4d"), 8, ["layer4.0.bn3", "layer4.1.bn3"], _act_after_shortcut("act3")),
+    "timm_seresnext26d": (
+        _timm("seresnext26d_32x4d"),
+        8,
+        ["layer4.0.bn3", "layer4.1.bn3"],
+        _act_after_shortcut("act3"),
+    ),
     "torchvision_resnet18": (_torchvision_resnet18, 8, ["layer4.0.bn2", "layer4.1.bn2"], _act_after_shortcut("relu")),
-    "tf_efficientnet_lite0": (_timm("tf_efficientnet_lite0"), 9,
-                              ["blocks.5.1.bn3", "blocks.5.2.bn3", "blocks.5.3.bn3"], _identity),
+    "tf_efficientnet_lite0": (
+        _timm("tf_efficientnet_lite0"),
+        9,
+        ["blocks.5.1.bn3", "blocks.5.2.bn3", "blocks.5.3.bn3"],
+        _identity,
+    ),
     "mobilenetv3_small_100": (_timm("mobilenetv3_small_100"), 6, ["blocks.4.1.bn3", "blocks.4.2.bn3"], _identity),
-    "mobilenetv4_conv_small": (_timm("mobilenetv4_conv_small"), 10,
-                               [f"blocks.3.{i}.pw_proj.bn" for i in range(1, 6)], _identity),
-    "tf_efficientnetv2_b0": (_timm("tf_efficientnetv2_b0"), 15,
-                             [f"blocks.5.{i}.bn3" for i in range(1, 8)], _identity),
+    "mobilenetv4_conv_small": (
+        _timm("mobilenetv4_conv_small"),
+        10,
+        [f"blocks.3.{i}.pw_proj.bn" for i in range(1, 6)],
+        _identity,
+    ),
+    "tf_efficientnetv2_b0": (_timm("tf_efficientnetv2_b0"), 15, [f"blocks.5.{i}.bn3" for i in range(1, 8)], _identity),
     "regnetx_002": (_timm("regnetx_002"), 13, [f"s4.b{i}.conv3.bn" for i in range(1, 8)], _act_after_shortcut("act3")),
     "monai_resnet_basic": (_monai_resnet("basic", [1, 1, 1, 1]), 4, ["layer4.0.bn2"], _act_after_shortcut("act")),
-    "monai_resnet_bottleneck_A": (_monai_resnet("bottleneck", [1, 1, 2, 2], "A"), 6,
-                                  ["layer4.0.bn3", "layer4.1.bn3"], _act_after_shortcut("act")),
+    "monai_resnet_bottleneck_A": (
+        _monai_resnet("bottleneck", [1, 1, 2, 2], "A"),
+        6,
+        ["layer4.0.bn3", "layer4.1.bn3"],
+        _act_after_shortcut("act"),
+    ),
 }
 
 
@@ -150,8 +174,9 @@ def test_zero_all_makes_every_block_return_act_of_shortcut(family):
         hooks = []
         for i, blk in enumerate(blocks):
             hooks.append(blk.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].clone())))
-            hooks.append(blk.register_forward_hook(
-                lambda m, a, out, i=i: pairs.append((out.clone(), expected_fn(m, inputs[i])))))
+            hooks.append(
+                blk.register_forward_hook(lambda m, a, out, i=i: pairs.append((out.clone(), expected_fn(m, inputs[i]))))
+            )
         with torch.no_grad():
             model(x)
         for h in hooks:

@@ -1,4 +1,5 @@
 """Named BN-gamma strategies (recipe section tricks.bn_gamma), the recipes and gamma_preview."""
+
 from __future__ import annotations
 
 import sys
@@ -31,8 +32,16 @@ def _norm(model: nn.Module, name: str) -> nn.Module:
 
 def _full(**kw):
     """The section as the recipe schema dumps it: every key present."""
-    base = {"strategy": "none", "stages": None, "blocks": None, "last_n_blocks": None, "names": None,
-            "which": "last", "beta": None, "rules": []}
+    base = {
+        "strategy": "none",
+        "stages": None,
+        "blocks": None,
+        "last_n_blocks": None,
+        "names": None,
+        "which": "last",
+        "beta": None,
+        "rules": [],
+    }
     base.update(kw)
     return base
 
@@ -70,14 +79,23 @@ def test_zero_late_beta_keep_and_explicit_beta():
 
 def test_late_selectors_override_the_default_last_stage():
     assert apply_gamma_strategy(pretrained_resnet18(), _full(strategy="zero_late", stages=[-2])).names == [
-        "layer3.0.bn2", "layer3.1.bn2"]
+        "layer3.0.bn2",
+        "layer3.1.bn2",
+    ]
     assert apply_gamma_strategy(pretrained_resnet18(), _full(strategy="one_late", last_n_blocks=3)).names == [
-        "layer3.1.bn2", "layer4.0.bn2", "layer4.1.bn2"]
+        "layer3.1.bn2",
+        "layer4.0.bn2",
+        "layer4.1.bn2",
+    ]
     # blocks alone keeps the default last stage and narrows it
     assert apply_gamma_strategy(pretrained_resnet18(), _full(strategy="zero_late", blocks=[-1])).names == [
-        "layer4.1.bn2"]
+        "layer4.1.bn2"
+    ]
     assert apply_gamma_strategy(pretrained_resnet18(), _full(strategy="zero_late", names=["layer2.0.*"])).names == [
-        "layer2.0.bn1", "layer2.0.bn2", "layer2.0.downsample.1"]
+        "layer2.0.bn1",
+        "layer2.0.bn2",
+        "layer2.0.downsample.1",
+    ]
 
 
 def test_one_late_sets_exactly_one_from_pretrained_values():
@@ -102,14 +120,18 @@ def test_zero_late_one_rest():
         assert torch.all(_norm(model, n).weight == 0) and torch.all(_norm(model, n).bias == 0)
     assert report.summary() == (
         "zero_late_one_rest: 8 layers; gamma=1 x6 (layer1.0.bn2, layer1.1.bn2, ...); "
-        "gamma=0 beta=0 x2 (layer4.0.bn2, layer4.1.bn2)")
+        "gamma=0 beta=0 x2 (layer4.0.bn2, layer4.1.bn2)"
+    )
 
 
 def test_rules_are_applied_in_order_and_later_rules_win():
     model = pretrained_resnet18()
     old = {n: float(_norm(model, n).weight.detach().mean()) for n in LATE}
-    rules = [{"stages": [-1], "value": 0.0}, {"last_n_blocks": 1, "value": 1.0}, {"stages": [-2], "value": 0.5,
-                                                                                  "beta": "keep"}]
+    rules = [
+        {"stages": [-1], "value": 0.0},
+        {"last_n_blocks": 1, "value": 1.0},
+        {"stages": [-2], "value": 0.5, "beta": "keep"},
+    ]
     report = apply_gamma_strategy(model, _full(strategy="rules", rules=rules))
     assert torch.all(_norm(model, "layer4.0.bn2").weight == 0) and torch.all(_norm(model, "layer4.0.bn2").bias == 0)
     # rule 1 overrides rule 0 for layer4.1; β stays 0 from rule 0 (rule 1 keeps it)

@@ -4,6 +4,7 @@ One tiny parent run (resnet18, 3-class phantoms, 32 px, one epoch, local run sto
 the children are built from it (most tests build only) or trained from it (lineage params, resume after a kill,
 load_trained after the parent is gone).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -24,14 +25,26 @@ from conftest import binary_phantom_card, fit_killed_after_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["normal", "bacterial", "covid"]  # the synthetic-phantoms card
-TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "train.epochs=1",
-        "train.batch_size=16", "eval.n_bootstrap=0", "eval.plots=false", "train.progress=false",
-        "schedule.warmup_epochs=0", "tracking.backend=none"]
+TINY = [
+    "data.synth.n=48",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "eval.n_bootstrap=0",
+    "eval.plots=false",
+    "train.progress=false",
+    "schedule.warmup_epochs=0",
+    "tracking.backend=none",
+]
 
 
 def _recipe(folder: Path, *extra: str):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        *TINY, f"data.root={folder / 'phantoms'}", f"experiment.output_dir={folder / 'runs'}", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[*TINY, f"data.root={folder / 'phantoms'}", f"experiment.output_dir={folder / 'runs'}", *extra],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +81,18 @@ def test_same_classes_load_every_parent_tensor_and_the_head(parent, tmp_path):
     assert list(data_config["mean"]) == saved["mean"] and list(info["std"]) == saved["std"]
     lineage = info["lineage"]
     parent_recipe = load_run_recipe(result.run_dir / "recipe.yaml")
-    assert lineage == {"parent_run_id": result.run_id, "parent_run_dir": str(result.run_dir.resolve()),
-                       "parent_recipe_digest": recipe_digest(parent_recipe), "parent_weights": "none",
-                       "parent_classes": CLASSES}
+    assert lineage == {
+        "parent_run_id": result.run_id,
+        "parent_run_dir": str(result.run_dir.resolve()),
+        "parent_recipe_digest": recipe_digest(parent_recipe),
+        "parent_weights": "none",
+        "parent_classes": CLASSES,
+    }
 
 
-@pytest.mark.parametrize("classes", [["covid", "bacterial", "normal"], ["normal", "pneumonia"]],
-                         ids=["reordered", "two_classes"])
+@pytest.mark.parametrize(
+    "classes", [["covid", "bacterial", "normal"], ["normal", "pneumonia"]], ids=["reordered", "two_classes"]
+)
 def test_other_classes_keep_the_backbone_and_get_a_new_head(parent, tmp_path, classes):
     result, state, _ = parent
     card = _card(tmp_path, classes) if len(classes) == 3 else binary_phantom_card(tmp_path, classes=classes)
@@ -110,16 +128,20 @@ def test_an_experiment_folder_means_its_newest_finished_run(parent, tmp_path):
     assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
 
 
-@pytest.mark.parametrize("override, match", [
-    ("model.name=resnet34", r"model.name='resnet18'.*model.name='resnet34'"),
-    ("model.in_chans=3", r"model.in_chans=1.*model.in_chans=3"),
-    ("model.resizer.enabled=true", r"model.resizer.enabled=False.*model.resizer.enabled=True"),
-    ("model.drop_rate=0.2", None),  # no tensor changes: allowed
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.name=resnet34", r"model.name='resnet18'.*model.name='resnet34'"),
+        ("model.in_chans=3", r"model.in_chans=1.*model.in_chans=3"),
+        ("model.resizer.enabled=true", r"model.resizer.enabled=False.*model.resizer.enabled=True"),
+        ("model.drop_rate=0.2", None),  # no tensor changes: allowed
+    ],
+)
 def test_refuses_another_architecture_naming_both(parent, tmp_path, override, match):
     result, _, _ = parent
-    recipe = _child(tmp_path, str(result.run_dir), override, "model.resizer.input_size=48",
-                    "model.resizer.output_size=32")
+    recipe = _child(
+        tmp_path, str(result.run_dir), override, "model.resizer.input_size=48", "model.resizer.output_size=32"
+    )
     if match is None:
         build_model(recipe, num_classes=3)
         return

@@ -1,4 +1,5 @@
 """CKA (issue 20): the paper's invariances on random data, minibatch ~ full CKA, and `medtricks cka`."""
+
 import json
 
 import numpy as np
@@ -12,8 +13,9 @@ from medtricks.evaluate.cka import MinibatchCKA, linear_cka, minibatch_cka, unbi
 def xy():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 30, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(30, 20, generator=g, dtype=torch.float64) + 0.5 * torch.randn(200, 20, generator=g,
-                                                                                       dtype=torch.float64)
+    y = x @ torch.randn(30, 20, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        200, 20, generator=g, dtype=torch.float64
+    )
     return x, y
 
 
@@ -63,7 +65,8 @@ def test_minibatch_cka_approaches_full_cka_on_large_n():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4000, 10, generator=g, dtype=torch.float64)
     y = torch.tanh(x[:, :6] @ torch.randn(6, 12, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(
-        4000, 12, generator=g, dtype=torch.float64)
+        4000, 12, generator=g, dtype=torch.float64
+    )
     assert minibatch_cka(x, y, batch_size=200) == pytest.approx(linear_cka(x, y), abs=0.02)
 
 
@@ -73,8 +76,11 @@ def test_unbiased_hsic_matches_the_formula():
     k, l_ = x @ x.T, y @ y.T
     kt, lt = k.clone().fill_diagonal_(0), l_.clone().fill_diagonal_(0)
     n, one = 9, torch.ones(9, 1, dtype=torch.float64)
-    expected = (torch.trace(kt @ lt) + (one.T @ kt @ one) * (one.T @ lt @ one) / ((n - 1) * (n - 2))
-                - 2 / (n - 2) * (one.T @ kt @ lt @ one)) / (n * (n - 3))
+    expected = (
+        torch.trace(kt @ lt)
+        + (one.T @ kt @ one) * (one.T @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * (one.T @ kt @ lt @ one)
+    ) / (n * (n - 3))
     assert float(unbiased_hsic(k, l_)) == pytest.approx(float(expected), rel=1e-12)
 
 
@@ -82,7 +88,7 @@ def test_accumulator_matrix_over_layers(xy):
     x, y = xy
     acc = MinibatchCKA(2, 2)
     for s in range(0, 200, 50):
-        acc.update([x[s:s + 50], y[s:s + 50]], [y[s:s + 50], x[s:s + 50]])
+        acc.update([x[s : s + 50], y[s : s + 50]], [y[s : s + 50], x[s : s + 50]])
     m = acc.compute()
     assert m.shape == (2, 2) and m[0, 1] == pytest.approx(1.0) and m[1, 0] == pytest.approx(1.0)
     assert m[0, 0] == pytest.approx(m[1, 1])
@@ -93,8 +99,9 @@ def test_hooks_on_vit_blocks_default_layers():
 
     from medtricks.posthoc.representations import capture_cka, default_layers
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
-                              init_values=1e-5, num_classes=2).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3, init_values=1e-5, num_classes=2
+    ).eval()
     assert default_layers(model) == ["blocks.0", "blocks.1", "blocks.2"]
     data = [(torch.rand(8, 3, 32, 32), torch.zeros(8)) for _ in range(2)]
     m = capture_cka(model, model, data, data, default_layers(model), default_layers(model))
@@ -113,11 +120,24 @@ def finished_run(tmp_path_factory):
 
     root = Path(__file__).resolve().parents[1]
     tmp = tmp_path_factory.mktemp("cka")
-    recipe = load_recipe(root / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",
-        "train.progress=false", "schedule.warmup_epochs=0", f"data.root={tmp / 'phantoms'}",
-        f"experiment.output_dir={tmp / 'runs'}", "tracking.backend=none"])
+    recipe = load_recipe(
+        root / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=48",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"data.root={tmp / 'phantoms'}",
+            f"experiment.output_dir={tmp / 'runs'}",
+            "tracking.backend=none",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     return result, tmp
 
@@ -130,8 +150,26 @@ def test_cka_command_same_run_and_vs_init(finished_run, capsys):
     result, tmp = finished_run
     run = str(result.run_dir)
     out = tmp / "cka_out"
-    assert main(["cka", run, run, "--card", "synthetic-phantoms", "--root", str(tmp / "phantoms"), "--n", "40",
-                 "--batch-size", "20", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "cka",
+                run,
+                run,
+                "--card",
+                "synthetic-phantoms",
+                "--root",
+                str(tmp / "phantoms"),
+                "--n",
+                "40",
+                "--batch-size",
+                "20",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "layer4.1" in text and "40 images" in text
     saved = json.loads((out / "cka.json").read_text())

@@ -1,5 +1,6 @@
 """Issue 16 item 3: score a model on a dataset whose class names differ (--class-map), with clear errors
 for unmapped classes and a note (not a silent nan) when the mapped set holds one class only."""
+
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _other_site_card(tmp_path) -> Path:
     """The phantoms described as another site would: classes 'healthy' / 'infection'."""
     card = yaml.safe_load((ROOT / "data_cards" / "synthetic-phantoms.yaml").read_text())
-    card.update(name="other-site", task="binary", classes=["healthy", "infection"],
-                label_map={"normal": "healthy", "bacterial": "infection", "covid": "infection"})
+    card.update(
+        name="other-site",
+        task="binary",
+        classes=["healthy", "infection"],
+        label_map={"normal": "healthy", "bacterial": "infection", "covid": "infection"},
+    )
     path = tmp_path / "other-site.yaml"
     path.write_text(yaml.safe_dump(card))
     return path
@@ -33,8 +38,11 @@ def test_parse_and_resolve_the_map():
         parse_class_map("covid")
     model = ["normal", "pneumonia"]
     card = ["covid", "pneumonia", "normal"]
-    assert resolve_class_map("c", card, model, {"covid": "pneumonia"}) == \
-        {"covid": "pneumonia", "pneumonia": "pneumonia", "normal": "normal"}  # same names map to themselves
+    assert resolve_class_map("c", card, model, {"covid": "pneumonia"}) == {
+        "covid": "pneumonia",
+        "pneumonia": "pneumonia",
+        "normal": "normal",
+    }  # same names map to themselves
     with pytest.raises(ConfigError, match=r"classes \['covid'\] are not mapped"):
         resolve_class_map("c", card, model, {"normal": "normal"})
     with pytest.raises(ConfigError, match=r"--class-map covid=pneumonia,pneumonia=pneumonia,normal=normal"):
@@ -53,8 +61,15 @@ def test_evaluate_on_another_sites_classes(trained_run, tmp_path):  # noqa: F811
     card = _other_site_card(tmp_path)
     with pytest.raises(ConfigError, match="map them with --class-map"):
         evaluate_trained(str(result.run_dir), card=str(card), root=str(tmp / "phantoms"), log=False, progress=False)
-    report = evaluate_trained(str(result.run_dir), card=str(card), root=str(tmp / "phantoms"), log=False,
-                              progress=False, n_bootstrap=0, class_map="healthy=normal,infection=covid")
+    report = evaluate_trained(
+        str(result.run_dir),
+        card=str(card),
+        root=str(tmp / "phantoms"),
+        log=False,
+        progress=False,
+        n_bootstrap=0,
+        class_map="healthy=normal,infection=covid",
+    )
     assert set(np.unique(report.y_true)) <= {0, 2}  # indices of the model's classes normal, covid
     assert any("healthy -> normal" in note for note in report.notes)
 
@@ -62,8 +77,21 @@ def test_evaluate_on_another_sites_classes(trained_run, tmp_path):  # noqa: F811
 def test_a_one_class_set_says_which_metrics_are_undefined(trained_run, tmp_path, capsys):  # noqa: F811
     result, uri, tmp = trained_run
     card = _other_site_card(tmp_path)
-    code = main(["evaluate", str(result.run_dir), "--card", str(card), "--root", str(tmp / "phantoms"),
-                 "--class-map", "healthy=drop,infection=covid", "--n-bootstrap", "0", "--no-log"])
+    code = main(
+        [
+            "evaluate",
+            str(result.run_dir),
+            "--card",
+            str(card),
+            "--root",
+            str(tmp / "phantoms"),
+            "--class-map",
+            "healthy=drop,infection=covid",
+            "--n-bootstrap",
+            "0",
+            "--no-log",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "left out by the class map: healthy" in out

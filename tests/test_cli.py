@@ -1,4 +1,5 @@
 """The command line: fast help, version, dry-run, clear errors."""
+
 import subprocess
 import sys
 import time
@@ -10,12 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys, time; t=time.perf_counter(); from medtricks.cli import main; "
-            "import contextlib, io\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try: main(['--help'])\n"
-            "    except SystemExit: pass\n"
-            "print(time.perf_counter()-t, 'torch' in sys.modules, 'mlflow' in sys.modules)")
+    code = (
+        "import sys, time; t=time.perf_counter(); from medtricks.cli import main; "
+        "import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "print(time.perf_counter()-t, 'torch' in sys.modules, 'mlflow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1:] == ["False", "False"]  # lazy imports
     assert float(out[0]) < 1.0

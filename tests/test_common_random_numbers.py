@@ -2,6 +2,7 @@
 augmentations, order) and start from the same new head, whatever the tricks build or draw; another seed
 sees another batch. A probe trick records the first training batch as the engine hands it over (before any
 other trick's transform_batch) and the head at on_fit_start, then stops the run."""
+
 import hashlib
 from pathlib import Path
 
@@ -50,11 +51,26 @@ def probe():
 
 
 def _first_batch(tmp_path, key: str, seed: int, overrides: list[str]) -> dict:
-    recipe = load_recipe("recipes/quickstart.yaml", overrides=[
-        "data.synth.n=48", "data.synth.size=32", "data.image_size=32", f"data.root={tmp_path / 'phantoms'}",
-        "model.name=resnet10t", "model.weights=none", "train.epochs=2", "train.batch_size=8", "train.progress=false",
-        "tracking.backend=none", f"experiment.output_dir={tmp_path / 'runs' / key}", "tricks.bn_gamma.strategy=none",
-        f"experiment.seed={seed}", f"tricks.crn_probe={key}", *overrides])
+    recipe = load_recipe(
+        "recipes/quickstart.yaml",
+        overrides=[
+            "data.synth.n=48",
+            "data.synth.size=32",
+            "data.image_size=32",
+            f"data.root={tmp_path / 'phantoms'}",
+            "model.name=resnet10t",
+            "model.weights=none",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.progress=false",
+            "tracking.backend=none",
+            f"experiment.output_dir={tmp_path / 'runs' / key}",
+            "tricks.bn_gamma.strategy=none",
+            f"experiment.seed={seed}",
+            f"tricks.crn_probe={key}",
+            *overrides,
+        ],
+    )
     with pytest.raises(_Stop):
         medtricks.run.run_recipe(recipe, quiet=True)
     return SEEN[key]
@@ -62,10 +78,10 @@ def _first_batch(tmp_path, key: str, seed: int, overrides: list[str]) -> dict:
 
 VARIANTS = {
     "baseline": [],
-    "reinit_late": trick_overrides("reinit_late"),          # draws thousands of numbers in on_model
+    "reinit_late": trick_overrides("reinit_late"),  # draws thousands of numbers in on_model
     "zero_late": trick_overrides("bn_gamma=zero_late"),
     "label_smoothing": ["tricks.label_smoothing=0.0"],
-    "mixup": ["tricks.mixup_alpha=0.2"],                    # draws on every batch (after the probe)
+    "mixup": ["tricks.mixup_alpha=0.2"],  # draws on every batch (after the probe)
 }
 
 

@@ -1,4 +1,5 @@
 """`medtricks compare`: side-by-side tables read back from MLflow (sqlite, and a tracking server)."""
+
 import shutil
 import socket
 import subprocess
@@ -13,8 +14,14 @@ from medtricks.ablation import compare_runs
 from medtricks.tracking import create_store
 from medtricks.tracking.query import RunNotFoundError, get_runs
 
-VALUES = {("baseline", 0): 0.80, ("baseline", 1): 0.83, ("baseline", 2): 0.81,
-          ("+warmup", 0): 0.85, ("+warmup", 1): 0.86, ("+warmup", 2): 0.85}
+VALUES = {
+    ("baseline", 0): 0.80,
+    ("baseline", 1): 0.83,
+    ("baseline", 2): 0.81,
+    ("+warmup", 0): 0.85,
+    ("+warmup", 1): 0.86,
+    ("+warmup", 2): 0.85,
+}
 
 
 def _log_runs(uri, experiment="exp"):
@@ -25,13 +32,26 @@ def _log_runs(uri, experiment="exp"):
     parent.end()
     for i, ((variant, seed), value) in enumerate(VALUES.items()):
         t = create_store("mlflow", uri)
-        ids[(variant, seed)] = t.start(experiment=experiment, run_name=f"{variant} | seed {seed}",
-                                       tags={"variant": variant, "seed": str(seed), "tricks": variant.strip("+") or "none",
-                                             "variant_index": "0" if variant == "baseline" else "1"},
-                                       parent_run_id=parent_id)
+        ids[(variant, seed)] = t.start(
+            experiment=experiment,
+            run_name=f"{variant} | seed {seed}",
+            tags={
+                "variant": variant,
+                "seed": str(seed),
+                "tricks": variant.strip("+") or "none",
+                "variant_index": "0" if variant == "baseline" else "1",
+            },
+            parent_run_id=parent_id,
+        )
         t.log_params({"eval.ci": 0.95, "experiment.seed": seed, "optim.lr": 0.1 if seed < 2 else 0.05})
-        t.log_metrics({"best/val/auroc": value, "best/val/auroc_ci_low": value - 0.05,
-                       "best/val/auroc_ci_high": value + 0.04, "best/val/ece": 0.1 - value / 10})
+        t.log_metrics(
+            {
+                "best/val/auroc": value,
+                "best/val/auroc_ci_low": value - 0.05,
+                "best/val/auroc_ci_high": value + 0.04,
+                "best/val/ece": 0.1 - value / 10,
+            }
+        )
         t.end()
     failed = create_store("mlflow", uri)
     ids["failed"] = failed.start(experiment=experiment, run_name="crashed", tags={"variant": "+warmup"})
@@ -48,8 +68,10 @@ def test_compare_lists_every_run_with_its_bootstrap_ci(mlflow_uri):
     assert len(rows) == 6
     assert rows[0].startswith("| +warmup \\| seed 1") and "0.8600" in rows[0] and "[0.8100, 0.9000]" in rows[0]
     assert "bootstrap 95% CI" in text
-    mean, low, high = np.mean(list(VALUES.values())), *stats.t.interval(
-        0.95, df=5, loc=np.mean(list(VALUES.values())), scale=stats.sem(list(VALUES.values())))
+    mean, low, high = (
+        np.mean(list(VALUES.values())),
+        *stats.t.interval(0.95, df=5, loc=np.mean(list(VALUES.values())), scale=stats.sem(list(VALUES.values()))),
+    )
     assert f"All 6 runs: mean {mean:.4f} [{low:.4f}, {high:.4f}]" in text
     assert "1 run(s) have no best/val/auroc and are left out: crashed (FAILED)" in text
     assert "1 ablation parent run(s) not listed" in text
@@ -111,10 +133,26 @@ def test_compare_against_a_tracking_server(tmp_path, mlflow_template):
         port = s.getsockname()[1]
     db = tmp_path / "server.db"
     shutil.copy(mlflow_template, db)
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90

@@ -1,4 +1,5 @@
 """compile_for_training: off / on / auto, and the guarded fall-back to eager when compiling fails (issue 29)."""
+
 from __future__ import annotations
 
 import shutil
@@ -20,8 +21,14 @@ CPU = torch.device("cpu")
 
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
 
 
 def batch():
@@ -74,11 +81,15 @@ def test_compile_failing_when_called_falls_back_with_one_warning(monkeypatch):
     assert "Dynamo is not supported" in report["reason"]
 
 
-@pytest.mark.parametrize("exc", [
-    OSError("[Errno 2] No such file or directory: 'g++'"),
-    RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx"),
-    torch._dynamo.exc.TorchDynamoException("backend='inductor' raised: LoweringException"),
-], ids=["no-compiler", "inductor-runtime-error", "dynamo-error"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError("[Errno 2] No such file or directory: 'g++'"),
+        RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx"),
+        torch._dynamo.exc.TorchDynamoException("backend='inductor' raised: LoweringException"),
+    ],
+    ids=["no-compiler", "inductor-runtime-error", "dynamo-error"],
+)
 def test_compiled_call_failing_at_first_forward_falls_back_and_trains_like_eager(monkeypatch, exc):
     failing = FailingCompiled(exc)
     monkeypatch.setattr(torch, "compile", lambda module, *a, **k: failing)
@@ -119,6 +130,7 @@ def test_a_working_compiled_callable_is_the_one_called(monkeypatch):
         def compiled(x):
             calls.append(x.shape)
             return module(x)
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", fake)
@@ -171,8 +183,11 @@ def test_auto_compiles_on_cuda_and_not_on_mps(monkeypatch):
     assert auto_compiles(torch.device("cuda"))[0] is True
     assert auto_compiles("mps")[0] is False
     wrapped, report = compile_for_training(tiny_net(), "auto", torch.device("cuda"))
-    assert isinstance(wrapped, GuardedCompile) and report == {"mode": "auto", "compiled": True,
-                                                              "reason": auto_compiles("cuda")[1]}
+    assert isinstance(wrapped, GuardedCompile) and report == {
+        "mode": "auto",
+        "compiled": True,
+        "reason": auto_compiles("cuda")[1],
+    }
 
 
 def _cxx() -> str | None:
@@ -202,14 +217,24 @@ def test_really_compiled_tiny_net_matches_eager():
 @pytest.mark.slow
 def test_cpu_paths_benchmark_quick(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_paths.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=root, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "cpu_paths.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
     payload = json.loads((tmp_path / "cpu_paths.json").read_text())
     entry = payload["results"]["resnet18/32"]
-    assert payload["quick"] is True and set(entry["train"]["img_per_s"]) == {"eager", "channels_last", "compile", "bf16"}
+    assert payload["quick"] is True and set(entry["train"]["img_per_s"]) == {
+        "eager",
+        "channels_last",
+        "compile",
+        "bf16",
+    }
     assert set(entry["eval"]["img_per_s"]) == {"no_grad", "inference_mode", "channels_last", "bf16"}
     assert all(v > 0 for v in entry["train"]["img_per_s"].values())
     assert entry["eval"]["max_abs_logit_diff_vs_no_grad"]["inference_mode"] == 0.0

@@ -1,4 +1,5 @@
 """Console and MLflow UI (issue 21): epoch lines, the bar, the end-of-run hint, table headers, tags, CLI help."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,13 +10,16 @@ from medtricks.tricks.settings import MixedPrecision
 
 
 # ------------------------------------------------------------------------------- 5: amp tag
-@pytest.mark.parametrize("cuda, amp, device, expected", [
-    (False, "auto", "auto", []),
-    (True, "auto", "auto", ["amp=auto"]),
-    (True, "auto", "cpu", []),
-    (False, "bf16", "auto", ["amp=bf16"]),
-    (False, "none", "auto", []),
-])
+@pytest.mark.parametrize(
+    "cuda, amp, device, expected",
+    [
+        (False, "auto", "auto", []),
+        (True, "auto", "auto", ["amp=auto"]),
+        (True, "auto", "cpu", []),
+        (False, "bf16", "auto", ["amp=bf16"]),
+        (False, "none", "auto", []),
+    ],
+)
 def test_amp_tag_reports_what_resolves(monkeypatch, cuda, amp, device, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     recipe = load_recipe("quickstart", overrides=[f"train.amp={amp}", f"train.device={device}"])
@@ -49,12 +53,12 @@ def test_final_report_says_the_bootstrap_once():
 
     val, test = _metrics(), _metrics(seed=1)
     assert "percentile-bootstrap" not in split_table({"val": val, "test": test}, ci_note=False)
-    assert split_table({"val": val}).splitlines()[-1] == \
-        "[95% percentile-bootstrap CIs over images, 50 resamples, seed 0]"
+    assert (
+        split_table({"val": val}).splitlines()[-1] == "[95% percentile-bootstrap CIs over images, 50 resamples, seed 0]"
+    )
     recipe = load_recipe("quickstart")
     op = SimpleNamespace(describe=lambda: "threshold 0.4 (youden on val)")
-    text = _final_report(recipe, 3, ["normal", "pneumonia"], {"val": val, "test": test},
-                         {"val": val, "test": test}, op)
+    text = _final_report(recipe, 3, ["normal", "pneumonia"], {"val": val, "test": test}, {"val": val, "test": test}, op)
     assert text.count("bootstrap") == 1 and text.count("resamples") == 1
     assert text.rstrip().endswith("50 resamples, seed 0]")
 
@@ -68,13 +72,16 @@ def test_evaluate_tables_say_the_bootstrap_once(capsys):
     y = np.array([0, 1] * 20)
     p1 = np.clip(y * 0.6 + rng.random(40) * 0.4, 0, 1)
     rule = DecisionRule(threshold=0.4, source="given", description="threshold 0.4 (given)")
-    report = summarize_predictions(y, np.stack([1 - p1, p1], 1), ["normal", "pneumonia"], rule=rule,
-                                   n_bootstrap=50, seed=3, figures=False)
+    report = summarize_predictions(
+        y, np.stack([1 - p1, p1], 1), ["normal", "pneumonia"], rule=rule, n_bootstrap=50, seed=3, figures=False
+    )
     print(report.table(title="evaluation of r on card (all)"))
     out = capsys.readouterr().out
     assert out.count("bootstrap") == 1 and out.count("resamples") == 1 and out.count("seed 3") == 1
-    assert "evaluation of r on card (all) — threshold 0.5 (argmax)  (n=40 images, percentile bootstrap, " \
-           "50 resamples, seed 3)" in out
+    assert (
+        "evaluation of r on card (all) — threshold 0.5 (argmax)  (n=40 images, percentile bootstrap, "
+        "50 resamples, seed 3)" in out
+    )
     assert "at the operating point: threshold 0.4 (given)  (n=40 images, CIs as above)" in out
 
 
@@ -82,11 +89,25 @@ def test_evaluate_tables_say_the_bootstrap_once(capsys):
 def test_epoch_line_format():
     from medtricks.console import epoch_line
 
-    line = epoch_line({"epoch": 3.0, "train/epoch_loss": 0.75463, "val/loss": 0.52, "val/auroc": float("nan"),
-                       "val/accuracy": 0.93, "val/f1": 0.5, "train/img_per_s": 27.14},
-                      epochs=8, lr=0.0281, seconds=12.34, best_metric="val/f1")
-    assert line == ("epoch 3/8  train_loss 0.7546  val_loss 0.5200  val_auroc nan  val_accuracy 0.930  "
-                    "val_f1 0.500  lr 2.81e-02  27.1 img/s  12.3 s")
+    line = epoch_line(
+        {
+            "epoch": 3.0,
+            "train/epoch_loss": 0.75463,
+            "val/loss": 0.52,
+            "val/auroc": float("nan"),
+            "val/accuracy": 0.93,
+            "val/f1": 0.5,
+            "train/img_per_s": 27.14,
+        },
+        epochs=8,
+        lr=0.0281,
+        seconds=12.34,
+        best_metric="val/f1",
+    )
+    assert line == (
+        "epoch 3/8  train_loss 0.7546  val_loss 0.5200  val_auroc nan  val_accuracy 0.930  "
+        "val_f1 0.500  lr 2.81e-02  27.1 img/s  12.3 s"
+    )
 
 
 def test_epoch_reporter_logs_then_says_through_tqdm_write(capsys):
@@ -139,24 +160,47 @@ def test_bar_postfix_is_refreshed_every_batch(tmp_path, monkeypatch):
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
     opt = build_optimizer(build_param_groups(model, weight_decay=0.0), name="sgd", lr=0.01)
     sched = build_scheduler(opt, name="cosine", epochs=1, steps_per_epoch=len(train), warmup_epochs=0)
-    cfg = EngineConfig(epochs=1, device=torch.device("cpu"), best_metric="val/loss", best_mode="min",
-                       log_every=10, progress=True)
-    fit(model, train, train, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-        evaluate_fn=lambda m: {"val/loss": 1.0}, checkpoint_dir=tmp_path)
+    cfg = EngineConfig(
+        epochs=1, device=torch.device("cpu"), best_metric="val/loss", best_mode="min", log_every=10, progress=True
+    )
+    fit(
+        model,
+        train,
+        train,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        evaluate_fn=lambda m: {"val/loss": 1.0},
+        checkpoint_dir=tmp_path,
+    )
     (bar,) = _RecordingBar.made
     assert bar.kwargs["leave"] is False and bar.updates == 9
     assert len(bar.postfixes) == 9 and len({p["loss"] for p in bar.postfixes}) > 1
 
 
 # ------------------------------------------- 1 + 3: a tiny run's epoch lines and where to look
-TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=20",
-        "train.progress=false", "schedule.warmup_epochs=0.5", "audit.enabled=false", "eval.plots=false"]
+TINY = [
+    "data.synth.n=48",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.n_bootstrap=20",
+    "train.progress=false",
+    "schedule.warmup_epochs=0.5",
+    "audit.enabled=false",
+    "eval.plots=false",
+]
 
 
 def _tiny(tmp_path, *extra):
-    return load_recipe("quickstart", overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}",
-                                                f"experiment.output_dir={tmp_path / 'runs'}", *extra])
+    return load_recipe(
+        "quickstart",
+        overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *extra],
+    )
 
 
 def test_where_to_look_lines():
@@ -165,11 +209,14 @@ def test_where_to_look_lines():
     assert where_to_look("abc", "runs/q/1", experiment="q", mlflow_uri="sqlite:///mlflow.db").splitlines() == [
         "run abc finished: runs/q/1",
         "look at it: MLFLOW_DISABLE_TELEMETRY=true mlflow ui --backend-store-uri sqlite:///mlflow.db   "
-        "# then http://127.0.0.1:5000, experiment q"]
+        "# then http://127.0.0.1:5000, experiment q",
+    ]
     assert where_to_look("abc", "r", experiment="q", mlflow_uri="http://mlflow:5000").endswith(
-        "open http://mlflow:5000 (experiment q)")
+        "open http://mlflow:5000 (experiment q)"
+    )
     assert where_to_look("abc", "r", experiment="q", runs_dir="runs").endswith(
-        "medtricks compare --runs-dir runs --experiment q")
+        "medtricks compare --runs-dir runs --experiment q"
+    )
 
 
 def test_tiny_run_prints_epoch_lines_and_where_to_look(tmp_path, capsys):
@@ -224,11 +271,13 @@ def test_weights_list_imports_neither_torch_nor_timm():
     import subprocess
     import sys
 
-    code = ("import sys, contextlib, io\n"
-            "from medtricks.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-            "    main(['weights', 'list'])\n"
-            "print('torch' in sys.modules, 'timm' in sys.modules, 'seresnet50' in out.getvalue())")
+    code = (
+        "import sys, contextlib, io\n"
+        "from medtricks.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    main(['weights', 'list'])\n"
+        "print('torch' in sys.modules, 'timm' in sys.modules, 'seresnet50' in out.getvalue())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True"]
 
@@ -271,14 +320,20 @@ def test_posthoc_runs_carry_a_role_that_one_filter_hides(mlflow_uri, tmp_path):
         np.savez_compressed(path, y_true=np.zeros(2), probs=np.zeros((2, 2)))
         return path
 
-    report = SimpleNamespace(rule=None, metrics=SimpleNamespace(ci_level=0.95), n_images=2, image_set="x",
-                             figures={}, to_metrics=lambda: {"eval/auroc": 0.5}, save_predictions=save)
+    report = SimpleNamespace(
+        rule=None,
+        metrics=SimpleNamespace(ci_level=0.95),
+        n_images=2,
+        image_set="x",
+        figures={},
+        to_metrics=lambda: {"eval/auroc": 0.5},
+        save_predictions=save,
+    )
     training = MlflowStore(mlflow_uri)
     train_id = training.start(experiment="q", run_name="train", tags={})
     training.end()
     for kind in ("evaluation", "ensemble"):
-        log_evaluation(report, uri=mlflow_uri, experiment="q", run_name=kind, tags={"medtricks.kind": kind},
-                       params={})
+        log_evaluation(report, uri=mlflow_uri, experiment="q", run_name=kind, tags={"medtricks.kind": kind}, params={})
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("q").experiment_id
     roles = {r.info.run_name: r.data.tags.get("medtricks.role") for r in client.search_runs([exp])}

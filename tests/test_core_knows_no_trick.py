@@ -12,6 +12,7 @@ A name counts when it is a string literal that holds it as a word (``"bn_gamma"`
 ``"bn_gamma_report.csv"``; docstrings are prose and not checked), an attribute, a variable or keyword
 name made of it (``recipe.tricks.class_balance``, ``run.bn_gamma_report``), or a module it imports from.
 """
+
 from __future__ import annotations
 
 import ast
@@ -60,7 +61,11 @@ def _docstrings(tree: ast.Module) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 out.add(id(first.value))
     return out
 
@@ -105,13 +110,15 @@ def test_the_plugin_names_are_found():
 
 
 def test_the_check_sees_a_name_in_strings_attributes_and_imports():
-    source = ('"""Docstrings may mention bn_gamma."""\n'
-              'from medtricks.tricks.class_balance import x\n'
-              'a = [t for t in tricks if t.name == "bn_gamma"]\n'
-              'b = recipe.tricks.ema\n'
-              'c = run.layerscale_gamma_report\n'
-              'd = f"tricks.mixup_alpha={v}"\n'
-              'e = recipe.schema  # "ema" inside a word is not the name\n')
+    source = (
+        '"""Docstrings may mention bn_gamma."""\n'
+        "from medtricks.tricks.class_balance import x\n"
+        'a = [t for t in tricks if t.name == "bn_gamma"]\n'
+        "b = recipe.tricks.ema\n"
+        "c = run.layerscale_gamma_report\n"
+        'd = f"tricks.mixup_alpha={v}"\n'
+        'e = recipe.schema  # "ema" inside a word is not the name\n'
+    )
     found = {(line, name) for line, _, name in names_spelled(source, plugin_names())}
     assert found == {(2, "class_balance"), (3, "bn_gamma"), (4, "ema"), (5, "layerscale_gamma"), (6, "mixup")}
 
@@ -120,7 +127,12 @@ def test_run_rundir_and_the_engine_name_no_trick():
     names = plugin_names()
     files = core_files()
     assert {f.name for f in files} >= {"rundir.py", "engine.py"} and len(files) > 2  # and the run's modules
-    spelled = [f"{path.relative_to(ROOT)}:{line}: {what} names trick {name!r}"
-               for path in files for line, what, name in names_spelled(path.read_text(encoding="utf-8"), names)]
-    assert not spelled, ("the core must reach tricks through their points (medtricks/tricks/base.py), not by "
-                         "name:\n" + "\n".join(spelled))
+    spelled = [
+        f"{path.relative_to(ROOT)}:{line}: {what} names trick {name!r}"
+        for path in files
+        for line, what, name in names_spelled(path.read_text(encoding="utf-8"), names)
+    ]
+    assert not spelled, (
+        "the core must reach tricks through their points (medtricks/tricks/base.py), not by "
+        "name:\n" + "\n".join(spelled)
+    )

@@ -1,4 +1,5 @@
 """Data cards: every shipped card follows the schema; schema errors name the key; lookup by name."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,14 +11,31 @@ import yaml
 
 from medtricks.data import CardError, DataCard, card_from_dict, cards_dir, list_cards, load_card
 
-SHIPPED = {"kermany-pneumonia", "kermany-pneumonia-3class", "ieee8023-covid", "ieee8023-covid-binary", "covid19-radiography",
-           "rsna-pneumonia", "covidx", "nih-chestxray14", "synthetic-phantoms"}
+SHIPPED = {
+    "kermany-pneumonia",
+    "kermany-pneumonia-3class",
+    "ieee8023-covid",
+    "ieee8023-covid-binary",
+    "covid19-radiography",
+    "rsna-pneumonia",
+    "covidx",
+    "nih-chestxray14",
+    "synthetic-phantoms",
+}
 
 
 def _minimal(**changes) -> dict:
-    card = {"name": "toy", "description": "toy set", "source": "https://example.org/toy", "license": "CC0",
-            "citation": "none", "task": "binary", "classes": ["a", "b"],
-            "layout": {"kind": "folder"}, "patient": {"per_image": True}}
+    card = {
+        "name": "toy",
+        "description": "toy set",
+        "source": "https://example.org/toy",
+        "license": "CC0",
+        "citation": "none",
+        "task": "binary",
+        "classes": ["a", "b"],
+        "layout": {"kind": "folder"},
+        "patient": {"per_image": True},
+    }
     card.update(changes)
     return card
 
@@ -81,20 +99,23 @@ def test_load_by_path_and_cards_dir_env(tmp_path, monkeypatch):
     assert list_cards() == ["toy"]
 
 
-@pytest.mark.parametrize("change, key, words", [
-    ({"clases": ["a", "b"]}, "clases", "unknown key"),
-    ({"task": "regression"}, "task", "binary"),
-    ({"classes": ["a", "b", "c"]}, "(top level)", "exactly 2 classes"),
-    ({"label_map": {"X": "c"}}, "(top level)", "label_map['X']"),
-    ({"patient": {"regex": "person(\\d+"}}, "patient.regex", "invalid regular expression"),
-    ({"patient": {"regex": "(person)", "per_image": True}}, "patient", "exactly one"),
-    ({"patient": {"regex": "person"}}, "patient.regex", "capture group"),
-    ({"layout": {"kind": "folder", "globb": "*"}}, "layout.globb", "unknown key"),
-    ({"layout": {"kind": "csv", "tables": [{"file": "a.csv"}]}}, "layout.label_column", "Field required"),
-    ({"layout": {"kind": "zip"}}, "layout", "kind"),
-    ({"source": "somewhere"}, "source", "pattern"),
-    ({"normalization": "imagenett"}, "normalization", "unknown normalization"),
-])
+@pytest.mark.parametrize(
+    "change, key, words",
+    [
+        ({"clases": ["a", "b"]}, "clases", "unknown key"),
+        ({"task": "regression"}, "task", "binary"),
+        ({"classes": ["a", "b", "c"]}, "(top level)", "exactly 2 classes"),
+        ({"label_map": {"X": "c"}}, "(top level)", "label_map['X']"),
+        ({"patient": {"regex": "person(\\d+"}}, "patient.regex", "invalid regular expression"),
+        ({"patient": {"regex": "(person)", "per_image": True}}, "patient", "exactly one"),
+        ({"patient": {"regex": "person"}}, "patient.regex", "capture group"),
+        ({"layout": {"kind": "folder", "globb": "*"}}, "layout.globb", "unknown key"),
+        ({"layout": {"kind": "csv", "tables": [{"file": "a.csv"}]}}, "layout.label_column", "Field required"),
+        ({"layout": {"kind": "zip"}}, "layout", "kind"),
+        ({"source": "somewhere"}, "source", "pattern"),
+        ({"normalization": "imagenett"}, "normalization", "unknown normalization"),
+    ],
+)
 def test_schema_errors_name_the_key(change, key, words):
     with pytest.raises(CardError) as err:
         card_from_dict(_minimal(**change), "toy.yaml")
@@ -119,10 +140,17 @@ def test_yaml_colon_in_list_item_reports_the_key(tmp_path):
 
 
 def test_importing_medtricks_data_stays_light():
-    code = ("import sys, medtricks.data as d; d.load_card; "
-            "heavy = [m for m in ('albumentations', 'pydicom', 'monai', 'torch', 'sklearn') if m in sys.modules]; "
-            "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, medtricks.data as d; d.load_card; "
+        "heavy = [m for m in ('albumentations', 'pydicom', 'monai', 'torch', 'sklearn') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""

@@ -1,5 +1,6 @@
 """build_datasets / XrayDataset: synthetic quickstart path, decode cache, bad images (error / skip),
 leakage stops the build, no PHI anywhere a run could log it."""
+
 from __future__ import annotations
 
 import random
@@ -9,9 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from medtricks.data import (BadImageError, LeakageError, XrayDataset, build_datasets, build_manifest,
-                            build_transforms, cards_dir, data_check_report, export_manifest, load_card,
-                            read_image_with_meta, synthesize_phantoms)
+from medtricks.data import (
+    BadImageError,
+    LeakageError,
+    XrayDataset,
+    build_datasets,
+    build_manifest,
+    build_transforms,
+    cards_dir,
+    data_check_report,
+    export_manifest,
+    load_card,
+    read_image_with_meta,
+    synthesize_phantoms,
+)
 from medtricks.data.synthetic import FAKE_PATIENT_NAME
 
 KW = dict(image_size=32, mean=(0.5,), std=(0.5,), in_chans=1, progress=False)
@@ -26,8 +38,9 @@ def phantoms(tmp_path):
 
 def test_quickstart_path_generates_then_reuses(tmp_path):
     root = tmp_path / "ph"
-    bundle = build_datasets("synthetic-phantoms", root, synth={"n": 40, "size": 48, "seed": 0, "format": "png"},
-                            augment="cxr_light", **KW)
+    bundle = build_datasets(
+        "synthetic-phantoms", root, synth={"n": 40, "size": 48, "seed": 0, "format": "png"}, augment="cxr_light", **KW
+    )
     assert (root / "phantoms.csv").is_file()
     assert bundle.classes == ["normal", "bacterial", "covid"] and bundle.card.name == "synthetic-phantoms"
     assert len(bundle.train) + len(bundle.val) == 40 and bundle.test is None
@@ -155,10 +168,12 @@ def test_leakage_stops_the_build(phantoms):
 
 
 def test_dataloader_with_workers(phantoms, tmp_path):
-    bundle = build_datasets("synthetic-phantoms", phantoms, cache_dir=tmp_path / "c", augment="paper_baseline",
-                            **{**KW, "in_chans": 3})
-    loader = torch.utils.data.DataLoader(bundle.train, batch_size=8, shuffle=True, num_workers=2,
-                                         generator=torch.Generator().manual_seed(0))
+    bundle = build_datasets(
+        "synthetic-phantoms", phantoms, cache_dir=tmp_path / "c", augment="paper_baseline", **{**KW, "in_chans": 3}
+    )
+    loader = torch.utils.data.DataLoader(
+        bundle.train, batch_size=8, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0)
+    )
     xb, yb = next(iter(loader))
     assert tuple(xb.shape) == (8, 3, 32, 32) and yb.dtype == torch.int64
 
@@ -174,10 +189,14 @@ def test_dicom_phantoms_never_leak_phi(tmp_path):
 
     bundle = build_datasets("synthetic-phantoms", root, **KW)
     report = data_check_report("synthetic-phantoms", root, progress=False)
-    texts = {"manifest": bundle.manifest.to_csv(), "export": export_manifest(bundle.manifest, root).to_csv(),
-             "report": report, "quarantine": bundle.quarantine.to_csv(),
-             "meta": repr([read_image_with_meta(p)[1] for p in bundle.manifest["path"][:5]]),
-             "dataset": repr(bundle.train)}
+    texts = {
+        "manifest": bundle.manifest.to_csv(),
+        "export": export_manifest(bundle.manifest, root).to_csv(),
+        "report": report,
+        "quarantine": bundle.quarantine.to_csv(),
+        "meta": repr([read_image_with_meta(p)[1] for p in bundle.manifest["path"][:5]]),
+        "dataset": repr(bundle.train),
+    }
     for where, text in texts.items():
         assert FAKE_PATIENT_NAME not in text and "PHANTOM" not in text, where
         assert not any(pid in text for pid in raw_ids), where

@@ -1,5 +1,6 @@
 """Manifests and splits: layouts, label mapping, bad rows, hashed patients, patient-level stratified
 splits (property test over seeds), honoured explicit splits, the leakage check, the real Kermany set."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,8 +12,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medtricks.data import (LeakageError, ManifestError, assign_splits, build_manifest, card_from_dict,
-                            check_leakage, export_manifest)
+from medtricks.data import (
+    LeakageError,
+    ManifestError,
+    assign_splits,
+    build_manifest,
+    card_from_dict,
+    check_leakage,
+    export_manifest,
+)
 
 CARD_BASE = {"description": "toy", "source": "https://example.org", "license": "CC0", "citation": "none"}
 
@@ -33,9 +41,15 @@ def folder_set(root: Path, n_patients=12, per_patient=2, classes=("NORMAL", "PNE
 
 
 def folder_card(**changes):
-    card = {**CARD_BASE, "name": "toy-folder", "task": "binary", "classes": ["normal", "pneumonia"],
-            "label_map": {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
-            "layout": {"kind": "folder"}, "patient": {"regex": r"^(?P<patient>person\d+)_"}}
+    card = {
+        **CARD_BASE,
+        "name": "toy-folder",
+        "task": "binary",
+        "classes": ["normal", "pneumonia"],
+        "label_map": {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
+        "layout": {"kind": "folder"},
+        "patient": {"regex": r"^(?P<patient>person\d+)_"},
+    }
     card.update(changes)
     return card_from_dict(card)
 
@@ -51,12 +65,21 @@ def csv_set(root: Path, rows: list[tuple[str, str, str]], extra_cols=None) -> Pa
 
 
 def csv_card(**changes):
-    card = {**CARD_BASE, "name": "toy-csv", "task": "multiclass", "classes": ["covid", "normal", "other"],
-            "label_map": {"No Finding": "normal", "COVID-19": "covid", "Bacterial": "other"},
-            "drop": ["todo"],
-            "layout": {"kind": "csv", "tables": [{"file": "meta.csv", "image_dir": "imgs"}],
-                       "path_template": "{file}", "label_column": "finding"},
-            "patient": {"column": "pid"}}
+    card = {
+        **CARD_BASE,
+        "name": "toy-csv",
+        "task": "multiclass",
+        "classes": ["covid", "normal", "other"],
+        "label_map": {"No Finding": "normal", "COVID-19": "covid", "Bacterial": "other"},
+        "drop": ["todo"],
+        "layout": {
+            "kind": "csv",
+            "tables": [{"file": "meta.csv", "image_dir": "imgs"}],
+            "path_template": "{file}",
+            "label_column": "finding",
+        },
+        "patient": {"column": "pid"},
+    }
     card.update(changes)
     return card_from_dict(card)
 
@@ -113,11 +136,29 @@ def test_missing_file_in_csv_is_named(tmp_path):
 def test_missing_column_and_table_are_named(tmp_path):
     root = csv_set(tmp_path, _rows(6))
     with pytest.raises(ManifestError, match=r"lacks column\(s\) \['finding_x'\]"):
-        build_manifest(csv_card(layout={"kind": "csv", "tables": [{"file": "meta.csv", "image_dir": "imgs"}],
-                                        "path_template": "{file}", "label_column": "finding_x"}), root)
+        build_manifest(
+            csv_card(
+                layout={
+                    "kind": "csv",
+                    "tables": [{"file": "meta.csv", "image_dir": "imgs"}],
+                    "path_template": "{file}",
+                    "label_column": "finding_x",
+                }
+            ),
+            root,
+        )
     with pytest.raises(ManifestError, match=r"label table .*other\.csv"):
-        build_manifest(csv_card(layout={"kind": "csv", "tables": [{"file": "other.csv"}],
-                                        "path_template": "{file}", "label_column": "finding"}), root)
+        build_manifest(
+            csv_card(
+                layout={
+                    "kind": "csv",
+                    "tables": [{"file": "other.csv"}],
+                    "path_template": "{file}",
+                    "label_column": "finding",
+                }
+            ),
+            root,
+        )
 
 
 def test_duplicate_rows_collapse_and_conflicts_fail(tmp_path):
@@ -163,8 +204,9 @@ def test_non_images_hidden_files_and_split_dirs(tmp_path):
 
 def test_kermany_style_label_regex(tmp_path):
     root = tmp_path / "k"
-    for i, name in enumerate(["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person2_virus_3.jpeg",
-                              "person447_virus_921_1.jpeg"]):
+    for i, name in enumerate(
+        ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person2_virus_3.jpeg", "person447_virus_921_1.jpeg"]
+    ):
         _png(root / "PNEUMONIA" / name, i)
     for i, name in enumerate(["IM-0115-0001.jpeg", "NORMAL2-IM-0115-0001.jpeg", "IM-0429-0001-0002.jpeg"]):
         _png(root / "NORMAL" / name, 10 + i)

@@ -1,5 +1,6 @@
 """Readers: PNG/JPEG 8/16-bit, RGB-encoded gray, DICOM (MONOCHROME1/2, with and without meta header,
 windowed, rescaled), bad inputs, no PHI in metadata, and the four real DICOMs when present."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,18 @@ from medtricks.data.readers import SAFE_META_FIELDS
 SECRET_NAME, SECRET_ID, SECRET_DATE = "PHANTOM^SECRET", "SECRET-ID-42", "19550505"
 
 
-def write_dicom(path: Path, stored: np.ndarray, *, photometric="MONOCHROME2", meta=True, window=None,
-                slope=None, intercept=None, bits=12, pixel_data=True) -> Path:
+def write_dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    photometric="MONOCHROME2",
+    meta=True,
+    window=None,
+    slope=None,
+    intercept=None,
+    bits=12,
+    pixel_data=True,
+) -> Path:
     """A minimal DX DICOM with identifying (fake) tags; ``meta=False`` writes no preamble / meta header."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -195,8 +206,20 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-@pytest.mark.parametrize("kind", ["zero-byte", "truncated png", "truncated jpeg", "no pixel data", "truncated dicom",
-                                  "constant", "nan", "not an image", "missing"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "zero-byte",
+        "truncated png",
+        "truncated jpeg",
+        "no pixel data",
+        "truncated dicom",
+        "constant",
+        "nan",
+        "not an image",
+        "missing",
+    ],
+)
 def test_each_bad_input_names_file_and_problem(tmp_path, kind):
     path, words = _bad_inputs(tmp_path)[kind]
     with pytest.raises(BadImageError) as err:
@@ -206,8 +229,12 @@ def test_each_bad_input_names_file_and_problem(tmp_path, kind):
 
 
 # ------------------------------------------------------------------------------------ real DICOMs
-REAL_DICOMS = {"RG1_J2KI.dcm": ("MONOCHROME1", "JPEG 2000"), "CR-MONO1-10-chest.dcm": ("MONOCHROME1", "Implicit"),
-               "siim.dcm": ("MONOCHROME2", "JPEG Baseline"), "nih_dx.dcm": ("MONOCHROME2", "Implicit")}
+REAL_DICOMS = {
+    "RG1_J2KI.dcm": ("MONOCHROME1", "JPEG 2000"),
+    "CR-MONO1-10-chest.dcm": ("MONOCHROME1", "Implicit"),
+    "siim.dcm": ("MONOCHROME2", "JPEG Baseline"),
+    "nih_dx.dcm": ("MONOCHROME2", "Implicit"),
+}
 
 
 @pytest.mark.realdata
@@ -227,8 +254,10 @@ def test_real_dicoms_display_convention(real_data_dir, name):
     # Lung fields (lateral thirds, mid-height) darker than mediastinum and spine (central strip).
     h, w = img.shape
     rows = slice(int(h * 0.3), int(h * 0.6))
-    centre = img[rows, int(w * 0.45):int(w * 0.55)].mean()
-    lungs = np.concatenate([img[rows, int(w * 0.2):int(w * 0.35)].ravel(), img[rows, int(w * 0.65):int(w * 0.8)].ravel()])
+    centre = img[rows, int(w * 0.45) : int(w * 0.55)].mean()
+    lungs = np.concatenate(
+        [img[rows, int(w * 0.2) : int(w * 0.35)].ravel(), img[rows, int(w * 0.65) : int(w * 0.8)].ravel()]
+    )
     assert lungs.mean() < centre - 0.1, f"{name}: lungs {lungs.mean():.2f} not darker than mediastinum {centre:.2f}"
     # The real PatientName never reaches returned metadata.
     header = pydicom.dcmread(path, force=True, stop_before_pixels=True)

@@ -1,4 +1,5 @@
 """`medtricks data check` text: counts, sizes, unreadable files, duplicates, leakage, pitfalls."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
 """Synthetic phantoms: deterministic, fast, class lesions visible, PNG and DICOM agree."""
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,9 @@ def test_lesions_make_lungs_denser(tmp_path):
     for label, rows in m.groupby("label"):
         imgs = np.stack([read_image(tmp_path / p) for p in rows["path"]])
         # both lung fields: lateral bands at mid height
-        lungs = np.concatenate([imgs[:, 26:40, 16:24].reshape(len(imgs), -1),
-                                imgs[:, 26:40, 40:48].reshape(len(imgs), -1)], axis=1)
+        lungs = np.concatenate(
+            [imgs[:, 26:40, 16:24].reshape(len(imgs), -1), imgs[:, 26:40, 40:48].reshape(len(imgs), -1)], axis=1
+        )
         lung_means[label] = lungs.mean()
         centre = imgs[:, 20:40, 30:34].mean()
         assert lungs.mean() < centre  # bright = dense: mediastinum/spine above lungs
@@ -80,13 +82,16 @@ def test_dicom_output_matches_png_including_monochrome1(tmp_path):
     assert len(build_manifest("synthetic-phantoms", tmp_path / "dcm")) == 12
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(fmt="jpeg"), "fmt='jpeg'"),
-    (dict(n=0), "n=0"),
-    (dict(size=8), "size=8"),
-    (dict(classes=("normal",)), "2 or more"),
-    (dict(classes=("normal", "tuberculosis")), "tuberculosis"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(fmt="jpeg"), "fmt='jpeg'"),
+        (dict(n=0), "n=0"),
+        (dict(size=8), "size=8"),
+        (dict(classes=("normal",)), "2 or more"),
+        (dict(classes=("normal", "tuberculosis")), "tuberculosis"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, words):
     with pytest.raises(ValueError, match=words):
         synthesize_phantoms(tmp_path, **kwargs)

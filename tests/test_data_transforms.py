@@ -1,4 +1,5 @@
 """Augmentation presets and the eval transform: shapes, normalization, channels, seeding."""
+
 from __future__ import annotations
 
 import random
@@ -42,19 +43,23 @@ def test_normalization_and_channel_replication():
     img[0, 0] = 0.0  # not constant
     t = build_transforms("none", 16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), in_chans=3, train=False)
     out = t(img)
-    np.testing.assert_allclose(out[:, 8, 8].numpy(), [(0.5 - 0.485) / 0.229, (0.5 - 0.456) / 0.224,
-                                                      (0.5 - 0.406) / 0.225], atol=1e-4)
+    np.testing.assert_allclose(
+        out[:, 8, 8].numpy(), [(0.5 - 0.485) / 0.229, (0.5 - 0.456) / 0.224, (0.5 - 0.406) / 0.225], atol=1e-4
+    )
     one = build_transforms("none", 16, mean=(0.5,), std=(0.5,), in_chans=3, train=False)(img)
     assert torch.equal(one[0], one[1]) and torch.equal(one[1], one[2])
     assert one[0, 8, 8].item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(preset="fancy"), "unknown augmentation preset"),
-    (dict(mean=(0.5, 0.5)), "mean has 2 values"),
-    (dict(std=(0.0,)), "std values must be > 0"),
-    (dict(image_size=4), "image_size=4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(preset="fancy"), "unknown augmentation preset"),
+        (dict(mean=(0.5, 0.5)), "mean has 2 values"),
+        (dict(std=(0.0,)), "std values must be > 0"),
+        (dict(image_size=4), "image_size=4"),
+    ],
+)
 def test_bad_arguments(kwargs, words):
     args = dict(preset="cxr_light", image_size=32, mean=(0.5,), std=(0.5,), in_chans=3, train=True)
     args.update(kwargs)
@@ -115,8 +120,9 @@ def test_dataloader_workers_seeded_by_generator():
     t = build_transforms("paper_baseline", 24, mean=(0.5,), std=(0.5,), in_chans=1, train=True)
 
     def run():
-        loader = torch.utils.data.DataLoader(_Repeated(t), batch_size=4, num_workers=2,
-                                             generator=torch.Generator().manual_seed(11))
+        loader = torch.utils.data.DataLoader(
+            _Repeated(t), batch_size=4, num_workers=2, generator=torch.Generator().manual_seed(11)
+        )
         return torch.cat(list(loader))
 
     a, b = run(), run()

@@ -1,5 +1,6 @@
 """The deployment site (issue 30): the Kermany patient key, site calibration profiles, unlabelled
 adaptation (EM prior, AdaBN, TENT). Small synthetic data and tiny models only."""
+
 from __future__ import annotations
 
 import re
@@ -75,8 +76,16 @@ def test_calibrate_predictions_fits_intervals_and_cross_fits_by_patient():
     y, probs = _posteriors(0.4, 400, seed=4)
     groups = np.array([f"p{i // 2}" for i in range(len(y))])  # two images per patient
     y[1::2] = y[::2]  # one label per patient
-    profile = calibrate_predictions(y, probs, groups, name="h-b", classes=["normal", "pneumonia"],
-                                    stored_threshold=0.5, train_priors=[0.5, 0.5], n_bootstrap=50)
+    profile = calibrate_predictions(
+        y,
+        probs,
+        groups,
+        name="h-b",
+        classes=["normal", "pneumonia"],
+        stored_threshold=0.5,
+        train_priors=[0.5, 0.5],
+        n_bootstrap=50,
+    )
     lo, hi = profile.intervals["threshold"]
     assert lo <= profile.threshold <= hi and 0.0 < profile.threshold < 1.0
     assert profile.intervals["prevalence"][0] <= profile.prevalence <= profile.intervals["prevalence"][1]
@@ -97,9 +106,18 @@ def _bn_net(seed: int = 0):
     from conftest import randomize_norms
 
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
-                        nn.Linear(8, 2))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(8, 2),
+    )
     return randomize_norms(net, seed).eval()
 
 
@@ -198,11 +216,26 @@ def site_run(tmp_path_factory):
     synthesize_phantoms(tmp / "data", n=80, classes=("normal", "pneumonia"), size=32, seed=0)
     synthesize_phantoms(tmp / "site", n=90, classes=("normal", "pneumonia"), size=32, seed=5)
     card = binary_phantom_card(tmp)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        f"data.card={card}", "data.synth=null", f"data.root={tmp / 'data'}", "data.image_size=32",
-        "data.val_fraction=0.25", "data.test_fraction=0.25", "model.name=resnet18", "model.weights=none",
-        "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false",
-        "schedule.warmup_epochs=0", f"experiment.output_dir={tmp / 'runs'}", f"tracking.uri={uri}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            f"data.card={card}",
+            "data.synth=null",
+            f"data.root={tmp / 'data'}",
+            "data.image_size=32",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.25",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"experiment.output_dir={tmp / 'runs'}",
+            f"tracking.uri={uri}",
+        ],
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDTRICKS_PATIENT_SALT", SALT)
         result = run_recipe(recipe, quiet=True)
@@ -216,8 +249,15 @@ def test_calibrate_refuses_a_site_sample_that_shares_the_runs_training_data(site
     result, uri, tmp, card = site_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(SiteOverlapError, match=r"train: \d+ identical images, \d+ patients.*val: \d+"):
-        calibrate_site(str(result.run_dir), card=str(card), root=str(tmp / "data"), name="own", n_bootstrap=5,
-                       log=False, progress=False)
+        calibrate_site(
+            str(result.run_dir),
+            card=str(card),
+            root=str(tmp / "data"),
+            name="own",
+            n_bootstrap=5,
+            log=False,
+            progress=False,
+        )
     # one training image copied into an otherwise new site sample is found too (identical bytes)
     import shutil
 
@@ -234,23 +274,38 @@ def test_calibrate_refuses_a_site_sample_that_shares_the_runs_training_data(site
     table.loc[len(table)] = {"path": "images/leaked.png", "label": src["label"], "patient": "PH999-00000"}
     table.to_csv(site / "phantoms.csv", index=False)
     with pytest.raises(SiteOverlapError, match=r"1 identical images"):
-        calibrate_site(str(result.run_dir), card=str(card), root=str(site), name="leak", n_bootstrap=5,
-                       log=False, progress=False)
+        calibrate_site(
+            str(result.run_dir), card=str(card), root=str(site), name="leak", n_bootstrap=5, log=False, progress=False
+        )
     assert not (result.run_dir / "model" / "sites").exists()  # nothing stored
 
 
 @pytest.mark.slow
 def test_calibrate_stores_a_profile_that_round_trips_through_mlflow_and_the_local_store(site_run, monkeypatch):
     from medtricks.deploy.calibrate import SiteSampleError, calibrate_site
-    from medtricks.deploy.profiles import (SiteProfile, load_logged_site_profile, load_site_profile,
-                                           log_site_profile, site_profile_path)
+    from medtricks.deploy.profiles import (
+        SiteProfile,
+        load_logged_site_profile,
+        load_site_profile,
+        log_site_profile,
+        site_profile_path,
+    )
     from medtricks.tracking import create_store
     from medtricks.posthoc.load import load_trained
 
     result, uri, tmp, card = site_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cal = calibrate_site(str(result.run_dir), card=str(card), root=str(tmp / "site"), name="site-b",
-                         n_bootstrap=20, folds=3, min_per_class=20, progress=False, tracking_uri=uri)
+    cal = calibrate_site(
+        str(result.run_dir),
+        card=str(card),
+        root=str(tmp / "site"),
+        name="site-b",
+        n_bootstrap=20,
+        folds=3,
+        min_per_class=20,
+        progress=False,
+        tracking_uri=uri,
+    )
     profile = cal.profile
     assert cal.path == site_profile_path(result.run_dir, "site-b") and cal.path.is_file()
     assert profile.sample["n_images"] == 90 and profile.sample["root"].startswith("r_")
@@ -276,28 +331,60 @@ def test_calibrate_stores_a_profile_that_round_trips_through_mlflow_and_the_loca
     local = create_store("none", root=tmp / "local_runs")
     logged = log_site_profile(local, profile, experiment="exp", run_id="parent123")
     assert logged and local.get_run(logged).tags["medtricks.site"] == "site-b"
-    again = load_logged_site_profile(create_store("none", root=tmp / "local_runs"), experiment="exp",
-                                     run_id="parent123", name="site-b")
+    again = load_logged_site_profile(
+        create_store("none", root=tmp / "local_runs"), experiment="exp", run_id="parent123", name="site-b"
+    )
     assert again.to_dict() == profile.to_dict()
 
     # the command line
     from medtricks.cli import main
 
-    assert main(["calibrate", str(result.run_dir), "--card", str(card), "--root", str(tmp / "site"), "--name",
-                 "cli-site", "--n-bootstrap", "5", "--folds", "3", "--no-log"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(result.run_dir),
+                "--card",
+                str(card),
+                "--root",
+                str(tmp / "site"),
+                "--name",
+                "cli-site",
+                "--n-bootstrap",
+                "5",
+                "--folds",
+                "3",
+                "--no-log",
+            ]
+        )
+        == 0
+    )
     assert site_profile_path(result.run_dir, "cli-site").is_file()
     # too small a sample: says so, stores nothing
     with pytest.raises(SiteSampleError, match="too small to calibrate safely"):
-        calibrate_site(str(result.run_dir), card=str(card), root=str(tmp / "site"), name="tiny",
-                       min_per_class=1000, log=False, progress=False)
+        calibrate_site(
+            str(result.run_dir),
+            card=str(card),
+            root=str(tmp / "site"),
+            name="tiny",
+            min_per_class=1000,
+            log=False,
+            progress=False,
+        )
     assert not site_profile_path(result.run_dir, "tiny").exists()
 
 
 def _put_profile(run_dir, name="fixed", threshold=0.3, temperature=1.0):
     from medtricks.deploy.profiles import SiteProfile, save_site_profile
 
-    profile = SiteProfile(name=name, method="youden", threshold=threshold, temperature=temperature,
-                          prevalence=0.5, classes=["normal", "pneumonia"])
+    profile = SiteProfile(
+        name=name,
+        method="youden",
+        threshold=threshold,
+        temperature=temperature,
+        prevalence=0.5,
+        classes=["normal", "pneumonia"],
+    )
     save_site_profile(run_dir, profile)
     return profile
 
@@ -333,14 +420,29 @@ def test_predict_and_evaluate_use_the_site_profiles_threshold(site_run, monkeypa
     assert main(["predict", str(result.run_dir), str(images), "--site", "nope", "--out", str(out)]) == 2
     assert "no site profile 'nope'" in capsys.readouterr().err
     # evaluate --site: the operating point is the profile's
-    report = evaluate_trained(str(result.run_dir), card=str(card), root=str(tmp / "site"), site="fixed",
-                              n_bootstrap=0, log=False, progress=False)
+    report = evaluate_trained(
+        str(result.run_dir),
+        card=str(card),
+        root=str(tmp / "site"),
+        site="fixed",
+        n_bootstrap=0,
+        log=False,
+        progress=False,
+    )
     assert report.rule.threshold == 0.3 and report.rule.source == "site"
     positive = report.probs[:, 1] >= 0.3
     assert (report.probs_op.argmax(1) == positive).all()
     with pytest.raises(Exception, match="brings its own threshold"):
-        evaluate_trained(str(result.run_dir), card=str(card), root=str(tmp / "site"), site="fixed",
-                         threshold=0.5, n_bootstrap=0, log=False, progress=False)
+        evaluate_trained(
+            str(result.run_dir),
+            card=str(card),
+            root=str(tmp / "site"),
+            site="fixed",
+            threshold=0.5,
+            n_bootstrap=0,
+            log=False,
+            progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -358,8 +460,15 @@ def test_adapt_adabn_and_tent_write_runs_that_record_their_parent_and_load_like_
     parent = load_trained(str(result.run_dir))
     images = tmp / "site" / "images"
     for method in ("adabn", "tent"):
-        adapted = adapt_run(str(result.run_dir), root=str(images), method=method, progress=False, tracking_uri=uri,
-                            batch_size=16, lr=0.01)
+        adapted = adapt_run(
+            str(result.run_dir),
+            root=str(images),
+            method=method,
+            progress=False,
+            tracking_uri=uri,
+            batch_size=16,
+            lr=0.01,
+        )
         record = json.loads((adapted.run_dir / "model" / "adaptation.json").read_text())
         assert record["method"] == method and record["parent_run_id"] == parent.run_id
         assert record["n_images"] == 90 and all(i.startswith("i_") for i in record["image_ids"])
@@ -368,14 +477,17 @@ def test_adapt_adabn_and_tent_write_runs_that_record_their_parent_and_load_like_
         assert child.run_id == adapted.run_id and child.classes == parent.classes
         a, b = parent.model.state_dict(), child.model.state_dict()
         changed = {k for k in a if not torch.equal(a[k], b[k])}
-        assert changed and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked", "weight",
-                                                          "bias") for k in changed)
+        assert changed and all(
+            k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")
+            for k in changed
+        )
         if method == "adabn":
             assert all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for k in changed)
         # found by its run id in MLflow too, and evaluated like any run
         assert load_trained(adapted.run_id, tracking_uri=uri).run_id == adapted.run_id
-        report = evaluate_trained(str(adapted.run_dir), card=str(card), root=str(tmp / "site"), n_bootstrap=0,
-                                  log=False, progress=False)
+        report = evaluate_trained(
+            str(adapted.run_dir), card=str(card), root=str(tmp / "site"), n_bootstrap=0, log=False, progress=False
+        )
         assert report.n_images == 90
 
 
@@ -387,8 +499,15 @@ def test_adapt_em_prior_stores_a_profile_that_shifts_the_prior(site_run, monkeyp
 
     result, uri, tmp, card = site_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    adapted = adapt_run(str(result.run_dir), root=str(tmp / "site" / "images"), method="em-prior", name="em-b",
-                        n_bootstrap=20, progress=False, log=False)
+    adapted = adapt_run(
+        str(result.run_dir),
+        root=str(tmp / "site" / "images"),
+        method="em-prior",
+        name="em-b",
+        n_bootstrap=20,
+        progress=False,
+        log=False,
+    )
     profile = adapted.profile
     assert profile.method == "em-prior" and profile.shift_from and 0 < profile.prevalence < 1
     assert (result.run_dir / "model" / "sites" / "em-b.json").is_file()
@@ -396,6 +515,20 @@ def test_adapt_em_prior_stores_a_profile_that_shifts_the_prior(site_run, monkeyp
     assert rule.prevalence == profile.prevalence and rule.train_priors == profile.shift_from
     from medtricks.cli import main
 
-    assert main(["adapt", str(result.run_dir), "--root", str(tmp / "site" / "images"), "--method", "em-prior",
-                 "--name", "em-cli", "--no-log"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                str(result.run_dir),
+                "--root",
+                str(tmp / "site" / "images"),
+                "--method",
+                "em-prior",
+                "--name",
+                "em-cli",
+                "--no-log",
+            ]
+        )
+        == 0
+    )
     assert (result.run_dir / "model" / "sites" / "em-cli.json").is_file()

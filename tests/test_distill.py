@@ -1,5 +1,6 @@
 """Issue 17, item 1: knowledge distillation as a trick -- the loss by hand, a frozen teacher in eval mode
 that gets no gradient, teachers with another input size / channels / normalisation, a real run, ablate."""
+
 import math
 from types import SimpleNamespace
 
@@ -24,16 +25,24 @@ MEAN, STD = (0.5,), (0.25,)
 
 def _teacher_net(in_chans=1, seed=1):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(in_chans, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
 
 
 def _trick(monkeypatch, teacher, **cfg):
     monkeypatch.setattr(distill_mod, "teacher_for", lambda recipe, ctx, ref, **kw: teacher)
     config = DistillConfig(teacher="run", **cfg)
     recipe = SimpleNamespace(tricks=SimpleNamespace(distill=config))
-    return Distillation(recipe, TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"),
-                                             mean=MEAN, std=STD))
+    return Distillation(
+        recipe, TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"), mean=MEAN, std=STD)
+    )
 
 
 class _Fixed(nn.Module):
@@ -64,8 +73,13 @@ def test_the_loss_is_the_hand_computed_value(monkeypatch):
         return [v / sum(e) for v in e]
 
     ce = sum(-math.log(softmax(row, 1)[label]) for row, label in zip(z_s.tolist(), y.tolist())) / 2
-    kl = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(t_row, T), softmax(s_row, T)))
-             for s_row, t_row in zip(z_s.tolist(), z_t.tolist())) / 2
+    kl = (
+        sum(
+            sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(t_row, T), softmax(s_row, T)))
+            for s_row, t_row in zip(z_s.tolist(), z_t.tolist())
+        )
+        / 2
+    )
     assert total.item() == pytest.approx(a * ce + (1 - a) * T * T * kl, rel=1e-6)
     assert distillation_kl(z_t, z_t, T).item() == pytest.approx(0.0, abs=1e-7)
     total.backward()  # the gradient reaches the student's logits only
@@ -73,8 +87,9 @@ def test_the_loss_is_the_hand_computed_value(monkeypatch):
 
 
 def test_alpha_one_is_plain_training(monkeypatch):
-    teacher = Teacher(_Fixed(torch.zeros(2, 2)), mean=MEAN, std=STD, in_chans=1, image_size=4, student_mean=MEAN,
-                      student_std=STD)
+    teacher = Teacher(
+        _Fixed(torch.zeros(2, 2)), mean=MEAN, std=STD, in_chans=1, image_size=4, student_mean=MEAN, student_std=STD
+    )
     trick = _trick(monkeypatch, teacher, alpha=1.0)
     loss = nn.CrossEntropyLoss()
     assert trick.transform_loss_fn(loss) is loss and trick.extra_loss(None, torch.zeros(2, 1, 4, 4), None, None) is None
@@ -96,8 +111,18 @@ def test_the_teacher_gets_no_gradient_and_stays_in_eval_mode_through_training(mo
 
     monkeypatch.setattr(Teacher, "__call__", spy)
     model, train, val, opt, sched, cfg, ev = _setup(tmp_path, epochs=2)
-    fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=trick.transform_loss_fn(nn.CrossEntropyLoss()), cfg=cfg,
-        evaluate_fn=ev, checkpoint_dir=tmp_path / "ckpt", tricks=[trick])
+    fit(
+        model,
+        train,
+        val,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=trick.transform_loss_fn(nn.CrossEntropyLoss()),
+        cfg=cfg,
+        evaluate_fn=ev,
+        checkpoint_dir=tmp_path / "ckpt",
+        tricks=[trick],
+    )
     assert len(calls) == 2 * len(train)
     assert all(mode is False and out_grad is False for mode, _, out_grad in calls)
     assert not net.training
@@ -122,8 +147,7 @@ def test_a_teacher_with_another_size_channels_and_normalisation(monkeypatch):
             return self.lin(x.mean(dim=(2, 3)))
 
     t_mean, t_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    teacher = Teacher(RGB48(), mean=t_mean, std=t_std, in_chans=3, image_size=48, student_mean=MEAN,
-                      student_std=STD)
+    teacher = Teacher(RGB48(), mean=t_mean, std=t_std, in_chans=3, image_size=48, student_mean=MEAN, student_std=STD)
     trick = _trick(monkeypatch, teacher)
     torch.manual_seed(0)
     pixels = torch.rand(4, 1, 32, 32)
@@ -138,8 +162,15 @@ def test_a_teacher_with_another_size_channels_and_normalisation(monkeypatch):
     expected = (expected - torch.tensor(t_mean).view(1, 3, 1, 1)) / torch.tensor(t_std).view(1, 3, 1, 1)
     assert torch.allclose(x, expected, atol=1e-5)
     # RGB student, grey teacher, smaller input: channel mean, antialiased shrink
-    grey = Teacher(_teacher_net(), mean=(0.5,), std=(0.2,), in_chans=1, image_size=16,
-                   student_mean=(0.4, 0.4, 0.4), student_std=(0.3, 0.3, 0.3))
+    grey = Teacher(
+        _teacher_net(),
+        mean=(0.5,),
+        std=(0.2,),
+        in_chans=1,
+        image_size=16,
+        student_mean=(0.4, 0.4, 0.4),
+        student_std=(0.3, 0.3, 0.3),
+    )
     assert tuple(grey.inputs(torch.zeros(2, 3, 32, 32)).shape) == (2, 1, 16, 16)
     assert torch.allclose(grey.inputs(torch.zeros(2, 3, 32, 32)), torch.full((2, 1, 16, 16), (0.4 - 0.5) / 0.2))
 
@@ -148,8 +179,9 @@ def test_a_bad_teacher_is_named(tmp_path):
     from medtricks.tricks.distill import load_teacher
 
     with pytest.raises(ConfigError, match=r"tricks.distill.teacher='.*nowhere'.*not a finished run"):
-        load_teacher(str(tmp_path / "nowhere"), classes=["a", "b"], student_mean=MEAN, student_std=STD,
-                     load_run=load_trained)
+        load_teacher(
+            str(tmp_path / "nowhere"), classes=["a", "b"], student_mean=MEAN, student_std=STD, load_run=load_trained
+        )
     with pytest.raises(ConfigError, match="cannot build the teacher model"):
         load_teacher("model:no_such_net_xyz", classes=["a", "b"], student_mean=MEAN, student_std=STD)
     teacher = load_teacher("model:resnet18", classes=["a", "b"], student_mean=MEAN, student_std=STD, student_size=32)
@@ -164,8 +196,9 @@ def test_ablate_names_distill_with_a_teacher_and_pseudo_label():
     assert trick_overrides("pseudo_label") == ["tricks.pseudo_label.enabled=true"]
     from pathlib import Path
 
-    base = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml",
-                       overrides=["data.label_fraction=0.2"])
+    base = load_recipe(
+        Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", overrides=["data.label_fraction=0.2"]
+    )
     variants = make_variants(base, ["distill=runs/t", "pseudo_label"])
     assert [name for name, _ in variants] == ["baseline", "+distill=runs/t", "+distill=runs/t +pseudo_label"]
 
@@ -175,11 +208,30 @@ def test_a_run_distils_from_a_finished_run_with_another_input_size(tmp_path):
     from medtricks.run import run_recipe
     from test_hardening_run import _tiny
 
-    teacher = run_recipe(_tiny(tmp_path, "train.epochs=1", "schedule.warmup_epochs=0", "tracking.log_model=true",
-                               "experiment.name=teacher", "data.image_size=48"), quiet=True)
-    student = run_recipe(_tiny(tmp_path, "train.epochs=1", "schedule.warmup_epochs=0", "experiment.name=student",
-                               "model.name=resnet10t", f"tricks.distill.teacher={teacher.run_dir}",
-                               "tricks.distill.temperature=2", "tricks.distill.alpha=0.5"), quiet=True)
+    teacher = run_recipe(
+        _tiny(
+            tmp_path,
+            "train.epochs=1",
+            "schedule.warmup_epochs=0",
+            "tracking.log_model=true",
+            "experiment.name=teacher",
+            "data.image_size=48",
+        ),
+        quiet=True,
+    )
+    student = run_recipe(
+        _tiny(
+            tmp_path,
+            "train.epochs=1",
+            "schedule.warmup_epochs=0",
+            "experiment.name=student",
+            "model.name=resnet10t",
+            f"tricks.distill.teacher={teacher.run_dir}",
+            "tricks.distill.temperature=2",
+            "tricks.distill.alpha=0.5",
+        ),
+        quiet=True,
+    )
     assert math.isfinite(student.history[-1]["train/epoch_loss"])
     from medtricks.recipe import load_recipe as _load
 

@@ -4,6 +4,7 @@ The launch test starts real gloo processes on the CPU (``python -m torch.distrib
 --nproc-per-node 2 -m medtricks run ...``, what ``--nproc 2`` runs) and compares them with one process
 training the same global batch. The rest checks the pieces without a process group.
 """
+
 import json
 import os
 import subprocess
@@ -33,8 +34,9 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 # ------------------------------------------------------------------------ launch: python -m, --nproc
 def test_python_dash_m_medtricks_is_the_cli():
-    out = subprocess.run([sys.executable, "-m", "medtricks", "--version"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "medtricks", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert out.returncode == 0 and "medtricks 0.1.0" in out.stdout
 
 
@@ -52,9 +54,24 @@ def test_nproc_launches_torchrun_with_the_other_arguments(monkeypatch):
     monkeypatch.setattr(medtricks.run, "run_recipe", lambda *a, **k: pytest.fail("trained in the launcher"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["run", "quickstart", "--set", "optim.lr=0.05", "--nproc", "2", "--resume", "auto"]) == 0
-    assert _FakeLauncher.commands == [[sys.executable, "-m", "medtricks.train.torchrun", "--standalone",
-                                       "--nproc-per-node", "2", "-m", "medtricks", "run", "quickstart",
-                                       "--set", "optim.lr=0.05", "--resume", "auto"]]
+    assert _FakeLauncher.commands == [
+        [
+            sys.executable,
+            "-m",
+            "medtricks.train.torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "medtricks",
+            "run",
+            "quickstart",
+            "--set",
+            "optim.lr=0.05",
+            "--resume",
+            "auto",
+        ]
+    ]
 
 
 def test_without_nproc_nothing_is_launched(monkeypatch):
@@ -167,29 +184,69 @@ def test_resume_refuses_another_process_count(tmp_path):
 # A BatchNorm-free ViT (LayerNorm normalizes each image alone): without SyncBatchNorm, which torch runs on
 # GPUs only, 2 x 16 images then compute exactly what 1 x 32 does. 38 phantoms leave 32 training images:
 # one global batch per epoch, so the comparison does not depend on the order the images come in.
-TINY = ["data.synth.n=38", "data.synth.size=32", "data.image_size=32", "data.augment=none",
-        "model.name=vit_tiny_patch16_224", "model.weights=none", "tricks.bn_gamma.strategy=none",
-        "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
-        "train.epochs=2", "schedule.warmup_epochs=0", "train.progress=false", "train.log_every=1",
-        "train.best_metric=val/loss", "train.best_mode=min", "eval.n_bootstrap=0", "eval.plots=false",
-        "tracking.backend=none", "tracking.log_model=false"]
+TINY = [
+    "data.synth.n=38",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "data.augment=none",
+    "model.name=vit_tiny_patch16_224",
+    "model.weights=none",
+    "tricks.bn_gamma.strategy=none",
+    "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
+    "train.epochs=2",
+    "schedule.warmup_epochs=0",
+    "train.progress=false",
+    "train.log_every=1",
+    "train.best_metric=val/loss",
+    "train.best_mode=min",
+    "eval.n_bootstrap=0",
+    "eval.plots=false",
+    "tracking.backend=none",
+    "tracking.log_model=false",
+]
 
 
 def _overrides(folder, batch_size, data=None):
-    return [*TINY, f"train.batch_size={batch_size}", f"data.root={(data or folder) / 'phantoms'}",
-            f"experiment.output_dir={folder / 'runs'}"]
+    return [
+        *TINY,
+        f"train.batch_size={batch_size}",
+        f"data.root={(data or folder) / 'phantoms'}",
+        f"experiment.output_dir={folder / 'runs'}",
+    ]
 
 
 def _torchrun(folder, overrides, *extra, env=None):
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m medtricks run`` (what --nproc 2 runs)."""
     sets = [arg for override in overrides for arg in ("--set", override)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     env.pop("WORLD_SIZE", None)
     folder.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "medtricks", "run", str(QUICKSTART), *sets, *extra],
-                          capture_output=True, text=True, cwd=folder, env=env, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "medtricks",
+            "run",
+            str(QUICKSTART),
+            *sets,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env=env,
+        timeout=600,
+    )
 
 
 def _only_run(folder) -> RunDir:
@@ -272,7 +329,8 @@ def test_two_processes_resume_where_they_stopped_and_reach_the_same_weights(tmp_
     assert _only_run(tmp_path).path == run.path and run.read_state()["status"] == "finished"
     final = torch.load(run.last_checkpoint, weights_only=True)
     assert [h["train/epoch_loss"] for h in final["history"]] == pytest.approx(
-        [h["train/epoch_loss"] for h in reference["history"]], rel=1e-6)
+        [h["train/epoch_loss"] for h in reference["history"]], rel=1e-6
+    )
     assert max(float((final["model"][k] - v).abs().max()) for k, v in reference["model"].items()) < 1e-6
     rows = [json.loads(line) for line in run.store_metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if r["key"] == "train/loss"] == [1, 2]  # the replayed step is logged once

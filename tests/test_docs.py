@@ -1,5 +1,6 @@
 """The README is the front door and the docs pages are the long form: links resolve, the README stays
 short, and the generated recipe reference covers every key and trick (CI also runs `mkdocs build --strict`)."""
+
 import importlib.util
 import io
 import re

@@ -24,6 +24,7 @@ Placeholders (`<id>`, `RUN_ID`, ...) must be in PLACEHOLDERS, each with what it 
 unknown one fails. Commands no check can reach are in UNCHECKED with the reason. The numbers the pages quote
 about shipped recipes are checked against their result files in tests/test_docs_numbers.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ SHELL_LANGS = {"bash", "sh", "shell", "console"}
 DOCUMENTED = re.compile(r"(?:[A-Z_]+=\S*\s+)*(?:medtricks\s|python -m (?:medtricks|benchmarks\.)|mlflow\s|torchrun\s)")
 RUN_STANDIN = "20260101-000000-abc123"  # a run folder's name, runs/<experiment>/<time>-<id>
 RUN_ID_STANDIN = "0123456789abcdef0123456789abcdef"  # an MLflow run id
-FROZEN224 = ("data.image_size=224+model.freeze=[0,1,2,3,4]+train.cache_frozen={views: 4, dtype: float16}"
-             "+train.channels_last=true")
+FROZEN224 = (
+    "data.image_size=224+model.freeze=[0,1,2,3,4]+train.cache_frozen={views: 4, dtype: float16}"
+    "+train.channels_last=true"
+)
 
 # token -> (what it stands for, stand-in for the parse checks). In the run-for-real checks the run placeholders
 # (RUN_TOKENS) become the quickstart's run folder instead.
@@ -219,6 +222,7 @@ class _Parsed(Exception):
 
 def module_parser(module: str) -> argparse.ArgumentParser:
     """The argparse parser `python -m module` builds, caught at its first parse (the module does no work)."""
+
     def catch(parser, *args, **kwargs):
         raise _Parsed(parser)
 
@@ -345,13 +349,17 @@ def test_every_command_example_parses_and_names_what_exists(example):
 def _medtricks_argv(text: str) -> list[str]:
     """The medtricks command of an example line, also when torchrun launches it."""
     argv = split_env(shlex.split(text))[1]
-    return ["medtricks", *argv[argv.index("medtricks") + 1:]] if argv[:1] == ["torchrun"] else argv
+    return ["medtricks", *argv[argv.index("medtricks") + 1 :]] if argv[:1] == ["torchrun"] else argv
 
 
 def _run_examples() -> list[Example]:
     stand_ins = {t: v for t, (_, v) in PLACEHOLDERS.items()}
-    return [e for e in EXAMPLES if (argv := _medtricks_argv(substitute(e.text, stand_ins)))[:2] == ["medtricks", "run"]
-            and not plugin_example(argv)]
+    return [
+        e
+        for e in EXAMPLES
+        if (argv := _medtricks_argv(substitute(e.text, stand_ins)))[:2] == ["medtricks", "run"]
+        and not plugin_example(argv)
+    ]
 
 
 def _real_data(text: str) -> str:
@@ -408,11 +416,19 @@ def test_plugin_examples_load_the_plugin_the_page_defines(tmp_path):
         _page_files(page, tmp_path)
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     argvs = [shlex.split(_prepared(e, {}))[1:] for e in plugin]
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_docs_commands as t; "
-            f"print(json.dumps(t._check_in_child(json.loads(sys.argv[1]))))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_docs_commands as t; "
+        f"print(json.dumps(t._check_in_child(json.loads(sys.argv[1]))))"
+    )
     env = {**os.environ, "MEDTRICKS_ALLOW_PLUGINS": "0"}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(argvs)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [f"{e}: {err}" for e, err in zip(plugin, errors) if err] == []
@@ -494,8 +510,9 @@ def test_getting_started_commands_run_for_real_after_the_quickstart(readme_folde
     monkeypatch.setenv("MEDTRICKS_CACHE", str(folder / ".cache"))
     ran, timings = [], {}
     for example in (e for e in EXAMPLES if e.page == "docs/getting-started.md"):
-        text = _prepared(Example(example.page, example.line, substitute(example.text, dict.fromkeys(RUN_TOKENS,
-                                                                                                     run.name))), {})
+        text = _prepared(
+            Example(example.page, example.line, substitute(example.text, dict.fromkeys(RUN_TOKENS, run.name))), {}
+        )
         for argv in commands(text):
             env, argv = split_env(argv)
             if argv[:2] == ["mkdir", "-p"]:

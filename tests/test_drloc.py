@@ -2,6 +2,7 @@
 loss for a perfect predictor, the token grid of ViT (prefix tokens dropped), Swin and CNNs, the features
 of the training forward kept without a second pass, the head trained by the run's optimizer and kept out
 of the model, a recipe run that resumes exactly, and bad settings refused with their key."""
+
 from pathlib import Path
 
 import pytest
@@ -18,31 +19,54 @@ from medtricks.run import run_recipe
 from medtricks.rundir import RunDir
 from medtricks.tricks.base import TrickContext
 from medtricks.tricks.registry import build_tricks
-from medtricks.tricks.drloc import (Drloc, DrlocConfig, DrlocHead, drloc_loss, features_to_grid, pair_features,
-                                    relative_targets, sample_positions, token_grid)
+from medtricks.tricks.drloc import (
+    Drloc,
+    DrlocConfig,
+    DrlocHead,
+    drloc_loss,
+    features_to_grid,
+    pair_features,
+    relative_targets,
+    sample_positions,
+    token_grid,
+)
 
 from test_hardening_run import _tiny, killed_then_resumed
 
 ROOT = Path(__file__).resolve().parents[1]
-VIT = ["model.name=vit_tiny_patch16_224", "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, "
-       "num_heads: 2}", "tricks.bn_gamma.strategy=none"]
+VIT = [
+    "model.name=vit_tiny_patch16_224",
+    "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}",
+    "tricks.bn_gamma.strategy=none",
+]
 
 
 def tiny_vit(**kw):
     torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=2,
-                             in_chans=1, **kw)
+    return VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=2, in_chans=1, **kw
+    )
 
 
 def _recipe(*extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                       overrides=["data.image_size=32", "tricks.bn_gamma.strategy=none", "train.batch_size=4",
-                                  "tricks.drloc.lambda=0.5", "tricks.drloc.pairs=16", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.image_size=32",
+            "tricks.bn_gamma.strategy=none",
+            "train.batch_size=4",
+            "tricks.drloc.lambda=0.5",
+            "tricks.drloc.pairs=16",
+            *extra,
+        ],
+    )
 
 
 def _trick(recipe, model=None):
-    trick = Drloc(recipe, TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"),
-                                       extras={"updates_per_epoch": 5}))
+    trick = Drloc(
+        recipe,
+        TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"), extras={"updates_per_epoch": 5}),
+    )
     if model is not None:
         trick.on_model(model)
         trick.on_fit_start(model)
@@ -123,8 +147,9 @@ def test_pairs_come_from_the_global_generator_inside_the_grid():
 
 
 # ---------------------------------------------------------------------------------- the grids
-@pytest.mark.parametrize("kw,prefix", [({}, 1), ({"reg_tokens": 2}, 3),
-                                       ({"class_token": False, "global_pool": "avg"}, 0)])
+@pytest.mark.parametrize(
+    "kw,prefix", [({}, 1), ({"reg_tokens": 2}, 3), ({"class_token": False, "global_pool": "avg"}, 0)]
+)
 def test_vit_grid_drops_the_prefix_tokens_and_is_the_patch_grid(kw, prefix):
     model = tiny_vit(**kw).eval()
     images = torch.randn(2, 1, 32, 32)
@@ -138,8 +163,16 @@ def test_vit_grid_drops_the_prefix_tokens_and_is_the_patch_grid(kw, prefix):
 
 def test_swin_features_are_used_as_they_are():
     torch.manual_seed(0)
-    model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1),
-                            num_heads=(1, 1), num_classes=2, in_chans=1).eval()
+    model = SwinTransformer(
+        img_size=32,
+        patch_size=4,
+        window_size=4,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 1),
+        num_classes=2,
+        in_chans=1,
+    ).eval()
     images = torch.randn(2, 1, 32, 32)
     grid = token_grid(model, images)
     assert grid.shape == (2, 4, 4, 32)
@@ -194,8 +227,13 @@ def test_the_training_forward_features_are_kept_without_a_second_pass():
 def test_behind_a_learnable_resizer_and_in_ce_mode():
     from medtricks.models.resizer import LearnableResizer, ResizerModel
 
-    recipe = _recipe(*VIT, "model.resizer.enabled=true", "model.resizer.input_size=48",
-                     "model.resizer.output_size=32", "tricks.drloc.mode=ce")
+    recipe = _recipe(
+        *VIT,
+        "model.resizer.enabled=true",
+        "model.resizer.input_size=48",
+        "model.resizer.output_size=32",
+        "tricks.drloc.mode=ce",
+    )
     model = ResizerModel(LearnableResizer(in_chans=1, out_size=32), tiny_vit())
     trick = _trick(recipe, model)
     assert trick.grid == (4, 4) and trick.head.out_rows.out_features == 7
@@ -210,8 +248,10 @@ def test_behind_a_learnable_resizer_and_in_ce_mode():
 def test_the_head_trains_in_the_runs_optimizer_and_stays_out_of_the_model():
     recipe = _recipe(*VIT, "optim.name=adamw", "optim.lr=0.01", "tricks.no_bias_decay=true", "train.grad_clip=1.0")
     model = tiny_vit()
-    tricks = build_tricks(recipe, TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"),
-                                               extras={"updates_per_epoch": 5}))
+    tricks = build_tricks(
+        recipe,
+        TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"), extras={"updates_per_epoch": 5}),
+    )
     trick = next(t for t in tricks if t.name == "drloc")
     trick.on_model(model)
     trick.on_fit_start(model)
@@ -275,16 +315,22 @@ def test_a_recipe_trains_with_drloc_tags_it_and_resumes_exactly(tmp_path, monkey
         state = state.get("model", state)
         assert not any("trunk" in k or k.startswith("out") for k in state)
     resumed = killed_then_resumed(monkeypatch, _tiny(tmp_path, *extra, f"experiment.output_dir={tmp_path / 'r2'}"))
-    assert [h["train/epoch_loss"] for h in resumed.history] == \
-        pytest.approx([h["train/epoch_loss"] for h in full.history], abs=1e-6)
+    assert [h["train/epoch_loss"] for h in resumed.history] == pytest.approx(
+        [h["train/epoch_loss"] for h in full.history], abs=1e-6
+    )
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------- settings
-@pytest.mark.parametrize("override,key", [("tricks.drloc.pairs=0", "tricks.drloc.pairs"),
-                                          ("tricks.drloc.lambda=-0.1", "tricks.drloc.lambda"),
-                                          ("tricks.drloc.mode=l2", "tricks.drloc.mode"),
-                                          ("tricks.drloc.lambda=true", "tricks.drloc.lambda")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("tricks.drloc.pairs=0", "tricks.drloc.pairs"),
+        ("tricks.drloc.lambda=-0.1", "tricks.drloc.lambda"),
+        ("tricks.drloc.mode=l2", "tricks.drloc.mode"),
+        ("tricks.drloc.lambda=true", "tricks.drloc.lambda"),
+    ],
+)
 def test_bad_settings_are_refused_with_the_key(override, key):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         _recipe(override)

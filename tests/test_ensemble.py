@@ -1,4 +1,5 @@
 """`medtricks ensemble`: the mean of several trained runs' probabilities on the same images."""
+
 import shutil
 from pathlib import Path
 
@@ -32,12 +33,28 @@ def two_runs(tmp_path_factory):
     card = binary_phantom_card(tmp, "binary-phantoms", CLASSES)
     runs = []
     for i, size in enumerate((32, 40)):
-        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-            f"data.card={card}", "data.synth=null", f"data.root={tmp / 'data'}", f"data.image_size={size}",
-            "data.val_fraction=0.3", "model.name=resnet18", "model.weights=none", "train.epochs=1",
-            "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false", "schedule.warmup_epochs=0",
-            f"experiment.seed={i}", f"experiment.name=member{i}", f"experiment.output_dir={tmp / 'runs'}",
-            f"tracking.uri={uri}", "tracking.experiment=ensemble-test"])
+        recipe = load_recipe(
+            ROOT / "recipes" / "quickstart.yaml",
+            overrides=[
+                f"data.card={card}",
+                "data.synth=null",
+                f"data.root={tmp / 'data'}",
+                f"data.image_size={size}",
+                "data.val_fraction=0.3",
+                "model.name=resnet18",
+                "model.weights=none",
+                "train.epochs=1",
+                "train.batch_size=16",
+                "eval.n_bootstrap=10",
+                "train.progress=false",
+                "schedule.warmup_epochs=0",
+                f"experiment.seed={i}",
+                f"experiment.name=member{i}",
+                f"experiment.output_dir={tmp / 'runs'}",
+                f"tracking.uri={uri}",
+                "tracking.experiment=ensemble-test",
+            ],
+        )
         result = run_recipe(recipe, quiet=True)
         op_path = result.run_dir / "model" / OPERATING_POINT_FILE
         if not op_path.is_file():  # a run.py that does not store operating points yet: store one as it would
@@ -61,8 +78,10 @@ def test_ensemble_probs_are_the_mean_of_the_members(two_runs):
     runs, uri, tmp, card = two_runs
     dirs = [str(r.run_dir) for r in runs]
     report = ensemble_runs(dirs, card=str(card), root=str(tmp / "data"), n_bootstrap=10, log=False, progress=False)
-    members = [evaluate_trained(d, card=str(card), root=str(tmp / "data"), n_bootstrap=0, log=False, progress=False)
-               for d in dirs]
+    members = [
+        evaluate_trained(d, card=str(card), root=str(tmp / "data"), n_bootstrap=0, log=False, progress=False)
+        for d in dirs
+    ]
     assert report.n_images == 64 and report.member_names[0].startswith("member0")
     assert np.allclose(report.probs, (members[0].probs + members[1].probs) / 2, atol=1e-6)
     for got, expected in zip(report.members, members):
@@ -82,10 +101,17 @@ def test_ensemble_threshold_falls_back_to_the_members_mean(two_runs, tmp_path):
     runs, uri, tmp, card = two_runs
     copy = _copy_run(runs[1], tmp_path / "no-val")
     (copy / "artifacts" / "predictions_val.npz").unlink()
-    report = ensemble_runs([str(runs[0].run_dir), str(copy)], card=str(card), root=str(tmp / "data"),
-                           n_bootstrap=0, log=False, progress=False)
-    thresholds = [OperatingPoint.from_json(Path(d) / "model" / OPERATING_POINT_FILE).threshold
-                  for d in (runs[0].run_dir, copy)]
+    report = ensemble_runs(
+        [str(runs[0].run_dir), str(copy)],
+        card=str(card),
+        root=str(tmp / "data"),
+        n_bootstrap=0,
+        log=False,
+        progress=False,
+    )
+    thresholds = [
+        OperatingPoint.from_json(Path(d) / "model" / OPERATING_POINT_FILE).threshold for d in (runs[0].run_dir, copy)
+    ]
     assert report.ensemble.rule.source == "members-mean"
     assert report.ensemble.rule.threshold == pytest.approx(np.mean(thresholds))
     assert "saved no artifacts/predictions_val.npz" in report.threshold_note
@@ -93,22 +119,46 @@ def test_ensemble_threshold_falls_back_to_the_members_mean(two_runs, tmp_path):
 
 def test_ensemble_refuses_other_classes_and_other_images(two_runs, tmp_path):
     runs, uri, tmp, card = two_runs
-    swapped = _copy_run(runs[1], tmp_path / "swapped", card=str(binary_phantom_card(tmp_path, "swapped", CLASSES[::-1])))
+    swapped = _copy_run(
+        runs[1], tmp_path / "swapped", card=str(binary_phantom_card(tmp_path, "swapped", CLASSES[::-1]))
+    )
     with pytest.raises(ValueError, match=r"predicts classes \['pneumonia', 'normal'\].*same classes in the same order"):
-        ensemble_runs([str(runs[0].run_dir), str(swapped)], card=str(card), root=str(tmp / "data"), log=False,
-                      progress=False)
+        ensemble_runs(
+            [str(runs[0].run_dir), str(swapped)], card=str(card), root=str(tmp / "data"), log=False, progress=False
+        )
     resplit = _copy_run(runs[1], tmp_path / "resplit", split_seed=7)
     with pytest.raises(ValueError, match=r"sees other images .*\(val\).*training images"):
-        ensemble_runs([str(runs[0].run_dir), str(resplit)], card=str(card), root=str(tmp / "data"), split="val",
-                      log=False, progress=False)
+        ensemble_runs(
+            [str(runs[0].run_dir), str(resplit)],
+            card=str(card),
+            root=str(tmp / "data"),
+            split="val",
+            log=False,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="at least two runs"):
         ensemble_runs([str(runs[0].run_dir)], card=str(card), root=str(tmp / "data"), log=False)
 
 
 def test_ensemble_cli_logs_an_evaluation_run_that_compare_pairs(two_runs, capsys):
     runs, uri, tmp, card = two_runs
-    code = main(["ensemble", str(runs[0].run_dir), str(runs[1].run_dir), "--card", str(card), "--root",
-                 str(tmp / "data"), "--n-bootstrap", "10", "--prevalence", "0.3", "--tracking-uri", uri])
+    code = main(
+        [
+            "ensemble",
+            str(runs[0].run_dir),
+            str(runs[1].run_dir),
+            "--card",
+            str(card),
+            "--root",
+            str(tmp / "data"),
+            "--n-bootstrap",
+            "10",
+            "--prevalence",
+            "0.3",
+            "--tracking-uri",
+            uri,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "Ensemble of 2 runs" in out and "prevalence" in out
@@ -116,8 +166,9 @@ def test_ensemble_cli_logs_an_evaluation_run_that_compare_pairs(two_runs, capsys
     run = MlflowClient(uri).get_run(ensemble_id)
     assert run.data.tags["medtricks.kind"] == "ensemble" and run.data.params["prevalence"] == "0.3"
     assert {"eval/auroc", "eval/op/accuracy", "eval/op/threshold"} <= set(run.data.metrics)
-    single = evaluate_trained(str(runs[0].run_dir), card=str(card), root=str(tmp / "data"), n_bootstrap=10,
-                              tracking_uri=uri, progress=False)
+    single = evaluate_trained(
+        str(runs[0].run_dir), card=str(card), root=str(tmp / "data"), n_bootstrap=10, tracking_uri=uri, progress=False
+    )
     text = compare_runs(run_ids=[single.run_id, ensemble_id], metric="eval/auroc", tracking_uri=uri)
     assert "Paired on the same 64 eval images" in text
 

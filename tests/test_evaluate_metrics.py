@@ -1,4 +1,5 @@
 """Metrics and bootstrap CIs: hand-computed examples, agreement with sklearn, degenerate resamples."""
+
 from __future__ import annotations
 
 import math
@@ -6,13 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    f1_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 from medtricks.evaluate import (
     MetricsResult,

@@ -1,4 +1,5 @@
 """Evaluation figures: each returns a Figure that saves to a real PNG and shows the right numbers."""
+
 from __future__ import annotations
 
 import math
@@ -105,7 +106,10 @@ def test_reliability_diagram_title_has_the_ece(data, tmp_path, n_bins):
 
 def test_lr_schedule_with_epochs(tmp_path):
     warmup, total = 20, 100
-    lrs = [0.1 * min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * max(0, i - warmup) / (total - warmup))) for i in range(total)]
+    lrs = [
+        0.1 * min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * max(0, i - warmup) / (total - warmup)))
+        for i in range(total)
+    ]
     fig = plot_lr_schedule(lrs, steps_per_epoch=10)
     _saved_png(fig, tmp_path, "lr")
     ax = fig.axes[0]
@@ -122,8 +126,9 @@ def test_lr_schedule_with_epochs(tmp_path):
 
 def test_forest_plot(tmp_path):
     labels = ["baseline", "+warmup", "+bn_gamma=zero_late (1 seed)"]
-    fig = plot_forest(labels, [0.86, 0.87, 0.88], [0.85, 0.862, math.nan], [0.87, 0.878, math.nan],
-                      reference=0.86, xlabel="val/auroc")
+    fig = plot_forest(
+        labels, [0.86, 0.87, 0.88], [0.85, 0.862, math.nan], [0.87, 0.878, math.nan], reference=0.86, xlabel="val/auroc"
+    )
     _saved_png(fig, tmp_path, "forest")
     ax = fig.axes[0]
     top_to_bottom = sorted(ax.get_yticklabels(), key=lambda t: -t.get_position()[1])

@@ -1,4 +1,5 @@
 """Statistics over seeds against scipy on known data."""
+
 from __future__ import annotations
 
 import math

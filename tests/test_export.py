@@ -1,4 +1,5 @@
 """`medtricks export`: ONNX / TorchScript with preprocessing and softmax inside, parity-checked, with a model card."""
+
 import shutil
 from pathlib import Path
 
@@ -19,11 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=48", "data.synth.size=40", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",
-        "train.progress=false", "schedule.warmup_epochs=0", f"data.root={tmp / 'phantoms'}",
-        f"experiment.output_dir={tmp / 'runs'}", "tracking.backend=none"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=48",
+            "data.synth.size=40",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"data.root={tmp / 'phantoms'}",
+            f"experiment.output_dir={tmp / 'runs'}",
+            "tracking.backend=none",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     return result, tmp
 
@@ -33,8 +47,17 @@ def _val_inputs(tmp: Path, trained, n: int = 4) -> np.ndarray:
     from medtricks.data import read_image
 
     paths = sorted((tmp / "phantoms" / "images").glob("*.png"))[:n]
-    return np.stack([prepare_input(read_image(p), image_size=32, in_chans=trained.recipe.model.in_chans,
-                                   augment=trained.recipe.data.augment) for p in paths])
+    return np.stack(
+        [
+            prepare_input(
+                read_image(p),
+                image_size=32,
+                in_chans=trained.recipe.model.in_chans,
+                augment=trained.recipe.data.augment,
+            )
+            for p in paths
+        ]
+    )
 
 
 def test_onnx_export_matches_torch_and_writes_a_card(trained_run, tmp_path):
@@ -61,8 +84,17 @@ def test_onnx_export_matches_torch_and_writes_a_card(trained_run, tmp_path):
 
     card = exported.card_path.read_text()
     assert exported.card_path == tmp_path / "cxr.onnx.md"
-    for text in ("0. normal", "1. bacterial", "2. covid", "(N, 1, 32, 32)", "values in [0, 1]", "opset 17",
-                 f"{exported.max_abs_diff:.2e}", result.run_dir.name, "None stored with the run"):
+    for text in (
+        "0. normal",
+        "1. bacterial",
+        "2. covid",
+        "(N, 1, 32, 32)",
+        "values in [0, 1]",
+        "opset 17",
+        f"{exported.max_abs_diff:.2e}",
+        result.run_dir.name,
+        "None stored with the run",
+    ):
         assert text in card, text
     assert f"mean [{round(float(mean), 6)}]" in card
 
@@ -72,9 +104,16 @@ def test_prepare_input_is_the_eval_transform_before_normalization(trained_run):
     from medtricks.data import build_eval_dataset
 
     trained = load_trained(str(result.run_dir))
-    dataset, _ = build_eval_dataset("synthetic-phantoms", tmp / "phantoms", image_size=32,
-                                    mean=trained.data_config["mean"], std=trained.data_config["std"], in_chans=1,
-                                    augment=trained.recipe.data.augment, progress=False)
+    dataset, _ = build_eval_dataset(
+        "synthetic-phantoms",
+        tmp / "phantoms",
+        image_size=32,
+        mean=trained.data_config["mean"],
+        std=trained.data_config["std"],
+        in_chans=1,
+        augment=trained.recipe.data.augment,
+        progress=False,
+    )
     path = Path(dataset.items[0]["path"])
     from medtricks.data import read_image
 
@@ -85,8 +124,9 @@ def test_prepare_input_is_the_eval_transform_before_normalization(trained_run):
 
 def test_torchscript_export_and_cli_by_run_id(trained_run, tmp_path, capsys):
     result, tmp = trained_run
-    code = main(["export", result.run_id, "--format", "torchscript", "--out", str(tmp_path),
-                 "--runs-dir", str(tmp / "runs")])
+    code = main(
+        ["export", result.run_id, "--format", "torchscript", "--out", str(tmp_path), "--runs-dir", str(tmp / "runs")]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "max |delta prob|" in out and "model card" in out
@@ -109,7 +149,8 @@ def test_model_card_carries_the_stored_operating_point(trained_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(result.run_dir, copy)
     OperatingPoint(threshold=0.3125, method="youden", val_sensitivity=0.9, val_specificity=0.8).to_json(
-        RunDir(copy).operating_point)
+        RunDir(copy).operating_point
+    )
     recipe = (copy / "recipe.yaml").read_text()  # the run's data gone: the parity check draws phantoms
     (copy / "recipe.yaml").write_text(recipe.replace(str(tmp / "phantoms"), str(tmp_path / "gone")))
     exported = export_model(str(copy), "onnx", tmp_path / "m.onnx", opset=18)
@@ -125,8 +166,21 @@ def test_bad_format_and_missing_run(trained_run, tmp_path, capsys):
         export_model(str(result.run_dir), "tflite", tmp_path / "m.tflite")
     with pytest.raises(MedtricksError, match="neither"):
         export_model("no-such-run", "onnx", tmp_path / "m.onnx", runs_dir=tmp_path)
-    assert main(["export", "no-such-run", "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
-                 "--runs-dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "no-such-run",
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "m.onnx"),
+                "--runs-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "medtricks export: error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(result.run_dir), "--format", "tflite", "--out", str(tmp_path / "m")])
@@ -151,13 +205,16 @@ def test_resizer_model_exports_to_onnx_with_its_antialiased_resize(tmp_path):
     from medtricks.models.resizer import LearnableResizer, ResizerModel
 
     torch.manual_seed(0)
-    model = ResizerModel(LearnableResizer(in_chans=1, out_size=16, n_filters=4, n_res_blocks=1),
-                         create_model("resnet18", weights="none", num_classes=2, in_chans=1)).eval()
+    model = ResizerModel(
+        LearnableResizer(in_chans=1, out_size=16, n_filters=4, n_res_blocks=1),
+        create_model("resnet18", weights="none", num_classes=2, in_chans=1),
+    ).eval()
     wrapper = ExportWrapper(model, (0.5,), (0.25,), 1).eval()
     x = torch.rand(3, 1, 24, 24)
     opset, exporter = _export_onnx(wrapper, x[:1], tmp_path / "r.onnx", 17)
     assert opset >= 18 and "torch.export" in exporter
     got = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["probs"], {"images": x.numpy()})[0]
+        ["probs"], {"images": x.numpy()}
+    )[0]
     with torch.no_grad():
         assert np.abs(got - wrapper(x).numpy()).max() < 1e-4

@@ -1,4 +1,5 @@
 """Issue 29: the cached frozen prefix and progressive resizing."""
+
 import copy
 import math
 import random
@@ -14,8 +15,7 @@ from medtricks.recipe import load_recipe
 from medtricks.run import find_resumable_run_dir, make_train_loader, run_recipe
 from medtricks.tracking import NullStore
 from medtricks.train import EngineConfig, fit, predict
-from medtricks.train.frozen_cache import (CachedViews, FrozenSplit, SuffixModel, build_cached_views,
-                                          split_frozen_prefix)
+from medtricks.train.frozen_cache import CachedViews, FrozenSplit, SuffixModel, build_cached_views, split_frozen_prefix
 from medtricks.train.progressive import ProgressiveLoader, progressive_batches, progressive_sizes
 from medtricks.train.param_groups import build_optimizer, build_param_groups
 from medtricks.train.schedules import build_scheduler
@@ -53,24 +53,42 @@ def _train(model, train_set, *, train_module=None, epochs=3, checkpoint_dir, res
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(build_param_groups(model, weight_decay=1e-4), name="nesterov", lr=0.05)
     sched = build_scheduler(opt, name="cosine", epochs=epochs, steps_per_epoch=len(loader), warmup_epochs=0.5)
-    cfg = EngineConfig(epochs=epochs, device=torch.device("cpu"), seed=seed, best_metric="val/loss", best_mode="min",
-                       progress=False, log_every=1)
+    cfg = EngineConfig(
+        epochs=epochs,
+        device=torch.device("cpu"),
+        seed=seed,
+        best_metric="val/loss",
+        best_mode="min",
+        progress=False,
+        log_every=1,
+    )
     assert params
-    return fit(model, loader, None, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-               evaluate_fn=lambda m: {"val/loss": 0.0}, checkpoint_dir=checkpoint_dir, resume=resume,
-               train_module=train_module)
+    return fit(
+        model,
+        loader,
+        None,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        evaluate_fn=lambda m: {"val/loss": 0.0},
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        train_module=train_module,
+    )
 
 
 def _views(split, dataset, dtype=torch.float32):
-    return build_cached_views(split, dataset, views=2, seed_of_view=lambda v: 1000 + v, dtype=dtype,
-                              batch_size=16, progress=False)
+    return build_cached_views(
+        split, dataset, views=2, seed_of_view=lambda v: 1000 + v, dtype=dtype, batch_size=16, progress=False
+    )
 
 
 def test_split_cuts_after_the_frozen_prefix_and_reproduces_the_forward():
     model = _frozen_resnet()
     split = split_frozen_prefix(model, sample=torch.randn(2, 1, 32, 32))
     assert split.cut == "layer3.0"
-    assert all(not p.requires_grad for _, unit in split.units[:split.n_frozen] for p in unit.parameters())
+    assert all(not p.requires_grad for _, unit in split.units[: split.n_frozen] for p in unit.parameters())
     lite = create_model("efficientnet_lite0", num_classes=2, in_chans=1)
     freeze_model(lite, [0, 1, 2, 3, 4])
     assert split_frozen_prefix(lite, sample=torch.randn(2, 1, 64, 64)).cut == "blocks.4.0"
@@ -104,11 +122,13 @@ def test_cached_prefix_trains_exactly_like_the_uncached_run_on_the_same_views(tm
     images = _views(identity, data)  # the same two augmented views, before the prefix
     assert features.store.shape[:2] == images.store.shape[:2] == (2, len(data))
 
-    cached = _train(cached_model, features, train_module=SuffixModel(cached_model, split), checkpoint_dir=tmp_path / "c",
-                    epochs=2)
+    cached = _train(
+        cached_model, features, train_module=SuffixModel(cached_model, split), checkpoint_dir=tmp_path / "c", epochs=2
+    )
     plain = _train(plain_model, images, checkpoint_dir=tmp_path / "p", epochs=2)
     assert [h["train/epoch_loss"] for h in cached.history] == pytest.approx(
-        [h["train/epoch_loss"] for h in plain.history], rel=1e-5, abs=1e-6)
+        [h["train/epoch_loss"] for h in plain.history], rel=1e-5, abs=1e-6
+    )
     for (name, a), b in zip(cached_model.state_dict().items(), plain_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
 
@@ -133,9 +153,13 @@ def test_float16_store_and_suffix_evaluation():
     views = _views(split, data, dtype=torch.float16)
     assert views.store.dtype == torch.float16
     targets, probs, _ = predict(SuffixModel(model, split), torch.utils.data.DataLoader(views, batch_size=8))
-    whole_targets, whole_probs, _ = predict(model, torch.utils.data.DataLoader(
-        CachedViews(_views(FrozenSplit([("identity", nn.Identity())], 1, tail=None), data).store, data.targets),
-        batch_size=8))
+    whole_targets, whole_probs, _ = predict(
+        model,
+        torch.utils.data.DataLoader(
+            CachedViews(_views(FrozenSplit([("identity", nn.Identity())], 1, tail=None), data).store, data.targets),
+            batch_size=8,
+        ),
+    )
     assert (targets == whole_targets).all()
     assert whole_probs == pytest.approx(probs, abs=2e-2)
 
@@ -151,7 +175,7 @@ def test_progressive_sizes_and_batches():
     assert progressive_batches([96, 160], end=160, batch_size=32, n_images=1000, scale_batch=False) == [32, 32]
     # memory stays about flat: batch x pixels never exceeds the final epoch's
     for size, batch in zip([96, 128, 160], [88, 48, 32]):
-        assert batch * size ** 2 <= 32 * 160 ** 2
+        assert batch * size**2 <= 32 * 160**2
 
 
 def test_progressive_lr_schedule_stays_in_epochs_and_scales_with_the_batch(tmp_path):
@@ -176,8 +200,14 @@ def test_progressive_lr_schedule_stays_in_epochs_and_scales_with_the_batch(tmp_p
         resized.size = size
         seen_sizes.append(size)
 
-    loader = ProgressiveLoader(resized, sizes=sizes, batches=batches, batch_size=8, set_size=set_size,
-                               make_loader=lambda b: make_train_loader(resized, batch_size=b, seed=0, num_workers=0))
+    loader = ProgressiveLoader(
+        resized,
+        sizes=sizes,
+        batches=batches,
+        batch_size=8,
+        set_size=set_size,
+        make_loader=lambda b: make_train_loader(resized, batch_size=b, seed=0, num_workers=0),
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     opt = build_optimizer(build_param_groups(model, weight_decay=0.0), name="sgd", lr=0.1)
@@ -185,11 +215,27 @@ def test_progressive_lr_schedule_stays_in_epochs_and_scales_with_the_batch(tmp_p
     assert nominal == 6
     sched = build_scheduler(opt, name="cosine", epochs=3, steps_per_epoch=nominal)
     lrs = []
-    cfg = EngineConfig(epochs=3, device=torch.device("cpu"), seed=0, best_metric="val/loss", best_mode="min",
-                       progress=False, log_every=1)
-    result = fit(model, loader, None, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-                 evaluate_fn=lambda m: {"val/loss": 0.0}, checkpoint_dir=tmp_path,
-                 on_step=lambda step, m: lrs.append(m["lr"]))
+    cfg = EngineConfig(
+        epochs=3,
+        device=torch.device("cpu"),
+        seed=0,
+        best_metric="val/loss",
+        best_mode="min",
+        progress=False,
+        log_every=1,
+    )
+    result = fit(
+        model,
+        loader,
+        None,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        evaluate_fn=lambda m: {"val/loss": 0.0},
+        checkpoint_dir=tmp_path,
+        on_step=lambda step, m: lrs.append(m["lr"]),
+    )
     assert seen_sizes == sizes
     assert result.steps == 2 + 3 + 6  # 48 images in batches of 24, 16, 8
     # epoch 0 runs at 3x the batch: the lr after its first update is 3x the cosine value at 1/2 of an epoch's updates
@@ -200,16 +246,31 @@ def test_progressive_lr_schedule_stays_in_epochs_and_scales_with_the_batch(tmp_p
 
 
 # ------------------------------------------------------------------------------- through a recipe
-TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=3", "train.batch_size=16", "eval.n_bootstrap=20", "eval.plots=false",
-        "train.progress=false", "train.log_every=1", "schedule.warmup_epochs=0.5", "optim.lr=0.4",
-        "tricks.bn_gamma.strategy=none", "model.freeze=[0, 1, 2]", "train.cache_frozen.views=2"]
+TINY = [
+    "data.synth.n=48",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=3",
+    "train.batch_size=16",
+    "eval.n_bootstrap=20",
+    "eval.plots=false",
+    "train.progress=false",
+    "train.log_every=1",
+    "schedule.warmup_epochs=0.5",
+    "optim.lr=0.4",
+    "tricks.bn_gamma.strategy=none",
+    "model.freeze=[0, 1, 2]",
+    "train.cache_frozen.views=2",
+]
 
 
 def _tiny(tmp_path, *extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                       overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}",
-                                  f"experiment.output_dir={tmp_path / 'runs'}", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *extra],
+    )
 
 
 def test_cached_run_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
@@ -226,7 +287,8 @@ def test_cached_run_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     monkeypatch.setattr(medtricks.run, "fit", real_fit)
     resumed = run_recipe(recipe, resume="auto", tracker=NullStore(), quiet=True)
     assert [h["train/epoch_loss"] for h in resumed.history] == pytest.approx(
-        [h["train/epoch_loss"] for h in full.history], rel=1e-6)
+        [h["train/epoch_loss"] for h in full.history], rel=1e-6
+    )
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], rel=1e-6)
     assert find_resumable_run_dir(recipe) is None
 
@@ -238,10 +300,13 @@ def test_cached_run_logs_where_it_cut_and_what_it_holds(tmp_path):
     assert tracker.params["resolved.cache_frozen.megabytes"] > 0
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["tricks.mixup_alpha=0.2"], "mixup"),
-    (["model.resizer.enabled=true", "model.resizer.input_size=48", "model.resizer.output_size=32"], "resizer"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["tricks.mixup_alpha=0.2"], "mixup"),
+        (["model.resizer.enabled=true", "model.resizer.input_size=48", "model.resizer.output_size=32"], "resizer"),
+    ],
+)
 def test_what_the_cache_cannot_honour_is_refused(tmp_path, extra, message):
     with pytest.raises(Exception, match=message):
         run_recipe(_tiny(tmp_path, *extra), tracker=NullStore(), quiet=True)
@@ -258,11 +323,21 @@ def test_cache_without_freeze_and_bad_progressive_settings_fail_at_load(tmp_path
 
 def test_progressive_run_trains_at_the_scheduled_sizes(tmp_path):
     tracker = NullStore()
-    result = run_recipe(_tiny(tmp_path, "train.cache_frozen=null", "model.freeze=null",
-                              "schedule.progressive_resize.start=16", "schedule.progressive_resize.multiple=8"),
-                        tracker=tracker, quiet=True)
+    result = run_recipe(
+        _tiny(
+            tmp_path,
+            "train.cache_frozen=null",
+            "model.freeze=null",
+            "schedule.progressive_resize.start=16",
+            "schedule.progressive_resize.multiple=8",
+        ),
+        tracker=tracker,
+        quiet=True,
+    )
     assert tracker.params["resolved.progressive_sizes"] == "16,24,32"
-    assert tracker.params["resolved.progressive_batches"] == "41,24,16"  # 41 training images cap the first epoch's batch
+    assert (
+        tracker.params["resolved.progressive_batches"] == "41,24,16"
+    )  # 41 training images cap the first epoch's batch
     assert len(result.history) == 3 and result.metrics is not None
 
 

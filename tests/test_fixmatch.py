@@ -2,6 +2,7 @@
 mode) and the strong view trains, mu·B images per step, a stream independent of lambda_u, the cxr_strong preset
 (changes images, never flips them), recipe errors, the withheld labels of the pool, a real run and an exact
 resume after a kill mid-epoch."""
+
 import random
 from types import SimpleNamespace
 
@@ -40,8 +41,9 @@ class _ArrayPool(Dataset):
 
     def __init__(self, images, transform, withheld=None):
         self.images, self.transform = images, transform
-        self.manifest = pd.DataFrame({"withheld_target": list(withheld) if withheld is not None
-                                      else [-1] * len(images)})
+        self.manifest = pd.DataFrame(
+            {"withheld_target": list(withheld) if withheld is not None else [-1] * len(images)}
+        )
 
     def __len__(self):
         return len(self.images)
@@ -74,26 +76,38 @@ class _ByValue(nn.Module):
     def forward(self, x):
         c = x.mean(dim=(1, 2, 3)) - 0.5
         out = torch.stack([self.k * c, -self.k * c], dim=1)
-        self.calls.append(SimpleNamespace(x=x.detach().clone(), training=self.training, grad=torch.is_grad_enabled(),
-                                          out=out))
+        self.calls.append(
+            SimpleNamespace(x=x.detach().clone(), training=self.training, grad=torch.is_grad_enabled(), out=out)
+        )
         return out
 
 
 def _trick(pool=None, batch_size=4, pseudo_label=False, **cfg):
     config = FixMatchConfig(enabled=True, **cfg)
     tricks = SimpleNamespace(fixmatch=config, pseudo_label=PseudoLabelConfig(enabled=pseudo_label))
-    recipe = SimpleNamespace(tricks=tricks, train=SimpleNamespace(batch_size=batch_size),
-                             data=SimpleNamespace(num_workers=0))
-    ctx = TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"), mean=(0.0,), std=(1.0,),
-                       extras={"unlabeled": _pool() if pool is None else pool})
+    recipe = SimpleNamespace(
+        tricks=tricks, train=SimpleNamespace(batch_size=batch_size), data=SimpleNamespace(num_workers=0)
+    )
+    ctx = TrickContext(
+        recipe=recipe,
+        classes=["a", "b"],
+        device=torch.device("cpu"),
+        mean=(0.0,),
+        std=(1.0,),
+        extras={"unlabeled": _pool() if pool is None else pool},
+    )
     return FixMatch(recipe, ctx)
 
 
 def test_the_loss_is_the_masked_cross_entropy_over_the_whole_unlabelled_batch():
-    weak = torch.tensor([[3.0, 0.0],    # p = 0.9526: passes 0.95, label 0
-                         [2.9, 0.0],    # p = 0.9478: masked
-                         [0.0, 4.0],    # p = 0.982: passes, label 1
-                         [0.1, 0.0]])   # p = 0.525: masked
+    weak = torch.tensor(
+        [
+            [3.0, 0.0],  # p = 0.9526: passes 0.95, label 0
+            [2.9, 0.0],  # p = 0.9478: masked
+            [0.0, 4.0],  # p = 0.982: passes, label 1
+            [0.1, 0.0],
+        ]
+    )  # p = 0.525: masked
     strong = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [0.0, 0.0]], requires_grad=True)
     loss, labels, mask = fixmatch_loss(weak, strong, 0.95)
     assert mask.tolist() == [True, False, True, False] and labels.tolist() == [0, 0, 1, 0]
@@ -220,8 +234,10 @@ def _left_minus_right(out):
 
 def test_cxr_strong_changes_images_but_never_flips_them():
     assert "cxr_strong" in PRESETS
-    strong, plain = _xray("cxr_strong", 32), build_transforms("cxr_strong", 32, mean=(0.0,), std=(1.0,), in_chans=1,
-                                                               train=False)
+    strong, plain = (
+        _xray("cxr_strong", 32),
+        build_transforms("cxr_strong", 32, mean=(0.0,), std=(1.0,), in_chans=1, train=False),
+    )
     names = []
 
     def walk(transforms):
@@ -254,19 +270,25 @@ def test_multiview_gives_each_transform_the_same_image():
 
 
 # ---- recipe and run
-@pytest.mark.parametrize("override, key", [("tricks.fixmatch.threshold=0", "tricks.fixmatch.threshold"),
-                                           ("tricks.fixmatch.threshold=1.01", "tricks.fixmatch.threshold"),
-                                           ("tricks.fixmatch.mu=0", "tricks.fixmatch.mu"),
-                                           ("tricks.fixmatch.strong=cxr_flip", "tricks.fixmatch.strong"),
-                                           ("tricks.fixmatch.lambda_u=-1", "tricks.fixmatch.lambda_u")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("tricks.fixmatch.threshold=0", "tricks.fixmatch.threshold"),
+        ("tricks.fixmatch.threshold=1.01", "tricks.fixmatch.threshold"),
+        ("tricks.fixmatch.mu=0", "tricks.fixmatch.mu"),
+        ("tricks.fixmatch.strong=cxr_flip", "tricks.fixmatch.strong"),
+        ("tricks.fixmatch.lambda_u=-1", "tricks.fixmatch.lambda_u"),
+    ],
+)
 def test_bad_settings_are_recipe_errors_naming_the_key(override, key):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=["tricks.fixmatch.enabled=true", override])
 
 
 def test_the_recipe_keys_tag_and_shipped_recipe():
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                         overrides=["tricks.fixmatch.enabled=true", "tricks.fixmatch.threshold=1"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml", overrides=["tricks.fixmatch.enabled=true", "tricks.fixmatch.threshold=1"]
+    )
     assert "fixmatch@1" in recipe.tricks_on()
     shipped = load_recipe(ROOT / "recipes" / "kermany_fixmatch.yaml")
     fm = shipped.tricks.fixmatch
@@ -292,8 +314,12 @@ def test_the_pool_keeps_the_withheld_labels_for_monitoring_only(tmp_path):
     assert pool.manifest["withheld_target"].tolist() == [int(truth[p]) for p in pool.manifest["path"]]
 
 
-FM = ["data.label_fraction=0.6", "tricks.fixmatch.enabled=true", "tricks.fixmatch.mu=1",
-      "tricks.fixmatch.threshold=0.6"]
+FM = [
+    "data.label_fraction=0.6",
+    "tricks.fixmatch.enabled=true",
+    "tricks.fixmatch.mu=1",
+    "tricks.fixmatch.threshold=0.6",
+]
 
 
 def test_a_run_with_fixmatch_logs_the_mask_rate_and_the_label_accuracy(tmp_path):

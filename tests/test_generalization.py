@@ -1,4 +1,5 @@
 """Issue 13: a test split model selection never sees, class balancing, the stored operating point."""
+
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------- id_order test split
 def _kermany_like():
     """Two normal ID series (IM-, NORMAL2-IM-) and one pneumonia series (personN), one image each."""
-    groups = [f"IM-{i:04d}" for i in range(100, 120)] + [f"NORMAL2-IM-{i:04d}" for i in range(400, 410)] + \
-             [f"person{i}" for i in range(1, 61)]
+    groups = (
+        [f"IM-{i:04d}" for i in range(100, 120)]
+        + [f"NORMAL2-IM-{i:04d}" for i in range(400, 410)]
+        + [f"person{i}" for i in range(1, 61)]
+    )
     labels = ["normal"] * 30 + ["pneumonia"] * 60
     return np.array(labels), np.array(groups)
 
@@ -94,8 +98,9 @@ class _Targets(torch.utils.data.Dataset):
 def test_balanced_sampler_draws_classes_equally_and_reproducibly():
     targets = [0] * 900 + [1] * 100
     assert balanced_sample_weights(targets)[0].item() == pytest.approx(1 / 900)
-    loader = make_train_loader(_Targets(targets), batch_size=100, seed=3, num_workers=0, drop_last=False,
-                               sampler=balanced_sampler)
+    loader = make_train_loader(
+        _Targets(targets), batch_size=100, seed=3, num_workers=0, drop_last=False, sampler=balanced_sampler
+    )
     drawn = torch.cat([y for _, y in loader])
     assert len(drawn) == 1000 and 0.44 < drawn.float().mean().item() < 0.56  # ~10 % without balancing
     loader.generator.manual_seed(11)
@@ -142,12 +147,28 @@ def test_binary_run_keeps_test_out_of_selection_and_stores_an_operating_point(tm
         return original_fit(model, train_loader, val_loader, **kw)
 
     monkeypatch.setattr(train_pkg, "fit", spy_fit)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        f"data.card={tmp_path / 'toy-binary.yaml'}", f"data.root={data}", "data.synth=null", "data.image_size=32",
-        "data.test_fraction=0.25", "data.test_by=id_order", "data.val_fraction=0.25", "model.name=resnet18",
-        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=20",
-        "train.progress=false", "tricks.bn_gamma.strategy=none", "tricks.class_balance=loss",
-        f"experiment.output_dir={tmp_path / 'runs'}", "optim.lr=0.4"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            f"data.card={tmp_path / 'toy-binary.yaml'}",
+            f"data.root={data}",
+            "data.synth=null",
+            "data.image_size=32",
+            "data.test_fraction=0.25",
+            "data.test_by=id_order",
+            "data.val_fraction=0.25",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "eval.n_bootstrap=20",
+            "train.progress=false",
+            "tricks.bn_gamma.strategy=none",
+            "tricks.class_balance=loss",
+            f"experiment.output_dir={tmp_path / 'runs'}",
+            "optim.lr=0.4",
+        ],
+    )
     tracker = NullStore()
     result = run_recipe(recipe, tracker=tracker)
     out = capsys.readouterr().out
@@ -167,8 +188,13 @@ def test_binary_run_keeps_test_out_of_selection_and_stores_an_operating_point(tm
     op = OperatingPoint.from_json(op_file)
     assert 0.0 <= op.threshold <= 1.0 and op.method == "youden"
     assert op.train_priors == [0.5, 0.5]  # class_balance=loss trains against equal priors
-    for key in ("best/test/auroc", "best/test/op/accuracy", "best/val/op/specificity/pneumonia",
-                "test-val/auroc", "test-val/accuracy"):
+    for key in (
+        "best/test/auroc",
+        "best/test/op/accuracy",
+        "best/val/op/specificity/pneumonia",
+        "test-val/auroc",
+        "test-val/accuracy",
+    ):
         assert key in tracker.metrics, key
     assert tracker.params["class_weights"] != "none"
     assert "model/operating_point.json" in tracker.artifacts
@@ -183,12 +209,22 @@ def test_a_declared_test_folder_wins_over_test_fraction(tmp_path):
             for i in ids:
                 (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
-                    tmp_path / split / cls / f"person{i}{cls[0]}_0.png")
-    card = card_from_dict({"name": "toy", "description": "toy", "source": "https://example.org", "license": "CC0",
-                           "citation": "none", "task": "binary", "classes": ["normal", "pneumonia"],
-                           "label_map": {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
-                           "layout": {"kind": "folder", "split_dirs": {"train": "train", "test": "test"}},
-                           "patient": {"regex": r"^(?P<patient>person\d+[NP])"}})
+                    tmp_path / split / cls / f"person{i}{cls[0]}_0.png"
+                )
+    card = card_from_dict(
+        {
+            "name": "toy",
+            "description": "toy",
+            "source": "https://example.org",
+            "license": "CC0",
+            "citation": "none",
+            "task": "binary",
+            "classes": ["normal", "pneumonia"],
+            "label_map": {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
+            "layout": {"kind": "folder", "split_dirs": {"train": "train", "test": "test"}},
+            "patient": {"regex": r"^(?P<patient>person\d+[NP])"},
+        }
+    )
     m = build_manifest(card, tmp_path, val_fraction=0.25, test_fraction=0.3, test_by="id_order")
     test_rows = m[m["split"] == "test"]
     assert len(test_rows) == 8 and all("/test/" in p for p in test_rows["path"])
@@ -202,14 +238,16 @@ def test_real_kermany_id_order_test_split_holds_the_earliest_patients(real_data_
         pytest.skip(f"{root / 'train'} not present (see ../shared/data/README.md)")
     from medtricks.data import build_manifest, load_card
 
-    m = build_manifest(load_card("kermany-pneumonia"), root, val_fraction=0.15, test_fraction=0.15,
-                       test_by="id_order")
+    m = build_manifest(load_card("kermany-pneumonia"), root, val_fraction=0.15, test_fraction=0.15, test_by="id_order")
     names = m["path"].map(lambda p: Path(p).name)
     test = names[m["split"] == "test"]
     assert abs(len(test) / len(m) - 0.15) < 0.02
     # the lowest-numbered patient of each series is held out, the highest is not
-    for earliest, latest in (("IM-0115-", "IM-0766-"), ("NORMAL2-IM-0383-", "NORMAL2-IM-1423-"),
-                             ("person1_", "person1945_")):
+    for earliest, latest in (
+        ("IM-0115-", "IM-0766-"),
+        ("NORMAL2-IM-0383-", "NORMAL2-IM-1423-"),
+        ("person1_", "person1945_"),
+    ):
         assert test.str.startswith(earliest).any() and not test.str.startswith(latest).any()
     assert set(m.loc[m["split"] == "test", "patient"]).isdisjoint(m.loc[m["split"] != "test", "patient"])
 

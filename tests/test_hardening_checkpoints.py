@@ -1,4 +1,5 @@
 """Checkpoints never run code: a planted pickle payload in a run folder is refused on resume."""
+
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,23 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
 
 def test_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     MARKER["ran"] = False
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=24", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "model.weights=none",
-        "train.epochs=2", "schedule.warmup_epochs=0.5", "train.batch_size=8", "eval.n_bootstrap=0", "train.progress=false",
-        f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=24",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=2",
+            "schedule.warmup_epochs=0.5",
+            "train.batch_size=8",
+            "eval.n_bootstrap=0",
+            "train.progress=false",
+            f"data.root={tmp_path / 'phantoms'}",
+            f"experiment.output_dir={tmp_path / 'runs'}",
+        ],
+    )
     planted = tmp_path / "runs" / "quickstart" / "29990101-000000-evil00"
     (planted / "checkpoints").mkdir(parents=True)
     torch.save({"model": _Payload()}, planted / "checkpoints" / "last.pt")
@@ -63,10 +77,17 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
     path = tmp_path / "last.pt"
     checkpoint.save_checkpoint({"epoch": 1}, path)
     real_open = builtins.open
-    monkeypatch.setattr(checkpoint, "open", lambda f, mode="r", *a, **k: real_open(
-        "/dev/full" if "w" in mode else f, mode, *a, **k), raising=False)
-    with pytest.raises(ResourceError, match=r"last\.pt could not be written \(No space left on device\); the "
-                                            r"previous checkpoint there is kept") as info:
+    monkeypatch.setattr(
+        checkpoint,
+        "open",
+        lambda f, mode="r", *a, **k: real_open("/dev/full" if "w" in mode else f, mode, *a, **k),
+        raising=False,
+    )
+    with pytest.raises(
+        ResourceError,
+        match=r"last\.pt could not be written \(No space left on device\); the "
+        r"previous checkpoint there is kept",
+    ) as info:
         checkpoint.save_checkpoint({"epoch": 2, "w": torch.zeros(100_000)}, path)
     assert "\n" not in str(info.value)
     assert checkpoint.load_checkpoint(path)["epoch"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

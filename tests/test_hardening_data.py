@@ -1,5 +1,6 @@
 """Issue 15, items 9-13: symlinked data, decompression bombs, conflicting duplicates and 12-bit PNGs,
 the exit code of `medtricks data check`, and strict YAML (duplicate keys, aliases, bools as numbers)."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,8 +16,19 @@ import pytest
 import yaml
 from PIL import Image
 
-from medtricks.data import (BadImageError, CardError, LeakageError, ManifestError, build_datasets, build_manifest,
-                            card_from_dict, export_manifest, load_card, read_image, scan_images)
+from medtricks.data import (
+    BadImageError,
+    CardError,
+    LeakageError,
+    ManifestError,
+    build_datasets,
+    build_manifest,
+    card_from_dict,
+    export_manifest,
+    load_card,
+    read_image,
+    scan_images,
+)
 from medtricks.data.readers import BitDepthWarning, read_image_with_meta
 from medtricks.recipe import RecipeError, load_recipe, recipe_from_dict
 
@@ -38,9 +50,15 @@ def _folder_set(root: Path, n_patients: int = 8, per_patient: int = 2, start: in
 
 
 def _card_dict(**changes) -> dict:
-    card = {**CARD_BASE, "name": "toy-folder", "task": "binary", "classes": ["normal", "pneumonia"],
-            "label_map": {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
-            "layout": {"kind": "folder"}, "patient": {"regex": r"^(?P<patient>person\d+)_"}}
+    card = {
+        **CARD_BASE,
+        "name": "toy-folder",
+        "task": "binary",
+        "classes": ["normal", "pneumonia"],
+        "label_map": {"NORMAL": "normal", "PNEUMONIA": "pneumonia"},
+        "layout": {"kind": "folder"},
+        "patient": {"regex": r"^(?P<patient>person\d+)_"},
+    }
     card.update(changes)
     return card
 
@@ -56,8 +74,9 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def _bomb_png(path: Path, side: int = 20000) -> Path:
     """A 60-byte PNG whose header claims side x side pixels (PIL refuses it on open, before decoding)."""
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0"))
-                     + _chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0")) + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -284,18 +303,32 @@ def test_values_echoed_in_recipe_errors_are_capped():
     assert "data.val_fraction" in str(err.value) and len(str(err.value)) < 2000
 
 
-@pytest.mark.parametrize("section,key,value", [("train", "batch_size", True), ("train", "epochs", False),
-                                                ("model", "in_chans", True), ("optim", "lr", True),
-                                                ("train", "max_steps_per_epoch", True),
-                                                ("optim", "betas", [0.9, True]), ("ablation", "seeds", True)])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("train", "batch_size", True),
+        ("train", "epochs", False),
+        ("model", "in_chans", True),
+        ("optim", "lr", True),
+        ("train", "max_steps_per_epoch", True),
+        ("optim", "betas", [0.9, True]),
+        ("ablation", "seeds", True),
+    ],
+)
 def test_booleans_are_refused_for_number_fields(section, key, value):
     with pytest.raises(RecipeError, match=rf"{section}\.{key} = .*boolean"):
         recipe_from_dict({section: {key: value}})
 
 
 def test_numbers_lists_and_booleans_still_validate_where_they_belong():
-    recipe = recipe_from_dict({"optim": {"lr": 1, "betas": [1, 0]}, "train": {"batch_size": 4, "progress": False},
-                               "ablation": {"seeds": [0, 1]}, "model": {"in_chans": 3}})
+    recipe = recipe_from_dict(
+        {
+            "optim": {"lr": 1, "betas": [1, 0]},
+            "train": {"batch_size": 4, "progress": False},
+            "ablation": {"seeds": [0, 1]},
+            "model": {"in_chans": 3},
+        }
+    )
     assert recipe.optim.lr == 1.0 and recipe.optim.betas == (1.0, 0.0) and recipe.train.batch_size == 4
     assert recipe.train.progress is False and recipe.model.in_chans == 3
 

@@ -6,6 +6,7 @@ does not answer times out with a message; 16 a refused ``run --nproc`` says so o
 be followed (cka, evaluate), bad YAML, ``evaluate --threshold youden``, ``--class-map ",,,"`` and a
 truncated DICOM.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -24,9 +25,19 @@ from medtricks.tracking import TrackingUnavailableError, check_store
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
-TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=0",
-        "train.progress=false", "eval.plots=false", "tracking.log_model=false"]
+TINY = [
+    "data.synth.n=48",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.n_bootstrap=0",
+    "train.progress=false",
+    "eval.plots=false",
+    "tracking.log_model=false",
+]
 
 
 def _sets(*overrides):
@@ -34,8 +45,15 @@ def _sets(*overrides):
 
 
 def _run_tiny(tmp_path, *overrides):
-    return main(["run", QUICKSTART, *_sets(*TINY, f"data.root={tmp_path / 'phantoms'}",
-                                          f"experiment.output_dir={tmp_path / 'runs'}", *overrides)])
+    return main(
+        [
+            "run",
+            QUICKSTART,
+            *_sets(
+                *TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *overrides
+            ),
+        ]
+    )
 
 
 def _one_line_error(capsys, command="run") -> str:
@@ -47,14 +65,25 @@ def _one_line_error(capsys, command="run") -> str:
 
 
 # ---- item 13: seeds and devices
-@pytest.mark.parametrize("key,value", [("experiment.seed", -1), ("experiment.seed", 2**32),
-                                       ("experiment.seed", 10**30), ("data.split_seed", -1),
-                                       ("data.synth.seed", 2**40), ("ablation.seeds", [0, -3])])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("experiment.seed", -1),
+        ("experiment.seed", 2**32),
+        ("experiment.seed", 10**30),
+        ("data.split_seed", -1),
+        ("data.synth.seed", 2**40),
+        ("ablation.seeds", [0, -3]),
+    ],
+)
 def test_a_seed_out_of_range_fails_the_dry_run(capsys, key, value):
     assert main(["run", QUICKSTART, "--set", f"{key}={value}", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and key in err and ("2**32" in err or str(2**32) in err or ">= 0" in err
-                                                      or "greater than or equal to 0" in err)
+    assert (
+        "Traceback" not in err
+        and key in err
+        and ("2**32" in err or str(2**32) in err or ">= 0" in err or "greater than or equal to 0" in err)
+    )
 
 
 def test_the_largest_seed_is_accepted():
@@ -137,8 +166,11 @@ def test_a_server_that_never_answers_times_out(scheme):
     with _Silent() as port:
         started = time.monotonic()
         with pytest.raises(TrackingUnavailableError, match="not reachable"):
-            check_store("mlflow", f"{scheme}://me@127.0.0.1:{port}/db" if scheme == "postgresql"
-                        else f"http://127.0.0.1:{port}", timeout=1.0)
+            check_store(
+                "mlflow",
+                f"{scheme}://me@127.0.0.1:{port}/db" if scheme == "postgresql" else f"http://127.0.0.1:{port}",
+                timeout=1.0,
+            )
         assert time.monotonic() - started < 10
 
 
@@ -184,16 +216,26 @@ def test_reading_from_an_unknown_scheme_is_one_line(capsys):
 
 # ---- item 15: Ray addresses
 def _ablate(tmp_path, *args):
-    return main(["ablate", QUICKSTART, "--tricks", "mixup=0.2", "--seeds", "1", "--executor", "ray", *args,
-                 *_sets(f"experiment.output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'phantoms'}")])
+    return main(
+        [
+            "ablate",
+            QUICKSTART,
+            "--tricks",
+            "mixup=0.2",
+            "--seeds",
+            "1",
+            "--executor",
+            "ray",
+            *args,
+            *_sets(f"experiment.output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'phantoms'}"),
+        ]
+    )
 
 
-@pytest.mark.parametrize("address,message", [
-    ("127.0.0.1:{closed}", "Connection refused"),
-    ("garbage::::", "address must be 'auto'"),
-])
-def test_a_ray_address_that_cannot_be_joined_is_one_line_before_the_parent_run(tmp_path, capsys, address,
-                                                                               message):
+@pytest.mark.parametrize(
+    "address,message", [("127.0.0.1:{closed}", "Connection refused"), ("garbage::::", "address must be 'auto'")]
+)
+def test_a_ray_address_that_cannot_be_joined_is_one_line_before_the_parent_run(tmp_path, capsys, address, message):
     pytest.importorskip("ray")
     started = time.monotonic()
     assert _ablate(tmp_path, "--address", address.format(closed=_closed_port())) == 2
@@ -272,10 +314,28 @@ def test_run_nproc_3_with_a_too_large_batch_prints_one_message(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    out = subprocess.run([sys.executable, "-m", "medtricks", "run", QUICKSTART, "--nproc", "3",
-                          *_sets(*TINY, "tracking.backend=none", f"data.root={tmp_path / 'phantoms'}",
-                                 f"experiment.output_dir={tmp_path / 'runs'}")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medtricks",
+            "run",
+            QUICKSTART,
+            "--nproc",
+            "3",
+            *_sets(
+                *TINY,
+                "tracking.backend=none",
+                f"data.root={tmp_path / 'phantoms'}",
+                f"experiment.output_dir={tmp_path / 'runs'}",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.count("train.batch_size=16 is larger") == 1 and "Traceback" not in out.stderr
     assert len(out.stderr.splitlines()) < 10, out.stderr
@@ -340,17 +400,39 @@ def binary_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("binary")
     synthesize_phantoms(tmp / "phantoms", n=64, classes=("normal", "pneumonia"), size=32, seed=0)
     card = binary_phantom_card(tmp)
-    recipe = load_recipe(QUICKSTART, overrides=[
-        *TINY, "data.synth=null", "data.val_fraction=0.25", "train.epochs=1", "schedule.warmup_epochs=0",
-        f"data.card={card}", f"data.root={tmp / 'phantoms'}", f"experiment.output_dir={tmp / 'runs'}",
-        "tracking.backend=none"])
+    recipe = load_recipe(
+        QUICKSTART,
+        overrides=[
+            *TINY,
+            "data.synth=null",
+            "data.val_fraction=0.25",
+            "train.epochs=1",
+            "schedule.warmup_epochs=0",
+            f"data.card={card}",
+            f"data.root={tmp / 'phantoms'}",
+            f"experiment.output_dir={tmp / 'runs'}",
+            "tracking.backend=none",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     return result, tmp, card
 
 
 def _evaluate(run, card, root, *extra):
-    return main(["evaluate", str(run.run_dir), "--card", str(card), "--root", str(root), "--no-log",
-                 "--n-bootstrap", "0", *extra])
+    return main(
+        [
+            "evaluate",
+            str(run.run_dir),
+            "--card",
+            str(card),
+            "--root",
+            str(root),
+            "--no-log",
+            "--n-bootstrap",
+            "0",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -389,9 +471,26 @@ def test_cka_reads_a_card_with_other_classes_without_a_class_map(binary_run, tmp
 
     result, tmp, _ = binary_run
     synthesize_phantoms(tmp_path / "three", n=12, size=32, seed=3)  # normal / bacterial / covid
-    assert main(["cka", str(result.run_dir), "--vs-init", "--card", "synthetic-phantoms", "--root",
-                 str(tmp_path / "three"), "--n", "8", "--batch-size", "4", "--out", str(tmp_path / "cka")]) == 0, \
-        capsys.readouterr().err
+    assert (
+        main(
+            [
+                "cka",
+                str(result.run_dir),
+                "--vs-init",
+                "--card",
+                "synthetic-phantoms",
+                "--root",
+                str(tmp_path / "three"),
+                "--n",
+                "8",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "cka"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert (tmp_path / "cka" / "cka_vs_init.json").is_file()
 
 
@@ -411,10 +510,25 @@ def test_commands_without_a_class_map_do_not_advise_one(binary_run, tmp_path):
     assert "map them with" not in str(err.value)
 
 
-@pytest.mark.parametrize("command", [["ablate", "--tricks", "mixup=0.2", "--seeds", "1"], ["self-train", "--set", "data.label_fraction=0.5"]])
+@pytest.mark.parametrize(
+    "command", [["ablate", "--tricks", "mixup=0.2", "--seeds", "1"], ["self-train", "--set", "data.label_fraction=0.5"]]
+)
 def test_ablate_and_self_train_check_the_tracking_uri_before_their_folder(tmp_path, capsys, command):
     name, *rest = command
-    assert main([name, QUICKSTART, *rest, *_sets(f"experiment.output_dir={tmp_path / 'runs'}",
-                                                 f"data.root={tmp_path / 'phantoms'}", "tracking.uri=bogus://x")]) == 2
+    assert (
+        main(
+            [
+                name,
+                QUICKSTART,
+                *rest,
+                *_sets(
+                    f"experiment.output_dir={tmp_path / 'runs'}",
+                    f"data.root={tmp_path / 'phantoms'}",
+                    "tracking.uri=bogus://x",
+                ),
+            ]
+        )
+        == 2
+    )
     assert "unknown scheme" in _one_line_error(capsys, name)
     assert not (tmp_path / "runs").exists()

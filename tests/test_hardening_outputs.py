@@ -2,6 +2,7 @@
 CSV cells never run as spreadsheet formulas, no output overwrites an input, a full disk leaves the
 previous files (and never aborts the process), temporary names are the writer's own, an ensemble warns
 about data its members trained on and refuses one model counted twice, every input is accounted for."""
+
 import builtins
 import errno
 import os
@@ -19,8 +20,14 @@ from medtricks.posthoc.ensemble import ensemble_runs
 from medtricks.errors import ConfigError, MedtricksError, ResourceError
 from medtricks.posthoc.export import export_model
 from medtricks.posthoc import evaluate_trained
-from medtricks.posthoc.predict import (NothingPredictedError, bad_files_path, collect_images, predict_images,
-                               require_predictions, write_predictions)
+from medtricks.posthoc.predict import (
+    NothingPredictedError,
+    bad_files_path,
+    collect_images,
+    predict_images,
+    require_predictions,
+    write_predictions,
+)
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 
@@ -32,11 +39,25 @@ SALT = "hardening-outputs-salt"  # the run's split manifest and the overlap chec
 def tiny_run(tmp_path_factory):
     """One tiny multiclass run on 32 px phantoms (resnet18 from scratch, one epoch, no tracking)."""
     tmp = tmp_path_factory.mktemp("outputs")
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=0", "eval.plots=false",
-        "train.progress=false", "schedule.warmup_epochs=0", f"data.root={tmp / 'phantoms'}",
-        f"experiment.output_dir={tmp / 'runs'}", "tracking.backend=none"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=48",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=0",
+            "eval.plots=false",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"data.root={tmp / 'phantoms'}",
+            f"experiment.output_dir={tmp / 'runs'}",
+            "tracking.backend=none",
+        ],
+    )
     with pytest.MonkeyPatch.context() as mp:  # module scope: the per-test cache fixture is not active yet
         mp.setenv("MEDTRICKS_CACHE", str(tmp / "cache"))
         mp.setenv("MEDTRICKS_PATIENT_SALT", SALT)
@@ -68,11 +89,22 @@ def _entries(folder: Path) -> list[str]:
 
 # ------------------------------------------------------------------------- 4: CSV formula injection
 def test_csv_cells_that_a_spreadsheet_would_run_are_quoted():
-    frame = pd.DataFrame({"image": ["=cmd|calc!A1.png", "+1.png", "-1.png", "@SUM(A1).png", "\tx.png", "\rx.png",
-                                    "ok=1.png"], "prob": [-0.5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]})
+    frame = pd.DataFrame(
+        {
+            "image": ["=cmd|calc!A1.png", "+1.png", "-1.png", "@SUM(A1).png", "\tx.png", "\rx.png", "ok=1.png"],
+            "prob": [-0.5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        }
+    )
     safe = csv_safe(frame)
-    assert list(safe["image"]) == ["'=cmd|calc!A1.png", "'+1.png", "'-1.png", "'@SUM(A1).png", "'\tx.png", "'\rx.png",
-                                   "ok=1.png"]
+    assert list(safe["image"]) == [
+        "'=cmd|calc!A1.png",
+        "'+1.png",
+        "'-1.png",
+        "'@SUM(A1).png",
+        "'\tx.png",
+        "'\rx.png",
+        "ok=1.png",
+    ]
     assert list(safe["prob"]) == list(frame["prob"])  # numbers are data, a negative one is no formula
     assert frame["image"][0] == "=cmd|calc!A1.png"  # the caller's frame is not changed
 

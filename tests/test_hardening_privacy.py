@@ -1,5 +1,6 @@
 """Issue 15 (2, 18, 19): no patient ID reaches MLflow or the run folder through file names or error
 messages; flip TTA is opt-in and explained; `evaluate` says when its data is the run's own."""
+
 import json
 import shutil
 from pathlib import Path
@@ -32,9 +33,19 @@ label_map: {NORMAL: normal, PNEUMONIA: pneumonia}
 layout: {kind: folder}
 patient: {regex: '^(?P<patient>ZZMRN\\d+)_'}
 """
-TINY = ["data.synth=null", "data.image_size=32", "data.val_fraction=0.25", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",
-        "train.progress=false", "schedule.warmup_epochs=0", "tricks.bn_gamma.strategy=none"]
+TINY = [
+    "data.synth=null",
+    "data.image_size=32",
+    "data.val_fraction=0.25",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "eval.n_bootstrap=10",
+    "train.progress=false",
+    "schedule.warmup_epochs=0",
+    "tricks.bn_gamma.strategy=none",
+]
 
 
 def _phi_set(base: Path, corrupt: bool = True) -> Path:
@@ -54,9 +65,17 @@ def _phi_set(base: Path, corrupt: bool = True) -> Path:
 
 
 def _recipe(base: Path, uri: str, *extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        *TINY, f"data.card={base / 'zz-toy.yaml'}", f"data.root={base / 'data'}",
-        f"experiment.output_dir={base / 'runs'}", f"tracking.uri={uri}", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            *TINY,
+            f"data.card={base / 'zz-toy.yaml'}",
+            f"data.root={base / 'data'}",
+            f"experiment.output_dir={base / 'runs'}",
+            f"tracking.uri={uri}",
+            *extra,
+        ],
+    )
 
 
 def _leaks(base: Path) -> list[str]:
@@ -84,9 +103,11 @@ def test_redact_paths_and_export_quarantine_hash_every_data_path(tmp_path):
     bad = data / "PNEUMONIA" / "ZZMRN12399_ZZPHI_0.png"
     spaced = data / "NORMAL" / "ZZMRN12300 ZZPHI copy.png"
     spaced.write_bytes(b"x")
-    text = (f"BadImageError: {bad}: 2 unusable image(s) in {data} (card 'zz-toy'); fix:\n  {bad}: truncated\n"
-            f"  {spaced}: empty\nrelative PNEUMONIA/ZZMRN12399_ZZPHI_0.png, bare 'ZZMRN12300_ZZPHI_1.png', "
-            f"deleted {data}/NORMAL/ZZMRN12377_ZZPHI_9.png. lr 0.5, file.py")
+    text = (
+        f"BadImageError: {bad}: 2 unusable image(s) in {data} (card 'zz-toy'); fix:\n  {bad}: truncated\n"
+        f"  {spaced}: empty\nrelative PNEUMONIA/ZZMRN12399_ZZPHI_0.png, bare 'ZZMRN12300_ZZPHI_1.png', "
+        f"deleted {data}/NORMAL/ZZMRN12377_ZZPHI_9.png. lr 0.5, file.py"
+    )
     out = redact_paths(text, data)
     assert "ZZMRN123" not in out and "ZZPHI" not in out, out
     expected = f"<data root>/{image_id('PNEUMONIA/ZZMRN12399_ZZPHI_0.png')}"
@@ -120,8 +141,15 @@ def test_skipped_images_and_evaluation_log_no_patient_id(tmp_path, mlflow_uri, c
     external = tmp_path / "external"
     shutil.copytree(data, external / "data")
     (external / "data" / "PNEUMONIA" / "ZZMRN12399_ZZPHI_0.png").unlink()
-    report = evaluate_trained(str(run), card=str(tmp_path / "zz-toy.yaml"), root=str(external / "data"),
-                              tta="flip", n_bootstrap=10, tracking_uri=mlflow_uri, progress=False)
+    report = evaluate_trained(
+        str(run),
+        card=str(tmp_path / "zz-toy.yaml"),
+        root=str(external / "data"),
+        tta="flip",
+        n_bootstrap=10,
+        tracking_uri=mlflow_uri,
+        progress=False,
+    )
     out = capsys.readouterr().out
     assert "warning: --tta flip" in out and "warning: " in out and "in the run's train split" in out
     n_train = int((manifest["split"] == "train").sum())
@@ -157,8 +185,9 @@ def test_an_error_during_the_run_is_logged_with_hashed_paths(tmp_path, mlflow_ur
     run_dir = next((tmp_path / "runs").glob("*/*"))
     state = json.loads((run_dir / "state.json").read_text())
     hashed = f"<data root>/{image_id('NORMAL/ZZMRN12301_ZZPHI_1.png')}"
-    assert state["status"] == "failed" and state["error"] == (f"BadImageError: {hashed}: file not found "
-                                                              f"(was {hashed} moved?)")
+    assert state["status"] == "failed" and state["error"] == (
+        f"BadImageError: {hashed}: file not found (was {hashed} moved?)"
+    )
     run = MlflowClient(mlflow_uri).get_run(state["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["medtricks.error"] == state["error"]
     assert not _leaks(tmp_path)
@@ -181,16 +210,36 @@ def test_flip_tta_must_be_named(capsys):
 
 # ---------------------------------------------------------------- item 19: evaluating on training data
 def test_evaluate_on_redrawn_quickstart_phantoms_warns(tmp_path, capsys):
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "model.weights=none",
-        "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false",
-        "schedule.warmup_epochs=0", "data.test_fraction=0.2", "tracking.backend=none",
-        f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=48",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            "data.test_fraction=0.2",
+            "tracking.backend=none",
+            f"data.root={tmp_path / 'phantoms'}",
+            f"experiment.output_dir={tmp_path / 'runs'}",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     # `medtricks data synth` with the run's settings draws the very same phantoms
     synthesize_phantoms(tmp_path / "redrawn", n=48, size=32)
-    report = evaluate_trained(str(result.run_dir), card="synthetic-phantoms", root=str(tmp_path / "redrawn"),
-                              n_bootstrap=10, log=False, progress=False)
+    report = evaluate_trained(
+        str(result.run_dir),
+        card="synthetic-phantoms",
+        root=str(tmp_path / "redrawn"),
+        n_bootstrap=10,
+        log=False,
+        progress=False,
+    )
     out = capsys.readouterr().out
     manifest = pd.read_csv(result.run_dir / "artifacts" / "split_manifest.csv")
     counts = manifest.groupby("split").agg(images=("split", "size"), patients=("patient", "nunique"))
@@ -203,6 +252,12 @@ def test_evaluate_on_redrawn_quickstart_phantoms_warns(tmp_path, capsys):
 
     # another seed: other patients, other bytes, no warning
     synthesize_phantoms(tmp_path / "fresh", n=48, size=32, seed=5)
-    fresh = evaluate_trained(str(result.run_dir), card="synthetic-phantoms", root=str(tmp_path / "fresh"),
-                             n_bootstrap=10, log=False, progress=False)
+    fresh = evaluate_trained(
+        str(result.run_dir),
+        card="synthetic-phantoms",
+        root=str(tmp_path / "fresh"),
+        n_bootstrap=10,
+        log=False,
+        progress=False,
+    )
     assert fresh.overlap.splits() == [] and not fresh.warnings and "warning" not in capsys.readouterr().out

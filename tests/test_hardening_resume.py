@@ -1,5 +1,6 @@
 """Issue 31, items 2, 8, 9, 12: run names stay inside the output folder, a resume refuses other data, a run
 folder trains in one process at a time, and ties of the selection metric are broken by a declared metric."""
+
 import json
 import os
 import signal
@@ -40,23 +41,44 @@ def _killed_after_epoch_1(monkeypatch, recipe) -> Path:
 
 def _files(folder: Path) -> dict[str, bytes]:
     """Every file the run folder holds that a refused resume must leave alone (the lock files aside)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith("run.lock")}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith("run.lock")
+    }
 
 
 # ---- item 2: experiment.name names one folder inside experiment.output_dir
-@pytest.mark.parametrize("name", ["../../x", "a/../../x", "/tmp/elsewhere", "..", ".", ".hidden", "a\\..\\b", "a/b", ""])
+@pytest.mark.parametrize(
+    "name", ["../../x", "a/../../x", "/tmp/elsewhere", "..", ".", ".hidden", "a\\..\\b", "a/b", ""]
+)
 def test_a_run_name_that_leaves_the_output_folder_is_refused_at_validation(tmp_path, name):
-    with pytest.raises(RecipeError, match=r"experiment\.name = " + repr(name).replace("\\", "\\\\")
-                       .replace(".", r"\.").replace("/", r"/") + r".*cannot name a run folder"):
+    with pytest.raises(
+        RecipeError,
+        match=r"experiment\.name = "
+        + repr(name).replace("\\", "\\\\").replace(".", r"\.").replace("/", r"/")
+        + r".*cannot name a run folder",
+    ):
         _tiny(tmp_path, f"experiment.name={name}")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
 
 
 def test_a_bad_run_name_fails_dry_run_too_and_plain_names_pass(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--dry-run", "--set", "experiment.name=../../x",
-                 "--set", f"experiment.output_dir={tmp_path / 'runs'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(ROOT / "recipes" / "quickstart.yaml"),
+                "--dry-run",
+                "--set",
+                "experiment.name=../../x",
+                "--set",
+                f"experiment.output_dir={tmp_path / 'runs'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "experiment.name" in err and "'../../x'" in err
     assert list(tmp_path.iterdir()) == []  # no run folder, no store, nothing
@@ -75,11 +97,14 @@ def test_resume_on_changed_data_is_refused_naming_the_change_and_keeps_the_run_f
     # delete 6 images (and their rows): 3 of the validation split, 3 of the training split
     data = tmp_path / "phantoms"
     table = pd.read_csv(data / "phantoms.csv")
-    manifest = build_manifest(recipe.data.card, data, split_seed=recipe.data.split_seed,
-                              val_fraction=recipe.data.val_fraction)  # the run's split
+    manifest = build_manifest(
+        recipe.data.card, data, split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction
+    )  # the run's split
     split_of = {Path(p).relative_to(data.resolve()).as_posix(): s for p, s in zip(manifest["path"], manifest["split"])}
     assert set(split_of) == set(table["path"])
-    gone = [p for p in sorted(split_of) if split_of[p] == "val"][:3] + [p for p in sorted(split_of) if split_of[p] == "train"][:3]
+    gone = [p for p in sorted(split_of) if split_of[p] == "val"][:3] + [
+        p for p in sorted(split_of) if split_of[p] == "train"
+    ][:3]
     kept = {rel: (data / rel).read_bytes() for rel in gone}
     for rel in gone:
         (data / rel).unlink()
@@ -103,8 +128,11 @@ def test_resume_on_changed_data_is_refused_naming_the_change_and_keeps_the_run_f
     pixels = np.array(Image.open(edited))
     pixels[0, 0] ^= 1
     Image.fromarray(pixels).save(edited)
-    with pytest.raises(ConfigError, match=r"val: 7 -> 7 images \(0 removed, 0 added, 1 with other image bytes; "
-                                          rf"rewritten e.g. {gone[0]}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"val: 7 -> 7 images \(0 removed, 0 added, 1 with other image bytes; "
+        rf"rewritten e.g. {gone[0]}\)",
+    ):
         run_recipe(recipe, resume=str(folder), quiet=True)
     assert _files(folder) == before
 
@@ -130,7 +158,8 @@ def test_the_fingerprint_is_the_same_on_every_machine_and_names_only_changed_spl
 
 
 def test_a_checkpoint_without_a_fingerprint_resumes_with_a_warning_unless_its_split_manifest_differs(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """Older last.pt files: checked against the run's split_manifest.csv (files, labels, splits) -- a resume
     on the same data warns and finishes; on other data it is refused like a fingerprinted one."""
     recipe = _tiny(tmp_path)
@@ -172,8 +201,10 @@ def test_a_run_folder_in_use_is_refused_at_once_and_a_killed_holder_does_not_blo
         with pytest.raises(ResourceError) as err:
             run_recipe(recipe, resume="auto", quiet=True)
         assert time.perf_counter() - started < 5  # at once: before the data is read or the model built
-        assert str(err.value) == (f"run folder {folder} is in use by another medtricks process (pid {holder.pid} on "
-                                  f"{os.uname().nodename}); wait for it to end, or stop it")
+        assert str(err.value) == (
+            f"run folder {folder} is in use by another medtricks process (pid {holder.pid} on "
+            f"{os.uname().nodename}); wait for it to end, or stop it"
+        )
         holder.send_signal(signal.SIGKILL)  # kill -9: the OS drops its lock; its pid file stays behind
         holder.wait(timeout=30)
         assert (folder / "run.lock").exists() and (folder / "run.lock.pid").exists()
@@ -226,10 +257,23 @@ def _scripted(values):
 @pytest.mark.parametrize("tiebreak, expected", [("val/loss", 2), (None, 1)])
 def test_a_tie_of_the_selection_metric_is_broken_by_the_declared_metric(tmp_path, tiebreak, expected):
     model, train, val, opt, sched, cfg, _ = _setup(tmp_path, epochs=3)
-    cfg.best_metric, cfg.best_tiebreak, cfg.best_tiebreak_mode, cfg.max_steps_per_epoch = \
-        "val/auroc", tiebreak, "min", 1
-    result = fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-                 evaluate_fn=_scripted([(1.0, 0.5), (1.0, 0.3), (1.0, 0.4)]), checkpoint_dir=tmp_path / "ckpt")
+    cfg.best_metric, cfg.best_tiebreak, cfg.best_tiebreak_mode, cfg.max_steps_per_epoch = (
+        "val/auroc",
+        tiebreak,
+        "min",
+        1,
+    )
+    result = fit(
+        model,
+        train,
+        val,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        evaluate_fn=_scripted([(1.0, 0.5), (1.0, 0.3), (1.0, 0.4)]),
+        checkpoint_dir=tmp_path / "ckpt",
+    )
     assert result.best_epoch == expected
     assert torch.load(tmp_path / "ckpt" / "best.pt", weights_only=True)["epoch"] == expected - 1
 
@@ -238,19 +282,47 @@ def test_the_tie_break_state_is_in_the_checkpoint_and_a_resume_keeps_it(tmp_path
     values = [(0.9, 0.9), (1.0, 0.5), (1.0, 0.3), (1.0, 0.4), (1.0, 0.35)]
     model, train, val, opt, sched, cfg, _ = _setup(tmp_path, epochs=5)
     cfg.best_metric, cfg.best_tiebreak, cfg.max_steps_per_epoch = "val/auroc", "val/loss", 1
-    full = fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-               evaluate_fn=_scripted(values), checkpoint_dir=tmp_path / "full")
+    full = fit(
+        model,
+        train,
+        val,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        evaluate_fn=_scripted(values),
+        checkpoint_dir=tmp_path / "full",
+    )
     # killed after epoch 3, resumed by a fresh process
     model, train, val, opt, sched, cfg, _ = _setup(tmp_path, epochs=3)
     cfg.best_metric, cfg.best_tiebreak, cfg.max_steps_per_epoch = "val/auroc", "val/loss", 1
-    fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-        evaluate_fn=_scripted(values[:3]), checkpoint_dir=tmp_path / "killed")
+    fit(
+        model,
+        train,
+        val,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        evaluate_fn=_scripted(values[:3]),
+        checkpoint_dir=tmp_path / "killed",
+    )
     state = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert (state["best_epoch"], state["best_tiebreak"], state["best_tiebreak_value"]) == (3, "val/loss", 0.3)
     model, train, val, opt, sched, cfg, _ = _setup(tmp_path, epochs=5)
     cfg.best_metric, cfg.best_tiebreak, cfg.max_steps_per_epoch = "val/auroc", "val/loss", 1
-    resumed = fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-                  evaluate_fn=_scripted(values[3:]), checkpoint_dir=tmp_path / "killed", resume=True)
+    resumed = fit(
+        model,
+        train,
+        val,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=nn.CrossEntropyLoss(),
+        cfg=cfg,
+        evaluate_fn=_scripted(values[3:]),
+        checkpoint_dir=tmp_path / "killed",
+        resume=True,
+    )
     assert full.best_epoch == resumed.best_epoch == 3
     assert resumed.best_tiebreak_value == full.best_tiebreak_value == 0.3
 
@@ -268,8 +340,9 @@ def test_the_tie_break_is_in_the_resolved_recipe_the_logged_params_and_checked(t
 
 def test_a_resumed_run_with_the_tie_break_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     full = run_recipe(_tiny(tmp_path, "train.epochs=3"), quiet=True)
-    resumed = killed_then_resumed(monkeypatch, _tiny(tmp_path, "train.epochs=3",
-                                                     f"experiment.output_dir={tmp_path / 'r2'}"))
+    resumed = killed_then_resumed(
+        monkeypatch, _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'r2'}")
+    )
     assert resumed.best_epoch == full.best_epoch
     assert [h["val/loss"] for h in resumed.history] == pytest.approx([h["val/loss"] for h in full.history], abs=1e-6)
     card = (resumed.run_dir / "model" / "MODEL_CARD.md").read_text()

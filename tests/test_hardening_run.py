@@ -1,5 +1,6 @@
 """Issue 15, items 4, 5, 7, 14, 20: resume refuses what it cannot honour, bad runs fail before they
 exist, non-finite weights are never checkpointed, EMA trains (and resumes), frozen zero-gamma warns."""
+
 import json
 import math
 from pathlib import Path
@@ -18,16 +19,29 @@ from medtricks.tricks.base import Trick
 from test_engine import _setup
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=0",
-        "train.progress=false", "train.log_every=1", "schedule.warmup_epochs=0.5", "eval.plots=false",
-        "tracking.backend=none", "tracking.log_model=false"]
+TINY = [
+    "data.synth.n=48",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.n_bootstrap=0",
+    "train.progress=false",
+    "train.log_every=1",
+    "schedule.warmup_epochs=0.5",
+    "eval.plots=false",
+    "tracking.backend=none",
+    "tracking.log_model=false",
+]
 
 
 def _tiny(tmp_path, *extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                       overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}",
-                                  f"experiment.output_dir={tmp_path / 'runs'}", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *extra],
+    )
 
 
 def _killed(monkeypatch, *, at_step=None, after_epoch=None, before_logging_epoch=None):
@@ -92,8 +106,9 @@ def test_resume_refuses_a_changed_recipe_and_keeps_the_stored_one(tmp_path, monk
 def test_resume_of_a_finished_run_refuses_and_leaves_it_finished(tmp_path):
     result = run_recipe(_tiny(tmp_path, "train.epochs=1", "schedule.warmup_epochs=0"), quiet=True)
     with pytest.raises(ConfigError, match="already finished"):
-        run_recipe(_tiny(tmp_path, "train.epochs=1", "schedule.warmup_epochs=0"), resume=str(result.run_dir),
-                   quiet=True)
+        run_recipe(
+            _tiny(tmp_path, "train.epochs=1", "schedule.warmup_epochs=0"), resume=str(result.run_dir), quiet=True
+        )
     assert json.loads((result.run_dir / "state.json").read_text())["status"] == "finished"
 
 
@@ -123,13 +138,20 @@ def test_an_epoch_checkpointed_but_not_logged_is_logged_once_after_the_resume(tm
 
 
 # ---- item 5: fail before a run folder or tracked run exists
-@pytest.mark.parametrize("overrides, error, message", [
-    (["data.card=no-such-card"], MedtricksError, "no-such-card"),
-    (["data.synth=null", "data.root=/no/such/folder"], MedtricksError, "data.root '/no/such/folder' does not exist"),
-    (["schedule.warmup_epochs=2"], RecipeError, "warmup_epochs=2 must be less than train.epochs=2"),
-    (["train.best_metric=val/aucroc"], ConfigError, "did you mean 'val/auroc'"),
-    (["train.batch_size=64"], ConfigError, r"train.batch_size=64 is larger than the training split \(41 images\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (["data.card=no-such-card"], MedtricksError, "no-such-card"),
+        (
+            ["data.synth=null", "data.root=/no/such/folder"],
+            MedtricksError,
+            "data.root '/no/such/folder' does not exist",
+        ),
+        (["schedule.warmup_epochs=2"], RecipeError, "warmup_epochs=2 must be less than train.epochs=2"),
+        (["train.best_metric=val/aucroc"], ConfigError, "did you mean 'val/auroc'"),
+        (["train.batch_size=64"], ConfigError, r"train.batch_size=64 is larger than the training split \(41 images\)"),
+    ],
+)
 def test_bad_runs_fail_before_any_run_folder(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         run_recipe(_tiny(tmp_path, *overrides), quiet=True)
@@ -150,8 +172,18 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     cfg.max_steps_per_epoch = 1
     explode = _Explode.__new__(_Explode)  # no recipe needed for an engine-level trick
     with pytest.raises(NonFiniteLossError, match="weights became non-finite at epoch 1"):
-        fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-            evaluate_fn=lambda m: {"val/acc": 0.5}, checkpoint_dir=tmp_path / "ckpt", tricks=[explode])
+        fit(
+            model,
+            train,
+            val,
+            optimizer=opt,
+            scheduler=sched,
+            loss_fn=nn.CrossEntropyLoss(),
+            cfg=cfg,
+            evaluate_fn=lambda m: {"val/acc": 0.5},
+            checkpoint_dir=tmp_path / "ckpt",
+            tricks=[explode],
+        )
     assert not (tmp_path / "ckpt" / "last.pt").exists()
 
 
@@ -180,8 +212,18 @@ def test_ema_copy_is_made_after_the_model_moves(tmp_path):
 
     Ema.on_fit_start = spy
     try:
-        fit(model, train, val, optimizer=opt, scheduler=sched, loss_fn=nn.CrossEntropyLoss(), cfg=cfg,
-            evaluate_fn=ev, checkpoint_dir=tmp_path / "ckpt", tricks=[ema])
+        fit(
+            model,
+            train,
+            val,
+            optimizer=opt,
+            scheduler=sched,
+            loss_fn=nn.CrossEntropyLoss(),
+            cfg=cfg,
+            evaluate_fn=ev,
+            checkpoint_dir=tmp_path / "ckpt",
+            tricks=[ema],
+        )
     finally:
         Ema.on_fit_start = real_on_fit_start
     assert seen["device"] == cfg.device

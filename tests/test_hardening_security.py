@@ -1,6 +1,7 @@
 """Hardening round 2, security (issue 31 items 1 and 3): a recipe or a stored run cannot make medtricks
 run code the user did not ask for, a planted model file is refused in one line, and data folders
 are logged as salted hashes, never as paths."""
+
 import argparse
 import shutil
 from pathlib import Path
@@ -19,9 +20,21 @@ from medtricks.tricks.registry import PluginError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "model.weights=none",
-        "train.epochs=1", "train.batch_size=16", "train.max_steps_per_epoch=1", "eval.n_bootstrap=0",
-        "train.progress=false", "eval.plots=false", "tracking.backend=none", "schedule.warmup_epochs=0"]
+TINY = [
+    "data.synth.n=60",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.max_steps_per_epoch=1",
+    "eval.n_bootstrap=0",
+    "train.progress=false",
+    "eval.plots=false",
+    "tracking.backend=none",
+    "schedule.warmup_epochs=0",
+]
 
 
 def _evil(tmp_path: Path) -> tuple[Path, Path]:
@@ -57,8 +70,9 @@ def test_a_recipe_plugin_runs_no_code_without_the_users_opt_in(tmp_path, capsys)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("security")
-    recipe = load_recipe(QUICKSTART, overrides=[*TINY, f"data.root={tmp / 'data'}",
-                                                f"experiment.output_dir={tmp / 'runs'}"])
+    recipe = load_recipe(
+        QUICKSTART, overrides=[*TINY, f"data.root={tmp / 'data'}", f"experiment.output_dir={tmp / 'runs'}"]
+    )
     result = run_recipe(recipe, quiet=True)
     result.recipe = recipe
     return result
@@ -129,8 +143,21 @@ def test_evaluate_logs_its_root_as_a_hash(tiny_run, tmp_path):
     import json
 
     root = Path(tiny_run.recipe.data.root)
-    assert main(["evaluate", str(tiny_run.run_dir), "--card", tiny_run.recipe.data.card, "--root", str(root),
-                 "--n-bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tiny_run.run_dir),
+                "--card",
+                tiny_run.recipe.data.card,
+                "--root",
+                str(root),
+                "--n-bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     runs = Path(tiny_run.recipe.experiment.output_dir)
     logged = [json.loads(p.read_text()) for p in runs.rglob("store/params.json")]
     (evaluation,) = [params for params in logged if "source_run" in params]  # the run store tiny_run uses

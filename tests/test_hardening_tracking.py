@@ -5,6 +5,7 @@ Failures are faked on ``MlflowClient`` methods (the messages MLflow raises for a
 or a server that is down); one test uses a real dead HTTP address. Slow tests (``-m slow``): a real
 ``mlflow server`` killed mid-run and restarted, and two processes creating fresh databases repeatedly.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,9 +43,12 @@ class Outage:
 
     def __init__(self, monkeypatch, error=None):
         self.down = False
-        self.error = error or (lambda: MlflowException(
-            "API request to http://tracking:5000/api/2.0/mlflow/runs/log-batch failed with exception "
-            "ConnectionError('Connection refused')"))  # what mlflow raises for a server that is down
+        self.error = error or (
+            lambda: MlflowException(
+                "API request to http://tracking:5000/api/2.0/mlflow/runs/log-batch failed with exception "
+                "ConnectionError('Connection refused')"
+            )
+        )  # what mlflow raises for a server that is down
         self.attempts = 0
         self.depth = 0
         self.sent: list[str] = []
@@ -65,6 +69,7 @@ class Outage:
                 return original(client, *args, **kwargs)
             finally:
                 self.depth -= 1
+
         return method
 
 
@@ -153,8 +158,18 @@ def test_server_down_mid_run_keeps_writes_and_sends_them_in_order_when_back(tmp_
     with pytest.warns(TrackingWarning, match="answers again: sent 8"):
         store.log_metrics({"train/loss": 0.2}, step=4)
     # kept writes first, in order, then the new one
-    assert outage.sent == ["get_run", "log_batch", "log_batch", "log_batch", "log_batch", "set_tag", "log_artifact",
-                           "log_text", "log_artifact", "log_batch"]
+    assert outage.sent == [
+        "get_run",
+        "log_batch",
+        "log_batch",
+        "log_batch",
+        "log_batch",
+        "set_tag",
+        "log_artifact",
+        "log_text",
+        "log_artifact",
+        "log_batch",
+    ]
     assert store.unsent == 0 and not (run_dir / "store" / "unsent.jsonl").exists()
     assert not (run_dir / "store" / "unsent").exists()  # the saved figure went, its folder too
     store.end()
@@ -261,7 +276,7 @@ def test_replay_runs_from_anywhere_and_refuses_a_store_without_the_run(tmp_path,
         store.log_metrics({"train/loss": 0.5}, step=1)
         store.end()
     outage.down = False
-    spool = (work / run_dir / "store" / "unsent.jsonl")
+    spool = work / run_dir / "store" / "unsent.jsonl"
     assert json.loads(spool.read_text().splitlines()[0])["uri"] == f"sqlite:///{work / 'mlflow.db'}"
     other = tmp_path / "elsewhere"
     other.mkdir()
@@ -294,8 +309,13 @@ def test_a_real_dead_http_server_is_kept_too(tmp_path, monkeypatch):
 
 def test_start_still_fails_fast_and_a_wrong_write_is_still_raised(tmp_path, monkeypatch):
     store, uri, run_dir = _store(tmp_path)
-    monkeypatch.setattr(MlflowClient, "log_batch", lambda *a, **k: (_ for _ in ()).throw(
-        MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)))
+    monkeypatch.setattr(
+        MlflowClient,
+        "log_batch",
+        lambda *a, **k: (_ for _ in ()).throw(
+            MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+        ),
+    )
     with pytest.raises(MlflowException, match="not allowed"):
         store.log_params({"a": 1})
     assert store.unsent == 0 and not _spool_ops(run_dir)
@@ -410,8 +430,17 @@ def _race(tmp_path, rounds):
     for db in dbs:
         Path(db).parent.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    workers = [subprocess.Popen([sys.executable, "-c", RACE_WORKER, name, str(sync), *dbs], env=env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_WORKER, name, str(sync), *dbs],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     results = [w.communicate(timeout=300) for w in workers]
     for worker, (out, err) in zip(workers, results):
         assert worker.returncode == 0 and f"created {rounds}" in out, err[-3000:]
@@ -435,9 +464,27 @@ def _free_port() -> int:
 
 def _serve(tmp_path, port):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", fresh_sqlite_uri(tmp_path), "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            fresh_sqlite_uri(tmp_path),
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -11,6 +11,7 @@ module level are (they run at import time).
 To allow a function-level import, add it to ``LAZY_IMPORTS_ALLOWED`` with the reason: an import
 time that a lighter command must not pay, or a behaviour that needs the import to happen late.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,26 +29,38 @@ NO_LAZY_IMPORT_PACKAGES = ["medtricks"]
 
 #: Modules exempt from that rule, with the reason.
 LAZY_IMPORT_MODULES = {
-    "medtricks.cli": "`medtricks --help` answers in ~0.2 s without torch: each command imports what it runs",
+    "medtricks.cli": "`medtricks --help` answers in ~0.2 s without torch: each command imports what it runs"
 }
 
 #: (importing module, imported module): function-level imports kept on purpose, with the reason.
 LAZY_IMPORTS_ALLOWED = {
-    ("medtricks.audit.report", "medtricks.evaluate.plots"):
-        "evaluate.plots imports matplotlib at import time; audit reports read or tabulated without "
-        "figures do not pay for it",
-    ("medtricks.ablation.table", "medtricks.evaluate.plots"):
-        "matplotlib only for the ablation forest plot; `medtricks compare` prints tables only",
-    ("medtricks.tracking", "medtricks.tracking.mlflow_store"):
-        "mlflow costs 1-2 s to import; a tracking.backend none run (and every reader of a local run "
-        "store) must not pay it",
-    ("medtricks.tracking", "medtricks.tracking.mlflow_model"):
-        "the same: mlflow.pyfunc only when an MLflow model folder is written (export --format mlflow)",
-    ("medtricks.posthoc.load", "medtricks.tracking.mlflow_store"):
-        "the same: mlflow only when a run id is looked up in MLflow",
-    ("medtricks.gamma.bn", "medtricks.models"):
-        "gamma_preview falls back to bare timm when medtricks.models cannot be imported "
-        "(tests/test_bn_gamma_strategy.py); an import at the top would run before that check",
+    (
+        "medtricks.audit.report",
+        "medtricks.evaluate.plots",
+    ): "evaluate.plots imports matplotlib at import time; audit reports read or tabulated without "
+    "figures do not pay for it",
+    (
+        "medtricks.ablation.table",
+        "medtricks.evaluate.plots",
+    ): "matplotlib only for the ablation forest plot; `medtricks compare` prints tables only",
+    (
+        "medtricks.tracking",
+        "medtricks.tracking.mlflow_store",
+    ): "mlflow costs 1-2 s to import; a tracking.backend none run (and every reader of a local run "
+    "store) must not pay it",
+    (
+        "medtricks.tracking",
+        "medtricks.tracking.mlflow_model",
+    ): "the same: mlflow.pyfunc only when an MLflow model folder is written (export --format mlflow)",
+    (
+        "medtricks.posthoc.load",
+        "medtricks.tracking.mlflow_store",
+    ): "the same: mlflow only when a run id is looked up in MLflow",
+    (
+        "medtricks.gamma.bn",
+        "medtricks.models",
+    ): "gamma_preview falls back to bare timm when medtricks.models cannot be imported "
+    "(tests/test_bn_gamma_strategy.py); an import at the top would run before that check",
     ("medtricks.gamma.bn", "medtricks.models.backbones"): "the same import (create_model's module)",
 }
 
@@ -59,16 +72,31 @@ NOT_YET_TOP_LEVEL: set = set()
 #: inside a function (data flows one way: recipe -> data -> models -> tricks -> train -> evaluate
 #: -> audit, with tracking and the run folder beside them). Every other module is below; a new
 #: orchestration module belongs in this list.
-TOP_LAYER = ["medtricks.cli", "medtricks.ablation", "medtricks.run", "medtricks.posthoc", "medtricks.posthoc.ensemble",
-             "medtricks.posthoc.load", "medtricks.posthoc.predict", "medtricks.posthoc.export", "medtricks.posthoc.representations"]
+TOP_LAYER = [
+    "medtricks.cli",
+    "medtricks.ablation",
+    "medtricks.run",
+    "medtricks.posthoc",
+    "medtricks.posthoc.ensemble",
+    "medtricks.posthoc.load",
+    "medtricks.posthoc.predict",
+    "medtricks.posthoc.export",
+    "medtricks.posthoc.representations",
+]
 TOP_LAYER += ["medtricks.self_train"]  # issue 17: Noisy Student rounds (runs, a parent run, a state file)
 TOP_LAYER += ["medtricks.__main__"]  # issue 18: `python -m medtricks` / `torchrun -m medtricks` (calls cli.main)
 TOP_LAYER += ["medtricks.deploy.calibrate", "medtricks.deploy.adapt"]  # issue 30: site calibration / adaptation
-TOP_LAYER += ["medtricks.posthoc.attention"]  # issue 32: `medtricks attention` (a trained run, image files, its run store)
+TOP_LAYER += [
+    "medtricks.posthoc.attention"
+]  # issue 32: `medtricks attention` (a trained run, image files, its run store)
 TOP_LAYER += ["medtricks.deploy.finetune"]  # issue 30: fine-tuning on a labelled site sample (cross-fitted runs)
 TOP_LAYER += ["medtricks.deploy.finetune_folds"]  # its fold and final run folders (resumable runs)
-TOP_LAYER += ["medtricks.run.prepare", "medtricks.run.resume", "medtricks.run.inputs",
-              "medtricks.run.finish"]  # issue 34: run.py split by concern (medtricks.run covers them too)
+TOP_LAYER += [
+    "medtricks.run.prepare",
+    "medtricks.run.resume",
+    "medtricks.run.inputs",
+    "medtricks.run.finish",
+]  # issue 34: run.py split by concern (medtricks.run covers them too)
 
 
 # ------------------------------------------------------------------------------------ the graph
@@ -106,11 +134,16 @@ def _lazy_exports(package: str) -> dict[str, str]:
     if not _is_package(package):
         return {}
     for node in _parse(package).body:
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
-                and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Dict)
+            and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)
+        ):
             table = ast.literal_eval(node.value)
-            return {name: f"{package}.{where}" if f"{package}.{where}" in MODULES else where
-                    for name, where in table.items()}
+            return {
+                name: f"{package}.{where}" if f"{package}.{where}" in MODULES else where
+                for name, where in table.items()
+            }
     return {}
 
 
@@ -130,7 +163,8 @@ def _targets(module: str, node: ast.stmt) -> list[str]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _module_level_imports(module: str, body: list[ast.stmt]) -> set[str]:
@@ -236,8 +270,10 @@ def test_relative_and_submodule_imports_are_edges():
 
 
 def test_names_a_package_loads_lazily_are_edges_to_their_module():
-    tree = ast.parse("from medtricks.data import load_card\nfrom medtricks.evaluate import compute_metrics\n"
-                     "from medtricks import run_recipe\n")
+    tree = ast.parse(
+        "from medtricks.data import load_card\nfrom medtricks.evaluate import compute_metrics\n"
+        "from medtricks import run_recipe\n"
+    )
     edges = _module_level_imports("medtricks.posthoc", tree.body)
     assert {"medtricks.data", "medtricks.data.cards", "medtricks.evaluate.metrics", "medtricks.run"} <= edges
 
@@ -246,17 +282,25 @@ def test_no_import_cycles_among_module_level_imports():
     graph = import_graph(CHECKED_PACKAGES)
     assert graph, f"no modules found for {CHECKED_PACKAGES}"
     cycles = find_cycles(graph)
-    detail = "; ".join(" <-> ".join(c) + " (edges: " + ", ".join(
-        f"{a} -> {b}" for a in c for b in sorted(graph[a]) if b in c) + ")" for c in cycles)
+    detail = "; ".join(
+        " <-> ".join(c) + " (edges: " + ", ".join(f"{a} -> {b}" for a in c for b in sorted(graph[a]) if b in c) + ")"
+        for c in cycles
+    )
     assert not cycles, f"import cycles among module-level imports: {detail}"
 
 
 def test_medtricks_imports_inside_functions_are_only_the_allowed_ones():
-    found = {(m, t) for m in MODULES if _in(m, NO_LAZY_IMPORT_PACKAGES) and not _in(m, list(LAZY_IMPORT_MODULES))
-             for t in _function_level_imports(m, _parse(m))}
+    found = {
+        (m, t)
+        for m in MODULES
+        if _in(m, NO_LAZY_IMPORT_PACKAGES) and not _in(m, list(LAZY_IMPORT_MODULES))
+        for t in _function_level_imports(m, _parse(m))
+    }
     unexpected = sorted(found - set(LAZY_IMPORTS_ALLOWED) - NOT_YET_TOP_LEVEL)
-    assert not unexpected, ("medtricks modules imported inside functions (move them to the top of the "
-                            f"module, or list them in LAZY_IMPORTS_ALLOWED with the reason): {unexpected}")
+    assert not unexpected, (
+        "medtricks modules imported inside functions (move them to the top of the "
+        f"module, or list them in LAZY_IMPORTS_ALLOWED with the reason): {unexpected}"
+    )
 
 
 def _lower_layers() -> list[str]:
@@ -265,12 +309,23 @@ def _lower_layers() -> list[str]:
 
 def test_the_lower_layers_are_the_rest_of_the_package():
     lower = _lower_layers()
-    for package in ("medtricks.evaluate", "medtricks.data", "medtricks.models", "medtricks.train", "medtricks.tricks",
-                    "medtricks.audit", "medtricks.tracking", "medtricks.recipe", "medtricks.rundir"):
+    for package in (
+        "medtricks.evaluate",
+        "medtricks.data",
+        "medtricks.models",
+        "medtricks.train",
+        "medtricks.tricks",
+        "medtricks.audit",
+        "medtricks.tracking",
+        "medtricks.recipe",
+        "medtricks.rundir",
+    ):
         assert package in lower
 
 
 def test_lower_layers_never_import_the_orchestration():
     found = sorted((m, t) for m in _lower_layers() for t in _all_imports(m, _parse(m)) if _in(t, TOP_LAYER))
-    assert not found, (f"modules below the orchestration must not import {', '.join(TOP_LAYER)} (not even inside "
-                       f"a function or for type checking): {found}")
+    assert not found, (
+        f"modules below the orchestration must not import {', '.join(TOP_LAYER)} (not even inside "
+        f"a function or for type checking): {found}"
+    )

@@ -1,5 +1,6 @@
 """Issue 17, item 2: label scarcity as a recipe knob (data.label_fraction / label_count) and an
 unlabelled folder (data.unlabeled) -- patients whole, stratified, reproducible, val/test untouched."""
+
 from collections import Counter
 from pathlib import Path
 
@@ -113,8 +114,12 @@ def test_a_last_batch_of_one_image_is_left_out_so_batchnorm_can_train():
     data = TensorDataset(torch.zeros(33, 1), torch.zeros(33))
     sizes = [len(y) for _, y in make_train_loader(data, batch_size=16, seed=0, num_workers=0)]
     assert sizes == [16, 16]
-    sizes = [len(y) for _, y in make_train_loader(TensorDataset(torch.zeros(34, 1), torch.zeros(34)),
-                                                 batch_size=16, seed=0, num_workers=0)]
+    sizes = [
+        len(y)
+        for _, y in make_train_loader(
+            TensorDataset(torch.zeros(34, 1), torch.zeros(34)), batch_size=16, seed=0, num_workers=0
+        )
+    ]
     assert sizes == [16, 16, 2]  # only a lone image is left out
 
 
@@ -132,8 +137,9 @@ def test_an_unlabelled_folder_without_labels_loads(phantoms, tmp_path):
     assert len(bundle.unlabeled) == 5 and len(bundle.train) == len(full.train)
     x, y = bundle.unlabeled[4]
     assert tuple(x.shape) == (1, 32, 32) and y == -1
-    with_pool = build_datasets("synthetic-phantoms", root, label_fraction=0.5,
-                               unlabeled={"root": str(tmp_path / "unlabelled")}, **KW)
+    with_pool = build_datasets(
+        "synthetic-phantoms", root, label_fraction=0.5, unlabeled={"root": str(tmp_path / "unlabelled")}, **KW
+    )
     assert len(with_pool.unlabeled) == 5 + int((~with_pool.manifest["labeled"]).sum())
 
 

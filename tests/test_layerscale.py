@@ -18,8 +18,15 @@ from medtricks.gamma.layerscale import (
 
 def tiny_vit(init_values=1e-5, depth=4):
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth,
-                             init_values=init_values, num_classes=2)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=depth,
+        init_values=init_values,
+        num_classes=2,
+    )
 
 
 def gammas(model):
@@ -77,8 +84,9 @@ def test_named_strategies_late_is_the_last_quarter():
     assert len(values) == 16 and values["blocks.7.ls2"] == 0.0 and values["blocks.6.ls2"] == 1.0
     assert torch.all(model.blocks[0].ls1.gamma == 1.0)
     model = tiny_vit()
-    report = apply_layerscale_strategy(model, {"rules": [{"value": 0.0, "blocks": [2, 3]},
-                                                         {"value": 0.25, "blocks": [3], "branch": "attn"}]})
+    report = apply_layerscale_strategy(
+        model, {"rules": [{"value": 0.0, "blocks": [2, 3]}, {"value": 0.25, "blocks": [3], "branch": "attn"}]}
+    )
     values = {row["name"]: row["new_gamma"] for row in report}
     assert values == {"blocks.2.ls1": 0.0, "blocks.2.ls2": 0.0, "blocks.3.ls1": 0.25, "blocks.3.ls2": 0.0}
     assert len(apply_layerscale_strategy(tiny_vit(), {"strategy": "none"})) == 0
@@ -111,7 +119,9 @@ def test_a_vit_without_layerscale_is_an_error_naming_it_unless_insert():
         out_before = model.eval()(x)
     report = apply_layerscale_strategy(model, {"strategy": "one_late", "insert": True})
     assert report.names == ["blocks.3.ls1", "blocks.3.ls2"] and report.rows[0]["old_gamma_mean"] is None
-    assert isinstance(model.blocks[3].ls1, timm.layers.LayerScale) and isinstance(model.blocks[2].ls1, torch.nn.Identity)
+    assert isinstance(model.blocks[3].ls1, timm.layers.LayerScale) and isinstance(
+        model.blocks[2].ls1, torch.nn.Identity
+    )
     with torch.no_grad():
         assert torch.allclose(model(x), out_before, atol=1e-6)  # gamma=1: same function, now learnable
     # a state dict with inserted LayerScale loads into a fresh model after insert_layerscale_for_state
@@ -134,14 +144,21 @@ def test_recipe_trick_section(tmp_path):
     from medtricks.recipe import load_recipe
     from medtricks.tricks.registry import ablation_names
 
-    recipe = load_recipe("recipes/quickstart.yaml", overrides=[
-        "model.name=vit_tiny_patch16_224", "tricks.layerscale_gamma.strategy=zero_late",
-        "tricks.layerscale_gamma.last_n_blocks=2"])
+    recipe = load_recipe(
+        "recipes/quickstart.yaml",
+        overrides=[
+            "model.name=vit_tiny_patch16_224",
+            "tricks.layerscale_gamma.strategy=zero_late",
+            "tricks.layerscale_gamma.last_n_blocks=2",
+        ],
+    )
     assert "layerscale_gamma=zero_late" in recipe.tricks_on()
     assert ablation_names()["layerscale_gamma"].key == "tricks.layerscale_gamma.strategy"
     with pytest.raises(ValueError, match="layerscale_gamma"):
-        load_recipe("recipes/quickstart.yaml", overrides=["tricks.layerscale_gamma.strategy=zero_all",
-                                                          "tricks.layerscale_gamma.last_n_blocks=2"])
+        load_recipe(
+            "recipes/quickstart.yaml",
+            overrides=["tricks.layerscale_gamma.strategy=zero_all", "tricks.layerscale_gamma.last_n_blocks=2"],
+        )
     from medtricks.tricks.base import TrickContext
     from medtricks.tricks.layerscale_gamma import LayerScaleGamma
     from medtricks.rundir import RunDir
@@ -151,5 +168,5 @@ def test_recipe_trick_section(tmp_path):
     trick.on_model(model)
     assert trick.log_params()["layerscale_gamma"].startswith("zero_late: 4 layers")
     assert "blocks.3.ls2" in trick.summary()
-    (path, folder), = trick.artifacts(RunDir(tmp_path))
+    ((path, folder),) = trick.artifacts(RunDir(tmp_path))
     assert path.name == "layerscale_gamma_report.csv" and folder == "tricks" and path.is_file()

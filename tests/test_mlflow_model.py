@@ -1,5 +1,6 @@
 """The MLflow model flavour (issue 21, item 3): a run tracked in MLflow logs a pyfunc model under
 ``mlflow_model/`` that loads with ``runs:/<id>/mlflow_model`` and answers ``mlflow models serve``."""
+
 import json
 import os
 import socket
@@ -35,11 +36,26 @@ def mlflow_run(tmp_path_factory):
     uri = fresh_sqlite_uri(tmp)
     synthesize_phantoms(tmp / "data", n=64, classes=("normal", "pneumonia"), size=40, seed=0)
     card = binary_phantom_card(tmp)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        f"data.card={card}", "data.synth=null", f"data.root={tmp / 'data'}", "data.image_size=32",
-        "data.val_fraction=0.25", "model.name=resnet18", "model.weights=none", "train.epochs=1",
-        "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false", "schedule.warmup_epochs=0",
-        f"experiment.output_dir={tmp / 'runs'}", "tracking.backend=mlflow", f"tracking.uri={uri}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            f"data.card={card}",
+            "data.synth=null",
+            f"data.root={tmp / 'data'}",
+            "data.image_size=32",
+            "data.val_fraction=0.25",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"experiment.output_dir={tmp / 'runs'}",
+            "tracking.backend=mlflow",
+            f"tracking.uri={uri}",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     return result, uri, tmp
 
@@ -47,10 +63,20 @@ def mlflow_run(tmp_path_factory):
 def _val_images(tmp: Path, trained) -> np.ndarray:
     """The run's validation images through the eval transform, before normalization: [0, 1]."""
     recipe = trained.recipe
-    dataset, _ = build_eval_dataset(recipe.data.card, tmp / "data", split="val", split_seed=recipe.data.split_seed,
-                                    val_fraction=recipe.data.val_fraction, test_fraction=recipe.data.test_fraction,
-                                    image_size=32, mean=(0.0,), std=(1.0,), in_chans=recipe.model.in_chans,
-                                    augment=recipe.data.augment, progress=False)
+    dataset, _ = build_eval_dataset(
+        recipe.data.card,
+        tmp / "data",
+        split="val",
+        split_seed=recipe.data.split_seed,
+        val_fraction=recipe.data.val_fraction,
+        test_fraction=recipe.data.test_fraction,
+        image_size=32,
+        mean=(0.0,),
+        std=(1.0,),
+        in_chans=recipe.model.in_chans,
+        augment=recipe.data.augment,
+        progress=False,
+    )
     return np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
 
 
@@ -81,8 +107,9 @@ def test_logged_model_loads_from_runs_uri_and_matches_torch(mlflow_run):
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/mlflow_model")
     signature = model.metadata.signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32",
-                                                                           "shape": (-1, 1, 32, 32)}}]
+    assert signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 1, 32, 32)}}
+    ]
     assert signature.outputs.input_names() == ["prob_normal", "prob_pneumonia", "predicted"]
 
     trained = load_trained(str(result.run_dir))
@@ -141,8 +168,9 @@ def _free_port() -> int:
 
 
 def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -155,9 +183,26 @@ def test_mlflow_models_serve_answers(mlflow_run, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     mlflow_cli = [sys.executable, "-m", "mlflow"]
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([*mlflow_cli, "models", "serve", "-m", f"runs:/{result.run_id}/mlflow_model",
-                               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            *mlflow_cli,
+            "models",
+            "serve",
+            "-m",
+            f"runs:/{result.run_id}/mlflow_model",
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -1,4 +1,5 @@
 """Backbone factory: names, ImageNet sanity on real photos, grayscale equivalence, configs, stages."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -112,15 +113,16 @@ def test_gray_model_with_imagenet_statistics_matches_away_from_the_border(calibr
     x_gray = (g - 0.449) / 0.226
     x_rgb = _imagenet_rgb(g)
     stem = {}
-    hooks = [m.bn1.register_forward_hook(lambda mod, i, o, key=key: stem.__setitem__(key, o))
-             for key, m in (("gray", gray), ("rgb", rgb))]
+    hooks = [
+        m.bn1.register_forward_hook(lambda mod, i, o, key=key: stem.__setitem__(key, o))
+        for key, m in (("gray", gray), ("rgb", rgb))
+    ]
     with torch.no_grad():
         gray_logits, rgb_logits = gray(x_gray), rgb(x_rgb)
     for hook in hooks:
         hook.remove()
     # conv1: 7x7, stride 2, padding 3 on 224 px → 112 outputs; outputs 0, 1 and 111 see padding.
-    torch.testing.assert_close(stem["gray"][..., 2:111, 2:111], stem["rgb"][..., 2:111, 2:111],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stem["gray"][..., 2:111, 2:111], stem["rgb"][..., 2:111, 2:111], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(stem["gray"][..., 0, :], stem["rgb"][..., 0, :], atol=1e-3)  # border differs
     relative = ((gray_logits - rgb_logits).norm() / rgb_logits.norm()).item()
     assert relative < 0.03, relative
@@ -140,8 +142,9 @@ def test_plain_kernel_sum_would_not_be_equivalent(calibrated_resnet):
     g = torch.rand(2, 1, 224, 224)
     x_rgb = _imagenet_rgb(g)
     with torch.no_grad():
-        folded = create_model("resnet18", weights=f"file:{calibrated_resnet}", num_classes=1000,
-                              in_chans=1).eval()((g - 0.449) / 0.226)
+        folded = create_model("resnet18", weights=f"file:{calibrated_resnet}", num_classes=1000, in_chans=1).eval()(
+            (g - 0.449) / 0.226
+        )
         plain = naive((g - 0.449) / 0.226)
         reference = rgb(x_rgb)
     error = lambda out: ((out - reference).norm() / reference.norm()).item()  # noqa: E731
@@ -178,8 +181,10 @@ def test_random_init_only_with_weights_none():
         create_model("resnet18", weights="")
 
 
-@pytest.mark.parametrize("name, first, head", [("monai:densenet121", "features.conv0", "class_layers.out"),
-                                               ("monai:resnet18", "conv1", "fc")])
+@pytest.mark.parametrize(
+    "name, first, head",
+    [("monai:densenet121", "features.conv0", "class_layers.out"), ("monai:resnet18", "conv1", "fc")],
+)
 def test_monai_networks(name, first, head):
     model = create_model(name, num_classes=2, in_chans=1)
     assert model.get_submodule(first).in_channels == 1

@@ -1,4 +1,5 @@
 """Freezing: frozen parameters and BN statistics do not move during training; clear errors."""
+
 from __future__ import annotations
 
 import pytest

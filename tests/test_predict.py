@@ -1,4 +1,5 @@
 """`medtricks predict`: a trained run on new image files and folders, as a CSV (issue 21)."""
+
 import json
 import shutil
 from pathlib import Path
@@ -28,11 +29,26 @@ def binary_run(tmp_path_factory):
     uri = fresh_sqlite_uri(tmp)
     synthesize_phantoms(tmp / "data", n=80, classes=("normal", "pneumonia"), size=32, seed=0)
     card = binary_phantom_card(tmp)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        f"data.card={card}", "data.synth=null", f"data.root={tmp / 'data'}", "data.image_size=32",
-        "data.val_fraction=0.25", "data.test_fraction=0.25", "model.name=resnet18", "model.weights=none", "train.epochs=1",
-        "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false", "schedule.warmup_epochs=0",
-        f"experiment.output_dir={tmp / 'runs'}", f"tracking.uri={uri}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            f"data.card={card}",
+            "data.synth=null",
+            f"data.root={tmp / 'data'}",
+            "data.image_size=32",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.25",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"experiment.output_dir={tmp / 'runs'}",
+            f"tracking.uri={uri}",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     op_path = result.run_dir / "model" / OPERATING_POINT_FILE
     if not op_path.is_file():  # a run.py that does not store operating points: store one as it would
@@ -123,8 +139,10 @@ def test_thresholds_reproduced_from_the_stored_validation_predictions(binary_run
     youden = select_threshold(y, p, method="youden")
     preds, _ = predict_images(str(result.run_dir), [new], threshold="sens=0.95", progress=False)
     assert preds["threshold"].iloc[0] == pytest.approx(sens.threshold)
-    assert preds["predicted"].tolist() == np.where(preds["prob_pneumonia"] >= sens.threshold,
-                                                   "pneumonia", "normal").tolist()
+    assert (
+        preds["predicted"].tolist()
+        == np.where(preds["prob_pneumonia"] >= sens.threshold, "pneumonia", "normal").tolist()
+    )
     preds_y, _ = predict_images(str(result.run_dir), [new], threshold="youden", progress=False)
     assert preds_y["threshold"].iloc[0] == pytest.approx(youden.threshold)
     fixed, _ = predict_images(str(result.run_dir), [new], threshold=0.5, progress=False)

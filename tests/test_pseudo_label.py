@@ -3,6 +3,7 @@ the ramp, the seeded unlabelled stream, the kept share per epoch, a real run and
 Issue 33, item 3 (Noisy Student as the paper runs it): the labeller sees the clean (eval-transform) view in
 eval mode while the student trains on the augmented view, the augmented stream is the single-view one,
 confidence weighting on hand-made logits, the logged teacher input, a typo under pseudo_label."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -25,8 +26,13 @@ from medtricks.rundir import RunDir
 from medtricks.train.engine import seed_epoch
 from medtricks.tricks.base import TrickContext
 from medtricks.tricks.distill import Teacher
-from medtricks.tricks.pseudo_label import (PseudoLabel, PseudoLabelConfig, pseudo_label_loss, pseudo_targets,
-                                           pseudo_weights)
+from medtricks.tricks.pseudo_label import (
+    PseudoLabel,
+    PseudoLabelConfig,
+    pseudo_label_loss,
+    pseudo_targets,
+    pseudo_weights,
+)
 
 from test_hardening_run import _killed, _tiny
 
@@ -53,18 +59,31 @@ class _ByValue(nn.Module):
 
 def _trick(pool=None, extras=None, **cfg):
     config = PseudoLabelConfig(enabled=True, **cfg)
-    recipe = SimpleNamespace(tricks=SimpleNamespace(pseudo_label=config), train=SimpleNamespace(batch_size=4),
-                             data=SimpleNamespace(num_workers=0))
-    ctx = TrickContext(recipe=recipe, classes=["a", "b"], device=torch.device("cpu"), mean=MEAN, std=STD,
-                       extras={"unlabeled": _pool() if pool is None else pool, **(extras or {})})
+    recipe = SimpleNamespace(
+        tricks=SimpleNamespace(pseudo_label=config),
+        train=SimpleNamespace(batch_size=4),
+        data=SimpleNamespace(num_workers=0),
+    )
+    ctx = TrickContext(
+        recipe=recipe,
+        classes=["a", "b"],
+        device=torch.device("cpu"),
+        mean=MEAN,
+        std=STD,
+        extras={"unlabeled": _pool() if pool is None else pool, **(extras or {})},
+    )
     return PseudoLabel(recipe, ctx)
 
 
 def test_pseudo_labels_respect_the_threshold():
-    logits = torch.tensor([[3.0, 0.0],    # p = 0.9526: kept at 0.95
-                           [2.9, 0.0],    # p = 0.9478: not kept
-                           [0.0, 4.0],    # p = 0.982 for class 1: kept
-                           [0.1, 0.0]])   # p = 0.525: not kept
+    logits = torch.tensor(
+        [
+            [3.0, 0.0],  # p = 0.9526: kept at 0.95
+            [2.9, 0.0],  # p = 0.9478: not kept
+            [0.0, 4.0],  # p = 0.982 for class 1: kept
+            [0.1, 0.0],
+        ]
+    )  # p = 0.525: not kept
     targets, kept = pseudo_targets(logits, 0.95)
     assert kept.tolist() == [True, False, True, False] and targets.tolist() == [0, 0, 1, 0]
     soft, kept_soft = pseudo_targets(logits, 0.95, soft=True)
@@ -167,8 +186,12 @@ def test_confidence_weighting_on_hand_made_logits():
     teacher = torch.tensor([[3.0, 0.0], [2.9, 0.0], [0.0, 4.0], [0.1, 0.0]])
     student = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     e = math.e
-    conf = [math.exp(3) / (math.exp(3) + 1), math.exp(2.9) / (math.exp(2.9) + 1), math.exp(4) / (math.exp(4) + 1),
-            math.exp(0.1) / (math.exp(0.1) + 1)]
+    conf = [
+        math.exp(3) / (math.exp(3) + 1),
+        math.exp(2.9) / (math.exp(2.9) + 1),
+        math.exp(4) / (math.exp(4) + 1),
+        math.exp(0.1) / (math.exp(0.1) + 1),
+    ]
     assert pseudo_weights(teacher, 0.95, "confidence").tolist() == pytest.approx([conf[0], 0.0, conf[2], 0.0])
     assert pseudo_weights(teacher, 0.95).tolist() == [1.0, 0.0, 1.0, 0.0]
     # CE of student row 0 for class 0: log(1 + e); row 2 (logits 1, 1) for class 1: log 2
@@ -189,8 +212,9 @@ def test_confidence_weighting_on_hand_made_logits():
     by_hand = (conf[0] * ce0 + conf[1] * math.log(1 + math.exp(-2)) + conf[2] * ce2 + conf[3] * math.log(2)) / 4
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     # weighting none is the plain mask
-    assert torch.equal(pseudo_label_loss(student, hard, pseudo_weights(teacher, 0.95)),
-                       pseudo_label_loss(student, hard, kept))
+    assert torch.equal(
+        pseudo_label_loss(student, hard, pseudo_weights(teacher, 0.95)), pseudo_label_loss(student, hard, kept)
+    )
     with pytest.raises(ConfigError, match="weighting must be one of none, confidence"):
         pseudo_weights(teacher, 0.5, "conf")
 
@@ -208,8 +232,10 @@ def _image_pools(tmp_path, n=10, size=32, preset="cxr_shift"):
         paths.append(str(path))
     manifest = pd.DataFrame({"path": paths, "target": -1})
     kw = dict(mean=(0.5,), std=(0.25,), in_chans=1)
-    return (XrayDataset(manifest, build_transforms(preset, size, train=True, **kw)),
-            XrayDataset(manifest, build_transforms(preset, size, train=False, **kw)))
+    return (
+        XrayDataset(manifest, build_transforms(preset, size, train=True, **kw)),
+        XrayDataset(manifest, build_transforms(preset, size, train=False, **kw)),
+    )
 
 
 class _Spy(nn.Module):
@@ -240,21 +266,33 @@ def _reference(pool, n, batch):
     """What a single-view stream drew after ``seed_epoch(3, 0)``: (indices, training-transform images)."""
     seed_epoch(3, 0)
     seed = (torch.initial_seed() + pl_mod._SEED_OFFSET) % (2**63)
-    order = next(iter(DataLoader(range(n), batch_size=batch, shuffle=True, drop_last=True,
-                                 generator=torch.Generator().manual_seed(seed))))
-    images, _ = next(iter(DataLoader(pool, batch_size=batch, shuffle=True, drop_last=True,
-                                     generator=torch.Generator().manual_seed(seed))))
+    order = next(
+        iter(
+            DataLoader(
+                range(n), batch_size=batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+            )
+        )
+    )
+    images, _ = next(
+        iter(
+            DataLoader(
+                pool, batch_size=batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+            )
+        )
+    )
     return order, images
 
 
 def test_the_teacher_labels_the_clean_view_in_eval_mode_and_the_student_trains_on_the_augmented_one(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     pool, clean_set = _image_pools(tmp_path)
     train_tf = pool.transform
     clean = torch.stack([clean_set[i][0] for i in range(len(clean_set))])  # the eval transform's output
     spy = _Spy()
-    teacher = _SpyTeacher(spy, mean=(0.5,), std=(0.25,), in_chans=1, image_size=32, student_mean=(0.5,),
-                          student_std=(0.25,))
+    teacher = _SpyTeacher(
+        spy, mean=(0.5,), std=(0.25,), in_chans=1, image_size=32, student_mean=(0.5,), student_std=(0.25,)
+    )
     monkeypatch.setattr(pl_mod, "teacher_for", lambda recipe, ctx, ref, **kw: teacher)
     trick = _trick(pool=pool, teacher="run", threshold=0.0)
     assert trick.log_params()["pseudo_label.teacher_input"] == "clean"
@@ -293,8 +331,13 @@ def test_a_typo_under_pseudo_label_is_a_clear_error(tmp_path):
     assert _tiny(tmp_path, "tricks.pseudo_label.weighting=confidence").tricks.pseudo_label.weighting == "confidence"
 
 
-PL = ["data.label_fraction=0.4", "tricks.pseudo_label.enabled=true", "tricks.pseudo_label.threshold=0.5",
-      "tricks.pseudo_label.weight_ramp=1", "tricks.pseudo_label.batch_size=8"]
+PL = [
+    "data.label_fraction=0.4",
+    "tricks.pseudo_label.enabled=true",
+    "tricks.pseudo_label.threshold=0.5",
+    "tricks.pseudo_label.weight_ramp=1",
+    "tricks.pseudo_label.batch_size=8",
+]
 
 
 @pytest.mark.slow

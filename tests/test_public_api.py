@@ -1,4 +1,5 @@
 """The public API in ``medtricks/__init__.py``: every name resolves and says what it does."""
+
 import pytest
 
 import medtricks

@@ -1,6 +1,7 @@
 """`ablate --executor ray`: children as Ray tasks on a local 2-worker cluster, a worker killed mid-run
 and retried (the child resumes, its MLflow run stays one run), results in the same parent and table;
 settings refused with the key that is wrong."""
+
 import sys
 import textwrap
 from pathlib import Path
@@ -16,14 +17,26 @@ from medtricks.recipe import load_recipe
 from medtricks.tricks.base import unregister_trick
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "model.weights=none",
-        "train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=2", "eval.n_bootstrap=0",
-        "train.progress=false", "eval.plots=false", "tracking.log_model=false", "tricks.bn_gamma.strategy=none",
-        "experiment.name=abl"]
+TINY = [
+    "data.synth.n=60",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.max_steps_per_epoch=2",
+    "eval.n_bootstrap=0",
+    "train.progress=false",
+    "eval.plots=false",
+    "tracking.log_model=false",
+    "tricks.bn_gamma.strategy=none",
+    "experiment.name=abl",
+]
 
 # A trick whose only act is to SIGKILL its own process at the end of the first epoch of the child
 # with seed 1 -- once: the marker file says it happened (and which process it killed).
-KILL_ONCE = textwrap.dedent('''
+KILL_ONCE = textwrap.dedent("""
     import os, signal
     from pathlib import Path
     from pydantic import Field
@@ -44,7 +57,7 @@ KILL_ONCE = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGKILL)
 
     register_trick(KillOnce)
-''')
+""")
 
 
 def test_executor_settings_refuse_what_does_not_apply():
@@ -68,16 +81,42 @@ def test_executor_settings_refuse_what_does_not_apply():
 
 
 def test_cli_passes_the_executor_options():
-    args = build_parser().parse_args(["ablate", "r.yaml", "--executor", "ray", "--address", "auto",
-                                      "--cpus-per-run", "2", "--gpus-per-run", "1", "--retries", "3"])
-    assert (args.executor, args.address, args.cpus_per_run, args.gpus_per_run, args.retries) == \
-        ("ray", "auto", 2.0, 1.0, 3)
+    args = build_parser().parse_args(
+        [
+            "ablate",
+            "r.yaml",
+            "--executor",
+            "ray",
+            "--address",
+            "auto",
+            "--cpus-per-run",
+            "2",
+            "--gpus-per-run",
+            "1",
+            "--retries",
+            "3",
+        ]
+    )
+    assert (args.executor, args.address, args.cpus_per_run, args.gpus_per_run, args.retries) == (
+        "ray",
+        "auto",
+        2.0,
+        1.0,
+        3,
+    )
 
 
 def test_recipe_section_and_missing_ray_are_clear(tmp_path, monkeypatch):
-    recipe = load_recipe(RECIPES / "quickstart.yaml", overrides=[
-        *TINY, f"experiment.output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
-        "ablation.executor=ray", "ablation.cpus_per_run=1"])
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml",
+        overrides=[
+            *TINY,
+            f"experiment.output_dir={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'data'}",
+            "ablation.executor=ray",
+            "ablation.cpus_per_run=1",
+        ],
+    )
     assert recipe.ablation.executor == "ray"
     with pytest.raises(Exception, match="ablation.executor"):
         load_recipe(RECIPES / "quickstart.yaml", overrides=["ablation.executor=slurm"])
@@ -102,9 +141,16 @@ def test_ray_two_workers_retry_a_killed_child(mlflow_uri, tmp_path, kill_plugin)
     MLflow run under the one parent; the table has both seeds of both variants."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'medtricks[ray]')")
     marker = tmp_path / "killed.pid"
-    recipe = load_recipe(RECIPES / "quickstart.yaml", overrides=[
-        *TINY, f"experiment.output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
-        f"experiment.plugins=[{kill_plugin}]", f"tricks.kill_once={marker}"])
+    recipe = load_recipe(
+        RECIPES / "quickstart.yaml",
+        overrides=[
+            *TINY,
+            f"experiment.output_dir={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'data'}",
+            f"experiment.plugins=[{kill_plugin}]",
+            f"tricks.kill_once={marker}",
+        ],
+    )
     result = run_ablation(recipe, ["mixup=0.2"], seeds=2, executor="ray", cpus_per_run=1, retries=2, quiet=True)
 
     assert marker.is_file(), "the kill trick never fired: the retry was not exercised"
@@ -114,8 +160,12 @@ def test_ray_two_workers_retry_a_killed_child(mlflow_uri, tmp_path, kill_plugin)
     parents = [r for r in runs if r.data.tags.get("medtricks.role") == "ablation_parent"]
     kids = [r for r in runs if r.data.tags.get("medtricks.role") == "ablation_child"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted((r.data.tags["variant"], r.data.tags["seed"]) for r in kids) == \
-        [("+mixup=0.2", "0"), ("+mixup=0.2", "1"), ("baseline", "0"), ("baseline", "1")]
+    assert sorted((r.data.tags["variant"], r.data.tags["seed"]) for r in kids) == [
+        ("+mixup=0.2", "0"),
+        ("+mixup=0.2", "1"),
+        ("baseline", "0"),
+        ("baseline", "1"),
+    ]
     assert all(r.info.status == "FINISHED" for r in kids)
     assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {parents[0].info.run_id}
     for kid in kids:  # the killed child's retry continued its run: each epoch logged exactly once

@@ -1,5 +1,6 @@
 """Real ieee8023 COVID-19 collection (skipped without MEDTRICKS_REAL_DATA): both cards build a
 patient-level manifest from the real, messy metadata.csv with no patient in two splits, and agree."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Recipe loading, inheritance, overrides and error messages."""
+
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,17 @@ def test_quickstart_inherits_chain():
 
 def test_overrides_coerce_types(tmp_path):
     path = _write(tmp_path / "r.yaml", "train: {epochs: 2}\n")
-    recipe = load_recipe(path, overrides=["optim.lr=0.05", "tricks.label_smoothing=0.1",
-                                          "tricks.no_bias_decay=true", "schedule.milestones=[2, 4]",
-                                          "model.layer_decay=null", "data.synth.n=40"])
+    recipe = load_recipe(
+        path,
+        overrides=[
+            "optim.lr=0.05",
+            "tricks.label_smoothing=0.1",
+            "tricks.no_bias_decay=true",
+            "schedule.milestones=[2, 4]",
+            "model.layer_decay=null",
+            "data.synth.n=40",
+        ],
+    )
     assert recipe.optim.lr == pytest.approx(0.05)
     assert recipe.tricks.label_smoothing == pytest.approx(0.1)
     assert recipe.tricks.no_bias_decay is True

@@ -1,5 +1,6 @@
 """tricks.reinit_late (issue 28): re-draws exactly the named stages with timm's family init, leaves every
 other tensor equal to the "pretrained" weights, seeded; registered as a trick with an ablate name."""
+
 import math
 from pathlib import Path
 
@@ -37,12 +38,15 @@ def _in(name: str, stages) -> bool:
     return any(name == s or name.startswith(s + ".") for s in stages)
 
 
-@pytest.mark.parametrize("name,stages,expected", [
-    ("resnet10t", 1, ["layer4"]),
-    ("resnet10t", ["layer3", "layer4"], ["layer3", "layer4"]),
-    ("efficientnet_lite0", 1, ["blocks.5"]),            # the last stage with residual blocks (zero_late's)
-    ("efficientnet_lite0", ["blocks.6", "conv_head"], ["blocks.6", "conv_head"]),
-])
+@pytest.mark.parametrize(
+    "name,stages,expected",
+    [
+        ("resnet10t", 1, ["layer4"]),
+        ("resnet10t", ["layer3", "layer4"], ["layer3", "layer4"]),
+        ("efficientnet_lite0", 1, ["blocks.5"]),  # the last stage with residual blocks (zero_late's)
+        ("efficientnet_lite0", ["blocks.6", "conv_head"], ["blocks.6", "conv_head"]),
+    ],
+)
 def test_redraws_exactly_the_named_stages(name, stages, expected):
     model = _pretrained_like(name)
     before = _tensors(model)
@@ -113,13 +117,17 @@ def test_trick_registration_recipe_and_run_point():
     assert off.tricks.reinit_late.stages == 0 and not any(t.startswith("reinit_late") for t in trick_tags(off))
     with pytest.raises(Exception, match="reinit_late"):
         load_recipe(RECIPES / "reinit_late.yaml", overrides=["tricks.reinit_late.stages=-1"])
-    tricks = [t for t in build_tricks(recipe, TrickContext(recipe=recipe, classes=["a", "b"])) if t.name == "reinit_late"]
+    tricks = [
+        t for t in build_tricks(recipe, TrickContext(recipe=recipe, classes=["a", "b"])) if t.name == "reinit_late"
+    ]
     model = _pretrained_like("efficientnet_lite0")
     tricks[0].on_model(model)
     assert tricks[0].report.stages == ["blocks.5"] and "blocks.5" in tricks[0].log_params()["reinit_late"]
     again = _pretrained_like("efficientnet_lite0")
     reinit_late(again, 1, seed=5)
-    assert torch.equal(again.blocks[5][0].conv_pw.weight, model.blocks[5][0].conv_pw.weight)  # seeded by experiment.seed
+    assert torch.equal(
+        again.blocks[5][0].conv_pw.weight, model.blocks[5][0].conv_pw.weight
+    )  # seeded by experiment.seed
 
 
 def test_new_head_is_drawn_from_its_own_seed():

@@ -1,4 +1,5 @@
 """Learnable resizer: shapes, parameter count, gradient flow, behaviour at init, end-to-end training."""
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,9 @@ def test_every_interpolation_runs(interpolation):
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
-@pytest.mark.parametrize(("in_chans", "n_filters", "n_res_blocks"), [(1, 16, 1), (3, 16, 1), (3, 8, 0), (1, 32, 2), (3, 24, 3)])
+@pytest.mark.parametrize(
+    ("in_chans", "n_filters", "n_res_blocks"), [(1, 16, 1), (3, 16, 1), (3, 8, 0), (1, 32, 2), (3, 24, 3)]
+)
 def test_param_count_formula_matches_module(in_chans, n_filters, n_res_blocks, attention):
     resizer = LearnableResizer(in_chans, 32, n_filters, n_res_blocks, attention=attention)
     actual = sum(p.numel() for p in resizer.parameters())
@@ -53,9 +56,7 @@ def test_param_count_reference_config():
     # n=16, r=1, RGB: "about 11.9K" in the paper's framing (conv weights alone are 11,872).
     assert resizer_param_count(3, 16, 1) == 12_035
     assert resizer_param_count(3, 16, 1, "cbam") == 12_184
-    conv_weights = sum(
-        m.weight.numel() for m in LearnableResizer(3, 32, 16, 1).modules() if isinstance(m, nn.Conv2d)
-    )
+    conv_weights = sum(m.weight.numel() for m in LearnableResizer(3, 32, 16, 1).modules() if isinstance(m, nn.Conv2d))
     assert conv_weights == 11_872
 
 

@@ -1,4 +1,5 @@
 """Resizer comparison figure: renders to PNG, shows what it should, leaves the resizer's modes alone."""
+
 from __future__ import annotations
 
 import matplotlib

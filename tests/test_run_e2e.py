@@ -1,4 +1,5 @@
 """End-to-end tiny runs: null tracker, a temporary sqlite MLflow store, and resume."""
+
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,20 @@ from conftest import fit_killed_after_epoch, fresh_sqlite_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=20",
-        "train.progress=false", "train.log_every=1", "schedule.warmup_epochs=0.5", "optim.lr=0.8"]
+TINY = [
+    "data.synth.n=48",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.n_bootstrap=20",
+    "train.progress=false",
+    "train.log_every=1",
+    "schedule.warmup_epochs=0.5",
+    "optim.lr=0.8",
+]
 
 
 def _tiny(tmp_path, *extra):
@@ -46,16 +58,32 @@ def test_tiny_run_logs_to_mlflow(tmp_path):
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["optim.name"] == "nesterov" and params["tricks.bn_gamma.strategy"] == "zero_late"
     assert params["model.name"] == "resnet18" and "bn_gamma" in params
-    for key in ("val/loss", "val/accuracy", "val/balanced_accuracy", "val/auroc", "val/ece",
-                "val/sensitivity/covid", "val/specificity/normal", "train/img_per_s", "lr", "train/loss",
-                "best/val/auroc", "best/val/auroc_ci_low", "best/val/auroc_ci_high"):
+    for key in (
+        "val/loss",
+        "val/accuracy",
+        "val/balanced_accuracy",
+        "val/auroc",
+        "val/ece",
+        "val/sensitivity/covid",
+        "val/specificity/normal",
+        "train/img_per_s",
+        "lr",
+        "train/loss",
+        "best/val/auroc",
+        "best/val/auroc_ci_low",
+        "best/val/auroc_ci_high",
+    ):
         assert key in metrics, key
     assert "bn_gamma=zero_late" in tags["tricks"] and tags["medtricks.version"] == "0.1.0"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"recipe.yaml", "plots", "data", "model", "tricks", "predictions"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
-    assert {"plots/lr_schedule.png", "plots/val_confusion_matrix.png", "plots/val_roc.png",
-            "plots/val_reliability.png"} <= plots
+    assert {
+        "plots/lr_schedule.png",
+        "plots/val_confusion_matrix.png",
+        "plots/val_roc.png",
+        "plots/val_reliability.png",
+    } <= plots
     manifest = Path(client.download_artifacts(result.run_id, "data/split_manifest.csv", str(tmp_path)))
     text = manifest.read_text()
     assert "patient" in text and "PHANTOM" not in text
@@ -65,11 +93,13 @@ def test_tiny_run_logs_to_mlflow(tmp_path):
 def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
     import medtricks.run
 
-    full = run_recipe(_tiny(tmp_path, "train.epochs=3", f"tricks.class_balance={balance}"), tracker=NullStore(),
-                      quiet=True)
+    full = run_recipe(
+        _tiny(tmp_path, "train.epochs=3", f"tricks.class_balance={balance}"), tracker=NullStore(), quiet=True
+    )
 
-    recipe = _tiny(tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}",
-                   f"tricks.class_balance={balance}")
+    recipe = _tiny(
+        tmp_path, "train.epochs=3", f"experiment.output_dir={tmp_path / 'runs2'}", f"tricks.class_balance={balance}"
+    )
     real_fit = medtricks.run.fit
 
     monkeypatch.setattr(medtricks.run, "fit", fit_killed_after_epoch(real_fit, 2))
@@ -87,9 +117,19 @@ def test_resume_auto_continues_unfinished_run(tmp_path, monkeypatch, balance):
 
 def test_tiny_run_with_cbam_resizer_logs_its_figure(tmp_path):
     tracker = NullStore()
-    result = run_recipe(_tiny(tmp_path, "model.resizer.enabled=true", "model.resizer.input_size=48",
-                              "model.resizer.output_size=32", "model.resizer.attention=cbam",
-                              "model.resizer.lr_mult=0.5", "train.epochs=1"), tracker=tracker, quiet=True)
+    result = run_recipe(
+        _tiny(
+            tmp_path,
+            "model.resizer.enabled=true",
+            "model.resizer.input_size=48",
+            "model.resizer.output_size=32",
+            "model.resizer.attention=cbam",
+            "model.resizer.lr_mult=0.5",
+            "train.epochs=1",
+        ),
+        tracker=tracker,
+        quiet=True,
+    )
     assert "plots/resizer.png" in tracker.artifacts
     assert not any(row["name"].startswith("resizer") for row in result.gamma_report.rows)
     assert tracker.params["resolved.image_size"] == 48

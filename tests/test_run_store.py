@@ -1,6 +1,7 @@
 """The run store's read side: the local store (tracking.backend: none) round-trips and survives a kill;
 ablation resume, compare, load_trained, evaluate and audit work on it; the MLflow store reads without
 creating a database."""
+
 import os
 import signal
 import subprocess
@@ -17,15 +18,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import medtricks.run  # noqa: E402
 from medtricks.rundir import RunDir  # noqa: E402
-from medtricks.tracking import (LocalStore, NullStore, RunNotFoundError, create_store, find_run)
+from medtricks.tracking import LocalStore, NullStore, RunNotFoundError, create_store, find_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ local store
 def _log_run(store, run_dir, *, variant, value, status="FINISHED", parent=None):
-    run_id = store.start(experiment="exp", run_name=f"{variant} run", tags={"variant": variant, "run_dir": str(run_dir)},
-                         parent_run_id=parent)
+    run_id = store.start(
+        experiment="exp",
+        run_name=f"{variant} run",
+        tags={"variant": variant, "run_dir": str(run_dir)},
+        parent_run_id=parent,
+    )
     store.log_params({"optim.lr": 0.1, "nothing": None})
     store.log_metrics({"val/auroc": value - 0.1, "skipped": float("nan")}, step=1)
     store.log_metrics({"val/auroc": value, "best/val/auroc": value}, step=2)
@@ -87,8 +92,14 @@ def test_local_store_searches_by_experiment_tags_and_status(tmp_path):
     parent = _log_run(LocalStore(root), root / "ablation", variant="parent", value=0.5)
     ids = {}
     for i, (variant, status) in enumerate([("baseline", "FINISHED"), ("+warmup", "FINISHED"), ("+warmup", "FAILED")]):
-        ids[i] = _log_run(create_store("none"), root / "deep" / f"child{i}", variant=variant, value=0.8 + i / 100,
-                          status=status, parent=parent)  # no root: the run_dir tag says where
+        ids[i] = _log_run(
+            create_store("none"),
+            root / "deep" / f"child{i}",
+            variant=variant,
+            value=0.8 + i / 100,
+            status=status,
+            parent=parent,
+        )  # no root: the run_dir tag says where
     other = LocalStore(root)
     other.start(experiment="other", run_name="x", tags={})
     other.end()
@@ -141,7 +152,10 @@ def test_local_store_read_after_a_kill_mid_line_and_resume(tmp_path):
     assert record.status == "RUNNING" and record.metrics == {"train/loss": 1.0}
     # resuming the run starts a new line: the cut line stays skipped, nothing else is lost
     again = LocalStore()
-    assert again.start(experiment="exp", run_name="killed", tags={"run_dir": str(run.path)}, resume_run_id=run_id) == run_id
+    assert (
+        again.start(experiment="exp", run_name="killed", tags={"run_dir": str(run.path)}, resume_run_id=run_id)
+        == run_id
+    )
     again.log_metrics({"train/loss": 0.25}, step=2)
     again.end()
     with pytest.warns(RuntimeWarning, match="line 2 is not a metric record"):
@@ -168,8 +182,12 @@ while True:
 
 
 def test_local_store_is_readable_after_kill_9(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "run")], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.2)
@@ -218,11 +236,25 @@ def local_ablation(tmp_path_factory):
     from medtricks.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("local-ablation")
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        "data.synth.n=48", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "model.weights=none",
-        "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false", "eval.plots=false",
-        "tracking.backend=none", "experiment.name=abl", f"experiment.output_dir={tmp / 'runs'}",
-        f"data.root={tmp / 'phantoms'}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            "data.synth.n=48",
+            "data.synth.size=32",
+            "data.image_size=32",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "eval.plots=false",
+            "tracking.backend=none",
+            "experiment.name=abl",
+            f"experiment.output_dir={tmp / 'runs'}",
+            f"data.root={tmp / 'phantoms'}",
+        ],
+    )
     real_log = LocalStore.log_metrics
     real_run = medtricks.run.run_recipe
     calls = []
@@ -266,8 +298,9 @@ def test_local_store_ablation_resumes_after_an_interruption(local_ablation):
     assert RunDir(warm.run_dir).read_state()["run_id"] == warm.run_id  # the interrupted run continued, same id
     child_runs = list(RunDir.experiment_dir(RunDir(warm.run_dir).output_dir, "abl").iterdir())
     assert child_runs == [Path(warm.run_dir)]  # in its own folder: no second run was started
-    epochs = [v for _, v in store.metric_history(warm.run_id, "epoch")] or \
-        [s for s, _ in store.metric_history(warm.run_id, "val/loss")]
+    epochs = [v for _, v in store.metric_history(warm.run_id, "epoch")] or [
+        s for s, _ in store.metric_history(warm.run_id, "val/loss")
+    ]
     assert len(epochs) >= 2
     assert RunDir(result.output_dir).store_meta.is_file() and not (tmp / "mlflow.db").exists()
     assert "baseline" in result.markdown()
@@ -302,8 +335,15 @@ def test_load_trained_evaluate_and_audit_on_local_store_runs(local_ablation, mon
     with pytest.raises(FileNotFoundError, match="neither a run folder.*local run store"):
         load_trained("f" * 32, runs_dir=runs)
 
-    report = evaluate_trained(child["run_id"], card="synthetic-phantoms", root=str(tmp / "phantoms"), split="val",
-                              n_bootstrap=10, progress=False, runs_dir=runs)
+    report = evaluate_trained(
+        child["run_id"],
+        card="synthetic-phantoms",
+        root=str(tmp / "phantoms"),
+        split="val",
+        n_bootstrap=10,
+        progress=False,
+        runs_dir=runs,
+    )
     store = LocalStore(runs)
     evaluation = store.get_run(report.run_id)
     assert evaluation.parent_run_id == child["run_id"] and evaluation.tags["medtricks.kind"] == "evaluation"
@@ -313,8 +353,16 @@ def test_load_trained_evaluate_and_audit_on_local_store_runs(local_ablation, mon
     with np.load(saved) as data:
         assert np.array_equal(data["y_true"], report.y_true)
 
-    audit = audit_trained(child["run_id"], attacks="fgsm", eps="0,2/255", corruptions="none", n=8,
-                          progress=False, device="cpu", runs_dir=runs)
+    audit = audit_trained(
+        child["run_id"],
+        attacks="fgsm",
+        eps="0,2/255",
+        corruptions="none",
+        n=8,
+        progress=False,
+        device="cpu",
+        runs_dir=runs,
+    )
     assert audit.run_id == child["run_id"]  # logged onto the audited run itself
     audited = store.get_run(child["run_id"])
     assert audited.status == "FINISHED" and any(k.startswith("audit/") for k in audited.metrics)

@@ -1,4 +1,5 @@
 """Grad-CAM overlays in `medtricks predict --cam DIR` (issue 21, item 1) and the target-layer choice."""
+
 import shutil
 from pathlib import Path
 
@@ -24,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # resnet18 reduces 32x: a 2x2 last feature map, enough for maps that differ between images
 
 
-@pytest.mark.parametrize("arch, expected", [("resnet18", "layer4"), ("efficientnet_b0", "bn2"),
-                                            ("convnext_atto", "norm_pre")])
+@pytest.mark.parametrize(
+    "arch, expected", [("resnet18", "layer4"), ("efficientnet_b0", "bn2"), ("convnext_atto", "norm_pre")]
+)
 def test_target_layer_is_the_last_feature_map_before_pooling(arch, expected):
     model = timm.create_model(arch, pretrained=False, num_classes=2, in_chans=1)
     name, layer = cam_target_layer(model, (1, 64, 64))
@@ -71,16 +73,33 @@ def cam_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cam")
     synthesize_phantoms(tmp / "data", n=48, classes=("normal", "pneumonia"), size=SIZE + 8, seed=0)
     card = binary_phantom_card(tmp)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        f"data.card={card}", "data.synth=null", f"data.root={tmp / 'data'}", f"data.image_size={SIZE}",
-        "data.val_fraction=0.25", "model.name=resnet18", "model.weights=none", "train.epochs=1",
-        "train.batch_size=16", "eval.n_bootstrap=10", "train.progress=false", "schedule.warmup_epochs=0",
-        f"experiment.output_dir={tmp / 'runs'}", "tracking.backend=none"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            f"data.card={card}",
+            "data.synth=null",
+            f"data.root={tmp / 'data'}",
+            f"data.image_size={SIZE}",
+            "data.val_fraction=0.25",
+            "model.name=resnet18",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.n_bootstrap=10",
+            "train.progress=false",
+            "schedule.warmup_epochs=0",
+            f"experiment.output_dir={tmp / 'runs'}",
+            "tracking.backend=none",
+        ],
+    )
     result = run_recipe(recipe, quiet=True)
     new = tmp / "new"
     table = pd.read_csv(tmp / "data" / "phantoms.csv")
-    pngs = [tmp / "data" / path for label in ("normal", "pneumonia")
-            for path in table.loc[table["label"] == label, "path"].iloc[-2:]]
+    pngs = [
+        tmp / "data" / path
+        for label in ("normal", "pneumonia")
+        for path in table.loc[table["label"] == label, "path"].iloc[-2:]
+    ]
     for i, src in enumerate(pngs):
         dest = new / ("a" if i < 2 else "b") / f"img{i}.png"
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """LR schedules (warmup, cosine, step) and optimizer parameter groups (no-bias-decay)."""
+
 import math
 
 import pytest
@@ -54,8 +55,9 @@ def _net():
 
 
 def test_no_bias_decay_groups():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
     groups = build_param_groups(model, weight_decay=1e-4, no_bias_decay=True)
     decayed = [n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]]
     exempt = [n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]]

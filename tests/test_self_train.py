@@ -2,6 +2,7 @@
 plot, three real rounds with their teachers and noise, a kill in round 1 then a rerun that skips round 0
 and resumes round 1, and the `self-train` command with tracking off and with an sqlite MLflow store.
 Issue 33: the teacher's input (clean) is in the self-training id and in the runs' params."""
+
 import json
 import math
 from dataclasses import asdict
@@ -18,8 +19,16 @@ from medtricks.cli import main
 from medtricks.errors import ConfigError
 from medtricks.recipe import recipe_digest
 from medtricks.rundir import RunDir
-from medtricks.self_train import (NoiseConfig, plan_rounds, plot_rounds, round_overrides, round_recipe,
-                                  run_self_train, self_train_id, supports_drop_path)
+from medtricks.self_train import (
+    NoiseConfig,
+    plan_rounds,
+    plot_rounds,
+    round_overrides,
+    round_recipe,
+    run_self_train,
+    self_train_id,
+    supports_drop_path,
+)
 from medtricks.tracking import create_store
 
 from conftest import fresh_sqlite_uri
@@ -28,8 +37,15 @@ from test_hardening_run import TINY, _killed, _tiny
 ROOT = Path(__file__).resolve().parents[1]
 # 1 epoch, 30 % of the training images labelled, a low threshold so some pseudo-labels are kept; 48 px so
 # ResNet's last stage is 2x2 (a last batch of one image still has more than one value per BatchNorm channel)
-FEW = ["data.label_fraction=0.3", "data.synth.size=48", "data.image_size=48", "train.epochs=1",
-       "tricks.pseudo_label.threshold=0.4", "tricks.pseudo_label.batch_size=8", "train.batch_size=8"]
+FEW = [
+    "data.label_fraction=0.3",
+    "data.synth.size=48",
+    "data.image_size=48",
+    "train.epochs=1",
+    "tricks.pseudo_label.threshold=0.4",
+    "tricks.pseudo_label.batch_size=8",
+    "train.batch_size=8",
+]
 
 
 def _recipe_of(run_dir) -> dict:
@@ -42,14 +58,26 @@ def test_the_plan_gives_the_teacher_no_pseudo_labels_and_every_student_the_noise
     plans = plan_rounds(recipe, 2, NoiseConfig(), drop_path=True)
     assert [p.index for p in plans] == [0, 1, 2] and [p.teacher_round for p in plans] == [None, 0, 1]
     assert plans[0].overrides == ["tricks.pseudo_label.enabled=false", "tricks.pseudo_label.teacher=null"]
-    assert plans[1].overrides == plans[2].overrides == [
-        "tricks.pseudo_label.enabled=true", "model.drop_rate=0.5", "model.kwargs.drop_path_rate=0.2",
-        "data.augment=cxr_shift"]
+    assert (
+        plans[1].overrides
+        == plans[2].overrides
+        == [
+            "tricks.pseudo_label.enabled=true",
+            "model.drop_rate=0.5",
+            "model.kwargs.drop_path_rate=0.2",
+            "data.augment=cxr_shift",
+        ]
+    )
     # no stochastic depth where the model takes none; a bigger student; noise switched off key by key
     assert round_overrides(1, NoiseConfig(), drop_path=False) == [
-        "tricks.pseudo_label.enabled=true", "model.drop_rate=0.5", "data.augment=cxr_shift"]
+        "tricks.pseudo_label.enabled=true",
+        "model.drop_rate=0.5",
+        "data.augment=cxr_shift",
+    ]
     assert round_overrides(1, NoiseConfig(drop_rate=0, drop_path_rate=0, augment=None, student="resnet34")) == [
-        "tricks.pseudo_label.enabled=true", "model.name=resnet34"]
+        "tricks.pseudo_label.enabled=true",
+        "model.name=resnet34",
+    ]
     # the recipe of a round: its overrides, the teacher's folder (a string, even with ':' in it), its own folder
     child = round_recipe(recipe, plans[2], teacher=str(tmp_path / "r1: run"), out_dir=tmp_path / "st")
     assert child.tricks.pseudo_label.enabled and child.tricks.pseudo_label.teacher == str(tmp_path / "r1: run")
@@ -67,8 +95,9 @@ def test_the_plan_gives_the_teacher_no_pseudo_labels_and_every_student_the_noise
     # issue 33: the teacher's input is part of the id, so a folder whose students were labelled from the
     # augmented view (the id without it) is never continued by a clean-teacher self-training
     assert st.TEACHER_INPUT == "clean"
-    assert self_train_id(recipe, NoiseConfig()) != recipe_digest(recipe, ignore=st._NOT_IDENTITY,
-                                                                 noise=asdict(NoiseConfig()))
+    assert self_train_id(recipe, NoiseConfig()) != recipe_digest(
+        recipe, ignore=st._NOT_IDENTITY, noise=asdict(NoiseConfig())
+    )
 
 
 def test_without_an_unlabelled_pool_the_error_names_the_keys(tmp_path):
@@ -90,12 +119,38 @@ def test_noise_settings_are_checked():
 
 def test_the_table_and_the_plot_of_the_rounds():
     nan = math.nan
-    rows = [{"round": 0, "model": "resnet18", "teacher_round": None, "val_auroc": 0.8, "val_auroc_ci_low": 0.7,
-             "val_auroc_ci_high": 0.9, "val_accuracy": 0.7, "val_accuracy_ci_low": 0.6, "val_accuracy_ci_high": 0.8,
-             "pseudo_kept": nan, "run_id": "a", "run_dir": "/r0", "ran": True},
-            {"round": 1, "model": "resnet18", "teacher_round": 0, "val_auroc": 0.85, "val_auroc_ci_low": nan,
-             "val_auroc_ci_high": nan, "val_accuracy": 0.75, "val_accuracy_ci_low": nan,
-             "val_accuracy_ci_high": nan, "pseudo_kept": 0.4, "run_id": "b", "run_dir": "/r1", "ran": True}]
+    rows = [
+        {
+            "round": 0,
+            "model": "resnet18",
+            "teacher_round": None,
+            "val_auroc": 0.8,
+            "val_auroc_ci_low": 0.7,
+            "val_auroc_ci_high": 0.9,
+            "val_accuracy": 0.7,
+            "val_accuracy_ci_low": 0.6,
+            "val_accuracy_ci_high": 0.8,
+            "pseudo_kept": nan,
+            "run_id": "a",
+            "run_dir": "/r0",
+            "ran": True,
+        },
+        {
+            "round": 1,
+            "model": "resnet18",
+            "teacher_round": 0,
+            "val_auroc": 0.85,
+            "val_auroc_ci_low": nan,
+            "val_auroc_ci_high": nan,
+            "val_accuracy": 0.75,
+            "val_accuracy_ci_low": nan,
+            "val_accuracy_ci_high": nan,
+            "pseudo_kept": 0.4,
+            "run_id": "b",
+            "run_dir": "/r1",
+            "ran": True,
+        },
+    ]
     table = pd.DataFrame(rows, columns=st._COLUMNS)
     result = st.SelfTrainResult(table=table, self_train_id="abc", rounds=1)
     md = result.markdown()
@@ -189,8 +244,13 @@ def test_a_kill_in_round_1_then_a_rerun_skips_round_0_and_resumes_round_1(tmp_pa
 
 def _cli_args(tmp_path, *extra):
     sets = [*TINY, f"data.root={tmp_path / 'phantoms'}", f"experiment.output_dir={tmp_path / 'runs'}", *FEW, *extra]
-    return ["self-train", str(ROOT / "recipes" / "quickstart.yaml"), "--rounds", "1",
-            *[a for s in sets for a in ("--set", s)]]
+    return [
+        "self-train",
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        "--rounds",
+        "1",
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Seeds until the answer is clear (issue 28): the group-sequential repeated-CI rule on synthetic paired
 differences (no training), and its wiring into run_ablation with a stand-in trainer."""
+
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,8 +11,7 @@ import pytest
 import medtricks.run
 from medtricks.ablation import run_ablation
 from medtricks.ablation.runner import ablation_settings
-from medtricks.ablation.sequential import (critical_values, look_schedule, repeated_ci, run_sequence,
-                                           sequential_look)
+from medtricks.ablation.sequential import critical_values, look_schedule, repeated_ci, run_sequence, sequential_look
 from medtricks.errors import ConfigError
 from medtricks.recipe import load_recipe
 from medtricks.tracking import create_store
@@ -90,6 +90,7 @@ def test_coverage_under_optional_stopping(kind, effect):
     if kind == "pocock" and effect == 0.0:
         # The same rule with fixed-n t-intervals (what a naive loop would report) under-covers.
         from scipy import stats
+
         rng = np.random.default_rng(99)
         for _ in range(n_sim):
             d = rng.normal(0.0, sd, LOOKS[-1])
@@ -103,9 +104,19 @@ def test_coverage_under_optional_stopping(kind, effect):
 
 
 # ------------------------------------------------------------------------------------------ run_ablation
-TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18",
-        "model.weights=none", "train.epochs=2", "train.batch_size=16", "eval.n_bootstrap=0",
-        "train.progress=false", "eval.plots=false", "tracking.log_model=false"]
+TINY = [
+    "data.synth.n=60",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "eval.n_bootstrap=0",
+    "train.progress=false",
+    "eval.plots=false",
+    "tracking.log_model=false",
+]
 
 
 class PairedTrainer:
@@ -122,9 +133,12 @@ class PairedTrainer:
         tracker = create_store(recipe.tracking.backend, recipe.tracking.uri)
         run_dir = Path(recipe.experiment.output_dir) / recipe.experiment.name / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
-                               run_name=recipe.tracking.run_name, parent_run_id=parent_run_id,
-                               tags={"run_dir": str(run_dir), **extra_tags})
+        run_id = tracker.start(
+            experiment=recipe.tracking.experiment or recipe.experiment.name,
+            run_name=recipe.tracking.run_name,
+            parent_run_id=parent_run_id,
+            tags={"run_dir": str(run_dir), **extra_tags},
+        )
         shared = np.random.default_rng(seed).normal(0.8, 0.05)
         own = np.random.default_rng([seed, len(extra_tags["variant"])]).normal(0, 0.002)
         value = shared + own + (self.effect if recipe.schedule.warmup_epochs else 0.0)
@@ -135,8 +149,10 @@ class PairedTrainer:
 
 @pytest.fixture
 def base(tmp_path):
-    return load_recipe(RECIPES / "paper_baseline.yaml",
-                       overrides=[*TINY, f"experiment.output_dir={tmp_path / 'runs'}", "experiment.name=seq"])
+    return load_recipe(
+        RECIPES / "paper_baseline.yaml",
+        overrides=[*TINY, f"experiment.output_dir={tmp_path / 'runs'}", "experiment.name=seq"],
+    )
 
 
 def test_until_ci_adds_rounds_and_resumes(mlflow_uri, base, monkeypatch):

@@ -1,4 +1,5 @@
 """RunStore backends: MLflow against a temporary sqlite store, the null tracker, early failure."""
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -53,11 +54,18 @@ def test_mlflow_telemetry_is_off_unless_opted_in():
     import sys
 
     # mlflow's own switch (its CI/pytest detection would hide the opt-in from is_telemetry_disabled())
-    code = ("import medtricks.tracking.mlflow_store; from mlflow.environment_variables import "
-            "MLFLOW_DISABLE_TELEMETRY; print(MLFLOW_DISABLE_TELEMETRY.get())")
+    code = (
+        "import medtricks.tracking.mlflow_store; from mlflow.environment_variables import "
+        "MLFLOW_DISABLE_TELEMETRY; print(MLFLOW_DISABLE_TELEMETRY.get())"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert off.stdout.strip().endswith("True"), off.stderr
-    opted_in = subprocess.run([sys.executable, "-c", code], env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"},
-                              capture_output=True, text=True, timeout=120)
+    opted_in = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert opted_in.stdout.strip().endswith("False"), opted_in.stderr

@@ -1,5 +1,6 @@
 """Tricks are plug-ins: a toy trick in one file, registered in one line, works from a recipe (the CLI
 too) and from ``ablate --tricks``, with no other file changed; the registry assembles the recipe."""
+
 import textwrap
 from pathlib import Path
 
@@ -9,14 +10,20 @@ from medtricks.ablation.variants import make_variants, trick_overrides
 from medtricks.cli import main
 from medtricks.recipe import RecipeError, load_recipe, recipe_from_dict
 from medtricks.run import run_recipe
-from medtricks.tricks.base import (RENAMED_POINTS, Trick, TrickRegistryError, register_trick, registered_tricks,
-                                  unregister_trick)
+from medtricks.tricks.base import (
+    RENAMED_POINTS,
+    Trick,
+    TrickRegistryError,
+    register_trick,
+    registered_tricks,
+    unregister_trick,
+)
 from medtricks.tricks.registry import PluginError, ablation_names, trick_tags, tricks_config_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 # The whole trick: one file, one registration line.
-TOY_TRICK = textwrap.dedent('''
+TOY_TRICK = textwrap.dedent("""
     from pydantic import Field
     from medtricks.tricks.base import AblationName, Trick, register_trick
 
@@ -33,12 +40,26 @@ TOY_TRICK = textwrap.dedent('''
             return lambda logits, targets: self.config.loss_scale * loss_fn(logits, targets)
 
     register_trick(LossScale)
-''')
+""")
 
-TINY = ["data.synth.n=60", "data.synth.size=32", "data.image_size=32", "model.name=resnet18", "model.weights=none",
-        "train.epochs=1", "train.batch_size=16", "train.max_steps_per_epoch=1", "eval.n_bootstrap=0",
-        "train.progress=false", "eval.plots=false", "tracking.log_model=false", "tracking.backend=none",
-        "schedule.warmup_epochs=0", "tricks.bn_gamma.strategy=none", "tricks.label_smoothing=0"]
+TINY = [
+    "data.synth.n=60",
+    "data.synth.size=32",
+    "data.image_size=32",
+    "model.name=resnet18",
+    "model.weights=none",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.max_steps_per_epoch=1",
+    "eval.n_bootstrap=0",
+    "train.progress=false",
+    "eval.plots=false",
+    "tracking.log_model=false",
+    "tracking.backend=none",
+    "schedule.warmup_epochs=0",
+    "tricks.bn_gamma.strategy=none",
+    "tricks.label_smoothing=0",
+]
 
 
 @pytest.fixture
@@ -51,9 +72,16 @@ def toy_plugin(tmp_path, monkeypatch):
 
 
 def _recipe(tmp_path, plugin, *extra):
-    return load_recipe(RECIPES / "quickstart.yaml",
-                       overrides=[*TINY, f"experiment.output_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
-                                  f"experiment.plugins=[{plugin}]", *extra])
+    return load_recipe(
+        RECIPES / "quickstart.yaml",
+        overrides=[
+            *TINY,
+            f"experiment.output_dir={tmp_path / 'runs'}",
+            f"data.root={tmp_path / 'data'}",
+            f"experiment.plugins=[{plugin}]",
+            *extra,
+        ],
+    )
 
 
 def test_a_toy_trick_in_one_file_acts_on_the_loss_from_a_recipe(tmp_path, toy_plugin):
@@ -67,8 +95,9 @@ def test_a_toy_trick_in_one_file_acts_on_the_loss_from_a_recipe(tmp_path, toy_pl
 
 def test_the_toy_trick_from_the_command_line(tmp_path, toy_plugin, capsys):
     recipe = tmp_path / "toy.yaml"
-    recipe.write_text(f"base: {RECIPES / 'quickstart.yaml'}\nexperiment:\n  plugins: [{toy_plugin}]\n"
-                      "tricks:\n  loss_scale: 2.5\n")
+    recipe.write_text(
+        f"base: {RECIPES / 'quickstart.yaml'}\nexperiment:\n  plugins: [{toy_plugin}]\ntricks:\n  loss_scale: 2.5\n"
+    )
     assert main(["run", str(recipe), "--dry-run"]) == 0
     assert "loss_scale: 2.5" in capsys.readouterr().out
     recipe.write_text(recipe.read_text().replace("loss_scale: 2.5", "loss_scael: 2.5"))
@@ -80,8 +109,11 @@ def test_the_toy_trick_in_ablate_tricks(tmp_path, toy_plugin, monkeypatch):
     base = _recipe(tmp_path, toy_plugin)
     assert trick_overrides("loss_scale") == ["tricks.loss_scale=2.0"]
     variants = make_variants(base, ["loss_scale", "loss_scale=4"], mode="one_at_a_time")
-    assert variants == [("baseline", []), ("+loss_scale", ["tricks.loss_scale=2.0"]),
-                        ("+loss_scale=4", ["tricks.loss_scale=4"])]
+    assert variants == [
+        ("baseline", []),
+        ("+loss_scale", ["tricks.loss_scale=2.0"]),
+        ("+loss_scale=4", ["tricks.loss_scale=4"]),
+    ]
     # The whole ablation, children in this process, each child's recipe re-validated with the plug-in.
     from medtricks.ablation import run_ablation
 
@@ -91,14 +123,47 @@ def test_the_toy_trick_in_ablate_tricks(tmp_path, toy_plugin, monkeypatch):
 
 def test_the_registry_assembles_the_recipe_section_and_the_ablation_names():
     fields = set(tricks_config_model().model_fields)
-    assert {"bn_gamma", "label_smoothing", "label_smoothing_mode", "no_bias_decay", "mixup_alpha", "cutmix_alpha",
-            "mix_prob", "ema",
-            "ema_decay", "class_balance", "adversarial", "distill", "pseudo_label", "fixmatch", "layerscale_gamma",
-            "drloc", "reinit_late"} == fields
+    assert {
+        "bn_gamma",
+        "label_smoothing",
+        "label_smoothing_mode",
+        "no_bias_decay",
+        "mixup_alpha",
+        "cutmix_alpha",
+        "mix_prob",
+        "ema",
+        "ema_decay",
+        "class_balance",
+        "adversarial",
+        "distill",
+        "pseudo_label",
+        "fixmatch",
+        "layerscale_gamma",
+        "drloc",
+        "reinit_late",
+    } == fields
     names = ablation_names()
-    assert {"warmup", "cosine", "label_smoothing", "no_bias_decay", "bn_gamma", "mixup", "cutmix", "ema",
-            "linear_scaling", "resizer", "class_balance", "augment", "adversarial", "distill",
-            "pseudo_label", "fixmatch", "layerscale_gamma", "drloc", "reinit_late"} == set(names)
+    assert {
+        "warmup",
+        "cosine",
+        "label_smoothing",
+        "no_bias_decay",
+        "bn_gamma",
+        "mixup",
+        "cutmix",
+        "ema",
+        "linear_scaling",
+        "resizer",
+        "class_balance",
+        "augment",
+        "adversarial",
+        "distill",
+        "pseudo_label",
+        "fixmatch",
+        "layerscale_gamma",
+        "drloc",
+        "reinit_late",
+    } == set(names)
     recipe = load_recipe(RECIPES / "quickstart.yaml")
     assert trick_tags(recipe) == recipe.tricks_on()
     assert recipe.tricks_on()[:3] == ["warmup", "cosine", "linear_scaling"]

@@ -1,6 +1,7 @@
 """Cards that survive new vocabulary (issue 35): the ``unknown_labels`` policy (error | drop | a class) on raw
 labels the card does not name, counted in the manifest's notes, warned about, listed by ``data check``; and the
 shipped ieee8023 binary card reading findings the shared data does not contain."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -11,8 +12,12 @@ from medtricks.data.report import data_check
 from tests.test_data_manifest import csv_card, csv_set, _rows
 
 # Findings of the whole ieee8023 collection that the shared two thirds do not hold.
-NEW_VOCABULARY = [("new0.png", "Varicella-zoster", "NEW1"), ("new1.png", "Influenza B", "NEW2"),
-                  ("new2.png", "Influenza B", "NEW3"), ("new3.png", "Nocardia", "NEW4")]
+NEW_VOCABULARY = [
+    ("new0.png", "Varicella-zoster", "NEW1"),
+    ("new1.png", "Influenza B", "NEW2"),
+    ("new2.png", "Influenza B", "NEW3"),
+    ("new3.png", "Nocardia", "NEW4"),
+]
 
 
 def test_error_policy_names_every_unseen_label_and_a_file(tmp_path):
@@ -72,12 +77,24 @@ def test_data_check_lists_unseen_labels_with_counts(tmp_path):
     assert not stopped.ok and any("raw label(s) the card does not name" in p for p in stopped.problems)
 
 
-@pytest.mark.parametrize("finding, expected", [
-    ("COVID-19", "covid"), ("COVID-19, ARDS", "covid"), ("Pneumonia/Viral/COVID-19", "covid"), ("covid-19", "covid"),
-    ("Pneumonia/Bacterial/Streptococcus", "other"), ("Bacterial", "other"), ("Pneumonia/Fungal/Aspergillosis", "other"),
-    ("Varicella", "other"), ("Influenza", "other"), ("No Finding", "other"), ("todo", "drop"),
-    ("Unknown", "drop"), ("Chickenpox", None),  # not named: left to unknown_labels
-])
+@pytest.mark.parametrize(
+    "finding, expected",
+    [
+        ("COVID-19", "covid"),
+        ("COVID-19, ARDS", "covid"),
+        ("Pneumonia/Viral/COVID-19", "covid"),
+        ("covid-19", "covid"),
+        ("Pneumonia/Bacterial/Streptococcus", "other"),
+        ("Bacterial", "other"),
+        ("Pneumonia/Fungal/Aspergillosis", "other"),
+        ("Varicella", "other"),
+        ("Influenza", "other"),
+        ("No Finding", "other"),
+        ("todo", "drop"),
+        ("Unknown", "drop"),
+        ("Chickenpox", None),  # not named: left to unknown_labels
+    ],
+)
 def test_shipped_binary_card_maps_the_collections_vocabulary(finding, expected):
     card = load_card("ieee8023-covid-binary")
     assert card.map_label(finding) == expected
@@ -96,9 +113,19 @@ def test_shipped_binary_card_reads_a_collection_with_new_findings(tmp_path):
 
 
 def test_card_from_dict_default_is_error():
-    card = card_from_dict({"name": "x", "description": "d", "source": "generated", "license": "l", "citation": "c",
-                           "task": "binary", "classes": ["a", "b"], "layout": {"kind": "folder"},
-                           "patient": {"per_image": True}})
+    card = card_from_dict(
+        {
+            "name": "x",
+            "description": "d",
+            "source": "generated",
+            "license": "l",
+            "citation": "c",
+            "task": "binary",
+            "classes": ["a", "b"],
+            "layout": {"kind": "folder"},
+            "patient": {"per_image": True},
+        }
+    )
     assert card.unknown_labels == "error" and card.map_unseen_label("zzz") is None
 
 
@@ -115,14 +142,27 @@ def test_a_run_reports_and_logs_the_images_its_card_policy_mapped(tmp_path, caps
     from tests.test_chained_weights import ROOT, TINY
 
     card = yaml.safe_load((ROOT / "data_cards" / "synthetic-phantoms.yaml").read_text())
-    card.update(name="pneumonia-phantoms", task="binary", classes=["normal", "pneumonia"],
-                label_map={"bacterial": "pneumonia"}, unknown_labels="pneumonia")
+    card.update(
+        name="pneumonia-phantoms",
+        task="binary",
+        classes=["normal", "pneumonia"],
+        label_map={"bacterial": "pneumonia"},
+        unknown_labels="pneumonia",
+    )
     path = tmp_path / "pneumonia-phantoms.yaml"
     path.write_text(yaml.safe_dump(card))
     synthesize_phantoms(tmp_path / "phantoms", n=48, size=32, seed=0)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=[
-        *TINY, "model.weights=none", f"data.card={path}", f"data.root={tmp_path / 'phantoms'}", "data.synth=null",
-        f"experiment.output_dir={tmp_path / 'runs'}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        overrides=[
+            *TINY,
+            "model.weights=none",
+            f"data.card={path}",
+            f"data.root={tmp_path / 'phantoms'}",
+            "data.synth=null",
+            f"experiment.output_dir={tmp_path / 'runs'}",
+        ],
+    )
     with pytest.warns(UnseenLabelWarning, match="'covid'"):
         result = run_recipe(recipe, quiet=False)
     assert "carry raw labels card 'pneumonia-phantoms'" in capsys.readouterr().out

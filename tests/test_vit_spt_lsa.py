@@ -2,6 +2,7 @@
 ViTs -- exact half-patch diagonal shifts, token count and dimensions, the LayerNorm before the projection, a
 self-attention weight of exactly 0, a learnable temperature that trains, forward == the attention weights
 it exposes, create_model/recipe wiring (model.vit), and clear refusals (a ResNet, pretrained SPT, a typo)."""
+
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 
 def _tiny(*extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                       overrides=["model.weights=none", "tricks.bn_gamma.strategy=none", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml", overrides=["model.weights=none", "tricks.bn_gamma.strategy=none", *extra]
+    )
 
 
 # ---------------------------------------------------------------------------------- SPT
@@ -52,8 +54,18 @@ def test_channels_are_shifted_together_and_stacked_image_first():
     x[0, 1, 4, 4] = 1.0  # the second channel only
     shifted = spt.shifted(x)
     assert shifted.shape == (1, 10, 8, 8)
-    assert [tuple(torch.nonzero(shifted[0, c]).flatten().tolist()) for c in range(10)] == \
-        [(), (4, 4), (), (2, 2), (), (2, 6), (), (6, 2), (), (6, 6)]
+    assert [tuple(torch.nonzero(shifted[0, c]).flatten().tolist()) for c in range(10)] == [
+        (),
+        (4, 4),
+        (),
+        (2, 2),
+        (),
+        (2, 6),
+        (),
+        (6, 2),
+        (),
+        (6, 6),
+    ]
 
 
 def test_tokens_count_dims_and_the_layernorm_comes_before_the_projection():
@@ -100,7 +112,7 @@ def test_self_attention_weight_is_exactly_zero_for_every_token_head_and_image():
 def test_the_temperature_is_a_learnable_scale_initialised_to_one_over_sqrt_head_dim():
     lsa = _lsa()
     assert isinstance(lsa.scale, torch.nn.Parameter) and lsa.scale.ndim == 0
-    assert lsa.scale.item() == pytest.approx(4 ** -0.5)
+    assert lsa.scale.item() == pytest.approx(4**-0.5)
     assert "scale" in dict(lsa.named_parameters())
     lsa(torch.randn(2, 5, 16)).square().sum().backward()
     assert lsa.scale.grad is not None and lsa.scale.grad.abs() > 0
@@ -134,14 +146,17 @@ def test_lsa_takes_timm_attention_weights_and_draws_the_same_initial_weights():
     torch.manual_seed(0)
     plain = timm.create_model("vit_tiny_patch16_224", num_classes=2, in_chans=1, **TINY_VIT)
     torch.manual_seed(0)
-    local = timm.create_model("vit_tiny_patch16_224", num_classes=2, in_chans=1, attn_layer=LocalitySelfAttention,
-                              **TINY_VIT)
+    local = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=2, in_chans=1, attn_layer=LocalitySelfAttention, **TINY_VIT
+    )
     theirs, ours = plain.state_dict(), local.state_dict()
     assert sorted(ours) == sorted([*theirs, "blocks.0.attn.scale", "blocks.1.attn.scale"])
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)  # same seed, same start: a paired comparison
     assert use_locality_attention(plain) == ["blocks.0.attn", "blocks.1.attn"]
-    assert torch.equal(plain.blocks[0].attn.attention_probs(torch.ones(1, 17, 32)),
-                       local.blocks[0].attn.attention_probs(torch.ones(1, 17, 32)))
+    assert torch.equal(
+        plain.blocks[0].attn.attention_probs(torch.ones(1, 17, 32)),
+        local.blocks[0].attn.attention_probs(torch.ones(1, 17, 32)),
+    )
 
 
 # ---------------------------------------------------------------------------------- create_model
@@ -160,8 +175,7 @@ def test_create_model_builds_and_trains_a_tiny_vit_with_spt_and_lsa(name):
 
 
 def test_dynamic_image_size_takes_other_sizes():
-    model = create_model("vit_tiny_patch16_224", num_classes=2, in_chans=1, spt=True, dynamic_img_size=True,
-                         **TINY_VIT)
+    model = create_model("vit_tiny_patch16_224", num_classes=2, in_chans=1, spt=True, dynamic_img_size=True, **TINY_VIT)
     assert model(torch.randn(1, 1, 40, 48)).shape == (1, 2)
 
 
@@ -169,10 +183,11 @@ def test_lsa_on_pretrained_weights_converts_the_loaded_attention(tmp_path):
     torch.manual_seed(0)
     plain = create_model("vit_tiny_patch16_224", num_classes=2, in_chans=1, **TINY_VIT)
     torch.save(plain.state_dict(), tmp_path / "vit.pth")
-    model = create_model("vit_tiny_patch16_224", weights=f"file:{tmp_path / 'vit.pth'}", num_classes=2, in_chans=1,
-                         lsa=True, **TINY_VIT)
+    model = create_model(
+        "vit_tiny_patch16_224", weights=f"file:{tmp_path / 'vit.pth'}", num_classes=2, in_chans=1, lsa=True, **TINY_VIT
+    )
     attn = model.blocks[1].attn
-    assert isinstance(attn, LocalitySelfAttention) and attn.scale.item() == pytest.approx(16 ** -0.5)
+    assert isinstance(attn, LocalitySelfAttention) and attn.scale.item() == pytest.approx(16**-0.5)
     assert torch.equal(attn.qkv.weight, plain.blocks[1].attn.qkv.weight)
 
 
@@ -219,7 +234,15 @@ def test_the_shipped_recipe_builds_spt_lsa_and_logs_the_switches():
 def test_a_parent_run_with_other_locality_layers_is_refused():
     parent = _tiny("model.name=vit_tiny_patch16_224", "model.vit.spt=true")
     child = _tiny("model.name=vit_tiny_patch16_224", "model.weights=run:parent")
-    run = ParentRun(ref="parent", files_dir=Path("."), run_dir=None, run_id=None, recipe=parent, classes=["a", "b"],
-                    state={}, sha256="")
+    run = ParentRun(
+        ref="parent",
+        files_dir=Path("."),
+        run_dir=None,
+        run_id=None,
+        recipe=parent,
+        classes=["a", "b"],
+        state={},
+        sha256="",
+    )
     with pytest.raises(ConfigError, match=r"model\.vit\.spt=True but this recipe has model\.vit\.spt=False"):
         _check_fits(child, run)

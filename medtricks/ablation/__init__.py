@@ -13,6 +13,7 @@ Example::
     result = run_ablation(recipe, ["warmup"], seeds=3, executor="ray", cpus_per_run=1)  # children on Ray
     print(compare_runs(experiment=recipe.experiment.name, group_by="variant"))
 """
+
 from __future__ import annotations
 
 import importlib

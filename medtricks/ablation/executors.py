@@ -16,6 +16,7 @@ machine for the call and stops it afterwards; ``"auto"`` joins the cluster this 
 On a cluster the run folders (``experiment.output_dir``) and data must be on a filesystem every node
 sees under the same path, and tracking must be a server (``tracking.uri: http://host:5000``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -73,16 +74,27 @@ class ExecutorSettings:
         if not isinstance(self.jobs, int) or isinstance(self.jobs, bool) or self.jobs < 1:
             raise ConfigError(f"jobs must be an int >= 1, got {self.jobs!r}")
         if self.name == "ray" and self.jobs != 1:
-            raise ConfigError(f"jobs={self.jobs} is for the local executor; with executor 'ray' the cluster "
-                              "runs as many children at once as its CPUs/GPUs allow: set cpus_per_run "
-                              "(--cpus-per-run) / gpus_per_run instead")
+            raise ConfigError(
+                f"jobs={self.jobs} is for the local executor; with executor 'ray' the cluster "
+                "runs as many children at once as its CPUs/GPUs allow: set cpus_per_run "
+                "(--cpus-per-run) / gpus_per_run instead"
+            )
         if self.name == "local":
-            changed = [k for k, v in (("address", self.address), ("cpus_per_run", self.cpus_per_run != 1.0),
-                                      ("gpus_per_run", self.gpus_per_run != 0.0), ("retries", self.retries != 2))
-                       if v]
+            changed = [
+                k
+                for k, v in (
+                    ("address", self.address),
+                    ("cpus_per_run", self.cpus_per_run != 1.0),
+                    ("gpus_per_run", self.gpus_per_run != 0.0),
+                    ("retries", self.retries != 2),
+                )
+                if v
+            ]
             if changed:
-                raise ConfigError(f"{', '.join(changed)}: Ray-only setting(s), but the executor is 'local'; "
-                                  "add --executor ray or drop them")
+                raise ConfigError(
+                    f"{', '.join(changed)}: Ray-only setting(s), but the executor is 'local'; "
+                    "add --executor ray or drop them"
+                )
         for key in ("cpus_per_run", "gpus_per_run"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -103,17 +115,26 @@ class ExecutorSettings:
             return
         _import_ray()
         if self.address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
-            raise ConfigError(f"address {self.address!r} is a Ray Client address, which needs Ray Client: pip install "
-                              "'ray[client]' (or give the cluster's GCS address host:6379 on a machine of the "
-                              "cluster, or auto)")
+            raise ConfigError(
+                f"address {self.address!r} is a Ray Client address, which needs Ray Client: pip install "
+                "'ray[client]' (or give the cluster's GCS address host:6379 on a machine of the "
+                "cluster, or auto)"
+            )
         target = _host_port(self.address)
         if target is None:  # auto: Ray finds the cluster of this machine itself (and says so when there is none)
             return
         _check_grpc_server(self.address, *target, timeout=timeout)
 
 
-def run_children(children: list, settings: ExecutorSettings, *, parent_id: Optional[str], quiet: bool,
-                 metric: str, say: Callable[..., None]) -> tuple[dict, list]:
+def run_children(
+    children: list,
+    settings: ExecutorSettings,
+    *,
+    parent_id: Optional[str],
+    quiet: bool,
+    metric: str,
+    say: Callable[..., None],
+) -> tuple[dict, list]:
     """Train ``children`` (``(variant, seed, recipe_data, tags)``) with ``settings``.
 
     Returns ``({(variant, seed): child result}, [{"variant", "seed", "error"}, ...])``.
@@ -125,8 +146,15 @@ def run_children(children: list, settings: ExecutorSettings, *, parent_id: Optio
     return _run_processes(children, settings.jobs, parent_id, metric, say)
 
 
-def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[str, str], quiet: bool,
-               metric: str, threads: Optional[int] = None) -> dict[str, Any]:
+def _run_child(
+    recipe_data: dict,
+    *,
+    parent_run_id: Optional[str],
+    tags: dict[str, str],
+    quiet: bool,
+    metric: str,
+    threads: Optional[int] = None,
+) -> dict[str, Any]:
     """Train one child (also the entry point of worker processes and Ray tasks); returns plain data only."""
     if threads:
         torch.set_num_threads(threads)
@@ -137,8 +165,13 @@ def _run_child(recipe_data: dict, *, parent_run_id: Optional[str], tags: dict[st
     values = dict(getattr(metrics, "values", {}) or {})
     ci = dict(getattr(metrics, "ci", {}) or {})
     low, high = ci.get(keys["name"], (math.nan, math.nan))
-    return {"run_id": result.run_id, "run_dir": str(result.run_dir),
-            "value": float(values.get(keys["name"], math.nan)), "ci_low": float(low), "ci_high": float(high)}
+    return {
+        "run_id": result.run_id,
+        "run_dir": str(result.run_dir),
+        "value": float(values.get(keys["name"], math.nan)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+    }
 
 
 def _failure(name, seed, err) -> dict[str, Any]:
@@ -166,8 +199,12 @@ def _run_processes(children, jobs, parent_id, metric, say):
     results, failed = {}, []
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_run_child, data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric,
-                               threads=threads): (name, seed) for name, seed, data, tags in children}
+        futures = {
+            pool.submit(
+                _run_child, data, parent_run_id=parent_id, tags=tags, quiet=True, metric=metric, threads=threads
+            ): (name, seed)
+            for name, seed, data, tags in children
+        }
         for n, future in enumerate(as_completed(futures), 1):
             name, seed = futures[future]
             try:
@@ -175,8 +212,7 @@ def _run_processes(children, jobs, parent_id, metric, say):
                 say(f"[{n}/{len(futures)}] finished {name} | seed {seed}")
             except Exception as err:  # noqa: BLE001
                 failed.append(_failure(name, seed, err))
-                say(f"[{n}/{len(futures)}] FAILED {name} | seed {seed}: {type(err).__name__}: {err}",
-                    file=sys.stderr)
+                say(f"[{n}/{len(futures)}] FAILED {name} | seed {seed}: {type(err).__name__}: {err}", file=sys.stderr)
     return results, failed
 
 
@@ -185,7 +221,7 @@ def _host_port(address: str) -> Optional[tuple[str, int]]:
     """``(host, port)`` of a Ray address (``ray://host:port`` or ``host:port``); None for ``auto``."""
     if address == "auto":
         return None
-    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
     host, sep, port = rest.rpartition(":")
     bad = "/@ []" if host.startswith("[") and host.endswith("]") else "/:@ []"  # [IPv6]:port
     host = host[1:-1] if bad == "/@ []" else host
@@ -212,11 +248,13 @@ def _check_grpc_server(address: str, host: str, port: int, *, timeout: float) ->
                     break
                 head += chunk
     except socket.timeout:
-        raise ConfigError(f"cannot reach the Ray cluster at address {address!r}: no answer within {timeout:g} s; "
-                          f"{fix}") from None
+        raise ConfigError(
+            f"cannot reach the Ray cluster at address {address!r}: no answer within {timeout:g} s; {fix}"
+        ) from None
     except OSError as err:
-        raise ConfigError(f"cannot reach the Ray cluster at address {address!r}: {host}:{port}: "
-                          f"{err.strerror or err}; {fix}") from None
+        raise ConfigError(
+            f"cannot reach the Ray cluster at address {address!r}: {host}:{port}: {err.strerror or err}; {fix}"
+        ) from None
     if len(head) < 9 or head[3] != 4:  # not an HTTP/2 SETTINGS frame: some other service, or it hung up
         raise ConfigError(f"address {address!r}: {host}:{port} answers, but not as a Ray server (gRPC); {fix}")
 
@@ -225,13 +263,14 @@ def _import_ray():
     try:
         import ray
     except ImportError as err:
-        raise ConfigError("executor 'ray' needs Ray, which is not installed: pip install 'medtricks[ray]' "
-                          "(or pip install ray; 'ray[client]' for a ray:// address)") from err
+        raise ConfigError(
+            "executor 'ray' needs Ray, which is not installed: pip install 'medtricks[ray]' "
+            "(or pip install ray; 'ray[client]' for a ray:// address)"
+        ) from err
     return ray
 
 
-def _ray_child(data: dict, parent_id: Optional[str], tags: dict, metric: str, threads: int,
-               cwd: str) -> dict[str, Any]:
+def _ray_child(data: dict, parent_id: Optional[str], tags: dict, metric: str, threads: int, cwd: str) -> dict[str, Any]:
     """One child inside a Ray worker: the driver's working directory (relative data roots, a
     ``sqlite:///mlflow.db`` URI) where this node has it, then the same child function as locally."""
     if os.path.isdir(cwd):
@@ -253,29 +292,41 @@ def _run_ray(children, settings: ExecutorSettings, parent_id, metric, say):
         try:
             ray.init(log_to_driver=False, configure_logging=False, **options)
         except ConnectionError as err:
-            raise ConfigError(f"cannot reach the Ray cluster at address {settings.address!r}: {err}; start one "
-                              "with `ray start --head` or leave --address out for a local Ray") from err
+            raise ConfigError(
+                f"cannot reach the Ray cluster at address {settings.address!r}: {err}; start one "
+                "with `ray start --head` or leave --address out for a local Ray"
+            ) from err
         started_here = True
     try:
         resources = ray.cluster_resources()
         if settings.cpus_per_run > resources.get("CPU", 0) or settings.gpus_per_run > resources.get("GPU", 0):
-            short = (f"each child asks for {settings.cpus_per_run:g} CPU and {settings.gpus_per_run:g} GPU but the "
-                     f"Ray cluster has {resources.get('CPU', 0):g} CPU and {resources.get('GPU', 0):g} GPU in all")
+            short = (
+                f"each child asks for {settings.cpus_per_run:g} CPU and {settings.gpus_per_run:g} GPU but the "
+                f"Ray cluster has {resources.get('CPU', 0):g} CPU and {resources.get('GPU', 0):g} GPU in all"
+            )
             if started_here and settings.address is None:  # the local Ray of this call cannot grow
                 raise ConfigError(f"{short}: no child could ever start")
             # A cluster of its own may autoscale: wait for it, but say why nothing starts yet.
             say(f"warning: {short} now; the children wait until the cluster scales up", file=sys.stderr)
         env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
-        task = ray.remote(_ray_child).options(num_cpus=settings.cpus_per_run, num_gpus=settings.gpus_per_run,
-                                              max_retries=settings.retries, retry_exceptions=False,
-                                              runtime_env={"env_vars": env} if env else None)
+        task = ray.remote(_ray_child).options(
+            num_cpus=settings.cpus_per_run,
+            num_gpus=settings.gpus_per_run,
+            max_retries=settings.retries,
+            retry_exceptions=False,
+            runtime_env={"env_vars": env} if env else None,
+        )
         threads = max(1, int(settings.cpus_per_run))
         cwd = os.getcwd()
-        refs = {task.remote(data, parent_id, tags, metric, threads, cwd): (name, seed)
-                for name, seed, data, tags in children}
+        refs = {
+            task.remote(data, parent_id, tags, metric, threads, cwd): (name, seed)
+            for name, seed, data, tags in children
+        }
         at_once = int(resources.get("CPU", 0) // settings.cpus_per_run) if settings.cpus_per_run else len(refs)
-        say(f"Ray: {len(refs)} children on {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU "
-            f"(up to {max(1, at_once)} at once; a child whose worker dies is retried {settings.retries} time(s))")
+        say(
+            f"Ray: {len(refs)} children on {resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU "
+            f"(up to {max(1, at_once)} at once; a child whose worker dies is retried {settings.retries} time(s))"
+        )
         results, failed = {}, []
         pending = list(refs)
         n = 0

@@ -42,6 +42,7 @@ Example::
     >>> [round(z, 3) for z in critical_values([5, 10, 15, 20, 25], kind="pocock", df=False)]
     [2.413, 2.413, 2.413, 2.413, 2.413]
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,15 @@ from scipy import optimize, stats
 
 from medtricks.errors import ConfigError
 
-__all__ = ["BOUNDARIES", "look_schedule", "critical_values", "repeated_ci", "SequentialLook", "sequential_look",
-           "run_sequence"]
+__all__ = [
+    "BOUNDARIES",
+    "look_schedule",
+    "critical_values",
+    "repeated_ci",
+    "SequentialLook",
+    "sequential_look",
+    "run_sequence",
+]
 
 BOUNDARIES = ("pocock", "obrien_fleming")
 _GRID = 801  # points per look in the numerical integration (odd: Simpson's rule)
@@ -140,8 +148,9 @@ def _boundary(looks: tuple[int, ...], alpha: float, kind: str, df: bool) -> tupl
     return tuple(float(stats.t.ppf(stats.norm.cdf(zk), df=n - 1)) for zk, n in zip(z, looks))
 
 
-def repeated_ci(diffs: Sequence[float], looks: Sequence[int], *, ci: float = 0.95,
-                kind: str = "pocock") -> tuple[float, float, float]:
+def repeated_ci(
+    diffs: Sequence[float], looks: Sequence[int], *, ci: float = 0.95, kind: str = "pocock"
+) -> tuple[float, float, float]:
     """``(mean, low, high)`` of the paired differences at the look where ``len(diffs)`` seeds are in.
 
     ``len(diffs)`` must be one of ``looks`` (the schedule fixed in advance).
@@ -173,8 +182,9 @@ class SequentialLook:
         return f"look {self.look}/{self.n_looks} at {self.n_seeds} seeds: {self.reason}"
 
 
-def sequential_look(diffs: Mapping[str, Sequence[float]], looks: Sequence[int], *, width: float,
-                    ci: float = 0.95, kind: str = "pocock") -> SequentialLook:
+def sequential_look(
+    diffs: Mapping[str, Sequence[float]], looks: Sequence[int], *, width: float, ci: float = 0.95, kind: str = "pocock"
+) -> SequentialLook:
     """Decide at one look: stop when every variant's repeated CI has half-width ≤ ``width`` or excludes 0,
     or when this is the last look.
 
@@ -196,8 +206,14 @@ def sequential_look(diffs: Mapping[str, Sequence[float]], looks: Sequence[int], 
     for name, values in diffs.items():
         mean, low, high = repeated_ci(values, looks, ci=ci, kind=kind)
         half = (high - low) / 2
-        rows[name] = {"mean": mean, "low": low, "high": high, "half_width": half,
-                      "narrow": bool(half <= width), "excludes_zero": bool(low > 0 or high < 0)}
+        rows[name] = {
+            "mean": mean,
+            "low": low,
+            "high": high,
+            "half_width": half,
+            "narrow": bool(half <= width),
+            "excludes_zero": bool(low > 0 or high < 0),
+        }
     open_ = [name for name, r in rows.items() if not (r["narrow"] or r["excludes_zero"])]
     look = looks.index(n) + 1
     if not open_:
@@ -206,12 +222,14 @@ def sequential_look(diffs: Mapping[str, Sequence[float]], looks: Sequence[int], 
         reason = f"max seeds ({n}) reached; still unclear: {', '.join(open_)}"
     else:
         reason = f"unclear: {', '.join(open_)}; next look at {looks[look]} seeds"
-    return SequentialLook(n_seeds=n, look=look, n_looks=len(looks), stop=not open_ or look == len(looks),
-                          reason=reason, rows=rows)
+    return SequentialLook(
+        n_seeds=n, look=look, n_looks=len(looks), stop=not open_ or look == len(looks), reason=reason, rows=rows
+    )
 
 
-def run_sequence(diffs: Mapping[str, Sequence[float]], looks: Sequence[int], *, width: float, ci: float = 0.95,
-                 kind: str = "pocock") -> SequentialLook:
+def run_sequence(
+    diffs: Mapping[str, Sequence[float]], looks: Sequence[int], *, width: float, ci: float = 0.95, kind: str = "pocock"
+) -> SequentialLook:
     """Replay the rule on fully known differences (N each): the look at which it stops and its intervals.
 
     What :func:`medtricks.ablation.run_ablation` does round by round, for simulations and tests.

@@ -19,6 +19,7 @@ Example::
     >>> table.loc[1, "verdict"]
     'helps'
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,9 @@ import pandas as pd
 
 from medtricks._defaults import DEFAULT_METRIC
 from medtricks.errors import ConfigError
-from medtricks.evaluate.markdown import (fmt_delta_ci, fmt_mean_ci, fmt_num, fmt_p, fmt_signed, is_finite,
-                                         markdown_table)
+from medtricks.evaluate.markdown import fmt_delta_ci, fmt_mean_ci, fmt_num, fmt_p, fmt_signed, is_finite, markdown_table
 from medtricks.evaluate.metrics import SCALAR_METRICS
+
 # image_bootstrap_delta and load_predictions moved to evaluate/paired.py; importable from here as before
 from medtricks.evaluate.paired import image_bootstrap_delta, load_predictions, stored_image_set
 from medtricks.evaluate.stats import mean_ci, paired_comparison
@@ -87,25 +88,42 @@ def metric_keys(metric: str, *, allow_eval: bool = False) -> dict[str, Optional[
         # eval/drop/<m> compares two image sets: no image-level pairing between runs
         image_level = name in SCALAR_METRICS and not (at_op and name == "ece")
         low, high = ci_keys(metric)
-        return {"value": metric, "ci_low": low, "ci_high": high, "split": "eval",
-                "name": "/".join(parts[1:]), "scalar": name if image_level else None,
-                "probs_key": "probs_op" if at_op else "probs"}
+        return {
+            "value": metric,
+            "ci_low": low,
+            "ci_high": high,
+            "split": "eval",
+            "name": "/".join(parts[1:]),
+            "scalar": name if image_level else None,
+            "probs_key": "probs_op" if at_op else "probs",
+        }
     if isinstance(metric, str) and metric.startswith("eval/") and not allow_eval:
-        raise ConfigError(f"metric {metric!r} is logged by evaluation runs (medtricks evaluate / ensemble), which "
-                         "an ablation does not make; use val/<name> or test/<name> here, and medtricks compare "
-                         "--runs EVAL_RUN ... --metric eval/<name> for evaluation runs")
+        raise ConfigError(
+            f"metric {metric!r} is logged by evaluation runs (medtricks evaluate / ensemble), which "
+            "an ablation does not make; use val/<name> or test/<name> here, and medtricks compare "
+            "--runs EVAL_RUN ... --metric eval/<name> for evaluation runs"
+        )
     key = metric if isinstance(metric, str) and metric.startswith("best/") else f"best/{metric}"
     parts = key.split("/")
     if not isinstance(metric, str) or len(parts) < 3 or parts[1] not in ("val", "test") or not parts[2]:
         also = ", or eval/<name> / eval/op/<name> for evaluation runs" if allow_eval else ""
-        raise ConfigError(f"metric must be val/<name> or test/<name> (the best checkpoint's value, e.g. "
-                         f"val/auroc, test/accuracy, val/sensitivity/covid){also}, got {metric!r}")
+        raise ConfigError(
+            f"metric must be val/<name> or test/<name> (the best checkpoint's value, e.g. "
+            f"val/auroc, test/accuracy, val/sensitivity/covid){also}, got {metric!r}"
+        )
 
     name = "/".join(parts[2:])
     key = best_key(parts[1], name)
     low, high = ci_keys(key)
-    return {"value": key, "ci_low": low, "ci_high": high, "split": parts[1],
-            "name": name, "scalar": name if name in SCALAR_METRICS else None, "probs_key": "probs"}
+    return {
+        "value": key,
+        "ci_low": low,
+        "ci_high": high,
+        "split": parts[1],
+        "name": name,
+        "scalar": name if name in SCALAR_METRICS else None,
+        "probs_key": "probs",
+    }
 
 
 def higher_is_better(metric: str) -> bool:
@@ -115,9 +133,17 @@ def higher_is_better(metric: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------- seed stats
-def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str = "variant",
-                     reference: Optional[str] = None, previous: bool = False, ci: float = 0.95,
-                     test: str = "t", higher_better: bool = True) -> pd.DataFrame:
+def summarize_groups(
+    runs: pd.DataFrame,
+    order: Sequence[str],
+    *,
+    group_col: str = "variant",
+    reference: Optional[str] = None,
+    previous: bool = False,
+    ci: float = 0.95,
+    test: str = "t",
+    higher_better: bool = True,
+) -> pd.DataFrame:
     """One row per group: seeds, mean and CI over seeds, and the paired delta against ``reference``.
 
     Args:
@@ -145,30 +171,50 @@ def summarize_groups(runs: pd.DataFrame, order: Sequence[str], *, group_col: str
         raise ConfigError(f"runs of group(s) {unknown} are not in the table order {order}")
     for g, df in runs.groupby(group_col, sort=False):
         if df["seed"].duplicated().any():
-            raise ConfigError(f"group {g!r} has more than one run for seed(s) "
-                             f"{sorted(df.loc[df['seed'].duplicated(), 'seed'].tolist())}; keep one per seed")
+            raise ConfigError(
+                f"group {g!r} has more than one run for seed(s) "
+                f"{sorted(df.loc[df['seed'].duplicated(), 'seed'].tolist())}; keep one per seed"
+            )
 
     def compare(a: str, b: str, prefix: str) -> dict[str, Any]:
         va, vb = by_group.get(a, {}), by_group.get(b, {})
         seeds = sorted(set(va) & set(vb))
-        out = {f"{prefix}": math.nan, f"{prefix}_ci_low": math.nan, f"{prefix}_ci_high": math.nan,
-               f"{prefix}_p_value": math.nan, f"{prefix}_verdict": "", f"{prefix}_n_paired": len(seeds),
-               f"{prefix}_unpaired_ci_low": math.nan, f"{prefix}_unpaired_ci_high": math.nan}
+        out = {
+            f"{prefix}": math.nan,
+            f"{prefix}_ci_low": math.nan,
+            f"{prefix}_ci_high": math.nan,
+            f"{prefix}_p_value": math.nan,
+            f"{prefix}_verdict": "",
+            f"{prefix}_n_paired": len(seeds),
+            f"{prefix}_unpaired_ci_low": math.nan,
+            f"{prefix}_unpaired_ci_high": math.nan,
+        }
         if a == b or not seeds:
             return out
-        res = paired_comparison([va[s] for s in seeds], [vb[s] for s in seeds], ci=ci, test=test,
-                                higher_is_better=higher_better)
-        out.update({f"{prefix}": res["delta_mean"], f"{prefix}_ci_low": res["ci_low"],
-                    f"{prefix}_ci_high": res["ci_high"], f"{prefix}_p_value": res["p_value"],
-                    f"{prefix}_verdict": res["verdict"], f"{prefix}_unpaired_ci_low": res["unpaired_ci_low"],
-                    f"{prefix}_unpaired_ci_high": res["unpaired_ci_high"]})
+        res = paired_comparison(
+            [va[s] for s in seeds], [vb[s] for s in seeds], ci=ci, test=test, higher_is_better=higher_better
+        )
+        out.update(
+            {
+                f"{prefix}": res["delta_mean"],
+                f"{prefix}_ci_low": res["ci_low"],
+                f"{prefix}_ci_high": res["ci_high"],
+                f"{prefix}_p_value": res["p_value"],
+                f"{prefix}_verdict": res["verdict"],
+                f"{prefix}_unpaired_ci_low": res["unpaired_ci_low"],
+                f"{prefix}_unpaired_ci_high": res["unpaired_ci_high"],
+            }
+        )
         return out
 
     rows = []
     for i, group in enumerate(order):
         values = by_group.get(group, {})
-        row: dict[str, Any] = {group_col: group, "n_seeds": len(values),
-                               "seeds": ",".join(str(s) for s in sorted(values))}
+        row: dict[str, Any] = {
+            group_col: group,
+            "n_seeds": len(values),
+            "seeds": ",".join(str(s) for s in sorted(values)),
+        }
         if values:
             row["mean"], row["ci_low"], row["ci_high"] = mean_ci(list(values.values()), ci=ci)
             row["std"] = float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else math.nan
@@ -195,16 +241,23 @@ def pairing_gain(table: pd.DataFrame) -> Optional[float]:
     low = "delta_fixed_ci_low" if "delta_fixed_ci_low" in table.columns else "delta_ci_low"
     high = "delta_fixed_ci_high" if "delta_fixed_ci_high" in table.columns else "delta_ci_high"
     paired = pd.to_numeric(table[high], errors="coerce") - pd.to_numeric(table[low], errors="coerce")
-    unpaired = (pd.to_numeric(table["delta_unpaired_ci_high"], errors="coerce")
-                - pd.to_numeric(table["delta_unpaired_ci_low"], errors="coerce"))
+    unpaired = pd.to_numeric(table["delta_unpaired_ci_high"], errors="coerce") - pd.to_numeric(
+        table["delta_unpaired_ci_low"], errors="coerce"
+    )
     ratio = (unpaired / paired)[(paired > 0) & np.isfinite(unpaired)]
     return float(ratio.median()) if len(ratio) else None
 
 
 # ------------------------------------------------------------------------------------ formatting
-def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str = "variant",
-                             title: Optional[str] = None, notes: Sequence[str] = (),
-                             labels: Optional[dict[str, str]] = None) -> str:
+def format_ablation_markdown(
+    table: pd.DataFrame,
+    *,
+    metric: str,
+    group_col: str = "variant",
+    title: Optional[str] = None,
+    notes: Sequence[str] = (),
+    labels: Optional[dict[str, str]] = None,
+) -> str:
     """The ablation table as Markdown: mean [CI] over seeds, Δ vs reference with CI, p, verdict.
 
     Image-bootstrap columns appear when ``table`` has ``boot_delta`` values; Δ vs the previous row
@@ -219,8 +272,7 @@ def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str
     has_prev = "delta_prev" in table.columns
     has_boot = "boot_delta" in table.columns and table["boot_delta"].map(is_finite).any()
     interval = table.attrs.get("interval")  # "repeated CI, pocock" after seeds-until-clear (sequential.py)
-    header = [group_col, "seeds", f"{metric} mean [{pct} CI]", f"Δ vs {ref} [{pct} {interval or 'CI'}]",
-              f"p ({test})"]
+    header = [group_col, "seeds", f"{metric} mean [{pct} CI]", f"Δ vs {ref} [{pct} {interval or 'CI'}]", f"p ({test})"]
     if has_boot:
         header += [f"Δ image bootstrap [{pct} CI]", "p (bootstrap)"]
     if has_prev:
@@ -229,59 +281,95 @@ def format_ablation_markdown(table: pd.DataFrame, *, metric: str, group_col: str
     rows = []
     for _, r in table.iterrows():
         is_ref = r[group_col] == ref
-        row = [labels.get(r[group_col], r[group_col]), str(int(r["n_seeds"])), fmt_mean_ci(r["mean"], r["ci_low"], r["ci_high"], int(r["n_seeds"])),
-               "(reference)" if is_ref else fmt_delta_ci(r["delta"], r["delta_ci_low"], r["delta_ci_high"]),
-               "" if is_ref else fmt_p(r["delta_p_value"])]
+        row = [
+            labels.get(r[group_col], r[group_col]),
+            str(int(r["n_seeds"])),
+            fmt_mean_ci(r["mean"], r["ci_low"], r["ci_high"], int(r["n_seeds"])),
+            "(reference)" if is_ref else fmt_delta_ci(r["delta"], r["delta_ci_low"], r["delta_ci_high"]),
+            "" if is_ref else fmt_p(r["delta_p_value"]),
+        ]
         if has_boot:
-            row += ["" if is_ref else fmt_delta_ci(r.get("boot_delta"), r.get("boot_ci_low"), r.get("boot_ci_high")),
-                    "" if is_ref else fmt_p(r.get("boot_p_value"))]
+            row += [
+                "" if is_ref else fmt_delta_ci(r.get("boot_delta"), r.get("boot_ci_low"), r.get("boot_ci_high")),
+                "" if is_ref else fmt_p(r.get("boot_p_value")),
+            ]
         if has_prev:
             first = r[group_col] == table[group_col].iloc[0]
-            row += ["" if first else fmt_delta_ci(r["delta_prev"], r["delta_prev_ci_low"], r["delta_prev_ci_high"]),
-                    "" if first else fmt_p(r["delta_prev_p_value"])]
+            row += [
+                "" if first else fmt_delta_ci(r["delta_prev"], r["delta_prev_ci_low"], r["delta_prev_ci_high"]),
+                "" if first else fmt_p(r["delta_prev_p_value"]),
+            ]
         row.append("" if is_ref else (r["verdict"] or "no evidence"))
         rows.append(row)
     out = [f"### {title}", ""] if title else []
     out.append(markdown_table(header, rows))
-    explain = [f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both "
-               f"variants share ({test} test); verdict from that test at α = {1 - ci:.2g}."]
+    explain = [
+        f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both "
+        f"variants share ({test} test); verdict from that test at α = {1 - ci:.2g}."
+    ]
     if interval:
-        explain = [f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both variants "
-                   f"share, with its {pct} group-sequential {interval} (no fixed-n p-value: the number of seeds "
-                   "was chosen by looking); verdict: helps / hurts when that interval excludes 0."]
+        explain = [
+            f"Mean and {pct} Student-t CI over seeds; Δ = paired difference over the seeds both variants "
+            f"share, with its {pct} group-sequential {interval} (no fixed-n p-value: the number of seeds "
+            "was chosen by looking); verdict: helps / hurts when that interval excludes 0."
+        ]
     gain = pairing_gain(table)
     if gain is not None:
-        explain.append(f"Common random numbers: the paired Δ intervals are {gain:.2g}x narrower (median over "
-                       "variants) than Welch intervals of the same runs that ignore the pairing.")
+        explain.append(
+            f"Common random numbers: the paired Δ intervals are {gain:.2g}x narrower (median over "
+            "variants) than Welch intervals of the same runs that ignore the pairing."
+        )
     if has_boot:
-        explain.append("Δ image bootstrap: paired bootstrap over the evaluation images of the seed-averaged "
-                       "difference (same resampled images for both variants).")
+        explain.append(
+            "Δ image bootstrap: paired bootstrap over the evaluation images of the seed-averaged "
+            "difference (same resampled images for both variants)."
+        )
     if has_prev:
-        explain.append("Cumulative: each row adds its trick to everything above it (full variant names in the "
-                       "CSV); Δ vs previous isolates the trick.")
+        explain.append(
+            "Cumulative: each row adds its trick to everything above it (full variant names in the "
+            "CSV); Δ vs previous isolates the trick."
+        )
     out += ["", *explain]
     if notes:
         out += ["", "Notes:", *[f"- {n}" for n in notes]]
     return "\n".join(out) + "\n"
 
 
-def format_runs_markdown(runs: pd.DataFrame, *, metric: str, group_col: Optional[str] = None,
-                         ci_level: Optional[float] = None) -> str:
+def format_runs_markdown(
+    runs: pd.DataFrame, *, metric: str, group_col: Optional[str] = None, ci_level: Optional[float] = None
+) -> str:
     """Per-run table: name, id, seed, value with the bootstrap CI that run logged, status, tricks."""
     pct = f"{100 * ci_level:g}% " if ci_level else ""
-    header = ([group_col] if group_col else []) + ["run", "run id", "seed", metric, f"bootstrap {pct}CI",
-                                                   "status", "tricks"]
+    header = ([group_col] if group_col else []) + [
+        "run",
+        "run id",
+        "seed",
+        metric,
+        f"bootstrap {pct}CI",
+        "status",
+        "tricks",
+    ]
     rows = []
     for _, r in runs.iterrows():
         ci_text = f"[{fmt_num(r['ci_low'])}, {fmt_num(r['ci_high'])}]" if is_finite(r["ci_low"]) else "-"
-        rows.append(([r[group_col]] if group_col else []) +
-                    [r["run_name"], str(r["run_id"])[:12], "-" if pd.isna(r["seed"]) else str(int(r["seed"])),
-                     fmt_num(r["value"]), ci_text, r["status"], r.get("tricks") or "-"])
+        rows.append(
+            ([r[group_col]] if group_col else [])
+            + [
+                r["run_name"],
+                str(r["run_id"])[:12],
+                "-" if pd.isna(r["seed"]) else str(int(r["seed"])),
+                fmt_num(r["value"]),
+                ci_text,
+                r["status"],
+                r.get("tricks") or "-",
+            ]
+        )
     return markdown_table(header, rows)
 
 
-def forest_figure(table: pd.DataFrame, *, metric: str, group_col: str = "variant",
-                  labels: Optional[dict[str, str]] = None):
+def forest_figure(
+    table: pd.DataFrame, *, metric: str, group_col: str = "variant", labels: Optional[dict[str, str]] = None
+):
     """Forest plot of the table (mean and CI over seeds per row), the reference mean as a line."""
     # evaluate.plots imports matplotlib (~0.5 s) at import time: only the ablation's forest plot needs
     # it, so `medtricks compare` (tables only) does not pay for it.
@@ -295,9 +383,14 @@ def forest_figure(table: pd.DataFrame, *, metric: str, group_col: str = "variant
     ref_rows = shown.loc[shown[group_col] == ref, "mean"]
     names = [f"{labels.get(g, g)} (n={int(n)})" for g, n in zip(shown[group_col], shown["n_seeds"])]
     ci = float(table.attrs.get("ci", 0.95))
-    return plot_forest(names, shown["mean"].tolist(), shown["ci_low"].tolist(), shown["ci_high"].tolist(),
-                       reference=float(ref_rows.iloc[0]) if len(ref_rows) else None,
-                       xlabel=f"{metric} (mean, {100 * ci:g}% CI over seeds)")
+    return plot_forest(
+        names,
+        shown["mean"].tolist(),
+        shown["ci_low"].tolist(),
+        shown["ci_high"].tolist(),
+        reference=float(ref_rows.iloc[0]) if len(ref_rows) else None,
+        xlabel=f"{metric} (mean, {100 * ci:g}% CI over seeds)",
+    )
 
 
 # --------------------------------------------------------------------------------------- compare
@@ -317,21 +410,53 @@ def runs_frame(records, metric: str, group_by: Optional[str] = None) -> pd.DataF
         group = None
         if group_by:
             group = r.tags.get(group_by, r.params.get(group_by))
-        rows.append({"run_id": r.run_id, "run_name": r.run_name, "status": r.status,
-                     "start_time": r.start_time, "seed": _seed_of(r), "group": group,
-                     "value": r.metrics.get(keys["value"], math.nan),
-                     "ci_low": r.metrics.get(keys["ci_low"], math.nan),
-                     "ci_high": r.metrics.get(keys["ci_high"], math.nan),
-                     "tricks": r.tags.get("tricks"), "variant_index": r.tags.get("variant_index"),
-                     "ci_level": r.params.get("eval.ci")})
-    return pd.DataFrame(rows, columns=["run_id", "run_name", "status", "start_time", "seed", "group", "value",
-                                       "ci_low", "ci_high", "tricks", "variant_index", "ci_level"])
+        rows.append(
+            {
+                "run_id": r.run_id,
+                "run_name": r.run_name,
+                "status": r.status,
+                "start_time": r.start_time,
+                "seed": _seed_of(r),
+                "group": group,
+                "value": r.metrics.get(keys["value"], math.nan),
+                "ci_low": r.metrics.get(keys["ci_low"], math.nan),
+                "ci_high": r.metrics.get(keys["ci_high"], math.nan),
+                "tricks": r.tags.get("tricks"),
+                "variant_index": r.tags.get("variant_index"),
+                "ci_level": r.params.get("eval.ci"),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "run_id",
+            "run_name",
+            "status",
+            "start_time",
+            "seed",
+            "group",
+            "value",
+            "ci_low",
+            "ci_high",
+            "tricks",
+            "variant_index",
+            "ci_level",
+        ],
+    )
 
 
-def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str]] = None,
-                 metric: str = DEFAULT_METRIC, group_by: Optional[str] = None,
-                 tracking_uri: Optional[str] = None, ci: float = 0.95, test: str = "t",
-                 store: Any = None, runs_dir: Optional[str | Path] = None) -> str:
+def compare_runs(
+    *,
+    experiment: Optional[str] = None,
+    run_ids: Optional[list[str]] = None,
+    metric: str = DEFAULT_METRIC,
+    group_by: Optional[str] = None,
+    tracking_uri: Optional[str] = None,
+    ci: float = 0.95,
+    test: str = "t",
+    store: Any = None,
+    runs_dir: Optional[str | Path] = None,
+) -> str:
     """The side-by-side table ``medtricks compare`` prints, read from a run store.
 
     The store: ``store`` (any :class:`~medtricks.tracking.RunStore`), else the local run store under
@@ -358,8 +483,10 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
     parents = [r for r in records if r.tags.get("medtricks.role") == "ablation_parent"]
     if parents and not run_ids:
         records = [r for r in records if r.tags.get("medtricks.role") != "ablation_parent"]
-        notes.append(f"{len(parents)} ablation parent run(s) not listed (their table is their artifact "
-                     "ablation/ablation_table.md)")
+        notes.append(
+            f"{len(parents)} ablation parent run(s) not listed (their table is their artifact "
+            "ablation/ablation_table.md)"
+        )
     frame = runs_frame(records, metric, group_by)
     where = f"experiment {experiment!r}" if experiment else f"{len(run_ids or [])} given run(s)"
     without = frame[~frame["value"].map(is_finite)]
@@ -383,40 +510,59 @@ def compare_runs(*, experiment: Optional[str] = None, run_ids: Optional[list[str
         order = _group_order(frame)
         paired = frame.dropna(subset=["seed"])
         if len(paired) < len(frame):
-            notes.append(f"{len(frame) - len(paired)} run(s) have neither a 'seed' tag nor an experiment.seed "
-                         "param: counted in the run list only")
+            notes.append(
+                f"{len(frame) - len(paired)} run(s) have neither a 'seed' tag nor an experiment.seed "
+                "param: counted in the run list only"
+            )
         # One run per (group, seed) for the statistics: the latest (a re-run replaces an older one).
         dupes = paired.duplicated(subset=["group", "seed"], keep="last")
         if dupes.any():
-            notes.append(f"{int(dupes.sum())} older run(s) with the same {group_by} and seed as a later run are "
-                         "left out of the statistics")
+            notes.append(
+                f"{int(dupes.sum())} older run(s) with the same {group_by} and seed as a later run are "
+                "left out of the statistics"
+            )
         stats_runs = paired[~dupes].rename(columns={"group": group_by})[[group_by, "seed", "value"]]
         stats_runs["seed"] = stats_runs["seed"].astype(int)
         reference = "baseline" if "baseline" in order else order[0]
-        table = summarize_groups(stats_runs, order, group_col=group_by, reference=reference, ci=ci, test=test,
-                                 higher_better=higher_is_better(metric))
+        table = summarize_groups(
+            stats_runs,
+            order,
+            group_col=group_by,
+            reference=reference,
+            ci=ci,
+            test=test,
+            higher_better=higher_is_better(metric),
+        )
         out.append(format_ablation_markdown(table, metric=metric, group_col=group_by).rstrip())
         out.append("")
-        shown = frame.sort_values(["group"], key=lambda s: s.map({g: i for i, g in enumerate(order)}),
-                                  kind="stable").rename(columns={"group": group_by})
+        shown = frame.sort_values(
+            ["group"], key=lambda s: s.map({g: i for i, g in enumerate(order)}), kind="stable"
+        ).rename(columns={"group": group_by})
         out.append(format_runs_markdown(shown, metric=metric, group_col=group_by, ci_level=ci_level))
     else:
         shown = frame.sort_values("value", ascending=not higher_is_better(metric), kind="stable")
         out.append(format_runs_markdown(shown, metric=metric, ci_level=ci_level))
         if len(shown) > 1:
             mean, low, high = mean_ci(shown["value"].tolist(), ci=ci)
-            out += ["", f"All {len(shown)} runs: mean {fmt_mean_ci(mean, low, high, len(shown))} "
-                        f"({100 * ci:g}% Student-t CI over runs)."]
-            reference = run_ids[0] if run_ids and run_ids[0] in set(shown["run_id"]) else \
-                shown.sort_values("start_time", kind="stable")["run_id"].iloc[0]
+            out += [
+                "",
+                f"All {len(shown)} runs: mean {fmt_mean_ci(mean, low, high, len(shown))} "
+                f"({100 * ci:g}% Student-t CI over runs).",
+            ]
+            reference = (
+                run_ids[0]
+                if run_ids and run_ids[0] in set(shown["run_id"])
+                else shown.sort_values("start_time", kind="stable")["run_id"].iloc[0]
+            )
             out += _paired_vs_reference(shown, reference, keys, store, ci, notes)
     if notes:
         out += ["", "Notes:", *[f"- {n}" for n in notes]]
     return "\n".join(out) + "\n"
 
 
-def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, store: Any,
-                         ci: float, notes: list[str], n_bootstrap: int = 1000) -> list[str]:
+def _paired_vs_reference(
+    runs: pd.DataFrame, reference: str, keys: dict, store: Any, ci: float, notes: list[str], n_bootstrap: int = 1000
+) -> list[str]:
     """Markdown lines: each run minus ``reference`` on the same images (paired bootstrap over images).
 
     Uses the per-image predictions every run logs; runs evaluated on other images (other labels) or
@@ -441,14 +587,18 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, store: 
             with np.load(path) as data:
                 has_key = probs_key in data.files
             if not has_key:
-                notes.append(f"run {run_id[:12]}: its {artifact} has no {probs_key!r} "
-                             f"(a multiclass model, or an evaluation from before operating points): not paired")
+                notes.append(
+                    f"run {run_id[:12]}: its {artifact} has no {probs_key!r} "
+                    f"(a multiclass model, or an evaluation from before operating points): not paired"
+                )
                 continue
             preds[run_id] = load_predictions(path, probs_key)
             image_sets[run_id] = stored_image_set(path)
     if without:
-        notes.append(f"{len(without)} run(s) logged no {artifact}, so they are not in the "
-                     f"paired image comparison: {', '.join(without)}")
+        notes.append(
+            f"{len(without)} run(s) logged no {artifact}, so they are not in the "
+            f"paired image comparison: {', '.join(without)}"
+        )
     if reference not in preds:
         return []
     y_ref = preds[reference][0]
@@ -458,25 +608,39 @@ def _paired_vs_reference(runs: pd.DataFrame, reference: str, keys: dict, store: 
         if run_id == reference:
             continue
         if len(y) != len(y_ref) or not np.array_equal(y, y_ref):
-            notes.append(f"run {run_id[:12]} was evaluated on other images than {reference[:12]} ({len(y)} vs "
-                         f"{len(y_ref)} images{', other labels' if len(y) == len(y_ref) else ''}): no paired Δ")
+            notes.append(
+                f"run {run_id[:12]} was evaluated on other images than {reference[:12]} ({len(y)} vs "
+                f"{len(y_ref)} images{', other labels' if len(y) == len(y_ref) else ''}): no paired Δ"
+            )
             continue
         if image_sets.get(run_id) and image_sets.get(reference) and image_sets[run_id] != image_sets[reference]:
-            notes.append(f"run {run_id[:12]} was evaluated on other images than {reference[:12]} (same labels, but "
-                         "another image list or order): no paired Δ")
+            notes.append(
+                f"run {run_id[:12]} was evaluated on other images than {reference[:12]} (same labels, but "
+                "another image list or order): no paired Δ"
+            )
             continue
         if probs.shape != preds[reference][1].shape:
-            notes.append(f"run {run_id[:12]} predicts {probs.shape[1]} classes, {reference[:12]} "
-                         f"{preds[reference][1].shape[1]}: no paired Δ")
+            notes.append(
+                f"run {run_id[:12]} predicts {probs.shape[1]} classes, {reference[:12]} "
+                f"{preds[reference][1].shape[1]}: no paired Δ"
+            )
             continue
-        d = image_bootstrap_delta(y_ref, [probs], [preds[reference][1]], keys["scalar"],
-                                  n_bootstrap=n_bootstrap, ci=ci)
-        rows.append([names.get(run_id) or run_id[:12], str(run_id)[:12], fmt_signed(d["delta"]),
-                     f"[{fmt_signed(d['ci_low'])}, {fmt_signed(d['ci_high'])}]", fmt_p(d["p_value"])])
+        d = image_bootstrap_delta(y_ref, [probs], [preds[reference][1]], keys["scalar"], n_bootstrap=n_bootstrap, ci=ci)
+        rows.append(
+            [
+                names.get(run_id) or run_id[:12],
+                str(run_id)[:12],
+                fmt_signed(d["delta"]),
+                f"[{fmt_signed(d['ci_low'])}, {fmt_signed(d['ci_high'])}]",
+                fmt_p(d["p_value"]),
+            ]
+        )
     if not rows:
         return []
-    title = (f"Paired on the same {len(y_ref)} {keys['split']} images: run − {names.get(reference) or reference[:12]}"
-             f" ({reference[:12]}), {n_bootstrap} bootstrap resamples over images")
+    title = (
+        f"Paired on the same {len(y_ref)} {keys['split']} images: run − {names.get(reference) or reference[:12]}"
+        f" ({reference[:12]}), {n_bootstrap} bootstrap resamples over images"
+    )
     header = ["run", "run id", f"Δ {keys['name']}", f"{100 * ci:g}% CI", "p"]
     return ["", title, "", markdown_table(header, rows).rstrip()]
 
@@ -486,5 +650,7 @@ def _group_order(frame: pd.DataFrame) -> list[str]:
     idx = pd.to_numeric(frame["variant_index"], errors="coerce")
     first = frame.assign(_idx=idx).groupby("group", sort=False)["_idx"].min()
     appearance = list(dict.fromkeys(frame["group"]))
-    return sorted(appearance, key=lambda g: (0 if is_finite(first[g]) else 1,
-                                             first[g] if is_finite(first[g]) else 0, appearance.index(g)))
+    return sorted(
+        appearance,
+        key=lambda g: (0 if is_finite(first[g]) else 1, first[g] if is_finite(first[g]) else 0, appearance.index(g)),
+    )

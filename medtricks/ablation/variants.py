@@ -19,6 +19,7 @@ Example::
     [('baseline', []), ('+warmup', ['schedule.warmup_epochs=1']),
      ('+warmup +label_smoothing=0.1', ['schedule.warmup_epochs=1', 'tricks.label_smoothing=0.1'])]
 """
+
 from __future__ import annotations
 
 import itertools
@@ -64,7 +65,9 @@ def trick_overrides(spec: str) -> list[str]:
         keys = [k for overrides in per_part for k in _override_keys(overrides)]
         clashes = sorted({k for k in keys if keys.count(k) > 1})
         if clashes:
-            raise ConfigError(f"trick bundle {spec!r} sets {clashes} twice; a bundle's members must touch different keys")
+            raise ConfigError(
+                f"trick bundle {spec!r} sets {clashes} twice; a bundle's members must touch different keys"
+            )
         return _combine(per_part)
     return _single_trick_overrides(spec)
 
@@ -88,8 +91,10 @@ def _single_trick_overrides(spec: str) -> list[str]:
     if sep and "." in name:  # a raw recipe override: validated when the variant recipe is built
         return [f"{name}={value}"]
     known = ", ".join(sorted(tricks))
-    raise ConfigError(f"unknown trick {spec!r}: expected one of {known} (optionally NAME=VALUE), "
-                     "or a raw recipe override section.key=value (e.g. optim.lr=0.05)")
+    raise ConfigError(
+        f"unknown trick {spec!r}: expected one of {known} (optionally NAME=VALUE), "
+        "or a raw recipe override section.key=value (e.g. optim.lr=0.05)"
+    )
 
 
 def _override_keys(overrides: list[str]) -> set[str]:
@@ -170,11 +175,15 @@ def make_variants(base: Recipe, tricks: list[str], mode: str = "cumulative") -> 
         for members in factors:
             n_variants *= len(members) + 1
         if n_variants > MAX_GRID_VARIANTS:
-            raise ConfigError(f"grid of {len(specs)} tricks gives {n_variants} variants (more than "
-                             f"{MAX_GRID_VARIANTS}); use mode cumulative or one_at_a_time, or fewer tricks")
+            raise ConfigError(
+                f"grid of {len(specs)} tricks gives {n_variants} variants (more than "
+                f"{MAX_GRID_VARIANTS}); use mode cumulative or one_at_a_time, or fewer tricks"
+            )
         # Each factor is off (None) or one of its tricks; the all-off combination is the baseline.
-        combos = [sorted(i for i in choice if i is not None)
-                  for choice in itertools.product(*[[None, *members] for members in factors])]
+        combos = [
+            sorted(i for i in choice if i is not None)
+            for choice in itertools.product(*[[None, *members] for members in factors])
+        ]
         # Baseline, then single tricks, then pairs ... (each in the order the tricks were given).
         for chosen in sorted((c for c in combos if c), key=lambda c: (len(c), c)):
             variants.append((" ".join(f"+{specs[i]}" for i in chosen), _combine([per_trick[i] for i in chosen])))
@@ -188,7 +197,7 @@ def make_variants(base: Recipe, tricks: list[str], mode: str = "cumulative") -> 
             raise ConfigError(
                 f"ablation variant {name!r} (overrides {overrides}) trains exactly the same recipe as "
                 f"{seen[key]!r}: the base recipe already has that trick. Start from a recipe without it "
-                "(e.g. recipes/paper_baseline.yaml) or switch it off with --set")
+                "(e.g. recipes/paper_baseline.yaml) or switch it off with --set"
+            )
         seen[key] = name
     return variants
-

@@ -13,6 +13,7 @@ Example:
     ...     tracker.log_figure(fig, path)
     >>> tracker.log_text(res.to_json(), "audit/report.json")
 """
+
 from __future__ import annotations
 
 import importlib

@@ -29,6 +29,7 @@ Example:
     >>> x_adv = pgd(model01, images01, labels, eps=2 / 255, norm="linf", steps=10)
     >>> check_perturbation(x_adv, images01, 2 / 255, "linf")
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,9 +98,13 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[list[f
         mean_l = [float(v) for v in mean]
         std_l = [float(v) for v in std]
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"mean and std must be sequences of numbers (one per channel), got mean={mean!r} std={std!r}") from err
+        raise ConfigError(
+            f"mean and std must be sequences of numbers (one per channel), got mean={mean!r} std={std!r}"
+        ) from err
     if len(mean_l) == 0 or len(mean_l) != len(std_l):
-        raise ConfigError(f"mean and std must have the same non-zero length (one value per channel), got mean={mean_l} std={std_l}")
+        raise ConfigError(
+            f"mean and std must have the same non-zero length (one value per channel), got mean={mean_l} std={std_l}"
+        )
     bad = [s for s in std_l if not (math.isfinite(s) and s > 0)]
     if bad or not all(math.isfinite(m) for m in mean_l):
         raise ConfigError(f"std must be finite and > 0 and mean finite, got mean={mean_l} std={std_l}")
@@ -120,8 +125,9 @@ def l2_radius(eps: float, image_shape: Sequence[int]) -> float:
     return float(eps) * math.sqrt(float(np.prod(image_shape)))
 
 
-def check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "linf", *,
-                       atol: float = BUDGET_ATOL) -> torch.Tensor:
+def check_perturbation(
+    x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "linf", *, atol: float = BUDGET_ATOL
+) -> torch.Tensor:
     """Raise :class:`PerturbationBudgetError` unless every image is in ``[0, 1]`` and within budget.
 
     ``norm`` is ``"linf"`` (``max |x_adv - x| <= eps``) or ``"l2"`` (``||x_adv - x||_2 <= eps``;
@@ -137,7 +143,8 @@ def check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: s
     worst = float(norms.max()) if norms.numel() else 0.0
     if worst > eps + atol:
         raise PerturbationBudgetError(
-            f"perturbation {norm} norm {worst:.8g} exceeds eps {eps:.8g} (+{atol:g}) for image {int(norms.argmax())}")
+            f"perturbation {norm} norm {worst:.8g} exceeds eps {eps:.8g} (+{atol:g}) for image {int(norms.argmax())}"
+        )
     return norms
 
 
@@ -212,9 +219,19 @@ def fgsm(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, ta
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
 
 
-def pgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf", steps: int = 10,
-        step_size: Optional[float] = None, random_start: bool = True, targeted: bool = False,
-        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def pgd(
+    model01: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    norm: str = "linf",
+    steps: int = 10,
+    step_size: Optional[float] = None,
+    random_start: bool = True,
+    targeted: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) under an L∞ or L2 budget ``eps``.
 
     Starts at a random point of the ball (``random_start``), takes ``steps`` steps of ``step_size``
@@ -225,8 +242,18 @@ def pgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, nor
 
     >>> x_adv = pgd(model01, x, y, eps=2 / 255, steps=10, generator=torch.Generator().manual_seed(0))
     """
-    return _pgd(model01, x, y, eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start,
-                targeted=targeted, generator=generator)[0]
+    return _pgd(
+        model01,
+        x,
+        y,
+        eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        targeted=targeted,
+        generator=generator,
+    )[0]
 
 
 def _random_start(x: torch.Tensor, eps: float, norm: str, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -241,9 +268,19 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator: Optional[to
     return _project(direction * _per_image(radius, x), eps, norm)
 
 
-def _pgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str, steps: int,
-         step_size: Optional[float], random_start: bool, targeted: bool,
-         generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pgd(
+    model01: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    norm: str,
+    steps: int,
+    step_size: Optional[float],
+    random_start: bool,
+    targeted: bool,
+    generator: Optional[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PGD returning ``(x_adv, logits(x_adv))``: the final logits come free from the best-iterate bookkeeping."""
     _check_attack_args(x, y, eps, norm)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -316,12 +353,18 @@ def _art_classifier(model01: nn.Module, x: torch.Tensor, n_classes: int):
     from art.estimators.classification import PyTorchClassifier
 
     return PyTorchClassifier(
-        model=model01, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=n_classes,
-        clip_values=(0.0, 1.0), device_type="gpu" if x.device.type == "cuda" else "cpu")
+        model=model01,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=n_classes,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if x.device.type == "cuda" else "cpu",
+    )
 
 
-def _run_art(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
-             build: Callable[[object], object]) -> torch.Tensor:
+def _run_art(
+    model01: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, build: Callable[[object], object]
+) -> torch.Tensor:
     """Run an ART attack built by ``build(estimator)`` on a torch batch; back to a torch batch."""
     # ART's "gpu" means the *current* CUDA device: make that the batch's device.
     where = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
@@ -332,8 +375,18 @@ def _run_art(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
     return torch.from_numpy(np.asarray(x_adv, dtype=np.float32)).to(device=x.device, dtype=x.dtype).clamp(0.0, 1.0)
 
 
-def apgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, loss: str = "ce",
-         steps: int = APGD_STEPS, restarts: int = 1, targeted: bool = False, seed: int = 0) -> torch.Tensor:
+def apgd(
+    model01: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    loss: str = "ce",
+    steps: int = APGD_STEPS,
+    restarts: int = 1,
+    targeted: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
     """Auto-PGD under L∞ (Croce & Hein 2020) via ART: step size adapted per image, no tuning.
 
     ``loss="ce"`` (cross-entropy) works for any number of classes; ``loss="dlr"`` (difference of
@@ -348,7 +401,9 @@ def apgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, lo
     if loss == "dlr":
         k = _n_classes(model01, x, None)
         if k < 3:
-            raise ConfigError(f"APGD-DLR needs >= 3 classes (its loss uses the 3rd largest logit), the model has {k}; use loss='ce'")
+            raise ConfigError(
+                f"APGD-DLR needs >= 3 classes (its loss uses the 3rd largest logit), the model has {k}; use loss='ce'"
+            )
         if targeted:
             raise ConfigError("APGD-DLR is untargeted here; use loss='ce' for a targeted APGD")
 
@@ -356,15 +411,31 @@ def apgd(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, lo
         from art.attacks.evasion import AutoProjectedGradientDescent
 
         return AutoProjectedGradientDescent(
-            estimator, norm=np.inf, eps=float(eps), eps_step=2.0 * float(eps), max_iter=int(steps), targeted=targeted,
-            nb_random_init=int(restarts), batch_size=len(x),
-            loss_type="cross_entropy" if loss == "ce" else "difference_logits_ratio", verbose=False)
+            estimator,
+            norm=np.inf,
+            eps=float(eps),
+            eps_step=2.0 * float(eps),
+            max_iter=int(steps),
+            targeted=targeted,
+            nb_random_init=int(restarts),
+            batch_size=len(x),
+            loss_type="cross_entropy" if loss == "ce" else "difference_logits_ratio",
+            verbose=False,
+        )
 
     return _run_art(model01, x, y, seed, build)
 
 
-def square(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, queries: int = SQUARE_QUERIES,
-           targeted: bool = False, seed: int = 0) -> torch.Tensor:
+def square(
+    model01: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    queries: int = SQUARE_QUERIES,
+    targeted: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
     """Square attack under L∞ (Andriushchenko et al. 2020) via ART: black-box, uses scores only.
 
     Untargeted: the margin loss of the true class; targeted: the margin by which the target class
@@ -379,6 +450,7 @@ def square(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, 
 
         extra = {}
         if targeted:
+
             def target_margin(x_np: np.ndarray, y_onehot: np.ndarray) -> np.ndarray:
                 logits = estimator.predict(x_np, batch_size=len(x))
                 t = y_onehot.argmax(axis=1)
@@ -387,16 +459,36 @@ def square(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, 
                 np.put_along_axis(others, t[:, None], -np.inf, axis=1)
                 return others.max(axis=1) - target_logit  # < 0 once the target wins
 
-            extra = {"adv_criterion": lambda pred, y_onehot: pred.argmax(axis=1) == y_onehot.argmax(axis=1),
-                     "loss": target_margin}
-        return SquareAttack(estimator, norm=np.inf, eps=float(eps), max_iter=int(queries), p_init=0.8, nb_restarts=1,
-                            batch_size=len(x), verbose=False, **extra)
+            extra = {
+                "adv_criterion": lambda pred, y_onehot: pred.argmax(axis=1) == y_onehot.argmax(axis=1),
+                "loss": target_margin,
+            }
+        return SquareAttack(
+            estimator,
+            norm=np.inf,
+            eps=float(eps),
+            max_iter=int(queries),
+            p_init=0.8,
+            nb_restarts=1,
+            batch_size=len(x),
+            verbose=False,
+            **extra,
+        )
 
     return _run_art(model01, x, y, seed, build)
 
 
-def apgd_square(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, targeted: bool = False,
-                seed: int = 0, apgd_steps: int = APGD_STEPS, square_queries: int = SQUARE_QUERIES) -> torch.Tensor:
+def apgd_square(
+    model01: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    targeted: bool = False,
+    seed: int = 0,
+    apgd_steps: int = APGD_STEPS,
+    square_queries: int = SQUARE_QUERIES,
+) -> torch.Tensor:
     """Reduced AutoAttack (Croce & Hein 2020), L∞, safe for 2-class models -- *not* the standard
     AutoAttack (no APGD-T, no FAB-T, Square at ``square_queries``; see the module docstring).
 
@@ -409,7 +501,8 @@ def apgd_square(model01: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         return x.clone()
     n_classes = _n_classes(model01, x, None)
     parts: list[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = [
-        lambda xb, yb, s: apgd(model01, xb, yb, eps, loss="ce", steps=apgd_steps, targeted=targeted, seed=s)]
+        lambda xb, yb, s: apgd(model01, xb, yb, eps, loss="ce", steps=apgd_steps, targeted=targeted, seed=s)
+    ]
     if n_classes >= 3 and not targeted:
         parts.append(lambda xb, yb, s: apgd(model01, xb, yb, eps, loss="dlr", steps=apgd_steps, seed=s))
     parts.append(lambda xb, yb, s: square(model01, xb, yb, eps, queries=square_queries, targeted=targeted, seed=s))

@@ -1,4 +1,5 @@
 """Attack names, importable without torch (the recipe schema checks ``audit.attacks`` with them)."""
+
 from __future__ import annotations
 
 __all__ = ["ATTACKS", "ATTACK_ALIASES", "RENAMED_ATTACKS", "check_attack_name"]
@@ -8,9 +9,9 @@ ATTACKS = ("fgsm", "pgd_linf", "pgd_l2", "apgd_ce", "apgd_square", "square", "tr
 #: Attack names that no longer exist, with why and what to use instead.
 RENAMED_ATTACKS = {
     "autoattack": "'autoattack' was renamed 'apgd_square': medtricks runs APGD-CE (+ APGD-DLR with >= 3 classes) and "
-                  "Square with the AutoAttack per-image worst case, but not the standard AutoAttack (APGD-T and "
-                  "FAB-T are left out: ART has no FAB and the targeted DLR loss needs >= 4 classes; Square uses "
-                  "audit.square_queries, 1000 by default vs 5000 in the standard). Use attacks: [apgd_square]",
+    "Square with the AutoAttack per-image worst case, but not the standard AutoAttack (APGD-T and "
+    "FAB-T are left out: ART has no FAB and the targeted DLR loss needs >= 4 classes; Square uses "
+    "audit.square_queries, 1000 by default vs 5000 in the standard). Use attacks: [apgd_square]"
 }
 #: Short names accepted for an attack.
 ATTACK_ALIASES = {"pgd": "pgd_linf", "apgd": "apgd_ce"}

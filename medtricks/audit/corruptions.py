@@ -14,6 +14,7 @@ Example:
     ['gaussian_noise', 'poisson_noise', 'gaussian_blur']
     >>> noisy = corrupt(images01, "poisson_noise", severity=3, seed=0)
 """
+
 from __future__ import annotations
 
 import math
@@ -149,12 +150,17 @@ def corrupt(images01: torch.Tensor, name: str, severity: int, seed: int = 0) -> 
     if isinstance(severity, bool) or not isinstance(severity, int) or not 0 <= severity <= 5:
         raise ConfigError(f"corruption severity must be an integer 0..5 (0 = identity), got {severity!r}")
     if not isinstance(images01, torch.Tensor) or not images01.is_floating_point() or images01.dim() not in (3, 4):
-        what = f"{images01.dtype} tensor of shape {tuple(images01.shape)}" if isinstance(images01, torch.Tensor) else type(images01).__name__
+        what = (
+            f"{images01.dtype} tensor of shape {tuple(images01.shape)}"
+            if isinstance(images01, torch.Tensor)
+            else type(images01).__name__
+        )
         raise ConfigError(f"images01 must be a float tensor (N, C, H, W) or (C, H, W) in [0, 1], got a {what}")
     if images01.numel() and (float(images01.min()) < 0.0 or float(images01.max()) > 1.0):
         raise ConfigError(
             f"images01 must be in [0, 1] (de-normalized pixels), got range [{float(images01.min()):.4g}, "
-            f"{float(images01.max()):.4g}]; de-normalize first: x = x_norm * std + mean")
+            f"{float(images01.max()):.4g}]; de-normalize first: x = x_norm * std + mean"
+        )
     if severity == 0:
         return images01.clone()
     batch = images01 if images01.dim() == 4 else images01.unsqueeze(0)

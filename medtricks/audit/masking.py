@@ -17,6 +17,7 @@ image and 1.96 standard errors of the paired difference, so sampling noise does 
 A failed check does not prove masking, and passing them does not prove robustness; a failure says:
 do not trust this robust accuracy until a stronger or adaptive attack confirms it.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,10 +62,14 @@ def _tolerance(a: np.ndarray, b: np.ndarray) -> float:
     return max(1.0 / n, 1.96 * se)
 
 
-def masking_checks(correct_pgd: dict[float, np.ndarray], *, pgd_steps: int,
-                   correct_fewer: Optional[np.ndarray] = None,
-                   black_box: Optional[dict[str, dict[float, np.ndarray]]] = None,
-                   correct_large: Optional[np.ndarray] = None) -> list[MaskingCheck]:
+def masking_checks(
+    correct_pgd: dict[float, np.ndarray],
+    *,
+    pgd_steps: int,
+    correct_fewer: Optional[np.ndarray] = None,
+    black_box: Optional[dict[str, dict[float, np.ndarray]]] = None,
+    correct_large: Optional[np.ndarray] = None,
+) -> list[MaskingCheck]:
     """The checks above from per-image correctness (``True`` = still correctly classified).
 
     Args:
@@ -79,10 +84,14 @@ def masking_checks(correct_pgd: dict[float, np.ndarray], *, pgd_steps: int,
         many, few = correct_pgd[eps_max], correct_fewer
         gap = float(many.mean() - few.mean())
         tol = _tolerance(many, few)
-        checks.append(MaskingCheck(
-            "more_steps", gap <= tol,
-            f"at eps {eps_max * 255:.3g}/255 PGD-{pgd_steps} leaves accuracy {many.mean():.3f}, PGD-"
-            f"{fewer_steps(pgd_steps)} {few.mean():.3f} (more steps must not do better; tolerance {tol:.3f})"))
+        checks.append(
+            MaskingCheck(
+                "more_steps",
+                gap <= tol,
+                f"at eps {eps_max * 255:.3g}/255 PGD-{pgd_steps} leaves accuracy {many.mean():.3f}, PGD-"
+                f"{fewer_steps(pgd_steps)} {few.mean():.3f} (more steps must not do better; tolerance {tol:.3f})",
+            )
+        )
     for name, by_eps in (black_box or {}).items():
         worst = None
         for eps, correct in sorted(by_eps.items()):
@@ -95,15 +104,23 @@ def masking_checks(correct_pgd: dict[float, np.ndarray], *, pgd_steps: int,
         if worst is None:
             continue
         gap, tol, eps, acc_bb, acc_pgd = worst
-        checks.append(MaskingCheck(
-            f"black_box:{name}", gap <= tol,
-            f"at eps {eps * 255:.3g}/255 {name} leaves accuracy {acc_bb:.3f}, white-box PGD {acc_pgd:.3f} "
-            f"(black-box must not beat white-box; tolerance {tol:.3f})"))
+        checks.append(
+            MaskingCheck(
+                f"black_box:{name}",
+                gap <= tol,
+                f"at eps {eps * 255:.3g}/255 {name} leaves accuracy {acc_bb:.3f}, white-box PGD {acc_pgd:.3f} "
+                f"(black-box must not beat white-box; tolerance {tol:.3f})",
+            )
+        )
     if correct_large is not None:
         acc = float(correct_large.mean())
         limit = LARGE_EPS_MAX_ACCURACY + 1.0 / len(correct_large)
-        checks.append(MaskingCheck(
-            "large_eps", acc <= limit,
-            f"at eps {LARGE_EPS * 255:.0f}/255 PGD-{pgd_steps} leaves accuracy {acc:.3f} (must fall to ~0: "
-            f"<= {limit:.3f})"))
+        checks.append(
+            MaskingCheck(
+                "large_eps",
+                acc <= limit,
+                f"at eps {LARGE_EPS * 255:.0f}/255 PGD-{pgd_steps} leaves accuracy {acc:.3f} (must fall to ~0: "
+                f"<= {limit:.3f})",
+            )
+        )
     return checks

@@ -3,6 +3,7 @@
 Every bad value is a :class:`~medtricks.errors.ConfigError` naming the argument and what is allowed;
 the checks run in the order of ``run_audit``'s signature, before any image is touched.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -43,11 +44,24 @@ class AuditPlan:
     std: list[float]
 
 
-def plan_audit(*, classes: Sequence[str], mean: Sequence[float], std: Sequence[float],
-               attacks: Union[str, Sequence[str]], eps: Sequence[float], pgd_steps: int,
-               corruptions: Union[str, Sequence[str]], severities: Sequence[int], n: Optional[int],
-               surrogate: Optional[nn.Module], target_class: Optional[Union[int, str]], seed: int,
-               n_bootstrap: int, square_queries: int, masking: bool) -> AuditPlan:
+def plan_audit(
+    *,
+    classes: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    attacks: Union[str, Sequence[str]],
+    eps: Sequence[float],
+    pgd_steps: int,
+    corruptions: Union[str, Sequence[str]],
+    severities: Sequence[int],
+    n: Optional[int],
+    surrogate: Optional[nn.Module],
+    target_class: Optional[Union[int, str]],
+    seed: int,
+    n_bootstrap: int,
+    square_queries: int,
+    masking: bool,
+) -> AuditPlan:
     """Check ``run_audit``'s arguments (see its docstring) and resolve them into an :class:`AuditPlan`."""
     names = _check_classes(classes)
     attack_list = _check_attacks(attacks, surrogate)
@@ -70,11 +84,22 @@ def plan_audit(*, classes: Sequence[str], mean: Sequence[float], std: Sequence[f
     mean_l, std_l = _check_mean_std(mean, std)
     labels = {a: (a if target is None else f"{a}_to_{safe_name(names[target])}") for a in attack_list}
     return AuditPlan(
-        names=names, attacks=attack_list, labels=labels, eps=eps_list, pgd_steps=pgd_steps,
-        corruptions=corruption_list, severities=severity_list, target=target, seed=seed,
+        names=names,
+        attacks=attack_list,
+        labels=labels,
+        eps=eps_list,
+        pgd_steps=pgd_steps,
+        corruptions=corruption_list,
+        severities=severity_list,
+        target=target,
+        seed=seed,
         square_queries=int(square_queries),
         masking=bool(masking) and target is None and "pgd_linf" in attack_list and any(e > 0 for e in eps_list),
-        n=n, n_bootstrap=n_bootstrap, mean=mean_l, std=std_l)
+        n=n,
+        n_bootstrap=n_bootstrap,
+        mean=mean_l,
+        std=std_l,
+    )
 
 
 def _as_names(value: Union[str, Sequence[str]], what: str) -> list[str]:
@@ -110,7 +135,9 @@ def _check_attacks(attacks: Union[str, Sequence[str]], surrogate: Optional[nn.Mo
     if "transfer" in out and surrogate is None:
         raise ConfigError("attack 'transfer' needs a surrogate model (surrogate=..., e.g. another run's checkpoint)")
     if "transfer" in out and not isinstance(surrogate, nn.Module):
-        raise ConfigError(f"surrogate must be a torch.nn.Module taking normalized images, got {type(surrogate).__name__}")
+        raise ConfigError(
+            f"surrogate must be a torch.nn.Module taking normalized images, got {type(surrogate).__name__}"
+        )
     return out
 
 
@@ -119,8 +146,14 @@ def _check_eps(eps: Sequence[float]) -> list[float]:
         eps = [eps]
     values = []
     for e in eps:
-        if isinstance(e, bool) or not isinstance(e, (int, float, np.floating, np.integer)) or not (0.0 <= float(e) <= 1.0):
-            raise ConfigError(f"eps values must be numbers in [0, 1] (pixel intensity; 4/255 = 0.0157), got {e!r} in {list(eps)}")
+        if (
+            isinstance(e, bool)
+            or not isinstance(e, (int, float, np.floating, np.integer))
+            or not (0.0 <= float(e) <= 1.0)
+        ):
+            raise ConfigError(
+                f"eps values must be numbers in [0, 1] (pixel intensity; 4/255 = 0.0157), got {e!r} in {list(eps)}"
+            )
         values.append(float(e))
     if not values:
         raise ConfigError("eps is empty: give at least one budget, e.g. eps=(0, 1/255, 4/255)")
@@ -158,6 +191,12 @@ def _check_target(target_class: Optional[Union[int, str]], names: list[str]) -> 
         if target_class not in names:
             raise ConfigError(f"target_class {target_class!r} is not a class: expected an index or one of {names}")
         return names.index(target_class)
-    if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)) or not 0 <= target_class < len(names):
-        raise ConfigError(f"target_class must be None or a class index 0..{len(names) - 1} ({names}), got {target_class!r}")
+    if (
+        isinstance(target_class, bool)
+        or not isinstance(target_class, (int, np.integer))
+        or not 0 <= target_class < len(names)
+    ):
+        raise ConfigError(
+            f"target_class must be None or a class index 0..{len(names) - 1} ({names}), got {target_class!r}"
+        )
     return int(target_class)

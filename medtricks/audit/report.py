@@ -16,6 +16,7 @@ Metric keys (``AuditResult.metrics``)::
 and ``<key>_ci_low`` / ``<key>_ci_high`` for each of them. A targeted audit names its attacks
 ``<attack>_to_<class>`` (e.g. ``pgd_linf_to_pneumonia``).
 """
+
 from __future__ import annotations
 
 import json
@@ -123,8 +124,12 @@ class AuditResult:
             "classes": self.classes,
             "config": self.config,
             "clean": self.clean,
-            "attacks": {a: [{"eps": eps, **vals} for eps, vals in by_eps.items()] for a, by_eps in self.attacks.items()},
-            "corruptions": {c: [{"severity": s, **vals} for s, vals in by_sev.items()] for c, by_sev in self.corruptions.items()},
+            "attacks": {
+                a: [{"eps": eps, **vals} for eps, vals in by_eps.items()] for a, by_eps in self.attacks.items()
+            },
+            "corruptions": {
+                c: [{"severity": s, **vals} for s, vals in by_sev.items()] for c, by_sev in self.corruptions.items()
+            },
             "corruption_summary": self.corruption_summary,
             "masking": self.masking,
         }
@@ -138,7 +143,11 @@ class AuditResult:
             doc = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"audit report is not valid JSON: {err}") from err
-        missing = [k for k in ("version", "classes", "config", "clean", "attacks", "corruptions", "corruption_summary") if k not in doc]
+        missing = [
+            k
+            for k in ("version", "classes", "config", "clean", "attacks", "corruptions", "corruption_summary")
+            if k not in doc
+        ]
         if missing:
             raise ConfigError(f"audit report lacks key(s) {missing}; expected the output of AuditResult.to_json()")
         if doc["version"] != _JSON_VERSION:
@@ -147,33 +156,55 @@ class AuditResult:
         def floats(d: dict) -> dict[str, float]:
             return {k: (math.nan if v is None else float(v)) for k, v in d.items()}
 
-        attacks = {a: {float(r["eps"]): floats({k: v for k, v in r.items() if k != "eps"}) for r in rows}
-                   for a, rows in doc["attacks"].items()}
-        corruptions = {c: {int(r["severity"]): floats({k: v for k, v in r.items() if k != "severity"}) for r in rows}
-                       for c, rows in doc["corruptions"].items()}
-        return cls(classes=list(doc["classes"]), config=dict(doc["config"]), clean=floats(doc["clean"]),
-                   attacks=attacks, corruptions=corruptions, corruption_summary=floats(doc["corruption_summary"]),
-                   masking=list(doc.get("masking", [])))
+        attacks = {
+            a: {float(r["eps"]): floats({k: v for k, v in r.items() if k != "eps"}) for r in rows}
+            for a, rows in doc["attacks"].items()
+        }
+        corruptions = {
+            c: {int(r["severity"]): floats({k: v for k, v in r.items() if k != "severity"}) for r in rows}
+            for c, rows in doc["corruptions"].items()
+        }
+        return cls(
+            classes=list(doc["classes"]),
+            config=dict(doc["config"]),
+            clean=floats(doc["clean"]),
+            attacks=attacks,
+            corruptions=corruptions,
+            corruption_summary=floats(doc["corruption_summary"]),
+            masking=list(doc.get("masking", [])),
+        )
 
     # ---------------------------------------------------------------- terminal table
     def table(self) -> str:
         """Plain-text summary; every number is followed by its bootstrap CI."""
         level = f"{100 * self.config.get('ci', 0.95):g}% CI"
-        lines = [f"Robustness audit: n={self.config.get('n_images', '?')} images, classes {self.classes}, "
-                 f"percentile bootstrap {self.config.get('n_bootstrap', '?')} resamples, [{level}]"]
+        lines = [
+            f"Robustness audit: n={self.config.get('n_images', '?')} images, classes {self.classes}, "
+            f"percentile bootstrap {self.config.get('n_bootstrap', '?')} resamples, [{level}]"
+        ]
         lines.append(f"clean: accuracy {_with_ci(self.clean, 'accuracy')}  AUROC {_with_ci(self.clean, 'auroc')}")
         if self.attacks:
             rows = [("attack", "eps", "eps*255", "accuracy", "AUROC", "attack success")]
             for attack, by_eps in self.attacks.items():
                 for eps, vals in by_eps.items():
-                    rows.append((attack, f"{eps:.4f}", f"{eps * 255:.3g}", _with_ci(vals, "accuracy"),
-                                 _with_ci(vals, "auroc"), _with_ci(vals, "attack_success_rate")))
+                    rows.append(
+                        (
+                            attack,
+                            f"{eps:.4f}",
+                            f"{eps * 255:.3g}",
+                            _with_ci(vals, "accuracy"),
+                            _with_ci(vals, "auroc"),
+                            _with_ci(vals, "attack_success_rate"),
+                        )
+                    )
             lines += ["", *_align(rows)]
             if self.config.get("notes"):
                 lines += [f"  note: {note}" for note in self.config["notes"]]
             for check in self.masking:
-                lines.append(f"{'  ok' if check['passed'] else 'WARNING'} gradient-masking check {check['check']}: "
-                             f"{check['detail']}")
+                lines.append(
+                    f"{'  ok' if check['passed'] else 'WARNING'} gradient-masking check {check['check']}: "
+                    f"{check['detail']}"
+                )
         if self.corruptions:
             rows = [("corruption", "severity", "accuracy", "AUROC")]
             for name, by_sev in self.corruptions.items():
@@ -181,7 +212,9 @@ class AuditResult:
                     rows.append((name, str(sev), _with_ci(vals, "accuracy"), _with_ci(vals, "auroc")))
             s = self.corruption_summary
             rows.append(("mean (all)", "", _with_ci(s, "mean/accuracy"), _with_ci(s, "mean/auroc")))
-            rows.append(("relative drop", "", _with_ci(s, "relative_drop/accuracy"), _with_ci(s, "relative_drop/auroc")))
+            rows.append(
+                ("relative drop", "", _with_ci(s, "relative_drop/accuracy"), _with_ci(s, "relative_drop/auroc"))
+            )
             lines += ["", *_align(rows)]
         return "\n".join(lines)
 
@@ -223,8 +256,10 @@ class AuditResult:
         ax.set_xlabel("ε (grey levels of 255; L2: per-pixel RMS)")
         ax.set_ylabel(label)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{label} under attack (n={self.config.get('n_images', '?')}, "
-                     f"{100 * self.config.get('ci', 0.95):g}% bootstrap CI)")
+        ax.set_title(
+            f"{label} under attack (n={self.config.get('n_images', '?')}, "
+            f"{100 * self.config.get('ci', 0.95):g}% bootstrap CI)"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return fig
@@ -241,8 +276,15 @@ class AuditResult:
                 for j in range(len(severities)):
                     v = grid[i, j]
                     text = "n/a" if not math.isfinite(v) else f"{v:.2f}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                            color="white" if not math.isfinite(v) or v < 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if not math.isfinite(v) or v < 0.6 else "black",
+                    )
             ax.set_xticks(range(len(severities)), [str(s) for s in severities])
             ax.set_yticks(range(len(names)), names)
             ax.set_xlabel("severity")
@@ -262,7 +304,10 @@ class AuditResult:
             panels = (
                 (clean, f"clean\n{self._verdict(ex.labels[row], ex.clean_probs[row])}"),
                 (np.clip(0.5 + gain * (adv - clean), 0.0, 1.0), f"perturbation ×{gain:.0f}\n(grey = none)"),
-                (adv, f"adversarial, ε={ex.eps * 255:.3g}/255\n{self._verdict(ex.labels[row], ex.adversarial_probs[row])}"),
+                (
+                    adv,
+                    f"adversarial, ε={ex.eps * 255:.3g}/255\n{self._verdict(ex.labels[row], ex.adversarial_probs[row])}",
+                ),
             )
             for ax, (img, title) in zip(axes[row], panels):
                 ax.imshow(_display(img), cmap="gray", vmin=0.0, vmax=1.0)
@@ -292,17 +337,23 @@ def corruption_error(result: AuditResult, baseline: AuditResult) -> dict[str, fl
     >>> corruption_error(trick_run_audit, AuditResult.from_json(baseline_report_text))
     """
     if set(result.corruptions) != set(baseline.corruptions):
-        raise ConfigError(f"result and baseline audited different corruptions: {sorted(result.corruptions)} vs "
-                         f"{sorted(baseline.corruptions)}; audit both with the same corruptions")
+        raise ConfigError(
+            f"result and baseline audited different corruptions: {sorted(result.corruptions)} vs "
+            f"{sorted(baseline.corruptions)}; audit both with the same corruptions"
+        )
     if not result.corruptions:
-        raise ConfigError("no corruptions were audited: run the audit with corruptions=('all',) to compare with a baseline")
+        raise ConfigError(
+            "no corruptions were audited: run the audit with corruptions=('all',) to compare with a baseline"
+        )
     out: dict[str, float] = {}
     ces, rel = [], []
     clean_err = 1.0 - result.clean["accuracy"]
     base_clean_err = 1.0 - baseline.clean["accuracy"]
     for name, by_sev in result.corruptions.items():
         if set(by_sev) != set(baseline.corruptions[name]):
-            raise ConfigError(f"corruption {name!r}: severities {sorted(by_sev)} vs baseline {sorted(baseline.corruptions[name])}")
+            raise ConfigError(
+                f"corruption {name!r}: severities {sorted(by_sev)} vs baseline {sorted(baseline.corruptions[name])}"
+            )
         err = sum(1.0 - v["accuracy"] for v in by_sev.values())
         base = sum(1.0 - v["accuracy"] for v in baseline.corruptions[name].values())
         ce = _ratio(err, base)

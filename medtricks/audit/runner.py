@@ -5,6 +5,7 @@ clean, attacked at every ε and corrupted at every severity; the probabilities a
 the end (:mod:`medtricks.audit.scoring`) with ``medtricks.evaluate.compute_metrics`` (bootstrap CIs), so
 every audit number comes with its CI. The arguments are checked first (:mod:`medtricks.audit.plan`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -98,14 +99,30 @@ def run_audit(
         >>> print(res.table())
         >>> tracker.log_metrics(res.metrics)
     """
-    plan = plan_audit(classes=classes, mean=mean, std=std, attacks=attacks, eps=eps, pgd_steps=pgd_steps,
-                      corruptions=corruptions, severities=severities, n=n, surrogate=surrogate,
-                      target_class=target_class, seed=seed, n_bootstrap=n_bootstrap, square_queries=square_queries,
-                      masking=masking)
+    plan = plan_audit(
+        classes=classes,
+        mean=mean,
+        std=std,
+        attacks=attacks,
+        eps=eps,
+        pgd_steps=pgd_steps,
+        corruptions=corruptions,
+        severities=severities,
+        n=n,
+        surrogate=surrogate,
+        target_class=target_class,
+        seed=seed,
+        n_bootstrap=n_bootstrap,
+        square_queries=square_queries,
+        masking=masking,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     if surrogate is not None and "transfer" not in plan.attacks:
-        warnings.warn("run_audit: a surrogate was given but 'transfer' is not in attacks; the surrogate is unused",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            "run_audit: a surrogate was given but 'transfer' is not in attacks; the surrogate is unused",
+            UserWarning,
+            stacklevel=2,
+        )
 
     sweep = AuditSweep(plan)
     with contextlib.ExitStack() as stack:
@@ -120,9 +137,12 @@ def run_audit(
     result = score_sweep(sweep, device=device)
     failed = [c for c in result.masking if not c["passed"]]
     if failed:
-        warnings.warn("possible gradient masking -- do not trust the robust accuracy until a stronger attack "
-                      "confirms it: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed), RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "possible gradient masking -- do not trust the robust accuracy until a stronger attack "
+            "confirms it: " + "; ".join(f"{c['check']}: {c['detail']}" for c in failed),
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return result
 
 

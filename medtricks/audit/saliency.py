@@ -17,6 +17,7 @@ crop: what the model saw), scaled to [0, 1] per image, and are drawn over that i
     name, layer = cam_target_layer(model, input_shape=(1, 224, 224))
     maps = grad_cam(model, layer, images, classes=[1] * len(images))   # (N, S, S) in [0, 1]
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,20 +78,26 @@ def cam_target_layer(model: nn.Module, input_shape: Sequence[int], *, min_grid: 
     else:
         found = [m for m, out in outputs if out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1]
     if not found:
-        raise MedtricksError(f"Grad-CAM: no layer of {type(backbone).__name__} returns a spatial feature map "
-                             f"for an input of shape {tuple(input_shape)}")
+        raise MedtricksError(
+            f"Grad-CAM: no layer of {type(backbone).__name__} returns a spatial feature map "
+            f"for an input of shape {tuple(input_shape)}"
+        )
     layer = found[-1]  # the outermost module that returns it (modules finish after their children)
     grid = dict((m, out) for m, out in outputs)[layer].shape[-2:]
     if min(grid) < min_grid:
-        finer = [m for m, out in outputs if out.dim() == 4 and min(out.shape[-2:]) >= min_grid
-                 and out.shape[-3] > 1]  # channels > 1: not an attention or mask map
+        finer = [
+            m for m, out in outputs if out.dim() == 4 and min(out.shape[-2:]) >= min_grid and out.shape[-3] > 1
+        ]  # channels > 1: not an attention or mask map
         # timm lists its stage outputs (feature_info): prefer a whole stage to a layer inside a block.
-        stages = {info.get("module") for info in getattr(backbone, "feature_info", None) or []
-                  if isinstance(info, dict)}
+        stages = {
+            info.get("module") for info in getattr(backbone, "feature_info", None) or [] if isinstance(info, dict)
+        }
         finer = [m for m in finer if names[m] in stages] or finer
         if not finer:
-            raise MedtricksError(f"Grad-CAM: no layer of {type(backbone).__name__} has a feature map of at least "
-                                 f"{min_grid}x{min_grid} for an input of shape {tuple(input_shape)}")
+            raise MedtricksError(
+                f"Grad-CAM: no layer of {type(backbone).__name__} has a feature map of at least "
+                f"{min_grid}x{min_grid} for an input of shape {tuple(input_shape)}"
+            )
         layer = finer[-1]
     return names[layer], layer
 

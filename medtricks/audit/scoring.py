@@ -4,6 +4,7 @@ the ``worst_case`` row, attack success rates, the corruption summary and the rep
 Every number goes through ``medtricks.evaluate.compute_metrics`` (or its bootstrap), so every audit
 number comes with its CI and means what the evaluation's number of the same name means.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,11 @@ def score_sweep(sweep: AuditSweep, *, device) -> AuditResult:
     if len(plan.attacks) >= 2:
         worst = {}
         for eps in plan.eps:
-            probs = clean_p if eps == 0 else _worst_case(
-                plan, [np.concatenate(sweep.adv[(a, eps)]) for a in plan.attacks], y)
+            probs = (
+                clean_p
+                if eps == 0
+                else _worst_case(plan, [np.concatenate(sweep.adv[(a, eps)]) for a in plan.attacks], y)
+            )
             row = scored(probs, list(_ATTACK_METRICS) + per_class)
             row.update(_success_rate(plan, y, clean_p, probs))
             worst[eps] = row
@@ -73,9 +77,16 @@ def score_sweep(sweep: AuditSweep, *, device) -> AuditResult:
             rows[severity] = scored(probs, _CORRUPTION_METRICS)
             cells.append(probs)
     summary = _corruption_summary(y, clean_p, cells, clean, corruptions, n_bootstrap, plan.seed) if cells else {}
-    return AuditResult(classes=list(plan.names), config=_config(sweep, len(y), device),
-                       clean=clean, attacks=attacks, corruptions=corruptions, corruption_summary=summary,
-                       examples=sweep.examples, masking=masking)
+    return AuditResult(
+        classes=list(plan.names),
+        config=_config(sweep, len(y), device),
+        clean=clean,
+        attacks=attacks,
+        corruptions=corruptions,
+        corruption_summary=summary,
+        examples=sweep.examples,
+        masking=masking,
+    )
 
 
 def _worst_case(plan: AuditPlan, per_attack: list[np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -99,11 +110,19 @@ def _masking_checks(sweep: AuditSweep, y: np.ndarray):
 
     plan = sweep.plan
     pgd_rows = {e: correct(np.concatenate(sweep.adv[("pgd_linf", e)])) for e in plan.eps if e > 0}
-    black_box = {a: {e: correct(np.concatenate(sweep.adv[(a, e)])) for e in plan.eps if e > 0}
-                 for a in ("square", "transfer") if a in plan.attacks}
+    black_box = {
+        a: {e: correct(np.concatenate(sweep.adv[(a, e)])) for e in plan.eps if e > 0}
+        for a in ("square", "transfer")
+        if a in plan.attacks
+    }
     black_box["random_noise"] = {e: np.concatenate(v) for e, v in sweep.probe_noise.items()}
-    return masking_checks(pgd_rows, pgd_steps=plan.pgd_steps, correct_fewer=np.concatenate(sweep.probe_fewer),
-                          black_box=black_box, correct_large=np.concatenate(sweep.probe_large))
+    return masking_checks(
+        pgd_rows,
+        pgd_steps=plan.pgd_steps,
+        correct_fewer=np.concatenate(sweep.probe_fewer),
+        black_box=black_box,
+        correct_large=np.concatenate(sweep.probe_large),
+    )
 
 
 def _success_rate(plan: AuditPlan, y, clean_p, probs) -> dict[str, float]:
@@ -117,11 +136,15 @@ def _success_rate(plan: AuditPlan, y, clean_p, probs) -> dict[str, float]:
     else:
         eligible, success = correct & (y != plan.target), pred == plan.target
     s = success[eligible].astype(np.float64)
-    out = {"attack_success_rate": float(s.mean()) if s.size else math.nan,
-           "attack_success_rate_ci_low": math.nan, "attack_success_rate_ci_high": math.nan}
+    out = {
+        "attack_success_rate": float(s.mean()) if s.size else math.nan,
+        "attack_success_rate_ci_low": math.nan,
+        "attack_success_rate_ci_high": math.nan,
+    }
     if s.size and n_bootstrap:
-        low, high = bootstrap_ci(lambda v, _: float(v.mean()), s, s[:, None], n_bootstrap=int(n_bootstrap),
-                                 ci=_CI, seed=plan.seed)
+        low, high = bootstrap_ci(
+            lambda v, _: float(v.mean()), s, s[:, None], n_bootstrap=int(n_bootstrap), ci=_CI, seed=plan.seed
+        )
         out["attack_success_rate_ci_low"], out["attack_success_rate_ci_high"] = low, high
     return out
 
@@ -130,13 +153,17 @@ def _config(sweep: AuditSweep, n_images, device) -> dict[str, Any]:
     plan = sweep.plan
     notes = []
     if "pgd_l2" in plan.attacks and sweep.image_shape:
-        notes.append(f"pgd_l2: eps is the per-pixel RMS; L2 radius = eps*sqrt({int(np.prod(sweep.image_shape))}) "
-                     f"(e.g. eps 1/255 -> {l2_radius(1 / 255, sweep.image_shape):.3f})")
+        notes.append(
+            f"pgd_l2: eps is the per-pixel RMS; L2 radius = eps*sqrt({int(np.prod(sweep.image_shape))}) "
+            f"(e.g. eps 1/255 -> {l2_radius(1 / 255, sweep.image_shape):.3f})"
+        )
     if "apgd_square" in plan.attacks:
         dlr = "APGD-DLR, " if len(plan.names) >= 3 and plan.target is None else ""
-        notes.append(f"apgd_square: APGD-CE ({sweep.apgd_steps} it.), {dlr}Square ({plan.square_queries} queries), "
-                     "L-inf, per-image worst case; a reduced AutoAttack: no APGD-T, no FAB-T"
-                     f"{'' if plan.square_queries >= 5000 else ', fewer Square queries than the standard 5000'}")
+        notes.append(
+            f"apgd_square: APGD-CE ({sweep.apgd_steps} it.), {dlr}Square ({plan.square_queries} queries), "
+            "L-inf, per-image worst case; a reduced AutoAttack: no APGD-T, no FAB-T"
+            f"{'' if plan.square_queries >= 5000 else ', fewer Square queries than the standard 5000'}"
+        )
     if len(plan.attacks) >= 2:
         notes.append("worst_case: an image counts as correct only if every attack failed on it (AutoAttack rule)")
     if "transfer" in plan.attacks:
@@ -201,11 +228,17 @@ def _corruption_summary(y, clean_p, cells, clean, corruptions, n_bootstrap, seed
     values = {
         "mean/accuracy": float(np.mean(accs)),
         "mean/auroc": float(np.mean(aurocs)),
-        "relative_drop/accuracy": (clean["accuracy"] - float(np.mean(accs))) / clean["accuracy"] if clean["accuracy"] > 0 else math.nan,
+        "relative_drop/accuracy": (clean["accuracy"] - float(np.mean(accs))) / clean["accuracy"]
+        if clean["accuracy"] > 0
+        else math.nan,
         "relative_drop/auroc": (clean["auroc"] - float(np.mean(aurocs))) / clean["auroc"],
     }
-    fns = {"mean/accuracy": mean_acc, "mean/auroc": mean_auroc, "relative_drop/accuracy": drop_acc,
-           "relative_drop/auroc": drop_auroc}
+    fns = {
+        "mean/accuracy": mean_acc,
+        "mean/auroc": mean_auroc,
+        "relative_drop/accuracy": drop_acc,
+        "relative_drop/auroc": drop_auroc,
+    }
     out: dict[str, float] = {}
     for key, value in values.items():
         out[key], out[f"{key}_ci_low"], out[f"{key}_ci_high"] = value, math.nan, math.nan
@@ -214,7 +247,8 @@ def _corruption_summary(y, clean_p, cells, clean, corruptions, n_bootstrap, seed
                 warnings.simplefilter("ignore", RuntimeWarning)  # resamples missing a class are skipped
                 try:
                     out[f"{key}_ci_low"], out[f"{key}_ci_high"] = bootstrap_ci(
-                        fns[key], y, stack, n_bootstrap=int(n_bootstrap), ci=_CI, seed=seed)
+                        fns[key], y, stack, n_bootstrap=int(n_bootstrap), ci=_CI, seed=seed
+                    )
                 except RuntimeError:  # undefined on every resample (tiny sets): no interval
                     pass
     return out

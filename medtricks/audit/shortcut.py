@@ -25,6 +25,7 @@ No lung segmentation model ships offline here; a better mask can be passed as ``
     res = run_shortcut_audit(model, loader, classes=["normal", "covid"], mean=(0.5,), std=(0.25,))
     print(res.table()); tracker.log_metrics(res.metrics)
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,16 @@ from medtricks.audit.saliency import cam_target_layer, grad_cam, overlay
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.evaluate.metrics import _auroc, bootstrap_ci, compute_metrics
 
-__all__ = ["lung_field_mask", "hide_lungs", "lungs_only", "blank_border", "run_shortcut_audit", "ShortcutResult",
-           "LUNGS_HIDDEN_AUROC", "BORDER_DROP"]
+__all__ = [
+    "lung_field_mask",
+    "hide_lungs",
+    "lungs_only",
+    "blank_border",
+    "run_shortcut_audit",
+    "ShortcutResult",
+    "LUNGS_HIDDEN_AUROC",
+    "BORDER_DROP",
+]
 
 #: Lungs-hidden AUROC whose CI lower bound above this flags a shortcut (0.5 = chance).
 LUNGS_HIDDEN_AUROC = 0.65
@@ -78,7 +87,7 @@ def blank_border(x01: torch.Tensor, fraction: float, value: Optional[float] = No
     h, w = x01.shape[-2:]
     k_h, k_w = max(1, round(fraction * h)), max(1, round(fraction * w))
     frame = torch.ones((h, w), dtype=torch.bool, device=x01.device)
-    frame[k_h:h - k_h, k_w:w - k_w] = False
+    frame[k_h : h - k_h, k_w : w - k_w] = False
     return _fill(x01, frame, value)
 
 
@@ -112,23 +121,35 @@ class ShortcutResult:
         return out
 
     def to_json(self) -> str:
-        doc = {"classes": self.classes, "config": self.config, "variants": self.variants,
-               "border_auroc_drop": self.border_drop, "cam_lung_share": self.cam_lung_share, "flags": self.flags,
-               "verdict": self.verdict}
+        doc = {
+            "classes": self.classes,
+            "config": self.config,
+            "variants": self.variants,
+            "border_auroc_drop": self.border_drop,
+            "cam_lung_share": self.cam_lung_share,
+            "flags": self.flags,
+            "verdict": self.verdict,
+        }
         return json.dumps(_nan_to_none(doc), indent=2, allow_nan=False)
 
     def table(self) -> str:
         c = self.config
-        lines = [f"Shortcut audit: n={c['n_images']} images, {100 * _CI:g}% percentile bootstrap "
-                 f"({c['n_bootstrap']} resamples); lung field = fixed ellipses ({c['lung_area']:.0%} of the image), "
-                 f"border = {c['border']:.0%} frame"]
+        lines = [
+            f"Shortcut audit: n={c['n_images']} images, {100 * _CI:g}% percentile bootstrap "
+            f"({c['n_bootstrap']} resamples); lung field = fixed ellipses ({c['lung_area']:.0%} of the image), "
+            f"border = {c['border']:.0%} frame"
+        ]
         rows = [("variant", "AUROC", "accuracy")]
-        rows += [(variant, _with_ci(values, "auroc"), _with_ci(values, "accuracy"))
-                 for variant, values in self.variants.items()]
+        rows += [
+            (variant, _with_ci(values, "auroc"), _with_ci(values, "accuracy"))
+            for variant, values in self.variants.items()
+        ]
         lines += _align(rows)
         lines.append(f"border blanked: AUROC drop {_with_ci(self.border_drop, 'value')}")
-        lines.append(f"Grad-CAM share in the lung field: {_with_ci(self.cam_lung_share, 'value')} "
-                     f"(the field is {c['lung_area']:.0%} of the image); {c.get('grad_cam', '')}")
+        lines.append(
+            f"Grad-CAM share in the lung field: {_with_ci(self.cam_lung_share, 'value')} "
+            f"(the field is {c['lung_area']:.0%} of the image); {c.get('grad_cam', '')}"
+        )
         lines.append(self.verdict)
         return "\n".join(lines)
 
@@ -162,11 +183,23 @@ def _paired_drop(y, p_clean, p_other, n_bootstrap, seed) -> dict[str, float]:
     return {"value": float(value), "value_ci_low": float(low), "value_ci_high": float(high)}
 
 
-def run_shortcut_audit(model: nn.Module, loader: Any, *, classes: Sequence[str], mean: Sequence[float],
-                       std: Sequence[float], n: Optional[int] = 500, border: float = 0.08,
-                       lung_mask: Optional[np.ndarray] = None, n_bootstrap: int = 200, seed: int = 0,
-                       device: str | torch.device = "cpu", cam: bool = True, n_overlays: int = 4,
-                       progress: bool = True) -> ShortcutResult:
+def run_shortcut_audit(
+    model: nn.Module,
+    loader: Any,
+    *,
+    classes: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    n: Optional[int] = 500,
+    border: float = 0.08,
+    lung_mask: Optional[np.ndarray] = None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    cam: bool = True,
+    n_overlays: int = 4,
+    progress: bool = True,
+) -> ShortcutResult:
     """Run the four probes of the module docstring on the first ``n`` images of ``loader``.
 
     ``loader`` yields normalised ``(images, targets)`` as the run's eval loader does; ``mean``/``std`` are
@@ -200,9 +233,12 @@ def run_shortcut_audit(model: nn.Module, loader: Any, *, classes: Sequence[str],
                 mask = lung_mask if lung_mask is not None else lung_field_mask(*x01.shape[-2:])
                 if mask.shape != tuple(x01.shape[-2:]):
                     raise ConfigError(f"lung_mask has shape {mask.shape}, the images {tuple(x01.shape[-2:])}")
-            for variant, x in (("clean", x01), ("lungs_hidden", hide_lungs(x01, mask, fill)),
-                               ("lungs_only", lungs_only(x01, mask, fill)),
-                               ("border_blanked", blank_border(x01, border, fill))):
+            for variant, x in (
+                ("clean", x01),
+                ("lungs_hidden", hide_lungs(x01, mask, fill)),
+                ("lungs_only", lungs_only(x01, mask, fill)),
+                ("border_blanked", blank_border(x01, border, fill)),
+            ):
                 probs[variant].append(torch.softmax(model01(x).float(), dim=1).cpu().numpy())
             ys.append(np.asarray(targets))
             xs.append(x01.cpu())
@@ -217,17 +253,44 @@ def run_shortcut_audit(model: nn.Module, loader: Any, *, classes: Sequence[str],
     cam_share, overlays = {"value": math.nan, "value_ci_low": math.nan, "value_ci_high": math.nan}, {}
     cam_note = "Grad-CAM not run (cam=False)"
     if cam:
-        cam_share, overlays, cam_note = _cam_probe(model, torch.cat(xs), y, p["clean"], mask, mean=mean_l, std=std_l,
-                                                   device=device, n_overlays=n_overlays, n_bootstrap=n_bootstrap,
-                                                   seed=seed)
+        cam_share, overlays, cam_note = _cam_probe(
+            model,
+            torch.cat(xs),
+            y,
+            p["clean"],
+            mask,
+            mean=mean_l,
+            std=std_l,
+            device=device,
+            n_overlays=n_overlays,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
     flags, verdict = _verdict(variants, border_drop, cam_share, lung_area)
-    config = {"n_images": int(seen), "n_requested": n, "border": float(border), "lung_area": lung_area,
-              "fill_grey": fill, "grad_cam": cam_note,
-              "lung_field": "ellipses at x=0.30/0.70, y=0.50 of the side, semi-axes 0.17 w x 0.30 h"
-              if lung_mask is None else "given mask", "n_bootstrap": int(n_bootstrap), "seed": seed,
-              "thresholds": {"lungs_hidden_auroc_ci_low": LUNGS_HIDDEN_AUROC, "border_drop_ci_low": BORDER_DROP}}
-    return ShortcutResult(classes=names, config=config, variants=variants, border_drop=border_drop,
-                          cam_lung_share=cam_share, flags=flags, verdict=verdict, overlays=overlays)
+    config = {
+        "n_images": int(seen),
+        "n_requested": n,
+        "border": float(border),
+        "lung_area": lung_area,
+        "fill_grey": fill,
+        "grad_cam": cam_note,
+        "lung_field": "ellipses at x=0.30/0.70, y=0.50 of the side, semi-axes 0.17 w x 0.30 h"
+        if lung_mask is None
+        else "given mask",
+        "n_bootstrap": int(n_bootstrap),
+        "seed": seed,
+        "thresholds": {"lungs_hidden_auroc_ci_low": LUNGS_HIDDEN_AUROC, "border_drop_ci_low": BORDER_DROP},
+    }
+    return ShortcutResult(
+        classes=names,
+        config=config,
+        variants=variants,
+        border_drop=border_drop,
+        cam_lung_share=cam_share,
+        flags=flags,
+        verdict=verdict,
+        overlays=overlays,
+    )
 
 
 def _cam_probe(model, x01, y, clean_probs, mask, *, mean, std, device, n_overlays, n_bootstrap, seed):
@@ -242,27 +305,46 @@ def _cam_probe(model, x01, y, clean_probs, mask, *, mean, std, device, n_overlay
     try:
         name, layer = cam_target_layer(model, input_shape=tuple(norm.shape[1:]), min_grid=MIN_CAM_GRID)
     except MedtricksError:
-        return empty, {}, (f"Grad-CAM skipped: no feature map of the model is {MIN_CAM_GRID}x{MIN_CAM_GRID} or finer "
-                           f"at this input size, too coarse to tell the lungs from the rest")
+        return (
+            empty,
+            {},
+            (
+                f"Grad-CAM skipped: no feature map of the model is {MIN_CAM_GRID}x{MIN_CAM_GRID} or finer "
+                f"at this input size, too coarse to tell the lungs from the rest"
+            ),
+        )
     grid = _feature_grid(model, layer, norm[:1].to(device))
     maps = []
     for start in range(0, len(norm), 16):
-        maps.append(grad_cam(model, layer, norm[start:start + 16].to(device), [int(t) for t in target[start:start + 16]]))
+        maps.append(
+            grad_cam(model, layer, norm[start : start + 16].to(device), [int(t) for t in target[start : start + 16]])
+        )
     heat = np.concatenate(maps).astype(np.float64)  # (N, H, W) in [0, 1]
     total = heat.reshape(len(heat), -1).sum(1)
     inside = (heat * mask[None]).reshape(len(heat), -1).sum(1)
     flat = heat.reshape(len(heat), -1).std(1) < 1e-6  # an all-zero (or constant) map locates nothing
     share = np.where((total > 0) & ~flat, inside / np.maximum(total, 1e-12), np.nan)
     valid = share[np.isfinite(share)]
-    where = "" if name == last_name else (f" ({name}: the last feature map, {last_name}, is coarser than "
-                                          f"{MIN_CAM_GRID}x{MIN_CAM_GRID} at this input size)")
-    note = (f"Grad-CAM at a {grid[0]}x{grid[1]} feature map{where}; {int(flat.sum())} of {len(heat)} maps flat "
-            "(left out)")
-    out = {"value": float(valid.mean()) if valid.size else math.nan, "value_ci_low": math.nan,
-           "value_ci_high": math.nan}
+    where = (
+        ""
+        if name == last_name
+        else (
+            f" ({name}: the last feature map, {last_name}, is coarser than "
+            f"{MIN_CAM_GRID}x{MIN_CAM_GRID} at this input size)"
+        )
+    )
+    note = (
+        f"Grad-CAM at a {grid[0]}x{grid[1]} feature map{where}; {int(flat.sum())} of {len(heat)} maps flat (left out)"
+    )
+    out = {
+        "value": float(valid.mean()) if valid.size else math.nan,
+        "value_ci_low": math.nan,
+        "value_ci_high": math.nan,
+    }
     if valid.size > 1 and n_bootstrap:
-        low, high = bootstrap_ci(lambda v, _: float(v.mean()), valid, valid[:, None], n_bootstrap=n_bootstrap,
-                                 ci=_CI, seed=seed)
+        low, high = bootstrap_ci(
+            lambda v, _: float(v.mean()), valid, valid[:, None], n_bootstrap=n_bootstrap, ci=_CI, seed=seed
+        )
         out["value_ci_low"], out["value_ci_high"] = float(low), float(high)
     confidence = clean_probs.max(1)
     overlays = {}
@@ -292,22 +374,31 @@ def _feature_grid(model, layer, image) -> tuple[int, int]:
 
 def _verdict(variants, border_drop, cam_share, lung_area) -> tuple[dict[str, bool], str]:
     hidden = variants["lungs_hidden"]
-    flags = {"lungs_hidden": bool(math.isfinite(hidden["auroc_ci_low"]) and hidden["auroc_ci_low"] > LUNGS_HIDDEN_AUROC)
-             or bool(not math.isfinite(hidden["auroc_ci_low"]) and hidden["auroc"] > 0.8),
-             "border": bool(math.isfinite(border_drop["value_ci_low"]) and border_drop["value_ci_low"] > BORDER_DROP),
-             "cam_outside_lungs": bool(math.isfinite(cam_share["value_ci_high"])
-                                       and cam_share["value_ci_high"] < lung_area)}
+    flags = {
+        "lungs_hidden": bool(math.isfinite(hidden["auroc_ci_low"]) and hidden["auroc_ci_low"] > LUNGS_HIDDEN_AUROC)
+        or bool(not math.isfinite(hidden["auroc_ci_low"]) and hidden["auroc"] > 0.8),
+        "border": bool(math.isfinite(border_drop["value_ci_low"]) and border_drop["value_ci_low"] > BORDER_DROP),
+        "cam_outside_lungs": bool(math.isfinite(cam_share["value_ci_high"]) and cam_share["value_ci_high"] < lung_area),
+    }
     reasons = []
     if flags["lungs_hidden"]:
-        reasons.append(f"with the lungs hidden it still reaches AUROC {hidden['auroc']:.3f} "
-                       f"(CI low {hidden['auroc_ci_low']:.3f} > {LUNGS_HIDDEN_AUROC})")
+        reasons.append(
+            f"with the lungs hidden it still reaches AUROC {hidden['auroc']:.3f} "
+            f"(CI low {hidden['auroc_ci_low']:.3f} > {LUNGS_HIDDEN_AUROC})"
+        )
     if flags["border"]:
-        reasons.append(f"blanking the border costs {border_drop['value']:.3f} AUROC "
-                       f"(CI low {border_drop['value_ci_low']:.3f} > {BORDER_DROP})")
+        reasons.append(
+            f"blanking the border costs {border_drop['value']:.3f} AUROC "
+            f"(CI low {border_drop['value_ci_low']:.3f} > {BORDER_DROP})"
+        )
     if flags["cam_outside_lungs"]:
-        reasons.append(f"Grad-CAM puts less of its mass in the lung field ({cam_share['value']:.2f}) than the field's "
-                       f"share of the image ({lung_area:.2f})")
+        reasons.append(
+            f"Grad-CAM puts less of its mass in the lung field ({cam_share['value']:.2f}) than the field's "
+            f"share of the image ({lung_area:.2f})"
+        )
     if reasons:
         return flags, "VERDICT: shortcut suspected -- " + "; ".join(reasons) + ". Do not trust this model's AUROC."
-    return flags, ("VERDICT: no shortcut found by these probes (lungs-hidden AUROC near chance, border not needed, "
-                   "Grad-CAM mass not outside the lungs); this does not prove the model reads the lungs.")
+    return flags, (
+        "VERDICT: no shortcut found by these probes (lungs-hidden AUROC near chance, border not needed, "
+        "Grad-CAM mass not outside the lungs); this does not prove the model reads the lungs."
+    )

@@ -4,6 +4,7 @@ severity, and probed for gradient masking; the probabilities are kept for :mod:`
 Each batch is de-normalized to pixels in ``[0, 1]`` (attacks and corruptions work there, with the
 normalization moved inside the model), and every (batch, attack, ε) cell gets its own reproducible seed.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -50,9 +51,11 @@ class AuditSweep:
         self.y: list[np.ndarray] = []
         self.clean: list[np.ndarray] = []
         self.adv: dict[tuple[str, float], list[np.ndarray]] = {
-            (a, e): [] for a in plan.attacks for e in plan.eps if e > 0}
+            (a, e): [] for a in plan.attacks for e in plan.eps if e > 0
+        }
         self.corrupted: dict[tuple[str, int], list[np.ndarray]] = {
-            (c, s): [] for c in plan.corruptions for s in plan.severities if s > 0}
+            (c, s): [] for c in plan.corruptions for s in plan.severities if s > 0
+        }
         self.examples: Optional[AuditExamples] = None
         self.image_shape: Optional[tuple[int, ...]] = None
         self.max_norm: dict[tuple[str, float], float] = {}
@@ -69,8 +72,9 @@ class AuditSweep:
         n = self.plan.n
         expected = _expected_images(loader, n)
         units = 1 + len(self.adv) + len(self.corrupted) + (2 if self.plan.masking else 0)
-        bar = tqdm(total=expected * units if expected else None, desc="audit", unit="img", disable=not progress,
-                   leave=False)
+        bar = tqdm(
+            total=expected * units if expected else None, desc="audit", unit="img", disable=not progress, leave=False
+        )
         mean_t = torch.tensor(self.plan.mean, device=device).view(1, -1, 1, 1)
         std_t = torch.tensor(self.plan.std, device=device).view(1, -1, 1, 1)
         seen = 0
@@ -97,8 +101,10 @@ class AuditSweep:
         with torch.no_grad():
             logits = self.model(x_norm)  # exactly what predict() computes: eps=0 == clean
         if logits.dim() != 2 or logits.shape[1] != len(plan.names):
-            raise ConfigError(f"the model returned logits of shape {tuple(logits.shape)} for a batch of {k}; expected "
-                             f"({k}, {len(plan.names)}) for classes {plan.names}")
+            raise ConfigError(
+                f"the model returned logits of shape {tuple(logits.shape)} for a batch of {k}; expected "
+                f"({k}, {len(plan.names)}) for classes {plan.names}"
+            )
         clean_probs = torch.softmax(logits.float(), dim=1)
         self.y.append(y.cpu().numpy())
         self.clean.append(clean_probs.cpu().numpy())
@@ -135,8 +141,18 @@ class AuditSweep:
         for tag, eps, steps in ((0, eps_max, fewer_steps(plan.pgd_steps)), (1, LARGE_EPS, plan.pgd_steps)):
             bar.set_postfix_str(f"masking probe pgd-{steps} eps={eps * 255:.3g}/255")
             generator = torch.Generator(device=x01.device).manual_seed(_sub_seed(plan.seed, b, 2000 + tag))
-            _, logits = _pgd(self.model01, x01, y, eps, norm="linf", steps=steps, step_size=None, random_start=True,
-                             targeted=False, generator=generator)
+            _, logits = _pgd(
+                self.model01,
+                x01,
+                y,
+                eps,
+                norm="linf",
+                steps=steps,
+                step_size=None,
+                random_start=True,
+                targeted=False,
+                generator=generator,
+            )
             (self.probe_fewer if tag == 0 else self.probe_large).append((logits.argmax(1) == y).cpu().numpy())
             bar.update(len(y))
         generator = torch.Generator(device=x01.device).manual_seed(_sub_seed(plan.seed, b, 3000))
@@ -157,18 +173,30 @@ class AuditSweep:
         if attack in ("pgd_linf", "pgd_l2", "transfer"):
             generator = torch.Generator(device=x01.device).manual_seed(seed)
             source = self.surrogate01 if attack == "transfer" else self.model01
-            x_adv, logits = _pgd(source, x01, y_attack, budget, norm=norm, steps=plan.pgd_steps, step_size=None,
-                                 random_start=True, targeted=targeted, generator=generator)
+            x_adv, logits = _pgd(
+                source,
+                x01,
+                y_attack,
+                budget,
+                norm=norm,
+                steps=plan.pgd_steps,
+                step_size=None,
+                random_start=True,
+                targeted=targeted,
+                generator=generator,
+            )
             if attack == "transfer":
                 logits = None  # those are the surrogate's: score on the target model below
         elif attack == "fgsm":
             x_adv = fgsm(self.model01, x01, y_attack, eps, targeted=targeted)
         elif attack == "apgd_ce":
-            x_adv = apgd(self.model01, x01, y_attack, eps, loss="ce", steps=self.apgd_steps, targeted=targeted,
-                         seed=seed)
+            x_adv = apgd(
+                self.model01, x01, y_attack, eps, loss="ce", steps=self.apgd_steps, targeted=targeted, seed=seed
+            )
         elif attack == "apgd_square":
-            x_adv = apgd_square(self.model01, x01, y_attack, eps, targeted=targeted, seed=seed,
-                                square_queries=plan.square_queries)
+            x_adv = apgd_square(
+                self.model01, x01, y_attack, eps, targeted=targeted, seed=seed, square_queries=plan.square_queries
+            )
         elif attack == "square":
             x_adv = square(self.model01, x01, y_attack, eps, queries=plan.square_queries, targeted=targeted, seed=seed)
         else:  # pragma: no cover - names are validated up front
@@ -187,8 +215,14 @@ class AuditSweep:
     def _keep_examples(self, attack, eps, x01, x_adv, y, clean_probs, adv_probs):
         m = min(_N_EXAMPLES, len(y))
         self.examples = AuditExamples(
-            attack=self.plan.labels[attack], eps=eps, clean=x01[:m].cpu().numpy(), adversarial=x_adv[:m].cpu().numpy(),
-            labels=y[:m].cpu().numpy(), clean_probs=clean_probs[:m].cpu().numpy(), adversarial_probs=adv_probs[:m].cpu().numpy())
+            attack=self.plan.labels[attack],
+            eps=eps,
+            clean=x01[:m].cpu().numpy(),
+            adversarial=x_adv[:m].cpu().numpy(),
+            labels=y[:m].cpu().numpy(),
+            clean_probs=clean_probs[:m].cpu().numpy(),
+            adversarial_probs=adv_probs[:m].cpu().numpy(),
+        )
 
 
 def _sub_seed(*parts: int) -> int:
@@ -209,26 +243,35 @@ def _unpack(batch, index, n_classes) -> tuple[torch.Tensor, torch.Tensor]:
         raise ConfigError(f"loader batch {index} is a {type(batch).__name__}; expected (images, targets)")
     images, targets = batch[0], batch[1]
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        what = f"shape {tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+        what = (
+            f"shape {tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+        )
         raise ConfigError(f"loader batch {index}: images must be a float tensor (N, C, H, W), got {what}")
     targets = torch.as_tensor(targets)
     if targets.dim() != 1 or len(targets) != len(images) or targets.is_floating_point() or targets.dtype == torch.bool:
-        raise ConfigError(f"loader batch {index}: targets must be {len(images)} integer class indices (shape (N,)), got "
-                         f"{targets.dtype} of shape {tuple(targets.shape)} (one-hot or soft labels are not supported)")
+        raise ConfigError(
+            f"loader batch {index}: targets must be {len(images)} integer class indices (shape (N,)), got "
+            f"{targets.dtype} of shape {tuple(targets.shape)} (one-hot or soft labels are not supported)"
+        )
     if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= n_classes):
-        raise ConfigError(f"loader batch {index}: target {int(targets.max()) if int(targets.max()) >= n_classes else int(targets.min())} "
-                         f"is not a class index 0..{n_classes - 1}")
+        raise ConfigError(
+            f"loader batch {index}: target {int(targets.max()) if int(targets.max()) >= n_classes else int(targets.min())} "
+            f"is not a class index 0..{n_classes - 1}"
+        )
     return images.float(), targets.long()
 
 
 def _denormalize(x_norm: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor, index: int) -> torch.Tensor:
     if x_norm.shape[1] != mean_t.shape[1]:
-        raise ConfigError(f"loader batch {index} has {x_norm.shape[1]} channel(s) but mean/std have {mean_t.shape[1]} "
-                         "value(s); pass the normalization the loader applies, one value per channel")
+        raise ConfigError(
+            f"loader batch {index} has {x_norm.shape[1]} channel(s) but mean/std have {mean_t.shape[1]} "
+            "value(s); pass the normalization the loader applies, one value per channel"
+        )
     x01 = x_norm * std_t + mean_t
     lo, hi = float(x01.min()), float(x01.max())
     if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
         raise ConfigError(
             f"loader batch {index} de-normalizes to [{lo:.4f}, {hi:.4f}] with mean={mean_t.flatten().tolist()} "
-            f"std={std_t.flatten().tolist()}; expected pixels in [0, 1]: pass the mean/std the loader normalizes with")
+            f"std={std_t.flatten().tolist()}; expected pixels in [0, 1]: pass the mean/std the loader normalizes with"
+        )
     return x01.clamp(0.0, 1.0)

@@ -6,6 +6,7 @@ which dispatches and turns errors into exit codes. Each command's parser and han
 - :mod:`medtricks.cli.deploy`: calibrate, adapt.
 
 Imports are lazy (each handler imports what it runs) so ``medtricks --help`` answers in well under 1 s."""
+
 from __future__ import annotations
 
 import argparse
@@ -59,26 +60,49 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medtricks", description="Bag-of-tricks fine-tuning of pretrained CNNs on chest X-rays.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="medtricks",
+        description="Bag-of-tricks fine-tuning of pretrained CNNs on chest X-rays.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"medtricks {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # each command's parser, in the order `medtricks --help` lists them
-    for add in (training.add_run, training.add_data, training.add_gamma, posthoc.add_evaluate, posthoc.add_ensemble,
-                training.add_ablate, training.add_self_train, posthoc.add_compare, posthoc.add_audit,
-                posthoc.add_predict, deploy.add_calibrate, deploy.add_adapt, posthoc.add_export, posthoc.add_cka,
-                posthoc.add_attention, training.add_weights):
+    for add in (
+        training.add_run,
+        training.add_data,
+        training.add_gamma,
+        posthoc.add_evaluate,
+        posthoc.add_ensemble,
+        training.add_ablate,
+        training.add_self_train,
+        posthoc.add_compare,
+        posthoc.add_audit,
+        posthoc.add_predict,
+        deploy.add_calibrate,
+        deploy.add_adapt,
+        posthoc.add_export,
+        posthoc.add_cka,
+        posthoc.add_attention,
+        training.add_weights,
+    ):
         add(sub)
     for name in ("run", "ablate", "self-train"):  # commands that read the user's own recipe
         sub.choices[name].add_argument(
-            "--allow-plugins", action="store_true",
+            "--allow-plugins",
+            action="store_true",
             help="import the recipe's experiment.plugins (Python code that runs with your permissions); without "
-                 "it a recipe that names plug-ins is refused. Same as MEDTRICKS_ALLOW_PLUGINS=1")
+            "it a recipe that names plug-ins is refused. Same as MEDTRICKS_ALLOW_PLUGINS=1",
+        )
     # commands that load a stored run
     for name in ("evaluate", "ensemble", "audit", "predict", "export", "cka", "attention"):
         sub.choices[name].add_argument(
-            "--plugin", action="append", default=[], metavar="MODULE|FILE.py",
-            help="import this trick plug-in first (repeatable); a stored run's own plug-in list is never imported")
+            "--plugin",
+            action="append",
+            default=[],
+            metavar="MODULE|FILE.py",
+            help="import this trick plug-in first (repeatable); a stored run's own plug-in list is never imported",
+        )
     return parser
 
 
@@ -113,8 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     if args.command != "run" and under_torchrun():
-        print(f"medtricks {args.command}: error: only `medtricks run` trains data-parallel under torchrun; run "
-              f"`medtricks {args.command}` without torchrun", file=sys.stderr)
+        print(
+            f"medtricks {args.command}: error: only `medtricks run` trains data-parallel under torchrun; run "
+            f"`medtricks {args.command}` without torchrun",
+            file=sys.stderr,
+        )
         return 2
     try:
         _opt_in_plugins(args)
@@ -122,8 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if handler is not None:
             return handler(args, parser) if args.command in _TAKE_PARSER else handler(args)
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is checkpointed; continue with --resume auto",
-              file=sys.stderr)
+        print("interrupted: the last finished epoch is checkpointed; continue with --resume auto", file=sys.stderr)
         return 130
     except MedtricksError as err:  # bad input a user can fix: one line; anything else is a bug (traceback)
         message = f"medtricks {args.command}: error: {err}"

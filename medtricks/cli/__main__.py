@@ -1,4 +1,5 @@
 """``python -m medtricks.cli``: the ``medtricks`` command without the console-script wrapper."""
+
 import sys
 
 from medtricks.cli import main

@@ -11,6 +11,7 @@ Example::
     manifest = build_manifest(card, "../shared/data/kermany224/train", split_seed=0)
     image = read_image(manifest.path[0])           # float32 (H, W) in [0, 1], bright = dense
 """
+
 from __future__ import annotations
 
 import importlib

@@ -11,6 +11,7 @@ Example::
     card.classes          # ['normal', 'pneumonia']
     card.layout.kind      # 'folder'
 """
+
 from __future__ import annotations
 
 import difflib
@@ -62,16 +63,22 @@ class FolderLayout(_Strict):
     glob: str = Field("**/*", description="which files under root to consider (pathlib glob)")
     extensions: list[str] = Field(
         default_factory=lambda: [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff"],
-        description="image file extensions (case-insensitive); other files are counted as ignored")
+        description="image file extensions (case-insensitive); other files are counted as ignored",
+    )
     label_from: Literal["parent_dir", "first_dir"] = Field(
-        "parent_dir", description="the raw label is the file's parent folder, or the first folder under root")
+        "parent_dir", description="the raw label is the file's parent folder, or the first folder under root"
+    )
     label_regex: Optional[str] = Field(
-        None, description="searched in the file name; when it matches, its 'label' group (or first group) "
-                          "replaces the folder label (Kermany's bacteria/virus sub-type)")
+        None,
+        description="searched in the file name; when it matches, its 'label' group (or first group) "
+        "replaces the folder label (Kermany's bacteria/virus sub-type)",
+    )
     split_dirs: dict[str, SplitName] = Field(
-        default_factory=dict, description="folder name -> split, for datasets shipped as train/ test/ folders")
-    exclude_dirs: list[str] = Field(default_factory=lambda: ["__MACOSX"],
-                                    description="folders whose files are not images of the dataset")
+        default_factory=dict, description="folder name -> split, for datasets shipped as train/ test/ folders"
+    )
+    exclude_dirs: list[str] = Field(
+        default_factory=lambda: ["__MACOSX"], description="folders whose files are not images of the dataset"
+    )
 
     @field_validator("label_regex")
     @classmethod
@@ -102,14 +109,17 @@ class CsvLayout(_Strict):
     columns: Optional[list[str]] = Field(None, description="column names for tables without a header row")
     path_template: str = Field("{path}", description="image path from row values, e.g. '{folder}/{filename}'")
     locate: Literal["template", "by_name"] = Field(
-        "template", description="'by_name': find each file by its name anywhere under root (NIH images_*/)")
+        "template", description="'by_name': find each file by its name anywhere under root (NIH images_*/)"
+    )
     label_column: str
     label_sep: Optional[str] = Field(None, description="separator of several labels in one cell (multilabel)")
     split_column: Optional[str] = None
     split_values: dict[str, SplitName] = Field(
-        default_factory=dict, description="raw split value -> split (default: train/val/test as they are)")
+        default_factory=dict, description="raw split value -> split (default: train/val/test as they are)"
+    )
     split_lists: dict[SplitName, str] = Field(
-        default_factory=dict, description="split -> text file (relative to root) listing its file names")
+        default_factory=dict, description="split -> text file (relative to root) listing its file names"
+    )
 
     @field_validator("path_template")
     @classmethod
@@ -124,8 +134,9 @@ class PatientSpec(_Strict):
     name, or nothing (``per_image``)."""
 
     column: Optional[str] = None
-    template: Optional[str] = Field(None, description="csv only: e.g. '{source}/{patient_id}' when IDs repeat "
-                                                      "across sources")
+    template: Optional[str] = Field(
+        None, description="csv only: e.g. '{source}/{patient_id}' when IDs repeat across sources"
+    )
     regex: Optional[str] = Field(None, description="searched in the file name; group 'patient' or the first group")
     per_image: bool = Field(False, description="no patient information: every image is its own patient")
 
@@ -200,8 +211,10 @@ class Normalization(_Strict):
     def _preset(cls, value):
         if isinstance(value, str):
             if value not in _NORMALIZATION_PRESETS:
-                raise ConfigError(f"unknown normalization {value!r}; use one of {sorted(_NORMALIZATION_PRESETS)} "
-                                 "or {mean: [...], std: [...]}")
+                raise ConfigError(
+                    f"unknown normalization {value!r}; use one of {sorted(_NORMALIZATION_PRESETS)} "
+                    "or {mean: [...], std: [...]}"
+                )
             mean, std = _NORMALIZATION_PRESETS[value]
             return {"mean": mean, "std": std}
         return value
@@ -220,8 +233,10 @@ class DataCard(_Strict):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     description: str
-    source: str = Field(pattern=r"^(https?://\S+|generated)$",
-                        description="where the dataset can be downloaded (an http(s) URL), or 'generated'")
+    source: str = Field(
+        pattern=r"^(https?://\S+|generated)$",
+        description="where the dataset can be downloaded (an http(s) URL), or 'generated'",
+    )
     license: str
     citation: str
     task: Literal["binary", "multiclass", "multilabel"]
@@ -230,10 +245,12 @@ class DataCard(_Strict):
     label_patterns: list[LabelPattern] = Field(default_factory=list)
     drop: list[str] = Field(default_factory=list, description="raw labels left out on purpose (counted)")
     unknown_labels: str = Field(
-        "error", description="raw labels that neither label_map, classes, drop nor label_patterns know: 'error' "
-                             "(stop, naming them and their files), 'drop' (leave them out) or a class name (map them "
-                             "to it); 'drop' and a class are counted in the manifest's notes and reported by "
-                             "`medtricks data check` and `medtricks run`, never silent")
+        "error",
+        description="raw labels that neither label_map, classes, drop nor label_patterns know: 'error' "
+        "(stop, naming them and their files), 'drop' (leave them out) or a class name (map them "
+        "to it); 'drop' and a class are counted in the manifest's notes and reported by "
+        "`medtricks data check` and `medtricks run`, never silent",
+    )
     layout: Annotated[Union[FolderLayout, CsvLayout], Field(discriminator="kind")]
     patient: PatientSpec
     filters: list[RowFilter] = Field(default_factory=list)
@@ -241,8 +258,10 @@ class DataCard(_Strict):
     normalization: Normalization = Field(default_factory=lambda: Normalization.model_validate("imagenet"))
     pitfalls: list[str] = Field(default_factory=list, description="shown by `medtricks data check`")
     allow_conflicting_duplicates: bool = Field(
-        False, description="identical image bytes under two different labels stop build_manifest (a labelling "
-                           "error or a copy filed twice); true: accept them (they stay listed by `data check`)")
+        False,
+        description="identical image bytes under two different labels stop build_manifest (a labelling "
+        "error or a copy filed twice); true: accept them (they stay listed by `data check`)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -257,16 +276,21 @@ class DataCard(_Strict):
             if target not in allowed:
                 raise ConfigError(f"label_map[{raw!r}] = {target!r} is not one of the classes {self.classes} or 'drop'")
         if self.unknown_labels not in allowed | {UNKNOWN_ERROR}:
-            raise ConfigError(f"unknown_labels: {self.unknown_labels!r} is not '{UNKNOWN_ERROR}', '{DROP}' or one of "
-                             f"the classes {self.classes}")
+            raise ConfigError(
+                f"unknown_labels: {self.unknown_labels!r} is not '{UNKNOWN_ERROR}', '{DROP}' or one of "
+                f"the classes {self.classes}"
+            )
         for pattern in self.label_patterns:
             if pattern.to not in allowed:
-                raise ConfigError(f"label_patterns: {pattern.pattern!r} -> {pattern.to!r} is not one of the classes "
-                                 f"{self.classes} or 'drop'")
+                raise ConfigError(
+                    f"label_patterns: {pattern.pattern!r} -> {pattern.to!r} is not one of the classes "
+                    f"{self.classes} or 'drop'"
+                )
         if self.layout.kind == "folder":
             if self.patient.column or self.patient.template:
-                raise ConfigError("patient.column/template need a csv layout; a folder layout uses patient.regex "
-                                 "or per_image")
+                raise ConfigError(
+                    "patient.column/template need a csv layout; a folder layout uses patient.regex or per_image"
+                )
             if self.filters:
                 raise ConfigError("filters need a csv layout (they test table columns)")
         if self.layout.kind == "csv" and self.task == "multilabel" and not self.layout.label_sep:
@@ -358,8 +382,10 @@ def load_card(name_or_path: "str | Path | DataCard") -> DataCard:
         else:
             available = list_cards()
             close = difflib.get_close_matches(text, available, n=len(available), cutoff=0.0)
-            raise CardError(f"unknown data card {text!r}; available cards in {folder} (closest first): "
-                            f"{', '.join(close) or '(none)'}; or pass a path to a card YAML file")
+            raise CardError(
+                f"unknown data card {text!r}; available cards in {folder} (closest first): "
+                f"{', '.join(close) or '(none)'}; or pass a path to a card YAML file"
+            )
     if not path.is_file():
         raise CardError(f"data card file {path} does not exist")
     try:  # duplicate keys and anchors/aliases are refused (medtricks/_yaml.py)

@@ -17,6 +17,7 @@ Example::
                             in_chans=1, synth={"n": 300, "size": 64})
     x, y = bundle.train[0]          # tensor (1, 64, 64), int
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -142,8 +143,15 @@ class XrayDataset:
     cache. ``resize_to`` overrides the pre-resize side (``None``: the transform's ``base_side``, if any).
     """
 
-    def __init__(self, manifest: pd.DataFrame, transform: Callable, *, cache_dir=None,
-                 resize_to: Optional[int] = None, voi: str = "auto"):
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        transform: Callable,
+        *,
+        cache_dir=None,
+        resize_to: Optional[int] = None,
+        voi: str = "auto",
+    ):
         missing = {"path", "target"} - set(manifest.columns)
         if missing:
             raise ConfigError(f"XrayDataset needs manifest columns {sorted(missing)}; got {list(manifest.columns)}")
@@ -155,8 +163,9 @@ class XrayDataset:
         self.side = resize_to if resize_to is not None else getattr(transform, "base_side", None)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.items = _items(self.manifest, self.side, voi, cached=self.cache_dir is not None)
-        self._dataset = _monai_dataset(self.items, [_load_transform(self.side, voi), _Augment(transform)],
-                                       self.cache_dir)
+        self._dataset = _monai_dataset(
+            self.items, [_load_transform(self.side, voi), _Augment(transform)], self.cache_dir
+        )
         self.targets = [item["target"] for item in self.items]
 
     def set_transform(self, transform: Callable) -> None:
@@ -234,8 +243,15 @@ class _ImageCheck:
         return XrayDataset(manifest, transform, cache_dir=self.cache_dir, voi=self.voi)
 
 
-def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str = "auto", cache_dir=None,
-                progress: bool = True, desc: str = "checking images") -> tuple[pd.DataFrame, pd.DataFrame]:
+def scan_images(
+    manifest: pd.DataFrame,
+    *,
+    side: Optional[int] = None,
+    voi: str = "auto",
+    cache_dir=None,
+    progress: bool = True,
+    desc: str = "checking images",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode every image once: returns (good rows + ``content_hash``/``height``/``width``/``bit_depth_note``,
     bad rows + ``reason``).
 
@@ -258,9 +274,14 @@ def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str 
         except OSError as err:
             bad[i] = f"cannot read file ({err.strerror or err})"
         hashes.append(digest)
-    items = [{"path": str(p), "target": 0,
-              "key": f"{d}-{Path(p).stat().st_size}-{side}-{voi}-{_CACHE_VERSION}" if d else str(p)}
-             for p, d in zip(manifest["path"], hashes)]
+    items = [
+        {
+            "path": str(p),
+            "target": 0,
+            "key": f"{d}-{Path(p).stat().st_size}-{side}-{voi}-{_CACHE_VERSION}" if d else str(p),
+        }
+        for p, d in zip(manifest["path"], hashes)
+    ]
     decoder = _monai_dataset(items, [_load_transform(side, voi)], cache_dir)
     sizes: list[tuple] = [(None, None)] * len(items)
     bit_notes = [""] * len(items)
@@ -278,15 +299,24 @@ def scan_images(manifest: pd.DataFrame, *, side: Optional[int] = None, voi: str 
             bad[i] = found.problem
     reduced = [note for i, note in enumerate(bit_notes) if note and i not in bad]
     if reduced:
-        warnings.warn(BitDepthWarning(
-            f"{len(reduced)} of {len(items)} images are 16-bit files holding fewer bits, read with the bits "
-            f"they use (docs/data-and-models.md), e.g. {reduced[0]}"), stacklevel=2)
-    good = manifest.assign(content_hash=hashes, height=[s[0] for s in sizes], width=[s[1] for s in sizes],
-                           bit_depth_note=bit_notes)
+        warnings.warn(
+            BitDepthWarning(
+                f"{len(reduced)} of {len(items)} images are 16-bit files holding fewer bits, read with the bits "
+                f"they use (docs/data-and-models.md), e.g. {reduced[0]}"
+            ),
+            stacklevel=2,
+        )
+    good = manifest.assign(
+        content_hash=hashes, height=[s[0] for s in sizes], width=[s[1] for s in sizes], bit_depth_note=bit_notes
+    )
     mask = np.array([i in bad for i in range(len(manifest))], dtype=bool)
-    quarantine = pd.DataFrame({"path": manifest.loc[mask, "path"].tolist(),
-                               "label": manifest.loc[mask, "label"].tolist() if "label" in manifest else None,
-                               "reason": [bad[i] for i in np.flatnonzero(mask)]})
+    quarantine = pd.DataFrame(
+        {
+            "path": manifest.loc[mask, "path"].tolist(),
+            "label": manifest.loc[mask, "label"].tolist() if "label" in manifest else None,
+            "reason": [bad[i] for i in np.flatnonzero(mask)],
+        }
+    )
     return good.loc[~mask].reset_index(drop=True), quarantine
 
 
@@ -307,8 +337,10 @@ def _prepare_synthetic(card: DataCard, root: Path, synth: Optional[dict]) -> Non
         existing = json.loads((root / PARAMS_NAME).read_text()) if (root / PARAMS_NAME).is_file() else {}
         differs = {k: (existing.get(k), v) for k, v in params.items() if existing.get(k) != v}
         if differs:
-            raise ConfigError(f"{root} already holds a phantom set generated with other settings "
-                             f"(existing vs asked: {differs}); delete it or choose another data.root")
+            raise ConfigError(
+                f"{root} already holds a phantom set generated with other settings "
+                f"(existing vs asked: {differs}); delete it or choose another data.root"
+            )
         return
     synthesize_phantoms(root, classes=tuple(card.classes), **params)
 
@@ -318,25 +350,45 @@ def _checked_images(manifest, card, root, check: _ImageCheck, skip_hint: Optiona
     ``skip_hint``: how the caller's user asks for ``skip`` (None: they cannot), said in the error."""
     if check.on_bad_image not in ON_BAD_IMAGE:
         raise ConfigError(f"on_bad_image={check.on_bad_image!r}: expected one of {ON_BAD_IMAGE}")
-    good, quarantine = scan_images(manifest, side=check.side, voi=check.voi, cache_dir=check.cache_dir,
-                                   progress=check.progress)
+    good, quarantine = scan_images(
+        manifest, side=check.side, voi=check.voi, cache_dir=check.cache_dir, progress=check.progress
+    )
     if len(quarantine) and check.on_bad_image == "error":
         listed = "\n".join(f"  {p}: {r}" for p, r in zip(quarantine["path"][:20], quarantine["reason"][:20]))
         more = f"\n  ... and {len(quarantine) - 20} more" if len(quarantine) > 20 else ""
-        raise BadImageError(quarantine["path"].iloc[0],
-                            f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them"
-                            f"{f', or {skip_hint} to leave them out' if skip_hint else ''}:\n{listed}{more}")
+        raise BadImageError(
+            quarantine["path"].iloc[0],
+            f"{len(quarantine)} unusable image(s) in {root} (card {card.name!r}); fix or remove them"
+            f"{f', or {skip_hint} to leave them out' if skip_hint else ''}:\n{listed}{more}",
+        )
     good = good.drop(columns=["height", "width", "bit_depth_note"])
     good.attrs = dict(manifest.attrs)
     return good, quarantine
 
 
-def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
-                       split: str = "all", split_seed: int = 0, val_fraction: float = 0.15,
-                       test_fraction: float = 0.0, test_by: str = "random", on_bad_image: str = "error",
-                       cache_dir=None, progress: bool = True, voi: str = "auto",
-                       classes: Optional[Sequence[str]] = None, class_map: Optional[Mapping[str, str]] = None,
-                       skip_hint: Optional[str] = None, class_map_option: Optional[str] = "--class-map"):
+def build_eval_dataset(
+    card,
+    root,
+    *,
+    image_size: int,
+    mean,
+    std,
+    in_chans: int,
+    augment: str = "cxr_light",
+    split: str = "all",
+    split_seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.0,
+    test_by: str = "random",
+    on_bad_image: str = "error",
+    cache_dir=None,
+    progress: bool = True,
+    voi: str = "auto",
+    classes: Optional[Sequence[str]] = None,
+    class_map: Optional[Mapping[str, str]] = None,
+    skip_hint: Optional[str] = None,
+    class_map_option: Optional[str] = "--class-map",
+):
     """One eval-transform dataset of ``root`` (every image, or one split of the card's patient-level
     split, checked for leakage) -> ``(XrayDataset, quarantine)``: what ``medtricks evaluate`` scores.
 
@@ -353,8 +405,15 @@ def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int,
     if classes is not None or class_map:
         model_classes = list(classes if classes is not None else card.classes)
         resolved = resolve_class_map(card.name, card.classes, model_classes, class_map, option=class_map_option)
-    manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
-                              test_fraction=test_fraction, on_missing="keep", test_by=test_by)
+    manifest = build_manifest(
+        card,
+        root,
+        split_seed=split_seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        on_missing="keep",
+        test_by=test_by,
+    )
     if split != "all":
         manifest = manifest[manifest["split"] == split]
         if not len(manifest):
@@ -365,22 +424,45 @@ def build_eval_dataset(card, root, *, image_size: int, mean, std, in_chans: int,
         if not len(manifest):
             raise DataError(f"the class map {resolved} leaves no image of {root} (card {card.name!r}) to score")
     transform = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
-    check = _ImageCheck(side=transform.base_side, voi=voi, on_bad_image=on_bad_image, progress=progress,
-                        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
+    check = _ImageCheck(
+        side=transform.base_side,
+        voi=voi,
+        on_bad_image=on_bad_image,
+        progress=progress,
+        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
+    )
     good, quarantine = _checked_images(manifest, card, root, check, skip_hint=skip_hint)
     if split != "all":
         check_leakage(good)  # the split is the card's: it must hold no patient of another split
     dataset = check.dataset(good, transform)
-    dataset.manifest.attrs.update({k: v for k, v in manifest.attrs.items() if k in ("class_map", "dropped_by_class_map")})
+    dataset.manifest.attrs.update(
+        {k: v for k, v in manifest.attrs.items() if k in ("class_map", "dropped_by_class_map")}
+    )
     return dataset, quarantine
 
 
-def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, augment: str = "cxr_light",
-                   split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
-                   on_bad_image: str = "error", cache_dir=None, synth: Optional[dict] = None,
-                   progress: bool = True, voi: str = "auto", test_by: str = "random",
-                   label_fraction: Optional[float] = None, label_count: Optional[int] = None,
-                   unlabeled: Optional[dict] = None) -> DataBundle:
+def build_datasets(
+    card,
+    root,
+    *,
+    image_size: int,
+    mean,
+    std,
+    in_chans: int,
+    augment: str = "cxr_light",
+    split_seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.0,
+    on_bad_image: str = "error",
+    cache_dir=None,
+    synth: Optional[dict] = None,
+    progress: bool = True,
+    voi: str = "auto",
+    test_by: str = "random",
+    label_fraction: Optional[float] = None,
+    label_count: Optional[int] = None,
+    unlabeled: Optional[dict] = None,
+) -> DataBundle:
     """Card + root -> :class:`DataBundle` with checked, leakage-free train / val / test datasets.
 
     Steps: (synthetic card + ``synth``: generate the set into ``root`` if absent) -> manifest ->
@@ -400,14 +482,26 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
     card = load_card(card)
     root = Path(root).expanduser().resolve()
     _prepare_synthetic(card, root, synth)
-    manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
-                              test_fraction=test_fraction, on_missing="keep", test_by=test_by)
+    manifest = build_manifest(
+        card,
+        root,
+        split_seed=split_seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        on_missing="keep",
+        test_by=test_by,
+    )
     train_tf = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=True)
     eval_tf = build_transforms(augment, image_size, mean=mean, std=std, in_chans=in_chans, train=False)
     if train_tf.base_side != eval_tf.base_side:  # one cached array must serve both
         raise AssertionError("train and eval transforms disagree on the pre-resize side")
-    check = _ImageCheck(side=train_tf.base_side, voi=voi, on_bad_image=on_bad_image, progress=progress,
-                        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
+    check = _ImageCheck(
+        side=train_tf.base_side,
+        voi=voi,
+        on_bad_image=on_bad_image,
+        progress=progress,
+        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
+    )
 
     good, quarantine = _checked_images(manifest, card, root, check)
     check_leakage(good)
@@ -420,8 +514,7 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
         rows = good.loc[train_rows]
         relative = rows["path"].map(lambda p: os.path.relpath(p, root))
         patient_key = relative.groupby(rows["patient"]).transform("min")
-        mask = labeled_subset(rows["label"], patient_key, fraction=label_fraction, count=label_count,
-                              seed=split_seed)
+        mask = labeled_subset(rows["label"], patient_key, fraction=label_fraction, count=label_count, seed=split_seed)
         labeled = np.ones(len(good), dtype=bool)
         labeled[np.flatnonzero(train_rows)] = mask
         good = good.assign(labeled=labeled)
@@ -437,18 +530,28 @@ def build_datasets(card, root, *, image_size: int, mean, std, in_chans: int, aug
 
     train = subset("train", train_tf)
     if train is None:
-        raise DataError(f"no training images left for card {card.name!r} under {root} "
-                        f"({len(quarantine)} quarantined); check the split settings")
+        raise DataError(
+            f"no training images left for card {card.name!r} under {root} "
+            f"({len(quarantine)} quarantined); check the split settings"
+        )
     if unlabeled is not None:
         pool.append(_unlabeled_folder(unlabeled, good, check))
     pool = [rows for rows in pool if len(rows)]
     columns = ["path", "target", "withheld_target", "content_hash"]
     pool = [rows if "withheld_target" in rows.columns else rows.assign(withheld_target=-1) for rows in pool]
-    unlabeled_set = check.dataset(pd.concat([rows[columns] for rows in pool], ignore_index=True),
-                                  train_tf) if pool else None
-    return DataBundle(card=card, classes=list(card.classes), manifest=good, train=train,
-                      val=subset("val", eval_tf), test=subset("test", eval_tf), quarantine=quarantine,
-                      unlabeled=unlabeled_set)
+    unlabeled_set = (
+        check.dataset(pd.concat([rows[columns] for rows in pool], ignore_index=True), train_tf) if pool else None
+    )
+    return DataBundle(
+        card=card,
+        classes=list(card.classes),
+        manifest=good,
+        train=train,
+        val=subset("val", eval_tf),
+        test=subset("test", eval_tf),
+        quarantine=quarantine,
+        unlabeled=unlabeled_set,
+    )
 
 
 _UNLABELED_KEYS = {"root", "card"}
@@ -466,11 +569,16 @@ def list_unlabeled(root, card=None) -> pd.DataFrame:
         paths = sorted(str(p) for p in rows["path"])
     else:
         layout = FolderLayout(kind="folder")
-        paths = [str(p) for p in walk_files(root, skip_dirs=tuple(layout.exclude_dirs))
-                 if p.suffix.lower() in layout.extensions]
+        paths = [
+            str(p)
+            for p in walk_files(root, skip_dirs=tuple(layout.exclude_dirs))
+            if p.suffix.lower() in layout.extensions
+        ]
     if not paths:
-        raise DataError(f"data.unlabeled: no image files under {root} "
-                        f"({'card ' + repr(card) if card else 'extensions png, jpg, jpeg, dcm, dicom, tif, tiff'})")
+        raise DataError(
+            f"data.unlabeled: no image files under {root} "
+            f"({'card ' + repr(card) if card else 'extensions png, jpg, jpeg, dcm, dicom, tif, tiff'})"
+        )
     return pd.DataFrame({"path": paths, "label": "", "target": -1})
 
 
@@ -480,22 +588,40 @@ def _unlabeled_folder(spec: dict, labelled: pd.DataFrame, check: _ImageCheck) ->
     if unknown or not spec.get("root"):
         raise ConfigError(f"data.unlabeled: expected keys {sorted(_UNLABELED_KEYS)} with a root, got {spec!r}")
     rows = list_unlabeled(spec["root"], spec.get("card"))
-    good, bad = scan_images(rows, side=check.side, voi=check.voi, cache_dir=check.cache_dir, progress=check.progress,
-                            desc="checking unlabelled images")
+    good, bad = scan_images(
+        rows,
+        side=check.side,
+        voi=check.voi,
+        cache_dir=check.cache_dir,
+        progress=check.progress,
+        desc="checking unlabelled images",
+    )
     if len(bad) and check.on_bad_image == "error":
         listed = "\n".join(f"  {p}: {r}" for p, r in zip(bad["path"][:20], bad["reason"][:20]))
-        raise BadImageError(bad["path"].iloc[0], f"{len(bad)} unusable image(s) in data.unlabeled.root "
-                            f"{spec['root']}; fix or remove them, or set data.on_bad_image=skip:\n{listed}")
+        raise BadImageError(
+            bad["path"].iloc[0],
+            f"{len(bad)} unusable image(s) in data.unlabeled.root "
+            f"{spec['root']}; fix or remove them, or set data.on_bad_image=skip:\n{listed}",
+        )
     held = labelled[labelled["split"].isin(["val", "test"])]
     held_hashes = set(held["content_hash"]) if "content_hash" in held.columns else set()
     same = good[good["content_hash"].isin(held_hashes)]
     if len(same):
-        raise LeakageError(f"data.unlabeled: {len(same)} image(s) are byte-identical to validation/test images "
-                           f"(e.g. {same['path'].iloc[0]}); training on them, even without labels, leaks the "
-                           "held-out images into the model. Remove them or point data.unlabeled at other images",
-                           sorted(same["path"]))
+        raise LeakageError(
+            f"data.unlabeled: {len(same)} image(s) are byte-identical to validation/test images "
+            f"(e.g. {same['path'].iloc[0]}); training on them, even without labels, leaks the "
+            "held-out images into the model. Remove them or point data.unlabeled at other images",
+            sorted(same["path"]),
+        )
     return good[["path", "target", "content_hash"]]
 
 
-__all__ = ["XrayDataset", "DataBundle", "build_datasets", "build_eval_dataset", "scan_images", "resize_shorter_side",
-           "list_unlabeled"]
+__all__ = [
+    "XrayDataset",
+    "DataBundle",
+    "build_datasets",
+    "build_eval_dataset",
+    "scan_images",
+    "resize_shorter_side",
+    "list_unlabeled",
+]

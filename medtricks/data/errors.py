@@ -1,4 +1,5 @@
 """Exceptions of the data layer. Each names the file / key / value at fault and what was expected."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Only file names and label tables are read, never an image. Symlinked folders and
 (paths keep the link names); each record holds the file's path, its raw label, the split its folder or
 table declares (if any) and, for tables, the row it came from.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,9 +86,9 @@ def _glob_regex(pattern: str) -> re.Pattern:
                 seg += "[^/]*"
             elif c == "?":
                 seg += "[^/]"
-            elif c == "[" and "]" in part[j + 2:]:
+            elif c == "[" and "]" in part[j + 2 :]:
                 end = part.index("]", j + 2)
-                body = part[j + 1:end].replace("\\", "\\\\")
+                body = part[j + 1 : end].replace("\\", "\\\\")
                 seg += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
                 j = end
             else:
@@ -111,8 +112,10 @@ def _list_folder(card: DataCard, layout: FolderLayout, root: Path, notes: Counte
             notes["non-image files ignored"] += 1
             continue
         if len(rel.parts) < 2:
-            raise ManifestError(f"{path}: a folder-layout card expects images inside class folders under {root}, "
-                                f"found a file directly in root")
+            raise ManifestError(
+                f"{path}: a folder-layout card expects images inside class folders under {root}, "
+                f"found a file directly in root"
+            )
         raw = rel.parts[-2] if layout.label_from == "parent_dir" else rel.parts[0]
         if label_re is not None and (m := label_re.search(path.name)):
             raw = _first_group(m, "label") or raw
@@ -145,8 +148,10 @@ def _index_by_name(root: Path) -> dict[str, Path]:
             dupes.append(path.name)
         index[path.name] = path
     if dupes:
-        raise ManifestError(f"layout.locate='by_name' needs unique file names under {root}; "
-                            f"{len(dupes)} names occur twice, e.g. {dupes[:5]}")
+        raise ManifestError(
+            f"layout.locate='by_name' needs unique file names under {root}; "
+            f"{len(dupes)} names occur twice, e.g. {dupes[:5]}"
+        )
     return index
 
 
@@ -190,6 +195,13 @@ def _list_csv(card: DataCard, layout: CsvLayout, root: Path, notes: Counter) -> 
             for list_split, names in split_sets.items():
                 if Path(rel).name in names or rel in names:
                     split = list_split
-            records.append({"path": path, "raw_label": row[layout.label_column], "declared_split": split,
-                            "row": row, "where": f"{table_path}:{line_no}"})
+            records.append(
+                {
+                    "path": path,
+                    "raw_label": row[layout.label_column],
+                    "declared_split": split,
+                    "row": row,
+                    "where": f"{table_path}:{line_no}",
+                }
+            )
     return records

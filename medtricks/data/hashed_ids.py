@@ -5,6 +5,7 @@ file or folder gets the same ID on this machine while the log cannot be checked 
 elsewhere. Prefixes say what was hashed: ``p_`` patient, ``i_`` image path, ``r_`` data folder,
 ``c_`` image content.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,9 @@ def patient_salt() -> bytes:
             pass
     salt = path.read_text().strip()
     if not salt:
-        raise ResourceError(f"patient salt file {path} is empty; delete it (a new one is made) "
-                           "or set MEDTRICKS_PATIENT_SALT")
+        raise ResourceError(
+            f"patient salt file {path} is empty; delete it (a new one is made) or set MEDTRICKS_PATIENT_SALT"
+        )
     return salt.encode()
 
 

@@ -14,6 +14,7 @@ edges with one random grey, so those cues stop being reliable during training; t
     >>> lung_field_mask(4, 8).astype(int).tolist()[1]
     [0, 1, 1, 0, 0, 1, 1, 0]
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,8 +57,14 @@ def _define_outside_lung_erasing():
         noise becomes a new cue. Randomness comes from albumentations' own generator (seeded by the pipeline).
         """
 
-        def __init__(self, scale_range: tuple[float, float] = (1.0, 1.4), max_band: float = 0.15,
-                     outside_share: float = 0.5, fill_range: tuple[float, float] = (0.0, 1.0), p: float = 0.5):
+        def __init__(
+            self,
+            scale_range: tuple[float, float] = (1.0, 1.4),
+            max_band: float = 0.15,
+            outside_share: float = 0.5,
+            fill_range: tuple[float, float] = (0.0, 1.0),
+            p: float = 0.5,
+        ):
             super().__init__(p=p)
             lo, hi = (float(v) for v in scale_range)
             if not 0.5 <= lo <= hi:
@@ -91,9 +98,9 @@ def _define_outside_lung_erasing():
             else:
                 top, bottom, left, right = (int(round(b * s)) for b, s in zip(bands, (height, height, width, width)))
                 hidden[:top] = True
-                hidden[height - bottom:] = True
+                hidden[height - bottom :] = True
                 hidden[:, :left] = True
-                hidden[:, width - right:] = True
+                hidden[:, width - right :] = True
             out = img.copy()
             out[hidden] = np.asarray(fill, dtype=img.dtype)
             return out

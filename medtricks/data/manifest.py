@@ -13,6 +13,7 @@ Example::
     m = build_manifest("kermany-pneumonia", "../shared/data/kermany224/train", split_seed=0)
     m.groupby(["split", "label"]).size()
 """
+
 from __future__ import annotations
 
 import re
@@ -41,14 +42,18 @@ def _raw_patient(card: DataCard, rec: dict, patient_re: Optional[re.Pattern]) ->
         return str(rec["path"])
     if spec.column or spec.template:
         value = str(rec["row"][spec.column]).strip() if spec.column else spec.template.format(**rec["row"]).strip()
-        if not value or (spec.column is None and not any(str(rec["row"][f]).strip() for f in
-                                                          re.findall(r"\{([^{}:!]+)", spec.template))):
+        if not value or (
+            spec.column is None
+            and not any(str(rec["row"][f]).strip() for f in re.findall(r"\{([^{}:!]+)", spec.template))
+        ):
             raise ManifestError(f"{rec['where']}: empty patient ({spec.column or spec.template!r}) for {rec['path']}")
         return value
     m = patient_re.search(rec["path"].name)
     if not m:
-        raise ManifestError(f"{rec['path']}: file name does not match the card's patient regex "
-                            f"{spec.regex!r}; expected e.g. a name the card describes")
+        raise ManifestError(
+            f"{rec['path']}: file name does not match the card's patient regex "
+            f"{spec.regex!r}; expected e.g. a name the card describes"
+        )
     return _first_group(m, "patient")
 
 
@@ -57,9 +62,18 @@ def _summarise(items: list[str], limit: int = _MAX_LISTED) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.0,
-                   *, on_missing: str = "error", test_by: str = "random",
-                   on_conflicting_duplicates: str = "error", unknown_labels: Optional[str] = None) -> pd.DataFrame:
+def build_manifest(
+    card,
+    root,
+    split_seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.0,
+    *,
+    on_missing: str = "error",
+    test_by: str = "random",
+    on_conflicting_duplicates: str = "error",
+    unknown_labels: Optional[str] = None,
+) -> pd.DataFrame:
     """One row per image: ``path`` (absolute), ``label``, ``target``, ``patient`` (salted hash), ``split``.
 
     ``card``: a card name, a YAML path or a :class:`DataCard`. Unknown raw labels, files missing from a
@@ -88,8 +102,10 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     if unknown_labels is not None and unknown_labels != card.unknown_labels:
         card = type(card).model_validate({**card.model_dump(by_alias=True), "unknown_labels": unknown_labels})
     if card.task == "multilabel":
-        raise NotImplementedError(f"card {card.name!r} is multilabel; multilabel manifests and training are not "
-                                  "supported yet (the card is validated and documented only)")
+        raise NotImplementedError(
+            f"card {card.name!r} is multilabel; multilabel manifests and training are not "
+            "supported yet (the card is validated and documented only)"
+        )
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise ManifestError(f"data root {root} does not exist or is not a folder (card {card.name!r})")
@@ -97,8 +113,10 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     notes: Counter = Counter()
     records = list_records(card, root, notes)
     if not records:
-        raise ManifestError(f"no images found under {root} for card {card.name!r} "
-                            f"(layout {card.layout.kind}; check the root and the card's layout)")
+        raise ManifestError(
+            f"no images found under {root} for card {card.name!r} "
+            f"(layout {card.layout.kind}; check the root and the card's layout)"
+        )
 
     unknown: dict[str, list[str]] = {}
     unseen: Counter = Counter()
@@ -119,54 +137,78 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
             kept.append(rec)
     if unknown:
         details = "; ".join(f"{raw!r} ({len(p)} files, e.g. {p[0]})" for raw, p in sorted(unknown.items()))
-        raise ManifestError(f"card {card.name!r}: unknown raw label(s): {details}. Expected one of "
-                            f"{sorted(set(card.label_map) | set(card.classes))} or a match of its label_patterns; "
-                            "add them to the card's label_map (or to 'drop' to leave them out on purpose), or set "
-                            "the card's unknown_labels to a class or 'drop' for every label it does not know")
+        raise ManifestError(
+            f"card {card.name!r}: unknown raw label(s): {details}. Expected one of "
+            f"{sorted(set(card.label_map) | set(card.classes))} or a match of its label_patterns; "
+            "add them to the card's label_map (or to 'drop' to leave them out on purpose), or set "
+            "the card's unknown_labels to a class or 'drop' for every label it does not know"
+        )
     if unseen:
         for raw, count in unseen.items():
             if card.unknown_labels != DROP:
-                notes[f"images with unseen label {raw!r} mapped to {card.unknown_labels!r} (card unknown_labels)"] += count
+                notes[f"images with unseen label {raw!r} mapped to {card.unknown_labels!r} (card unknown_labels)"] += (
+                    count
+                )
         listed = ", ".join(f"{raw!r} ({n})" for raw, n in sorted(unseen.items()))
-        warnings.warn(f"card {card.name!r}: {sum(unseen.values())} image(s) carry raw label(s) the card does not "
-                      f"name: {listed}; unknown_labels: {card.unknown_labels!r} "
-                      f"{'left them out' if card.unknown_labels == DROP else 'mapped them to that class'}",
-                      UnseenLabelWarning, stacklevel=2)
+        warnings.warn(
+            f"card {card.name!r}: {sum(unseen.values())} image(s) carry raw label(s) the card does not "
+            f"name: {listed}; unknown_labels: {card.unknown_labels!r} "
+            f"{'left them out' if card.unknown_labels == DROP else 'mapped them to that class'}",
+            UnseenLabelWarning,
+            stacklevel=2,
+        )
 
     missing = [str(r["path"]) for r in kept if not r["path"].is_file()]
     if missing and on_missing == "error":
-        raise ManifestError(f"{len(missing)} file(s) named in the label table(s) do not exist under {root}: "
-                            f"{_summarise(missing)}")
+        raise ManifestError(
+            f"{len(missing)} file(s) named in the label table(s) do not exist under {root}: {_summarise(missing)}"
+        )
 
     patient_re = re.compile(card.patient.regex) if card.patient.regex else None
-    df = pd.DataFrame({
-        "path": [str(r["path"]) for r in kept],
-        "label": [r["label"] for r in kept],
-        "raw_patient": [_raw_patient(card, r, patient_re) for r in kept],
-        "declared_split": [r["declared_split"] for r in kept],
-    })
+    df = pd.DataFrame(
+        {
+            "path": [str(r["path"]) for r in kept],
+            "label": [r["label"] for r in kept],
+            "raw_patient": [_raw_patient(card, r, patient_re) for r in kept],
+            "declared_split": [r["declared_split"] for r in kept],
+        }
+    )
     # A file listed twice with the same label (RSNA: one row per box) is one image; with two labels, an error.
     conflicts = df.groupby("path")["label"].nunique()
     conflicts = conflicts[conflicts > 1]
     if len(conflicts):
-        raise ManifestError(f"{len(conflicts)} file(s) have conflicting labels in the label table(s): "
-                            f"{_summarise(list(conflicts.index))}")
+        raise ManifestError(
+            f"{len(conflicts)} file(s) have conflicting labels in the label table(s): "
+            f"{_summarise(list(conflicts.index))}"
+        )
     n_before = len(df)
     df = df.drop_duplicates(subset=["path"]).sort_values("path", kind="stable").reset_index(drop=True)
     if len(df) < n_before:
         notes["duplicate rows of one file collapsed"] += n_before - len(df)
 
-    df["split"] = assign_splits(df["label"], df["raw_patient"], df["declared_split"], seed=split_seed,
-                                val_fraction=val_fraction, test_fraction=test_fraction, test_by=test_by)
+    df["split"] = assign_splits(
+        df["label"],
+        df["raw_patient"],
+        df["declared_split"],
+        seed=split_seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        test_by=test_by,
+    )
     conflicting = conflicting_duplicates(df)
     if conflicting and on_conflicting_duplicates == "error" and not card.allow_conflicting_duplicates:
-        shown = "\n".join("  same bytes: " + ", ".join(f"{p} ({label}, {split})" for p, label, split in group[:4])
-                          + (f", ... ({len(group) - 4} more)" if len(group) > 4 else "")
-                          for group in conflicting[:_MAX_LISTED])
+        shown = "\n".join(
+            "  same bytes: "
+            + ", ".join(f"{p} ({label}, {split})" for p, label, split in group[:4])
+            + (f", ... ({len(group) - 4} more)" if len(group) > 4 else "")
+            for group in conflicting[:_MAX_LISTED]
+        )
         more = f"\n  ... and {len(conflicting) - _MAX_LISTED} more group(s)" if len(conflicting) > _MAX_LISTED else ""
-        message = (f"{len(conflicting)} image(s) appear with identical bytes under different labels "
-                   f"(card {card.name!r}, root {root}); fix the labels or remove the copies, or set "
-                   f"allow_conflicting_duplicates: true in the card if that is intended:\n{shown}{more}")
+        message = (
+            f"{len(conflicting)} image(s) appear with identical bytes under different labels "
+            f"(card {card.name!r}, root {root}); fix the labels or remove the copies, or set "
+            f"allow_conflicting_duplicates: true in the card if that is intended:\n{shown}{more}"
+        )
         if any(len({split for *_, split in group}) > 1 for group in conflicting):  # in two splits: leakage too
             raise LeakageError(message, sorted({p for group in conflicting for p, _, _ in group}))
         raise ManifestError(message)
@@ -175,17 +217,21 @@ def build_manifest(card, root, split_seed: int = 0, val_fraction: float = 0.15, 
     df["patient"] = df["raw_patient"].map(hashes)
     df["target"] = df["label"].map({c: i for i, c in enumerate(card.classes)}).astype("int64")
     out = df[MANIFEST_COLUMNS].copy()
-    out.attrs.update(card=card.name, root=str(root), notes=dict(notes), missing=missing,
-                     unseen_labels={str(raw): int(n) for raw, n in sorted(unseen.items())},
-                     declared_splits=sorted(set(df["declared_split"].dropna())),
-                     conflicting_duplicates=conflicting)
+    out.attrs.update(
+        card=card.name,
+        root=str(root),
+        notes=dict(notes),
+        missing=missing,
+        unseen_labels={str(raw): int(n) for raw, n in sorted(unseen.items())},
+        declared_splits=sorted(set(df["declared_split"].dropna())),
+        conflicting_duplicates=conflicting,
+    )
     return out
 
 
 def split_summary(manifest: pd.DataFrame, classes) -> pd.DataFrame:
     """Images per split x class, plus totals and patients per split (for reports and logs)."""
-    table = pd.crosstab(manifest["split"], pd.Categorical(manifest["label"], categories=list(classes)),
-                        dropna=False)
+    table = pd.crosstab(manifest["split"], pd.Categorical(manifest["label"], categories=list(classes)), dropna=False)
     table.columns = [str(c) for c in table.columns]
     table = table.reindex([s for s in SPLITS if s in table.index])
     table["total"] = table.sum(axis=1)
@@ -194,6 +240,17 @@ def split_summary(manifest: pd.DataFrame, classes) -> pd.DataFrame:
 
 
 # The IDs and the logged copies live in hashed_ids / redaction; re-exported here, where other layers import them.
-__all__ = ["build_manifest", "export_manifest", "export_quarantine", "redact_paths", "image_id", "content_id",
-           "folder_id",
-           "hash_patient", "patient_salt", "split_summary", "MANIFEST_COLUMNS", "REDACTED_ROOT"]
+__all__ = [
+    "build_manifest",
+    "export_manifest",
+    "export_quarantine",
+    "redact_paths",
+    "image_id",
+    "content_id",
+    "folder_id",
+    "hash_patient",
+    "patient_salt",
+    "split_summary",
+    "MANIFEST_COLUMNS",
+    "REDACTED_ROOT",
+]

@@ -12,6 +12,7 @@ Example::
     from medtricks.data import read_image
     img = read_image("chest.dcm")          # float32, shape (H, W), values in [0, 1]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,19 @@ from medtricks.data.errors import BadImageError
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 VOI_MODES = ("auto", "window", "none")
 # Fields that may appear in returned metadata: technical, never identifying.
-SAFE_META_FIELDS = ("format", "height", "width", "bits", "photometric", "modality", "view",
-                    "transfer_syntax", "voi", "inverted", "color_collapsed")
+SAFE_META_FIELDS = (
+    "format",
+    "height",
+    "width",
+    "bits",
+    "photometric",
+    "modality",
+    "view",
+    "transfer_syntax",
+    "voi",
+    "inverted",
+    "color_collapsed",
+)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, for truly colour images
 
 
@@ -162,8 +174,9 @@ def _pixel_limit() -> Optional[int]:
     try:
         return int(float(env))
     except ValueError:
-        raise ConfigError(f"MEDTRICKS_MAX_IMAGE_PIXELS={env!r}: expected a number of pixels "
-                          "(e.g. 400000000) or 'none'") from None
+        raise ConfigError(
+            f"MEDTRICKS_MAX_IMAGE_PIXELS={env!r}: expected a number of pixels (e.g. 400000000) or 'none'"
+        ) from None
 
 
 def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -182,13 +195,17 @@ def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     except Image.DecompressionBombError as err:  # the header claims more pixels than Pillow will decode
         claimed = re.search(r"\((\d+) pixels\)", str(err))
         size = f"{int(claimed.group(1)):,} pixels, " if claimed else ""
-        raise BadImageError(path, f"image is larger than the pixel limit ({size}more than {2 * (limit or 0):,}: "
-                                  "twice PIL.Image.MAX_IMAGE_PIXELS), a possible decompression bomb; if the image "
-                                  "is genuine, raise the limit with the environment variable "
-                                  "MEDTRICKS_MAX_IMAGE_PIXELS=<pixels> (or 'none'), or downscale the file") from None
+        raise BadImageError(
+            path,
+            f"image is larger than the pixel limit ({size}more than {2 * (limit or 0):,}: "
+            "twice PIL.Image.MAX_IMAGE_PIXELS), a possible decompression bomb; if the image "
+            "is genuine, raise the limit with the environment variable "
+            "MEDTRICKS_MAX_IMAGE_PIXELS=<pixels> (or 'none'), or downscale the file",
+        ) from None
     except UnidentifiedImageError:
-        raise BadImageError(path, "not a readable PNG/JPEG/TIFF (unidentified image format) "
-                                  "and not a DICOM file") from None
+        raise BadImageError(
+            path, "not a readable PNG/JPEG/TIFF (unidentified image format) and not a DICOM file"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt streams
         raise BadImageError(path, f"cannot decode image ({type(err).__name__}: {err})") from None
 
@@ -214,15 +231,23 @@ def _read_raster(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     if scaled.ndim == 3:
         scaled, collapsed = _collapse_color(scaled)
     return np.ascontiguousarray(scaled, dtype=np.float32), {
-        "format": fmt, "bits": bits, "photometric": "MONOCHROME2", "color_collapsed": collapsed}
+        "format": fmt,
+        "bits": bits,
+        "photometric": "MONOCHROME2",
+        "color_collapsed": collapsed,
+    }
 
 
 def _scale_16bit(path: Path, arr: np.ndarray) -> tuple[np.ndarray, int]:
     """A 16-bit raster to [0, 1] by the bits it really uses (:func:`_significant_bits`), warning when < 16."""
     bits, why = _significant_bits(path, arr)
     if bits < 16:
-        warnings.warn(BitDepthWarning(f"{path}: 16-bit image holding {bits}-bit data ({why}): scaled by "
-                                      f"{(1 << bits) - 1} instead of 65535"), stacklevel=4)
+        warnings.warn(
+            BitDepthWarning(
+                f"{path}: 16-bit image holding {bits}-bit data ({why}): scaled by {(1 << bits) - 1} instead of 65535"
+            ),
+            stacklevel=4,
+        )
     return arr.astype(np.float32) / float((1 << bits) - 1), bits
 
 
@@ -255,8 +280,9 @@ def _ensure_transfer_syntax(ds) -> None:
     implicit, little = getattr(ds, "original_encoding", (True, True))
     if implicit is None:
         implicit, little = True, True
-    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.file_meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    )
 
 
 def _voi_output_range(ds) -> tuple[float, float]:
@@ -279,15 +305,21 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         ds = pydicom.dcmread(path, force=True)
     except struct.error:  # a tag or length cut off by the end of the file
-        raise BadImageError(path, f"truncated or corrupt DICOM: the file ({_size(path)}) ends inside an element "
-                                  "header; copy it again from its source") from None
+        raise BadImageError(
+            path,
+            f"truncated or corrupt DICOM: the file ({_size(path)}) ends inside an element "
+            "header; copy it again from its source",
+        ) from None
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
         raise BadImageError(path, f"cannot parse DICOM ({type(err).__name__}: {err})") from None
     if "PixelData" not in ds:
         if _ends_early(path, ds):
-            raise BadImageError(path, f"truncated or corrupt DICOM: the file ({_size(path)}) ends before its pixel "
-                                      "data (an element is cut off; no PixelData element); copy it again from its "
-                                      "source")
+            raise BadImageError(
+                path,
+                f"truncated or corrupt DICOM: the file ({_size(path)}) ends before its pixel "
+                "data (an element is cut off; no PixelData element); copy it again from its "
+                "source",
+            )
         raise BadImageError(path, "DICOM has no pixel data (no PixelData element): not an image file")
     _ensure_transfer_syntax(ds)
     syntax = ds.file_meta.TransferSyntaxUID
@@ -300,14 +332,21 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         arr = ds.pixel_array
     except Exception as err:  # pydicom raises many types (missing decoder, bad length, corrupt stream)
-        raise BadImageError(path, f"cannot decode DICOM pixel data (transfer syntax {syntax.name}): "
-                                  f"{type(err).__name__}: {err}") from None
+        raise BadImageError(
+            path, f"cannot decode DICOM pixel data (transfer syntax {syntax.name}): {type(err).__name__}: {err}"
+        ) from None
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    meta: dict[str, Any] = {"format": "dicom", "bits": int(ds.get("BitsStored", 0) or 0), "photometric": photometric,
-                            "modality": str(ds.get("Modality", "")) or None,
-                            "view": str(ds.get("ViewPosition", "")) or None,
-                            "transfer_syntax": syntax.name, "inverted": False, "color_collapsed": "single"}
+    meta: dict[str, Any] = {
+        "format": "dicom",
+        "bits": int(ds.get("BitsStored", 0) or 0),
+        "photometric": photometric,
+        "modality": str(ds.get("Modality", "")) or None,
+        "view": str(ds.get("ViewPosition", "")) or None,
+        "transfer_syntax": syntax.name,
+        "inverted": False,
+        "color_collapsed": "single",
+    }
     if arr.ndim == 3:  # colour DICOM (pydicom returns RGB): no VOI for colour, collapse to gray
         image, meta["color_collapsed"] = _collapse_color(arr.astype(np.float32))
         meta["voi"] = "minmax"
@@ -317,8 +356,9 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict[str, Any]]:
         values = apply_modality_lut(arr, ds).astype(np.float64)
         has_window = "WindowCenter" in ds and "WindowWidth" in ds
         if voi == "window" and not has_window:
-            raise BadImageError(path, "voi='window' but the file has no WindowCenter/WindowWidth; "
-                                      "use voi='auto' or 'none'")
+            raise BadImageError(
+                path, "voi='window' but the file has no WindowCenter/WindowWidth; use voi='auto' or 'none'"
+            )
         if voi == "window":
             lo, hi = _voi_output_range(_without_lut(ds))
             image = (apply_windowing(values, ds) - lo) / max(hi - lo, 1e-12)
@@ -399,8 +439,10 @@ def _short_native_pixels(ds) -> str:
     need = (rows * cols * samples * frames * bits + 7) // 8
     if have >= need:
         return ""
-    return (f"its pixel data holds {have} of the {need} bytes {rows} x {cols} x {bits}-bit pixels need (the file is "
-            "cut short)")
+    return (
+        f"its pixel data holds {have} of the {need} bytes {rows} x {cols} x {bits}-bit pixels need (the file is "
+        "cut short)"
+    )
 
 
 def _without_lut(ds):

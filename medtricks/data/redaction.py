@@ -4,6 +4,7 @@ hashed IDs (:mod:`medtricks.data.hashed_ids`), and messages with every path unde
 File names often carry the dataset's own patient IDs (Kermany ``person123_...``, RSNA ``<patientId>.dcm``),
 so nothing that names a file leaves the data layer unhashed.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,15 @@ def export_manifest(manifest: pd.DataFrame, root, *, keep_paths: bool = False) -
             raise ManifestError(f"{p} is not under the data root {root}; cannot export a relative path") from None
         rel.append(r)
     first = ("path", rel) if keep_paths else ("image_id", [image_id(r, salt) for r in rel])
-    out = pd.DataFrame({first[0]: first[1], "label": manifest["label"].to_numpy(),
-                        "target": manifest["target"].to_numpy(), "patient": manifest["patient"].to_numpy(),
-                        "split": manifest["split"].to_numpy()})
+    out = pd.DataFrame(
+        {
+            first[0]: first[1],
+            "label": manifest["label"].to_numpy(),
+            "target": manifest["target"].to_numpy(),
+            "patient": manifest["patient"].to_numpy(),
+            "split": manifest["split"].to_numpy(),
+        }
+    )
     if "content_hash" in manifest.columns and manifest["content_hash"].notna().all():
         out["content_id"] = [content_id(d, salt) for d in manifest["content_hash"]]
     if "labeled" in manifest.columns:  # data.label_fraction / label_count: which training rows kept their label
@@ -79,8 +86,11 @@ class _Redactor:
         self.salt = patient_salt()
         forms = {given, os.path.abspath(given), str(self.root), os.path.realpath(given)}
         forms = sorted({f.rstrip("/") for f in forms if f.rstrip("/") not in ("", ".", "..")}, key=len, reverse=True)
-        self.prefixed = (re.compile(r"(?<![\w.~/-])(?:" + "|".join(re.escape(f) for f in forms) + r")(/[^\n'\"`<>|]*)")
-                         if forms else None)
+        self.prefixed = (
+            re.compile(r"(?<![\w.~/-])(?:" + "|".join(re.escape(f) for f in forms) + r")(/[^\n'\"`<>|]*)")
+            if forms
+            else None
+        )
         self._names: Optional[dict[str, list[str]]] = None
 
     def hashed(self, rel: str) -> str:
@@ -117,8 +127,8 @@ class _Redactor:
         end = next((cut for cut in cuts if self._under_root(tail[:cut].rstrip(".").lstrip("/"))), cuts[-1])
         path = tail[:end].rstrip(".")
         if not path.strip("/"):  # the root itself: not patient data, and logged as a param anyway
-            return match.group(0)[:len(match.group(0)) - len(tail)] + self._sub_prefixed(tail)
-        return self.hashed(path.lstrip("/")) + self._sub_prefixed(tail[len(path):])
+            return match.group(0)[: len(match.group(0)) - len(tail)] + self._sub_prefixed(tail)
+        return self.hashed(path.lstrip("/")) + self._sub_prefixed(tail[len(path) :])
 
     def _sub_prefixed(self, text: str) -> str:
         return self.prefixed.sub(self._prefixed, text) if self.prefixed is not None else text
@@ -128,7 +138,7 @@ class _Redactor:
         if token.startswith(("i_", "p_", "c_")):  # already a hash
             return token
         stripped = token.rstrip(".:")
-        rest = token[len(stripped):]
+        rest = token[len(stripped) :]
         if ("/" in stripped or "." in stripped) and not stripped.startswith("/") and self._under_root(stripped):
             return self.hashed(stripped) + rest
         if "/" not in stripped and _FILE_NAME.fullmatch(stripped):

@@ -6,6 +6,7 @@ out on purpose; the card's known pitfalls. Patients appear only as counts (never
 paths are shown relative to the root. :func:`data_check` also returns the problems found, which
 make ``medtricks data check`` exit 1.
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -49,47 +50,82 @@ class DataCheck:
         return "; ".join(self.problems) if self.problems else "ok"
 
 
-def data_check_report(card_or_path, root, *, split_seed: int = 0, val_fraction: float = 0.15,
-                      test_fraction: float = 0.0, progress: bool = True, voi: str = "auto",
-                      test_by: str = "random") -> str:
+def data_check_report(
+    card_or_path,
+    root,
+    *,
+    split_seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.0,
+    progress: bool = True,
+    voi: str = "auto",
+    test_by: str = "random",
+) -> str:
     """The text ``medtricks data check CARD_OR_PATH --root DIR`` prints (decodes every image once).
 
     Example::
 
         print(data_check_report("kermany-pneumonia", "../shared/data/kermany224/train"))
     """
-    return data_check(card_or_path, root, split_seed=split_seed, val_fraction=val_fraction,
-                      test_fraction=test_fraction, progress=progress, voi=voi, test_by=test_by).text
+    return data_check(
+        card_or_path,
+        root,
+        split_seed=split_seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        progress=progress,
+        voi=voi,
+        test_by=test_by,
+    ).text
 
 
-def data_check(card_or_path, root, *, split_seed: int = 0, val_fraction: float = 0.15,
-               test_fraction: float = 0.0, progress: bool = True, voi: str = "auto",
-               test_by: str = "random") -> DataCheck:
+def data_check(
+    card_or_path,
+    root,
+    *,
+    split_seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.0,
+    progress: bool = True,
+    voi: str = "auto",
+    test_by: str = "random",
+) -> DataCheck:
     """:func:`data_check_report` plus the list of problems (``DataCheck``); CI gates on ``.ok``."""
     card = load_card(card_or_path)
     root = Path(root).expanduser().resolve()
     with warnings.catch_warnings():  # the report lists unseen labels itself
         warnings.simplefilter("ignore", UnseenLabelWarning)
-        manifest = build_manifest(card, root, split_seed=split_seed, val_fraction=val_fraction,
-                                  test_fraction=test_fraction, on_missing="keep", test_by=test_by,
-                                  on_conflicting_duplicates="keep",
-                                  unknown_labels=DROP if card.unknown_labels == UNKNOWN_ERROR else None)
+        manifest = build_manifest(
+            card,
+            root,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            on_missing="keep",
+            test_by=test_by,
+            on_conflicting_duplicates="keep",
+            unknown_labels=DROP if card.unknown_labels == UNKNOWN_ERROR else None,
+        )
     problems: list[str] = []
     good, bad = scan_images(manifest, side=None, voi=voi, progress=progress, desc="decoding images")
     notes = manifest.attrs.get("notes", {})
-    out = [f"Data check: card '{card.name}' ({card.task}: {', '.join(card.classes)})",
-           textwrap.fill(" ".join(card.description.split()), width=100, initial_indent="  ",
-                         subsequent_indent="  "),
-           f"  source: {card.source}   license: {card.license}",
-           f"  root: {root}",
-           f"  split_seed={split_seed} val_fraction={val_fraction} test_fraction={test_fraction}"
-           + (f" (declared by the data: {', '.join(manifest.attrs['declared_splits'])})"
-              if manifest.attrs.get("declared_splits") else ""),
-           "",
-           f"Images: {len(manifest)} listed, {len(good)} readable, {len(bad)} unreadable; "
-           f"patients: {manifest['patient'].nunique()}",
-           "",
-           "Images per split and class (patients per split in the last column):"]
+    out = [
+        f"Data check: card '{card.name}' ({card.task}: {', '.join(card.classes)})",
+        textwrap.fill(" ".join(card.description.split()), width=100, initial_indent="  ", subsequent_indent="  "),
+        f"  source: {card.source}   license: {card.license}",
+        f"  root: {root}",
+        f"  split_seed={split_seed} val_fraction={val_fraction} test_fraction={test_fraction}"
+        + (
+            f" (declared by the data: {', '.join(manifest.attrs['declared_splits'])})"
+            if manifest.attrs.get("declared_splits")
+            else ""
+        ),
+        "",
+        f"Images: {len(manifest)} listed, {len(good)} readable, {len(bad)} unreadable; "
+        f"patients: {manifest['patient'].nunique()}",
+        "",
+        "Images per split and class (patients per split in the last column):",
+    ]
     table = split_summary(manifest, card.classes)
     out += ["  " + line for line in table.to_string().splitlines()]
     per_patient = manifest.groupby("patient").size()
@@ -101,18 +137,21 @@ def data_check(card_or_path, root, *, split_seed: int = 0, val_fraction: float =
     out += ["", "Image sizes (decoded, H x W):"]
     if len(good):
         h, w = good["height"].astype(int).to_numpy(), good["width"].astype(int).to_numpy()
-        out.append(f"  height min/median/max {h.min()}/{int(np.median(h))}/{h.max()}; "
-                   f"width min/median/max {w.min()}/{int(np.median(w))}/{w.max()}")
+        out.append(
+            f"  height min/median/max {h.min()}/{int(np.median(h))}/{h.max()}; "
+            f"width min/median/max {w.min()}/{int(np.median(w))}/{w.max()}"
+        )
         sizes = good.groupby(["height", "width"]).size().sort_values(ascending=False)
         common = ", ".join(f"{int(a)}x{int(b)} ({n})" for (a, b), n in sizes.head(3).items())
-        out.append(f"  {len(sizes)} distinct size(s); most common: {common}; "
-                   f"non-square: {int((h != w).sum())}")
+        out.append(f"  {len(sizes)} distinct size(s); most common: {common}; non-square: {int((h != w).sum())}")
     else:
         out.append("  (no readable image)")
     reduced = [n for n in good.get("bit_depth_note", []) if n] if len(good) else []
     if reduced:
-        out.append(f"  {len(reduced)} 16-bit file(s) hold fewer bits and are read with the bits they use, "
-                   f"e.g. {_rel(reduced[0].split(': ', 1)[0], root)}: {reduced[0].split(': ', 1)[-1]}")
+        out.append(
+            f"  {len(reduced)} 16-bit file(s) hold fewer bits and are read with the bits they use, "
+            f"e.g. {_rel(reduced[0].split(': ', 1)[0], root)}: {reduced[0].split(': ', 1)[-1]}"
+        )
 
     out += ["", f"Unreadable files: {len(bad)}"]
     if len(bad):
@@ -149,13 +188,20 @@ def data_check(card_or_path, root, *, split_seed: int = 0, val_fraction: float =
 
     unseen = manifest.attrs.get("unseen_labels") or {}
     policy = card.unknown_labels
-    verb = {UNKNOWN_ERROR: "would stop a run (card unknown_labels: error; left out of this check)",
-            DROP: "left out by the card's unknown_labels"}.get(policy, f"mapped to {policy!r} by the card's unknown_labels")
-    out += ["", f"Raw labels the card does not name: {len(unseen)}"
-            + (f" ({sum(unseen.values())} image(s) {verb})" if unseen else "")]
+    verb = {
+        UNKNOWN_ERROR: "would stop a run (card unknown_labels: error; left out of this check)",
+        DROP: "left out by the card's unknown_labels",
+    }.get(policy, f"mapped to {policy!r} by the card's unknown_labels")
+    out += [
+        "",
+        f"Raw labels the card does not name: {len(unseen)}"
+        + (f" ({sum(unseen.values())} image(s) {verb})" if unseen else ""),
+    ]
     if unseen and policy == UNKNOWN_ERROR:
-        problems.append(f"{len(unseen)} raw label(s) the card does not name: add them to its label_map, label_patterns "
-                        "or drop, or set its unknown_labels")
+        problems.append(
+            f"{len(unseen)} raw label(s) the card does not name: add them to its label_map, label_patterns "
+            "or drop, or set its unknown_labels"
+        )
     out += [f"  {raw!r}: {count}" for raw, count in sorted(unseen.items(), key=lambda kv: (-kv[1], kv[0]))]
 
     out += ["", "Left out on purpose:"]

@@ -4,6 +4,7 @@ Splits group by patient (no patient in two splits) and keep class proportions cl
 scikit-learn's ``StratifiedGroupKFold``. A split the data already declares (a split column, split
 folders or split lists) is honoured; only the splits it lacks are carved out of the rest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,10 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         if not 0.0 <= float(value) < 1.0:
             raise ConfigError(f"{name}={value!r}: expected a number in [0, 1)")
     if val_fraction + test_fraction >= 1.0:
-        raise ConfigError(f"val_fraction + test_fraction = {val_fraction + test_fraction:.3g} leaves no training data; "
-                         "expected a sum below 1")
+        raise ConfigError(
+            f"val_fraction + test_fraction = {val_fraction + test_fraction:.3g} leaves no training data; "
+            "expected a sum below 1"
+        )
 
 
 def _folds_for(fraction: float, max_folds: int) -> tuple[int, int]:
@@ -47,15 +50,18 @@ def _folds_for(fraction: float, max_folds: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def _carve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
-           what: str) -> np.ndarray:
+def _carve(
+    indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int, what: str
+) -> np.ndarray:
     """Indices (a subset of ``indices``) holding about ``fraction`` of them, whole patients only."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_groups = len(np.unique(groups[indices]))
     if n_groups < 2:
-        raise ManifestError(f"cannot carve a {what} split: only {n_groups} patient(s) in the pool; "
-                            "a patient-level split needs at least 2")
+        raise ManifestError(
+            f"cannot carve a {what} split: only {n_groups} patient(s) in the pool; "
+            "a patient-level split needs at least 2"
+        )
     # sklearn refuses more folds than the largest class has members (tiny sets).
     largest_class = int(np.unique(labels[indices], return_counts=True)[1].max())
     if largest_class < 2:  # one image per class: nothing to stratify, plain group shuffle
@@ -108,13 +114,23 @@ def _carve_by_id_order(indices: np.ndarray, labels: np.ndarray, groups: np.ndarr
             held_groups.add(g)
             taken += counts[g]
     if not held_groups:
-        raise ManifestError(f"test_by=id_order: a test fraction of {fraction:.3g} holds out no patient; "
-                            "raise the fraction or use test_by=random")
+        raise ManifestError(
+            f"test_by=id_order: a test fraction of {fraction:.3g} holds out no patient; "
+            "raise the fraction or use test_by=random"
+        )
     return np.sort(indices[np.isin(pool_groups, sorted(held_groups))])
 
 
-def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequence] = None, *, seed: int = 0,
-                  val_fraction: float = 0.15, test_fraction: float = 0.0, test_by: str = "random") -> np.ndarray:
+def assign_splits(
+    labels: Sequence,
+    groups: Sequence,
+    explicit: Optional[Sequence] = None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.0,
+    test_by: str = "random",
+) -> np.ndarray:
     """Split names ('train' | 'val' | 'test') per row, grouped by ``groups`` (patients).
 
     ``explicit`` holds a split the data declares per row (or None / '' where it declares none).
@@ -136,8 +152,13 @@ def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequenc
     n = len(labels)
     if len(groups) != n:
         raise ConfigError(f"labels ({n}) and groups ({len(groups)}) differ in length")
-    declared = np.array(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-                         for v in (explicit if explicit is not None else [None] * n)], dtype=object)
+    declared = np.array(
+        [
+            "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+            for v in (explicit if explicit is not None else [None] * n)
+        ],
+        dtype=object,
+    )
     bad = sorted(set(declared) - {"", "train", "val", "test"})
     if bad:
         raise ManifestError(f"unknown split value(s) {bad}; expected train, val or test")
@@ -159,8 +180,9 @@ def assign_splits(labels: Sequence, groups: Sequence, explicit: Optional[Sequenc
     return out.astype(str)
 
 
-def labeled_subset(labels: Sequence, groups: Sequence, *, fraction: Optional[float] = None,
-                   count: Optional[int] = None, seed: int = 0) -> np.ndarray:
+def labeled_subset(
+    labels: Sequence, groups: Sequence, *, fraction: Optional[float] = None, count: Optional[int] = None, seed: int = 0
+) -> np.ndarray:
     """Which rows keep their label when only ``fraction`` (or ``count`` images) of a pool is labelled:
     a boolean mask, whole patients only, stratified by class (issue 17, ``data.label_fraction``).
 
@@ -262,8 +284,10 @@ def check_leakage(manifest, *, max_listed: int = 10) -> None:
             rows = manifest[manifest["patient"] == patient]
             files.extend(rows["path"])
             if len(problems) <= max_listed:
-                where = "; ".join(f"{s}: {', '.join(rows.loc[rows['split'] == s, 'path'].head(3))}"
-                                  for s in sorted(rows["split"].unique()))
+                where = "; ".join(
+                    f"{s}: {', '.join(rows.loc[rows['split'] == s, 'path'].head(3))}"
+                    for s in sorted(rows["split"].unique())
+                )
                 problems.append(f"  patient {patient} -> {where}")
 
     digests = _content_hashes(manifest)
@@ -279,8 +303,9 @@ def check_leakage(manifest, *, max_listed: int = 10) -> None:
             if i < max_listed:
                 problems.append("  same bytes: " + ", ".join(f"{p} ({s})" for p, s in entries[:4]))
     if problems:
-        raise LeakageError("split leakage found (fix the data or the card's patient rule):\n" + "\n".join(problems),
-                           sorted(set(files)))
+        raise LeakageError(
+            "split leakage found (fix the data or the card's patient rule):\n" + "\n".join(problems), sorted(set(files))
+        )
 
 
 def _same_size_digests(paths) -> dict[str, str]:
@@ -364,8 +389,9 @@ def split_fingerprint(manifest, root, unlabeled=None) -> dict:
     digests = manifest["content_hash"] if "content_hash" in manifest.columns else [None] * len(manifest)
     labeled = manifest["labeled"] if "labeled" in manifest.columns else [None] * len(manifest)
     rows: dict[str, list[tuple[str, str, str, str, str]]] = defaultdict(list)
-    for path, label, patient, split, digest, kept in zip(manifest["path"], manifest["label"], manifest["patient"],
-                                                         manifest["split"], digests, labeled):
+    for path, label, patient, split, digest, kept in zip(
+        manifest["path"], manifest["label"], manifest["patient"], manifest["split"], digests, labeled
+    ):
         flag = "" if kept is None else str(int(bool(kept)))
         rows[str(split)].append((_relative_posix(path, root), str(label), str(digest or ""), str(patient), flag))
     splits: dict[str, dict] = {}
@@ -390,8 +416,15 @@ def changed_splits(stored: dict, current: dict) -> list[str]:
     return [s for s in sorted(set(a) | set(b), key=lambda s: (_SPLIT_ORDER.get(s, 9), s)) if a.get(s) != b.get(s)]
 
 
-def describe_data_changes(stored: dict, current: dict, *, stored_rows=None, current_rows=None,
-                          names: Optional[dict] = None, max_listed: int = 3) -> str:
+def describe_data_changes(
+    stored: dict,
+    current: dict,
+    *,
+    stored_rows=None,
+    current_rows=None,
+    names: Optional[dict] = None,
+    max_listed: int = 3,
+) -> str:
     """What changed between two fingerprints, one clause per split: ``val: 9 -> 7 images (2 removed, 0
     added; removed e.g. i_3f.. (no longer in the data), ...)``.
 
@@ -401,8 +434,11 @@ def describe_data_changes(stored: dict, current: dict, *, stored_rows=None, curr
     only the counts are given."""
     names = names or {}
     a, b = stored.get("splits", {}), current.get("splits", {})
-    rows_known = stored_rows is not None and current_rows is not None and \
-        bool(set(stored_rows["image_id"]) & set(current_rows["image_id"]))
+    rows_known = (
+        stored_rows is not None
+        and current_rows is not None
+        and bool(set(stored_rows["image_id"]) & set(current_rows["image_id"]))
+    )
     clauses = []
     for split in changed_splits(stored, current):
         n_old, n_new = a.get(split, {}).get("n", 0), b.get(split, {}).get("n", 0)
@@ -418,18 +454,27 @@ def describe_data_changes(stored: dict, current: dict, *, stored_rows=None, curr
         added = sorted(set(new.index) - set(old.index), key=lambda i: names.get(i, i))
         both = sorted(set(old.index) & set(new.index), key=lambda i: names.get(i, i))
         relabelled = [i for i in both if str(old.at[i, "label"]) != str(new.at[i, "label"])]
-        rewritten = [i for i in both if "content_id" in old.columns and "content_id" in new.columns
-                     and str(old.at[i, "content_id"]) != str(new.at[i, "content_id"])]
+        rewritten = [
+            i
+            for i in both
+            if "content_id" in old.columns
+            and "content_id" in new.columns
+            and str(old.at[i, "content_id"]) != str(new.at[i, "content_id"])
+        ]
 
         def shown(ids, what):
-            listed = [names.get(i, f"{i} (no longer in the data)") +
-                      (f" (now in {moved_to[i]})" if what == "removed" and i in moved_to else "")
-                      for i in ids[:max_listed]]
+            listed = [
+                names.get(i, f"{i} (no longer in the data)")
+                + (f" (now in {moved_to[i]})" if what == "removed" and i in moved_to else "")
+                for i in ids[:max_listed]
+            ]
             return f"{what} e.g. " + ", ".join(listed) + (", ..." if len(ids) > max_listed else "")
 
         gone = sum(i not in moved_to for i in removed)
-        counts = [f"{len(removed)} removed" + (f" ({gone} no longer in the data)" if gone else ""),
-                  f"{len(added)} added"]
+        counts = [
+            f"{len(removed)} removed" + (f" ({gone} no longer in the data)" if gone else ""),
+            f"{len(added)} added",
+        ]
         examples = [shown(removed, "removed")] if removed else []
         examples += [shown(added, "added")] if added else []
         if relabelled:

@@ -16,6 +16,7 @@ Example::
 
     csv_path = synthesize_phantoms("data/phantoms", n=300, size=64)    # ~1 s
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,16 @@ PARAMS_NAME = "phantoms.json"
 FAKE_PATIENT_NAME = "PHANTOM^SECRET"
 FORMATS = ("png", "dicom")
 # class name -> lesion drawn; a class name must say which lesion it stands for.
-LESIONS = {"normal": None, "healthy": None, "bacterial": "lobar", "pneumonia": "lobar", "consolidation": "lobar",
-           "covid": "ground_glass", "viral": "ground_glass", "ground_glass": "ground_glass"}
+LESIONS = {
+    "normal": None,
+    "healthy": None,
+    "bacterial": "lobar",
+    "pneumonia": "lobar",
+    "consolidation": "lobar",
+    "covid": "ground_glass",
+    "viral": "ground_glass",
+    "ground_glass": "ground_glass",
+}
 _VERSION = 1
 
 
@@ -45,11 +54,19 @@ def _ellipse(x, y, cx, cy, ax, ay, soft):
 
 
 def _patient_anatomy(rng: np.random.Generator) -> dict:
-    return {"body_w": rng.uniform(0.40, 0.45), "body_h": rng.uniform(0.52, 0.58),
-            "lung_w": rng.uniform(0.12, 0.14), "lung_h": rng.uniform(0.25, 0.29), "lung_gap": rng.uniform(0.16, 0.19),
-            "heart_w": rng.uniform(0.13, 0.16), "heart_h": rng.uniform(0.12, 0.14),
-            "rib_gap": rng.uniform(0.05, 0.06), "rib_curve": rng.uniform(1.0, 1.5),
-            "tissue": rng.uniform(0.40, 0.50), "lung": rng.uniform(0.10, 0.18)}
+    return {
+        "body_w": rng.uniform(0.40, 0.45),
+        "body_h": rng.uniform(0.52, 0.58),
+        "lung_w": rng.uniform(0.12, 0.14),
+        "lung_h": rng.uniform(0.25, 0.29),
+        "lung_gap": rng.uniform(0.16, 0.19),
+        "heart_w": rng.uniform(0.13, 0.16),
+        "heart_h": rng.uniform(0.12, 0.14),
+        "rib_gap": rng.uniform(0.05, 0.06),
+        "rib_curve": rng.uniform(1.0, 1.5),
+        "tissue": rng.uniform(0.40, 0.50),
+        "lung": rng.uniform(0.10, 0.18),
+    }
 
 
 def _draw(size: int, anat: dict, lesion, rng: np.random.Generator, lesion_plan: dict) -> np.ndarray:
@@ -104,7 +121,7 @@ def _draw(size: int, anat: dict, lesion, rng: np.random.Generator, lesion_plan: 
                 cx = 0.5 + side * (anat["lung_gap"] + anat["lung_w"] * rng.uniform(0.45, 0.8))  # periphery
                 cy = rng.uniform(0.42, 0.68)
                 sigma = rng.uniform(0.04, 0.07)
-                haze += np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma ** 2)))
+                haze += np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)))
         img = img + 0.2 * np.clip(haze, 0, 1.3) * lung_mask * (1 - heart)
 
     img = gaussian_filter(img, sigma=max(0.6, size / 256))
@@ -148,8 +165,14 @@ def _dicom(path: Path, image: np.ndarray, *, patient_id: str, index: int, seed: 
     ds.save_as(path, enforce_file_format=True)
 
 
-def synthesize_phantoms(out_dir, n: int = 600, classes: Sequence[str] = ("normal", "bacterial", "covid"),
-                        size: int = 256, fmt: str = "png", seed: int = 0) -> Path:
+def synthesize_phantoms(
+    out_dir,
+    n: int = 600,
+    classes: Sequence[str] = ("normal", "bacterial", "covid"),
+    size: int = 256,
+    fmt: str = "png",
+    seed: int = 0,
+) -> Path:
     """Draw ``n`` phantom radiographs into ``out_dir``; returns the path of ``phantoms.csv``.
 
     ``classes``: names from :data:`LESIONS` (e.g. normal, bacterial, covid, pneumonia, viral), balanced
@@ -181,16 +204,20 @@ def synthesize_phantoms(out_dir, n: int = 600, classes: Sequence[str] = ("normal
         label = classes[class_cycle[patient_no % len(classes)]]
         patient = f"PH{seed:03d}-{patient_no:05d}"
         anat = _patient_anatomy(rng)
-        plan = {"side": int(rng.choice([-1, 1])), "zone": str(rng.choice(["upper", "lower"])),
-                "patches": int(rng.integers(2, 4))}
+        plan = {
+            "side": int(rng.choice([-1, 1])),
+            "zone": str(rng.choice(["upper", "lower"])),
+            "patches": int(rng.integers(2, 4)),
+        }
         for _ in range(min(int(rng.integers(1, 5)), n - index)):
             image = _draw(int(size), anat, LESIONS[label], rng, plan)
             name = f"img_{index:05d}." + ("png" if fmt == "png" else "dcm")
             if fmt == "png":
                 Image.fromarray(np.round(image * 255).astype(np.uint8), mode="L").save(images / name)
             else:
-                _dicom(images / name, image, patient_id=patient, index=index, seed=seed,
-                       monochrome1=patient_no % 3 == 2)
+                _dicom(
+                    images / name, image, patient_id=patient, index=index, seed=seed, monochrome1=patient_no % 3 == 2
+                )
             rows.append({"path": f"images/{name}", "label": label, "patient": patient})
             index += 1
         patient_no += 1
@@ -200,7 +227,13 @@ def synthesize_phantoms(out_dir, n: int = 600, classes: Sequence[str] = ("normal
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "patient"])
         writer.writeheader()
         writer.writerows(rows)
-    params = {"n": int(n), "classes": list(classes), "size": int(size), "fmt": fmt, "seed": int(seed),
-              "version": _VERSION}
+    params = {
+        "n": int(n),
+        "classes": list(classes),
+        "size": int(size),
+        "fmt": fmt,
+        "seed": int(seed),
+        "version": _VERSION,
+    }
     (out / PARAMS_NAME).write_text(json.dumps(params, indent=2) + "\n")
     return csv_path

@@ -39,6 +39,7 @@ Example::
     t = build_transforms("cxr_light", 224, mean=(0.5,), std=(0.5,), in_chans=3, train=True)
     x = t(img)        # img: float32 (H, W) in [0, 1] -> tensor (3, 224, 224)
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,14 @@ from medtricks.data import lung_field
 from medtricks.errors import ConfigError, ConfigTypeError
 
 PRESETS = ("cxr_light", "cxr_shift", "cxr_lungfield", "cxr_strong", "paper_baseline", "none")
-_CROP_PCT = {"cxr_light": 1.0, "cxr_shift": 1.0, "cxr_lungfield": 1.0, "cxr_strong": 1.0, "paper_baseline": 0.875,
-             "none": 1.0}
+_CROP_PCT = {
+    "cxr_light": 1.0,
+    "cxr_shift": 1.0,
+    "cxr_lungfield": 1.0,
+    "cxr_strong": 1.0,
+    "paper_baseline": 0.875,
+    "none": 1.0,
+}
 #: RandAugment-style ops of ``cxr_strong`` drawn per image (``A.SomeOf``), and how many.
 STRONG_OPS_PER_IMAGE = 2
 
@@ -68,30 +75,39 @@ def _train_ops(preset: str, image_size: int) -> list:
 
     size = (image_size, image_size)
     if preset == "cxr_light":
-        return [A.Rotate(limit=10, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
-                A.RandomResizedCrop(size=size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
-                A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=1.0)]
+        return [
+            A.Rotate(limit=10, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+            A.RandomResizedCrop(size=size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=1.0),
+        ]
     if preset == "cxr_shift":
-        return [A.Rotate(limit=10, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
-                A.RandomResizedCrop(size=size, scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0),
-                A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0),
-                A.RandomGamma(gamma_limit=(70, 150), p=0.5),
-                A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(8, 8), p=0.25),
-                A.GaussianBlur(sigma_limit=(0.3, 1.2), p=0.2),
-                A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
-                A.Downscale(scale_range=(0.5, 0.9), p=0.2)]
+        return [
+            A.Rotate(limit=10, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+            A.RandomResizedCrop(size=size, scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.5),
+            A.CLAHE(clip_limit=(1.0, 3.0), tile_grid_size=(8, 8), p=0.25),
+            A.GaussianBlur(sigma_limit=(0.3, 1.2), p=0.2),
+            A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
+            A.Downscale(scale_range=(0.5, 0.9), p=0.2),
+        ]
     if preset == "cxr_lungfield":
         return _train_ops("cxr_light", image_size) + [lung_field.OutsideLungErasing(p=0.5)]
     if preset == "cxr_strong":
-        return [A.RandomResizedCrop(size=size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
-                A.SomeOf(_strong_ops(), n=STRONG_OPS_PER_IMAGE, replace=False, p=1.0),
-                A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(0.05, 0.5),
-                                hole_width_range=(0.05, 0.5), fill=0.5, p=1.0)]
+        return [
+            A.RandomResizedCrop(size=size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
+            A.SomeOf(_strong_ops(), n=STRONG_OPS_PER_IMAGE, replace=False, p=1.0),
+            A.CoarseDropout(
+                num_holes_range=(1, 1), hole_height_range=(0.05, 0.5), hole_width_range=(0.05, 0.5), fill=0.5, p=1.0
+            ),
+        ]
     if preset == "paper_baseline":
-        return [A.RandomResizedCrop(size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
-                A.HorizontalFlip(p=0.5),
-                A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
-                A.FancyPCA(alpha=0.1, p=1.0)]
+        return [
+            A.RandomResizedCrop(size=size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=1.0),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0),
+            A.FancyPCA(alpha=0.1, p=1.0),
+        ]
     return _eval_ops(preset, image_size)
 
 
@@ -101,25 +117,29 @@ def _strong_ops() -> list:
     import cv2
 
     border = dict(border_mode=cv2.BORDER_CONSTANT, fill=0)  # black, as collimation looks
-    return [A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=1.0),
-            A.RandomGamma(gamma_limit=(60, 160), p=1.0),
-            A.CLAHE(clip_limit=(1.0, 4.0), tile_grid_size=(8, 8), p=1.0),
-            A.Sharpen(alpha=(0.1, 0.5), lightness=(0.9, 1.1), p=1.0),
-            A.GaussianBlur(sigma_limit=(0.3, 1.5), p=1.0),
-            A.Affine(rotate=(-15, 15), **border, p=1.0),
-            A.Affine(shear={"x": (-15, 15), "y": (-15, 15)}, **border, p=1.0),
-            A.Affine(translate_percent={"x": (-0.1, 0.1), "y": (-0.1, 0.1)}, **border, p=1.0),
-            A.GaussNoise(std_range=(0.01, 0.05), p=1.0),
-            A.Posterize(num_bits=(4, 8), p=1.0),
-            A.Equalize(p=1.0)]
+    return [
+        A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=1.0),
+        A.RandomGamma(gamma_limit=(60, 160), p=1.0),
+        A.CLAHE(clip_limit=(1.0, 4.0), tile_grid_size=(8, 8), p=1.0),
+        A.Sharpen(alpha=(0.1, 0.5), lightness=(0.9, 1.1), p=1.0),
+        A.GaussianBlur(sigma_limit=(0.3, 1.5), p=1.0),
+        A.Affine(rotate=(-15, 15), **border, p=1.0),
+        A.Affine(shear={"x": (-15, 15), "y": (-15, 15)}, **border, p=1.0),
+        A.Affine(translate_percent={"x": (-0.1, 0.1), "y": (-0.1, 0.1)}, **border, p=1.0),
+        A.GaussNoise(std_range=(0.01, 0.05), p=1.0),
+        A.Posterize(num_bits=(4, 8), p=1.0),
+        A.Equalize(p=1.0),
+    ]
 
 
 def _eval_ops(preset: str, image_size: int) -> list:
     import albumentations as A
     import cv2
 
-    return [A.SmallestMaxSize(max_size=eval_resize_side(preset, image_size), interpolation=cv2.INTER_AREA),
-            A.CenterCrop(height=image_size, width=image_size)]
+    return [
+        A.SmallestMaxSize(max_size=eval_resize_side(preset, image_size), interpolation=cv2.INTER_AREA),
+        A.CenterCrop(height=image_size, width=image_size),
+    ]
 
 
 class XrayTransform:
@@ -129,8 +149,9 @@ class XrayTransform:
     images are pre-resized to before this transform; what the decode cache stores).
     """
 
-    def __init__(self, preset: str, image_size: int, *, mean: Sequence[float], std: Sequence[float],
-                 in_chans: int, train: bool):
+    def __init__(
+        self, preset: str, image_size: int, *, mean: Sequence[float], std: Sequence[float], in_chans: int, train: bool
+    ):
         import albumentations as A
 
         self.preset, self.image_size, self.train, self.in_chans = preset, int(image_size), bool(train), int(in_chans)
@@ -165,8 +186,10 @@ class XrayTransform:
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32))
 
     def __repr__(self) -> str:
-        return (f"XrayTransform(preset={self.preset!r}, image_size={self.image_size}, train={self.train}, "
-                f"in_chans={self.in_chans}, mean={tuple(self.mean.tolist())}, std={tuple(self.std.tolist())})")
+        return (
+            f"XrayTransform(preset={self.preset!r}, image_size={self.image_size}, train={self.train}, "
+            f"in_chans={self.in_chans}, mean={tuple(self.mean.tolist())}, std={tuple(self.std.tolist())})"
+        )
 
 
 class MultiView:
@@ -197,8 +220,9 @@ def _per_channel(values: Sequence[float], in_chans: int, name: str) -> np.ndarra
     return np.asarray(values, dtype=np.float32)
 
 
-def build_transforms(preset: str, image_size: int, *, mean: Sequence[float], std: Sequence[float],
-                     in_chans: int, train: bool) -> XrayTransform:
+def build_transforms(
+    preset: str, image_size: int, *, mean: Sequence[float], std: Sequence[float], in_chans: int, train: bool
+) -> XrayTransform:
     """The train (``train=True``) or eval transform of a preset; see the module docstring.
 
     Example::

@@ -16,6 +16,7 @@
 Names are loaded on first use (``from medtricks.deploy import calibrate_site``), so the lower layers
 (``posthoc`` reads profiles) never import the orchestration.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -17,6 +17,7 @@ Example::
     report = adabn(model, loader)
     print(report.n_layers, report.n_images)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -64,8 +65,11 @@ def adabn(model: nn.Module, batches: Iterable[Any], *, device: str | torch.devic
     layers = bn_layers(model)
     if not layers:
         raise ValueError("adabn: the model has no BatchNorm layers")
-    before = {name: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for name, m in layers
-              if m.running_mean is not None}
+    before = {
+        name: (m.running_mean.detach().clone(), m.running_var.detach().clone())
+        for name, m in layers
+        if m.running_mean is not None
+    }
     momenta = {name: m.momentum for name, m in layers}
     model.to(device).eval()
     for _, m in layers:
@@ -91,14 +95,28 @@ def adabn(model: nn.Module, batches: Iterable[Any], *, device: str | torch.devic
     report = AdaptReport(method="adabn", n_layers=len(layers), n_images=n)
     for name, m in layers:
         mean0, var0 = before[name]
-        report.layers.append({"layer": name, "changed": "running_mean,running_var",
-                              "mean_abs_change_mean": float((m.running_mean - mean0).abs().mean()),
-                              "mean_abs_change_var": float((m.running_var - var0).abs().mean())})
+        report.layers.append(
+            {
+                "layer": name,
+                "changed": "running_mean,running_var",
+                "mean_abs_change_mean": float((m.running_mean - mean0).abs().mean()),
+                "mean_abs_change_var": float((m.running_var - var0).abs().mean()),
+            }
+        )
     return report
 
 
-def tent(model: nn.Module, dataset: torch.utils.data.Dataset, *, steps: int = 1, batch_size: int = 32,
-         lr: float = 1e-3, momentum: float = 0.9, seed: int = 0, device: str | torch.device = "cpu") -> AdaptReport:
+def tent(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    steps: int = 1,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    momentum: float = 0.9,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> AdaptReport:
     """TENT: ``steps`` passes over ``dataset`` (items ``(image, ...)``), SGD on the entropy of the softmax,
     updating only BatchNorm γ and β; BatchNorm uses batch statistics and its running statistics are left
     as they were. Batches are shuffled with ``seed`` (a last batch of one image is dropped: batch statistics
@@ -129,8 +147,14 @@ def tent(model: nn.Module, dataset: torch.utils.data.Dataset, *, steps: int = 1,
     optimizer = torch.optim.SGD(params, lr=float(lr), momentum=float(momentum))
     generator = torch.Generator().manual_seed(int(seed))
     n_images = len(dataset)
-    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=True, generator=generator, num_workers=0,
-                        drop_last=n_images % int(batch_size) == 1)
+    loader = DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=True,
+        generator=generator,
+        num_workers=0,
+        drop_last=n_images % int(batch_size) == 1,
+    )
     report = AdaptReport(method="tent", n_layers=len(layers), n_images=n_images)
     try:
         for _ in range(int(steps)):

@@ -1,6 +1,7 @@
 """The folders of a fine-tuning cross-fit: patient folds and their splits, each fold's data card on disk,
 and the fold runs and final run already there (so the same command again resumes instead of retraining).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -20,12 +21,22 @@ from medtricks.evaluate.paired import load_predictions
 from medtricks.recipe import Recipe, load_run_recipe, recipe_digest
 from medtricks.rundir import RunDir
 
-__all__ = ["fold_splits", "check_folds", "duplicate_bytes", "rel_paths", "write_fold_data", "finished_fold",
-           "fold_predictions", "keep_parent_files", "find_final"]
+__all__ = [
+    "fold_splits",
+    "check_folds",
+    "duplicate_bytes",
+    "rel_paths",
+    "write_fold_data",
+    "finished_fold",
+    "fold_predictions",
+    "keep_parent_files",
+    "find_final",
+]
 
 
-def fold_splits(y: Any, groups: Any, fold_of: np.ndarray, k: int, *, val_fraction: float,
-                split_seed: int = 0) -> np.ndarray:
+def fold_splits(
+    y: Any, groups: Any, fold_of: np.ndarray, k: int, *, val_fraction: float, split_seed: int = 0
+) -> np.ndarray:
     """``train`` / ``val`` / ``test`` per image for fold ``k``: fold ``k`` is the test; ``val_fraction`` of the
     other folds' images (whole patients, stratified) is the validation part, carved by
     :func:`medtricks.data.assign_splits` like a run carves its own validation split."""
@@ -47,11 +58,14 @@ def check_folds(y: np.ndarray, splits: list[np.ndarray], classes: list[str], bat
                     f"cross-fit fold {k + 1} of {len(splits)}: its {part} part holds no image of class(es) "
                     f"{lacking} ({int((split == part).sum())} images): too few patients of a class for this many "
                     "folds and this validation share; use fewer --folds, or --set data.val_fraction=0.25, or label "
-                    "more site images")
+                    "more site images"
+                )
         n_train = int((split == "train").sum())
         if n_train < batch_size:
-            raise ConfigError(f"cross-fit fold {k + 1}: {n_train} training images, fewer than train.batch_size="
-                              f"{batch_size}; lower it (--batch-size N)")
+            raise ConfigError(
+                f"cross-fit fold {k + 1}: {n_train} training images, fewer than train.batch_size="
+                f"{batch_size}; lower it (--batch-size N)"
+            )
 
 
 def duplicate_bytes(manifest: pd.DataFrame) -> int:
@@ -73,8 +87,9 @@ def rel_paths(manifest: pd.DataFrame, root: Path) -> list[str]:
     return rel
 
 
-def write_fold_data(folder: Path, k: int, site_card, rel: list[str], labels: Sequence[str], patients: Sequence[str],
-                     split: np.ndarray) -> Path:
+def write_fold_data(
+    folder: Path, k: int, site_card, rel: list[str], labels: Sequence[str], patients: Sequence[str], split: np.ndarray
+) -> Path:
     """Fold ``k``'s card: the site images (paths relative to the site root, their class and hashed patient)
     with the fold's train / val / test declared per image. Written to the cross-fit folder (never logged)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,16 +99,27 @@ def write_fold_data(folder: Path, k: int, site_card, rel: list[str], labels: Seq
         frame.to_csv(tmp, index=False)
     norm = site_card.normalization
     # One card name for every fold: the fold runs' hashed patients (salted with the card name) compare across folds.
-    card = {"name": f"{site_card.name}-finetune",
-            "description": f"Fold {k + 1} of a medtricks finetune cross-fit on a site sample of card {site_card.name}: "
-                           "the images, their class and hashed patient, and the fold's split per image.",
-            "source": "generated", "license": site_card.license, "citation": site_card.citation,
-            "task": site_card.task, "classes": list(site_card.classes),
-            "layout": {"kind": "csv", "tables": [{"file": str(table.resolve())}], "path_template": "{path}",
-                       "label_column": "label", "split_column": "split"},
-            "patient": {"column": "patient"}, "image_size": int(site_card.image_size),
-            "normalization": {"mean": [float(v) for v in norm.mean], "std": [float(v) for v in norm.std]},
-            "allow_conflicting_duplicates": bool(site_card.allow_conflicting_duplicates)}
+    card = {
+        "name": f"{site_card.name}-finetune",
+        "description": f"Fold {k + 1} of a medtricks finetune cross-fit on a site sample of card {site_card.name}: "
+        "the images, their class and hashed patient, and the fold's split per image.",
+        "source": "generated",
+        "license": site_card.license,
+        "citation": site_card.citation,
+        "task": site_card.task,
+        "classes": list(site_card.classes),
+        "layout": {
+            "kind": "csv",
+            "tables": [{"file": str(table.resolve())}],
+            "path_template": "{path}",
+            "label_column": "label",
+            "split_column": "split",
+        },
+        "patient": {"column": "patient"},
+        "image_size": int(site_card.image_size),
+        "normalization": {"mean": [float(v) for v in norm.mean], "std": [float(v) for v in norm.std]},
+        "allow_conflicting_duplicates": bool(site_card.allow_conflicting_duplicates),
+    }
     path = folder / f"fold{k + 1}.yaml"
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(card, sort_keys=False))
@@ -103,13 +129,18 @@ def write_fold_data(folder: Path, k: int, site_card, rel: list[str], labels: Seq
 def finished_fold(folder: Path) -> Optional[RunDir]:
     """The fold's finished run with its saved predictions, if any."""
     run = RunDir.newest_finished(folder)
-    if run is None or not all(run.predictions(s).is_file() for s in ("val", "test")) or not run.split_manifest.is_file():
+    if (
+        run is None
+        or not all(run.predictions(s).is_file() for s in ("val", "test"))
+        or not run.split_manifest.is_file()
+    ):
         return None
     return run
 
 
-def fold_predictions(run: RunDir, k: int, expected_test: list[str], expected_val: set[str],
-                      y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fold_predictions(
+    run: RunDir, k: int, expected_test: list[str], expected_val: set[str], y_test: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(test probs, val labels, val probs)`` of a fold run, checked image by image against the cross-fit's
     fold (the run's split manifest: salted image ids in manifest order)."""
     rows = pd.read_csv(run.split_manifest, dtype=str, keep_default_na=False)
@@ -118,8 +149,10 @@ def fold_predictions(run: RunDir, k: int, expected_test: list[str], expected_val
     y_t, p_t = load_predictions(run.predictions("test"))
     y_v, p_v = load_predictions(run.predictions("val"))
     if test_ids != expected_test or val_ids != expected_val or not np.array_equal(y_t.astype(int), y_test):
-        raise ConfigError(f"cross-fit fold {k + 1}: run {run.path} holds other images than this fold (the site data "
-                          f"or the salt changed?); delete {run.path.parent.parent} and run the command again")
+        raise ConfigError(
+            f"cross-fit fold {k + 1}: run {run.path} holds other images than this fold (the site data "
+            f"or the salt changed?); delete {run.path.parent.parent} and run the command again"
+        )
     return p_t, y_v, p_v
 
 
@@ -160,8 +193,12 @@ def find_final(folder: Path, recipe: Recipe, crossfit_id: str, ids: set[str]) ->
     runs = [RunDir(p) for p in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)]
     for run in runs:
         state = run.read_state()
-        if state.get("finetune_id") == crossfit_id and state.get("finetune_status") == "complete" and \
-                run.is_finished() and (run.model_dir / ADAPTATION_FILE).is_file():
+        if (
+            state.get("finetune_id") == crossfit_id
+            and state.get("finetune_status") == "complete"
+            and run.is_finished()
+            and (run.model_dir / ADAPTATION_FILE).is_file()
+        ):
             return run, "done"
     for run in runs:
         if run.read_state().get("finetune_status") == "complete" or not run.recipe.is_file():

@@ -2,6 +2,7 @@
 
 What :func:`finetune_recipe` sets, and why, is in :mod:`medtricks.deploy.finetune`'s docstring.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,23 @@ __all__ = ["CHECKPOINT_METRIC", "RESET_TRICKS", "parse_freeze", "check_overrides
 #: What chooses a fold's (and the final run's) checkpoint: the training loss, so validation chooses only the threshold.
 CHECKPOINT_METRIC = "train/epoch_loss"
 #: Keys the command sets itself: ``--set`` may not change them (use its options).
-_FIXED_KEYS = ("data.card", "data.root", "data.synth", "data.test_fraction", "model.weights",
-               "experiment.output_dir", "experiment.name")
+_FIXED_KEYS = (
+    "data.card",
+    "data.root",
+    "data.synth",
+    "data.test_fraction",
+    "model.weights",
+    "experiment.output_dir",
+    "experiment.name",
+)
 #: Tricks that (re)initialise a model after its weights load, or need other data: off when fine-tuning a run.
-RESET_TRICKS = {"bn_gamma": {"strategy": "none"}, "layerscale_gamma": {"strategy": "none"},
-                "reinit_late": {"stages": 0}, "distill": {}, "pseudo_label": {}}
+RESET_TRICKS = {
+    "bn_gamma": {"strategy": "none"},
+    "layerscale_gamma": {"strategy": "none"},
+    "reinit_late": {"stages": 0},
+    "distill": {},
+    "pseudo_label": {},
+}
 
 
 def parse_freeze(text: Union[str, Sequence, None]) -> Optional[list]:
@@ -41,15 +54,28 @@ def check_overrides(overrides: Sequence[str]) -> None:
         key = item.split("=", 1)[0].strip()
         for fixed in _FIXED_KEYS:
             if key == fixed or fixed.startswith(key + ".") or key.startswith(fixed + "."):
-                raise ConfigError(f"--set {item!r}: adapt --method finetune sets {fixed} itself (the parent run, "
-                                  "--card, --root, --out-dir; the site sample is the test of the cross-fit, so "
-                                  "data.test_fraction is 0); change it through the command's options")
+                raise ConfigError(
+                    f"--set {item!r}: adapt --method finetune sets {fixed} itself (the parent run, "
+                    "--card, --root, --out-dir; the site sample is the test of the cross-fit, so "
+                    "data.test_fraction is 0); change it through the command's options"
+                )
 
 
-def finetune_recipe(parent: Recipe, *, weights: str, card: str, root: str, epochs: int = 3,
-                    lr: Optional[float] = None, freeze: Optional[Sequence] = None, overrides: Sequence[str] = (),
-                    output_dir: str, name: str, batch_size: Optional[int] = None,
-                    device: Optional[str] = None) -> Recipe:
+def finetune_recipe(
+    parent: Recipe,
+    *,
+    weights: str,
+    card: str,
+    root: str,
+    epochs: int = 3,
+    lr: Optional[float] = None,
+    freeze: Optional[Sequence] = None,
+    overrides: Sequence[str] = (),
+    output_dir: str,
+    name: str,
+    batch_size: Optional[int] = None,
+    device: Optional[str] = None,
+) -> Recipe:
     """The recipe that fine-tunes ``parent``'s model (``weights``: ``run:<parent>``) on ``card`` at ``root``
     (:mod:`medtricks.deploy.finetune`'s docstring lists every key it sets); ``overrides`` (``KEY=VALUE``) come last."""
     check_overrides(overrides)
@@ -57,8 +83,15 @@ def finetune_recipe(parent: Recipe, *, weights: str, card: str, root: str, epoch
         raise ConfigError(f"--epochs must be >= 1, got {epochs!r}")
     data = parent.model_dump(mode="json")
     data["model"]["weights"] = weights
-    data["data"].update(card=str(card), root=str(root), synth=None, test_fraction=0.0, label_fraction=None,
-                        label_count=None, unlabeled=None)
+    data["data"].update(
+        card=str(card),
+        root=str(root),
+        synth=None,
+        test_fraction=0.0,
+        label_fraction=None,
+        label_count=None,
+        unlabeled=None,
+    )
     data["train"].update(epochs=int(epochs), best_metric=CHECKPOINT_METRIC, best_mode="min", best_tiebreak=None)
     if batch_size:
         data["train"]["batch_size"] = int(batch_size)

@@ -17,6 +17,7 @@ Example::
     fitted = fit_site(y, probs, method="youden")
     print(fitted["threshold"], fitted["temperature"], fitted["prevalence"])
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,19 @@ import numpy as np
 from medtricks.errors import ConfigError
 from medtricks.evaluate.operating_point import select_threshold
 
-__all__ = ["patient_folds", "apply_temperature", "fit_temperature", "em_prior", "fit_site", "bootstrap_site", "cross_fit",
-           "patient_bootstrap_indices", "decision_metrics", "expected_calibration_error", "nll"]
+__all__ = [
+    "patient_folds",
+    "apply_temperature",
+    "fit_temperature",
+    "em_prior",
+    "fit_site",
+    "bootstrap_site",
+    "cross_fit",
+    "patient_bootstrap_indices",
+    "decision_metrics",
+    "expected_calibration_error",
+    "nll",
+]
 
 _EPS = 1e-12
 _LOG_T_BOUNDS = (-3.0, 3.0)  # temperatures in [0.05, 20]
@@ -62,8 +74,12 @@ def fit_temperature(y: Any, probs: Any) -> float:
 
     y = np.asarray(y).astype(int)
     p = np.asarray(probs, dtype=np.float64)
-    res = minimize_scalar(lambda log_t: nll(y, apply_temperature(p, float(np.exp(log_t)))),
-                          bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5})
+    res = minimize_scalar(
+        lambda log_t: nll(y, apply_temperature(p, float(np.exp(log_t)))),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
     return float(np.exp(res.x))
 
 
@@ -80,8 +96,9 @@ def expected_calibration_error(y: Any, probs: Any, n_bins: int = 15) -> float:
     return float(ece)
 
 
-def em_prior(probs: Any, train_priors: Sequence[float], *, max_iter: int = 1000,
-             tol: float = 1e-8) -> tuple[np.ndarray, int]:
+def em_prior(
+    probs: Any, train_priors: Sequence[float], *, max_iter: int = 1000, tol: float = 1e-8
+) -> tuple[np.ndarray, int]:
     """Class priors of unlabelled data by EM (Saerens et al. 2002) → ``(priors, iterations)``.
 
     ``probs``: posteriors of a model trained at ``train_priors``. Each step re-weights them to the current
@@ -114,14 +131,16 @@ def decision_metrics(y: Any, positive: Any, positive_index: int = 1) -> dict[str
     return out
 
 
-def fit_site(y: Any, probs: Any, *, method: str = "youden", target_sensitivity: Optional[float] = None,
-             positive_index: int = 1) -> dict[str, float]:
+def fit_site(
+    y: Any, probs: Any, *, method: str = "youden", target_sensitivity: Optional[float] = None, positive_index: int = 1
+) -> dict[str, float]:
     """Temperature, then the threshold on the temperature-scaled probabilities, and the sample prevalence."""
     y = np.asarray(y).astype(int)
     p = np.asarray(probs, dtype=np.float64)
     t = fit_temperature(y, p)
-    op = select_threshold(y, apply_temperature(p, t), method=method, target_sensitivity=target_sensitivity,
-                          positive_index=positive_index)
+    op = select_threshold(
+        y, apply_temperature(p, t), method=method, target_sensitivity=target_sensitivity, positive_index=positive_index
+    )
     # a threshold of exactly 0 or 1 cannot be applied as odds; keep it strictly inside (0, 1)
     thr = float(min(max(op.threshold, 1e-6), 1 - 1e-6))
     return {"temperature": t, "threshold": thr, "prevalence": float((y == positive_index).mean())}
@@ -134,7 +153,7 @@ def patient_bootstrap_indices(groups: Any, rng: np.random.Generator) -> np.ndarr
     counts = np.bincount(inverse)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     drawn = rng.integers(0, len(counts), len(counts))
-    return np.concatenate([order[starts[g]:starts[g] + counts[g]] for g in drawn])
+    return np.concatenate([order[starts[g] : starts[g] + counts[g]] for g in drawn])
 
 
 def _interval(values: list[float], ci: float) -> Optional[list[float]]:
@@ -145,9 +164,18 @@ def _interval(values: list[float], ci: float) -> Optional[list[float]]:
     return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
 
 
-def bootstrap_site(y: Any, probs: Any, groups: Any, *, method: str = "youden",
-                   target_sensitivity: Optional[float] = None, positive_index: int = 1, n_bootstrap: int = 200,
-                   ci: float = 0.95, seed: int = 0) -> dict[str, Optional[list[float]]]:
+def bootstrap_site(
+    y: Any,
+    probs: Any,
+    groups: Any,
+    *,
+    method: str = "youden",
+    target_sensitivity: Optional[float] = None,
+    positive_index: int = 1,
+    n_bootstrap: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Optional[list[float]]]:
     """Percentile intervals of :func:`fit_site`'s values over ``n_bootstrap`` patient-level resamples
     (resamples with one class only are skipped)."""
     y = np.asarray(y).astype(int)
@@ -158,8 +186,9 @@ def bootstrap_site(y: Any, probs: Any, groups: Any, *, method: str = "youden",
         idx = patient_bootstrap_indices(groups, rng)
         if len(np.unique(y[idx])) < 2:
             continue
-        fitted = fit_site(y[idx], p[idx], method=method, target_sensitivity=target_sensitivity,
-                          positive_index=positive_index)
+        fitted = fit_site(
+            y[idx], p[idx], method=method, target_sensitivity=target_sensitivity, positive_index=positive_index
+        )
         for k in draws:
             draws[k].append(fitted[k])
     return {k: _interval(v, ci) for k, v in draws.items()}
@@ -182,9 +211,20 @@ def patient_folds(y: Any, groups: Any, folds: int, seed: int = 0) -> np.ndarray:
     return fold_of
 
 
-def cross_fit(y: Any, probs: Any, groups: Any, *, method: str = "youden", target_sensitivity: Optional[float] = None,
-              positive_index: int = 1, stored_threshold: Optional[float] = None, folds: int = 5, seed: int = 0,
-              n_bootstrap: int = 200, ci: float = 0.95) -> dict[str, Any]:
+def cross_fit(
+    y: Any,
+    probs: Any,
+    groups: Any,
+    *,
+    method: str = "youden",
+    target_sensitivity: Optional[float] = None,
+    positive_index: int = 1,
+    stored_threshold: Optional[float] = None,
+    folds: int = 5,
+    seed: int = 0,
+    n_bootstrap: int = 200,
+    ci: float = 0.95,
+) -> dict[str, Any]:
     """How well a site calibration holds on patients it was not fitted on.
 
     Patients are split into ``folds`` (stratified by class where possible); each fold is predicted with
@@ -201,10 +241,13 @@ def cross_fit(y: Any, probs: Any, groups: Any, *, method: str = "youden", target
     for k in range(int(folds)):
         fit_idx, out_idx = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         if len(np.unique(y[fit_idx])) < 2:
-            raise ConfigError(f"cross-fitting fold {k + 1} of {folds} has one class only in its fitting part: "
-                              "too few patients of a class for this many folds")
-        fitted = fit_site(y[fit_idx], p[fit_idx], method=method, target_sensitivity=target_sensitivity,
-                          positive_index=positive_index)
+            raise ConfigError(
+                f"cross-fitting fold {k + 1} of {folds} has one class only in its fitting part: "
+                "too few patients of a class for this many folds"
+            )
+        fitted = fit_site(
+            y[fit_idx], p[fit_idx], method=method, target_sensitivity=target_sensitivity, positive_index=positive_index
+        )
         scaled = apply_temperature(p[out_idx], fitted["temperature"])
         held_probs[out_idx] = scaled
         held_pos[out_idx] = scaled[:, positive_index] >= fitted["threshold"]
@@ -218,9 +261,12 @@ def cross_fit(y: Any, probs: Any, groups: Any, *, method: str = "youden", target
         return out
 
     stored_pos = p[:, positive_index] >= stored_threshold if stored_threshold is not None else None
-    result: dict[str, Any] = {"folds": int(folds), "n_images": int(len(y)),
-                              "site": summary(y, held_pos, held_probs),
-                              "uncalibrated": {"ece": expected_calibration_error(y, p), "nll": nll(y, p)}}
+    result: dict[str, Any] = {
+        "folds": int(folds),
+        "n_images": int(len(y)),
+        "site": summary(y, held_pos, held_probs),
+        "uncalibrated": {"ece": expected_calibration_error(y, p), "nll": nll(y, p)},
+    }
     if stored_pos is not None:
         result["stored"] = {"threshold": float(stored_threshold), **decision_metrics(y, stored_pos, positive_index)}
     rng = np.random.default_rng(seed)

@@ -17,6 +17,7 @@ Example::
     profile = load_site_profile(trained, "hospital-b")
     print(profile.threshold, profile.temperature, profile.prevalence)
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,20 @@ from medtricks.errors import ConfigError, MissingFileError
 from medtricks.rundir import MODEL_ARTIFACT_DIR, RunDir
 from medtricks.tracking import RunNotFoundError
 
-__all__ = ["SiteProfile", "SITES_DIR", "SITE_ARTIFACT_DIR", "PROFILE_FORMAT", "check_site_name", "site_profile_path",
-           "save_site_profile", "load_site_profile", "log_site_profile", "load_logged_site_profile",
-           "list_site_profiles", "SITE_PROFILE_KIND"]
+__all__ = [
+    "SiteProfile",
+    "SITES_DIR",
+    "SITE_ARTIFACT_DIR",
+    "PROFILE_FORMAT",
+    "check_site_name",
+    "site_profile_path",
+    "save_site_profile",
+    "load_site_profile",
+    "log_site_profile",
+    "load_logged_site_profile",
+    "list_site_profiles",
+    "SITE_PROFILE_KIND",
+]
 
 SITES_DIR = "sites"  # model/sites/<name>.json in a run folder
 SITE_ARTIFACT_DIR = "sites"  # sites/<name>.json in the store run of kind site_profile
@@ -46,8 +58,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def check_site_name(name: str) -> str:
     """A site name is one plain file name: letters, digits, ``_ . -``, at most 64 characters."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".json"):
-        raise ConfigError(f"--site/--name {name!r}: a site name is letters, digits, '_', '.', '-' (at most 64, "
-                          "starting with a letter or digit), such as 'hospital-b'")
+        raise ConfigError(
+            f"--site/--name {name!r}: a site name is letters, digits, '_', '.', '-' (at most 64, "
+            "starting with a letter or digit), such as 'hospital-b'"
+        )
     return name
 
 
@@ -121,8 +135,11 @@ class SiteProfile:
     # ----------------------------------------------------------------------------------- display
     def describe(self) -> str:
         """One line: what the rule does and where it came from."""
-        how = {"youden": "Youden's J", "sensitivity": f"sensitivity >= {self.target_sensitivity}",
-               "em-prior": "the run's stored threshold after an EM prior shift"}.get(self.method, self.method)
+        how = {
+            "youden": "Youden's J",
+            "sensitivity": f"sensitivity >= {self.target_sensitivity}",
+            "em-prior": "the run's stored threshold after an EM prior shift",
+        }.get(self.method, self.method)
         text = f"site profile {self.name!r}: threshold {self.threshold:.4f} ({how}"
         if self.method != "em-prior":
             text += " on the site sample"
@@ -139,6 +156,7 @@ class SiteProfile:
 
     def table(self) -> str:
         """The profile as a small text table with intervals and the cross-fitted check."""
+
         def iv(key: str) -> str:
             v = self.intervals.get(key)
             return f" [{v[0]:.4g}, {v[1]:.4g}]" if v else ""
@@ -147,11 +165,15 @@ class SiteProfile:
         lines.append(f"  threshold    {self.threshold:.4f}{iv('threshold')}")
         lines.append(f"  temperature  {self.temperature:.4f}{iv('temperature')}")
         if self.prevalence is not None:
-            lines.append(f"  prevalence   {self.prevalence:.4f}{iv('prevalence')}  ({self.classes[self.positive_index] if self.classes else 'positive'})")
+            lines.append(
+                f"  prevalence   {self.prevalence:.4f}{iv('prevalence')}  ({self.classes[self.positive_index] if self.classes else 'positive'})"
+            )
         if self.sample:
             per = self.sample.get("per_class")
-            lines.append(f"  sample       {self.sample.get('n_images')} images, {self.sample.get('n_patients', '?')} "
-                         f"patients{f', {per}' if per else ''}")
+            lines.append(
+                f"  sample       {self.sample.get('n_images')} images, {self.sample.get('n_patients', '?')} "
+                f"patients{f', {per}' if per else ''}"
+            )
         if self.n_bootstrap:
             lines.append(f"  intervals    {self.ci_level:.0%} patient bootstrap, {self.n_bootstrap} resamples")
         cf = self.cross_fit
@@ -166,15 +188,20 @@ class SiteProfile:
                         cells.append(f"{key} {values[key]:.3f}" + (f" [{b[0]:.3f}, {b[1]:.3f}]" if b else ""))
                 return f"  {label:<30} " + ", ".join(cells)
 
-            lines += ["", f"cross-fitted by patient ({cf.get('folds')} folds; every image predicted by a profile "
-                          "fitted on other patients):"]
+            lines += [
+                "",
+                f"cross-fitted by patient ({cf.get('folds')} folds; every image predicted by a profile "
+                "fitted on other patients):",
+            ]
             lines.append(row("site profile", "site", cf["site"]))
             if cf.get("stored"):
                 lines.append(row(f"run's threshold {cf['stored']['threshold']:.4f}", "stored", cf["stored"]))
             if cf.get("uncalibrated"):
                 u = cf["uncalibrated"]
-                lines.append(f"  {'uncalibrated probabilities':<30} ece {u['ece']:.3f}, nll {u['nll']:.3f} "
-                             f"(site profile nll {cf['site'].get('nll', float('nan')):.3f})")
+                lines.append(
+                    f"  {'uncalibrated probabilities':<30} ece {u['ece']:.3f}, nll {u['nll']:.3f} "
+                    f"(site profile nll {cf['site'].get('nll', float('nan')):.3f})"
+                )
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
@@ -218,17 +245,26 @@ def _profile_tags(name: str, run_id: Optional[str]) -> dict[str, str]:
     return {"medtricks.kind": SITE_PROFILE_KIND, "medtricks.site": name, "medtricks.profiled_run": str(run_id)}
 
 
-def log_site_profile(store, profile: SiteProfile, *, experiment: str, run_id: Optional[str],
-                     params: Optional[dict[str, Any]] = None) -> Optional[str]:
+def log_site_profile(
+    store, profile: SiteProfile, *, experiment: str, run_id: Optional[str], params: Optional[dict[str, Any]] = None
+) -> Optional[str]:
     """A ``site_profile`` run in ``store`` nested under the trained run ``run_id``: the profile's numbers as
     metrics, its settings as params, the profile itself as the artifact ``sites/<name>.json``. Returns its id."""
     tags = _profile_tags(profile.name, run_id)
     parent = run_id if run_id and store.run_exists(run_id) else None
     logged = store.start(experiment=experiment, run_name=f"site-{profile.name}", tags=tags, parent_run_id=parent)
     try:
-        store.log_params({"site": profile.name, "method": profile.method, "target_sensitivity": profile.target_sensitivity,
-                          "n_bootstrap": profile.n_bootstrap, "ci": profile.ci_level, "source_run": str(run_id),
-                          **{k: v for k, v in (params or {}).items()}})
+        store.log_params(
+            {
+                "site": profile.name,
+                "method": profile.method,
+                "target_sensitivity": profile.target_sensitivity,
+                "n_bootstrap": profile.n_bootstrap,
+                "ci": profile.ci_level,
+                "source_run": str(run_id),
+                **{k: v for k, v in (params or {}).items()},
+            }
+        )
         store.log_metrics(profile.metrics(), step=0)
         with tempfile.TemporaryDirectory(prefix="medtricks-site-") as tmp:
             store.log_artifact(profile.to_json(Path(tmp) / f"{profile.name}.json"), SITE_ARTIFACT_DIR)
@@ -270,15 +306,18 @@ def load_site_profile(trained, name: str, *, store=None) -> SiteProfile:
             return _checked(found, trained, f"{store.describe()} (run {trained.run_id})")
     where = f"{run_dir}/{MODEL_ARTIFACT_DIR}/{SITES_DIR}/" if run_dir is not None else "the run folder"
     have = list_site_profiles(run_dir)
-    raise MissingFileError(f"no site profile {name!r} for run {getattr(trained, 'run_id', None) or run_dir}: not in "
-                           f"{where}{' or its run store' if store is not None else ''} (profiles there: "
-                           f"{', '.join(have) or 'none'}); make one with `medtricks calibrate RUN --card C --root SITE "
-                           f"--name {name}` or `medtricks adapt RUN --root SITE --method em-prior --name {name}`")
+    raise MissingFileError(
+        f"no site profile {name!r} for run {getattr(trained, 'run_id', None) or run_dir}: not in "
+        f"{where}{' or its run store' if store is not None else ''} (profiles there: "
+        f"{', '.join(have) or 'none'}); make one with `medtricks calibrate RUN --card C --root SITE "
+        f"--name {name}` or `medtricks adapt RUN --root SITE --method em-prior --name {name}`"
+    )
 
 
 def _checked(profile: SiteProfile, trained, source: str) -> SiteProfile:
     classes = list(getattr(trained, "classes", []) or [])
     if profile.classes and classes and list(profile.classes) != classes:
-        raise ConfigError(f"site profile {profile.name!r} ({source}) is for classes {profile.classes}, but the run "
-                          f"has {classes}")
+        raise ConfigError(
+            f"site profile {profile.name!r} ({source}) is for classes {profile.classes}, but the run has {classes}"
+        )
     return profile

@@ -10,6 +10,7 @@ Example (``y_true`` integer labels, ``probs`` softmax outputs)::
     print(res.table("test"))
     plot_roc_curves(y_true, probs, ["normal", "pneumonia"]).savefig("roc.png")
 """
+
 from __future__ import annotations
 
 import importlib

@@ -22,6 +22,7 @@ timm's ``feature_info`` names. :class:`StageProbe` keeps, per stage, the mean ov
 absolute activation ``(B, h, w)`` (outputs taken as ``(B, C, h, w)``): where the stage responds strongly,
 whatever the sign (an EfficientNet stage ends in a linear projection, whose channel-mean would cancel).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,8 +34,7 @@ from torch import nn
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.gamma.blocks import find_stages
 
-__all__ = ["AttentionLayer", "VitLayout", "find_vit", "attention_probs", "AttentionProbe", "cnn_stages",
-           "StageProbe"]
+__all__ = ["AttentionLayer", "VitLayout", "find_vit", "attention_probs", "AttentionProbe", "cnn_stages", "StageProbe"]
 
 
 @dataclass
@@ -81,8 +81,9 @@ def find_vit(model: nn.Module) -> Optional[VitLayout]:
         children = list(blocks.named_children())
         if not children or not all(isinstance(getattr(b, "attn", None), nn.Module) for _, b in children):
             continue
-        layers = [AttentionLayer(_join(prefix, f"blocks.{n}"), _join(prefix, f"blocks.{n}.attn"), b.attn)
-                  for n, b in children]
+        layers = [
+            AttentionLayer(_join(prefix, f"blocks.{n}"), _join(prefix, f"blocks.{n}.attn"), b.attn) for n, b in children
+        ]
         patch = getattr(embed, "patch_size", 16)
         patch = (int(patch), int(patch)) if isinstance(patch, int) else tuple(int(p) for p in patch)
         has_cls = bool(getattr(module, "has_class_token", getattr(module, "cls_token", None) is not None))
@@ -105,8 +106,10 @@ def attention_probs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if callable(own):
         return own(x)
     if not _is_timm_attention(module):
-        raise MedtricksError(f"cannot read the attention weights of {type(module).__name__}: only timm's Attention "
-                             "is recomputed; give the module an attention_probs(x) method returning (B, heads, N, N)")
+        raise MedtricksError(
+            f"cannot read the attention weights of {type(module).__name__}: only timm's Attention "
+            "is recomputed; give the module an attention_probs(x) method returning (B, heads, N, N)"
+        )
     b, n, _ = x.shape
     qkv = module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
     q, k = qkv[0], qkv[1]
@@ -154,6 +157,7 @@ class AttentionProbe(_Hooks):
             x = args[0] if args else kwargs["x"]
             with torch.no_grad():
                 self.probs[layer.name] = attention_probs(module, x).float()
+
         return hook
 
 
@@ -169,8 +173,10 @@ def cnn_stages(model: nn.Module) -> list[str]:
         names = [i.get("module") for i in info if isinstance(i, dict) and i.get("module")]
         if names:
             return [_join(prefix, n) for n in names]
-    raise ConfigError(f"{type(model).__name__} is neither a ViT (blocks[i].attn) nor a CNN whose stages medtricks "
-                      "knows (registered residual blocks or timm feature_info); name modules with --layers")
+    raise ConfigError(
+        f"{type(model).__name__} is neither a ViT (blocks[i].attn) nor a CNN whose stages medtricks "
+        "knows (registered residual blocks or timm feature_info); name modules with --layers"
+    )
 
 
 class StageProbe(_Hooks):
@@ -186,7 +192,10 @@ class StageProbe(_Hooks):
             if isinstance(output, (tuple, list)):
                 output = next(o for o in output if isinstance(o, torch.Tensor))
             if output.ndim != 4:
-                raise ConfigError(f"{name}: its output has shape {tuple(output.shape)}, not a (B, C, h, w) feature "
-                                  "map; pick stages or blocks of the CNN")
+                raise ConfigError(
+                    f"{name}: its output has shape {tuple(output.shape)}, not a (B, C, h, w) feature "
+                    "map; pick stages or blocks of the CNN"
+                )
             self.maps[name] = output.detach().abs().float().mean(1)
+
         return hook

@@ -5,6 +5,7 @@ global backend untouched. Every heat map is drawn min-to-max (its own [0, 1] sca
 transparent) over the gray image the model saw, stretched over the whole image (bilinear), so a map on
 a 4 x 4 patch grid and one on a 56 x 56 feature map read alike.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -36,15 +37,29 @@ def _overlay(ax, gray: np.ndarray, heat: Optional[np.ndarray], title: str) -> No
     h, w = gray.shape
     ax.imshow(gray, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     if heat is not None:
-        ax.imshow(_scaled(heat), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0, interpolation="bilinear",
-                  extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        ax.imshow(
+            _scaled(heat),
+            cmap="jet",
+            alpha=0.45,
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="bilinear",
+            extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+        )
     ax.set_title(title, fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def plot_vit_attention(gray: np.ndarray, cls_maps: np.ndarray, rollout: np.ndarray, layers: Sequence[str], *,
-                       title: str = "", query: str = "class token") -> Figure:
+def plot_vit_attention(
+    gray: np.ndarray,
+    cls_maps: np.ndarray,
+    rollout: np.ndarray,
+    layers: Sequence[str],
+    *,
+    title: str = "",
+    query: str = "class token",
+) -> Figure:
     """One image: the image and its attention rollout (first row), then one row per layer of ``cls_maps``
     ``(L, heads, gh, gw)``: each head's ``query`` row over the patches and the mean over heads."""
     cls_maps = np.asarray(cls_maps, dtype=float)
@@ -63,8 +78,9 @@ def plot_vit_attention(gray: np.ndarray, cls_maps: np.ndarray, rollout: np.ndarr
             _overlay(axes[i + 1, h], gray, cls_maps[i, h], f"head {h}")
         _overlay(axes[i + 1, heads], gray, cls_maps[i].mean(0), "mean of heads")
         axes[i + 1, 0].set_ylabel(name, fontsize=7)
-    fig.suptitle(f"{title}\n{query} attention over the patches,\nper layer and head (each map min-max)".strip(),
-                 fontsize=8)
+    fig.suptitle(
+        f"{title}\n{query} attention over the patches,\nper layer and head (each map min-max)".strip(), fontsize=8
+    )
     return fig
 
 
@@ -82,8 +98,14 @@ def plot_cnn_stages(gray: np.ndarray, maps: Sequence[np.ndarray], stages: Sequen
     return fig
 
 
-def plot_attention_distance(distances: np.ndarray, layers: Sequence[str], *, patch_size: Sequence[int],
-                            image_size: Sequence[int], title: str = "") -> Figure:
+def plot_attention_distance(
+    distances: np.ndarray,
+    layers: Sequence[str],
+    *,
+    patch_size: Sequence[int],
+    image_size: Sequence[int],
+    title: str = "",
+) -> Figure:
     """Mean attention distance ``(L, heads)`` in pixels: one dot per head at each layer, as in Dosovitskiy
     et al. (2021), Fig. 7; the dashed line is one patch, the dotted one the largest distance in the image."""
     d = np.asarray(distances, dtype=float)
@@ -92,8 +114,15 @@ def plot_attention_distance(distances: np.ndarray, layers: Sequence[str], *, pat
     fig = _figure(max(4.0, 1.5 + 0.4 * len(layers)), 3.6)
     ax = fig.add_subplot()
     x = np.repeat(np.arange(len(layers)), d.shape[1])
-    ax.scatter(x, d.reshape(-1), s=14, alpha=0.75, c=np.tile(np.arange(d.shape[1]), len(layers)), cmap="viridis",
-               edgecolors="none")
+    ax.scatter(
+        x,
+        d.reshape(-1),
+        s=14,
+        alpha=0.75,
+        c=np.tile(np.arange(d.shape[1]), len(layers)),
+        cmap="viridis",
+        edgecolors="none",
+    )
     ax.axhline(float(max(patch_size)), color="gray", linestyle="--", linewidth=0.8, label="one patch")
     diagonal = float(np.hypot(image_size[0] - patch_size[0], image_size[1] - patch_size[1]))
     ax.axhline(diagonal, color="gray", linestyle=":", linewidth=0.8, label="farthest patches")

@@ -21,6 +21,7 @@ Why by hand: timm has no rollout or attention-distance helper, and the reference
 not a package (the ViT paper's figure came from JAX code that was not released with it); each function
 is a few lines and tests/test_attention_maps.py checks them against hand-computed answers.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -29,8 +30,14 @@ import torch
 
 from medtricks.errors import ConfigError
 
-__all__ = ["patch_distances", "mean_attention_distance", "attention_rollout", "query_row", "class_token_maps",
-           "normalise_maps"]
+__all__ = [
+    "patch_distances",
+    "mean_attention_distance",
+    "attention_rollout",
+    "query_row",
+    "class_token_maps",
+    "normalise_maps",
+]
 
 
 def _check_attention(attn: torch.Tensor, name: str) -> torch.Tensor:
@@ -43,8 +50,9 @@ def _check_attention(attn: torch.Tensor, name: str) -> torch.Tensor:
 def _check_grid(n_tokens: int, grid: Sequence[int], num_prefix_tokens: int, name: str) -> tuple[int, int]:
     gh, gw = (int(g) for g in grid)
     if n_tokens - num_prefix_tokens != gh * gw:
-        raise ConfigError(f"{name}: {n_tokens} tokens minus {num_prefix_tokens} prefix token(s) is not the "
-                          f"{gh} x {gw} patch grid")
+        raise ConfigError(
+            f"{name}: {n_tokens} tokens minus {num_prefix_tokens} prefix token(s) is not the {gh} x {gw} patch grid"
+        )
     return gh, gw
 
 
@@ -53,14 +61,16 @@ def patch_distances(grid: Sequence[int], patch_size: Sequence[int] | int) -> tor
     ``grid = (gh, gw)`` of patches of ``patch_size = (ph, pw)`` pixels (row-major order)."""
     gh, gw = (int(g) for g in grid)
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, (int, float)) else (float(p) for p in patch_size)
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64) * ph,
-                                torch.arange(gw, dtype=torch.float64) * pw, indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64) * ph, torch.arange(gw, dtype=torch.float64) * pw, indexing="ij"
+    )
     centres = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)  # offsets cancel: corners = centres
     return torch.cdist(centres, centres)
 
 
-def mean_attention_distance(attn: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int] | int, *,
-                            num_prefix_tokens: int = 0) -> torch.Tensor:
+def mean_attention_distance(
+    attn: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int] | int, *, num_prefix_tokens: int = 0
+) -> torch.Tensor:
     """Mean attention distance in pixels per image and head, ``(B, heads)`` (see the module docstring):
     patch-to-patch weights renormalised over the patch keys, times the distance between patch centres,
     summed over keys, averaged over the query patches. A query that puts no weight on any patch is left
@@ -94,8 +104,10 @@ def attention_rollout(layers: Sequence[torch.Tensor], *, residual: float = 0.5) 
         step = (1.0 - residual) * mean + residual * eye
         step = step / step.sum(-1, keepdim=True)
         if rollout is not None and rollout.shape != step.shape:
-            raise ConfigError(f"attention_rollout: layer {i} has shape {tuple(step.shape)}, the layers before it "
-                              f"{tuple(rollout.shape)}")
+            raise ConfigError(
+                f"attention_rollout: layer {i} has shape {tuple(step.shape)}, the layers before it "
+                f"{tuple(rollout.shape)}"
+            )
         rollout = step if rollout is None else step @ rollout
     return rollout
 
@@ -106,8 +118,9 @@ def query_row(matrix: torch.Tensor, *, class_token: bool = True) -> torch.Tensor
     return matrix[..., 0, :] if class_token else matrix.mean(-2)
 
 
-def class_token_maps(attn: torch.Tensor, grid: Sequence[int], *, num_prefix_tokens: int,
-                     class_token: bool = True) -> torch.Tensor:
+def class_token_maps(
+    attn: torch.Tensor, grid: Sequence[int], *, num_prefix_tokens: int, class_token: bool = True
+) -> torch.Tensor:
     """The query row (:func:`query_row`) over the patch keys, as maps on the patch grid: ``(B, heads, gh,
     gw)`` for ``(B, heads, N, N)`` weights (``(B, gh, gw)`` for a rollout ``(B, N, N)``). Raw weights: a map
     sums to 1 minus what went to the prefix tokens."""

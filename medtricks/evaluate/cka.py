@@ -17,6 +17,7 @@ Why not a package: the PyPI candidates (``torch-cka``, last release 2021; ``ckat
 seaborn/safetensors and hooks models its own way) bring their own hook and plotting machinery for
 what is ~40 lines of algebra; this module is those lines, checked against the paper's invariances.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -114,12 +115,16 @@ class MinibatchCKA:
 
     def update(self, feats_a: Sequence, feats_b: Sequence) -> None:
         if len(feats_a) != self.xx.shape[0] or len(feats_b) != self.yy.shape[0]:
-            raise ConfigError(f"MinibatchCKA.update: expected {self.xx.shape[0]} and {self.yy.shape[0]} layers, "
-                              f"got {len(feats_a)} and {len(feats_b)}")
+            raise ConfigError(
+                f"MinibatchCKA.update: expected {self.xx.shape[0]} and {self.yy.shape[0]} layers, "
+                f"got {len(feats_a)} and {len(feats_b)}"
+            )
         ka = torch.stack([gram_linear(f) for f in feats_a])  # (A, m, m)
         kb = torch.stack([gram_linear(f) for f in feats_b])  # (B, m, m)
         if ka.shape[-1] != kb.shape[-1]:
-            raise ConfigError(f"MinibatchCKA.update: {ka.shape[-1]} vs {kb.shape[-1]} images; expected the same minibatch")
+            raise ConfigError(
+                f"MinibatchCKA.update: {ka.shape[-1]} vs {kb.shape[-1]} images; expected the same minibatch"
+            )
         self.xx += unbiased_hsic(ka, ka)
         self.yy += unbiased_hsic(kb, kb)
         self.xy += unbiased_hsic(ka[:, None], kb[None, :])
@@ -150,7 +155,7 @@ def minibatch_cka(x, y, batch_size: int = 64) -> float:
         raise ConfigError(f"minibatch_cka: batch_size={batch_size}; expected at least 4")
     acc = MinibatchCKA(1, 1)
     for start in range(0, x.shape[0], batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         if xb.shape[0] >= 4:
             acc.update([xb], [yb])
     return float(acc.compute()[0, 0])

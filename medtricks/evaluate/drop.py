@@ -4,6 +4,7 @@
 accuracy, AUROC, sensitivity and specificity, internal − external with a 95% CI from resampling each
 set on its own (the sets hold different images, so a paired bootstrap does not apply).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,14 @@ from sklearn import config_context
 
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import fmt_delta_ci, fmt_num, markdown_table
-from medtricks.evaluate.metrics import (_CLASS_AVERAGED, _FAST_SKLEARN, _auroc, _check_bootstrap_args,
-                                        _percentile_interval, _scalar_metric_fn)
+from medtricks.evaluate.metrics import (
+    _CLASS_AVERAGED,
+    _FAST_SKLEARN,
+    _auroc,
+    _check_bootstrap_args,
+    _percentile_interval,
+    _scalar_metric_fn,
+)
 
 __all__ = ["drop_metric_fns", "unpaired_bootstrap_delta", "PerformanceDrop", "performance_drop"]
 
@@ -27,12 +34,14 @@ def drop_metric_fns(classes: list[str]) -> dict[str, Any]:
     """``{name: fn(y_true, probs) -> float}`` compared between internal and external test sets:
     accuracy, AUROC and, for a binary model, sensitivity and specificity of the positive class
     ``classes[1]`` (per class, ``sensitivity/<class>``, for multiclass). Decisions are ``argmax``."""
+
     def recall(c: int, of_class: bool):
         def fn(y: np.ndarray, p: np.ndarray) -> float:
             mask = (y == c) if of_class else (y != c)
             if not mask.any():
                 return math.nan
             return float(np.mean((p[mask].argmax(1) == c) == of_class))
+
         return fn
 
     fns: dict[str, Any] = {"accuracy": lambda y, p: float(np.mean(p.argmax(1) == y)), "auroc": _auroc}
@@ -44,8 +53,18 @@ def drop_metric_fns(classes: list[str]) -> dict[str, Any]:
     return fns
 
 
-def _unpaired_bootstrap(y_a: np.ndarray, p_a: np.ndarray, y_b: np.ndarray, p_b: np.ndarray, fns: dict[str, Any], *,
-                        n_bootstrap: int, ci: float, seed: int, needs_all_classes=()) -> dict[str, dict[str, Any]]:
+def _unpaired_bootstrap(
+    y_a: np.ndarray,
+    p_a: np.ndarray,
+    y_b: np.ndarray,
+    p_b: np.ndarray,
+    fns: dict[str, Any],
+    *,
+    n_bootstrap: int,
+    ci: float,
+    seed: int,
+    needs_all_classes=(),
+) -> dict[str, dict[str, Any]]:
     def scores(y: np.ndarray, p: np.ndarray, n_classes: int) -> dict[str, float]:
         out = {}
         for name, fn in fns.items():
@@ -76,9 +95,16 @@ def _unpaired_bootstrap(y_a: np.ndarray, p_a: np.ndarray, y_b: np.ndarray, p_b: 
         delta = full_a[name] - full_b[name]
         valid = deltas[name][np.isfinite(deltas[name])]
         low, high = _percentile_interval(valid, ci) if math.isfinite(delta) and valid.size else (math.nan, math.nan)
-        out[name] = {"metric": name, "value_a": full_a[name], "value_b": full_b[name], "delta": delta,
-                     "ci_low": low, "ci_high": high, "n_bootstrap": int(n_bootstrap),
-                     "n_skipped": int(n_bootstrap - valid.size)}
+        out[name] = {
+            "metric": name,
+            "value_a": full_a[name],
+            "value_b": full_b[name],
+            "delta": delta,
+            "ci_low": low,
+            "ci_high": high,
+            "n_bootstrap": int(n_bootstrap),
+            "n_skipped": int(n_bootstrap - valid.size),
+        }
     return out
 
 
@@ -89,8 +115,17 @@ def _check_pair(y: Any, probs: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-def unpaired_bootstrap_delta(y_a: Any, probs_a: Any, y_b: Any, probs_b: Any, metric: Any = "auroc", *,
-                             n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def unpaired_bootstrap_delta(
+    y_a: Any,
+    probs_a: Any,
+    y_b: Any,
+    probs_b: Any,
+    metric: Any = "auroc",
+    *,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """``metric(a) − metric(b)`` for two sets of *different* images, with an unpaired percentile
     bootstrap CI (each set resampled independently, ``n_bootstrap`` times, seeded).
 
@@ -114,8 +149,9 @@ def unpaired_bootstrap_delta(y_a: Any, probs_a: Any, y_b: Any, probs_b: Any, met
     name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     fn = _scalar_metric_fn(metric, pa.shape[1], 15)
     needs = (name,) if isinstance(metric, str) and metric in _CLASS_AVERAGED else ()
-    return _unpaired_bootstrap(ya, pa, yb, pb, {name: fn}, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
-                               needs_all_classes=needs)[name]
+    return _unpaired_bootstrap(
+        ya, pa, yb, pb, {name: fn}, n_bootstrap=n_bootstrap, ci=ci, seed=seed, needs_all_classes=needs
+    )[name]
 
 
 @dataclass
@@ -140,26 +176,45 @@ class PerformanceDrop:
 
     def table(self) -> str:
         pct = f"{100 * self.ci:g}%"
-        rows = [[r["metric"], fmt_num(r["value_a"]), fmt_num(r["value_b"]),
-                 fmt_delta_ci(r["delta"], r["ci_low"], r["ci_high"])]
-                for r in self.rows]
-        head = (f"Drop vs the run's internal test split ({self.n_internal} images) on this data ({self.n_external} "
-                f"images), decisions at {self.rule}; drop = internal − external (positive: worse here), {pct} CI "
-                f"from an unpaired bootstrap ({self.n_bootstrap} resamples of each set)")
+        rows = [
+            [
+                r["metric"],
+                fmt_num(r["value_a"]),
+                fmt_num(r["value_b"]),
+                fmt_delta_ci(r["delta"], r["ci_low"], r["ci_high"]),
+            ]
+            for r in self.rows
+        ]
+        head = (
+            f"Drop vs the run's internal test split ({self.n_internal} images) on this data ({self.n_external} "
+            f"images), decisions at {self.rule}; drop = internal − external (positive: worse here), {pct} CI "
+            f"from an unpaired bootstrap ({self.n_bootstrap} resamples of each set)"
+        )
         return head + "\n" + markdown_table(["metric", "internal test", "external", f"drop [{pct} CI]"], rows)
 
 
-def performance_drop(y_internal: Any, probs_internal: Any, y_external: Any, probs_external: Any,
-                     classes: list[str], *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
-                     rule: str = "argmax") -> PerformanceDrop:
+def performance_drop(
+    y_internal: Any,
+    probs_internal: Any,
+    y_external: Any,
+    probs_external: Any,
+    classes: list[str],
+    *,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    rule: str = "argmax",
+) -> PerformanceDrop:
     """:class:`PerformanceDrop` of the metrics of :func:`drop_metric_fns` (all from one set of resamples)."""
     ya, pa = _check_pair(y_internal, probs_internal, "internal test predictions")
     yb, pb = _check_pair(y_external, probs_external, "external predictions")
     if pa.shape[1] != len(classes) or pb.shape[1] != len(classes):
-        raise ConfigError(f"internal ({pa.shape[1]}) and external ({pb.shape[1]}) predictions must both have "
-                         f"{len(classes)} class columns ({classes})")
+        raise ConfigError(
+            f"internal ({pa.shape[1]}) and external ({pb.shape[1]}) predictions must both have "
+            f"{len(classes)} class columns ({classes})"
+        )
     _check_bootstrap_args(n_bootstrap, ci)
-    results = _unpaired_bootstrap(ya, pa, yb, pb, drop_metric_fns(classes), n_bootstrap=n_bootstrap, ci=ci,
-                                  seed=seed)
-    return PerformanceDrop(rows=list(results.values()), n_internal=len(ya), n_external=len(yb),
-                           n_bootstrap=n_bootstrap, ci=ci, rule=rule)
+    results = _unpaired_bootstrap(ya, pa, yb, pb, drop_metric_fns(classes), n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+    return PerformanceDrop(
+        rows=list(results.values()), n_internal=len(ya), n_external=len(yb), n_bootstrap=n_bootstrap, ci=ci, rule=rule
+    )

@@ -10,14 +10,14 @@ Example::
     |--------|----------------------------|
     | auroc  | +0.0120 [-0.0030, +0.0270] |
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["markdown_table", "as_finite", "is_finite", "fmt_num", "fmt_signed", "fmt_p", "fmt_mean_ci",
-           "fmt_delta_ci"]
+__all__ = ["markdown_table", "as_finite", "is_finite", "fmt_num", "fmt_signed", "fmt_p", "fmt_mean_ci", "fmt_delta_ci"]
 
 
 def as_finite(value: Any) -> Optional[float]:
@@ -73,7 +73,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown pipe table, columns padded so it also reads well in a terminal."""
     cells = [[str(c).replace("|", "\\|") for c in header]] + [[str(c).replace("|", "\\|") for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ that the evaluation set has (AUROC, balanced accuracy, F1, that class's sensitiv
 negatives for a class (its specificity) — is skipped for that metric and counted in
 ``MetricsResult.n_skipped``; it never raises.
 """
+
 from __future__ import annotations
 
 import math
@@ -244,7 +245,9 @@ def _scalar_metric_fn(metric: str | Callable, k: int, ece_bins: int) -> Callable
         return lambda y, p: _ece(y, p, ece_bins)
     if metric in ("accuracy", "balanced_accuracy", "f1"):
         return lambda y, p: _confusion_metrics(y, p.argmax(axis=1), k)[metric]
-    raise ConfigError(f"metric must be one of {list(SCALAR_METRICS)} or a callable(y_true, probs) -> float, got {metric!r}")
+    raise ConfigError(
+        f"metric must be one of {list(SCALAR_METRICS)} or a callable(y_true, probs) -> float, got {metric!r}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +300,9 @@ def bootstrap_ci(
     if y.ndim < 1 or len(y) == 0:
         raise ConfigError(f"y_true must be a non-empty array, got shape {y.shape}")
     if p.shape[:1] != y.shape[:1]:
-        raise ConfigError(f"probs has {p.shape[0] if p.ndim else 0} rows but y_true has {len(y)}; expected one row per image")
+        raise ConfigError(
+            f"probs has {p.shape[0] if p.ndim else 0} rows but y_true has {len(y)}; expected one row per image"
+        )
     if n_bootstrap == 0:
         return (math.nan, math.nan)
     samples = np.full(n_bootstrap, np.nan)
@@ -450,8 +455,12 @@ def compute_metrics(
         )
     values = _all_metrics(y, p, names, ece_bins)
 
-    result = MetricsResult(values={**values, "n": float(len(y))}, n_bootstrap=int(n_bootstrap), ci_level=float(ci),
-                           seed=int(seed) if n_bootstrap else None)
+    result = MetricsResult(
+        values={**values, "n": float(len(y))},
+        n_bootstrap=int(n_bootstrap),
+        ci_level=float(ci),
+        seed=int(seed) if n_bootstrap else None,
+    )
     if n_bootstrap == 0:
         return result
 
@@ -507,7 +516,9 @@ def paired_bootstrap_delta(
     pa = _check_probs(probs_a, len(y), name="probs_a")
     pb = _check_probs(probs_b, len(y), name="probs_b")
     if pa.shape != pb.shape:
-        raise ConfigError(f"probs_a {pa.shape} and probs_b {pb.shape} must have the same shape (same images, same classes)")
+        raise ConfigError(
+            f"probs_a {pa.shape} and probs_b {pb.shape} must have the same shape (same images, same classes)"
+        )
     y = _check_labels(y, pa.shape[1])
     _check_bootstrap_args(n_bootstrap, ci)
     fn = _scalar_metric_fn(metric, pa.shape[1], ece_bins)
@@ -526,9 +537,14 @@ def paired_bootstrap_delta(
     delta = value_a - value_b
     out: dict[str, Any] = {
         "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
-        "value_a": value_a, "value_b": value_b, "delta": delta,
-        "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
-        "n_bootstrap": int(n_bootstrap), "n_skipped": 0,
+        "value_a": value_a,
+        "value_b": value_b,
+        "delta": delta,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "p_value": math.nan,
+        "n_bootstrap": int(n_bootstrap),
+        "n_skipped": 0,
     }
     if n_bootstrap == 0 or not math.isfinite(delta):
         return out

@@ -19,6 +19,7 @@ Example::
     print(op.threshold)
     metrics_at_op = compute_metrics(y_test, probs_at_threshold(probs_test, op.threshold), classes)
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,15 @@ import numpy as np
 
 from medtricks.errors import ConfigError
 
-__all__ = ["OperatingPoint", "select_threshold", "prior_shift", "probs_at_threshold", "class_priors",
-           "parse_threshold", "OPERATING_POINT_FILE"]
+__all__ = [
+    "OperatingPoint",
+    "select_threshold",
+    "prior_shift",
+    "probs_at_threshold",
+    "class_priors",
+    "parse_threshold",
+    "OPERATING_POINT_FILE",
+]
 
 # Written next to model_state.pt in a run's model/ folder.
 OPERATING_POINT_FILE = "operating_point.json"
@@ -64,9 +72,11 @@ class OperatingPoint:
             raise ConfigError(f"{path}: not a medtricks operating point ({err})") from err
 
     def describe(self) -> str:
-        how = {"youden": "Youden's J on validation",
-               "sensitivity": f"sensitivity >= {self.target_sensitivity} on validation",
-               "fixed": "fixed"}.get(self.method, self.method)
+        how = {
+            "youden": "Youden's J on validation",
+            "sensitivity": f"sensitivity >= {self.target_sensitivity} on validation",
+            "fixed": "fixed",
+        }.get(self.method, self.method)
         val = ""
         if self.val_sensitivity is not None:
             val = f"; on validation: sensitivity {self.val_sensitivity:.3f}, specificity {self.val_specificity:.3f}"
@@ -88,8 +98,15 @@ def _binary(y_true: Any, probs: Any, positive_index: int) -> tuple[np.ndarray, n
     return positives.astype(int), p[:, positive_index]
 
 
-def select_threshold(y_true: Any, probs: Any, *, method: str = "youden", target_sensitivity: Optional[float] = None,
-                     positive_index: int = 1, train_priors: Optional[Sequence[float]] = None) -> OperatingPoint:
+def select_threshold(
+    y_true: Any,
+    probs: Any,
+    *,
+    method: str = "youden",
+    target_sensitivity: Optional[float] = None,
+    positive_index: int = 1,
+    train_priors: Optional[Sequence[float]] = None,
+) -> OperatingPoint:
     """Choose the decision threshold on validation predictions.
 
     ``method="youden"`` maximises sensitivity + specificity − 1 (ties: the threshold closest to 0.5);
@@ -114,11 +131,15 @@ def select_threshold(y_true: Any, probs: Any, *, method: str = "youden", target_
         i = int(reach[0])  # thresholds decrease along the curve: the first one that reaches it
     else:
         raise ConfigError(f"unknown threshold method {method!r}; expected 'youden' or 'sensitivity'")
-    return OperatingPoint(threshold=float(min(max(thresholds[i], 0.0), 1.0)), method=method,
-                          positive_index=positive_index,
-                          target_sensitivity=None if target_sensitivity is None else float(target_sensitivity),
-                          val_sensitivity=float(tpr[i]), val_specificity=float(1.0 - fpr[i]),
-                          train_priors=[float(v) for v in train_priors] if train_priors is not None else [])
+    return OperatingPoint(
+        threshold=float(min(max(thresholds[i], 0.0), 1.0)),
+        method=method,
+        positive_index=positive_index,
+        target_sensitivity=None if target_sensitivity is None else float(target_sensitivity),
+        val_sensitivity=float(tpr[i]),
+        val_specificity=float(1.0 - fpr[i]),
+        train_priors=[float(v) for v in train_priors] if train_priors is not None else [],
+    )
 
 
 def parse_threshold(threshold: Any) -> tuple[str, Optional[float]]:
@@ -136,16 +157,19 @@ def parse_threshold(threshold: Any) -> tuple[str, Optional[float]]:
             except ValueError:
                 target = math.nan
             if not 0.0 < target <= 1.0:
-                raise ConfigError(f"--threshold {threshold!r}: the target sensitivity must be a number in (0, 1], "
-                                  "e.g. sens=0.95")
+                raise ConfigError(
+                    f"--threshold {threshold!r}: the target sensitivity must be a number in (0, 1], e.g. sens=0.95"
+                )
             return "sensitivity", target
     try:
         number = float(spec)
     except ValueError:
         number = math.nan
     if not 0.0 < number < 1.0:  # also rejects nan
-        raise ConfigError(f"--threshold must be stored, youden, sens=S (a target sensitivity such as sens=0.95) or "
-                          f"a number in (0, 1) such as 0.5; got {threshold!r}")
+        raise ConfigError(
+            f"--threshold must be stored, youden, sens=S (a target sensitivity such as sens=0.95) or "
+            f"a number in (0, 1) such as 0.5; got {threshold!r}"
+        )
     return "given", number
 
 

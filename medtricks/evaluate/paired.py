@@ -13,6 +13,7 @@ Example::
     d = image_bootstrap_delta(y, [probs_a], [probs_b], "auroc", n_bootstrap=2000)
     print(f"Δ AUROC {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p = {d['p_value']:.3f}")
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,16 @@ def _per_seed_metric(name: str, n_classes: int) -> Callable[[np.ndarray, np.ndar
     return _scalar_metric_fn(name, n_classes, 15)
 
 
-def image_bootstrap_delta(y_true: np.ndarray, probs_a: Sequence[np.ndarray], probs_b: Sequence[np.ndarray],
-                          metric: str, *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def image_bootstrap_delta(
+    y_true: np.ndarray,
+    probs_a: Sequence[np.ndarray],
+    probs_b: Sequence[np.ndarray],
+    metric: str,
+    *,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Paired bootstrap over images of ``mean over seeds of metric(a_s) - metric(b_s)``.
 
     ``probs_a[s]`` and ``probs_b[s]`` are ``(N, K)`` predictions of seed ``s`` of the two variants on
@@ -46,7 +55,9 @@ def image_bootstrap_delta(y_true: np.ndarray, probs_a: Sequence[np.ndarray], pro
     ``p_value``, ...) plus ``n_seeds``.
     """
     if len(probs_a) != len(probs_b) or not probs_a:
-        raise ConfigError(f"need the same non-zero number of seeds for both variants, got {len(probs_a)} and {len(probs_b)}")
+        raise ConfigError(
+            f"need the same non-zero number of seeds for both variants, got {len(probs_a)} and {len(probs_b)}"
+        )
     y = np.asarray(y_true)
     shapes = {np.shape(p) for p in (*probs_a, *probs_b)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != len(y):
@@ -70,8 +81,9 @@ def image_bootstrap_delta(y_true: np.ndarray, probs_a: Sequence[np.ndarray], pro
     seed_mean.__name__ = metric
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = paired_bootstrap_delta(y, stack(probs_a), stack(probs_b), seed_mean, n_bootstrap=n_bootstrap,
-                                     ci=ci, seed=seed)
+        out = paired_bootstrap_delta(
+            y, stack(probs_a), stack(probs_b), seed_mean, n_bootstrap=n_bootstrap, ci=ci, seed=seed
+        )
     out["n_seeds"] = n_seeds
     return out
 

@@ -5,6 +5,7 @@ display is needed, the global backend (e.g. a notebook's) is never switched, and
 kept alive by pyplot's registry, so long ablations do not leak memory. Save with
 ``fig.savefig("roc.png", dpi=120)`` (the tracker logs them as PNG artifacts).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,12 @@ def plot_confusion_matrix(y_true: Any, y_pred: Any, classes: Sequence[str]) -> F
     fig = _new_figure(size + 1.0, size, layout="tight")
     ax = fig.add_subplot()
     ConfusionMatrixDisplay.from_predictions(
-        y, pred, labels=list(range(len(names))), display_labels=names, ax=ax, cmap="Blues",
+        y,
+        pred,
+        labels=list(range(len(names))),
+        display_labels=names,
+        ax=ax,
+        cmap="Blues",
         xticks_rotation=45 if len(names) > 4 else "horizontal",
     )
     ax.set_title(f"Confusion matrix (n={len(y)})")
@@ -89,7 +95,9 @@ def plot_roc_curves(y_true: Any, probs: Any, classes: Sequence[str]) -> Figure:
     auroc_text = f"{auroc:.4f}" if math.isfinite(auroc) else "undefined"
     title = f"ROC — AUROC {auroc_text}" if len(names) == 2 else f"ROC (one-vs-rest) — macro AUROC {auroc_text}"
     if omitted:
-        warnings.warn(f"plot_roc_curves: no curve for {omitted}: need both positives and negatives", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"plot_roc_curves: no curve for {omitted}: need both positives and negatives", RuntimeWarning, stacklevel=2
+        )
         title += f"\nno curve (single class in y_true): {', '.join(omitted)}"
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
@@ -114,8 +122,17 @@ def plot_reliability_diagram(y_true: Any, probs: Any, n_bins: int = 15) -> Figur
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.bar(centers[filled], acc[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
     # Gap between what the model claims (mean confidence) and what it achieves (accuracy).
-    top.bar(centers[filled], mean_conf[filled] - acc[filled], bottom=acc[filled], width=width,
-            color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to confidence")
+    top.bar(
+        centers[filled],
+        mean_conf[filled] - acc[filled],
+        bottom=acc[filled],
+        width=width,
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
@@ -199,11 +216,21 @@ def plot_forest(
     ax = fig.add_subplot()
     rows = np.arange(len(names))[::-1]  # first label at the top
     has_ci = np.isfinite(lo) & np.isfinite(hi)
-    ax.errorbar(m[has_ci], rows[has_ci], xerr=[m[has_ci] - lo[has_ci], hi[has_ci] - m[has_ci]],
-                fmt="o", color="black", ecolor="tab:blue", elinewidth=2, capsize=4)
+    ax.errorbar(
+        m[has_ci],
+        rows[has_ci],
+        xerr=[m[has_ci] - lo[has_ci], hi[has_ci] - m[has_ci]],
+        fmt="o",
+        color="black",
+        ecolor="tab:blue",
+        elinewidth=2,
+        capsize=4,
+    )
     ax.plot(m[~has_ci], rows[~has_ci], "o", color="black", markerfacecolor="white")
     if reference is not None:
-        ax.axvline(float(reference), color="tab:red", linestyle="--", linewidth=1, label=f"reference {float(reference):.4g}")
+        ax.axvline(
+            float(reference), color="tab:red", linestyle="--", linewidth=1, label=f"reference {float(reference):.4g}"
+        )
         ax.legend(loc="lower right", fontsize="small")
     ax.set_yticks(rows, names)
     ax.set_ylim(-0.7, len(names) - 0.3)
@@ -215,8 +242,9 @@ def plot_forest(
     return fig
 
 
-def plot_cka(matrix: Any, rows: Sequence[str], cols: Sequence[str], *, title: str = "CKA",
-             xlabel: str = "B", ylabel: str = "A") -> Figure:
+def plot_cka(
+    matrix: Any, rows: Sequence[str], cols: Sequence[str], *, title: str = "CKA", xlabel: str = "B", ylabel: str = "A"
+) -> Figure:
     """Heat map of a CKA matrix (rows: layers of ``A``, columns: layers of ``B``), 0..1 colour scale,
     values printed in the cells when there are few enough (``<= 16`` per side).
 
@@ -241,7 +269,14 @@ def plot_cka(matrix: Any, rows: Sequence[str], cols: Sequence[str], *, title: st
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6 if len(cols) > 8 else 7,
-                            color="black" if m[i, j] > 0.6 else "white")
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6 if len(cols) > 8 else 7,
+                        color="black" if m[i, j] > 0.6 else "white",
+                    )
     fig.colorbar(image, ax=ax, label="linear CKA")
     return fig

@@ -5,6 +5,7 @@ difference (output - resize), one column per image, as in Talebi & Milanfar (202
 The figure is built on matplotlib's Agg canvas, without pyplot, so it never needs a display and
 never touches the global backend; save it with ``fig.savefig("resizer.png")``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,9 +52,7 @@ def resizer_comparison_figure(resizer: nn.Module, images: torch.Tensor, *, n: in
         )
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ConfigError(
-            f"resizer_comparison_figure: images must be a non-empty (N, C, H, W) tensor, got {shape}"
-        )
+        raise ConfigError(f"resizer_comparison_figure: images must be a non-empty (N, C, H, W) tensor, got {shape}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"resizer_comparison_figure: n must be a positive integer, got {n!r}")
 

@@ -7,6 +7,7 @@ Example::
 
     print(split_table({"val": val_metrics, "test": test_metrics}))
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,14 @@ def bootstrap_note(result) -> str:
     return f"[{100 * result.ci_level:g}% percentile-bootstrap CIs over images, {result.n_bootstrap} resamples{seed}]"
 
 
-def split_table(results: dict, *, keys: Optional[Sequence[str]] = None, reference: str = "val",
-                title: str = "", ci_note: bool = True) -> str:
+def split_table(
+    results: dict,
+    *,
+    keys: Optional[Sequence[str]] = None,
+    reference: str = "val",
+    title: str = "",
+    ci_note: bool = True,
+) -> str:
     """Aligned table: one row per metric, one column per split (value [95% CI]), then the gap of each
     other split against ``reference``. ``results`` maps split name -> MetricsResult (None skipped).
     ``ci_note=False`` leaves out the line that says how the CIs were made (:func:`bootstrap_note`), for
@@ -73,8 +80,11 @@ def split_table(results: dict, *, keys: Optional[Sequence[str]] = None, referenc
     first = results[reference]
     keys = list(keys) if keys is not None else [k for k in first.values if k != "n"]
     others = [s for s in results if s != reference]
-    head = ["metric"] + [f"{s} (n={int(r.values.get('n', 0))})" for s, r in results.items()] + \
-        [f"{s} - {reference}" for s in others]
+    head = (
+        ["metric"]
+        + [f"{s} (n={int(r.values.get('n', 0))})" for s, r in results.items()]
+        + [f"{s} - {reference}" for s in others]
+    )
     rows = [head]
     for key in keys:
         row = [key] + [_cell(r, key) for r in results.values()]

@@ -4,6 +4,7 @@ Seeds are the unit here (one metric value per training run), so intervals come f
 distribution (``scipy.stats``), not from resampling images — for that see
 :func:`medtricks.evaluate.metrics.paired_bootstrap_delta`.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ def _as_values(values: Any, name: str) -> np.ndarray:
         raise ConfigError(f"{name} is empty: need at least one per-seed value")
     bad = np.flatnonzero(~np.isfinite(v))
     if bad.size:
-        raise ConfigError(f"{name}[{int(bad[0])}] = {v[bad[0]]} is not finite; a failed run must be re-run or removed explicitly")
+        raise ConfigError(
+            f"{name}[{int(bad[0])}] = {v[bad[0]]} is not finite; a failed run must be re-run or removed explicitly"
+        )
     return v
 
 
@@ -60,12 +63,7 @@ def mean_ci(values: Sequence[float], ci: float = 0.95) -> tuple[float, float, fl
 
 
 def paired_comparison(
-    a: Sequence[float],
-    b: Sequence[float],
-    *,
-    ci: float = 0.95,
-    test: str = "t",
-    higher_is_better: bool = True,
+    a: Sequence[float], b: Sequence[float], *, ci: float = 0.95, test: str = "t", higher_is_better: bool = True
 ) -> dict[str, Any]:
     """Compare variant ``a`` with baseline ``b`` over seeds (``a[i]`` and ``b[i]`` share seed ``i``).
 
@@ -94,13 +92,21 @@ def paired_comparison(
     _check_ci(ci)
     av, bv = _as_values(a, "a"), _as_values(b, "b")
     if av.size != bv.size:
-        raise ConfigError(f"a has {av.size} values and b has {bv.size}; paired comparison needs one value per seed in both")
+        raise ConfigError(
+            f"a has {av.size} values and b has {bv.size}; paired comparison needs one value per seed in both"
+        )
     diff = av - bv
     delta = float(diff.mean())
     out: dict[str, Any] = {
-        "delta_mean": delta, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
-        "test": _TESTS[test], "verdict": "no evidence", "n": int(diff.size),
-        "unpaired_ci_low": math.nan, "unpaired_ci_high": math.nan,
+        "delta_mean": delta,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "p_value": math.nan,
+        "test": _TESTS[test],
+        "verdict": "no evidence",
+        "n": int(diff.size),
+        "unpaired_ci_low": math.nan,
+        "unpaired_ci_high": math.nan,
     }
     if diff.size < 2:
         return out

@@ -10,6 +10,7 @@ strategy without a model, ``report`` is what every function returns. The recipe 
     from medtricks.gamma import apply_bn_gamma
     print(apply_bn_gamma(model, 0.0, stages=[-1], beta=0.0))
 """
+
 from __future__ import annotations
 
 import importlib

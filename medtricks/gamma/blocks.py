@@ -12,6 +12,7 @@ model order from 0. A block counts as *residual* only when it actually adds a sk
 (timm's ``has_skip``), so EfficientNet-Lite0's ``blocks.6.0`` is a block of stage 6 but not a
 residual one.
 """
+
 from __future__ import annotations
 
 import sys
@@ -135,7 +136,9 @@ def register_residual_block(
             f"or a callable block -> norm module, got {last_norm!r}"
         )
     if has_skip is not None and not callable(has_skip):
-        raise ConfigTypeError(f"register_residual_block: has_skip must be a callable block -> bool or None, got {has_skip!r}")
+        raise ConfigTypeError(
+            f"register_residual_block: has_skip must be a callable block -> bool or None, got {has_skip!r}"
+        )
     if isinstance(shortcut, str) or not all(isinstance(s, str) for s in shortcut):
         raise ConfigTypeError(f"register_residual_block: shortcut must be a list of attribute names, got {shortcut!r}")
     _resolve_builtins()  # so that a later lazy resolution cannot shadow this entry
@@ -256,7 +259,9 @@ def _resolve_last_norm(block: _Block) -> tuple[str, nn.Module]:
         if sub is norm:
             break
     else:
-        raise ConfigError(f"{where}: the registered last_norm returned {type(norm).__name__}, not a submodule of the block")
+        raise ConfigError(
+            f"{where}: the registered last_norm returned {type(norm).__name__}, not a submodule of the block"
+        )
     if not is_norm_layer(norm):
         raise ConfigError(
             f"{where}: the registered last norm '{sub_name}' is a {type(norm).__name__}, not a norm layer"

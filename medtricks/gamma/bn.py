@@ -24,6 +24,7 @@ Named strategies (recipe ``tricks.bn_gamma``): ``none``, ``zero_all`` (the paper
 ones). Wherever a strategy sets γ=0 it also sets β=0 unless ``beta`` says otherwise (``keep`` or a
 number): a pretrained β is not zero, so γ=0 alone would leave a constant offset on the branch.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -73,6 +74,7 @@ __all__ = [
     "unregister_residual_block",
 ]
 
+
 def _stage_indices(scan: ModelScan, stages: list[int], where: str) -> set[int]:
     n_all, residual = len(scan.stages), scan.residual_stages
     chosen: set[int] = set()
@@ -85,7 +87,9 @@ def _stage_indices(scan: ModelScan, stages: list[int], where: str) -> set[int]:
         else:
             if -s > len(residual):
                 raise _bad(
-                    where, "stages", stages,
+                    where,
+                    "stages",
+                    stages,
                     f"negative indices down to -{len(residual)} (the model has {len(residual)} stages with "
                     f"residual blocks); {s} is out of range",
                 )
@@ -107,8 +111,12 @@ def _block_keys(scan: ModelScan, stage_idx: set[int] | None, blocks: list[int], 
                 keys.add((st.index, st.residual_blocks[b].block))
                 hit = True
         if not hit:
-            sizes = ", ".join(f"stage {st.index}: {len(st.blocks)} blocks ({len(st.residual_blocks)} residual)" for st in stages)
-            raise _bad(where, "blocks", blocks, f"block positions that exist in the selected stages ({sizes}); {b} does not")
+            sizes = ", ".join(
+                f"stage {st.index}: {len(st.blocks)} blocks ({len(st.residual_blocks)} residual)" for st in stages
+            )
+            raise _bad(
+                where, "blocks", blocks, f"block positions that exist in the selected stages ({sizes}); {b} does not"
+            )
     return keys
 
 
@@ -127,10 +135,14 @@ def _select(
 ) -> dict[str, nn.Module]:
     """Norm layers picked by the selectors, in model order (empty -> a GammaNoEffectWarning)."""
     structural = stages is not None or blocks is not None or last_n_blocks is not None
-    described = ", ".join(
-        f"{k}={v!r}" for k, v in
-        (("stages", stages), ("blocks", blocks), ("last_n_blocks", last_n_blocks), ("names", names)) if v is not None
-    ) or "every residual block"
+    described = (
+        ", ".join(
+            f"{k}={v!r}"
+            for k, v in (("stages", stages), ("blocks", blocks), ("last_n_blocks", last_n_blocks), ("names", names))
+            if v is not None
+        )
+        or "every residual block"
+    )
     if structural or names is None:
         described += f", which={which!r}"
     if not scan.residual and (structural or names is None):
@@ -152,7 +164,9 @@ def _select(
         chosen_blocks = [r for r in chosen_blocks if (r.stage, r.block) in keys]
     if last_n_blocks is not None:
         if last_n_blocks > len(scan.residual):
-            raise _bad(where, "last_n_blocks", last_n_blocks, f"at most {len(scan.residual)} (the model's residual blocks)")
+            raise _bad(
+                where, "last_n_blocks", last_n_blocks, f"at most {len(scan.residual)} (the model's residual blocks)"
+            )
         last = {r.global_block for r in scan.residual[-last_n_blocks:]}
         chosen_blocks = [r for r in chosen_blocks if r.global_block in last]
 
@@ -177,8 +191,7 @@ def _select(
     if not candidates:
         stage_list = "; ".join(iter_stage_lines(scan))
         warnings.warn(
-            f"{label}: the selection ({described}) matched no layer; nothing changed. "
-            f"Model stages: {stage_list}",
+            f"{label}: the selection ({described}) matched no layer; nothing changed. Model stages: {stage_list}",
             GammaNoEffectWarning,
             stacklevel=stacklevel,
         )
@@ -197,7 +210,9 @@ def _set_norms(
                 "build the model with affine norm layers or leave this layer out of the selection"
             )
         if beta is not None and not isinstance(getattr(norm, "bias", None), torch.Tensor):
-            raise ConfigError(f"norm layer '{name}' ({type(norm).__name__}) has no bias (beta); use beta=None to keep it")
+            raise ConfigError(
+                f"norm layer '{name}' ({type(norm).__name__}) has no bias (beta); use beta=None to keep it"
+            )
     rows = []
     with torch.no_grad():
         for name, norm in selected.items():
@@ -392,8 +407,14 @@ def gamma_preview(
         raise ConfigError("gamma_preview: strategy 'rules' needs a recipe; preview a named strategy instead")
     model, built_with = _build_model(model_name, weights, in_chans, num_classes)
     model.eval()
-    config = {"strategy": strategy, "stages": stages, "blocks": blocks, "last_n_blocks": last_n_blocks,
-              "names": names, "which": which}
+    config = {
+        "strategy": strategy,
+        "stages": stages,
+        "blocks": blocks,
+        "last_n_blocks": last_n_blocks,
+        "names": names,
+        "which": which,
+    }
     scan = scan_model(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GammaNoEffectWarning)
@@ -402,19 +423,26 @@ def gamma_preview(
     lines = [
         f"medtricks gamma: {model_name} (weights={weights}, built with {built_with})",
         f"strategy={strategy}, which={which}"
-        + "".join(f", {k}={v}" for k, v in (("stages", stages), ("blocks", blocks),
-                                              ("last_n_blocks", last_n_blocks), ("names", names)) if v is not None),
+        + "".join(
+            f", {k}={v}"
+            for k, v in (("stages", stages), ("blocks", blocks), ("last_n_blocks", last_n_blocks), ("names", names))
+            if v is not None
+        ),
         "",
         "Stages (non-negative indices = these numbers; negative indices and 'late' count back over "
         "the stages that have residual blocks):",
     ]
-    lines += [f"  {line}{'   <- changed' if st.index in touched else ''}"
-              for st, line in zip(scan.stages, iter_stage_lines(scan))]
+    lines += [
+        f"  {line}{'   <- changed' if st.index in touched else ''}"
+        for st, line in zip(scan.stages, iter_stage_lines(scan))
+    ]
     if not scan.stages:
         lines.append("  (no known residual block types in this model)")
     lines += ["", f"Would change {len(report)} norm layers:", str(report), "", f"summary: {report.summary()}"]
     if weights in (None, "none"):
-        lines.append("note: weights=none shows random-init values (timm ResNets already start with gamma=0 "
-                     "in each block's last BN); pass --weights to see the loaded ones")
+        lines.append(
+            "note: weights=none shows random-init values (timm ResNets already start with gamma=0 "
+            "in each block's last BN); pass --weights to see the loaded ones"
+        )
     lines += [f"warning: {w.message}" for w in caught if issubclass(w.category, GammaNoEffectWarning)]
     return "\n".join(lines)

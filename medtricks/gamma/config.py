@@ -1,6 +1,7 @@
 """The ``tricks.bn_gamma`` section's rules, checked without a model: one place for the recipe schema
 (:mod:`medtricks.tricks.bn_gamma`) and the functional API (:mod:`medtricks.gamma.bn`).
 Every error names the key, the value and what was expected."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ def _as_int_list(value: Any, where: str, key: str) -> list[int] | None:
         or not items
         or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items)
     ):
-        raise _bad(where, key, value, "an integer or a non-empty list of integers (negative counts from the end), or null")
+        raise _bad(
+            where, key, value, "an integer or a non-empty list of integers (negative counts from the end), or null"
+        )
     return [int(v) for v in items]
 
 
@@ -103,8 +106,9 @@ def section_strategy(config: Mapping, where: str) -> tuple[str, Any]:
     return strategy, rules
 
 
-def check_selection(section: str, strategy: str, rules: Any, given: list[str], also_set: list[str], *,
-                    zero_all_acts_on: str) -> None:
+def check_selection(
+    section: str, strategy: str, rules: Any, given: list[str], also_set: list[str], *, zero_all_acts_on: str
+) -> None:
     """What a strategy may be combined with: rules only with ``rules`` (which takes its selectors inside
     each rule), nothing with ``none`` (``also_set``: other keys that would change something), no
     selectors with ``zero_all``."""
@@ -114,11 +118,15 @@ def check_selection(section: str, strategy: str, rules: Any, given: list[str], a
     if strategy == "none" and (given or also_set):
         raise ConfigError(f"{section}: strategy 'none' changes nothing, but {given + also_set} are set")
     if strategy == "zero_all" and given:
-        raise ConfigError(f"{section}: strategy 'zero_all' acts on {zero_all_acts_on}, but {given} are set; "
-                          "use 'zero_late' or 'rules' to select blocks")
+        raise ConfigError(
+            f"{section}: strategy 'zero_all' acts on {zero_all_acts_on}, but {given} are set; "
+            "use 'zero_late' or 'rules' to select blocks"
+        )
     if strategy == "rules" and (given or not rules):
-        raise ConfigError(f"{section}: strategy 'rules' needs a non-empty 'rules' list and takes its selectors "
-                          f"inside each rule (got top-level {given or 'no rules'})")
+        raise ConfigError(
+            f"{section}: strategy 'rules' needs a non-empty 'rules' list and takes its selectors "
+            f"inside each rule (got top-level {given or 'no rules'})"
+        )
 
 
 def rule_mappings(rules: Any, where: str, allowed: Sequence[str], value_hint: str):
@@ -140,9 +148,13 @@ def rule_mappings(rules: Any, where: str, allowed: Sequence[str], value_hint: st
 def block_selectors(config: Mapping, where: str, *, stages: bool) -> dict:
     """The block selectors of a section or rule, parsed (``stages`` only where the model has stages)."""
     sel = {"stages": _as_int_list(config.get("stages"), where, "stages")} if stages else {}
-    sel.update({"blocks": _as_int_list(config.get("blocks"), where, "blocks"),
-                "last_n_blocks": _as_last_n(config.get("last_n_blocks"), where),
-                "names": _as_patterns(config.get("names"), where, "names")})
+    sel.update(
+        {
+            "blocks": _as_int_list(config.get("blocks"), where, "blocks"),
+            "last_n_blocks": _as_last_n(config.get("last_n_blocks"), where),
+            "names": _as_patterns(config.get("names"), where, "names"),
+        }
+    )
     return sel
 
 
@@ -185,15 +197,25 @@ def check_gamma_config(config: Any) -> GammaPlan:
     which = _as_which(config.get("which") or "last", where)
     beta = _as_beta(config.get("beta"), where)
     given = [k for k, v in sel.items() if v is not None]
-    check_selection("tricks.bn_gamma", strategy, rules, given, ["beta"] if beta is not None else [],
-                    zero_all_acts_on="every residual block")
+    check_selection(
+        "tricks.bn_gamma",
+        strategy,
+        rules,
+        given,
+        ["beta"] if beta is not None else [],
+        zero_all_acts_on="every residual block",
+    )
     parsed = []
     if strategy == "rules":
         for rule, rwhere in rule_mappings(rules, where, _RULE_KEYS, "0.0 or 1.0"):
             rule_beta = _as_beta(rule.get("beta"), rwhere)
-            parsed.append(_GammaRule(
-                value=_as_float(rule["value"], rwhere, "value"), selectors=block_selectors(rule, rwhere, stages=True),
-                which=_as_which(rule.get("which") or which, rwhere),
-                beta=beta if rule_beta is None else rule_beta,  # fall back to the section's beta
-                where=rwhere))
+            parsed.append(
+                _GammaRule(
+                    value=_as_float(rule["value"], rwhere, "value"),
+                    selectors=block_selectors(rule, rwhere, stages=True),
+                    which=_as_which(rule.get("which") or which, rwhere),
+                    beta=beta if rule_beta is None else rule_beta,  # fall back to the section's beta
+                    where=rwhere,
+                )
+            )
     return GammaPlan(strategy=strategy, selectors=sel, which=which, beta=beta, rules=tuple(parsed), where=where)

@@ -32,6 +32,7 @@ model's state dict then has extra ``<block>.ls1.gamma`` tensors; :func:`insert_l
 adds the same modules before such a state dict is loaded (``medtricks.posthoc.load.load_trained`` calls it).
 Only ``ls1``/``ls2`` blocks whose LayerScale acts on the last dimension (ViT-style) can be inserted.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,7 +127,9 @@ class LayerScaleSite:
 
 def _model_label(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    name = getattr(model, "medtricks_info", {}).get("name") or (cfg.get("architecture") if isinstance(cfg, Mapping) else None)
+    name = getattr(model, "medtricks_info", {}).get("name") or (
+        cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    )
     return f"{name} ({type(model).__name__})" if name else type(model).__name__
 
 
@@ -152,7 +155,8 @@ def find_layerscale(model: nn.Module) -> list[LayerScaleSite]:
             if not (hasattr(module, attn_attr) and hasattr(module, mlp_attr)):
                 continue
             if attn_attr == "gamma_1" and not all(
-                    getattr(module, a) is None or isinstance(getattr(module, a), torch.Tensor) for a in _HOLDERS[1]):
+                getattr(module, a) is None or isinstance(getattr(module, a), torch.Tensor) for a in _HOLDERS[1]
+            ):
                 continue
             if attn_attr == "ls1" and not all(isinstance(getattr(module, a), nn.Module) for a in _HOLDERS[0]):
                 continue
@@ -177,17 +181,30 @@ def _late_n(n_blocks: int) -> int:
     return max(1, math.ceil(n_blocks / 4))
 
 
-def _select(sites: Sequence[LayerScaleSite], *, blocks: Optional[list[int]], last_n_blocks: Optional[int],
-            names: Optional[list[str]], branch: str, where: str, label: str, stacklevel: int
-            ) -> list[LayerScaleSite]:
+def _select(
+    sites: Sequence[LayerScaleSite],
+    *,
+    blocks: Optional[list[int]],
+    last_n_blocks: Optional[int],
+    names: Optional[list[str]],
+    branch: str,
+    where: str,
+    label: str,
+    stacklevel: int,
+) -> list[LayerScaleSite]:
     n_blocks = len({s.block for s in sites})
     chosen = [s for s in sites if branch == "both" or s.branch == branch]
     if blocks is not None:
         keep = set()
         for b in blocks:
             if not -n_blocks <= b < n_blocks:
-                raise _bad(where, "blocks", blocks, f"block positions -{n_blocks}..{n_blocks - 1} (the model has "
-                                                    f"{n_blocks} transformer blocks); {b} is out of range")
+                raise _bad(
+                    where,
+                    "blocks",
+                    blocks,
+                    f"block positions -{n_blocks}..{n_blocks - 1} (the model has "
+                    f"{n_blocks} transformer blocks); {b} is out of range",
+                )
             keep.add(b % n_blocks)
         chosen = [s for s in chosen if s.block in keep]
     if last_n_blocks is not None:
@@ -197,16 +214,28 @@ def _select(sites: Sequence[LayerScaleSite], *, blocks: Optional[list[int]], las
     if names is not None:
         for pattern in names:
             if not any(fnmatchcase(s.name, pattern) for s in chosen):
-                warnings.warn(f"{label}: names pattern {pattern!r} matches no LayerScale site among the selected "
-                              f"blocks (sites are named like {sites[-1].name!r})", GammaNoEffectWarning,
-                              stacklevel=stacklevel)
+                warnings.warn(
+                    f"{label}: names pattern {pattern!r} matches no LayerScale site among the selected "
+                    f"blocks (sites are named like {sites[-1].name!r})",
+                    GammaNoEffectWarning,
+                    stacklevel=stacklevel,
+                )
         chosen = [s for s in chosen if any(fnmatchcase(s.name, p) for p in names)]
     if not chosen:
-        described = ", ".join(f"{k}={v!r}" for k, v in (("blocks", blocks), ("last_n_blocks", last_n_blocks),
-                                                          ("names", names)) if v is not None) or "every block"
-        warnings.warn(f"{label}: the selection ({described}, branch={branch!r}) matched no LayerScale; nothing "
-                      f"changed. The model has {n_blocks} transformer blocks", GammaNoEffectWarning,
-                      stacklevel=stacklevel)
+        described = (
+            ", ".join(
+                f"{k}={v!r}"
+                for k, v in (("blocks", blocks), ("last_n_blocks", last_n_blocks), ("names", names))
+                if v is not None
+            )
+            or "every block"
+        )
+        warnings.warn(
+            f"{label}: the selection ({described}, branch={branch!r}) matched no LayerScale; nothing "
+            f"changed. The model has {n_blocks} transformer blocks",
+            GammaNoEffectWarning,
+            stacklevel=stacklevel,
+        )
     return chosen
 
 
@@ -215,7 +244,8 @@ def _require_sites(model: nn.Module, sites: Sequence[LayerScaleSite], label: str
         raise ConfigError(
             f"{label}: {_model_label(model)} has no transformer block with LayerScale slots (ls1/ls2 or "
             "gamma_1/gamma_2); LayerScale-gamma strategies are for timm ViTs (vit_*, deit*, cait_*, ...). "
-            "For a CNN use tricks.bn_gamma")
+            "For a CNN use tricks.bn_gamma"
+        )
 
 
 def _check_present(model: nn.Module, chosen: Sequence[LayerScaleSite], insert: bool, label: str) -> None:
@@ -225,15 +255,18 @@ def _check_present(model: nn.Module, chosen: Sequence[LayerScaleSite], insert: b
     if insert:
         bad = [s.name for s in absent if s.attr not in ("ls1", "ls2")]
         if bad:
-            raise ConfigError(f"{label}: insert=True can add LayerScale only where a block has ls1/ls2 modules; "
-                              f"{', '.join(bad[:4])} are gamma_1/gamma_2 = None (build the model with init_values)")
+            raise ConfigError(
+                f"{label}: insert=True can add LayerScale only where a block has ls1/ls2 modules; "
+                f"{', '.join(bad[:4])} are gamma_1/gamma_2 = None (build the model with init_values)"
+            )
         return
     shown = ", ".join(s.name for s in absent[:4]) + (", ..." if len(absent) > 4 else "")
     raise ConfigError(
         f"{label}: {_model_label(model)} has no LayerScale at {shown} ({len(absent)} of the selected branches: "
         "nn.Identity or None, i.e. built with init_values=None). Use a model built with LayerScale "
         "(model.kwargs: {init_values: 1.0e-5} for a model trained from scratch, or pretrained deit3_*/cait_*), "
-        "or insert=True (recipe: insert: true) to add timm LayerScale modules holding the value set here")
+        "or insert=True (recipe: insert: true) to add timm LayerScale modules holding the value set here"
+    )
 
 
 def _make_layerscale(dim: int, value: float, like: nn.Module) -> nn.Module:
@@ -249,12 +282,15 @@ def _branch_dim(site: LayerScaleSite) -> int:
     weight = getattr(norm, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 1:
         return int(weight.shape[0])
-    raise ConfigError(f"cannot insert a LayerScale at {site.name}: its block has no "
-                      f"{'norm1' if site.branch == 'attn' else 'norm2'} with a 1-D weight to take the width from")
+    raise ConfigError(
+        f"cannot insert a LayerScale at {site.name}: its block has no "
+        f"{'norm1' if site.branch == 'attn' else 'norm2'} with a 1-D weight to take the width from"
+    )
 
 
-def _set(model: nn.Module, chosen: Sequence[LayerScaleSite], value: float, strategy: str, insert: bool,
-         label: str) -> LayerScaleReport:
+def _set(
+    model: nn.Module, chosen: Sequence[LayerScaleSite], value: float, strategy: str, insert: bool, label: str
+) -> LayerScaleReport:
     _check_present(model, chosen, insert, label)
     rows = []
     with torch.no_grad():
@@ -266,8 +302,17 @@ def _set(model: nn.Module, chosen: Sequence[LayerScaleSite], value: float, strat
             else:
                 old = float(gamma.detach().float().mean())
                 gamma.fill_(value)
-            rows.append({"name": site.name, "stage": site.stage, "block": site.block, "old_gamma_mean": old,
-                         "new_gamma": value, "old_beta_mean": None, "new_beta": None})
+            rows.append(
+                {
+                    "name": site.name,
+                    "stage": site.stage,
+                    "block": site.block,
+                    "old_gamma_mean": old,
+                    "new_gamma": value,
+                    "old_beta_mean": None,
+                    "new_beta": None,
+                }
+            )
     return LayerScaleReport(rows, strategy=strategy)
 
 
@@ -309,9 +354,16 @@ def apply_layerscale_gamma(
         raise _bad(where, "insert", insert, "True or False")
     sites = find_layerscale(model)
     _require_sites(model, sites, "apply_layerscale_gamma")
-    chosen = _select(sites, blocks=_as_int_list(blocks, where, "blocks"), last_n_blocks=_as_last_n(last_n_blocks, where),
-                     names=_as_patterns(names, where, "names"), branch=_as_branch(branch, where), where=where,
-                     label="apply_layerscale_gamma", stacklevel=3)
+    chosen = _select(
+        sites,
+        blocks=_as_int_list(blocks, where, "blocks"),
+        last_n_blocks=_as_last_n(last_n_blocks, where),
+        names=_as_patterns(names, where, "names"),
+        branch=_as_branch(branch, where),
+        where=where,
+        label="apply_layerscale_gamma",
+        stacklevel=3,
+    )
     return _set(model, chosen, value, "apply_layerscale_gamma", insert, "apply_layerscale_gamma")
 
 
@@ -348,14 +400,20 @@ def check_layerscale_config(config: Any) -> LayerScalePlan:
     if not isinstance(insert, bool):
         raise _bad(where, "insert", insert, "true or false")
     given = [k for k, v in sel.items() if v is not None]
-    check_selection("tricks.layerscale_gamma", strategy, rules, given, ["insert"] if insert else [],
-                    zero_all_acts_on="every block")
+    check_selection(
+        "tricks.layerscale_gamma", strategy, rules, given, ["insert"] if insert else [], zero_all_acts_on="every block"
+    )
     parsed = []
     if strategy == "rules":
         for rule, rwhere in rule_mappings(rules, where, _RULE_KEYS, "0.0"):
-            parsed.append(_Rule(value=_as_float(rule["value"], rwhere, "value"),
-                                selectors=block_selectors(rule, rwhere, stages=False),
-                                branch=_as_branch(rule.get("branch") or branch, rwhere), where=rwhere))
+            parsed.append(
+                _Rule(
+                    value=_as_float(rule["value"], rwhere, "value"),
+                    selectors=block_selectors(rule, rwhere, stages=False),
+                    branch=_as_branch(rule.get("branch") or branch, rwhere),
+                    where=rwhere,
+                )
+            )
     return LayerScalePlan(strategy=strategy, selectors=sel, branch=branch, insert=insert, rules=tuple(parsed))
 
 
@@ -395,8 +453,9 @@ def apply_layerscale_strategy(model: nn.Module, config: Mapping[str, Any]) -> La
         if plan.strategy != "zero_late_one_rest":
             return put(late, 0.0 if plan.strategy == "zero_late" else 1.0)
         late_names = {s.name for s in late}
-        rest = [s for s in pick({k: None for k in plan.selectors}, plan.branch, _SECTION, label)
-                if s.name not in late_names]
+        rest = [
+            s for s in pick({k: None for k in plan.selectors}, plan.branch, _SECTION, label) if s.name not in late_names
+        ]
         report = put(rest, 1.0).merged(put(late, 0.0))
         order = {s.name: i for i, s in enumerate(sites)}
         report.rows.sort(key=lambda row: order[row["name"]])

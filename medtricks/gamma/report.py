@@ -1,4 +1,5 @@
 """The report returned by every BN-gamma function: one row per norm layer that was set."""
+
 from __future__ import annotations
 
 import csv
@@ -9,15 +10,7 @@ from medtricks.errors import ConfigError
 
 __all__ = ["GammaReport", "GammaNoEffectWarning", "REPORT_COLUMNS"]
 
-REPORT_COLUMNS: tuple[str, ...] = (
-    "name",
-    "stage",
-    "block",
-    "old_gamma_mean",
-    "new_gamma",
-    "old_beta_mean",
-    "new_beta",
-)
+REPORT_COLUMNS: tuple[str, ...] = ("name", "stage", "block", "old_gamma_mean", "new_gamma", "old_beta_mean", "new_beta")
 
 # Longest summary(); MLflow caps param values (500 chars in older servers), so stay well below.
 _SUMMARY_MAX_CHARS = 250
@@ -93,8 +86,7 @@ class GammaReport:
             return f"{self.strategy}: no layers changed"
         columns = self.shown_columns
         table = [list(columns)] + [
-            [("keep" if c == "new_beta" and row[c] is None else _fmt(row[c])) for c in columns]
-            for row in self.rows
+            [("keep" if c == "new_beta" and row[c] is None else _fmt(row[c])) for c in columns] for row in self.rows
         ]
         widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
         lines = []

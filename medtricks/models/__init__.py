@@ -10,6 +10,7 @@ Example::
     >>> get_data_config(model)["mean"]
     (0.449,)
 """
+
 from __future__ import annotations
 
 import importlib

@@ -14,6 +14,7 @@ Example::
     >>> get_data_config(model)
     {'mean': (0.5,), 'std': (0.5,), 'input_size': (1, 224, 224)}
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -56,33 +57,51 @@ def _build_monai(name: str, num_classes: int, in_chans: int, kwargs: dict) -> nn
 
     if name == "monai:densenet121":
         return nets.DenseNet121(spatial_dims=2, in_channels=in_chans, out_channels=num_classes, **kwargs)
-    depth = name[len("monai:resnet"):]
+    depth = name[len("monai:resnet") :]
     # torchvision's ResNet layout (7x7/2 stem, no downsample bias) so torchvision and
     # Stylized-ImageNet weights load tensor for tensor; MONAI's defaults are for 3D volumes.
-    options = dict(spatial_dims=2, n_input_channels=in_chans, num_classes=num_classes, conv1_t_size=7,
-                   conv1_t_stride=2, bias_downsample=False, shortcut_type="B")
+    options = dict(
+        spatial_dims=2,
+        n_input_channels=in_chans,
+        num_classes=num_classes,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        bias_downsample=False,
+        shortcut_type="B",
+    )
     options.update(kwargs)
     return getattr(nets, f"resnet{depth}")(**options)
 
 
-def _build(name: str, *, num_classes: int, in_chans: int, drop_rate: float, kwargs: dict,
-           pretrained_file: Optional[str] = None) -> nn.Module:
+def _build(
+    name: str, *, num_classes: int, in_chans: int, drop_rate: float, kwargs: dict, pretrained_file: Optional[str] = None
+) -> nn.Module:
     """A fresh model; with ``pretrained_file`` (timm only) loaded by timm's pretrained loader."""
     if name.startswith("monai:"):
         if drop_rate:
-            raise ConfigError(f"drop_rate={drop_rate} is not supported for {name}; MONAI nets take "
-                             "their own dropout options through model.kwargs (e.g. dropout_prob "
-                             "for monai:densenet121)")
+            raise ConfigError(
+                f"drop_rate={drop_rate} is not supported for {name}; MONAI nets take "
+                "their own dropout options through model.kwargs (e.g. dropout_prob "
+                "for monai:densenet121)"
+            )
         return _build_monai(name, num_classes, in_chans, kwargs)
     import timm
 
     if pretrained_file is None:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 drop_rate=drop_rate, **kwargs)
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **kwargs
+        )
     # timm's own loader: applies the model's checkpoint filter and loads strictly (num_classes and
     # in_chans equal the checkpoint's, so no key is dropped or adapted).
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file},
-                             num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **kwargs)
+    return timm.create_model(
+        name,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": pretrained_file},
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=drop_rate,
+        **kwargs,
+    )
 
 
 def _reset_head(model: nn.Module, name: str, num_classes: int) -> None:
@@ -104,8 +123,9 @@ def _head_classes(state_dict: dict, classifiers: tuple[str, ...]) -> Optional[in
     return None
 
 
-def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], in_chans: int
-                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    mean: tuple[float, ...], std: tuple[float, ...], in_chans: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalization for ``in_chans`` inputs from a pretrained model's per-channel statistics.
 
     1 channel: the mean of the channel means and of the channel stds, rounded to 6 decimals
@@ -118,8 +138,10 @@ def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], in_chans: int
         return tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if in_chans == 1:
         return (round(sum(mean) / len(mean), 6),), (round(sum(std) / len(std), 6),)
-    return (tuple(float(mean[i % len(mean)]) for i in range(in_chans)),
-            tuple(float(std[i % len(std)]) for i in range(in_chans)))
+    return (
+        tuple(float(mean[i % len(mean)]) for i in range(in_chans)),
+        tuple(float(std[i % len(std)]) for i in range(in_chans)),
+    )
 
 
 def _default_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, int]]:
@@ -142,10 +164,19 @@ def _check_args(num_classes: Any, in_chans: Any, drop_rate: Any) -> None:
         raise ConfigError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
 
 
-def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_chans: int = 1,
-                 drop_rate: float = 0.0, attention: Optional[str] = None,
-                 attention_stages: Optional[list[int]] = None, spt: bool = False, lsa: bool = False,
-                 **timm_kwargs: Any) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    weights: str = "none",
+    num_classes: int = 2,
+    in_chans: int = 1,
+    drop_rate: float = 0.0,
+    attention: Optional[str] = None,
+    attention_stages: Optional[list[int]] = None,
+    spt: bool = False,
+    lsa: bool = False,
+    **timm_kwargs: Any,
+) -> nn.Module:
     """Build ``name`` with ``weights``, a ``num_classes`` head and ``in_chans`` input channels.
 
     Args:
@@ -182,8 +213,10 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
     """
     _check_args(num_classes, in_chans, drop_rate)
     if not isinstance(weights, str) or not weights:
-        raise ConfigError(f"weights must be 'none', one of {', '.join(zoo.WEIGHT_NAMES)} or "
-                         f"'file:/path[#sha256=HEX]', got {weights!r}")
+        raise ConfigError(
+            f"weights must be 'none', one of {', '.join(zoo.WEIGHT_NAMES)} or "
+            f"'file:/path[#sha256=HEX]', got {weights!r}"
+        )
     resolved = resolve_model_name(name)
     kwargs = dict(timm_kwargs)
     # SPT/LSA layers go to timm's constructor (refused before anything is built or fetched for a
@@ -193,8 +226,7 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
     source, sha256, head, adaptation = None, None, "random", None
 
     if weights == "none":
-        model = _build(resolved, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-                       kwargs=kwargs)
+        model = _build(resolved, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, kwargs=kwargs)
         inserted = _insert_attention(model, attention, attention_stages)
     else:
         if weights.startswith("file:"):
@@ -211,8 +243,14 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
             # timm hub weights: timm's own loader (its checkpoint filters), strict because the
             # head size and input channels equal the checkpoint's; both are adapted after.
             cfg_classes, src_chans = _timm_pretrained_shape(resolved)
-            model = _build(resolved, num_classes=cfg_classes, in_chans=src_chans, drop_rate=drop_rate,
-                           kwargs=kwargs, pretrained_file=str(path))
+            model = _build(
+                resolved,
+                num_classes=cfg_classes,
+                in_chans=src_chans,
+                drop_rate=drop_rate,
+                kwargs=kwargs,
+                pretrained_file=str(path),
+            )
             head = "pretrained"
             if cfg_classes != num_classes:
                 model.reset_classifier(num_classes)
@@ -220,13 +258,21 @@ def create_model(name: str, *, weights: str = "none", num_classes: int = 2, in_c
             inserted = _insert_attention(model, attention, attention_stages)
         else:
             model, head, src_chans, inserted = _from_state_dict(
-                resolved, read_state_dict(path), key_map=key_map, num_classes=num_classes,
-                drop_rate=drop_rate, kwargs=kwargs, attention=attention,
-                attention_stages=attention_stages, what=what)
+                resolved,
+                read_state_dict(path),
+                key_map=key_map,
+                num_classes=num_classes,
+                drop_rate=drop_rate,
+                kwargs=kwargs,
+                attention=attention,
+                attention_stages=attention_stages,
+                what=what,
+            )
         if src_chans != in_chans:
             src_mean, src_std = channel_stats(tuple(mean), tuple(std), src_chans)
-            adaptation = adapt_input_channels(model, in_chans, src_mean, src_std,
-                                              first_convs=first_convs(model, resolved))
+            adaptation = adapt_input_channels(
+                model, in_chans, src_mean, src_std, first_convs=first_convs(model, resolved)
+            )
 
     if lsa and weights != "none":
         use_locality_attention(model)
@@ -270,10 +316,18 @@ def _insert_attention(model: nn.Module, attention: Optional[str], stages: Option
     return add_attention(model, kind=attention, stages=stages)
 
 
-def _from_state_dict(resolved: str, state_dict: dict, *, key_map: Optional[str], num_classes: int,
-                     drop_rate: float, kwargs: dict, attention: Optional[str],
-                     attention_stages: Optional[list[int]], what: str
-                     ) -> tuple[nn.Module, str, int, list[dict]]:
+def _from_state_dict(
+    resolved: str,
+    state_dict: dict,
+    *,
+    key_map: Optional[str],
+    num_classes: int,
+    drop_rate: float,
+    kwargs: dict,
+    attention: Optional[str],
+    attention_stages: Optional[list[int]],
+    what: str,
+) -> tuple[nn.Module, str, int, list[dict]]:
     """Build ``resolved`` shaped like the checkpoint and load it strictly.
 
     Returns ``(model, head, checkpoint input channels, attention rows)``; the head is replaced
@@ -287,16 +341,22 @@ def _from_state_dict(resolved: str, state_dict: dict, *, key_map: Optional[str],
     classifiers = classifier_names(probe, resolved)
     stems = first_convs(probe, resolved)
     ckpt_classes = _head_classes(mapped, classifiers)
-    src_chans = next((int(mapped[f"{c}.weight"].shape[1]) for c in stems
-                      if f"{c}.weight" in mapped and mapped[f"{c}.weight"].ndim == 4), 3)
-    model = _build(resolved, num_classes=ckpt_classes or num_classes, in_chans=src_chans,
-                   drop_rate=drop_rate, kwargs=kwargs)
+    src_chans = next(
+        (
+            int(mapped[f"{c}.weight"].shape[1])
+            for c in stems
+            if f"{c}.weight" in mapped and mapped[f"{c}.weight"].ndim == 4
+        ),
+        3,
+    )
+    model = _build(
+        resolved, num_classes=ckpt_classes or num_classes, in_chans=src_chans, drop_rate=drop_rate, kwargs=kwargs
+    )
     inserted = _insert_attention(model, attention, attention_stages)
     model_sd = model.state_dict()
     # Zero-gated attention added here may be absent from the checkpoint (it starts as identity);
     # a headless (backbone-only) checkpoint leaves the new head random.
-    allow = {f"{row['module']}.{k}" for row in inserted
-             for k in model.get_submodule(row["module"]).state_dict()}
+    allow = {f"{row['module']}.{k}" for row in inserted for k in model.get_submodule(row["module"]).state_dict()}
     if ckpt_classes is None:
         allow |= {k for k in model_sd for c in classifiers if k.startswith(c + ".")}
     load_strict(model, mapped, what=what, allow_missing=allow)
@@ -310,8 +370,7 @@ def _from_state_dict(resolved: str, state_dict: dict, *, key_map: Optional[str],
 
 
 # ------------------------------------------------------------------------------------ gray stem
-def _stem_bn(model: nn.Module, conv: nn.Module, in_chans: int, size: int = 64
-             ) -> Optional[tuple[str, nn.Module]]:
+def _stem_bn(model: nn.Module, conv: nn.Module, in_chans: int, size: int = 64) -> Optional[tuple[str, nn.Module]]:
     """The BatchNorm that directly consumes ``conv``'s output, found by tracing one small forward."""
     conv_out: list[torch.Tensor] = []
     found: list[str] = []
@@ -323,11 +382,15 @@ def _stem_bn(model: nn.Module, conv: nn.Module, in_chans: int, size: int = 64
         def on_bn(module: nn.Module, inputs: tuple) -> None:
             if conv_out and not found and inputs[0] is conv_out[0]:
                 found.append(name)
+
         return on_bn
 
     hooks = [conv.register_forward_hook(on_conv)]
-    hooks += [module.register_forward_pre_hook(watcher(name)) for name, module in model.named_modules()
-              if isinstance(module, nn.BatchNorm2d)]
+    hooks += [
+        module.register_forward_pre_hook(watcher(name))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -342,8 +405,9 @@ def _stem_bn(model: nn.Module, conv: nn.Module, in_chans: int, size: int = 64
     return (found[0], model.get_submodule(found[0])) if found else None
 
 
-def adapt_input_channels(model: nn.Module, in_chans: int, mean: tuple[float, ...], std: tuple[float, ...],
-                         first_convs: tuple[str, ...]) -> str:
+def adapt_input_channels(
+    model: nn.Module, in_chans: int, mean: tuple[float, ...], std: tuple[float, ...], first_convs: tuple[str, ...]
+) -> str:
     """Convert a pretrained model's input convolution(s) in place from ``len(mean)`` channels to ``in_chans``.
 
     RGB → gray (``in_chans=1``) is made exact: for a gray image ``g`` the 3-channel model sees
@@ -368,11 +432,14 @@ def adapt_input_channels(model: nn.Module, in_chans: int, mean: tuple[float, ...
     for conv_name in first_convs:
         conv = model.get_submodule(conv_name)
         if not isinstance(conv, nn.Conv2d) or conv.weight.ndim != 4:
-            raise ConfigError(f"cannot adapt input layer {conv_name!r} ({type(conv).__name__}) to "
-                             f"{in_chans} channels")
+            raise ConfigError(f"cannot adapt input layer {conv_name!r} ({type(conv).__name__}) to {in_chans} channels")
         src = conv.weight.shape[1]
-        exact = (in_chans == 1 and src == len(mean) and conv.groups == 1
-                 and type(conv).__name__ in ("Conv2d", "Conv2dSame", "Conv2dSameExport"))
+        exact = (
+            in_chans == 1
+            and src == len(mean)
+            and conv.groups == 1
+            and type(conv).__name__ in ("Conv2d", "Conv2dSame", "Conv2dSameExport")
+        )
         if not exact:
             weight = adapt_input_conv(in_chans, conv.weight.detach(), base_chans=src)
             conv.weight = nn.Parameter(weight.to(conv.weight.dtype))
@@ -417,8 +484,7 @@ def get_data_config(model: nn.Module) -> dict[str, tuple]:
     _, backbone = find_backbone(model)
     info = getattr(backbone, "medtricks_info", None)
     if info is not None:
-        return {"mean": tuple(info["mean"]), "std": tuple(info["std"]),
-                "input_size": tuple(info["input_size"])}
+        return {"mean": tuple(info["mean"]), "std": tuple(info["std"]), "input_size": tuple(info["input_size"])}
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(backbone)

@@ -15,6 +15,7 @@ Example::
     >>> [n for n, p in model.named_parameters() if p.requires_grad]
     ['fc.weight', 'fc.bias']
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -39,16 +40,20 @@ def _as_items(freeze: FreezeSpec) -> list[Union[int, str]]:
         return [freeze]
     if isinstance(freeze, (list, tuple)):
         return list(freeze)
-    raise ConfigError(f"model.freeze must be null, {', '.join(map(repr, FREEZE_KEYWORDS))}, or a list "
-                     f"of stage indices / module-name patterns, got {freeze!r}")
+    raise ConfigError(
+        f"model.freeze must be null, {', '.join(map(repr, FREEZE_KEYWORDS))}, or a list "
+        f"of stage indices / module-name patterns, got {freeze!r}"
+    )
 
 
 def _params_of_patterns(model: nn.Module, pattern: str) -> set[str]:
     matched = [name for name, _ in model.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
     if not matched:
         top = ", ".join(name for name, _ in model.named_children())
-        raise ConfigError(f"model.freeze pattern {pattern!r} matches no module; module names look like "
-                         f"{top} (and dotted children such as layer1.0.conv1; fnmatch wildcards allowed)")
+        raise ConfigError(
+            f"model.freeze pattern {pattern!r} matches no module; module names look like "
+            f"{top} (and dotted children such as layer1.0.conv1; fnmatch wildcards allowed)"
+        )
     names = set()
     for module_name in matched:
         names |= {f"{module_name}.{p}" for p, _ in model.get_submodule(module_name).named_parameters()}
@@ -71,8 +76,9 @@ def _selected(model: nn.Module, freeze: FreezeSpec) -> set[str]:
             raise ConfigError(f"model.freeze: {item!r} is not a stage index or pattern")
         if isinstance(item, int):
             if not 0 <= item <= head:
-                raise ConfigError(f"model.freeze stage {item} out of range: this model has stages "
-                                 f"0 (stem) to {head} (head)")
+                raise ConfigError(
+                    f"model.freeze stage {item} out of range: this model has stages 0 (stem) to {head} (head)"
+                )
             selected |= {n for n, s in stages.items() if s == item}
         elif item == "stem":
             selected |= {n for n, s in stages.items() if s == 0}
@@ -83,8 +89,10 @@ def _selected(model: nn.Module, freeze: FreezeSpec) -> set[str]:
         elif isinstance(item, str):
             selected |= _params_of_patterns(model, item)
         else:
-            raise ConfigError(f"model.freeze entry {item!r}: expected a stage index, "
-                             f"{', '.join(map(repr, FREEZE_KEYWORDS))} or a module-name pattern")
+            raise ConfigError(
+                f"model.freeze entry {item!r}: expected a stage index, "
+                f"{', '.join(map(repr, FREEZE_KEYWORDS))} or a module-name pattern"
+            )
     return selected
 
 

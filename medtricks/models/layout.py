@@ -11,6 +11,7 @@ Example::
     >>> stage_of_parameter(create_model("resnet18"))["layer4.1.bn2.weight"]
     4
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,8 +56,9 @@ def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
     for prefix, module in model.named_modules():
         if hasattr(module, "group_matcher"):
             return prefix, module
-    raise ConfigError(f"{type(model).__name__} holds no medtricks/timm backbone; build it with "
-                     "medtricks.models.create_model")
+    raise ConfigError(
+        f"{type(model).__name__} holds no medtricks/timm backbone; build it with medtricks.models.create_model"
+    )
 
 
 def _matcher(prefix: str, backbone: nn.Module) -> Any:
@@ -100,6 +102,6 @@ def stage_of_parameter(model: nn.Module, *, coarse: bool = True) -> dict[str, in
     full = {}
     dot = f"{prefix}." if prefix else ""
     for pname, _ in model.named_parameters():
-        inner = pname[len(dot):] if dot and pname.startswith(dot) else (pname if not dot else None)
+        inner = pname[len(dot) :] if dot and pname.startswith(dot) else (pname if not dot else None)
         full[pname] = stages[inner] if inner is not None and inner in stages else 0
     return full

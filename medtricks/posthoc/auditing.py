@@ -4,6 +4,7 @@
 section says (``medtricks run`` calls them after training too); :func:`audit_trained` loads a run, audits
 it and logs the result onto it.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -23,8 +24,15 @@ from medtricks.posthoc.load import load_trained
 from medtricks.posthoc.store import posthoc_store, start_posthoc_run
 from medtricks.train import resolve_device
 
-__all__ = ["AuditReport", "parse_eps", "audit_model", "shortcut_audit_model", "log_shortcut", "log_audit",
-           "audit_trained"]
+__all__ = [
+    "AuditReport",
+    "parse_eps",
+    "audit_model",
+    "shortcut_audit_model",
+    "log_shortcut",
+    "log_audit",
+    "audit_trained",
+]
 
 
 @dataclass
@@ -51,27 +59,77 @@ def parse_eps(text: str) -> list[float]:
     return values
 
 
-def audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, device, seed: int = 0,
-                surrogate: Optional[nn.Module] = None, progress: bool = True, batch_size: int = 32,
-                attacks=None, eps=None, corruptions=None, n: Optional[int] = None, target_class=None):
+def audit_model(
+    model: nn.Module,
+    dataset,
+    *,
+    audit_cfg,
+    classes,
+    data_config,
+    device,
+    seed: int = 0,
+    surrogate: Optional[nn.Module] = None,
+    progress: bool = True,
+    batch_size: int = 32,
+    attacks=None,
+    eps=None,
+    corruptions=None,
+    n: Optional[int] = None,
+    target_class=None,
+):
     """Run :func:`medtricks.audit.run_audit` as the recipe's ``audit`` section says (arguments override)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    return run_audit(model, loader, classes=classes, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-                     attacks=audit_cfg.attacks if attacks is None else attacks, eps=list(eps if eps is not None else audit_cfg.eps),
-                     pgd_steps=audit_cfg.pgd_steps, corruptions=audit_cfg.corruptions if corruptions is None else corruptions,
-                     severities=audit_cfg.severities, n=n or audit_cfg.n, surrogate=surrogate, device=device,
-                     target_class=target_class if target_class is not None else audit_cfg.target_class,
-                     n_bootstrap=audit_cfg.n_bootstrap, seed=seed, progress=progress,
-                     square_queries=audit_cfg.square_queries, masking=audit_cfg.masking_checks)
+    return run_audit(
+        model,
+        loader,
+        classes=classes,
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        attacks=audit_cfg.attacks if attacks is None else attacks,
+        eps=list(eps if eps is not None else audit_cfg.eps),
+        pgd_steps=audit_cfg.pgd_steps,
+        corruptions=audit_cfg.corruptions if corruptions is None else corruptions,
+        severities=audit_cfg.severities,
+        n=n or audit_cfg.n,
+        surrogate=surrogate,
+        device=device,
+        target_class=target_class if target_class is not None else audit_cfg.target_class,
+        n_bootstrap=audit_cfg.n_bootstrap,
+        seed=seed,
+        progress=progress,
+        square_queries=audit_cfg.square_queries,
+        masking=audit_cfg.masking_checks,
+    )
 
 
-def shortcut_audit_model(model: nn.Module, dataset, *, audit_cfg, classes, data_config, device, seed: int = 0,
-                         progress: bool = True, batch_size: int = 32, n: Optional[int] = None):
+def shortcut_audit_model(
+    model: nn.Module,
+    dataset,
+    *,
+    audit_cfg,
+    classes,
+    data_config,
+    device,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 32,
+    n: Optional[int] = None,
+):
     """Run :func:`medtricks.audit.shortcut.run_shortcut_audit` as the recipe's ``audit`` section says."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    return run_shortcut_audit(model, loader, classes=classes, mean=tuple(data_config["mean"]),
-                              std=tuple(data_config["std"]), n=n or audit_cfg.n, border=audit_cfg.shortcut_border,
-                              n_bootstrap=audit_cfg.n_bootstrap, seed=seed, device=device, progress=progress)
+    return run_shortcut_audit(
+        model,
+        loader,
+        classes=classes,
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        n=n or audit_cfg.n,
+        border=audit_cfg.shortcut_border,
+        n_bootstrap=audit_cfg.n_bootstrap,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
 
 
 def log_shortcut(tracker, result) -> None:
@@ -95,11 +153,25 @@ def log_audit(tracker, result) -> None:
         tracker.log_figure(figure, name)
 
 
-def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] = None, split: Optional[str] = None,
-                  attacks=None, eps=None, corruptions=None, n: Optional[int] = None, surrogate: Optional[str] = None,
-                  target_class: Optional[str] = None, tracking_uri: Optional[str] = None, log: bool = True,
-                  device: str = "auto", progress: bool = True, runs_dir: Optional[str | Path] = None,
-                  shortcut: bool = False) -> AuditReport:
+def audit_trained(
+    ref: str,
+    *,
+    card: Optional[str] = None,
+    root: Optional[str] = None,
+    split: Optional[str] = None,
+    attacks=None,
+    eps=None,
+    corruptions=None,
+    n: Optional[int] = None,
+    surrogate: Optional[str] = None,
+    target_class: Optional[str] = None,
+    tracking_uri: Optional[str] = None,
+    log: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+    runs_dir: Optional[str | Path] = None,
+    shortcut: bool = False,
+) -> AuditReport:
     """Adversarial and corruption audit of a trained run (folder, model file or run id); with
     ``shortcut=True`` the shortcut audit instead (:mod:`medtricks.audit.shortcut`: lungs hidden / lungs
     only, border blanked, Grad-CAM), logged under ``audit/shortcut/``.
@@ -120,28 +192,56 @@ def audit_trained(ref: str, *, card: Optional[str] = None, root: Optional[str] =
     if card is not None:
         if root is None:
             raise ConfigError("--card needs --root (where that data lies)")
-        dataset, _ = eval_dataset(trained, card, root, split=split or "all", progress=progress,
-                                  class_map_option=None)  # audit takes no class map
+        dataset, _ = eval_dataset(
+            trained, card, root, split=split or "all", progress=progress, class_map_option=None
+        )  # audit takes no class map
     else:
         dataset, _ = eval_dataset(trained, recipe.data.card, recipe.data.root, split=split or "val", progress=progress)
-    surrogate_model = load_trained(surrogate, tracking_uri=tracking_uri, device=str(dev),
-                                   runs_dir=runs_dir).model if surrogate else None
+    surrogate_model = (
+        load_trained(surrogate, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir).model
+        if surrogate
+        else None
+    )
     eps_values = parse_eps(eps) if isinstance(eps, str) else eps
     if shortcut:
-        result = shortcut_audit_model(trained.model, dataset, audit_cfg=recipe.audit, classes=trained.classes,
-                                      data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
-                                      progress=progress, n=n)
+        result = shortcut_audit_model(
+            trained.model,
+            dataset,
+            audit_cfg=recipe.audit,
+            classes=trained.classes,
+            data_config=trained.data_config,
+            device=dev,
+            seed=recipe.experiment.seed,
+            progress=progress,
+            n=n,
+        )
     else:
-        result = audit_model(trained.model, dataset, audit_cfg=recipe.audit, classes=trained.classes,
-                             data_config=trained.data_config, device=dev, seed=recipe.experiment.seed,
-                             surrogate=surrogate_model, progress=progress, attacks=attacks, eps=eps_values,
-                             corruptions=corruptions, n=n, target_class=target_class)
+        result = audit_model(
+            trained.model,
+            dataset,
+            audit_cfg=recipe.audit,
+            classes=trained.classes,
+            data_config=trained.data_config,
+            device=dev,
+            seed=recipe.experiment.seed,
+            surrogate=surrogate_model,
+            progress=progress,
+            attacks=attacks,
+            eps=eps_values,
+            corruptions=corruptions,
+            n=n,
+            target_class=target_class,
+        )
     report = AuditReport(result=result, table=result.table(), n_images=int(result.config["n_images"]))
     if log:
         tracker = posthoc_store(trained, tracking_uri, runs_dir)
         report.logged_to = tracker.describe()
-        report.run_id = start_posthoc_run(tracker, trained, kind="audit", tags={
-            "medtricks.audited_run": str(trained.run_id), "medtricks.role": "audit"})
+        report.run_id = start_posthoc_run(
+            tracker,
+            trained,
+            kind="audit",
+            tags={"medtricks.audited_run": str(trained.run_id), "medtricks.role": "audit"},
+        )
         (log_shortcut if shortcut else log_audit)(tracker, result)
         tracker.end()
     return report

@@ -3,6 +3,7 @@
 :func:`resolve_decision_rule` turns ``--threshold``/``--prevalence``/``--site`` into a :class:`DecisionRule`
 that ``evaluate``, ``predict`` and ``ensemble`` apply to predicted probabilities.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,15 @@ import pandas as pd
 from medtricks.deploy.fit import apply_temperature
 from medtricks.deploy.profiles import load_site_profile, site_profile_path
 from medtricks.errors import ConfigError, MissingFileError
-from medtricks.evaluate.operating_point import (OPERATING_POINT_FILE, OperatingPoint, class_priors, parse_threshold,
-                                                prior_shift, probs_at_threshold, select_threshold)
+from medtricks.evaluate.operating_point import (
+    OPERATING_POINT_FILE,
+    OperatingPoint,
+    class_priors,
+    parse_threshold,
+    prior_shift,
+    probs_at_threshold,
+    select_threshold,
+)
 from medtricks.evaluate.paired import load_predictions
 from medtricks.posthoc.store import posthoc_store, run_file
 from medtricks.rundir import RunDir
@@ -68,8 +76,10 @@ class DecisionRule:
         text = self.description
         if self.prevalence is not None:
             pi = self.train_priors[self.positive_index]
-            text += (f"; posteriors first shifted from the training prevalence {pi:.3f} to {self.prevalence:.3f} "
-                     f"(Saerens et al. 2002; priors from {self.priors_source})")
+            text += (
+                f"; posteriors first shifted from the training prevalence {pi:.3f} to {self.prevalence:.3f} "
+                f"(Saerens et al. 2002; priors from {self.priors_source})"
+            )
         return text
 
 
@@ -91,9 +101,15 @@ def train_priors_from_manifest(trained, tracking_uri: Optional[str]) -> Optional
     return class_priors(train.to_numpy(), len(trained.classes)) if len(train) else None
 
 
-def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Optional[float] = None,
-                          tracking_uri: Optional[str] = None, site: Optional[str] = None,
-                          runs_dir: Optional[str | Path] = None) -> Optional[DecisionRule]:
+def resolve_decision_rule(
+    trained,
+    *,
+    threshold: Any = "stored",
+    prevalence: Optional[float] = None,
+    tracking_uri: Optional[str] = None,
+    site: Optional[str] = None,
+    runs_dir: Optional[str | Path] = None,
+) -> Optional[DecisionRule]:
     """The operating point ``evaluate`` applies to a trained run; ``None`` for multiclass models.
 
     ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none,
@@ -114,8 +130,10 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
         return _site_rule(trained, site, spec=spec, prevalence=prevalence, tracking_uri=tracking_uri, runs_dir=runs_dir)
     if k != 2:
         if spec != "stored":
-            raise ConfigError(f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
-                             f"{trained.classes} (decisions are argmax)")
+            raise ConfigError(
+                f"--threshold {threshold} applies to binary models; run {name} has {k} classes "
+                f"{trained.classes} (decisions are argmax)"
+            )
         if prevalence is not None:
             raise ConfigError(f"--prevalence applies to binary models; run {name} has {k} classes {trained.classes}")
         return None
@@ -123,35 +141,57 @@ def resolve_decision_rule(trained, *, threshold: Any = "stored", prevalence: Opt
     positive = op.positive_index if op is not None else 1
     if spec == "stored":
         if op is None:
-            rule = DecisionRule(threshold=0.5, source="default", positive_index=positive,
-                                description=f"threshold 0.5: the run has no model/{OPERATING_POINT_FILE} "
-                                            "(trained before operating points were stored)")
+            rule = DecisionRule(
+                threshold=0.5,
+                source="default",
+                positive_index=positive,
+                description=f"threshold 0.5: the run has no model/{OPERATING_POINT_FILE} "
+                "(trained before operating points were stored)",
+            )
         else:
-            rule = DecisionRule(threshold=float(op.threshold), source="stored", positive_index=positive,
-                                description=f"{op.describe()}; stored in model/{OPERATING_POINT_FILE}")
+            rule = DecisionRule(
+                threshold=float(op.threshold),
+                source="stored",
+                positive_index=positive,
+                description=f"{op.describe()}; stored in model/{OPERATING_POINT_FILE}",
+            )
     else:
         kind, value = parse_threshold(threshold)
         if kind == "given":
-            rule = DecisionRule(threshold=value, source="given", positive_index=positive,
-                                description=f"threshold {value:g} (given)")
+            rule = DecisionRule(
+                threshold=value, source="given", positive_index=positive, description=f"threshold {value:g} (given)"
+            )
         else:  # youden / sens=S: chosen again on the run's stored validation predictions
             val = run_file(trained, RunDir.predictions_artifact("val"), load_predictions, tracking_uri)
             if val is None:
-                raise MissingFileError(f"--threshold {threshold} is chosen on the run's validation predictions, but "
-                                       f"run {name} has no {RunDir.predictions_artifact('val')} (in its folder or its "
-                                       "run store); use --threshold stored or a number")
+                raise MissingFileError(
+                    f"--threshold {threshold} is chosen on the run's validation predictions, but "
+                    f"run {name} has no {RunDir.predictions_artifact('val')} (in its folder or its "
+                    "run store); use --threshold stored or a number"
+                )
             chosen = select_threshold(*val, method=kind, target_sensitivity=value, positive_index=positive)
-            rule = DecisionRule(threshold=float(chosen.threshold), source=chosen.method, positive_index=positive,
-                                description=f"{chosen.describe()}; recomputed from the run's stored validation "
-                                            "predictions")
+            rule = DecisionRule(
+                threshold=float(chosen.threshold),
+                source=chosen.method,
+                positive_index=positive,
+                description=f"{chosen.describe()}; recomputed from the run's stored validation predictions",
+            )
     if prevalence is not None:
         value = _prevalence(prevalence)
-        priors, source = (list(op.train_priors), f"model/{OPERATING_POINT_FILE}") if op is not None and op.train_priors \
-            else (train_priors_from_manifest(trained, tracking_uri), "the training split of artifacts/split_manifest.csv")
+        priors, source = (
+            (list(op.train_priors), f"model/{OPERATING_POINT_FILE}")
+            if op is not None and op.train_priors
+            else (
+                train_priors_from_manifest(trained, tracking_uri),
+                "the training split of artifacts/split_manifest.csv",
+            )
+        )
         if priors is None:
-            raise ConfigError(f"--prevalence needs the class priors run {name} was trained with (train_priors in "
-                             f"{trained.run_dir}/model/{OPERATING_POINT_FILE}, or its artifacts/split_manifest.csv); "
-                             "this run has neither")
+            raise ConfigError(
+                f"--prevalence needs the class priors run {name} was trained with (train_priors in "
+                f"{trained.run_dir}/model/{OPERATING_POINT_FILE}, or its artifacts/split_manifest.csv); "
+                "this run has neither"
+            )
         if len(priors) != 2:
             raise ConfigError(f"train_priors of run {name} has {len(priors)} values {priors}; a binary model needs 2")
         rule.prevalence, rule.train_priors, rule.priors_source = value, [float(v) for v in priors], source
@@ -169,8 +209,15 @@ def _prevalence(prevalence: Any) -> float:
     return value
 
 
-def _site_rule(trained, site: str, *, spec: str, prevalence: Optional[float], tracking_uri: Optional[str],
-               runs_dir: Optional[str | Path]) -> DecisionRule:
+def _site_rule(
+    trained,
+    site: str,
+    *,
+    spec: str,
+    prevalence: Optional[float],
+    tracking_uri: Optional[str],
+    runs_dir: Optional[str | Path],
+) -> DecisionRule:
     """The decision rule of the run's site profile ``site`` (see :func:`resolve_decision_rule`)."""
     name = trained.run_id or str(trained.run_dir)
     if len(trained.classes) != 2:
@@ -180,8 +227,14 @@ def _site_rule(trained, site: str, *, spec: str, prevalence: Optional[float], tr
     local = trained.run_dir is not None and site_profile_path(trained.run_dir, site).is_file()
     store = None if local or not trained.run_id else posthoc_store(trained, tracking_uri, runs_dir)
     profile = load_site_profile(trained, site, store=store)
-    rule = DecisionRule(threshold=float(profile.threshold), source="site", positive_index=profile.positive_index,
-                        description=profile.describe(), temperature=float(profile.temperature), site=profile.name)
+    rule = DecisionRule(
+        threshold=float(profile.threshold),
+        source="site",
+        positive_index=profile.positive_index,
+        description=profile.describe(),
+        temperature=float(profile.temperature),
+        site=profile.name,
+    )
     if profile.shift_from and profile.prevalence is not None:
         rule.prevalence, rule.train_priors = float(profile.prevalence), [float(v) for v in profile.shift_from]
         rule.priors_source = f"site profile {profile.name!r}"

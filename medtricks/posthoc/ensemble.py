@@ -20,6 +20,7 @@ Example::
                            card="kermany-pneumonia", root="/data/kermany/test", log=False)
     print(report.table())
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -91,20 +92,39 @@ class EnsembleReport:
             return fmt_mean_ci(result.values[key], low, high)
 
         if binary:
-            header = ["model", f"AUROC [{pct} CI]", "accuracy @0.5", "threshold", "accuracy @op",
-                      f"sensitivity/{pos} @op", f"specificity/{pos} @op", "Δ AUROC ensemble − member"]
+            header = [
+                "model",
+                f"AUROC [{pct} CI]",
+                "accuracy @0.5",
+                "threshold",
+                "accuracy @op",
+                f"sensitivity/{pos} @op",
+                f"specificity/{pos} @op",
+                "Δ AUROC ensemble − member",
+            ]
         else:
-            header = ["model", f"AUROC [{pct} CI]", "accuracy", "balanced_accuracy", "f1", "ece",
-                      "Δ AUROC ensemble − member"]
+            header = [
+                "model",
+                f"AUROC [{pct} CI]",
+                "accuracy",
+                "balanced_accuracy",
+                "f1",
+                "ece",
+                "Δ AUROC ensemble − member",
+            ]
         rows = []
         for i, report in enumerate([*self.members, self.ensemble]):
             is_ensemble = i == len(self.members)
             name = f"ensemble (mean of {len(self.members)})" if is_ensemble else self.member_names[i]
             row = [name, cell(report.metrics, "auroc")]
             if binary:
-                row += [cell(report.metrics, "accuracy"), fmt_num(report.rule.threshold) if report.rule else "-",
-                        cell(report.metrics_op, "accuracy"), cell(report.metrics_op, f"sensitivity/{pos}"),
-                        cell(report.metrics_op, f"specificity/{pos}")]
+                row += [
+                    cell(report.metrics, "accuracy"),
+                    fmt_num(report.rule.threshold) if report.rule else "-",
+                    cell(report.metrics_op, "accuracy"),
+                    cell(report.metrics_op, f"sensitivity/{pos}"),
+                    cell(report.metrics_op, f"specificity/{pos}"),
+                ]
             else:
                 row += [cell(report.metrics, k) for k in ("accuracy", "balanced_accuracy", "f1", "ece")]
             d = None if is_ensemble or i >= len(self.deltas) else self.deltas[i]
@@ -114,8 +134,10 @@ class EnsembleReport:
 
     def table(self) -> str:
         """Printable: the summary table, how the threshold was chosen, the ensemble's full metrics."""
-        head = (f"Ensemble of {len(self.members)} runs on {self.card} ({self.split}, {self.n_images} images"
-                f"{', flip TTA' if self.tta else ''}); {self.ensemble.metrics.n_bootstrap} bootstrap resamples")
+        head = (
+            f"Ensemble of {len(self.members)} runs on {self.card} ({self.split}, {self.n_images} images"
+            f"{', flip TTA' if self.tta else ''}); {self.ensemble.metrics.n_bootstrap} bootstrap resamples"
+        )
         parts = [head, self.summary()]
         if self.threshold_note:
             parts.append(f"Operating point: {self.threshold_note}")
@@ -133,8 +155,14 @@ def _name(trained) -> str:
 def _data_settings(trained) -> tuple:
     """What decides a run's validation images: same settings, same val split."""
     d = trained.recipe.data
-    return (load_card(d.card).name, str(Path(d.root).expanduser().resolve()), d.split_seed, d.val_fraction,
-            d.test_fraction, getattr(d, "test_by", None))
+    return (
+        load_card(d.card).name,
+        str(Path(d.root).expanduser().resolve()),
+        d.split_seed,
+        d.val_fraction,
+        d.test_fraction,
+        getattr(d, "test_by", None),
+    )
 
 
 def _model_digest(trained) -> str:
@@ -159,15 +187,21 @@ def refuse_duplicate_members(refs: Sequence[str], members: Sequence[Any]) -> Non
                 continue
             if (kind, value) in seen:
                 first = seen[(kind, value)]
-                why = ("are the same run" if kind != "model" else
-                       "hold the same model (identical model/model_state.pt bytes)")
-                raise ConfigError(f"runs {first} and {ref} {why}: an ensemble of one model counted twice is not "
-                                  "an ensemble; give distinct runs")
+                why = (
+                    "are the same run"
+                    if kind != "model"
+                    else "hold the same model (identical model/model_state.pt bytes)"
+                )
+                raise ConfigError(
+                    f"runs {first} and {ref} {why}: an ensemble of one model counted twice is not "
+                    "an ensemble; give distinct runs"
+                )
             seen[(kind, value)] = ref
 
 
-def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
-                       tracking_uri: Optional[str] = None) -> tuple[float, str, str, Optional[Any]]:
+def ensemble_threshold(
+    members: Sequence[Any], rules: Sequence[Any], *, tracking_uri: Optional[str] = None
+) -> tuple[float, str, str, Optional[Any]]:
     """The ensemble's decision threshold for binary members: ``(threshold, source, note, operating_point)``.
 
     ``source`` is ``"ensemble-val"`` (chosen on the members' averaged validation predictions, when
@@ -176,8 +210,9 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
     """
     mean = float(np.mean([r.threshold for r in rules]))
     no_stored = [_name(t) for t, r in zip(members, rules) if r.source != "stored"]
-    fallback = (f"mean of the members' stored thresholds, {mean:.4f}"
-                + (f" (no stored operating point, counted as 0.5: {', '.join(no_stored)})" if no_stored else ""))
+    fallback = f"mean of the members' stored thresholds, {mean:.4f}" + (
+        f" (no stored operating point, counted as 0.5: {', '.join(no_stored)})" if no_stored else ""
+    )
 
     def fall_back(why: str):
         return mean, "members-mean", f"{fallback}; not chosen on validation: {why}", None
@@ -201,19 +236,41 @@ def ensemble_threshold(members: Sequence[Any], rules: Sequence[Any], *,
     if method not in ("youden", "sensitivity"):
         method, target = "youden", None
     try:
-        op = select_threshold(y_val, np.mean([p for _, p in val], axis=0), method=method, target_sensitivity=target,
-                              positive_index=rules[0].positive_index)
+        op = select_threshold(
+            y_val,
+            np.mean([p for _, p in val], axis=0),
+            method=method,
+            target_sensitivity=target,
+            positive_index=rules[0].positive_index,
+        )
     except ValueError as err:
         return fall_back(str(err))
-    return op.threshold, "ensemble-val", (f"{op.describe()}, chosen on the mean of the members' validation "
-                                          f"predictions ({len(y_val)} images)"), op
+    return (
+        op.threshold,
+        "ensemble-val",
+        (f"{op.describe()}, chosen on the mean of the members' validation predictions ({len(y_val)} images)"),
+        op,
+    )
 
 
-def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "all", tta: Any = "none",
-                  prevalence: Optional[float] = None, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
-                  batch_size: int = 64, tracking_uri: Optional[str] = None, log: bool = True,
-                  device: str = "auto", progress: bool = True,
-                  runs_dir: Optional[str | Path] = None) -> EnsembleReport:
+def ensemble_runs(
+    refs: Sequence[str],
+    *,
+    card: str,
+    root: str,
+    split: str = "all",
+    tta: Any = "none",
+    prevalence: Optional[float] = None,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 64,
+    tracking_uri: Optional[str] = None,
+    log: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+    runs_dir: Optional[str | Path] = None,
+) -> EnsembleReport:
     """Evaluate the mean of several trained runs' softmax probabilities on a card's data.
 
     Args:
@@ -244,11 +301,14 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     classes = list(members[0].classes)
     for ref, trained in zip(refs[1:], members[1:]):
         if list(trained.classes) != classes:
-            raise ConfigError(f"run {ref} predicts classes {trained.classes} but run {refs[0]} predicts {classes}: "
-                             "ensemble members must have the same classes in the same order")
+            raise ConfigError(
+                f"run {ref} predicts classes {trained.classes} but run {refs[0]} predicts {classes}: "
+                "ensemble members must have the same classes in the same order"
+            )
     # Rules first: a bad --prevalence (a member without training priors) fails before any prediction.
-    rules = [resolve_decision_rule(t, threshold="stored", prevalence=prevalence, tracking_uri=tracking_uri)
-             for t in members]
+    rules = [
+        resolve_decision_rule(t, threshold="stored", prevalence=prevalence, tracking_uri=tracking_uri) for t in members
+    ]
 
     datasets = []
     for ref, trained in zip(refs, members):
@@ -258,11 +318,20 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
     for ref, dataset in zip(refs[1:], datasets[1:]):
         paths = [str(Path(p).resolve()) for p in dataset.manifest["path"]]
         if paths != paths0:
-            where = (f"{len(paths)} vs {len(paths0)} images" if len(paths) != len(paths0) else
-                     f"same count, first difference at position {next(i for i, (a, b) in enumerate(zip(paths, paths0)) if a != b)}")
-            hint = (f"; members split the card differently (data.split_seed / val_fraction / test_fraction), so one "
+            where = (
+                f"{len(paths)} vs {len(paths0)} images"
+                if len(paths) != len(paths0)
+                else f"same count, first difference at position {next(i for i, (a, b) in enumerate(zip(paths, paths0)) if a != b)}"
+            )
+            hint = (
+                (
+                    f"; members split the card differently (data.split_seed / val_fraction / test_fraction), so one "
                     f"member's {split} images may be another's training images: use --split all on data none of them "
-                    "trained on") if split != "all" else ""
+                    "trained on"
+                )
+                if split != "all"
+                else ""
+            )
             raise ConfigError(f"run {ref} sees other images of {root} ({split}) than run {refs[0]} ({where}){hint}")
 
     card_name = load_card(card).name
@@ -295,37 +364,85 @@ def ensemble_runs(refs: Sequence[str], *, card: str, root: str, split: str = "al
         threshold, source, note, _ = ensemble_threshold(members, rules, tracking_uri=tracking_uri)
         if tta and source == "ensemble-val":
             note += " (validation predictions are without flip TTA)"
-        ensemble_rule = DecisionRule(threshold=threshold, source=source, description=note,
-                                     positive_index=rules[0].positive_index)
+        ensemble_rule = DecisionRule(
+            threshold=threshold, source=source, description=note, positive_index=rules[0].positive_index
+        )
         if prevalence is not None:
             ensemble_rule.prevalence = float(prevalence)
             ensemble_rule.train_priors = list(np.mean([r.train_priors for r in rules], axis=0))
             ensemble_rule.priors_source = "the mean of the members' training priors"
-    member_reports = [summarize_predictions(y, probs, classes, rule=rule, split=split, n_bootstrap=n_bootstrap,
-                                            ci=ci, seed=seed, source_run=t.run_id, figures=False, loss=loss,
-                                            image_set=image_set)
-                      for t, rule, (_, probs, loss) in zip(members, rules, outputs)]
-    ensemble = summarize_predictions(y, mean_probs, classes, rule=ensemble_rule, split=split, n_bootstrap=n_bootstrap,
-                                     ci=ci, seed=seed, figures=log, image_set=image_set)
-    deltas = [paired_bootstrap_delta(y, mean_probs, probs, "auroc", n_bootstrap=n_bootstrap, ci=ci, seed=seed)
-              for _, probs, _ in outputs]
+    member_reports = [
+        summarize_predictions(
+            y,
+            probs,
+            classes,
+            rule=rule,
+            split=split,
+            n_bootstrap=n_bootstrap,
+            ci=ci,
+            seed=seed,
+            source_run=t.run_id,
+            figures=False,
+            loss=loss,
+            image_set=image_set,
+        )
+        for t, rule, (_, probs, loss) in zip(members, rules, outputs)
+    ]
+    ensemble = summarize_predictions(
+        y,
+        mean_probs,
+        classes,
+        rule=ensemble_rule,
+        split=split,
+        n_bootstrap=n_bootstrap,
+        ci=ci,
+        seed=seed,
+        figures=log,
+        image_set=image_set,
+    )
+    deltas = [
+        paired_bootstrap_delta(y, mean_probs, probs, "auroc", n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+        for _, probs, _ in outputs
+    ]
     ensemble.warnings = warns
     ensemble.notes.extend(overlap_notes)
-    report = EnsembleReport(ensemble=ensemble, members=member_reports, member_names=[_name(t) for t in members],
-                            classes=classes, card=card_name, split=split, tta=tta, threshold_note=note, deltas=deltas)
+    report = EnsembleReport(
+        ensemble=ensemble,
+        members=member_reports,
+        member_names=[_name(t) for t in members],
+        classes=classes,
+        card=card_name,
+        split=split,
+        tta=tta,
+        threshold_note=note,
+        deltas=deltas,
+    )
     if log:
         first = members[0].recipe
         store = posthoc_store(members[0], tracking_uri, runs_dir)
         report.logged_to = store.describe()
         report.run_id = log_evaluation(
-            ensemble, uri=tracking_uri or first.tracking.uri, store=store,
+            ensemble,
+            uri=tracking_uri or first.tracking.uri,
+            store=store,
             experiment=first.tracking.experiment or first.experiment.name,
             run_name=f"ensemble-{card_name}-{split}{'-tta' if tta else ''}",
-            tags={"medtricks.kind": "ensemble", "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members),
-                  **({"medtricks.overlap": " | ".join(overlap_tags)[:5000]} if overlap_tags else {})},
-            params={"card": card_name, "root": folder_id(root), "split": split,
-                    "tta": "flip" if tta else "none", "n_bootstrap": n_bootstrap, "seed": seed, "n_members": len(members),
-                    "members": ",".join(str(t.run_id) for t in members),
-                    "member_dirs": ",".join(str(t.run_dir) for t in members)},
-            texts={"ensemble/report.md": redact_paths(report.table(), root) + "\n"})
+            tags={
+                "medtricks.kind": "ensemble",
+                "medtricks.ensemble_members": ",".join(str(t.run_id) for t in members),
+                **({"medtricks.overlap": " | ".join(overlap_tags)[:5000]} if overlap_tags else {}),
+            },
+            params={
+                "card": card_name,
+                "root": folder_id(root),
+                "split": split,
+                "tta": "flip" if tta else "none",
+                "n_bootstrap": n_bootstrap,
+                "seed": seed,
+                "n_members": len(members),
+                "members": ",".join(str(t.run_id) for t in members),
+                "member_dirs": ",".join(str(t.run_dir) for t in members),
+            },
+            texts={"ensemble/report.md": redact_paths(report.table(), root) + "\n"},
+        )
     return report

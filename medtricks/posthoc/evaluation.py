@@ -10,6 +10,7 @@ run, with the drop against its internal test split and a warning when it saw the
                               root="data/phantoms", split="val")
     print(report.metrics.table())
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,14 +37,32 @@ from medtricks.rundir import PREDICTIONS_ARTIFACT_DIR, PREDICTIONS_EVAL_FILE, Ru
 from medtricks.tracking import create_store
 from medtricks.train import predict as predict_loader, resolve_device  # the loader-level predict, not posthoc.predict
 
-__all__ = ["eval_dataset", "class_map_notes", "EvaluationReport", "image_set_digest", "summarize_predictions",
-           "log_evaluation", "evaluate_trained"]
+__all__ = [
+    "eval_dataset",
+    "class_map_notes",
+    "EvaluationReport",
+    "image_set_digest",
+    "summarize_predictions",
+    "log_evaluation",
+    "evaluate_trained",
+]
 
 
-def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optional[int] = None,
-                 val_fraction: Optional[float] = None, test_fraction: Optional[float] = None,
-                 on_bad_image: str = "error", progress: bool = True, class_map=None,
-                 skip_hint: Optional[str] = None, class_map_option: Optional[str] = "--class-map"):
+def eval_dataset(
+    trained,
+    card,
+    root,
+    *,
+    split: str = "all",
+    split_seed: Optional[int] = None,
+    val_fraction: Optional[float] = None,
+    test_fraction: Optional[float] = None,
+    on_bad_image: str = "error",
+    progress: bool = True,
+    class_map=None,
+    skip_hint: Optional[str] = None,
+    class_map_option: Optional[str] = "--class-map",
+):
     """The eval-transform dataset of ``root`` as ``card`` describes it, normalized as the run trained.
 
     ``split``: ``all`` (every image: an external test set), or ``train``/``val``/``test`` of the
@@ -58,13 +77,25 @@ def eval_dataset(trained, card, root, *, split: str = "all", split_seed: Optiona
     card = load_card(card)
     mapping = parse_class_map(class_map) if isinstance(class_map, str) else dict(class_map or {})
     dataset, quarantine = build_eval_dataset(
-        card, root, image_size=recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
-        std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, augment=recipe.data.augment,
-        split=split, split_seed=recipe.data.split_seed if split_seed is None else split_seed,
+        card,
+        root,
+        image_size=recipe.input_image_size(),
+        mean=tuple(trained.data_config["mean"]),
+        std=tuple(trained.data_config["std"]),
+        in_chans=recipe.model.in_chans,
+        augment=recipe.data.augment,
+        split=split,
+        split_seed=recipe.data.split_seed if split_seed is None else split_seed,
         val_fraction=recipe.data.val_fraction if val_fraction is None else val_fraction,
         test_fraction=recipe.data.test_fraction if test_fraction is None else test_fraction,
-        test_by=recipe.data.test_by, on_bad_image=on_bad_image, progress=progress,
-        classes=list(trained.classes), class_map=mapping, skip_hint=skip_hint, class_map_option=class_map_option)
+        test_by=recipe.data.test_by,
+        on_bad_image=on_bad_image,
+        progress=progress,
+        classes=list(trained.classes),
+        class_map=mapping,
+        skip_hint=skip_hint,
+        class_map_option=class_map_option,
+    )
     if len(quarantine):
         print(f"warning: skipped {len(quarantine)} unusable images (on_bad_image=skip)")
     return dataset, quarantine
@@ -83,10 +114,17 @@ def class_map_notes(dataset, targets, classes) -> list[str]:
     present = sorted({int(t) for t in np.asarray(targets).tolist()})
     if len(present) == 1:
         only = classes[present[0]]
-        defined = "sensitivity" if len(classes) == 2 and present[0] == 1 else "specificity" if len(classes) == 2 \
+        defined = (
+            "sensitivity"
+            if len(classes) == 2 and present[0] == 1
+            else "specificity"
+            if len(classes) == 2
             else f"recall of {only!r}"
-        notes.append(f"the evaluation set holds only class {only!r}: AUROC, balanced accuracy and the other class's "
-                     f"rate are undefined (shown as nan); only {defined} (= accuracy here) means something")
+        )
+        notes.append(
+            f"the evaluation set holds only class {only!r}: AUROC, balanced accuracy and the other class's "
+            f"rate are undefined (shown as nan); only {defined} (= accuracy here) means something"
+        )
     return notes
 
 
@@ -126,13 +164,15 @@ class EvaluationReport:
         if self.metrics_op is not None:
             # the same bootstrap (images, resamples, seed) as the table above: said once, there
             same = (self.metrics_op.n_bootstrap, self.metrics_op.seed) == (self.metrics.n_bootstrap, self.metrics.seed)
-            parts.append(self.metrics_op.table(title=f"at the operating point: {self.rule.describe()}",
-                                               ci_note=not same))
+            parts.append(
+                self.metrics_op.table(title=f"at the operating point: {self.rule.describe()}", ci_note=not same)
+            )
         if self.drop is not None:
             parts.append(self.drop.table())
         if self.warnings or self.notes:
-            parts.append("notes:\n" + "\n".join([*(f"- WARNING: {w}" for w in self.warnings),
-                                                  *(f"- {n}" for n in self.notes)]))
+            parts.append(
+                "notes:\n" + "\n".join([*(f"- WARNING: {w}" for w in self.warnings), *(f"- {n}" for n in self.notes)])
+            )
         return "\n\n".join(parts)
 
     def to_metrics(self, prefix: str = "eval/") -> dict[str, float]:
@@ -141,8 +181,13 @@ class EvaluationReport:
         if self.loss is not None:
             flat[f"{prefix}loss"] = float(self.loss)
         if self.metrics_op is not None:
-            flat.update({f"{prefix}op/{k}": float(v) for k, v in self.metrics_op.to_dict().items()
-                         if isinstance(v, (int, float))})
+            flat.update(
+                {
+                    f"{prefix}op/{k}": float(v)
+                    for k, v in self.metrics_op.to_dict().items()
+                    if isinstance(v, (int, float))
+                }
+            )
             flat[f"{prefix}op/threshold"] = self.rule.threshold
         if self.drop is not None:
             flat.update(self.drop.to_metrics(f"{prefix}drop/"))
@@ -187,26 +232,51 @@ def _without_ece(result):
     return result
 
 
-def summarize_predictions(y_true: Any, probs: Any, classes: list[str], *, rule: Optional[DecisionRule] = None,
-                          split: str = "all", n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
-                          source_run: Optional[str] = None, figures: bool = True,
-                          loss: Optional[float] = None, image_set: Optional[str] = None) -> EvaluationReport:
+def summarize_predictions(
+    y_true: Any,
+    probs: Any,
+    classes: list[str],
+    *,
+    rule: Optional[DecisionRule] = None,
+    split: str = "all",
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    source_run: Optional[str] = None,
+    figures: bool = True,
+    loss: Optional[float] = None,
+    image_set: Optional[str] = None,
+) -> EvaluationReport:
     """An :class:`EvaluationReport` from predictions: metrics with CIs at 0.5 and, with ``rule``, at the
     operating point; confusion matrix / ROC / reliability figures unless ``figures=False``."""
     y, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=np.float64)
     metrics = compute_metrics(y, probs, classes, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
-    report = EvaluationReport(metrics=metrics, split=split, n_images=len(y), source_run=source_run, rule=rule,
-                              y_true=y, probs=probs, image_set=image_set, loss=loss)
+    report = EvaluationReport(
+        metrics=metrics,
+        split=split,
+        n_images=len(y),
+        source_run=source_run,
+        rule=rule,
+        y_true=y,
+        probs=probs,
+        image_set=image_set,
+        loss=loss,
+    )
     if rule is not None:
         report.probs_op = rule.apply(probs)
-        report.metrics_op = _without_ece(compute_metrics(y, report.probs_op, classes, n_bootstrap=n_bootstrap,
-                                                         ci=ci, seed=seed))
+        report.metrics_op = _without_ece(
+            compute_metrics(y, report.probs_op, classes, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+        )
     if figures:
-        report.figures = {"plots/confusion_matrix.png": plot_confusion_matrix(y, probs.argmax(1), classes),
-                          "plots/roc.png": plot_roc_curves(y, probs, classes),
-                          "plots/reliability.png": plot_reliability_diagram(y, probs)}
+        report.figures = {
+            "plots/confusion_matrix.png": plot_confusion_matrix(y, probs.argmax(1), classes),
+            "plots/roc.png": plot_roc_curves(y, probs, classes),
+            "plots/reliability.png": plot_reliability_diagram(y, probs),
+        }
         if rule is not None:
-            report.figures["plots/confusion_matrix_op.png"] = plot_confusion_matrix(y, report.probs_op.argmax(1), classes)
+            report.figures["plots/confusion_matrix_op.png"] = plot_confusion_matrix(
+                y, report.probs_op.argmax(1), classes
+            )
     return report
 
 
@@ -214,9 +284,18 @@ def _internal_test_predictions(trained, tracking_uri: Optional[str]) -> Optional
     return run_file(trained, RunDir.predictions_artifact("test"), load_predictions, tracking_uri)
 
 
-def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: str, run_name: str,
-                   tags: dict[str, str], params: dict[str, Any], parent_run_id: Optional[str] = None,
-                   texts: Optional[dict[str, str]] = None, store=None) -> Optional[str]:
+def log_evaluation(
+    report: EvaluationReport,
+    *,
+    uri: Optional[str],
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    parent_run_id: Optional[str] = None,
+    texts: Optional[dict[str, str]] = None,
+    store=None,
+) -> Optional[str]:
     """A new evaluation run in ``store`` (default: MLflow at ``uri``): params, ``report.to_metrics()``,
     figures, ``texts`` (artifact name → text) and the per-image predictions
     (``predictions/predictions_eval.npz``). Returns its run id."""
@@ -224,15 +303,25 @@ def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: 
         store = create_store("mlflow", uri)
     tracker = store
     tags = {"medtricks.role": tags.get("medtricks.kind", "evaluation"), **tags}  # evaluation, ensemble
-    run_id = tracker.start(experiment=experiment, run_name=run_name, tags=tags,
-                           parent_run_id=parent_run_id if parent_run_id and tracker.run_exists(parent_run_id) else None)
+    run_id = tracker.start(
+        experiment=experiment,
+        run_name=run_name,
+        tags=tags,
+        parent_run_id=parent_run_id if parent_run_id and tracker.run_exists(parent_run_id) else None,
+    )
     rule = report.rule
-    tracker.log_params({**params, "n_images": report.n_images, "eval.ci": report.metrics.ci_level,
-                        "image_set": report.image_set,
-                        "threshold": rule.threshold if rule else "argmax",
-                        "threshold_source": rule.source if rule else "argmax",
-                        "prevalence": rule.prevalence if rule else None,
-                        "train_priors": ",".join(f"{v:.6g}" for v in rule.train_priors) if rule and rule.train_priors else None})
+    tracker.log_params(
+        {
+            **params,
+            "n_images": report.n_images,
+            "eval.ci": report.metrics.ci_level,
+            "image_set": report.image_set,
+            "threshold": rule.threshold if rule else "argmax",
+            "threshold_source": rule.source if rule else "argmax",
+            "prevalence": rule.prevalence if rule else None,
+            "train_priors": ",".join(f"{v:.6g}" for v in rule.train_priors) if rule and rule.train_priors else None,
+        }
+    )
     tracker.log_metrics(report.to_metrics(), step=0)
     for name, figure in report.figures.items():
         tracker.log_figure(figure, name)
@@ -244,13 +333,28 @@ def log_evaluation(report: EvaluationReport, *, uri: Optional[str], experiment: 
     return run_id
 
 
-def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta: Any = "none",
-                     threshold: Any = "stored", prevalence: Optional[float] = None,
-                     n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0, batch_size: int = 64,
-                     tracking_uri: Optional[str] = None, log: bool = True, device: str = "auto",
-                     progress: bool = True, runs_dir: Optional[str | Path] = None,
-                     class_map: Any = None, site: Optional[str] = None,
-                     on_bad_image: str = "error") -> EvaluationReport:
+def evaluate_trained(
+    ref: str,
+    *,
+    card: str,
+    root: str,
+    split: str = "all",
+    tta: Any = "none",
+    threshold: Any = "stored",
+    prevalence: Optional[float] = None,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 64,
+    tracking_uri: Optional[str] = None,
+    log: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+    runs_dir: Optional[str | Path] = None,
+    class_map: Any = None,
+    site: Optional[str] = None,
+    on_bad_image: str = "error",
+) -> EvaluationReport:
     """Evaluate a trained run (folder, model file or run id) on a card's data, without training.
 
     ``class_map`` (``"covid=pneumonia,normal=normal"`` or a dict; ``drop`` leaves a class out) scores
@@ -278,11 +382,19 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
     tta = resolve_tta(tta)  # before anything loads: a bare --tta fails at once
     dev = resolve_device(device)
     trained = load_trained(ref, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
-    rule = resolve_decision_rule(trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri,
-                                 site=site, runs_dir=runs_dir)
-    dataset, quarantine = eval_dataset(trained, card, root, split=split, progress=progress, class_map=class_map,
-                                       on_bad_image=on_bad_image,
-                                       skip_hint="pass --on-bad-image skip (on_bad_image='skip' in Python)")
+    rule = resolve_decision_rule(
+        trained, threshold=threshold, prevalence=prevalence, tracking_uri=tracking_uri, site=site, runs_dir=runs_dir
+    )
+    dataset, quarantine = eval_dataset(
+        trained,
+        card,
+        root,
+        split=split,
+        progress=progress,
+        class_map=class_map,
+        on_bad_image=on_bad_image,
+        skip_hint="pass --on-bad-image skip (on_bad_image='skip' in Python)",
+    )
     card_name = load_card(card).name
     warns = [w for w in [flip_tta_warning(trained) if tta == "flip" else None] if w]
     overlap = split_overlap(trained, dataset.manifest, root, tracking_uri)
@@ -295,9 +407,19 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
     model = FlipTTA(trained.model) if tta == "flip" else trained.model
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=trained.recipe.data.num_workers)
     targets, probs, loss = predict_loader(model, loader, device=dev, progress=progress, desc="evaluate")
-    report = summarize_predictions(targets, probs, trained.classes, rule=rule, split=split, n_bootstrap=n_bootstrap,
-                                   ci=ci, seed=seed, source_run=trained.run_id, loss=loss,
-                                   image_set=image_set_digest(dataset, root))
+    report = summarize_predictions(
+        targets,
+        probs,
+        trained.classes,
+        rule=rule,
+        split=split,
+        n_bootstrap=n_bootstrap,
+        ci=ci,
+        seed=seed,
+        source_run=trained.run_id,
+        loss=loss,
+        image_set=image_set_digest(dataset, root),
+    )
     report.warnings, report.overlap = warns, overlap
     report.notes.extend(overlap_notes)
     report.notes.extend(class_map_notes(dataset, targets, trained.classes))
@@ -305,15 +427,26 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
         report.notes.append(rule.description)
     internal = _internal_test_predictions(trained, tracking_uri)
     if internal is None:
-        report.notes.append("no drop vs the internal test split: the run saved no artifacts/predictions_test.npz "
-                            "(trained without a test split, data.test_fraction 0)")
+        report.notes.append(
+            "no drop vs the internal test split: the run saved no artifacts/predictions_test.npz "
+            "(trained without a test split, data.test_fraction 0)"
+        )
     else:
         y_int, p_int = internal
         # Same decision rule on both sets; the internal split is at the training prevalence: no shift.
         p_int = rule.apply(p_int, shift=False) if rule is not None else p_int
         p_ext = report.probs_op if rule is not None else report.probs
-        report.drop = performance_drop(y_int, p_int, targets, p_ext, trained.classes, n_bootstrap=n_bootstrap,
-                                       ci=ci, seed=seed, rule=f"threshold {rule.threshold:.4f}" if rule else "argmax")
+        report.drop = performance_drop(
+            y_int,
+            p_int,
+            targets,
+            p_ext,
+            trained.classes,
+            n_bootstrap=n_bootstrap,
+            ci=ci,
+            seed=seed,
+            rule=f"threshold {rule.threshold:.4f}" if rule else "argmax",
+        )
     if log:
         store = posthoc_store(trained, tracking_uri, runs_dir)
         report.logged_to = store.describe()
@@ -321,14 +454,28 @@ def evaluate_trained(ref: str, *, card: str, root: str, split: str = "all", tta:
         if overlap is not None:
             tags["medtricks.overlap"] = overlap.summary() or "none"
         if report.warnings or report.notes:  # the run's description in the MLflow UI; data paths hashed
-            tags["mlflow.note.content"] = redact_paths("\n".join([*(f"WARNING: {w}" for w in report.warnings),
-                                                                   *report.notes]), root)[:5000]
+            tags["mlflow.note.content"] = redact_paths(
+                "\n".join([*(f"WARNING: {w}" for w in report.warnings), *report.notes]), root
+            )[:5000]
         report.run_id = log_evaluation(
-            report, uri=tracking_uri or trained.recipe.tracking.uri, store=store,
+            report,
+            uri=tracking_uri or trained.recipe.tracking.uri,
+            store=store,
             experiment=trained.recipe.tracking.experiment or trained.recipe.experiment.name,
-            run_name=f"eval-{card_name}-{split}{'-tta' if tta == 'flip' else ''}", parent_run_id=trained.run_id,
+            run_name=f"eval-{card_name}-{split}{'-tta' if tta == 'flip' else ''}",
+            parent_run_id=trained.run_id,
             tags=tags,
-            params={"card": card_name, "root": folder_id(root), "split": split, "tta": tta,
-                    "n_bootstrap": n_bootstrap, "seed": seed, "source_run": str(trained.run_id), "site": site,
-                    "source_run_dir": str(trained.run_dir), "n_quarantined": len(quarantine)})
+            params={
+                "card": card_name,
+                "root": folder_id(root),
+                "split": split,
+                "tta": tta,
+                "n_bootstrap": n_bootstrap,
+                "seed": seed,
+                "source_run": str(trained.run_id),
+                "site": site,
+                "source_run_dir": str(trained.run_dir),
+                "n_quarantined": len(quarantine),
+            },
+        )
     return report

@@ -33,6 +33,7 @@ Example::
     result = export_model("runs/quickstart/20261201-101406-d20d09", "onnx", "exports/model.onnx")
     print(result.max_abs_diff, result.card_path)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,16 @@ from medtricks.posthoc.decision import load_operating_point
 from medtricks.tracking import save_mlflow_model
 from medtricks.posthoc.load import load_trained
 
-__all__ = ["FORMATS", "ExportWrapper", "ExportResult", "ExportParityError", "export_model", "prepare_input",
-           "DEFAULT_OPSET", "PARITY_TOLERANCE"]
+__all__ = [
+    "FORMATS",
+    "ExportWrapper",
+    "ExportResult",
+    "ExportParityError",
+    "export_model",
+    "prepare_input",
+    "DEFAULT_OPSET",
+    "PARITY_TOLERANCE",
+]
 
 FORMATS = ("onnx", "torchscript", "mlflow")
 DEFAULT_OPSET = 17
@@ -113,12 +122,14 @@ class ExportResult:
     opset: Optional[int] = None  # ONNX: the opset the file holds
 
     def summary(self) -> str:
-        return (f"exported {self.fmt} model: {self.path}\n"
-                f"model card: {self.card_path}\n"
-                f"input: float32 {_shape_text(self.input_shape)} in [0, 1]; output: probabilities of "
-                f"{', '.join(self.classes)}\n"
-                f"parity: max |delta prob| = {self.max_abs_diff:.2e} vs the torch eval pipeline on "
-                f"{self.check_source} (tolerance {PARITY_TOLERANCE:g})")
+        return (
+            f"exported {self.fmt} model: {self.path}\n"
+            f"model card: {self.card_path}\n"
+            f"input: float32 {_shape_text(self.input_shape)} in [0, 1]; output: probabilities of "
+            f"{', '.join(self.classes)}\n"
+            f"parity: max |delta prob| = {self.max_abs_diff:.2e} vs the torch eval pipeline on "
+            f"{self.check_source} (tolerance {PARITY_TOLERANCE:g})"
+        )
 
 
 def _shape_text(shape: tuple) -> str:
@@ -156,15 +167,28 @@ def _check_images(trained, n: int) -> tuple[np.ndarray, str]:
     when its data is here, else synthetic phantoms."""
     recipe = trained.recipe
     size, in_chans = recipe.input_image_size(), recipe.model.in_chans
-    kwargs = dict(image_size=size, mean=(0.0,), std=(1.0,), in_chans=in_chans, augment=recipe.data.augment,
-                  on_bad_image="skip", progress=False)
+    kwargs = dict(
+        image_size=size,
+        mean=(0.0,),
+        std=(1.0,),
+        in_chans=in_chans,
+        augment=recipe.data.augment,
+        on_bad_image="skip",
+        progress=False,
+    )
     root = Path(recipe.data.root).expanduser()
     if root.is_dir():
         with contextlib.suppress(MedtricksError, OSError, ValueError, KeyError):
             dataset, _ = build_eval_dataset(
-                recipe.data.card, root, split="val", split_seed=recipe.data.split_seed,
-                val_fraction=recipe.data.val_fraction, test_fraction=recipe.data.test_fraction,
-                test_by=recipe.data.test_by, **kwargs)
+                recipe.data.card,
+                root,
+                split="val",
+                split_seed=recipe.data.split_seed,
+                val_fraction=recipe.data.val_fraction,
+                test_fraction=recipe.data.test_fraction,
+                test_by=recipe.data.test_by,
+                **kwargs,
+            )
             if len(dataset):
                 images = np.stack([dataset[i][0].numpy() for i in range(min(n, len(dataset)))])
                 return images, f"the validation split of the run's data ({len(images)} images)"
@@ -197,8 +221,10 @@ def _needs(fmt: str) -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise MedtricksError(f"ONNX export needs {' and '.join(missing)}: pip install 'medtricks[export]' "
-                             "(or pip install onnx onnxruntime)")
+        raise MedtricksError(
+            f"ONNX export needs {' and '.join(missing)}: pip install 'medtricks[export]' "
+            "(or pip install onnx onnxruntime)"
+        )
 
 
 def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> tuple[int, str]:
@@ -210,21 +236,38 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
-            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=["images"],
-                              output_names=["probs"], opset_version=int(opset), do_constant_folding=True,
-                              dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"}})
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["images"],
+                output_names=["probs"],
+                opset_version=int(opset),
+                do_constant_folding=True,
+                dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"}},
+            )
         exporter = "TorchScript-based exporter"
     except UnsupportedOperatorError as err:
         import importlib.util
 
         if importlib.util.find_spec("onnxscript") is None:
-            raise MedtricksError(f"this model needs the torch.export-based ONNX exporter ({err}), which needs "
-                                 "onnxscript: pip install 'medtricks[export]' (or pip install onnxscript)") from None
+            raise MedtricksError(
+                f"this model needs the torch.export-based ONNX exporter ({err}), which needs "
+                "onnxscript: pip install 'medtricks[export]' (or pip install onnxscript)"
+            ) from None
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["images"],
-                                        output_names=["probs"], opset_version=max(int(opset), 18),
-                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                input_names=["images"],
+                output_names=["probs"],
+                opset_version=max(int(opset), 18),
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                verbose=False,
+            )
             program.save(str(path), external_data=False)
         exporter = "torch.export-based exporter"
     import onnx
@@ -261,9 +304,17 @@ def _run_torchscript(path: Path, images: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).numpy()
 
 
-def export_model(ref: str, fmt: str, out: str | Path, *, opset: int = DEFAULT_OPSET,
-                 runs_dir: Optional[str | Path] = None, tracking_uri: Optional[str] = None,
-                 n_check: int = 8, tolerance: float = PARITY_TOLERANCE) -> ExportResult:
+def export_model(
+    ref: str,
+    fmt: str,
+    out: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    runs_dir: Optional[str | Path] = None,
+    tracking_uri: Optional[str] = None,
+    n_check: int = 8,
+    tolerance: float = PARITY_TOLERANCE,
+) -> ExportResult:
     """Export a trained run (a run folder, its model file, or a run id) as ``fmt`` (``onnx`` or
     ``torchscript``) to ``out`` (a file path, or an existing folder: ``model.onnx`` / ``model.pt`` in it),
     with a model card ``<out>.md``; see the module docstring for the input contract and the parity check.
@@ -304,13 +355,20 @@ def export_model(ref: str, fmt: str, out: str | Path, *, opset: int = DEFAULT_OP
                 run = _run_onnx
             else:
                 _export_torchscript(wrapper, example, tmp)
-                run, exporter = _run_torchscript, 'torch.jit.trace'
+                run, exporter = _run_torchscript, "torch.jit.trace"
             diff = _parity(run, tmp, images, reference, fmt, source, tolerance)
-            result = ExportResult(path=out, card_path=card_path, fmt=fmt,
-                                  input_shape=(None, in_chans, size, size), classes=list(trained.classes),
-                                  max_abs_diff=diff, n_checked=len(images), check_source=source,
-                                  run_id=trained.run_id)
-            result.opset = opset if fmt == 'onnx' else None
+            result = ExportResult(
+                path=out,
+                card_path=card_path,
+                fmt=fmt,
+                input_shape=(None, in_chans, size, size),
+                classes=list(trained.classes),
+                max_abs_diff=diff,
+                n_checked=len(images),
+                check_source=source,
+                run_id=trained.run_id,
+            )
+            result.opset = opset if fmt == "onnx" else None
             write_bytes(card_tmp, _model_card(trained, result, opset, exporter).encode())
     except OSError as err:
         raise _write_error(out, err) from None
@@ -318,20 +376,25 @@ def export_model(ref: str, fmt: str, out: str | Path, *, opset: int = DEFAULT_OP
 
 
 def _write_error(out: Path, err: OSError) -> ResourceError:
-    return ResourceError(f"cannot write the export {out} ({err.strerror or err or type(err).__name__}); nothing was "
-                         "written and anything already at that path is unchanged")
+    return ResourceError(
+        f"cannot write the export {out} ({err.strerror or err or type(err).__name__}); nothing was "
+        "written and anything already at that path is unchanged"
+    )
 
 
-def _parity(run, path: Path, images: np.ndarray, reference: np.ndarray, fmt: str, source: str,
-            tolerance: float) -> float:
+def _parity(
+    run, path: Path, images: np.ndarray, reference: np.ndarray, fmt: str, source: str, tolerance: float
+) -> float:
     """max |delta prob| of the written file vs the torch pipeline, whole batch and batch of 1;
     :class:`ExportParityError` above ``tolerance``."""
     got = run(path, images)  # the whole batch: also checks the free batch axis
     got_one = run(path, images[:1])
     diff = float(max(np.abs(got - reference).max(), np.abs(got_one - reference[:1]).max()))
     if not np.isfinite(diff) or diff > tolerance:
-        raise ExportParityError(f"the exported {fmt} model's probabilities differ from the torch pipeline by "
-                                f"max |delta prob| = {diff:.3g} > {tolerance:g} on {source}; nothing was written")
+        raise ExportParityError(
+            f"the exported {fmt} model's probabilities differ from the torch pipeline by "
+            f"max |delta prob| = {diff:.3g} > {tolerance:g} on {source}; nothing was written"
+        )
     return diff
 
 
@@ -340,13 +403,19 @@ def mlflow_model_info(trained) -> dict:
     recipe = trained.recipe
     in_chans = recipe.model.in_chans
     op = load_operating_point(trained.run_dir)
-    return {"classes": list(trained.classes), "in_chans": in_chans, "image_size": recipe.input_image_size(),
-            "mean": [float(v) for v in _per_channel(trained.data_config["mean"], in_chans, "mean")],
-            "std": [float(v) for v in _per_channel(trained.data_config["std"], in_chans, "std")],
-            "threshold": None if op is None else float(op.threshold),
-            "positive_index": None if op is None else int(op.positive_index),
-            "operating_point": None if op is None else op.describe(),
-            "run_id": trained.run_id, "experiment": recipe.experiment.name, "medtricks_version": __version__}
+    return {
+        "classes": list(trained.classes),
+        "in_chans": in_chans,
+        "image_size": recipe.input_image_size(),
+        "mean": [float(v) for v in _per_channel(trained.data_config["mean"], in_chans, "mean")],
+        "std": [float(v) for v in _per_channel(trained.data_config["std"], in_chans, "std")],
+        "threshold": None if op is None else float(op.threshold),
+        "positive_index": None if op is None else int(op.positive_index),
+        "operating_point": None if op is None else op.describe(),
+        "run_id": trained.run_id,
+        "experiment": recipe.experiment.name,
+        "medtricks_version": __version__,
+    }
 
 
 def _export_mlflow(trained, wrapper, example, images, reference, source, out: Path, tolerance: float) -> ExportResult:
@@ -369,10 +438,17 @@ def _write_mlflow(trained, wrapper, example, images, reference, source, out: Pat
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         try:
             save_mlflow_model(staging, script, mlflow_model_info(trained))
-            result = ExportResult(path=out, card_path=out / MLFLOW_CARD, fmt="mlflow",
-                                  input_shape=(None, in_chans, size, size), classes=list(trained.classes),
-                                  max_abs_diff=diff, n_checked=len(images), check_source=source,
-                                  run_id=trained.run_id)
+            result = ExportResult(
+                path=out,
+                card_path=out / MLFLOW_CARD,
+                fmt="mlflow",
+                input_shape=(None, in_chans, size, size),
+                classes=list(trained.classes),
+                max_abs_diff=diff,
+                n_checked=len(images),
+                check_source=source,
+                run_id=trained.run_id,
+            )
             (staging / MLFLOW_CARD).write_text(_model_card(trained, result, None, "torch.jit.trace"))
             os.replace(staging, out)  # onto a missing or empty folder
         except BaseException:
@@ -391,13 +467,17 @@ def _model_card(trained, result: ExportResult, opset: int, exporter: str) -> str
     if result.fmt == "onnx":
         import onnxruntime
 
-        how = (f"ONNX (opset {opset}, {exporter}, torch {torch.__version__}; checked with onnxruntime "
-               f"{onnxruntime.__version__}); "
-               "input name `images`, output name `probs`")
+        how = (
+            f"ONNX (opset {opset}, {exporter}, torch {torch.__version__}; checked with onnxruntime "
+            f"{onnxruntime.__version__}); "
+            "input name `images`, output name `probs`"
+        )
     elif result.fmt == "mlflow":
-        how = (f"MLflow pyfunc model (a TorchScript file inside, torch {torch.__version__}); "
-               "`mlflow.pyfunc.load_model(folder)` or `mlflow models serve -m folder`; a single unnamed input "
-               "tensor, output columns `prob_<class>` and `predicted` (at the operating point below)")
+        how = (
+            f"MLflow pyfunc model (a TorchScript file inside, torch {torch.__version__}); "
+            "`mlflow.pyfunc.load_model(folder)` or `mlflow models serve -m folder`; a single unnamed input "
+            "tensor, output columns `prob_<class>` and `predicted` (at the operating point below)"
+        )
     else:
         how = f"TorchScript (torch.jit.trace, torch {torch.__version__}); load with `torch.jit.load`"
     run_name = Path(trained.run_dir).name if trained.run_dir is not None else "?"
@@ -441,10 +521,16 @@ def _model_card(trained, result: ExportResult, opset: int, exporter: str) -> str
         lines.append("None stored with the run: the decision is the argmax of `probs`.")
     else:
         name = result.classes[op.positive_index] if op.positive_index < len(result.classes) else op.positive_index
-        lines.append(f"Decide `{name}` when `probs[:, {op.positive_index}] >= {op.threshold:.6g}`: "
-                     f"{op.describe()} (the run's model/operating_point.json; chosen on validation data). "
-                     "At another prevalence than in training, shift the probabilities first "
-                     "(`medtricks evaluate --prevalence`).")
-    lines += ["", "Performance numbers are not repeated here: see the run's test-split metrics "
-              "(data that model selection never saw) or `medtricks evaluate` on external data.", ""]
+        lines.append(
+            f"Decide `{name}` when `probs[:, {op.positive_index}] >= {op.threshold:.6g}`: "
+            f"{op.describe()} (the run's model/operating_point.json; chosen on validation data). "
+            "At another prevalence than in training, shift the probabilities first "
+            "(`medtricks evaluate --prevalence`)."
+        )
+    lines += [
+        "",
+        "Performance numbers are not repeated here: see the run's test-split metrics "
+        "(data that model selection never saw) or `medtricks evaluate` on external data.",
+        "",
+    ]
     return "\n".join(lines)

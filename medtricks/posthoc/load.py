@@ -7,6 +7,7 @@ run: :mod:`medtricks.chained`); ``load_trained`` is what ``evaluate``, ``audit``
     trained = load_trained("runs/quickstart/20261123-101500-a1b2c3")
     trained.model.eval(); print(trained.classes)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,18 +52,30 @@ def build_model(recipe: Recipe, num_classes: int):
         parent = load_parent_run(run_dir, ref=ref, run_id=run_id, downloaded=downloaded)
         model, data_config = build_model(_with_weights(recipe, "none"), num_classes)
         return model, apply_parent_run(model, recipe, parent, data_config)
-    backbone = create_model(cfg.name, weights=cfg.weights, num_classes=num_classes, in_chans=cfg.in_chans,
-                            drop_rate=cfg.drop_rate, spt=cfg.vit.spt, lsa=cfg.vit.lsa, **cfg.kwargs)
+    backbone = create_model(
+        cfg.name,
+        weights=cfg.weights,
+        num_classes=num_classes,
+        in_chans=cfg.in_chans,
+        drop_rate=cfg.drop_rate,
+        spt=cfg.vit.spt,
+        lsa=cfg.vit.lsa,
+        **cfg.kwargs,
+    )
     data_config = get_data_config(backbone)
     model = backbone
     if cfg.resizer.enabled:
-        resizer = LearnableResizer(in_chans=cfg.in_chans, out_size=cfg.resizer.output_size,
-                                   n_filters=cfg.resizer.n_filters, n_res_blocks=cfg.resizer.n_res_blocks,
-                                   interpolation=cfg.resizer.interpolation, attention=cfg.resizer.attention)
+        resizer = LearnableResizer(
+            in_chans=cfg.in_chans,
+            out_size=cfg.resizer.output_size,
+            n_filters=cfg.resizer.n_filters,
+            n_res_blocks=cfg.resizer.n_res_blocks,
+            interpolation=cfg.resizer.interpolation,
+            attention=cfg.resizer.attention,
+        )
         model = ResizerModel(resizer, backbone)
         model.medtricks_info = dict(getattr(backbone, "medtricks_info", {}))
     return model, data_config
-
 
 
 # ----------------------------------------------------------------------------- trained models
@@ -83,8 +96,9 @@ class TrainedModel:
     store: Any = None  # Optional[RunStore]
 
 
-def _resolve_run_files(ref: str, tracking_uri: Optional[str],
-                       runs_dir: Optional[str | Path] = None) -> tuple[Path, Optional[str], Any]:
+def _resolve_run_files(
+    ref: str, tracking_uri: Optional[str], runs_dir: Optional[str | Path] = None
+) -> tuple[Path, Optional[str], Any]:
     """A run folder, a file inside it, or a run id → (folder with recipe.yaml and model/, run id, store).
 
     A run id is looked up in the local run store under ``runs_dir`` (default ``runs``) and in MLflow
@@ -102,8 +116,10 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
     if store is None:
         from medtricks.tracking.mlflow_store import default_tracking_uri
 
-        raise MissingFileError(f"{ref!r} is neither a run folder, a model file, nor a run id of the local run store "
-                                f"under {folder} or of MLflow at {default_tracking_uri(tracking_uri)}")
+        raise MissingFileError(
+            f"{ref!r} is neither a run folder, a model file, nor a run id of the local run store "
+            f"under {folder} or of MLflow at {default_tracking_uri(tracking_uri)}"
+        )
     local = store.local_run_dir(ref)
     if local is not None and RunDir(local).model_state.is_file() and RunDir(local).recipe.is_file():
         return Path(local), ref, store
@@ -114,8 +130,10 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
     for artifact in (copy.recipe.name, MODEL_ARTIFACT_DIR):
         got = store.download_artifact(ref, artifact, dest)
         if got is None:
-            raise MissingFileError(f"run {ref} in {store.describe()} has no {artifact!r} artifact: it did not "
-                                    "finish, or logged no model (tracking.log_model: false)")
+            raise MissingFileError(
+                f"run {ref} in {store.describe()} has no {artifact!r} artifact: it did not "
+                "finish, or logged no model (tracking.log_model: false)"
+            )
         target = copy.artifact_for(artifact)
         if Path(got).resolve() != target.resolve():  # a store that hands out files in place
             import shutil
@@ -124,8 +142,9 @@ def _resolve_run_files(ref: str, tracking_uri: Optional[str],
     return dest, ref, store
 
 
-def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = "cpu",
-                 runs_dir: Optional[str | Path] = None) -> TrainedModel:
+def load_trained(
+    ref: str, *, tracking_uri: Optional[str] = None, device: str = "cpu", runs_dir: Optional[str | Path] = None
+) -> TrainedModel:
     """Rebuild a trained model from a run folder, its ``model/model_state.pt``, or a run id (of the
     local run store under ``runs_dir``, default ``runs``, or of MLflow at ``tracking_uri``).
 
@@ -152,5 +171,12 @@ def load_trained(ref: str, *, tracking_uri: Optional[str] = None, device: str = 
     # normalization is the one the run trained with (its weights decided it)
     data_config = _trained_data_config(run_dir, data_config)
     model.to(device).eval()
-    return TrainedModel(model=model, recipe=recipe, classes=classes, data_config=data_config,
-                        run_dir=run_dir, run_id=run_id, store=store)
+    return TrainedModel(
+        model=model,
+        recipe=recipe,
+        classes=classes,
+        data_config=data_config,
+        run_dir=run_dir,
+        run_id=run_id,
+        store=store,
+    )

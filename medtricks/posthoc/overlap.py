@@ -1,4 +1,5 @@
 """Did the run see the evaluation data? Images (identical bytes) and patients shared with its split manifest."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ class SplitOverlap:
 
     def summary(self) -> str:
         """``train: 40 images, 25 patients; val: 8 images, 5 patients`` ('' without overlap)."""
-        return "; ".join(f"{s}: {self.images.get(s, 0)} images, {self.patients.get(s, 0)} patients"
-                         for s in self.splits())
+        return "; ".join(
+            f"{s}: {self.images.get(s, 0)} images, {self.patients.get(s, 0)} patients" for s in self.splits()
+        )
 
     def messages(self, synthetic: bool = False) -> tuple[list[str], list[str]]:
         """``(warnings, notes)``: overlap with train or val is a warning (those numbers are not from
@@ -40,16 +42,25 @@ class SplitOverlap:
         warns, notes = [], []
         how = "identical bytes" if self.by_bytes else "the same files"
         for split in self.splits():
-            text = (f"{self.images.get(split, 0)} of {self.n_images} evaluated images ({how}) and "
-                    f"{self.patients.get(split, 0)} of {self.n_patients} patients are in the run's {split} split "
-                    "(its artifacts/split_manifest.csv)")
+            text = (
+                f"{self.images.get(split, 0)} of {self.n_images} evaluated images ({how}) and "
+                f"{self.patients.get(split, 0)} of {self.n_patients} patients are in the run's {split} split "
+                "(its artifacts/split_manifest.csv)"
+            )
             if split == "test":
                 notes.append(f"{text}: this is the run's own held-out test data, not an external set")
                 continue
-            why = ("the model was trained on them" if split == "train" else
-                   "they chose the model's checkpoint and operating point")
-            hint = ("; `medtricks data synth` with the same --n/--size/--seed redraws the run's own phantoms: use "
-                    "another --seed for an independent set" if synthetic else "")
+            why = (
+                "the model was trained on them"
+                if split == "train"
+                else "they chose the model's checkpoint and operating point"
+            )
+            hint = (
+                "; `medtricks data synth` with the same --n/--size/--seed redraws the run's own phantoms: use "
+                "another --seed for an independent set"
+                if synthetic
+                else ""
+            )
             warns.append(f"{text}: {why}, so these metrics overstate performance on unseen data{hint}")
         return warns, notes
 

@@ -17,6 +17,7 @@ its name), never an absolute path. DICOM rows add ``sop_instance_hash``, a salte
 SOPInstanceUID (the salt of the manifest's patient hashes, :func:`~medtricks.data.manifest.patient_salt`);
 no other DICOM header value is read or written.
 """
+
 from __future__ import annotations
 
 import errno
@@ -45,9 +46,19 @@ from medtricks.audit.saliency import cam_file_name, cam_target_layer, grad_cam, 
 from medtricks.train import resolve_device
 from medtricks.posthoc.load import load_trained
 
-__all__ = ["predict_images", "resolve_prediction_rule", "collect_images", "check_outputs", "write_predictions",
-           "eval_transform",
-           "bad_files_path", "require_predictions", "NothingPredictedError", "IMAGE_EXTENSIONS", "InputImage"]
+__all__ = [
+    "predict_images",
+    "resolve_prediction_rule",
+    "collect_images",
+    "check_outputs",
+    "write_predictions",
+    "eval_transform",
+    "bad_files_path",
+    "require_predictions",
+    "NothingPredictedError",
+    "IMAGE_EXTENSIONS",
+    "InputImage",
+]
 
 #: Extensions read as images in folders (case-insensitive); other files are read only if they start
 #: with the DICOM preamble (``DICM`` at byte 128), else listed as bad ("not an image").
@@ -68,9 +79,13 @@ class InputImage:
 
 
 # ------------------------------------------------------------------------------------ thresholds
-def resolve_prediction_rule(trained, threshold: Any = "stored",
-                            tracking_uri: Optional[str] = None, site: Optional[str] = None,
-                            runs_dir: Optional[str | Path] = None) -> Optional[DecisionRule]:
+def resolve_prediction_rule(
+    trained,
+    threshold: Any = "stored",
+    tracking_uri: Optional[str] = None,
+    site: Optional[str] = None,
+    runs_dir: Optional[str | Path] = None,
+) -> Optional[DecisionRule]:
     """The decision rule ``predict`` applies; ``None`` for multiclass models (argmax).
 
     ``threshold``: ``"stored"`` (the run's ``model/operating_point.json``; 0.5 when the run has none, which
@@ -112,8 +127,12 @@ def _walk_inputs(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     chains = {str(root): (os.path.realpath(root),)}
 
     def unreadable(err: OSError) -> None:
-        problems.append((Path(err.filename), f"folder cannot be read ({err.strerror or type(err).__name__}); "
-                                             "its files were not predicted"))
+        problems.append(
+            (
+                Path(err.filename),
+                f"folder cannot be read ({err.strerror or type(err).__name__}); its files were not predicted",
+            )
+        )
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         chain = chains.pop(dirpath, (os.path.realpath(dirpath),))
@@ -205,8 +224,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_outputs(inputs: Sequence[str | os.PathLike], out: Optional[str | Path] = None,
-                  cam_dir: Optional[str | Path] = None) -> None:
+def check_outputs(
+    inputs: Sequence[str | os.PathLike], out: Optional[str | Path] = None, cam_dir: Optional[str | Path] = None
+) -> None:
     """Refuse outputs that are, or would overwrite, an input, before any work: the predictions CSV ``out``
     or its bad-file list (:func:`bad_files_path`) on an input file, an ``out`` that is a folder, and a
     ``cam_dir`` (overlays are written under it) that is an input folder or holds an input file. Raises a
@@ -218,23 +238,31 @@ def check_outputs(inputs: Sequence[str | os.PathLike], out: Optional[str | Path]
     if out is not None and str(out) != "-":
         out = Path(out).expanduser()
         if out.is_dir():
-            raise ConfigError(f"--out {out} is a folder; name the predictions CSV file (e.g. {out / 'predictions.csv'})")
+            raise ConfigError(
+                f"--out {out} is a folder; name the predictions CSV file (e.g. {out / 'predictions.csv'})"
+            )
         for target, what in ((out, "--out"), (bad_files_path(out), f"the bad-file list of --out {out}")):
             if target.exists() and any(_same_file(target, f) for f in files):
-                raise ConfigError(f"{what}: {target} is one of the input files and would be overwritten; "
-                                  "write the predictions elsewhere")
+                raise ConfigError(
+                    f"{what}: {target} is one of the input files and would be overwritten; "
+                    "write the predictions elsewhere"
+                )
     if cam_dir is not None:
         cam = Path(os.path.realpath(Path(cam_dir).expanduser()))
         folders = [Path(os.path.realpath(Path(g).expanduser())) for g in inputs if Path(g).expanduser().is_dir()]
         for folder in folders:
             if cam == folder:
-                raise ConfigError(f"--cam {cam_dir} is the input folder {folder}: the overlays would overwrite "
-                                  "its images; choose another folder")
+                raise ConfigError(
+                    f"--cam {cam_dir} is the input folder {folder}: the overlays would overwrite "
+                    "its images; choose another folder"
+                )
         for file in files:
             real = Path(os.path.realpath(file))
             if cam in real.parents:
-                raise ConfigError(f"--cam {cam_dir} holds the input {file}: an overlay could overwrite it; "
-                                  "choose a folder outside the inputs")
+                raise ConfigError(
+                    f"--cam {cam_dir} holds the input {file}: an overlay could overwrite it; "
+                    "choose a folder outside the inputs"
+                )
 
 
 def _path_forms(path: Path) -> list[str]:
@@ -268,8 +296,14 @@ def eval_transform(trained):
     """The run's evaluation transform: its augment preset's resize and center crop at
     ``recipe.input_image_size()``, its ``in_chans`` and the mean/std it trained with (what ``evaluate`` uses)."""
     recipe = trained.recipe
-    return build_transforms(recipe.data.augment, recipe.input_image_size(), mean=tuple(trained.data_config["mean"]),
-                            std=tuple(trained.data_config["std"]), in_chans=recipe.model.in_chans, train=False)
+    return build_transforms(
+        recipe.data.augment,
+        recipe.input_image_size(),
+        mean=tuple(trained.data_config["mean"]),
+        std=tuple(trained.data_config["std"]),
+        in_chans=recipe.model.in_chans,
+        train=False,
+    )
 
 
 class _Images(torch.utils.data.Dataset):
@@ -296,10 +330,19 @@ def _collate(batch):
     return images, [b[1] for b in good], [(b[1], b[2]) for b in batch if b[0] is None]
 
 
-def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: Any = "stored",
-                   batch_size: int = 32, device: str = "auto", tracking_uri: Optional[str] = None,
-                   runs_dir: Optional[str | Path] = None, progress: bool = True,
-                   cam_dir: Optional[str | Path] = None, site: Optional[str] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def predict_images(
+    ref: str,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    threshold: Any = "stored",
+    batch_size: int = 32,
+    device: str = "auto",
+    tracking_uri: Optional[str] = None,
+    runs_dir: Optional[str | Path] = None,
+    progress: bool = True,
+    cam_dir: Optional[str | Path] = None,
+    site: Optional[str] = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict every image of ``inputs`` (image files and folders, searched recursively) with a trained run
     (folder, model file or run id) → ``(predictions, bad_files)``.
 
@@ -327,8 +370,13 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
     recipe = trained.recipe
     manifest = pd.DataFrame({"path": [str(i.path) for i in items], "target": 0})
     dataset = _Images(XrayDataset(manifest, eval_transform(trained)))
-    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, collate_fn=_collate,
-                        num_workers=recipe.data.num_workers if len(items) > batch_size else 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=False,
+        collate_fn=_collate,
+        num_workers=recipe.data.num_workers if len(items) > batch_size else 0,
+    )
     model = trained.model
     model.eval()
     probs = np.full((len(items), len(trained.classes)), np.nan)
@@ -368,7 +416,10 @@ def predict_images(ref: str, inputs: Sequence[str | os.PathLike], *, threshold: 
         frame.attrs["cam"] = cams.describe()
     frame.attrs["rule"] = rule.description if rule is not None else "argmax (multiclass)"
     frame.attrs["threshold_source"] = rule.source if rule is not None else "argmax"
-    bad_rows = [*not_images, *({"image": items[i].image, "reason": _scrub(r, items[i])} for i, r in sorted(reasons.items()))]
+    bad_rows = [
+        *not_images,
+        *({"image": items[i].image, "reason": _scrub(r, items[i])} for i, r in sorted(reasons.items())),
+    ]
     bad_frame = pd.DataFrame(bad_rows, columns=BAD_COLUMNS)
     return frame, bad_frame
 
@@ -395,8 +446,11 @@ class _CamWriter:
         self.failed: list[str] = []
 
     def describe(self) -> str:
-        target = (f"class {self.classes[self.positive]!r} (the positive class)" if self.positive is not None
-                  else "the predicted class")
+        target = (
+            f"class {self.classes[self.positive]!r} (the positive class)"
+            if self.positive is not None
+            else "the predicted class"
+        )
         return f"Grad-CAM at layer {self.layer_name!r} for {target}, in {self.root}"
 
     def write(self, images: torch.Tensor, names: list[str], probs: np.ndarray) -> None:
@@ -404,8 +458,12 @@ class _CamWriter:
         try:
             maps = grad_cam(self.model, self.layer, images.to(self.device), targets)
         except Exception as err:  # noqa: BLE001 - predictions go on without these overlays
-            warnings.warn(f"Grad-CAM failed for a batch of {len(names)} image(s) ({type(err).__name__}: "
-                          f"{str(err)[:200]}); no overlays for them", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"Grad-CAM failed for a batch of {len(names)} image(s) ({type(err).__name__}: "
+                f"{str(err)[:200]}); no overlays for them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self.failed += names
             return
         gray = (images[:, 0] * self.std + self.mean).clamp(0, 1).numpy()  # the image the model saw, channel 0
@@ -414,9 +472,11 @@ class _CamWriter:
             try:
                 save_overlay(self.root / rel, image, heat)
             except OSError as err:
-                raise ResourceError(f"cannot write the Grad-CAM overlay {self.root / rel} "
-                                    f"({err.strerror or err or type(err).__name__}); no predictions CSV was "
-                                    "written") from None
+                raise ResourceError(
+                    f"cannot write the Grad-CAM overlay {self.root / rel} "
+                    f"({err.strerror or err or type(err).__name__}); no predictions CSV was "
+                    "written"
+                ) from None
             self.names[name] = rel
 
 
@@ -431,8 +491,9 @@ class NothingPredictedError(MedtricksError, ValueError):
     """Every input was unusable (or there was none): nothing was predicted."""
 
 
-def write_predictions(predictions: pd.DataFrame, bad: pd.DataFrame, out: Optional[str | Path] = None,
-                      stream=None) -> Optional[Path]:
+def write_predictions(
+    predictions: pd.DataFrame, bad: pd.DataFrame, out: Optional[str | Path] = None, stream=None
+) -> Optional[Path]:
     """Write the predictions CSV to ``out`` (``None`` or ``-``: to stdout) and, next to a file ``out``,
     the bad-file list (:func:`bad_files_path`, always written, header only when none). Returns its path.
 
@@ -449,8 +510,10 @@ def write_predictions(predictions: pd.DataFrame, bad: pd.DataFrame, out: Optiona
         out.parent.mkdir(parents=True, exist_ok=True)
         write_csvs({out: predictions, path: bad})
     except OSError as err:
-        raise ResourceError(f"cannot write {out} and {path} ({err.strerror or err or type(err).__name__}); "
-                            "neither was replaced: any previous ones are unchanged") from None
+        raise ResourceError(
+            f"cannot write {out} and {path} ({err.strerror or err or type(err).__name__}); "
+            "neither was replaced: any previous ones are unchanged"
+        ) from None
     return path
 
 
@@ -462,14 +525,17 @@ def require_predictions(predictions: pd.DataFrame, bad: pd.DataFrame, bad_path: 
         raise NothingPredictedError("no image found in the inputs: nothing was predicted")
     first = bad.iloc[0]
     where = f"; all listed in {bad_path}" if bad_path is not None else ""
-    raise NothingPredictedError(f"none of the {len(bad)} input file(s) could be predicted (e.g. {first['image']}: "
-                                f"{first['reason']}){where}")
+    raise NothingPredictedError(
+        f"none of the {len(bad)} input file(s) could be predicted (e.g. {first['image']}: {first['reason']}){where}"
+    )
 
 
 def summary(predictions: pd.DataFrame, bad: pd.DataFrame, bad_path: Optional[Path] = None) -> str:
     """The lines ``medtricks predict`` prints on stderr: the threshold used, counts, and the bad files."""
-    lines = [f"threshold: {predictions.attrs.get('rule', 'argmax')}",
-             f"predicted {len(predictions)} image(s); {len(bad)} bad file(s)"]
+    lines = [
+        f"threshold: {predictions.attrs.get('rule', 'argmax')}",
+        f"predicted {len(predictions)} image(s); {len(bad)} bad file(s)",
+    ]
     if "cam" in predictions.attrs:
         lines.append(f"overlays: {predictions.attrs['cam']}")
     if len(bad):

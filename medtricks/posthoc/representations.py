@@ -33,6 +33,7 @@ build_model` after seeding with ``experiment.seed`` as ``medtricks run`` does: t
 loaded, and the same random head, *before* any gamma strategy), so the diagonal reads "how much did
 fine-tuning change block i" (1 = unchanged).
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,13 @@ def default_layers(model: nn.Module, granularity: str = "block") -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
-def select_layers(model: nn.Module, patterns: Optional[str | Sequence[str]] = None, *, granularity: str = "block",
-                  option: str = "--layers") -> list[str]:
+def select_layers(
+    model: nn.Module,
+    patterns: Optional[str | Sequence[str]] = None,
+    *,
+    granularity: str = "block",
+    option: str = "--layers",
+) -> list[str]:
     """Module names picked by fnmatch ``patterns`` (a list, or a comma-separated string), in model
     order; ``None``: :func:`default_layers` at ``granularity``. A pattern that matches nothing is an error
     naming it (and ``option``, the command-line option that gave it)."""
@@ -99,8 +105,9 @@ def select_layers(model: nn.Module, patterns: Optional[str | Sequence[str]] = No
         for p in pats:
             if not any(fnmatchcase(n, p) for n in names):
                 example = ", ".join(default_layers(model, granularity)[:3])
-                raise ConfigError(f"{option} pattern {p!r} matches no module of the model (its blocks are named "
-                                  f"like {example})")
+                raise ConfigError(
+                    f"{option} pattern {p!r} matches no module of the model (its blocks are named like {example})"
+                )
         layers = [n for n in names if any(fnmatchcase(n, p) for p in pats)]
     if not layers:
         raise ConfigError(f"no layer selected for CKA; give {option} PATTERN")
@@ -121,6 +128,7 @@ class _Capture:
             if isinstance(output, (tuple, list)):
                 output = next(o for o in output if isinstance(o, torch.Tensor))
             self.out[name] = output.detach().reshape(output.shape[0], -1).to("cpu", torch.float64)
+
         return hook
 
     def close(self) -> None:
@@ -128,9 +136,18 @@ class _Capture:
             h.remove()
 
 
-def capture_cka(model_a: nn.Module, model_b: nn.Module, loader_a, loader_b, layers_a: Sequence[str],
-                layers_b: Sequence[str], *, method: str = "minibatch", device: Any = "cpu",
-                progress: bool = False) -> np.ndarray:
+def capture_cka(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader_a,
+    loader_b,
+    layers_a: Sequence[str],
+    layers_b: Sequence[str],
+    *,
+    method: str = "minibatch",
+    device: Any = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
     """CKA matrix ``(len(layers_a), len(layers_b))`` of two models over two loaders that yield the same
     images in the same order (each normalized for its model). ``method``: see the module docstring."""
     if method not in METHODS:
@@ -202,8 +219,10 @@ class CKAResult:
         return [float(self.matrix[i, i]) for i in range(len(self.layers_a))]
 
     def table(self) -> str:
-        head = (f"CKA ({self.method}{f', batch {self.batch_size}' if self.method == 'minibatch' else ''}) "
-                f"of {self.label_a} vs {self.label_b} on {self.n_images} images ({self.data})")
+        head = (
+            f"CKA ({self.method}{f', batch {self.batch_size}' if self.method == 'minibatch' else ''}) "
+            f"of {self.label_a} vs {self.label_b} on {self.n_images} images ({self.data})"
+        )
         diag = self.diagonal
         if diag is None:
             return head + "\n" + self._best_matches()
@@ -220,8 +239,11 @@ class CKAResult:
     def _best_matches(self) -> str:
         """For each layer of A, the layer of B most like it (the heat map's brightest cell in each row)."""
         width = max(len("layer of A"), *(len(n) for n in self.layers_a))
-        lines = [f"{len(self.layers_a)} x {len(self.layers_b)} layers (heat map / JSON); most similar layer of B:",
-                 f"{'layer of A'.ljust(width)}  {'CKA':>6}  layer of B", f"{'-' * width}  ------  ----------"]
+        lines = [
+            f"{len(self.layers_a)} x {len(self.layers_b)} layers (heat map / JSON); most similar layer of B:",
+            f"{'layer of A'.ljust(width)}  {'CKA':>6}  layer of B",
+            f"{'-' * width}  ------  ----------",
+        ]
         for name, row in zip(self.layers_a, self.matrix):
             finite = [(v, j) for j, v in enumerate(row) if math.isfinite(v)]
             if finite:
@@ -232,15 +254,25 @@ class CKAResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "batch_size": self.batch_size, "n_images": self.n_images, "data": self.data,
-                "a": self.label_a, "b": self.label_b, "model_a": self.model_a, "model_b": self.model_b,
-                "granularity": self.granularity, "vs_init": self.vs_init, "layers_a": self.layers_a,
-                "layers_b": self.layers_b,
-                "matrix": [[None if not math.isfinite(v) else float(v) for v in row] for row in self.matrix],
-                "diagonal": self.diagonal}
+        return {
+            "method": self.method,
+            "batch_size": self.batch_size,
+            "n_images": self.n_images,
+            "data": self.data,
+            "a": self.label_a,
+            "b": self.label_b,
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "granularity": self.granularity,
+            "vs_init": self.vs_init,
+            "layers_a": self.layers_a,
+            "layers_b": self.layers_b,
+            "matrix": [[None if not math.isfinite(v) else float(v) for v in row] for row in self.matrix],
+            "diagonal": self.diagonal,
+        }
 
     def figure(self):
-        title = (f"CKA {self.label_a} vs {self.label_b}\n{self.method}, {self.n_images} images ({self.data})")
+        title = f"CKA {self.label_a} vs {self.label_b}\n{self.method}, {self.n_images} images ({self.data})"
         ylabel, xlabel = self.label_a, self.label_b
         if self.cross_architecture:
             ylabel, xlabel = f"{ylabel} ({self.model_a})", f"{xlabel} ({self.model_b})"
@@ -290,13 +322,28 @@ def _labels_unused(card_name: str, trained) -> Optional[dict[str, str]]:
     return {c: c if c in model_classes else model_classes[0] for c in classes}
 
 
-def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = False,
-                layers: Optional[str | Sequence[str]] = None, layers_b: Optional[str | Sequence[str]] = None,
-                granularity: str = "block", card: Optional[str] = None, root: Optional[str] = None,
-                split: Optional[str] = None, n: int = 500, batch_size: int = 64, method: str = "minibatch",
-                seed: int = 0, out_dir: Optional[str | Path] = None, log: bool = False,
-                tracking_uri: Optional[str] = None, runs_dir: Optional[str | Path] = None, device: str = "auto",
-                progress: bool = True) -> CKAResult:
+def cka_trained(
+    run_a: str,
+    run_b: Optional[str] = None,
+    *,
+    vs_init: bool = False,
+    layers: Optional[str | Sequence[str]] = None,
+    layers_b: Optional[str | Sequence[str]] = None,
+    granularity: str = "block",
+    card: Optional[str] = None,
+    root: Optional[str] = None,
+    split: Optional[str] = None,
+    n: int = 500,
+    batch_size: int = 64,
+    method: str = "minibatch",
+    seed: int = 0,
+    out_dir: Optional[str | Path] = None,
+    log: bool = False,
+    tracking_uri: Optional[str] = None,
+    runs_dir: Optional[str | Path] = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> CKAResult:
     """CKA between the layers of two trained runs (folders or run ids), or of one run and its starting
     weights (``vs_init=True``), on the same ``n`` images. Writes ``cka.json``/``cka.png`` into ``out_dir``
     when given; with ``log=True`` logs them (and the diagonal as metrics) to run A's run store, onto run A
@@ -320,10 +367,14 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
     recipe = a.recipe
     card_name, data_root = (card, root) if card is not None else (recipe.data.card, recipe.data.root)
     split = split or ("all" if card is not None else "val")
-    split_opts = dict(split_seed=recipe.data.split_seed, val_fraction=recipe.data.val_fraction,
-                      test_fraction=recipe.data.test_fraction)
-    ds_a, _ = eval_dataset(a, card_name, data_root, split=split, progress=progress,
-                           class_map=_labels_unused(card_name, a), **split_opts)
+    split_opts = dict(
+        split_seed=recipe.data.split_seed,
+        val_fraction=recipe.data.val_fraction,
+        test_fraction=recipe.data.test_fraction,
+    )
+    ds_a, _ = eval_dataset(
+        a, card_name, data_root, split=split, progress=progress, class_map=_labels_unused(card_name, a), **split_opts
+    )
 
     if vs_init:
         # seeded as `medtricks run` seeds before it builds: weights none / a new head start exactly as the run did
@@ -336,11 +387,20 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
         b = load_trained(run_b, tracking_uri=tracking_uri, device=str(dev), runs_dir=runs_dir)
         model_b, label_b, name_b = b.model, _label(b, run_b), b.recipe.model.name
         # run A's split settings, so that both runs see the very same images
-        ds_b, _ = eval_dataset(b, card_name, data_root, split=split, progress=progress,
-                               class_map=_labels_unused(card_name, b), **split_opts)
+        ds_b, _ = eval_dataset(
+            b,
+            card_name,
+            data_root,
+            split=split,
+            progress=progress,
+            class_map=_labels_unused(card_name, b),
+            **split_opts,
+        )
         if len(ds_b) != len(ds_a) or image_set_digest(ds_a, data_root) != image_set_digest(ds_b, data_root):
-            raise ConfigError(f"runs {run_a} and {run_b} do not see the same images of {card_name} ({split}); "
-                              "give --card/--root with --split all")
+            raise ConfigError(
+                f"runs {run_a} and {run_b} do not see the same images of {card_name} ({split}); "
+                "give --card/--root with --split all"
+            )
     count = min(n, len(ds_a))
     if count < 4:
         raise ConfigError(f"{card_name} ({split}) has {len(ds_a)} images; CKA needs at least 4")
@@ -350,16 +410,31 @@ def cka_trained(run_a: str, run_b: Optional[str] = None, *, vs_init: bool = Fals
     loader_a = DataLoader(Subset(ds_a, idx), batch_size=bs, shuffle=False)
     loader_b = DataLoader(Subset(ds_b, idx), batch_size=bs, shuffle=False)
     layers_a = select_layers(a.model, layers, granularity=granularity)
-    layers_b = (select_layers(model_b, layers_b, granularity=granularity, option="--layers-b") if layers_b is not None
-                else select_layers(model_b, layers, granularity=granularity))
+    layers_b = (
+        select_layers(model_b, layers_b, granularity=granularity, option="--layers-b")
+        if layers_b is not None
+        else select_layers(model_b, layers, granularity=granularity)
+    )
     a.model.eval()
-    matrix = capture_cka(a.model, model_b, loader_a, loader_b, layers_a, layers_b, method=method, device=dev,
-                         progress=progress)
+    matrix = capture_cka(
+        a.model, model_b, loader_a, loader_b, layers_a, layers_b, method=method, device=dev, progress=progress
+    )
     used = count if method == "linear" else count - (count % bs if count % bs < 4 else 0)
-    result = CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b, label_a=_label(a, run_a),
-                       label_b=label_b, method=method, n_images=used, data=f"{card_name} {split}",
-                       batch_size=bs, vs_init=vs_init, granularity=granularity, model_a=recipe.model.name,
-                       model_b=name_b)
+    result = CKAResult(
+        matrix=matrix,
+        layers_a=layers_a,
+        layers_b=layers_b,
+        label_a=_label(a, run_a),
+        label_b=label_b,
+        method=method,
+        n_images=used,
+        data=f"{card_name} {split}",
+        batch_size=bs,
+        vs_init=vs_init,
+        granularity=granularity,
+        model_a=recipe.model.name,
+        model_b=name_b,
+    )
     stem = "cka_vs_init" if vs_init else "cka"
     if out_dir is not None:
         result.save(out_dir, stem)

@@ -4,6 +4,7 @@
 :func:`posthoc_store` is the run store of the run's own recipe; :func:`start_posthoc_run` opens the run
 an evaluation, audit, CKA or attention result is logged to.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -50,7 +51,9 @@ def posthoc_store(trained, tracking_uri: Optional[str] = None, runs_dir: Optiona
         return create_store("mlflow", tracking_uri or recipe.tracking.uri)
     if runs_dir is None and trained.run_dir is not None and RunDir(trained.run_dir).state_file.is_file():
         runs_dir = RunDir(trained.run_dir).output_dir
-    return create_store(recipe.tracking.backend, root=runs_dir if runs_dir is not None else recipe.experiment.output_dir)
+    return create_store(
+        recipe.tracking.backend, root=runs_dir if runs_dir is not None else recipe.experiment.output_dir
+    )
 
 
 def start_posthoc_run(store, trained, *, kind: str, tags: dict[str, str]) -> str:
@@ -60,5 +63,8 @@ def start_posthoc_run(store, trained, *, kind: str, tags: dict[str, str]) -> str
     recipe = trained.recipe
     if trained.run_id and store.run_exists(trained.run_id):
         return store.start(experiment="", run_name="", tags={}, resume_run_id=trained.run_id)
-    return store.start(experiment=recipe.tracking.experiment or recipe.experiment.name,
-                       run_name=f"{kind}-{recipe.experiment.name}", tags={**tags, "medtricks.kind": kind})
+    return store.start(
+        experiment=recipe.tracking.experiment or recipe.experiment.name,
+        run_name=f"{kind}-{recipe.experiment.name}",
+        tags={**tags, "medtricks.kind": kind},
+    )

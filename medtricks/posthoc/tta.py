@@ -3,6 +3,7 @@
 Flipping a chest X-ray mirrors its anatomy, so ``--tta flip`` is never implied (:func:`resolve_tta`) and
 comes with a warning for a model that never trained on flipped images (:func:`flip_tta_warning`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -17,9 +18,11 @@ __all__ = ["TTA_MODES", "resolve_tta", "flip_tta_warning", "FlipTTA"]
 # --tta: "none" (default) or "flip". A bare --tta / tta=True is refused: flipping a chest X-ray is not harmless.
 TTA_MODES = ("none", "flip")
 _FLIPPING_PRESETS = ("paper_baseline",)  # data.augment presets whose training flips images horizontally
-_FLIP_EXPLAINED = ("a horizontal flip mirrors the chest: the heart and aortic arch move to the right, the liver "
-                   "to the left, and any L/R marker reads backwards; the chest X-ray presets (cxr_light, "
-                   "cxr_shift) never flip in training, so the model has not seen mirrored X-rays")
+_FLIP_EXPLAINED = (
+    "a horizontal flip mirrors the chest: the heart and aortic arch move to the right, the liver "
+    "to the left, and any L/R marker reads backwards; the chest X-ray presets (cxr_light, "
+    "cxr_shift) never flip in training, so the model has not seen mirrored X-rays"
+)
 
 
 def resolve_tta(tta: Any) -> str:
@@ -31,9 +34,11 @@ def resolve_tta(tta: Any) -> str:
     if isinstance(tta, str) and tta.strip().lower() == "flip":
         return "flip"
     given = "a bare --tta" if tta is True or tta == "" else f"--tta {tta!r}"
-    raise ConfigError(f"{given}: say which test-time augmentation: 'none' (the default) or 'flip' (the mean of "
-                      f"each image and its horizontal mirror). Flip is opt-in because {_FLIP_EXPLAINED}; "
-                      "use --tta flip (tta='flip') only if you mean it, and compare it with --tta none")
+    raise ConfigError(
+        f"{given}: say which test-time augmentation: 'none' (the default) or 'flip' (the mean of "
+        f"each image and its horizontal mirror). Flip is opt-in because {_FLIP_EXPLAINED}; "
+        "use --tta flip (tta='flip') only if you mean it, and compare it with --tta none"
+    )
 
 
 def flip_tta_warning(trained) -> Optional[str]:
@@ -41,8 +46,10 @@ def flip_tta_warning(trained) -> Optional[str]:
     preset = trained.recipe.data.augment
     if preset in _FLIPPING_PRESETS:
         return None
-    return (f"--tta flip averages every prediction with the mirrored X-ray, but {_FLIP_EXPLAINED} "
-            f"(this run trained with data.augment={preset}); compare with --tta none before trusting it")
+    return (
+        f"--tta flip averages every prediction with the mirrored X-ray, but {_FLIP_EXPLAINED} "
+        f"(this run trained with data.augment={preset}); compare with --tta none before trusting it"
+    )
 
 
 class FlipTTA(nn.Module):

@@ -18,17 +18,41 @@ Example::
     recipe = load_recipe("recipes/quickstart.yaml", overrides=["optim.lr=0.05"])
     print(recipe.optim.lr)
 """
+
 from __future__ import annotations
 
 from medtricks.recipe.dump import dump_recipe, flatten_recipe, recipe_digest
-from medtricks.recipe.load import (apply_overrides, find_recipe, load_recipe, load_run_recipe, resolve_recipe_dict,
-                                   shipped_recipes_dir)
+from medtricks.recipe.load import (
+    apply_overrides,
+    find_recipe,
+    load_recipe,
+    load_run_recipe,
+    resolve_recipe_dict,
+    shipped_recipes_dir,
+)
 from medtricks.recipe.schema import Recipe, RecipeError, recipe_from_dict
-from medtricks.recipe.sections import (RUN_WEIGHTS_PREFIX, SEED_LIMIT, AblationConfig, AuditConfig, CacheFrozenConfig,
-                                       DataConfig, EvalConfig, ExperimentConfig, ModelConfig, OptimConfig,
-                                       ProgressiveResizeConfig, ResizerConfig, ScheduleConfig, SynthConfig,
-                                       TrackingConfig, TrainConfig, UnlabeledConfig, VitConfig, check_run_name,
-                                       check_weights_spec)
+from medtricks.recipe.sections import (
+    RUN_WEIGHTS_PREFIX,
+    SEED_LIMIT,
+    AblationConfig,
+    AuditConfig,
+    CacheFrozenConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    ProgressiveResizeConfig,
+    ResizerConfig,
+    ScheduleConfig,
+    SynthConfig,
+    TrackingConfig,
+    TrainConfig,
+    UnlabeledConfig,
+    VitConfig,
+    check_run_name,
+    check_weights_spec,
+)
 from medtricks.tricks.bn_gamma import BnGammaConfig, GammaRuleConfig  # re-exported (the trick owns them)
 
 __all__ = [

@@ -1,5 +1,6 @@
 """A resolved recipe written out: as YAML (``--dry-run``, the run's ``recipe.yaml``), as flat
 ``section.key`` params (MLflow), and as a short stable id (ablation and self-training folders)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """Loading a recipe file: the YAML read strictly, its ``base:`` chain merged, ``--set`` overrides applied,
 then validated (:func:`~medtricks.recipe.schema.recipe_from_dict`). A bare name such as ``quickstart`` is
 looked up among the shipped recipes; a stored run's recipe is loaded without importing its plug-ins."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,14 @@ from medtricks._yaml import read_yaml_text, strict_load
 from medtricks.recipe.schema import Recipe, RecipeError, recipe_from_dict
 from medtricks.tricks.registry import ignoring_recipe_plugins
 
-__all__ = ["load_recipe", "load_run_recipe", "resolve_recipe_dict", "apply_overrides", "find_recipe",
-           "shipped_recipes_dir"]
+__all__ = [
+    "load_recipe",
+    "load_run_recipe",
+    "resolve_recipe_dict",
+    "apply_overrides",
+    "find_recipe",
+    "shipped_recipes_dir",
+]
 
 
 # ---------------------------------------------------------------------------------- read / merge
@@ -106,8 +113,10 @@ def find_recipe(path: str | Path) -> Path:
         if (shipped / name).is_file():
             return shipped / name
     names = sorted(p.stem for p in shipped.glob("*.yaml")) if shipped.is_dir() else []
-    raise RecipeError(f"recipe file not found: {candidate} (nor a shipped recipe of that name in {shipped}; "
-                      f"shipped: {', '.join(names) or 'none'})")
+    raise RecipeError(
+        f"recipe file not found: {candidate} (nor a shipped recipe of that name in {shipped}; "
+        f"shipped: {', '.join(names) or 'none'})"
+    )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -141,5 +150,7 @@ def load_run_recipe(path: str | Path) -> Recipe:
                 listed = None
             if not listed:
                 raise
-            raise RecipeError(f"{err}\n  the run's recipe names plug-ins {listed}, which medtricks never imports from "
-                              "a stored run; if you trust them, name them yourself with --plugin") from None
+            raise RecipeError(
+                f"{err}\n  the run's recipe names plug-ins {listed}, which medtricks never imports from "
+                "a stored run; if you trust them, name them yourself with --plugin"
+            ) from None

@@ -1,6 +1,7 @@
 """The whole recipe: :class:`Recipe` assembles the sections (and the trick registry's ``tricks:`` section),
 checks the rules between sections, and :func:`recipe_from_dict` validates a merged dict into it with errors
 that name the key, its section and the closest valid key."""
+
 from __future__ import annotations
 
 import difflib
@@ -12,8 +13,18 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from medtricks._schema import Section
 from medtricks._yaml import cap_text, short_repr
 from medtricks.errors import MedtricksError
-from medtricks.recipe.sections import (AblationConfig, AuditConfig, DataConfig, EvalConfig, ExperimentConfig,
-                                       ModelConfig, OptimConfig, ScheduleConfig, TrackingConfig, TrainConfig)
+from medtricks.recipe.sections import (
+    AblationConfig,
+    AuditConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from medtricks.tricks.registry import load_recipe_plugins, trick_tags, tricks_config_model
 
 __all__ = ["Recipe", "RecipeError", "recipe_from_dict"]
@@ -30,8 +41,9 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="the data set, its split and augmentation")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the network and its starting weights")
     # Assembled from the trick registry: every registered trick's keys (medtricks/tricks/).
-    tricks: Any = Field(default_factory=lambda: tricks_config_model()(), description="the bag of tricks: each "
-                        "registered trick's keys")
+    tricks: Any = Field(
+        default_factory=lambda: tricks_config_model()(), description="the bag of tricks: each registered trick's keys"
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="the optimizer")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="the learning-rate schedule")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
@@ -62,28 +74,40 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         if self.schedule.warmup_epochs >= self.train.epochs:
-            raise ValueError(f"schedule.warmup_epochs={self.schedule.warmup_epochs:g} must be less than "
-                             f"train.epochs={self.train.epochs}: the lr would never leave warmup")
+            raise ValueError(
+                f"schedule.warmup_epochs={self.schedule.warmup_epochs:g} must be less than "
+                f"train.epochs={self.train.epochs}: the lr would never leave warmup"
+            )
         progressive = self.schedule.progressive_resize
         if progressive is not None:
             end = progressive.end or self.data.image_size
             if progressive.start > end:
-                raise ValueError(f"schedule.progressive_resize.start={progressive.start} is larger than its end "
-                                 f"({end}): it ramps up to the test resolution")
+                raise ValueError(
+                    f"schedule.progressive_resize.start={progressive.start} is larger than its end "
+                    f"({end}): it ramps up to the test resolution"
+                )
             if progressive.final_epochs > self.train.epochs:
-                raise ValueError(f"schedule.progressive_resize.final_epochs={progressive.final_epochs} is more than "
-                                 f"train.epochs={self.train.epochs}")
+                raise ValueError(
+                    f"schedule.progressive_resize.final_epochs={progressive.final_epochs} is more than "
+                    f"train.epochs={self.train.epochs}"
+                )
             if self.model.resizer.enabled:
                 raise ValueError("schedule.progressive_resize and model.resizer both set the input size; use one")
         if self.train.cache_frozen is not None and not self.model.freeze:
-            raise ValueError("train.cache_frozen caches the frozen early stages, but model.freeze is not set: "
-                             "freeze the stem and early stages, e.g. model.freeze: [0, 1, 2, 3]")
+            raise ValueError(
+                "train.cache_frozen caches the frozen early stages, but model.freeze is not set: "
+                "freeze the stem and early stages, e.g. model.freeze: [0, 1, 2, 3]"
+            )
         if self.train.cache_frozen is not None and progressive is not None:
-            raise ValueError("train.cache_frozen and schedule.progressive_resize cannot be combined: "
-                             "schedule.progressive_resize changes the image size every epoch, the cache holds one size")
+            raise ValueError(
+                "train.cache_frozen and schedule.progressive_resize cannot be combined: "
+                "schedule.progressive_resize changes the image size every epoch, the cache holds one size"
+            )
         if self.train.cache_frozen is not None and self.model.resizer.enabled:
-            raise ValueError("train.cache_frozen cannot be used with model.resizer: the resizer trains in front of "
-                             "the backbone, so nothing at the front is frozen")
+            raise ValueError(
+                "train.cache_frozen cannot be used with model.resizer: the resizer trains in front of "
+                "the backbone, so nothing at the front is frozen"
+            )
         return self
 
     def input_image_size(self) -> int:
@@ -133,8 +157,7 @@ def _check_keys(data: Any, model: type[BaseModel], where: str, source: str) -> N
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise RecipeError(
-                f"{source}: unknown key {key!r} in section {section!r}{hint} "
-                f"Valid keys: {', '.join(fields)}"
+                f"{source}: unknown key {key!r} in section {section!r}{hint} Valid keys: {', '.join(fields)}"
             )
         annotation = fields[key].annotation
         sub = _DYNAMIC_SECTIONS[key]() if model is Recipe and key in _DYNAMIC_SECTIONS else _section_model(annotation)

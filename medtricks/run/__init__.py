@@ -12,6 +12,7 @@ This module runs them in order (and, under torchrun, the other processes' share 
     result = run_recipe(load_recipe("recipes/quickstart.yaml"))
     print(result.metrics.table())
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -49,8 +50,15 @@ from medtricks.train.loaders import make_train_loader  # noqa: F401 - re-exporte
 from medtricks.train.progressive import ProgressiveLoader
 from medtricks.tricks.base import find_trick, registered_tricks
 
-__all__ = ["RunResult", "run_recipe", "find_resumable_run_dir", "make_train_loader", "TrainedModel", "load_trained",
-           "build_model"]
+__all__ = [
+    "RunResult",
+    "run_recipe",
+    "find_resumable_run_dir",
+    "make_train_loader",
+    "TrainedModel",
+    "load_trained",
+    "build_model",
+]
 
 
 @dataclass
@@ -85,8 +93,11 @@ class RunResult:
         if not attribute.startswith("_"):
             for cls in registered_tricks():
                 if cls.deprecated_result_attribute == attribute:
-                    warnings.warn(f"RunResult.{attribute} is deprecated: use RunResult.report({cls.name!r})",
-                                  DeprecationWarning, stacklevel=2)
+                    warnings.warn(
+                        f"RunResult.{attribute} is deprecated: use RunResult.report({cls.name!r})",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
                     return self.report(cls.name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
 
@@ -99,17 +110,24 @@ def find_resumable_run_dir(recipe: Recipe) -> Optional[Path]:
 
 def _git_commit() -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 # ----------------------------------------------------------------------------------------- run
-def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optional[RunStore] = None,
-               parent_run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None,
-               quiet: bool = False) -> RunResult:
+def run_recipe(
+    recipe: Recipe,
+    *,
+    resume: Optional[str] = None,
+    tracker: Optional[RunStore] = None,
+    parent_run_id: Optional[str] = None,
+    extra_tags: Optional[dict[str, str]] = None,
+    quiet: bool = False,
+) -> RunResult:
     """Train, evaluate and log one recipe. ``resume``: None, ``"auto"`` or a run folder path.
 
     With ``resume="auto"`` the newest unfinished run folder of the experiment is continued (same
@@ -123,8 +141,9 @@ def run_recipe(recipe: Recipe, *, resume: Optional[str] = None, tracker: Optiona
     with distributed.process_group(run_device(recipe)), warnings.catch_warnings():
         if not distributed.is_main():
             warnings.simplefilter("ignore")  # rank 0 says it once
-        return _run_recipe(recipe, resume=resume, tracker=tracker, parent_run_id=parent_run_id,
-                           extra_tags=extra_tags, quiet=quiet)
+        return _run_recipe(
+            recipe, resume=resume, tracker=tracker, parent_run_id=parent_run_id, extra_tags=extra_tags, quiet=quiet
+        )
 
 
 def _run_recipe(recipe: Recipe, **kwargs) -> RunResult:
@@ -161,19 +180,34 @@ def _run_held(recipe: Recipe, held: ExitStack, *, resume, tracker, parent_run_id
     run_name = recipe.tracking.run_name or f"{recipe.experiment.name}-{run.short_id}"
     # medtricks.role: train (ablation children: ablation_child, from extra_tags); variant: the recipe's
     # experiment name unless an ablation names the variant. Post-hoc runs carry medtricks.kind instead.
-    tags = {"medtricks.version": medtricks.__version__, "tricks": tricks_summary(recipe), "run_dir": str(run.path),
-            "medtricks.role": "train", "variant": recipe.experiment.name, **recipe.experiment.tags,
-            **(extra_tags or {})}
+    tags = {
+        "medtricks.version": medtricks.__version__,
+        "tricks": tricks_summary(recipe),
+        "run_dir": str(run.path),
+        "medtricks.role": "train",
+        "variant": recipe.experiment.name,
+        **recipe.experiment.tags,
+        **(extra_tags or {}),
+    }
     commit = _git_commit()
     if commit:
         tags["git.commit"] = commit
-    run_id = tracker.start(experiment=recipe.tracking.experiment or recipe.experiment.name, run_name=run_name,
-                           tags=tags, resume_run_id=state.get("run_id") if resuming else None,
-                           parent_run_id=parent_run_id)
+    run_id = tracker.start(
+        experiment=recipe.tracking.experiment or recipe.experiment.name,
+        run_name=run_name,
+        tags=tags,
+        resume_run_id=state.get("run_id") if resuming else None,
+        parent_run_id=parent_run_id,
+    )
     try:
         world = distributed.world_size()  # kept (when > 1) so a resume can refuse another process count
-        run.write_state(status="running", run_id=run_id, experiment=recipe.experiment.name, tracking="ok",
-                        **({"world_size": world} if world > 1 else {}))
+        run.write_state(
+            status="running",
+            run_id=run_id,
+            experiment=recipe.experiment.name,
+            tracking="ok",
+            **({"world_size": world} if world > 1 else {}),
+        )
         result = _run(recipe, run, tracker, resuming, say, prep)
     except BaseException as err:
         # Logged and stored with data paths hashed (file names hold patient IDs); the traceback keeps them.
@@ -183,8 +217,7 @@ def _run_held(recipe: Recipe, held: ExitStack, *, resume, tracker, parent_run_id
         except OSError as state_err:  # full disk: raise the run's own error, not this one
             warnings.warn(f"could not record the failure in {run.state_file}: {state_err}", RuntimeWarning)
         finally:  # a full disk must not leave the tracked run RUNNING
-            _end_tracking(run, tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-                          error=message)
+            _end_tracking(run, tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", error=message)
         raise
     try:
         run.write_state(status="finished")
@@ -193,10 +226,17 @@ def _run_held(recipe: Recipe, held: ExitStack, *, resume, tracker, parent_run_id
         raise
     _end_tracking(run, tracker, "FINISHED")
     result.run_id = run_id
-    say(where_to_look(run_id, run.path, experiment=recipe.tracking.experiment or recipe.experiment.name,
-                      mlflow_uri=None if isinstance(tracker, LocalStore) else getattr(tracker, "uri", None),
-                      runs_dir=getattr(tracker, "root", None) or recipe.experiment.output_dir
-                      if isinstance(tracker, LocalStore) else None))
+    say(
+        where_to_look(
+            run_id,
+            run.path,
+            experiment=recipe.tracking.experiment or recipe.experiment.name,
+            mlflow_uri=None if isinstance(tracker, LocalStore) else getattr(tracker, "uri", None),
+            runs_dir=getattr(tracker, "root", None) or recipe.experiment.output_dir
+            if isinstance(tracker, LocalStore)
+            else None,
+        )
+    )
     return result
 
 
@@ -214,28 +254,51 @@ def _end_tracking(run: RunDir, tracker: RunStore, status: str, error: Optional[s
             pass
 
 
-
 def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, prep: PreparedRun) -> RunResult:
     device, amp_dtype, classes, bundle, tricks = prep.device, prep.amp_dtype, prep.classes, prep.bundle, prep.tricks
     model, data_config, info, opt, val_loader = prep.model, prep.data_config, prep.info, prep.opt, prep.val_loader
-    log_inputs(recipe, run, tracker, say, bundle=bundle, tricks=tricks, frozen=prep.frozen, opt=opt,
-               device=device, amp_dtype=amp_dtype, classes=classes, data_config=data_config, info=info)
+    log_inputs(
+        recipe,
+        run,
+        tracker,
+        say,
+        bundle=bundle,
+        tricks=tricks,
+        frozen=prep.frozen,
+        opt=opt,
+        device=device,
+        amp_dtype=amp_dtype,
+        classes=classes,
+        data_config=data_config,
+        info=info,
+    )
 
     if prep.cached is not None:
         tracker.log_params(prep.cached.params())
-        say(f"frozen prefix cached: training from {prep.cached.split.cut} on; "
-            f"{recipe.train.cache_frozen.views} view(s) per image, {prep.cached.megabytes:.0f} MB in memory")
+        say(
+            f"frozen prefix cached: training from {prep.cached.split.cut} on; "
+            f"{recipe.train.cache_frozen.views} view(s) per image, {prep.cached.megabytes:.0f} MB in memory"
+        )
     if isinstance(prep.train_loader, ProgressiveLoader):
-        tracker.log_params({"resolved.progressive_sizes": ",".join(map(str, prep.train_loader.sizes)),
-                            "resolved.progressive_batches": ",".join(map(str, prep.train_loader.batches))})
-        say("progressive resizing: image size by epoch " + ", ".join(map(str, prep.train_loader.sizes)) +
-            "; batch " + ", ".join(map(str, prep.train_loader.batches)))
+        tracker.log_params(
+            {
+                "resolved.progressive_sizes": ",".join(map(str, prep.train_loader.sizes)),
+                "resolved.progressive_batches": ",".join(map(str, prep.train_loader.batches)),
+            }
+        )
+        say(
+            "progressive resizing: image size by epoch "
+            + ", ".join(map(str, prep.train_loader.sizes))
+            + "; batch "
+            + ", ".join(map(str, prep.train_loader.batches))
+        )
 
     def evaluate_fn(eval_model) -> dict[str, float]:
         # cache_frozen: val_loader yields cached prefix features, so the rest of eval_model (or EMA's copy) runs
         module = prep.cached.eval_module(eval_model) if prep.cached is not None else eval_model
-        targets, probs, loss = predict(module, val_loader, device=device, amp_dtype=amp_dtype,
-                                       channels_last=recipe.train.channels_last)
+        targets, probs, loss = predict(
+            module, val_loader, device=device, amp_dtype=amp_dtype, channels_last=recipe.train.channels_last
+        )
         values = compute_metrics(targets, probs, classes, n_bootstrap=0).values
         return {**{f"val/{k}": float(v) for k, v in values.items() if k != "n"}, "val/loss": loss}
 
@@ -248,27 +311,47 @@ def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, pr
         if step > logged:
             tracker.log_metrics(metrics, step=step)
 
-    report_epoch = epoch_reporter(lambda step, m: tracker.log_metrics(m, step=step), say,
-                                  epochs=recipe.train.epochs, best_metric=recipe.train.best_metric,
-                                  lr=lambda: opt.optimizer.param_groups[0]["lr"])
+    report_epoch = epoch_reporter(
+        lambda step, m: tracker.log_metrics(m, step=step),
+        say,
+        epochs=recipe.train.epochs,
+        best_metric=recipe.train.best_metric,
+        lr=lambda: opt.optimizer.param_groups[0]["lr"],
+    )
 
     def log_epoch(step: int, metrics: dict) -> None:
         if step > logged_epoch:
             report_epoch(step, metrics)
 
     world = distributed.world_size()
-    parallel = (f" x {world} processes (global batch {recipe.train.batch_size * world}, validation on rank 0)"
-                if world > 1 else "")
-    say(f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
-        f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}{parallel}; run folder {run.path}")
+    parallel = (
+        f" x {world} processes (global batch {recipe.train.batch_size * world}, validation on rank 0)"
+        if world > 1
+        else ""
+    )
+    say(
+        f"training {info.get('name', recipe.model.name)} on {len(bundle.train)} images "
+        f"({len(bundle.val)} val), {recipe.train.epochs} epochs, device {device}{parallel}; run folder {run.path}"
+    )
     timings = prep.timings
     started = time.perf_counter()
-    fit_result = fit(model, prep.train_loader, val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
-                     loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=evaluate_fn, checkpoint_dir=run.checkpoints,
-                     tricks=tricks, on_step=log_step,
-                     on_epoch=log_epoch,
-                     resume=resuming, checkpoint_extra={"data_fingerprint": prep.data_fingerprint},
-                     train_module=prep.cached.train_module if prep.cached is not None else None)
+    fit_result = fit(
+        model,
+        prep.train_loader,
+        val_loader,
+        optimizer=opt.optimizer,
+        scheduler=opt.scheduler,
+        loss_fn=prep.loss_fn,
+        cfg=prep.engine_cfg,
+        evaluate_fn=evaluate_fn,
+        checkpoint_dir=run.checkpoints,
+        tricks=tricks,
+        on_step=log_step,
+        on_epoch=log_epoch,
+        resume=resuming,
+        checkpoint_extra={"data_fingerprint": prep.data_fingerprint},
+        train_module=prep.cached.train_module if prep.cached is not None else None,
+    )
 
     # ---- the best checkpoint: evaluated with CIs on val and test, audited, saved with its model card
     timings["training"], started = time.perf_counter() - started, time.perf_counter()
@@ -276,8 +359,20 @@ def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, pr
         tracker.set_tags({"compile": fit_result.compile_report.get("reason", "")[:250]})
     eval_model = evaluation_model(model, tricks)
     eval_model.load_state_dict(load_checkpoint(fit_result.best_checkpoint, map_location=device)["model"])
-    final = final_evaluation(recipe, run, tracker, say, with_fused_frozen_norms(eval_model), bundle, classes, device,
-                             amp_dtype, step=fit_result.steps, best_epoch=fit_result.best_epoch, tricks=tricks)
+    final = final_evaluation(
+        recipe,
+        run,
+        tracker,
+        say,
+        with_fused_frozen_norms(eval_model),
+        bundle,
+        classes,
+        device,
+        amp_dtype,
+        step=fit_result.steps,
+        best_epoch=fit_result.best_epoch,
+        tricks=tricks,
+    )
     timings["final_evaluation"], started = time.perf_counter() - started, time.perf_counter()
     audit(recipe, tracker, say, eval_model, bundle.val, classes, data_config, device)
     timings["audit"], started = time.perf_counter() - started, time.perf_counter()
@@ -291,21 +386,43 @@ def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, pr
     tracker.log_metrics({f"time/{phase}_s": seconds for phase, seconds in timings.items()}, step=fit_result.steps)
     say("time: " + ", ".join(f"{phase.replace('_', ' ')} {seconds:.0f} s" for phase, seconds in timings.items()))
     tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
-    return RunResult(run_dir=run.path, run_id=None, metrics=final.by_split.get("val", {}),
-                     test_metrics=final.by_split.get("test"), history=fit_result.history,
-                     best_epoch=fit_result.best_epoch, tracker=tracker,
-                     trick_reports={t.name: t.report for t in tricks if t.report is not None})
+    return RunResult(
+        run_dir=run.path,
+        run_id=None,
+        metrics=final.by_split.get("val", {}),
+        test_metrics=final.by_split.get("test"),
+        history=fit_result.history,
+        best_epoch=fit_result.best_epoch,
+        tracker=tracker,
+        trick_reports={t.name: t.report for t in tricks if t.report is not None},
+    )
 
 
 def _follow(run: RunDir, resuming: bool, prep: PreparedRun) -> RunResult:
     """A torchrun process other than rank 0: trains its slice of every epoch in step with rank 0 (DDP
     averages the gradients; rank 0 validates and broadcasts the metrics); writes, logs and prints nothing."""
     opt = prep.opt
-    fit_result = fit(prep.model, prep.train_loader, prep.val_loader, optimizer=opt.optimizer, scheduler=opt.scheduler,
-                     loss_fn=prep.loss_fn, cfg=prep.engine_cfg, evaluate_fn=lambda model: {},  # rank 0 validates
-                     checkpoint_dir=run.checkpoints, tricks=prep.tricks, resume=resuming)
-    return RunResult(run_dir=run.path, run_id=None, metrics=None, history=fit_result.history,
-                     best_epoch=fit_result.best_epoch, trick_reports=None)
+    fit_result = fit(
+        prep.model,
+        prep.train_loader,
+        prep.val_loader,
+        optimizer=opt.optimizer,
+        scheduler=opt.scheduler,
+        loss_fn=prep.loss_fn,
+        cfg=prep.engine_cfg,
+        evaluate_fn=lambda model: {},  # rank 0 validates
+        checkpoint_dir=run.checkpoints,
+        tricks=prep.tricks,
+        resume=resuming,
+    )
+    return RunResult(
+        run_dir=run.path,
+        run_id=None,
+        metrics=None,
+        history=fit_result.history,
+        best_epoch=fit_result.best_epoch,
+        trick_reports=None,
+    )
 
 
 # ------------------------------------------------------------------------------- run pieces

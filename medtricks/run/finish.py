@@ -1,5 +1,6 @@
 """After training: the best checkpoint evaluated on val and test (bootstrap CIs, the operating point chosen
 on val, per-image predictions, plots, the side-by-side report), audited, and saved with its model card."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ from medtricks.train import predict
 from medtricks.train.checkpoint import save_checkpoint
 from medtricks.tricks.registry import merged_options
 
-__all__ = ["FinalEvaluation", "final_evaluation", "audit", "save_model", "choose_operating_point", "final_report",
-           "model_card"]
+__all__ = [
+    "FinalEvaluation",
+    "final_evaluation",
+    "audit",
+    "save_model",
+    "choose_operating_point",
+    "final_report",
+    "model_card",
+]
 
 
 @dataclass
@@ -37,8 +45,21 @@ class FinalEvaluation:
     operating_point: Any = None
 
 
-def final_evaluation(recipe: Recipe, run: RunDir, tracker: RunStore, say, eval_model, bundle, classes, device,
-                     amp_dtype, *, step: int, best_epoch, tricks=()) -> FinalEvaluation:
+def final_evaluation(
+    recipe: Recipe,
+    run: RunDir,
+    tracker: RunStore,
+    say,
+    eval_model,
+    bundle,
+    classes,
+    device,
+    amp_dtype,
+    *,
+    step: int,
+    best_epoch,
+    tricks=(),
+) -> FinalEvaluation:
     """Val and test with bootstrap CIs, the operating point (chosen on val only), per-image
     predictions, plots, the test-val gaps, and the side-by-side report."""
     out = FinalEvaluation()
@@ -46,27 +67,40 @@ def final_evaluation(recipe: Recipe, run: RunDir, tracker: RunStore, say, eval_m
     for split, dataset in (("val", bundle.val), ("test", bundle.test)):
         if dataset is None or len(dataset) == 0:
             continue
-        targets, probs, loss = predict(eval_model, eval_loader(dataset, recipe), device=device,
-                                       amp_dtype=amp_dtype, channels_last=recipe.train.channels_last)
+        targets, probs, loss = predict(
+            eval_model,
+            eval_loader(dataset, recipe),
+            device=device,
+            amp_dtype=amp_dtype,
+            channels_last=recipe.train.channels_last,
+        )
         metrics = out.by_split[split] = compute_metrics(targets, probs, classes, **ci)
         flat = {best_key(split, k): float(v) for k, v in metrics.to_dict().items() if isinstance(v, (int, float))}
         flat[best_key(split, "loss")] = loss
         # val comes first: the operating point is chosen there, then applied to test
         if split == "val" and len(classes) == 2 and recipe.eval.threshold != "none":
-            out.operating_point = choose_operating_point(targets, probs, recipe, bundle.train.targets, say,
-                                                         tricks=tricks)
+            out.operating_point = choose_operating_point(
+                targets, probs, recipe, bundle.train.targets, say, tricks=tricks
+            )
         if out.operating_point is not None:
             at_op = out.at_op[split] = compute_metrics(
-                targets, probs_at_threshold(probs, out.operating_point.threshold), classes, **ci)
-            flat.update({best_key(split, k, op=True): float(v) for k, v in at_op.to_dict().items()
-                         if isinstance(v, (int, float))})
+                targets, probs_at_threshold(probs, out.operating_point.threshold), classes, **ci
+            )
+            flat.update(
+                {
+                    best_key(split, k, op=True): float(v)
+                    for k, v in at_op.to_dict().items()
+                    if isinstance(v, (int, float))
+                }
+            )
         # per-image predictions: ablations and `compare` pair runs image by image
         np.savez_compressed(run.predictions(split), y_true=targets, probs=probs.astype(np.float32))
         tracker.log_artifact(run.predictions(split), PREDICTIONS_ARTIFACT_DIR)
         tracker.log_metrics(flat, step=step)
         if recipe.eval.plots:
-            tracker.log_figure(plot_confusion_matrix(targets, probs.argmax(1), classes),
-                               f"plots/{split}_confusion_matrix.png")
+            tracker.log_figure(
+                plot_confusion_matrix(targets, probs.argmax(1), classes), f"plots/{split}_confusion_matrix.png"
+            )
             tracker.log_figure(plot_roc_curves(targets, probs, classes), f"plots/{split}_roc.png")
             tracker.log_figure(plot_reliability_diagram(targets, probs), f"plots/{split}_reliability.png")
     if "test" in out.by_split:
@@ -81,29 +115,58 @@ def audit(recipe: Recipe, tracker: RunStore, say, eval_model, dataset, classes, 
     if recipe.audit.enabled:
         surrogate = None
         if recipe.audit.surrogate:
-            surrogate = load_trained(recipe.audit.surrogate, tracking_uri=recipe.tracking.uri, device=str(device),
-                                     runs_dir=recipe.experiment.output_dir).model
-        result = audit_model(eval_model, dataset, audit_cfg=recipe.audit, classes=classes, data_config=data_config,
-                             device=device, seed=recipe.experiment.seed, surrogate=surrogate,
-                             progress=recipe.train.progress, batch_size=recipe.train.batch_size)
+            surrogate = load_trained(
+                recipe.audit.surrogate,
+                tracking_uri=recipe.tracking.uri,
+                device=str(device),
+                runs_dir=recipe.experiment.output_dir,
+            ).model
+        result = audit_model(
+            eval_model,
+            dataset,
+            audit_cfg=recipe.audit,
+            classes=classes,
+            data_config=data_config,
+            device=device,
+            seed=recipe.experiment.seed,
+            surrogate=surrogate,
+            progress=recipe.train.progress,
+            batch_size=recipe.train.batch_size,
+        )
         log_audit(tracker, result)
         say(result.table())
     if recipe.audit.shortcut:
-        shortcut = shortcut_audit_model(eval_model, dataset, audit_cfg=recipe.audit, classes=classes,
-                                        data_config=data_config, device=device, seed=recipe.experiment.seed,
-                                        progress=recipe.train.progress, batch_size=recipe.train.batch_size)
+        shortcut = shortcut_audit_model(
+            eval_model,
+            dataset,
+            audit_cfg=recipe.audit,
+            classes=classes,
+            data_config=data_config,
+            device=device,
+            seed=recipe.experiment.seed,
+            progress=recipe.train.progress,
+            batch_size=recipe.train.batch_size,
+        )
         log_shortcut(tracker, shortcut)
         say(shortcut.table())
 
 
-def save_model(recipe: Recipe, run: RunDir, tracker: RunStore, eval_model, classes, info, data_config,
-               fit_result, final: FinalEvaluation) -> None:
+def save_model(
+    recipe: Recipe,
+    run: RunDir,
+    tracker: RunStore,
+    eval_model,
+    classes,
+    info,
+    data_config,
+    fit_result,
+    final: FinalEvaluation,
+) -> None:
     """The model: state dict, data config, operating point and a model card (enough to rebuild it)."""
     run.model_dir.mkdir(exist_ok=True)
     save_checkpoint(eval_model.state_dict(), run.model_state)  # atomic; a full disk is one clear error
     run.data_config.write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}))
-    run.model_card.write_text(model_card(recipe, classes, info, data_config, fit_result,
-                                         final.by_split.get("val")))
+    run.model_card.write_text(model_card(recipe, classes, info, data_config, fit_result, final.by_split.get("val")))
     files = [run.model_state, run.model_card, run.data_config]
     if final.operating_point is not None:
         final.operating_point.to_json(run.operating_point)
@@ -123,13 +186,20 @@ def _log_mlflow_model(recipe: Recipe, run: RunDir, tracker: RunStore) -> None:
         shutil.rmtree(run.mlflow_model, ignore_errors=True)  # a resumed run makes it again
         result = export_model(str(run.path), "mlflow", run.mlflow_model)
         tracker.log_model(run.mlflow_model, MLFLOW_MODEL_ARTIFACT_DIR)
-        tracker.set_tags({"medtricks.mlflow_model": f"{MLFLOW_MODEL_ARTIFACT_DIR} (parity max |delta prob| "
-                                                    f"{result.max_abs_diff:.1e})"})
+        tracker.set_tags(
+            {
+                "medtricks.mlflow_model": f"{MLFLOW_MODEL_ARTIFACT_DIR} (parity max |delta prob| "
+                f"{result.max_abs_diff:.1e})"
+            }
+        )
     except Exception as err:  # noqa: BLE001 - the trained model is saved; only its MLflow flavour is missing
         message = f"{type(err).__name__}: {str(err)[:500]}"
-        warnings.warn(f"the MLflow model of run {run.path} was not logged ({message}); the run's model/ is; "
-                      f"make one later with `medtricks export {run.path} --format mlflow --out DIR`",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"the MLflow model of run {run.path} was not logged ({message}); the run's model/ is; "
+            f"make one later with `medtricks export {run.path} --format mlflow --out DIR`",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         tracker.set_tags({"medtricks.mlflow_model": f"not logged: {redact_paths(message, recipe.data.root)}"})
 
 
@@ -140,8 +210,9 @@ def choose_operating_point(y_val, probs_val, recipe: Recipe, train_targets, say,
     if "train_priors" not in options:
         options["train_priors"] = class_priors(train_targets, 2)
     try:
-        op = select_threshold(y_val, probs_val, method=recipe.eval.threshold,
-                              target_sensitivity=recipe.eval.target_sensitivity, **options)
+        op = select_threshold(
+            y_val, probs_val, method=recipe.eval.threshold, target_sensitivity=recipe.eval.target_sensitivity, **options
+        )
     except ValueError as err:  # e.g. a validation split with one class: keep 0.5 and say why
         say(f"warning: no operating point chosen ({err}); predictions use the 0.5 threshold")
         return None
@@ -157,34 +228,60 @@ def final_report(recipe: Recipe, best_epoch, classes, by_split: dict, at_op: dic
     """Validation and test side by side (with the gap), at 0.5 and at the stored operating point."""
     name, seed = recipe.experiment.name, recipe.experiment.seed
     keys = headline_keys(by_split["val"].values, positive_class(classes))
-    parts = [split_table(by_split, keys=keys, ci_note=False,
-                         title=f"{name} — best epoch {best_epoch} (chosen on val), seed {seed}, "
-                               f"{'argmax' if len(classes) > 2 else 'threshold 0.5'}")]
+    parts = [
+        split_table(
+            by_split,
+            keys=keys,
+            ci_note=False,
+            title=f"{name} — best epoch {best_epoch} (chosen on val), seed {seed}, "
+            f"{'argmax' if len(classes) > 2 else 'threshold 0.5'}",
+        )
+    ]
     if operating_point is not None:
-        parts.append(split_table(at_op, keys=[k for k in keys if k not in ("auroc", "ece")], ci_note=False,
-                                 title=f"at the stored operating point: {operating_point.describe()} "
-                                       "(val is optimistic here: the threshold was chosen on it)"))
+        parts.append(
+            split_table(
+                at_op,
+                keys=[k for k in keys if k not in ("auroc", "ece")],
+                ci_note=False,
+                title=f"at the stored operating point: {operating_point.describe()} "
+                "(val is optimistic here: the threshold was chosen on it)",
+            )
+        )
     if bootstrap_note(by_split["val"]):  # said once, under every table of the report
         parts[-1] += "\n" + bootstrap_note(by_split["val"])
     if "test" not in by_split:
-        parts.append("no test split: these numbers come from the split that chose the checkpoint and will "
-                     "flatter the model; set data.test_fraction (or give the card a test folder)")
+        parts.append(
+            "no test split: these numbers come from the split that chose the checkpoint and will "
+            "flatter the model; set data.test_fraction (or give the card a test folder)"
+        )
     return "\n\n".join(parts)
 
 
 def model_card(recipe: Recipe, classes, info, data_config, fit_result, metrics) -> str:
-    lines = [f"# {recipe.experiment.name}", "",
-             f"- architecture: {info.get('name', recipe.model.name)}",
-             f"- weights: {recipe.model.weights} ({info.get('weights_source')}, sha256 {info.get('weights_sha256')})",
-             *([f"- parent run: {describe_lineage(info)}"] if info.get("lineage") else []),
-             f"- classes: {', '.join(classes)}",
-             f"- input: {recipe.model.in_chans} channel(s), normalize mean {tuple(data_config['mean'])} "
-             f"std {tuple(data_config['std'])}",
-             f"- resizer: {recipe.model.resizer.model_dump() if recipe.model.resizer.enabled else 'off'}",
-             f"- tricks: {', '.join(recipe.tricks_on()) or 'none'}",
-             f"- best epoch: {fit_result.best_epoch} by {recipe.train.best_metric} = {fit_result.best_value}"
-             + (f" (ties broken by {recipe.train.best_tiebreak}, {recipe.train.best_tiebreak_mode}: "
-                f"{fit_result.best_tiebreak_value})" if recipe.train.best_tiebreak else ""),
-             "", "Rebuild: `medtricks.run.build_model(load_recipe('recipe.yaml'), num_classes)` then "
-             "`load_state_dict(torch.load('model_state.pt'))`.", "", "```", metrics.table() if metrics else "", "```"]
+    lines = [
+        f"# {recipe.experiment.name}",
+        "",
+        f"- architecture: {info.get('name', recipe.model.name)}",
+        f"- weights: {recipe.model.weights} ({info.get('weights_source')}, sha256 {info.get('weights_sha256')})",
+        *([f"- parent run: {describe_lineage(info)}"] if info.get("lineage") else []),
+        f"- classes: {', '.join(classes)}",
+        f"- input: {recipe.model.in_chans} channel(s), normalize mean {tuple(data_config['mean'])} "
+        f"std {tuple(data_config['std'])}",
+        f"- resizer: {recipe.model.resizer.model_dump() if recipe.model.resizer.enabled else 'off'}",
+        f"- tricks: {', '.join(recipe.tricks_on()) or 'none'}",
+        f"- best epoch: {fit_result.best_epoch} by {recipe.train.best_metric} = {fit_result.best_value}"
+        + (
+            f" (ties broken by {recipe.train.best_tiebreak}, {recipe.train.best_tiebreak_mode}: "
+            f"{fit_result.best_tiebreak_value})"
+            if recipe.train.best_tiebreak
+            else ""
+        ),
+        "",
+        "Rebuild: `medtricks.run.build_model(load_recipe('recipe.yaml'), num_classes)` then "
+        "`load_state_dict(torch.load('model_state.pt'))`.",
+        "",
+        "```",
+        metrics.table() if metrics else "",
+        "```",
+    ]
     return "\n".join(lines) + "\n"

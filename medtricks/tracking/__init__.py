@@ -10,6 +10,7 @@ Example::
     store = create_store("none", "runs")          # the local run store under runs/
     print([r.run_name for r in store.search_runs("quickstart")])
 """
+
 from __future__ import annotations
 
 import os
@@ -24,14 +25,34 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from medtricks.errors import ConfigError  # noqa: E402
-from medtricks.tracking.base import (NullStore, RunNotFoundError, RunRecord, RunStore,  # noqa: E402
-                                     TrackingUnavailableError, TrackingWarning)
+from medtricks.tracking.base import (
+    NullStore,
+    RunNotFoundError,
+    RunRecord,
+    RunStore,  # noqa: E402
+    TrackingUnavailableError,
+    TrackingWarning,
+)
 from medtricks.tracking.local import LocalStore  # noqa: E402
 from medtricks.tracking.uri import CHECK_TIMEOUT_S, check_tracking_uri  # noqa: E402
 
-__all__ = ["RunStore", "NullStore", "LocalStore", "RunRecord", "RunNotFoundError",
-           "TrackingUnavailableError", "TrackingWarning", "create_store", "check_store",
-           "find_run", "replay_unsent", "save_mlflow_model", "BACKENDS", "DEFAULT_RUNS_DIR", "MLFLOW_MODEL_ARTIFACT_DIR"]
+__all__ = [
+    "RunStore",
+    "NullStore",
+    "LocalStore",
+    "RunRecord",
+    "RunNotFoundError",
+    "TrackingUnavailableError",
+    "TrackingWarning",
+    "create_store",
+    "check_store",
+    "find_run",
+    "replay_unsent",
+    "save_mlflow_model",
+    "BACKENDS",
+    "DEFAULT_RUNS_DIR",
+    "MLFLOW_MODEL_ARTIFACT_DIR",
+]
 
 BACKENDS = ("mlflow", "none")
 DEFAULT_RUNS_DIR = "runs"  # experiment.output_dir's default: where the local store is looked for
@@ -54,8 +75,6 @@ def create_store(backend: str = "mlflow", uri: Optional[str] = None, *, root: Op
 
         return MlflowStore(uri)
     raise ConfigError(f"tracking.backend must be 'mlflow' or 'none', got {backend!r}")
-
-
 
 
 def check_store(backend: str = "mlflow", uri: Optional[str] = None, *, timeout: float = CHECK_TIMEOUT_S) -> None:
@@ -87,8 +106,9 @@ def save_mlflow_model(path: str | Path, torchscript_file: str | Path, info: dict
     return save_pyfunc_model(path, torchscript_file, info)
 
 
-def find_run(run_id: str, *, tracking_uri: Optional[str] = None,
-             runs_dirs: Sequence[str | Path] = (DEFAULT_RUNS_DIR,)) -> Optional[RunStore]:
+def find_run(
+    run_id: str, *, tracking_uri: Optional[str] = None, runs_dirs: Sequence[str | Path] = (DEFAULT_RUNS_DIR,)
+) -> Optional[RunStore]:
     """The store that knows ``run_id``: the local store under each of ``runs_dirs`` first, then MLflow at
     ``tracking_uri`` (an MLflow sqlite file or folder that does not exist is not created). ``None`` if none does."""
     for folder in runs_dirs:

@@ -16,6 +16,7 @@ Example::
     for run in store.search_runs("quickstart", statuses=["FINISHED"]):
         print(run.run_id, run.metrics.get(best_key("val", "auroc")))
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ from typing import Any, Optional, Sequence
 
 from medtricks.errors import ConfigError, MedtricksError
 
-__all__ = ["RunStore", "NullStore", "RunRecord", "RunNotFoundError", "TrackingUnavailableError",
-           "TrackingWarning", "RUN_STATUSES"]
+__all__ = [
+    "RunStore",
+    "NullStore",
+    "RunRecord",
+    "RunNotFoundError",
+    "TrackingUnavailableError",
+    "TrackingWarning",
+    "RUN_STATUSES",
+]
 
 RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED")
 
@@ -95,8 +103,15 @@ class RunStore:
     unsent_path: Optional[Path] = None
 
     # ------------------------------------------------------------------------------- write side
-    def start(self, *, experiment: str, run_name: str, tags: dict[str, str],
-              resume_run_id: Optional[str] = None, parent_run_id: Optional[str] = None) -> Optional[str]:
+    def start(
+        self,
+        *,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str],
+        resume_run_id: Optional[str] = None,
+        parent_run_id: Optional[str] = None,
+    ) -> Optional[str]:
         """Open (or re-open) the run and return its id."""
         raise NotImplementedError
 
@@ -147,8 +162,9 @@ class RunStore:
         """Names of the experiments that have runs in this store."""
         return []
 
-    def search_runs(self, experiment: str, *, tags: Optional[dict[str, str]] = None,
-                    statuses: Optional[Sequence[str]] = None) -> list[RunRecord]:
+    def search_runs(
+        self, experiment: str, *, tags: Optional[dict[str, str]] = None, statuses: Optional[Sequence[str]] = None
+    ) -> list[RunRecord]:
         """Runs of one experiment whose tags equal every ``tags`` value and whose status is in
         ``statuses`` (all when None), oldest first. :class:`RunNotFoundError` for an unknown experiment."""
         raise RunNotFoundError(f"experiment {experiment!r} not found in {self.describe()}")
@@ -167,8 +183,14 @@ class RunStore:
         """The run's folder on this machine (with its ``recipe.yaml``), when there is one."""
         return None
 
-    def get_runs(self, *, experiment: Optional[str] = None, run_ids: Optional[Sequence[str]] = None,
-                 tags: Optional[dict[str, str]] = None, statuses: Optional[Sequence[str]] = None) -> list[RunRecord]:
+    def get_runs(
+        self,
+        *,
+        experiment: Optional[str] = None,
+        run_ids: Optional[Sequence[str]] = None,
+        tags: Optional[dict[str, str]] = None,
+        statuses: Optional[Sequence[str]] = None,
+    ) -> list[RunRecord]:
         """Runs of one experiment (filtered like :meth:`search_runs`), or given ids in the given order
         (with ``experiment`` too: ids that must all be in it).
 
@@ -195,8 +217,6 @@ class RunStore:
     def _unknown_experiment(self, experiment: str) -> str:
         known = ", ".join(sorted(self.experiments())) or "none"
         return f"experiment {experiment!r} not found in {self.describe()} (experiments there: {known})"
-
-
 
 
 class NullStore(RunStore):

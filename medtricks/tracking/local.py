@@ -23,6 +23,7 @@ Example::
     for run in store.search_runs("quickstart", statuses=["FINISHED"]):
         print(run.run_id, run.run_dir, run.metrics.get(best_key("val", "auroc")))
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,11 @@ def _read_metrics(path: Path) -> Iterator[dict]:
             row = json.loads(line)
             yield {"key": str(row["key"]), "step": int(row["step"]), "value": float(row["value"])}
         except (ValueError, KeyError, TypeError):
-            where = "its last line is cut off (the run was killed while logging)" if number == len(lines) \
+            where = (
+                "its last line is cut off (the run was killed while logging)"
+                if number == len(lines)
                 else f"line {number} is not a metric record"
+            )
             warnings.warn(f"{path}: {where}; that line is skipped", RuntimeWarning, stacklevel=2)
 
 
@@ -148,8 +152,15 @@ class LocalStore(NullStore):
             if run.store_meta.is_file():  # another run's store in this folder: keep it aside, out of searches
                 old = _read_json(run.store_meta).get("run_id", "unknown")
                 run.store.rename(run.store.with_name(f"{run.store.name}.replaced-{old}-{now}"))
-            meta = {"run_id": resume_run_id or uuid.uuid4().hex, "experiment": experiment, "run_name": run_name,
-                    "status": "RUNNING", "start_time_ns": now, "tags": tags, "parent": parent_run_id}
+            meta = {
+                "run_id": resume_run_id or uuid.uuid4().hex,
+                "experiment": experiment,
+                "run_name": run_name,
+                "status": "RUNNING",
+                "start_time_ns": now,
+                "tags": tags,
+                "parent": parent_run_id,
+            }
         run.store.mkdir(parents=True, exist_ok=True)
         _write_json(run.store_meta, meta)
         self._end_partial_line(run.store_metrics)
@@ -189,8 +200,9 @@ class LocalStore(NullStore):
         if self.run is None or not values:
             return
         now = int(time.time() * 1000)
-        lines = "".join(json.dumps({"key": k, "step": int(step or 0), "value": v, "time": now}) + "\n"
-                        for k, v in values.items())
+        lines = "".join(
+            json.dumps({"key": k, "step": int(step or 0), "value": v, "time": now}) + "\n" for k, v in values.items()
+        )
         with open(self.run.store_metrics, "a") as f:  # one write per call: a kill cuts at most the last line
             f.write(lines)
             f.flush()
@@ -276,11 +288,18 @@ class LocalStore(NullStore):
     def _record(run: RunDir, meta: dict) -> RunRecord:
         params = _read_json(run.store_params) if run.store_params.is_file() else {}
         start = meta.get("start_time_ns")
-        return RunRecord(run_id=meta["run_id"], run_name=meta.get("run_name") or "", experiment=meta.get("experiment", ""),
-                         status=meta.get("status", "RUNNING"), start_time=None if start is None else start // 1_000_000,
-                         tags=dict(meta.get("tags", {})), params={k: str(v) for k, v in params.items()},
-                         metrics=_latest(_read_metrics(run.store_metrics)), parent=meta.get("parent"),
-                         run_dir=str(run.path))
+        return RunRecord(
+            run_id=meta["run_id"],
+            run_name=meta.get("run_name") or "",
+            experiment=meta.get("experiment", ""),
+            status=meta.get("status", "RUNNING"),
+            start_time=None if start is None else start // 1_000_000,
+            tags=dict(meta.get("tags", {})),
+            params={k: str(v) for k, v in params.items()},
+            metrics=_latest(_read_metrics(run.store_metrics)),
+            parent=meta.get("parent"),
+            run_dir=str(run.path),
+        )
 
     def has_run(self, run_id: str) -> bool:
         return self._find(str(run_id)) is not None
@@ -292,8 +311,9 @@ class LocalStore(NullStore):
     def experiments(self) -> list[str]:
         return sorted({str(meta.get("experiment", "")) for _, meta in self._metas()})
 
-    def search_runs(self, experiment: str, *, tags: Optional[dict[str, str]] = None,
-                    statuses: Optional[Sequence[str]] = None) -> list[RunRecord]:
+    def search_runs(
+        self, experiment: str, *, tags: Optional[dict[str, str]] = None, statuses: Optional[Sequence[str]] = None
+    ) -> list[RunRecord]:
         matches, known = [], set()
         for run, meta in self._metas():
             known.add(meta.get("experiment"))

@@ -1,6 +1,7 @@
 """MLflow store plumbing under :mod:`medtricks.tracking.mlflow_store`: local paths of sqlite/file
 URIs, the lock that serializes creating a sqlite store, and the retry / spool helpers that keep a
 run's writes while its tracking server is away (see the store's docstring)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,19 +31,28 @@ UNSENT_FILE = "unsent.jsonl"  # in the run folder's store/ folder
 _UNSENT_FILES_DIR = "unsent"  # figures saved while the store was away, next to it
 REPLAY_COMMAND = "python -m medtricks.tracking.replay"
 # MLflow error codes that mean "this write is wrong", not "not now": retrying or keeping it cannot help.
-_PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                        "INVALID_STATE", "BAD_REQUEST", "MALFORMED_REQUEST", "ENDPOINT_NOT_FOUND"})
+_PERMANENT = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_ALREADY_EXISTS",
+        "RESOURCE_DOES_NOT_EXIST",
+        "INVALID_STATE",
+        "BAD_REQUEST",
+        "MALFORMED_REQUEST",
+        "ENDPOINT_NOT_FOUND",
+    }
+)
 _CREATE_LOCK_TIMEOUT_S = 300.0  # a schema migration takes seconds; past this, go on without the lock
 
 
 def _local_path(uri: str) -> Optional[Path]:
     """The file or folder of a sqlite/file store (None for a server)."""
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
+        return Path(uri[len("sqlite:///") :])
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(parsed.path)
-    if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
+    if parsed.scheme in ("",) or (len(parsed.scheme) == 1 and os.name == "nt"):
         return Path(uri)
     return None
 
@@ -51,7 +61,7 @@ def _sqlite_file(uri: str) -> Optional[Path]:
     """The database file of a ``sqlite:///`` URI (None for anything else, and for in-memory databases)."""
     if not uri.startswith("sqlite:///"):
         return None
-    name = uri[len("sqlite:///"):].split("?", 1)[0]
+    name = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(name) if name and name != ":memory:" else None
 
 
@@ -86,8 +96,12 @@ def _creating_store(uri: str) -> Iterator[None]:
             candidate.acquire()
             lock = candidate
         except Timeout:
-            warnings.warn(f"waited {_CREATE_LOCK_TIMEOUT_S:.0f} s for {lock_path} (another process creating the "
-                          "MLflow database); going on without it", TrackingWarning, stacklevel=3)
+            warnings.warn(
+                f"waited {_CREATE_LOCK_TIMEOUT_S:.0f} s for {lock_path} (another process creating the "
+                "MLflow database); going on without it",
+                TrackingWarning,
+                stacklevel=3,
+            )
         except OSError:
             pass
     try:
@@ -138,11 +152,11 @@ def _send(client: MlflowClient, record: dict[str, Any]) -> None:
         existing = client.get_run(run_id).data.params
         items = [Param(key, text) for key, text in record["params"].items() if key not in existing]
         for i in range(0, len(items), _BATCH):
-            client.log_batch(run_id, params=items[i:i + _BATCH])
+            client.log_batch(run_id, params=items[i : i + _BATCH])
     elif op == "metrics":
         items = [Metric(key, value, int(ts), int(step)) for key, value, ts, step in record["metrics"]]
         for i in range(0, len(items), _METRIC_BATCH):
-            client.log_batch(run_id, metrics=items[i:i + _METRIC_BATCH])
+            client.log_batch(run_id, metrics=items[i : i + _METRIC_BATCH])
     elif op == "tags":
         for key, value in record["tags"].items():
             client.set_tag(run_id, key, value)
@@ -167,8 +181,9 @@ def _read_spool(path: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except ValueError:
-            warnings.warn(f"{path}:{number}: skipping a line cut short (a crash mid-write)", TrackingWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"{path}:{number}: skipping a line cut short (a crash mid-write)", TrackingWarning, stacklevel=2
+            )
             continue
         if isinstance(record, dict) and "run_id" in record and "op" in record:
             records.append(record)

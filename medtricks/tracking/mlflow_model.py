@@ -16,6 +16,7 @@ Example::
     save_pyfunc_model("exports/pneumonia_mlflow", "model.pt", {"classes": ["normal", "pneumonia"],
                       "in_chans": 1, "image_size": 224, "threshold": 0.41, "positive_index": 1})
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,14 +90,22 @@ def save_pyfunc_model(path: str | Path, torchscript_file: str | Path, info: dict
         raise ConfigError(f"{path} exists and is not an empty folder: an MLflow model needs a new folder")
     if path.is_dir():
         path.rmdir()  # mlflow.pyfunc.save_model refuses an existing folder
-    requirements = [f"mlflow=={_pin(mlflow.__version__)}", f"torch=={_pin(torch.__version__)}",
-                    f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+    requirements = [
+        f"mlflow=={_pin(mlflow.__version__)}",
+        f"torch=={_pin(torch.__version__)}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+    ]
     with tempfile.TemporaryDirectory(prefix="medtricks-mlflow-") as tmp:
         info_file = Path(tmp) / "info.json"
         info_file.write_text(json.dumps(info, indent=2))
         with warnings.catch_warnings(), _without_type_hint_advice():  # the signature is explicit
             warnings.simplefilter("ignore", UserWarning)
-            mlflow.pyfunc.save_model(str(path), python_model=str(CODE_FILE),
-                                     artifacts={"torchscript": str(torchscript_file), "info": str(info_file)},
-                                     signature=pyfunc_signature(info), pip_requirements=requirements)
+            mlflow.pyfunc.save_model(
+                str(path),
+                python_model=str(CODE_FILE),
+                artifacts={"torchscript": str(torchscript_file), "info": str(info_file)},
+                signature=pyfunc_signature(info),
+                pip_requirements=requirements,
+            )
     return path

@@ -24,6 +24,7 @@ Creating a new sqlite store runs MLflow's schema migrations; two processes doing
 (alembic). The first client of a sqlite URI is therefore created under a file lock next to the
 database (``mlflow.db.lock``).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,17 +41,48 @@ from mlflow.tracking import MlflowClient
 
 from medtricks.errors import MissingFileError
 from medtricks.rundir import RunDir
-from medtricks.tracking.mlflow_io import (REPLAY_COMMAND, UNSENT_FILE, creation_lock_path, _MAX_PARAM_LEN,
-                                       _NOT_FOUND, _PAGE, _UNSENT_FILES_DIR,
-                                       _absolute_uri, _creating_store, _forget_file, _has_run, _local_path,
-                                       _read_spool, _replay_target, _retrying, _send, _transient,
-                                       _write_spool, spool_path)
-from medtricks.tracking.base import (RunNotFoundError, RunRecord, RunStore, TrackingUnavailableError,
-                                     TrackingWarning, _finite_metrics)
+from medtricks.tracking.mlflow_io import (
+    REPLAY_COMMAND,
+    UNSENT_FILE,
+    creation_lock_path,
+    _MAX_PARAM_LEN,
+    _NOT_FOUND,
+    _PAGE,
+    _UNSENT_FILES_DIR,
+    _absolute_uri,
+    _creating_store,
+    _forget_file,
+    _has_run,
+    _local_path,
+    _read_spool,
+    _replay_target,
+    _retrying,
+    _send,
+    _transient,
+    _write_spool,
+    spool_path,
+)
+from medtricks.tracking.base import (
+    RunNotFoundError,
+    RunRecord,
+    RunStore,
+    TrackingUnavailableError,
+    TrackingWarning,
+    _finite_metrics,
+)
 from medtricks.tracking.uri import check_scheme, check_tracking_uri, default_tracking_uri
 
-__all__ = ["MlflowStore", "default_tracking_uri", "replay_unsent", "TrackingUnavailableError",
-           "RunNotFoundError", "UNSENT_FILE", "REPLAY_COMMAND", "creation_lock_path"]
+__all__ = [
+    "MlflowStore",
+    "default_tracking_uri",
+    "replay_unsent",
+    "TrackingUnavailableError",
+    "RunNotFoundError",
+    "UNSENT_FILE",
+    "REPLAY_COMMAND",
+    "creation_lock_path",
+]
+
 
 def _http_defaults(uri: str) -> None:
     """A tracking server that is down must fail in seconds, not after minutes of retries (the one place
@@ -65,8 +97,13 @@ def _quote(value: str) -> str:
 
 
 # ------------------------------------------------------------------------- writes that can wait
-def replay_unsent(path: str | Path, *, uri: Optional[str] = None,
-                  retry_delays: Sequence[float] = (0.5, 1.0, 2.0), budget_s: float = 10.0) -> int:
+def replay_unsent(
+    path: str | Path,
+    *,
+    uri: Optional[str] = None,
+    retry_delays: Sequence[float] = (0.5, 1.0, 2.0),
+    budget_s: float = 10.0,
+) -> int:
     """Send the writes a run kept while its MLflow store was away, in order, and return how many went.
 
     ``path``: the run folder (its ``store/unsent.jsonl``) or a spool file. ``uri``: send there instead
@@ -97,7 +134,8 @@ def replay_unsent(path: str | Path, *, uri: Optional[str] = None,
                     if not _has_run(clients[target], record["run_id"]):
                         raise RunNotFoundError(
                             f"run {record['run_id']} is not in MLflow at {target!r}; nothing was sent from {spool}. "
-                            f"Pass the URI the run was logged to: {REPLAY_COMMAND} {_replay_target(spool)} --uri URI")
+                            f"Pass the URI the run was logged to: {REPLAY_COMMAND} {_replay_target(spool)} --uri URI"
+                        )
                     known.add((target, record["run_id"]))
                 _retrying(lambda: _send(clients[target], record), retry_delays, time.monotonic() + budget_s)
                 sent += 1
@@ -107,8 +145,12 @@ def replay_unsent(path: str | Path, *, uri: Optional[str] = None,
                 if _transient(err):
                     failure = err
                     break
-                warnings.warn(f"{spool}: dropping a {record.get('op')} write of run {record['run_id']} that "
-                              f"MLflow refuses ({type(err).__name__}: {err})", TrackingWarning, stacklevel=2)
+                warnings.warn(
+                    f"{spool}: dropping a {record.get('op')} write of run {record['run_id']} that "
+                    f"MLflow refuses ({type(err).__name__}: {err})",
+                    TrackingWarning,
+                    stacklevel=2,
+                )
             done += 1
             _forget_file(record, spool)
     finally:
@@ -119,7 +161,8 @@ def replay_unsent(path: str | Path, *, uri: Optional[str] = None,
         raise TrackingUnavailableError(
             f"MLflow at {uri or remaining[0].get('uri')!r} still does not answer "
             f"({type(failure).__name__}: {str(failure)[:300]}); sent {sent}, {len(remaining)} writes remain in "
-            f"{spool}. Run `{REPLAY_COMMAND} {_replay_target(spool)}` again when it is back.") from failure
+            f"{spool}. Run `{REPLAY_COMMAND} {_replay_target(spool)}` again when it is back."
+        ) from failure
     run = RunDir(spool.parent.parent) if spool.name == UNSENT_FILE else None
     if run is not None and run.state_file.is_file() and run.read_state().get("tracking") == "degraded":
         run.write_state(tracking="replayed")
@@ -140,8 +183,11 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         try:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except MlflowException as err:  # e.g. no permission on a shared server: the UI just opens elsewhere
-            warnings.warn(f"could not tag MLflow experiment {name!r} with {EXPERIMENT_KIND_TAG}: {err}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"could not tag MLflow experiment {name!r} with {EXPERIMENT_KIND_TAG}: {err}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return exp.experiment_id
 
 
@@ -202,7 +248,8 @@ class MlflowStore(RunStore):
             raise TrackingUnavailableError(
                 f"MLflow tracking URI {self.uri!r} is not reachable ({type(err).__name__}: {err}). "
                 "Start the server, fix tracking.uri / MLFLOW_TRACKING_URI, or run with "
-                "--set tracking.backend=none") from err
+                "--set tracking.backend=none"
+            ) from err
 
     def start(self, *, experiment, run_name, tags, resume_run_id=None, parent_run_id=None):
         mlflow.set_tracking_uri(self.uri)
@@ -244,8 +291,11 @@ class MlflowStore(RunStore):
             parent = str(Path(artifact_file).parent).replace("\\", "/")
             return {"op": "artifact", "path": str(path), "artifact_path": None if parent == "." else parent}
 
-        self._write({"op": "figure", "artifact_file": artifact_file},
-                    send=lambda: self.client.log_figure(self.run_id, figure, artifact_file), keep=keep)
+        self._write(
+            {"op": "figure", "artifact_file": artifact_file},
+            send=lambda: self.client.log_figure(self.run_id, figure, artifact_file),
+            keep=keep,
+        )
 
     def log_artifact(self, local_path, artifact_path=None) -> None:
         self._write({"op": "artifact", "path": str(Path(local_path).absolute()), "artifact_path": artifact_path})
@@ -275,14 +325,19 @@ class MlflowStore(RunStore):
         self._write({"op": "end", "status": status, "end_time": int(time.time() * 1000)}, final=True)
         if self._pending:
             self.degraded = True
-            where = (f"kept in {self._spool}" if self._spool_ok else
-                     f"kept in memory only ({self._spool} could not be written) and lost when this process ends")
+            where = (
+                f"kept in {self._spool}"
+                if self._spool_ok
+                else f"kept in memory only ({self._spool} could not be written) and lost when this process ends"
+            )
             warnings.warn(
                 f"MLflow at {self.uri} did not answer at the end of run {self.run_id} ({self._outage}): "
                 f"{len(self._pending)} writes, the final status {status} included, are {where}. The run is "
                 f"marked degraded; send them when the server is back: `{REPLAY_COMMAND} "
                 f"{_replay_target(self._spool)}` (or medtricks.tracking.replay_unsent(...)).",
-                TrackingWarning, stacklevel=2)
+                TrackingWarning,
+                stacklevel=2,
+            )
 
     @property
     def unsent_path(self) -> Optional[Path]:
@@ -323,12 +378,21 @@ class MlflowStore(RunStore):
             except OSError:
                 self._spool_ok = False
         if mine:
-            warnings.warn(f"{self._spool}: sending {len(mine)} writes an earlier process of run {self.run_id} "
-                          "could not send", TrackingWarning, stacklevel=3)
+            warnings.warn(
+                f"{self._spool}: sending {len(mine)} writes an earlier process of run {self.run_id} could not send",
+                TrackingWarning,
+                stacklevel=3,
+            )
             self._flush(final=False)
 
-    def _write(self, record: dict[str, Any], *, send: Optional[Callable[[], None]] = None,
-               keep: Optional[Callable[[], dict[str, Any]]] = None, final: bool = False) -> None:
+    def _write(
+        self,
+        record: dict[str, Any],
+        *,
+        send: Optional[Callable[[], None]] = None,
+        keep: Optional[Callable[[], dict[str, Any]]] = None,
+        final: bool = False,
+    ) -> None:
         """Send one write after everything kept before it; keep it when the store is away."""
         record = {"run_id": self.run_id, "uri": self._record_uri, **record}
         budget = self.final_budget_s if final else self.retry_budget_s
@@ -337,8 +401,11 @@ class MlflowStore(RunStore):
             self._keep(record, keep)
             return
         try:
-            _retrying(send or (lambda: _send(self.client, record)),
-                      self.final_retry_delays if final else self.retry_delays, deadline)
+            _retrying(
+                send or (lambda: _send(self.client, record)),
+                self.final_retry_delays if final else self.retry_delays,
+                deadline,
+            )
         except Exception as err:  # noqa: BLE001 - a write that is wrong is raised as before
             if not _transient(err):
                 raise
@@ -350,9 +417,12 @@ class MlflowStore(RunStore):
             try:
                 record = {"run_id": self.run_id, "uri": self._record_uri, **keep()}
             except Exception as err:  # noqa: BLE001 - a figure that cannot be saved is lost, not training
-                warnings.warn(f"could not keep a {record.get('op')} write for later ({type(err).__name__}: {err}); "
-                              "it is not logged",
-                              TrackingWarning, stacklevel=3)
+                warnings.warn(
+                    f"could not keep a {record.get('op')} write for later ({type(err).__name__}: {err}); "
+                    "it is not logged",
+                    TrackingWarning,
+                    stacklevel=3,
+                )
                 return
         self._pending.append(record)
         if self._spool is None:
@@ -367,8 +437,12 @@ class MlflowStore(RunStore):
                 self._spool_ok = True
         except OSError as err:
             if self._spool_ok:
-                warnings.warn(f"cannot write {self._spool} ({type(err).__name__}: {err}): writes MLflow did not "
-                              "take are kept in memory only until it can", TrackingWarning, stacklevel=3)
+                warnings.warn(
+                    f"cannot write {self._spool} ({type(err).__name__}: {err}): writes MLflow did not "
+                    "take are kept in memory only until it can",
+                    TrackingWarning,
+                    stacklevel=3,
+                )
             self._spool_ok = False
 
     def _flush(self, *, final: bool = False, deadline: Optional[float] = None) -> bool:
@@ -377,8 +451,11 @@ class MlflowStore(RunStore):
         if not final and time.monotonic() < self._retry_at:
             return False
         delays = self.final_retry_delays if final else self.retry_delays
-        deadline = deadline if deadline is not None else time.monotonic() + (
-            self.final_budget_s if final else self.retry_budget_s)
+        deadline = (
+            deadline
+            if deadline is not None
+            else time.monotonic() + (self.final_budget_s if final else self.retry_budget_s)
+        )
         sent = 0
         try:
             while self._pending:
@@ -389,8 +466,11 @@ class MlflowStore(RunStore):
                     if _transient(err):
                         self._failed(err)
                         return False
-                    warnings.warn(f"dropping a kept {record.get('op')} write that MLflow refuses "
-                                  f"({type(err).__name__}: {err})", TrackingWarning, stacklevel=3)
+                    warnings.warn(
+                        f"dropping a kept {record.get('op')} write that MLflow refuses ({type(err).__name__}: {err})",
+                        TrackingWarning,
+                        stacklevel=3,
+                    )
                 self._pending.popleft()
                 sent += 1
                 _forget_file(record, self._spool)
@@ -402,8 +482,11 @@ class MlflowStore(RunStore):
                 except OSError:
                     self._spool_ok = False
         if self._outage is not None:
-            warnings.warn(f"MLflow at {self.uri} answers again: sent {sent} kept writes of run {self.run_id}",
-                          TrackingWarning, stacklevel=3)
+            warnings.warn(
+                f"MLflow at {self.uri} answers again: sent {sent} kept writes of run {self.run_id}",
+                TrackingWarning,
+                stacklevel=3,
+            )
         self._outage, self._cooldown, self._retry_at = None, 0.0, 0.0
         return True
 
@@ -415,9 +498,12 @@ class MlflowStore(RunStore):
         if self._outage is None:
             self._outage = f"{type(err).__name__}: {str(err)[:300]}"
             where = self._spool if self._spool is not None else "memory"
-            warnings.warn(f"MLflow at {self.uri} did not take a write ({self._outage}); training goes on, and "
-                          f"writes are kept in {where} and sent in order when it answers again",
-                          TrackingWarning, stacklevel=4)
+            warnings.warn(
+                f"MLflow at {self.uri} did not take a write ({self._outage}); training goes on, and "
+                f"writes are kept in {where} and sent in order when it answers again",
+                TrackingWarning,
+                stacklevel=4,
+            )
 
     # -------------------------------------------------------------------------------- read side
     def _experiment_names(self) -> dict[str, str]:
@@ -428,11 +514,18 @@ class MlflowStore(RunStore):
 
     def _record(self, run, names: dict[str, str]) -> RunRecord:
         info, data = run.info, run.data
-        return RunRecord(run_id=info.run_id, run_name=info.run_name or data.tags.get("mlflow.runName", ""),
-                         experiment=names.get(info.experiment_id, info.experiment_id),
-                         status=info.status, start_time=info.start_time, tags=dict(data.tags),
-                         params=dict(data.params), metrics=dict(data.metrics),
-                         parent=data.tags.get("mlflow.parentRunId"), run_dir=data.tags.get("run_dir"))
+        return RunRecord(
+            run_id=info.run_id,
+            run_name=info.run_name or data.tags.get("mlflow.runName", ""),
+            experiment=names.get(info.experiment_id, info.experiment_id),
+            status=info.status,
+            start_time=info.start_time,
+            tags=dict(data.tags),
+            params=dict(data.params),
+            metrics=dict(data.metrics),
+            parent=data.tags.get("mlflow.parentRunId"),
+            run_dir=data.tags.get("run_dir"),
+        )
 
     def _get(self, run_id: str):
         """The mlflow run, or None when the store does not know the id; TrackingUnavailableError otherwise."""
@@ -462,8 +555,9 @@ class MlflowStore(RunStore):
     def experiments(self) -> list[str]:
         return [] if self._missing() else sorted(self._experiment_names().values())
 
-    def search_runs(self, experiment: str, *, tags: Optional[dict[str, str]] = None,
-                    statuses: Optional[Sequence[str]] = None) -> list[RunRecord]:
+    def search_runs(
+        self, experiment: str, *, tags: Optional[dict[str, str]] = None, statuses: Optional[Sequence[str]] = None
+    ) -> list[RunRecord]:
         names = {} if self._missing() else self._experiment_names()
         if experiment not in names.values():
             raise RunNotFoundError(self._unknown_experiment(experiment))
@@ -472,8 +566,13 @@ class MlflowStore(RunStore):
         records, token = [], None
         try:
             while True:
-                page = self._client().search_runs([exp_id], filter_string=" and ".join(filters), max_results=_PAGE,
-                                                  order_by=["attributes.start_time ASC"], page_token=token)
+                page = self._client().search_runs(
+                    [exp_id],
+                    filter_string=" and ".join(filters),
+                    max_results=_PAGE,
+                    order_by=["attributes.start_time ASC"],
+                    page_token=token,
+                )
                 records.extend(self._record(r, names) for r in page)
                 token = page.token
                 if not token:
@@ -507,5 +606,3 @@ class MlflowStore(RunStore):
         run = self._get(run_id)
         folder = run.data.tags.get("run_dir") if run is not None else None
         return Path(folder) if folder and Path(folder).is_dir() else None
-
-

@@ -16,6 +16,7 @@ needs no medtricks install. It wraps the TorchScript file ``medtricks export`` w
 medtricks.tracking.mlflow_model saves it with :func:`mlflow.pyfunc.save_model`; nothing in medtricks
 imports this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,10 @@ class TorchScriptClassifier(mlflow.pyfunc.PythonModel):
         if x.ndim == 3 and x.shape[1:] == shape[1:] and shape[0] == 1:
             x = x[:, None]
         if x.ndim != 4 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"expected images of shape (N, {shape[0]}, {shape[1]}, {shape[2]}) with values in "
-                             f"[0, 1], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected images of shape (N, {shape[0]}, {shape[1]}, {shape[2]}) with values in "
+                f"[0, 1], got shape {tuple(x.shape)}"
+            )
         return x
 
     def predict(self, context, model_input, params=None):

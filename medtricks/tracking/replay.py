@@ -9,6 +9,7 @@ A run whose MLflow store stopped answering keeps training and keeps its writes i
 Exit status 0 when everything was sent (or nothing was waiting), 1 when the store still does not answer
 (what is left stays in the spool file; run the command again later) or does not know the run.
 """
+
 from __future__ import annotations
 
 import argparse

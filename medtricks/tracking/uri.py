@@ -6,6 +6,7 @@ listing the supported ones, and a server or database that does not answer within
 is a :class:`~medtricks.tracking.base.TrackingUnavailableError` -- one line each, instead of MLflow's
 two minutes of database retries and a driver traceback. Nothing here imports mlflow.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ from urllib.parse import SplitResult, urlsplit
 from medtricks.errors import ConfigError
 from medtricks.tracking.base import TrackingUnavailableError
 
-__all__ = ["default_tracking_uri", "check_tracking_uri", "uri_scheme", "check_scheme", "SUPPORTED_SCHEMES",
-           "CHECK_TIMEOUT_S"]
+__all__ = [
+    "default_tracking_uri",
+    "check_tracking_uri",
+    "uri_scheme",
+    "check_scheme",
+    "SUPPORTED_SCHEMES",
+    "CHECK_TIMEOUT_S",
+]
 
 #: Seconds a server or database has to answer the check (a TCP connect, then one request or login).
 CHECK_TIMEOUT_S = 5.0
@@ -68,8 +75,9 @@ def check_scheme(uri: str) -> str:
     the supported ones (no network)."""
     scheme = uri_scheme(uri)
     if scheme not in SUPPORTED_SCHEMES and scheme != "":
-        raise ConfigError(f"tracking URI {_redacted(uri)!r}: unknown scheme {scheme + '://'!r}; MLflow takes "
-                          f"{_supported()}")
+        raise ConfigError(
+            f"tracking URI {_redacted(uri)!r}: unknown scheme {scheme + '://'!r}; MLflow takes {_supported()}"
+        )
     return scheme
 
 
@@ -144,8 +152,11 @@ def _check_http(uri: str, parts: SplitResult, timeout: float) -> None:
         if isinstance(reason, (socket.timeout, TimeoutError)):
             raise _unreachable(uri, f"no HTTP answer within {timeout:g} s") from None
         if isinstance(reason, ssl.SSLError):
-            raise _unreachable(uri, f"TLS failed ({reason}); for a self-signed certificate set "
-                                    "MLFLOW_TRACKING_INSECURE_TLS=true or MLFLOW_TRACKING_SERVER_CERT_PATH") from None
+            raise _unreachable(
+                uri,
+                f"TLS failed ({reason}); for a self-signed certificate set "
+                "MLFLOW_TRACKING_INSECURE_TLS=true or MLFLOW_TRACKING_SERVER_CERT_PATH",
+            ) from None
         raise _unreachable(uri, f"{type(reason).__name__}: {reason}") from None
 
 
@@ -171,15 +182,20 @@ def _login(uri: str, scheme: str, timeout: float) -> None:
     except ImportError:  # pragma: no cover - MLflow depends on it
         return
     try:
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(2, int(timeout))},
-                                          poolclass=sqlalchemy.pool.NullPool)
+        engine = sqlalchemy.create_engine(
+            uri, connect_args={"connect_timeout": max(2, int(timeout))}, poolclass=sqlalchemy.pool.NullPool
+        )
     except (ImportError, ModuleNotFoundError) as err:
-        raise ConfigError(f"tracking URI {_redacted(uri)!r}: the {scheme} driver is not installed ({err}); "
-                          f"install it (e.g. pip install 'medtricks[server]') or name the driver in the scheme, "
-                          f"e.g. {scheme}+psycopg://") from None
+        raise ConfigError(
+            f"tracking URI {_redacted(uri)!r}: the {scheme} driver is not installed ({err}); "
+            f"install it (e.g. pip install 'medtricks[server]') or name the driver in the scheme, "
+            f"e.g. {scheme}+psycopg://"
+        ) from None
     except Exception as err:  # noqa: BLE001 - a URI SQLAlchemy cannot parse
-        raise ConfigError(f"tracking URI {_redacted(uri)!r} is not a database URI SQLAlchemy reads: "
-                          f"{type(err).__name__}: {_first_line(err)}") from None
+        raise ConfigError(
+            f"tracking URI {_redacted(uri)!r} is not a database URI SQLAlchemy reads: "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from None
     outcome: dict = {}
 
     def login() -> None:

@@ -61,6 +61,7 @@ Example::
     train_model, report = compile_for_training(model, "auto", torch.device("cpu"))
     logits = train_model(images)        # model.state_dict() == train_model.state_dict()
 """
+
 from __future__ import annotations
 
 import warnings
@@ -78,9 +79,11 @@ COMPILE_MODES = ("auto", "on", "off")
 
 #: What ``auto`` does on a CPU; set from ``benchmarks/cpu_paths.py`` (see the module docstring).
 CPU_AUTO_COMPILES = False
-_CPU_AUTO_REASON = ("auto: not compiled on CPU (benchmarks/cpu_paths.py, 2-core CPU: 1.07-1.26x per update but "
-                    "28-81 s to compile with a cold cache, break-even 221-907 updates; use on for repeated runs "
-                    "with a warm inductor cache)")
+_CPU_AUTO_REASON = (
+    "auto: not compiled on CPU (benchmarks/cpu_paths.py, 2-core CPU: 1.07-1.26x per update but "
+    "28-81 s to compile with a cold cache, break-even 221-907 updates; use on for repeated runs "
+    "with a warm inductor cache)"
+)
 
 
 def auto_compiles(device: torch.device | str) -> tuple[bool, str]:
@@ -96,7 +99,7 @@ def auto_compiles(device: torch.device | str) -> tuple[bool, str]:
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     line = next((t.strip() for t in text if t.strip()), "")
-    line = line if len(line) <= limit else line[:limit - 3] + "..."
+    line = line if len(line) <= limit else line[: limit - 3] + "..."
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
@@ -124,8 +127,13 @@ class GuardedCompile(nn.Module):
         # object.__setattr__: not registered as submodules, so no prefix in state_dict and no double counting.
         object.__setattr__(self, "_eager", module)
         object.__setattr__(self, "_compiled", compiled)
-        object.__setattr__(self, "report", report if report is not None else
-                           {"mode": "on", "compiled": True, "reason": "compiled with torch.compile (inductor)"})
+        object.__setattr__(
+            self,
+            "report",
+            report
+            if report is not None
+            else {"mode": "on", "compiled": True, "reason": "compiled with torch.compile (inductor)"},
+        )
         object.__setattr__(self, "calls", 0)
         self.training = module.training
 
@@ -167,12 +175,14 @@ class GuardedCompile(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self._eager.load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
         return self._eager.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
 
-    def named_buffers(self, prefix: str = "", recurse: bool = True,
-                      remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         return self._eager.named_buffers(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:

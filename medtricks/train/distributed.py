@@ -10,6 +10,7 @@ wrapped in ``DistributedDataParallel`` (:func:`wrap`: gradients are averaged at 
 alone writes the run folder, logs, checkpoints, validates and prints. The backend is ``nccl`` on CUDA
 (process ``LOCAL_RANK`` uses ``cuda:LOCAL_RANK``) and ``gloo`` on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,25 @@ from torch import nn
 
 from medtricks.errors import ConfigError
 
-__all__ = ["launched", "world_size", "rank", "local_rank", "is_main", "local_device", "process_group", "barrier",
-           "main_first", "broadcast", "sum_across", "wrap", "sync_batchnorm", "TIMEOUT", "launch", "record_failure",
-           "RANK_ERRORS_ENV"]
+__all__ = [
+    "launched",
+    "world_size",
+    "rank",
+    "local_rank",
+    "is_main",
+    "local_device",
+    "process_group",
+    "barrier",
+    "main_first",
+    "broadcast",
+    "sum_across",
+    "wrap",
+    "sync_batchnorm",
+    "TIMEOUT",
+    "launch",
+    "record_failure",
+    "RANK_ERRORS_ENV",
+]
 
 #: How long a collective waits for the other processes (rank 0 validates alone while the others wait).
 TIMEOUT = timedelta(minutes=30)
@@ -69,16 +86,22 @@ def local_device(device: torch.device, requested: str) -> torch.device:
         return device
     if device.type == "cuda":
         if requested not in ("auto", "cuda"):
-            raise ConfigError(f"train.device={requested!r}: under torchrun each process uses cuda:LOCAL_RANK; set "
-                              "train.device to auto or cuda and pick the GPUs with CUDA_VISIBLE_DEVICES")
+            raise ConfigError(
+                f"train.device={requested!r}: under torchrun each process uses cuda:LOCAL_RANK; set "
+                "train.device to auto or cuda and pick the GPUs with CUDA_VISIBLE_DEVICES"
+            )
         if local_rank() >= torch.cuda.device_count():
-            raise ConfigError(f"torchrun started process LOCAL_RANK={local_rank()} but this machine shows "
-                              f"{torch.cuda.device_count()} GPU(s): use --nproc-per-node <= the GPU count")
+            raise ConfigError(
+                f"torchrun started process LOCAL_RANK={local_rank()} but this machine shows "
+                f"{torch.cuda.device_count()} GPU(s): use --nproc-per-node <= the GPU count"
+            )
         return torch.device("cuda", local_rank())
     if device.type == "cpu":
         return device
-    raise ConfigError(f"train.device={requested!r} ({device.type}): data-parallel training under torchrun runs on "
-                      "CUDA (nccl) or CPU (gloo)")
+    raise ConfigError(
+        f"train.device={requested!r} ({device.type}): data-parallel training under torchrun runs on "
+        "CUDA (nccl) or CPU (gloo)"
+    )
 
 
 @contextmanager
@@ -161,9 +184,11 @@ def sync_batchnorm(model: nn.Module, device: torch.device, enabled: bool) -> nn.
     if not enabled or world_size() == 1:
         return model
     if device.type != "cuda":
-        raise ConfigError(f"train.sync_bn=true needs CUDA: torch {torch.__version__}'s SyncBatchNorm refuses CPU "
-                          "tensors (gloo). On CPU set train.sync_bn=false (each process then normalizes with the "
-                          "statistics of its own train.batch_size images)")
+        raise ConfigError(
+            f"train.sync_bn=true needs CUDA: torch {torch.__version__}'s SyncBatchNorm refuses CPU "
+            "tensors (gloo). On CPU set train.sync_bn=false (each process then normalizes with the "
+            "statistics of its own train.batch_size images)"
+        )
     return convert_sync_batchnorm(model)
 
 
@@ -230,8 +255,11 @@ def launch(argv: list[str]) -> int:
             run(args)
             return 0
         except SignalException as err:  # Ctrl-C / SIGTERM: torchrun stopped its workers (epochs are checkpointed)
-            print(f"medtricks run: stopped by {err.sigval.name}: the last finished epoch is checkpointed; "
-                  "continue with --resume auto", file=sys.stderr)
+            print(
+                f"medtricks run: stopped by {err.sigval.name}: the last finished epoch is checkpointed; "
+                "continue with --resume auto",
+                file=sys.stderr,
+            )
             return 130
         except ChildFailedError as err:
             failures = _failures(Path(folder))

@@ -7,6 +7,7 @@ Under torchrun (``medtricks.train.distributed``) the loop trains through ``Distr
 logs, checkpoints and validates on rank 0 only, and every process sees rank 0's validation metrics
 and the loss averaged over all processes; with one process none of that happens.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,15 @@ from medtricks.train.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from medtricks.train.inference import autocast_context
 from medtricks.tricks.base import saved_trick_states
 
-__all__ = ["EngineConfig", "FitResult", "NonFiniteLossError", "fit", "seed_everything", "seed_epoch",
-           "evaluation_model"]
+__all__ = [
+    "EngineConfig",
+    "FitResult",
+    "NonFiniteLossError",
+    "fit",
+    "seed_everything",
+    "seed_epoch",
+    "evaluation_model",
+]
 
 
 class NonFiniteLossError(MedtricksError, RuntimeError):
@@ -126,10 +134,12 @@ def _check_finite_weights(model: nn.Module, epoch: int, last_path: Path) -> None
     if not torch.isfinite(total):
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
         kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"the weights became non-finite at epoch {epoch + 1} ({len(bad)} tensors, e.g. "
-                                 f"{', '.join(bad[:3])}) although the loss stayed finite; not checkpointing them. "
-                                 f"{kept}. Lower optim.lr, check the schedule (schedule.gamma, warmup) or set "
-                                 "train.grad_clip.")
+        raise NonFiniteLossError(
+            f"the weights became non-finite at epoch {epoch + 1} ({len(bad)} tensors, e.g. "
+            f"{', '.join(bad[:3])}) although the loss stayed finite; not checkpointing them. "
+            f"{kept}. Lower optim.lr, check the schedule (schedule.gamma, warmup) or set "
+            "train.grad_clip."
+        )
 
 
 def evaluation_model(model: nn.Module, tricks: Sequence[Any] = ()) -> nn.Module:
@@ -163,8 +173,11 @@ def _new_best(metrics: dict, result: "FitResult", cfg: EngineConfig) -> bool:
         if cfg.best_tiebreak is None:
             return False
         tiebreak = metrics.get(cfg.best_tiebreak)
-        return tiebreak is not None and result.best_tiebreak_value is not None and \
-            _better(tiebreak, result.best_tiebreak_value, cfg.best_tiebreak_mode)
+        return (
+            tiebreak is not None
+            and result.best_tiebreak_value is not None
+            and _better(tiebreak, result.best_tiebreak_value, cfg.best_tiebreak_mode)
+        )
     return _better(value, result.best_value, cfg.best_mode)
 
 
@@ -175,13 +188,24 @@ def _tiebreak_of(history: list, best_epoch: Optional[int], cfg: EngineConfig) ->
     return history[best_epoch - 1].get(cfg.best_tiebreak)
 
 
-def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Optimizer, scheduler,
-        loss_fn: nn.Module, cfg: EngineConfig, evaluate_fn: Callable[[nn.Module], dict[str, float]],
-        checkpoint_dir: str | Path, tricks: Sequence[Any] = (),
-        on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
-        on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
-        resume: bool = False, checkpoint_extra: Optional[dict[str, Any]] = None,
-        train_module: Optional[nn.Module] = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: nn.Module,
+    cfg: EngineConfig,
+    evaluate_fn: Callable[[nn.Module], dict[str, float]],
+    checkpoint_dir: str | Path,
+    tricks: Sequence[Any] = (),
+    on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
+    on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
+    resume: bool = False,
+    checkpoint_extra: Optional[dict[str, Any]] = None,
+    train_module: Optional[nn.Module] = None,
+) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs; checkpoint every epoch; keep the best.
 
     ``evaluate_fn(model)`` returns validation metrics such as ``{"val/auroc": 0.9, ...}``; the
@@ -238,8 +262,11 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         start_epoch, step = state["epoch"] + 1, state["step"]
         result.history = state["history"]
         result.best_value, result.best_epoch = state["best_value"], state["best_epoch"]
-        result.best_tiebreak_value = state["best_tiebreak_value"] if "best_tiebreak_value" in state else \
-            _tiebreak_of(result.history, result.best_epoch, cfg)
+        result.best_tiebreak_value = (
+            state["best_tiebreak_value"]
+            if "best_tiebreak_value" in state
+            else _tiebreak_of(result.history, result.best_epoch, cfg)
+        )
         result.resumed_from_epoch = state["epoch"]
         if on_epoch and main and result.history:
             # The process may have died between this checkpoint and the epoch's logging (kill -9, a lost
@@ -262,8 +289,9 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         updates_per_epoch = steps_per_epoch(train_loader, cfg)  # per process: its slice of the epoch
         seed_epoch(cfg.seed, epoch, train_loader, rank=distributed.rank())
         if progressive:
-            _schedule_at(scheduler, optimizer, epoch, 0, updates_per_epoch, nominal_updates,
-                         train_loader.lr_scale(epoch))
+            _schedule_at(
+                scheduler, optimizer, epoch, 0, updates_per_epoch, nominal_updates, train_loader.lr_scale(epoch)
+            )
         train_model.train()
         epoch_loss, epoch_images, started = 0.0, 0, time.perf_counter()
         max_batches = updates_per_epoch * cfg.accumulate
@@ -272,8 +300,12 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
         if cfg.progress and main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=min(len(train_loader), max_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=min(len(train_loader), max_batches),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
         optimizer.zero_grad(set_to_none=True)
         for batch_index, (images, targets) in enumerate(iterator):
             if batch_index >= max_batches:
@@ -288,8 +320,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             updating = (batch_index + 1) % cfg.accumulate == 0 or last_in_epoch
             # DDP: accumulated micro-batches are averaged once, in the backward before the update (no_sync
             # covers the forward pass: that is where DDP decides whether the next backward synchronizes).
-            with train_model.no_sync() if ddp and not updating else nullcontext(), \
-                    autocast_context(device, cfg.amp_dtype):
+            with (
+                train_model.no_sync() if ddp and not updating else nullcontext(),
+                autocast_context(device, cfg.amp_dtype),
+            ):
                 logits = train_model(images)
                 loss = loss_fn(logits.float(), targets)
                 for trick in tricks:
@@ -305,12 +339,16 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
             if not math.isfinite(loss_value):
                 if bar is not None:
                     bar.close()
-                kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else \
-                    "no checkpoint was written yet (it failed in the first epoch)"
+                kept = (
+                    f"the last good checkpoint is {last_path}"
+                    if last_path.is_file()
+                    else "no checkpoint was written yet (it failed in the first epoch)"
+                )
                 raise NonFiniteLossError(
                     f"training loss is {loss_value} at epoch {epoch + 1}, update {step}; stopping. "
                     f"{kept}. Lower optim.lr, add warmup (schedule.warmup_epochs) or set "
-                    "train.grad_clip.")
+                    "train.grad_clip."
+                )
             (scaler.scale(loss / cfg.accumulate) if scaler else loss / cfg.accumulate).backward()
             if updating:
                 if cfg.grad_clip:
@@ -325,9 +363,15 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if progressive:
-                    _schedule_at(scheduler, optimizer, epoch, (batch_index + 1) // cfg.accumulate if not last_in_epoch
-                                 else updates_per_epoch, updates_per_epoch, nominal_updates,
-                                 train_loader.lr_scale(epoch))
+                    _schedule_at(
+                        scheduler,
+                        optimizer,
+                        epoch,
+                        (batch_index + 1) // cfg.accumulate if not last_in_epoch else updates_per_epoch,
+                        updates_per_epoch,
+                        nominal_updates,
+                        train_loader.lr_scale(epoch),
+                    )
                 else:
                     scheduler.step_update(step)
                 for trick in tricks:
@@ -340,51 +384,75 @@ def fit(model: nn.Module, train_loader, val_loader, *, optimizer: torch.optim.Op
                 # Every batch (a 9-batch epoch must not show the first batch for the whole epoch); cheap:
                 # refresh=False stores the postfix and update() redraws at the bar's own rate (mininterval).
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{epoch_images / elapsed:.1f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    img_s=f"{epoch_images / elapsed:.1f}",
+                    refresh=False,
+                )
                 bar.update(1)
         if bar is not None:
             bar.close()
         elapsed = max(time.perf_counter() - started, 1e-9)
-        metrics = {"train/epoch_loss": epoch_loss / max(epoch_images, 1),
-                   "train/img_per_s": epoch_images / elapsed, "epoch": float(epoch + 1)}
+        metrics = {
+            "train/epoch_loss": epoch_loss / max(epoch_images, 1),
+            "train/img_per_s": epoch_images / elapsed,
+            "epoch": float(epoch + 1),
+        }
         eval_model = evaluation_model(model, tricks)
         # DDP: rank 0 validates the model it saves, on the whole split; the others wait for its metrics here.
         metrics.update(distributed.broadcast(evaluate_fn(eval_model) if main else None))
         result.history.append(metrics)
         value = metrics.get(cfg.best_metric)
         if cfg.best_metric not in metrics:
-            raise UnknownKeyError(f"train.best_metric {cfg.best_metric!r} is not among the validation "
-                           f"metrics: {sorted(metrics)}")
+            raise UnknownKeyError(
+                f"train.best_metric {cfg.best_metric!r} is not among the validation metrics: {sorted(metrics)}"
+            )
         if _new_best(metrics, result, cfg):
             result.best_value, result.best_epoch = value, epoch + 1
             result.best_tiebreak_value = metrics.get(cfg.best_tiebreak) if cfg.best_tiebreak else None
             if main:
-                save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
-                                 "value": value}, best_path)
+                save_checkpoint(
+                    {"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric, "value": value},
+                    best_path,
+                )
         elif result.best_value is None:
             # The metric is undefined (e.g. AUROC on a validation split missing a class): keep the
             # latest epoch as "best" so the run still ends with a checkpoint, and say so.
             if main:
-                warnings.warn(f"train.best_metric {cfg.best_metric!r} is {value} at epoch {epoch + 1}; keeping "
-                              "the latest epoch as the best checkpoint until it becomes defined", RuntimeWarning,
-                              stacklevel=2)
-                save_checkpoint({"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric,
-                                 "value": value}, best_path)
+                warnings.warn(
+                    f"train.best_metric {cfg.best_metric!r} is {value} at epoch {epoch + 1}; keeping "
+                    "the latest epoch as the best checkpoint until it becomes defined",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                save_checkpoint(
+                    {"model": eval_model.state_dict(), "epoch": epoch, "metric": cfg.best_metric, "value": value},
+                    best_path,
+                )
             result.best_epoch = epoch + 1
             result.best_tiebreak_value = metrics.get(cfg.best_tiebreak) if cfg.best_tiebreak else None
         _check_finite_weights(model, epoch, last_path)  # the same weights in every process: all stop together
         if main:  # DDP: rank 0's RNG state; every process re-seeds from the epoch seed at the next epoch anyway
-            save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "tricks": {t.name: saved_state for t in tricks if (saved_state := t.state_dict()) is not None},
-                "rng": rng_state(),
-                "epoch": epoch, "step": step, "history": result.history,
-                "best_value": result.best_value, "best_epoch": result.best_epoch,
-                "best_tiebreak": cfg.best_tiebreak, "best_tiebreak_value": result.best_tiebreak_value,
-                **(checkpoint_extra or {}),
-            }, last_path)
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "tricks": {t.name: saved_state for t in tricks if (saved_state := t.state_dict()) is not None},
+                    "rng": rng_state(),
+                    "epoch": epoch,
+                    "step": step,
+                    "history": result.history,
+                    "best_value": result.best_value,
+                    "best_epoch": result.best_epoch,
+                    "best_tiebreak": cfg.best_tiebreak,
+                    "best_tiebreak_value": result.best_tiebreak_value,
+                    **(checkpoint_extra or {}),
+                },
+                last_path,
+            )
         for trick in tricks:
             trick.on_epoch_end(epoch, metrics)
         if on_epoch and main:  # after the checkpoint: a logging failure loses nothing

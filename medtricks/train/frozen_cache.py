@@ -28,6 +28,7 @@ Example::
     >>> split.cut                                         # the first trainable unit
     'layer3.0'
 """
+
 from __future__ import annotations
 
 import math
@@ -43,14 +44,23 @@ from medtricks.train.engine import seed_everything
 from medtricks.train.inference import autocast_context
 from medtricks.tricks.base import Trick
 
-__all__ = ["FrozenSplit", "split_frozen_prefix", "with_fused_frozen_norms", "SuffixModel", "CachedViews", "build_cached_views",
-           "check_cacheable", "cache_bytes"]
+__all__ = [
+    "FrozenSplit",
+    "split_frozen_prefix",
+    "with_fused_frozen_norms",
+    "SuffixModel",
+    "CachedViews",
+    "build_cached_views",
+    "check_cacheable",
+    "cache_bytes",
+]
 
 
 @dataclass
 class FrozenSplit:
     """Where a model is cut: ``units`` in forward order (name, module), the first ``n_frozen`` of them
     frozen; ``tail`` runs what follows the last unit (head conv, pooling, classifier)."""
+
     units: list[tuple[str, nn.Module]]
     n_frozen: int
     tail: Callable[[torch.Tensor], torch.Tensor]
@@ -61,7 +71,7 @@ class FrozenSplit:
         return self.units[self.n_frozen][0] if self.n_frozen < len(self.units) else "head"
 
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
-        for _, unit in self.units[:self.n_frozen]:
+        for _, unit in self.units[: self.n_frozen]:
             x = unit(x)
         return x
 
@@ -74,20 +84,21 @@ class FrozenSplit:
 
         from timm.utils.model import unfreeze_batch_norm_2d
 
-        prefix = nn.Sequential(*[copy.deepcopy(unit) for _, unit in self.units[:self.n_frozen]])
+        prefix = nn.Sequential(*[copy.deepcopy(unit) for _, unit in self.units[: self.n_frozen]])
         prefix = unfreeze_batch_norm_2d(prefix).eval()
         for parameter in prefix.parameters():
             parameter.requires_grad_(False)
         return prefix
 
     def rest(self, x: torch.Tensor) -> torch.Tensor:
-        for _, unit in self.units[self.n_frozen:]:
+        for _, unit in self.units[self.n_frozen :]:
             x = unit(x)
         return self.tail(x)
 
 
 def _units_and_tail(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], Callable]:
     """The forward sequence of the families medtricks ships (timm EfficientNet/MobileNet, ResNet)."""
+
     def blocks_of(prefix: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
         units = []
         for stage_name, stage in container.named_children():
@@ -108,20 +119,20 @@ def _units_and_tail(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], Call
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             units += [(f"{layer}.{n}", block) for n, block in names[layer].named_children()]
         return units, model.forward_head
-    raise ConfigError(f"train.cache_frozen: {type(model).__name__} is not a family whose forward medtricks can cut "
-                      "(timm EfficientNet/MobileNet or ResNet); remove train.cache_frozen for this model")
+    raise ConfigError(
+        f"train.cache_frozen: {type(model).__name__} is not a family whose forward medtricks can cut "
+        "(timm EfficientNet/MobileNet or ResNet); remove train.cache_frozen for this model"
+    )
 
 
 def _frozen(module: nn.Module) -> bool:
     """No trainable parameter and no BatchNorm that would update running statistics in train mode."""
     if any(p.requires_grad for p in module.parameters()):
         return False
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                   for m in module.modules())
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in module.modules())
 
 
-def split_frozen_prefix(model: nn.Module, *, sample: Optional[torch.Tensor] = None,
-                        atol: float = 1e-4) -> FrozenSplit:
+def split_frozen_prefix(model: nn.Module, *, sample: Optional[torch.Tensor] = None, atol: float = 1e-4) -> FrozenSplit:
     """Cut ``model`` after its longest run of frozen leading units (see the module docstring).
 
     ``sample`` (a small input batch): check that the cut reproduces ``model(sample)`` in eval mode.
@@ -131,9 +142,11 @@ def split_frozen_prefix(model: nn.Module, *, sample: Optional[torch.Tensor] = No
     while n_frozen < len(units) and _frozen(units[n_frozen][1]):
         n_frozen += 1
     if n_frozen == 0:
-        raise ConfigError("train.cache_frozen needs frozen early stages, but model.freeze freezes nothing at the "
-                          f"front of {type(model).__name__} (its first unit {units[0][0]} trains); freeze the "
-                          "stem and early stages, e.g. model.freeze: [0, 1, 2, 3]")
+        raise ConfigError(
+            "train.cache_frozen needs frozen early stages, but model.freeze freezes nothing at the "
+            f"front of {type(model).__name__} (its first unit {units[0][0]} trains); freeze the "
+            "stem and early stages, e.g. model.freeze: [0, 1, 2, 3]"
+        )
     split = FrozenSplit(units, n_frozen, tail)
     if sample is not None:
         was_training = model.training
@@ -144,9 +157,11 @@ def split_frozen_prefix(model: nn.Module, *, sample: Optional[torch.Tensor] = No
         finally:
             model.train(was_training)
         if whole.shape != cut.shape or not torch.allclose(whole, cut, atol=atol, rtol=1e-3):
-            raise ConfigError(f"train.cache_frozen: cutting {type(model).__name__} before {split.cut} does not "
-                              "reproduce its forward pass (the architecture is not a plain sequence of blocks); "
-                              "remove train.cache_frozen for this model")
+            raise ConfigError(
+                f"train.cache_frozen: cutting {type(model).__name__} before {split.cut} does not "
+                "reproduce its forward pass (the architecture is not a plain sequence of blocks); "
+                "remove train.cache_frozen for this model"
+            )
     return split
 
 
@@ -210,11 +225,21 @@ def cache_bytes(views: int, n_images: int, feature_shape: Sequence[int], dtype: 
     return int(views * n_images * math.prod(feature_shape) * torch.empty((), dtype=dtype).element_size())
 
 
-def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view: Callable[[int], int],
-                       dtype: torch.dtype = torch.float16, device: torch.device = torch.device("cpu"),
-                       batch_size: int = 64, num_workers: int = 0, channels_last: bool = False,
-                       amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                       desc: str = "caching frozen prefix") -> CachedViews:
+def build_cached_views(
+    split: FrozenSplit,
+    dataset,
+    *,
+    views: int,
+    seed_of_view: Callable[[int], int],
+    dtype: torch.dtype = torch.float16,
+    device: torch.device = torch.device("cpu"),
+    batch_size: int = 64,
+    num_workers: int = 0,
+    channels_last: bool = False,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    desc: str = "caching frozen prefix",
+) -> CachedViews:
     """Run the frozen prefix over ``views`` augmented passes of ``dataset`` (in index order; pass ``v`` seeded
     with ``seed_of_view(v)``) and keep the features on the CPU in ``dtype``."""
     n = len(dataset)
@@ -232,8 +257,9 @@ def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view:
         seed_everything(seed)
         generator = torch.Generator()
         generator.manual_seed(seed)  # worker seeds (and so their augmentation draws) follow the view's seed
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                             generator=generator)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=generator
+        )
         start = 0
         with torch.inference_mode():
             for images, _ in loader:
@@ -244,7 +270,7 @@ def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view:
                     features = prefix(images)
                 if store is None:
                     store = torch.empty((views, n, *features.shape[1:]), dtype=dtype)
-                store[view, start:start + len(features)] = features.to("cpu", dtype)
+                store[view, start : start + len(features)] = features.to("cpu", dtype)
                 start += len(features)
                 if bar is not None:
                     bar.update(len(features))
@@ -252,8 +278,9 @@ def build_cached_views(split: FrozenSplit, dataset, *, views: int, seed_of_view:
         bar.close()
     assert store is not None, "empty dataset"
     if not torch.isfinite(store).all():  # float16 overflow: features beyond +-65504
-        raise ConfigError("train.cache_frozen: the cached features overflow float16; set "
-                          "train.cache_frozen.dtype: float32")
+        raise ConfigError(
+            "train.cache_frozen: the cached features overflow float16; set train.cache_frozen.dtype: float32"
+        )
     # Only a dataset without ``targets`` is read again for its labels (a default argument would read every one).
     targets = dataset.targets if hasattr(dataset, "targets") else [int(dataset[i][1]) for i in range(n)]
     return CachedViews(store, targets)
@@ -265,11 +292,14 @@ _IMAGE_HOOKS = ("transform_batch", "extra_loss")
 def check_cacheable(*, tricks: Sequence[Any], resizer: bool, progressive: bool, world_size: int) -> None:
     """Refuse, with the reason, what cannot train on cached features (see the module docstring)."""
     reasons = []
-    touching = [t.name for t in tricks
-                if any(getattr(type(t), hook, None) is not getattr(Trick, hook) for hook in _IMAGE_HOOKS)]
+    touching = [
+        t.name for t in tricks if any(getattr(type(t), hook, None) is not getattr(Trick, hook) for hook in _IMAGE_HOOKS)
+    ]
     if touching:
-        reasons.append(f"trick(s) {', '.join(touching)} change or look at the images of every batch, which the cache "
-                       "replaces by frozen-prefix features")
+        reasons.append(
+            f"trick(s) {', '.join(touching)} change or look at the images of every batch, which the cache "
+            "replaces by frozen-prefix features"
+        )
     if resizer:
         reasons.append("model.resizer trains in front of the backbone, so nothing at the front is frozen")
     if progressive:
@@ -277,11 +307,18 @@ def check_cacheable(*, tricks: Sequence[Any], resizer: bool, progressive: bool, 
     if world_size > 1:
         reasons.append("data-parallel training (torchrun) is not supported on cached features yet")
     if reasons:
-        raise ConfigError("train.cache_frozen cannot be used here: " + "; ".join(reasons) +
-                          ". Remove train.cache_frozen (or the conflicting setting).")
+        raise ConfigError(
+            "train.cache_frozen cannot be used here: "
+            + "; ".join(reasons)
+            + ". Remove train.cache_frozen (or the conflicting setting)."
+        )
 
 
 def warn_single_view(views: int, augment: str) -> None:
     if views > 1 and augment == "none":
-        warnings.warn(f"train.cache_frozen.views={views} with data.augment=none: every view is the same image; "
-                      "one view is enough", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"train.cache_frozen.views={views} with data.augment=none: every view is the same image; "
+            "one view is enough",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,4 +1,5 @@
 """Inference over a loader: targets, class probabilities and mean loss."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,17 +28,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             build = "" if torch.version.cuda else ", a CPU-only build"
-            raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
-                              f"{torch.__version__}{build}); use cpu, or auto (CUDA when there is one)")
+            raise ConfigError(
+                f"device {str(device)!r}: CUDA is not available on this machine (torch "
+                f"{torch.__version__}{build}); use cpu, or auto (CUDA when there is one)"
+            )
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:
-            raise ConfigError(f"device {str(device)!r}: this machine shows {count} CUDA device(s), cuda:0 to "
-                              f"cuda:{count - 1} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            raise ConfigError(
+                f"device {str(device)!r}: this machine shows {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
     elif resolved.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ConfigError(f"device {str(device)!r}: MPS (Apple-silicon GPU) is not available on this machine; "
-                              "use cpu, or auto")
+            raise ConfigError(
+                f"device {str(device)!r}: MPS (Apple-silicon GPU) is not available on this machine; use cpu, or auto"
+            )
     return resolved
 
 
@@ -65,9 +71,16 @@ def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader, *, device: torch.device | str = "cpu",
-            amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-            progress: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray, float]:
+def predict(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device | str = "cpu",
+    amp_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Run ``model`` in eval mode over ``loader``; return (targets, softmax probs, mean CE loss).
 
     Runs under ``torch.inference_mode()`` (no autograd bookkeeping at all; ``benchmarks/cpu_paths.py``:

@@ -1,4 +1,5 @@
 """Optimizer parameter groups: no-bias-decay, layer-wise LR decay and per-module LR multipliers."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -20,10 +21,15 @@ def is_no_decay_param(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def build_param_groups(model: nn.Module, *, weight_decay: float, no_bias_decay: bool = False,
-                       layer_decay: Optional[float] = None,
-                       stage_of: Optional[Callable[[nn.Module], dict[str, int]]] = None,
-                       lr_mults: Optional[dict[str, float]] = None) -> list[dict]:
+def build_param_groups(
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    no_bias_decay: bool = False,
+    layer_decay: Optional[float] = None,
+    stage_of: Optional[Callable[[nn.Module], dict[str, int]]] = None,
+    lr_mults: Optional[dict[str, float]] = None,
+) -> list[dict]:
     """Group trainable parameters by (weight decay, LR scale).
 
     timm's ``param_groups_weight_decay`` / ``param_groups_layer_decay`` each cover one of these;
@@ -49,8 +55,7 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, no_bias_decay: 
             if name.startswith(prefix):
                 scale *= mult
         key = (decay, round(scale, 12))
-        group = groups.setdefault(key, {"params": [], "param_names": [], "weight_decay": decay,
-                                        "lr_scale": scale})
+        group = groups.setdefault(key, {"params": [], "param_names": [], "weight_decay": decay, "lr_scale": scale})
         group["params"].append(param)
         group["param_names"].append(name)
     if not groups:
@@ -58,8 +63,9 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, no_bias_decay: 
     return list(groups.values())
 
 
-def build_optimizer(param_groups: list[dict], *, name: str, lr: float, momentum: float = 0.9,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def build_optimizer(
+    param_groups: list[dict], *, name: str, lr: float, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.Optimizer:
     """``sgd`` (heavy-ball momentum), ``nesterov`` (the paper's NAG) or ``adamw``."""
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups]
     for group in groups:

@@ -23,6 +23,7 @@ Example::
     >>> progressive_batches([96, 128, 160], end=160, batch_size=32, n_images=1000)
     [88, 48, 32]
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,9 @@ def progressive_sizes(*, epochs: int, start: int, end: int, final_epochs: int = 
     return sizes + [end] * (epochs - ramp)
 
 
-def progressive_batches(sizes: Sequence[int], *, end: int, batch_size: int, n_images: int,
-                        scale_batch: bool = True) -> list[int]:
+def progressive_batches(
+    sizes: Sequence[int], *, end: int, batch_size: int, n_images: int, scale_batch: bool = True
+) -> list[int]:
     """The batch size of every epoch: ``batch_size * (end / size)^2`` in multiples of 8, capped at the split."""
     if not scale_batch:
         return [batch_size] * len(sizes)
@@ -62,8 +64,16 @@ class ProgressiveLoader:
     epoch's DataLoader (``make_train_loader``: the one sampler factory, so class balancing and seeding stay as
     without progressive resizing)."""
 
-    def __init__(self, dataset, *, sizes: Sequence[int], batches: Sequence[int], batch_size: int,
-                 set_size: Callable[[int], None], make_loader: Callable[[int], object]):
+    def __init__(
+        self,
+        dataset,
+        *,
+        sizes: Sequence[int],
+        batches: Sequence[int],
+        batch_size: int,
+        set_size: Callable[[int], None],
+        make_loader: Callable[[int], object],
+    ):
         if len(sizes) != len(batches):
             raise ValueError("one batch size per epoch size")
         self.dataset, self.sizes, self.batches, self.batch_size = dataset, list(sizes), list(batches), batch_size

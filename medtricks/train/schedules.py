@@ -1,4 +1,5 @@
 """Per-iteration learning-rate schedules: linear warmup, then cosine, step or constant (timm)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,10 +16,18 @@ def scaled_lr(lr: float, batch_size: int, linear_scaling: bool) -> float:
     return lr * batch_size / 256.0 if linear_scaling else lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int, steps_per_epoch: int,
-                    warmup_epochs: float = 0.0, warmup_lr_init: float = 0.0,
-                    milestones: list[float] | tuple[float, ...] = (), gamma: float = 0.1,
-                    min_lr: float = 0.0) -> Scheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: str,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    warmup_lr_init: float = 0.0,
+    milestones: list[float] | tuple[float, ...] = (),
+    gamma: float = 0.1,
+    min_lr: float = 0.0,
+) -> Scheduler:
     """A timm scheduler stepped once per optimizer update (``scheduler.step_update(n)``).
 
     Warmup is a prefix: the decay phase starts after it, so at the end of warmup the LR is exactly
@@ -31,8 +40,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int,
     total = max(1, int(round(epochs * steps_per_epoch)))
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup >= total:
-        raise ConfigError(f"schedule.warmup_epochs={warmup_epochs} covers the whole run "
-                         f"({epochs} epochs); it must be shorter than train.epochs")
+        raise ConfigError(
+            f"schedule.warmup_epochs={warmup_epochs} covers the whole run "
+            f"({epochs} epochs); it must be shorter than train.epochs"
+        )
     scheduler = _make(optimizer, name, total, warmup, warmup_lr_init, milestones, gamma, min_lr, steps_per_epoch)
     if warmup > 0:
         scheduler = OneUpdateAhead(scheduler)

@@ -8,6 +8,7 @@ engine in :mod:`medtricks.train`. Imported lazily so ``import medtricks.tricks``
 
     from medtricks.tricks import Trick, register_trick
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,13 +24,23 @@ _EXPORTS = {
 
 #: Names that lived here before the γ library and the builders got their own homes (0.x layout).
 _MOVED = {
-    "find_residual_norms": "medtricks.gamma", "apply_bn_gamma": "medtricks.gamma",
-    "apply_gamma_strategy": "medtricks.gamma", "register_residual_block": "medtricks.gamma",
-    "unregister_residual_block": "medtricks.gamma", "GammaNoEffectWarning": "medtricks.gamma",
-    "STRATEGIES": "medtricks.gamma", "gamma_preview": "medtricks.gamma", "GammaReport": "medtricks.gamma",
-    "ResidualNorm": "medtricks.gamma", "build_scheduler": "medtricks.train", "lr_curve": "medtricks.train",
-    "scaled_lr": "medtricks.train", "build_param_groups": "medtricks.train", "build_optimizer": "medtricks.train",
-    "build_loss": "medtricks.train", "build_mixup": "medtricks.train",
+    "find_residual_norms": "medtricks.gamma",
+    "apply_bn_gamma": "medtricks.gamma",
+    "apply_gamma_strategy": "medtricks.gamma",
+    "register_residual_block": "medtricks.gamma",
+    "unregister_residual_block": "medtricks.gamma",
+    "GammaNoEffectWarning": "medtricks.gamma",
+    "STRATEGIES": "medtricks.gamma",
+    "gamma_preview": "medtricks.gamma",
+    "GammaReport": "medtricks.gamma",
+    "ResidualNorm": "medtricks.gamma",
+    "build_scheduler": "medtricks.train",
+    "lr_curve": "medtricks.train",
+    "scaled_lr": "medtricks.train",
+    "build_param_groups": "medtricks.train",
+    "build_optimizer": "medtricks.train",
+    "build_loss": "medtricks.train",
+    "build_mixup": "medtricks.train",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -40,6 +51,8 @@ def __getattr__(name: str):
         module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         return getattr(module, name)
     if name in _MOVED:
-        raise AttributeError(f"medtricks.tricks.{name} moved: import it from {_MOVED[name]} "
-                             f"(`from {_MOVED[name]} import {name}`) or from medtricks itself")
+        raise AttributeError(
+            f"medtricks.tricks.{name} moved: import it from {_MOVED[name]} "
+            f"(`from {_MOVED[name]} import {name}`) or from medtricks itself"
+        )
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,6 +33,7 @@ hard-label (or mixed) cross-entropy while the training loss keeps the smoothing.
 mixup is refused: TRADES' KL term compares predictions on the same clean image, and its
 reference code has no mixing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,11 +67,14 @@ class AdversarialConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "AdversarialConfig":
         if self.method == "fgsm_rs" and self.steps not in (None, 1):
-            raise ValueError(f"tricks.adversarial.steps = {self.steps}: fgsm_rs takes exactly one step; "
-                             "use method: pgd for more")
+            raise ValueError(
+                f"tricks.adversarial.steps = {self.steps}: fgsm_rs takes exactly one step; use method: pgd for more"
+            )
         if self.method == "trades" and self.ratio != 1.0:
-            raise ValueError(f"tricks.adversarial.ratio = {self.ratio}: TRADES attacks every image (its KL term "
-                             "is on the whole batch); leave ratio at 1.0")
+            raise ValueError(
+                f"tricks.adversarial.ratio = {self.ratio}: TRADES attacks every image (its KL term "
+                "is on the whole batch); leave ratio at 1.0"
+            )
         return self
 
     def resolved_steps(self) -> int:
@@ -93,9 +97,14 @@ class AdversarialConfig(Section):
 def _bn_stats_kept(model: nn.Module) -> Iterator[None]:
     """Put BatchNorm running statistics back after the attack's forward passes."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-    saved = [(m.running_mean.clone() if m.running_mean is not None else None,
-              m.running_var.clone() if m.running_var is not None else None,
-              m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
+    saved = [
+        (
+            m.running_mean.clone() if m.running_mean is not None else None,
+            m.running_var.clone() if m.running_var is not None else None,
+            m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None,
+        )
+        for m in norms
+    ]
     try:
         yield
     finally:
@@ -132,8 +141,17 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def adversarial_batch(model: nn.Module, x01: torch.Tensor, targets: torch.Tensor, *, eps: float, alpha: float,
-                      steps: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def adversarial_batch(
+    model: nn.Module,
+    x01: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
     """PGD-L∞ with a uniform random start (``steps=1``: Wong et al.'s FGSM-RS) on pixels ``x01`` in
     ``[0, 1]``; returns the perturbed pixels, ``|x' - x| <= eps`` and in ``[0, 1]``.
 
@@ -142,7 +160,7 @@ def adversarial_batch(model: nn.Module, x01: torch.Tensor, targets: torch.Tensor
     """
     x01 = x01.detach()
     delta = (torch.rand_like(x01) * 2 - 1) * eps
-    delta = ((x01 + delta).clamp(0.0, 1.0) - x01)
+    delta = (x01 + delta).clamp(0.0, 1.0) - x01
     with _bn_stats_kept(model), _mode(model, True), torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)
@@ -153,8 +171,17 @@ def adversarial_batch(model: nn.Module, x01: torch.Tensor, targets: torch.Tensor
     return (x01 + delta).detach()
 
 
-def trades_attack(model: nn.Module, x01: torch.Tensor, clean_probs: torch.Tensor, *, eps: float, alpha: float,
-                  steps: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def trades_attack(
+    model: nn.Module,
+    x01: torch.Tensor,
+    clean_probs: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
     """TRADES' inner maximisation: ``steps`` signed steps on KL(f(x') ‖ f(x)) from ``x + 0.001·N(0,1)``,
     model in eval mode (as Zhang et al.'s reference code); returns pixels in the ε-ball and ``[0, 1]``."""
     x01 = x01.detach()
@@ -179,20 +206,30 @@ class AdversarialTraining(Trick):
     name = "adversarial"
     order = 75  # after mixup (70): the attack sees the batch the model trains on
     fields = {"adversarial": (AdversarialConfig, Field(default_factory=AdversarialConfig))}
-    ablation = {"adversarial": AblationName("tricks.adversarial.method", None,
-                                            "adversarial training: pgd, fgsm_rs or trades "
-                                            "(eps: tricks.adversarial.eps, default 1/255)")}
+    ablation = {
+        "adversarial": AblationName(
+            "tricks.adversarial.method",
+            None,
+            "adversarial training: pgd, fgsm_rs or trades (eps: tricks.adversarial.eps, default 1/255)",
+        )
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.cfg: AdversarialConfig = self.config.adversarial
         if ctx.mean is None or ctx.std is None:
-            raise ConfigError("tricks.adversarial needs the loader's normalisation (mean/std) to attack in [0, 1] "
-                              "pixel space; build the trick with TrickContext(mean=..., std=...)")
-        if self.cfg.method == "trades" and (getattr(self.config, "mixup_alpha", 0) > 0 or getattr(self.config, "cutmix_alpha", 0) > 0):
-            raise ConfigError("tricks.adversarial.method = 'trades' cannot be combined with tricks.mixup_alpha / "
-                              "tricks.cutmix_alpha: TRADES' KL term compares predictions on one clean image; use "
-                              "method: fgsm_rs or pgd with mixup, or switch mixup off")
+            raise ConfigError(
+                "tricks.adversarial needs the loader's normalisation (mean/std) to attack in [0, 1] "
+                "pixel space; build the trick with TrickContext(mean=..., std=...)"
+            )
+        if self.cfg.method == "trades" and (
+            getattr(self.config, "mixup_alpha", 0) > 0 or getattr(self.config, "cutmix_alpha", 0) > 0
+        ):
+            raise ConfigError(
+                "tricks.adversarial.method = 'trades' cannot be combined with tricks.mixup_alpha / "
+                "tricks.cutmix_alpha: TRADES' KL term compares predictions on one clean image; use "
+                "method: fgsm_rs or pgd with mixup, or switch mixup off"
+            )
         channels = len(ctx.mean)
         self.mean = torch.tensor(ctx.mean, dtype=torch.float32).view(1, channels, 1, 1)
         self.std = torch.tensor(ctx.std, dtype=torch.float32).view(1, channels, 1, 1)
@@ -205,8 +242,10 @@ class AdversarialTraining(Trick):
         return [] if cfg.method == "none" else [f"adversarial={cfg.method}@{cfg.eps * 255:.3g}/255"]
 
     def log_params(self):
-        return {"adversarial.resolved_steps": self.cfg.resolved_steps(),
-                "adversarial.resolved_alpha": f"{self.cfg.resolved_alpha() * 255:.4g}/255"}
+        return {
+            "adversarial.resolved_steps": self.cfg.resolved_steps(),
+            "adversarial.resolved_alpha": f"{self.cfg.resolved_alpha() * 255:.4g}/255",
+        }
 
     def on_fit_start(self, model):
         self.model = model
@@ -215,24 +254,44 @@ class AdversarialTraining(Trick):
     def _stats(self, images):
         mean, std = self.mean.to(images.device), self.std.to(images.device)
         if images.shape[1] != mean.shape[1]:
-            raise ConfigError(f"tricks.adversarial: the batch has {images.shape[1]} channel(s) but the normalisation "
-                              f"has {mean.shape[1]} (mean {tuple(mean.flatten().tolist())})")
+            raise ConfigError(
+                f"tricks.adversarial: the batch has {images.shape[1]} channel(s) but the normalisation "
+                f"has {mean.shape[1]} (mean {tuple(mean.flatten().tolist())})"
+            )
         return mean, std
 
     def transform_batch(self, images, targets):
         if self.model is None:
-            raise RuntimeError("AdversarialTraining.transform_batch before on_fit_start: the engine gives the model there")
+            raise RuntimeError(
+                "AdversarialTraining.transform_batch before on_fit_start: the engine gives the model there"
+            )
         mean, std = self._stats(images)
         x01 = _to_pixels(images.float(), mean, std)
         if self.cfg.method == "trades":
             with torch.no_grad(), _mode(self.model, False):
                 clean_probs = F.softmax(self.model(images).float(), dim=1)
-            self._x_adv = trades_attack(self.model, x01, clean_probs, eps=self.cfg.eps, alpha=self.cfg.resolved_alpha(),
-                                        steps=self.cfg.resolved_steps(), mean=mean, std=std)
+            self._x_adv = trades_attack(
+                self.model,
+                x01,
+                clean_probs,
+                eps=self.cfg.eps,
+                alpha=self.cfg.resolved_alpha(),
+                steps=self.cfg.resolved_steps(),
+                mean=mean,
+                std=std,
+            )
             return images, targets
         n_adv = max(1, round(self.cfg.ratio * images.shape[0]))
-        adv01 = adversarial_batch(self.model, x01[:n_adv], targets[:n_adv], eps=self.cfg.eps,
-                                  alpha=self.cfg.resolved_alpha(), steps=self.cfg.resolved_steps(), mean=mean, std=std)
+        adv01 = adversarial_batch(
+            self.model,
+            x01[:n_adv],
+            targets[:n_adv],
+            eps=self.cfg.eps,
+            alpha=self.cfg.resolved_alpha(),
+            steps=self.cfg.resolved_steps(),
+            mean=mean,
+            std=std,
+        )
         adv = ((adv01 - mean) / std).to(images.dtype)
         if n_adv == images.shape[0]:
             return adv.contiguous(memory_format=_memory_format(images)), targets
@@ -249,5 +308,8 @@ class AdversarialTraining(Trick):
 
 
 def _memory_format(images: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
-        and not images.is_contiguous() else torch.contiguous_format
+    return (
+        torch.channels_last
+        if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        else torch.contiguous_format
+    )

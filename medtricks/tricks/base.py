@@ -30,6 +30,7 @@ Example -- a whole trick in one file, registered in one line::
 
     register_trick(LossScale)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,8 +38,18 @@ from typing import Any, Callable, ClassVar, Optional
 
 from medtricks.errors import MedtricksError
 
-__all__ = ["Trick", "TrickContext", "AblationName", "register_trick", "unregister_trick", "registered_tricks",
-           "TrickRegistryError", "find_trick", "saved_trick_states", "RENAMED_POINTS"]
+__all__ = [
+    "Trick",
+    "TrickContext",
+    "AblationName",
+    "register_trick",
+    "unregister_trick",
+    "registered_tricks",
+    "TrickRegistryError",
+    "find_trick",
+    "saved_trick_states",
+    "RENAMED_POINTS",
+]
 
 
 class TrickRegistryError(MedtricksError, ValueError):
@@ -192,8 +203,13 @@ class Trick:
 
 
 #: Points renamed to the one naming scheme (old name -> new name); a trick class defining an old one is refused.
-RENAMED_POINTS = {"on_batch": "transform_batch", "after_step": "on_step_end", "wrap_loss": "transform_loss_fn",
-                  "eval_model": "transform_eval_model", "trainable_modules": "extra_modules"}
+RENAMED_POINTS = {
+    "on_batch": "transform_batch",
+    "after_step": "on_step_end",
+    "wrap_loss": "transform_loss_fn",
+    "eval_model": "transform_eval_model",
+    "trainable_modules": "extra_modules",
+}
 
 
 #: Top-level keys of a ``last.pt`` written before tricks were plug-ins -> the trick whose state they hold.
@@ -221,13 +237,18 @@ def register_trick(cls: type[Trick]) -> type[Trick]:
     """
     if not (isinstance(cls, type) and issubclass(cls, Trick)):
         raise TrickRegistryError(f"register_trick expects a Trick subclass, got {cls!r}")
-    renamed = [(old, new) for old, new in RENAMED_POINTS.items()
-               if any(old in vars(k) for k in cls.__mro__ if k not in (Trick, object))]
+    renamed = [
+        (old, new)
+        for old, new in RENAMED_POINTS.items()
+        if any(old in vars(k) for k in cls.__mro__ if k not in (Trick, object))
+    ]
     if renamed:
         listed = ", ".join(f"{old}() is now {new}()" for old, new in renamed)
-        raise TrickRegistryError(f"trick class {cls.__module__}.{cls.__qualname__} defines a trick point by its old "
-                                 f"name, which the run no longer calls: {listed}. Rename the method (the points and "
-                                 "their names: docs/plugins.md)")
+        raise TrickRegistryError(
+            f"trick class {cls.__module__}.{cls.__qualname__} defines a trick point by its old "
+            f"name, which the run no longer calls: {listed}. Rename the method (the points and "
+            "their names: docs/plugins.md)"
+        )
     if not cls.name or not cls.name.isidentifier():
         raise TrickRegistryError(f"{cls.__qualname__}.name must be a python identifier, got {cls.name!r}")
     previous = _REGISTRY.get(cls.name)
@@ -239,12 +260,15 @@ def register_trick(cls: type[Trick]) -> type[Trick]:
     for other in _REGISTRY.values():
         taken = set(other.fields) & set(cls.fields)
         if taken:
-            raise TrickRegistryError(f"trick {cls.name!r}: recipe key(s) tricks.{', tricks.'.join(sorted(taken))} "
-                                     f"already belong to trick {other.name!r}")
+            raise TrickRegistryError(
+                f"trick {cls.name!r}: recipe key(s) tricks.{', tricks.'.join(sorted(taken))} "
+                f"already belong to trick {other.name!r}"
+            )
         names = set(other.ablation) & set(cls.ablation)
         if names:
-            raise TrickRegistryError(f"trick {cls.name!r}: ablation name(s) {sorted(names)} already belong to "
-                                     f"trick {other.name!r}")
+            raise TrickRegistryError(
+                f"trick {cls.name!r}: ablation name(s) {sorted(names)} already belong to trick {other.name!r}"
+            )
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -1,5 +1,6 @@
 """The BN-gamma trick: the recipe section ``tricks.bn_gamma``, applied to the model after its
 pretrained weights load (the functional API is :mod:`medtricks.gamma.bn`)."""
+
 from __future__ import annotations
 
 import warnings
@@ -79,13 +80,17 @@ class BnGamma(Trick):
         if self.report is None or not frozen:
             return
         frozen_names = set(frozen)
-        dead = [row["name"] for row in self.report.rows
-                if row["new_gamma"] == 0 and f"{row['name']}.weight" in frozen_names]
+        dead = [
+            row["name"] for row in self.report.rows if row["new_gamma"] == 0 and f"{row['name']}.weight" in frozen_names
+        ]
         if dead:
-            warnings.warn(f"model.freeze freezes {len(dead)} norm layer(s) whose gamma tricks.bn_gamma set to 0 "
-                          f"({', '.join(dead[:4])}{', ...' if len(dead) > 4 else ''}): those residual branches can "
-                          "never learn and stay the identity; unfreeze those stages or choose other blocks",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"model.freeze freezes {len(dead)} norm layer(s) whose gamma tricks.bn_gamma set to 0 "
+                f"({', '.join(dead[:4])}{', ...' if len(dead) > 4 else ''}): those residual branches can "
+                "never learn and stay the identity; unfreeze those stages or choose other blocks",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def log_params(self):
         return {"bn_gamma": self.report.summary() if self.report is not None and len(self.report) else "none"}

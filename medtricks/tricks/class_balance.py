@@ -13,6 +13,7 @@ Both change the prior the model's probabilities are calibrated to; the stored op
 ``--prevalence`` (prior-shift correction) account for that at evaluation (``operating_point_options``:
 equal priors).
 """
+
 from __future__ import annotations
 
 from typing import Literal, Sequence
@@ -56,17 +57,21 @@ def balanced_sample_weights(targets: Sequence[int]) -> torch.Tensor:
     return torch.as_tensor(1.0 / counts[y], dtype=torch.double)
 
 
-def balanced_sampler(dataset, *, generator: torch.Generator, num_replicas: int = 1,
-                     rank: int = 0) -> torch.utils.data.Sampler:
+def balanced_sampler(
+    dataset, *, generator: torch.Generator, num_replicas: int = 1, rank: int = 0
+) -> torch.utils.data.Sampler:
     """The training sampler of ``class_balance: sampler`` (``make_train_loader(sampler=...)``): draws images
     with probability 1 / (their class's count), with replacement, so each class fills about the same share of
     every epoch (as many draws per epoch as images). It draws from the loader's ``generator``, which the
     engine re-seeds every epoch (exact resume). Not data-parallel (``num_replicas`` > 1) yet."""
     if num_replicas > 1:
-        raise ConfigError("tricks.class_balance=sampler does not run data-parallel (torchrun) yet: use "
-                          "tricks.class_balance=loss, or train in one process")
-    return torch.utils.data.WeightedRandomSampler(balanced_sample_weights(dataset.targets), num_samples=len(dataset),
-                                                  replacement=True, generator=generator)
+        raise ConfigError(
+            "tricks.class_balance=sampler does not run data-parallel (torchrun) yet: use "
+            "tricks.class_balance=loss, or train in one process"
+        )
+    return torch.utils.data.WeightedRandomSampler(
+        balanced_sample_weights(dataset.targets), num_samples=len(dataset), replacement=True, generator=generator
+    )
 
 
 @register_trick
@@ -74,8 +79,9 @@ class ClassBalance(Trick):
     name = "class_balance"
     order = 90
     fields = {"class_balance": (Literal["none", "loss", "sampler"], Field("none"))}
-    ablation = {"class_balance": AblationName("tricks.class_balance", "loss",
-                                              "class-weighted loss (default) or =sampler")}
+    ablation = {
+        "class_balance": AblationName("tricks.class_balance", "loss", "class-weighted loss (default) or =sampler")
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)

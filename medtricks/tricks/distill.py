@@ -34,6 +34,7 @@ mean/std), to the teacher's channels (grey → repeated to 3, RGB → channel me
 normalisation. No per-image logit cache: with augmentation on, each epoch's images differ, and the
 teacher forward (no backward) is cheap next to the student's step.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,8 +79,19 @@ class Teacher:
     ``model`` is put in eval mode with ``requires_grad=False`` on every parameter.
     """
 
-    def __init__(self, model: nn.Module, *, mean, std, in_chans: int, image_size: int,
-                 student_mean, student_std, source: str = "", classes: Optional[list[str]] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mean,
+        std,
+        in_chans: int,
+        image_size: int,
+        student_mean,
+        student_std,
+        source: str = "",
+        classes: Optional[list[str]] = None,
+    ):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -104,15 +116,20 @@ class Teacher:
             elif self.in_chans == 1:
                 x = x.mean(dim=1, keepdim=True)
             else:
-                raise ConfigError(f"teacher {self.source!r} takes {self.in_chans} channel(s); the batch has {x.shape[1]}")
+                raise ConfigError(
+                    f"teacher {self.source!r} takes {self.in_chans} channel(s); the batch has {x.shape[1]}"
+                )
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             shrink = self.image_size < min(x.shape[-2:])
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=shrink)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=shrink
+            )
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         if mean.shape[1] != x.shape[1]:  # a grey normalisation given to an RGB model, or the reverse
-            mean, std = mean.mean(1, keepdim=True).expand(1, x.shape[1], 1, 1), std.mean(1, keepdim=True).expand(
-                1, x.shape[1], 1, 1)
+            mean, std = (
+                mean.mean(1, keepdim=True).expand(1, x.shape[1], 1, 1),
+                std.mean(1, keepdim=True).expand(1, x.shape[1], 1, 1),
+            )
         return (x - mean) / std
 
     @torch.no_grad()
@@ -121,10 +138,20 @@ class Teacher:
         return self.model(self.inputs(images)).float()
 
 
-def load_teacher(ref: str, *, classes: list[str], student_mean, student_std, device=None, weights: str = "none",
-                 image_size: Optional[int] = None, student_size: Optional[int] = None,
-                 student_in_chans: int = 1, key: str = "tricks.distill.teacher",
-                 load_run: Optional[Callable[..., Any]] = None) -> Teacher:
+def load_teacher(
+    ref: str,
+    *,
+    classes: list[str],
+    student_mean,
+    student_std,
+    device=None,
+    weights: str = "none",
+    image_size: Optional[int] = None,
+    student_size: Optional[int] = None,
+    student_in_chans: int = 1,
+    key: str = "tricks.distill.teacher",
+    load_run: Optional[Callable[..., Any]] = None,
+) -> Teacher:
     """A :class:`Teacher` from a finished run (folder, file in it, run id) or ``model:NAME``.
 
     ``load_run(ref, device=...)`` loads a finished run (``medtricks.posthoc.load.load_trained``, given by the
@@ -133,7 +160,7 @@ def load_teacher(ref: str, *, classes: list[str], student_mean, student_std, dev
     """
     ref = str(ref).strip()
     if ref.startswith(MODEL_PREFIX):
-        name = ref[len(MODEL_PREFIX):]
+        name = ref[len(MODEL_PREFIX) :]
         try:
             model = create_model(name, weights=weights, num_classes=len(classes), in_chans=student_in_chans)
         except MedtricksError as err:
@@ -142,25 +169,45 @@ def load_teacher(ref: str, *, classes: list[str], student_mean, student_std, dev
             raise ConfigError(f"{key}={ref!r}: cannot build the teacher model ({type(err).__name__}: {err})") from err
         config = get_data_config(model)
         size = image_size or student_size or int(config["input_size"][-1])
-        teacher = Teacher(model, mean=config["mean"], std=config["std"], in_chans=student_in_chans, image_size=size,
-                          student_mean=student_mean, student_std=student_std, source=ref, classes=list(classes))
+        teacher = Teacher(
+            model,
+            mean=config["mean"],
+            std=config["std"],
+            in_chans=student_in_chans,
+            image_size=size,
+            student_mean=student_mean,
+            student_std=student_std,
+            source=ref,
+            classes=list(classes),
+        )
         return teacher.to(device) if device is not None else teacher
 
     if load_run is None:
-        raise ConfigError(f"{key}={ref!r}: loading a finished run needs TrickContext(load_run=...) (medtricks run "
-                          "gives it); in Python pass load_run=medtricks.posthoc.load.load_trained, or use model:NAME")
+        raise ConfigError(
+            f"{key}={ref!r}: loading a finished run needs TrickContext(load_run=...) (medtricks run "
+            "gives it); in Python pass load_run=medtricks.posthoc.load.load_trained, or use model:NAME"
+        )
     try:
         trained = load_run(ref, device=str(device or "cpu"))
     except MedtricksError as err:
         raise ConfigError(f"{key}={ref!r}: not a finished run folder or run id, nor model:NAME ({err})") from err
     if list(trained.classes) != list(classes):
-        raise ConfigError(f"{key}={ref!r}: the teacher predicts {trained.classes}, the student {list(classes)}; "
-                          "distil from a run on the same classes (same data card)")
+        raise ConfigError(
+            f"{key}={ref!r}: the teacher predicts {trained.classes}, the student {list(classes)}; "
+            "distil from a run on the same classes (same data card)"
+        )
     size = image_size or trained.recipe.input_image_size()
-    teacher = Teacher(trained.model, mean=trained.data_config["mean"], std=trained.data_config["std"],
-                      in_chans=trained.recipe.model.in_chans, image_size=size, student_mean=student_mean,
-                      student_std=student_std, source=str(Path(ref)) if Path(ref).exists() else ref,
-                      classes=list(trained.classes))
+    teacher = Teacher(
+        trained.model,
+        mean=trained.data_config["mean"],
+        std=trained.data_config["std"],
+        in_chans=trained.recipe.model.in_chans,
+        image_size=size,
+        student_mean=student_mean,
+        student_std=student_std,
+        source=str(Path(ref)) if Path(ref).exists() else ref,
+        classes=list(trained.classes),
+    )
     return teacher.to(device) if device is not None else teacher
 
 
@@ -172,15 +219,27 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
-def teacher_for(recipe: Any, ctx: Any, ref: str, *, weights: str = "none", image_size: Optional[int] = None,
-                key: str) -> Teacher:
+def teacher_for(
+    recipe: Any, ctx: Any, ref: str, *, weights: str = "none", image_size: Optional[int] = None, key: str
+) -> Teacher:
     if ctx.mean is None or ctx.std is None:
-        raise ConfigError(f"{key} needs the loader's normalisation (mean/std) to feed the teacher; build the trick "
-                          "with TrickContext(mean=..., std=...)")
-    return load_teacher(ref, classes=list(ctx.classes), student_mean=ctx.mean, student_std=ctx.std,
-                        device=ctx.device, weights=weights, image_size=image_size,
-                        student_size=recipe.input_image_size() if hasattr(recipe, "input_image_size") else None,
-                        student_in_chans=len(ctx.mean), key=key, load_run=ctx.load_run)
+        raise ConfigError(
+            f"{key} needs the loader's normalisation (mean/std) to feed the teacher; build the trick "
+            "with TrickContext(mean=..., std=...)"
+        )
+    return load_teacher(
+        ref,
+        classes=list(ctx.classes),
+        student_mean=ctx.mean,
+        student_std=ctx.std,
+        device=ctx.device,
+        weights=weights,
+        image_size=image_size,
+        student_size=recipe.input_image_size() if hasattr(recipe, "input_image_size") else None,
+        student_in_chans=len(ctx.mean),
+        key=key,
+        load_run=ctx.load_run,
+    )
 
 
 class ScaledLoss(nn.Module):
@@ -199,15 +258,26 @@ class Distillation(Trick):
     name = "distill"
     order = 85  # after mixup (70) and adversarial (75): the teacher sees the batch the student trains on
     fields = {"distill": (DistillConfig, Field(default_factory=DistillConfig))}
-    ablation = {"distill": AblationName("tricks.distill.teacher", None,
-                                        "knowledge distillation from a finished run: distill=RUN_FOLDER_OR_ID "
-                                        "(temperature/alpha: tricks.distill.*)")}
+    ablation = {
+        "distill": AblationName(
+            "tricks.distill.teacher",
+            None,
+            "knowledge distillation from a finished run: distill=RUN_FOLDER_OR_ID "
+            "(temperature/alpha: tricks.distill.*)",
+        )
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.cfg: DistillConfig = self.config.distill
-        self.teacher = teacher_for(recipe, ctx, self.cfg.teacher, weights=self.cfg.weights,
-                                   image_size=self.cfg.image_size, key="tricks.distill.teacher")
+        self.teacher = teacher_for(
+            recipe,
+            ctx,
+            self.cfg.teacher,
+            weights=self.cfg.weights,
+            image_size=self.cfg.image_size,
+            key="tricks.distill.teacher",
+        )
 
     @classmethod
     def tags(cls, recipe):
@@ -215,8 +285,10 @@ class Distillation(Trick):
         return [] if cfg.teacher is None else [f"distill(T={cfg.temperature:g},a={cfg.alpha:g})"]
 
     def log_params(self):
-        return {"distill.teacher_input_size": self.teacher.image_size,
-                "distill.teacher_in_chans": self.teacher.in_chans}
+        return {
+            "distill.teacher_input_size": self.teacher.image_size,
+            "distill.teacher_in_chans": self.teacher.in_chans,
+        }
 
     def on_fit_start(self, model):
         self.teacher.to(next(model.parameters()).device)

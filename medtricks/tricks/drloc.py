@@ -41,6 +41,7 @@ them; the head's weights are in the trick's ``state_dict``, so a resumed run is 
 drawn from torch's global generator, which the engine re-seeds every epoch). ``best.pt``, the
 exported model and everything that loads a finished run never contain the head.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,18 @@ from medtricks.errors import ConfigError
 from medtricks.models.resizer import ResizerModel
 from medtricks.tricks.base import AblationName, Trick, register_trick
 
-__all__ = ["DrlocConfig", "Drloc", "DrlocHead", "token_grid", "features_to_grid", "sample_positions",
-           "pair_features", "relative_targets", "drloc_loss", "MODES"]
+__all__ = [
+    "DrlocConfig",
+    "Drloc",
+    "DrlocHead",
+    "token_grid",
+    "features_to_grid",
+    "sample_positions",
+    "pair_features",
+    "relative_targets",
+    "drloc_loss",
+    "MODES",
+]
 
 MODES = ("l1", "ce")
 HIDDEN = 512  # the authors' MLP width
@@ -75,10 +86,15 @@ class _DrlocSection(Section):
 # A field literally named ``lambda`` (a class body cannot declare it): the recipe key, the resolved
 # recipe.yaml, the MLflow params and pydantic's errors all say ``tricks.drloc.lambda``.
 DrlocConfig = create_model(
-    "DrlocConfig", __base__=_DrlocSection, __module__=__name__,
-    **{"lambda": (float, Field(0.0, ge=0.0)),  # weight of the term; 0 = off
-       "pairs": (int, Field(64, ge=1)),  # position pairs drawn per image and batch
-       "mode": (Literal[MODES], "l1")})  # type: ignore[valid-type]
+    "DrlocConfig",
+    __base__=_DrlocSection,
+    __module__=__name__,
+    **{
+        "lambda": (float, Field(0.0, ge=0.0)),  # weight of the term; 0 = off
+        "pairs": (int, Field(64, ge=1)),  # position pairs drawn per image and batch
+        "mode": (Literal[MODES], "l1"),
+    },
+)  # type: ignore[valid-type]
 DrlocConfig.__doc__ = """``tricks.drloc``: ``lambda`` (weight, 0 = off), ``pairs`` per image, ``mode`` l1 | ce."""
 
 
@@ -109,9 +125,11 @@ def features_to_grid(model: nn.Module, features: Any, *, name: Optional[str] = N
     backbone, _ = _unwrap(model)
     name = name or _model_name(backbone)
     if not isinstance(features, torch.Tensor):
-        raise ConfigError(f"tricks.drloc: model {name!r}: forward_features returns a {type(features).__name__}, "
-                          "not a tensor of embeddings on a grid; DRLoc needs ViT tokens, a Swin [B, H, W, C] map or "
-                          "a CNN [B, C, H, W] map")
+        raise ConfigError(
+            f"tricks.drloc: model {name!r}: forward_features returns a {type(features).__name__}, "
+            "not a tensor of embeddings on a grid; DRLoc needs ViT tokens, a Swin [B, H, W, C] map or "
+            "a CNN [B, C, H, W] map"
+        )
     if features.dim() == 3:
         batch, tokens, channels = features.shape
         prefix = getattr(backbone, "num_prefix_tokens", None)
@@ -126,8 +144,10 @@ def features_to_grid(model: nn.Module, features: Any, *, name: Optional[str] = N
             n = tokens - int(prefix or 0)
             side = math.isqrt(max(n, 0))
             if side * side != n:
-                raise ConfigError(f"tricks.drloc: model {name!r} gives {tokens} tokens ({prefix or 0} prefix tokens): "
-                                  "not a square grid, and the model has no patch_embed.grid_size to reshape them by")
+                raise ConfigError(
+                    f"tricks.drloc: model {name!r} gives {tokens} tokens ({prefix or 0} prefix tokens): "
+                    "not a square grid, and the model has no patch_embed.grid_size to reshape them by"
+                )
             h = w = side
         prefix = int(prefix or 0)
         grid_tokens = features[:, prefix:]
@@ -136,14 +156,18 @@ def features_to_grid(model: nn.Module, features: Any, *, name: Optional[str] = N
         fmt = str(getattr(backbone, "output_fmt", "NCHW") or "NCHW").upper()
         out = features if "NHWC" in fmt else features.permute(0, 2, 3, 1)
     else:
-        raise ConfigError(f"tricks.drloc: model {name!r}: forward_features gives a tensor of shape "
-                          f"{tuple(features.shape)}, not a grid of embeddings ([B, tokens, C], [B, C, H, W] or "
-                          "[B, H, W, C]); DRLoc needs a model that keeps a spatial grid (ViT, Swin, CNN)")
+        raise ConfigError(
+            f"tricks.drloc: model {name!r}: forward_features gives a tensor of shape "
+            f"{tuple(features.shape)}, not a grid of embeddings ([B, tokens, C], [B, C, H, W] or "
+            "[B, H, W, C]); DRLoc needs a model that keeps a spatial grid (ViT, Swin, CNN)"
+        )
     h, w = int(out.shape[1]), int(out.shape[2])
     if h < 2 or w < 2:
-        raise ConfigError(f"tricks.drloc: model {name!r} has a {h}x{w} grid of final embeddings at this input size; "
-                          "DRLoc needs at least 2x2 positions: use larger images (data.image_size) or a model with "
-                          "a finer final grid, or set tricks.drloc.lambda: 0")
+        raise ConfigError(
+            f"tricks.drloc: model {name!r} has a {h}x{w} grid of final embeddings at this input size; "
+            "DRLoc needs at least 2x2 positions: use larger images (data.image_size) or a model with "
+            "a finer final grid, or set tricks.drloc.lambda: 0"
+        )
     return out
 
 
@@ -153,8 +177,10 @@ def token_grid(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     :func:`features_to_grid` for the layouts and the errors."""
     backbone, resizer = _unwrap(model)
     if not callable(getattr(backbone, "forward_features", None)):
-        raise ConfigError(f"tricks.drloc: model {_model_name(backbone)!r} has no forward_features(); DRLoc needs "
-                          "a timm model (ViT/DeiT, Swin, CNN) whose features keep a spatial grid")
+        raise ConfigError(
+            f"tricks.drloc: model {_model_name(backbone)!r} has no forward_features(); DRLoc needs "
+            "a timm model (ViT/DeiT, Swin, CNN) whose features keep a spatial grid"
+        )
     x = resizer(images) if resizer is not None else images
     return features_to_grid(backbone, backbone.forward_features(x))
 
@@ -170,8 +196,12 @@ class DrlocHead(nn.Module):
         if mode not in MODES:
             raise ConfigError(f"tricks.drloc.mode must be one of {list(MODES)}, got {mode!r}")
         self.channels, self.grid, self.mode = int(channels), (int(grid[0]), int(grid[1])), mode
-        self.trunk = nn.Sequential(nn.Linear(2 * self.channels, hidden), nn.ReLU(inplace=True),
-                                   nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+        self.trunk = nn.Sequential(
+            nn.Linear(2 * self.channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+        )
         if mode == "l1":
             self.out = nn.Linear(hidden, 2)
         else:
@@ -185,8 +215,9 @@ class DrlocHead(nn.Module):
         return self.out_rows(hidden), self.out_cols(hidden)
 
 
-def sample_positions(batch: int, height: int, width: int, pairs: int,
-                     device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_positions(
+    batch: int, height: int, width: int, pairs: int, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two ``[batch, pairs, 2]`` long tensors of (row, column) positions, uniform with replacement.
 
     Drawn on the CPU from torch's global generator (re-seeded by the engine every epoch), so the draws
@@ -234,8 +265,9 @@ def drloc_loss(grid: torch.Tensor, head, pairs: int, mode: str = "l1") -> torch.
     if mode == "l1":
         return F.l1_loss(prediction.float(), target)
     rows, cols = prediction
-    return (F.cross_entropy(rows.reshape(-1, rows.shape[-1]).float(), target[..., 0].reshape(-1))
-            + F.cross_entropy(cols.reshape(-1, cols.shape[-1]).float(), target[..., 1].reshape(-1)))
+    return F.cross_entropy(rows.reshape(-1, rows.shape[-1]).float(), target[..., 0].reshape(-1)) + F.cross_entropy(
+        cols.reshape(-1, cols.shape[-1]).float(), target[..., 1].reshape(-1)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +288,7 @@ def _probe(backbone: nn.Module, size: int, in_chans: int) -> tuple[torch.Tensor,
         def hook(module, inputs, output):
             counts[name] = counts.get(name, 0) + 1
             calls.append((name, counts[name], output))
+
         return hook
 
     handles = [module.register_forward_hook(record(name)) for name, module in backbone.named_modules() if name]
@@ -308,9 +341,14 @@ class Drloc(Trick):
     # forward, and not the later passes of TRADES (75) or pseudo-labelling (86) in extra_loss.
     order = 95
     fields = {"drloc": (DrlocConfig, Field(default_factory=DrlocConfig))}
-    ablation = {"drloc": AblationName("tricks.drloc.lambda", "0.1",
-                                      "DRLoc relative-localization loss on the final token grid (Liu et al. 2021); "
-                                      "drloc=LAMBDA (pairs/mode: tricks.drloc.*)")}
+    ablation = {
+        "drloc": AblationName(
+            "tricks.drloc.lambda",
+            "0.1",
+            "DRLoc relative-localization loss on the final token grid (Liu et al. 2021); "
+            "drloc=LAMBDA (pairs/mode: tricks.drloc.*)",
+        )
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
@@ -340,10 +378,14 @@ class Drloc(Trick):
     def log_params(self):
         if self.head is None:
             return {}
-        return {"drloc.grid": f"{self.grid[0]}x{self.grid[1]}", "drloc.channels": self.head.channels,
-                "drloc.head_params": sum(p.numel() for p in self.head.parameters()),
-                "drloc.features": (f"hook on {self._feature_name}" if self._feature_name is not None
-                                   else "forward_features run again")}
+        return {
+            "drloc.grid": f"{self.grid[0]}x{self.grid[1]}",
+            "drloc.channels": self.head.channels,
+            "drloc.head_params": sum(p.numel() for p in self.head.parameters()),
+            "drloc.features": (
+                f"hook on {self._feature_name}" if self._feature_name is not None else "forward_features run again"
+            ),
+        }
 
     # ---- the model: find its grid, build the head
     def on_model(self, model):
@@ -351,17 +393,22 @@ class Drloc(Trick):
         model_cfg = getattr(self.recipe, "model", None)
         self.model_name = str(getattr(model_cfg, "name", "") or _model_name(backbone))
         if not callable(getattr(backbone, "forward_features", None)):
-            raise ConfigError(f"tricks.drloc: model {self.model_name!r} has no forward_features(); DRLoc needs a timm "
-                              "model (ViT/DeiT, Swin, CNN) whose features keep a spatial grid")
+            raise ConfigError(
+                f"tricks.drloc: model {self.model_name!r} has no forward_features(); DRLoc needs a timm "
+                "model (ViT/DeiT, Swin, CNN) whose features keep a spatial grid"
+            )
         size = _backbone_input_size(self.recipe, backbone)
         features, name, call = _probe(backbone, size, _in_chans(self.recipe, backbone))
         grid = features_to_grid(backbone, features, name=self.model_name)
         self.grid, channels = (int(grid.shape[1]), int(grid.shape[2])), int(grid.shape[3])
         self.backbone = backbone
         if name is None:
-            warnings.warn(f"tricks.drloc: no module of model {self.model_name!r} outputs its forward_features; DRLoc "
-                          "runs forward_features a second time on every batch (about twice the backbone's cost)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"tricks.drloc: no module of model {self.model_name!r} outputs its forward_features; DRLoc "
+                "runs forward_features a second time on every batch (about twice the backbone's cost)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         else:
             self._feature_module = dict(backbone.named_modules())[name]
             self._feature_name, self._feature_call = name, call
@@ -412,8 +459,12 @@ class Drloc(Trick):
             return features_to_grid(self.backbone, features, name=self.model_name)
         if self._feature_module is not None and not self._warned:
             self._warned = True
-            warnings.warn(f"tricks.drloc: the hook on {self._feature_name!r} kept no features of this batch; running "
-                          "forward_features again", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"tricks.drloc: the hook on {self._feature_name!r} kept no features of this batch; running "
+                "forward_features again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return token_grid(model, images)
 
     def extra_loss(self, model, images, targets, logits):
@@ -421,9 +472,11 @@ class Drloc(Trick):
             raise RuntimeError("Drloc.extra_loss before on_model/on_fit_start: the head is built there")
         grid = self._grid(model, images)
         if (int(grid.shape[1]), int(grid.shape[2])) != self.grid or int(grid.shape[3]) != self.head.channels:
-            raise ConfigError(f"tricks.drloc: model {self.model_name!r} gives a {tuple(grid.shape[1:])} grid (H, W, C) "
-                              f"in training but {(*self.grid, self.head.channels)} when probed at its input size; "
-                              "train at the image size the model was built for")
+            raise ConfigError(
+                f"tricks.drloc: model {self.model_name!r} gives a {tuple(grid.shape[1:])} grid (H, W, C) "
+                f"in training but {(*self.grid, self.head.channels)} when probed at its input size; "
+                "train at the image size the model was built for"
+            )
         loss = drloc_loss(grid, self.head, self.cfg.pairs, self.cfg.mode)
         detached = loss.detach().float()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached

@@ -1,5 +1,6 @@
 """Exponential moving average of the weights (timm's ``ModelEmaV3``): validated, selected and saved
 in place of the trained weights."""
+
 from __future__ import annotations
 
 from pydantic import Field

@@ -52,6 +52,7 @@ Python::
     from medtricks.tricks.fixmatch import fixmatch_loss
     loss, labels, mask = fixmatch_loss(weak_logits, strong_logits, threshold=0.95)
 """
+
 from __future__ import annotations
 
 import random
@@ -82,8 +83,9 @@ class FixMatchConfig(Section):
     strong: Literal[PRESETS] = "cxr_strong"  # type: ignore[valid-type]  # augmentation preset of the strong view
 
 
-def fixmatch_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
-                  threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fixmatch_loss(
+    weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FixMatch's unlabelled term → ``(loss, pseudo-labels, mask)``: the weak view's arg-max as the label, kept
     where its top probability is ``>= threshold``, cross-entropy of the strong view's logits against it, summed
     over the kept images and divided by the *whole* batch (``mu · B``). ``weak_logits`` are detached."""
@@ -116,8 +118,12 @@ def _withheld_targets(pool):
 
 def _like(batch: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """``batch`` in the labelled batch's memory format (channels_last when the engine uses it)."""
-    if batch.dim() == 4 and images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) \
-            and not images.is_contiguous():
+    if (
+        batch.dim() == 4
+        and images.dim() == 4
+        and images.is_contiguous(memory_format=torch.channels_last)
+        and not images.is_contiguous()
+    ):
         return batch.contiguous(memory_format=torch.channels_last)
     return batch
 
@@ -127,41 +133,65 @@ class FixMatch(Trick):
     name = "fixmatch"
     order = 87  # after pseudo_label: both add terms to the loss (and are never on together)
     fields = {"fixmatch": (FixMatchConfig, Field(default_factory=FixMatchConfig))}
-    ablation = {"fixmatch": AblationName("tricks.fixmatch.enabled", "true",
-                                         "FixMatch on the unlabelled pool (data.label_fraction / data.unlabeled): "
-                                         "weak-view pseudo-labels train the strong view; tricks.fixmatch.*")}
+    ablation = {
+        "fixmatch": AblationName(
+            "tricks.fixmatch.enabled",
+            "true",
+            "FixMatch on the unlabelled pool (data.label_fraction / data.unlabeled): "
+            "weak-view pseudo-labels train the strong view; tricks.fixmatch.*",
+        )
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.cfg: FixMatchConfig = self.config.fixmatch
         pseudo = getattr(self.config, "pseudo_label", None)
         if getattr(pseudo, "enabled", False):
-            raise ConfigError("tricks.fixmatch and tricks.pseudo_label.enabled are both on: both add a loss on the "
-                              "same unlabelled images, labelled two different ways; switch one off "
-                              "(--set tricks.pseudo_label.enabled=false or --set tricks.fixmatch.enabled=false)")
+            raise ConfigError(
+                "tricks.fixmatch and tricks.pseudo_label.enabled are both on: both add a loss on the "
+                "same unlabelled images, labelled two different ways; switch one off "
+                "(--set tricks.pseudo_label.enabled=false or --set tricks.fixmatch.enabled=false)"
+            )
         self.pool = ctx.extras.get("unlabeled")
         if self.pool is None or len(self.pool) == 0:
-            raise ConfigError("tricks.fixmatch needs unlabelled images: set data.label_fraction (or "
-                              "data.label_count) below the whole training split, or data.unlabeled: {root: FOLDER}")
+            raise ConfigError(
+                "tricks.fixmatch needs unlabelled images: set data.label_fraction (or "
+                "data.label_count) below the whole training split, or data.unlabeled: {root: FOLDER}"
+            )
         weak = getattr(self.pool, "transform", None)
         needed = ("image_size", "in_chans", "mean", "std")
         if not callable(getattr(self.pool, "with_transform", None)) or not all(hasattr(weak, k) for k in needed):
-            raise ConfigError("tricks.fixmatch needs the unlabelled pool as an image dataset it can draw a second view "
-                              "from (medtricks.data.XrayDataset with its training transform); got "
-                              f"{type(self.pool).__name__}")
-        self.strong = build_transforms(self.cfg.strong, weak.image_size, mean=tuple(float(v) for v in weak.mean),
-                                       std=tuple(float(v) for v in weak.std), in_chans=weak.in_chans, train=True)
+            raise ConfigError(
+                "tricks.fixmatch needs the unlabelled pool as an image dataset it can draw a second view "
+                "from (medtricks.data.XrayDataset with its training transform); got "
+                f"{type(self.pool).__name__}"
+            )
+        self.strong = build_transforms(
+            self.cfg.strong,
+            weak.image_size,
+            mean=tuple(float(v) for v in weak.mean),
+            std=tuple(float(v) for v in weak.std),
+            in_chans=weak.in_chans,
+            train=True,
+        )
         train = getattr(recipe, "train", None)
         self.batch_size = min(self.cfg.mu * (getattr(train, "batch_size", None) or 32), len(self.pool))
         if self.batch_size < 2:
-            raise ConfigError(f"tricks.fixmatch: the unlabelled pool holds {len(self.pool)} image(s); the weak view "
-                              "goes through the model in train mode, whose BatchNorm needs at least 2 images per step")
+            raise ConfigError(
+                f"tricks.fixmatch: the unlabelled pool holds {len(self.pool)} image(s); the weak view "
+                "goes through the model in train mode, whose BatchNorm needs at least 2 images per step"
+            )
         self.withheld = _withheld_targets(self.pool)
         data = getattr(recipe, "data", None)
         self.generator = torch.Generator()
-        self.loader = DataLoader(_Indexed(self.pool.with_transform(MultiView(weak, self.strong))),
-                                 batch_size=self.batch_size, shuffle=True, generator=self.generator,
-                                 num_workers=getattr(data, "num_workers", 0) or 0, drop_last=True)
+        self.loader = DataLoader(
+            _Indexed(self.pool.with_transform(MultiView(weak, self.strong))),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=self.generator,
+            num_workers=getattr(data, "num_workers", 0) or 0,
+            drop_last=True,
+        )
         self._iter = None
         self._py_state = None
         self._reset_counts()
@@ -173,8 +203,11 @@ class FixMatch(Trick):
 
     def log_params(self):
         known = int((self.withheld >= 0).sum()) if self.withheld is not None else 0
-        return {"fixmatch.n_unlabeled": len(self.pool), "fixmatch.unlabeled_batch": self.batch_size,
-                "fixmatch.n_withheld_labels": known}
+        return {
+            "fixmatch.n_unlabeled": len(self.pool),
+            "fixmatch.unlabeled_batch": self.batch_size,
+            "fixmatch.n_withheld_labels": known,
+        }
 
     # ---- the unlabelled stream
     def _next_batch(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ Two conventions (``tricks.label_smoothing_mode``):
 
 Under mixup/cutmix the smoothing is folded into the mixed soft targets (see ``mixup.py``).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -31,8 +32,10 @@ def effective_smoothing(epsilon: float, mode: str, num_classes: int) -> float:
         raise ConfigError("label smoothing needs at least 2 classes")
     value = epsilon * num_classes / (num_classes - 1)
     if value > 1:
-        raise ConfigError(f"tricks.label_smoothing={epsilon:g} in 'paper' mode puts more than the true class's mass "
-                          f"on the {num_classes - 1} other class(es); use at most {(num_classes - 1) / num_classes:.3g}")
+        raise ConfigError(
+            f"tricks.label_smoothing={epsilon:g} in 'paper' mode puts more than the true class's mass "
+            f"on the {num_classes - 1} other class(es); use at most {(num_classes - 1) / num_classes:.3g}"
+        )
     return value
 
 
@@ -40,10 +43,13 @@ def effective_smoothing(epsilon: float, mode: str, num_classes: int) -> float:
 class LabelSmoothing(Trick):
     name = "label_smoothing"
     order = 40
-    fields = {"label_smoothing": (float, Field(0.0, ge=0.0, lt=1.0)),
-              "label_smoothing_mode": (Literal["torch", "paper"], Field("torch"))}
-    ablation = {"label_smoothing": AblationName("tricks.label_smoothing", "0.1",
-                                                "label smoothing epsilon (default 0.1)")}
+    fields = {
+        "label_smoothing": (float, Field(0.0, ge=0.0, lt=1.0)),
+        "label_smoothing_mode": (Literal["torch", "paper"], Field("torch")),
+    }
+    ablation = {
+        "label_smoothing": AblationName("tricks.label_smoothing", "0.1", "label smoothing epsilon (default 0.1)")
+    }
 
     @classmethod
     def tags(cls, recipe):
@@ -51,5 +57,8 @@ class LabelSmoothing(Trick):
         return [f"label_smoothing={eps:g}" + ("" if mode == "torch" else f"({mode})")] if eps > 0 else []
 
     def loss_options(self):
-        return {"label_smoothing": effective_smoothing(self.config.label_smoothing, self.config.label_smoothing_mode,
-                                                       len(self.ctx.classes))}
+        return {
+            "label_smoothing": effective_smoothing(
+                self.config.label_smoothing, self.config.label_smoothing_mode, len(self.ctx.classes)
+            )
+        }

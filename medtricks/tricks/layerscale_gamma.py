@@ -6,6 +6,7 @@ transformer after its weights load (the functional API is :mod:`medtricks.gamma.
       layerscale_gamma: {strategy: zero_late, last_n_blocks: 4, branch: mlp}
       layerscale_gamma: {strategy: zero_late, insert: true}   # a ViT built without LayerScale
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -52,8 +53,11 @@ class LayerScaleGamma(Trick):
     name = "layerscale_gamma"
     order = 61  # right after bn_gamma
     fields = {"layerscale_gamma": (LayerScaleGammaConfig, Field(default_factory=LayerScaleGammaConfig))}
-    ablation = {"layerscale_gamma": AblationName("tricks.layerscale_gamma.strategy", None,
-                                                 f"LayerScale-gamma strategy for ViTs: {_STRATEGY_HELP}")}
+    ablation = {
+        "layerscale_gamma": AblationName(
+            "tricks.layerscale_gamma.strategy", None, f"LayerScale-gamma strategy for ViTs: {_STRATEGY_HELP}"
+        )
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)

@@ -1,4 +1,5 @@
 """No bias decay (He et al. 2019): biases and normalization parameters get no weight decay."""
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -13,8 +14,9 @@ class NoBiasDecay(Trick):
     name = "no_bias_decay"
     order = 50
     fields = {"no_bias_decay": (bool, Field(False))}
-    ablation = {"no_bias_decay": AblationName("tricks.no_bias_decay", "true",
-                                              "no weight decay on biases and norm layers")}
+    ablation = {
+        "no_bias_decay": AblationName("tricks.no_bias_decay", "true", "no weight decay on biases and norm layers")
+    }
 
     @classmethod
     def tags(cls, recipe):

@@ -49,6 +49,7 @@ every batch rather than once over the pool -- the same labels, since a frozen ev
 deterministic clean view gives the same output each time, at the cost of a teacher forward per batch;
 no per-class balancing of the pseudo-labelled data; ``soft: false`` and ``threshold: 0.95`` by default).
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -64,8 +65,15 @@ from medtricks.errors import ConfigError
 from medtricks.tricks.base import AblationName, Trick, register_trick
 from medtricks.tricks.distill import teacher_for
 
-__all__ = ["PseudoLabelConfig", "PseudoLabel", "two_view_pool", "pseudo_targets", "pseudo_weights",
-           "pseudo_label_loss", "WEIGHTINGS"]
+__all__ = [
+    "PseudoLabelConfig",
+    "PseudoLabel",
+    "two_view_pool",
+    "pseudo_targets",
+    "pseudo_weights",
+    "pseudo_label_loss",
+    "WEIGHTINGS",
+]
 
 _SEED_OFFSET = 7_919  # the unlabelled stream is not the training loader's stream
 WEIGHTINGS = ("none", "confidence")
@@ -119,8 +127,14 @@ def _eval_transform_of(transform):
     needed = ("preset", "image_size", "mean", "std", "in_chans", "train")
     if not all(hasattr(transform, key) for key in needed):
         return None
-    return build_transforms(transform.preset, transform.image_size, mean=tuple(float(v) for v in transform.mean),
-                            std=tuple(float(v) for v in transform.std), in_chans=transform.in_chans, train=False)
+    return build_transforms(
+        transform.preset,
+        transform.image_size,
+        mean=tuple(float(v) for v in transform.mean),
+        std=tuple(float(v) for v in transform.std),
+        in_chans=transform.in_chans,
+        train=False,
+    )
 
 
 def two_view_pool(pool):
@@ -144,17 +158,24 @@ class PseudoLabel(Trick):
     name = "pseudo_label"
     order = 86  # after distillation: both add terms to the loss
     fields = {"pseudo_label": (PseudoLabelConfig, Field(default_factory=PseudoLabelConfig))}
-    ablation = {"pseudo_label": AblationName("tricks.pseudo_label.enabled", "true",
-                                             "pseudo-labels on the unlabelled pool (data.label_fraction / "
-                                             "data.unlabeled); threshold etc.: tricks.pseudo_label.*")}
+    ablation = {
+        "pseudo_label": AblationName(
+            "tricks.pseudo_label.enabled",
+            "true",
+            "pseudo-labels on the unlabelled pool (data.label_fraction / "
+            "data.unlabeled); threshold etc.: tricks.pseudo_label.*",
+        )
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.cfg: PseudoLabelConfig = self.config.pseudo_label
         self.pool = ctx.extras.get("unlabeled")
         if self.pool is None or len(self.pool) == 0:
-            raise ConfigError("tricks.pseudo_label needs unlabelled images: set data.label_fraction (or "
-                              "data.label_count) below the whole training split, or data.unlabeled: {root: FOLDER}")
+            raise ConfigError(
+                "tricks.pseudo_label needs unlabelled images: set data.label_fraction (or "
+                "data.label_count) below the whole training split, or data.unlabeled: {root: FOLDER}"
+            )
         # the labeller's input: the clean (eval-transform) view; the student's: the augmented one
         self.views, self.teacher_input = two_view_pool(self.pool)
         self.teacher = None
@@ -165,8 +186,14 @@ class PseudoLabel(Trick):
         self.batch_size = min(self.batch_size, len(self.pool))
         data = getattr(recipe, "data", None)
         self.generator = torch.Generator()
-        self.loader = DataLoader(self.views, batch_size=self.batch_size, shuffle=True, generator=self.generator,
-                                 num_workers=getattr(data, "num_workers", 0) or 0, drop_last=True)
+        self.loader = DataLoader(
+            self.views,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=self.generator,
+            num_workers=getattr(data, "num_workers", 0) or 0,
+            drop_last=True,
+        )
         self._iter = None
         self.step = 0
         self._kept = self._seen = 0
@@ -176,14 +203,19 @@ class PseudoLabel(Trick):
         cfg = recipe.tricks.pseudo_label
         if not cfg.enabled:
             return []
-        return [f"pseudo_label@{cfg.threshold:g}{'(soft)' if cfg.soft else ''}"
-                f"{'(conf)' if cfg.weighting == 'confidence' else ''}"]
+        return [
+            f"pseudo_label@{cfg.threshold:g}{'(soft)' if cfg.soft else ''}"
+            f"{'(conf)' if cfg.weighting == 'confidence' else ''}"
+        ]
 
     def log_params(self):
         # teacher_input: what the labeller sees (clean = the eval transform's view; runs before this param
         # labelled the augmented view the student trains on)
-        return {"pseudo_label.n_unlabeled": len(self.pool), "pseudo_label.batch_size": self.batch_size,
-                "pseudo_label.teacher_input": self.teacher_input}
+        return {
+            "pseudo_label.n_unlabeled": len(self.pool),
+            "pseudo_label.batch_size": self.batch_size,
+            "pseudo_label.teacher_input": self.teacher_input,
+        }
 
     def on_fit_start(self, model):
         if self.teacher is not None:
@@ -195,8 +227,10 @@ class PseudoLabel(Trick):
             return self.cfg.weight
         per_epoch = self.ctx.extras.get("updates_per_epoch")
         if not per_epoch:
-            raise ConfigError("tricks.pseudo_label.weight_ramp needs the updates per epoch "
-                              "(TrickContext.extras['updates_per_epoch'], set by medtricks.run)")
+            raise ConfigError(
+                "tricks.pseudo_label.weight_ramp needs the updates per epoch "
+                "(TrickContext.extras['updates_per_epoch'], set by medtricks.run)"
+            )
         return self.cfg.weight * min(1.0, self.step / (self.cfg.weight_ramp * per_epoch))
 
     # ---- the unlabelled stream
@@ -234,8 +268,9 @@ class PseudoLabel(Trick):
         # drawn even at weight 0: the stream does not depend on it
         noised, clean = self._next_batch(images.device)
         if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-            noised, clean = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                             for x in (noised, clean))
+            noised, clean = (
+                x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in (noised, clean)
+            )
         labeller = self._label(model, clean)
         labels, kept = pseudo_targets(labeller, self.cfg.threshold, self.cfg.soft)
         self._kept += int(kept.sum())

@@ -12,6 +12,7 @@ for the processes it starts) and never from a stored run's recipe (``predict``, 
 ``evaluate``... load a run's model with :func:`ignoring_recipe_plugins`; they take ``--plugin`` for a
 plug-in the user names explicitly). Installed packages' entry points are trusted like any import.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,16 +46,28 @@ from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.tricks.base import AblationName, Trick, TrickContext, registered_tricks
 
-__all__ = ["tricks_config_model", "build_tricks", "trick_tags", "ablation_names", "load_plugins",
-           "PluginError", "merged_options", "load_recipe_plugins", "plugins_allowed", "allow_plugins", "ignoring_recipe_plugins",
-           "ALLOW_PLUGINS_ENV"]
+__all__ = [
+    "tricks_config_model",
+    "build_tricks",
+    "trick_tags",
+    "ablation_names",
+    "load_plugins",
+    "PluginError",
+    "merged_options",
+    "load_recipe_plugins",
+    "plugins_allowed",
+    "allow_plugins",
+    "ignoring_recipe_plugins",
+    "ALLOW_PLUGINS_ENV",
+]
 
 ENTRY_POINT_GROUP = "medtricks.tricks"
 #: Set to ``1`` to let recipes' ``experiment.plugins`` run (what ``--allow-plugins`` does).
 ALLOW_PLUGINS_ENV = "MEDTRICKS_ALLOW_PLUGINS"
 # Set while a stored run's recipe is read: its plug-in list is data, never imported.
-_ignoring_recipe_plugins: contextvars.ContextVar[bool] = contextvars.ContextVar("ignoring_recipe_plugins",
-                                                                                 default=False)
+_ignoring_recipe_plugins: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ignoring_recipe_plugins", default=False
+)
 
 
 class PluginError(MedtricksError, ImportError):
@@ -77,8 +90,10 @@ def _load_entry_points() -> None:
         try:
             entry.load()
         except Exception as err:  # noqa: BLE001 - a broken third-party plug-in names itself
-            raise PluginError(f"trick plug-in {entry.name!r} ({entry.value}, entry point group "
-                              f"{ENTRY_POINT_GROUP!r}) failed to import: {type(err).__name__}: {err}") from err
+            raise PluginError(
+                f"trick plug-in {entry.name!r} ({entry.value}, entry point group "
+                f"{ENTRY_POINT_GROUP!r}) failed to import: {type(err).__name__}: {err}"
+            ) from err
 
 
 def plugins_allowed() -> bool:
@@ -110,9 +125,11 @@ def load_recipe_plugins(plugins: Iterable[str], source: str = "the recipe") -> N
     if not plugins or _ignoring_recipe_plugins.get():
         return
     if not plugins_allowed():
-        raise PluginError(f"{source} names experiment.plugins {plugins}: a plug-in is Python code that runs with "
-                          f"your permissions, so medtricks imports none unless you opt in; if you trust it, pass "
-                          f"--allow-plugins (or set {ALLOW_PLUGINS_ENV}=1)")
+        raise PluginError(
+            f"{source} names experiment.plugins {plugins}: a plug-in is Python code that runs with "
+            f"your permissions, so medtricks imports none unless you opt in; if you trust it, pass "
+            f"--allow-plugins (or set {ALLOW_PLUGINS_ENV}=1)"
+        )
     load_plugins(plugins)
 
 
@@ -140,8 +157,10 @@ def load_plugins(plugins: Iterable[str]) -> None:
             else:
                 importlib.import_module(plugin)
         except Exception as err:  # noqa: BLE001 - say which plug-in and why
-            raise PluginError(f"plugins: {plugin!r} could not be imported ({type(err).__name__}: {err}); "
-                              "give an importable module name or a path to a .py file") from err
+            raise PluginError(
+                f"plugins: {plugin!r} could not be imported ({type(err).__name__}: {err}); "
+                "give an importable module name or a path to a .py file"
+            ) from err
 
 
 def tricks_config_model() -> type[BaseModel]:
@@ -184,7 +203,9 @@ def merged_options(tricks: Iterable[Trick], point: str) -> dict[str, Any]:
     for trick in tricks:
         for key, value in getattr(trick, point)().items():
             if key in merged and merged[key] != value:
-                raise ConfigError(f"tricks {owner[key]!r} and {trick.name!r} both set {key!r} "
-                                 f"({merged[key]!r} vs {value!r}) at {point}; switch one of them off")
+                raise ConfigError(
+                    f"tricks {owner[key]!r} and {trick.name!r} both set {key!r} "
+                    f"({merged[key]!r} vs {value!r}) at {point}; switch one of them off"
+                )
             merged[key], owner[key] = value, trick.name
     return merged

@@ -26,6 +26,7 @@ Python::
     report = reinit_late(model, stages=1, seed=0)
     print(report)            # one row per re-drawn module: name, stage, type, old/new weight std
 """
+
 from __future__ import annotations
 
 import csv
@@ -58,8 +59,12 @@ class ReinitLateConfig(Section):
     def _stages(cls, value):
         if isinstance(value, int) and value < 0:
             raise ValueError(f"tricks.reinit_late.stages must be 0 (off), a count >= 1, or stage names; got {value}")
-        if isinstance(value, list) and (not value or len(set(value)) != len(value) or not all(v.strip() for v in value)):
-            raise ValueError(f"tricks.reinit_late.stages as names must be a non-empty list without repeats, got {value}")
+        if isinstance(value, list) and (
+            not value or len(set(value)) != len(value) or not all(v.strip() for v in value)
+        ):
+            raise ValueError(
+                f"tricks.reinit_late.stages as names must be a non-empty list without repeats, got {value}"
+            )
         return value
 
 
@@ -78,15 +83,24 @@ class ReinitReport:
 
     def summary(self) -> str:
         n = sum(r["tensors"] for r in self.rows)
-        return (f"reinit_late ({self.family} init): {', '.join(self.stages)}; {len(self.rows)} modules, "
-                f"{n} tensors re-drawn")[:250]
+        return (
+            f"reinit_late ({self.family} init): {', '.join(self.stages)}; {len(self.rows)} modules, "
+            f"{n} tensors re-drawn"
+        )[:250]
 
     def __str__(self) -> str:
         lines = [self.summary(), "  ".join(f"{c:>14}" if i else f"{c:<28}" for i, c in enumerate(REPORT_COLUMNS))]
         for r in self.rows:
-            cells = [f"{r['name']:<28}", f"{r['stage']:>14}", f"{r['type']:>14}", f"{r['tensors']:>14}",
-                     *(f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{'-':>14}"
-                       for c in ("old_weight_std", "new_weight_std"))]
+            cells = [
+                f"{r['name']:<28}",
+                f"{r['stage']:>14}",
+                f"{r['type']:>14}",
+                f"{r['tensors']:>14}",
+                *(
+                    f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{'-':>14}"
+                    for c in ("old_weight_std", "new_weight_std")
+                ),
+            ]
             lines.append("  ".join(cells))
         return "\n".join(lines)
 
@@ -109,20 +123,26 @@ def late_stage_names(model: nn.Module, stages: Union[int, list[str]]) -> list[st
     if isinstance(stages, int):
         residual = scan.residual_stages
         if stages < 1 or stages > len(residual):
-            raise ConfigError(f"tricks.reinit_late.stages={stages}: the model has {len(residual)} stage(s) with "
-                             f"residual blocks ({', '.join(s.name for s in residual)}); give 1..{len(residual)}")
+            raise ConfigError(
+                f"tricks.reinit_late.stages={stages}: the model has {len(residual)} stage(s) with "
+                f"residual blocks ({', '.join(s.name for s in residual)}); give 1..{len(residual)}"
+            )
         return [s.name for s in residual[-stages:]]
     modules = dict(model.named_modules())
     missing = [n for n in stages if n not in modules or not n]
     if missing:
-        raise ConfigError(f"tricks.reinit_late.stages names {missing}, not modules of this model; its stages are "
-                         f"{known} (any qualified module name, e.g. conv_head, also works)")
+        raise ConfigError(
+            f"tricks.reinit_late.stages names {missing}, not modules of this model; its stages are "
+            f"{known} (any qualified module name, e.g. conv_head, also works)"
+        )
     return list(stages)
 
 
 def _own_tensors(module: nn.Module) -> list[tuple[str, Any]]:
-    return [*module.named_parameters(recurse=False), *((n, b) for n, b in module.named_buffers(recurse=False)
-                                                       if b is not None and b.is_floating_point())]
+    return [
+        *module.named_parameters(recurse=False),
+        *((n, b) for n, b in module.named_buffers(recurse=False) if b is not None and b.is_floating_point()),
+    ]
 
 
 def _std(module: nn.Module) -> float:
@@ -132,8 +152,9 @@ def _std(module: nn.Module) -> float:
     return float(weight.detach().float().std())
 
 
-def reinit_late(model: nn.Module, stages: Union[int, list[str]] = 1, *, seed: int = 0,
-                zero_init_last: bool = False) -> ReinitReport:
+def reinit_late(
+    model: nn.Module, stages: Union[int, list[str]] = 1, *, seed: int = 0, zero_init_last: bool = False
+) -> ReinitReport:
     """Re-initialise the chosen stages of ``model`` in place with timm's initialisation for its family.
 
     Args:
@@ -165,8 +186,17 @@ def reinit_late(model: nn.Module, stages: Union[int, list[str]] = 1, *, seed: in
                 rows_modules.append((full, stage, module))
                 before[full] = _std(module)
     family = reinit_modules(model, names, seed=derive_seed(seed, "reinit_late"), zero_init_last=zero_init_last)
-    rows = [{"name": full, "stage": stage, "type": type(module).__name__, "tensors": len(_own_tensors(module)),
-             "old_weight_std": before[full], "new_weight_std": _std(module)} for full, stage, module in rows_modules]
+    rows = [
+        {
+            "name": full,
+            "stage": stage,
+            "type": type(module).__name__,
+            "tensors": len(_own_tensors(module)),
+            "old_weight_std": before[full],
+            "new_weight_std": _std(module),
+        }
+        for full, stage, module in rows_modules
+    ]
     return ReinitReport(rows, stages=names, family=family, seed=seed)
 
 
@@ -175,9 +205,13 @@ class ReinitLate(Trick):
     name = "reinit_late"
     order = 55  # before bn_gamma (60): a γ strategy on the same stage then acts on the fresh weights
     fields = {"reinit_late": (ReinitLateConfig, Field(default_factory=ReinitLateConfig))}
-    ablation = {"reinit_late": AblationName("tricks.reinit_late.stages", "1",
-                                            "re-initialise the last N residual stages after the pretrained load "
-                                            "(Transfusion-style partial reuse)")}
+    ablation = {
+        "reinit_late": AblationName(
+            "tricks.reinit_late.stages",
+            "1",
+            "re-initialise the last N residual stages after the pretrained load (Transfusion-style partial reuse)",
+        )
+    }
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
@@ -192,8 +226,9 @@ class ReinitLate(Trick):
 
     def on_model(self, model):
         cfg = self.config.reinit_late
-        self.report = reinit_late(model, cfg.stages, seed=self.recipe.experiment.seed,
-                                  zero_init_last=cfg.zero_init_last)
+        self.report = reinit_late(
+            model, cfg.stages, seed=self.recipe.experiment.seed, zero_init_last=cfg.zero_init_last
+        )
 
     def log_params(self):
         return {"reinit_late": self.report.summary() if self.report is not None else "none"}

@@ -4,6 +4,7 @@ They act through the core builders (``build_scheduler``, ``scaled_lr``, the resi
 ``build_model``...), so they have no points: each only names its recipe key for ``ablate --tricks``
 and says when it is on (the run's ``tricks`` tag).
 """
+
 from __future__ import annotations
 
 from medtricks.data.transforms import PRESETS
@@ -86,5 +87,4 @@ class Augment(Trick):
 
     name = "augment"
     order = 220
-    ablation = {"augment": AblationName("data.augment", None,
-                                        "augmentation preset: " + ", ".join(PRESETS))}
+    ablation = {"augment": AblationName("data.augment", None, "augmentation preset: " + ", ".join(PRESETS))}
