@@ -7,7 +7,7 @@ Runs the README's command, ``medtricks run recipes/quickstart.yaml``, in a fresh
 (a copy of ``recipes/``; MLflow's default store ``sqlite:///mlflow.db`` there), the way a new user runs it, and
 records what docs/getting-started.md and the README quote: the recipe's size (images, pixels, epochs), the
 validation AUROC after every epoch, the epoch the run kept, its validation metrics with their 95 % intervals,
-the command's wall time and peak memory, and the machine and its load. tests/test_docs_numbers.py fails when a
+the command's wall time and peak memory, and the machine and its load. tests/docs/test_docs_numbers.py fails when a
 page's number differs from this file; after rerunning the script, update the pages it names.
 """
 
@@ -42,7 +42,7 @@ QUICKSTART = REPO_ROOT / "recipes" / "quickstart.yaml"
 
 def recipe_fingerprint(path: Path = QUICKSTART) -> str:
     """sha256 (16 hex digits) of the quickstart recipe and the recipes it builds on (``base:``): the numbers
-    describe these files, and tests/test_docs_numbers.py asks for a rerun when they change."""
+    describe these files, and tests/docs/test_docs_numbers.py asks for a rerun when they change."""
     digest = hashlib.sha256()
     while path is not None:
         text = path.read_bytes()

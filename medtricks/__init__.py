@@ -10,7 +10,7 @@ Public API (imported lazily, so ``import medtricks`` is cheap)::
     model = create_model("resnet18", weights="none", num_classes=2, in_chans=1)
     print(apply_bn_gamma(model, 0.0, stages=[-1], beta=0.0))
 
-The package in layers, top to bottom (docs/architecture.md has the table; tests/test_import_graph.py
+The package in layers, top to bottom (docs/architecture.md has the table; tests/docs/test_import_graph.py
 keeps the line between the orchestration and the rest): ``cli`` → the orchestration (``run``,
 ``self_train``, ``ablation``, ``deploy``, ``posthoc``: everything that works on a finished run) → the
 building blocks (``recipe``, ``data``, ``models``, ``gamma``, ``tricks``, ``train``, ``evaluate``,

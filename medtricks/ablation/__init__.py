@@ -24,12 +24,12 @@ _EXPORTS = {
     "make_variants": "variants",
     "trick_overrides": "variants",
     "variant_recipe": "variants",
-    "AblationResult": "runner",
+    "AblationResult": "result",
     "run_ablation": "runner",
-    "ablation_id": "runner",
+    "ablation_id": "children",
     "ExecutorSettings": "executors",
-    "compare_runs": "table",
-    "summarize_groups": "table",
+    "compare_runs": "compare",
+    "summarize_groups": "seed_stats",
     "image_bootstrap_delta": "table",
 }
 

@@ -32,7 +32,7 @@ import torch
 # The module, not the function: run_recipe is looked up at call time, so a test (or a caller) that
 # swaps medtricks.run.run_recipe for a stand-in trainer is used by every child.
 import medtricks.run as _run
-from medtricks.ablation.table import metric_keys
+from medtricks.ablation.table_metric import metric_keys
 from medtricks.errors import ConfigError
 from medtricks.recipe import Recipe
 

@@ -29,7 +29,7 @@ The normal boundary is computed by numerical integration of the Brownian-motion 
 probabilities (Armitage, McPherson & Rowe 1969). Seed variance is unknown and ``n_k`` is small, so
 each ``z_k`` is carried over to Student's t at the same nominal significance level, ``c_k =
 t_{n_k−1}^{−1}(Φ(z_k))`` (Jennison & Turnbull 2000, §3.8 / §9.2). The coverage of the reported interval
-under this stopping rule is checked by simulation in ``tests/test_sequential_seeds.py``.
+under this stopping rule is checked by simulation in ``tests/ablation/test_sequential_seeds.py``.
 
 The coverage is per comparison (each variant vs the baseline); with several variants it is not
 family-wise. Everything here is pure numpy/scipy: no training.

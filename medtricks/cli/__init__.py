@@ -2,7 +2,8 @@
 which dispatches and turns errors into exit codes. Each command's parser and handler live with its kind:
 
 - :mod:`medtricks.cli.training`: run (and its torchrun launch), data, gamma, ablate, self-train, weights;
-- :mod:`medtricks.cli.posthoc`: evaluate, ensemble, compare, audit, predict, export, cka, attention;
+- :mod:`medtricks.cli.posthoc`: evaluate, ensemble, compare, audit, predict, export;
+- :mod:`medtricks.cli.interpret`: cka, attention;
 - :mod:`medtricks.cli.deploy`: calibrate, adapt.
 
 Imports are lazy (each handler imports what it runs) so ``medtricks --help`` answers in well under 1 s."""
@@ -14,7 +15,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from medtricks.cli import deploy, posthoc, training
+from medtricks.cli import deploy, interpret, posthoc, training
 from medtricks.cli.shared import under_torchrun
 from medtricks.cli.training import torchrun_command  # importable from medtricks.cli, as before the split
 from medtricks.errors import MedtricksError
@@ -82,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         deploy.add_calibrate,
         deploy.add_adapt,
         posthoc.add_export,
-        posthoc.add_cka,
-        posthoc.add_attention,
+        interpret.add_cka,
+        interpret.add_attention,
         training.add_weights,
     ):
         add(sub)
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: command -> handler (args -> exit code); those in _TAKE_PARSER also get the parser (their help)
-_HANDLERS = {**training.HANDLERS, **posthoc.HANDLERS, **deploy.HANDLERS}
+_HANDLERS = {**training.HANDLERS, **posthoc.HANDLERS, **interpret.HANDLERS, **deploy.HANDLERS}
 _TAKE_PARSER = ("data", "weights")
 
 

@@ -46,11 +46,11 @@ _EXPORTS = {
     # transforms and datasets
     "build_transforms": "medtricks.data.transforms",
     "XrayTransform": "medtricks.data.transforms",
-    "XrayDataset": "medtricks.data.datasets",
+    "XrayDataset": "medtricks.data.xray_dataset",
     "DataBundle": "medtricks.data.datasets",
     "build_datasets": "medtricks.data.datasets",
     "build_eval_dataset": "medtricks.data.datasets",
-    "scan_images": "medtricks.data.datasets",
+    "scan_images": "medtricks.data.image_scan",
     # synthetic data and reports
     "synthesize_phantoms": "medtricks.data.synthetic",
     "data_check_report": "medtricks.data.report",

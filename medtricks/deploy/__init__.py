@@ -9,9 +9,11 @@
 - :mod:`~medtricks.deploy.adapt` — ``medtricks adapt`` (unlabelled site images: em-prior, adabn, tent).
 - :mod:`~medtricks.deploy.finetune` — ``medtricks adapt --method finetune``: fine-tuning on a labelled site
   sample, patient-level cross-fitted, then once on the whole sample (a run that records its parent).
-  Its parts: :mod:`~medtricks.deploy.finetune_recipe` (the fine-tuning and fold recipes),
-  :mod:`~medtricks.deploy.finetune_folds` (folds, fold data and the run folders a rerun resumes) and
-  :mod:`~medtricks.deploy.finetune_report` (the cross-fitted metrics and table).
+  Its parts: :mod:`~medtricks.deploy.finetune_setup` (the parent, the site sample and the plan, checked before
+  any training), :mod:`~medtricks.deploy.finetune_recipe` (the fine-tuning and fold recipes),
+  :mod:`~medtricks.deploy.finetune_folds` (folds, fold data and the run folders a rerun resumes),
+  :mod:`~medtricks.deploy.finetune_report` (the cross-fitted metrics and table) and
+  :mod:`~medtricks.deploy.finetune_final` (the final run's record and operating point).
 
 Names are loaded on first use (``from medtricks.deploy import calibrate_site``), so the lower layers
 (``posthoc`` reads profiles) never import the orchestration.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "compute_metrics": "metrics",
     "MetricsResult": "metrics",
-    "bootstrap_ci": "metrics",
+    "bootstrap_ci": "bootstrap",
     "paired_bootstrap_delta": "metrics",
     "expected_calibration_error": "metrics",
     "calibration_bins": "metrics",
@@ -45,9 +45,9 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from medtricks.evaluate.bootstrap import bootstrap_ci
     from medtricks.evaluate.metrics import (
         MetricsResult,
-        bootstrap_ci,
         calibration_bins,
         compute_metrics,
         expected_calibration_error,

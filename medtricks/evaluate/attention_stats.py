@@ -19,7 +19,7 @@ timm's VisionTransformer lays them out). Plain torch algebra: no model, no file.
 
 Why by hand: timm has no rollout or attention-distance helper, and the reference code of both papers is
 not a package (the ViT paper's figure came from JAX code that was not released with it); each function
-is a few lines and tests/test_attention_maps.py checks them against hand-computed answers.
+is a few lines and tests/evaluate/test_attention_maps.py checks them against hand-computed answers.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 
 Both are 1 for identical representations, symmetric, invariant to orthogonal transforms and to
 isotropic scaling of either representation, and *not* invariant to arbitrary invertible linear
-transforms (tests/test_cka.py checks each on random data). Everything is computed in float64.
+transforms (tests/evaluate/test_cka.py checks each on random data). Everything is computed in float64.
 
 Why not a package: the PyPI candidates (``torch-cka``, last release 2021; ``ckatorch``, which pulls
 seaborn/safetensors and hooks models its own way) bring their own hook and plotting machinery for

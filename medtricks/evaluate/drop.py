@@ -17,14 +17,9 @@ from sklearn import config_context
 
 from medtricks.errors import ConfigError
 from medtricks.evaluate.markdown import fmt_delta_ci, fmt_num, markdown_table
-from medtricks.evaluate.metrics import (
-    _CLASS_AVERAGED,
-    _FAST_SKLEARN,
-    _auroc,
-    _check_bootstrap_args,
-    _percentile_interval,
-    _scalar_metric_fn,
-)
+from medtricks.evaluate.bootstrap import _percentile_interval
+from medtricks.evaluate.metric_inputs import _check_bootstrap_args
+from medtricks.evaluate.metrics import _CLASS_AVERAGED, _FAST_SKLEARN, _auroc, _scalar_metric_fn
 
 __all__ = ["drop_metric_fns", "unpaired_bootstrap_delta", "PerformanceDrop", "performance_drop"]
 

@@ -16,13 +16,16 @@ percentiles of the resampled metric. A resample in which a metric is undefined â
 that the evaluation set has (AUROC, balanced accuracy, F1, that class's sensitivity) or has no
 negatives for a class (its specificity) â€” is skipped for that metric and counted in
 ``MetricsResult.n_skipped``; it never raises.
+
+The input checks are :mod:`medtricks.evaluate.metric_inputs`; the resampling and :func:`bootstrap_ci`
+are :mod:`medtricks.evaluate.bootstrap` (still importable from here).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,9 @@ import numpy as np
 from sklearn import config_context
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from medtricks.errors import ConfigError, ResourceError
+from medtricks.errors import ConfigError
+from medtricks.evaluate.bootstrap import _percentile_interval, _resample_indices, bootstrap_ci
+from medtricks.evaluate.metric_inputs import _check_bootstrap_args, _check_classes, _check_labels, _check_probs
 
 __all__ = [
     "MetricsResult",
@@ -48,89 +53,6 @@ SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1", "ece")
 _CLASS_AVERAGED = ("balanced_accuracy", "auroc", "f1")
 # Inputs are validated once up front; sklearn's per-call re-validation was ~40% of bootstrap time.
 _FAST_SKLEARN = {"assume_finite": True, "skip_parameter_validation": True}
-# Softmax rows from float32/bf16 models sum to 1 only approximately; beyond this we assume logits.
-_ROW_SUM_ATOL = 1e-3
-
-
-# --------------------------------------------------------------------------------------------
-# input checks
-# --------------------------------------------------------------------------------------------
-def _check_labels(y_true: Any, n_classes: int | None = None, name: str = "y_true") -> np.ndarray:
-    y = np.asarray(y_true)
-    if y.ndim != 1:
-        raise ConfigError(f"{name} must be a 1-D array of integer labels, got shape {y.shape}")
-    if y.size == 0:
-        raise ConfigError(f"{name} is empty: need at least one image to evaluate")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.bool_):
-            y = y.astype(np.int64)
-        elif np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise ConfigError(f"{name} must hold integer class indices, got dtype {y.dtype} (e.g. {y[:3]!r})")
-    y = y.astype(np.int64, copy=False)
-    if n_classes is not None:
-        bad = np.flatnonzero((y < 0) | (y >= n_classes))
-        if bad.size:
-            i = int(bad[0])
-            raise ConfigError(
-                f"{name}[{i}] = {int(y[i])} is not a class index: expected 0..{n_classes - 1} "
-                f"for {n_classes} classes ({bad.size} bad label(s) in total)"
-            )
-    return y
-
-
-def _check_probs(probs: Any, n: int, name: str = "probs") -> np.ndarray:
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2:
-        hint = " (binary: pass np.stack([1 - p, p], axis=1))" if p.ndim == 1 else ""
-        raise ConfigError(f"{name} must have shape (N, K) with one column per class, got {p.shape}{hint}")
-    if p.shape[0] != n:
-        raise ConfigError(f"{name} has {p.shape[0]} rows but y_true has {n} labels; expected one row per image")
-    if p.shape[1] < 2:
-        raise ConfigError(f"{name} must have K >= 2 columns (one per class), got {p.shape[1]}")
-    bad = np.argwhere(~np.isfinite(p))
-    if bad.size:
-        i, j = (int(v) for v in bad[0])
-        raise ConfigError(f"{name}[{i}, {j}] = {p[i, j]} is not finite ({len(bad)} non-finite value(s))")
-    if p.min() < -_ROW_SUM_ATOL or p.max() > 1 + _ROW_SUM_ATOL:
-        i, j = np.unravel_index(int(np.argmax(np.abs(p - 0.5))), p.shape)
-        raise ConfigError(
-            f"{name}[{i}, {j}] = {p[i, j]:.4g} is outside [0, 1]: expected softmax probabilities; "
-            "did you pass logits? apply torch.softmax(logits, dim=1) first"
-        )
-    sums = p.sum(axis=1)
-    off = np.flatnonzero(np.abs(sums - 1.0) > _ROW_SUM_ATOL)
-    if off.size:
-        i = int(off[0])
-        raise ConfigError(
-            f"{name} row {i} sums to {sums[i]:.6g}, expected 1 (softmax probabilities; {off.size} row(s) off); "
-            "did you pass logits or sigmoid outputs? apply torch.softmax(logits, dim=1) first"
-        )
-    # Remove float32 round-off so sklearn's own sum-to-one check never trips.
-    p = np.clip(p, 0.0, None)
-    return p / p.sum(axis=1, keepdims=True)
-
-
-def _check_classes(classes: Sequence[str], n_classes: int) -> list[str]:
-    if isinstance(classes, str) or not isinstance(classes, Sequence):
-        raise ConfigError(f"classes must be a list of class names, got {classes!r}")
-    names = [str(c) for c in classes]
-    if len(names) != n_classes:
-        raise ConfigError(
-            f"classes has {len(names)} names {names} but probs has {n_classes} columns; expected one name per column"
-        )
-    if len(set(names)) != len(names):
-        dupes = sorted({c for c in names if names.count(c) > 1})
-        raise ConfigError(f"classes must be unique, got duplicates {dupes} in {names}")
-    return names
-
-
-def _check_bootstrap_args(n_bootstrap: int, ci: float) -> None:
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
-        raise ConfigError(f"n_bootstrap must be an integer >= 0 (0 = no confidence intervals), got {n_bootstrap!r}")
-    if not (0.0 < float(ci) < 1.0):
-        raise ConfigError(f"ci must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,85 +170,6 @@ def _scalar_metric_fn(metric: str | Callable, k: int, ece_bins: int) -> Callable
     raise ConfigError(
         f"metric must be one of {list(SCALAR_METRICS)} or a callable(y_true, probs) -> float, got {metric!r}"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# bootstrap machinery
-# --------------------------------------------------------------------------------------------
-def _resample_indices(y: np.ndarray, n_bootstrap: int, seed: int, stratified: bool) -> Iterator[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    groups = [np.flatnonzero(y == c) for c in np.unique(y)] if stratified else None
-    for _ in range(n_bootstrap):
-        if groups is None:
-            yield rng.integers(0, n, size=n)
-        else:  # keep every class's count fixed: resample within each class
-            yield np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in groups])
-
-
-def _percentile_interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
-    valid = samples[np.isfinite(samples)]
-    if valid.size == 0:
-        return (math.nan, math.nan)
-    alpha = (1.0 - ci) / 2.0
-    low, high = np.percentile(valid, [100 * alpha, 100 * (1 - alpha)])
-    return (float(low), float(high))
-
-
-def bootstrap_ci(
-    metric_fn: Callable[[np.ndarray, np.ndarray], float],
-    y_true: Any,
-    probs: Any,
-    *,
-    n_bootstrap: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile-bootstrap confidence interval of ``metric_fn(y_true, probs)`` over images.
-
-    Images (rows) are resampled with replacement ``n_bootstrap`` times. A resample where
-    ``metric_fn`` returns a non-finite value or raises ``ValueError`` (e.g. AUROC on a resample with
-    one class) is skipped; the number skipped is reported in a warning. If every resample is
-    undefined the interval is ``(nan, nan)``.
-
-    Example::
-
-        from sklearn.metrics import roc_auc_score
-        low, high = bootstrap_ci(lambda y, p: roc_auc_score(y, p[:, 1]), y, probs, n_bootstrap=500)
-    """
-    _check_bootstrap_args(n_bootstrap, ci)
-    y = np.asarray(y_true)
-    p = np.asarray(probs)
-    if y.ndim < 1 or len(y) == 0:
-        raise ConfigError(f"y_true must be a non-empty array, got shape {y.shape}")
-    if p.shape[:1] != y.shape[:1]:
-        raise ConfigError(
-            f"probs has {p.shape[0] if p.ndim else 0} rows but y_true has {len(y)}; expected one row per image"
-        )
-    if n_bootstrap == 0:
-        return (math.nan, math.nan)
-    samples = np.full(n_bootstrap, np.nan)
-    first_error: Exception | None = None
-    for b, idx in enumerate(_resample_indices(y, n_bootstrap, seed, stratified=False)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # sklearn's UndefinedMetricWarning per resample
-                samples[b] = float(metric_fn(y[idx], p[idx]))
-        except ValueError as err:  # undefined on this resample: skip it, count it
-            first_error = first_error or err
-    n_skipped = int(np.sum(~np.isfinite(samples)))
-    if n_skipped == n_bootstrap and first_error is not None:
-        raise ResourceError(
-            f"bootstrap_ci: metric_fn failed on every one of {n_bootstrap} resamples; first error: {first_error}"
-        ) from first_error
-    if n_skipped:
-        warnings.warn(
-            f"bootstrap_ci: metric undefined on {n_skipped} of {n_bootstrap} resamples (skipped); "
-            f"the interval uses the other {n_bootstrap - n_skipped}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return _percentile_interval(samples, ci)
 
 
 # --------------------------------------------------------------------------------------------

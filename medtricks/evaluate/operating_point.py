@@ -217,8 +217,11 @@ def probs_at_threshold(probs: Any, threshold: float, positive_index: int = 1) ->
     w[positive_index] = (1.0 - t) / t
     out = p * w[None, :]
     out /= np.maximum(out.sum(axis=1, keepdims=True), _EPS)
-    # At exactly p == t both columns are 0.5: break the tie towards the positive class.
-    tie = np.isclose(out[:, positive_index], 0.5)
-    out[tie, positive_index] += 1e-9
-    out[tie, 1 - positive_index] -= 1e-9
+    # Near p == t both columns round to about 0.5, and rounding may put a row on either side: the
+    # comparison with t itself decides (ties go to the positive class), as the docstring promises.
+    positive = p[:, positive_index] >= t
+    margin = out[:, positive_index] - out[:, 1 - positive_index]
+    for rows, sign in ((positive & (margin <= 0), 1.0), (~positive & (margin >= 0), -1.0)):
+        out[rows, positive_index] = 0.5 + sign * 1e-9
+        out[rows, 1 - positive_index] = 0.5 - sign * 1e-9
     return out

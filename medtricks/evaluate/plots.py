@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 from medtricks._defaults import DEFAULT_METRIC
 from medtricks.errors import ConfigError
-from medtricks.evaluate.metrics import _auroc, _calibration_bins, _check_classes, _check_labels, _check_probs
+from medtricks.evaluate.metric_inputs import _check_classes, _check_labels, _check_probs
+from medtricks.evaluate.metrics import _auroc, _calibration_bins
 
 __all__ = [
     "plot_confusion_matrix",

@@ -3,9 +3,9 @@ pretrained weights load -- BatchNorm γ in CNNs (:mod:`medtricks.gamma.bn`) and 
 transformers (:mod:`medtricks.gamma.layerscale`).
 
 ``blocks`` finds the residual blocks and their last norm layer (the "where"), ``config`` checks a
-strategy without a model, ``report`` is what every function returns. The recipe sections
-``tricks.bn_gamma`` and ``tricks.layerscale_gamma`` are thin plug-ins over these functions
-(:mod:`medtricks.tricks`). Imported lazily so ``import medtricks.gamma`` stays cheap::
+strategy without a model (and without torch: the recipe validates with it), ``report`` is what every
+function returns. The recipe sections ``tricks.bn_gamma`` and ``tricks.layerscale_gamma`` are thin
+plug-ins over these functions (:mod:`medtricks.tricks`). Imported lazily so ``import medtricks.gamma`` stays cheap::
 
     from medtricks.gamma import apply_bn_gamma
     print(apply_bn_gamma(model, 0.0, stages=[-1], beta=0.0))
@@ -16,25 +16,25 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "STRATEGIES": "bn",
+    "STRATEGIES": "config",
     "GammaNoEffectWarning": "bn",
     "GammaReport": "bn",
-    "GammaPlan": "bn",
+    "GammaPlan": "config",
     "ResidualNorm": "bn",
     "apply_bn_gamma": "bn",
     "apply_gamma_strategy": "bn",
-    "check_gamma_config": "bn",
+    "check_gamma_config": "config",
     "find_residual_norms": "bn",
     "gamma_preview": "bn",
     "register_residual_block": "bn",
     "unregister_residual_block": "bn",
     "LayerScaleSite": "layerscale",
     "LayerScaleReport": "layerscale",
-    "LayerScalePlan": "layerscale",
+    "LayerScalePlan": "config",
     "find_layerscale": "layerscale",
     "apply_layerscale_gamma": "layerscale",
     "apply_layerscale_strategy": "layerscale",
-    "check_layerscale_config": "layerscale",
+    "check_layerscale_config": "config",
 }
 
 __all__ = sorted(_EXPORTS)

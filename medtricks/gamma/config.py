@@ -1,6 +1,7 @@
-"""The ``tricks.bn_gamma`` section's rules, checked without a model: one place for the recipe schema
-(:mod:`medtricks.tricks.bn_gamma`) and the functional API (:mod:`medtricks.gamma.bn`).
-Every error names the key, the value and what was expected."""
+"""The ``tricks.bn_gamma`` and ``tricks.layerscale_gamma`` sections' rules, checked without a model (and
+without torch): one place for the recipe schema (:mod:`medtricks.tricks.keys`) and the functional API
+(:mod:`medtricks.gamma.bn`, :mod:`medtricks.gamma.layerscale`). Every error names the key, the value and
+what was expected."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from medtricks.errors import ConfigError, ConfigTypeError
 
-__all__ = ["STRATEGIES", "GammaPlan", "check_gamma_config"]
+__all__ = ["STRATEGIES", "BRANCHES", "GammaPlan", "check_gamma_config", "LayerScalePlan", "check_layerscale_config"]
 
 STRATEGIES: tuple[str, ...] = ("none", "zero_all", "zero_late", "one_late", "zero_late_one_rest", "rules")
 _WHICH = ("last", "all")
@@ -19,6 +20,12 @@ _SELECTORS = ("stages", "blocks", "last_n_blocks", "names")
 _CONFIG_KEYS = ("strategy", *_SELECTORS, "which", "beta", "rules")
 _RULE_KEYS = ("value", *_SELECTORS, "which", "beta")
 _KEEP = "keep"
+#: LayerScale's residual branches: ``attn`` (``ls1`` / ``gamma_1``), ``mlp`` (``ls2`` / ``gamma_2``) or both.
+BRANCHES: tuple[str, ...] = ("both", "attn", "mlp")
+_LS_SELECTORS = ("blocks", "last_n_blocks", "names")
+_LS_CONFIG_KEYS = ("strategy", *_LS_SELECTORS, "branch", "insert", "rules")
+_LS_RULE_KEYS = ("value", *_LS_SELECTORS, "branch")
+LAYERSCALE_WHERE = "tricks.layerscale_gamma."
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +77,12 @@ def _as_last_n(value: Any, where: str) -> int | None:
 def _as_which(value: Any, where: str) -> str:
     if value not in _WHICH:
         raise _bad(where, "which", value, "'last' (the norm ending each residual branch) or 'all' (every norm on it)")
+    return value
+
+
+def _as_branch(value: Any, where: str) -> str:
+    if value not in BRANCHES:
+        raise _bad(where, "branch", value, "'both', 'attn' (ls1 / gamma_1) or 'mlp' (ls2 / gamma_2)")
     return value
 
 
@@ -219,3 +232,53 @@ def check_gamma_config(config: Any) -> GammaPlan:
                 )
             )
     return GammaPlan(strategy=strategy, selectors=sel, which=which, beta=beta, rules=tuple(parsed), where=where)
+
+
+@dataclass(frozen=True)
+class _LayerScaleRule:
+    value: float
+    selectors: dict
+    branch: str
+    where: str
+
+
+@dataclass(frozen=True)
+class LayerScalePlan:
+    """A checked ``tricks.layerscale_gamma`` section (no model needed)."""
+
+    strategy: str
+    selectors: dict
+    branch: str
+    insert: bool
+    rules: tuple = ()
+
+
+def check_layerscale_config(config: Any) -> LayerScalePlan:
+    """Check a ``tricks.layerscale_gamma`` section (a mapping or the recipe's typed section) without a
+    model; raises ``ValueError`` naming the key. Keys: ``strategy`` (one of :data:`STRATEGIES`),
+    ``blocks``, ``last_n_blocks``, ``names``, ``branch``, ``insert`` and ``rules`` (a list of dicts
+    with ``value`` and the same selectors, applied in order)."""
+    where = LAYERSCALE_WHERE
+    config = section_mapping(config, "tricks.layerscale_gamma", _LS_CONFIG_KEYS)
+    strategy, rules = section_strategy(config, where)
+    sel = block_selectors(config, where, stages=False)
+    branch = _as_branch(config.get("branch") or "both", where)
+    insert = config.get("insert", False)
+    if not isinstance(insert, bool):
+        raise _bad(where, "insert", insert, "true or false")
+    given = [k for k, v in sel.items() if v is not None]
+    check_selection(
+        "tricks.layerscale_gamma", strategy, rules, given, ["insert"] if insert else [], zero_all_acts_on="every block"
+    )
+    parsed = []
+    if strategy == "rules":
+        for rule, rwhere in rule_mappings(rules, where, _LS_RULE_KEYS, "0.0"):
+            parsed.append(
+                _LayerScaleRule(
+                    value=_as_float(rule["value"], rwhere, "value"),
+                    selectors=block_selectors(rule, rwhere, stages=False),
+                    branch=_as_branch(rule.get("branch") or branch, rwhere),
+                    where=rwhere,
+                )
+            )
+    return LayerScalePlan(strategy=strategy, selectors=sel, branch=branch, insert=insert, rules=tuple(parsed))

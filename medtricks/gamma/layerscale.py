@@ -46,17 +46,17 @@ from torch import nn
 
 from medtricks.errors import ConfigError, ConfigTypeError
 from medtricks.gamma.config import (
+    BRANCHES,
+    LAYERSCALE_WHERE,
     STRATEGIES,
+    LayerScalePlan,
+    _as_branch,
     _as_float,
     _as_int_list,
     _as_last_n,
     _as_patterns,
     _bad,
-    block_selectors,
-    check_selection,
-    rule_mappings,
-    section_mapping,
-    section_strategy,
+    check_layerscale_config,
 )
 from medtricks.gamma.report import GammaNoEffectWarning, GammaReport
 
@@ -73,12 +73,7 @@ __all__ = [
     "insert_layerscale_for_state",
 ]
 
-BRANCHES: tuple[str, ...] = ("both", "attn", "mlp")
-_SELECTORS = ("blocks", "last_n_blocks", "names")
-_CONFIG_KEYS = ("strategy", *_SELECTORS, "branch", "insert", "rules")
-_RULE_KEYS = ("value", *_SELECTORS, "branch")
 _HOLDERS = (("ls1", "ls2"), ("gamma_1", "gamma_2"))  # (attn, mlp) attribute names
-_SECTION = "tricks.layerscale_gamma."
 
 
 class LayerScaleReport(GammaReport):
@@ -171,12 +166,6 @@ def find_layerscale(model: nn.Module) -> list[LayerScaleSite]:
 
 
 # ------------------------------------------------------------------------------------- selection
-def _as_branch(value: Any, where: str) -> str:
-    if value not in BRANCHES:
-        raise _bad(where, "branch", value, "'both', 'attn' (ls1 / gamma_1) or 'mlp' (ls2 / gamma_2)")
-    return value
-
-
 def _late_n(n_blocks: int) -> int:
     return max(1, math.ceil(n_blocks / 4))
 
@@ -367,56 +356,6 @@ def apply_layerscale_gamma(
     return _set(model, chosen, value, "apply_layerscale_gamma", insert, "apply_layerscale_gamma")
 
 
-@dataclass(frozen=True)
-class _Rule:
-    value: float
-    selectors: dict
-    branch: str
-    where: str
-
-
-@dataclass(frozen=True)
-class LayerScalePlan:
-    """A checked ``tricks.layerscale_gamma`` section (no model needed)."""
-
-    strategy: str
-    selectors: dict
-    branch: str
-    insert: bool
-    rules: tuple = ()
-
-
-def check_layerscale_config(config: Any) -> LayerScalePlan:
-    """Check a ``tricks.layerscale_gamma`` section (a mapping or the recipe's typed section) without a
-    model; raises ``ValueError`` naming the key. Keys: ``strategy`` (one of :data:`STRATEGIES`),
-    ``blocks``, ``last_n_blocks``, ``names``, ``branch``, ``insert`` and ``rules`` (a list of dicts
-    with ``value`` and the same selectors, applied in order)."""
-    where = _SECTION
-    config = section_mapping(config, "tricks.layerscale_gamma", _CONFIG_KEYS)
-    strategy, rules = section_strategy(config, where)
-    sel = block_selectors(config, where, stages=False)
-    branch = _as_branch(config.get("branch") or "both", where)
-    insert = config.get("insert", False)
-    if not isinstance(insert, bool):
-        raise _bad(where, "insert", insert, "true or false")
-    given = [k for k, v in sel.items() if v is not None]
-    check_selection(
-        "tricks.layerscale_gamma", strategy, rules, given, ["insert"] if insert else [], zero_all_acts_on="every block"
-    )
-    parsed = []
-    if strategy == "rules":
-        for rule, rwhere in rule_mappings(rules, where, _RULE_KEYS, "0.0"):
-            parsed.append(
-                _Rule(
-                    value=_as_float(rule["value"], rwhere, "value"),
-                    selectors=block_selectors(rule, rwhere, stages=False),
-                    branch=_as_branch(rule.get("branch") or branch, rwhere),
-                    where=rwhere,
-                )
-            )
-    return LayerScalePlan(strategy=strategy, selectors=sel, branch=branch, insert=insert, rules=tuple(parsed))
-
-
 def apply_layerscale_strategy(model: nn.Module, config: Mapping[str, Any]) -> LayerScaleReport:
     """Apply the recipe section ``tricks.layerscale_gamma`` (a plain dict) to ``model`` in place.
 
@@ -444,17 +383,19 @@ def apply_layerscale_strategy(model: nn.Module, config: Mapping[str, Any]) -> La
         return _set(model, chosen, value, plan.strategy, plan.insert, label)
 
     if plan.strategy == "zero_all":
-        return put(pick(plan.selectors, plan.branch, _SECTION, label), 0.0)
+        return put(pick(plan.selectors, plan.branch, LAYERSCALE_WHERE, label), 0.0)
     if plan.strategy in ("zero_late", "one_late", "zero_late_one_rest"):
         late_sel = dict(plan.selectors)
         if all(v is None for v in late_sel.values()):
             late_sel["last_n_blocks"] = _late_n(len({s.block for s in sites}))
-        late = pick(late_sel, plan.branch, _SECTION, label)
+        late = pick(late_sel, plan.branch, LAYERSCALE_WHERE, label)
         if plan.strategy != "zero_late_one_rest":
             return put(late, 0.0 if plan.strategy == "zero_late" else 1.0)
         late_names = {s.name for s in late}
         rest = [
-            s for s in pick({k: None for k in plan.selectors}, plan.branch, _SECTION, label) if s.name not in late_names
+            s
+            for s in pick({k: None for k in plan.selectors}, plan.branch, LAYERSCALE_WHERE, label)
+            if s.name not in late_names
         ]
         report = put(rest, 1.0).merged(put(late, 0.0))
         order = {s.name: i for i, s in enumerate(sites)}

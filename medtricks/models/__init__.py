@@ -27,12 +27,12 @@ _EXPORTS = {
     # layout.py: backbone, stages of a built model
     "stage_of_parameter": "layout",
     "find_backbone": "layout",
-    # weights.py: the zoo (checkpoint reading/mapping: state_dict.py)
+    # weights.py: the zoo (sources: weights_catalog.py; files: weights_cache.py; checkpoints: state_dict.py)
     "list_weights": "weights",
     "fetch_weights": "weights",
     "format_weights_table": "weights",
-    "cache_dir": "weights",
-    "WeightsUnavailableError": "weights",
+    "cache_dir": "weights_cache",
+    "WeightsUnavailableError": "weights_cache",
     # freeze.py
     "freeze_model": "freeze",
     # tweaks.py: zero-gated SE/CBAM insertion

@@ -53,7 +53,7 @@ from medtricks.recipe.sections import (
     check_run_name,
     check_weights_spec,
 )
-from medtricks.tricks.bn_gamma import BnGammaConfig, GammaRuleConfig  # re-exported (the trick owns them)
+from medtricks.tricks.keys.bn_gamma import BnGammaConfig, GammaRuleConfig  # re-exported (the trick owns them)
 
 __all__ = [
     "Recipe",

@@ -1,28 +1,42 @@
 """The training engine (loop, AMP, EMA, checkpoint/resume, progress), inference helpers, and the
-builders the engine is fed with: parameter groups and optimizers, learning-rate schedules, losses."""
+builders the engine is fed with: parameter groups and optimizers, learning-rate schedules, losses.
 
-from medtricks.train.engine import EngineConfig, FitResult, NonFiniteLossError, fit, seed_epoch, seed_everything
-from medtricks.train.inference import autocast_context, predict, resolve_amp, resolve_device
-from medtricks.train.losses import build_loss, build_mixup
-from medtricks.train.param_groups import build_optimizer, build_param_groups
-from medtricks.train.schedules import build_scheduler, lr_curve, scaled_lr
+Names are loaded on first use (PEP 562), so importing one builder (``medtricks.train.losses``, which the
+mixup trick needs) or the torchrun launcher does not import the engine and what it needs (timm, torchvision,
+torch.distributed)::
 
-__all__ = [
-    "EngineConfig",
-    "FitResult",
-    "NonFiniteLossError",
-    "fit",
-    "seed_epoch",
-    "seed_everything",
-    "predict",
-    "autocast_context",
-    "resolve_amp",
-    "resolve_device",
-    "build_loss",
-    "build_mixup",
-    "build_optimizer",
-    "build_param_groups",
-    "build_scheduler",
-    "lr_curve",
-    "scaled_lr",
-]
+    from medtricks.train import fit, build_optimizer, build_scheduler
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "EngineConfig": "engine",
+    "FitResult": "engine",
+    "NonFiniteLossError": "engine",
+    "fit": "engine",
+    "seed_epoch": "engine",
+    "seed_everything": "engine",
+    "predict": "inference",
+    "autocast_context": "inference",
+    "resolve_amp": "inference",
+    "resolve_device": "inference",
+    "build_loss": "losses",
+    "build_mixup": "losses",
+    "build_optimizer": "param_groups",
+    "build_param_groups": "param_groups",
+    "build_scheduler": "schedules",
+    "lr_curve": "schedules",
+    "scaled_lr": "schedules",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,8 @@
 """The bag-of-tricks plug-ins: one module per recipe key under ``tricks:`` (``tricks.bn_gamma`` is
 :mod:`medtricks.tricks.bn_gamma`, ...), each a :class:`~medtricks.tricks.base.Trick` registered in
-:mod:`medtricks.tricks.registry`.
+:mod:`medtricks.tricks.registry`. A trick whose code needs torch, timm or scikit-learn declares its keys,
+ablation names and tag in :mod:`medtricks.tricks.keys` (``keys/bn_gamma.py``), so reading a recipe imports none
+of them; its module here acts on the run.
 
 The functional pieces the plug-ins call live below them: the γ library (BN-γ and LayerScale-γ
 strategies) in :mod:`medtricks.gamma`, the schedule, parameter-group and loss builders next to the

@@ -1,4 +1,5 @@
-"""Adversarial training as a trick: ``tricks.adversarial: {method: pgd|fgsm_rs|trades, eps, ...}``.
+"""Adversarial training as a trick: ``tricks.adversarial: {method: pgd|fgsm_rs|trades, eps, ...}`` (the keys:
+:mod:`medtricks.tricks.keys.adversarial`).
 
 ε is an L∞ budget in ``[0, 1]`` pixel units, exactly as ``medtricks audit`` reads it: the loader's
 normalised batch is mapped back to pixels (``x = z * std + mean``), attacked there and clamped to
@@ -37,57 +38,16 @@ reference code has no mixing.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from medtricks._schema import Section
 from medtricks.errors import ConfigError
-from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.keys.adversarial import METHODS, AdversarialConfig, AdversarialTrainingKeys
 
 __all__ = ["AdversarialConfig", "AdversarialTraining", "adversarial_batch", "trades_attack", "METHODS"]
-
-METHODS = ("none", "pgd", "fgsm_rs", "trades")
-_DEFAULT_EPS = 1 / 255
-
-
-class AdversarialConfig(Section):
-    """``tricks.adversarial``: method, budget (pixel units in [0, 1]) and the method's knobs."""
-
-    method: Literal[METHODS] = "none"  # type: ignore[valid-type]
-    eps: float = Field(_DEFAULT_EPS, gt=0.0, le=1.0)
-    steps: Optional[int] = Field(None, ge=1)  # default: pgd 7, trades 10, fgsm_rs 1 (fixed)
-    alpha: Optional[float] = Field(None, gt=0.0, le=1.0)  # default per method, see the module docstring
-    ratio: float = Field(1.0, gt=0.0, le=1.0)
-    beta: float = Field(6.0, ge=0.0)  # TRADES' trade-off (the paper's 6 for CIFAR-10)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "AdversarialConfig":
-        if self.method == "fgsm_rs" and self.steps not in (None, 1):
-            raise ValueError(
-                f"tricks.adversarial.steps = {self.steps}: fgsm_rs takes exactly one step; use method: pgd for more"
-            )
-        if self.method == "trades" and self.ratio != 1.0:
-            raise ValueError(
-                f"tricks.adversarial.ratio = {self.ratio}: TRADES attacks every image (its KL term "
-                "is on the whole batch); leave ratio at 1.0"
-            )
-        return self
-
-    def resolved_steps(self) -> int:
-        return self.steps if self.steps is not None else {"pgd": 7, "trades": 10}.get(self.method, 1)
-
-    def resolved_alpha(self) -> float:
-        if self.alpha is not None:
-            return self.alpha
-        if self.method == "fgsm_rs":
-            return 1.25 * self.eps
-        if self.method == "trades":
-            return self.eps / 4
-        return 2.5 * self.eps / self.resolved_steps()
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,18 +161,8 @@ def trades_attack(
 # --------------------------------------------------------------------------------------------
 # the trick
 # --------------------------------------------------------------------------------------------
-@register_trick
-class AdversarialTraining(Trick):
-    name = "adversarial"
-    order = 75  # after mixup (70): the attack sees the batch the model trains on
-    fields = {"adversarial": (AdversarialConfig, Field(default_factory=AdversarialConfig))}
-    ablation = {
-        "adversarial": AblationName(
-            "tricks.adversarial.method",
-            None,
-            "adversarial training: pgd, fgsm_rs or trades (eps: tricks.adversarial.eps, default 1/255)",
-        )
-    }
+class AdversarialTraining(AdversarialTrainingKeys):
+    """Attacks each training batch (or adds TRADES' KL term) with the model being trained."""
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
@@ -235,11 +185,6 @@ class AdversarialTraining(Trick):
         self.std = torch.tensor(ctx.std, dtype=torch.float32).view(1, channels, 1, 1)
         self.model: Optional[nn.Module] = None
         self._x_adv: Optional[torch.Tensor] = None
-
-    @classmethod
-    def tags(cls, recipe):
-        cfg = recipe.tricks.adversarial
-        return [] if cfg.method == "none" else [f"adversarial={cfg.method}@{cfg.eps * 255:.3g}/255"]
 
     def log_params(self):
         return {

@@ -1,6 +1,6 @@
 """What a trick is: one class that owns its recipe keys, its ablation names, its tag, and the points
 where it acts on a run. The run (``medtricks/run/``) and the engine call the points; neither knows which
-tricks exist (``tests/test_core_knows_no_trick.py``).
+tricks exist (``tests/docs/test_core_knows_no_trick.py``).
 
 The points follow one naming scheme -- ``on_<event>`` (told, returns nothing), ``<thing>_options`` (keyword
 arguments for a core builder, merged over the tricks), ``transform_<thing>`` (returns the value the run goes
@@ -29,6 +29,11 @@ Example -- a whole trick in one file, registered in one line::
             return lambda logits, targets: self.config.loss_scale * loss_fn(logits, targets)
 
     register_trick(LossScale)
+
+A trick whose code needs heavy libraries (torch, timm, scikit-learn) keeps what a recipe reads apart from it, so
+that reading a recipe imports none of them: its keys, ablation names and tags in a class registered from a light
+module (the built-in tricks: :mod:`medtricks.tricks.keys`), and the points in a subclass that
+:meth:`Trick.implementation` imports when a run builds its tricks.
 """
 
 from __future__ import annotations
@@ -130,6 +135,13 @@ class Trick:
     #: A ``RunResult`` attribute that read this trick's report before ``RunResult.report(name)`` existed;
     #: still answered, with a ``DeprecationWarning`` (``RunResult.gamma_report``: ``report("bn_gamma")``).
     deprecated_result_attribute: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def implementation(cls) -> type["Trick"]:
+        """The class whose instances act on a run: this one. A class that only declares a trick (its keys,
+        ablation names and tags: :mod:`medtricks.tricks.keys`) returns the subclass with its points, imported
+        here -- when a run builds its tricks, not when a recipe is read."""
+        return cls
 
     @classmethod
     def empty_report(cls) -> Any:

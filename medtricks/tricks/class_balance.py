@@ -1,4 +1,5 @@
-"""Class imbalance: inverse-frequency loss weights or a class-balanced sampler (``tricks.class_balance``).
+"""Class imbalance: inverse-frequency loss weights or a class-balanced sampler (``tricks.class_balance``; the key:
+:mod:`medtricks.tricks.keys.class_balance`).
 
 Kermany's training split holds about three pneumonia images per normal one; trained on it as is, a
 model learns the prior and calls borderline normals pneumonia, which costs specificity on a test set
@@ -16,15 +17,14 @@ equal priors).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
 from sklearn.utils.class_weight import compute_class_weight
 
 from medtricks.errors import ConfigError
-from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.keys.class_balance import ClassBalanceKeys
 
 __all__ = ["class_weights", "balanced_sample_weights", "balanced_sampler", "ClassBalance"]
 
@@ -74,25 +74,14 @@ def balanced_sampler(
     )
 
 
-@register_trick
-class ClassBalance(Trick):
-    name = "class_balance"
-    order = 90
-    fields = {"class_balance": (Literal["none", "loss", "sampler"], Field("none"))}
-    ablation = {
-        "class_balance": AblationName("tricks.class_balance", "loss", "class-weighted loss (default) or =sampler")
-    }
+class ClassBalance(ClassBalanceKeys):
+    """Computes the class weights from the training labels, or gives the run the balanced sampler."""
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.weights = None
         if self.config.class_balance == "loss":
             self.weights = class_weights(ctx.train_targets, len(ctx.classes))
-
-    @classmethod
-    def tags(cls, recipe):
-        mode = recipe.tricks.class_balance
-        return [f"class_balance={mode}"] if mode != "none" else []
 
     def loader_options(self):
         return {"sampler": balanced_sampler} if self.config.class_balance == "sampler" else {}

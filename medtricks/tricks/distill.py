@@ -1,5 +1,5 @@
 """Knowledge distillation as a trick (Hinton et al. 2015; He et al. CVPR 2019 §5.3):
-``tricks.distill: {teacher: RUN_OR_MODEL, temperature: T, alpha: a}``.
+``tricks.distill: {teacher: RUN_OR_MODEL, temperature: T, alpha: a}`` (the keys: :mod:`medtricks.tricks.keys.distill`).
 
 The loss of a batch with student logits ``z_s``, teacher logits ``z_t`` and labels ``y`` is::
 
@@ -42,34 +42,15 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import nn
 
-from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError
 from medtricks.models import create_model, get_data_config
-from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.keys.distill import DistillationKeys, DistillConfig
 
 __all__ = ["DistillConfig", "Distillation", "Teacher", "load_teacher", "distillation_kl", "ScaledLoss"]
 
 MODEL_PREFIX = "model:"
-
-
-class DistillConfig(Section):
-    """``tricks.distill``: on when ``teacher`` is set."""
-
-    teacher: Optional[str] = None  # run folder / run id, or "model:NAME"
-    temperature: float = Field(4.0, gt=0.0)
-    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the hard-label loss; 1 - alpha on the KL term
-    weights: str = "none"  # model:NAME teachers only: their weights source (file:/path/ckpt.pth ...)
-    image_size: Optional[int] = Field(None, ge=8)  # teacher input size; default: its run's (model:NAME: the student's)
-
-    @field_validator("teacher")
-    @classmethod
-    def _teacher(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not str(value).strip():
-            raise ValueError("tricks.distill.teacher is empty: give a run folder, a run id or model:NAME, or null")
-        return value
 
 
 class Teacher:
@@ -253,19 +234,8 @@ class ScaledLoss(nn.Module):
         return self.scale * self.loss_fn(logits, targets)
 
 
-@register_trick
-class Distillation(Trick):
-    name = "distill"
-    order = 85  # after mixup (70) and adversarial (75): the teacher sees the batch the student trains on
-    fields = {"distill": (DistillConfig, Field(default_factory=DistillConfig))}
-    ablation = {
-        "distill": AblationName(
-            "tricks.distill.teacher",
-            None,
-            "knowledge distillation from a finished run: distill=RUN_FOLDER_OR_ID "
-            "(temperature/alpha: tricks.distill.*)",
-        )
-    }
+class Distillation(DistillationKeys):
+    """Loads the teacher, scales the run's loss by ``alpha`` and adds the KL term on every batch."""
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
@@ -278,11 +248,6 @@ class Distillation(Trick):
             image_size=self.cfg.image_size,
             key="tricks.distill.teacher",
         )
-
-    @classmethod
-    def tags(cls, recipe):
-        cfg = recipe.tricks.distill
-        return [] if cfg.teacher is None else [f"distill(T={cfg.temperature:g},a={cfg.alpha:g})"]
 
     def log_params(self):
         return {

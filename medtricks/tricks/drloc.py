@@ -1,5 +1,6 @@
 """DRLoc, the dense relative localization loss (Liu et al., NeurIPS 2021, "Efficient Training of Visual
-Transformers with Small Datasets"), as a trick: ``tricks.drloc: {lambda: 0.1, pairs: 64, mode: l1}``.
+Transformers with Small Datasets"), as a trick: ``tricks.drloc: {lambda: 0.1, pairs: 64, mode: l1}`` (the keys:
+:mod:`medtricks.tricks.keys.drloc`).
 
 A self-supervised term added to the classification loss: the backbone must make its final embeddings
 say *where* they are, which ViTs trained on little data do not learn by themselves. For every image,
@@ -46,17 +47,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, create_model
 from torch import nn
 
-from medtricks._schema import Section
 from medtricks.errors import ConfigError
 from medtricks.models.resizer import ResizerModel
-from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.keys.drloc import MODES, DrlocConfig, DrlocKeys
 
 __all__ = [
     "DrlocConfig",
@@ -71,31 +70,8 @@ __all__ = [
     "MODES",
 ]
 
-MODES = ("l1", "ce")
 HIDDEN = 512  # the authors' MLP width
 _HEAD_SEED_OFFSET = 20_211  # the head's initial weights: experiment seed + this, in a forked RNG
-
-
-class _DrlocSection(Section):
-    @property
-    def weight(self) -> float:
-        """``lambda``, the term's weight (``lambda`` is a Python keyword: read it here)."""
-        return getattr(self, "lambda")
-
-
-# A field literally named ``lambda`` (a class body cannot declare it): the recipe key, the resolved
-# recipe.yaml, the MLflow params and pydantic's errors all say ``tricks.drloc.lambda``.
-DrlocConfig = create_model(
-    "DrlocConfig",
-    __base__=_DrlocSection,
-    __module__=__name__,
-    **{
-        "lambda": (float, Field(0.0, ge=0.0)),  # weight of the term; 0 = off
-        "pairs": (int, Field(64, ge=1)),  # position pairs drawn per image and batch
-        "mode": (Literal[MODES], "l1"),
-    },
-)  # type: ignore[valid-type]
-DrlocConfig.__doc__ = """``tricks.drloc``: ``lambda`` (weight, 0 = off), ``pairs`` per image, ``mode`` l1 | ce."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,22 +309,8 @@ def _backbone_input_size(recipe: Any, backbone: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 # the trick
 # --------------------------------------------------------------------------------------------
-@register_trick
-class Drloc(Trick):
-    name = "drloc"
-    # Its transform_batch arms the feature hook: it must come after every transform_batch that runs the model
-    # (adversarial, 75); the hook then keeps the first pass through the feature module, the training
-    # forward, and not the later passes of TRADES (75) or pseudo-labelling (86) in extra_loss.
-    order = 95
-    fields = {"drloc": (DrlocConfig, Field(default_factory=DrlocConfig))}
-    ablation = {
-        "drloc": AblationName(
-            "tricks.drloc.lambda",
-            "0.1",
-            "DRLoc relative-localization loss on the final token grid (Liu et al. 2021); "
-            "drloc=LAMBDA (pairs/mode: tricks.drloc.*)",
-        )
-    }
+class Drloc(DrlocKeys):
+    """Finds the model's grid and feature module, trains the head, and adds the term to every batch loss."""
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
@@ -367,13 +329,6 @@ class Drloc(Trick):
         self._pending: Optional[dict] = None
         self._loss_sum: Optional[torch.Tensor] = None
         self._batches = 0
-
-    @classmethod
-    def tags(cls, recipe):
-        cfg = recipe.tricks.drloc
-        if cfg.weight == 0:
-            return []
-        return [f"drloc={cfg.weight:g}" + ("" if cfg.mode == "l1" else f"({cfg.mode})")]
 
     def log_params(self):
         if self.head is None:

@@ -1,5 +1,6 @@
 """FixMatch as a trick (Sohn et al., NeurIPS 2020):
-``tricks.fixmatch: {enabled: true, threshold: 0.95, mu: 7, lambda_u: 1.0, strong: cxr_strong}``.
+``tricks.fixmatch: {enabled: true, threshold: 0.95, mu: 7, lambda_u: 1.0, strong: cxr_strong}`` (the keys:
+:mod:`medtricks.tricks.keys.fixmatch`).
 
 Every training batch (each micro-batch with ``train.accumulate``) also draws ``mu · B`` unlabelled images
 (``B`` = ``train.batch_size``) from the pool that ``data.label_fraction`` / ``data.label_count`` /
@@ -56,31 +57,18 @@ Python::
 from __future__ import annotations
 
 import random
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch.utils.data import DataLoader, Dataset
 
-from medtricks._schema import Section
-from medtricks.data.transforms import PRESETS, MultiView, build_transforms
+from medtricks.data.transforms import MultiView, build_transforms
 from medtricks.errors import ConfigError
-from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.tricks.keys.fixmatch import FixMatchConfig, FixMatchKeys
 from medtricks.tricks.pseudo_label import pseudo_label_loss, pseudo_targets
 
 __all__ = ["FixMatchConfig", "FixMatch", "fixmatch_loss"]
 
 _SEED_OFFSET = 15_485_863  # the unlabelled stream is neither the training loader's nor pseudo_label's
-
-
-class FixMatchConfig(Section):
-    """``tricks.fixmatch``."""
-
-    enabled: bool = False
-    threshold: float = Field(0.95, gt=0.0, le=1.0)  # confidence a weak-view prediction needs to become a label
-    mu: int = Field(7, ge=1)  # unlabelled images per labelled image in a step (mu · train.batch_size)
-    lambda_u: float = Field(1.0, ge=0.0)  # weight of the unlabelled term
-    strong: Literal[PRESETS] = "cxr_strong"  # type: ignore[valid-type]  # augmentation preset of the strong view
 
 
 def fixmatch_loss(
@@ -128,19 +116,8 @@ def _like(batch: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-@register_trick
-class FixMatch(Trick):
-    name = "fixmatch"
-    order = 87  # after pseudo_label: both add terms to the loss (and are never on together)
-    fields = {"fixmatch": (FixMatchConfig, Field(default_factory=FixMatchConfig))}
-    ablation = {
-        "fixmatch": AblationName(
-            "tricks.fixmatch.enabled",
-            "true",
-            "FixMatch on the unlabelled pool (data.label_fraction / data.unlabeled): "
-            "weak-view pseudo-labels train the strong view; tricks.fixmatch.*",
-        )
-    }
+class FixMatch(FixMatchKeys):
+    """Draws the unlabelled batches in two views and adds the masked loss of the strong one."""
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
@@ -195,11 +172,6 @@ class FixMatch(Trick):
         self._iter = None
         self._py_state = None
         self._reset_counts()
-
-    @classmethod
-    def tags(cls, recipe):
-        cfg = recipe.tricks.fixmatch
-        return [f"fixmatch@{cfg.threshold:g}"] if cfg.enabled else []
 
     def log_params(self):
         known = int((self.withheld >= 0).sum()) if self.withheld is not None else 0

@@ -41,11 +41,30 @@ def effective_smoothing(epsilon: float, mode: str, num_classes: int) -> float:
 
 @register_trick
 class LabelSmoothing(Trick):
+    """Label smoothing: the loss's targets move ε of the mass off the true class."""
+
     name = "label_smoothing"
     order = 40
     fields = {
-        "label_smoothing": (float, Field(0.0, ge=0.0, lt=1.0)),
-        "label_smoothing_mode": (Literal["torch", "paper"], Field("torch")),
+        "label_smoothing": (
+            float,
+            Field(
+                0.0,
+                ge=0.0,
+                lt=1.0,
+                description="label smoothing ε, 0 <= ε < 1: the share of the target mass taken off the true "
+                "class (Szegedy et al. 2016); 0 = off",
+            ),
+        ),
+        "label_smoothing_mode": (
+            Literal["torch", "paper"],
+            Field(
+                "torch",
+                description="how ε is spread: torch: ε/K to every class, as nn.CrossEntropyLoss and timm (the "
+                "true class keeps 1 - ε + ε/K); paper: the true class gets 1 - ε and the K - 1 others share ε "
+                "(He et al. 2019)",
+            ),
+        ),
     }
     ablation = {
         "label_smoothing": AblationName("tricks.label_smoothing", "0.1", "label smoothing epsilon (default 0.1)")

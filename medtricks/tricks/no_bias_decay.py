@@ -11,9 +11,20 @@ __all__ = ["NoBiasDecay"]
 
 @register_trick
 class NoBiasDecay(Trick):
+    """No weight decay on biases and normalization parameters."""
+
     name = "no_bias_decay"
     order = 50
-    fields = {"no_bias_decay": (bool, Field(False))}
+    fields = {
+        "no_bias_decay": (
+            bool,
+            Field(
+                False,
+                description="no weight decay on biases and normalization parameters (γ, β); the other weights "
+                "keep optim.weight_decay (He et al. 2019)",
+            ),
+        )
+    }
     ablation = {
         "no_bias_decay": AblationName("tricks.no_bias_decay", "true", "no weight decay on biases and norm layers")
     }

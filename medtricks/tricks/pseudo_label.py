@@ -1,6 +1,6 @@
 """Pseudo-labelling as a trick (Lee 2013; the confidence mask of FixMatch, Sohn et al. 2020; the clean
 teacher of Noisy Student, Xie et al. 2020): ``tricks.pseudo_label: {enabled: true, threshold: 0.95, soft: false,
-weighting: none, weight: 1.0, weight_ramp: 0, teacher: null}``.
+weighting: none, weight: 1.0, weight_ramp: 0, teacher: null}`` (the keys: :mod:`medtricks.tricks.keys.pseudo_label`).
 
 Every training batch also draws a batch of *unlabelled* images -- the training images that
 ``data.label_fraction`` / ``data.label_count`` left without a label, plus the folder ``data.unlabeled``
@@ -52,18 +52,14 @@ no per-class balancing of the pseudo-labelled data; ``soft: false`` and ``thresh
 
 from __future__ import annotations
 
-from typing import Literal, Optional
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch.utils.data import DataLoader
 
-from medtricks._schema import Section
 from medtricks.data.transforms import MultiView, build_transforms
 from medtricks.errors import ConfigError
-from medtricks.tricks.base import AblationName, Trick, register_trick
 from medtricks.tricks.distill import teacher_for
+from medtricks.tricks.keys.pseudo_label import WEIGHTINGS, PseudoLabelConfig, PseudoLabelKeys
 
 __all__ = [
     "PseudoLabelConfig",
@@ -76,21 +72,6 @@ __all__ = [
 ]
 
 _SEED_OFFSET = 7_919  # the unlabelled stream is not the training loader's stream
-WEIGHTINGS = ("none", "confidence")
-
-
-class PseudoLabelConfig(Section):
-    """``tricks.pseudo_label``."""
-
-    enabled: bool = False
-    threshold: float = Field(0.95, ge=0.0, le=1.0)
-    soft: bool = False
-    # none: every kept image weighs 1; confidence: its labeller's top probability (see the module docstring)
-    weighting: Literal["none", "confidence"] = "none"
-    weight: float = Field(1.0, ge=0.0)
-    weight_ramp: float = Field(0.0, ge=0.0)  # epochs over which the weight rises linearly from 0
-    teacher: Optional[str] = None  # null: the model being trained labels; else a run folder / run id
-    batch_size: Optional[int] = Field(None, ge=1)  # unlabelled images per batch; default train.batch_size
 
 
 def pseudo_targets(logits: torch.Tensor, threshold: float, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,19 +134,8 @@ def two_view_pool(pool):
     return pool, "pool"
 
 
-@register_trick
-class PseudoLabel(Trick):
-    name = "pseudo_label"
-    order = 86  # after distillation: both add terms to the loss
-    fields = {"pseudo_label": (PseudoLabelConfig, Field(default_factory=PseudoLabelConfig))}
-    ablation = {
-        "pseudo_label": AblationName(
-            "tricks.pseudo_label.enabled",
-            "true",
-            "pseudo-labels on the unlabelled pool (data.label_fraction / "
-            "data.unlabeled); threshold etc.: tricks.pseudo_label.*",
-        )
-    }
+class PseudoLabel(PseudoLabelKeys):
+    """Draws the unlabelled batches, labels their clean view and adds the masked loss of their augmented view."""
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
@@ -197,16 +167,6 @@ class PseudoLabel(Trick):
         self._iter = None
         self.step = 0
         self._kept = self._seen = 0
-
-    @classmethod
-    def tags(cls, recipe):
-        cfg = recipe.tricks.pseudo_label
-        if not cfg.enabled:
-            return []
-        return [
-            f"pseudo_label@{cfg.threshold:g}{'(soft)' if cfg.soft else ''}"
-            f"{'(conf)' if cfg.weighting == 'confidence' else ''}"
-        ]
 
     def log_params(self):
         # teacher_input: what the labeller sees (clean = the eval transform's view; runs before this param

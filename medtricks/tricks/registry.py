@@ -1,7 +1,9 @@
 """The trick registry: the built-in tricks, plug-ins, and what is derived from them -- the recipe's
 ``tricks:`` section, the ``ablate --tricks`` names and a run's tags.
 
-Built-in tricks register when this module is imported (one import line each below). Other tricks
+Built-in tricks register when this module is imported (one import line each below), without torch: the
+tricks whose code needs torch, timm or scikit-learn are declared in :mod:`medtricks.tricks.keys` (their keys,
+ablation names and tags), and :func:`build_tricks` imports their code when a run builds them. Other tricks
 register from their own file with :func:`~medtricks.tricks.base.register_trick`; to use such a file
 from ``medtricks run``, name it in the recipe's ``experiment.plugins`` list (a module name or a
 ``.py`` path), or ship it in a package under the ``medtricks.tricks`` entry-point group.
@@ -27,21 +29,21 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, create_model
 
-# Built-in tricks: importing the module registers its trick(s).
+# Built-in tricks: importing the module registers its trick(s); none imports torch (tricks/keys/).
 import medtricks.tricks.settings  # noqa: F401  warmup, cosine, linear_scaling, amp, resizer, augment
 import medtricks.tricks.label_smoothing  # noqa: F401
 import medtricks.tricks.no_bias_decay  # noqa: F401
-import medtricks.tricks.bn_gamma  # noqa: F401
-import medtricks.tricks.layerscale_gamma  # noqa: F401  LayerScale-gamma strategies for ViTs (issue 20)
-import medtricks.tricks.mixup  # noqa: F401
-import medtricks.tricks.ema  # noqa: F401
-import medtricks.tricks.class_balance  # noqa: F401
-import medtricks.tricks.adversarial  # noqa: F401
-import medtricks.tricks.distill  # noqa: F401  knowledge distillation (issue 17)
-import medtricks.tricks.pseudo_label  # noqa: F401  pseudo-labels on the unlabelled pool (issue 17)
-import medtricks.tricks.fixmatch  # noqa: F401  FixMatch: weak-view labels train the strong view (issue 33)
-import medtricks.tricks.drloc  # noqa: F401  DRLoc relative-localization loss for ViTs (issue 20)
-import medtricks.tricks.reinit_late  # noqa: F401  re-initialise late stages, Transfusion-style (issue 28)
+import medtricks.tricks.keys.bn_gamma  # noqa: F401
+import medtricks.tricks.keys.layerscale_gamma  # noqa: F401  LayerScale-gamma strategies for ViTs (issue 20)
+import medtricks.tricks.keys.mixup  # noqa: F401
+import medtricks.tricks.keys.ema  # noqa: F401
+import medtricks.tricks.keys.class_balance  # noqa: F401
+import medtricks.tricks.keys.adversarial  # noqa: F401
+import medtricks.tricks.keys.distill  # noqa: F401  knowledge distillation (issue 17)
+import medtricks.tricks.keys.pseudo_label  # noqa: F401  pseudo-labels on the unlabelled pool (issue 17)
+import medtricks.tricks.keys.fixmatch  # noqa: F401  FixMatch: weak-view labels train the strong view (issue 33)
+import medtricks.tricks.keys.drloc  # noqa: F401  DRLoc relative-localization loss for ViTs (issue 20)
+import medtricks.tricks.keys.reinit_late  # noqa: F401  re-initialise late stages, Transfusion-style (issue 28)
 from medtricks._schema import Section
 from medtricks.errors import ConfigError, MedtricksError, MissingFileError
 from medtricks.tricks.base import AblationName, Trick, TrickContext, registered_tricks
@@ -182,8 +184,9 @@ def trick_tags(recipe: Any) -> list[str]:
 
 
 def build_tricks(recipe: Any, ctx: TrickContext) -> list[Trick]:
-    """One instance of every trick that is on in ``recipe``, in order: what the run and engine call."""
-    return [cls(recipe, ctx) for cls in registered_tricks() if cls.tags(recipe)]
+    """One instance of every trick that is on in ``recipe``, in order: what the run and engine call (a trick
+    declared apart from its code is built from its :meth:`~medtricks.tricks.base.Trick.implementation`)."""
+    return [cls.implementation()(recipe, ctx) for cls in registered_tricks() if cls.tags(recipe)]
 
 
 def ablation_names() -> dict[str, AblationName]:

@@ -1,4 +1,5 @@
-"""``tricks.reinit_late``: forget the pretrained weights of the last stages (Transfusion-style partial reuse).
+"""``tricks.reinit_late``: forget the pretrained weights of the last stages (Transfusion-style partial reuse; the
+keys: :mod:`medtricks.tricks.keys.reinit_late`).
 
 Raghu et al. (NeurIPS 2019, "Transfusion") found on chest X-rays that reusing only the lower pretrained
 layers and re-initialising the upper ones keeps most of ImageNet transfer's benefit; Zhang et al. (ICLR
@@ -34,38 +35,16 @@ import math
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import Field, field_validator
 from torch import nn
 
-from medtricks._schema import Section
 from medtricks.errors import ConfigError
-from medtricks.models.reinit import derive_seed, reinit_modules
 from medtricks.gamma.blocks import scan_model
-from medtricks.tricks.base import AblationName, Trick, register_trick
+from medtricks.models.reinit import derive_seed, reinit_modules
+from medtricks.tricks.keys.reinit_late import ReinitLateConfig, ReinitLateKeys
 
 __all__ = ["ReinitLateConfig", "ReinitReport", "ReinitLate", "reinit_late", "late_stage_names"]
 
 REPORT_COLUMNS = ("name", "stage", "type", "tensors", "old_weight_std", "new_weight_std")
-
-
-class ReinitLateConfig(Section):
-    """``tricks.reinit_late``: ``stages`` 0 = off; N >= 1 = the last N residual stages; or names."""
-
-    stages: Union[int, list[str]] = 0
-    zero_init_last: bool = False
-
-    @field_validator("stages")
-    @classmethod
-    def _stages(cls, value):
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"tricks.reinit_late.stages must be 0 (off), a count >= 1, or stage names; got {value}")
-        if isinstance(value, list) and (
-            not value or len(set(value)) != len(value) or not all(v.strip() for v in value)
-        ):
-            raise ValueError(
-                f"tricks.reinit_late.stages as names must be a non-empty list without repeats, got {value}"
-            )
-        return value
 
 
 class ReinitReport:
@@ -200,29 +179,12 @@ def reinit_late(
     return ReinitReport(rows, stages=names, family=family, seed=seed)
 
 
-@register_trick
-class ReinitLate(Trick):
-    name = "reinit_late"
-    order = 55  # before bn_gamma (60): a γ strategy on the same stage then acts on the fresh weights
-    fields = {"reinit_late": (ReinitLateConfig, Field(default_factory=ReinitLateConfig))}
-    ablation = {
-        "reinit_late": AblationName(
-            "tricks.reinit_late.stages",
-            "1",
-            "re-initialise the last N residual stages after the pretrained load (Transfusion-style partial reuse)",
-        )
-    }
+class ReinitLate(ReinitLateKeys):
+    """Re-draws the chosen stages when the model is built and reports every module it re-drew."""
 
     def __init__(self, recipe, ctx):
         super().__init__(recipe, ctx)
         self.report = None
-
-    @classmethod
-    def tags(cls, recipe):
-        stages = recipe.tricks.reinit_late.stages
-        if not stages:
-            return []
-        return [f"reinit_late={stages if isinstance(stages, int) else '+'.join(stages)}"]
 
     def on_model(self, model):
         cfg = self.config.reinit_late

@@ -48,6 +48,8 @@ class LinearScaling(Trick):
 
 @register_trick
 class MixedPrecision(Trick):
+    """Mixed precision (``train.amp``): bf16/fp16 autocast on the GPU; tagged when it is on, no ablation name."""
+
     name = "amp"
     order = 200
 
