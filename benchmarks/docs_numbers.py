@@ -13,7 +13,6 @@ page's number differs from this file; after rerunning the script, update the pag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -32,6 +31,7 @@ import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from benchmarks.common import REPO_ROOT, base_parser, machine_info, now, results_dir, write_results  # noqa: E402
+from medtricks.recipe import load_recipe, recipe_digest  # noqa: E402
 
 NAME = "quickstart_numbers"
 COMMAND = ["medtricks", "run", "recipes/quickstart.yaml"]
@@ -41,15 +41,9 @@ QUICKSTART = REPO_ROOT / "recipes" / "quickstart.yaml"
 
 
 def recipe_fingerprint(path: Path = QUICKSTART) -> str:
-    """sha256 (16 hex digits) of the quickstart recipe and the recipes it builds on (``base:``): the numbers
-    describe these files, and tests/docs/test_docs_numbers.py asks for a rerun when they change."""
-    digest = hashlib.sha256()
-    while path is not None:
-        text = path.read_bytes()
-        digest.update(text)
-        base = (yaml.safe_load(text) or {}).get("base")
-        path = path.parent / base if base else None
-    return digest.hexdigest()[:16]
+    """The resolved quickstart recipe's id (its ``base:`` recipes included, comments and key order not): the
+    numbers describe that experiment, and tests/docs/test_docs_numbers.py asks for a rerun when it changes."""
+    return recipe_digest(load_recipe(str(path)))
 
 
 def _command(quick: bool) -> list[str]:
@@ -125,7 +119,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "machine": info,
         "command": " ".join(COMMAND + (QUICK if args.quick else [])),
-        "recipe_sha256": recipe_fingerprint(),
+        "recipe_digest": recipe_fingerprint(),
         "method": "the README's command in a fresh process and working folder (a copy of recipes/, MLflow's default "
         "sqlite:///mlflow.db there, no MLFLOW_TRACKING_URI); wall time of the whole command, peak RSS of "
         "it (ru_maxrss of the child); metrics from the run's MLflow record",

@@ -235,6 +235,6 @@ def test_the_quickstart_numbers_come_from_the_shipped_recipe():
     """The file describes the quickstart as shipped: rerun `python -m benchmarks.docs_numbers` after changing it."""
     numbers = result("quickstart_numbers.json")
     assert not numbers["quick"], "a --quick smoke run is not the documented numbers"
-    assert numbers["recipe_sha256"] == recipe_fingerprint(), (
+    assert numbers["recipe_digest"] == recipe_fingerprint(), (
         "recipes/quickstart.yaml or a recipe it builds on changed: rerun python -m benchmarks.docs_numbers"
     )
