@@ -437,7 +437,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve(serve, fresh_sqlite_uri):
+def serve(fresh_sqlite_uri):
     """``serve(tmp_path, port)``: an ``mlflow server`` on a sqlite store in tmp_path, once it answers."""
 
     def serve(tmp_path, port):
