@@ -4,6 +4,7 @@ adaptation (EM prior, AdaBN, TENT). Small synthetic data and tiny models only.""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -196,7 +197,7 @@ def test_tent_updates_only_batchnorm_affine_parameters_and_is_deterministic(bn_n
 
 
 # ------------------------------------------------------------------ a tiny trained run and a site
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]
 SALT = "medtricks-deploy-tests"  # one patient salt for the module's run and every test (hashes must match)
 
 
@@ -206,7 +207,7 @@ def _one_salt(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def site_run(binary_phantom_card, fresh_sqlite_uri, tmp_path_factory):
+def site_run(binary_phantom_card, fresh_sqlite_uri, tmp_path_factory, binary_run_overrides):
     """A 1-epoch resnet18 on 32 px binary phantoms (MLflow sqlite store), and a labelled "site": phantoms
     drawn with another seed (other patients, other images)."""
     from medtricks.data import synthesize_phantoms
@@ -218,26 +219,7 @@ def site_run(binary_phantom_card, fresh_sqlite_uri, tmp_path_factory):
     synthesize_phantoms(tmp / "data", n=80, classes=("normal", "pneumonia"), size=32, seed=0)
     synthesize_phantoms(tmp / "site", n=90, classes=("normal", "pneumonia"), size=32, seed=5)
     card = binary_phantom_card(tmp)
-    recipe = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
-        overrides=[
-            f"data.card={card}",
-            "data.synth=null",
-            f"data.root={tmp / 'data'}",
-            "data.image_size=32",
-            "data.val_fraction=0.25",
-            "data.test_fraction=0.25",
-            "model.name=resnet18",
-            "model.weights=none",
-            "train.epochs=1",
-            "train.batch_size=16",
-            "eval.n_bootstrap=10",
-            "train.progress=false",
-            "schedule.warmup_epochs=0",
-            f"experiment.output_dir={tmp / 'runs'}",
-            f"tracking.uri={uri}",
-        ],
-    )
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=binary_run_overrides(tmp, card, uri))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDTRICKS_PATIENT_SALT", SALT)
         result = run_recipe(recipe, quiet=True)

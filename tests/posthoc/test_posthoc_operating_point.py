@@ -17,7 +17,6 @@ from medtricks.evaluate.operating_point import (
     class_priors,
     prior_shift,
     probs_at_threshold,
-    select_threshold,
 )
 from medtricks.posthoc import evaluate_trained, performance_drop, resolve_decision_rule, unpaired_bootstrap_delta
 from medtricks.recipe import load_recipe
@@ -180,36 +179,13 @@ def binary_phantoms(folder: Path, binary_phantom_card) -> Path:
 
 
 @pytest.fixture(scope="module")
-def binary_run(fresh_sqlite_uri, binary_phantom_card, tmp_path_factory):
+def binary_run(fresh_sqlite_uri, binary_phantom_card, tmp_path_factory, binary_run_overrides):
     tmp = tmp_path_factory.mktemp("binary")
     uri = fresh_sqlite_uri(tmp)
     card = binary_phantoms(tmp, binary_phantom_card)
-    recipe = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
-        overrides=[
-            f"data.card={card}",
-            "data.synth=null",
-            f"data.root={tmp / 'data'}",
-            "data.image_size=32",
-            "data.val_fraction=0.25",
-            "data.test_fraction=0.25",
-            "model.name=resnet18",
-            "model.weights=none",
-            "train.epochs=1",
-            "train.batch_size=16",
-            "eval.n_bootstrap=10",
-            "train.progress=false",
-            "schedule.warmup_epochs=0",
-            f"experiment.output_dir={tmp / 'runs'}",
-            f"tracking.uri={uri}",
-        ],
-    )
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides=binary_run_overrides(tmp, card, uri))
     result = run_recipe(recipe, quiet=True)
-    op_path = result.run_dir / "model" / OPERATING_POINT_FILE
-    if not op_path.is_file():  # a run.py that does not store operating points yet: store one as it would
-        with np.load(result.run_dir / "artifacts" / "predictions_val.npz") as val:
-            op = select_threshold(val["y_true"], val["probs"], train_priors=[0.5, 0.5])
-        op.to_json(op_path)
+    assert (result.run_dir / "model" / OPERATING_POINT_FILE).is_file()  # the run stores its operating point
     return result, uri, tmp, card
 
 
