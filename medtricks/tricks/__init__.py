@@ -17,6 +17,7 @@ import importlib
 
 _EXPORTS = {
     "Trick": "base",
+    "ReportsWhatItChanged": "base",
     "TrickContext": "base",
     "AblationName": "base",
     "register_trick": "base",

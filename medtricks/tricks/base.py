@@ -45,6 +45,7 @@ from medtricks.errors import MedtricksError
 
 __all__ = [
     "Trick",
+    "ReportsWhatItChanged",
     "TrickContext",
     "AblationName",
     "register_trick",
@@ -239,6 +240,33 @@ def saved_trick_states(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 _REGISTRY: dict[str, type[Trick]] = {}
+
+
+class ReportsWhatItChanged:
+    """The reporting points of a trick that keeps a report of what it changed (``self.report``, with
+    ``summary()``, ``str()``, ``len()`` and ``to_csv(path)``): the run logs the summary as the param named
+    like the trick, prints the report, and stores it as ``artifacts/<name>_report.csv`` (logged under
+    ``tricks/``). List it first among the bases: ``class T(ReportsWhatItChanged, Trick)``.
+    ``keep_empty_report``: report even when the report lists nothing."""
+
+    keep_empty_report: ClassVar[bool] = False
+
+    def _reports(self) -> bool:
+        return self.report is not None and (self.keep_empty_report or len(self.report) > 0)
+
+    def log_params(self) -> dict[str, Any]:
+        return {self.name: self.report.summary() if self._reports() else "none"}
+
+    def summary(self) -> Optional[str]:
+        return str(self.report) if self._reports() else None
+
+    def artifacts(self, run_dir: Any) -> list[tuple[Any, str]]:
+        if not self._reports():
+            return []
+        path = run_dir.trick_report(self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.report.to_csv(path)
+        return [(path, "tricks")]
 
 
 def register_trick(cls: type[Trick]) -> type[Trick]:

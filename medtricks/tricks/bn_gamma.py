@@ -6,17 +6,14 @@ from __future__ import annotations
 import warnings
 
 from medtricks.gamma.bn import apply_gamma_strategy
+from medtricks.tricks.base import ReportsWhatItChanged
 from medtricks.tricks.keys.bn_gamma import BnGammaConfig, BnGammaKeys, GammaRuleConfig
 
 __all__ = ["BnGammaConfig", "GammaRuleConfig", "BnGamma"]
 
 
-class BnGamma(BnGammaKeys):
+class BnGamma(ReportsWhatItChanged, BnGammaKeys):
     """Sets the γ's when the model is built, warns when a zeroed γ is frozen, and reports what it changed."""
-
-    def __init__(self, recipe, ctx):
-        super().__init__(recipe, ctx)
-        self.report = None
 
     def on_model(self, model):
         # On the loaded weights, before the optimizer sees the parameters.
@@ -38,17 +35,3 @@ class BnGamma(BnGammaKeys):
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-    def log_params(self):
-        return {"bn_gamma": self.report.summary() if self.report is not None and len(self.report) else "none"}
-
-    def summary(self):
-        return str(self.report) if self.report is not None and len(self.report) else None
-
-    def artifacts(self, run_dir):
-        if self.report is None or not len(self.report):
-            return []
-        path = run_dir.trick_report(self.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.report.to_csv(path)
-        return [(path, "tricks")]

@@ -40,6 +40,7 @@ from torch import nn
 from medtricks.errors import ConfigError
 from medtricks.gamma.blocks import scan_model
 from medtricks.models.reinit import derive_seed, reinit_modules
+from medtricks.tricks.base import ReportsWhatItChanged
 from medtricks.tricks.keys.reinit_late import ReinitLateConfig, ReinitLateKeys
 
 __all__ = ["ReinitLateConfig", "ReinitReport", "ReinitLate", "reinit_late", "late_stage_names"]
@@ -179,29 +180,13 @@ def reinit_late(
     return ReinitReport(rows, stages=names, family=family, seed=seed)
 
 
-class ReinitLate(ReinitLateKeys):
+class ReinitLate(ReportsWhatItChanged, ReinitLateKeys):
     """Re-draws the chosen stages when the model is built and reports every module it re-drew."""
 
-    def __init__(self, recipe, ctx):
-        super().__init__(recipe, ctx)
-        self.report = None
+    keep_empty_report = True  # logged and stored even when it lists nothing, as before
 
     def on_model(self, model):
         cfg = self.config.reinit_late
         self.report = reinit_late(
             model, cfg.stages, seed=self.recipe.experiment.seed, zero_init_last=cfg.zero_init_last
         )
-
-    def log_params(self):
-        return {"reinit_late": self.report.summary() if self.report is not None else "none"}
-
-    def summary(self):
-        return str(self.report) if self.report is not None else None
-
-    def artifacts(self, run_dir):
-        if self.report is None:
-            return []
-        path = run_dir.trick_report(self.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.report.to_csv(path)
-        return [(path, "tricks")]
