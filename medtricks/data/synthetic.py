@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medtricks._atomic import atomic_path
 from medtricks.errors import ConfigError
 
 SYNTHETIC_CARD = "synthetic-phantoms"
@@ -212,18 +213,19 @@ def synthesize_phantoms(
         for _ in range(min(int(rng.integers(1, 5)), n - index)):
             image = _draw(int(size), anat, LESIONS[label], rng, plan)
             name = f"img_{index:05d}." + ("png" if fmt == "png" else "dcm")
-            if fmt == "png":
-                Image.fromarray(np.round(image * 255).astype(np.uint8), mode="L").save(images / name)
-            else:
-                _dicom(
-                    images / name, image, patient_id=patient, index=index, seed=seed, monochrome1=patient_no % 3 == 2
-                )
+            # Atomic: runs started together (ablation children) may draw the same set into one folder
+            # while another already reads it; a reader must never see a half-written image.
+            with atomic_path(images / name) as tmp:
+                if fmt == "png":
+                    Image.fromarray(np.round(image * 255).astype(np.uint8), mode="L").save(tmp, format="PNG")
+                else:
+                    _dicom(tmp, image, patient_id=patient, index=index, seed=seed, monochrome1=patient_no % 3 == 2)
             rows.append({"path": f"images/{name}", "label": label, "patient": patient})
             index += 1
         patient_no += 1
 
     csv_path = out / MANIFEST_NAME
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "patient"])
         writer.writeheader()
         writer.writerows(rows)
@@ -235,5 +237,6 @@ def synthesize_phantoms(
         "seed": int(seed),
         "version": _VERSION,
     }
-    (out / PARAMS_NAME).write_text(json.dumps(params, indent=2) + "\n")
+    with atomic_path(out / PARAMS_NAME) as tmp:
+        tmp.write_text(json.dumps(params, indent=2) + "\n")
     return csv_path
