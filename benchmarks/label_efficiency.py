@@ -27,7 +27,13 @@ The variants (recipes/kermany_label_efficiency.yaml, 48 px):
   with few labels can run;
 - ``fixmatch`` (issue 33; not in the default ``--variants``, add it by name): ``recipes/kermany_fixmatch.yaml``
   -- the ``tricks`` recipe plus ``tricks.fixmatch`` (threshold 0.95, mu 7, lambda_u 1, strong view
-  ``cxr_strong``) on the unlabelled pool; fractions below 100 % only (at 100 % there is no pool).
+  ``cxr_strong``) on the unlabelled pool; fractions below 100 % only (at 100 % there is no pool);
+- ``mpl`` (issue 33; add it by name): ``recipes/kermany_mpl.yaml`` -- the ``tricks`` recipe plus
+  ``tricks.mpl`` (Meta Pseudo Labels, first-order teacher update with UDA, mu 7, strong view ``cxr_strong``),
+  the last quarter of the epochs (at least 1) fine-tuning the student on the labels; fractions below 100 % only;
+- ``reinit_late`` (issue 28; add it by name): the ``tricks`` recipe plus ``tricks.reinit_late: {stages: 1}``
+  (the last residual stage starts from timm's init after the ImageNet load), as
+  ``recipes/kermany_few_labels.yaml`` ships it at 10 %.
 
 Epochs scale with the fraction (100 %: 1, 10 %: 4, 2 %: 12) so that every run makes a similar order
 of updates (~30-115 steps of 32 labelled images; what fits a 2-core CPU); the labelled subset is drawn
@@ -55,9 +61,11 @@ from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info
 
 RECIPE = REPO_ROOT / "recipes" / "kermany_label_efficiency.yaml"
 FIXMATCH_RECIPE = REPO_ROOT / "recipes" / "kermany_fixmatch.yaml"  # RECIPE + tricks.fixmatch
+MPL_RECIPE = REPO_ROOT / "recipes" / "kermany_mpl.yaml"  # RECIPE + tricks.mpl
 FRACTIONS = {0.02: 12, 0.1: 4, 1.0: 1}  # labelled fraction -> epochs (similar number of updates)
 QUICK_FRACTIONS = {0.3: 2, 1.0: 1}
-VARIANTS = ("baseline", "tricks", "noisy_student", "distill", "fixmatch")
+VARIANTS = ("baseline", "tricks", "noisy_student", "distill", "fixmatch", "mpl", "reinit_late")
+REINIT_LATE = ["tricks.reinit_late.stages=1"]  # recipes/kermany_few_labels.yaml's trick (issue 28)
 DEFAULT_VARIANTS = ("baseline", "tricks", "noisy_student", "distill")  # the table in docs/few-labels.md
 ROUNDS = 2
 DISTILL = [
@@ -93,6 +101,11 @@ def baseline_overrides(epochs: int) -> list[str]:
         "tricks.no_bias_decay=false",
         f"schedule.milestones=[{epochs / 2:g},{epochs * 0.75:g}]",
     ]
+
+
+def mpl_overrides(epochs: int) -> list[str]:
+    """Meta Pseudo Labels: the last quarter of the epochs (at least 1) fine-tunes the student on the labels."""
+    return [f"tricks.mpl.finetune_epochs={max(1, math.ceil(epochs / 4))}"]
 
 
 def _recipe(
@@ -212,6 +225,8 @@ def run_seed(
             teacher = row["run_dir"]
             if "tricks" in variants:
                 rows.append(row)
+            if "reinit_late" in variants:
+                rows.append(plain(fraction, "reinit_late", REINIT_LATE))
             continue
         if "tricks" in variants or "noisy_student" in variants:
 
@@ -260,6 +275,10 @@ def run_seed(
             )
         if "fixmatch" in variants:
             rows.append(plain(fraction, "fixmatch", [], FIXMATCH_RECIPE))
+        if "mpl" in variants:
+            rows.append(plain(fraction, "mpl", mpl_overrides(epochs), MPL_RECIPE))
+        if "reinit_late" in variants:
+            rows.append(plain(fraction, "reinit_late", REINIT_LATE))
     return rows
 
 

@@ -26,7 +26,8 @@ weights here: the paper evaluates an EMA model, which is ``tricks.ema`` (the lab
 model, as in the paper). When no image passes the threshold the strong view still goes through the model
 (under ``no_grad``: the same BatchNorm statistics and random draws, no wasted backward) and the term is 0.
 
-The unlabelled stream: a loader of its own over the pool, re-made with
+The unlabelled stream (:class:`~medtricks.tricks.unlabeled_stream.TwoViewStream`, shared with Meta Pseudo
+Labels): a loader of its own over the pool, re-made with
 :class:`~medtricks.data.transforms.MultiView` (weak, strong) so that each item gives both views of one image,
 shuffled by its own generator and augmented from its own Python ``random`` state, both re-seeded at the first
 unlabelled batch of every epoch from the epoch's seed (``torch.initial_seed()`` after
@@ -56,19 +57,14 @@ Python::
 
 from __future__ import annotations
 
-import random
-
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from medtricks.data.transforms import MultiView, build_transforms
 from medtricks.errors import ConfigError
 from medtricks.tricks.keys.fixmatch import FixMatchConfig, FixMatchKeys
 from medtricks.tricks.pseudo_label import pseudo_label_loss, pseudo_targets
+from medtricks.tricks.unlabeled_stream import LabelMonitor, TwoViewStream, like_batch
 
 __all__ = ["FixMatchConfig", "FixMatch", "fixmatch_loss"]
-
-_SEED_OFFSET = 15_485_863  # the unlabelled stream is neither the training loader's nor pseudo_label's
 
 
 def fixmatch_loss(
@@ -79,41 +75,6 @@ def fixmatch_loss(
     over the kept images and divided by the *whole* batch (``mu · B``). ``weak_logits`` are detached."""
     labels, mask = pseudo_targets(weak_logits.detach(), threshold)
     return pseudo_label_loss(strong_logits, labels, mask), labels, mask
-
-
-class _Indexed(Dataset):
-    """``dataset[i] -> (views, i)``: the pool's images with their index (for the withheld labels), its target
-    (always -1) dropped. Module-level, so it pickles for DataLoader workers."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        views, _ = self.dataset[index]
-        return views, index
-
-
-def _withheld_targets(pool):
-    """The labels ``data.label_fraction`` withheld from the pool's images (-1 where unknown), or None."""
-    manifest = getattr(pool, "manifest", None)
-    if manifest is None or "withheld_target" not in getattr(manifest, "columns", ()):
-        return None
-    return torch.tensor(manifest["withheld_target"].astype("int64").to_numpy(copy=True), dtype=torch.long)
-
-
-def _like(batch: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """``batch`` in the labelled batch's memory format (channels_last when the engine uses it)."""
-    if (
-        batch.dim() == 4
-        and images.dim() == 4
-        and images.is_contiguous(memory_format=torch.channels_last)
-        and not images.is_contiguous()
-    ):
-        return batch.contiguous(memory_format=torch.channels_last)
-    return batch
 
 
 class FixMatch(FixMatchKeys):
@@ -129,120 +90,34 @@ class FixMatch(FixMatchKeys):
                 "same unlabelled images, labelled two different ways; switch one off "
                 "(--set tricks.pseudo_label.enabled=false or --set tricks.fixmatch.enabled=false)"
             )
-        self.pool = ctx.extras.get("unlabeled")
-        if self.pool is None or len(self.pool) == 0:
-            raise ConfigError(
-                "tricks.fixmatch needs unlabelled images: set data.label_fraction (or "
-                "data.label_count) below the whole training split, or data.unlabeled: {root: FOLDER}"
-            )
-        weak = getattr(self.pool, "transform", None)
-        needed = ("image_size", "in_chans", "mean", "std")
-        if not callable(getattr(self.pool, "with_transform", None)) or not all(hasattr(weak, k) for k in needed):
-            raise ConfigError(
-                "tricks.fixmatch needs the unlabelled pool as an image dataset it can draw a second view "
-                "from (medtricks.data.XrayDataset with its training transform); got "
-                f"{type(self.pool).__name__}"
-            )
-        self.strong = build_transforms(
-            self.cfg.strong,
-            weak.image_size,
-            mean=tuple(float(v) for v in weak.mean),
-            std=tuple(float(v) for v in weak.std),
-            in_chans=weak.in_chans,
-            train=True,
+        self.stream = TwoViewStream(
+            ctx.extras.get("unlabeled"), strong=self.cfg.strong, mu=self.cfg.mu, recipe=recipe, key="tricks.fixmatch"
         )
-        train = getattr(recipe, "train", None)
-        self.batch_size = min(self.cfg.mu * (getattr(train, "batch_size", None) or 32), len(self.pool))
-        if self.batch_size < 2:
-            raise ConfigError(
-                f"tricks.fixmatch: the unlabelled pool holds {len(self.pool)} image(s); the weak view "
-                "goes through the model in train mode, whose BatchNorm needs at least 2 images per step"
-            )
-        self.withheld = _withheld_targets(self.pool)
-        data = getattr(recipe, "data", None)
-        self.generator = torch.Generator()
-        self.loader = DataLoader(
-            _Indexed(self.pool.with_transform(MultiView(weak, self.strong))),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=self.generator,
-            num_workers=getattr(data, "num_workers", 0) or 0,
-            drop_last=True,
-        )
-        self._iter = None
-        self._py_state = None
-        self._reset_counts()
+        self.pool, self.batch_size = self.stream.pool, self.stream.batch_size
+        self.monitor = LabelMonitor(self.stream.withheld, "train/fixmatch")
 
     def log_params(self):
-        known = int((self.withheld >= 0).sum()) if self.withheld is not None else 0
         return {
             "fixmatch.n_unlabeled": len(self.pool),
             "fixmatch.unlabeled_batch": self.batch_size,
-            "fixmatch.n_withheld_labels": known,
+            "fixmatch.n_withheld_labels": self.stream.known_labels(),
         }
 
-    # ---- the unlabelled stream
-    def _next_batch(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(weak, strong, index)`` of the next ``mu · B`` unlabelled images; the draw runs on the trick's own
-        generator and Python ``random`` state, so the rest of the run's random numbers do not move."""
-        outer = random.getstate()
-        try:
-            if self._iter is None:  # first unlabelled batch of the epoch
-                seed = (torch.initial_seed() + _SEED_OFFSET) % (2**63)
-                self.generator.manual_seed(seed)
-                self._py_state = random.Random(seed).getstate()
-                self._iter = iter(self.loader)
-            random.setstate(self._py_state)
-            try:
-                (weak, strong), index = next(self._iter)
-            except StopIteration:  # the pool is smaller than an epoch of batches: go round again
-                self._iter = iter(self.loader)
-                (weak, strong), index = next(self._iter)
-            self._py_state = random.getstate()
-        finally:
-            random.setstate(outer)
-        return weak.to(device, non_blocking=True), strong.to(device, non_blocking=True), index
-
     def extra_loss(self, model, images, targets, logits):
-        weak, strong, index = self._next_batch(images.device)  # drawn even at lambda_u 0 (common random numbers)
+        weak, strong, index = self.stream.next(images.device)  # drawn even at lambda_u 0 (common random numbers)
         if self.cfg.lambda_u == 0:
             return None
-        weak, strong = _like(weak, images), _like(strong, images)
+        weak, strong = like_batch(weak, images), like_batch(strong, images)
         with torch.no_grad():  # the label: train mode, as the paper (see the module docstring)
             weak_logits = model(weak).float()
         labels, mask = pseudo_targets(weak_logits, self.cfg.threshold)
-        self._count(labels, mask, index)
+        self.monitor.count(labels, mask, index)
         if not bool(mask.any()):
             with torch.no_grad():  # the term is 0: the forward for BatchNorm's statistics, no backward
                 model(strong)
             return None
         return self.cfg.lambda_u * pseudo_label_loss(model(strong), labels, mask)
 
-    # ---- monitoring
-    def _reset_counts(self) -> None:
-        self._seen = self._passed = 0
-        self._known = self._known_right = self._known_passed = self._known_passed_right = 0
-
-    def _count(self, labels: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> None:
-        labels, mask = labels.cpu(), mask.cpu()
-        self._seen += int(mask.numel())
-        self._passed += int(mask.sum())
-        if self.withheld is None:
-            return
-        truth = self.withheld[index]
-        known = truth >= 0
-        right = (labels == truth) & known
-        self._known += int(known.sum())
-        self._known_right += int(right.sum())
-        self._known_passed += int((known & mask).sum())
-        self._known_passed_right += int((right & mask).sum())
-
     def on_epoch_end(self, epoch, metrics):
-        if self._seen:
-            metrics["train/fixmatch_mask_rate"] = self._passed / self._seen
-        if self._known:
-            metrics["train/fixmatch_label_acc_all"] = self._known_right / self._known
-        if self._known_passed:
-            metrics["train/fixmatch_label_acc"] = self._known_passed_right / self._known_passed
-        self._reset_counts()
-        self._iter = None  # the next epoch re-seeds the unlabelled stream
+        self.monitor.write(metrics)
+        self.stream.new_epoch()  # the next epoch re-seeds the unlabelled stream

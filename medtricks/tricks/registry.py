@@ -42,6 +42,7 @@ import medtricks.tricks.keys.adversarial  # noqa: F401
 import medtricks.tricks.keys.distill  # noqa: F401  knowledge distillation (issue 17)
 import medtricks.tricks.keys.pseudo_label  # noqa: F401  pseudo-labels on the unlabelled pool (issue 17)
 import medtricks.tricks.keys.fixmatch  # noqa: F401  FixMatch: weak-view labels train the strong view (issue 33)
+import medtricks.tricks.keys.mpl  # noqa: F401  Meta Pseudo Labels: a teacher trained on its student's feedback (issue 33)
 import medtricks.tricks.keys.drloc  # noqa: F401  DRLoc relative-localization loss for ViTs (issue 20)
 import medtricks.tricks.keys.reinit_late  # noqa: F401  re-initialise late stages, Transfusion-style (issue 28)
 from medtricks._schema import Section

@@ -76,6 +76,7 @@ LAZY_IMPORTS_ALLOWED = {
             "drloc",
             "ema",
             "fixmatch",
+            "mpl",
             "layerscale_gamma",
             "mixup",
             "pseudo_label",

@@ -148,7 +148,7 @@ def test_the_weak_view_labels_without_gradient_and_the_strong_view_trains_on_mu_
 def test_both_views_are_of_the_same_image():
     trick = _trick(strong="none", threshold=0.5)  # strong = weak = the eval transform: the views must agree
     seed_epoch(1, 0)
-    weak, strong, index = trick._next_batch("cpu")
+    weak, strong, index = trick.stream.next("cpu")
     assert torch.equal(weak, strong) and len(set(index.tolist())) == len(index)
     assert torch.allclose(weak.mean(dim=(1, 2, 3)), torch.from_numpy(_values())[index])
 
@@ -171,7 +171,7 @@ def test_the_pool_is_capped_and_a_pool_of_one_is_refused():
 def test_the_unlabelled_stream_does_not_depend_on_lambda_u_nor_moves_the_runs_random_numbers():
     def draws(trick, epoch, seed=7):
         seed_epoch(seed, epoch)
-        out = [trick._next_batch("cpu") for _ in range(3)]  # 3 x 4 of 24 images
+        out = [trick.stream.next("cpu") for _ in range(3)]  # 3 x 4 of 24 images
         trick.on_epoch_end(epoch, {})
         return out
 
