@@ -306,6 +306,7 @@ def summarize(rows: list[dict[str, Any]], fractions, variants) -> list[dict[str,
     out = []
     for fraction in sorted(fractions):
         base = [r for r in rows if r["fraction"] == fraction and r["variant"] == "baseline"]
+        tricks = [r for r in rows if r["fraction"] == fraction and r["variant"] == "tricks"]
         for variant in variants:
             mine = sorted(
                 (r for r in rows if r["fraction"] == fraction and r["variant"] == variant), key=lambda r: r["seed"]
@@ -320,6 +321,9 @@ def summarize(rows: list[dict[str, Any]], fractions, variants) -> list[dict[str,
             for metric in METRICS:
                 line[metric] = fmt([r[metric] for r in mine])
             line["Δ AUROC vs baseline"] = "(reference)" if variant == "baseline" else delta(mine, base)
+            line["Δ AUROC vs tricks"] = (
+                "(reference)" if variant == "tricks" else "n/a" if variant == "baseline" else delta(mine, tricks)
+            )
             line["Δ AUROC vs 100% baseline"] = (
                 "(reference)" if fraction >= 1.0 and variant == "baseline" else delta(mine, full_base)
             )
@@ -329,22 +333,47 @@ def summarize(rows: list[dict[str, Any]], fractions, variants) -> list[dict[str,
 
 
 def goal(rows: list[dict[str, Any]]) -> Optional[str]:
-    """The issue's target: at 10 % labels, Noisy Student within 0.01 AUROC of fully supervised."""
+    """The targets: issue 17 (at 10 % labels, Noisy Student within 0.01 AUROC of fully supervised) and issue 33
+    (at 2 % labels a semi-supervised method >= 0.96 test AUROC; at 10 % one within 0.005 of full supervision)."""
     from medtricks.evaluate.stats import mean_ci
 
-    ns = [r["auroc"] for r in rows if r["fraction"] == 0.1 and r["variant"] == "noisy_student"]
-    full = {v: [r["auroc"] for r in rows if r["fraction"] >= 1.0 and r["variant"] == v] for v in ("baseline", "tricks")}
-    full_means = [statistics.mean(values) for values in full.values() if values]
-    if not ns or not full_means:
+    def mean_of(fraction: float, variant: str) -> Optional[float]:
+        values = [r["auroc"] for r in rows if r["fraction"] == fraction and r["variant"] == variant]
+        return statistics.mean(values) if values else None
+
+    full_means = [m for v in ("baseline", "tricks") if (m := mean_of(1.0, v)) is not None]
+    if not full_means:
         return None
-    gap = max(full_means) - statistics.mean(ns)
-    reached = gap <= 0.01
-    mean, low, high = mean_ci(ns)
-    return (
-        f"goal (10 % labels, Noisy Student within 0.01 AUROC of the best fully supervised mean): "
-        f"{'reached' if reached else 'not reached'} -- Noisy Student {mean:.3f} [{low:.3f}, {high:.3f}], "
-        f"gap {gap:+.3f}"
-    )
+    full = max(full_means)
+    lines = []
+    ns = [r["auroc"] for r in rows if r["fraction"] == 0.1 and r["variant"] == "noisy_student"]
+    if ns:
+        gap = full - statistics.mean(ns)
+        mean, low, high = mean_ci(ns)
+        lines.append(
+            f"goal (10 % labels, Noisy Student within 0.01 AUROC of the best fully supervised mean): "
+            f"{'reached' if gap <= 0.01 else 'not reached'} -- Noisy Student {mean:.3f} [{low:.3f}, {high:.3f}], "
+            f"gap {gap:+.3f}"
+        )
+    semi = [v for v in ("noisy_student", "fixmatch", "mpl") if mean_of(0.02, v) is not None or mean_of(0.1, v)]
+    if semi:
+        at2 = {v: m for v in semi if (m := mean_of(0.02, v)) is not None}
+        at10 = {v: m for v in semi if (m := mean_of(0.1, v)) is not None}
+        if at2:
+            best = max(at2, key=at2.get)
+            lines.append(
+                f"goal (2 % labels, a semi-supervised method >= 0.960 test AUROC): "
+                f"{'reached' if at2[best] >= 0.96 else 'not reached'} -- best {best} {at2[best]:.3f}"
+            )
+        if at10:
+            best = max(at10, key=at10.get)
+            gap = full - at10[best]
+            lines.append(
+                f"goal (10 % labels, a semi-supervised method within 0.005 of the best fully supervised mean "
+                f"{full:.3f}): {'reached' if gap <= 0.005 else 'not reached'} -- best {best} {at10[best]:.3f}, "
+                f"gap {gap:+.3f}"
+            )
+    return "\n".join(lines) or None
 
 
 def main(argv=None) -> int:

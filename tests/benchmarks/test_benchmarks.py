@@ -188,6 +188,37 @@ def test_label_efficiency_baseline_drops_the_schedule_tricks_only():
     ]
 
 
+def test_label_efficiency_goals_and_the_delta_against_the_tricks_row():
+    from benchmarks.label_efficiency import goal, summarize
+
+    aurocs = {  # (fraction, variant) -> AUROC of seeds 0, 1, 2
+        (1.0, "baseline"): [0.970, 0.972, 0.974],
+        (1.0, "tricks"): [0.975, 0.973, 0.977],
+        (0.1, "baseline"): [0.930, 0.940, 0.935],
+        (0.1, "tricks"): [0.940, 0.950, 0.945],
+        (0.1, "mpl"): [0.971, 0.972, 0.973],  # 0.975 - 0.972 = 0.003: within 0.005
+        (0.02, "baseline"): [0.90, 0.91, 0.92],
+        (0.02, "tricks"): [0.92, 0.93, 0.94],
+        (0.02, "mpl"): [0.95, 0.96, 0.95],  # 0.953: below 0.96
+    }
+    metrics = {"accuracy": 0.9, "sensitivity": 0.9, "specificity": 0.9, "train_s": 60.0}
+    rows = [
+        {"fraction": f, "variant": v, "seed": seed, "auroc": a, **metrics}
+        for (f, v), values in aurocs.items()
+        for seed, a in enumerate(values)
+    ]
+    table = {
+        (t["labels"], t["variant"]): t
+        for t in summarize(rows, {0.02: 12, 0.1: 4, 1.0: 1}, ["baseline", "tricks", "mpl"])
+    }
+    assert table[("10%", "mpl")]["Δ AUROC vs tricks"].startswith("+0.027")
+    assert table[("10%", "tricks")]["Δ AUROC vs tricks"] == "(reference)"
+    assert table[("10%", "baseline")]["Δ AUROC vs tricks"] == "n/a"
+    verdict = goal(rows)
+    assert "2 % labels, a semi-supervised method >= 0.960 test AUROC): not reached -- best mpl 0.953" in verdict
+    assert "within 0.005 of the best fully supervised mean 0.975): reached -- best mpl 0.972, gap +0.003" in verdict
+
+
 def test_verdict_tells_a_real_miss_from_noise():
     from benchmarks.train_throughput import verdict
 
