@@ -220,8 +220,12 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
         weak, strong = like_batch(weak, images), like_batch(strong, images)
         n_l, n_u = images.shape[0], weak.shape[0]
         self.teacher.train()
-        t_logits = self.teacher(torch.cat([images, weak, strong])).float()
-        t_labeled, t_weak, t_strong = t_logits[:n_l], t_logits[n_l : n_l + n_u], t_logits[n_l + n_u :]
+        if images.shape[1:] == weak.shape[1:]:  # one batch, as the paper
+            t_logits = self.teacher(torch.cat([images, weak, strong])).float()
+            t_labeled, t_weak, t_strong = t_logits[:n_l], t_logits[n_l : n_l + n_u], t_logits[n_l + n_u :]
+        else:  # progressive resizing: the labelled batch is at this epoch's size, the pool at the recipe's
+            t_labeled = self.teacher(images).float()
+            t_weak, t_strong = self.teacher(torch.cat([weak, strong])).float().split(n_u)
         uda, uda_mask = uda_loss(
             t_weak, t_strong, temperature=self.cfg.uda_temperature, threshold=self.cfg.uda_threshold
         )

@@ -188,6 +188,26 @@ def test_label_efficiency_baseline_drops_the_schedule_tricks_only():
     ]
 
 
+@pytest.mark.slow
+def test_site_deployment_quick_on_the_real_data(tmp_path, real_data_dir):
+    payload = _run_quick(
+        "site_deployment.py",
+        tmp_path,
+        "--data-root",
+        str(real_data_dir / "kermany224"),
+        "--site-root",
+        str(real_data_dir / "kermany224_site"),
+    )
+    from benchmarks.site_deployment import RULES
+
+    assert [line["decision rule on the site"] for line in payload["table"]] == list(RULES)
+    assert [r["rule"] for r in payload["rows"]] == list(RULES)  # one seed in --quick
+    for row in payload["rows"]:
+        assert all(0.0 <= row[m] <= 1.0 for m in ("auroc", "accuracy", "sensitivity", "specificity"))
+    seed = payload["seeds"][0]
+    assert seed["train_s"] > 0 and seed["finetune_s"] > 0 and 0 < seed["site_threshold"] < 1
+
+
 def test_label_efficiency_goals_and_the_delta_against_the_tricks_row():
     from benchmarks.label_efficiency import goal, summarize
 
