@@ -31,6 +31,8 @@ The variants (recipes/kermany_label_efficiency.yaml, 48 px):
 - ``mpl`` (issue 33; add it by name): ``recipes/kermany_mpl.yaml`` -- the ``tricks`` recipe plus
   ``tricks.mpl`` (Meta Pseudo Labels, first-order teacher update with UDA, mu 7, strong view ``cxr_strong``),
   the last quarter of the epochs (at least 1) fine-tuning the student on the labels; fractions below 100 % only;
+- ``mpl_teacher`` (add it by name): ``mpl`` with the teacher starting from the ``tricks`` run of the same labels and
+  seed (Noisy Student's round 0) instead of a copy of the ImageNet model (``tricks.mpl.teacher``);
 - ``reinit_late`` (issue 28; add it by name): the ``tricks`` recipe plus ``tricks.reinit_late: {stages: 1}``
   (the last residual stage starts from timm's init after the ImageNet load), as
   ``recipes/kermany_few_labels.yaml`` ships it at 10 %.
@@ -64,7 +66,7 @@ FIXMATCH_RECIPE = REPO_ROOT / "recipes" / "kermany_fixmatch.yaml"  # RECIPE + tr
 MPL_RECIPE = REPO_ROOT / "recipes" / "kermany_mpl.yaml"  # RECIPE + tricks.mpl
 FRACTIONS = {0.02: 12, 0.1: 4, 1.0: 1}  # labelled fraction -> epochs (similar number of updates)
 QUICK_FRACTIONS = {0.3: 2, 1.0: 1}
-VARIANTS = ("baseline", "tricks", "noisy_student", "distill", "fixmatch", "mpl", "reinit_late")
+VARIANTS = ("baseline", "tricks", "noisy_student", "distill", "fixmatch", "mpl", "mpl_teacher", "reinit_late")
 REINIT_LATE = ["tricks.reinit_late.stages=1"]  # recipes/kermany_few_labels.yaml's trick (issue 28)
 DEFAULT_VARIANTS = ("baseline", "tricks", "noisy_student", "distill")  # the table in docs/few-labels.md
 ROUNDS = 2
@@ -228,7 +230,7 @@ def run_seed(
             if "reinit_late" in variants:
                 rows.append(plain(fraction, "reinit_late", REINIT_LATE))
             continue
-        if "tricks" in variants or "noisy_student" in variants:
+        if {"tricks", "noisy_student", "mpl_teacher"} & set(variants):
 
             def make_ns(fraction=fraction, epochs=epochs) -> dict[str, Any]:
                 print(f"{now()} self-train ({ROUNDS} rounds) @ {fraction:.0%} seed {seed} ...", flush=True)
@@ -277,6 +279,9 @@ def run_seed(
             rows.append(plain(fraction, "fixmatch", [], FIXMATCH_RECIPE))
         if "mpl" in variants:
             rows.append(plain(fraction, "mpl", mpl_overrides(epochs), MPL_RECIPE))
+        if "mpl_teacher" in variants:  # the teacher starts from the supervised tricks run of these labels
+            start = [f"tricks.mpl.teacher={by_round[0]['run_dir']}"]
+            rows.append(plain(fraction, "mpl_teacher", [*mpl_overrides(epochs), *start], MPL_RECIPE))
         if "reinit_late" in variants:
             rows.append(plain(fraction, "reinit_late", REINIT_LATE))
     return rows

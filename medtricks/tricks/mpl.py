@@ -3,7 +3,8 @@
 :mod:`medtricks.tricks.keys.mpl`).
 
 The run's model is the **student**; the trick trains a **teacher** next to it -- at the start a copy of the
-student as built (pretrained weights loaded, ``on_model`` tricks applied), with an optimizer and lr schedule of
+student as built (pretrained weights loaded, ``on_model`` tricks applied), or, with ``teacher: RUN``, the weights of
+a finished run (same architecture, classes and normalisation: e.g. a supervised run on the same labels), with an optimizer and lr schedule of
 its own (the run's optimizer, weight decay, no-bias-decay and schedule; ``teacher_lr`` or the run's lr). Each
 training step (the engine's update) draws ``mu · B`` unlabelled images in a weak and a strong view
 (:class:`~medtricks.tricks.unlabeled_stream.TwoViewStream`, the stream FixMatch uses) and:
@@ -130,6 +131,7 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
                 f"tricks.mpl.finetune_epochs={self.cfg.finetune_epochs} leaves no MPL epoch of "
                 f"train.epochs={train.epochs}: lower it below train.epochs"
             )
+        self._teacher_start = self._load_teacher_start(ctx) if self.cfg.teacher else None
         self.stream = TwoViewStream(
             ctx.extras.get("unlabeled"), strong=self.cfg.strong, mu=self.cfg.mu, recipe=recipe, key="tricks.mpl"
         )
@@ -144,12 +146,45 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
         self._scaler: Optional[torch.amp.GradScaler] = None
         self._reset_sums()
 
+    def _load_teacher_start(self, ctx) -> dict:
+        """The weights of the finished run ``tricks.mpl.teacher``, checked against this run's classes and
+        normalisation (the teacher sees the student's batches as they are)."""
+        ref = self.cfg.teacher
+        if ctx.load_run is None:
+            raise ConfigError(
+                f"tricks.mpl.teacher={ref!r}: loading a finished run needs TrickContext(load_run=...) (medtricks "
+                "run gives it); in Python pass load_run=medtricks.posthoc.load.load_trained"
+            )
+        trained = ctx.load_run(ref, device="cpu")
+        if list(trained.classes) != list(ctx.classes):
+            raise ConfigError(
+                f"tricks.mpl.teacher={ref!r} predicts classes {list(trained.classes)}, this run "
+                f"{list(ctx.classes)}: the teacher labels the student's classes, so they must be the same"
+            )
+        config = trained.data_config
+        for key, mine in (("mean", ctx.mean), ("std", ctx.std)):
+            theirs = config.get(key)
+            if (
+                mine is not None
+                and theirs is not None
+                and not torch.allclose(
+                    torch.tensor([float(v) for v in theirs]), torch.tensor([float(v) for v in mine]), atol=1e-6
+                )
+            ):
+                raise ConfigError(
+                    f"tricks.mpl.teacher={ref!r} was trained with input {key} {tuple(theirs)}, this run uses "
+                    f"{tuple(mine)}: the teacher sees the student's batches, so the normalisation must match"
+                )
+        self.teacher_run = str(trained.run_id or trained.run_dir)
+        return {k: v.detach().clone() for k, v in trained.model.state_dict().items()}
+
     def log_params(self):
         return {
             "mpl.n_unlabeled": len(self.stream.pool),
             "mpl.unlabeled_batch": self.stream.batch_size,
             "mpl.teacher_lr": self.teacher_lr,
             "mpl.n_withheld_labels": self.stream.known_labels(),
+            **({"mpl.teacher_run": self.teacher_run} if self._teacher_start is not None else {}),
         }
 
     # ---- the student's labelled loss: scaled during MPL, whole while fine-tuning
@@ -168,6 +203,14 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
     # ---- the teacher
     def on_fit_start(self, model):
         self.teacher = copy.deepcopy(model).train()
+        if self._teacher_start is not None:
+            try:
+                self.teacher.load_state_dict(self._teacher_start, strict=True)
+            except RuntimeError as error:
+                raise ConfigError(
+                    f"tricks.mpl.teacher={self.cfg.teacher!r}: its weights do not fit this run's model "
+                    f"({getattr(getattr(self.recipe, 'model', None), 'name', '?')}): {str(error).splitlines()[0]}"
+                ) from error
         recipe, optim = self.recipe, self.recipe.optim
         groups = build_param_groups(
             self.teacher,

@@ -3,6 +3,7 @@ known (labels that hurt the student's labelled loss are pushed away from, labels
 student trains on the teacher's strong-view labels only, UDA's mask and normalisation, the refusals, a real run
 with its fine-tuning epochs, and an exact resume of student and teacher after a kill mid-epoch."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -222,6 +223,49 @@ def test_the_teacher_starts_as_a_copy_and_has_its_own_optimizer_and_lr():
     assert trick.log_params()["mpl.teacher_lr"] == 0.01 and _trick().log_params()["mpl.teacher_lr"] == 0.5
 
 
+def _finished_run(k=7.0, classes=("a", "b"), mean=(0.0,)):
+    """What ``load_trained`` gives for a finished run, as the trick reads it."""
+    model = _ByValue()
+    with torch.no_grad():
+        model.k.fill_(k)
+    return SimpleNamespace(
+        model=model, classes=list(classes), data_config={"mean": mean, "std": (1.0,)}, run_id=None, run_dir="runs/x"
+    )
+
+
+def _trick_with_teacher(finished):
+    trick_ctx = {}
+
+    def load_run(ref, device="cpu"):
+        trick_ctx["ref"] = ref
+        return finished
+
+    cfg = MetaPseudoLabelsConfig(enabled=True, teacher="runs/x", uda_weight=0.0)
+    recipe = _recipe(cfg)
+    ctx = TrickContext(
+        recipe=recipe,
+        classes=["a", "b"],
+        device=torch.device("cpu"),
+        mean=(0.0,),
+        std=(1.0,),
+        load_run=load_run,
+        extras={"unlabeled": _pool(), "updates_per_epoch": 4},
+    )
+    return MetaPseudoLabels(recipe, ctx), trick_ctx
+
+
+def test_the_teacher_can_start_from_a_finished_run_with_the_same_classes_and_normalisation():
+    trick, seen = _trick_with_teacher(_finished_run(k=7.0))
+    student = _ByValue()
+    trick.on_fit_start(student)
+    assert seen["ref"] == "runs/x" and float(trick.teacher.k.detach()) == 7.0 and float(student.k.detach()) == 10.0
+    assert trick.log_params()["mpl.teacher_run"] == "runs/x"
+    with pytest.raises(ConfigError, match="classes"):
+        _trick_with_teacher(_finished_run(classes=("b", "a")))
+    with pytest.raises(ConfigError, match="input mean"):
+        _trick_with_teacher(_finished_run(mean=(0.5,)))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -258,6 +302,7 @@ def test_the_recipe_tag_and_the_shipped_recipe():
     shipped = load_recipe(ROOT / "recipes" / "kermany_mpl.yaml")
     assert shipped.tricks.mpl.enabled and shipped.data.label_fraction == 0.1
     assert 0 < shipped.tricks.mpl.finetune_epochs < shipped.train.epochs and not shipped.tricks.fixmatch.enabled
+    assert shipped.tricks.mpl.teacher is None  # the paper: the teacher starts as the student does
 
 
 MPL = [
@@ -275,6 +320,16 @@ def test_an_mpl_run_logs_the_teachers_feedback_then_fine_tunes(tiny_recipe, tmp_
     assert all("train/mpl_feedback" in h and 0.0 <= h["train/mpl_label_acc_all"] <= 1.0 for h in mpl_epochs)
     assert "train/mpl_feedback" not in finetune  # the last epoch trains on the labels alone
     assert result.run_dir.joinpath("checkpoints", "best.pt").is_file()
+
+
+def test_an_mpl_run_can_start_its_teacher_from_a_finished_run(tiny_recipe, tmp_path):
+    supervised = run_recipe(tiny_recipe(tmp_path, "data.label_fraction=0.6", "experiment.name=sup"), quiet=True)
+    result = run_recipe(
+        tiny_recipe(tmp_path, *MPL, "train.epochs=2", f"tricks.mpl.teacher={supervised.run_dir}"), quiet=True
+    )
+    assert "train/mpl_feedback" in result.history[0]
+    params = json.loads((result.run_dir / "store" / "params.json").read_text())
+    assert params["mpl.teacher_run"] == supervised.run_id  # the run id where it has one, else its folder
 
 
 def test_an_mpl_run_killed_mid_epoch_resumes_to_the_same_student_and_teacher(

@@ -37,6 +37,12 @@ class MetaPseudoLabelsConfig(Section):
         description="the last N epochs train the student on the labelled images alone (weight 1, teacher "
         "frozen), as the paper's final fine-tuning; they continue the run's lr schedule",
     )
+    teacher: Optional[str] = Field(
+        None,
+        description="a finished run (folder or run id) whose weights start the teacher -- same architecture, "
+        "classes and normalisation as this run (e.g. a supervised run on the same labels); null: a copy of the "
+        "model as built",
+    )
     teacher_lr: Optional[float] = Field(
         None, gt=0.0, description="the teacher's base lr (null: the run's lr after linear scaling)"
     )
@@ -84,4 +90,4 @@ class MetaPseudoLabelsKeys(Trick):
     @classmethod
     def tags(cls, recipe):
         cfg = recipe.tricks.mpl
-        return [f"mpl@mu{cfg.mu}"] if cfg.enabled else []
+        return ([f"mpl@mu{cfg.mu}"] + (["mpl_teacher=run"] if cfg.teacher else [])) if cfg.enabled else []
