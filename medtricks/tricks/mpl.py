@@ -11,13 +11,19 @@ training step (the engine's update) draws ``mu · B`` unlabelled images in a wea
 
 1. **before the student's update** (``extra_loss``): the teacher, in train mode, sees the labelled batch, the
    weak and the strong views; its hard label on the strong view, ``ŷ = argmax T(x_strong)``, is what the student
-   trains on: the student's loss is ``student_labeled_weight · (the run's labelled loss) + CE(S(x_strong), ŷ)``
+   trains on: the student's loss is ``student_labeled_weight · L(S(x_l), y_l) + L(S(x_strong), ŷ)``
    (the paper: weight 0, the student never trains on the labels during MPL). The student's labelled loss before
-   its update, ``L_old = CE(S(x_l), y_l)``, is read from the engine's own forward pass (train mode).
-2. **after the student's update** (``on_step_end``): ``L_new = CE(S'(x_l), y_l)`` (train mode, no gradient) and
+   its update, ``L_old = L(S(x_l), y_l)``, is read from the engine's own forward pass (train mode).
+2. **after the student's update** (``on_step_end``): ``L_new = L(S'(x_l), y_l)`` (train mode, no gradient) and
    the teacher's feedback ``h = L_old - L_new``; the teacher steps on::
 
-       L_T = CE(T(x_l), y_l) + w_uda(t) · UDA + h · CE(T(x_strong), ŷ)
+       L_T = L(T(x_l), y_l) + w_uda(t) · UDA + h · CE(T(x_strong), ŷ)
+
+   ``L`` is the run's own labelled loss -- class weights (``tricks.class_balance: loss``) and label smoothing
+   included -- where the paper has plain cross-entropy: on an imbalanced set (Kermany: ~3 pneumonia per normal)
+   a teacher on plain cross-entropy labelled nearly every pool image with the majority class within the few
+   hundred steps a CPU run makes, and its student collapsed onto it (docs/few-labels.md). The MPL term itself
+   is the log-likelihood of the teacher's label (the score-function gradient), plain cross-entropy.
 
    ``UDA`` is the paper's consistency term: cross-entropy of the teacher's strong view against its own weak-view
    prediction sharpened at ``uda_temperature``, masked where that prediction's confidence reaches
@@ -192,6 +198,20 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
         self._scale = ScaledLoss(loss_fn, self._labeled_weight())
         return self._scale
 
+    def _run_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The run's own labelled loss, unscaled: class weights (``tricks.class_balance: loss``) and label
+        smoothing included, so that the teacher learns -- and the feedback measures -- what the run optimises
+        (plain cross-entropy without a run loss, as in the paper)."""
+        inner = self._scale.loss_fn if self._scale is not None else None
+        return inner(logits, targets) if inner is not None else F.cross_entropy(logits, targets)
+
+    def _run_loss_on_labels(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The run's loss on hard labels (one-hot for a soft-target loss: mixup's)."""
+        inner = self._scale.loss_fn if self._scale is not None else None
+        if inner is None or isinstance(inner, torch.nn.CrossEntropyLoss):
+            return self._run_loss(logits, labels)
+        return inner(logits, F.one_hot(labels, logits.shape[1]).to(logits.dtype))
+
     def _labeled_weight(self) -> float:
         return 1.0 if self.epoch >= self.mpl_epochs else self.cfg.student_labeled_weight
 
@@ -277,15 +297,15 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
         self._pending = {
             "images": images.detach(),
             "targets": targets.detach(),
-            "loss_before": F.cross_entropy(logits.detach().float(), targets),
-            "teacher_base": F.cross_entropy(t_labeled, targets) + self._uda_weight() * uda,
+            "loss_before": self._run_loss(logits.detach().float(), targets),
+            "teacher_base": self._run_loss(t_labeled, targets) + self._uda_weight() * uda,
             "t_strong": t_strong,
             "pseudo": pseudo,
             "scaler": self._scaler_for(images.device),
         }
         self._uda_seen += int(uda_mask.numel())
         self._uda_passed += int(uda_mask.sum())
-        return F.cross_entropy(model(strong).float(), pseudo)
+        return self._run_loss_on_labels(model(strong).float(), pseudo)
 
     def _scaler_for(self, device) -> Optional[torch.amp.GradScaler]:
         """A GradScaler for the teacher when the engine's autocast runs in float16 (CUDA AMP), else None."""
@@ -301,7 +321,7 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
         if pending is None:
             return
         with torch.no_grad():  # the student after its update, in train mode as its loss before it
-            loss_after = F.cross_entropy(model(pending["images"]).float(), pending["targets"])
+            loss_after = self._run_loss(model(pending["images"]).float(), pending["targets"])
         feedback = teacher_feedback(pending["loss_before"], loss_after)
         loss = pending["teacher_base"] + mpl_teacher_loss(pending["t_strong"], pending["pseudo"], feedback)
         if not math.isfinite(float(loss.detach())):

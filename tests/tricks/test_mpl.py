@@ -214,6 +214,24 @@ def test_the_student_trains_on_the_teachers_strong_view_labels_and_not_on_the_la
     assert trick.extra_loss(student, images, targets, student(images)) is None
 
 
+def test_the_teacher_and_the_feedback_use_the_runs_labelled_loss_with_its_class_weights():
+    trick = _trick(mu=3)
+    student = _ByValue().train()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([3.0, 1.0]))  # tricks.class_balance: loss
+    trick.transform_loss_fn(weighted)
+    trick.on_fit_start(student)
+    images, _ = _labelled()
+    targets = torch.tensor([1, 1, 0, 1])  # one label against the model: the classes' losses differ
+    seed_epoch(0, 0)
+    logits = student(images)
+    trick.extra_loss(student, images, targets, logits)
+    pending = trick._pending
+    assert pending["loss_before"].item() == pytest.approx(weighted(logits, targets).item())
+    teacher_labelled = trick.teacher(images)
+    assert pending["teacher_base"].item() == pytest.approx(weighted(teacher_labelled, targets).item(), rel=1e-5)
+    assert weighted(logits, targets).item() != pytest.approx(F.cross_entropy(logits, targets).item())
+
+
 def test_the_teacher_starts_as_a_copy_and_has_its_own_optimizer_and_lr():
     trick = _trick(teacher_lr=0.01)
     student = _ByValue()
