@@ -33,6 +33,8 @@ The variants (recipes/kermany_label_efficiency.yaml, 48 px):
   the last quarter of the epochs (at least 1) fine-tuning the student on the labels; fractions below 100 % only;
 - ``mpl_teacher`` (add it by name): ``mpl`` with the teacher starting from the ``tricks`` run of the same labels and
   seed (Noisy Student's round 0) instead of a copy of the ImageNet model (``tricks.mpl.teacher``);
+- ``mpl_supervised`` (add it by name): ``mpl_teacher`` with the student also learning from the labelled batch
+  during MPL (``tricks.mpl.student_labeled_weight: 1``; the paper: 0);
 - ``reinit_late`` (issue 28; add it by name): the ``tricks`` recipe plus ``tricks.reinit_late: {stages: 1}``
   (the last residual stage starts from timm's init after the ImageNet load), as
   ``recipes/kermany_few_labels.yaml`` ships it at 10 %.
@@ -66,7 +68,17 @@ FIXMATCH_RECIPE = REPO_ROOT / "recipes" / "kermany_fixmatch.yaml"  # RECIPE + tr
 MPL_RECIPE = REPO_ROOT / "recipes" / "kermany_mpl.yaml"  # RECIPE + tricks.mpl
 FRACTIONS = {0.02: 12, 0.1: 4, 1.0: 1}  # labelled fraction -> epochs (similar number of updates)
 QUICK_FRACTIONS = {0.3: 2, 1.0: 1}
-VARIANTS = ("baseline", "tricks", "noisy_student", "distill", "fixmatch", "mpl", "mpl_teacher", "reinit_late")
+VARIANTS = (
+    "baseline",
+    "tricks",
+    "noisy_student",
+    "distill",
+    "fixmatch",
+    "mpl",
+    "mpl_teacher",
+    "mpl_supervised",
+    "reinit_late",
+)
 REINIT_LATE = ["tricks.reinit_late.stages=1"]  # recipes/kermany_few_labels.yaml's trick (issue 28)
 DEFAULT_VARIANTS = ("baseline", "tricks", "noisy_student", "distill")  # the table in docs/few-labels.md
 ROUNDS = 2
@@ -230,7 +242,7 @@ def run_seed(
             if "reinit_late" in variants:
                 rows.append(plain(fraction, "reinit_late", REINIT_LATE))
             continue
-        if {"tricks", "noisy_student", "mpl_teacher"} & set(variants):
+        if {"tricks", "noisy_student", "mpl_teacher", "mpl_supervised"} & set(variants):
 
             def make_ns(fraction=fraction, epochs=epochs) -> dict[str, Any]:
                 print(f"{now()} self-train ({ROUNDS} rounds) @ {fraction:.0%} seed {seed} ...", flush=True)
@@ -282,6 +294,9 @@ def run_seed(
         if "mpl_teacher" in variants:  # the teacher starts from the supervised tricks run of these labels
             start = [f"tricks.mpl.teacher={by_round[0]['run_dir']}"]
             rows.append(plain(fraction, "mpl_teacher", [*mpl_overrides(epochs), *start], MPL_RECIPE))
+        if "mpl_supervised" in variants:  # ... and the student keeps learning from the labels too
+            start = [f"tricks.mpl.teacher={by_round[0]['run_dir']}", "tricks.mpl.student_labeled_weight=1"]
+            rows.append(plain(fraction, "mpl_supervised", [*mpl_overrides(epochs), *start], MPL_RECIPE))
         if "reinit_late" in variants:
             rows.append(plain(fraction, "reinit_late", REINIT_LATE))
     return rows
