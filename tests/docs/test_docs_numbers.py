@@ -10,6 +10,8 @@ The files and the scripts that write them:
 - benchmarks/results/time_to_quality*.json: ``python -m benchmarks.time_to_quality`` (shipped and fast Kermany
   recipes, the plain timm loop);
 - benchmarks/results/gamma_study.json: ``python -m benchmarks.gamma_study`` (the γ study, `reinit_late`);
+- benchmarks/results/label_efficiency.json: ``python -m benchmarks.label_efficiency`` (the table of
+  docs/few-labels.md, row by row);
 - benchmarks/results/external/kermany_official_test.json: a user's scores on the official Kermany test split,
   recorded by hand from issue 30 (the team does not hold that split, so no script can rerun it).
 
@@ -237,4 +239,18 @@ def test_the_quickstart_numbers_come_from_the_shipped_recipe():
     assert not numbers["quick"], "a --quick smoke run is not the documented numbers"
     assert numbers["recipe_digest"] == recipe_fingerprint(), (
         "recipes/quickstart.yaml or a recipe it builds on changed: rerun python -m benchmarks.docs_numbers"
+    )
+
+
+def test_the_label_efficiency_table_is_its_result_file():
+    """docs/few-labels.md shows every row of the label-efficiency table exactly as the script renders it."""
+    from benchmarks.label_efficiency import markdown_table
+
+    data = result("label_efficiency.json")
+    assert not data["quick"], "a --quick smoke run is not the documented table"
+    page = (ROOT / "docs" / "few-labels.md").read_text()
+    missing = [row for row in markdown_table(data["table"]).splitlines() if row not in page]
+    assert missing == [], (
+        "docs/few-labels.md should show these rows of benchmarks/results/label_efficiency.json "
+        "(paste the table `python -m benchmarks.label_efficiency` prints):\n" + "\n".join(missing)
     )
