@@ -147,8 +147,30 @@ def gamma_full_labels() -> dict:
 
 QS = "docs/getting-started.md"
 FAST = "docs/fast-training.md"
+
+
 # (page, passage with format fields, where the values come from)
+def few_labels() -> dict:
+    """Means over seeds of the label-efficiency rows at 10 % labels (benchmarks/results/label_efficiency.json)."""
+    runs = result("label_efficiency.json")["runs"]
+
+    def mean(variant: str) -> float:
+        values = [r["auroc"] for r in runs if r["fraction"] == 0.1 and r["variant"] == variant]
+        return sum(values) / len(values)
+
+    semi = {f"{mean(v):.3f}" for v in ("fixmatch", "noisy_student", "distill")}
+    assert len(semi) == 1, f"the README says the three methods reach the same AUROC; the file has {semi}"
+    return {"semi": float(semi.pop()), "tricks": mean("tricks"), "mpl": mean("mpl")}
+
+
 QUOTES = [
+    (
+        "README.md",
+        "FixMatch, Noisy Student and distillation all reach {semi:.3f} test AUROC against {tricks:.3f} for the "
+        "supervised bag of tricks",
+        few_labels,
+    ),
+    ("README.md", "at a CPU run's few dozen updates ({mpl:.3f})", few_labels),
     ("README.md", "on {images} synthetic chest-radiograph phantoms at {image_size} px", quickstart),
     (QS, "draws {images} synthetic chest-radiograph phantoms", quickstart),
     (QS, "at {image_size} px into `data/phantoms/`", quickstart),
