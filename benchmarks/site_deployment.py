@@ -181,6 +181,14 @@ def summarize(rows: list[dict[str, Any]], seeds: list[dict[str, Any]]) -> tuple[
     return table, extra
 
 
+def markdown_table(table: list[dict[str, Any]]) -> str:
+    """The table as docs/deployment.md shows it (tests/docs/test_docs_numbers.py checks the page against it)."""
+    columns = ("decision rule on the site", "seeds", "auroc", *METRICS)
+    head = "| decision rule on the site | seeds | AUROC | accuracy | sensitivity | specificity |"
+    rows = ["| " + " | ".join(str(line[c]).replace("-", "−") for c in columns) + " |" for line in table]
+    return "\n".join([head, "|---|---|---|---|---|---|", *rows])
+
+
 def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -217,6 +225,7 @@ def main(argv=None) -> int:
         )
     table, extra = summarize(rows, seeds)
     print(format_table(table, list(table[0])))
+    print(markdown_table(table))
     for key, value in extra.items():
         print(f"{key}: {value}")
     payload = {

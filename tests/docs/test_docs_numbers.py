@@ -12,6 +12,8 @@ The files and the scripts that write them:
 - benchmarks/results/gamma_study.json: ``python -m benchmarks.gamma_study`` (the γ study, `reinit_late`);
 - benchmarks/results/label_efficiency.json: ``python -m benchmarks.label_efficiency`` (the table of
   docs/few-labels.md, row by row);
+- benchmarks/results/site_deployment.json: ``python -m benchmarks.site_deployment`` (the 3-seed site table of
+  docs/deployment.md, row by row);
 - benchmarks/results/external/kermany_official_test.json: a user's scores on the official Kermany test split,
   recorded by hand from issue 30 (the team does not hold that split, so no script can rerun it).
 
@@ -276,3 +278,14 @@ def test_the_label_efficiency_table_is_its_result_file():
         "docs/few-labels.md should show these rows of benchmarks/results/label_efficiency.json "
         "(paste the table `python -m benchmarks.label_efficiency` prints):\n" + "\n".join(missing)
     )
+
+
+def test_the_site_deployment_table_is_its_result_file():
+    """docs/deployment.md shows the multi-seed site table exactly as benchmarks/site_deployment.py renders it."""
+    from benchmarks.site_deployment import markdown_table
+
+    data = result("site_deployment.json")
+    assert not data["quick"], "a --quick smoke run is not the documented table"
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    missing = [row for row in markdown_table(data["table"]).splitlines() if row not in page]
+    assert missing == [], "docs/deployment.md should show these rows of site_deployment.json:\n" + "\n".join(missing)
