@@ -232,6 +232,19 @@ def test_the_teacher_and_the_feedback_use_the_runs_labelled_loss_with_its_class_
     assert weighted(logits, targets).item() != pytest.approx(F.cross_entropy(logits, targets).item())
 
 
+def test_under_progressive_resizing_the_teacher_sees_the_labelled_batch_apart():
+    trick = _trick(mu=3)
+    student = _ByValue().train()
+    images, targets, loss_fn = _start(trick, student)
+    big = F.interpolate(images, scale_factor=2)  # this epoch's size; the pool stays at the recipe's (8 px)
+    calls = []
+    trick.teacher.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    seed_epoch(0, 0)
+    extra = trick.extra_loss(student, big, targets, student(big))
+    assert calls == [(4, 1, 2 * SIZE, 2 * SIZE), (24, 1, SIZE, SIZE)]  # labelled, then weak + strong (2 x 12)
+    assert torch.isfinite(extra) and trick._pending["teacher_base"].shape == ()
+
+
 def test_the_teacher_starts_as_a_copy_and_has_its_own_optimizer_and_lr():
     trick = _trick(teacher_lr=0.01)
     student = _ByValue()
