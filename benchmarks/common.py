@@ -46,6 +46,7 @@ __all__ = [
     "now",
     "format_table",
     "write_results",
+    "cached_row",
 ]
 
 
@@ -220,3 +221,16 @@ def write_results(payload: dict[str, Any], out_dir: Path, name: str) -> Path:
     path = Path(out_dir) / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def cached_row(path: Path, make) -> dict[str, Any]:
+    """A resumable step of a benchmark: the JSON at ``path`` if an earlier call finished it, else ``make()``'s
+    result, written there once it finishes (a killed benchmark re-runs only what it had not finished)."""
+    path = Path(path)
+    if path.is_file():
+        print(f"  {path.stem}: done earlier", flush=True)
+        return json.loads(path.read_text())
+    row = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=2))
+    return row

@@ -61,7 +61,16 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info, now, results_dir, write_results
+from benchmarks.common import (
+    REPO_ROOT,
+    base_parser,
+    cached_row,
+    format_table,
+    machine_info,
+    now,
+    results_dir,
+    write_results,
+)
 
 RECIPE = REPO_ROOT / "recipes" / "kermany_label_efficiency.yaml"
 FIXMATCH_RECIPE = REPO_ROOT / "recipes" / "kermany_fixmatch.yaml"  # RECIPE + tricks.fixmatch
@@ -194,15 +203,6 @@ def _self_train(recipe) -> tuple[list[dict[str, Any]], float]:
     return rows, time.perf_counter() - started
 
 
-def _cached(path: Path, make) -> dict[str, Any]:
-    if path.is_file():
-        print(f"  {path.stem}: done earlier", flush=True)
-        return json.loads(path.read_text())
-    row = make()
-    path.write_text(json.dumps(row, indent=2))
-    return row
-
-
 def run_seed(
     seed: int, fractions: dict[float, int], variants, args, out: Path, tmp: Path, positive: str
 ) -> list[dict[str, Any]]:
@@ -226,7 +226,7 @@ def run_seed(
             print(f"  {seconds:.0f} s, test AUROC {row['auroc']:.3f}", flush=True)
             return row
 
-        return _cached(per_run / f"{variant}-f{fraction:g}-s{seed}.json", make)
+        return cached_row(per_run / f"{variant}-f{fraction:g}-s{seed}.json", make)
 
     ordered = sorted(fractions, reverse=True)  # 100 % first: its tricks run teaches the distill rows
     teacher: Optional[str] = None
@@ -250,7 +250,7 @@ def run_seed(
                 print(f"  {seconds:.0f} s for {len(rounds)} runs", flush=True)
                 return {"fraction": fraction, "seed": seed, "rounds": rounds, "train_s": seconds}
 
-            ns = _cached(per_run / f"self_train-f{fraction:g}-s{seed}.json", make_ns)
+            ns = cached_row(per_run / f"self_train-f{fraction:g}-s{seed}.json", make_ns)
             by_round = {r["round"]: r for r in ns["rounds"]}
             share = ns["train_s"] / max(len(by_round), 1)  # self-train wall time split evenly over its runs
             if "tricks" in variants:

@@ -125,8 +125,9 @@ def prepare_run(recipe: Recipe) -> PreparedRun:
         )
 
     # The tricks act on the loaded weights (BN-gamma) before the optimizer sees the parameters.
-    # extras: the unlabelled pool (data.label_fraction / data.unlabeled) for pseudo-labelling, and the
-    # updates per epoch (set once the loader exists) for tricks that ramp by epochs.
+    # extras: the unlabelled pool (data.label_fraction / data.unlabeled) for pseudo-labelling, the updates per
+    # epoch (set once the loader exists) for tricks that ramp by epochs, and the schedule's build_scheduler
+    # arguments (set once the optimizer exists) for a trick that trains a model of its own (MPL's teacher).
     ctx = TrickContext(
         recipe=recipe,
         classes=classes,
@@ -182,6 +183,7 @@ def prepare_run(recipe: Recipe) -> PreparedRun:
     engine_cfg = engine_config(recipe, device, amp_dtype)
     ctx.extras["updates_per_epoch"] = steps_per_epoch(train_loader, engine_cfg)
     opt = build_optimization(recipe, model, tricks, ctx.extras["updates_per_epoch"])
+    ctx.extras["schedule_kwargs"] = dict(opt.schedule_kwargs)  # a trick's own optimizer follows the run's schedule
     loss_fn = build_loss(**merged_options(tricks, "loss_options"))
     for trick in tricks:
         loss_fn = trick.transform_loss_fn(loss_fn)

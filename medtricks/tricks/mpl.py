@@ -231,7 +231,7 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
                     f"tricks.mpl.teacher={self.cfg.teacher!r}: its weights do not fit this run's model "
                     f"({getattr(getattr(self.recipe, 'model', None), 'name', '?')}): {str(error).splitlines()[0]}"
                 ) from error
-        recipe, optim = self.recipe, self.recipe.optim
+        optim = self.recipe.optim
         groups = build_param_groups(
             self.teacher,
             weight_decay=optim.weight_decay,
@@ -240,18 +240,7 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
         self.optimizer = build_optimizer(
             groups, name=optim.name, lr=self.teacher_lr, momentum=optim.momentum, betas=optim.betas
         )
-        sched = recipe.schedule
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            name=sched.name,
-            epochs=recipe.train.epochs,
-            steps_per_epoch=int(self.ctx.extras.get("updates_per_epoch") or 1),
-            warmup_epochs=sched.warmup_epochs,
-            warmup_lr_init=sched.warmup_lr_init,
-            milestones=sched.milestones,
-            gamma=sched.gamma,
-            min_lr=sched.min_lr,
-        )
+        self.scheduler = build_scheduler(self.optimizer, **self.ctx.extras["schedule_kwargs"])  # the run's
         self._steps = 0
         self._set_phase(0)
 
@@ -324,9 +313,10 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
             loss_after = self._run_loss(model(pending["images"]).float(), pending["targets"])
         feedback = teacher_feedback(pending["loss_before"], loss_after)
         loss = pending["teacher_base"] + mpl_teacher_loss(pending["t_strong"], pending["pseudo"], feedback)
-        if not math.isfinite(float(loss.detach())):
+        loss_value = float(loss.detach())  # one host sync: the finiteness check and the epoch mean
+        if not math.isfinite(loss_value):
             raise ConfigError(
-                f"tricks.mpl: the teacher's loss is {float(loss.detach())} at update {step}; lower tricks.mpl.teacher_lr "
+                f"tricks.mpl: the teacher's loss is {loss_value} at update {step}; lower tricks.mpl.teacher_lr "
                 "or optim.lr, or set train.grad_clip"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -345,7 +335,7 @@ class MetaPseudoLabels(MetaPseudoLabelsKeys):
         self._steps += 1
         self.scheduler.step_update(self._steps)
         self._feedback_sum += feedback
-        self._loss_sum += float(loss.detach())
+        self._loss_sum += loss_value
         self._updates += 1
 
     # ---- monitoring

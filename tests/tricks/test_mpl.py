@@ -27,6 +27,7 @@ from medtricks.data.transforms import build_transforms
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 8
+SCHEDULE = dict(name="constant", epochs=3, steps_per_epoch=4)  # what the run hands a trick (build_scheduler's)
 
 
 def _xray(preset):
@@ -82,9 +83,6 @@ def _recipe(cfg, *, batch_size=4, epochs=3, accumulate=1, cache_frozen=None, fix
         optim=SimpleNamespace(
             name="sgd", lr=lr, weight_decay=0.0, momentum=0.0, betas=(0.9, 0.999), linear_scaling=False
         ),
-        schedule=SimpleNamespace(
-            name="constant", warmup_epochs=0, warmup_lr_init=0.0, milestones=[], gamma=0.1, min_lr=0.0
-        ),
         data=SimpleNamespace(num_workers=0),
     )
 
@@ -98,7 +96,7 @@ def _trick(pool=None, recipe_kw=None, **cfg):
         device=torch.device("cpu"),
         mean=(0.0,),
         std=(1.0,),
-        extras={"unlabeled": _pool() if pool is None else pool, "updates_per_epoch": 4},
+        extras={"unlabeled": _pool() if pool is None else pool, "updates_per_epoch": 4, "schedule_kwargs": SCHEDULE},
     )
     return MetaPseudoLabels(recipe, ctx)
 
@@ -280,7 +278,7 @@ def _trick_with_teacher(finished):
         mean=(0.0,),
         std=(1.0,),
         load_run=load_run,
-        extras={"unlabeled": _pool(), "updates_per_epoch": 4},
+        extras={"unlabeled": _pool(), "updates_per_epoch": 4, "schedule_kwargs": SCHEDULE},
     )
     return MetaPseudoLabels(recipe, ctx), trick_ctx
 
