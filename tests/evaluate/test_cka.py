@@ -116,7 +116,7 @@ def test_hooks_on_vit_blocks_default_layers():
 
 # --------------------------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, finished_one_epoch_overrides):
 
     from medtricks.run import run_recipe
 
@@ -125,16 +125,7 @@ def finished_run(tmp_path_factory):
     recipe = load_recipe(
         root / "recipes" / "quickstart.yaml",
         overrides=[
-            "data.synth.n=48",
-            "data.synth.size=32",
-            "data.image_size=32",
-            "model.name=resnet18",
-            "model.weights=none",
-            "train.epochs=1",
-            "train.batch_size=16",
-            "eval.n_bootstrap=10",
-            "train.progress=false",
-            "schedule.warmup_epochs=0",
+            *finished_one_epoch_overrides,
             f"data.root={tmp / 'phantoms'}",
             f"experiment.output_dir={tmp / 'runs'}",
             "tracking.backend=none",

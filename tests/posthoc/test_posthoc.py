@@ -257,20 +257,11 @@ def test_flip_tta_must_be_named(capsys):
 
 
 # ---------------------------------------------------------------- item 19: evaluating on training data
-def test_evaluate_on_redrawn_quickstart_phantoms_warns(tmp_path, capsys):
+def test_evaluate_on_redrawn_quickstart_phantoms_warns(tmp_path, capsys, finished_one_epoch_overrides):
     recipe = load_recipe(
         ROOT / "recipes" / "quickstart.yaml",
         overrides=[
-            "data.synth.n=48",
-            "data.synth.size=32",
-            "data.image_size=32",
-            "model.name=resnet18",
-            "model.weights=none",
-            "train.epochs=1",
-            "train.batch_size=16",
-            "eval.n_bootstrap=10",
-            "train.progress=false",
-            "schedule.warmup_epochs=0",
+            *finished_one_epoch_overrides,
             "data.test_fraction=0.2",
             "tracking.backend=none",
             f"data.root={tmp_path / 'phantoms'}",
