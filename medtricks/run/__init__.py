@@ -41,6 +41,7 @@ from medtricks.run.finish import audit, final_evaluation, save_model
 from medtricks.run.inputs import log_inputs
 from medtricks.run.prepare import PreparedRun, prepare_run, run_device
 from medtricks.run.resume import check_resume_data, resume_target
+from medtricks.run.seed_spread import FAMILY_TAG, recipe_family, say_seed_spread
 from medtricks.tracking import LocalStore, RunStore, check_store, create_store
 from medtricks.train import distributed, fit, predict
 from medtricks.train.checkpoint import load_checkpoint
@@ -186,6 +187,7 @@ def _run_held(recipe: Recipe, held: ExitStack, *, resume, tracker, parent_run_id
         "run_dir": str(run.path),
         "medtricks.role": "train",
         "variant": recipe.experiment.name,
+        FAMILY_TAG: recipe_family(recipe),  # its other seeds: the decision rule's spread (seed_spread.py)
         **recipe.experiment.tags,
         **(extra_tags or {}),
     }
@@ -386,6 +388,7 @@ def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, pr
     tracker.log_metrics({f"time/{phase}_s": seconds for phase, seconds in timings.items()}, step=fit_result.steps)
     say("time: " + ", ".join(f"{phase.replace('_', ' ')} {seconds:.0f} s" for phase, seconds in timings.items()))
     tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
+    say_seed_spread(recipe, tracker, say, final, classes)
     return RunResult(
         run_dir=run.path,
         run_id=None,

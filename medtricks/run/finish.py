@@ -22,6 +22,7 @@ from medtricks.posthoc.load import load_trained
 from medtricks.recipe import Recipe
 from medtricks.rundir import MODEL_ARTIFACT_DIR, PREDICTIONS_ARTIFACT_DIR, RunDir, best_key
 from medtricks.run.prepare import eval_loader
+from medtricks.run.seed_spread import THRESHOLD_KEY
 from medtricks.tracking import MLFLOW_MODEL_ARTIFACT_DIR, RunStore
 from medtricks.train import predict
 from medtricks.train.checkpoint import save_checkpoint
@@ -43,6 +44,7 @@ class FinalEvaluation:
     by_split: dict = field(default_factory=dict)  # split -> MetricsResult at argmax / 0.5
     at_op: dict = field(default_factory=dict)  # split -> MetricsResult at the operating point
     operating_point: Any = None
+    logged: dict = field(default_factory=dict)  # every best/... metric logged here (the seed spread reads them)
 
 
 def final_evaluation(
@@ -93,10 +95,13 @@ def final_evaluation(
                     if isinstance(v, (int, float))
                 }
             )
+            if split == "val":
+                flat[THRESHOLD_KEY] = float(out.operating_point.threshold)
         # per-image predictions: ablations and `compare` pair runs image by image
         np.savez_compressed(run.predictions(split), y_true=targets, probs=probs.astype(np.float32))
         tracker.log_artifact(run.predictions(split), PREDICTIONS_ARTIFACT_DIR)
         tracker.log_metrics(flat, step=step)
+        out.logged.update(flat)
         if recipe.eval.plots:
             tracker.log_figure(
                 plot_confusion_matrix(targets, probs.argmax(1), classes), f"plots/{split}_confusion_matrix.png"
