@@ -48,7 +48,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,6 +96,10 @@ def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: 
     """The study's rows of one ablation result: ``none`` first, then each variant (Δ vs ``none``)."""
     names = {"baseline": "none", **{f"+{spec}": name for name, spec in VARIANTS.items()}}
     interval = result.table.attrs.get("interval") or "paired t"
+    by_seed: dict[str, dict[str, float]] = {}  # every seed's test AUROC (re-analysis without the run folders)
+    for child in result.children.itertuples():
+        if as_finite(child.value) is not None:
+            by_seed.setdefault(child.variant, {})[str(int(child.seed))] = float(child.value)
     rows = []
     for _, r in result.table.iterrows():
         variant = names.get(r["variant"], r["variant"])
@@ -119,6 +123,7 @@ def cell_rows(result, *, dataset: str, backbone: str, fraction: float, seconds: 
                 "ablation_id": result.ablation_id,
                 "stopped": (result.sequential or {}).get("reason"),
                 "cell_wall_s": round(seconds, 1),
+                "test_auroc_by_seed": by_seed.get(r["variant"], {}),
             }
         )
     return rows
@@ -174,9 +179,15 @@ def site_scores(result, site_root: str, card: str) -> dict[tuple[str, int], floa
     return scores
 
 
-def site_rows(rows: list[dict[str, Any]], scores: dict[tuple[str, int], float]) -> None:
-    """Add ``site_auroc_mean`` and the paired Δ vs ``none`` on the site sample (t-interval over seeds) to the
-    rows of one cell, in place."""
+def site_rows(
+    rows: list[dict[str, Any]], scores: dict[tuple[str, int], float], sequential: Optional[dict] = None
+) -> None:
+    """Add ``site_auroc_mean``, the paired Δ vs ``none`` on the site sample and every seed's site AUROC
+    (``site_auroc_by_seed``) to the rows of one cell, in place. The interval is a paired t-interval over seeds,
+    or, when the cell ran seeds until the answer was clear (``sequential``: the ablation's look schedule),
+    the same group-sequential repeated CI as the test split's: the seeds went on because of what the test
+    split showed, and the site scores of those runs are not independent of that decision."""
+    from medtricks.ablation.sequential import repeated_ci
     from medtricks.evaluate.stats import mean_ci, paired_comparison
 
     names = {"baseline": "none", **{f"+{spec}": name for name, spec in VARIANTS.items()}}
@@ -188,6 +199,7 @@ def site_rows(rows: list[dict[str, Any]], scores: dict[tuple[str, int], float]) 
         values = by_variant.get(row["variant"], {})
         seeds = sorted(set(values) & set(reference))
         row["site_auroc_mean"] = as_finite(mean_ci([values[s] for s in sorted(values)])[0]) if values else None
+        row["site_auroc_by_seed"] = {str(s): values[s] for s in sorted(values)}
         if row["variant"] == "none" or len(seeds) < 2:
             row.update(
                 site_delta_auroc=0.0 if row["variant"] == "none" else None,
@@ -195,12 +207,15 @@ def site_rows(rows: list[dict[str, Any]], scores: dict[tuple[str, int], float]) 
                 site_delta_ci_high=None,
             )
             continue
-        comparison = paired_comparison([values[s] for s in seeds], [reference[s] for s in seeds])
-        row.update(
-            site_delta_auroc=as_finite(comparison["delta_mean"]),
-            site_delta_ci_low=as_finite(comparison["ci_low"]),
-            site_delta_ci_high=as_finite(comparison["ci_high"]),
-        )
+        diffs = [values[s] - reference[s] for s in seeds]
+        if sequential and len(seeds) in sequential["looks"]:
+            mean, low, high = repeated_ci(diffs, sequential["looks"], kind=sequential["boundary"])
+            row["site_interval"] = f"repeated CI, {sequential['boundary']}"
+        else:
+            comparison = paired_comparison([values[s] for s in seeds], [reference[s] for s in seeds])
+            mean, low, high = comparison["delta_mean"], comparison["ci_low"], comparison["ci_high"]
+            row["site_interval"] = "paired t"
+        row.update(site_delta_auroc=as_finite(mean), site_delta_ci_low=as_finite(low), site_delta_ci_high=as_finite(high))
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -324,7 +339,7 @@ def main(argv=None) -> int:
             result, seconds = run_cell(backbone, fraction, fractions[fraction], args.variants, args, out, tmp)
             cell = cell_rows(result, dataset=dataset, backbone=backbone, fraction=fraction, seconds=seconds)
             if args.site:
-                site_rows(cell, site_scores(result, args.site, args.site_card))
+                site_rows(cell, site_scores(result, args.site, args.site_card), result.sequential)
             rows += cell
             print(f"  {seconds / 60:.1f} min; {(result.sequential or {}).get('reason', '')}", flush=True)
     table = [{k: ("-" if r[k] is None else r[k]) for k in (*ROW_KEYS, "verdict")} for r in rows]

@@ -344,6 +344,32 @@ def test_gamma_study_site_rows_pair_seeds_against_none():
     assert zero["site_delta_auroc"] == pytest.approx(0.02)
     assert zero["site_delta_ci_low"] == pytest.approx(0.02) and zero["site_delta_ci_high"] == pytest.approx(0.02)
     assert reinit["site_delta_auroc"] is None  # one seed: no paired interval
+    assert zero["site_auroc_by_seed"] == {"0": 0.82, "1": 0.92, "2": 0.87} and zero["site_interval"] == "paired t"
+
+
+def test_gamma_study_site_rows_of_a_sequential_cell_use_its_repeated_ci():
+    """Seeds that went on because of the test split: the site Δ gets the same Pocock repeated CI, wider than
+    the paired t-interval of the same differences."""
+    from benchmarks.gamma_study import site_rows
+    from medtricks.ablation.sequential import repeated_ci
+    from medtricks.evaluate.stats import paired_comparison
+
+    base = [0.80, 0.90, 0.85, 0.83]
+    diffs = [0.01, 0.03, -0.01, 0.02]
+    scores = {("baseline", i): b for i, b in enumerate(base)}
+    scores.update({("+reinit_late", i): b + d for i, (b, d) in enumerate(zip(base, diffs))})
+    sequential = {"looks": [2, 4], "boundary": "pocock"}
+    t_rows = [{"variant": "none"}, {"variant": "reinit_late"}]
+    site_rows(t_rows, scores)
+    rows = [{"variant": "none"}, {"variant": "reinit_late"}]
+    site_rows(rows, scores, sequential)
+    row = rows[1]
+    mean, low, high = repeated_ci(diffs, [2, 4], kind="pocock")
+    assert row["site_interval"] == "repeated CI, pocock"
+    assert (row["site_delta_auroc"], row["site_delta_ci_low"], row["site_delta_ci_high"]) == pytest.approx((mean, low, high))
+    paired = paired_comparison([b + d for b, d in zip(base, diffs)], base)
+    assert t_rows[1]["site_delta_ci_low"] == pytest.approx(paired["ci_low"])
+    assert row["site_delta_ci_high"] - row["site_delta_ci_low"] > t_rows[1]["site_delta_ci_high"] - t_rows[1]["site_delta_ci_low"]
 
 
 def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_path):
