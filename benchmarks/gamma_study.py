@@ -215,7 +215,9 @@ def site_rows(
             comparison = paired_comparison([values[s] for s in seeds], [reference[s] for s in seeds])
             mean, low, high = comparison["delta_mean"], comparison["ci_low"], comparison["ci_high"]
             row["site_interval"] = "paired t"
-        row.update(site_delta_auroc=as_finite(mean), site_delta_ci_low=as_finite(low), site_delta_ci_high=as_finite(high))
+        row.update(
+            site_delta_auroc=as_finite(mean), site_delta_ci_low=as_finite(low), site_delta_ci_high=as_finite(high)
+        )
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:

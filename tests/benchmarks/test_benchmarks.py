@@ -366,10 +366,15 @@ def test_gamma_study_site_rows_of_a_sequential_cell_use_its_repeated_ci():
     row = rows[1]
     mean, low, high = repeated_ci(diffs, [2, 4], kind="pocock")
     assert row["site_interval"] == "repeated CI, pocock"
-    assert (row["site_delta_auroc"], row["site_delta_ci_low"], row["site_delta_ci_high"]) == pytest.approx((mean, low, high))
+    assert (row["site_delta_auroc"], row["site_delta_ci_low"], row["site_delta_ci_high"]) == pytest.approx(
+        (mean, low, high)
+    )
     paired = paired_comparison([b + d for b, d in zip(base, diffs)], base)
     assert t_rows[1]["site_delta_ci_low"] == pytest.approx(paired["ci_low"])
-    assert row["site_delta_ci_high"] - row["site_delta_ci_low"] > t_rows[1]["site_delta_ci_high"] - t_rows[1]["site_delta_ci_low"]
+    assert (
+        row["site_delta_ci_high"] - row["site_delta_ci_low"]
+        > t_rows[1]["site_delta_ci_high"] - t_rows[1]["site_delta_ci_low"]
+    )
 
 
 def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_path):
