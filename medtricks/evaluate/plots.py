@@ -9,6 +9,7 @@ kept alive by pyplot's registry, so long ablations do not leak memory. Save with
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -185,6 +186,9 @@ def plot_lr_schedule(lrs: Sequence[float] | Any, steps_per_epoch: int | None = N
     return fig
 
 
+_LABEL_WIDTH = 36  # characters per line of a forest plot's row label
+
+
 def plot_forest(
     labels: Sequence[str],
     means: Sequence[float],
@@ -213,7 +217,10 @@ def plot_forest(
         if math.isfinite(lo[i]) and math.isfinite(hi[i]) and not lo[i] <= m[i] <= hi[i]:
             raise ConfigError(f"row {names[i]!r}: expected low <= mean <= high, got {lo[i]} <= {m[i]} <= {hi[i]}")
 
-    fig = _new_figure(7.0, 1.2 + 0.45 * len(names))
+    # A long variant (a whole rules list) as one tick label squeezes the axes to nothing: wrap it.
+    names = [textwrap.fill(n, width=_LABEL_WIDTH, break_long_words=True) for n in names]
+    lines = sum(n.count("\n") + 1 for n in names)
+    fig = _new_figure(7.0, 1.2 + 0.45 * len(names) + 0.2 * (lines - len(names)))
     ax = fig.add_subplot()
     rows = np.arange(len(names))[::-1]  # first label at the top
     has_ci = np.isfinite(lo) & np.isfinite(hi)

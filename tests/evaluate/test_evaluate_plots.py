@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import re
 
 import numpy as np
@@ -141,6 +142,20 @@ def test_forest_plot(tmp_path):
         plot_forest(labels, [0.86], [0.85], [0.87])
     with pytest.raises(ValueError, match=r"row 'baseline': expected low <= mean <= high"):
         plot_forest(["baseline"], [0.9], [0.91], [0.95])
+
+
+def test_forest_plot_wraps_a_long_variant_instead_of_collapsing_the_axes(tmp_path):
+    long = "+tricks.bn_gamma.strategy=rules+tricks.bn_gamma.rules=[{value: 0, stages: [-2, -1]}] (n=36)"
+    fig = plot_forest(["baseline (n=36)", long], [0.94, 0.95], [0.93, 0.94], [0.95, 0.96], reference=0.94)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(tmp_path / "forest_long.png", dpi=120, bbox_inches="tight")  # as the ablation saves it
+    collapsed = [str(w.message) for w in caught if "collapsed" in str(w.message)]
+    assert not collapsed, collapsed  # matplotlib gives up on the layout when a label leaves no room
+    ax = fig.axes[0]
+    label = sorted(ax.get_yticklabels(), key=lambda t: t.get_position()[1])[0].get_text()
+    assert "".join(label.split()) == "".join(long.split()) and "\n" in label  # the same text, wrapped
+    assert max(len(line) for line in label.splitlines()) <= 36
 
 
 def test_plots_do_not_use_pyplot_figures(data):
