@@ -53,6 +53,8 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
 from benchmarks.common import REPO_ROOT, base_parser, format_table, machine_info, now, results_dir, write_results
 from benchmarks.label_efficiency import RECIPE, _recipe
 from medtricks.evaluate.markdown import as_finite
@@ -273,6 +275,74 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pairing_widths(row: dict[str, Any], reference: dict[str, Any]) -> Optional[tuple[float, float]]:
+    """``(paired t half-width, Welch half-width)`` of Δ test AUROC on the same seeds, both fixed-n 95 %: what
+    common random numbers bought, measured like for like (a repeated CI would be wider for another reason).
+    From each seed's values when the row keeps them, else from the row's own intervals (a paired t cell)."""
+    from scipy import stats
+
+    mine, ref = row.get("test_auroc_by_seed") or {}, reference.get("test_auroc_by_seed") or {}
+    seeds = sorted(set(mine) & set(ref), key=int)
+    if len(seeds) >= 2:
+        a = np.array([mine[s] for s in seeds])
+        b = np.array([ref[s] for s in seeds])
+        n = len(seeds)
+        paired = stats.t.ppf(0.975, n - 1) * np.std(a - b, ddof=1) / np.sqrt(n)
+        welch = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+        return float(paired), float((welch.high - welch.low) / 2)
+    if row.get("interval") != "paired t" or None in (row.get("delta_ci_low"), row.get("delta_unpaired_ci_low")):
+        return None
+    return (
+        (row["delta_ci_high"] - row["delta_ci_low"]) / 2,
+        (row["delta_unpaired_ci_high"] - row["delta_unpaired_ci_low"]) / 2,
+    )
+
+
+def docs_table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table docs/studies/where-gamma-belongs.md shows (tests/docs/test_docs_numbers.py checks the
+    page against benchmarks/results/gamma_study.json through this function)."""
+
+    def signed(x: Optional[float]) -> str:
+        return "-" if x is None else f"{x:+.3f}".replace("-", "−")
+
+    def delta(r: dict[str, Any], prefix: str = "") -> str:
+        if r["variant"] == "none":
+            return "(reference)"
+        d, lo, hi = (r.get(f"{prefix}{k}") for k in ("delta_auroc", "delta_ci_low", "delta_ci_high"))
+        return "-" if lo is None else f"{signed(d)} [{signed(lo)}, {signed(hi)}]"
+
+    def interval(kind: Optional[str]) -> str:
+        return "Pocock" if kind and kind.startswith("repeated") else "t"
+
+    header = [
+        "labels",
+        "variant",
+        "seeds",
+        "test AUROC mean",
+        "Δ test AUROC vs none [95 % CI]",
+        "verdict",
+        "paired t ± / unpaired ±",
+        "site AUROC mean",
+        "Δ site AUROC [95 % CI]",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    references = {(r["backbone"], r["label_fraction"]): r for r in rows if r["variant"] == "none"}
+    for r in rows:
+        label = f"{r['label_fraction']:.0%}"
+        if r["backbone"] != "efficientnet_lite0":
+            label += f" ({r['backbone'].removeprefix('efficientnet_')})"
+        widths = None if r["variant"] == "none" else pairing_widths(r, references[(r["backbone"], r["label_fraction"])])
+        crn = "-" if widths is None else f"±{widths[0]:.3f} / ±{widths[1]:.3f}"
+        test = delta(r) + ("" if r["variant"] == "none" else f" ({interval(r.get('interval'))})")
+        site = delta(r, "site_")
+        if r["variant"] != "none" and site != "-":
+            site += f" ({interval(r.get('site_interval', 'paired t'))})"
+        site_mean = "-" if r.get("site_auroc_mean") is None else f"{r['site_auroc_mean']:.3f}"
+        cells = [label, r["variant"], r["n_seeds"], f"{r['auroc_mean']:.3f}", test, r["verdict"], crn, site_mean, site]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -289,3 +289,15 @@ def test_the_site_deployment_table_is_its_result_file():
     page = (ROOT / "docs" / "deployment.md").read_text()
     missing = [row for row in markdown_table(data["table"]).splitlines() if row not in page]
     assert missing == [], "docs/deployment.md should show these rows of site_deployment.json:\n" + "\n".join(missing)
+
+
+def test_the_gamma_study_table_is_its_result_file():
+    """docs/studies/where-gamma-belongs.md shows every row of the γ study exactly as benchmarks/gamma_study.py
+    renders benchmarks/results/gamma_study.json."""
+    from benchmarks.gamma_study import docs_table
+
+    data = result("gamma_study.json")
+    assert not data["quick"], "a --quick smoke run is not the documented table"
+    page = (ROOT / "docs" / "studies" / "where-gamma-belongs.md").read_text()
+    missing = [row for row in docs_table(data["rows"]).splitlines() if row not in page]
+    assert missing == [], "the γ study page should show these rows of gamma_study.json:\n" + "\n".join(missing)
