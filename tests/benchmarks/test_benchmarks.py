@@ -405,7 +405,12 @@ def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_
                 },
             ]
         )
-        return types.SimpleNamespace(table=table, failed=[], ablation_id=base.model.name, sequential=None)
+        children = pd.DataFrame(
+            [{"variant": v, "seed": s, "value": 0.9 + 0.01 * i} for i, v in enumerate(table["variant"]) for s in (0, 1)]
+        )
+        return types.SimpleNamespace(
+            table=table, children=children, failed=[], ablation_id=base.model.name, sequential=None
+        )
 
     monkeypatch.setattr(medtricks.ablation, "run_ablation", fake_ablation)
     assert (
@@ -438,6 +443,7 @@ def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_
         ("efficientnet_lite2", "zero_late"),
     ]
     assert payload["config"]["backbones"] == ["efficientnet_lite1", "efficientnet_lite2"]
+    assert payload["rows"][1]["test_auroc_by_seed"] == {"0": 0.91, "1": 0.91}  # every seed kept, keyed by seed
     assert (tmp_path / "gamma_study.png").is_file()
     seen.clear()  # without --backbones: Lite0 only, as before Lite1/Lite2 were added
     gamma_study.main(["--fractions", "0.1", "--variants", "zero_late", "--out", str(tmp_path / "default")])
