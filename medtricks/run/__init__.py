@@ -210,7 +210,10 @@ def _run_held(recipe: Recipe, held: ExitStack, *, resume, tracker, parent_run_id
             tracking="ok",
             **({"world_size": world} if world > 1 else {}),
         )
-        result = _run(recipe, run, tracker, resuming, say, prep)
+        # The seed spread searches the run store: only for a run someone reads, not a quiet one or an
+        # ablation child (the ablation's own table is the spread over its seeds).
+        spread = not quiet and tags["medtricks.role"] == "train"
+        result = _run(recipe, run, tracker, resuming, say, prep, seed_spread=spread)
     except BaseException as err:
         # Logged and stored with data paths hashed (file names hold patient IDs); the traceback keeps them.
         message = redact_paths(f"{type(err).__name__}: {err}", recipe.data.root)
@@ -256,7 +259,9 @@ def _end_tracking(run: RunDir, tracker: RunStore, status: str, error: Optional[s
             pass
 
 
-def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, prep: PreparedRun) -> RunResult:
+def _run(
+    recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, prep: PreparedRun, *, seed_spread: bool = True
+) -> RunResult:
     device, amp_dtype, classes, bundle, tricks = prep.device, prep.amp_dtype, prep.classes, prep.bundle, prep.tricks
     model, data_config, info, opt, val_loader = prep.model, prep.data_config, prep.info, prep.opt, prep.val_loader
     log_inputs(
@@ -388,7 +393,8 @@ def _run(recipe: Recipe, run: RunDir, tracker: RunStore, resuming: bool, say, pr
     tracker.log_metrics({f"time/{phase}_s": seconds for phase, seconds in timings.items()}, step=fit_result.steps)
     say("time: " + ", ".join(f"{phase.replace('_', ' ')} {seconds:.0f} s" for phase, seconds in timings.items()))
     tracker.set_tags({"best_epoch": str(fit_result.best_epoch)})
-    say_seed_spread(recipe, tracker, say, final, classes)
+    if seed_spread:
+        say_seed_spread(recipe, tracker, say, final, classes)
     return RunResult(
         run_dir=run.path,
         run_id=None,

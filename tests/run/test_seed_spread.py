@@ -155,3 +155,15 @@ def test_two_seeds_of_a_binary_recipe_print_their_spread_and_a_dead_store_costs_
     assert say_seed_spread(recipe(1), Dead(), lines.append, final, ["normal", "pneumonia"]) is None
     assert len(lines) == 1 and "could not be searched (ConnectionError" in lines[0]
     assert result.run_dir.exists()
+
+
+def test_quiet_runs_do_not_search_the_store_for_a_spread(tiny_recipe, tmp_path, monkeypatch):
+    """A quiet run (benchmarks, ablation children run quietly) prints nothing, so it must not pay for the search."""
+    import medtricks.run as run_module
+
+    calls = []
+    monkeypatch.setattr(run_module, "say_seed_spread", lambda *args, **kwargs: calls.append(args))
+    run_module.run_recipe(tiny_recipe(tmp_path, "train.epochs=1", "schedule.warmup_epochs=0"), quiet=True)
+    assert calls == []
+    run_module.run_recipe(tiny_recipe(tmp_path, "train.epochs=1", "schedule.warmup_epochs=0", "experiment.seed=1"))
+    assert len(calls) == 1
