@@ -394,6 +394,28 @@ def docs_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def contrasts_table(contrasts: list[dict[str, Any]]) -> str:
+    """The Markdown table of the study's between-variant contrasts (:func:`contrast_rows`), as the docs page
+    shows it."""
+
+    def signed(x: Optional[float]) -> str:
+        return "-" if x is None else f"{x:+.3f}".replace("-", "−")
+
+    def delta(r: dict[str, Any], prefix: str = "") -> str:
+        d, lo, hi = (r.get(f"{prefix}{k}") for k in ("delta_auroc", "delta_ci_low", "delta_ci_high"))
+        return "-" if lo is None else f"{signed(d)} [{signed(lo)}, {signed(hi)}]"
+
+    header = ["labels", "contrast", "seeds", "Δ test AUROC [95 % CI]", "Δ site AUROC [95 % CI]"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in contrasts:
+        label = f"{r['label_fraction']:.0%}"
+        if r["backbone"] != "efficientnet_lite0":
+            label += f" ({r['backbone'].removeprefix('efficientnet_')})"
+        cells = [label, f"`{r['contrast']}`", r["n_seeds"], delta(r), delta(r, "site_")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (the first round with --until-ci)")

@@ -377,6 +377,68 @@ def test_gamma_study_site_rows_of_a_sequential_cell_use_its_repeated_ci():
     )
 
 
+def test_gamma_study_contrasts_pair_two_variants_by_seed_on_both_test_sets():
+    """reinit_late + zero_late_one_rest against reinit_late alone: paired over the seeds both have, on the test
+    split and the site sample; a cell without both variants has no contrast row."""
+    from benchmarks.gamma_study import contrast_rows, contrasts_table
+    from medtricks.evaluate.stats import paired_comparison
+
+    key = {"dataset": "kermany", "backbone": "efficientnet_lite0", "label_fraction": 0.1}
+    reinit = {"0": 0.90, "1": 0.94, "2": 0.91, "3": 0.93}
+    combo = {"0": 0.92, "1": 0.95, "2": 0.90, "3": 0.96}
+    rows = [
+        {**key, "variant": "none", "test_auroc_by_seed": {"0": 0.8, "1": 0.8}},
+        {**key, "variant": "reinit_late", "test_auroc_by_seed": reinit, "site_auroc_by_seed": {"0": 0.7, "1": 0.8}},
+        {
+            **key,
+            "variant": "reinit_late_zero_late_one_rest",
+            "test_auroc_by_seed": {**combo, "9": 0.5},  # a seed reinit_late lacks: not paired, not counted
+            "site_auroc_by_seed": {"0": 0.72, "1": 0.83},
+        },
+    ]
+    (row,) = contrast_rows(rows)
+    expected = paired_comparison([combo[s] for s in "0123"], [reinit[s] for s in "0123"])
+    assert row["contrast"] == "reinit_late_zero_late_one_rest - reinit_late" and row["label_fraction"] == 0.1
+    assert row["n_seeds"] == 4 and row["interval"] == "paired t"
+    assert (row["delta_auroc"], row["delta_ci_low"], row["delta_ci_high"]) == pytest.approx(
+        (expected["delta_mean"], expected["ci_low"], expected["ci_high"])
+    )
+    assert row["site_n_seeds"] == 2 and row["site_delta_auroc"] == pytest.approx(0.025)
+    assert contrast_rows(rows[:2]) == []
+    assert contrasts_table([row]).splitlines()[2] == (
+        "| 10% | `reinit_late_zero_late_one_rest - reinit_late` | 4 | "
+        f"{row['delta_auroc']:+.3f} [{row['delta_ci_low']:+.3f}, {row['delta_ci_high']:+.3f}] | "
+        "+0.025 [−0.039, +0.089] |"
+    ).replace("-0", "−0")
+
+
+@pytest.mark.slow
+def test_gamma_study_first_seed_starts_every_variant_at_a_fresh_seed(tmp_path):
+    """A confirmatory run: seeds first_seed, first_seed + 1 for every variant, in its own named JSON."""
+    from benchmarks.gamma_study import main
+
+    main(
+        [
+            "--quick",
+            "--seeds",
+            "2",
+            "--first-seed",
+            "1000",
+            "--variants",
+            "zero_late",
+            "--name",
+            "gamma_study_confirm",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    payload = json.loads((tmp_path / "gamma_study_confirm.json").read_text())
+    assert payload["config"]["first_seed"] == 1000 and payload["contrasts"] == []
+    for row in payload["rows"]:
+        assert sorted(row["test_auroc_by_seed"]) == ["1000", "1001"], row["variant"]
+    assert (tmp_path / "gamma_study_confirm.png").is_file() and not (tmp_path / "gamma_study.json").exists()
+
+
 def test_gamma_study_backbones_set_model_name_and_key_the_rows(monkeypatch, tmp_path):
     """--backbones efficientnet_lite1 efficientnet_lite2: each cell's base recipe builds that backbone with its
     offline ImageNet weights; the rows (and the figure's panel rows) are keyed by backbone."""
