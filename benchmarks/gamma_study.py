@@ -349,18 +349,22 @@ def pairing_widths(row: dict[str, Any], reference: dict[str, Any]) -> Optional[t
     )
 
 
+def _signed(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:+.3f}".replace("-", "−")
+
+
+def _delta_text(r: dict[str, Any], prefix: str = "") -> str:
+    """``+0.012 [−0.003, +0.027]`` from a row's ``{prefix}delta_auroc`` and its interval; ``-`` without one."""
+    d, lo, hi = (r.get(f"{prefix}{k}") for k in ("delta_auroc", "delta_ci_low", "delta_ci_high"))
+    return "-" if lo is None else f"{_signed(d)} [{_signed(lo)}, {_signed(hi)}]"
+
+
 def docs_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table docs/studies/where-gamma-belongs.md shows (tests/docs/test_docs_numbers.py checks the
     page against benchmarks/results/gamma_study.json through this function)."""
 
-    def signed(x: Optional[float]) -> str:
-        return "-" if x is None else f"{x:+.3f}".replace("-", "−")
-
     def delta(r: dict[str, Any], prefix: str = "") -> str:
-        if r["variant"] == "none":
-            return "(reference)"
-        d, lo, hi = (r.get(f"{prefix}{k}") for k in ("delta_auroc", "delta_ci_low", "delta_ci_high"))
-        return "-" if lo is None else f"{signed(d)} [{signed(lo)}, {signed(hi)}]"
+        return "(reference)" if r["variant"] == "none" else _delta_text(r, prefix)
 
     def interval(kind: Optional[str]) -> str:
         return "Pocock" if kind and kind.startswith("repeated") else "t"
@@ -398,20 +402,13 @@ def contrasts_table(contrasts: list[dict[str, Any]]) -> str:
     """The Markdown table of the study's between-variant contrasts (:func:`contrast_rows`), as the docs page
     shows it."""
 
-    def signed(x: Optional[float]) -> str:
-        return "-" if x is None else f"{x:+.3f}".replace("-", "−")
-
-    def delta(r: dict[str, Any], prefix: str = "") -> str:
-        d, lo, hi = (r.get(f"{prefix}{k}") for k in ("delta_auroc", "delta_ci_low", "delta_ci_high"))
-        return "-" if lo is None else f"{signed(d)} [{signed(lo)}, {signed(hi)}]"
-
     header = ["labels", "contrast", "seeds", "Δ test AUROC [95 % CI]", "Δ site AUROC [95 % CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in contrasts:
         label = f"{r['label_fraction']:.0%}"
         if r["backbone"] != "efficientnet_lite0":
             label += f" ({r['backbone'].removeprefix('efficientnet_')})"
-        cells = [label, f"`{r['contrast']}`", r["n_seeds"], delta(r), delta(r, "site_")]
+        cells = [label, f"`{r['contrast']}`", r["n_seeds"], _delta_text(r), _delta_text(r, "site_")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
