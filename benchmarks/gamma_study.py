@@ -11,7 +11,9 @@ in every variant) with these variants:
 - ``zero_late2``: the same over the last two residual stages (``rules``: ``{value: 0, stages: [-2, -1]}``);
 - ``one_late``: γ = 1 there; ``zero_late_one_rest``: zero late, γ = 1 on every other block; ``zero_all``:
   γ = 0 in every residual block (the paper's from-scratch trick);
-- ``reinit_late``: the last residual stage re-initialised with timm's init (Transfusion-style).
+- ``reinit_late``: the last residual stage re-initialised with timm's init (Transfusion-style);
+- ``reinit_late_zero_late_one_rest``: both at once (the re-drawn late blocks start as identity, γ = 1
+  elsewhere); its paired contrast with ``reinit_late`` alone is in the JSON's ``contrasts``.
 
 Common random numbers: the variants of a seed share the data order, augmentations, label subset (drawn with
 ``data.split_seed``) and new head. Seeds until the answer is clear: with ``--until-ci`` each cell trains
@@ -23,6 +25,8 @@ asks: ±0.01 at 10 % / 100 %, ±0.02 at 2 %). Without it, a fixed ``--seeds`` an
     python -m benchmarks.gamma_study --fractions 0.1 --seeds 3           # one cell, fixed seeds
     python -m benchmarks.gamma_study --quick --out /tmp/g                # phantoms, tiny model: a smoke run
     python -m benchmarks.gamma_study --fast --fractions 0.1 --until-ci 0.01   # late placements on cached features
+    python -m benchmarks.gamma_study --fractions 0.1 --seeds 48 --first-seed 1000 --name gamma_study_confirm
+        # a confirmatory fixed-n run on fresh seeds, sized from an earlier cell's per-seed SD
     python -m benchmarks.gamma_study --backbones efficientnet_lite1 --fractions 0.1 --until-ci 0.01 --out /tmp/g1
 
 ``--backbones`` (default ``efficientnet_lite0``; also ``efficientnet_lite1``, ``efficientnet_lite2``, each with
@@ -45,6 +49,7 @@ backbone, label_fraction, variant) with ``n_seeds``, ``auroc_mean``, ``delta_aur
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -465,6 +470,10 @@ def main(argv=None) -> int:
         f"variants {', '.join(FAST_VARIANTS)} only; results go to gamma_study_fast.json",
     )
     args = parser.parse_args(argv)
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        parser.error(f"--name {args.name!r}: a file name without folders (letters, digits, _ . -)")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed {args.first_seed}: seeds are >= 0")
     if args.fast:
         outside = [v for v in args.variants if v not in FAST_VARIANTS]
         if outside and args.variants != list(VARIANTS):

@@ -412,6 +412,18 @@ def test_gamma_study_contrasts_pair_two_variants_by_seed_on_both_test_sets():
     ).replace("-0", "−0")
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["--name", "../elsewhere"], "--name '../elsewhere'"), (["--first-seed", "-1"], "--first-seed -1")],
+)
+def test_gamma_study_refuses_a_name_with_folders_and_a_negative_first_seed(argv, named, capsys):
+    from benchmarks.gamma_study import main
+
+    with pytest.raises(SystemExit):
+        main(["--quick", *argv])
+    assert named in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_gamma_study_first_seed_starts_every_variant_at_a_fresh_seed(tmp_path):
     """A confirmatory run: seeds first_seed, first_seed + 1 for every variant, in its own named JSON."""

@@ -300,3 +300,20 @@ def test_the_gamma_study_table_is_its_result_file():
     page = (ROOT / "docs" / "studies" / "where-gamma-belongs.md").read_text()
     missing = [row for row in docs_table(data["rows"]).splitlines() if row not in page]
     assert missing == [], "the γ study page should show these rows of gamma_study.json:\n" + "\n".join(missing)
+
+
+def test_the_gamma_study_confirmatory_table_is_its_result_file():
+    """The confirmatory 10 % run on the γ study page: fresh seeds (none shared with the sequential cell it was
+    sized from), every row and contrast exactly as benchmarks/gamma_study.py renders its JSON."""
+    from benchmarks.gamma_study import contrasts_table, docs_table
+
+    data = result("gamma_study_confirm.json")
+    first = result("gamma_study.json")
+    assert not data["quick"] and data["config"]["until_ci"] is None, "a fixed-n run, not a sequential one"
+    used = {s for r in first["rows"] for s in r.get("test_auroc_by_seed", {})}
+    fresh = {s for r in data["rows"] for s in r["test_auroc_by_seed"]}
+    assert fresh and not fresh & used, "the confirmatory seeds must be new"
+    page = (ROOT / "docs" / "studies" / "where-gamma-belongs.md").read_text()
+    expected = docs_table(data["rows"]).splitlines() + contrasts_table(data["contrasts"]).splitlines()[2:]
+    missing = [row for row in expected if row not in page]
+    assert missing == [], "the γ study page should show these rows of gamma_study_confirm.json:\n" + "\n".join(missing)
