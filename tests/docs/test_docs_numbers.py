@@ -321,12 +321,13 @@ def test_the_gamma_study_table_is_its_result_file():
     assert missing == [], "the γ study page should show these rows of gamma_study.json:\n" + "\n".join(missing)
 
 
-def test_the_gamma_study_confirmatory_table_is_its_result_file():
-    """The confirmatory 10 % run on the γ study page: fresh seeds (none shared with the sequential cell it was
-    sized from), every row and contrast exactly as benchmarks/gamma_study.py renders its JSON."""
+@pytest.mark.parametrize("name", ["gamma_study_confirm.json", "gamma_study_confirm_2pct.json"])
+def test_the_gamma_study_confirmatory_tables_are_their_result_files(name):
+    """The confirmatory runs on the γ study page (10 % and 2 % labels): fresh seeds (none shared with the cells
+    they follow), every row and contrast exactly as benchmarks/gamma_study.py renders its JSON."""
     from benchmarks.gamma_study import contrasts_table, docs_table
 
-    data = result("gamma_study_confirm.json")
+    data = result(name)
     first = result("gamma_study.json")
     assert not data["quick"] and data["config"]["until_ci"] is None, "a fixed-n run, not a sequential one"
     used = {s for r in first["rows"] for s in r.get("test_auroc_by_seed", {})}
@@ -335,4 +336,4 @@ def test_the_gamma_study_confirmatory_table_is_its_result_file():
     page = (ROOT / "docs" / "studies" / "where-gamma-belongs.md").read_text()
     expected = docs_table(data["rows"]).splitlines() + contrasts_table(data["contrasts"]).splitlines()[2:]
     missing = [row for row in expected if row not in page]
-    assert missing == [], "the γ study page should show these rows of gamma_study_confirm.json:\n" + "\n".join(missing)
+    assert missing == [], f"the γ study page should show these rows of {name}:\n" + "\n".join(missing)
