@@ -193,6 +193,23 @@ def site_scores(result, site_root: str, card: str) -> dict[tuple[str, int], floa
     return scores
 
 
+def _paired_delta(
+    values: list[float], reference: list[float], sequential: Optional[dict]
+) -> tuple[float, float, float, str]:
+    """Mean and 95 % interval of ``values − reference`` (paired by position, one per seed) and the interval's
+    name: the cell's group-sequential repeated CI when it ran seeds until the answer was clear and this many
+    seeds is one of its looks, else a paired t-interval."""
+    from medtricks.ablation.sequential import repeated_ci
+    from medtricks.evaluate.stats import paired_comparison
+
+    if sequential and len(values) in sequential["looks"]:
+        diffs = [v - r for v, r in zip(values, reference)]
+        mean, low, high = repeated_ci(diffs, sequential["looks"], kind=sequential["boundary"])
+        return mean, low, high, f"repeated CI, {sequential['boundary']}"
+    comparison = paired_comparison(values, reference)
+    return comparison["delta_mean"], comparison["ci_low"], comparison["ci_high"], "paired t"
+
+
 def site_rows(
     rows: list[dict[str, Any]], scores: dict[tuple[str, int], float], sequential: Optional[dict] = None
 ) -> None:
@@ -201,8 +218,7 @@ def site_rows(
     or, when the cell ran seeds until the answer was clear (``sequential``: the ablation's look schedule),
     the same group-sequential repeated CI as the test split's: the seeds went on because of what the test
     split showed, and the site scores of those runs are not independent of that decision."""
-    from medtricks.ablation.sequential import repeated_ci
-    from medtricks.evaluate.stats import mean_ci, paired_comparison
+    from medtricks.evaluate.stats import mean_ci
 
     names = {"baseline": "none", **{f"+{spec}": name for name, spec in VARIANTS.items()}}
     by_variant: dict[str, dict[int, float]] = {}
@@ -221,14 +237,9 @@ def site_rows(
                 site_delta_ci_high=None,
             )
             continue
-        diffs = [values[s] - reference[s] for s in seeds]
-        if sequential and len(seeds) in sequential["looks"]:
-            mean, low, high = repeated_ci(diffs, sequential["looks"], kind=sequential["boundary"])
-            row["site_interval"] = f"repeated CI, {sequential['boundary']}"
-        else:
-            comparison = paired_comparison([values[s] for s in seeds], [reference[s] for s in seeds])
-            mean, low, high = comparison["delta_mean"], comparison["ci_low"], comparison["ci_high"]
-            row["site_interval"] = "paired t"
+        mean, low, high, row["site_interval"] = _paired_delta(
+            [values[s] for s in seeds], [reference[s] for s in seeds], sequential
+        )
         row.update(
             site_delta_auroc=as_finite(mean), site_delta_ci_low=as_finite(low), site_delta_ci_high=as_finite(high)
         )
@@ -238,9 +249,6 @@ def contrast_rows(rows: list[dict[str, Any]], sequential: Optional[dict] = None)
     """The paired Δ of each :data:`CONTRASTS` pair ``(a, b)`` present in one cell's rows, ``a − b`` by seed, on
     the test split and (when scored) the site sample: a paired t-interval over the common seeds, or the cell's
     group-sequential repeated CI when it ran seeds until the answer was clear (``sequential``)."""
-    from medtricks.ablation.sequential import repeated_ci
-    from medtricks.evaluate.stats import paired_comparison
-
     by_variant = {r["variant"]: r for r in rows}
     out = []
     for a, b in CONTRASTS:
@@ -257,14 +265,9 @@ def contrast_rows(rows: list[dict[str, Any]], sequential: Optional[dict] = None)
                     {f"{prefix}delta_auroc": None, f"{prefix}delta_ci_low": None, f"{prefix}delta_ci_high": None}
                 )
                 continue
-            if sequential and len(seeds) in sequential["looks"]:
-                diffs = [mine[s] - theirs[s] for s in seeds]
-                mean, low, high = repeated_ci(diffs, sequential["looks"], kind=sequential["boundary"])
-                row[f"{prefix}interval"] = f"repeated CI, {sequential['boundary']}"
-            else:
-                c = paired_comparison([mine[s] for s in seeds], [theirs[s] for s in seeds])
-                mean, low, high = c["delta_mean"], c["ci_low"], c["ci_high"]
-                row[f"{prefix}interval"] = "paired t"
+            mean, low, high, row[f"{prefix}interval"] = _paired_delta(
+                [mine[s] for s in seeds], [theirs[s] for s in seeds], sequential
+            )
             row.update(
                 {
                     f"{prefix}delta_auroc": as_finite(mean),
