@@ -257,7 +257,7 @@ QUOTES = [
     (
         "README.md",
         "it beat forgetting alone by {d} [{lo}, {hi}] on the test split ({site} [{site_lo}, {site_hi}] on the site, "
-        "undecided)",
+        "undecided:",
         gamma_contrast,
     ),
 ]
