@@ -260,6 +260,16 @@ QUOTES = [
         "undecided:",
         gamma_contrast,
     ),
+    (
+        "README.md",
+        "forgetting the last stage {d} [{lo}, {hi}] test and {site} [{site_lo}, {site_hi}] site AUROC",
+        lambda: gamma(0.02, "reinit_late", result_file="gamma_study_confirm_2pct_reinit.json"),
+    ),
+    (
+        "README.md",
+        "`zero_late_one_rest` on the pretrained weights {d} [{lo}, {hi}] test and {site} [{site_lo}, {site_hi}] site",
+        lambda: gamma(0.02, "zero_late_one_rest", result_file="gamma_study_confirm_2pct_gamma.json"),
+    ),
 ]
 
 
@@ -321,18 +331,33 @@ def test_the_gamma_study_table_is_its_result_file():
     assert missing == [], "the γ study page should show these rows of gamma_study.json:\n" + "\n".join(missing)
 
 
-@pytest.mark.parametrize("name", ["gamma_study_confirm.json", "gamma_study_confirm_2pct.json"])
+GAMMA_CONFIRMATORY = [
+    "gamma_study_confirm.json",
+    "gamma_study_confirm_2pct.json",
+    "gamma_study_confirm_2pct_gamma.json",
+    "gamma_study_confirm_2pct_reinit.json",
+]
+
+
+@pytest.mark.parametrize("name", GAMMA_CONFIRMATORY)
 def test_the_gamma_study_confirmatory_tables_are_their_result_files(name):
-    """The confirmatory runs on the γ study page (10 % and 2 % labels): fresh seeds (none shared with the cells
-    they follow), every row and contrast exactly as benchmarks/gamma_study.py renders its JSON."""
+    """The confirmatory runs on the γ study page (10 % and 2 % labels): fresh seeds (none shared with the
+    cells they follow, nor with each other), every row and contrast exactly as benchmarks/gamma_study.py renders its JSON."""
     from benchmarks.gamma_study import contrasts_table, docs_table
 
     data = result(name)
     first = result("gamma_study.json")
     assert not data["quick"] and data["config"]["until_ci"] is None, "a fixed-n run, not a sequential one"
     used = {s for r in first["rows"] for s in r.get("test_auroc_by_seed", {})}
+    used |= {
+        s
+        for other in GAMMA_CONFIRMATORY
+        if other != name
+        for r in result(other)["rows"]
+        for s in r["test_auroc_by_seed"]
+    }
     fresh = {s for r in data["rows"] for s in r["test_auroc_by_seed"]}
-    assert fresh and not fresh & used, "the confirmatory seeds must be new"
+    assert fresh and not fresh & used, "the confirmatory seeds must be new (shared with no other cell of the study)"
     page = (ROOT / "docs" / "studies" / "where-gamma-belongs.md").read_text()
     expected = docs_table(data["rows"]).splitlines() + contrasts_table(data["contrasts"]).splitlines()[2:]
     missing = [row for row in expected if row not in page]
