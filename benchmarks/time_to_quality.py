@@ -120,7 +120,10 @@ METHOD = (
     "plain, the best epoch or earlier for a recipe). speedup_vs_plain = mean over plain seeds of time_to_own_final_s "
     "/ mean over fast seeds of the time to reach plain's mean final_test_auroc (null when a fast seed never reaches "
     "it); speedup_vs_shipped the same with shipped in plain's place. Intervals: mean and 95% Student-t interval over "
-    "seeds; fast_minus_shipped_auroc pairs the seeds."
+    "seeds; fast_minus_shipped_auroc pairs the seeds. With --site DIR, after the clock, each arm's final model "
+    "(plain: its last epoch; recipes: the run's saved checkpoint, loaded as medtricks evaluate loads it) is scored "
+    "on every image of DIR, a second test set of other patients (site_auroc; fast_minus_shipped_site_auroc pairs "
+    "the seeds)."
 )
 
 
@@ -202,11 +205,24 @@ def summarize_arm(runs: Sequence[dict[str, Any]], plain_target: Optional[float])
         f"time_to_{AUROC_BAR:.3f}_s": time_to(runs, AUROC_BAR),
         "time_to_plain_final_s": time_to(runs, plain_target),
         "time_to_own_final_s": t_interval(own),
+        **({"site_auroc": t_interval([r["site_auroc"] for r in runs])} if all("site_auroc" in r for r in runs) else {}),
         "peak_rss_mb": {
             "max": max(r["peak_rss_mb"] for r in runs),
             "mean": sum(r["peak_rss_mb"] for r in runs) / len(runs),
         },
     }
+
+
+def fast_minus_shipped(fast: Sequence[dict], shipped: Sequence[dict], metric: str) -> dict[str, Any]:
+    """``metric`` of fast minus shipped, paired by seed: mean, 95 % t-interval, and whether the interval decides
+    the "within 0.005" target (its low end above -0.005, or its high end below)."""
+    seeds = sorted({r["seed"] for r in fast} & {r["seed"] for r in shipped})
+    f = {r["seed"]: r[metric] for r in fast}
+    s = {r["seed"]: r[metric] for r in shipped}
+    paired = {"seeds": seeds, **t_interval([f[k] - s[k] for k in seeds])}
+    low, margin = paired["ci_low"], -TARGETS["fast_auroc_within_shipped"]
+    paired["interval_decides"] = None if low is None else bool(low >= margin or paired["ci_high"] < margin)
+    return paired
 
 
 def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, Any]:
@@ -219,15 +235,11 @@ def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, 
     fast, shipped = by_arm.get("fast", []), by_arm.get("shipped", [])
     vs_plain = speedup(plain, fast, "plain")
     vs_shipped = speedup(shipped, fast, "shipped")
-    paired = None
+    paired = paired_site = None
     if fast and shipped:
-        seeds = sorted({r["seed"] for r in fast} & {r["seed"] for r in shipped})
-        f = {r["seed"]: r["final_test_auroc"] for r in fast}
-        s = {r["seed"]: r["final_test_auroc"] for r in shipped}
-        paired = {"seeds": seeds, **t_interval([f[k] - s[k] for k in seeds])}
-        low = paired["ci_low"]
-        margin = -TARGETS["fast_auroc_within_shipped"]
-        paired["interval_decides"] = None if low is None else bool(low >= margin or paired["ci_high"] < margin)
+        paired = fast_minus_shipped(fast, shipped, "final_test_auroc")
+        if all("site_auroc" in r for r in fast + shipped):
+            paired_site = fast_minus_shipped(fast, shipped, "site_auroc")
     met: dict[str, Optional[bool]] = {
         "speedup_vs_plain": None if vs_plain["value"] is None else vs_plain["value"] >= TARGETS["speedup_vs_plain"],
         "fast_total_wall_s": None,
@@ -248,6 +260,7 @@ def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, 
         "speedup_vs_plain": vs_plain,
         "speedup_vs_shipped": vs_shipped,
         "fast_minus_shipped_auroc": paired,
+        **({"fast_minus_shipped_site_auroc": paired_site} if paired_site else {}),
         "same_test_split": len(splits) == 1,
         "targets": dict(TARGETS),
         "targets_met": met,
@@ -277,6 +290,7 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 f"s to {AUROC_BAR:.3f}": reach(s[f"time_to_{AUROC_BAR:.3f}_s"]),
                 "s to plain's final": reach(s["time_to_plain_final_s"]),
                 "s to own final": ci(s["time_to_own_final_s"], 0),
+                **({"site AUROC": ci(s["site_auroc"], 4)} if "site_auroc" in s else {}),
                 "peak RSS MiB (max)": f"{s['peak_rss_mb']['max']:,.0f}",
             }
         )
@@ -366,6 +380,28 @@ class TestCurve:
         if len(set(targets.tolist())) < 2:
             return None
         return float(roc_auc_score(targets, probs[:, 1]))
+
+
+def site_auroc(model, args, *, image_size: int, mean, std, in_chans: int, augment: str) -> Optional[float]:
+    """AUROC of the trained model on ``--site`` (every image of a second test set from other patients, e.g. the
+    deployment-site sample), after the clock stopped: no model selection ever saw these images. None without
+    ``--site``."""
+    if not args.site:
+        return None
+    from medtricks.data import build_eval_dataset
+
+    dataset, _ = build_eval_dataset(
+        args.card,
+        args.site,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        in_chans=in_chans,
+        augment=augment,
+        progress=False,
+    )
+    scorer = TestCurve(dataset, Clock())
+    return scorer.score(model, next(model.parameters()).device)
 
 
 def _split_fingerprint(bundle, root) -> dict[str, Any]:
@@ -467,9 +503,20 @@ def run_plain(args, seed: int, clock: Clock) -> dict[str, Any]:
     _sync(device)
     total = clock.elapsed()
     _check_scored(curve, args.card)
+    config = get_data_config(model)
+    site = site_auroc(
+        model,
+        args,
+        image_size=image_size,
+        mean=config["mean"],
+        std=config["std"],
+        in_chans=PLAIN["in_chans"],
+        augment=PLAIN["augment"],
+    )
     return {
         "curve": curve.points,
         "final_test_auroc": curve.points[-1]["test_auroc"],
+        **({"site_auroc": site} if args.site else {}),
         "best_epoch": epochs,
         "total_wall_s": round(total, 3),
         "n_train": len(bundle.train),
@@ -607,9 +654,18 @@ def run_recipe_arm(args, arm: str, seed: int, clock: Clock, scratch: Path) -> di
     _check_scored(curve, data.card)
     best = result.best_epoch or len(curve.points)
     test = result.test_metrics.values if result.test_metrics is not None else {}
+    site = None
+    if args.site:  # the run's own checkpoint, loaded and scored as `medtricks evaluate RUN --root SITE` would
+        from medtricks.posthoc import evaluate_trained
+
+        report = evaluate_trained(
+            str(result.run_dir), card=data.card, root=args.site, n_bootstrap=0, log=False, progress=False
+        )
+        site = float(report.metrics.values["auroc"])
     return {
         "curve": curve.points,
         "final_test_auroc": curve.points[best - 1]["test_auroc"],
+        **({"site_auroc": site} if args.site else {}),
         "best_epoch": best,
         "run_test_auroc": float(test["auroc"]) if "auroc" in test else None,
         "total_wall_s": round(total, 3),
@@ -668,6 +724,8 @@ def run_key(args, arm: str) -> dict[str, Any]:
         "card": str(args.card),
         "device": args.device,
     }
+    if args.site:
+        key["site"] = str(args.site)
     if arm == "plain":
         key["epochs_plain"] = args.epochs_plain
     else:
@@ -736,6 +794,7 @@ def _child_command(args, arm: str, seed: int, json_path: Path, scratch: Path) ->
         "--device",
         args.device,
     ]
+    cmd += ["--site", str(args.site)] if args.site else []
     return cmd + (["--quick"] if args.quick else [])
 
 
@@ -794,6 +853,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe-fast", default=str(RECIPES["fast"]), help="recipe of the fast arm")
     parser.add_argument("--device", default="auto", help="auto (the recipes' default), cpu or cuda[:N], every arm")
     parser.add_argument(
+        "--site",
+        default=None,
+        metavar="DIR",
+        help="also score each arm's final model on every image of this second test set (other patients; e.g. "
+        "../shared/data/kermany224_site), after the clock",
+    )
+    parser.add_argument(
         "--work",
         default=None,
         metavar="DIR",
@@ -820,6 +886,7 @@ def main(argv=None) -> int:
         if args.json is None:
             parser.error("--one needs --json PATH")
         args.root = str(Path(args.root or DEFAULT_ROOT).expanduser().resolve())
+        args.site = str(Path(args.site).expanduser().resolve()) if args.site else None
         return child_main(args)
 
     started = time.perf_counter()
@@ -830,6 +897,7 @@ def main(argv=None) -> int:
         args.card, args.root = str(card), str(root.resolve())
     else:
         args.root = str(Path(args.root).expanduser().resolve() if args.root else DEFAULT_ROOT.resolve())
+    args.site = str(Path(args.site).expanduser().resolve()) if args.site else None
     _check_inputs(args, parser)
     work = Path(args.work).expanduser() if args.work else out / f"{NAME}_work"
     work.mkdir(parents=True, exist_ok=True)
@@ -864,6 +932,7 @@ def main(argv=None) -> int:
             "seeds": args.seeds,
             "epochs_plain": args.epochs_plain,
             "device": args.device,
+            "site": _relative(Path(args.site)) if args.site else None,
             "auroc_bar": AUROC_BAR,
             "splits": SPLITS
             if not args.quick

@@ -67,6 +67,30 @@ def test_time_to_quality_speedup_is_reference_time_to_its_own_final_over_fast_ti
     assert met["speedup_vs_plain"] is True and met["fast_total_wall_s"] is True and met["peak_rss_gib"] is True
     assert met["fast_auroc_within_shipped"] is False  # 0.9655 vs 0.9725 - 0.005
     assert result["fast_minus_shipped_auroc"]["seeds"] == [0, 1] and result["same_test_split"] is True
+    assert "fast_minus_shipped_site_auroc" not in result and "site_auroc" not in result["summary"]["fast"]
+
+
+def test_time_to_quality_pairs_the_site_auroc_by_seed_when_every_recipe_run_has_one():
+    from benchmarks.time_to_quality import summarize
+
+    runs = [
+        {**_run("shipped", 0, [0.95]), "site_auroc": 0.90},
+        {**_run("shipped", 1, [0.96]), "site_auroc": 0.92},
+        {**_run("shipped", 2, [0.97]), "site_auroc": 0.91},
+        {**_run("fast", 0, [0.95]), "site_auroc": 0.89},
+        {**_run("fast", 1, [0.96]), "site_auroc": 0.92},
+        {**_run("fast", 2, [0.97]), "site_auroc": 0.88},
+    ]
+    result = summarize(runs, ["shipped", "fast"])
+    site = result["fast_minus_shipped_site_auroc"]
+    assert site["seeds"] == [0, 1, 2] and site["mean"] == pytest.approx((-0.01 + 0.0 - 0.03) / 3)
+    assert site["ci_low"] < site["mean"] < site["ci_high"]
+    assert site["interval_decides"] is False  # [-0.063, +0.036] straddles -0.005
+    assert result["summary"]["fast"]["site_auroc"]["mean"] == pytest.approx((0.89 + 0.92 + 0.88) / 3)
+    # one run without a site score: no site summary, never a mean over fewer seeds than the arm has
+    runs[-1] = _run("fast", 2, [0.97])
+    result = summarize(runs, ["shipped", "fast"])
+    assert "fast_minus_shipped_site_auroc" not in result and "site_auroc" not in result["summary"]["fast"]
 
 
 @pytest.mark.slow
@@ -74,6 +98,11 @@ def test_time_to_quality_quick(tmp_path):
     fast = REPO_ROOT / "recipes" / "kermany_pneumonia_fast.yaml"
     # Until the fast recipe exists, its arm runs the shipped recipe (the smoke test checks the plumbing only).
     extra = [] if fast.is_file() else ["--recipe-fast", str(REPO_ROOT / "recipes" / "kermany_pneumonia.yaml")]
+    from medtricks.data.synthetic import synthesize_phantoms
+
+    site = tmp_path / "site"  # a second test set: other phantoms, the quick arms' two classes
+    synthesize_phantoms(site, n=24, classes=("normal", "pneumonia"), size=64, seed=7)
+    extra += ["--site", str(site)]
     cmd = [sys.executable, "-m", "benchmarks.time_to_quality", "--quick", "--out", str(tmp_path), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
@@ -90,6 +119,8 @@ def test_time_to_quality_quick(tmp_path):
     for row in payload["runs"][1:]:  # the curve's best-epoch value is the run's own test AUROC of that checkpoint
         assert row["final_test_auroc"] == pytest.approx(row["run_test_auroc"], abs=1e-6)
     assert payload["same_test_split"] is True
+    assert all(0.0 <= row["site_auroc"] <= 1.0 for row in payload["runs"])
+    assert payload["config"]["site"] and payload["fast_minus_shipped_site_auroc"]["seeds"] == [0]
     assert set(payload["summary"]) == {"plain", "shipped", "fast"}
     assert (
         set(payload["targets"])
