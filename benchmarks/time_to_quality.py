@@ -120,10 +120,12 @@ METHOD = (
     "plain, the best epoch or earlier for a recipe). speedup_vs_plain = mean over plain seeds of time_to_own_final_s "
     "/ mean over fast seeds of the time to reach plain's mean final_test_auroc (null when a fast seed never reaches "
     "it); speedup_vs_shipped the same with shipped in plain's place. Intervals: mean and 95% Student-t interval over "
-    "seeds; fast_minus_shipped_auroc pairs the seeds. With --site DIR, after the clock, each arm's final model "
-    "(plain: its last epoch; recipes: the run's saved checkpoint, loaded as medtricks evaluate loads it) is scored "
-    "on every image of DIR, a second test set of other patients (site_auroc; fast_minus_shipped_site_auroc pairs "
-    "the seeds)."
+    "seeds; fast_minus_shipped_auroc pairs the seeds. With --site DIR (a second test set of other patients, every "
+    "image, the arm's eval transform, built before the clock), every epoch's model is also scored on DIR with the "
+    "clock paused (curve[i].site_auroc); site_auroc = the value at the same epoch final_test_auroc takes (recipes: "
+    "run_site_auroc is the run's saved checkpoint scored as medtricks evaluate scores it); the *_on_site speed-ups "
+    "and time_to_plain_site_final_s are the same definitions with site AUROC in place of test AUROC; "
+    "fast_minus_shipped_site_auroc pairs the seeds."
 )
 
 
@@ -143,20 +145,24 @@ def t_interval(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(values)}
 
 
-def first_time(curve: Sequence[dict[str, Any]], target: float) -> Optional[float]:
-    """Wall seconds of the first epoch whose test AUROC reaches ``target`` (None: never)."""
+#: The two quality measures: (per-epoch curve key, the run's final value key).
+MEASURES = {"test": ("test_auroc", "final_test_auroc"), "site": ("site_auroc", "site_auroc")}
+
+
+def first_time(curve: Sequence[dict[str, Any]], target: float, key: str = "test_auroc") -> Optional[float]:
+    """Wall seconds of the first epoch whose AUROC (``key``: test or site) reaches ``target`` (None: never)."""
     for point in curve:
-        value = point.get("test_auroc")
+        value = point.get(key)
         if value is not None and value >= target - EPS:
             return float(point["wall_s"])
     return None
 
 
-def time_to(runs: Sequence[dict[str, Any]], target: Optional[float]) -> dict[str, Any]:
+def time_to(runs: Sequence[dict[str, Any]], target: Optional[float], key: str = "test_auroc") -> dict[str, Any]:
     """Time to reach ``target`` over seeds: mean (null unless every seed reached it), per-seed values, count."""
     if target is None:
         return {"target": None, "mean_s": None, "per_seed_s": [], "reached": 0, "n": len(runs), "never": len(runs)}
-    per_seed = [first_time(r["curve"], target) for r in runs]
+    per_seed = [first_time(r["curve"], target, key) for r in runs]
     reached = [t for t in per_seed if t is not None]
     return {
         "target": target,
@@ -169,16 +175,23 @@ def time_to(runs: Sequence[dict[str, Any]], target: Optional[float]) -> dict[str
 
 
 def speedup(
-    reference: Sequence[dict[str, Any]], contender: Sequence[dict[str, Any]], ref_name: str, name: str = "fast"
+    reference: Sequence[dict[str, Any]],
+    contender: Sequence[dict[str, Any]],
+    ref_name: str,
+    name: str = "fast",
+    measure: str = "test",
 ) -> dict[str, Any]:
     """``reference``'s mean time to its own final AUROC over ``contender``'s mean time to reach the reference's
-    mean final AUROC (see METHOD)."""
+    mean final AUROC (see METHOD); ``measure``: on the test split or on the ``--site`` images."""
     if not reference or not contender:
         return {"value": None, "why": f"needs both the {ref_name} and the {name} arm"}
-    target = sum(r["final_test_auroc"] for r in reference) / len(reference)
-    own = [first_time(r["curve"], r["final_test_auroc"]) for r in reference]
-    ref_time = sum(own) / len(own)  # never None: a run reaches its own final value at the latest at that epoch
-    theirs = time_to(contender, target)
+    key, final = MEASURES[measure]
+    target = sum(r[final] for r in reference) / len(reference)
+    own = [first_time(r["curve"], r[final], key) for r in reference]
+    if any(t is None for t in own):  # cannot happen for curves this benchmark wrote: the final is a curve point
+        return {"value": None, "why": f"a {ref_name} run's curve lacks its own final {measure} AUROC"}
+    ref_time = sum(own) / len(own)  # a run reaches its own final value at the latest at that epoch
+    theirs = time_to(contender, target, key)
     out = {
         "target_auroc": target,
         f"{ref_name}_time_to_own_final_s": ref_time,
@@ -188,14 +201,16 @@ def speedup(
     if theirs["mean_s"] is None:
         return {
             "value": None,
-            "why": f"{name} did not reach {ref_name}'s mean final test AUROC {target:.4f} in "
+            "why": f"{name} did not reach {ref_name}'s mean final {measure} AUROC {target:.4f} in "
             f"{theirs['never']} of {theirs['n']} seed(s)",
             **out,
         }
     return {"value": ref_time / theirs["mean_s"] if theirs["mean_s"] > 0 else None, **out}
 
 
-def summarize_arm(runs: Sequence[dict[str, Any]], plain_target: Optional[float]) -> dict[str, Any]:
+def summarize_arm(
+    runs: Sequence[dict[str, Any]], plain_target: Optional[float], plain_site_target: Optional[float] = None
+) -> dict[str, Any]:
     finals = [r["final_test_auroc"] for r in runs]
     own = [first_time(r["curve"], r["final_test_auroc"]) for r in runs]
     return {
@@ -205,7 +220,14 @@ def summarize_arm(runs: Sequence[dict[str, Any]], plain_target: Optional[float])
         f"time_to_{AUROC_BAR:.3f}_s": time_to(runs, AUROC_BAR),
         "time_to_plain_final_s": time_to(runs, plain_target),
         "time_to_own_final_s": t_interval(own),
-        **({"site_auroc": t_interval([r["site_auroc"] for r in runs])} if all("site_auroc" in r for r in runs) else {}),
+        **(
+            {
+                "site_auroc": t_interval([r["site_auroc"] for r in runs]),
+                "time_to_plain_site_final_s": time_to(runs, plain_site_target, "site_auroc"),
+            }
+            if all("site_auroc" in r for r in runs)
+            else {}
+        ),
         "peak_rss_mb": {
             "max": max(r["peak_rss_mb"] for r in runs),
             "mean": sum(r["peak_rss_mb"] for r in runs) / len(runs),
@@ -231,10 +253,18 @@ def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, 
     by_arm = {arm: rows for arm, rows in by_arm.items() if rows}
     plain = by_arm.get("plain", [])
     plain_target = sum(r["final_test_auroc"] for r in plain) / len(plain) if plain else None
-    summary = {arm: summarize_arm(rows, plain_target) for arm, rows in by_arm.items()}
+    with_site = bool(plain) and all("site_auroc" in r for r in plain)
+    plain_site_target = sum(r["site_auroc"] for r in plain) / len(plain) if with_site else None
+    summary = {arm: summarize_arm(rows, plain_target, plain_site_target) for arm, rows in by_arm.items()}
     fast, shipped = by_arm.get("fast", []), by_arm.get("shipped", [])
     vs_plain = speedup(plain, fast, "plain")
     vs_shipped = speedup(shipped, fast, "shipped")
+    on_site = {}
+    if all("site_auroc" in r for r in runs):
+        on_site = {
+            "speedup_vs_plain_on_site": speedup(plain, fast, "plain", measure="site"),
+            "speedup_vs_shipped_on_site": speedup(shipped, fast, "shipped", measure="site"),
+        }
     paired = paired_site = None
     if fast and shipped:
         paired = fast_minus_shipped(fast, shipped, "final_test_auroc")
@@ -259,6 +289,7 @@ def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, 
         "summary": summary,
         "speedup_vs_plain": vs_plain,
         "speedup_vs_shipped": vs_shipped,
+        **on_site,
         "fast_minus_shipped_auroc": paired,
         **({"fast_minus_shipped_site_auroc": paired_site} if paired_site else {}),
         "same_test_split": len(splits) == 1,
@@ -330,16 +361,19 @@ def _sync(device) -> None:
 class TestCurve:
     """Scores a model on the test split after each epoch, with the clock paused, and keeps the curve."""
 
-    def __init__(self, dataset, clock: Clock, batch_size: int = 64) -> None:
+    def __init__(self, dataset, clock: Clock, batch_size: int = 64, site=None) -> None:
+        self.loader = self._loader(dataset, batch_size)
+        self.site_loader = None if site is None else self._loader(site, batch_size)
+        self.clock = clock
+        self.points: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _loader(dataset, batch_size: int):
         import torch
         from torch.utils.data import DataLoader
 
         # Its own generator: iterating this loader draws nothing from the global RNG the training uses.
-        self.loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=0, generator=torch.Generator()
-        )
-        self.clock = clock
-        self.points: list[dict[str, Any]] = []
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, generator=torch.Generator())
 
     def record(self, model) -> None:
         device = next(model.parameters()).device
@@ -347,14 +381,17 @@ class TestCurve:
         wall = self.clock.elapsed()
         with self.clock.paused():
             auroc = self.score(model, device)
-        self.points.append({"epoch": len(self.points) + 1, "wall_s": round(wall, 3), "test_auroc": auroc})
+            site = None if self.site_loader is None else self.score(model, device, self.site_loader)
+        point = {"epoch": len(self.points) + 1, "wall_s": round(wall, 3), "test_auroc": auroc}
+        self.points.append(point if self.site_loader is None else {**point, "site_auroc": site})
+        shown = "n/a" if auroc is None else f"{auroc:.4f}"
         print(
-            f"    epoch {len(self.points)}: {wall:.1f} s on the clock, test AUROC "
-            f"{'n/a' if auroc is None else f'{auroc:.4f}'}",
+            f"    epoch {len(self.points)}: {wall:.1f} s on the clock, test AUROC {shown}"
+            + ("" if self.site_loader is None else f", site AUROC {'n/a' if site is None else f'{site:.4f}'}"),
             flush=True,
         )
 
-    def score(self, model, device) -> Optional[float]:
+    def score(self, model, device, loader=None) -> Optional[float]:
         import random
 
         import numpy as np
@@ -370,7 +407,7 @@ class TestCurve:
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         )
         try:
-            targets, probs, _ = predict(model, self.loader, device=device)
+            targets, probs, _ = predict(model, self.loader if loader is None else loader, device=device)
         finally:  # the benchmark's scoring must not change what the run draws next
             torch.set_rng_state(states[0])
             np.random.set_state(states[1])
@@ -382,10 +419,9 @@ class TestCurve:
         return float(roc_auc_score(targets, probs[:, 1]))
 
 
-def site_auroc(model, args, *, image_size: int, mean, std, in_chans: int, augment: str) -> Optional[float]:
-    """AUROC of the trained model on ``--site`` (every image of a second test set from other patients, e.g. the
-    deployment-site sample), after the clock stopped: no model selection ever saw these images. None without
-    ``--site``."""
+def site_dataset(args, *, image_size: int, mean, std, in_chans: int, augment: str):
+    """Every image of ``--site`` (a second test set from other patients, e.g. the deployment-site sample) with the
+    arm's eval transform, built before the clock; no model selection ever sees it. None without ``--site``."""
     if not args.site:
         return None
     from medtricks.data import build_eval_dataset
@@ -394,14 +430,13 @@ def site_auroc(model, args, *, image_size: int, mean, std, in_chans: int, augmen
         args.card,
         args.site,
         image_size=image_size,
-        mean=mean,
-        std=std,
+        mean=tuple(mean),
+        std=tuple(std),
         in_chans=in_chans,
         augment=augment,
         progress=False,
     )
-    scorer = TestCurve(dataset, Clock())
-    return scorer.score(model, next(model.parameters()).device)
+    return dataset
 
 
 def _split_fingerprint(bundle, root) -> dict[str, Any]:
@@ -471,8 +506,18 @@ def run_plain(args, seed: int, clock: Clock) -> dict[str, Any]:
         )
 
     # Before the clock: the test split the benchmark scores on (the arm builds its own copy on the clock).
-    reference = data(create_model(PLAIN["model"], weights=PLAIN["weights"], num_classes=2, in_chans=PLAIN["in_chans"]))
-    curve = TestCurve(reference.test, clock)
+    probe = create_model(PLAIN["model"], weights=PLAIN["weights"], num_classes=2, in_chans=PLAIN["in_chans"])
+    reference = data(probe)
+    config = get_data_config(probe)
+    site = site_dataset(
+        args,
+        image_size=image_size,
+        mean=config["mean"],
+        std=config["std"],
+        in_chans=PLAIN["in_chans"],
+        augment=PLAIN["augment"],
+    )
+    curve = TestCurve(reference.test, clock, site=site)
 
     clock.start()
     torch.manual_seed(seed)
@@ -503,20 +548,10 @@ def run_plain(args, seed: int, clock: Clock) -> dict[str, Any]:
     _sync(device)
     total = clock.elapsed()
     _check_scored(curve, args.card)
-    config = get_data_config(model)
-    site = site_auroc(
-        model,
-        args,
-        image_size=image_size,
-        mean=config["mean"],
-        std=config["std"],
-        in_chans=PLAIN["in_chans"],
-        augment=PLAIN["augment"],
-    )
     return {
         "curve": curve.points,
         "final_test_auroc": curve.points[-1]["test_auroc"],
-        **({"site_auroc": site} if args.site else {}),
+        **({"site_auroc": curve.points[-1]["site_auroc"]} if args.site else {}),
         "best_epoch": epochs,
         "total_wall_s": round(total, 3),
         "n_train": len(bundle.train),
@@ -621,7 +656,15 @@ def run_recipe_arm(args, arm: str, seed: int, clock: Clock, scratch: Path) -> di
             f"{path}: the recipe builds no test split (data.test_fraction is 0 and {data.root} has no "
             "test/ folder); the benchmark needs one"
         )
-    curve = TestCurve(reference.test, clock, batch_size=recipe.train.batch_size)
+    site = site_dataset(
+        args,
+        image_size=recipe.input_image_size(),
+        mean=data_config["mean"],
+        std=data_config["std"],
+        in_chans=recipe.model.in_chans,
+        augment=data.augment,
+    )
+    curve = TestCurve(reference.test, clock, batch_size=recipe.train.batch_size, site=site)
     _mlflow_store(scratch)
 
     # BENCHMARK-ONLY monkeypatch (never do this in the package): medtricks.run calls fit(..., evaluate_fn=...)
@@ -654,18 +697,21 @@ def run_recipe_arm(args, arm: str, seed: int, clock: Clock, scratch: Path) -> di
     _check_scored(curve, data.card)
     best = result.best_epoch or len(curve.points)
     test = result.test_metrics.values if result.test_metrics is not None else {}
-    site = None
-    if args.site:  # the run's own checkpoint, loaded and scored as `medtricks evaluate RUN --root SITE` would
+    site = {}
+    if args.site:  # and the run's own saved checkpoint, loaded and scored as `medtricks evaluate RUN --root SITE` does
         from medtricks.posthoc import evaluate_trained
 
         report = evaluate_trained(
             str(result.run_dir), card=data.card, root=args.site, n_bootstrap=0, log=False, progress=False
         )
-        site = float(report.metrics.values["auroc"])
+        site = {
+            "site_auroc": curve.points[best - 1]["site_auroc"],
+            "run_site_auroc": float(report.metrics.values["auroc"]),
+        }
     return {
         "curve": curve.points,
         "final_test_auroc": curve.points[best - 1]["test_auroc"],
-        **({"site_auroc": site} if args.site else {}),
+        **site,
         "best_epoch": best,
         "run_test_auroc": float(test["auroc"]) if "auroc" in test else None,
         "total_wall_s": round(total, 3),

@@ -70,27 +70,42 @@ def test_time_to_quality_speedup_is_reference_time_to_its_own_final_over_fast_ti
     assert "fast_minus_shipped_site_auroc" not in result and "site_auroc" not in result["summary"]["fast"]
 
 
-def test_time_to_quality_pairs_the_site_auroc_by_seed_when_every_recipe_run_has_one():
+def _with_site(run: dict, site: list[float], final: float | None = None) -> dict:
+    curve = [{**point, "site_auroc": value} for point, value in zip(run["curve"], site)]
+    return {**run, "curve": curve, "site_auroc": site[-1] if final is None else final}
+
+
+def test_time_to_quality_site_speedups_and_pairs_use_the_site_curve_by_seed():
     from benchmarks.time_to_quality import summarize
 
     runs = [
-        {**_run("shipped", 0, [0.95]), "site_auroc": 0.90},
-        {**_run("shipped", 1, [0.96]), "site_auroc": 0.92},
-        {**_run("shipped", 2, [0.97]), "site_auroc": 0.91},
-        {**_run("fast", 0, [0.95]), "site_auroc": 0.89},
-        {**_run("fast", 1, [0.96]), "site_auroc": 0.92},
-        {**_run("fast", 2, [0.97]), "site_auroc": 0.88},
+        _with_site(_run("plain", 0, [0.95, 0.97, 0.98], wall=100), [0.90, 0.92, 0.93]),
+        _with_site(_run("plain", 1, [0.95, 0.97, 0.98], wall=100), [0.90, 0.93, 0.91]),
+        _with_site(_run("shipped", 0, [0.95]), [0.90]),
+        _with_site(_run("shipped", 1, [0.96]), [0.92]),
+        _with_site(_run("shipped", 2, [0.97]), [0.91]),
+        # fast: both seeds pass plain's mean site final (0.92) at epoch 2 (20 s), neither its test final (0.98)
+        _with_site(_run("fast", 0, [0.95, 0.96]), [0.91, 0.925]),
+        _with_site(_run("fast", 1, [0.96, 0.97]), [0.89, 0.92]),
+        _with_site(_run("fast", 2, [0.97, 0.97]), [0.88, 0.88], final=0.88),
     ]
-    result = summarize(runs, ["shipped", "fast"])
+    result = summarize(runs, ["plain", "shipped", "fast"])
+    assert result["speedup_vs_plain"]["value"] is None  # on the test split: never reached
+    on_site = result["speedup_vs_plain_on_site"]
+    assert on_site["target_auroc"] == pytest.approx(0.92)
+    # plain reaches its own site final at 300 s (seed 0: 0.93) and at 200 s (seed 1: 0.93 >= 0.91): mean 250 s
+    assert on_site["plain_time_to_own_final_s"] == pytest.approx(250.0)
+    assert on_site["fast_per_seed_s"] == [20.0, 20.0, None] and on_site["value"] is None  # seed 2 never
+    assert "site AUROC" in on_site["why"] and "1 of 3" in on_site["why"]
     site = result["fast_minus_shipped_site_auroc"]
-    assert site["seeds"] == [0, 1, 2] and site["mean"] == pytest.approx((-0.01 + 0.0 - 0.03) / 3)
-    assert site["ci_low"] < site["mean"] < site["ci_high"]
-    assert site["interval_decides"] is False  # [-0.063, +0.036] straddles -0.005
-    assert result["summary"]["fast"]["site_auroc"]["mean"] == pytest.approx((0.89 + 0.92 + 0.88) / 3)
-    # one run without a site score: no site summary, never a mean over fewer seeds than the arm has
-    runs[-1] = _run("fast", 2, [0.97])
-    result = summarize(runs, ["shipped", "fast"])
+    assert site["seeds"] == [0, 1, 2] and site["mean"] == pytest.approx((0.025 + 0.0 - 0.03) / 3)
+    assert site["ci_low"] < site["mean"] < site["ci_high"] and site["interval_decides"] is False
+    assert result["summary"]["fast"]["site_auroc"]["mean"] == pytest.approx((0.925 + 0.92 + 0.88) / 3)
+    assert result["summary"]["fast"]["time_to_plain_site_final_s"]["reached"] == 2
+    runs[-1] = _run("fast", 2, [0.97, 0.97])  # one run without site scores: no site summary at all
+    result = summarize(runs, ["plain", "shipped", "fast"])
     assert "fast_minus_shipped_site_auroc" not in result and "site_auroc" not in result["summary"]["fast"]
+    assert "speedup_vs_plain_on_site" not in result
 
 
 @pytest.mark.slow
@@ -119,7 +134,11 @@ def test_time_to_quality_quick(tmp_path):
     for row in payload["runs"][1:]:  # the curve's best-epoch value is the run's own test AUROC of that checkpoint
         assert row["final_test_auroc"] == pytest.approx(row["run_test_auroc"], abs=1e-6)
     assert payload["same_test_split"] is True
-    assert all(0.0 <= row["site_auroc"] <= 1.0 for row in payload["runs"])
+    for row in payload["runs"]:  # the site is scored every epoch; the row's value is the chosen epoch's
+        assert all(0.0 <= p["site_auroc"] <= 1.0 for p in row["curve"])
+        assert row["site_auroc"] == row["curve"][row["best_epoch"] - 1]["site_auroc"]
+    for row in payload["runs"][1:]:  # ... and it is what `medtricks evaluate` gives for the saved checkpoint
+        assert row["site_auroc"] == pytest.approx(row["run_site_auroc"], abs=1e-6)
     assert payload["config"]["site"] and payload["fast_minus_shipped_site_auroc"]["seeds"] == [0]
     assert set(payload["summary"]) == {"plain", "shipped", "fast"}
     assert (
