@@ -259,12 +259,10 @@ def summarize(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, 
     fast, shipped = by_arm.get("fast", []), by_arm.get("shipped", [])
     vs_plain = speedup(plain, fast, "plain")
     vs_shipped = speedup(shipped, fast, "shipped")
-    on_site = {}
-    if all("site_auroc" in r for r in runs):
-        on_site = {
-            "speedup_vs_plain_on_site": speedup(plain, fast, "plain", measure="site"),
-            "speedup_vs_shipped_on_site": speedup(shipped, fast, "shipped", measure="site"),
-        }
+    on_site = {}  # each speed-up on the site needs site scores in both of its arms
+    for name, reference in (("plain", plain), ("shipped", shipped)):
+        if reference and fast and all("site_auroc" in r for r in [*reference, *fast]):
+            on_site[f"speedup_vs_{name}_on_site"] = speedup(reference, fast, name, measure="site")
     paired = paired_site = None
     if fast and shipped:
         paired = fast_minus_shipped(fast, shipped, "final_test_auroc")
@@ -322,6 +320,11 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "s to plain's final": reach(s["time_to_plain_final_s"]),
                 "s to own final": ci(s["time_to_own_final_s"], 0),
                 **({"site AUROC": ci(s["site_auroc"], 4)} if "site_auroc" in s else {}),
+                **(
+                    {"s to plain's site final": reach(s["time_to_plain_site_final_s"])}
+                    if s.get("time_to_plain_site_final_s", {}).get("target") is not None
+                    else {}
+                ),
                 "peak RSS MiB (max)": f"{s['peak_rss_mb']['max']:,.0f}",
             }
         )
@@ -955,8 +958,11 @@ def main(argv=None) -> int:
     result = summarize(rows, args.arms) if rows else {}
     table = table_rows(result.get("summary", {}))
     if table:
-        print(format_table(table, list(table[0])))
-    for name in ("speedup_vs_plain", "speedup_vs_shipped"):
+        columns = list(dict.fromkeys(c for row in table for c in row))  # an arm without site scores shows "-"
+        print(format_table(table, columns))
+    for name in ("speedup_vs_plain", "speedup_vs_shipped", "speedup_vs_plain_on_site", "speedup_vs_shipped_on_site"):
+        if name.endswith("_on_site") and name not in result:
+            continue
         entry = result.get(name) or {}
         value = entry.get("value")
         print(

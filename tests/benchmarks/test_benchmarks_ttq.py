@@ -102,10 +102,16 @@ def test_time_to_quality_site_speedups_and_pairs_use_the_site_curve_by_seed():
     assert site["ci_low"] < site["mean"] < site["ci_high"] and site["interval_decides"] is False
     assert result["summary"]["fast"]["site_auroc"]["mean"] == pytest.approx((0.925 + 0.92 + 0.88) / 3)
     assert result["summary"]["fast"]["time_to_plain_site_final_s"]["reached"] == 2
-    runs[-1] = _run("fast", 2, [0.97, 0.97])  # one run without site scores: no site summary at all
+    assert result["speedup_vs_shipped_on_site"]["target_auroc"] == pytest.approx(0.91)
+    # shipped runs without site scores: no site comparison with shipped, the one with plain stays
+    no_site = [_run("shipped", k, [0.95]) for k in range(3)]
+    result = summarize([r for r in runs if r["arm"] != "shipped"] + no_site, ["plain", "shipped", "fast"])
+    assert "fast_minus_shipped_site_auroc" not in result and "speedup_vs_shipped_on_site" not in result
+    assert result["speedup_vs_plain_on_site"]["fast_per_seed_s"] == [20.0, 20.0, None]
+    runs[-1] = _run("fast", 2, [0.97, 0.97])  # a fast run without site scores: no site summary at all
     result = summarize(runs, ["plain", "shipped", "fast"])
     assert "fast_minus_shipped_site_auroc" not in result and "site_auroc" not in result["summary"]["fast"]
-    assert "speedup_vs_plain_on_site" not in result
+    assert "speedup_vs_plain_on_site" not in result and "speedup_vs_shipped_on_site" not in result
 
 
 @pytest.mark.slow
