@@ -807,6 +807,12 @@ def _check_inputs(args, parser: argparse.ArgumentParser) -> None:
             "at ../shared/data/kermany224 next to the repository; see ../shared/data/README.md), pass "
             "--root DIR, or run --quick (phantoms)"
         )
+    if args.site and not Path(args.site).is_dir():
+        parser.error(
+            f"--site {args.site} is not a folder: pass a second test set of other patients laid out as the card "
+            f"{args.card!r} expects (e.g. ../shared/data/kermany224_site with NORMAL/ and PNEUMONIA/), or leave "
+            "--site out"
+        )
     for arm in ("shipped", "fast"):
         if arm in args.arms and not Path(args.recipe[arm]).is_file():
             written = " (issue 29's fast recipe: not written yet?)" if arm == "fast" else ""

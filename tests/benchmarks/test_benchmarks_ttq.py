@@ -158,3 +158,15 @@ def test_time_to_quality_quick(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done earlier") == 3
     assert json.loads((tmp_path / "time_to_quality.json").read_text())["runs"] == payload["runs"]
+
+
+def test_time_to_quality_refuses_a_missing_site_folder_before_any_run(tmp_path, capsys):
+    from benchmarks.time_to_quality import main
+
+    (tmp_path / "train").mkdir()  # a root that passes its own check
+    with pytest.raises(SystemExit) as stop:
+        main(["--root", str(tmp_path), "--site", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--arms", "plain"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--site" in err and "nowhere" in err and "is not a folder" in err
+    assert not list(tmp_path.glob("**/*.json"))  # nothing ran, nothing written
