@@ -120,6 +120,7 @@ def _ci(entry: dict, digits: int = 4) -> str:
     return f"{entry['mean']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
 
 
+@lru_cache(maxsize=None)
 def site_numbers() -> dict:
     """The site-sample table of docs/fast-training.md: time_to_quality_site*.json (plain and the fast recipes, with
     every epoch scored on kermany224_site) and site_deployment.json (the shipped recipe on the same site)."""
@@ -252,10 +253,10 @@ SITE_QUOTES = [
     "the previous fast recipe − shipped {nag_vs_ship}; the fast recipe now − shipped {a3_vs_ship}; "
     "the fast recipe now − plain loop {a3_vs_plain}",
     "(mean over seeds {plain_by_epoch} after epochs 1, 2, 3)",
-    "Its final site AUROC, {plain_site_short}, is below the shipped recipe's ({shipped_site_short}) on all three seeds.",
-    "other patients** ({nag_vs_ship}), more than the 0.005",
-    "level with the shipped recipe on other patients** ({a3_vs_ship}) and a little below it on the internal test "
-    "split ({a3_test_short} vs 0.9959;",
+    "Its final site AUROC, {plain_site_short}, is below the shipped recipe's ({shipped_site_short}) on all three seeds, but",
+    "below the shipped recipe on other patients** ({nag_vs_ship}): the interval excludes 0",
+    "not more than 0.005 below the shipped recipe on other patients** ({a3_vs_ship}: the low end is above −0.005",
+    "({a3_test_short} vs 0.9959;",
     "**Its cost:** {a3_wall_short} on this machine",
     "by about a second (mean {a3_wall_s:.0f} s)",
     "AUROC ({plain_site_mean:.4f}) after {a3_to_plain_site:.0f} s on average (every seed after its first or second "
@@ -462,8 +463,10 @@ def test_the_gamma_study_confirmatory_tables_are_their_result_files(name):
 
 @pytest.mark.parametrize("passage", SITE_QUOTES, ids=[q[:50] for q in SITE_QUOTES])
 def test_the_fast_training_site_section_is_its_result_files(passage):
-    values = site_numbers()
-    test_quoted_numbers_equal_their_result_files(FAST, passage, lambda: values)
+    expected = passage.format(**site_numbers())
+    assert _flat(expected) in _flat((ROOT / FAST).read_text()), (
+        f"{FAST} should say {expected!r} (from its result files); rerun the benchmark or fix the page"
+    )
 
 
 def test_the_fast_recipe_measured_on_the_site_is_the_shipped_fast_recipe():
